@@ -1,0 +1,71 @@
+"""EngineConfig: everything the runtime needs, validated on construction (no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+ORDERINGS = ("prefix", "input")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZATION_METHODS = ("none", "int8", "nf4")
+SPECULATIVE_METHODS = ("none", "ngram", "draft")
+
+
+@dataclass
+class EngineConfig:
+    model: str                                  # local checkpoint dir (or HF id when a hub is reachable)
+    dtype: str = "auto"                         # auto: bf16 on CUDA, float32 on CPU
+    device: str = "auto"                        # auto | cpu | cuda | cuda:N
+    trust_remote_code: bool = False
+    tokenizer: Optional[str] = None             # defaults to `model`
+    max_model_len: Optional[int] = None         # defaults to the model's max_position_embeddings
+    block_size: int = 16                        # tokens per KV block
+    max_num_seqs: int = 256                     # running requests per step
+    max_num_batched_tokens: int = 8192          # token budget per step
+    gpu_memory_utilization: float = 0.9         # fraction of the GPU the KV pool may fill up to
+    kv_cache_blocks: Optional[int] = None       # fixed pool size; overrides memory sizing
+    cpu_kv_cache_bytes: int = 1 << 30           # pool budget when running on CPU
+    prefix_caching: bool = True
+    ordering: str = "prefix"                    # prefix: DFS order of the prompt trie; input: as given
+    planner_window: int = 4096                  # requests the planner reorders at a time
+    attention_backend: str = "auto"             # auto: triton on CUDA, torch otherwise
+    cuda_graphs: bool = True
+    tensor_parallel_size: int = 1
+    quantization: str = "none"
+    speculative_method: str = "none"
+    num_speculative_tokens: int = 4
+    draft_model: Optional[str] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def check_choice(name: str, allowed: tuple) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+
+        check_choice("attention_backend", ATTENTION_BACKENDS)
+        check_choice("ordering", ORDERINGS)
+        check_choice("dtype", DTYPES)
+        check_choice("quantization", QUANTIZATION_METHODS)
+        check_choice("speculative_method", SPECULATIVE_METHODS)
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "planner_window",
+                     "tensor_parallel_size", "num_speculative_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_blocks is not None and self.kv_cache_blocks < 1:
+            raise ValueError(f"kv_cache_blocks must be >= 1 or null, got {self.kv_cache_blocks}")
+        if self.speculative_method == "draft" and not self.draft_model:
+            raise ValueError("speculative method 'draft' needs draft_model")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
