@@ -1,0 +1,280 @@
+"""Batched token sampler: greedy, temperature, top-k, top-p, seeded per request, logprobs.
+
+Randomness. Sampled rows use the Gumbel-max trick: token = argmax(logits / T + g) over the
+tokens that survive top-k/top-p, with g = -log(-log(u)) and u ~ U(0, 1). The uniforms are
+not drawn from a torch.Generator: each is a counter-based hash (splitmix64) of
+(seed, output_index, vocab index), computed with int64 tensor ops on the logits' device.
+So a request's token depends only on its own logits, seed and output index: never on which
+other requests share the batch, their order, the device's RNG state, or how many steps ran
+before. No per-request generator objects, no host loop over the vocabulary.
+
+Seeds. A request with `SamplingParams.seed` set uses it. A request with seed None uses the
+`default_seeds[row]` that the caller passes; the engine should derive it with
+`default_seed(base_seed, arrival_index)` (per-engine base seed, the request's position in
+arrival order), so an unseeded job is still reproducible run to run. Passing neither is an
+error, never a silent fresh random seed.
+
+Logprobs are the log-softmax of the RAW logits (before temperature, top-k and top-p), which
+is vLLM's default ("raw_logprobs"): they describe the model, not the sampling transform, and
+do not become -inf for tokens the truncation removed.
+
+Invariants: greedy rows (temperature == 0) take torch.argmax of the raw logits (ties: the
+lowest token id) and no noise is computed for them. All results reach the host in ONE
+device->host copy per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from llmbatch.runtime.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+# splitmix64 constants (Steele, Lea, Flood 2014): the stream increment and the two multipliers.
+_GAMMA = 0x9E3779B97F4A7C15
+_MUL1 = 0xBF58476D1CE4E5B9
+_MUL2 = 0x94D049BB133111EB
+# Distinct salts so the token-sampling stream never coincides with another consumer's stream
+# (e.g. a rejection sampler asking for its own uniforms for the same seed and output index).
+STREAM_SAMPLE = 0
+_NUM_UNIFORM_BITS = 23      # u = (k + 0.5) / 2**23 is exact in float32 and lies in (0, 1)
+
+
+def _to_signed(x: int) -> int:
+    """A 64-bit pattern as the int64 value torch stores for it (two's complement)."""
+    x &= _MASK64
+    return x - (1 << 64) if x >= (1 << 63) else x
+
+
+def _mix64_py(z: int) -> int:
+    """splitmix64 finaliser on Python ints (exact reference for the tensor version)."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * _MUL1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MUL2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _lsr(z: torch.Tensor, shift: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns: torch's >> is arithmetic, so mask the sign
+    extension away."""
+    return (z >> shift) & ((1 << (64 - shift)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser on an int64 tensor. torch int64 multiplication wraps modulo
+    2**64 (two's complement), which is exactly the unsigned arithmetic the hash needs."""
+    z = (z ^ _lsr(z, 30)) * _to_signed(_MUL1)
+    z = (z ^ _lsr(z, 27)) * _to_signed(_MUL2)
+    return z ^ _lsr(z, 31)
+
+
+def default_seed(base_seed: int, arrival_index: int) -> int:
+    """Seed for a request without its own: a hash of (per-engine base seed, arrival index)."""
+    if arrival_index < 0:
+        raise ValueError(f"arrival_index must be >= 0, got {arrival_index}")
+    return _mix64_py(_mix64_py(base_seed) + (arrival_index + 1) * _GAMMA)
+
+
+def row_key(seed: int, output_index: int, stream: int = STREAM_SAMPLE) -> int:
+    """64-bit start state of the uniform stream of one (seed, output index, stream)."""
+    z = _mix64_py(_mix64_py(seed ^ (stream * _MUL2)) + (output_index + 1) * _GAMMA)
+    return _mix64_py(z + _GAMMA)
+
+
+def uniforms_from_keys(keys: torch.Tensor, num_cols: int) -> torch.Tensor:
+    """(num_rows,) int64 keys -> (num_rows, num_cols) float32 uniforms in (0, 1).
+
+    Element (r, j) is splitmix64's j-th output after state keys[r]: state + (j+1)*gamma,
+    then the finaliser. Only integer ops, so it is bit-identical on every device.
+    """
+    cols = torch.arange(1, num_cols + 1, dtype=torch.int64, device=keys.device)
+    z = keys[:, None] + cols[None, :] * _to_signed(_GAMMA)     # (num_rows, num_cols), wraps
+    z = _mix64(z)
+    bits = _lsr(z, 64 - _NUM_UNIFORM_BITS)                     # top 23 bits, in [0, 2**23)
+    return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << _NUM_UNIFORM_BITS))
+
+
+def seeded_uniforms(
+    seeds: Sequence[int],
+    output_indices: Sequence[int],
+    num_cols: int,
+    device: torch.device | str = "cpu",
+    stream: int = STREAM_SAMPLE,
+) -> torch.Tensor:
+    """(len(seeds), num_cols) float32 uniforms in (0, 1), a pure function of
+    (seed, output index, stream, column). Other samplers (e.g. speculative decoding's
+    rejection step) should pass their own `stream` so their noise is independent."""
+    if len(seeds) != len(output_indices):
+        raise ValueError(f"{len(seeds)} seeds but {len(output_indices)} output indices")
+    keys = [_to_signed(row_key(s, i, stream)) for s, i in zip(seeds, output_indices)]
+    return uniforms_from_keys(torch.tensor(keys, dtype=torch.int64, device=device), num_cols)
+
+
+@dataclass
+class SamplerOutput:
+    """token_ids[row] is the sampled token of each input row. logprobs[row] is None unless
+    the row asked for logprobs, else {"token_id", "logprob", "top": [(token_id, logprob)]}
+    (the format GenerationResult.logprobs stores per output token); `top` has
+    params.logprobs entries, highest first."""
+
+    token_ids: list[int]
+    logprobs: list[Optional[dict]]
+
+
+class Sampler:
+    """Stateless batched sampler; one instance per model runner."""
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        output_indices: Sequence[int],
+        default_seeds: Optional[Sequence[Optional[int]]] = None,
+    ) -> SamplerOutput:
+        """Sample one token per row.
+
+        logits: (num_samples, vocab_size), float (cast to float32), any device.
+        params[row], output_indices[row]: the row's request settings and the index of the
+        output token being sampled (0 for the first output token).
+        default_seeds[row]: seed used when params[row].seed is None (see module docstring).
+        """
+        num_rows, vocab_size = _validate_inputs(logits, params, output_indices, default_seeds)
+        logits = logits.float()
+        device = logits.device
+        token_ids = torch.argmax(logits, dim=-1)                # (num_rows,) greedy for all
+
+        sampled_rows = [r for r, p in enumerate(params) if not p.greedy]
+        if sampled_rows:
+            seeds = []
+            for r in sampled_rows:
+                seed = params[r].seed
+                if seed is None:
+                    seed = default_seeds[r] if default_seeds is not None else None
+                if seed is None:
+                    raise ValueError(
+                        f"row {r}: seed is None and no default_seeds[{r}] given; pass "
+                        "default_seed(base_seed, arrival_index) for unseeded requests")
+                seeds.append(seed)
+            picked = self._sample_rows(
+                logits, sampled_rows, [params[r] for r in sampled_rows], seeds,
+                [output_indices[r] for r in sampled_rows], vocab_size)
+            rows_t = torch.tensor(sampled_rows, dtype=torch.int64, device=device)
+            token_ids = token_ids.index_copy(0, rows_t, picked)
+
+        # Pack everything for the host into one float64 tensor: token ids (< 2**53, exact),
+        # then per logprob row its sampled logprob, then top-n ids and top-n logprobs.
+        lp_rows = [r for r, p in enumerate(params) if p.logprobs is not None]
+        parts = [token_ids.to(torch.float64)]
+        max_n = max((params[r].logprobs for r in lp_rows), default=0)
+        if lp_rows:
+            rows_t = torch.tensor(lp_rows, dtype=torch.int64, device=device)
+            logprobs = torch.log_softmax(logits.index_select(0, rows_t), dim=-1)  # (R, V)
+            chosen = token_ids.index_select(0, rows_t)
+            parts.append(logprobs.gather(1, chosen[:, None]).squeeze(1).double())
+            if max_n > 0:
+                top_lp, top_ids = torch.topk(logprobs, max_n, dim=-1)  # (R, max_n), sorted
+                parts += [top_ids.double().flatten(), top_lp.double().flatten()]
+        host = torch.cat(parts).cpu().tolist()                   # the single D2H copy
+
+        out_ids = [int(t) for t in host[:num_rows]]
+        out_lps: list[Optional[dict]] = [None] * num_rows
+        ids_at = num_rows + len(lp_rows)             # start of the top-n ids block
+        lps_at = ids_at + len(lp_rows) * max_n       # start of the top-n logprobs block
+        for i, r in enumerate(lp_rows):
+            n = params[r].logprobs
+            ids = host[ids_at + i * max_n: ids_at + i * max_n + n]
+            lps = host[lps_at + i * max_n: lps_at + i * max_n + n]
+            out_lps[r] = {
+                "token_id": out_ids[r],
+                "logprob": host[num_rows + i],
+                "top": [(int(t), lp) for t, lp in zip(ids, lps)],
+            }
+        return SamplerOutput(token_ids=out_ids, logprobs=out_lps)
+
+    @staticmethod
+    def _sample_rows(
+        logits: torch.Tensor,
+        rows: list[int],
+        params: list[SamplingParams],
+        seeds: list[int],
+        output_indices: list[int],
+        vocab_size: int,
+    ) -> torch.Tensor:
+        """Temperature, top-k, top-p and Gumbel-max for the non-greedy rows -> (len(rows),)."""
+        device = logits.device
+        rows_t = torch.tensor(rows, dtype=torch.int64, device=device)
+        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        scores = logits.index_select(0, rows_t) / temps[:, None]     # (n, V)
+
+        # top_k <= 0 or >= vocab keeps everything; so does top_p == 1.
+        top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+        top_ps = [p.top_p for p in params]
+        trunc = [i for i in range(len(params)) if top_ks[i] < vocab_size or top_ps[i] < 1.0]
+        if trunc:
+            scores = _truncate(scores, trunc, [top_ks[i] for i in trunc],
+                               [top_ps[i] for i in trunc])
+
+        u = seeded_uniforms(seeds, output_indices, vocab_size, device)  # (n, V)
+        gumbel = -torch.log(-torch.log(u))
+        # Excluded tokens are -inf and stay -inf; the top token always survives, so the
+        # argmax is a kept token.
+        return torch.argmax(scores + gumbel, dim=-1)
+
+
+def _truncate(
+    scores: torch.Tensor, trunc: list[int], top_ks: list[int], top_ps: list[float]
+) -> torch.Tensor:
+    """Set to -inf the tokens that top-k, then top-p, exclude in rows `trunc` of scores.
+
+    Works in sorted order (stable, descending, so equal scores keep the lower token id first):
+    top-k keeps exactly the first k positions (ties at the k-th value broken by token id, so
+    top_k=1 equals greedy); top-p then renormalises over the survivors and keeps position i
+    iff the probability mass strictly before it is < top_p, i.e. the smallest prefix whose
+    cumulative probability reaches top_p; position 0 is always kept.
+    """
+    device = scores.device
+    idx_t = torch.tensor(trunc, dtype=torch.int64, device=device)
+    sub = scores.index_select(0, idx_t)                                  # (m, V)
+    sorted_scores, order = torch.sort(sub, dim=-1, descending=True, stable=True)
+    positions = torch.arange(sub.shape[1], device=device)[None, :]      # (1, V)
+    ks = torch.tensor(top_ks, dtype=torch.int64, device=device)[:, None]
+    keep = positions < ks                                                # (m, V) sorted order
+    if any(p < 1.0 for p in top_ps):
+        ps = torch.tensor(top_ps, dtype=torch.float32, device=device)[:, None]
+        probs = torch.softmax(sorted_scores.masked_fill(~keep, float("-inf")), dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        keep &= mass_before < ps
+        keep[:, 0] = True
+    # Back from sorted positions to token ids.
+    keep_by_token = torch.zeros_like(keep).scatter_(1, order, keep)
+    sub = sub.masked_fill(~keep_by_token, float("-inf"))
+    return scores.index_copy(0, idx_t, sub)
+
+
+def _validate_inputs(logits, params, output_indices, default_seeds):
+    """Shared argument checks; returns (num_rows, vocab_size)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+        raise ValueError(f"logits must be a 2-D tensor (num_samples, vocab_size), got {shape}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    num_rows, vocab_size = logits.shape
+    if vocab_size == 0:
+        raise ValueError("logits have an empty vocabulary dimension")
+    if len(params) != num_rows or len(output_indices) != num_rows:
+        raise ValueError(f"logits have {num_rows} rows but got {len(params)} params and "
+                         f"{len(output_indices)} output indices")
+    if default_seeds is not None and len(default_seeds) != num_rows:
+        raise ValueError(f"logits have {num_rows} rows but got {len(default_seeds)} "
+                         "default seeds")
+    for r, (p, idx) in enumerate(zip(params, output_indices)):
+        if idx < 0:
+            raise ValueError(f"row {r}: output index must be >= 0, got {idx}")
+        if p.logprobs is not None and p.logprobs > vocab_size:
+            raise ValueError(f"row {r}: logprobs={p.logprobs} exceeds the vocabulary size "
+                             f"{vocab_size}")
+    return num_rows, vocab_size
+
