@@ -1,0 +1,208 @@
+"""Engine: the step loop. schedule -> model runner -> sample -> append, stop checks -> results.
+
+`generate` streams: requests are pulled through the Planner only as the waiting queue drains,
+so an input of millions of rows never sits in memory, and results are yielded as soon as each
+request finishes (in any order; the job layer restores input order).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any, Iterable, Iterator, Optional
+
+from llmbatch.runtime.block_manager import BlockManager
+from llmbatch.runtime.config import EngineConfig
+from llmbatch.runtime.outputs import GenerationResult
+from llmbatch.runtime.planner import Planner
+from llmbatch.runtime.request import FinishReason, Request, RequestStatus
+from llmbatch.runtime.scheduler import Scheduler
+from llmbatch.runtime.stop_checker import StopChecker
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, runner=None, tokenizer=None) -> None:
+        from transformers import AutoTokenizer
+
+        from llmbatch.runtime.model_runner import ModelRunner
+
+        self.config = config
+        self.runner = runner if runner is not None else ModelRunner(config)
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(
+            config.tokenizer or self.runner.model_path,
+            trust_remote_code=config.trust_remote_code)
+        self.max_model_len = self.runner.max_model_len
+        self.eos_token_ids = self._find_eos_token_ids()
+        self.block_manager = BlockManager(
+            self.runner.num_kv_blocks, config.block_size, config.prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager, max_model_len=self.max_model_len)
+        self.planner = Planner(config.ordering, config.planner_window, config.block_size)
+        self._arrivals = itertools.count()
+        self._counters = dict(num_requests=0, num_error_requests=0, num_prompt_tokens=0,
+                              num_cached_prompt_tokens=0, num_output_tokens=0, num_steps=0,
+                              num_preemptions=0, num_spec_accepted_tokens=0)
+
+    def _find_eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen_eos = None
+        try:
+            from transformers import GenerationConfig
+
+            gen_eos = GenerationConfig.from_pretrained(self.runner.model_path).eos_token_id
+        except Exception:  # no generation_config.json: fall back to model config / tokenizer
+            gen_eos = getattr(self.runner.hf_config, "eos_token_id", None)
+        for source in (gen_eos, self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(int(x) for x in source)
+        return ids
+
+    # -- public API -------------------------------------------------------------------
+    def generate(self, requests: Iterable[Request]) -> Iterator[GenerationResult]:
+        """Run `requests` to completion, yielding one GenerationResult per request."""
+        rejected: list[GenerationResult] = []
+        planned = self.planner.plan(self._admit_or_reject(requests, rejected))
+        exhausted = False
+        # Keep enough requests waiting that every step can fill its batch.
+        refill_to = max(2 * self.config.max_num_seqs, 64)
+        while True:
+            while not exhausted and self.scheduler.num_waiting < refill_to:
+                req = next(planned, None)
+                if req is None:
+                    exhausted = True
+                else:
+                    req.arrival_time = time.perf_counter()
+                    self.scheduler.add_request(req)
+            while rejected:
+                yield rejected.pop()
+            if not self.scheduler.has_unfinished_requests():
+                if exhausted:
+                    return
+                continue
+            yield from self.step()
+
+    def step(self) -> list[GenerationResult]:
+        out = self.scheduler.schedule()
+        self._counters["num_preemptions"] += len(out.preempted)
+        if not out.scheduled:
+            if out.preempted:
+                return []
+            raise RuntimeError("scheduler made no progress: KV pool too small for one request")
+        sampled = self.runner.execute(out)
+        self.scheduler.update_from_output(out, sampled)
+        self._counters["num_steps"] += 1
+        finished = []
+        now = time.perf_counter()
+        for item in out.scheduled:
+            req = item.request
+            if req.request_id not in sampled or req.is_finished:
+                continue
+            reason = self._check_stop(req)
+            if reason is not None:
+                self.scheduler.finish_request(req, reason)
+                req.finish_time = now
+                finished.append(self._result(req))
+        return finished
+
+    def stats(self) -> dict:
+        s = dict(self._counters)
+        s["prefix_hit_rate"] = (s["num_cached_prompt_tokens"] / s["num_prompt_tokens"]
+                                if s["num_prompt_tokens"] else 0.0)
+        s["num_kv_blocks"] = self.runner.num_kv_blocks
+        s["block_size"] = self.config.block_size
+        return s
+
+    # -- helpers ----------------------------------------------------------------------
+    def _admit_or_reject(self, requests: Iterable[Request],
+                         rejected: list[GenerationResult]) -> Iterator[Request]:
+        """Reject requests that can never run (too long for the context or the KV pool)."""
+        max_tokens_in_pool = self.runner.num_kv_blocks * self.config.block_size
+        for req in requests:
+            self._counters["num_requests"] += 1
+            if not hasattr(req, "default_seed"):
+                req.default_seed = self.config.seed * 1_000_003 + next(self._arrivals)
+            error = None
+            if req.num_prompt_tokens >= self.max_model_len:
+                error = (f"prompt has {req.num_prompt_tokens} tokens; the model's context is "
+                         f"{self.max_model_len} tokens")
+            elif req.num_prompt_tokens + 1 > max_tokens_in_pool:
+                error = (f"prompt has {req.num_prompt_tokens} tokens; the KV pool holds "
+                         f"{max_tokens_in_pool}")
+            if error is None:
+                req.stop_checker = StopChecker(self.tokenizer, req.sampling_params.stop)
+                yield req
+            else:
+                self._counters["num_error_requests"] += 1
+                req.status = RequestStatus.FINISHED
+                req.finish_reason = FinishReason.ERROR
+                req.finish_time = time.perf_counter()
+                rejected.append(self._result(req, error=error))
+
+    def _check_stop(self, req: Request) -> Optional[FinishReason]:
+        """Apply stop rules to the tokens appended this step; trims tokens past a stop."""
+        params = req.sampling_params
+        num_new = len(req.output_token_ids) - getattr(req, "_num_checked", 0)
+        first_new = len(req.output_token_ids) - num_new
+        for i in range(first_new, len(req.output_token_ids)):
+            token = req.output_token_ids[i]
+            reason = None
+            if not params.ignore_eos and token in self.eos_token_ids:
+                reason, req.stop_reason = FinishReason.STOP, token
+            elif token in params.stop_token_ids:
+                reason, req.stop_reason = FinishReason.STOP, token
+            elif req.stop_checker.active and req.stop_checker.append(token):
+                reason, req.stop_reason = FinishReason.STOP, req.stop_checker.matched
+            elif i + 1 >= params.max_new_tokens:
+                reason = FinishReason.LENGTH
+            elif req.num_prompt_tokens + i + 1 >= self.max_model_len:
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                # Tokens accepted after the stop (speculative bonus tokens) are dropped.
+                extra = len(req.output_token_ids) - (i + 1)
+                if extra:
+                    del req.output_token_ids[i + 1:]
+                    del req.all_token_ids[len(req.all_token_ids) - extra:]
+                req._num_checked = i + 1
+                return reason
+        req._num_checked = len(req.output_token_ids)
+        return None
+
+    def _result(self, req: Request, error: Optional[str] = None) -> GenerationResult:
+        c = self._counters
+        n_out = req.num_output_tokens
+        if error is None:
+            c["num_prompt_tokens"] += req.num_prompt_tokens
+            c["num_cached_prompt_tokens"] += req.num_cached_tokens or 0
+            c["num_output_tokens"] += n_out
+            c["num_spec_accepted_tokens"] += req.num_spec_accepted_tokens
+        checker = getattr(req, "stop_checker", None)
+        if checker is not None and checker.matched is not None:
+            text = checker.text_before_stop
+        else:
+            text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+        ttft = tpot = latency = None
+        if req.first_token_time is not None:
+            ttft = req.first_token_time - req.arrival_time
+            if n_out > 1:
+                tpot = (req.last_token_time - req.first_token_time) / (n_out - 1)
+        if req.finish_time is not None:
+            latency = req.finish_time - req.arrival_time
+        return GenerationResult(
+            request_id=req.request_id,
+            output_token_ids=list(req.output_token_ids),
+            output_text=text,
+            finish_reason=req.finish_reason.value if req.finish_reason else FinishReason.ERROR.value,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_prompt_tokens=req.num_cached_tokens or 0,
+            num_output_tokens=n_out,
+            ttft_s=ttft, tpot_s=tpot, latency_s=latency,
+            spec_accepted_tokens=req.num_spec_accepted_tokens,
+            error=error,
+            stop_reason=req.stop_reason,
+            logprobs=getattr(req, "output_logprobs", None),
+            num_preemptions=req.num_preemptions,
+        )

@@ -1,0 +1,213 @@
+"""ModelRunner: owns the native model and the paged KV pool, turns a SchedulerOutput into
+flattened model inputs, runs the forward and samples.
+
+One runner per rank. Inputs are built on the host as Python lists and copied to the device
+once per step (one tensor per field), so the device never waits on per-request copies.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from llmbatch.runtime.attention import AttentionMetadata, get_attention_backend
+from llmbatch.runtime.config import EngineConfig
+from llmbatch.runtime.device import resolve_device, resolve_dtype
+from llmbatch.runtime.sampler import Sampler
+from llmbatch.runtime.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInputs:
+    """Host-side description of one step, before it is copied to the device."""
+
+    input_ids: list[int]            # (num_tokens,)
+    positions: list[int]            # (num_tokens,)
+    slot_mapping: list[int]         # (num_tokens,)
+    query_start_loc: list[int]      # (num_seqs + 1,)
+    seq_lens: list[int]             # (num_seqs,)
+    block_tables: list[list[int]]   # (num_seqs, <= max_blocks), ragged until padded
+    sample_rows: list[int]          # rows of the flattened batch whose logits are sampled
+    sample_requests: list[Any]      # the Request owning each sampled row
+    sample_output_index: list[int]  # index of the output token each sampled row produces
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config=None) -> None:
+        from transformers import AutoConfig
+
+        from llmbatch.runtime.loader import load_weights, resolve_model_path
+        from llmbatch.runtime.models.registry import build_model
+
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model_path = resolve_model_path(config.model)
+        if hf_config is None:
+            hf_config = AutoConfig.from_pretrained(
+                self.model_path, trust_remote_code=config.trust_remote_code)
+        self.hf_config = hf_config
+        model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(config.max_model_len or model_max, model_max)
+
+        self.model = build_model(hf_config, self.dtype, self.device)
+        load_weights(self.model, self.model_path)
+        self.model.eval()
+        self.attn_backend = get_attention_backend(config.attention_backend, self.device.type)
+        self.sampler = Sampler()
+
+        self.block_size = config.block_size
+        self.num_kv_blocks = self._decide_num_kv_blocks()
+        self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
+
+    # -- KV pool ----------------------------------------------------------------------
+    @property
+    def kv_bytes_per_block(self) -> int:
+        m = self.model
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        # K and V, every layer, block_size tokens, this rank's KV heads.
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads_per_rank * m.head_dim * elem
+
+    def _decide_num_kv_blocks(self) -> int:
+        cfg = self.config
+        if cfg.kv_cache_blocks is not None:
+            return cfg.kv_cache_blocks
+        # Never more than every running sequence at full length could use.
+        blocks_per_seq = -(-self.max_model_len // self.block_size)
+        useful = cfg.max_num_seqs * blocks_per_seq + 1
+        if self.device.type == "cuda":
+            budget = self._cuda_kv_budget_bytes()
+        else:
+            budget = cfg.cpu_kv_cache_bytes
+        num_blocks = min(useful, budget // self.kv_bytes_per_block)
+        if num_blocks < blocks_per_seq // 4 or num_blocks < 2:
+            raise ValueError(
+                f"KV cache too small: {num_blocks} blocks of {self.block_size} tokens fit the "
+                f"memory budget; raise gpu_memory_utilization or lower max_model_len")
+        return int(num_blocks)
+
+    def _cuda_kv_budget_bytes(self) -> int:
+        """Free memory after a warm-up forward at the full token budget, within utilization."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._warmup_forward()
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        current = torch.cuda.memory_allocated(self.device)
+        # Everything not ours (other processes, the CUDA context) counts against the budget.
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * self.config.gpu_memory_utilization - used_by_others - peak
+        logger.info("KV budget %.2f GiB (weights+activations peak %.2f GiB, current %.2f GiB)",
+                    budget / 2**30, peak / 2**30, current / 2**30)
+        return max(int(budget), 0)
+
+    @torch.inference_mode()
+    def _warmup_forward(self) -> None:
+        """One prefill at the full token budget with a scratch cache, to measure the peak."""
+        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        scratch_blocks = -(-num_tokens // self.block_size)
+        caches = self._allocate_kv_caches(scratch_blocks)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        pos = torch.arange(num_tokens, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=pos.clone(),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(scratch_blocks, dtype=torch.int32,
+                                      device=self.device).unsqueeze(0),
+            max_query_len=num_tokens, max_seq_len=num_tokens,
+            query_start_loc_cpu=[0, num_tokens], seq_lens_cpu=[num_tokens])
+        hidden = self.model(ids, pos, caches, meta, self.attn_backend)
+        self.model.compute_logits(hidden[-1:])
+        del caches
+
+    def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        m = self.model
+        shape = (num_blocks, self.block_size, m.num_kv_heads_per_rank, m.head_dim)
+        return [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(m.num_layers)
+        ]
+
+    # -- one step ---------------------------------------------------------------------
+    def prepare_inputs(self, out: SchedulerOutput) -> StepInputs:
+        bs = self.block_size
+        s = StepInputs([], [], [], [0], [], [], [], [], [])
+        for item in out.scheduled:
+            req, n = item.request, item.num_new_tokens
+            start = req.num_computed_tokens
+            # The span: known tokens from num_computed_tokens, then any speculative tokens.
+            known = req.all_token_ids[start:start + n]
+            tokens = known + req.spec_token_ids[: n - len(known)]
+            end = start + n
+            table = req.block_table
+            s.input_ids.extend(tokens)
+            s.positions.extend(range(start, end))
+            s.slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            s.seq_lens.append(end)
+            s.block_tables.append(table)
+            row_end = s.query_start_loc[-1] + n
+            s.query_start_loc.append(row_end)
+            if item.samples:
+                # Verification of k speculative tokens samples at the last k + 1 rows.
+                num_samples = 1 + len(req.spec_token_ids)
+                for j in range(num_samples):
+                    s.sample_rows.append(row_end - num_samples + j)
+                    s.sample_requests.append(req)
+                    s.sample_output_index.append(req.num_output_tokens + j)
+        return s
+
+    def _to_device(self, s: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        dev = self.device
+        max_blocks = max(len(t) for t in s.block_tables)
+        padded = [t + [0] * (max_blocks - len(t)) for t in s.block_tables]
+        query_lens = [b - a for a, b in zip(s.query_start_loc, s.query_start_loc[1:])]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(s.slot_mapping, dtype=torch.long, device=dev),
+            query_start_loc=torch.tensor(s.query_start_loc, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(s.seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            max_query_len=max(query_lens),
+            max_seq_len=max(s.seq_lens),
+            query_start_loc_cpu=s.query_start_loc,
+            seq_lens_cpu=s.seq_lens,
+        )
+        input_ids = torch.tensor(s.input_ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(s.positions, dtype=torch.long, device=dev)
+        return input_ids, positions, meta
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[Any, list[int]]:
+        """Run one step; return sampled token ids per request id (only requests that sample).
+
+        Logprobs, when a request asked for them, are stored on the request
+        (`req.output_logprobs`) so the engine can report them.
+        """
+        if not out.scheduled:
+            return {}
+        s = self.prepare_inputs(out)
+        input_ids, positions, meta = self._to_device(s)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.attn_backend)
+        if not s.sample_rows:
+            return {}
+        rows = torch.tensor(s.sample_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        params = [r.sampling_params for r in s.sample_requests]
+        default_seeds = [getattr(r, "default_seed", None) for r in s.sample_requests]
+        result = self.sampler.sample(logits, params, s.sample_output_index,
+                                     default_seeds=default_seeds)
+        sampled: dict[Any, list[int]] = {}
+        for j, (req, token) in enumerate(zip(s.sample_requests, result.token_ids)):
+            sampled.setdefault(req.request_id, []).append(token)
+            if result.logprobs is not None and result.logprobs[j] is not None:
+                if not hasattr(req, "output_logprobs"):
+                    req.output_logprobs = []
+                req.output_logprobs.append(result.logprobs[j])
+        return sampled

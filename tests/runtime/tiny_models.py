@@ -1,0 +1,75 @@
+"""Tiny random Llama-family checkpoints for runtime tests (float32, saved with save_pretrained)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+VOCAB = 384
+
+
+def make_tokenizer(path: Path):
+    """A byte-level BPE tokenizer trained on a few sentences; enough for decode and stop strings."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["the quick brown fox jumps over the lazy dog", "hello world", "héllo wörld 日本語"] * 50
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_model(path: Path, arch: str = "llama", *, tie: bool = False, num_heads: int = 4,
+               num_kv_heads: int = 2, head_dim: int = 16, hidden: int = 64, layers: int = 2,
+               seed: int = 0, eos_token_id: int = 2, rope_scaling=None):
+    """Save a random model of `arch` (llama | mistral | qwen2 | qwen3) to `path`."""
+    import torch
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads, max_position_embeddings=512,
+                  tie_word_embeddings=tie, bos_token_id=1, eos_token_id=eos_token_id,
+                  pad_token_id=0)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(head_dim=head_dim, rope_scaling=rope_scaling, **common)
+        cls = tf.LlamaForCausalLM
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(head_dim=head_dim, sliding_window=None, **common)
+        cls = tf.MistralForCausalLM
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**common)  # Qwen2: head_dim = hidden / heads, q/k/v bias
+        cls = tf.Qwen2ForCausalLM
+    elif arch == "qwen3":
+        cfg = tf.Qwen3Config(head_dim=head_dim, **common)
+        cls = tf.Qwen3ForCausalLM
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = cls(cfg).float().eval()
+    # Bigger weights than the default init give peaked, non-degenerate greedy outputs.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def make_prompts(n: int, seed: int = 0, num_prefixes: int = 4) -> list[list[int]]:
+    """Mixed-length prompts; most share one of a few prefixes so the prefix cache is exercised."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(20, 50))]
+                for _ in range(num_prefixes)]
+    prompts = []
+    for i in range(n):
+        tail = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 40))]
+        prompts.append((prefixes[i % num_prefixes] + tail) if i % 5 else tail + [5])
+    return prompts
