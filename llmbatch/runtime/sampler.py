@@ -113,6 +113,31 @@ def seeded_uniforms(
     return uniforms_from_keys(torch.tensor(keys, dtype=torch.int64, device=device), num_cols)
 
 
+def _validate_inputs(logits, params, output_indices, default_seeds):
+    """Shared argument checks; returns (num_rows, vocab_size)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+        raise ValueError(f"logits must be a 2-D tensor (num_samples, vocab_size), got {shape}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    num_rows, vocab_size = logits.shape
+    if vocab_size == 0:
+        raise ValueError("logits have an empty vocabulary dimension")
+    if len(params) != num_rows or len(output_indices) != num_rows:
+        raise ValueError(f"logits have {num_rows} rows but got {len(params)} params and "
+                         f"{len(output_indices)} output indices")
+    if default_seeds is not None and len(default_seeds) != num_rows:
+        raise ValueError(f"logits have {num_rows} rows but got {len(default_seeds)} "
+                         "default seeds")
+    for r, (p, idx) in enumerate(zip(params, output_indices)):
+        if idx < 0:
+            raise ValueError(f"row {r}: output index must be >= 0, got {idx}")
+        if p.logprobs is not None and p.logprobs > vocab_size:
+            raise ValueError(f"row {r}: logprobs={p.logprobs} exceeds the vocabulary size "
+                             f"{vocab_size}")
+    return num_rows, vocab_size
+
+
 @dataclass
 class SamplerOutput:
     """token_ids[row] is the sampled token of each input row. logprobs[row] is None unless
@@ -252,29 +277,3 @@ def _truncate(
     keep_by_token = torch.zeros_like(keep).scatter_(1, order, keep)
     sub = sub.masked_fill(~keep_by_token, float("-inf"))
     return scores.index_copy(0, idx_t, sub)
-
-
-def _validate_inputs(logits, params, output_indices, default_seeds):
-    """Shared argument checks; returns (num_rows, vocab_size)."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
-        raise ValueError(f"logits must be a 2-D tensor (num_samples, vocab_size), got {shape}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
-    num_rows, vocab_size = logits.shape
-    if vocab_size == 0:
-        raise ValueError("logits have an empty vocabulary dimension")
-    if len(params) != num_rows or len(output_indices) != num_rows:
-        raise ValueError(f"logits have {num_rows} rows but got {len(params)} params and "
-                         f"{len(output_indices)} output indices")
-    if default_seeds is not None and len(default_seeds) != num_rows:
-        raise ValueError(f"logits have {num_rows} rows but got {len(default_seeds)} "
-                         "default seeds")
-    for r, (p, idx) in enumerate(zip(params, output_indices)):
-        if idx < 0:
-            raise ValueError(f"row {r}: output index must be >= 0, got {idx}")
-        if p.logprobs is not None and p.logprobs > vocab_size:
-            raise ValueError(f"row {r}: logprobs={p.logprobs} exceeds the vocabulary size "
-                             f"{vocab_size}")
-    return num_rows, vocab_size
-
