@@ -66,9 +66,13 @@ def _lsr(z: torch.Tensor, shift: int) -> torch.Tensor:
 def _mix64(z: torch.Tensor) -> torch.Tensor:
     """splitmix64 finaliser on an int64 tensor. torch int64 multiplication wraps modulo
     2**64 (two's complement), which is exactly the unsigned arithmetic the hash needs."""
-    z = (z ^ _lsr(z, 30)) * _to_signed(_MUL1)
-    z = (z ^ _lsr(z, 27)) * _to_signed(_MUL2)
-    return z ^ _lsr(z, 31)
+    # In place: z is a fresh temporary of the caller, and (rows, vocab) int64 is large.
+    z ^= _lsr(z, 30)
+    z *= _to_signed(_MUL1)
+    z ^= _lsr(z, 27)
+    z *= _to_signed(_MUL2)
+    z ^= _lsr(z, 31)
+    return z
 
 
 def default_seed(base_seed: int, arrival_index: int) -> int:
