@@ -1,10 +1,37 @@
-"""Continuous batching over one token budget (no torch). Interface only; see docs/runtime.md."""
+"""Continuous batching over one token budget (no torch). See docs/runtime.md.
+
+Each step the scheduler hands every scheduled request a number of new tokens to compute,
+starting at its num_computed_tokens. Prefill, chunked prefill, prefix-cache hits, decode and
+speculative verification are all that one mechanism.
+
+Policy, in order, under `max_num_batched_tokens` tokens and `max_num_seqs` running requests:
+  1. Running requests, in admission order: a decode gets 1 + len(spec_token_ids) tokens, an
+     unfinished prefill gets the rest of its tokens, both cut to the remaining budget. When
+     the pool has no block for one, the most recently admitted running request is preempted
+     by recompute (possibly the request itself), until it fits.
+  2. If nothing was preempted this step (the pool is tight otherwise), waiting requests in
+     queue order: a prefix-cache hit starts them at num_computed_tokens > 0. A request whose
+     prefix_leader has not yet computed prefix_leader_tokens is skipped for this step only;
+     the first request that does not fit in the pool stops admission (first come, first
+     served: later small requests must not starve it).
+
+Speculative accounting (update_from_output): a verification step computes the last known
+token plus k draft tokens (num_new_tokens = 1 + k) and the runner returns m tokens,
+1 <= m <= k + 1: the m - 1 accepted drafts followed by one bonus/recovered token. The K/V
+written for the last known token and the accepted drafts is valid, that of the k - (m - 1)
+rejected drafts is not, so num_computed_tokens advances by num_new_tokens - (k - (m - 1)) = m
+and the request is back in decode state (num_computed_tokens == num_tokens - 1).
+"""
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
-from llmbatch.runtime.request import Request
+from llmbatch.runtime.block_manager import BlockManager
+from llmbatch.runtime.request import FinishReason, Request, RequestStatus
 
 
 @dataclass
@@ -24,3 +51,208 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     num_batched_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, config, block_manager: BlockManager,
+                 max_model_len: Optional[int] = None) -> None:
+        self.block_manager = block_manager
+        self.block_size = block_manager.block_size
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        # The engine passes the resolved context limit; None means "no limit".
+        self.max_model_len = max_model_len if max_model_len is not None else config.max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []          # admission order: last = most recent
+        # Unfinished requests added here, by id: leader gating only waits on these.
+        self._unfinished: dict[Any, Request] = {}
+        self.num_preemptions = 0                  # total over the run
+        self.num_steps = 0
+
+    # -- queue sizes -----------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- requests in and out ---------------------------------------------------------------
+    def check_request(self, req: Request) -> Optional[str]:
+        """Why the request can never run here (one line), or None when it can."""
+        if self.max_model_len is not None and req.num_tokens > self.max_model_len:
+            return (f"request {req.request_id!r} has {req.num_tokens} tokens; the context "
+                    f"limit (max_model_len) is {self.max_model_len}")
+        num_blocks = -(-req.num_tokens // self.block_size)
+        if num_blocks > self.block_manager.num_blocks:
+            return (f"request {req.request_id!r} needs {num_blocks} KV blocks for its "
+                    f"{req.num_tokens} tokens; the pool has {self.block_manager.num_blocks}")
+        return None
+
+    def add_request(self, req: Request) -> None:
+        """Append to the waiting queue. Raises ValueError for a request that can never run."""
+        if req.status != RequestStatus.WAITING or req.block_table:
+            raise ValueError(f"request {req.request_id!r} is {req.status.value}; only new "
+                             f"requests can be added")
+        error = self.check_request(req)
+        if error is not None:
+            raise ValueError(error)
+        self.waiting.append(req)
+        self._unfinished[req.request_id] = req
+
+    def finish_request(self, req: Request, reason: FinishReason) -> None:
+        """Mark finished, release its blocks, drop it from the queues."""
+        if req.is_finished:
+            return
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)   # O(max_num_seqs)
+        else:
+            try:
+                self.waiting.remove(req)   # rare (abort of a waiting request)
+            except ValueError:
+                pass
+        self.block_manager.free(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.spec_token_ids = []
+        if self._unfinished.get(req.request_id) is req:
+            del self._unfinished[req.request_id]
+
+    # -- one step ----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        # 1. Running requests. Victims are popped from the end, so index i never skips one.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = self._num_new_tokens_running(req, budget)
+            while bm.allocate_slots(req, num_new) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(req, num_new))
+                budget -= num_new
+                i += 1
+
+        # 2. Waiting requests, unless the pool was too tight for the running ones.
+        if not out.preempted:
+            budget = self._admit_waiting(out, budget)
+
+        out.num_batched_tokens = self.max_num_batched_tokens - budget
+        self.num_steps += 1
+        return out
+
+    def _num_new_tokens_running(self, req: Request, budget: int) -> int:
+        """Tokens for a running request this step; trims its draft tokens to what fits."""
+        remaining = req.num_tokens - req.num_computed_tokens
+        if remaining < 1:
+            raise RuntimeError(f"request {req.request_id!r} is running with nothing to compute "
+                               f"(was its sampled token lost?)")
+        if req.spec_token_ids:
+            if remaining > 1:
+                req.spec_token_ids = []   # still prefilling: drafts make no sense yet
+            else:
+                # Drafts need budget and positions below the context limit:
+                # last position computed = num_tokens - 1 + k <= max_model_len - 1.
+                max_k = budget - 1
+                if self.max_model_len is not None:
+                    max_k = min(max_k, self.max_model_len - req.num_tokens)
+                if len(req.spec_token_ids) > max_k:
+                    req.spec_token_ids = req.spec_token_ids[:max(0, max_k)]
+        num_new = min(remaining + len(req.spec_token_ids), budget)
+        if self.max_model_len is not None and req.num_computed_tokens + num_new > self.max_model_len:
+            raise RuntimeError(
+                f"request {req.request_id!r} reached {req.num_tokens} tokens, past the context "
+                f"limit {self.max_model_len}; it should have been finished")
+        return num_new
+
+    def _leader_pending(self, req: Request) -> bool:
+        """True while the request's prefix leader still has to compute the shared prefix."""
+        leader = req.prefix_leader
+        if leader is None or leader.num_computed_tokens >= req.prefix_leader_tokens:
+            return False
+        # Only an unfinished leader that this scheduler will run is worth waiting for.
+        return not leader.is_finished and self._unfinished.get(leader.request_id) is leader
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        bm = self.block_manager
+        skipped: list[Request] = []   # gated requests popped this step, put back in order
+        now = time.perf_counter()
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if self._leader_pending(req):
+                skipped.append(self.waiting.popleft())
+                continue
+            computed_blocks, num_cached = bm.get_computed_blocks(req)
+            num_new = min(req.num_tokens - num_cached, budget)
+            if bm.allocate_slots(req, num_new, computed_blocks) is None:
+                if not self.running and not out.scheduled:
+                    # Nothing holds blocks, so the pool itself is too small for this request.
+                    self.waiting.extendleft(reversed(skipped))
+                    raise RuntimeError(
+                        f"request {req.request_id!r} ({req.num_tokens} tokens) does not fit in "
+                        f"the KV pool of {bm.num_blocks} blocks x {bm.block_size} tokens even "
+                        f"alone; lower max_model_len or give the pool more memory")
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = num_cached
+            if req.num_cached_tokens is None:      # first admission only: a per-row stat
+                req.num_cached_tokens = num_cached
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, num_new))
+            budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
+        return budget
+
+    def _preempt(self, req: Request) -> None:
+        """Preempt by recompute: free the blocks (their hashes stay cached), restart at 0,
+        go to the FRONT of the waiting queue. Output tokens stay and get recomputed."""
+        self.block_manager.free(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.spec_token_ids = []
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # -- after the model ran ---------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[Any, list[int]]) -> None:
+        """Advance counters, append sampled tokens, register newly full blocks."""
+        now = time.perf_counter()
+        for item in out.scheduled:
+            req = item.request
+            if req.status != RequestStatus.RUNNING:
+                continue   # finished (aborted) since schedule()
+            tokens = sampled.get(req.request_id) or []
+            num_spec = len(req.spec_token_ids)
+            if item.samples:
+                if not 1 <= len(tokens) <= num_spec + 1:
+                    raise RuntimeError(
+                        f"request {req.request_id!r}: expected 1..{num_spec + 1} sampled tokens, "
+                        f"got {len(tokens)}")
+                num_rejected = num_spec - (len(tokens) - 1)
+                req.num_spec_accepted_tokens += len(tokens) - 1
+            else:
+                if tokens:
+                    raise RuntimeError(f"request {req.request_id!r}: partial prefill chunk "
+                                       f"cannot sample, got {len(tokens)} tokens")
+                num_rejected = 0
+            req.num_computed_tokens += item.num_new_tokens - num_rejected
+            for token in tokens:
+                req.append_output_token(token, now)
+            req.spec_token_ids = []
+            # After appending: accepted drafts are real tokens now and may complete a block.
+            self.block_manager.cache_full_blocks(req)

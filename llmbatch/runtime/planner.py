@@ -1,0 +1,127 @@
+"""Offline prefix grouping: DFS order over the prompt-token trie (no torch).
+
+For an offline batch the order of admission decides the prefix-cache hit rate. Emitting the
+requests of a window in depth-first order of their prompt trie puts requests that share a
+prefix next to each other, and the deeper the shared prefix the closer they are (SGLang's
+argument). Sorting the prompts lexicographically IS a DFS pre-order of that trie (children
+visited in token order, a prompt before the prompts it is a prefix of), so a plain sort is
+enough. It is cheap: the sort key packs the token ids into big-endian 4-byte words, so each
+comparison is one memcmp instead of a Python loop over the shared prefix.
+
+Ordering alone is not enough: requests of one group admitted in the same step would all
+compute the shared prefix before any of it is cached. So each follower records a
+`prefix_leader` (the earliest request of the window that holds its shared prefix) and
+`prefix_leader_tokens`; the scheduler admits it only after the leader computed that many
+tokens, and it then hits the leader's cached blocks.
+
+Streaming: at most one window of requests is held at a time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import sys
+from array import array
+from itertools import islice
+from typing import Iterable, Iterator
+
+from llmbatch.runtime.request import Request
+
+ORDERINGS = ("prefix", "input")
+
+
+def _bytes_key(req: Request) -> bytes:
+    """Bytes whose order equals the lexicographic order of prompt_token_ids.
+
+    Token ids become big-endian 4-byte words, so bytes order == numeric order, word by word,
+    and a prompt that is a prefix of another sorts first. Raises OverflowError for an id
+    outside [0, 2**32).
+    """
+    words = array("I", req.prompt_token_ids)
+    if sys.byteorder == "little":
+        words.byteswap()
+    return words.tobytes()
+
+
+def _list_key(req: Request) -> list[int]:
+    return req.prompt_token_ids
+
+
+class Planner:
+    def __init__(self, ordering: str = "prefix", window: int = 4096, block_size: int = 16):
+        if ordering not in ORDERINGS:
+            raise ValueError(f"ordering={ordering!r} is not one of {', '.join(ORDERINGS)}")
+        if window < 1:
+            raise ValueError(f"planner window must be >= 1, got {window}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.ordering = ordering
+        self.window = window
+        self.block_size = block_size
+
+    def plan(self, requests: Iterable[Request]) -> Iterator[Request]:
+        """Yield the requests, reordered window by window when ordering == 'prefix'."""
+        if self.ordering == "input":
+            yield from requests
+            return
+        it = iter(requests)
+        while True:
+            window = list(islice(it, self.window))
+            if not window:
+                return
+            yield from self.order_window(window)
+
+    def order_window(self, window: list[Request]) -> list[Request]:
+        """Sort one window into trie DFS order and set leaders on the followers."""
+        # Stable sort: identical prompts keep their input order (the first one leads).
+        key = _bytes_key if array("I").itemsize == 4 else _list_key
+        try:
+            ordered = sorted(window, key=key)
+        except OverflowError:   # an id outside [0, 2**32): compare the lists themselves
+            ordered = sorted(window, key=_list_key)
+        self._assign_leaders(ordered)
+        return ordered
+
+    def _shared_blocks(self, a: list[int], b: list[int]) -> int:
+        """Number of leading full blocks equal in both token lists."""
+        bs = self.block_size
+        n = min(len(a), len(b)) // bs
+        k = 0
+        while k < n and a[k * bs:(k + 1) * bs] == b[k * bs:(k + 1) * bs]:
+            k += 1
+        return k
+
+    def _assign_leaders(self, ordered: list[Request]) -> None:
+        """Set prefix_leader / prefix_leader_tokens for each request of a sorted window.
+
+        In sorted order the longest prefix a request shares with any earlier one is the one
+        it shares with its predecessor: shared_i = full blocks common to i-1 and i. Its leader
+        is the earliest j such that every neighbour pair between j and i shares at least the
+        follower's block count, i.e. min(shared_{j+1..i}) >= s_i. A monotonic stack of
+        (shared, first index of the run) answers that with a binary search: O(n log n).
+        """
+        bs = self.block_size
+        stack_shared: list[int] = []   # strictly increasing shared-block counts
+        stack_start: list[int] = []    # earliest index reachable at that level
+        for i, req in enumerate(ordered):
+            req.prefix_leader = None
+            req.prefix_leader_tokens = 0
+            if i == 0:
+                continue
+            prompt = req.prompt_token_ids
+            shared = self._shared_blocks(ordered[i - 1].prompt_token_ids, prompt)
+            start = i - 1
+            while stack_shared and stack_shared[-1] >= shared:
+                stack_shared.pop()
+                start = stack_start.pop()
+            stack_shared.append(shared)
+            stack_start.append(start)
+            # The follower's last prompt token is always computed by itself, so it may wait
+            # for at most (len - 1) // bs blocks.
+            need = min(shared, (len(prompt) - 1) // bs)
+            if need < 1:
+                continue
+            # Lowest stack level with shared >= need; its start is the earliest leader.
+            level = bisect.bisect_left(stack_shared, need)
+            req.prefix_leader = ordered[stack_start[level]]
+            req.prefix_leader_tokens = need * bs
