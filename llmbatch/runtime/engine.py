@@ -17,6 +17,7 @@ from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.outputs import GenerationResult
 from llmbatch.runtime.planner import Planner
 from llmbatch.runtime.request import FinishReason, Request, RequestStatus
+from llmbatch.runtime.sampler import default_seed
 from llmbatch.runtime.scheduler import Scheduler
 from llmbatch.runtime.stop_checker import StopChecker
 
@@ -124,7 +125,7 @@ class Engine:
         for req in requests:
             self._counters["num_requests"] += 1
             if not hasattr(req, "default_seed"):
-                req.default_seed = self.config.seed * 1_000_003 + next(self._arrivals)
+                req.default_seed = default_seed(self.config.seed, next(self._arrivals))
             error = None
             if req.num_prompt_tokens >= self.max_model_len:
                 error = (f"prompt has {req.num_prompt_tokens} tokens; the model's context is "
