@@ -1,0 +1,164 @@
+"""`llmbatch` command line: run | validate | plan | merge | stats. Parsing and printing only.
+
+Every failure is ONE line on stderr ("llmbatch: error: ...") with the contract's exit code:
+2 invalid job/input (nothing written), 3 some rows errored, 1 internal error. Set
+LLMBATCH_DEBUG=1 to get tracebacks for internal errors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import click
+
+from llmbatch.jobs.errors import EXIT_INTERNAL, EXIT_INVALID, InvalidJobError, JobError
+
+_SET = click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
+                    help="Override one job key (value parsed as YAML); repeatable.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llmbatch", message="llmbatch %(version)s")
+def cli() -> None:
+    """Offline LLM batch inference: Parquet prompts in, ordered Parquet outputs and stats out."""
+
+
+@cli.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@_SET
+@click.option("--progress", type=click.Choice(["bar", "log", "none"]), default=None,
+              help="bar (default on a terminal), log (a line every --log-every s) or none.")
+@click.option("--log-every", type=float, default=10.0, show_default=True,
+              help="Seconds between progress lines with --progress log.")
+def run(job: str, sets: tuple, progress: Optional[str], log_every: float) -> None:
+    """Run (or resume) a job: one shard of it under a SLURM array."""
+    from llmbatch.api import run_job
+
+    if progress is None:
+        progress = "bar" if sys.stderr.isatty() else "log"
+    result = run_job(job, sets=sets, progress=progress, log_every_s=log_every)
+    s = result.stats
+    tok_s = f"{s['output_tok_s']:.1f}" if s.get("output_tok_s") is not None else "-"
+    hit = f"{100 * s['prefix_hit_rate']:.1f}%" if s.get("prefix_hit_rate") is not None else "-"
+    click.echo(f"shard {result.shard_index}/{result.shard_count}: {result.num_rows} rows "
+               f"({result.num_rows_ok} ok, {result.num_rows_error} error, "
+               f"{result.num_rows_skipped} resumed), {s['output_tokens']} output tokens, "
+               f"{tok_s} out tok/s, prefix hit {hit}")
+    click.echo(f"output: {result.output_path}")
+    click.echo(f"stats:  {result.stats_path}")
+    sys.exit(result.exit_code)
+
+
+@cli.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@_SET
+def validate(job: str, sets: tuple) -> None:
+    """Check a job file and print the effective config (defaults filled, overrides applied)."""
+    import yaml
+
+    from llmbatch.api import load
+    from llmbatch.io.sharding import resolve_shard
+
+    spec = load(job, sets)
+    try:
+        spec.engine_config()
+        spec.sampling_params()
+    except ValueError as exc:
+        raise InvalidJobError(f"invalid engine/sampling settings: {exc}") from None
+    shard = resolve_shard(spec.shard.index, spec.shard.count)
+    click.echo(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False).rstrip())
+    click.echo(f"# shard {shard.index} of {shard.count}, config hash {spec.config_hash(shard.count)}")
+
+
+@cli.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@_SET
+def plan(job: str, sets: tuple) -> None:
+    """Show the shard's row range and how much is already done; loads no model."""
+    from llmbatch.api import plan_job
+
+    p = plan_job(job, sets)
+    total = p.row_end - p.row_start
+    click.echo(f"input: {p.input_description} ({p.num_input_rows} rows)")
+    click.echo(f"shard {p.shard.index} of {p.shard.count}: rows [{p.row_start}, {p.row_end}) "
+               f"= {total} rows; {p.rows_done} done, {total - p.rows_done} to run")
+    click.echo(f"config hash: {p.config_hash}")
+
+
+@cli.command()
+@click.argument("output_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--out", "dest", required=True, type=click.Path(dir_okay=False),
+              help="Parquet file to write.")
+def merge(output_dir: str, dest: str) -> None:
+    """Concatenate all committed parts (shard, then part order) into one Parquet file."""
+    import pyarrow.parquet as pq
+
+    from llmbatch.io.manifest import Manifest
+    from llmbatch.jobs.errors import InvalidInputError
+
+    entries = Manifest(output_dir).entries()
+    if not entries:
+        raise InvalidInputError(f"{output_dir}: no committed parts (no _manifest entries)")
+    writer = None
+    rows = 0
+    try:
+        for e in entries:
+            table = pq.read_table(os.path.join(output_dir, e["part"]))
+            table = table.replace_schema_metadata(None)
+            if writer is None:
+                writer = pq.ParquetWriter(dest + ".tmp", table.schema)
+            writer.write_table(table)
+            rows += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    os.replace(dest + ".tmp", dest)
+    click.echo(f"merged {len(entries)} parts, {rows} rows -> {dest}")
+
+
+@cli.command()
+@click.argument("output_dir", type=click.Path(file_okay=False))
+def stats(output_dir: str) -> None:
+    """Print the stats rows of an output folder (one per shard run)."""
+    from llmbatch.jobs.errors import InvalidInputError
+    from llmbatch.jobs.stats import read_stats
+
+    table = read_stats(output_dir)
+    if table.num_rows == 0:
+        raise InvalidInputError(f"{output_dir}: no stats (no _stats/*.parquet)")
+    for row in table.to_pylist():
+        click.echo(" ".join(f"{k}={v}" for k, v in row.items()))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Console-script entry: turns every error into one line + exit code, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="llmbatch", standalone_mode=False)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
+    except click.exceptions.Abort:
+        click.echo("llmbatch: aborted", err=True)
+        return 130
+    except click.ClickException as exc:         # usage errors: one line, exit 2
+        click.echo(f"llmbatch: error: {exc.format_message()}", err=True)
+        return EXIT_INVALID
+    except JobError as exc:
+        click.echo(f"llmbatch: error: {exc.message}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("llmbatch: interrupted", err=True)
+        return 130
+    except Exception as exc:  # a bug: still one line unless asked for the traceback
+        if os.environ.get("LLMBATCH_DEBUG"):
+            raise
+        msg = " ".join(str(exc).split())
+        click.echo(f"llmbatch: internal error: {type(exc).__name__}: {msg} "
+                   f"(set LLMBATCH_DEBUG=1 for a traceback)", err=True)
+        return EXIT_INTERNAL
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

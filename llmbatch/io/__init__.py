@@ -1,0 +1,1 @@
+"""Input and output: dataset reading, sharding, prompt rendering, atomic part writer, manifest."""

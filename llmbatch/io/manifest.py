@@ -1,0 +1,130 @@
+"""The manifest: which parts (and so which input rows) of a shard are committed (no torch).
+
+Layout under output.path:
+  part-SSSSS-QQQQQ.parquet          result rows of shard S, part Q (contiguous input rows)
+  _manifest/part-SSSSS-QQQQQ.json   commit record of that part: row range, ids, hash, counts
+  _stats/stats-SSSSS-RRR.parquet    statistics of run R of shard S
+
+Commit protocol (exactly-once after a kill at any point): the part file is renamed into place
+first, THEN its manifest entry is written atomically. A part file without an entry is an
+uncommitted leftover and is deleted on restart; its rows are simply produced again. Because
+rows are committed strictly in input order, a shard's committed rows are always a prefix of its
+row range, and resuming means starting at the end of the last committed part.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+from llmbatch.io.writer import PART_RE, part_name, temp_prefix, write_atomic_bytes
+from llmbatch.jobs.errors import ResumeError
+
+MANIFEST_DIR = "_manifest"
+STATS_DIR = "_stats"
+
+
+class Manifest:
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.dir = os.path.join(out_dir, MANIFEST_DIR)
+
+    # -- reading ---------------------------------------------------------------------------
+    def entries(self, shard: Optional[int] = None) -> list[dict]:
+        """Committed entries (of one shard, or all), sorted by (shard, seq)."""
+        if not os.path.isdir(self.dir):
+            return []
+        found = []
+        for name in os.listdir(self.dir):
+            if not name.endswith(".json") or name.startswith("_"):
+                continue
+            m = PART_RE.match(name[: -len(".json")] + ".parquet")
+            if not m or (shard is not None and int(m.group(1)) != shard):
+                continue
+            try:
+                with open(os.path.join(self.dir, name), encoding="utf-8") as f:
+                    found.append(json.load(f))
+            except (OSError, ValueError) as exc:
+                raise ResumeError(f"output.path {self.out_dir}: unreadable manifest entry {name} "
+                                  f"({exc}); set output.mode: overwrite to start over") from None
+        return sorted(found, key=lambda e: (e["shard"], e["seq"]))
+
+    def shard_files(self, shard: int) -> tuple[list[str], list[str]]:
+        """(part files, temporary files) of one shard present in the output folder."""
+        parts, temps = [], []
+        if os.path.isdir(self.out_dir):
+            for name in os.listdir(self.out_dir):
+                m = PART_RE.match(name)
+                if m and int(m.group(1)) == shard:
+                    parts.append(name)
+                elif name.startswith(temp_prefix(shard)):
+                    temps.append(name)
+        return sorted(parts), temps
+
+    def check_hash(self, config_hash: str) -> None:
+        """Refuse to resume output written under another config (any shard)."""
+        for entry in self.entries():
+            if entry.get("config_hash") != config_hash:
+                raise ResumeError(
+                    f"output.path {self.out_dir} was written by a job with config hash "
+                    f"{entry.get('config_hash')}, this job's is {config_hash}; set output.mode: "
+                    f"overwrite (or use a new output.path) to start over")
+
+    def has_results(self, shard: int) -> bool:
+        parts, _ = self.shard_files(shard)
+        return bool(parts) or bool(self.entries(shard))
+
+    # -- resuming --------------------------------------------------------------------------
+    def recover(self, shard: int, row_start: int) -> list[dict]:
+        """Drop uncommitted leftovers of `shard`; return its committed entries (checked to be
+        contiguous from `row_start` with their part files present)."""
+        entries = self.entries(shard)
+        expected_row = row_start
+        for seq, entry in enumerate(entries):
+            if entry["seq"] != seq or entry["row_start"] != expected_row:
+                raise ResumeError(f"output.path {self.out_dir}: manifest of shard {shard} is not "
+                                  f"contiguous at part {entry['part']}; set output.mode: overwrite")
+            if not os.path.isfile(os.path.join(self.out_dir, entry["part"])):
+                raise ResumeError(f"output.path {self.out_dir}: committed part {entry['part']} is "
+                                  f"missing; set output.mode: overwrite")
+            expected_row = entry["row_end"]
+        committed = {e["part"] for e in entries}
+        parts, temps = self.shard_files(shard)
+        for name in temps + [p for p in parts if p not in committed]:
+            os.remove(os.path.join(self.out_dir, name))
+        for name in os.listdir(self.dir) if os.path.isdir(self.dir) else []:
+            if name.startswith("_tmp-"):
+                os.remove(os.path.join(self.dir, name))
+        return entries
+
+    # -- writing ---------------------------------------------------------------------------
+    def commit(self, entry: dict) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        name = part_name(entry["shard"], entry["seq"])[: -len(".parquet")] + ".json"
+        data = json.dumps(entry, sort_keys=True, default=str).encode()
+        write_atomic_bytes(os.path.join(self.dir, name), data)
+
+    def clear(self, shard: int, all_shards: bool) -> None:
+        """output.mode: overwrite. Removes only llmbatch's own files (parts, manifest, stats,
+        temporaries) — of every shard when the job has one shard, else of this shard only, so
+        array tasks running side by side never delete each other's work."""
+        if not os.path.isdir(self.out_dir):
+            return
+        for name in os.listdir(self.out_dir):
+            m = PART_RE.match(name)
+            is_tmp = name.startswith("_tmp-part-")
+            if (m and (all_shards or int(m.group(1)) == shard)) or \
+                    (is_tmp and (all_shards or name.startswith(temp_prefix(shard)))):
+                os.remove(os.path.join(self.out_dir, name))
+        for sub in (MANIFEST_DIR, STATS_DIR):
+            path = os.path.join(self.out_dir, sub)
+            if not os.path.isdir(path):
+                continue
+            if all_shards:
+                shutil.rmtree(path)
+                continue
+            for name in os.listdir(path):
+                if name.startswith((f"part-{shard:05d}-", f"stats-{shard:05d}-")):
+                    os.remove(os.path.join(path, name))

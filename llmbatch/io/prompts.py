@@ -1,0 +1,156 @@
+"""Turn input rows into prompt token ids: plain text or chat messages, batched tokenization.
+
+Row-level problems (null/empty prompt, messages that do not render, too long for the context)
+are returned as error strings for that row, never raised: one bad row must not kill a job.
+Job-level problems (a missing column, a template that cannot exist) raise before anything runs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+import pyarrow as pa
+
+from llmbatch.jobs.errors import InvalidInputError, InvalidJobError
+
+
+def check_columns(schema: pa.Schema, input_section, per_row: Sequence[str]) -> None:
+    """Every column the job names must exist, with a usable type (raises InvalidInputError)."""
+    names = set(schema.names)
+    available = ", ".join(schema.names)
+
+    def need(column: str, key: str) -> None:
+        if column not in names:
+            raise InvalidInputError(f"{key}: column {column!r} not in input "
+                                    f"(columns: {available})")
+
+    if input_section.messages_column is not None:
+        need(input_section.messages_column, "input.messages_column")
+        kind = schema.field(input_section.messages_column).type
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+            raise InvalidInputError(f"input.messages_column {input_section.messages_column!r} "
+                                    f"has type {kind}, expected a list of {{role, content}}")
+    else:
+        need(input_section.prompt_column, "input.prompt_column")
+        kind = schema.field(input_section.prompt_column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                or pa.types.is_null(kind)):
+            raise InvalidInputError(f"input.prompt_column {input_section.prompt_column!r} has "
+                                    f"type {kind}, expected string")
+    if input_section.id_column is not None:
+        need(input_section.id_column, "input.id_column")
+    for column in input_section.keep_columns:
+        need(column, "input.keep_columns")
+    for column in per_row:
+        need(column, "sampling.per_row")
+    reserved = set(input_section.keep_columns) & set(OUTPUT_COLUMNS)
+    if reserved:
+        raise InvalidJobError(f"input.keep_columns: {sorted(reserved)[0]!r} clashes with an "
+                              f"output column; rename it in the input")
+
+
+# Output columns the runner adds after the kept input columns (the Parquet contract).
+OUTPUT_COLUMNS = ("id", "output_text", "output_token_ids", "finish_reason", "error",
+                  "num_prompt_tokens", "num_cached_prompt_tokens", "num_output_tokens",
+                  "ttft_s", "tpot_s", "latency_s", "spec_accepted_tokens")
+
+
+def resolve_chat_template(tokenizer, model_section, input_section) -> Optional[str]:
+    """Apply `model.chat_template` to the tokenizer; return the template in use (or None)."""
+    choice = model_section.chat_template
+    if choice == "none":
+        template = None
+    elif choice == "auto":
+        template = getattr(tokenizer, "chat_template", None) or None
+    else:
+        if not os.path.isfile(choice):
+            raise InvalidJobError(f"model.chat_template: file not found: {choice} "
+                                  f"(use auto, none or a path to a Jinja template)")
+        with open(choice, encoding="utf-8") as f:
+            template = f.read()
+        tokenizer.chat_template = template
+    if template is None and input_section.messages_column is not None:
+        raise InvalidJobError("input.messages_column needs a chat template but the tokenizer has "
+                              "none (or model.chat_template is none); set model.chat_template "
+                              "to a template file")
+    if template is None and model_section.system_prompt is not None:
+        raise InvalidJobError("model.system_prompt needs a chat template but the tokenizer has "
+                              "none (or model.chat_template is none)")
+    return template
+
+
+class PromptRenderer:
+    """Rows -> (prompt token ids or None, error or None), a batch at a time."""
+
+    def __init__(self, tokenizer, model_section, input_section) -> None:
+        self.tokenizer = tokenizer
+        self.template = resolve_chat_template(tokenizer, model_section, input_section)
+        self.system_prompt = model_section.system_prompt
+        self.messages_column = input_section.messages_column
+        self.prompt_column = input_section.prompt_column
+
+    def _render_messages(self, messages: Any) -> str:
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {role, content}")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                    or not isinstance(m.get("content"), str):
+                raise ValueError("each message needs string 'role' and 'content'")
+        if self.system_prompt is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}] + list(messages)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+        if not isinstance(text, str):
+            raise ValueError("the chat template did not return text")
+        return text
+
+    def render(self, batch: pa.RecordBatch) -> list[tuple[Optional[list[int]], Optional[str]]]:
+        """Tokenize one batch; one (ids, error) pair per row, in order."""
+        column = self.messages_column or self.prompt_column
+        values = batch.column(batch.schema.get_field_index(column)).to_pylist()
+        texts: list[Optional[str]] = []
+        errors: list[Optional[str]] = []
+        for value in values:
+            text, error = None, None
+            if value is None:
+                error = f"{column} is null"
+            elif self.messages_column is not None:
+                try:
+                    text = self._render_messages(value)
+                except Exception as exc:  # jinja errors, template exceptions, bad structure
+                    error = f"messages do not render: {type(exc).__name__}: {exc}"
+            elif not value.strip():
+                error = f"{column} is empty"
+            elif self.template is not None:
+                messages = [{"role": "user", "content": value}]
+                if self.system_prompt is not None:
+                    messages.insert(0, {"role": "system", "content": self.system_prompt})
+                try:
+                    text = self.tokenizer.apply_chat_template(
+                        messages, tokenize=False, add_generation_prompt=True)
+                except Exception as exc:
+                    error = f"prompt does not render: {type(exc).__name__}: {exc}"
+            else:
+                text = value
+            texts.append(text)
+            errors.append(error)
+        good = [i for i, t in enumerate(texts) if t is not None]
+        results: list[tuple[Optional[list[int]], Optional[str]]] = [(None, e) for e in errors]
+        if good:
+            # A rendered chat template carries its own BOS/special tokens; a plain prompt gets
+            # the tokenizer's usual ones.
+            encoded = self.tokenizer([texts[i] for i in good],
+                                     add_special_tokens=self.template is None)["input_ids"]
+            for i, ids in zip(good, encoded):
+                results[i] = (list(ids), None) if ids else (None, f"{column} has no tokens")
+        return results
+
+
+def length_error(num_prompt_tokens: int, max_model_len: int, max_new_tokens: int) -> Optional[str]:
+    """A prompt may use at most max_model_len - max_new_tokens tokens."""
+    limit = max_model_len - max_new_tokens
+    if num_prompt_tokens > limit:
+        return (f"prompt has {num_prompt_tokens} tokens, more than max_model_len "
+                f"({max_model_len}) - max_new_tokens ({max_new_tokens}) = {limit}")
+    return None

@@ -1,0 +1,210 @@
+"""Stream input rows by batches: Parquet/CSV/JSON through pyarrow.dataset, or a `datasets` dataset.
+
+Memory stays bounded: only row counts are read up front (Parquet footers), and rows are read one
+batch at a time, skipping whole files and row groups that fall outside the requested range.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional, Sequence
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from llmbatch.jobs.errors import InvalidInputError
+
+_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json",
+               ".jsonl": "json", ".ndjson": "json"}
+
+
+def _format_of(path: str) -> Optional[str]:
+    lower = path.lower()
+    for ext in (".gz", ".bz2", ".zst"):
+        if lower.endswith(ext):
+            lower = lower[: -len(ext)]
+    return _EXTENSIONS.get(os.path.splitext(lower)[1])
+
+
+def _hidden(relpath: str) -> bool:
+    # Same rule as pyarrow's discovery: names starting with "_" or "." are metadata, not data.
+    return any(part.startswith(("_", ".")) for part in relpath.replace("\\", "/").split("/"))
+
+
+def _expand(path: str) -> tuple[object, list[str]]:
+    """One input.path entry -> (filesystem or None for local, sorted list of files)."""
+    if "://" in path:
+        import fsspec
+
+        try:
+            fs, root = fsspec.core.url_to_fs(path)
+        except Exception as exc:  # unknown protocol, missing driver package, bad URL
+            raise InvalidInputError(f"input.path {path}: {exc}") from None
+    else:
+        import fsspec.implementations.local
+
+        fs, root = None, os.path.abspath(os.path.expanduser(path))
+        local = fsspec.implementations.local.LocalFileSystem()
+    walker = fs if fs is not None else local
+    try:
+        if any(ch in root for ch in "*?["):
+            files = sorted(p for p in walker.glob(root) if walker.isfile(p))
+            if not files:
+                raise InvalidInputError(f"input.path: no files match {path}")
+        elif walker.isdir(root):
+            files = sorted(p for p in walker.find(root)
+                           if not _hidden(os.path.relpath(p, root)) and _format_of(p))
+            if not files:
+                raise InvalidInputError(f"input.path: directory {path} holds no "
+                                        f"parquet/csv/json files")
+        elif walker.isfile(root):
+            files = [root]
+        else:
+            raise InvalidInputError(f"input.path: {path} does not exist")
+    except InvalidInputError:
+        raise
+    except Exception as exc:
+        raise InvalidInputError(f"input.path {path}: {type(exc).__name__}: {exc}") from None
+    return fs, files
+
+
+class InputSource:
+    """Rows of the input, addressed by global row index (0-based, in input order)."""
+
+    def __init__(self, schema: pa.Schema, description: str) -> None:
+        self.schema = schema
+        self.description = description
+
+    @property
+    def num_rows(self) -> int:
+        raise NotImplementedError
+
+    def iter_batches(self, start: int, end: int, columns: Sequence[str],
+                     batch_size: int) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """Yield (global index of the batch's first row, batch) covering rows [start, end)."""
+        raise NotImplementedError
+
+
+class ArrowDatasetSource(InputSource):
+    def __init__(self, dataset: ds.Dataset, description: str) -> None:
+        super().__init__(dataset.schema, description)
+        self._dataset = dataset
+        self._fragments = list(dataset.get_fragments())
+        self._counts: Optional[list[int]] = None
+
+    def _fragment_counts(self) -> list[int]:
+        if self._counts is None:
+            try:
+                self._counts = [f.count_rows() for f in self._fragments]
+            except (pa.ArrowException, OSError) as exc:
+                raise InvalidInputError(f"cannot read input {self.description}: {exc}") from None
+        return self._counts
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self._fragment_counts())
+
+    def _pieces(self, fragment) -> list[tuple[object, int]]:
+        """Parquet files split into row groups (metadata row counts); other formats whole."""
+        if isinstance(fragment, ds.ParquetFileFragment):
+            groups = fragment.split_by_row_group()
+            return [(g, g.row_groups[0].num_rows) for g in groups]
+        return [(fragment, fragment.count_rows())]
+
+    def iter_batches(self, start, end, columns, batch_size):
+        offset = 0
+        for fragment, count in zip(self._fragments, self._fragment_counts()):
+            if offset >= end:
+                return
+            if offset + count <= start:
+                offset += count
+                continue
+            for piece, piece_rows in self._pieces(fragment):
+                if offset >= end:
+                    return
+                if offset + piece_rows <= start:
+                    offset += piece_rows
+                    continue
+                try:
+                    batches = piece.to_batches(schema=self.schema, columns=list(columns),
+                                               batch_size=batch_size, use_threads=False)
+                    for batch in batches:
+                        lo, hi = max(start, offset), min(end, offset + batch.num_rows)
+                        if hi > lo:
+                            yield lo, batch.slice(lo - offset, hi - lo)
+                        offset += batch.num_rows
+                        if offset >= end:
+                            return
+                except (pa.ArrowException, OSError) as exc:
+                    raise InvalidInputError(
+                        f"cannot read input {piece.path}: {exc}") from None
+
+
+class TableSource(InputSource):
+    """An in-memory or memory-mapped Arrow table (a `datasets` dataset's backing table)."""
+
+    def __init__(self, table: pa.Table, description: str) -> None:
+        super().__init__(table.schema, description)
+        self._table = table
+
+    @property
+    def num_rows(self) -> int:
+        return self._table.num_rows
+
+    def iter_batches(self, start, end, columns, batch_size):
+        part = self._table.slice(start, max(0, end - start)).select(list(columns))
+        offset = start
+        for batch in part.to_batches(max_chunksize=batch_size):
+            yield offset, batch
+            offset += batch.num_rows
+
+
+def _open_datasets(name: str, split: str) -> TableSource:
+    try:
+        import datasets
+    except ImportError:
+        raise InvalidInputError("input.dataset needs the `datasets` package") from None
+    try:
+        if os.path.isdir(name):
+            loaded = datasets.load_from_disk(name)
+        else:
+            loaded = datasets.load_dataset(name, split=split)
+    except Exception as exc:
+        raise InvalidInputError(f"input.dataset {name}: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise InvalidInputError(f"input.split {split!r} not in dataset {name} "
+                                    f"(splits: {', '.join(loaded)})")
+        loaded = loaded[split]
+    if getattr(loaded, "_indices", None) is not None:
+        loaded = loaded.flatten_indices()   # a select/shuffle view: materialize row order
+    return TableSource(loaded.data.table, f"{name}[{split}]")
+
+
+def open_input(section) -> InputSource:
+    """`input` section -> InputSource (raises InvalidInputError with one line)."""
+    if section.dataset is not None:
+        return _open_datasets(section.dataset, section.split)
+    paths = section.path if isinstance(section.path, list) else [section.path]
+    filesystem, files = None, []
+    for p in paths:
+        fs, found = _expand(p)
+        if files and (fs is None) != (filesystem is None):
+            raise InvalidInputError("input.path: cannot mix local paths and URLs")
+        filesystem = fs
+        files.extend(found)
+    fmt = section.format
+    if fmt == "auto":
+        formats = {_format_of(f) or "parquet" for f in files}
+        if len(formats) > 1:
+            raise InvalidInputError(f"input.path mixes formats ({', '.join(sorted(formats))}); "
+                                    f"set input.format")
+        fmt = formats.pop()
+    description = files[0] if len(files) == 1 else f"{len(files)} {fmt} files"
+    try:
+        dataset = ds.dataset(files, format=fmt, filesystem=filesystem)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InvalidInputError(f"cannot read input {description}: "
+                                f"{str(exc).splitlines()[0]}") from None
+    return ArrowDatasetSource(dataset, description)

@@ -1,0 +1,61 @@
+"""Shard k of n: a contiguous, deterministic range of input rows (no torch).
+
+Shards are contiguous so each shard's output, read in (shard, seq) order, is a slice of the
+input in order, and concatenating all shards gives the whole input in order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional, Union
+
+from llmbatch.jobs.errors import InvalidJobError
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    def row_range(self, num_rows: int) -> tuple[int, int]:
+        """[start, end) of this shard over `num_rows` rows; sizes differ by at most one row,
+        the first `num_rows % count` shards taking the extra row."""
+        base, extra = divmod(num_rows, self.count)
+        start = self.index * base + min(self.index, extra)
+        end = start + base + (1 if self.index < extra else 0)
+        return start, end
+
+
+def _int_env(env: Mapping[str, str], name: str) -> Optional[int]:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidJobError(f"shard: environment variable {name}={raw!r} is not an integer") \
+            from None
+
+
+def resolve_shard(index: Union[str, int], count: Union[str, int],
+                  env: Optional[Mapping[str, str]] = None) -> Shard:
+    """Resolve `shard.index`/`shard.count` ("auto" or int).
+
+    auto: index = SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN (MIN defaults to 0, so arrays
+    numbered 1..N work), count = SLURM_ARRAY_TASK_COUNT; without SLURM array variables: 0 of 1.
+    """
+    env = os.environ if env is None else env
+    task_id = _int_env(env, "SLURM_ARRAY_TASK_ID")
+    task_count = _int_env(env, "SLURM_ARRAY_TASK_COUNT")
+    task_min = _int_env(env, "SLURM_ARRAY_TASK_MIN") or 0
+    if count == "auto":
+        count = task_count if (task_id is not None and task_count is not None) else 1
+    if index == "auto":
+        index = (task_id - task_min) if (task_id is not None and task_count is not None) else 0
+    if count < 1:
+        raise InvalidJobError(f"shard.count must be >= 1, got {count}")
+    if not 0 <= index < count:
+        raise InvalidJobError(f"shard.index must be in [0, {count - 1}] for shard.count={count}, "
+                              f"got {index}")
+    return Shard(int(index), int(count))

@@ -1,0 +1,192 @@
+"""Load a job: YAML or dict -> overrides -> ${ENV_VAR} expansion -> validated JobSpec (no torch).
+
+Every failure raises InvalidJobError with ONE line that names the key (dotted, with its section)
+and what was expected; unknown keys get the closest valid key from difflib.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from typing import Any, Iterable, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from llmbatch.jobs.errors import InvalidJobError
+from llmbatch.jobs.spec import JobSpec
+
+# ${NAME} or ${NAME:-default}; a literal "$${" escapes the expansion.
+_ENV_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+# pydantic error type -> how we name the expected type.
+_EXPECTED = {
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+    "float_parsing": "a number", "float_type": "a number",
+    "bool_parsing": "a boolean (true/false)", "bool_type": "a boolean (true/false)",
+    "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+    "model_type": "a mapping", "model_attributes_type": "a mapping",
+}
+
+
+def read_job_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise InvalidJobError(f"job file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InvalidJobError(f"job file {path}: invalid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidJobError(f"job file {path}: cannot read: {exc}") from None
+    if data is None:
+        raise InvalidJobError(f"job file {path} is empty")
+    if not isinstance(data, dict):
+        raise InvalidJobError(f"job file {path}: expected a mapping of sections at the top, "
+                              f"got {type(data).__name__}")
+    return data
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` (or `key=value` for top-level keys); value parsed as a YAML scalar."""
+    if "=" not in item:
+        raise InvalidJobError(f"--set {item!r}: expected section.key=value")
+    dotted, raw = item.split("=", 1)
+    keys = [k.strip() for k in dotted.strip().split(".")]
+    if not all(keys) or len(keys) > 2:
+        raise InvalidJobError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw          # not valid YAML: keep the text; the schema decides if that is ok
+    return keys, value
+
+
+def apply_overrides(data: dict, sets: Iterable[str] = (), overrides: Optional[dict] = None) -> dict:
+    """Merge keyword overrides ({section: {key: value}} or {top_key: value}) then --set items."""
+    data = copy.deepcopy(data)
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key].update(value)
+        else:
+            data[key] = value
+    for item in sets:
+        keys, value = parse_set(item)
+        if len(keys) == 1:
+            data[keys[0]] = value
+            continue
+        section = data.setdefault(keys[0], {})
+        if section is None:
+            section = data[keys[0]] = {}
+        if not isinstance(section, dict):
+            raise InvalidJobError(f"--set {item!r}: '{keys[0]}' is not a section")
+        section[keys[1]] = value
+    return data
+
+
+def expand_env(value: Any, where: str = "") -> Any:
+    """Replace ${NAME} / ${NAME:-default} in every string, recursively; unset NAME is an error."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        if match.group(0) == "$${":
+            return "${"
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise InvalidJobError(f"{where}: environment variable {name} is not set")
+
+    return _ENV_RE.sub(substitute, value)
+
+
+def _section_model(loc: tuple) -> tuple[Optional[type[BaseModel]], list[str]]:
+    """Walk JobSpec along `loc`; return the model owning the last key and the clean key path."""
+    model: Optional[type[BaseModel]] = JobSpec
+    path: list[str] = []
+    for i, part in enumerate(loc):
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            if i == len(loc) - 1 and isinstance(part, str) and model is not None:
+                path.append(part)        # the unknown key itself
+            break
+        path.append(part)
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) \
+            else None
+    # The owner of the last key is the model one level up from it.
+    owner: Optional[type[BaseModel]] = JobSpec
+    for part in path[:-1]:
+        ann = owner.model_fields[part].annotation if owner else None
+        owner = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return owner, path
+
+
+def _describe(errors: list[dict]) -> str:
+    first = errors[0]
+    owner, path = _section_model(tuple(first["loc"]))
+    dotted = ".".join(path) or "job"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        key = path[-1]
+        valid = sorted(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else \
+            f" (valid keys: {', '.join(valid)})"
+        section = f"in section '{'.'.join(path[:-1])}'" if len(path) > 1 else "at the top level"
+        return f"unknown key '{key}' {section}{hint}"
+    if kind == "missing":
+        if len(path) == 1:
+            return f"missing required section '{path[0]}'"
+        return f"missing required key '{path[-1]}' in section '{'.'.join(path[:-1])}'"
+    # All errors on the same key (a union yields one per member) describe one expectation.
+    same = [e for e in errors if _section_model(tuple(e["loc"]))[1] == path]
+    expected = []
+    for e in same:
+        if e["type"] == "literal_error":
+            expected.append("one of " + e["ctx"]["expected"].replace(" or ", ", "))
+        elif e["type"] in _EXPECTED:
+            expected.append(_EXPECTED[e["type"]])
+    got = first.get("input")
+    if expected:
+        unique = list(dict.fromkeys(expected))
+        return f"{dotted}: expected {' or '.join(unique)}, got {got!r}"
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    msg = msg.replace("Input should be", "must be")
+    if dotted == "job" or msg.startswith(dotted.split(".")[0] + ":"):
+        return msg
+    return f"{dotted}: {msg} (got {got!r})"
+
+
+def validate(data: dict) -> JobSpec:
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidJobError(_describe(exc.errors())) from None
+
+
+def load_job(source: Union[str, os.PathLike, dict], sets: Iterable[str] = (),
+             overrides: Optional[dict] = None) -> JobSpec:
+    """Job file path or dict -> validated JobSpec (raises InvalidJobError, one line)."""
+    if isinstance(source, dict):
+        data = source
+    elif isinstance(source, (str, os.PathLike)):
+        data = read_job_file(os.fspath(source))
+    else:
+        raise InvalidJobError(f"a job is a path to a YAML file or a dict, got "
+                              f"{type(source).__name__}")
+    data = apply_overrides(data, sets, overrides)
+    data = expand_env(data)
+    return validate(data)

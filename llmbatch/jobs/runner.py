@@ -1,0 +1,313 @@
+"""Run one shard of a job: read -> render -> engine -> reorder -> commit parts -> stats.
+
+Invariants (what makes resume exactly-once after a SIGKILL at any point):
+  * Results arrive from the engine in any order; they wait in `_finished` until every earlier
+    row of the shard is finished. A part is always the next contiguous run of input rows.
+  * A part is committed in two atomic steps: its file is renamed into place, then its manifest
+    entry is written. Only a manifest entry makes rows count as done; on restart, part files
+    without an entry (and temporaries) are deleted and their rows produced again.
+  * Part boundaries depend only on (shard range, rows_per_part), so a resumed run writes the
+    same parts an uninterrupted run would have written.
+Memory stays bounded: input is read one batch at a time, and requests are generated lazily as
+the engine pulls them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+from llmbatch.io.manifest import Manifest
+from llmbatch.io.prompts import PromptRenderer, check_columns, length_error
+from llmbatch.io.reader import InputSource, open_input
+from llmbatch.io.sharding import Shard, resolve_shard
+from llmbatch.io.writer import output_schema, rows_to_table, write_part
+from llmbatch.jobs.errors import (EXIT_OK, EXIT_ROW_ERRORS, InternalError, InvalidJobError,
+                                  JobError, RowError)
+from llmbatch.jobs.gpu_monitor import GpuMonitor
+from llmbatch.jobs.progress import Progress
+from llmbatch.jobs.spec import JobSpec
+from llmbatch.jobs.stats import ShardStats, next_run_index, versions, write_stats
+
+ENGINE_FACTORY_ENV = "LLMBATCH_ENGINE_FACTORY"     # "module:callable", test-only
+CRASH_ENV = "LLMBATCH_TEST_CRASH_AT"               # "stage:seq", test-only (see _crash_hook)
+
+
+@dataclass
+class JobPlan:
+    """What a run would do; computed without writing anything."""
+
+    shard: Shard
+    num_input_rows: int
+    row_start: int
+    row_end: int
+    rows_done: int
+    config_hash: str
+    input_description: str
+
+
+@dataclass
+class JobResult:
+    output_path: str
+    part_paths: list[str]
+    stats_path: Optional[str]
+    stats: dict
+    num_rows: int                 # rows of this shard
+    num_rows_ok: int              # over the whole shard, including rows of earlier runs
+    num_rows_error: int
+    num_rows_skipped: int         # already committed by an earlier run
+    config_hash: str
+    shard_index: int
+    shard_count: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_ROW_ERRORS if self.num_rows_error else EXIT_OK
+
+
+def _factory_from_env() -> Optional[Callable]:
+    spec = os.environ.get(ENGINE_FACTORY_ENV)
+    if not spec:
+        return None
+    module, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InvalidJobError(f"{ENGINE_FACTORY_ENV}={spec!r}: {exc}") from None
+
+
+def _default_factory(config):
+    from llmbatch.runtime.engine import Engine
+
+    return Engine(config)
+
+
+def _crash_hook(stage: str, seq: int) -> None:
+    """Test seam: SIGKILL ourselves at `stage` of part `seq` (stages: before_rename,
+    after_rename, after_commit) to prove exactly-once commits at each step."""
+    target = os.environ.get(CRASH_ENV)
+    if target and target == f"{stage}:{seq}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class JobRunner:
+    def __init__(self, spec: JobSpec, engine_factory: Optional[Callable] = None,
+                 progress: str = "none", log_every_s: float = 10.0) -> None:
+        self.spec = spec
+        self.engine_factory = engine_factory
+        self.progress_mode = progress
+        self.log_every_s = log_every_s
+        self.out_dir = os.path.abspath(os.path.expanduser(spec.output.path))
+        self.manifest = Manifest(self.out_dir)
+        self._source: Optional[InputSource] = None
+
+    # -- validation, no writes ---------------------------------------------------------------
+    def plan(self) -> JobPlan:
+        spec = self.spec
+        if "://" in spec.output.path:
+            raise InvalidJobError(f"output.path {spec.output.path}: only local directories are "
+                                  f"supported for output")
+        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise InvalidJobError(f"output.path {spec.output.path} exists and is not a directory")
+        try:
+            spec.engine_config()
+            spec.sampling_params()
+        except ValueError as exc:
+            raise InvalidJobError(f"invalid engine/sampling settings: {exc}") from None
+        shard = resolve_shard(spec.shard.index, spec.shard.count)
+        self._source = open_input(spec.input)
+        check_columns(self._source.schema, spec.input, spec.sampling.per_row)
+        num_rows = self._source.num_rows
+        start, end = shard.row_range(num_rows)
+        config_hash = spec.config_hash(shard.count)
+        rows_done = 0
+        if spec.output.mode == "error" and self.manifest.has_results(shard.index):
+            raise InvalidJobError(f"output.path {spec.output.path} already holds results of "
+                                  f"shard {shard.index}; set output.mode: resume or overwrite")
+        if spec.output.mode == "resume":
+            self.manifest.check_hash(config_hash)
+            entries = self.manifest.entries(shard.index)
+            rows_done = entries[-1]["row_end"] - start if entries else 0
+        return JobPlan(shard, num_rows, start, end, rows_done, config_hash,
+                       self._source.description)
+
+    def _make_engine(self):
+        factory = self.engine_factory or _factory_from_env() or _default_factory
+        try:
+            return factory(self.spec.engine_config())
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InvalidJobError(f"model.path {self.spec.model.path}: cannot load the model: "
+                                  f"{first}") from None
+
+    # -- the run -----------------------------------------------------------------------------
+    def run(self) -> JobResult:
+        spec = self.spec
+        plan = self.plan()
+        engine = self._make_engine()
+        renderer = PromptRenderer(engine.tokenizer, spec.model, spec.input)
+        self._max_model_len = int(engine.max_model_len)
+
+        # From here on we write. overwrite clears only after everything validated.
+        os.makedirs(self.out_dir, exist_ok=True)
+        shard = plan.shard
+        if spec.output.mode == "overwrite":
+            self.manifest.clear(shard.index, all_shards=shard.count == 1)
+        entries = self.manifest.recover(shard.index, plan.row_start)
+        self._entries = entries
+        resume_row = entries[-1]["row_end"] if entries else plan.row_start
+        self._shard, self._plan = shard, plan
+        self._next_seq = len(entries)
+        self._next_commit = resume_row          # first row not yet in a committed part
+        self._ready_upto = resume_row           # rows [next_commit, ready_upto) are finished
+        self._finished: dict[int, dict] = {}    # row index -> finished output row
+        self._inflight: dict[int, dict] = {}    # row index -> input part of its output row
+        self._schema = output_schema(self._source.schema, spec.input.keep_columns,
+                                     spec.input.id_column)
+        self.stats = ShardStats()
+        self._progress = Progress(self.progress_mode, plan.row_end - plan.row_start,
+                                  initial=resume_row - plan.row_start,
+                                  log_every_s=self.log_every_s)
+        try:
+            with GpuMonitor() as gpu:
+                requests = self._requests(renderer, resume_row, plan.row_end)
+                try:
+                    for result in engine.generate(requests):
+                        self._on_result(result)
+                except JobError:
+                    raise
+                except Exception as exc:
+                    raise InternalError(f"engine failed: {type(exc).__name__}: {exc}") from exc
+                self._commit_ready(final=True)
+                if self._next_commit != plan.row_end:
+                    raise InternalError(f"engine returned results for rows up to "
+                                        f"{self._next_commit}, expected {plan.row_end}")
+            gpu_summary = gpu.summary()
+        finally:
+            self._progress.close()
+        return self._result(gpu_summary, resume_row)
+
+    def _requests(self, renderer: PromptRenderer, start: int, end: int) -> Iterator:
+        """Lazily: input batches -> Requests; bad rows become error rows on the spot."""
+        from llmbatch.runtime.request import Request
+
+        spec = self.spec
+        inp = spec.input
+        per_row = spec.sampling.per_row
+        column = inp.messages_column or inp.prompt_column
+        columns = list(dict.fromkeys([column] + inp.keep_columns + per_row
+                                     + ([inp.id_column] if inp.id_column else [])))
+        for first, batch in self._source.iter_batches(start, end, columns, inp.batch_size):
+            rendered = renderer.render(batch)
+            data = {name: batch.column(batch.schema.get_field_index(name)).to_pylist()
+                    for name in columns}
+            for i, (token_ids, error) in enumerate(rendered):
+                row_index = first + i
+                row = {c: data[c][i] for c in inp.keep_columns}
+                row["id"] = data[inp.id_column][i] if inp.id_column else row_index
+                params = None
+                if error is None:
+                    try:
+                        params = spec.sampling_params({k: data[k][i] for k in per_row},
+                                                      row_seed_offset=row_index)
+                    except (ValueError, TypeError) as exc:
+                        error = f"invalid per-row sampling value: {exc}"
+                if error is None:
+                    error = length_error(len(token_ids), self._max_model_len,
+                                         params.max_new_tokens)
+                if error is not None:
+                    self._record_error(row_index, row, error, token_ids)
+                    continue
+                self._inflight[row_index] = row
+                yield Request(row_index, token_ids, params)
+            self._commit_ready()
+
+    def _record_error(self, row_index: int, row: dict, error: str,
+                      token_ids: Optional[list[int]]) -> None:
+        if self.spec.on_row_error == "fail":
+            raise RowError(f"row {row['id']!r}: {error} (on_row_error: fail)")
+        row.update(output_text=None, output_token_ids=None, finish_reason="error", error=error,
+                   num_prompt_tokens=len(token_ids) if token_ids else 0,
+                   num_cached_prompt_tokens=0, num_output_tokens=0, ttft_s=None, tpot_s=None,
+                   latency_s=None, spec_accepted_tokens=0)
+        self._finish_row(row_index, row)
+
+    def _on_result(self, result) -> None:
+        row = self._inflight.pop(result.request_id, None)
+        if row is None:
+            raise InternalError(f"engine returned an unknown request id {result.request_id!r}")
+        if result.finish_reason == "error" and self.spec.on_row_error == "fail":
+            raise RowError(f"row {row['id']!r}: {result.error} (on_row_error: fail)")
+        row.update(output_text=result.output_text, output_token_ids=list(result.output_token_ids),
+                   finish_reason=result.finish_reason, error=result.error,
+                   num_prompt_tokens=result.num_prompt_tokens,
+                   num_cached_prompt_tokens=result.num_cached_prompt_tokens,
+                   num_output_tokens=result.num_output_tokens, ttft_s=result.ttft_s,
+                   tpot_s=result.tpot_s, latency_s=result.latency_s,
+                   spec_accepted_tokens=result.spec_accepted_tokens)
+        self._finish_row(result.request_id, row)
+        self._commit_ready()
+
+    def _finish_row(self, row_index: int, row: dict) -> None:
+        self._finished[row_index] = row
+        self.stats.add(row)
+        while self._ready_upto in self._finished:
+            self._ready_upto += 1
+        self._progress.update(1, self.stats.output_tok_s, self.stats.prefix_hit_rate)
+
+    def _commit_ready(self, final: bool = False) -> None:
+        per_part = self.spec.output.rows_per_part
+        end = self._plan.row_end
+        while True:
+            ready = self._ready_upto - self._next_commit
+            # A full part, or the shard's last (short) part once every row is finished.
+            if ready >= per_part or (ready > 0 and self._ready_upto == end):
+                self._commit_part(min(ready, per_part))
+            else:
+                return
+
+    def _commit_part(self, num_rows: int) -> None:
+        lo, hi = self._next_commit, self._next_commit + num_rows
+        rows = [self._finished.pop(r) for r in range(lo, hi)]
+        seq, shard = self._next_seq, self._shard
+        meta = {"shard": shard.index, "shard_count": shard.count, "seq": seq, "row_start": lo,
+                "row_end": hi, "config_hash": self._plan.config_hash,
+                "llmbatch_version": versions()["llmbatch_version"], "model": self.spec.model.path}
+        table = rows_to_table(rows, self._schema)
+        path = write_part(self.out_dir, shard.index, seq, table, meta,
+                          crash_hook=lambda stage: _crash_hook(stage, seq))
+        entry = dict(meta, part=os.path.basename(path), num_rows=num_rows,
+                     num_errors=sum(r["finish_reason"] == "error" for r in rows),
+                     ids=[r["id"] for r in rows])
+        self.manifest.commit(entry)
+        _crash_hook("after_commit", seq)
+        self._entries.append({k: v for k, v in entry.items() if k != "ids"})
+        self._next_seq += 1
+        self._next_commit = hi
+
+    def _result(self, gpu_summary: dict, resume_row: int) -> JobResult:
+        plan, shard = self._plan, self._shard
+        summary = self.stats.summary(
+            shard_index=shard.index, shard_count=shard.count,
+            run=next_run_index(self.out_dir, shard.index),
+            rows_total=plan.row_end - plan.row_start, rows_skipped=resume_row - plan.row_start,
+            config_hash=plan.config_hash, seed=self.spec.sampling.seed, gpu=gpu_summary)
+        stats_path = write_stats(self.out_dir, summary)
+        num_errors = sum(e["num_errors"] for e in self._entries)
+        total = plan.row_end - plan.row_start
+        return JobResult(
+            output_path=self.out_dir,
+            part_paths=[os.path.join(self.out_dir, e["part"]) for e in self._entries],
+            stats_path=stats_path, stats=summary, num_rows=total,
+            num_rows_ok=total - num_errors, num_rows_error=num_errors,
+            num_rows_skipped=resume_row - plan.row_start, config_hash=plan.config_hash,
+            shard_index=shard.index, shard_count=shard.count)
+
+
+def run_spec(spec: JobSpec, engine_factory: Optional[Callable] = None, progress: str = "none",
+             log_every_s: float = 10.0) -> JobResult:
+    return JobRunner(spec, engine_factory, progress, log_every_s).run()

@@ -1,0 +1,199 @@
+"""The job file schema (pydantic v2), its config hash, and its mapping onto the runtime (no torch).
+
+Every section forbids unknown keys; `loader.py` turns pydantic's errors into one-line messages
+naming the key, its section and the closest valid key. The key names of the issue's contract are
+fixed; keys may be added but never renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from llmbatch.runtime.config import EngineConfig
+from llmbatch.runtime.sampling_params import SamplingParams
+
+
+class _Section(BaseModel):
+    # extra='forbid' is what makes a typo a loud error instead of a silently ignored key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    path: str
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    trust_remote_code: bool = False
+    chat_template: str = "auto"          # auto | none | path to a Jinja template file
+    system_prompt: Optional[str] = None
+    tokenizer: Optional[str] = None      # defaults to path
+
+
+class InputSection(_Section):
+    path: Optional[Union[str, list[str]]] = None     # file, glob, directory, fsspec URL (or a list)
+    dataset: Optional[str] = None                    # datasets: saved dir or a dataset name
+    split: str = "train"
+    format: Literal["auto", "parquet", "csv", "json"] = "auto"
+    prompt_column: str = "prompt"
+    messages_column: Optional[str] = None
+    id_column: Optional[str] = None
+    keep_columns: list[str] = Field(default_factory=list)
+    batch_size: int = Field(default=1024, ge=1)      # rows read and tokenized at a time
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "InputSection":
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("input: set exactly one of input.path and input.dataset")
+        return self
+
+
+class OutputSection(_Section):
+    path: str
+    rows_per_part: int = Field(default=10000, ge=1)
+    mode: Literal["resume", "overwrite", "error"] = "resume"
+
+
+# Keys of `sampling` that a row may override with a column of the same name.
+PER_ROW_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                "stop_token_ids", "ignore_eos", "logprobs")
+
+
+class SamplingSection(_Section):
+    max_new_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = -1
+    seed: int = 0
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: Optional[int] = Field(default=None, ge=0)
+    per_row: list[str] = Field(default_factory=list)
+
+    @field_validator("per_row")
+    @classmethod
+    def _known_per_row(cls, value: list[str]) -> list[str]:
+        for key in value:
+            if key not in PER_ROW_KEYS:
+                raise ValueError(f"'{key}' is not a sampling key; per-row keys are "
+                                 f"{', '.join(PER_ROW_KEYS)}")
+        return value
+
+
+class EngineSection(_Section):
+    device: str = "auto"
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    gpu_memory_utilization: float = 0.9
+    kv_cache_blocks: Optional[int] = None
+    prefix_caching: bool = True
+    ordering: Literal["prefix", "input"] = "prefix"
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    cuda_graphs: bool = True
+    max_model_len: Optional[int] = None
+    planner_window: int = 4096
+    cpu_kv_cache_bytes: Optional[int] = None
+
+
+class ParallelSection(_Section):
+    tensor_parallel_size: int = Field(default=1, ge=1)
+
+
+class QuantizationSection(_Section):
+    method: Literal["none", "int8", "nf4"] = "none"
+
+
+class SpeculativeSection(_Section):
+    method: Literal["none", "ngram", "draft"] = "none"
+    num_tokens: int = Field(default=4, ge=1)
+    draft_model: Optional[str] = None
+
+
+class ShardSection(_Section):
+    # "auto": from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT, else shard 0 of 1.
+    index: Union[Literal["auto"], int] = "auto"
+    count: Union[Literal["auto"], int] = "auto"
+
+
+class JobSpec(_Section):
+    model: ModelSection
+    input: InputSection
+    output: OutputSection
+    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    speculative: SpeculativeSection = Field(default_factory=SpeculativeSection)
+    shard: ShardSection = Field(default_factory=ShardSection)
+    on_row_error: Literal["record", "fail"] = "record"
+
+    # -- runtime mapping -----------------------------------------------------------------
+    def engine_config(self) -> EngineConfig:
+        """The runtime's EngineConfig; raises ValueError with the runtime's own message."""
+        e = self.engine
+        kwargs: dict[str, Any] = dict(
+            model=self.model.path, tokenizer=self.model.tokenizer, dtype=self.model.dtype,
+            trust_remote_code=self.model.trust_remote_code, device=e.device,
+            max_model_len=e.max_model_len, block_size=e.block_size, max_num_seqs=e.max_num_seqs,
+            max_num_batched_tokens=e.max_num_batched_tokens,
+            gpu_memory_utilization=e.gpu_memory_utilization, kv_cache_blocks=e.kv_cache_blocks,
+            prefix_caching=e.prefix_caching, ordering=e.ordering, planner_window=e.planner_window,
+            attention_backend=e.attention_backend, cuda_graphs=e.cuda_graphs,
+            tensor_parallel_size=self.parallel.tensor_parallel_size,
+            quantization=self.quantization.method, speculative_method=self.speculative.method,
+            num_speculative_tokens=self.speculative.num_tokens,
+            draft_model=self.speculative.draft_model, seed=self.sampling.seed)
+        if e.cpu_kv_cache_bytes is not None:
+            kwargs["cpu_kv_cache_bytes"] = e.cpu_kv_cache_bytes
+        return EngineConfig(**kwargs)
+
+    def sampling_params(self, row_overrides: Optional[dict] = None,
+                        row_seed_offset: int = 0) -> SamplingParams:
+        """SamplingParams for one row: the job's values, then the row's non-null overrides.
+
+        Each row's seed is `sampling.seed + row index` unless the row brings its own seed, so
+        sampled rows differ from each other yet never depend on batch composition.
+        """
+        s = self.sampling
+        values = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                      top_k=s.top_k, seed=s.seed + row_seed_offset, stop=list(s.stop),
+                      stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
+                      logprobs=s.logprobs)
+        for key, value in (row_overrides or {}).items():
+            if value is not None:
+                values[key] = value
+        return SamplingParams(**values)
+
+    # -- hashing -------------------------------------------------------------------------
+    def config_hash(self, shard_count: int) -> str:
+        """sha256 (16 hex digits) over everything that changes which rows exist or their text.
+
+        Left out on purpose: output.path/mode, shard.index (every shard shares the hash) and
+        performance knobs that leave greedy results unchanged (max_num_seqs, token budget,
+        memory sizing, cuda_graphs, attention backend, planner window, on_row_error). Kept:
+        model, tokenizer and template (the template file's contents, not its name), input
+        selection, sampling, dtype/device/quantization/speculation/TP (they change numerics),
+        rows_per_part (part boundaries) and the shard count (row ranges).
+        """
+        model = self.model.model_dump()
+        template = self.model.chat_template
+        if template not in ("auto", "none") and os.path.isfile(template):
+            with open(template, "rb") as f:
+                model["chat_template"] = "sha256:" + hashlib.sha256(f.read()).hexdigest()
+        payload = {
+            "model": model,
+            "input": self.input.model_dump(exclude={"batch_size"}),
+            "rows_per_part": self.output.rows_per_part,
+            "sampling": self.sampling.model_dump(),
+            "engine": {"device": self.engine.device, "max_model_len": self.engine.max_model_len},
+            "parallel": self.parallel.model_dump(),
+            "quantization": self.quantization.model_dump(),
+            "speculative": self.speculative.model_dump(),
+            "shard_count": shard_count,
+        }
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
