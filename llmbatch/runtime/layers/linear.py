@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmbatch.runtime.layers.weight_utils import (LoadedWeight, copy_checked, materialize,
-                                                  narrow)
+from llmbatch.runtime.layers.weight_utils import (LoadedWeight, check_shape, copy_checked,
+                                                  materialize, narrow)
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -61,6 +61,9 @@ class LinearBase(nn.Module):
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.input_size_per_rank = input_size_per_rank
         self.output_size_per_rank = output_size_per_rank
+        # Full (unsharded) sizes; subclasses that shard overwrite the one they split.
+        self.input_size = getattr(self, "input_size", input_size_per_rank)
+        self.output_size = getattr(self, "output_size", output_size_per_rank)
         dtype = params_dtype or torch.get_default_dtype()
         # Inference only: no autograd bookkeeping on weights.
         self.weight = nn.Parameter(
@@ -111,12 +114,15 @@ class ColumnParallelLinear(LinearBase):
                  params_dtype: Optional[torch.dtype] = None, tp_rank: int = 0,
                  tp_size: int = 1) -> None:
         check_tp(tp_rank, tp_size)
+        self.output_size = output_size
         super().__init__(input_size, divide(output_size, tp_size, "output_size"), bias,
                          params_dtype, tp_rank, tp_size)
 
     def weight_loader(self, param, loaded_weight, shard_id=None) -> None:
         if shard_id is not None:
             raise ValueError(f"ColumnParallelLinear got shard_id={shard_id!r}")
+        check_shape(loaded_weight, (self.output_size,) + tuple(param.shape[1:]),
+                    "ColumnParallelLinear")
         size = param.shape[0]
         with torch.no_grad():
             copy_checked(param.data, narrow(loaded_weight, 0, self.tp_rank * size, size),
@@ -138,6 +144,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
             raise ValueError(f"MergedColumnParallelLinear needs shard_id in "
                              f"0..{len(self.output_sizes) - 1}, got {shard_id!r}")
+        check_shape(loaded_weight, (self.output_sizes[shard_id],) + tuple(param.shape[1:]),
+                    f"MergedColumnParallelLinear part {shard_id}")
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         with torch.no_grad():
@@ -159,6 +167,7 @@ class QKVParallelLinear(ColumnParallelLinear):
                  tp_size: int = 1) -> None:
         check_tp(tp_rank, tp_size)
         self.head_dim = head_dim
+        self.total_num_heads, self.total_num_kv_heads = total_num_heads, total_num_kv_heads
         self.num_heads = divide(total_num_heads, tp_size, "num_attention_heads")
         if total_num_kv_heads >= tp_size:
             self.num_kv_heads = divide(total_num_kv_heads, tp_size, "num_key_value_heads")
@@ -171,6 +180,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.kv_head_start = tp_rank // (tp_size // total_num_kv_heads)
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
+        self.output_size = (total_num_heads + 2 * total_num_kv_heads) * head_dim
         # Bypass ColumnParallelLinear's even split: the per-rank size is computed above.
         LinearBase.__init__(self, hidden_size, self.q_size + 2 * self.kv_size, bias,
                             params_dtype, tp_rank, tp_size)
@@ -186,6 +196,9 @@ class QKVParallelLinear(ColumnParallelLinear):
             start = self.kv_head_start * self.head_dim
         else:
             raise ValueError(f"QKVParallelLinear needs shard_id 'q', 'k' or 'v', got {shard_id!r}")
+        heads = self.total_num_heads if shard_id == "q" else self.total_num_kv_heads
+        check_shape(loaded_weight, (heads * self.head_dim,) + tuple(param.shape[1:]),
+                    f"QKVParallelLinear {shard_id}")
         with torch.no_grad():
             copy_checked(param.data.narrow(0, offset, size), narrow(loaded_weight, 0, start, size),
                          f"QKVParallelLinear {shard_id}")
@@ -203,6 +216,7 @@ class RowParallelLinear(LinearBase):
                  params_dtype: Optional[torch.dtype] = None, tp_rank: int = 0,
                  tp_size: int = 1, all_reduce: Optional[AllReduce] = None) -> None:
         check_tp(tp_rank, tp_size)
+        self.input_size = input_size
         super().__init__(divide(input_size, tp_size, "input_size"), output_size, bias,
                          params_dtype, tp_rank, tp_size)
         self.all_reduce = all_reduce or default_all_reduce
@@ -210,6 +224,8 @@ class RowParallelLinear(LinearBase):
     def weight_loader(self, param, loaded_weight, shard_id=None) -> None:
         if shard_id is not None:
             raise ValueError(f"RowParallelLinear got shard_id={shard_id!r}")
+        full = (self.output_size,) if param.dim() == 1 else (self.output_size, self.input_size)
+        check_shape(loaded_weight, full, "RowParallelLinear")
         with torch.no_grad():
             if param.dim() == 1:  # bias: replicated
                 copy_checked(param.data, materialize(loaded_weight), "RowParallelLinear bias")

@@ -50,6 +50,14 @@ def narrow(loaded: LoadedWeight, dim: int, start: int, size: int) -> torch.Tenso
     return loaded.narrow(dim, start, size)
 
 
+def check_shape(loaded: LoadedWeight, expected: tuple, what: str) -> None:
+    """The full checkpoint tensor must have the full logical shape: a slice that merely fits
+    (e.g. a smaller intermediate_size in the config) would load silently wrong weights."""
+    if tuple(loaded.shape) != tuple(expected):
+        raise ValueError(f"{what}: checkpoint shape {tuple(loaded.shape)} does not match the "
+                         f"expected {tuple(expected)}; the config does not match the checkpoint")
+
+
 def materialize(loaded: LoadedWeight) -> torch.Tensor:
     return loaded.load() if isinstance(loaded, LazyTensor) else loaded
 
