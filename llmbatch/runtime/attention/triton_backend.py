@@ -1,0 +1,201 @@
+"""Triton attention backend: paged K/V store and one paged varlen attention kernel family.
+
+Same contract as the torch oracle (backend.py). This file validates inputs (one clear error per
+bad input, checked on the host from shapes and dtypes only) and picks launch sizes from Python
+ints already in AttentionMetadata (max_query_len, max_seq_len, num_seqs), so a step never waits
+on the device and the calls can be captured in a CUDA graph.
+
+Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tests do this; it must be
+set before triton is first imported).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+from llmbatch.runtime.attention.backend import AttentionBackend, AttentionMetadata
+from llmbatch.runtime.attention.triton_kernels import paged_attention, store_kv
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Spans at most this long count as "decode-like" (1 token, or k+1 speculative tokens) for the
+# split-KV heuristic: few query rows per program, so the key walk is what takes the time.
+_SPLIT_MAX_QUERY_LEN = 8
+# Keep at least this many keys per split, so the extra reduction pass stays cheap.
+_MIN_KEYS_PER_SPLIT = 512
+_MAX_SPLITS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _prev_power_of_2(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Args (all optional; defaults are the tuned choices):
+    num_kv_splits: force the split-KV count (1 = never split); None = heuristic.
+    max_block_m:   cap on query-tile rows (tokens x grouped heads) for prefill spans.
+    tile_n:        keys per inner-loop step; None = 64 (32 for head_dim > 128).
+    """
+
+    name = "triton"
+
+    def __init__(self, num_kv_splits: int | None = None, max_block_m: int = 64,
+                 tile_n: int | None = None) -> None:
+        if num_kv_splits is not None and num_kv_splits < 1:
+            raise ValueError(f"num_kv_splits must be >= 1 or None, got {num_kv_splits}")
+        for name, value in (("max_block_m", max_block_m), ("tile_n", tile_n)):
+            if value is not None and (value < 16 or value & (value - 1)):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        self.num_kv_splits = num_kv_splits
+        self.max_block_m = max_block_m
+        self.tile_n = tile_n
+
+    # ------------------------------------------------------------------ K/V store
+
+    def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        _check_cache(k_cache, v_cache)
+        _check_runnable(key, k_cache, v_cache, slot_mapping)
+        if key.dim() != 3 or key.shape != value.shape:
+            raise ValueError(f"key and value must both be (num_tokens, num_kv_heads, head_dim), "
+                             f"got {tuple(key.shape)} and {tuple(value.shape)}")
+        if tuple(key.shape[1:]) != tuple(k_cache.shape[2:]):
+            raise ValueError(f"key heads/head_dim {tuple(key.shape[1:])} do not match the cache's "
+                             f"{tuple(k_cache.shape[2:])}")
+        if slot_mapping.shape != (key.shape[0],) or slot_mapping.is_floating_point():
+            raise ValueError(f"slot_mapping must be an integer tensor of shape ({key.shape[0]},), "
+                             f"got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+        _check_dtype("key", key)
+        _check_dtype("value", value)
+        store_kv(_last_dim_contiguous(key), _last_dim_contiguous(value), k_cache, v_cache,
+                 slot_mapping.contiguous())
+
+    # ------------------------------------------------------------------ attention
+
+    def forward(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                out: torch.Tensor | None = None):
+        """As AttentionBackend.forward; `out` (optional, query's shape and dtype) is written in
+        place and returned, for callers that keep persistent buffers (CUDA graphs)."""
+        _check_cache(k_cache, v_cache)
+        _check_runnable(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                        meta.query_start_loc)
+        _check_dtype("query", query)
+        if query.dim() != 3 or query.shape[2] != k_cache.shape[3]:
+            raise ValueError(f"query must be (num_tokens, num_heads, {k_cache.shape[3]}), "
+                             f"got {tuple(query.shape)}")
+        num_tokens, num_heads, head_dim = query.shape
+        num_kv_heads = k_cache.shape[2]
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of "
+                             f"num_kv_heads={num_kv_heads}")
+        num_seqs = meta.num_seqs
+        if tuple(meta.query_start_loc.shape) != (num_seqs + 1,) \
+                or meta.block_tables.dim() != 2 or meta.block_tables.shape[0] != num_seqs:
+            raise ValueError(
+                f"metadata for {num_seqs} sequences needs query_start_loc ({num_seqs + 1},) and "
+                f"block_tables ({num_seqs}, max_blocks); got {tuple(meta.query_start_loc.shape)} "
+                f"and {tuple(meta.block_tables.shape)}")
+        for name in ("query_start_loc", "seq_lens", "block_tables"):
+            if getattr(meta, name).is_floating_point():
+                raise ValueError(f"meta.{name} must be an integer tensor")
+
+        query = _last_dim_contiguous(query)
+        if out is None:
+            out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        elif out.shape != query.shape or out.dtype != query.dtype or out.device != query.device \
+                or out.stride(-1) != 1:
+            raise ValueError(f"out must match query {tuple(query.shape)} {query.dtype} on "
+                             f"{query.device} with a contiguous last dim, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        if num_tokens == 0 or num_seqs == 0:
+            return out
+        group = num_heads // num_kv_heads
+        block_q, block_m = self._query_tiling(meta.max_query_len, group)
+        tile_n = self.tile_n or (64 if head_dim <= 128 else 32)
+        paged_attention(
+            out, query, k_cache, v_cache,
+            meta.block_tables, meta.seq_lens.contiguous(), meta.query_start_loc.contiguous(),
+            scale,
+            block_q=block_q, block_m=block_m, tile_n=tile_n,
+            num_splits=self._num_splits(meta, num_kv_heads, query.device),
+            num_warps=8 if block_m * head_dim >= 128 * 128 else 4,
+        )
+        return out
+
+    def _query_tiling(self, max_query_len: int, group: int) -> tuple[int, int]:
+        """(BLOCK_Q tokens, BLOCK_M rows) per program; BLOCK_Q * group <= BLOCK_M.
+
+        Decode gets BLOCK_Q as small as tl.dot's 16-row minimum allows; longer spans get up to
+        max_block_m rows so each K/V tile is reused across many queries. The few distinct
+        values (powers of two) bound the number of compiled variants.
+        """
+        want_q = min(triton.next_power_of_2(max(1, max_query_len)),
+                     max(1, self.max_block_m // group))
+        block_m = max(16, triton.next_power_of_2(want_q * group))
+        return block_m // group, block_m
+
+    def _num_splits(self, meta: AttentionMetadata, num_kv_heads: int, device) -> int:
+        """Split-KV count: > 1 only when decode-like spans would leave most SMs idle.
+
+        Uses Python ints only. Under CUDA graphs the count is frozen at capture (from the
+        capture's max_seq_len); the kernel is correct for any count, only speed differs.
+        """
+        if self.num_kv_splits is not None:
+            return self.num_kv_splits
+        if device.type != "cuda" or meta.max_query_len > _SPLIT_MAX_QUERY_LEN:
+            return 1
+        work = meta.num_seqs * num_kv_heads  # programs doing real work without splitting
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        if work >= sms:
+            return 1
+        splits = min(_MAX_SPLITS, triton.cdiv(2 * sms, work),
+                     meta.max_seq_len // _MIN_KEYS_PER_SPLIT)
+        return _prev_power_of_2(splits) if splits >= 2 else 1
+
+
+# ---------------------------------------------------------------------- validation helpers
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must both be (num_blocks, block_size, "
+                         f"num_kv_heads, head_dim), got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    _check_dtype("k_cache", k_cache)
+    _check_dtype("v_cache", v_cache)
+    block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"the triton backend needs head_dim a power of two >= 16, got "
+                         f"{head_dim}; use attention_backend='torch' for this model")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("k_cache/v_cache must be contiguous along head_dim")
+
+
+def _check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; the triton backend supports "
+                         f"float16, bfloat16 and float32")
+
+
+def _check_runnable(*tensors: torch.Tensor) -> None:
+    """All tensors on one device, and that device is CUDA (or the triton interpreter is on)."""
+    device = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != device:
+            raise ValueError(f"attention tensors must share one device, got {device} and "
+                             f"{t.device}")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"the triton attention backend needs CUDA tensors, got {device} "
+                           f"(set TRITON_INTERPRET=1 before importing triton to test on CPU)")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
