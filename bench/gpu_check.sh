@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The one-call GPU check (BENCH.md): versions and card, `pytest tests/gpu -x -q`, every workload
+# for llmbatch and the transformers peers, JSON under OUT_DIR, the table printed last.
+#
+#   bench/gpu_check.sh [--dry-run] [OUT_DIR]        OUT_DIR defaults to $OUT, then ./bench_out
+#
+# --dry-run (or BENCH_DRY_RUN=1): tiny shape on the CPU with workloads scaled to 5 %, ~1 minute;
+# a smoke test of this script, never a figure. Runs from the tree (PYTHONPATH), never installs
+# torch. Packages the bare GPU machine lacks (pytest, at least) travel as wheels in bench/wheels/
+# (made here by bench/fetch_wheels.sh); each wheel whose module does not import is unpacked into
+# a temporary dir added to PYTHONPATH. The engine path itself needs no pydantic/datasets.
+# Env: PYTHON (default python3), BENCH_ARGS (extra bench.run flags, e.g. "--skip-peers"),
+# PYTEST_TIMEOUT (s, default 240), BENCH_TIMEOUT (s, default 420), BENCH_MODEL_DIR.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+DRY="${BENCH_DRY_RUN:-0}"
+OUT_DIR=""
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
+    *) OUT_DIR="$arg" ;;
+  esac
+done
+OUT_DIR="${OUT_DIR:-${OUT:-$ROOT/bench_out}}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export TOKENIZERS_PARALLELISM=false
+T0=$(date +%s)
+
+# Wheels for missing packages, unpacked (a wheel is a zip of an installed layout) into a temp
+# dir appended to PYTHONPATH; only wheels whose module is missing, so nothing is shadowed.
+if compgen -G "bench/wheels/*.whl" >/dev/null; then
+  DEPS="$(mktemp -d "${TMPDIR:-/tmp}/llmbatch-pydeps.XXXXXX")"
+  for whl in bench/wheels/*.whl; do
+    mod="$(basename "$whl" | cut -d- -f1 | tr 'A-Z-' 'a-z_')"
+    if ! "$PY" -c "import $mod" 2>/dev/null; then
+      "$PY" -m zipfile -e "$whl" "$DEPS" && echo "gpu_check: unpacked $(basename "$whl")"
+    fi
+  done
+  export PYTHONPATH="$PYTHONPATH:$DEPS"
+fi
+
+echo "=== llmbatch gpu_check $(date -u '+%Y-%m-%d %H:%M:%S UTC') commit $(git rev-parse --short HEAD 2>/dev/null || echo "${BENCH_COMMIT:-unknown}") dry_run=$DRY"
+"$PY" - <<'PYEOF'
+import platform, torch, transformers
+try:
+    import triton; tv = triton.__version__
+except Exception as e:
+    tv = f"missing ({type(e).__name__})"
+print(f"python {platform.python_version()} | torch {torch.__version__} (cuda {torch.version.cuda}) "
+      f"| transformers {transformers.__version__} | triton {tv}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"card: {p.name}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs")
+else:
+    print("card: none (CUDA not available)")
+PYEOF
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.max.sm --format=csv
+fi
+
+# GPU tests (they skip themselves without CUDA). pytest exit 5 = nothing collected.
+if "$PY" -c "import pytest" 2>/dev/null; then
+  echo "=== pytest tests/gpu -x -q"
+  timeout "${PYTEST_TIMEOUT:-240}" "$PY" -m pytest tests/gpu -x -q -p no:cacheprovider 2>&1 \
+    | tee "$OUT_DIR/pytest_gpu.log" | tail -n 40
+  PYTEST_RC=${PIPESTATUS[0]}
+  [ "$PYTEST_RC" = 5 ] && PYTEST_RC="5 (no tests collected)"
+else
+  echo "=== pytest not importable and no wheel in bench/wheels: GPU tests NOT run"
+  PYTEST_RC="not run"
+fi
+
+echo "=== bench ($(( $(date +%s) - T0 )) s so far)"
+if [ "$DRY" = 1 ]; then
+  MODE_ARGS=(--shape tiny --device cpu --scale 0.05)
+  MODEL_DIR="${BENCH_MODEL_DIR:-${TMPDIR:-/tmp}/llmbatch-bench-model-tiny}"
+else
+  MODE_ARGS=(--shape 1b)
+  MODEL_DIR="${BENCH_MODEL_DIR:-${TMPDIR:-/tmp}/llmbatch-bench-model-1b}"
+fi
+# The checkpoint lives outside OUT_DIR: 2.47 GB must not travel back with the results.
+# shellcheck disable=SC2086
+timeout "${BENCH_TIMEOUT:-420}" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \
+  --model-dir "$MODEL_DIR" ${BENCH_ARGS:-} 2> >(tee "$OUT_DIR/bench_stderr.log" | grep -E '^\[bench|Error|error' >&2)
+BENCH_RC=$?
+wait
+
+echo "=== gpu_check done in $(( $(date +%s) - T0 )) s: pytest rc=$PYTEST_RC, bench rc=$BENCH_RC, JSON in $OUT_DIR"
+if [ -f "$OUT_DIR/table.md" ]; then
+  cat "$OUT_DIR/table.md"
+fi
+if [ "$BENCH_RC" != 0 ] || { [ "$PYTEST_RC" != 0 ] && [ "$PYTEST_RC" != "5 (no tests collected)" ]; }; then
+  exit 1
+fi
+exit 0

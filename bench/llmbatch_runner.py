@@ -1,0 +1,130 @@
+"""llmbatch's side of the benchmark: build one Engine, warm it up, run each workload through it.
+
+Written against the runtime's public interface only (Engine, EngineConfig, Request,
+SamplingParams, GenerationResult, engine.stats()). While llmbatch.runtime.engine cannot be
+imported, `engine_unavailable_reason()` says why and the harness skips the llmbatch rows.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Optional
+
+from bench.workloads import MIN_TOKEN_ID, Workload
+
+WARMUP_SEED = 12345       # warm-up prompts never share a token block with a workload's
+
+
+def engine_unavailable_reason() -> Optional[str]:
+    """None when the engine imports; else a one-line reason."""
+    try:
+        from llmbatch.runtime.engine import Engine  # noqa: F401
+    except Exception as exc:  # ImportError, or an error raised while importing its parts
+        return f"engine not available: {type(exc).__name__}: {exc}"
+    return None
+
+
+def build_engine(model_dir: str, dtype: str, device: str, **overrides):
+    """Returns (engine, load seconds). `overrides` are EngineConfig fields."""
+    from llmbatch.runtime.config import EngineConfig
+    from llmbatch.runtime.engine import Engine
+
+    t0 = time.perf_counter()
+    engine = Engine(EngineConfig(model=model_dir, dtype=dtype, device=device, **overrides))
+    return engine, time.perf_counter() - t0
+
+
+def _requests(workload_requests, id_prefix: str):
+    from llmbatch.runtime.request import Request
+    from llmbatch.runtime.sampling_params import SamplingParams
+
+    # Greedy, EOS ignored: every request generates exactly its max_new_tokens.
+    return [Request(f"{id_prefix}{i}", r.prompt_token_ids,
+                    SamplingParams(max_new_tokens=r.max_new_tokens, temperature=0.0,
+                                   ignore_eos=True))
+            for i, r in enumerate(workload_requests)]
+
+
+def warm_up(engine, vocab: int, num_requests: int = 16, max_prompt: int = 256,
+            max_new: int = 16) -> float:
+    """A short batch of unrelated random prompts (compiles, allocator, graphs); returns seconds."""
+    from bench.workloads import BenchRequest
+
+    rng = random.Random(WARMUP_SEED)
+    reqs = [BenchRequest([rng.randrange(MIN_TOKEN_ID, vocab)
+                          for _ in range(rng.randint(8, max_prompt))], max_new)
+            for _ in range(num_requests)]
+    t0 = time.perf_counter()
+    for _ in engine.generate(_requests(reqs, "warmup-")):
+        pass
+    return time.perf_counter() - t0
+
+
+def _stats_delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in after
+            if isinstance(after.get(k), (int, float)) and isinstance(before.get(k), (int, float))
+            and not isinstance(after[k], bool)}
+
+
+def run_workload(engine, workload: Workload, requests=None) -> dict:
+    """Time one workload from the first submission to the last result (checks every length)."""
+    reqs = workload.requests if requests is None else requests
+    engine_reqs = _requests(reqs, f"{workload.name}-")   # built before the clock starts
+    expected = {f"{workload.name}-{i}": r.max_new_tokens for i, r in enumerate(reqs)}
+    before = engine.stats()
+    t0 = time.perf_counter()
+    results = []
+    for res in engine.generate(engine_reqs):
+        results.append(res)
+    wall = time.perf_counter() - t0
+    after = engine.stats()
+
+    errors = [f"{r.request_id}: {r.error}" for r in results if r.error]
+    wrong = [f"{r.request_id}: {r.num_output_tokens} != {expected[r.request_id]}"
+             for r in results if not r.error and r.num_output_tokens != expected[r.request_id]]
+    if len(results) != len(reqs):
+        errors.append(f"{len(results)} results for {len(reqs)} requests")
+    out_tokens = sum(r.num_output_tokens for r in results)
+    prompt_tokens = sum(r.num_prompt_tokens for r in results)
+    cached = sum(r.num_cached_prompt_tokens for r in results)
+    tpots = [r.tpot_s for r in results if r.tpot_s is not None]
+    return {
+        "system": "llmbatch", "wall_s": wall, "output_tokens": out_tokens,
+        "out_tok_per_s": out_tokens / wall if wall > 0 else None,
+        "num_prompt_tokens": prompt_tokens, "num_cached_prompt_tokens": cached,
+        "prefix_hit_rate": cached / prompt_tokens if prompt_tokens else 0.0,
+        "tpot_s": (sum(tpots) / len(tpots)) if tpots else None,
+        "ttft_s_mean": _mean([r.ttft_s for r in results]),
+        "engine_stats_delta": _stats_delta(before, after),
+        "errors": errors[:10], "num_errors": len(errors),
+        "wrong_lengths": wrong[:10], "num_wrong_lengths": len(wrong),
+        # Kept for W-SPEC's replay proposer: the true greedy continuations.
+        "_outputs": {r.request_id: r.output_token_ids for r in results},
+    }
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def run_spec(engine, workload: Workload) -> dict:
+    """W-SPEC, the part the harness can do today: speculation off at each batch size.
+
+    The replay proposer (true greedy continuation, each token corrupted with prob. 1 - alpha)
+    needs an engine hook to inject proposals; until the runtime has one, the replay rows are
+    reported as not available next to the ideal tokens per step.
+    """
+    from bench.workloads import ideal_tokens_per_step
+
+    out = {"system": "llmbatch", "batches": {}, "ideal_tokens_per_step": {
+        str(a): ideal_tokens_per_step(a, workload.params["k"]) for a in workload.params["alphas"]},
+        "replay": "not available: the engine has no hook to inject replay proposals yet"}
+    for b in workload.params["batch_sizes"]:
+        res = run_workload(engine, workload, requests=workload.requests[:b])
+        res.pop("_outputs")
+        steps = res["engine_stats_delta"].get("num_steps")
+        res["tokens_per_step_per_request"] = (res["output_tokens"] / (steps * b)) if steps else None
+        out["batches"][str(b)] = res
+    return out

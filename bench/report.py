@@ -1,0 +1,89 @@
+"""Turns the results dict of bench/run.py into table rows and one short printed table."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+HEADER = ("workload", "system", "out tok/s", "ratio vs peers", "fraction of floor",
+          "prefix-hit rate")
+PEERS = {"W-RANDOM": ("hf-static", "hf-cb"), "W-PREFIX": ("hf-cb",), "W-BATCH1": ("hf-generate",)}
+
+
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _fraction(run: dict, floor: dict, batch1: bool) -> Optional[float]:
+    if batch1:
+        if run.get("tpot_s") and floor.get("tpot_s"):
+            return floor["tpot_s"] / run["tpot_s"]
+        return None
+    if run.get("out_tok_per_s"):
+        return run["out_tok_per_s"] / floor["out_tok_per_s"]
+    return None
+
+
+def table_rows(results: dict) -> list[dict]:
+    """One row per (workload, system); skipped/failed systems get a row saying so."""
+    rows = []
+    for wname, runs in results["runs"].items():
+        floor = results["workloads"][wname].get("floor", {})
+        batch1 = wname == "W-BATCH1"
+        if wname == "W-SPEC":
+            rows.extend(_spec_rows(runs))
+            continue
+        ours = runs.get("llmbatch", {})
+        for system, run in runs.items():
+            row = {"workload": wname, "system": system}
+            if "skipped" in run or "error" in run:
+                row["note"] = run.get("skipped") or f"error: {run['error']}"
+                rows.append(row)
+                continue
+            row["out_tok_per_s"] = run.get("out_tok_per_s")
+            row["tpot_s"] = run.get("tpot_s") if batch1 else None
+            row["fraction_of_floor"] = _fraction(run, floor, batch1)
+            row["prefix_hit_rate"] = run.get("prefix_hit_rate")
+            row["ratios"] = {}
+            if system == "llmbatch":
+                for peer in PEERS.get(wname, ()):
+                    p = runs.get(peer, {})
+                    if batch1 and p.get("tpot_s") and ours.get("tpot_s"):
+                        row["ratios"][peer] = p["tpot_s"] / ours["tpot_s"]
+                    elif not batch1 and p.get("out_tok_per_s") and ours.get("out_tok_per_s"):
+                        row["ratios"][peer] = ours["out_tok_per_s"] / p["out_tok_per_s"]
+            rows.append(row)
+    return rows
+
+
+def _spec_rows(runs: dict) -> list[dict]:
+    rows = []
+    spec = runs.get("llmbatch", {})
+    if "batches" not in spec:
+        note = spec.get("skipped") or spec.get("error") or "not run"
+        return [{"workload": "W-SPEC", "system": "llmbatch", "note": note}]
+    for b, run in spec["batches"].items():
+        rows.append({"workload": f"W-SPEC b={b}", "system": "llmbatch spec-off",
+                     "out_tok_per_s": run.get("out_tok_per_s"), "ratios": {},
+                     "fraction_of_floor": None, "prefix_hit_rate": None})
+    ideal = ", ".join(f"α={a}: {v:.2f}" for a, v in spec["ideal_tokens_per_step"].items())
+    rows.append({"workload": "W-SPEC replay", "system": "llmbatch",
+                 "note": f"{spec['replay']} (ideal tok/step {ideal})"})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [" | ".join(HEADER), " | ".join("---" for _ in HEADER)]
+    for r in rows:
+        if "note" in r:
+            lines.append(f"{r['workload']} | {r['system']} | {r['note']} | | |")
+            continue
+        if r.get("tpot_s") is not None:
+            speed = f"{r['out_tok_per_s']:,.1f} (TPOT {r['tpot_s'] * 1e3:.2f} ms)"
+        else:
+            speed = _fmt(r.get("out_tok_per_s"), ",.0f")
+        ratios = ", ".join(f"{v:.2f}x {k}" for k, v in r.get("ratios", {}).items()) or "—"
+        hit = r.get("prefix_hit_rate")
+        lines.append(" | ".join([r["workload"], r["system"], speed, ratios,
+                                 _fmt(r.get("fraction_of_floor"), ".3f"),
+                                 "—" if hit is None else f"{hit:.1%}"]))
+    return "\n".join(lines)

@@ -1,0 +1,231 @@
+"""Run the BENCH.md workloads for llmbatch and the transformers peers; JSON + one table last.
+
+    python -m bench.run --shape 1b --out bench_out                       # the benchmark (GPU)
+    python -m bench.run --shape tiny --device cpu --scale 0.05 --out /tmp/b   # CPU dry run
+
+Order: llmbatch first (its KV pool sizes itself from free memory), then it is freed and the
+peers load the same checkpoint. Every figure is written to OUT/results.json as soon as it
+exists, so a run cut short still leaves what it measured. Exit status 1 when any run failed
+or llmbatch generated a wrong number of tokens; the table is printed either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+from bench import floor as floor_mod
+from bench import llmbatch_runner, peers, report
+from bench.model_shapes import get_shape, make_checkpoint
+from bench.workloads import WORKLOAD_NAMES, build
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=("tiny", "1b"), default=None,
+                   help="model shape (default: 1b on CUDA, tiny on CPU)")
+    p.add_argument("--workloads", default=",".join(WORKLOAD_NAMES),
+                   help=f"comma-separated subset of {','.join(WORKLOAD_NAMES)}")
+    p.add_argument("--out", default="bench_out", help="output directory for JSON")
+    p.add_argument("--model-dir", default=None, help="checkpoint dir (default OUT/model-SHAPE)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="shrink every workload (0 < scale <= 1) for CPU dry runs")
+    p.add_argument("--skip-peers", action="store_true", help="do not run transformers peers")
+    p.add_argument("--skip-llmbatch", action="store_true", help="do not run llmbatch")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--require-engine", action="store_true",
+                   help="fail instead of skipping when llmbatch.runtime.engine is unavailable")
+    args = p.parse_args(argv)
+    names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in names if w not in WORKLOAD_NAMES]
+    if unknown or not names:
+        p.error(f"unknown workload(s) {unknown}; known: {', '.join(WORKLOAD_NAMES)}")
+    args.workload_names = names
+    if not 0.0 < args.scale <= 1.0:
+        p.error(f"--scale must be in (0, 1], got {args.scale}")
+    return args
+
+
+def environment(device: str) -> dict:
+    import torch
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "device": device,
+           "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        env["cuda"] = torch.version.cuda
+    try:
+        import subprocess
+        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                       text=True, check=False).stdout.strip() or None
+    except Exception:
+        env["commit"] = None
+    return env
+
+
+class Recorder:
+    """Holds the results dict and rewrites OUT/results.json after every figure."""
+
+    def __init__(self, out_dir: str, results: dict) -> None:
+        self.path = os.path.join(out_dir, "results.json")
+        self.results = results
+
+    def put(self, workload: str, system: str, value: dict) -> None:
+        value = {k: v for k, v in value.items() if not k.startswith("_")}
+        self.results["runs"].setdefault(workload, {})[system] = value
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.results, f, indent=1, default=str)
+        os.replace(tmp, self.path)
+
+
+def _attempt(rec: Recorder, workload: str, system: str, fn) -> None:
+    """Run one measurement; a failure is recorded (with its message) and the bench goes on."""
+    log(f"{workload} / {system} ...")
+    try:
+        value = fn()
+    except Exception as exc:
+        traceback.print_exc()
+        value = {"error": f"{type(exc).__name__}: {exc}"}
+    rec.put(workload, system, value)
+    speed = value.get("out_tok_per_s")
+    log(f"{workload} / {system}: " + (f"{speed:,.1f} out tok/s" if speed else
+                                      value.get("error", value.get("skipped", "done"))))
+
+
+def _free_cuda() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: str,
+                 device: str, vocab: int) -> None:
+    reason = llmbatch_runner.engine_unavailable_reason()
+    if reason is not None:
+        if args.require_engine:
+            raise SystemExit(f"--require-engine: {reason}")
+        log(reason)
+        for name in workloads:
+            rec.put(name, "llmbatch", {"skipped": reason})
+        return
+    overrides = {"gpu_memory_utilization": args.gpu_memory_utilization}
+    if device == "cpu":
+        overrides["cpu_kv_cache_bytes"] = 64 << 20     # a small pool: the dry run is tiny
+    engine, load_s = llmbatch_runner.build_engine(model_dir, dtype, device, **overrides)
+    warm_s = llmbatch_runner.warm_up(engine, vocab)
+    rec.results["llmbatch_setup"] = {"load_s": load_s, "warmup_s": warm_s,
+                                     "stats": engine.stats()}
+    log(f"llmbatch loaded in {load_s:.1f} s, warmed up in {warm_s:.1f} s")
+    for name, w in workloads.items():
+        if name == "W-SPEC":
+            _attempt(rec, name, "llmbatch", lambda: llmbatch_runner.run_spec(engine, w))
+        else:
+            _attempt(rec, name, "llmbatch", lambda: llmbatch_runner.run_workload(engine, w))
+    del engine
+    _free_cuda()
+
+
+def run_peers(rec: Recorder, workloads: dict, model_dir: str, dtype: str, device: str) -> None:
+    model, load_s = peers.load_hf_model(model_dir, dtype, device)
+    rec.results["peers_setup"] = {"load_s": load_s}
+    # Plain generate first: continuous batching switches the model's attention implementation.
+    if "W-RANDOM" in workloads:
+        _attempt(rec, "W-RANDOM", "hf-static",
+                 lambda: peers.run_static_generate(model, workloads["W-RANDOM"], device))
+    if "W-BATCH1" in workloads:
+        _attempt(rec, "W-BATCH1", "hf-generate",
+                 lambda: peers.run_batch1_generate(model, workloads["W-BATCH1"], device))
+    for name in ("W-RANDOM", "W-PREFIX"):
+        if name in workloads:
+            _attempt(rec, name, "hf-cb",
+                     lambda: peers.run_continuous_batching(model, workloads[name], device))
+    del model
+    _free_cuda()
+
+
+def main(argv=None) -> int:
+    import torch
+
+    args = parse_args(argv)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = get_shape(args.shape or ("1b" if device.startswith("cuda") else "tiny"))
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    dtype_bytes = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+    os.makedirs(args.out, exist_ok=True)
+    model_dir = args.model_dir or os.path.join(args.out, f"model-{shape.name}")
+
+    results = {"env": environment(device), "shape": shape.name, "dtype": dtype,
+               "scale": args.scale, "smoke_test_only": shape.name != "1b" or args.scale != 1.0,
+               "workloads": {}, "runs": {}}
+    rec = Recorder(args.out, results)
+    t0 = time.perf_counter()
+    make_checkpoint(shape, model_dir, dtype=dtype, device=device)
+    results["checkpoint_s"] = time.perf_counter() - t0
+    log(f"checkpoint {model_dir} ({shape.name}, {dtype}) ready in {results['checkpoint_s']:.1f} s")
+
+    ceilings = floor_mod.measure_ceilings(device, dtype)
+    results["ceilings"] = ceilings.to_dict()
+    log(f"ceilings on {ceilings.device}: copy {ceilings.bandwidth_bytes_per_s / 1e9:,.1f} GB/s, "
+        f"matmul {ceilings.flops_per_s / 1e12:,.2f} TFLOP/s")
+    workloads = {name: build(name, shape.vocab_size, args.scale) for name in args.workload_names}
+    for name, w in workloads.items():
+        info = w.summary()
+        if name != "W-SPEC":
+            info["floor"] = floor_mod.workload_floor(
+                [len(r.prompt_token_ids) for r in w.requests],
+                [r.max_new_tokens for r in w.requests], shape, dtype_bytes, ceilings,
+                prompts=[r.prompt_token_ids for r in w.requests])
+        results["workloads"][name] = info
+        results["runs"][name] = {}
+    rec.save()
+
+    if not args.skip_llmbatch:
+        run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size)
+    if not args.skip_peers:
+        run_peers(rec, workloads, model_dir, dtype, device)
+
+    rows = report.table_rows(results)
+    results["table"] = rows
+    rec.save()
+    table = report.format_table(rows)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    failed = [f"{w}/{s}" for w, runs in results["runs"].items() for s, r in runs.items()
+              if "error" in r or r.get("num_errors") or r.get("num_wrong_lengths")]
+    label = "SMOKE TEST (not a benchmark figure)" if results["smoke_test_only"] else "benchmark"
+    print(f"\n{label}: shape {shape.name}, {dtype}, {results['env'].get('gpu', device)}, "
+          f"scale {args.scale}; JSON in {rec.path}")
+    if failed:
+        print(f"FAILED: {', '.join(failed)}")
+    print(table, flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
