@@ -116,3 +116,12 @@ def make_job(tokenizer_dir: str, input_path, output_path: str, **sections) -> di
         else:
             job[key] = value
     return job
+
+
+@pytest.fixture(scope="session")
+def jobkit():
+    """Helpers for job tests (test modules cannot import conftest directly)."""
+    import types
+
+    return types.SimpleNamespace(make_job=make_job, write_prompts=write_prompts,
+                                 build_tokenizer=build_tokenizer, fake_engine=FAKE_ENGINE)

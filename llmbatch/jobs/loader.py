@@ -64,6 +64,8 @@ def parse_set(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw          # not valid YAML: keep the text; the schema decides if that is ok
+    if isinstance(value, dict):
+        value = raw          # "Be brief: yes" is a sentence, not a mapping: keep the text
     return keys, value
 
 

@@ -1,0 +1,113 @@
+"""Prompt rendering: plain text, chat messages, templates auto/none/file, row errors."""
+
+import pyarrow as pa
+import pytest
+from transformers import AutoTokenizer
+
+from llmbatch.io.prompts import PromptRenderer, check_columns, length_error
+from llmbatch.jobs.errors import InvalidInputError, InvalidJobError
+from llmbatch.jobs.spec import InputSection, ModelSection
+
+
+@pytest.fixture
+def tok(tiny_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.fixture
+def plain_tok(tiny_tokenizer_no_template_dir):
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_no_template_dir)
+
+
+def renderer(tok, **kw):
+    model = ModelSection(path="m", **{k: v for k, v in kw.items()
+                                      if k in ("chat_template", "system_prompt")})
+    inp = InputSection(path="x", **{k: v for k, v in kw.items() if k == "messages_column"})
+    return PromptRenderer(tok, model, inp)
+
+
+def ids_of(tok, text, special):
+    return tok(text, add_special_tokens=special)["input_ids"]
+
+
+def test_plain_prompt_is_wrapped_as_user_message_when_template_exists(tok):
+    out = renderer(tok).render(pa.record_batch({"prompt": ["hello world", "cat"]}))
+    assert out[0] == (ids_of(tok, "<s><|user|>hello world\n<|assistant|>", False), None)
+    assert out[1] == (ids_of(tok, "<s><|user|>cat\n<|assistant|>", False), None)
+
+
+def test_system_prompt(tok):
+    out = renderer(tok, system_prompt="be brief").render(pa.record_batch({"prompt": ["hi"]}))
+    assert out[0][0] == ids_of(tok, "<s><|system|>be brief\n<|user|>hi\n<|assistant|>", False)
+
+
+def test_template_none_uses_text_as_is(tok):
+    out = renderer(tok, chat_template="none").render(pa.record_batch({"prompt": ["hello"]}))
+    assert out[0] == (ids_of(tok, "hello", True), None)
+
+
+def test_template_file(tok, tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    out = renderer(tok, chat_template=str(path)).render(pa.record_batch({"prompt": ["dog"]}))
+    assert out[0][0] == ids_of(tok, "[dog]", False)
+
+
+def test_messages_column_and_row_errors(tok):
+    rows = [
+        [{"role": "user", "content": "one"}],
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "two"}],
+        None,
+        [],
+        [{"role": "user"}],
+    ]
+    batch = pa.record_batch({"msgs": pa.array(rows, type=pa.list_(pa.struct(
+        [("role", pa.string()), ("content", pa.string())])))})
+    out = renderer(tok, messages_column="msgs", system_prompt="dflt").render(batch)
+    assert out[0] == (ids_of(tok, "<s><|system|>dflt\n<|user|>one\n<|assistant|>", False), None)
+    assert out[1] == (ids_of(tok, "<s><|system|>s\n<|user|>two\n<|assistant|>", False), None)
+    assert out[2] == (None, "msgs is null")
+    assert out[3] == (None, "messages do not render: ValueError: messages must be a non-empty "
+                            "list of {role, content}")
+    assert out[4] == (None, "messages do not render: ValueError: each message needs string "
+                            "'role' and 'content'")
+
+
+def test_null_and_empty_prompts_are_row_errors(tok):
+    out = renderer(tok).render(pa.record_batch({"prompt": ["ok", None, "", "   "]}))
+    assert out[0][1] is None
+    assert out[1:] == [(None, "prompt is null"), (None, "prompt is empty"),
+                       (None, "prompt is empty")]
+
+
+def test_batched_tokenization_matches_one_by_one(plain_tok):
+    texts = ["the cat sat", "one two three four", "a"]
+    out = renderer(plain_tok).render(pa.record_batch({"prompt": texts}))
+    assert [ids for ids, _ in out] == [ids_of(plain_tok, t, True) for t in texts]
+
+
+def test_templates_that_cannot_exist_are_job_errors(plain_tok, tok):
+    with pytest.raises(InvalidJobError, match="input.messages_column needs a chat template"):
+        renderer(plain_tok, messages_column="m")
+    with pytest.raises(InvalidJobError, match="model.system_prompt needs a chat template"):
+        renderer(plain_tok, system_prompt="x")
+    with pytest.raises(InvalidJobError, match="model.chat_template: file not found: nope.jinja"):
+        renderer(tok, chat_template="nope.jinja")
+
+
+def test_length_error():
+    assert length_error(10, 16, 6) is None
+    assert length_error(11, 16, 6) == \
+        "prompt has 11 tokens, more than max_model_len (16) - max_new_tokens (6) = 10"
+
+
+def test_check_columns():
+    schema = pa.schema([("prompt", pa.string()), ("n", pa.int64())])
+    check_columns(schema, InputSection(path="x", keep_columns=["n"]), ["n"])
+    with pytest.raises(InvalidInputError, match="input.id_column: column 'uid' not in input "
+                                                 r"\(columns: prompt, n\)"):
+        check_columns(schema, InputSection(path="x", id_column="uid"), [])
+    with pytest.raises(InvalidInputError, match="input.prompt_column 'n' has type int64"):
+        check_columns(schema, InputSection(path="x", prompt_column="n"), [])
+    with pytest.raises(InvalidInputError, match="sampling.per_row: column 'temperature'"):
+        check_columns(schema, InputSection(path="x"), ["temperature"])

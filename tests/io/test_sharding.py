@@ -1,0 +1,45 @@
+"""Shard k of n: contiguous, covering, deterministic; SLURM array variables."""
+
+import pytest
+
+from llmbatch.io.sharding import Shard, resolve_shard
+from llmbatch.jobs.errors import InvalidJobError
+
+
+def test_shards_are_contiguous_and_cover_every_row_once():
+    for num_rows in (0, 1, 7, 10, 2000):
+        for count in (1, 2, 3, 7):
+            ranges = [Shard(k, count).row_range(num_rows) for k in range(count)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == num_rows
+            for (a0, a1), (b0, b1) in zip(ranges, ranges[1:]):
+                assert a1 == b0
+            sizes = [b - a for a, b in ranges]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_exact_ranges():
+    assert [Shard(k, 3).row_range(10) for k in range(3)] == [(0, 4), (4, 7), (7, 10)]
+
+
+def test_auto_without_slurm_is_zero_of_one():
+    assert resolve_shard("auto", "auto", env={}) == Shard(0, 1)
+
+
+def test_auto_from_slurm_array():
+    env = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}
+    assert resolve_shard("auto", "auto", env=env) == Shard(2, 4)
+    # Arrays numbered 1..4 (sbatch --array=1-4): SLURM_ARRAY_TASK_MIN shifts the index.
+    env = {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1"}
+    assert resolve_shard("auto", "auto", env=env) == Shard(3, 4)
+    # Explicit values win over the environment.
+    assert resolve_shard(1, 2, env=env) == Shard(1, 2)
+
+
+def test_invalid_shards():
+    with pytest.raises(InvalidJobError, match=r"shard.index must be in \[0, 1\]"):
+        resolve_shard(2, 2, env={})
+    with pytest.raises(InvalidJobError, match="shard.count must be >= 1"):
+        resolve_shard(0, 0, env={})
+    with pytest.raises(InvalidJobError, match="SLURM_ARRAY_TASK_ID='x' is not an integer"):
+        resolve_shard("auto", "auto", env={"SLURM_ARRAY_TASK_ID": "x",
+                                           "SLURM_ARRAY_TASK_COUNT": "2"})

@@ -1,0 +1,90 @@
+"""Atomic parts and the manifest: commit protocol, recovery of leftovers, hash check, clearing."""
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+
+from llmbatch.io.manifest import Manifest
+from llmbatch.io.writer import output_schema, read_part_metadata, rows_to_table, write_part
+from llmbatch.jobs.errors import ResumeError
+
+
+def table_of(ids):
+    schema = output_schema(pa.schema([("prompt", pa.string())]), [], None)
+    rows = [{"id": i, "output_text": f"t{i}", "output_token_ids": [i], "finish_reason": "stop",
+             "num_prompt_tokens": 1, "num_cached_prompt_tokens": 0, "num_output_tokens": 1,
+             "spec_accepted_tokens": 0} for i in ids]
+    return rows_to_table(rows, schema)
+
+
+def commit(out, shard, seq, lo, hi, config_hash="h"):
+    path = write_part(str(out), shard, seq, table_of(range(lo, hi)), {"seq": seq})
+    Manifest(str(out)).commit({"part": os.path.basename(path), "shard": shard, "seq": seq,
+                               "row_start": lo, "row_end": hi, "config_hash": config_hash,
+                               "num_errors": 0, "ids": list(range(lo, hi))})
+
+
+def test_write_part_is_atomic_and_carries_metadata(tmp_path):
+    seen = []
+
+    def hook(stage):
+        seen.append((stage, sorted(os.listdir(tmp_path))))
+
+    path = write_part(str(tmp_path), 2, 7, table_of([1, 2]), {"seq": 7}, crash_hook=hook)
+    assert os.path.basename(path) == "part-00002-00007.parquet"
+    before, after = seen
+    assert before[0] == "before_rename" and before[1][0].startswith("_tmp-part-00002-00007")
+    assert after == ("after_rename", ["part-00002-00007.parquet"])
+    assert read_part_metadata(path) == {"seq": 7}
+
+
+def test_recover_drops_uncommitted_parts_and_temps(tmp_path):
+    commit(tmp_path, 0, 0, 0, 3)
+    commit(tmp_path, 0, 1, 3, 6)
+    write_part(str(tmp_path), 0, 2, table_of([6, 7]), {})      # renamed, never committed
+    (tmp_path / "_tmp-part-00000-00003.parquet.123").write_bytes(b"half")
+    commit(tmp_path, 1, 0, 6, 9)                                # another shard: untouched
+    entries = Manifest(str(tmp_path)).recover(0, 0)
+    assert [e["row_end"] for e in entries] == [3, 6]
+    assert sorted(os.listdir(tmp_path)) == ["_manifest", "part-00000-00000.parquet",
+                                            "part-00000-00001.parquet", "part-00001-00000.parquet"]
+    assert ds.dataset(str(tmp_path)).to_table().column("id").to_pylist() == list(range(9))
+
+
+def test_recover_refuses_damaged_manifests(tmp_path):
+    commit(tmp_path, 0, 0, 0, 3)
+    os.remove(tmp_path / "part-00000-00000.parquet")
+    with pytest.raises(ResumeError, match="committed part part-00000-00000.parquet is missing"):
+        Manifest(str(tmp_path)).recover(0, 0)
+    with pytest.raises(ResumeError, match="not contiguous"):
+        Manifest(str(tmp_path)).recover(0, 1)
+
+
+def test_check_hash(tmp_path):
+    commit(tmp_path, 0, 0, 0, 3, config_hash="aaaa")
+    Manifest(str(tmp_path)).check_hash("aaaa")
+    with pytest.raises(ResumeError) as info:
+        Manifest(str(tmp_path)).check_hash("bbbb")
+    assert str(info.value) == (f"output.path {tmp_path} was written by a job with config hash "
+                               f"aaaa, this job's is bbbb; set output.mode: overwrite (or use a "
+                               f"new output.path) to start over")
+
+
+def test_clear_one_shard_or_all(tmp_path):
+    commit(tmp_path, 0, 0, 0, 3)
+    commit(tmp_path, 1, 0, 3, 6)
+    (tmp_path / "notes.txt").write_text("user file")
+    Manifest(str(tmp_path)).clear(0, all_shards=False)
+    assert sorted(os.listdir(tmp_path)) == ["_manifest", "notes.txt", "part-00001-00000.parquet"]
+    assert os.listdir(tmp_path / "_manifest") == ["part-00001-00000.json"]
+    Manifest(str(tmp_path)).clear(0, all_shards=True)
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_manifest_entry_records_ids(tmp_path):
+    commit(tmp_path, 0, 0, 0, 3)
+    with open(tmp_path / "_manifest" / "part-00000-00000.json") as f:
+        assert json.load(f)["ids"] == [0, 1, 2]

@@ -1,0 +1,147 @@
+"""Job schema: one-line errors naming key/section/closest key, env expansion, --set, hash, mapping."""
+
+import copy
+
+import pytest
+
+from llmbatch.jobs.errors import InvalidJobError
+from llmbatch.jobs.loader import apply_overrides, expand_env, load_job, parse_set
+from llmbatch.runtime.config import EngineConfig
+from llmbatch.runtime.sampling_params import SamplingParams
+
+BASE = {"model": {"path": "m"}, "input": {"path": "x.parquet"}, "output": {"path": "o"}}
+
+
+def job(**sections):
+    d = copy.deepcopy(BASE)
+    d.update(sections)
+    return d
+
+
+def error_of(data, **kw):
+    with pytest.raises(InvalidJobError) as info:
+        load_job(data, **kw)
+    assert "\n" not in str(info.value)
+    assert info.value.exit_code == 2
+    return str(info.value)
+
+
+@pytest.mark.parametrize("data, message", [
+    (job(sampling={"temprature": 1.0}),
+     "unknown key 'temprature' in section 'sampling' (did you mean 'temperature'?)"),
+    (job(modle={}), "unknown key 'modle' at the top level (did you mean 'model'?)"),
+    (job(engine={"prefix_cache": False}),
+     "unknown key 'prefix_cache' in section 'engine' (did you mean 'prefix_caching'?)"),
+    (job(sampling={"max_new_tokens": "many"}),
+     "sampling.max_new_tokens: expected an integer, got 'many'"),
+    (job(engine={"prefix_caching": "maybe"}),
+     "engine.prefix_caching: expected a boolean (true/false), got 'maybe'"),
+    (job(output={"path": "o", "mode": "append"}),
+     "output.mode: expected one of 'resume', 'overwrite', 'error', got 'append'"),
+    (job(shard={"index": "first"}),
+     "shard.index: expected one of 'auto' or an integer, got 'first'"),
+    (job(sampling=3), "sampling: expected a mapping, got 3"),
+    (job(input={"path": "a", "dataset": "b"}),
+     "input: set exactly one of input.path and input.dataset"),
+    (job(sampling={"top_p": 0}), "sampling.top_p: must be greater than 0 (got 0)"),
+])
+def test_invalid_job_messages(data, message):
+    assert error_of(data) == message
+
+
+def test_missing_required_key_and_section():
+    d = job()
+    del d["model"]["path"]
+    assert error_of(d) == "missing required key 'path' in section 'model'"
+    d = job()
+    del d["output"]
+    assert error_of(d) == "missing required section 'output'"
+
+
+def test_per_row_must_name_sampling_keys():
+    msg = error_of(job(sampling={"per_row": ["temperature", "colour"]}))
+    assert msg.startswith("sampling.per_row: 'colour' is not a sampling key")
+
+
+def test_defaults_match_the_contract():
+    spec = load_job(job())
+    assert spec.output.rows_per_part == 10000 and spec.output.mode == "resume"
+    assert spec.model.chat_template == "auto" and spec.model.system_prompt is None
+    assert spec.input.prompt_column == "prompt" and spec.input.split == "train"
+    assert spec.sampling.max_new_tokens == 256 and spec.sampling.top_k == -1
+    assert spec.engine.ordering == "prefix" and spec.engine.block_size == 16
+    assert spec.shard.index == "auto" and spec.on_row_error == "record"
+
+
+def test_env_expansion(monkeypatch):
+    monkeypatch.setenv("DATA_ROOT", "/data")
+    spec = load_job(job(input={"path": "${DATA_ROOT}/in/*.parquet"},
+                        output={"path": "${OUT_DIR:-out}/run"}))
+    assert spec.input.path == "/data/in/*.parquet"
+    assert spec.output.path == "out/run"
+    monkeypatch.delenv("NOPE_NOT_SET", raising=False)
+    assert error_of(job(output={"path": "${NOPE_NOT_SET}"})) == \
+        "output.path: environment variable NOPE_NOT_SET is not set"
+    assert expand_env("cost $${HOME}") == "cost ${HOME}"
+
+
+def test_set_overrides_are_yaml_scalars():
+    assert parse_set("sampling.temperature=0.7") == (["sampling", "temperature"], 0.7)
+    assert parse_set("sampling.stop=[a, b]") == (["sampling", "stop"], ["a", "b"])
+    assert parse_set("engine.prefix_caching=false") == (["engine", "prefix_caching"], False)
+    assert parse_set("model.system_prompt=Be brief: yes") == \
+        (["model", "system_prompt"], "Be brief: yes")
+    spec = load_job(job(), sets=["sampling.max_new_tokens=12", "on_row_error=fail",
+                                 "shard.count=4", "shard.index=3"])
+    assert spec.sampling.max_new_tokens == 12 and spec.on_row_error == "fail"
+    assert (spec.shard.index, spec.shard.count) == (3, 4)
+    with pytest.raises(InvalidJobError, match="expected section.key=value"):
+        parse_set("sampling.temperature")
+    assert error_of(job(), sets=["sampling.temprature=1"]) == \
+        "unknown key 'temprature' in section 'sampling' (did you mean 'temperature'?)"
+
+
+def test_keyword_overrides_merge_sections():
+    merged = apply_overrides(job(sampling={"max_new_tokens": 4, "seed": 3}),
+                             overrides={"sampling": {"seed": 9}, "on_row_error": "fail"})
+    assert merged["sampling"] == {"max_new_tokens": 4, "seed": 9}
+    assert merged["on_row_error"] == "fail"
+
+
+def test_config_hash_covers_results_not_locations(tmp_path):
+    base = load_job(job()).config_hash(1)
+    assert load_job(job(output={"path": "elsewhere", "mode": "overwrite"})).config_hash(1) == base
+    assert load_job(job(engine={"max_num_seqs": 8})).config_hash(1) == base
+    assert load_job(job(sampling={"temperature": 0.5})).config_hash(1) != base
+    assert load_job(job(output={"path": "o", "rows_per_part": 5})).config_hash(1) != base
+    assert load_job(job()).config_hash(2) != base
+    template = tmp_path / "t.jinja"
+    template.write_text("A")
+    with_file = load_job(job(model={"path": "m", "chat_template": str(template)})).config_hash(1)
+    template.write_text("B")
+    assert load_job(job(model={"path": "m", "chat_template": str(template)})).config_hash(1) \
+        != with_file
+
+
+def test_engine_config_mapping():
+    spec = load_job(job(model={"path": "m", "dtype": "float32"},
+                        engine={"block_size": 32, "ordering": "input", "kv_cache_blocks": 64},
+                        parallel={"tensor_parallel_size": 2}, quantization={"method": "nf4"},
+                        speculative={"method": "ngram", "num_tokens": 3},
+                        sampling={"seed": 7}))
+    cfg = spec.engine_config()
+    assert isinstance(cfg, EngineConfig)
+    assert (cfg.model, cfg.dtype, cfg.block_size, cfg.ordering, cfg.kv_cache_blocks) == \
+        ("m", "float32", 32, "input", 64)
+    assert (cfg.tensor_parallel_size, cfg.quantization, cfg.speculative_method,
+            cfg.num_speculative_tokens, cfg.seed) == (2, "nf4", "ngram", 3, 7)
+
+
+def test_sampling_params_per_row_and_seed_offset():
+    spec = load_job(job(sampling={"max_new_tokens": 10, "seed": 5, "stop": ["x"]}))
+    sp = spec.sampling_params({"temperature": 0.8, "max_new_tokens": None}, row_seed_offset=3)
+    assert isinstance(sp, SamplingParams)
+    assert (sp.max_new_tokens, sp.temperature, sp.seed, sp.stop) == (10, 0.8, 8, ["x"])
+    assert spec.sampling_params({"seed": 42}, row_seed_offset=3).seed == 42
+    with pytest.raises(ValueError):
+        spec.sampling_params({"max_new_tokens": 0})
