@@ -298,3 +298,37 @@ def test_resolve_model_path(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
     assert "'someorg/some-model' is not a local directory" in str(err.value)
     assert "OSError: We couldn't connect" in str(err.value)
+
+
+def test_quant_method_seam_sees_loaded_rank_weights(tmp_path):
+    """The hook a quantizer plugs into: process_weights_after_loading runs once per layer after
+    every weight is loaded; apply() replaces the dense matmul."""
+    from llmbatch.runtime.layers.linear import LinearBase
+
+    class Recorder:
+        def __init__(self):
+            self.processed, self.applied = [], 0
+
+        def process_weights_after_loading(self, layer):
+            assert not torch.isnan(layer.weight).any()
+            self.processed.append(layer)
+
+        def apply(self, layer, x, bias):
+            self.applied += 1
+            return torch.nn.functional.linear(x, layer.weight, bias)
+
+    hf = make_hf_model("qwen3-gqa-hd128-bias", tmp_path)
+    ours = build_model(hf.config, torch.float32, "cpu")
+    for module in ours.modules():
+        if isinstance(module, LinearBase):
+            module.weight.data.fill_(float("nan"))
+    linears = [m for m in ours.modules() if isinstance(m, LinearBase)]
+    recorder = Recorder()
+    for module in linears:
+        module.quant_method = recorder
+    load_weights(ours, str(tmp_path))
+    assert recorder.processed == linears and len(linears) == 2 * 4  # qkv, o, gate_up, down
+    prompt = list(range(10))
+    logits = run_step(ours, make_kv_caches(ours), [(prompt, [3], 0, 10)])
+    assert recorder.applied == len(linears)
+    torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=ATOL, rtol=0)

@@ -129,20 +129,21 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, params_dtype)
         else:
             self.q_norm = self.k_norm = None
-        self.rotary_emb = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.rope_scaling)
         self.scale = spec.head_dim ** -0.5
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, attn_meta: AttentionMetadata,
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, attn_meta: AttentionMetadata,
                 attn_backend: AttentionBackend) -> torch.Tensor:
-        """hidden (num_tokens, hidden_size) -> (num_tokens, hidden_size)"""
+        """hidden (num_tokens, hidden_size) -> (num_tokens, hidden_size); rope = (cos, sin) of
+        the tokens' positions, each (num_tokens, 1, head_dim/2), shared by all layers."""
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         q = q.view(-1, self.num_heads, self.head_dim)        # (num_tokens, num_heads, head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)     # (num_tokens, num_kv_heads, head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+        cos, sin = rope
+        q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
         attn_backend.write_kv(k, v, k_cache, v_cache, attn_meta.slot_mapping)
         out = attn_backend.forward(q, k_cache, v_cache, attn_meta, self.scale)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
@@ -173,7 +174,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, params_dtype)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, params_dtype)
 
-    def forward(self, positions, hidden, residual, k_cache, v_cache, attn_meta, attn_backend):
+    def forward(self, rope, hidden, residual, k_cache, v_cache, attn_meta, attn_backend):
         """Pre-norm block. `residual` is the running sum of the block outputs (None before the
         first layer); it is added inside the norms, so `hidden` here is the last block's output."""
         if residual is None:
@@ -181,7 +182,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, k_cache, v_cache, attn_meta, attn_backend)
+        hidden = self.self_attn(rope, hidden, k_cache, v_cache, attn_meta, attn_backend)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -195,12 +196,15 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(spec, params_dtype, tp_rank, tp_size) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, params_dtype)
+        # One rotary for all layers: cos/sin are computed once per step, not once per layer.
+        self.rotary_emb = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.rope_scaling)
 
     def forward(self, input_ids, positions, kv_caches, attn_meta, attn_backend) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # (num_tokens, hidden_size)
+        rope = self.rotary_emb.cos_sin(positions, hidden.dtype)
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, k_cache, v_cache, attn_meta,
+            hidden, residual = layer(rope, hidden, residual, k_cache, v_cache, attn_meta,
                                      attn_backend)
         hidden, _ = self.norm(hidden, residual)
         return hidden
