@@ -42,8 +42,10 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 @triton.jit
 def _find_seq_idx(query_start_loc_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
     """Largest i in [0, num_seqs) with query_start_loc[i] // BLOCK_Q + i <= pid."""
-    lo = 0
-    hi = num_seqs - 1
+    # Annotated so the loop-carried values are int32 tensors from the start (an int literal,
+    # or num_seqs == 1 specialised to a constant, would otherwise be a constexpr).
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_seqs - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
         first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid

@@ -1,0 +1,106 @@
+"""The Triton attention cases of tests/runtime/test_triton_attention.py, compiled on CUDA
+(float32, float16 and bfloat16), plus what only a GPU can show: the split-KV heuristic on
+long contexts, a 1B-shaped mixed batch, and capture/replay inside a CUDA graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+pytest.importorskip("triton")
+
+from llmbatch.runtime.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from tests.runtime.test_triton_attention import (  # noqa: E402
+    CASES, TOLERANCE, case_ids, make_case, run_both, store_kv_check,
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+# The oracle runs cuBLAS/SDPA in fp32 on the GPU; allow for its reduction order.
+GPU_TOLERANCE = {**TOLERANCE, torch.float32: 1e-4}
+
+
+def assert_close(got, want, dtype):
+    assert not torch.isnan(got).any(), "an output element was left unwritten (still NaN)"
+    tol = GPU_TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name,spans,heads,kv_heads,head_dim,block_size,kwargs", CASES,
+                         ids=case_ids())
+def test_forward_matches_torch_cuda(name, spans, heads, kv_heads, head_dim, block_size,
+                                    kwargs, dtype):
+    case = make_case(spans, heads, kv_heads, head_dim, block_size, dtype, device="cuda")
+    got, want = run_both(case, TritonAttentionBackend(**kwargs))
+    assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_store_kv_matches_torch_cuda(dtype):
+    store_kv_check("cuda", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_split_heuristic_long_context_decode(dtype, head_dim):
+    """Few long decodes: the heuristic must split, and the split result must be right."""
+    spans = [(4000, 1), (2500, 1), (17, 1)]
+    case = make_case(spans, 32, 8, head_dim, 16, dtype, device="cuda")
+    backend = TritonAttentionBackend()
+    assert backend._num_splits(case.meta, 8, case.query.device) > 1
+    got, want = run_both(case, backend)
+    assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+def test_one_b_shape_mixed_batch(block_size):
+    """1B shape (32 heads, 8 KV heads, head_dim 64): 60 decodes, two prefill chunks after
+    prefix hits, and k+1 = 5 speculative spans, in bf16."""
+    spans = ([(i * 37 % 700, 1) for i in range(60)] + [(256, 300), (0, 211)]
+             + [(100 + i, 5) for i in range(4)])
+    case = make_case(spans, 32, 8, 64, block_size, torch.bfloat16, device="cuda", seed=3)
+    got, want = run_both(case, TritonAttentionBackend())
+    assert_close(got, want, torch.bfloat16)
+
+
+def test_decode_replays_in_cuda_graph():
+    """write_kv + forward capture in a CUDA graph (no host sync, no host-side branching on
+    device data) and replay correctly after the metadata tensors change in place."""
+    spans = [(40, 1), (70, 1), (5, 1), (1500, 1)]  # 1500: the heuristic splits (2)
+    case = make_case(spans, 16, 4, 64, 16, torch.bfloat16, device="cuda", extra_pages=3)
+    backend = TritonAttentionBackend()
+    k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()
+    out = torch.empty_like(case.query)
+
+    def step():
+        backend.write_kv(case.key, case.value, k_cache, v_cache, case.meta.slot_mapping)
+        backend.forward(case.query, k_cache, v_cache, case.meta, case.scale, out=out)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    # Next step of the same sequences: one more cached token each, new query/K/V values.
+    nxt = make_case([(c + 1, q) for c, q in spans], 16, 4, 64, 16, torch.bfloat16,
+                    device="cuda", extra_pages=3, seed=1)
+    assert nxt.meta.block_tables.shape == case.meta.block_tables.shape
+    for name in ("slot_mapping", "query_start_loc", "seq_lens"):
+        getattr(case.meta, name).copy_(getattr(nxt.meta, name))
+    case.meta.block_tables.copy_(nxt.meta.block_tables)
+    case.query.copy_(nxt.query)
+    case.key.copy_(nxt.key)
+    case.value.copy_(nxt.value)
+    k_cache.copy_(nxt.k_cache)
+    v_cache.copy_(nxt.v_cache)
+    graph.replay()
+    torch.cuda.synchronize()
+    _, want = run_both(nxt, backend)
+    assert_close(out, want, torch.bfloat16)
