@@ -26,6 +26,7 @@ and the request is back in decode state (num_computed_tokens == num_tokens - 1).
 from __future__ import annotations
 
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -66,6 +67,12 @@ class Scheduler:
         self.running: list[Request] = []          # admission order: last = most recent
         # Unfinished requests added here, by id: leader gating only waits on these.
         self._unfinished: dict[Any, Request] = {}
+        # leader -> the follower that recomputes the group's prefix because the leader
+        # finished and the prefix was (partly) evicted before the rest of its group came in:
+        # the siblings then wait for this stand-in instead of all recomputing the prefix.
+        # Weak keys: an entry lives as long as someone still refers to the leader.
+        self._stand_ins: "weakref.WeakKeyDictionary[Request, Request]" = (
+            weakref.WeakKeyDictionary())
         self.num_preemptions = 0                  # total over the run
         self.num_steps = 0
 
@@ -176,13 +183,23 @@ class Scheduler:
                 f"limit {self.max_model_len}; it should have been finished")
         return num_new
 
+    def _active(self, req: Request) -> bool:
+        """Unfinished and owned by this scheduler (so it will make progress)."""
+        return not req.is_finished and self._unfinished.get(req.request_id) is req
+
     def _leader_pending(self, req: Request) -> bool:
         """True while the request's prefix leader still has to compute the shared prefix."""
         leader = req.prefix_leader
-        if leader is None or leader.num_computed_tokens >= req.prefix_leader_tokens:
+        if leader is None:
             return False
-        # Only an unfinished leader that this scheduler will run is worth waiting for.
-        return not leader.is_finished and self._unfinished.get(leader.request_id) is leader
+        need = req.prefix_leader_tokens
+        if not self._active(leader):
+            # Finished (or never added): wait for the stand-in, if one is recomputing.
+            leader = self._stand_ins.get(leader)
+            if leader is None or leader is req or not self._active(leader):
+                return False
+            need = min(need, leader.prefix_leader_tokens)
+        return leader.num_computed_tokens < need
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         bm = self.block_manager
@@ -205,6 +222,10 @@ class Scheduler:
                         f"alone; lower max_model_len or give the pool more memory")
                 break
             self.waiting.popleft()
+            leader = req.prefix_leader
+            if (leader is not None and num_cached < req.prefix_leader_tokens
+                    and not self._active(leader)):
+                self._stand_ins[leader] = req
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = num_cached
             if req.num_cached_tokens is None:      # first admission only: a per-row stat

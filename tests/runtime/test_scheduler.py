@@ -187,6 +187,47 @@ def test_finished_or_foreign_leader_does_not_gate():
     assert steps(run_step(sched)) == [("f1", 9), ("f2", 9)]
 
 
+def test_stand_in_recomputes_an_evicted_prefix_once():
+    """Leader finished and its prefix is gone: the first follower recomputes it, the others
+    wait for that stand-in instead of all recomputing the prefix in the same step."""
+    sched, _ = make_sched(budget=100)
+    gone = make_req("gone", range(12))
+    gone.status = RequestStatus.FINISHED          # e.g. done in an earlier run: nothing cached
+    f1 = make_req("f1", list(range(8)) + [1])
+    f2 = make_req("f2", list(range(8)) + [2])
+    other = make_req("o", [600, 601])
+    for f in (f1, f2):
+        f.prefix_leader, f.prefix_leader_tokens = gone, 8
+    for r in (f1, f2, other):
+        sched.add_request(r)
+    assert steps(run_step(sched)) == [("f1", 9), ("o", 2)]
+    assert f1.num_cached_tokens == 0
+    assert steps(run_step(sched)) == [("f1", 1), ("o", 1), ("f2", 1)]
+    assert f2.num_cached_tokens == 8
+
+
+def test_preempted_stand_in_does_not_wait_for_itself():
+    sched, _ = make_sched(num_blocks=4, budget=100)
+    a = make_req("a", range(20, 27), max_new=10)
+    gone = make_req("gone", [0, 1, 2, 3, 9])
+    gone.status = RequestStatus.FINISHED
+    f1 = make_req("f1", [0, 1, 2, 3, 1], max_new=10)
+    f2 = make_req("f2", [0, 1, 2, 3, 2])
+    for f in (f1, f2):
+        f.prefix_leader, f.prefix_leader_tokens = gone, 4
+    for r in (a, f1, f2):
+        sched.add_request(r)
+    assert steps(run_step(sched)) == [("a", 7), ("f1", 5)]   # f1 stands in; f2 waits
+    assert steps(run_step(sched)) == [("a", 1), ("f1", 1)]   # f2 would hit, but no block
+    out = run_step(sched)
+    assert out.preempted == [f1] and steps(out) == [("a", 1)]
+    sched.finish_request(a, FinishReason.LENGTH)
+    out = run_step(sched)                         # f1 back, rehitting its own block 0
+    assert steps(out) == [("f1", 3), ("f2", 1)]
+    assert f1.num_computed_tokens == 7 and f1.num_cached_tokens == 0   # first admission's
+    assert f2.num_cached_tokens == 4 and f2.block_table[0] == f1.block_table[0]
+
+
 # -- speculative verification -----------------------------------------------------------------
 def decode_ready(sched, prompt=range(6)):
     a = make_req("a", prompt, max_new=50)
@@ -390,14 +431,18 @@ def w_prefix_requests(num_requests=256, num_prefixes=8, prefix_len=1024, seed=0)
     return reqs
 
 
-def test_w_prefix_reaches_85_percent_cached():
+@pytest.mark.parametrize("num_blocks", [4000, 1000])
+def test_w_prefix_reaches_85_percent_cached(num_blocks):
     reqs = w_prefix_requests()
-    simulate(reqs, num_blocks=4000, budget=8192, max_seqs=256, bs=16,
-             planner=Planner("prefix", 4096, 16))
+    sched, bm = simulate(reqs, num_blocks=num_blocks, budget=8192, max_seqs=256, bs=16,
+                         planner=Planner("prefix", 4096, 16))
     cached = sum(r.num_cached_tokens for r in reqs)
     prompt = sum(r.num_prompt_tokens for r in reqs)
-    # Every follower (31 per prefix) hits the whole 1024-token prefix, leaders hit nothing.
-    assert cached == 8 * 31 * 1024
+    if num_blocks == 4000:
+        # Every follower (31 per prefix) hits the whole 1024-token prefix; leaders hit nothing.
+        assert cached == 8 * 31 * 1024
+        assert bm.num_hit_tokens == cached and bm.num_queried_tokens == prompt
+    # 1000 blocks hold under 15 such requests: prefixes get evicted and stand-ins recompute.
     assert cached / prompt >= 0.85
     for r in reqs[:16]:
         assert r.output_token_ids == expected_output(r.prompt_token_ids, 2)
