@@ -69,7 +69,7 @@ def test_one_b_shape_mixed_batch(block_size):
 def test_decode_replays_in_cuda_graph():
     """write_kv + forward capture in a CUDA graph (no host sync, no host-side branching on
     device data) and replay correctly after the metadata tensors change in place."""
-    spans = [(40, 1), (70, 1), (5, 1), (1500, 1)]  # 1500: the heuristic splits (2)
+    spans = [(40, 1), (70, 1), (5, 1), (1500, 1)]  # 1500 keys: the heuristic splits
     case = make_case(spans, 16, 4, 64, 16, torch.bfloat16, device="cuda", extra_pages=3)
     backend = TritonAttentionBackend()
     k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()

@@ -231,6 +231,29 @@ def test_split_heuristic_and_tiling_choices():
     assert TritonAttentionBackend(num_kv_splits=4)._num_splits(meta, 1, torch.device("cpu")) == 4
 
 
+def test_split_heuristic_on_a_132_sm_card(monkeypatch):
+    """Split only decode-like batches too small to fill the card, by at most 16, >= 64 keys each."""
+    from llmbatch.runtime.attention import triton_backend
+
+    monkeypatch.setattr(triton_backend, "_num_sms", lambda index: 132)
+    cuda = torch.device("cuda", 0)  # constructing a device object needs no GPU
+    b = triton_backend.TritonAttentionBackend()
+
+    def splits(num_seqs, max_query_len, max_seq_len, num_kv_heads=8):
+        meta = AttentionMetadata(torch.zeros(1), torch.zeros(num_seqs + 1),
+                                 torch.zeros(num_seqs), torch.zeros(num_seqs, 1),
+                                 max_query_len, max_seq_len)
+        return b._num_splits(meta, num_kv_heads, cuda)
+
+    assert splits(1, 1, 1024) == 16          # batch 1: min(16, cdiv(264, 8)=33, 1024 // 64)
+    assert splits(1, 1, 200) == 2            # 200 // 64 = 3 -> power of two below
+    assert splits(1, 1, 100) == 1            # a single key tile: nothing to split
+    assert splits(16, 1, 4096) == 2          # 128 programs: cdiv(264, 128) = 3 -> 2
+    assert splits(17, 1, 4096) == 1          # 136 programs fill 132 SMs
+    assert splits(1, 5, 4096) == 16          # k+1 speculative tokens count as decode
+    assert splits(1, 9, 4096) == 1           # a prefill chunk never splits
+
+
 @needs_interpreter
 @pytest.mark.parametrize("mutate,message", [
     (lambda c: {"k_cache": c.k_cache[..., :8], "v_cache": c.v_cache[..., :8]}, "head_dim"),

@@ -24,8 +24,10 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Spans at most this long count as "decode-like" (1 token, or k+1 speculative tokens) for the
 # split-KV heuristic: few query rows per program, so the key walk is what takes the time.
 _SPLIT_MAX_QUERY_LEN = 8
-# Keep at least this many keys per split, so the extra reduction pass stays cheap.
-_MIN_KEYS_PER_SPLIT = 512
+# At least one key tile per split. Batch-1 decode is the case this is for (W-BATCH1: 8 KV heads
+# leave 124 of 132 SMs idle, and each KV head's walk is latency-bound), so split finely; the
+# merge pass reads only num_splits fp32 rows per (token, head).
+_MIN_KEYS_PER_SPLIT = 64
 _MAX_SPLITS = 16
 
 
@@ -144,8 +146,10 @@ class TritonAttentionBackend(AttentionBackend):
     def _num_splits(self, meta: AttentionMetadata, num_kv_heads: int, device) -> int:
         """Split-KV count: > 1 only when decode-like spans would leave most SMs idle.
 
-        Uses Python ints only. Under CUDA graphs the count is frozen at capture (from the
-        capture's max_seq_len); the kernel is correct for any count, only speed differs.
+        Uses Python ints only. Under CUDA graphs the count is frozen at capture, from the
+        capture's num_seqs and max_seq_len: capture with max_seq_len = max_model_len so long
+        contexts get split (splits past a short sequence's end return at once). The kernel is
+        correct for any count; only speed differs.
         """
         if self.num_kv_splits is not None:
             return self.num_kv_splits
