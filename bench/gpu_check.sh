@@ -87,14 +87,15 @@ fi
 # The checkpoint lives outside OUT_DIR: 2.47 GB must not travel back with the results.
 # shellcheck disable=SC2086
 timeout "${BENCH_TIMEOUT:-420}" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \
-  --model-dir "$MODEL_DIR" ${BENCH_ARGS:-} 2> >(tee "$OUT_DIR/bench_stderr.log" | grep -E '^\[bench|Error|error' >&2)
+  --model-dir "$MODEL_DIR" ${BENCH_ARGS:-} >"$OUT_DIR/bench_stdout.log" \
+  2> >(tee "$OUT_DIR/bench_stderr.log" | grep -E '^\[bench|Error|error' >&2)
 BENCH_RC=$?
 wait
+[ "$BENCH_RC" = 124 ] && BENCH_RC="124 (timed out after ${BENCH_TIMEOUT:-420} s)"
 
 echo "=== gpu_check done in $(( $(date +%s) - T0 )) s: pytest rc=$PYTEST_RC, bench rc=$BENCH_RC, JSON in $OUT_DIR"
-if [ -f "$OUT_DIR/table.md" ]; then
-  cat "$OUT_DIR/table.md"
-fi
+# bench.run's stdout: the label line, any FAILED line, then the table (printed last).
+cat "$OUT_DIR/bench_stdout.log"
 if [ "$BENCH_RC" != 0 ] || { [ "$PYTEST_RC" != 0 ] && [ "$PYTEST_RC" != "5 (no tests collected)" ]; }; then
   exit 1
 fi
