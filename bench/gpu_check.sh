@@ -10,7 +10,7 @@
 # (made here by bench/fetch_wheels.sh); each wheel whose module does not import is unpacked into
 # a temporary dir added to PYTHONPATH. The engine path itself needs no pydantic/datasets.
 # Env: PYTHON (default python3), BENCH_ARGS (extra bench.run flags, e.g. "--skip-peers"),
-# PYTEST_TIMEOUT (s, default 240), BENCH_TIMEOUT (s, default 420), BENCH_MODEL_DIR.
+# PYTEST_TIMEOUT (s, default 150), BENCH_TIMEOUT (s, default 360), BENCH_MODEL_DIR.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -67,7 +67,7 @@ fi
 # GPU tests (they skip themselves without CUDA). pytest exit 5 = nothing collected.
 if "$PY" -c "import pytest" 2>/dev/null; then
   echo "=== pytest tests/gpu -x -q"
-  timeout "${PYTEST_TIMEOUT:-240}" "$PY" -m pytest tests/gpu -x -q -p no:cacheprovider 2>&1 \
+  timeout "${PYTEST_TIMEOUT:-150}" "$PY" -m pytest tests/gpu -x -q -p no:cacheprovider 2>&1 \
     | tee "$OUT_DIR/pytest_gpu.log" | tail -n 40
   PYTEST_RC=${PIPESTATUS[0]}
   [ "$PYTEST_RC" = 5 ] && PYTEST_RC="5 (no tests collected)"
@@ -86,16 +86,24 @@ else
 fi
 # The checkpoint lives outside OUT_DIR: 2.47 GB must not travel back with the results.
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-420}" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \
+timeout "${BENCH_TIMEOUT:-360}" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \
   --model-dir "$MODEL_DIR" ${BENCH_ARGS:-} >"$OUT_DIR/bench_stdout.log" \
   2> >(tee "$OUT_DIR/bench_stderr.log" | grep -E '^\[bench|Error|error' >&2)
 BENCH_RC=$?
 wait
-[ "$BENCH_RC" = 124 ] && BENCH_RC="124 (timed out after ${BENCH_TIMEOUT:-420} s)"
+[ "$BENCH_RC" = 124 ] && BENCH_RC="124 (timed out after ${BENCH_TIMEOUT:-360} s)"
 
 echo "=== gpu_check done in $(( $(date +%s) - T0 )) s: pytest rc=$PYTEST_RC, bench rc=$BENCH_RC, JSON in $OUT_DIR"
-# bench.run's stdout: the label line, any FAILED line, then the table (printed last).
-cat "$OUT_DIR/bench_stdout.log"
+# bench.run's stdout: the label line, any FAILED line, then the table (printed last). When the
+# bench was cut short, the table of what it measured, rebuilt from the partial JSON.
+if grep -q '^workload | system' "$OUT_DIR/bench_stdout.log"; then
+  cat "$OUT_DIR/bench_stdout.log"
+elif [ -f "$OUT_DIR/results.json" ]; then
+  echo "PARTIAL (bench did not finish): table of the figures measured so far"
+  "$PY" -m bench.report "$OUT_DIR/results.json"
+else
+  echo "no results: see $OUT_DIR/bench_stderr.log"
+fi
 if [ "$BENCH_RC" != 0 ] || { [ "$PYTEST_RC" != 0 ] && [ "$PYTEST_RC" != "5 (no tests collected)" ]; }; then
   exit 1
 fi

@@ -87,3 +87,22 @@ def format_table(rows: list[dict]) -> str:
                                  _fmt(r.get("fraction_of_floor"), ".3f"),
                                  "—" if hit is None else f"{hit:.1%}"]))
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """`python -m bench.report OUT/results.json`: the table of a (possibly partial) run."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m bench.report RESULTS_JSON", file=sys.stderr)
+        return 2
+    with open(args[0]) as f:
+        results = json.load(f)
+    print(format_table(table_rows(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

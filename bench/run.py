@@ -25,6 +25,8 @@ from bench import llmbatch_runner, peers, report
 from bench.model_shapes import get_shape, make_checkpoint
 from bench.workloads import WORKLOAD_NAMES, build
 
+PEER_NAMES = ("hf-static", "hf-generate", "hf-cb")
+
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -43,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shrink every workload (0 < scale <= 1) for CPU dry runs")
     p.add_argument("--skip-peers", action="store_true", help="do not run transformers peers")
     p.add_argument("--skip-llmbatch", action="store_true", help="do not run llmbatch")
+    p.add_argument("--peers", default=",".join(PEER_NAMES),
+                   help=f"comma-separated subset of {','.join(PEER_NAMES)} (time control)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--require-engine", action="store_true",
                    help="fail instead of skipping when llmbatch.runtime.engine is unavailable")
@@ -54,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Always the canonical order: W-PREFIX must run before W-BATCH1/W-SPEC, whose seed-0 prompts
     # equal the first tokens of W-PREFIX's prefix 0 and would otherwise pre-fill its cache.
     args.workload_names = [w for w in WORKLOAD_NAMES if w in names]
+    args.peer_names = [x.strip() for x in args.peers.split(",") if x.strip()]
+    bad = [x for x in args.peer_names if x not in PEER_NAMES]
+    if bad:
+        p.error(f"unknown peer(s) {bad}; known: {', '.join(PEER_NAMES)}")
     if not 0.0 < args.scale <= 1.0:
         p.error(f"--scale must be in (0, 1], got {args.scale}")
     return args
@@ -157,18 +165,21 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
     _free_cuda()
 
 
-def run_peers(rec: Recorder, workloads: dict, model_dir: str, dtype: str, device: str) -> None:
+def run_peers(rec: Recorder, workloads: dict, model_dir: str, dtype: str, device: str,
+              wanted: list[str]) -> None:
+    if not wanted:
+        return
     model, load_s = peers.load_hf_model(model_dir, dtype, device)
     rec.results["peers_setup"] = {"load_s": load_s}
     # Plain generate first: continuous batching switches the model's attention implementation.
-    if "W-RANDOM" in workloads:
+    if "W-RANDOM" in workloads and "hf-static" in wanted:
         _attempt(rec, "W-RANDOM", "hf-static",
                  lambda: peers.run_static_generate(model, workloads["W-RANDOM"], device))
-    if "W-BATCH1" in workloads:
+    if "W-BATCH1" in workloads and "hf-generate" in wanted:
         _attempt(rec, "W-BATCH1", "hf-generate",
                  lambda: peers.run_batch1_generate(model, workloads["W-BATCH1"], device))
     for name in ("W-RANDOM", "W-PREFIX"):
-        if name in workloads:
+        if name in workloads and "hf-cb" in wanted:
             _attempt(rec, name, "hf-cb",
                      lambda: peers.run_continuous_batching(model, workloads[name], device))
     del model
@@ -216,7 +227,7 @@ def main(argv=None) -> int:
     if not args.skip_llmbatch:
         run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size)
     if not args.skip_peers:
-        run_peers(rec, workloads, model_dir, dtype, device)
+        run_peers(rec, workloads, model_dir, dtype, device, args.peer_names)
 
     rows = report.table_rows(results)
     results["table"] = rows
