@@ -56,6 +56,60 @@ def _find_seq_idx(query_start_loc_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _attend_tile(
+    q, q_pos, m_i, l_i, acc, t, kv_len, bt_row, k_head, v_head, offs_d, scale_log2,
+    stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, stride_bt_blk,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+):
+    """One online-softmax step over key tile t: keys t * TILE_N ... + TILE_N - 1.
+
+    MASKED=False is only legal when every key of the tile is < kv_len and <= every row's
+    position; then no load is masked and no score is hidden.
+    """
+    kpos = t * TILE_N + tl.arange(0, TILE_N)  # (TILE_N,) absolute key positions
+    k_valid = kpos < kv_len
+    # Gather each key's page through the block table; a tile may cover several pages.
+    if MASKED:
+        page = tl.load(bt_row + (kpos // BLOCK_SIZE) * stride_bt_blk, mask=k_valid, other=0)
+    else:
+        page = tl.load(bt_row + (kpos // BLOCK_SIZE) * stride_bt_blk)
+    page = page.to(tl.int64)
+    in_page = kpos % BLOCK_SIZE
+    # K is loaded transposed, (HEAD_DIM, TILE_N), so q @ k needs no tl.trans.
+    k_ptrs = k_head + (page * stride_k_blk + in_page * stride_k_slot)[None, :] + offs_d[:, None]
+    v_ptrs = v_head + (page * stride_v_blk + in_page * stride_v_slot)[:, None] + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=k_valid[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    if IEEE_DOT:
+        s = tl.dot(q, k.to(q.dtype), input_precision="ieee")
+    else:
+        s = tl.dot(q, k.to(q.dtype))
+    s = s * scale_log2                                   # (BLOCK_M, TILE_N) fp32
+    if MASKED:
+        visible = (kpos[None, :] <= q_pos[:, None]) & k_valid[None, :]
+        s = tl.where(visible, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])                      # hidden keys -> exactly 0
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+
+    if MASKED:
+        v = tl.load(v_ptrs, mask=k_valid[:, None], other=0.0)  # (TILE_N, HEAD_DIM)
+    else:
+        v = tl.load(v_ptrs)
+    if IEEE_DOT:
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_attention_kernel(
     out_ptr,            # (num_tokens, num_heads, HEAD_DIM), query dtype; used if NUM_SPLITS == 1
     part_out_ptr,       # (num_tokens, num_heads, NUM_SPLITS, HEAD_DIM) fp32; if NUM_SPLITS > 1
@@ -123,36 +177,20 @@ def _paged_attention_kernel(
     k_head = k_cache_ptr + kv_head.to(tl.int64) * stride_k_head
     v_head = v_cache_ptr + kv_head.to(tl.int64) * stride_v_head
 
-    for t in range(tile_lo, tile_hi):
-        kpos = t * TILE_N + tl.arange(0, TILE_N)  # (TILE_N,) absolute key positions
-        k_valid = kpos < kv_len
-        page = tl.load(bt_row + (kpos // BLOCK_SIZE) * stride_bt_blk, mask=k_valid, other=0)
-        page = page.to(tl.int64)
-        in_page = kpos % BLOCK_SIZE
-        # K is loaded transposed, (HEAD_DIM, TILE_N), so q @ k needs no tl.trans.
-        k = tl.load(k_head + (page * stride_k_blk + in_page * stride_k_slot)[None, :]
-                    + offs_d[:, None], mask=k_valid[None, :], other=0.0)
-        if IEEE_DOT:
-            s = tl.dot(q, k.to(q.dtype), input_precision="ieee")
-        else:
-            s = tl.dot(q, k.to(q.dtype))
-        s = s * scale_log2                                   # (BLOCK_M, TILE_N) fp32
-        visible = (kpos[None, :] <= q_pos[:, None]) & k_valid[None, :]
-        s = tl.where(visible, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])                      # masked keys -> exactly 0
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-
-        v = tl.load(v_head + (page * stride_v_blk + in_page * stride_v_slot)[:, None]
-                    + offs_d[None, :], mask=k_valid[:, None], other=0.0)  # (TILE_N, HEAD_DIM)
-        if IEEE_DOT:
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    # Tiles that end at or before the tile's FIRST query position are visible to every row and
+    # lie inside the sequence: walk those without masks, then the diagonal/tail tiles with them.
+    num_full = (ctx_len + q_tile_start + 1) // TILE_N
+    mid = tl.minimum(tl.maximum(tile_lo, num_full), tile_hi)
+    for t in range(tile_lo, mid):
+        m_i, l_i, acc = _attend_tile(
+            q, q_pos, m_i, l_i, acc, t, kv_len, bt_row, k_head, v_head, offs_d, scale_log2,
+            stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, stride_bt_blk,
+            BLOCK_SIZE, TILE_N, False, IEEE_DOT)
+    for t in range(mid, tile_hi):
+        m_i, l_i, acc = _attend_tile(
+            q, q_pos, m_i, l_i, acc, t, kv_len, bt_row, k_head, v_head, offs_d, scale_log2,
+            stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, stride_bt_blk,
+            BLOCK_SIZE, TILE_N, True, IEEE_DOT)
 
     # l_i == 0 only for a split that saw no visible key (or malformed metadata): emit zeros
     # rather than NaN, and an lse of -inf so the reduction gives that split zero weight.
