@@ -24,7 +24,7 @@ class LazyTensor:
         self.shape = torch.Size(self._slice.get_shape())
 
     def narrow(self, dim: int, start: int, size: int) -> torch.Tensor:
-        # get_slice reads only the requested byte ranges of the file.
+        # The file is memory-mapped: only the elements of the slice are copied out of it.
         index = [slice(None)] * len(self.shape)
         index[dim] = slice(start, start + size)
         return self._slice[tuple(index)]
@@ -34,10 +34,6 @@ class LazyTensor:
 
 
 LoadedWeight = Union[torch.Tensor, LazyTensor]
-
-
-def shape_of(loaded: LoadedWeight) -> torch.Size:
-    return loaded.shape
 
 
 def narrow(loaded: LoadedWeight, dim: int, start: int, size: int) -> torch.Tensor:
