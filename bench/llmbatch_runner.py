@@ -109,22 +109,45 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def run_spec(engine, workload: Workload) -> dict:
-    """W-SPEC, the part the harness can do today: speculation off at each batch size.
-
-    The replay proposer (true greedy continuation, each token corrupted with prob. 1 - alpha)
-    needs an engine hook to inject proposals; until the runtime has one, the replay rows are
-    reported as not available next to the ideal tokens per step.
+def run_spec(engine, workload: Workload, vocab: int) -> dict:
+    """W-SPEC: speculation off at each batch size, then (when the engine has the
+    `set_proposer` hook) the replay proposer at each alpha; speed-up against off, tokens per
+    target step, and whether greedy output stayed identical (speculation must be lossless).
     """
+    from bench.spec_replay import ReplayProposer
     from bench.workloads import ideal_tokens_per_step
 
-    out = {"system": "llmbatch", "batches": {}, "ideal_tokens_per_step": {
-        str(a): ideal_tokens_per_step(a, workload.params["k"]) for a in workload.params["alphas"]},
-        "replay": "not available: the engine has no hook to inject replay proposals yet"}
+    k = workload.params["k"]
+    out = {"system": "llmbatch", "k": k, "batches": {}, "replay_runs": {},
+           "ideal_tokens_per_step": {str(a): ideal_tokens_per_step(a, k)
+                                     for a in workload.params["alphas"]}}
+    continuations: dict = {}
     for b in workload.params["batch_sizes"]:
         res = run_workload(engine, workload, requests=workload.requests[:b])
-        res.pop("_outputs")
+        continuations.update(res.pop("_outputs"))
         steps = res["engine_stats_delta"].get("num_steps")
         res["tokens_per_step_per_request"] = (res["output_tokens"] / (steps * b)) if steps else None
         out["batches"][str(b)] = res
+    hook = getattr(engine, "set_proposer", None)
+    if not callable(hook):
+        out["replay"] = "not available: the engine has no set_proposer(proposer) hook yet"
+        return out
+    out["replay"] = "measured"
+    try:
+        for alpha in workload.params["alphas"]:
+            hook(ReplayProposer(continuations, alpha, vocab))
+            for b in workload.params["batch_sizes"]:
+                res = run_workload(engine, workload, requests=workload.requests[:b])
+                outputs = res.pop("_outputs")
+                off = out["batches"][str(b)]
+                steps = res["engine_stats_delta"].get("num_steps")
+                res["greedy_equal_to_spec_off"] = all(
+                    outputs[rid] == continuations[rid] for rid in outputs)
+                res["speedup_vs_off"] = (res["out_tok_per_s"] / off["out_tok_per_s"]
+                                         if res["out_tok_per_s"] and off["out_tok_per_s"] else None)
+                res["tokens_per_step_per_request"] = (res["output_tokens"] / (steps * b)
+                                                      if steps else None)
+                out["replay_runs"][f"alpha={alpha},b={b}"] = res
+    finally:
+        hook(None)
     return out

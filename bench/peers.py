@@ -113,9 +113,15 @@ def run_continuous_batching(model, workload: Workload, device: str,
     cuda_graph = use_cuda_graph and device.startswith("cuda")
     gen_config = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=PAD_TOKEN_ID,
                                   max_new_tokens=max(r.max_new_tokens for r in reqs))
+    # The same hints generate_batch() gives it, so the peer sizes its batches for this workload.
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    hints = WorkloadHints(max_prompt_length=max(len(r.prompt_token_ids) for r in reqs),
+                          max_generated_length=max(r.max_new_tokens for r in reqs),
+                          num_requests=len(reqs))
     t_setup = time.perf_counter()
     with model.continuous_batching_context_manager(
-            generation_config=gen_config, warmup=True,
+            generation_config=gen_config, warmup=True, workload_hints=hints,
             continuous_batching_config=_cb_config(device, cuda_graph)) as manager:
         warmup_s = time.perf_counter() - t_setup
         t0 = time.perf_counter()

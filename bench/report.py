@@ -66,8 +66,16 @@ def _spec_rows(runs: dict) -> list[dict]:
                      "out_tok_per_s": run.get("out_tok_per_s"), "ratios": {},
                      "fraction_of_floor": None, "prefix_hit_rate": None})
     ideal = ", ".join(f"α={a}: {v:.2f}" for a, v in spec["ideal_tokens_per_step"].items())
-    rows.append({"workload": "W-SPEC replay", "system": "llmbatch",
-                 "note": f"{spec['replay']} (ideal tok/step {ideal})"})
+    if spec.get("replay") != "measured":
+        rows.append({"workload": "W-SPEC replay", "system": "llmbatch",
+                     "note": f"{spec.get('replay')} (ideal tok/step {ideal})"})
+    for key, run in spec.get("replay_runs", {}).items():
+        speedup = run.get("speedup_vs_off")
+        note = "" if run.get("greedy_equal_to_spec_off") else " (greedy output DIFFERS)"
+        rows.append({"workload": f"W-SPEC {key}", "system": f"llmbatch replay k={spec['k']}",
+                     "out_tok_per_s": run.get("out_tok_per_s"),
+                     "ratios": {"spec-off" + note: speedup} if speedup else {},
+                     "fraction_of_floor": None, "prefix_hit_rate": None})
     return rows
 
 

@@ -47,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-llmbatch", action="store_true", help="do not run llmbatch")
     p.add_argument("--peers", default=",".join(PEER_NAMES),
                    help=f"comma-separated subset of {','.join(PEER_NAMES)} (time control)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    # 0.5, not the engine's 0.9: the peers run in the same process after llmbatch is freed, and
+    # must still find room if the engine's memory were not fully returned. W-RANDOM needs ~13 GB.
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--require-engine", action="store_true",
                    help="fail instead of skipping when llmbatch.runtime.engine is unavailable")
     args = p.parse_args(argv)
@@ -158,11 +160,19 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
         if callable(reset):
             reset()
         if name == "W-SPEC":
-            _attempt(rec, name, "llmbatch", lambda: llmbatch_runner.run_spec(engine, w))
+            _attempt(rec, name, "llmbatch", lambda: llmbatch_runner.run_spec(engine, w, vocab))
         else:
             _attempt(rec, name, "llmbatch", lambda: llmbatch_runner.run_workload(engine, w))
     del engine
     _free_cuda()
+    rec.results["llmbatch_setup"]["cuda_bytes_after_free"] = _cuda_allocated()
+    rec.save()
+
+
+def _cuda_allocated():
+    import torch
+
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else None
 
 
 def run_peers(rec: Recorder, workloads: dict, model_dir: str, dtype: str, device: str,
