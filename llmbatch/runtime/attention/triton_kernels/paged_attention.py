@@ -19,7 +19,9 @@ Grid = (num_q_tiles, num_kv_heads, num_splits).
   end of their span return at once.
 * The program walks the keys 0..(its last query position) in TILE_N-wide tiles, gathering each
   key's page through block_table (a tile may span several pages, or part of one), with an
-  online softmax in fp32 (base 2: exp2 with scale * log2(e) folded in).
+  online softmax in fp32 (base 2: exp2 with scale * log2(e) folded in). Tiles wholly below
+  the causal diagonal (all of a prefill tile's history, all but the last tile of a decode) run
+  a variant with no load masks and no score masking.
 * Split-KV (flash-decoding): with num_splits > 1, split s takes a contiguous share of the key
   tiles and writes a normalised partial output plus its log-sum-exp (base 2) to fp32 scratch;
   `_reduce_splits_kernel` merges them. Correct for any num_splits and any sequence length, so a
