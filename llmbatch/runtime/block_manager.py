@@ -149,8 +149,19 @@ class BlockManager:
         if num_new_tokens < 0 or num_lookahead_tokens < 0:
             raise ValueError(f"request {req.request_id!r}: negative token count "
                              f"({num_new_tokens}, lookahead {num_lookahead_tokens})")
-        computed_blocks = computed_blocks or []
         table = req.block_table
+        if table and not computed_blocks:
+            # Hot path (every running request, every step): usually nothing to add.
+            total = req.num_computed_tokens + num_new_tokens + num_lookahead_tokens
+            num_needed = -(-total // self.block_size) - len(table)
+            if num_needed <= 0:
+                return []
+            if num_needed > len(self._free):
+                return None
+            new_blocks = [self._pop_free() for _ in range(num_needed)]
+            table.extend(new_blocks)
+            return new_blocks
+        computed_blocks = computed_blocks or []
         admission = not table
         if computed_blocks:
             if not admission:
@@ -222,10 +233,10 @@ class BlockManager:
         if state is None:
             return   # holds no blocks (finished or preempted)
         bs, tokens, table = self.block_size, req.all_token_ids, req.block_table
-        num_full = min(req.num_computed_tokens // bs, len(table), len(tokens) // bs)
         start, prev_uid = state
-        if num_full <= start:
-            return
+        if req.num_computed_tokens // bs <= start:
+            return   # hot path: no block completed this step
+        num_full = min(req.num_computed_tokens // bs, len(table), len(tokens) // bs)
         hashes = self._block_hashes(req, num_full)
         for i in range(start, num_full):
             block_tokens = tokens[i * bs:(i + 1) * bs]

@@ -7,13 +7,16 @@ speculative verification are all that one mechanism.
 Policy, in order, under `max_num_batched_tokens` tokens and `max_num_seqs` running requests:
   1. Running requests, in admission order: a decode gets 1 + len(spec_token_ids) tokens, an
      unfinished prefill gets the rest of its tokens, both cut to the remaining budget. When
-     the pool has no block for one, the most recently admitted running request is preempted
-     by recompute (possibly the request itself), until it fits.
+     the pool has no block for one, its draft tokens are dropped first, then the most
+     recently admitted running request is preempted by recompute (possibly the request
+     itself), until it fits.
   2. If nothing was preempted this step (the pool is tight otherwise), waiting requests in
      queue order: a prefix-cache hit starts them at num_computed_tokens > 0. A request whose
      prefix_leader has not yet computed prefix_leader_tokens is skipped for this step only;
      the first request that does not fit in the pool stops admission (first come, first
-     served: later small requests must not starve it).
+     served: later small requests must not starve it). If the leader finished before its
+     group got in and the prefix was evicted meanwhile, the first follower admitted
+     recomputes it as a stand-in and its siblings wait for the stand-in instead.
 
 Speculative accounting (update_from_output): a verification step computes the last known
 token plus k draft tokens (num_new_tokens = 1 + k) and the runner returns m tokens,
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from llmbatch.runtime.block_manager import BlockManager
+from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.request import FinishReason, Request, RequestStatus
 
 
@@ -55,7 +59,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config, block_manager: BlockManager,
+    def __init__(self, config: EngineConfig, block_manager: BlockManager,
                  max_model_len: Optional[int] = None) -> None:
         self.block_manager = block_manager
         self.block_size = block_manager.block_size
@@ -141,6 +145,11 @@ class Scheduler:
             req = self.running[i]
             num_new = self._num_new_tokens_running(req, budget)
             while bm.allocate_slots(req, num_new) is None:
+                if req.spec_token_ids:
+                    # Drafts are optional: drop them before preempting anyone.
+                    num_new -= len(req.spec_token_ids)
+                    req.spec_token_ids = []
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -253,13 +262,16 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, sampled: dict[Any, list[int]]) -> None:
         """Advance counters, append sampled tokens, register newly full blocks."""
         now = time.perf_counter()
+        cache_full_blocks = self.block_manager.cache_full_blocks
+        running = RequestStatus.RUNNING
         for item in out.scheduled:
             req = item.request
-            if req.status != RequestStatus.RUNNING:
+            if req.status is not running:
                 continue   # finished (aborted) since schedule()
             tokens = sampled.get(req.request_id) or []
             num_spec = len(req.spec_token_ids)
-            if item.samples:
+            # == item.samples, inlined: this loop runs for every request every step.
+            if req.num_computed_tokens + item.num_new_tokens >= len(req.all_token_ids):
                 if not 1 <= len(tokens) <= num_spec + 1:
                     raise RuntimeError(
                         f"request {req.request_id!r}: expected 1..{num_spec + 1} sampled tokens, "
@@ -274,6 +286,7 @@ class Scheduler:
             req.num_computed_tokens += item.num_new_tokens - num_rejected
             for token in tokens:
                 req.append_output_token(token, now)
-            req.spec_token_ids = []
+            if num_spec:
+                req.spec_token_ids = []
             # After appending: accepted drafts are real tokens now and may complete a block.
-            self.block_manager.cache_full_blocks(req)
+            cache_full_blocks(req)

@@ -269,6 +269,18 @@ def test_spec_trimmed_to_budget_and_context():
     assert steps(out) == [("a", 3)] and b.spec_token_ids == [1, 2]
 
 
+def test_drafts_dropped_before_preempting():
+    sched, bm = make_sched(num_blocks=3, budget=100)
+    a = decode_ready(sched, prompt=range(6))      # 7 known, 6 computed: 2 blocks
+    b = make_req("b", [50, 51])
+    sched.add_request(b)
+    run_step(sched)                               # b takes the last block
+    a.spec_token_ids = [1, 2, 3]                  # positions 7..10 would need a 3rd block
+    out = sched.schedule()
+    assert out.preempted == [] and steps(out) == [("a", 1), ("b", 1)]
+    assert a.spec_token_ids == []
+
+
 def test_update_rejects_wrong_sample_counts():
     sched, _ = make_sched(budget=100)
     a = decode_ready(sched)
