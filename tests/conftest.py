@@ -88,6 +88,7 @@ FAKE_ENGINE = "llmbatch.jobs.fake_engine:FakeEngine"
 def fake_engine_env(monkeypatch):
     """Route jobs run in this process (and subprocesses inheriting os.environ) to the fake."""
     monkeypatch.setenv("LLMBATCH_ENGINE_FACTORY", FAKE_ENGINE)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")      # no hub here: never wait on retries
     for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
         monkeypatch.delenv(name, raising=False)
     return FAKE_ENGINE

@@ -26,10 +26,12 @@ WINDOW = 7          # requests buffered, then emitted in a shuffled (determinist
 
 class FakeEngine:
     def __init__(self, config) -> None:
-        from transformers import AutoTokenizer
+        # The fast-tokenizer class directly: AutoTokenizer would import torch (seconds per test
+        # subprocess) for nothing.
+        from transformers import PreTrainedTokenizerFast
 
         self.config = config
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(config.tokenizer or config.model)
         max_len = config.max_model_len
         cfg_path = os.path.join(config.model, "config.json")
         if max_len is None and os.path.isfile(cfg_path):

@@ -86,6 +86,15 @@ def _default_factory(config):
     return Engine(config)
 
 
+def _check_local_path(key: str, path: str) -> None:
+    """A path written as a local path must exist; a bare name ("org/model") may be a hub id,
+    left to the loader. Fails fast instead of waiting on hub retries for a typo."""
+    looks_local = path.startswith((".", "/", "~")) or os.sep + os.sep in path \
+        or path.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(path)):
+        raise InvalidJobError(f"{key}: {path} does not exist")
+
+
 def _crash_hook(stage: str, seq: int) -> None:
     """Test seam: SIGKILL ourselves at `stage` of part `seq` (stages: before_rename,
     after_rename, after_commit) to prove exactly-once commits at each step."""
@@ -118,6 +127,9 @@ class JobRunner:
             spec.sampling_params()
         except ValueError as exc:
             raise InvalidJobError(f"invalid engine/sampling settings: {exc}") from None
+        _check_local_path("model.path", spec.model.path)
+        if spec.model.tokenizer:
+            _check_local_path("model.tokenizer", spec.model.tokenizer)
         shard = resolve_shard(spec.shard.index, spec.shard.count)
         self._source = open_input(spec.input)
         check_columns(self._source.schema, spec.input, spec.sampling.per_row)
