@@ -261,6 +261,7 @@ def test_split_heuristic_on_a_132_sm_card(monkeypatch):
     (lambda c: {"query": c.query.to(torch.int32)}, "dtype"),
     (lambda c: {"v_cache": c.v_cache[:1]}, "k_cache and v_cache"),
     (lambda c: {"out": torch.empty(1)}, "out must match"),
+    (lambda c: {"query": c.query[:1]}, "query_start_loc must run from 0"),
 ])
 def test_bad_inputs_raise_clear_errors(mutate, message):
     from llmbatch.runtime.attention.triton_backend import TritonAttentionBackend

@@ -104,6 +104,12 @@ class TritonAttentionBackend(AttentionBackend):
                 f"metadata for {num_seqs} sequences needs query_start_loc ({num_seqs + 1},) and "
                 f"block_tables ({num_seqs}, max_blocks); got {tuple(meta.query_start_loc.shape)} "
                 f"and {tuple(meta.block_tables.shape)}")
+        # O(1) host check (the kernels trust the metadata; a span past the end of query would
+        # read and write out of bounds). The full per-span checks would cost a sync or O(seqs).
+        starts = meta.query_start_loc_cpu
+        if starts is not None and (starts[0] != 0 or starts[-1] > num_tokens):
+            raise ValueError(f"query_start_loc must run from 0 to at most num_tokens="
+                             f"{num_tokens}, got {starts[0]}..{starts[-1]}")
         for name in ("query_start_loc", "seq_lens", "block_tables"):
             if getattr(meta, name).is_floating_point():
                 raise ValueError(f"meta.{name} must be an integer tensor")
