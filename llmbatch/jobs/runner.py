@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -147,6 +148,11 @@ class JobRunner:
         return JobPlan(shard, num_rows, start, end, rows_done, config_hash,
                        self._source.description)
 
+    def _say(self, message: str) -> None:
+        # Before the bar exists (model loading can take minutes): plain lines on stderr.
+        if self.progress_mode != "none":
+            print(message, file=sys.stderr, flush=True)
+
     def _make_engine(self):
         factory = self.engine_factory or _factory_from_env() or _default_factory
         try:
@@ -160,6 +166,11 @@ class JobRunner:
     def run(self) -> JobResult:
         spec = self.spec
         plan = self.plan()
+        self._say(f"llmbatch: shard {plan.shard.index}/{plan.shard.count}: rows "
+                  f"[{plan.row_start}, {plan.row_end}) of {plan.num_input_rows} from "
+                  f"{plan.input_description}; {plan.rows_done} already done; "
+                  f"config hash {plan.config_hash}")
+        self._say(f"llmbatch: loading model {spec.model.path}")
         engine = self._make_engine()
         renderer = PromptRenderer(engine.tokenizer, spec.model, spec.input)
         self._max_model_len = int(engine.max_model_len)
@@ -201,7 +212,9 @@ class JobRunner:
             gpu_summary = gpu.summary()
         finally:
             self._progress.close()
-        return self._result(gpu_summary, resume_row)
+        result = self._result(gpu_summary, resume_row)
+        self._say(f"llmbatch: done in {result.stats['wall_s']:.1f}s; stats in {result.stats_path}")
+        return result
 
     def _requests(self, renderer: PromptRenderer, start: int, end: int) -> Iterator:
         """Lazily: input batches -> Requests; bad rows become error rows on the spot."""

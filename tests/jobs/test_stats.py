@@ -1,0 +1,88 @@
+"""Stats: percentiles, per-run accumulation, stats file + key-value metadata, GPU monitor nulls."""
+
+import json
+
+import pyarrow.parquet as pq
+
+from llmbatch.jobs.gpu_monitor import GpuMonitor
+from llmbatch.jobs.progress import Progress
+from llmbatch.jobs.stats import (STATS_METADATA_KEY, ShardStats, next_run_index, percentile,
+                                 read_stats, write_stats)
+
+
+def test_percentile_linear_interpolation():
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile(list(range(101)), 99) == 99.0
+    assert percentile([0.0, 10.0], 99) == 9.9
+
+
+def row(reason="stop", prompt=10, cached=4, out=3, ttft=0.1, tpot=0.01):
+    return {"finish_reason": reason, "num_prompt_tokens": prompt,
+            "num_cached_prompt_tokens": cached, "num_output_tokens": out, "ttft_s": ttft,
+            "tpot_s": tpot, "spec_accepted_tokens": 1}
+
+
+def test_shard_stats_summary_and_file(tmp_path):
+    s = ShardStats()
+    s.add(row())
+    s.add(row(ttft=0.3, tpot=0.03))
+    s.add(row("error", prompt=0, cached=0, out=0, ttft=None, tpot=None))
+    summary = s.summary(shard_index=1, shard_count=2, run=0, rows_total=5, rows_skipped=2,
+                        config_hash="abc", seed=7, gpu=GpuMonitor().summary())
+    assert (summary["rows_ok"], summary["rows_error"], summary["prompt_tokens"],
+            summary["cached_prompt_tokens"], summary["output_tokens"],
+            summary["spec_accepted_tokens"]) == (2, 1, 20, 8, 6, 3)
+    assert summary["prefix_hit_rate"] == 0.4
+    assert abs(summary["ttft_mean_s"] - 0.2) < 1e-12 and abs(summary["ttft_p50_s"] - 0.2) < 1e-12
+    assert abs(summary["tpot_p99_s"] - 0.0298) < 1e-12
+    assert summary["gpu_name"] is None and summary["gpu_util_mean"] is None
+    assert summary["torch_version"] and summary["transformers_version"]
+    assert summary["llmbatch_version"]
+    assert next_run_index(str(tmp_path), 1) == 0
+    path = write_stats(str(tmp_path), summary)
+    assert path.endswith("_stats/stats-00001-000.parquet")
+    assert next_run_index(str(tmp_path), 1) == 1
+    meta = json.loads(pq.read_schema(path).metadata[STATS_METADATA_KEY])
+    assert meta["config_hash"] == "abc" and meta["rows_ok"] == 2
+    assert read_stats(str(tmp_path)).to_pylist()[0]["seed"] == 7
+
+
+def test_gpu_monitor_without_gpu_is_null():
+    with GpuMonitor(interval_s=0.01) as mon:
+        pass
+    import torch
+
+    if not torch.cuda.is_available():
+        assert mon.summary() == {"gpu_name": None, "gpu_count": None, "gpu_util_mean": None,
+                                 "gpu_util_max": None, "gpu_mem_used_mean_bytes": None,
+                                 "gpu_mem_used_max_bytes": None}
+
+
+def test_progress_log_lines(capsys):
+    import io
+
+    stream = io.StringIO()
+    p = Progress("log", total=4, initial=1, log_every_s=3600, stream=stream)
+    p.update(1, 10.0, None)            # not yet: interval not reached
+    p.update(2, 12.5, 0.25)            # last row: always logged
+    p.write("a message")
+    p.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("llmbatch: 4/4 rows (100.0%), out 12.5 tok/s, prefix hit 25.0%")
+    assert lines[1] == "a message"
+
+
+def test_progress_bar_messages_on_their_own_line():
+    import io
+
+    stream = io.StringIO()
+    p = Progress("bar", total=10, stream=stream)
+    p.update(3, 5.0, 0.5)
+    p.write("hello from the runner")
+    p.close()
+    text = stream.getvalue()
+    # tqdm clears the bar line, prints the message as a whole line, then redraws the bar.
+    assert "\rhello from the runner\n\rrows:  30%" in text
+    assert "3/10" in text and "out 5.0 tok/s, prefix hit 50.0%" in text
