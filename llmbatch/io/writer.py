@@ -26,9 +26,16 @@ def temp_prefix(shard: int) -> str:
     return f"_tmp-part-{shard:05d}-"
 
 
+LOGPROB_TYPE = pa.struct([("token_id", pa.int32()), ("logprob", pa.float64())])
+# Per output token: the sampled token's logprob and the top-n alternatives.
+LOGPROBS_TYPE = pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float64()),
+                                    ("top", pa.list_(LOGPROB_TYPE))]))
+
+
 def output_schema(input_schema: pa.Schema, keep_columns: list[str],
-                  id_column: Optional[str]) -> pa.Schema:
-    """Kept input columns, then the fixed result columns of the output contract."""
+                  id_column: Optional[str], with_logprobs: bool = False) -> pa.Schema:
+    """Kept input columns, then the fixed result columns of the output contract (plus
+    `logprobs` when the job asks for them)."""
     fields = [input_schema.field(c) for c in keep_columns]
     id_type = input_schema.field(id_column).type if id_column else pa.int64()
     fields += [
@@ -45,6 +52,8 @@ def output_schema(input_schema: pa.Schema, keep_columns: list[str],
         pa.field("latency_s", pa.float64()),
         pa.field("spec_accepted_tokens", pa.int64()),
     ]
+    if with_logprobs:
+        fields.append(pa.field("logprobs", LOGPROBS_TYPE))
     return pa.schema(fields)
 
 

@@ -71,8 +71,13 @@ class FakeEngine:
                            ("num_cached_prompt_tokens", cached), ("num_output_tokens", n),
                            ("num_requests", 1)):
             self._stats[key] += value
+        logprobs = None
+        if sp.logprobs is not None:   # fixed fake values: -0.5 for the sampled token
+            logprobs = [{"token_id": t, "logprob": -0.5,
+                         "top": [(t, -0.5)] + [(t + 1, -1.5)] * max(0, sp.logprobs - 1)}
+                        for t in out]
         return GenerationResult(
-            request_id=request.request_id, output_token_ids=out,
+            request_id=request.request_id, output_token_ids=out, logprobs=logprobs,
             output_text=self.tokenizer.decode(out, skip_special_tokens=True),
             finish_reason=reason, num_prompt_tokens=len(prompt), num_cached_prompt_tokens=cached,
             num_output_tokens=n, ttft_s=0.001 * (1 + len(prompt) % 5),

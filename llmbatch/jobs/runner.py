@@ -27,9 +27,10 @@ from llmbatch.io.reader import InputSource, open_input
 from llmbatch.io.sharding import Shard, resolve_shard
 from llmbatch.io.writer import output_schema, rows_to_table, write_part
 from llmbatch.jobs.errors import (EXIT_OK, EXIT_ROW_ERRORS, InternalError, InvalidJobError,
-                                  JobError, RowError)
+                                  JobError, ResumeError, RowError)
 from llmbatch.jobs.gpu_monitor import GpuMonitor
 from llmbatch.jobs.progress import Progress
+from llmbatch.jobs.rows import fill_error, fill_from_result
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.jobs.stats import ShardStats, next_run_index, versions, write_stats
 
@@ -145,6 +146,11 @@ class JobRunner:
             self.manifest.check_hash(config_hash)
             entries = self.manifest.entries(shard.index)
             rows_done = entries[-1]["row_end"] - start if entries else 0
+            written_for = entries[0].get("num_input_rows") if entries else None
+            if written_for is not None and written_for != num_rows:
+                raise ResumeError(f"output.path {spec.output.path} was written for an input of "
+                                  f"{written_for} rows, the input now has {num_rows}; set "
+                                  f"output.mode: overwrite to start over")
         return JobPlan(shard, num_rows, start, end, rows_done, config_hash,
                        self._source.description)
 
@@ -189,8 +195,11 @@ class JobRunner:
         self._ready_upto = resume_row           # rows [next_commit, ready_upto) are finished
         self._finished: dict[int, dict] = {}    # row index -> finished output row
         self._inflight: dict[int, dict] = {}    # row index -> input part of its output row
+        # An extra `logprobs` column only when asked for (job-wide or per row).
+        self._with_logprobs = spec.sampling.logprobs is not None \
+            or "logprobs" in spec.sampling.per_row
         self._schema = output_schema(self._source.schema, spec.input.keep_columns,
-                                     spec.input.id_column)
+                                     spec.input.id_column, self._with_logprobs)
         self.stats = ShardStats()
         self._progress = Progress(self.progress_mode, plan.row_end - plan.row_start,
                                   initial=resume_row - plan.row_start,
@@ -205,7 +214,7 @@ class JobRunner:
                     raise
                 except Exception as exc:
                     raise InternalError(f"engine failed: {type(exc).__name__}: {exc}") from exc
-                self._commit_ready(final=True)
+                self._commit_ready()
                 if self._next_commit != plan.row_end:
                     raise InternalError(f"engine returned results for rows up to "
                                         f"{self._next_commit}, expected {plan.row_end}")
@@ -213,6 +222,7 @@ class JobRunner:
         finally:
             self._progress.close()
         result = self._result(gpu_summary, resume_row)
+        result.extra["engine_stats"] = dict(engine.stats()) if hasattr(engine, "stats") else {}
         self._say(f"llmbatch: done in {result.stats['wall_s']:.1f}s; stats in {result.stats_path}")
         return result
 
@@ -255,10 +265,7 @@ class JobRunner:
                       token_ids: Optional[list[int]]) -> None:
         if self.spec.on_row_error == "fail":
             raise RowError(f"row {row['id']!r}: {error} (on_row_error: fail)")
-        row.update(output_text=None, output_token_ids=None, finish_reason="error", error=error,
-                   num_prompt_tokens=len(token_ids) if token_ids else 0,
-                   num_cached_prompt_tokens=0, num_output_tokens=0, ttft_s=None, tpot_s=None,
-                   latency_s=None, spec_accepted_tokens=0)
+        fill_error(row, error, token_ids)
         self._finish_row(row_index, row)
 
     def _on_result(self, result) -> None:
@@ -267,13 +274,7 @@ class JobRunner:
             raise InternalError(f"engine returned an unknown request id {result.request_id!r}")
         if result.finish_reason == "error" and self.spec.on_row_error == "fail":
             raise RowError(f"row {row['id']!r}: {result.error} (on_row_error: fail)")
-        row.update(output_text=result.output_text, output_token_ids=list(result.output_token_ids),
-                   finish_reason=result.finish_reason, error=result.error,
-                   num_prompt_tokens=result.num_prompt_tokens,
-                   num_cached_prompt_tokens=result.num_cached_prompt_tokens,
-                   num_output_tokens=result.num_output_tokens, ttft_s=result.ttft_s,
-                   tpot_s=result.tpot_s, latency_s=result.latency_s,
-                   spec_accepted_tokens=result.spec_accepted_tokens)
+        fill_from_result(row, result, self._with_logprobs)
         self._finish_row(result.request_id, row)
         self._commit_ready()
 
@@ -284,7 +285,7 @@ class JobRunner:
             self._ready_upto += 1
         self._progress.update(1, self.stats.output_tok_s, self.stats.prefix_hit_rate)
 
-    def _commit_ready(self, final: bool = False) -> None:
+    def _commit_ready(self) -> None:
         per_part = self.spec.output.rows_per_part
         end = self._plan.row_end
         while True:
@@ -300,7 +301,8 @@ class JobRunner:
         rows = [self._finished.pop(r) for r in range(lo, hi)]
         seq, shard = self._next_seq, self._shard
         meta = {"shard": shard.index, "shard_count": shard.count, "seq": seq, "row_start": lo,
-                "row_end": hi, "config_hash": self._plan.config_hash,
+                "row_end": hi, "num_input_rows": self._plan.num_input_rows,
+                "config_hash": self._plan.config_hash,
                 "llmbatch_version": versions()["llmbatch_version"], "model": self.spec.model.path}
         table = rows_to_table(rows, self._schema)
         path = write_part(self.out_dir, shard.index, seq, table, meta,

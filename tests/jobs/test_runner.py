@@ -47,7 +47,7 @@ def test_output_rows_columns_and_order(tmp_path, prompts, tiny_tokenizer_dir, fa
     assert [os.path.basename(p) for p in result.part_paths] == \
         [f"part-00000-0000{i}.parquet" for i in range(4)]
     table = ds.dataset(out).to_table()
-    assert table.column_names == ["row", "prompt"] + RESULT_COLUMNS
+    assert table.column_names == ["row", "prompt"] + RESULT_COLUMNS     # no logprobs column
     assert table.column("id").to_pylist() == list(range(50))
     assert table.column("row").to_pylist() == list(range(50))
     assert [pq.read_metadata(p).num_rows for p in result.part_paths] == [16, 16, 16, 2]
@@ -191,3 +191,21 @@ def test_engine_factory_argument(tmp_path, prompts, tiny_tokenizer_dir):
     run_job(make_job(tiny_tokenizer_dir, prompts, str(tmp_path / "out"),
                      engine={"block_size": 4}), engine_factory=factory)
     assert len(made) == 1 and made[0].block_size == 4 and made[0].model == tiny_tokenizer_dir
+
+
+def test_logprobs_column_and_input_size_check(tmp_path, prompts, tiny_tokenizer_dir,
+                                              fake_engine_env):
+    out = str(tmp_path / "out")
+    job = make_job(tiny_tokenizer_dir, prompts, out, sampling={"logprobs": 2})
+    result = run_job(job)
+    assert result.extra["engine_stats"]["num_requests"] == 50
+    row = ds.dataset(out).to_table().slice(0, 1).to_pylist()[0]
+    t = row["output_token_ids"][0]
+    assert row["logprobs"][0] == {"token_id": t, "logprob": -0.5,
+                                  "top": [{"token_id": t, "logprob": -0.5},
+                                          {"token_id": t + 1, "logprob": -1.5}]}
+    # The same job over an input that grew must not resume into shifted rows.
+    write_prompts(prompts, 60)
+    with pytest.raises(ResumeError, match="was written for an input of 50 rows, the input now "
+                                          "has 60"):
+        run_job(job)
