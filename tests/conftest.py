@@ -7,7 +7,6 @@ generated text; the model is a random-initialised LlamaForCausalLM saved in floa
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest

@@ -128,7 +128,11 @@ def test_run_with_set_and_log_progress(env, capsys):
     assert code == 0
     assert out.splitlines()[0].startswith("shard 0/1: 12 rows (12 ok, 0 error, 0 resumed)")
     assert out.splitlines()[1] == f"output: {env.path / 'out'}"
-    assert err.splitlines()[-1].startswith("llmbatch: 12/12 rows (100.0%), out ")
+    lines = err.splitlines()
+    assert lines[0].startswith("llmbatch: shard 0/1: rows [0, 12) of 12 from ")
+    assert lines[1] == f"llmbatch: loading model {env.tok}"
+    assert lines[-2].startswith("llmbatch: 12/12 rows (100.0%), out ")
+    assert lines[-1].startswith("llmbatch: done in ")
     assert len(ds.dataset("out").files) == 3
     code, out, _ = call(capsys, "run", job, "--set", "output.rows_per_part=5")
     assert code == 0 and "(12 ok, 0 error, 12 resumed)" in out

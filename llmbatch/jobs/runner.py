@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from llmbatch.io.manifest import Manifest
 from llmbatch.io.prompts import PromptRenderer, check_columns, length_error

@@ -1,6 +1,5 @@
 """Input reading: files, globs, directories, lists, URLs, CSV/JSON, datasets; exact row ranges."""
 
-import os
 
 import pyarrow as pa
 import pyarrow.csv as pcsv
