@@ -66,7 +66,9 @@ class ModelShape:
             num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
-            vocab_size=self.vocab_size, rope_theta=self.rope_theta,
+            vocab_size=self.vocab_size,
+            # transformers 5.x form (5.17 and 5.24); the legacy rope_theta kwarg is BC-only.
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings, rms_norm_eps=1e-5,
             hidden_act="silu", bos_token_id=0, eos_token_id=1, pad_token_id=3)
