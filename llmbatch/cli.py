@@ -13,6 +13,7 @@ from typing import Optional
 
 import click
 
+from llmbatch import __version__
 from llmbatch.jobs.errors import EXIT_INTERNAL, EXIT_INVALID, InvalidJobError, JobError
 
 _SET = click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
@@ -20,7 +21,8 @@ _SET = click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="llmbatch", message="llmbatch %(version)s")
+@click.version_option(version=__version__, prog_name="llmbatch",
+                      message="llmbatch %(version)s")
 def cli() -> None:
     """Offline LLM batch inference: Parquet prompts in, ordered Parquet outputs and stats out."""
 
@@ -141,7 +143,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except click.exceptions.Abort:
         click.echo("llmbatch: aborted", err=True)
         return 130
-    except click.ClickException as exc:         # usage errors: one line, exit 2
+    except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:
+            click.echo(exc.ctx.get_help())       # bare `llmbatch`: the help, not an error
+            return 0
+        click.echo(f"llmbatch: error: {exc.format_message()}", err=True)
+        return EXIT_INVALID
+    except click.ClickException as exc:         # other click errors: one line, exit 2
         click.echo(f"llmbatch: error: {exc.format_message()}", err=True)
         return EXIT_INVALID
     except JobError as exc:

@@ -183,3 +183,12 @@ def test_console_subprocess_has_no_traceback(env):
     assert proc.returncode == 2
     assert proc.stderr == ("llmbatch: error: unknown key 'temprature' in section 'sampling' "
                            "(did you mean 'temperature'?)\n")
+
+
+def test_help_and_version(capsys):
+    code, out, _ = call(capsys)
+    assert code == 0 and out.startswith("Usage: llmbatch [OPTIONS] COMMAND")
+    code, out, _ = call(capsys, "--version")
+    assert code == 0 and out == f"llmbatch {llmbatch.__version__}\n"
+    code, _, err = call(capsys, "run")
+    assert (code, err) == (2, "llmbatch: error: Missing argument 'JOB'.\n")

@@ -165,7 +165,11 @@ def _open_datasets(name: str, split: str) -> TableSource:
     except ImportError:
         raise InvalidInputError("input.dataset needs the `datasets` package") from None
     try:
-        if os.path.isdir(name):
+        # A save_to_disk folder (Dataset or DatasetDict); any other folder or a name goes
+        # through load_dataset (local data folders, cached hub datasets).
+        saved = any(os.path.isfile(os.path.join(name, marker))
+                    for marker in ("state.json", "dataset_dict.json"))
+        if os.path.isdir(name) and saved:
             loaded = datasets.load_from_disk(name)
         else:
             loaded = datasets.load_dataset(name, split=split)

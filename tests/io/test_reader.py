@@ -89,6 +89,14 @@ def test_datasets_saved_dir_and_split(tmp_path):
     assert read_range(open_input(InputSection(dataset=str(tmp_path / "sel"))), 0, 3) == [9, 0, 5]
 
 
+def test_datasets_plain_data_folder_by_name(tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    pq.write_table(pa.table({"n": [5, 6, 7]}), folder / "train.parquet")
+    source = open_input(InputSection(dataset=str(folder), split="train"))
+    assert read_range(source, 0, 3) == [5, 6, 7]
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: str(p / "missing.parquet"), "does not exist"),
     (lambda p: str(p / "nothing-*.parquet"), "no files match"),
