@@ -30,6 +30,8 @@ mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false
+# The GPU machine reaches nothing: never let transformers wait on the hub (e.g. kernel lookups).
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 T0=$(date +%s)
 
 # Wheels for missing packages, unpacked (a wheel is a zip of an installed layout) into a temp
