@@ -17,16 +17,20 @@ MAX_NEW = 10
 NUM_PROMPTS = 64
 
 
-def hf_greedy(model, prompts, max_new, eos):
-    """transformers generate, one prompt at a time (no padding to blur the comparison)."""
+def hf_greedy(model, prompts, max_new, eos, batch_size=16):
+    """transformers generate(do_sample=False), left-padded batches, cut after the first EOS."""
     outs = []
     with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            g = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+        for b in range(0, len(prompts), batch_size):
+            batch = prompts[b:b + batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            g = model.generate(ids, attention_mask=mask, do_sample=False,
                                max_new_tokens=max_new, eos_token_id=eos, pad_token_id=0)
-            outs.append(g[0, len(p):].tolist())
-    # generate pads after EOS inside a batch; with batch 1 it simply stops.
+            for row in g[:, width:].tolist():
+                # generate pads a finished row with pad_token_id after its EOS.
+                outs.append(row[: row.index(eos) + 1] if eos in row else row)
     return outs
 
 

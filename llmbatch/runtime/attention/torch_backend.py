@@ -47,9 +47,16 @@ class TorchAttentionBackend(AttentionBackend):
             q = query[q_start:q_end].transpose(0, 1)                              # (H, Q, D)
             # Query row r sits at absolute position seq_len - query_len + r; it may see keys
             # at positions <= its own. Bottom-right aligned causal mask.
-            q_pos = torch.arange(seq_len - query_len, seq_len, device=query.device)
-            k_pos = torch.arange(seq_len, device=query.device)
-            mask = k_pos[None, :] <= q_pos[:, None]                               # (Q, S)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            if query_len == 1:
+                # A single query (decode) sees the whole context: no mask needed.
+                o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            elif query_len == seq_len:
+                # Nothing cached before the span: plain causal attention.
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            else:
+                q_pos = torch.arange(seq_len - query_len, seq_len, device=query.device)
+                k_pos = torch.arange(seq_len, device=query.device)
+                mask = k_pos[None, :] <= q_pos[:, None]                           # (Q, S)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             out[q_start:q_end] = o.transpose(0, 1)
         return out
