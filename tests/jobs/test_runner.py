@@ -209,3 +209,26 @@ def test_logprobs_column_and_input_size_check(tmp_path, prompts, tiny_tokenizer_
     with pytest.raises(ResumeError, match="was written for an input of 50 rows, the input now "
                                           "has 60"):
         run_job(job)
+
+
+def test_memory_stays_bounded_while_streaming(tmp_path, tiny_tokenizer_dir, jobkit):
+    """Rows held in memory (in flight + finished, not yet committed) stay within one input batch
+    + the engine's window + one part, however long the input."""
+    from llmbatch.jobs.loader import load_job
+    from llmbatch.jobs.runner import JobRunner
+
+    inp = write_prompts(str(tmp_path / "in.parquet"), 600)
+    spec = load_job(make_job(tiny_tokenizer_dir, inp, str(tmp_path / "out"),
+                             input={"batch_size": 16}, output={"rows_per_part": 10}))
+    held = []
+
+    class Watching(FakeEngine):
+        def generate(self, requests):
+            for result in super().generate(requests):
+                held.append(len(runner._inflight) + len(runner._finished))
+                yield result
+
+    runner = JobRunner(spec, engine_factory=Watching)
+    result = runner.run()
+    assert result.num_rows_ok == 600 and len(held) == 600
+    assert max(held) <= 16 + 7 + 10
