@@ -283,3 +283,13 @@ class BlockManager:
     def reset_counters(self) -> None:
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block no request holds (benchmarks isolate workloads with it).
+
+        Blocks still held keep their registration, so running requests are unaffected.
+        """
+        for block_id in self._free:
+            block = self.blocks[block_id]
+            if block.block_hash is not None:
+                self._unregister(block)

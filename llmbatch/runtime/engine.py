@@ -109,6 +109,10 @@ class Engine:
                 finished.append(self._result(req))
         return finished
 
+    def reset_prefix_cache(self) -> None:
+        """Drop cached KV blocks that no running request holds."""
+        self.block_manager.reset_prefix_cache()
+
     def stats(self) -> dict:
         s = dict(self._counters)
         s["prefix_hit_rate"] = (s["num_cached_prompt_tokens"] / s["num_prompt_tokens"]

@@ -269,3 +269,26 @@ def test_stale_computed_blocks_rejected():
     bm.allocate_slots(make_req("c", [50] * 12), 12)   # evicts everything
     with pytest.raises(RuntimeError, match="evicted"):
         bm.allocate_slots(b, 1, hits)
+
+
+def test_reset_prefix_cache_forgets_free_blocks_only():
+    from llmbatch.runtime.block_manager import BlockManager
+    from llmbatch.runtime.request import Request
+    from llmbatch.runtime.sampling_params import SamplingParams
+
+    bm = BlockManager(num_blocks=8, block_size=4)
+    held = Request("held", list(range(9)), SamplingParams())
+    done = Request("done", list(range(100, 109)), SamplingParams())
+    for req in (held, done):
+        assert bm.allocate_slots(req, 9) is not None
+        req.num_computed_tokens = 9
+        bm.cache_full_blocks(req)
+    bm.free(done)
+    assert bm.num_cached_blocks == 4
+    bm.reset_prefix_cache()
+    # The held request's two full blocks stay registered; the freed ones are forgotten.
+    assert bm.num_cached_blocks == 2
+    probe = Request("probe", list(range(100, 109)), SamplingParams())
+    assert bm.get_computed_blocks(probe) == ([], 0)
+    again = Request("again", list(range(9)), SamplingParams())
+    assert bm.get_computed_blocks(again) == (held.block_table[:2], 8)
