@@ -125,7 +125,6 @@ class Engine:
     def _admit_or_reject(self, requests: Iterable[Request],
                          rejected: list[GenerationResult]) -> Iterator[Request]:
         """Reject requests that can never run (too long for the context or the KV pool)."""
-        max_tokens_in_pool = self.runner.num_kv_blocks * self.config.block_size
         for req in requests:
             self._counters["num_requests"] += 1
             if not hasattr(req, "default_seed"):
@@ -134,9 +133,8 @@ class Engine:
             if req.num_prompt_tokens >= self.max_model_len:
                 error = (f"prompt has {req.num_prompt_tokens} tokens; the model's context is "
                          f"{self.max_model_len} tokens")
-            elif req.num_prompt_tokens + 1 > max_tokens_in_pool:
-                error = (f"prompt has {req.num_prompt_tokens} tokens; the KV pool holds "
-                         f"{max_tokens_in_pool}")
+            else:
+                error = self.scheduler.check_request(req)   # e.g. larger than the KV pool
             if error is None:
                 req.stop_checker = StopChecker(self.tokenizer, req.sampling_params.stop)
                 yield req
