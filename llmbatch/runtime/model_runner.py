@@ -38,9 +38,13 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config=None) -> None:
+    def __init__(self, config: EngineConfig, hf_config=None, tp_rank: int = 0,
+                 tp_size: int = 1, tp_group=None) -> None:
+        """tp_rank/tp_size: this process's tensor-parallel slice (tp_executor starts the
+        ranks); tp_group: a gloo group over all ranks for host-side agreement (KV blocks)."""
         from transformers import AutoConfig
 
+        from llmbatch.runtime.layers.quantization import attach_quantization, model_weight_bytes
         from llmbatch.runtime.loader import load_weights, resolve_model_path
         from llmbatch.runtime.models.registry import build_model
 
@@ -55,14 +59,22 @@ class ModelRunner:
         model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(config.max_model_len or model_max, model_max)
 
-        self.model = build_model(hf_config, self.dtype, self.device)
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.model = build_model(hf_config, self.dtype, self.device, tp_rank, tp_size)
+        attach_quantization(self.model, config.quantization, hf_config)
         load_weights(self.model, self.model_path)
+        self.weight_bytes = model_weight_bytes(self.model)  # this rank's loaded weights
+        self.weight_bytes_per_rank = [self.weight_bytes]    # tp_executor fills every rank's
         self.model.eval()
         self.attn_backend = get_attention_backend(config.attention_backend, self.device.type)
         self.sampler = Sampler()
 
         self.block_size = config.block_size
         self.num_kv_blocks = self._decide_num_kv_blocks()
+        if tp_size > 1:  # every rank holds the same block ids: the smallest pool wins
+            from llmbatch.runtime.dist import min_over_ranks
+
+            self.num_kv_blocks = min_over_ranks(self.num_kv_blocks, tp_group)
         self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
 
     # -- KV pool ----------------------------------------------------------------------
@@ -193,12 +205,25 @@ class ModelRunner:
         if not out.scheduled:
             return {}
         s = self.prepare_inputs(out)
+        logits = self.forward_logits(s)
+        if logits is None:
+            return {}
+        return self.sample(s, logits)
+
+    @torch.inference_mode()
+    def forward_logits(self, s: StepInputs) -> Optional[torch.Tensor]:
+        """Forward of one step on this rank's shard; (num_samples, vocab) float32 logits, or
+        None when nothing samples. Every TP rank calls it with the same `s` (collectives)."""
         input_ids, positions, meta = self._to_device(s)
         hidden = self.model(input_ids, positions, self.kv_caches, meta, self.attn_backend)
         if not s.sample_rows:
-            return {}
+            return None
         rows = torch.tensor(s.sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        return self.model.compute_logits(hidden.index_select(0, rows))
+
+    @torch.inference_mode()
+    def sample(self, s: StepInputs, logits: torch.Tensor) -> dict[Any, list[int]]:
+        """Sample the step's logits (rank 0 only); logprobs go on the requests."""
         params = [r.sampling_params for r in s.sample_requests]
         default_seeds = [getattr(r, "default_seed", None) for r in s.sample_requests]
         result = self.sampler.sample(logits, params, s.sample_output_index,

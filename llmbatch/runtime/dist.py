@@ -1,0 +1,183 @@
+"""Process groups for tensor parallelism: who am I, where is the rendezvous, how do we stop.
+
+Two ways a TP job gets its ranks:
+
+    launched   torchrun / srun started one process per rank (RANK, WORLD_SIZE, LOCAL_RANK,
+               MASTER_ADDR, MASTER_PORT, or SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID). Every
+               process joins that group; this is how a model spans nodes.
+    spawned    a plain `llmbatch run` with tensor_parallel_size N: this process is rank 0 and
+               starts N-1 local workers (spawn context, so CUDA is never forked).
+
+The rendezvous port derives from the job (SLURM_JOB_ID) or is a free port picked at start, so
+two jobs on one node never collide. Every group is created with a timeout: a collective that
+waits on a dead rank raises within it instead of hanging (gloo also fails at once when a
+peer's socket closes).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = float(os.environ.get("LLMBATCH_TP_TIMEOUT_S", "300"))
+# Ports derived from a SLURM job id fall in [base, base + span): clear of the ephemeral range.
+_SLURM_PORT_BASE, _SLURM_PORT_SPAN = 20000, 10000
+
+
+@dataclass
+class Rendezvous:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launched: bool          # True: torchrun/srun started every rank; False: we spawn them
+
+    @property
+    def init_method(self) -> str:
+        return f"tcp://{self.master_addr}:{self.master_port}"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_port(job_id: str) -> int:
+    """A port unique to a SLURM job on its nodes (steps of one job share it on purpose)."""
+    digits = "".join(ch for ch in job_id if ch.isdigit())
+    if not digits:
+        raise ValueError(f"SLURM_JOB_ID={job_id!r} has no digits to derive a port from")
+    return _SLURM_PORT_BASE + int(digits) % _SLURM_PORT_SPAN
+
+
+def _slurm_master_addr() -> str:
+    """First host of the allocation (scontrol expands ranges); localhost for one node."""
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST") or ""
+    if nodes and not any(ch in nodes for ch in "[,"):
+        return nodes
+    if nodes:
+        import subprocess
+
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return "127.0.0.1"
+
+
+def detect_rendezvous(tp_size: int, env: Optional[dict] = None) -> Rendezvous:
+    """Where this process stands in a TP job of `tp_size` ranks (see module doc).
+
+    A launcher's world size must equal tensor_parallel_size (no data parallel across it)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or anything speaking its protocol)
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise ValueError(f"RANK/WORLD_SIZE are set but {', '.join(missing)} is not")
+        rdv = Rendezvous(int(env["RANK"]), int(env["WORLD_SIZE"]),
+                         int(env.get("LOCAL_RANK", env["RANK"])), env["MASTER_ADDR"],
+                         int(env["MASTER_PORT"]), launched=True)
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else slurm_port(
+            env.get("SLURM_JOB_ID", ""))
+        rdv = Rendezvous(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                         int(env.get("SLURM_LOCALID", "0")),
+                         env.get("MASTER_ADDR") or _slurm_master_addr(), port, launched=True)
+    else:
+        # Spawned locally: a SLURM job (one task, N GPUs) still gets its job-derived port.
+        port = slurm_port(env["SLURM_JOB_ID"]) if env.get("SLURM_JOB_ID") else free_port()
+        return Rendezvous(0, tp_size, 0, "127.0.0.1", port, launched=False)
+    if rdv.world_size != tp_size:
+        raise ValueError(f"the launcher started {rdv.world_size} processes but "
+                         f"tensor_parallel_size is {tp_size}; they must be equal")
+    return rdv
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_group(rdv: Rendezvous, device: torch.device, timeout_s: float) -> "dist.ProcessGroup":
+    """Join the default group (device backend) and return a gloo group for host-side control
+    messages (step inputs travel as pickled Python objects over it)."""
+    if dist.is_initialized():
+        raise RuntimeError("a torch.distributed process group already exists in this process; "
+                           "one tensor-parallel engine per process")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend_for(device), init_method=rdv.init_method, rank=rdv.rank,
+                            world_size=rdv.world_size, timeout=timeout)
+    if backend_for(device) == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def min_over_ranks(value: int, group=None) -> int:
+    """The smallest `value` of all ranks (e.g. KV blocks that fit every rank's memory)."""
+    t = torch.tensor([int(value)], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t.item())
+
+
+def gather_ints(value: int, group=None) -> list[int]:
+    """`value` of every rank, in rank order (e.g. weight bytes per rank)."""
+    parts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, torch.tensor([int(value)], dtype=torch.long), group=group)
+    return [int(p.item()) for p in parts]
+
+
+def destroy_group() -> None:
+    """Leave the default group (idempotent; never raises during cleanup)."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a group broken by a dead rank may fail to tear down cleanly
+            pass
+
+
+def spawn_workers(world_size: int, target, args: tuple) -> list:
+    """Start ranks 1..world_size-1 as daemon processes running target(rank, *args).
+
+    Daemons die with this process, so a crashed rank 0 never leaves workers behind."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = []
+    for rank in range(1, world_size):
+        p = ctx.Process(target=target, args=(rank,) + tuple(args), daemon=True,
+                        name=f"llmbatch-tp-rank{rank}")
+        p.start()
+        procs.append(p)
+    return procs
+
+
+def describe_dead(procs: list) -> Optional[str]:
+    """One line naming the first local worker that has exited, or None if all are alive."""
+    for rank, p in enumerate(procs, start=1):
+        if p.exitcode is not None:
+            how = (f"killed by signal {-p.exitcode}" if p.exitcode < 0
+                   else f"exited with code {p.exitcode}")
+            return f"tensor-parallel rank {rank} (pid {p.pid}) {how}"
+    return None
+
+
+def join_workers(procs: list, timeout_s: float = 30.0) -> None:
+    """Wait for workers to exit; terminate the ones that do not within the timeout."""
+    for p in procs:
+        p.join(timeout_s)
+        if p.is_alive():
+            p.terminate()
+            p.join(5)
