@@ -61,6 +61,8 @@ class ModelRunner:
 
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.model = build_model(hf_config, self.dtype, self.device, tp_rank, tp_size)
+        if hasattr(self.model, "check_context_len"):  # e.g. Mistral's sliding window, refused early
+            self.model.check_context_len(self.max_model_len)
         attach_quantization(self.model, config.quantization, hf_config)
         load_weights(self.model, self.model_path)
         self.weight_bytes = model_weight_bytes(self.model)  # this rank's loaded weights
@@ -76,6 +78,20 @@ class ModelRunner:
 
             self.num_kv_blocks = min_over_ranks(self.num_kv_blocks, tp_group)
         self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
+        self.graph_runner = self._maybe_capture_decode_graphs()
+
+    def _maybe_capture_decode_graphs(self):
+        """Decode CUDA graphs (runtime/cuda_graphs.py) when on CUDA with the triton backend,
+        single-rank and unquantized (collectives and bnb kernels are not captured yet)."""
+        cfg = self.config
+        if not (cfg.cuda_graphs and self.device.type == "cuda" and self.attn_backend.name ==
+                "triton" and self.tp_size == 1 and cfg.quantization == "none"):
+            return None
+        from llmbatch.runtime.cuda_graphs import DecodeGraphRunner
+
+        return DecodeGraphRunner(self.model, self.kv_caches, self.attn_backend,
+                                 max_num_seqs=cfg.max_num_seqs, max_model_len=self.max_model_len,
+                                 block_size=self.block_size, device=self.device)
 
     # -- KV pool ----------------------------------------------------------------------
     @property
@@ -176,23 +192,30 @@ class ModelRunner:
                     s.sample_output_index.append(req.num_output_tokens + j)
         return s
 
+    def _h2d(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        """Host list -> device tensor; on CUDA via pinned memory and a non_blocking copy (the
+        caching host allocator keeps the pinned block until the copy has read it)."""
+        if self.device.type != "cuda":
+            return torch.tensor(data, dtype=dtype, device=self.device)
+        return torch.tensor(data, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+
     def _to_device(self, s: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        dev = self.device
+        h2d = self._h2d
         max_blocks = max(len(t) for t in s.block_tables)
         padded = [t + [0] * (max_blocks - len(t)) for t in s.block_tables]
         query_lens = [b - a for a, b in zip(s.query_start_loc, s.query_start_loc[1:])]
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(s.slot_mapping, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(s.query_start_loc, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(s.seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            slot_mapping=h2d(s.slot_mapping, torch.long),
+            query_start_loc=h2d(s.query_start_loc, torch.int32),
+            seq_lens=h2d(s.seq_lens, torch.int32),
+            block_tables=h2d(padded, torch.int32),
             max_query_len=max(query_lens),
             max_seq_len=max(s.seq_lens),
             query_start_loc_cpu=s.query_start_loc,
             seq_lens_cpu=s.seq_lens,
         )
-        input_ids = torch.tensor(s.input_ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(s.positions, dtype=torch.long, device=dev)
+        input_ids = h2d(s.input_ids, torch.long)
+        positions = h2d(s.positions, torch.long)
         return input_ids, positions, meta
 
     @torch.inference_mode()
@@ -214,11 +237,14 @@ class ModelRunner:
     def forward_logits(self, s: StepInputs) -> Optional[torch.Tensor]:
         """Forward of one step on this rank's shard; (num_samples, vocab) float32 logits, or
         None when nothing samples. Every TP rank calls it with the same `s` (collectives)."""
-        input_ids, positions, meta = self._to_device(s)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.attn_backend)
+        # Pure-decode steps replay a CUDA graph (None: not captured for this step, run eagerly).
+        hidden = self.graph_runner.run(s) if self.graph_runner is not None else None
+        if hidden is None:
+            input_ids, positions, meta = self._to_device(s)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta, self.attn_backend)
         if not s.sample_rows:
             return None
-        rows = torch.tensor(s.sample_rows, dtype=torch.long, device=self.device)
+        rows = self._h2d(s.sample_rows, torch.long)
         return self.model.compute_logits(hidden.index_select(0, rows))
 
     @torch.inference_mode()
