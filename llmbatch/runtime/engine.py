@@ -28,10 +28,10 @@ class Engine:
     def __init__(self, config: EngineConfig, runner=None, tokenizer=None) -> None:
         from transformers import AutoTokenizer
 
-        from llmbatch.runtime.model_runner import ModelRunner
+        from llmbatch.runtime.tp_executor import make_model_runner
 
         self.config = config
-        self.runner = runner if runner is not None else ModelRunner(config)
+        self.runner = runner if runner is not None else make_model_runner(config)
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(
             config.tokenizer or self.runner.model_path,
             trust_remote_code=config.trust_remote_code)

@@ -1,0 +1,149 @@
+"""make_model_runner: a ModelRunner at tensor_parallel_size 1, a TPExecutor above it.
+
+TPExecutor has the ModelRunner interface the Engine uses (model_path, hf_config, max_model_len,
+num_kv_blocks, weight_bytes, execute). It is rank 0: it holds rank 0's shard in a ModelRunner,
+builds each step's inputs from the SchedulerOutput, broadcasts them to the other ranks
+(tp_worker.serve), runs its own share of the forward and samples.
+
+Launched by torchrun/srun, every process calls make_model_runner; ranks > 0 never return from
+it: they serve steps until rank 0 shuts down, then exit the process (SystemExit 0), so the job
+layer around the Engine only ever runs on rank 0.
+
+Failure: any error in a step's collectives (a rank died: its socket closed, or the group
+timeout passed) becomes one RuntimeError naming the dead rank when it is a local worker; the
+group is torn down and the surviving workers are stopped, so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import sys
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from llmbatch.runtime.config import EngineConfig
+from llmbatch.runtime.dist import (DEFAULT_TIMEOUT_S, Rendezvous, describe_dead, destroy_group,
+                                   detect_rendezvous, init_group, join_workers, spawn_workers)
+from llmbatch.runtime.scheduler import SchedulerOutput
+from llmbatch.runtime.tp_worker import (build_runner, rank_config, serve, step_message,
+                                        worker_main)
+
+logger = logging.getLogger(__name__)
+
+
+def make_model_runner(config: EngineConfig):
+    """The Engine's runner for `config` (see module doc for launched ranks > 0)."""
+    if config.tensor_parallel_size == 1:
+        from llmbatch.runtime.model_runner import ModelRunner
+
+        return ModelRunner(config)
+    rdv = detect_rendezvous(config.tensor_parallel_size)
+    if rdv.launched and rdv.rank > 0:
+        run_launched_worker(config, rdv, DEFAULT_TIMEOUT_S)
+        sys.exit(0)
+    return TPExecutor(config, rdv=rdv)
+
+
+def run_launched_worker(config: EngineConfig, rdv: Rendezvous, timeout_s: float) -> None:
+    cfg = rank_config(config, rdv.local_rank)
+    group = init_group(rdv, torch.device(cfg.device), timeout_s)
+    try:
+        serve(build_runner(cfg, rdv, group), group)
+    finally:
+        destroy_group()
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+class TPExecutor:
+    def __init__(self, config: EngineConfig, timeout_s: Optional[float] = None,
+                 rdv: Optional[Rendezvous] = None) -> None:
+        tp = config.tensor_parallel_size
+        if tp < 2:
+            raise ValueError(f"TPExecutor needs tensor_parallel_size >= 2, got {tp}")
+        self.config = config
+        self.timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
+        self.rdv = rdv or detect_rendezvous(tp)
+        if self.rdv.rank != 0:
+            raise ValueError(f"TPExecutor runs on rank 0, this process is rank {self.rdv.rank}")
+        self._closed = False
+        cfg = rank_config(config, self.rdv.local_rank)
+        self.procs = [] if self.rdv.launched else spawn_workers(
+            tp, worker_main, (self.rdv, config, self.timeout_s))
+        try:
+            self.group = init_group(self.rdv, torch.device(cfg.device), self.timeout_s)
+            self.runner = build_runner(cfg, self.rdv, self.group)
+        except Exception as e:
+            self._fail(e, "starting")
+        atexit.register(self.shutdown)
+        r = self.runner
+        # The ModelRunner surface the Engine reads.
+        self.model_path, self.hf_config = r.model_path, r.hf_config
+        self.max_model_len, self.num_kv_blocks = r.max_model_len, r.num_kv_blocks
+        self.device, self.dtype, self.block_size = r.device, r.dtype, r.block_size
+        self.weight_bytes = r.weight_bytes                  # rank 0's
+        self.weight_bytes_per_rank = r.weight_bytes_per_rank
+        self.model = r.model                                # rank 0's shard
+
+    def prepare_inputs(self, out: SchedulerOutput):
+        return self.runner.prepare_inputs(out)
+
+    def execute(self, out: SchedulerOutput) -> dict[Any, list[int]]:
+        if self._closed:
+            raise RuntimeError("tensor-parallel executor is shut down")
+        if not out.scheduled:
+            return {}
+        s = self.runner.prepare_inputs(out)
+        try:
+            dead = describe_dead(self.procs)
+            if dead:
+                raise RuntimeError(dead)
+            dist.broadcast_object_list([step_message(s)], src=0, group=self.group)
+            logits = self.runner.forward_logits(s)
+        except Exception as e:
+            self._fail(e, "in a step")
+        if logits is None:
+            return {}
+        return self.runner.sample(s, logits)
+
+    def _fail(self, e: BaseException, when: str) -> None:
+        # The collective error is often generic (socket closed); a dead local worker is the
+        # better explanation. Give its exit a moment to be reaped.
+        deadline = time.monotonic() + 2.0
+        dead = describe_dead(self.procs)
+        while dead is None and self.procs and time.monotonic() < deadline:
+            time.sleep(0.05)
+            dead = describe_dead(self.procs)
+        self.shutdown(broken=True)
+        reason = dead or _one_line(e)
+        raise RuntimeError(f"tensor-parallel job failed {when}: {reason} "
+                           f"(collective timeout {self.timeout_s:g}s)") from None
+
+    def shutdown(self, broken: bool = False) -> None:
+        """Stop the workers and leave the group. Idempotent; also runs at exit."""
+        if self._closed:
+            return
+        self._closed = True
+        if not broken and getattr(self, "group", None) is not None:
+            try:
+                dist.broadcast_object_list([None], src=0, group=self.group)
+            except Exception:
+                broken = True
+        if broken:
+            for p in self.procs:  # survivors would only wait for the group timeout
+                if p.is_alive():
+                    p.terminate()
+        destroy_group()
+        join_workers(self.procs, timeout_s=5.0 if broken else 30.0)
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass

@@ -1,0 +1,90 @@
+"""A tensor-parallel rank other than 0: load this rank's shard, then run every step's forward.
+
+Protocol over the gloo control group (rank 0 is the root of every broadcast):
+
+    construction   every rank builds ModelRunner(tp_rank, tp_size) in the same order of
+                   collectives: (CUDA warm-up forward), KV blocks = min over ranks, then the
+                   weight bytes of every rank are all-gathered.
+    each step      rank 0 broadcasts the step's StepInputs (pickled, `sample_requests`
+                   emptied: Request objects stay on rank 0), then every rank runs
+                   ModelRunner.forward_logits on it: all-reduces in the row-parallel layers and
+                   the embedding, all-gather in the LM head. Only rank 0 samples.
+    shutdown       rank 0 broadcasts None; every rank leaves the group.
+
+A worker that fails prints one line to stderr and exits non-zero; rank 0 notices in its next
+collective (socket closed, or the group timeout) and fails the job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+
+import torch
+import torch.distributed as dist
+
+from llmbatch.runtime.config import EngineConfig
+from llmbatch.runtime.dist import (Rendezvous, destroy_group, gather_ints, init_group)
+
+logger = logging.getLogger(__name__)
+
+
+def rank_config(config: EngineConfig, local_rank: int) -> EngineConfig:
+    """The config a rank builds its runner with: CUDA ranks get their own local GPU."""
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if device != "cuda":
+            raise ValueError(f"device={config.device!r} names one GPU but tensor_parallel_size="
+                             f"{config.tensor_parallel_size}; use device auto or cuda")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"tensor-parallel local rank {local_rank} has no GPU: "
+                             f"{torch.cuda.device_count()} visible on this node")
+        device = f"cuda:{local_rank}"
+    return dataclasses.replace(config, device=device)
+
+
+def build_runner(config: EngineConfig, rdv: Rendezvous, group):
+    """This rank's ModelRunner; a collective sequence every rank runs identically."""
+    from llmbatch.runtime.model_runner import ModelRunner
+
+    runner = ModelRunner(config, tp_rank=rdv.rank, tp_size=rdv.world_size, tp_group=group)
+    runner.weight_bytes_per_rank = gather_ints(runner.weight_bytes, group)
+    return runner
+
+
+def step_message(s):
+    """What the other ranks need of a StepInputs: everything but the Request objects."""
+    return dataclasses.replace(s, sample_requests=[])
+
+
+def serve(runner, group) -> None:
+    """Run the forward of every step rank 0 broadcasts, until it broadcasts None."""
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=group)
+        if box[0] is None:
+            return
+        runner.forward_logits(box[0])
+
+
+def worker_main(rank: int, rdv: Rendezvous, config: EngineConfig, timeout_s: float) -> None:
+    """Entry point of a spawned worker process (rank >= 1 on this node)."""
+    rdv = dataclasses.replace(rdv, rank=rank, local_rank=rank)
+    code = 0
+    try:
+        cfg = rank_config(config, rdv.local_rank)
+        group = init_group(rdv, torch.device(cfg.device), timeout_s)
+        serve(build_runner(cfg, rdv, group), group)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException as e:  # one line; rank 0 reports the job failure
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"llmbatch tensor-parallel rank {rank}: {type(e).__name__}: {first}",
+              file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        destroy_group()
+    sys.exit(code)
