@@ -33,6 +33,7 @@ Buffer layout (device; the pinned host staging mirrors the first two):
 from __future__ import annotations
 
 import bisect
+import collections
 import logging
 import time
 from typing import Optional, Sequence
@@ -135,6 +136,7 @@ class DecodeGraphRunner:
         self.max_bs = self.sizes[-1]
         self.max_blocks = -(-max_model_len // block_size)
         self.num_replays = 0
+        self.replays_by_size: collections.Counter[int] = collections.Counter()
 
         mb, nb = self.max_bs, self.max_blocks
         i32, i64 = torch.int32, torch.int64
@@ -233,4 +235,5 @@ class DecodeGraphRunner:
                     step.block_tables, bs)
         self._graphs[bs].replay()
         self.num_replays += 1
+        self.replays_by_size[bs] += 1
         return self._outputs[bs][:len(step.seq_lens)]

@@ -1,0 +1,154 @@
+"""Decode CUDA graphs on a real GPU (runtime/cuda_graphs.py): replay equals the same padded
+forward run eagerly (bitwise), and engine greedy output with graphs on equals graphs off and
+transformers.
+
+How outputs are compared, and why:
+  * replay vs the eager forward of the SAME padded inputs: bitwise (torch.equal). Same kernels,
+    same launch sizes, same shapes; a graph only removes the launches' host cost.
+  * engine, float32, graphs on vs off: every token equal. The padded GEMMs may pick other
+    cuBLAS kernels than the unpadded ones, but fp32 rounding differences do not flip the tiny
+    model's argmaxes.
+  * engine, float32, vs transformers (CPU float32 generate): >= 95 % of tokens match as common
+    prefixes (a near-tie flips a token and everything after it differs; a real bug -- stale
+    buffers, wrong rows, K/V written by padding -- breaks nearly every sequence after step one).
+  * engine, bfloat16, graphs on vs off: >= 90 % of tokens, same measure. Bitwise equality is not
+    promised in bf16: padding changes GEMM shapes (so cuBLAS kernels and reduction orders), and
+    the graph's split-KV count is frozen from max_model_len, so bf16 rounding differs and the
+    tiny random model has near-ties.
+Batch sizes 3 and 17 pad to the captured sizes 4 and 24; replays are counted per size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+pytest.importorskip("triton")
+
+from llmbatch.runtime.config import EngineConfig  # noqa: E402
+from llmbatch.runtime.engine import Engine  # noqa: E402
+from llmbatch.runtime.model_runner import ModelRunner  # noqa: E402
+from llmbatch.runtime.request import Request  # noqa: E402
+from llmbatch.runtime.sampling_params import SamplingParams  # noqa: E402
+from llmbatch.runtime.scheduler import ScheduledRequest, SchedulerOutput  # noqa: E402
+from tests.runtime.test_engine_greedy import hf_greedy  # noqa: E402
+from tests.runtime.tiny_models import make_model, make_prompts, make_tokenizer  # noqa: E402
+
+MAX_NEW = 12
+MAX_NUM_SEQS = 32  # captured sizes 1, 2, 4, 8, 16, 24, 32
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama-graphs")
+    hf = make_model(path, num_heads=4, num_kv_heads=2, head_dim=64, hidden=128)
+    return path, hf
+
+
+def config(path, dtype, cuda_graphs, **kw):
+    return EngineConfig(model=str(path), device="cuda", dtype=dtype, attention_backend="triton",
+                        cuda_graphs=cuda_graphs, max_num_seqs=MAX_NUM_SEQS,
+                        kv_cache_blocks=1024, **kw)
+
+
+def run_engine(path, tokenizer, prompts, dtype, cuda_graphs):
+    engine = Engine(config(path, dtype, cuda_graphs), tokenizer=tokenizer)
+    # ignore_eos: every request decodes MAX_NEW tokens, so batches stay at the sizes under test
+    # (transformers' reference stops at EOS; match_fraction compares up to its length).
+    params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+    reqs = [Request(i, p, params) for i, p in enumerate(prompts)]
+    results = {r.request_id: r for r in engine.generate(reqs)}
+    assert sorted(results) == list(range(len(prompts)))
+    return [results[i].output_token_ids for i in range(len(prompts))], engine.runner
+
+
+def match_fraction(got, want):
+    """Tokens in common prefixes / tokens expected."""
+    same = 0
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            if a != b:
+                break
+            same += 1
+    return same / max(1, sum(len(w) for w in want))
+
+
+def check_replays(runner, num_prompts):
+    graphs = runner.graph_runner
+    assert graphs is not None and graphs.sizes == [1, 2, 4, 8, 16, 24, 32]
+    padded = {3: 4, 17: 24}[num_prompts]
+    # Once every request is past its prefill, each step decodes all of them at the padded size.
+    assert graphs.replays_by_size[padded] > 0, dict(graphs.replays_by_size)
+    assert graphs.num_replays == sum(graphs.replays_by_size.values()) >= MAX_NEW // 2
+
+
+@pytest.mark.parametrize("num_prompts", [3, 17])
+def test_engine_fp32_graphs_on_equals_off_and_transformers(tiny, tokenizer, num_prompts):
+    path, hf = tiny
+    prompts = make_prompts(num_prompts, seed=num_prompts)
+    on, runner_on = run_engine(path, tokenizer, prompts, "float32", cuda_graphs=True)
+    off, runner_off = run_engine(path, tokenizer, prompts, "float32", cuda_graphs=False)
+    assert runner_off.graph_runner is None
+    check_replays(runner_on, num_prompts)
+    diff = [i for i in range(num_prompts) if on[i] != off[i]]
+    assert not diff, f"graphs on != off for {diff}: {on[diff[0]]} != {off[diff[0]]}"
+    expected = hf_greedy(hf, prompts, MAX_NEW, eos=2)
+    assert match_fraction(on, expected) >= 0.95, (on, expected)
+
+
+@pytest.mark.parametrize("num_prompts", [3, 17])
+def test_engine_bf16_graphs_on_matches_off(tiny, tokenizer, num_prompts):
+    path, _ = tiny
+    prompts = make_prompts(num_prompts, seed=100 + num_prompts)
+    on, runner_on = run_engine(path, tokenizer, prompts, "bfloat16", cuda_graphs=True)
+    off, _ = run_engine(path, tokenizer, prompts, "bfloat16", cuda_graphs=False)
+    check_replays(runner_on, num_prompts)
+    assert match_fraction(on, off) >= 0.90, (on, off)
+
+
+@torch.inference_mode()
+def test_replay_equals_padded_eager_forward_bitwise(tiny):
+    """Prefill 17 requests eagerly, then decode steps of 17 (padded to 24) and 3 (to 4): the
+    replay's hidden states equal the eager forward of the same padded buffers bit for bit, and
+    match the plain unpadded eager path within bf16 tolerance."""
+    path, _ = tiny
+    runner = ModelRunner(config(path, "bfloat16", cuda_graphs=True))
+    graphs = runner.graph_runner
+    prompts = make_prompts(17, seed=7)
+    bs_blocks = runner.block_size
+    reqs, next_block = [], 0
+    for i, p in enumerate(prompts):
+        req = Request(i, p, SamplingParams(max_new_tokens=4))
+        need = -(-(len(p) + 4) // bs_blocks)
+        req.block_table = list(range(next_block, next_block + need))
+        next_block += need
+        reqs.append(req)
+    prefill = SchedulerOutput([ScheduledRequest(r, r.num_tokens) for r in reqs])
+    runner.forward_logits(runner.prepare_inputs(prefill))
+    for r in reqs:
+        r.num_computed_tokens = r.num_tokens
+        r.append_output_token(5 + r.request_id)
+    for step_reqs, padded in ((reqs, 24), (reqs[4:7], 4)):
+        s = runner.prepare_inputs(SchedulerOutput([ScheduledRequest(r, 1) for r in step_reqs]))
+        assert graphs.padded_size_for(s) == padded
+        ids, pos, meta = runner._to_device(s)
+        plain = runner.model(ids, pos, runner.kv_caches, meta, runner.attn_backend).clone()
+        graphs._stage(s.input_ids, s.positions, s.slot_mapping, s.seq_lens, s.block_tables,
+                      padded)
+        eager_padded = graphs._forward(padded)[:len(step_reqs)].clone()
+        before = graphs.replays_by_size[padded]
+        replayed = graphs.run(s).clone()
+        assert graphs.replays_by_size[padded] == before + 1
+        assert torch.equal(replayed, eager_padded), \
+            (replayed.float() - eager_padded.float()).abs().max()
+        torch.testing.assert_close(replayed.float(), plain.float(), atol=3e-2, rtol=3e-2)
+        for r in step_reqs:
+            r.num_computed_tokens += 1
+            r.append_output_token(9)
