@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 
 # 64 short, common English words. Each becomes a single BPE token (the tokenizer is trained on
-# text made of them), so a list of n words is 2n-1 tokens (spaces are their own tokens).
+# text made of them); see make_demo_model.build_tokenizer for how spaces are attached.
 WORDS = (
     "red blue green black white gold pink gray "
     "cat dog fox owl bee cow pig hen "
@@ -63,11 +63,13 @@ DEMO_SYSTEM_PROMPTS = SYSTEM_PROMPTS[:3]
 
 
 def sample_prompt(rng: random.Random) -> tuple[str, list[str]]:
-    """Draw one (task, words) pair: a weighted task and MIN_WORDS..MAX_WORDS distinct-or-not words."""
+    """Draw one (task, words) pair: a weighted task and MIN_WORDS..MAX_WORDS distinct words."""
     names = list(TASK_WEIGHTS)
     task = rng.choices(names, weights=[TASK_WEIGHTS[n] for n in names])[0]
     num_words = rng.randint(MIN_WORDS, MAX_WORDS)
-    words = [rng.choice(WORDS) for _ in range(num_words)]
+    # Distinct words: with repeats, "which word comes after this one" has two answers and
+    # copying becomes ambiguous.
+    words = rng.sample(WORDS, num_words)
     return task, words
 
 

@@ -13,9 +13,12 @@ PYTHON="${PYTHON:-python}"
 "$PYTHON" examples/make_demo_model.py
 "$PYTHON" examples/make_demo_data.py
 
+# The `llmbatch` console script (pip install -e .), or the same CLI from a plain checkout.
+if command -v llmbatch >/dev/null 2>&1; then LLMBATCH=(llmbatch); else LLMBATCH=("$PYTHON" -m llmbatch.cli); fi
+
 # --progress log prints a line every few seconds (a bar needs a terminal).
 rc=0
-llmbatch run examples/quickstart.yaml --progress log --log-every 5 || rc=$?
+"${LLMBATCH[@]}" run examples/quickstart.yaml --progress log --log-every 5 || rc=$?
 if [[ $rc -ne 0 && $rc -ne 3 ]]; then
     echo "quickstart: llmbatch run failed with exit code $rc" >&2
     exit "$rc"
@@ -32,8 +35,7 @@ rows = ds.dataset("out/quickstart", format="parquet").to_table(
     columns=["id", "task", "expected", "output_text", "finish_reason"]).to_pylist()
 stats = read_stats("out/quickstart").to_pylist()[-1]
 hits = sum(r["output_text"] == r["expected"] for r in rows)
-print(f"\noutput: out/quickstart/part-*.parquet  ({len(rows)} rows)")
-print("stats:  out/quickstart/_stats/  (llmbatch stats out/quickstart)")
+print(f"\nquickstart: {len(rows)} rows in out/quickstart/ (parts), stats in out/quickstart/_stats/")
 print(f"exact match with the expected answers: {hits}/{len(rows)}")
 for r in rows[:3]:
     print(f"  {r['id']} {r['task']:<8} expected {r['expected']!r:<32} got {r['output_text']!r}")
