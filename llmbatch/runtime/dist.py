@@ -59,9 +59,9 @@ def slurm_port(job_id: str) -> int:
     return _SLURM_PORT_BASE + int(digits) % _SLURM_PORT_SPAN
 
 
-def _slurm_master_addr() -> str:
+def _slurm_master_addr(env) -> str:
     """First host of the allocation (scontrol expands ranges); localhost for one node."""
-    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST") or ""
+    nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
     if nodes and not any(ch in nodes for ch in "[,"):
         return nodes
     if nodes:
@@ -94,7 +94,7 @@ def detect_rendezvous(tp_size: int, env: Optional[dict] = None) -> Rendezvous:
             env.get("SLURM_JOB_ID", ""))
         rdv = Rendezvous(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
                          int(env.get("SLURM_LOCALID", "0")),
-                         env.get("MASTER_ADDR") or _slurm_master_addr(), port, launched=True)
+                         env.get("MASTER_ADDR") or _slurm_master_addr(env), port, launched=True)
     else:
         # Spawned locally: a SLURM job (one task, N GPUs) still gets its job-derived port.
         port = slurm_port(env["SLURM_JOB_ID"]) if env.get("SLURM_JOB_ID") else free_port()
@@ -175,9 +175,15 @@ def describe_dead(procs: list) -> Optional[str]:
 
 
 def join_workers(procs: list, timeout_s: float = 30.0) -> None:
-    """Wait for workers to exit; terminate the ones that do not within the timeout."""
+    """Wait for workers to exit; kill the ones that do not within the timeout (SIGKILL: a
+    stopped or wedged process ignores SIGTERM)."""
     for p in procs:
         p.join(timeout_s)
         if p.is_alive():
-            p.terminate()
+            p.kill()
             p.join(5)
+
+
+def cpu_threads_per_rank(world_size: int) -> int:
+    """CPU ranks share the host's cores: more threads than cores only thrash."""
+    return max(1, (os.cpu_count() or 1) // world_size)

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from llmbatch.runtime.config import EngineConfig
-from llmbatch.runtime.dist import (DEFAULT_TIMEOUT_S, Rendezvous, describe_dead, destroy_group,
+from llmbatch.runtime.dist import (DEFAULT_TIMEOUT_S, Rendezvous, cpu_threads_per_rank,
+                                   describe_dead, destroy_group,
                                    detect_rendezvous, init_group, join_workers, spawn_workers)
 from llmbatch.runtime.scheduler import SchedulerOutput
 from llmbatch.runtime.tp_worker import (build_runner, rank_config, serve, step_message,
@@ -50,11 +51,28 @@ def make_model_runner(config: EngineConfig):
 
 def run_launched_worker(config: EngineConfig, rdv: Rendezvous, timeout_s: float) -> None:
     cfg = rank_config(config, rdv.local_rank)
+    if cfg.device == "cpu":
+        torch.set_num_threads(cpu_threads_per_rank(rdv.world_size))
     group = init_group(rdv, torch.device(cfg.device), timeout_s)
     try:
         serve(build_runner(cfg, rdv, group), group)
     finally:
         destroy_group()
+
+
+def check_shardable(config: EngineConfig) -> None:
+    """Raise the ValueError/ImportError every rank would hit (head counts that do not split,
+    missing bitsandbytes) by building rank 0's model on the meta device: no memory, no I/O."""
+    from transformers import AutoConfig
+
+    from llmbatch.runtime.layers.quantization import attach_quantization
+    from llmbatch.runtime.loader import resolve_model_path
+    from llmbatch.runtime.models.registry import build_model
+
+    hf_config = AutoConfig.from_pretrained(resolve_model_path(config.model),
+                                           trust_remote_code=config.trust_remote_code)
+    model = build_model(hf_config, "float32", "meta", 0, config.tensor_parallel_size)
+    attach_quantization(model, config.quantization, hf_config)
 
 
 def _one_line(e: BaseException) -> str:
@@ -72,8 +90,13 @@ class TPExecutor:
         self.rdv = rdv or detect_rendezvous(tp)
         if self.rdv.rank != 0:
             raise ValueError(f"TPExecutor runs on rank 0, this process is rank {self.rdv.rank}")
-        self._closed = False
+        self._closed, self.procs = False, []
         cfg = rank_config(config, self.rdv.local_rank)
+        if not self.rdv.launched:
+            check_shardable(config)  # fail before spawning anything
+        self._saved_threads = torch.get_num_threads()
+        if cfg.device == "cpu":  # restored at shutdown
+            torch.set_num_threads(cpu_threads_per_rank(tp))
         self.procs = [] if self.rdv.launched else spawn_workers(
             tp, worker_main, (self.rdv, config, self.timeout_s))
         try:
@@ -116,12 +139,14 @@ class TPExecutor:
         # The collective error is often generic (socket closed); a dead local worker is the
         # better explanation. Give its exit a moment to be reaped.
         deadline = time.monotonic() + 2.0
+        if isinstance(e, (ValueError, ImportError, FileNotFoundError)):
+            deadline = 0.0  # our own, explicit error: it says more than a worker's exit code
         dead = describe_dead(self.procs)
         while dead is None and self.procs and time.monotonic() < deadline:
             time.sleep(0.05)
             dead = describe_dead(self.procs)
         self.shutdown(broken=True)
-        reason = dead or _one_line(e)
+        reason = _one_line(e) if deadline == 0.0 else (dead or _one_line(e))
         raise RuntimeError(f"tensor-parallel job failed {when}: {reason} "
                            f"(collective timeout {self.timeout_s:g}s)") from None
 
@@ -138,9 +163,10 @@ class TPExecutor:
         if broken:
             for p in self.procs:  # survivors would only wait for the group timeout
                 if p.is_alive():
-                    p.terminate()
+                    p.kill()
         destroy_group()
         join_workers(self.procs, timeout_s=5.0 if broken else 30.0)
+        torch.set_num_threads(self._saved_threads)
 
     def __del__(self) -> None:
         try:

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from llmbatch.runtime.config import EngineConfig
-from llmbatch.runtime.dist import (Rendezvous, destroy_group, gather_ints, init_group)
+from llmbatch.runtime.dist import (Rendezvous, cpu_threads_per_rank, destroy_group, gather_ints,
+                                   init_group)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def worker_main(rank: int, rdv: Rendezvous, config: EngineConfig, timeout_s: flo
     code = 0
     try:
         cfg = rank_config(config, rdv.local_rank)
+        if cfg.device == "cpu":
+            torch.set_num_threads(cpu_threads_per_rank(rdv.world_size))
         group = init_group(rdv, torch.device(cfg.device), timeout_s)
         serve(build_runner(cfg, rdv, group), group)
     except KeyboardInterrupt:
