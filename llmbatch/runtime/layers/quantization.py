@@ -7,7 +7,8 @@ in the model dtype.
 
     nf4   bnb.functional.quantize_4bit(blocksize 64, no double quant): the rank's weight
           (out, in) is flattened row-major and cut into blocks of 64 elements, each with one
-          float32 absmax. 0.5 + 4/64 bytes per weight (0.28x of bf16). Forward: bnb.matmul_4bit.
+          float32 absmax. 0.5 + 4/64 bytes per weight (0.28x of bf16). Forward: bnb.matmul_4bit
+          on CUDA; on CPU the flat dequantized weight in F.linear (see process_weights...).
           Slices line up with quantize-then-slice when every slice boundary falls on a block
           boundary: column-parallel rows start at row*in (a multiple of 64 when in % 64 == 0),
           row-parallel columns need in_per_rank % 64 == 0. Otherwise the slice is quantized on
@@ -22,6 +23,7 @@ Checkpoints already quantized (a `quantization_config` in config.json) are refus
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -57,11 +59,17 @@ class BnbLinearMethod:
         bf = self.bnb.functional
         w = layer.weight.data  # (out_per_rank, in_per_rank), model dtype, this rank's slice
         if self.method == "nf4":
-            packed, state = bf.quantize_4bit(w, blocksize=NF4_BLOCKSIZE, quant_type="nf4",
-                                             compress_statistics=False)
+            # Quantized as a flat vector: the blocks run over the row-major flattened slice.
+            packed, flat_state = bf.quantize_4bit(w.reshape(-1), blocksize=NF4_BLOCKSIZE,
+                                                  quant_type="nf4", compress_statistics=False)
+            state = copy.copy(flat_state)
+            state.shape = w.shape
             layer.register_buffer("qweight", packed)          # (numel/2, 1) uint8
             layer.register_buffer("qabsmax", state.absmax)    # (ceil(numel/64),) float32
             layer.quant_state = state                         # shape, dtype, code (16 levels)
+            # bitsandbytes 0.50's CPU dequantize (and matmul_4bit) is wrong for 2-D shapes
+            # whose rows are not whole blocks, e.g. (128, 32); flat dequantization is right.
+            layer.quant_state_flat = flat_state
         else:
             cb, scb, _ = bf.int8_vectorwise_quant(w.contiguous())
             layer.register_buffer("qweight", cb)              # (out, in) int8
@@ -71,12 +79,13 @@ class BnbLinearMethod:
     def dequantize(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         """This rank's weight (out, in) as the model would use it (tests, debugging)."""
         if self.method == "nf4":
-            return self.bnb.functional.dequantize_4bit(layer.qweight, layer.quant_state).to(dtype)
+            flat = self.bnb.functional.dequantize_4bit(layer.qweight, layer.quant_state_flat)
+            return flat.view(layer.quant_state.shape).to(dtype)
         return layer.qweight.to(dtype) * (layer.qscale / 127.0).to(dtype).unsqueeze(1)
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.method == "nf4":
+        if self.method == "nf4" and x.is_cuda:
             return self.bnb.matmul_4bit(x, layer.qweight.t(), quant_state=layer.quant_state,
                                         bias=bias)
         return F.linear(x, self.dequantize(layer, x.dtype), bias)
