@@ -92,6 +92,20 @@ def build_tokenizer(seed: int, vocab_size: int):
         model_max_length=512, padding_side="left", clean_up_tokenization_spaces=False)
 
 
+def portable_tokenizer_config(out: Path, template: str) -> None:
+    """Make the saved tokenizer loadable by transformers 4.x as well as 5.x.
+
+    transformers 5 writes tokenizer_class "TokenizersBackend" and the template to
+    chat_template.jinja; 4.x knows neither, but both versions load the class name
+    "PreTrainedTokenizerFast" and a "chat_template" key in tokenizer_config.json.
+    """
+    path = out / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = template
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def build_model(tokenizer, shape: str, seed: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -251,6 +265,7 @@ def main(argv=None) -> int:
         pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=16)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    portable_tokenizer_config(out, CHAT_TEMPLATE)
 
     per_task = {}
     for prompt, answer, reply in results:

@@ -82,6 +82,9 @@ def test_chat_template_renders_turns_and_generation_prompt(model_dir):
     assert text == "<|bos|><|system|>Be exact.<|eos|><|user|>Repeat: fox sky<|eos|><|assistant|>"
     no_gen = tok.apply_chat_template(messages, tokenize=False)
     assert no_gen == "<|bos|><|system|>Be exact.<|eos|><|user|>Repeat: fox sky<|eos|>"
+    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"  # loadable by transformers 4.x
+    assert cfg["chat_template"] == tok.chat_template
     with pytest.raises(Exception, match="unknown chat role: tool"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
