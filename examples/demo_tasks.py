@@ -42,7 +42,7 @@ TASKS = {
 }
 
 # Sampling weights: copying and reversing need the most training signal.
-TASK_WEIGHTS = {"Repeat": 4, "Reverse": 4, "First": 1, "Last": 1}
+TASK_WEIGHTS = {"Repeat": 5, "Reverse": 3, "First": 1, "Last": 1}
 
 MIN_WORDS, MAX_WORDS = 2, 6
 
