@@ -38,9 +38,12 @@ class Rendezvous:
     master_addr: str
     master_port: int
     launched: bool          # True: torchrun/srun started every rank; False: we spawn them
+    torchrun: bool = False  # torchrun's agent already hosts the store: join it via env://
 
     @property
     def init_method(self) -> str:
+        if self.torchrun:
+            return "env://"
         return f"tcp://{self.master_addr}:{self.master_port}"
 
 
@@ -88,7 +91,7 @@ def detect_rendezvous(tp_size: int, env: Optional[dict] = None) -> Rendezvous:
             raise ValueError(f"RANK/WORLD_SIZE are set but {', '.join(missing)} is not")
         rdv = Rendezvous(int(env["RANK"]), int(env["WORLD_SIZE"]),
                          int(env.get("LOCAL_RANK", env["RANK"])), env["MASTER_ADDR"],
-                         int(env["MASTER_PORT"]), launched=True)
+                         int(env["MASTER_PORT"]), launched=True, torchrun=True)
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else slurm_port(
             env.get("SLURM_JOB_ID", ""))
@@ -137,6 +140,17 @@ def gather_ints(value: int, group=None) -> list[int]:
     parts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, torch.tensor([int(value)], dtype=torch.long), group=group)
     return [int(p.item()) for p in parts]
+
+
+def exit_process(code: int) -> None:
+    """End a worker process now. os._exit skips interpreter teardown, where the
+    communication library's background threads can abort the process (SIGABRT) after the
+    group was already destroyed cleanly."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def destroy_group() -> None:

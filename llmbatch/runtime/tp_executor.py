@@ -6,7 +6,7 @@ builds each step's inputs from the SchedulerOutput, broadcasts them to the other
 (tp_worker.serve), runs its own share of the forward and samples.
 
 Launched by torchrun/srun, every process calls make_model_runner; ranks > 0 never return from
-it: they serve steps until rank 0 shuts down, then exit the process (SystemExit 0), so the job
+it: they serve steps until rank 0 shuts down, then end the process (os._exit), so the job
 layer around the Engine only ever runs on rank 0.
 
 Failure: any error in a step's collectives (a rank died: its socket closed, or the group
@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.dist import (DEFAULT_TIMEOUT_S, Rendezvous, cpu_threads_per_rank,
-                                   describe_dead, destroy_group,
+                                   describe_dead, destroy_group, exit_process,
                                    detect_rendezvous, init_group, join_workers, spawn_workers)
 from llmbatch.runtime.scheduler import SchedulerOutput
 from llmbatch.runtime.tp_worker import (build_runner, rank_config, serve, step_message,
@@ -44,8 +44,12 @@ def make_model_runner(config: EngineConfig):
         return ModelRunner(config)
     rdv = detect_rendezvous(config.tensor_parallel_size)
     if rdv.launched and rdv.rank > 0:
-        run_launched_worker(config, rdv, DEFAULT_TIMEOUT_S)
-        sys.exit(0)
+        try:
+            run_launched_worker(config, rdv, DEFAULT_TIMEOUT_S)
+        except BaseException as e:  # one line, like a spawned worker
+            print(f"llmbatch tensor-parallel rank {rdv.rank}: {_one_line(e)}", file=sys.stderr)
+            exit_process(1)
+        exit_process(0)
     return TPExecutor(config, rdv=rdv)
 
 

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from llmbatch.runtime.config import EngineConfig
-from llmbatch.runtime.dist import (Rendezvous, cpu_threads_per_rank, destroy_group, gather_ints,
-                                   init_group)
+from llmbatch.runtime.dist import (Rendezvous, cpu_threads_per_rank, destroy_group, exit_process,
+                                   gather_ints, init_group)
 
 logger = logging.getLogger(__name__)
 
@@ -90,4 +90,4 @@ def worker_main(rank: int, rdv: Rendezvous, config: EngineConfig, timeout_s: flo
         code = 1
     finally:
         destroy_group()
-    sys.exit(code)
+    exit_process(code)

@@ -159,6 +159,47 @@ def test_each_rank_reads_only_its_slice(models, monkeypatch):
         assert sum(read) < 0.6 * full if tp == 2 else sum(read) < 0.35 * full
 
 
+TORCHRUN_SCRIPT = """
+import json, os, sys
+from llmbatch.runtime.config import EngineConfig
+from llmbatch.runtime.engine import Engine
+from llmbatch.runtime.request import Request
+from llmbatch.runtime.sampling_params import SamplingParams
+model, prompts_file, out_file = sys.argv[1:]
+engine = Engine(EngineConfig(model=model, device="cpu", dtype="float32", tensor_parallel_size=2))
+# Only rank 0 gets here: the other ranks serve steps inside Engine() and exit.
+assert os.environ["RANK"] == "0", os.environ["RANK"]
+prompts = json.load(open(prompts_file))
+reqs = [Request(i, p, SamplingParams(max_new_tokens=%d)) for i, p in enumerate(prompts)]
+out = {r.request_id: r.output_token_ids for r in engine.generate(reqs)}
+json.dump([out[i] for i in range(len(prompts))], open(out_file, "w"))
+engine.runner.shutdown()
+""" % MAX_NEW
+
+
+def test_torchrun_launch_joins_the_group(models, tokenizer, tmp_path):
+    """Under torchrun every process calls Engine(); rank 1 serves steps and exits cleanly."""
+    import json
+    import subprocess
+    import sys
+
+    from llmbatch.runtime.dist import free_port
+
+    path, _, prompts, expected = models["llama-gqa"]
+    tokenizer.save_pretrained(path)
+    (tmp_path / "run.py").write_text(TORCHRUN_SCRIPT)
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(free_port()), str(tmp_path / "run.py"), str(path),
+         str(tmp_path / "prompts.json"), str(tmp_path / "out.json")],
+        env=env, capture_output=True, text=True, timeout=120)
+    (tmp_path / "stderr.txt").write_text(proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "out.json").read_text()) == expected
+
+
 def test_heads_that_do_not_split_are_refused_before_spawning(models):
     path = models["llama-gqa"][0]
     with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by "
@@ -171,8 +212,9 @@ def test_rendezvous_detection():
     torchrun = dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="10.0.0.1",
                     MASTER_PORT="29500")
     r = detect_rendezvous(2, torchrun)
-    assert (r.rank, r.world_size, r.local_rank, r.init_method, r.launched) == (
-        1, 2, 1, "tcp://10.0.0.1:29500", True)
+    assert (r.rank, r.world_size, r.local_rank, r.master_addr, r.master_port, r.launched) == (
+        1, 2, 1, "10.0.0.1", 29500, True)
+    assert r.init_method == "env://"  # torchrun's agent hosts the store
     with pytest.raises(ValueError, match="started 2 processes but tensor_parallel_size is 4"):
         detect_rendezvous(4, torchrun)
     with pytest.raises(ValueError, match="MASTER_PORT is not"):
@@ -180,8 +222,8 @@ def test_rendezvous_detection():
     srun = dict(SLURM_PROCID="3", SLURM_NTASKS="4", SLURM_LOCALID="1", SLURM_JOB_ID="123456",
                 SLURM_JOB_NODELIST="node7")
     r = detect_rendezvous(4, srun)
-    assert (r.rank, r.world_size, r.local_rank, r.master_addr, r.master_port) == (
-        3, 4, 1, "node7", 20000 + 123456 % 10000)
+    assert (r.rank, r.world_size, r.local_rank, r.init_method) == (
+        3, 4, 1, f"tcp://node7:{20000 + 123456 % 10000}")
     # One SLURM task: we spawn the ranks, on the job's own port.
     r = detect_rendezvous(2, dict(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_JOB_ID="77"))
     assert (r.rank, r.launched, r.master_port) == (0, False, 20077)
