@@ -60,11 +60,17 @@ class ModelRunner:
         self.max_model_len = min(config.max_model_len or model_max, model_max)
 
         self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.model = build_model(hf_config, self.dtype, self.device, tp_rank, tp_size)
+        # Quantized: the dense shard is staged on the host and each linear layer is quantized
+        # straight onto the device, so the device never holds the dense model.
+        quantized = config.quantization != "none"
+        self.model = build_model(hf_config, self.dtype, "cpu" if quantized else self.device,
+                                 tp_rank, tp_size)
         if hasattr(self.model, "check_context_len"):  # e.g. Mistral's sliding window, refused early
             self.model.check_context_len(self.max_model_len)
-        attach_quantization(self.model, config.quantization, hf_config)
+        attach_quantization(self.model, config.quantization, hf_config, device=self.device)
         load_weights(self.model, self.model_path)
+        if quantized:
+            self.model.to(self.device)  # the rest: embedding, LM head, norms, rotary
         self.weight_bytes = model_weight_bytes(self.model)  # this rank's loaded weights
         self.weight_bytes_per_rank = [self.weight_bytes]    # tp_executor fills every rank's
         self.model.eval()

@@ -49,15 +49,22 @@ class BnbLinearMethod:
     """A LinearBase `quant_method`: owns nothing; the quantized tensors live on the layer as
     buffers `qweight` (+ `qabsmax` for nf4, `qscale` for int8), the dense `weight` is dropped."""
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, device=None) -> None:
+        """device: where the quantized tensors go (None: where the dense weight is). The
+        dense slice may be staged on the host; it is moved one layer at a time."""
         if method not in METHODS:
             raise ValueError(f"quantization method {method!r} is not one of {', '.join(METHODS)}")
         self.method = method
+        self.device = device
         self.bnb = import_bnb()
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         bf = self.bnb.functional
         w = layer.weight.data  # (out_per_rank, in_per_rank), model dtype, this rank's slice
+        if self.device is not None:
+            w = w.to(self.device)
+        if layer.bias is not None:
+            layer.bias.data = layer.bias.data.to(w.device)
         if self.method == "nf4":
             # Quantized as a flat vector: the blocks run over the row-major flattened slice.
             packed, flat_state = bf.quantize_4bit(w.reshape(-1), blocksize=NF4_BLOCKSIZE,
@@ -102,16 +109,17 @@ def check_checkpoint_not_quantized(hf_config) -> None:
             f"unquantized checkpoint with quantization.method: int8 or nf4 instead")
 
 
-def attach_quantization(model: nn.Module, method: str, hf_config=None) -> int:
+def attach_quantization(model: nn.Module, method: str, hf_config=None, device=None) -> int:
     """Give every linear layer of `model` a quant_method (before load_weights). Returns how
-    many layers will be quantized. method 'none' only checks the checkpoint's config."""
+    many layers will be quantized. method 'none' only checks the checkpoint's config.
+    device: where quantized weights are put (see BnbLinearMethod)."""
     from llmbatch.runtime.layers.linear import LinearBase
 
     if hf_config is not None:
         check_checkpoint_not_quantized(hf_config)
     if method in (None, "none"):
         return 0
-    quant = BnbLinearMethod(method)
+    quant = BnbLinearMethod(method, device)
     count = 0
     for module in model.modules():
         if isinstance(module, LinearBase):
