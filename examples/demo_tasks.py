@@ -62,10 +62,11 @@ SYSTEM_PROMPTS = (
 DEMO_SYSTEM_PROMPTS = SYSTEM_PROMPTS[:3]
 
 
-def sample_prompt(rng: random.Random) -> tuple[str, list[str]]:
+def sample_prompt(rng: random.Random, weights: dict | None = None) -> tuple[str, list[str]]:
     """Draw one (task, words) pair: a weighted task and MIN_WORDS..MAX_WORDS distinct words."""
-    names = list(TASK_WEIGHTS)
-    task = rng.choices(names, weights=[TASK_WEIGHTS[n] for n in names])[0]
+    weights = weights or TASK_WEIGHTS
+    names = list(weights)
+    task = rng.choices(names, weights=[weights[n] for n in names])[0]
     num_words = rng.randint(MIN_WORDS, MAX_WORDS)
     # Distinct words: with repeats, "which word comes after this one" has two answers and
     # copying becomes ambiguous.

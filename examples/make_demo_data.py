@@ -29,6 +29,11 @@ sys.path.insert(0, str(HERE))  # demo_tasks lives next to this file
 import demo_tasks  # noqa: E402
 
 
+# The demo file's own task mix (independent of the training mix in demo_tasks.TASK_WEIGHTS, so
+# retuning training does not change the demo rows).
+DATA_TASK_WEIGHTS = {"Repeat": 4, "Reverse": 4, "First": 1, "Last": 1}
+
+
 def build_rows(num_rows: int, seed: int) -> dict[str, list]:
     """Column-major rows with distinct user texts (so ids map to distinct prompts)."""
     rng = random.Random(seed)
@@ -36,7 +41,7 @@ def build_rows(num_rows: int, seed: int) -> dict[str, list]:
                                 ("id", "messages", "prompt", "system_prompt", "task", "expected")}
     seen: set[str] = set()
     while len(columns["id"]) < num_rows:
-        task, words = demo_tasks.sample_prompt(rng)
+        task, words = demo_tasks.sample_prompt(rng, DATA_TASK_WEIGHTS)
         text = demo_tasks.user_text(task, words)
         if text in seen:
             continue

@@ -157,9 +157,12 @@ def train(model, tokenizer, args, excluded: set[str]) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
 
+        # A batch is all with or all without a system prompt: mixing them would pad every
+        # short row to the length of the long ones (measured ~1.6x fewer steps per second).
+        system_prob = 1.0 if rng.random() < args.system_prob else 0.0
         batch = []
         while len(batch) < args.batch_size:
-            messages, answer = demo_tasks.sample_messages(rng, args.system_prob)
+            messages, answer = demo_tasks.sample_messages(rng, system_prob)
             if messages[-1]["content"] in excluded:  # keep held-out prompts unseen
                 continue
             batch.append(encode_example(tokenizer, messages, answer))
