@@ -7,9 +7,21 @@ generated text; the model is a random-initialised LlamaForCausalLM saved in floa
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
+
+# Without CUDA, Triton kernels run in the interpreter. The switch is read when a kernel module
+# is first imported, and transformers may import triton while collecting any test module, so
+# it is set here, before any test module is imported.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    pass
 
 # Jinja chat template of the tiny tokenizer: <s><|role|>content\n ... <|assistant|>
 CHAT_TEMPLATE = (
