@@ -8,7 +8,8 @@ tasks of demo_tasks.py (Repeat / Reverse / First / Last).
 
 Training is seeded and stops at --max-steps or --max-seconds, whichever comes first; the learning
 rate anneals on the same progress measure, so a slow machine still ends with a decayed LR. With
-the same number of steps (the step limit reached first) the weights are bit-identical.
+the same number of steps (the step limit reached first) and thread count, the weights are
+bit-identical.
 At the end it prints the exact-match rate of greedy `model.generate` on held-out prompts that
 never occur in training.
 """
@@ -47,11 +48,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-# Model shapes. "demo" is what the README quickstart uses; "tiny" exists for the test suite.
+# Model shapes. "demo" is what the README quickstart uses: small enough for ~2,500 steps in
+# 110 s on one busy core, which the copy tasks need more than width (a 1.4 M-parameter shape
+# managed under 300 steps in the same time and learned nothing). "tiny" is for the test suite.
 SHAPES = {
     "demo": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2),
-    "wide": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2),
     "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                  num_attention_heads=4, num_key_value_heads=2),
