@@ -50,7 +50,8 @@ CHAT_TEMPLATE = (
 
 # Model shapes. "demo" is what the README quickstart uses: small enough for ~2,500 steps in
 # 110 s on one busy core, which the copy tasks need more than width (a 1.4 M-parameter shape
-# managed under 300 steps in the same time and learned nothing). "tiny" is for the test suite.
+# with 2 threads on a busy machine managed under 300 steps and learned nothing). "tiny" is for
+# the test suite.
 SHAPES = {
     "demo": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2),
