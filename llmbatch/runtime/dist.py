@@ -160,6 +160,9 @@ def destroy_group() -> None:
             dist.destroy_process_group()
         except Exception:  # a group broken by a dead rank may fail to tear down cleanly
             pass
+    import gc
+
+    gc.collect()  # release the group's C++ objects now, not at interpreter teardown
 
 
 def spawn_workers(world_size: int, target, args: tuple) -> list:

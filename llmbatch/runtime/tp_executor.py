@@ -96,8 +96,11 @@ class TPExecutor:
             raise ValueError(f"TPExecutor runs on rank 0, this process is rank {self.rdv.rank}")
         self._closed, self.procs = False, []
         cfg = rank_config(config, self.rdv.local_rank)
-        if not self.rdv.launched:
-            check_shardable(config)  # fail before spawning anything
+        if not self.rdv.launched:  # fail before spawning anything
+            check_shardable(config)
+            if cfg.device.startswith("cuda") and torch.cuda.device_count() < tp:
+                raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs on this node; "
+                                 f"{torch.cuda.device_count()} visible")
         self._saved_threads = torch.get_num_threads()
         if cfg.device == "cpu":  # restored at shutdown
             torch.set_num_threads(cpu_threads_per_rank(tp))
@@ -162,12 +165,16 @@ class TPExecutor:
         if not broken and getattr(self, "group", None) is not None:
             try:
                 dist.broadcast_object_list([None], src=0, group=self.group)
+                dist.barrier(group=self.group)
             except Exception:
                 broken = True
         if broken:
             for p in self.procs:  # survivors would only wait for the group timeout
                 if p.is_alive():
                     p.kill()
+        # No Python reference may outlive the group: a ProcessGroup object destroyed during
+        # interpreter teardown can abort the process.
+        self.group = None
         destroy_group()
         join_workers(self.procs, timeout_s=5.0 if broken else 30.0)
         torch.set_num_threads(self._saved_threads)

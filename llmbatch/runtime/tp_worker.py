@@ -9,7 +9,7 @@ Protocol over the gloo control group (rank 0 is the root of every broadcast):
                    emptied: Request objects stay on rank 0), then every rank runs
                    ModelRunner.forward_logits on it: all-reduces in the row-parallel layers and
                    the embedding, all-gather in the LM head. Only rank 0 samples.
-    shutdown       rank 0 broadcasts None; every rank leaves the group.
+    shutdown       rank 0 broadcasts None; a barrier, then every rank leaves the group.
 
 A worker that fails prints one line to stderr and exits non-zero; rank 0 notices in its next
 collective (socket closed, or the group timeout) and fails the job.
@@ -40,10 +40,14 @@ def rank_config(config: EngineConfig, local_rank: int) -> EngineConfig:
         if device != "cuda":
             raise ValueError(f"device={config.device!r} names one GPU but tensor_parallel_size="
                              f"{config.tensor_parallel_size}; use device auto or cuda")
-        if local_rank >= torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        if visible == 1:  # e.g. srun --gpus-per-task=1: each rank sees only its own GPU
+            device = "cuda:0"
+        elif local_rank < visible:
+            device = f"cuda:{local_rank}"
+        else:
             raise ValueError(f"tensor-parallel local rank {local_rank} has no GPU: "
-                             f"{torch.cuda.device_count()} visible on this node")
-        device = f"cuda:{local_rank}"
+                             f"{visible} visible on this node")
     return dataclasses.replace(config, device=device)
 
 
@@ -67,6 +71,7 @@ def serve(runner, group) -> None:
         box = [None]
         dist.broadcast_object_list(box, src=0, group=group)
         if box[0] is None:
+            dist.barrier(group=group)  # nobody tears down while another rank still talks
             return
         runner.forward_logits(box[0])
 
