@@ -17,6 +17,7 @@ group is torn down and the surviving workers are stopped, so nothing hangs.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import sys
 import time
@@ -97,6 +98,10 @@ class TPExecutor:
         self._closed, self.procs = False, []
         cfg = rank_config(config, self.rdv.local_rank)
         if not self.rdv.launched:  # fail before spawning anything
+            from llmbatch.runtime.loader import resolve_model_path
+
+            # Resolved once here (a hub id is fetched once), the workers get the local path.
+            config = dataclasses.replace(config, model=resolve_model_path(config.model))
             check_shardable(config)
             if cfg.device.startswith("cuda") and torch.cuda.device_count() < tp:
                 raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs on this node; "
