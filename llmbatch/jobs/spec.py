@@ -111,6 +111,8 @@ class SpeculativeSection(_Section):
     method: Literal["none", "ngram", "draft"] = "none"
     num_tokens: int = Field(default=4, ge=1)
     draft_model: Optional[str] = None
+    # Above this many running requests the engine stops drafting (verification would cost more).
+    max_num_seqs: int = Field(default=16, ge=1)
 
 
 class ShardSection(_Section):
@@ -146,7 +148,8 @@ class JobSpec(_Section):
             tensor_parallel_size=self.parallel.tensor_parallel_size,
             quantization=self.quantization.method, speculative_method=self.speculative.method,
             num_speculative_tokens=self.speculative.num_tokens,
-            draft_model=self.speculative.draft_model, seed=self.sampling.seed)
+            draft_model=self.speculative.draft_model,
+            speculative_max_num_seqs=self.speculative.max_num_seqs, seed=self.sampling.seed)
         if e.cpu_kv_cache_bytes is not None:
             kwargs["cpu_kv_cache_bytes"] = e.cpu_kv_cache_bytes
         return EngineConfig(**kwargs)

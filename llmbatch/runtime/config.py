@@ -36,6 +36,7 @@ class EngineConfig:
     speculative_method: str = "none"
     num_speculative_tokens: int = 4
     draft_model: Optional[str] = None
+    speculative_max_num_seqs: int = 16          # no drafts when more requests are running
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ from llmbatch.runtime.planner import Planner
 from llmbatch.runtime.request import FinishReason, Request, RequestStatus
 from llmbatch.runtime.sampler import default_seed
 from llmbatch.runtime.scheduler import Scheduler
+from llmbatch.runtime.spec_decode import NgramProposer
 from llmbatch.runtime.stop_checker import StopChecker
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class Engine:
         from llmbatch.runtime.tp_executor import make_model_runner
 
         self.config = config
+        self.proposer = self._make_proposer(config)
         self.runner = runner if runner is not None else make_model_runner(config)
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(
             config.tokenizer or self.runner.model_path,
@@ -45,6 +47,40 @@ class Engine:
         self._counters = dict(num_requests=0, num_error_requests=0, num_prompt_tokens=0,
                               num_cached_prompt_tokens=0, num_output_tokens=0, num_steps=0,
                               num_preemptions=0, num_spec_accepted_tokens=0)
+
+    @staticmethod
+    def _make_proposer(config: EngineConfig):
+        if config.speculative_method == "ngram":
+            return NgramProposer()
+        if config.speculative_method == "draft":
+            raise ValueError("speculative method 'draft' is not implemented yet; "
+                             "use 'ngram' or 'none'")
+        return None
+
+    def set_proposer(self, proposer) -> None:
+        """Install any object with propose(request, num_tokens) -> list[int] (bench replay)."""
+        self.proposer = proposer
+
+    def _propose(self) -> None:
+        """Give decoding requests draft tokens, unless the batch is too large to gain.
+
+        Verification multiplies a request's step cost by about (1 + k) in compute; at small
+        batches a step is bound by reading the weights, so that is nearly free, but at large
+        batches it is not: above speculative_max_num_seqs running requests, no drafts.
+        """
+        running = self.scheduler.running
+        if not running or len(running) > self.config.speculative_max_num_seqs:
+            return
+        k = self.config.num_speculative_tokens
+        for req in running:
+            if req.num_computed_tokens != req.num_tokens - 1:
+                continue   # still prefilling
+            params = req.sampling_params
+            # Never draft past max_new_tokens or the context: all k + 1 tokens must fit.
+            room = min(k, params.max_new_tokens - req.num_output_tokens - 1,
+                       self.max_model_len - req.num_tokens - 1)
+            if room > 0:
+                req.spec_token_ids = list(self.proposer.propose(req, room))[:room]
 
     def _find_eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -87,6 +123,8 @@ class Engine:
             yield from self.step()
 
     def step(self) -> list[GenerationResult]:
+        if self.proposer is not None:
+            self._propose()
         out = self.scheduler.schedule()
         self._counters["num_preemptions"] += len(out.preempted)
         if not out.scheduled:

@@ -18,6 +18,7 @@ from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.device import resolve_device, resolve_dtype
 from llmbatch.runtime.sampler import Sampler
 from llmbatch.runtime.scheduler import SchedulerOutput
+from llmbatch.runtime.spec_decode import num_accepted
 
 logger = logging.getLogger(__name__)
 
@@ -261,10 +262,20 @@ class ModelRunner:
         result = self.sampler.sample(logits, params, s.sample_output_index,
                                      default_seeds=default_seeds)
         sampled: dict[Any, list[int]] = {}
+        logprobs: dict[Any, list] = {}
         for j, (req, token) in enumerate(zip(s.sample_requests, result.token_ids)):
             sampled.setdefault(req.request_id, []).append(token)
             if result.logprobs is not None and result.logprobs[j] is not None:
+                logprobs.setdefault(req.request_id, []).append(result.logprobs[j])
+        for req in dict.fromkeys(s.sample_requests):
+            tokens = sampled[req.request_id]
+            if req.spec_token_ids:
+                # Keep the accepted drafts plus the target's next token (spec_decode.py).
+                keep = num_accepted(req.spec_token_ids, tokens) + 1
+                req.num_spec_accepted_tokens += keep - 1
+                del tokens[keep:]
+            if req.request_id in logprobs:
                 if not hasattr(req, "output_logprobs"):
                     req.output_logprobs = []
-                req.output_logprobs.append(result.logprobs[j])
+                req.output_logprobs.extend(logprobs[req.request_id][:len(tokens)])
         return sampled

@@ -118,3 +118,46 @@ def test_timings_and_counters(setup):
     assert stats["num_output_tokens"] == 40
     assert stats["num_prompt_tokens"] == sum(len(p) for p in prompts)
     assert all(0 <= t < VOCAB for r in res.values() for t in r.output_token_ids)
+
+
+def test_ngram_speculation_is_lossless_for_sampling_and_under_preemption(setup):
+    # Repetitive prompts so prompt lookup has something to propose.
+    rng = random.Random(4)
+    prompts = []
+    for i in range(24):
+        motif = [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 6))]
+        prompts.append(motif * rng.randint(3, 8))
+
+    def run(**kw):
+        engine = new_engine(setup, **kw)
+        reqs = [Request(i, p, SamplingParams(max_new_tokens=12, temperature=0.5, top_k=3, seed=i,
+                                             ignore_eos=True, logprobs=2))
+                for i, p in enumerate(prompts)]
+        return generate(engine, reqs), engine.stats()
+
+    off, _ = run()
+    on, stats = run(speculative_method="ngram", num_speculative_tokens=4,
+                    speculative_max_num_seqs=64)
+    tight, tight_stats = run(speculative_method="ngram", num_speculative_tokens=4,
+                             speculative_max_num_seqs=64, kv_cache_blocks=6)
+    assert stats["num_spec_accepted_tokens"] > 0
+    assert tight_stats["num_preemptions"] > 0
+    for i in range(len(prompts)):
+        assert on[i].output_token_ids == off[i].output_token_ids
+        assert tight[i].output_token_ids == off[i].output_token_ids
+        # One logprob entry per kept token, none for rejected drafts.
+        assert len(on[i].logprobs) == on[i].num_output_tokens
+    assert sum(r.spec_accepted_tokens for r in on.values()) == stats["num_spec_accepted_tokens"]
+
+
+def test_speculation_turns_off_for_large_batches(setup):
+    prompts = [[5, 6, 7] * 6 for _ in range(8)]
+    engine = new_engine(setup, speculative_method="ngram", speculative_max_num_seqs=4)
+    generate(engine, [Request(i, p, SamplingParams(max_new_tokens=4, ignore_eos=True))
+                      for i, p in enumerate(prompts)])
+    assert engine.stats()["num_spec_accepted_tokens"] == 0
+
+
+def test_draft_model_speculation_is_refused_clearly(setup):
+    with pytest.raises(ValueError, match="not implemented yet"):
+        new_engine(setup, speculative_method="draft", draft_model="x")
