@@ -221,8 +221,9 @@ class JobRunner:
             gpu_summary = gpu.summary()
         finally:
             self._progress.close()
-        result = self._result(gpu_summary, resume_row)
-        result.extra["engine_stats"] = dict(engine.stats()) if hasattr(engine, "stats") else {}
+        engine_stats = dict(engine.stats()) if hasattr(engine, "stats") else {}
+        result = self._result(gpu_summary, resume_row, engine_stats)
+        result.extra["engine_stats"] = engine_stats
         self._say(f"llmbatch: done in {result.stats['wall_s']:.1f}s; stats in {result.stats_path}")
         return result
 
@@ -316,13 +317,14 @@ class JobRunner:
         self._next_seq += 1
         self._next_commit = hi
 
-    def _result(self, gpu_summary: dict, resume_row: int) -> JobResult:
+    def _result(self, gpu_summary: dict, resume_row: int, engine_stats: dict) -> JobResult:
         plan, shard = self._plan, self._shard
         summary = self.stats.summary(
             shard_index=shard.index, shard_count=shard.count,
             run=next_run_index(self.out_dir, shard.index),
             rows_total=plan.row_end - plan.row_start, rows_skipped=resume_row - plan.row_start,
-            config_hash=plan.config_hash, seed=self.spec.sampling.seed, gpu=gpu_summary)
+            config_hash=plan.config_hash, seed=self.spec.sampling.seed, gpu=gpu_summary,
+            engine=engine_stats)
         stats_path = write_stats(self.out_dir, summary)
         num_errors = sum(e["num_errors"] for e in self._entries)
         total = plan.row_end - plan.row_start

@@ -38,6 +38,8 @@ STATS_SCHEMA = pa.schema([
     ("config_hash", pa.string()), ("seed", pa.int64()),
     ("llmbatch_version", pa.string()), ("torch_version", pa.string()),
     ("transformers_version", pa.string()),
+    # From the engine: loaded weight bytes of each tensor-parallel rank, quantization method.
+    ("weight_bytes_per_rank", pa.list_(pa.int64())), ("quantization", pa.string()),
 ])
 
 
@@ -109,7 +111,9 @@ class ShardStats:
         return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else None
 
     def summary(self, *, shard_index: int, shard_count: int, run: int, rows_total: int,
-                rows_skipped: int, config_hash: str, seed: int, gpu: dict) -> dict:
+                rows_skipped: int, config_hash: str, seed: int, gpu: dict,
+                engine: Optional[dict] = None) -> dict:
+        """engine: Engine.stats() (or None for engines without it)."""
         wall = self.elapsed_s
         end_wall = self.start_wall + wall
         iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e3):03d}Z"
@@ -135,6 +139,10 @@ class ShardStats:
                                              "gpu_util_max", "gpu_mem_used_mean_bytes",
                                              "gpu_mem_used_max_bytes")})
         out.update(versions())
+        engine = engine or {}
+        per_rank = engine.get("weight_bytes_per_rank")
+        out["weight_bytes_per_rank"] = [int(b) for b in per_rank] if per_rank is not None else None
+        out["quantization"] = engine.get("quantization")
         return out
 
 

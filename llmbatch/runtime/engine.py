@@ -157,6 +157,13 @@ class Engine:
                                 if s["num_prompt_tokens"] else 0.0)
         s["num_kv_blocks"] = self.runner.num_kv_blocks
         s["block_size"] = self.config.block_size
+        # Bytes of the loaded weights on each TP rank (quantized buffers included), and the
+        # quantization in effect (a pre-quantized checkpoint's method when config says none).
+        per_rank = getattr(self.runner, "weight_bytes_per_rank", None)
+        if per_rank is None and getattr(self.runner, "weight_bytes", None) is not None:
+            per_rank = [self.runner.weight_bytes]
+        s["weight_bytes_per_rank"] = [int(b) for b in per_rank] if per_rank is not None else None
+        s["quantization"] = getattr(self.runner, "quantization", None) or self.config.quantization
         return s
 
     # -- helpers ----------------------------------------------------------------------
