@@ -1,0 +1,83 @@
+"""A job launched under torchrun with tensor_parallel_size 2 (gloo, CPU): rank 0 owns the output
+folder, rank 1 only serves engine steps, and the rows equal the tensor_parallel_size 1 run."""
+
+import os
+import subprocess
+import sys
+
+import pyarrow.dataset as ds
+import pytest
+import yaml
+
+from llmbatch.jobs.errors import InternalError
+
+COLUMNS = ["id", "output_token_ids", "output_text", "finish_reason", "num_prompt_tokens"]
+
+
+def _rows(out: str) -> list[dict]:
+    return ds.dataset(out).to_table(columns=COLUMNS).to_pylist()
+
+
+def test_rank_above_zero_touches_no_output_before_the_engine(tmp_path, tiny_llama_dir, jobkit,
+                                                             monkeypatch):
+    """RANK=1 of a launched TP job: the engine is built first and nothing reads or writes the
+    output folder (the stale temporary that rank 0 would clean up stays)."""
+    from llmbatch import run_job
+
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / "part-00000-00000.parquet.tmp"
+    stale.write_bytes(b"stale")
+    for key, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="29999").items():
+        monkeypatch.setenv(key, value)
+    seen = []
+
+    def factory(config):
+        seen.append(sorted(os.listdir(out)))
+        raise SystemExit(0)   # what the real engine does on rank > 0 when rank 0 shuts down
+
+    # The input does not exist: a worker rank does not even plan (rank 0 validates).
+    job = jobkit.make_job(tiny_llama_dir, str(tmp_path / "missing.parquet"), str(out),
+                          parallel={"tensor_parallel_size": 2})
+    with pytest.raises(SystemExit):
+        run_job(job, engine_factory=factory)
+    assert seen == [[stale.name]]
+    assert sorted(os.listdir(out)) == [stale.name]
+
+    def returns(config):
+        return object()
+    with pytest.raises(InternalError, match="rank 1: the engine returned on a worker rank"):
+        run_job(job, engine_factory=returns)
+
+
+def test_torchrun_cli_job_equals_tp1(tmp_path, tiny_llama_dir, jobkit, monkeypatch):
+    from llmbatch import run_job
+    from llmbatch.runtime.dist import free_port
+
+    monkeypatch.delenv("LLMBATCH_ENGINE_FACTORY", raising=False)
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 8, seed=3)
+    common = dict(sampling={"max_new_tokens": 5}, model={"path": tiny_llama_dir,
+                                                         "dtype": "float32"},
+                  engine={"kv_cache_blocks": 32, "device": "cpu"}, output={"rows_per_part": 3})
+    tp1 = str(tmp_path / "tp1")
+    assert run_job(jobkit.make_job(tiny_llama_dir, inp, tp1, **common)).num_rows_ok == 8
+
+    tp2 = str(tmp_path / "tp2")
+    job = jobkit.make_job(tiny_llama_dir, inp, tp2, parallel={"tensor_parallel_size": 2},
+                          **common)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    env = {k: v for k, v in os.environ.items() if k != "LLMBATCH_ENGINE_FACTORY"}
+    env.update(PYTHONPATH=os.getcwd(), HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(free_port()), "-m", "llmbatch.cli", "run",
+         str(tmp_path / "job.yaml"), "--progress", "none"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # One summary line: only rank 0 ran the job layer.
+    assert proc.stdout.count("shard 0/1: 8 rows (8 ok") == 1, proc.stdout
+    assert _rows(tp2) == _rows(tp1)
+    assert len(_rows(tp1)) == 8
+    names = sorted(n for n in os.listdir(tp2) if n.endswith(".parquet"))
+    assert names == sorted(n for n in os.listdir(tp1) if n.endswith(".parquet"))
