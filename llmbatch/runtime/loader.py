@@ -122,14 +122,16 @@ def _expected_loads(params: dict, mapping: dict) -> set[tuple[str, object]]:
     return expected
 
 
-def load_weights(model: nn.Module, checkpoint_dir: str) -> None:
+def load_weights(model: nn.Module, checkpoint_dir: str, tensors=None) -> None:
     """Fill every parameter of `model` from the checkpoint; raise if any stays unloaded or if
-    the checkpoint holds a tensor the model does not know (a config/checkpoint mismatch)."""
+    the checkpoint holds a tensor the model does not know (a config/checkpoint mismatch).
+    tensors: (name, tensor) pairs to load instead of iterate_checkpoint(checkpoint_dir)
+    (a pre-quantized checkpoint's dequantized stream)."""
     params = dict(model.named_parameters())  # tied weights appear once
     mapping = getattr(model, "packed_modules_mapping", {})
     skip = getattr(model, "skip_checkpoint_tensor", lambda name: False)
     loaded: set[tuple[str, object]] = set()
-    for name, tensor in iterate_checkpoint(checkpoint_dir):
+    for name, tensor in (iterate_checkpoint(checkpoint_dir) if tensors is None else tensors):
         if skip(name):
             continue
         pname, shard_id = _target(name, mapping)

@@ -46,7 +46,8 @@ class ModelRunner:
         from transformers import AutoConfig
 
         from llmbatch.runtime.layers.quantization import attach_quantization, model_weight_bytes
-        from llmbatch.runtime.loader import load_weights, resolve_model_path
+        from llmbatch.runtime.layers.bnb_checkpoint import dequantized_tensors, resolve_method
+        from llmbatch.runtime.loader import iterate_checkpoint, load_weights, resolve_model_path
         from llmbatch.runtime.models.registry import build_model
 
         self.config = config
@@ -61,15 +62,21 @@ class ModelRunner:
         self.max_model_len = min(config.max_model_len or model_max, model_max)
 
         self.tp_rank, self.tp_size = tp_rank, tp_size
+        # A checkpoint quantized by bitsandbytes brings its own method (and is dequantized
+        # while streaming, then requantized per slice: bnb_checkpoint.py).
+        self.quantization, prequantized = resolve_method(config.quantization, hf_config)
         # Quantized: the dense shard is staged on the host and each linear layer is quantized
         # straight onto the device, so the device never holds the dense model.
-        quantized = config.quantization != "none"
+        quantized = self.quantization != "none"
         self.model = build_model(hf_config, self.dtype, "cpu" if quantized else self.device,
                                  tp_rank, tp_size)
         if hasattr(self.model, "check_context_len"):  # e.g. Mistral's sliding window, refused early
             self.model.check_context_len(self.max_model_len)
-        attach_quantization(self.model, config.quantization, hf_config, device=self.device)
-        load_weights(self.model, self.model_path)
+        attach_quantization(self.model, self.quantization, device=self.device)
+        tensors = None
+        if prequantized:
+            tensors = dequantized_tensors(iterate_checkpoint(self.model_path), self.quantization)
+        load_weights(self.model, self.model_path, tensors=tensors)
         if quantized:
             self.model.to(self.device)  # the rest: embedding, LM head, norms, rotary
         self.weight_bytes = model_weight_bytes(self.model)  # this rank's loaded weights

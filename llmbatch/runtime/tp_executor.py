@@ -124,6 +124,7 @@ class TPExecutor:
         self.device, self.dtype, self.block_size = r.device, r.dtype, r.block_size
         self.weight_bytes = r.weight_bytes                  # rank 0's
         self.weight_bytes_per_rank = r.weight_bytes_per_rank
+        self.quantization = r.quantization                  # a pre-quantized checkpoint's method
         self.model = r.model                                # rank 0's shard
 
     def prepare_inputs(self, out: SchedulerOutput):

@@ -187,7 +187,9 @@ def test_missing_bitsandbytes_is_one_clear_error(checkpoint, monkeypatch):
         runner(checkpoint[0], "nf4")
 
 
-def test_prequantized_checkpoint_is_refused(checkpoint, tmp_path):
+def test_prequantized_fp4_checkpoint_is_refused(checkpoint, tmp_path):
+    """nf4/int8 checkpoints load (test_bnb_checkpoint.py); 4-bit fp4 (the default quant type
+    when none is given) is refused."""
     path, _ = checkpoint
     for f in path.iterdir():
         (tmp_path / f.name).symlink_to(f)
@@ -195,8 +197,7 @@ def test_prequantized_checkpoint_is_refused(checkpoint, tmp_path):
     cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (tmp_path / "config.json").unlink()
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="already quantized .*quant_method='bitsandbytes'.* not "
-                                         "supported"):
+    with pytest.raises(ValueError, match="bitsandbytes 4-bit 'fp4'; only nf4 is supported"):
         runner(tmp_path, "none")
 
 

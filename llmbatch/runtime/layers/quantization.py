@@ -18,7 +18,8 @@ in the model dtype.
           row (1 + 4/in bytes per weight). Forward is weight-only: the int8 rows are scaled back
           to the activation dtype and used in F.linear (no int8 activations, so no LLM.int8
           outlier handling is needed for accuracy).
-Checkpoints already quantized (a `quantization_config` in config.json) are refused for now.
+Checkpoints already quantized by bitsandbytes are dequantized while loading and requantized per
+slice with their own method (bnb_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -98,25 +99,16 @@ class BnbLinearMethod:
         return F.linear(x, self.dequantize(layer, x.dtype), bias)
 
 
-def check_checkpoint_not_quantized(hf_config) -> None:
-    qc = getattr(hf_config, "quantization_config", None)
-    if qc:
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(
-            qc, "quant_method", "?")
-        raise ValueError(
-            f"the checkpoint is already quantized (quantization_config quant_method={method!r}); "
-            f"pre-quantized checkpoints are not supported by the native runtime yet: load the "
-            f"unquantized checkpoint with quantization.method: int8 or nf4 instead")
-
-
 def attach_quantization(model: nn.Module, method: str, hf_config=None, device=None) -> int:
     """Give every linear layer of `model` a quant_method (before load_weights). Returns how
-    many layers will be quantized. method 'none' only checks the checkpoint's config.
-    device: where quantized weights are put (see BnbLinearMethod)."""
+    many layers will be quantized. With hf_config, a checkpoint already quantized by
+    bitsandbytes sets the method (bnb_checkpoint.resolve_method; a conflicting method or an
+    unsupported quantization is a ValueError). device: where quantized weights are put."""
+    from llmbatch.runtime.layers.bnb_checkpoint import resolve_method
     from llmbatch.runtime.layers.linear import LinearBase
 
     if hf_config is not None:
-        check_checkpoint_not_quantized(hf_config)
+        method, _ = resolve_method(method, hf_config)
     if method in (None, "none"):
         return 0
     quant = BnbLinearMethod(method, device)

@@ -1,0 +1,154 @@
+"""Checkpoints already quantized by bitsandbytes (transformers' serialization), read back into
+dense tensors so the normal loader can slice them and BnbLinearMethod can requantize each slice.
+
+Recognised by config.json's `quantization_config` (quant_method "bitsandbytes"):
+    load_in_4bit, nf4   `X.weight` packed uint8 (numel/2, 1), row-major flat over (out, in);
+                        `X.weight.absmax` (one per blocksize weights; uint8 when double-quantized,
+                        with `X.weight.nested_absmax` / `nested_quant_map`), `X.weight.quant_map`
+                        (the 16 levels), `X.weight.quant_state.bitsandbytes__nf4` (a packed JSON:
+                        shape, dtype, blocksize, nested parameters).
+    load_in_8bit        `X.weight` int8 (out, in), `X.SCB` float32 (out,) row absmax,
+                        `X.weight_format` (ignored).
+Each quantized weight is dequantized on the host in full (it is 1/4 resp. 1/2 of the dense
+bytes) and handed to the loader as a plain tensor; every rank then keeps only its slice and the
+model's quant method requantizes that slice with the checkpoint's method. At TP 1 this gives
+back the checkpoint's own codes (the absmax of every block/row is one of its values, so it is
+reproduced exactly); under TP > 1 a row-parallel int8 slice gets its own row absmax, and nf4
+slices whose boundaries are not on 64-blocks are regrouped (same as quantizing a dense slice).
+fp4 and other quant methods (GPTQ, AWQ, ...) are refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterator, Optional
+
+import torch
+
+from llmbatch.runtime.layers.weight_utils import LoadedWeight, materialize
+
+# Companions of a 4-bit `X.weight`, by the suffix after "X.weight".
+NF4_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
+             ".quant_state.bitsandbytes__nf4")
+FP4_STATE = ".quant_state.bitsandbytes__fp4"
+
+
+def _as_dict(qc) -> dict:
+    return qc if isinstance(qc, dict) else qc.to_dict()
+
+
+def checkpoint_method(hf_config) -> Optional[str]:
+    """'nf4' | 'int8' for a bitsandbytes checkpoint, None for a dense one; anything else
+    (another quant method, fp4, fp16 master weights) is a ValueError."""
+    qc = getattr(hf_config, "quantization_config", None)
+    if not qc:
+        return None
+    qc = _as_dict(qc)
+    method = qc.get("quant_method")
+    if method != "bitsandbytes":
+        raise ValueError(f"the checkpoint is quantized with {method!r}; the native runtime loads "
+                         f"only bitsandbytes nf4/int8 checkpoints (or dense ones)")
+    if qc.get("load_in_4bit"):
+        qtype = qc.get("bnb_4bit_quant_type", "fp4")
+        if qtype != "nf4":
+            raise ValueError(f"the checkpoint is bitsandbytes 4-bit {qtype!r}; only nf4 is "
+                             f"supported")
+        return "nf4"
+    if qc.get("load_in_8bit"):
+        if qc.get("llm_int8_has_fp16_weight"):
+            raise ValueError("the checkpoint is bitsandbytes 8-bit with llm_int8_has_fp16_weight;"
+                             " only int8 weights are supported")
+        return "int8"
+    raise ValueError("the checkpoint's bitsandbytes quantization_config has neither "
+                     "load_in_4bit nor load_in_8bit")
+
+
+def resolve_method(requested: Optional[str], hf_config) -> tuple[str, bool]:
+    """(method to run with, whether the checkpoint is pre-quantized). A pre-quantized
+    checkpoint runs with its own method; asking for another one is refused."""
+    requested = requested or "none"
+    ckpt = checkpoint_method(hf_config) if hf_config is not None else None
+    if ckpt is None:
+        return requested, False
+    if requested not in ("none", ckpt):
+        raise ValueError(f"the checkpoint is already quantized with bitsandbytes {ckpt}; "
+                         f"quantization.method {requested!r} conflicts: use none or {ckpt}")
+    return ckpt, True
+
+
+def _dtype_name(t: LoadedWeight) -> str:
+    """Element type without reading the tensor ('U8', 'I8', 'F32', ... for safetensors)."""
+    if isinstance(t, torch.Tensor):
+        return {torch.uint8: "U8", torch.int8: "I8"}.get(t.dtype, str(t.dtype))
+    return t._slice.get_dtype()
+
+
+def dequantize_nf4(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """parts: "" (packed weight) and the NF4_PARTS suffixes present -> dense (out, in)."""
+    import bitsandbytes.functional as bf
+
+    qs = {k.lstrip("."): v for k, v in parts.items() if k}
+    state = bf.QuantState.from_dict(qs, device=torch.device("cpu"))
+    # Flat, like BnbLinearMethod: bitsandbytes 0.50's CPU dequantize is wrong for 2-D shapes
+    # whose rows are not whole blocks.
+    flat = copy.copy(state)
+    flat.shape = torch.Size([state.shape.numel()])
+    return bf.dequantize_4bit(parts[""], flat).view(state.shape)
+
+
+def dequantize_int8(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """int8 (out, in) and row absmax (out,) -> float32 (out, in)."""
+    return weight.float() * (scb.float() / 127.0).unsqueeze(1)
+
+
+def _needs(parts: dict) -> Optional[set]:
+    """Suffixes still missing for a 4-bit group (None: the weight itself is missing)."""
+    if "" not in parts:
+        return None
+    need = {".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4"}
+    state = parts.get(".quant_state.bitsandbytes__nf4")
+    if state is not None:
+        from bitsandbytes.utils import unpack_tensor_to_dict
+
+        if "nested_blocksize" in unpack_tensor_to_dict(materialize(state)):
+            need |= {".nested_absmax", ".nested_quant_map"}
+    return need - parts.keys()
+
+
+def dequantized_tensors(tensors: Iterator[tuple[str, LoadedWeight]], method: str
+                        ) -> Iterator[tuple[str, LoadedWeight]]:
+    """(name, tensor) of a pre-quantized checkpoint -> the same names with every quantized
+    `X.weight` dense (float32 or the checkpoint's dtype); other tensors pass through unread.
+    A group is emitted once all its parts were seen (they may come in any order)."""
+    from llmbatch.runtime.layers.quantization import import_bnb
+
+    import_bnb()
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors:
+        if name.endswith(".weight_format") or name.endswith(FP4_STATE):
+            if name.endswith(FP4_STATE):
+                raise ValueError(f"{name}: bitsandbytes fp4 weights are not supported")
+            continue
+        if method == "int8" and name.endswith(".SCB"):
+            key, part = name[:-len(".SCB")] + ".weight", ".SCB"
+        elif method == "nf4" and any(name.endswith(".weight" + s) for s in NF4_PARTS):
+            part = next(s for s in NF4_PARTS if name.endswith(".weight" + s))
+            key = name[:-len(part)]
+        elif name.endswith(".weight") and _dtype_name(t) in ("U8", "I8"):
+            key, part = name, ""
+        else:
+            yield name, t
+            continue
+        group = pending.setdefault(key, {})
+        group[part] = materialize(t)
+        if method == "int8" and {"", ".SCB"} <= group.keys():
+            yield key, dequantize_int8(group[""], group[".SCB"])
+            del pending[key]
+        elif method == "nf4" and _needs(group) == set():
+            yield key, dequantize_nf4(group)
+            del pending[key]
+    if pending:
+        key, group = next(iter(pending.items()))
+        have = ", ".join(sorted(p or "weight" for p in group))
+        raise ValueError(f"pre-quantized checkpoint: {key} is incomplete (found {have}); "
+                         f"expected the bitsandbytes {method} weight and its statistics")
