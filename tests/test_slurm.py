@@ -144,6 +144,15 @@ def test_array_job_shards_and_resumes(slurm_env, tmp_path, jobkit, tiny_tokenize
               f"LLMBATCH_PYTHON={sys.executable},PYTHONPATH={REPO}")
 
     job_id = _sbatch(slurm_env, work, f"0-{NUM_SHARDS - 1}", "job.yaml", export=export)
+    # merge.sbatch queued behind the whole array (afterok waits for every task).
+    merged = os.path.join(work, "merged.parquet")
+    proc = subprocess.run(
+        ["sbatch", "--parsable", f"--dependency=afterok:{job_id}", "--time=5",
+         f"--chdir={work}", f"--output={work}/merge-%j.log", f"--export=ALL{export}",
+         os.path.join(REPO, "slurm", "merge.sbatch"), "out", merged],
+        env=slurm_env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, f"sbatch failed: {proc.stderr.strip()}"
+    merge_id = proc.stdout.strip().split(";")[0]
     tasks = _wait(slurm_env, job_id, list(range(NUM_SHARDS)), work)
     assert tasks == {k: ("COMPLETED", "0:0") for k in range(NUM_SHARDS)}, _logs(work)
 
@@ -161,6 +170,22 @@ def test_array_job_shards_and_resumes(slurm_env, tmp_path, jobkit, tiny_tokenize
     stats = read_stats(out).to_pylist()
     assert [(s["shard_index"], s["shard_count"], s["rows_skipped"]) for s in stats] == \
         [(k, NUM_SHARDS, 0) for k in range(NUM_SHARDS)]
+    # The merge job ran after the array: one file, input order, and the stats printed.
+    deadline = time.monotonic() + 60
+    while (state := re.search(r"JobState=(\S+)", subprocess.run(
+            ["scontrol", "-o", "show", "job", merge_id], env=slurm_env, capture_output=True,
+            text=True, timeout=30).stdout).group(1)) not in TERMINAL:
+        assert time.monotonic() < deadline, f"merge job still {state}\n{_logs(work)}"
+        time.sleep(0.5)
+    assert state == "COMPLETED", _logs(work)
+    merged_table = pq.read_table(merged)
+    assert merged_table.column("id").to_pylist() == list(range(NUM_ROWS))
+    assert merged_table.column("prompt").to_pylist() == prompts
+    with open(os.path.join(work, f"merge-{merge_id}.log")) as f:
+        merge_log = f.read()
+    # 8 + 8 + 7 rows at 4 rows per part: 2 parts per shard.
+    assert f"merged 6 parts, {NUM_ROWS} rows" in merge_log, merge_log
+    assert merge_log.count("shard_index=") == NUM_SHARDS
     before = _snapshot(out)
 
     # Rerun shard 1 twice: requeued in its array (array variables kept), then resubmitted
@@ -189,3 +214,55 @@ def test_array_job_shards_and_resumes(slurm_env, tmp_path, jobkit, tiny_tokenize
     reruns = [s for s in read_stats(out).to_pylist() if s["run"] > 0]
     assert [(s["shard_index"], s["shard_count"], s["rows_skipped"], s["rows_ok"])
             for s in reruns] == [(1, NUM_SHARDS, 8, 0)] * 2  # this run: 8 skipped, 0 computed
+
+
+def test_tensor_parallel_templates_on_cpu(slurm_env, tmp_path, jobkit, tiny_llama_dir):
+    """tp_node.sbatch (rank 0 spawns rank 1) and tp_srun.sbatch (srun starts both ranks,
+    dist.py reads SLURM_PROCID/NTASKS) run the tiny Llama at tensor_parallel_size 2 on CPU
+    (gloo); the same split gives the same greedy tokens either way, every row once, in order."""
+    pytest.importorskip("llmbatch.runtime.engine")
+    import pyarrow.dataset as ds
+    import yaml
+
+    work = str(tmp_path)
+    data = jobkit.write_prompts(os.path.join(work, "prompts.parquet"), 6, seed=5)
+    outputs = {}
+    jobs = {}
+    env = {k: v for k, v in slurm_env.items() if k != "LLMBATCH_ENGINE_FACTORY"}
+    for name, args in (("tp_node", ["--ntasks=1", "--cpus-per-task=2"]),
+                       ("tp_srun", ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2",
+                                    "--cpus-per-task=1"])):
+        out = os.path.join(work, f"out_{name}")
+        job = jobkit.make_job(tiny_llama_dir, data, out, sampling={"max_new_tokens": 4},
+                              engine={"kv_cache_blocks": 32, "device": "cpu"},
+                              output={"rows_per_part": 4},
+                              parallel={"tensor_parallel_size": 2})
+        with open(os.path.join(work, f"{name}.yaml"), "w") as f:
+            yaml.safe_dump(job, f)
+        cmd = ["sbatch", "--parsable", "--gres=none", "--time=5", f"--chdir={work}",
+               f"--output={work}/{name}-%j.log", *args,
+               f"--export=ALL,HF_HUB_OFFLINE=1,LLMBATCH_PYTHON={sys.executable},"
+               f"PYTHONPATH={REPO}",
+               os.path.join(REPO, "slurm", f"{name}.sbatch"), f"{name}.yaml"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, f"sbatch failed: {proc.stderr.strip()}"
+        jobs[name] = proc.stdout.strip().split(";")[0]
+        outputs[name] = out
+    for name, job_id in jobs.items():
+        deadline = time.monotonic() + 150
+        while True:
+            out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env,
+                                 capture_output=True, text=True, timeout=30).stdout
+            state = re.search(r"JobState=(\S+)", out).group(1)
+            if state in TERMINAL:
+                break
+            assert time.monotonic() < deadline, f"{name} not finished: {state}\n{_logs(work)}"
+            time.sleep(0.5)
+        assert (state, re.search(r"ExitCode=(\S+)", out).group(1)) == ("COMPLETED", "0:0"), \
+            _logs(work)
+    tables = {name: ds.dataset(out).to_table() for name, out in outputs.items()}
+    for table in tables.values():
+        assert table.column("id").to_pylist() == list(range(6))
+        assert table.column("finish_reason").to_pylist().count("error") == 0
+    assert tables["tp_node"].column("output_token_ids").to_pylist() == \
+        tables["tp_srun"].column("output_token_ids").to_pylist()
