@@ -9,8 +9,12 @@
 # torch. Packages the bare GPU machine lacks (pytest, at least) travel as wheels in bench/wheels/
 # (made here by bench/fetch_wheels.sh); each wheel whose module does not import is unpacked into
 # a temporary dir added to PYTHONPATH. The engine path itself needs no pydantic/datasets.
+# bitsandbytes travels the same way (the GPU machine has none): on the GPU the bench runs
+# W-RANDOM and W-BATCH1 again with nf4 and int8 (--quantization bf16,nf4,int8); the dry run
+# keeps bf16 only. Without the wheel the quantized rows say bitsandbytes is missing.
 # Env: PYTHON (default python3), BENCH_ARGS (extra bench.run flags, e.g. "--skip-peers"),
-# PYTEST_TIMEOUT (s, default 150), BENCH_TIMEOUT (s, default 360), BENCH_MODEL_DIR.
+# PYTEST_TIMEOUT (s, default 150), BENCH_TIMEOUT (s, default 360), BENCH_MODEL_DIR,
+# BENCH_QUANTIZATION (GPU runs only, default bf16,nf4,int8).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,7 +24,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -83,7 +87,7 @@ if [ "$DRY" = 1 ]; then
   MODE_ARGS=(--shape tiny --device cpu --scale 0.05)
   MODEL_DIR="${BENCH_MODEL_DIR:-${TMPDIR:-/tmp}/llmbatch-bench-model-tiny}"
 else
-  MODE_ARGS=(--shape 1b)
+  MODE_ARGS=(--shape 1b --quantization "${BENCH_QUANTIZATION:-bf16,nf4,int8}")
   MODEL_DIR="${BENCH_MODEL_DIR:-${TMPDIR:-/tmp}/llmbatch-bench-model-1b}"
 fi
 # The checkpoint lives outside OUT_DIR: 2.47 GB must not travel back with the results.

@@ -61,6 +61,12 @@ def warm_up(engine, vocab: int, num_requests: int = 16, max_prompt: int = 256,
     return time.perf_counter() - t0
 
 
+def weight_bytes(engine):
+    """Loaded weight bytes over all tensor-parallel ranks (engine.stats()), None if unknown."""
+    per_rank = engine.stats().get("weight_bytes_per_rank")
+    return sum(per_rank) if per_rank else None
+
+
 def _stats_delta(before: dict, after: dict) -> dict:
     return {k: after[k] - before[k] for k in after
             if isinstance(after.get(k), (int, float)) and isinstance(before.get(k), (int, float))
@@ -90,7 +96,10 @@ def run_workload(engine, workload: Workload, requests=None) -> dict:
     cached = sum(r.num_cached_prompt_tokens for r in results)
     tpots = [r.tpot_s for r in results if r.tpot_s is not None]
     return {
-        "system": "llmbatch", "wall_s": wall, "output_tokens": out_tokens,
+        "system": "llmbatch", "quantization": after.get("quantization"),
+        "weight_bytes": weight_bytes(engine),
+        "weight_bytes_per_rank": after.get("weight_bytes_per_rank"),
+        "wall_s": wall, "output_tokens": out_tokens,
         "out_tok_per_s": out_tokens / wall if wall > 0 else None,
         "num_prompt_tokens": prompt_tokens, "num_cached_prompt_tokens": cached,
         "prefix_hit_rate": cached / prompt_tokens if prompt_tokens else 0.0,

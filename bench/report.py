@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 HEADER = ("workload", "system", "out tok/s", "ratio vs peers", "fraction of floor",
-          "prefix-hit rate")
+          "prefix-hit rate", "weights MB")
 PEERS = {"W-RANDOM": ("hf-static", "hf-cb"), "W-PREFIX": ("hf-cb",), "W-BATCH1": ("hf-generate",)}
 
 
@@ -32,7 +32,6 @@ def table_rows(results: dict) -> list[dict]:
         if wname == "W-SPEC":
             rows.extend(_spec_rows(runs))
             continue
-        ours = runs.get("llmbatch", {})
         for system, run in runs.items():
             row = {"workload": wname, "system": system}
             if "skipped" in run or "error" in run:
@@ -44,13 +43,17 @@ def table_rows(results: dict) -> list[dict]:
             row["fraction_of_floor"] = _fraction(run, floor, batch1)
             row["prefix_hit_rate"] = run.get("prefix_hit_rate")
             row["ratios"] = {}
-            if system == "llmbatch":
-                for peer in PEERS.get(wname, ()):
+            # llmbatch's loaded weights (all ranks); quantized systems (llmbatch-nf4, ...) are
+            # also compared with the unquantized llmbatch run of the same workload.
+            row["weight_bytes"] = run.get("weight_bytes")
+            if system.startswith("llmbatch"):
+                compare = PEERS.get(wname, ()) + (("llmbatch",) if system != "llmbatch" else ())
+                for peer in compare:
                     p = runs.get(peer, {})
-                    if batch1 and p.get("tpot_s") and ours.get("tpot_s"):
-                        row["ratios"][peer] = p["tpot_s"] / ours["tpot_s"]
-                    elif not batch1 and p.get("out_tok_per_s") and ours.get("out_tok_per_s"):
-                        row["ratios"][peer] = ours["out_tok_per_s"] / p["out_tok_per_s"]
+                    if batch1 and p.get("tpot_s") and run.get("tpot_s"):
+                        row["ratios"][peer] = p["tpot_s"] / run["tpot_s"]
+                    elif not batch1 and p.get("out_tok_per_s") and run.get("out_tok_per_s"):
+                        row["ratios"][peer] = run["out_tok_per_s"] / p["out_tok_per_s"]
             rows.append(row)
     return rows
 
@@ -83,7 +86,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [" | ".join(HEADER), " | ".join("---" for _ in HEADER)]
     for r in rows:
         if "note" in r:
-            lines.append(f"{r['workload']} | {r['system']} | {r['note']} | | |")
+            lines.append(f"{r['workload']} | {r['system']} | {r['note']} | | | |")
             continue
         if r.get("tpot_s") is not None:
             speed = f"{r['out_tok_per_s']:,.1f} (TPOT {r['tpot_s'] * 1e3:.2f} ms)"
@@ -91,9 +94,11 @@ def format_table(rows: list[dict]) -> str:
             speed = _fmt(r.get("out_tok_per_s"), ",.0f")
         ratios = ", ".join(f"{v:.2f}x {k}" for k, v in r.get("ratios", {}).items()) or "—"
         hit = r.get("prefix_hit_rate")
+        weights = r.get("weight_bytes")
         lines.append(" | ".join([r["workload"], r["system"], speed, ratios,
                                  _fmt(r.get("fraction_of_floor"), ".3f"),
-                                 "—" if hit is None else f"{hit:.1%}"]))
+                                 "—" if hit is None else f"{hit:.1%}",
+                                 "—" if weights is None else f"{weights / 1e6:,.1f}"]))
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
     python -m bench.run --shape 1b --out bench_out                       # the benchmark (GPU)
     python -m bench.run --shape tiny --device cpu --scale 0.05 --out /tmp/b   # CPU dry run
+    python -m bench.run --quantization bf16,nf4,int8 ...   # + quantized W-RANDOM and W-BATCH1
 
 Order: llmbatch first (its KV pool sizes itself from free memory), then it is freed and the
 peers load the same checkpoint. Every figure is written to OUT/results.json as soon as it
@@ -26,6 +27,11 @@ from bench.model_shapes import get_shape, make_checkpoint
 from bench.workloads import WORKLOAD_NAMES, build
 
 PEER_NAMES = ("hf-static", "hf-generate", "hf-cb")
+# --quantization values -> the engine's quantization method; "bf16" is the unquantized model in
+# the run's dtype (bfloat16 on CUDA, float32 on the CPU dry run).
+QUANT_METHODS = {"bf16": "none", "nf4": "nf4", "int8": "int8"}
+# Quantized engines run only these (BENCH.md: memory and tok/s beside bf16).
+QUANT_WORKLOADS = ("W-RANDOM", "W-BATCH1")
 
 
 def log(msg: str) -> None:
@@ -50,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     # 0.5, not the engine's 0.9: the peers run in the same process after llmbatch is freed, and
     # must still find room if the engine's memory were not fully returned. W-RANDOM needs ~13 GB.
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--quantization", default="bf16",
+                   help=f"comma-separated subset of {','.join(QUANT_METHODS)}: llmbatch runs "
+                        f"every workload unquantized (bf16) and {'/'.join(QUANT_WORKLOADS)} "
+                        f"once per quantized method (system llmbatch-nf4, llmbatch-int8)")
     p.add_argument("--require-engine", action="store_true",
                    help="fail instead of skipping when llmbatch.runtime.engine is unavailable")
     args = p.parse_args(argv)
@@ -64,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [x for x in args.peer_names if x not in PEER_NAMES]
     if bad:
         p.error(f"unknown peer(s) {bad}; known: {', '.join(PEER_NAMES)}")
+    args.quant_names = [q.strip() for q in args.quantization.split(",") if q.strip()]
+    bad = [q for q in args.quant_names if q not in QUANT_METHODS]
+    if bad or not args.quant_names:
+        p.error(f"unknown quantization(s) {bad}; known: {', '.join(QUANT_METHODS)}")
     if not 0.0 < args.scale <= 1.0:
         p.error(f"--scale must be in (0, 1], got {args.scale}")
     return args
@@ -135,37 +149,53 @@ def _free_cuda() -> None:
 
 
 def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: str,
-                 device: str, vocab: int) -> None:
+                 device: str, vocab: int, quant: str = "bf16") -> None:
+    """One engine (quantization `quant`), warmed up, through its workloads, then freed."""
+    method = QUANT_METHODS[quant]
+    system = "llmbatch" if method == "none" else f"llmbatch-{quant}"
+    if method != "none":
+        workloads = {n: w for n, w in workloads.items() if n in QUANT_WORKLOADS}
+        if not workloads:
+            return
     reason = llmbatch_runner.engine_unavailable_reason()
     if reason is not None:
         if args.require_engine:
             raise SystemExit(f"--require-engine: {reason}")
         log(reason)
         for name in workloads:
-            rec.put(name, "llmbatch", {"skipped": reason})
+            rec.put(name, system, {"skipped": reason})
         return
-    overrides = {"gpu_memory_utilization": args.gpu_memory_utilization}
+    overrides = {"gpu_memory_utilization": args.gpu_memory_utilization, "quantization": method}
     if device == "cpu":
         overrides["cpu_kv_cache_bytes"] = 64 << 20     # a small pool: the dry run is tiny
-    engine, load_s = llmbatch_runner.build_engine(model_dir, dtype, device, **overrides)
+    try:
+        engine, load_s = llmbatch_runner.build_engine(model_dir, dtype, device, **overrides)
+    except Exception as exc:  # e.g. bitsandbytes missing: the quantized rows say so
+        if method == "none":
+            raise
+        traceback.print_exc()
+        for name in workloads:
+            rec.put(name, system, {"error": f"{type(exc).__name__}: {exc}"})
+        return
     warm_s = llmbatch_runner.warm_up(engine, vocab)
-    rec.results["llmbatch_setup"] = {"load_s": load_s, "warmup_s": warm_s,
-                                     "stats": engine.stats()}
-    log(f"llmbatch loaded in {load_s:.1f} s, warmed up in {warm_s:.1f} s")
+    setup_key = "llmbatch_setup" if method == "none" else f"{system}_setup"
+    rec.results[setup_key] = {"load_s": load_s, "warmup_s": warm_s, "stats": engine.stats()}
+    log(f"{system} loaded in {load_s:.1f} s, warmed up in {warm_s:.1f} s, weights "
+        f"{llmbatch_runner.weight_bytes(engine) or 0:,} bytes")
     # A clean prefix cache per workload when the engine offers it; otherwise the canonical order
     # keeps W-PREFIX clean (see parse_args) and later workloads' hits only shorten their TTFT.
     reset = getattr(engine, "reset_prefix_cache", None)
-    rec.results["llmbatch_setup"]["prefix_cache_reset_per_workload"] = callable(reset)
+    rec.results[setup_key]["prefix_cache_reset_per_workload"] = callable(reset)
     for name, w in workloads.items():
         if callable(reset):
             reset()
         if name == "W-SPEC":
-            _attempt(rec, name, "llmbatch", lambda: llmbatch_runner.run_spec(engine, w, vocab))
+            _attempt(rec, name, system, lambda: llmbatch_runner.run_spec(engine, w, vocab))
         else:
-            _attempt(rec, name, "llmbatch", lambda: llmbatch_runner.run_workload(engine, w))
+            _attempt(rec, name, system, lambda: llmbatch_runner.run_workload(engine, w))
     del engine
     _free_cuda()
-    rec.results["llmbatch_setup"]["cuda_bytes_after_free"] = _cuda_allocated()
+    rec.results[setup_key]["cuda_bytes_after_free"] = _cuda_allocated()
     rec.save()
 
 
@@ -236,10 +266,15 @@ def main(argv=None) -> int:
         results["runs"][name] = {}
     rec.save()
 
-    if not args.skip_llmbatch:
-        run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size)
+    # Quantized engines last: if the time limit cuts the run, the bf16 figures and the peers
+    # they are compared with are already in the JSON.
+    if not args.skip_llmbatch and "bf16" in args.quant_names:
+        run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size, "bf16")
     if not args.skip_peers:
         run_peers(rec, workloads, model_dir, dtype, device, args.peer_names)
+    if not args.skip_llmbatch:
+        for quant in [q for q in args.quant_names if q != "bf16"]:
+            run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size, quant)
 
     rows = report.table_rows(results)
     results["table"] = rows

@@ -161,7 +161,10 @@ def test_table_ratios_and_fractions():
         "workloads": {"W-RANDOM": {"floor": {"out_tok_per_s": 10_000.0}},
                       "W-BATCH1": {"floor": {"out_tok_per_s": 1.0, "tpot_s": 0.001}}},
         "runs": {
-            "W-RANDOM": {"llmbatch": {"out_tok_per_s": 3000.0, "prefix_hit_rate": 0.25},
+            "W-RANDOM": {"llmbatch": {"out_tok_per_s": 3000.0, "prefix_hit_rate": 0.25,
+                                      "weight_bytes": 2_471_000_000},
+                         "llmbatch-nf4": {"out_tok_per_s": 1500.0, "prefix_hit_rate": 0.25,
+                                          "weight_bytes": 1_000_000_000},
                          "hf-static": {"out_tok_per_s": 1000.0},
                          "hf-cb": {"error": "RuntimeError: boom"}},
             "W-BATCH1": {"llmbatch": {"out_tok_per_s": 500.0, "tpot_s": 0.002},
@@ -171,13 +174,19 @@ def test_table_ratios_and_fractions():
     rows = report.table_rows(results)
     assert rows[0]["ratios"] == {"hf-static": 3.0}
     assert rows[0]["fraction_of_floor"] == pytest.approx(0.3)
-    assert rows[2]["note"] == "error: RuntimeError: boom"
-    assert rows[3]["ratios"] == {"hf-generate": pytest.approx(25.0)}
-    assert rows[3]["fraction_of_floor"] == pytest.approx(0.5)
+    # A quantized run: against the peers and against the unquantized llmbatch run.
+    assert rows[1]["ratios"] == {"hf-static": 1.5, "llmbatch": 0.5}
+    assert rows[3]["note"] == "error: RuntimeError: boom"
+    assert rows[4]["ratios"] == {"hf-generate": pytest.approx(25.0)}
+    assert rows[4]["fraction_of_floor"] == pytest.approx(0.5)
     text = report.format_table(rows).splitlines()
     assert text[0] == " | ".join(report.HEADER)
-    assert text[2] == "W-RANDOM | llmbatch | 3,000 | 3.00x hf-static | 0.300 | 25.0%"
-    assert text[5] == "W-BATCH1 | llmbatch | 500.0 (TPOT 2.00 ms) | 25.00x hf-generate | 0.500 | —"
+    assert text[2] == "W-RANDOM | llmbatch | 3,000 | 3.00x hf-static | 0.300 | 25.0% | 2,471.0"
+    assert text[3] == ("W-RANDOM | llmbatch-nf4 | 1,500 | 1.50x hf-static, 0.50x llmbatch | "
+                       "0.150 | 25.0% | 1,000.0")
+    assert text[5] == "W-RANDOM | hf-cb | error: RuntimeError: boom | | | |"
+    assert text[6] == ("W-BATCH1 | llmbatch | 500.0 (TPOT 2.00 ms) | 25.00x hf-generate | "
+                       "0.500 | — | —")
 
 
 def test_run_rejects_bad_flags():
@@ -189,6 +198,10 @@ def test_run_rejects_bad_flags():
         parse_args(["--scale", "2"])
     assert parse_args(["--workloads", "W-SPEC,W-PREFIX"]).workload_names == \
         ["W-PREFIX", "W-SPEC"]
+    assert parse_args([]).quant_names == ["bf16"]
+    assert parse_args(["--quantization", "bf16,nf4,int8"]).quant_names == ["bf16", "nf4", "int8"]
+    with pytest.raises(SystemExit):
+        parse_args(["--quantization", "bf16,fp8"])
 
 
 # -- replay proposer and the llmbatch side, on a fake engine (no torch) -------------------------
@@ -294,3 +307,38 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         assert run["num_errors"] == 0 and run["num_wrong_lengths"] == 0
     # W-PREFIX scaled: 8 groups share a 51-token prefix (3 full blocks of 16) -> hits > 0
     assert results["runs"]["W-PREFIX"]["llmbatch"]["num_cached_prompt_tokens"] > 0
+
+
+def test_quantized_runs_on_cpu_report_weights_beside_bf16(tmp_path):
+    """--quantization bf16,nf4,int8: W-RANDOM and W-BATCH1 once per method (W-PREFIX only
+    unquantized), each with the loaded weight bytes; the quantized ones are smaller."""
+    reason = engine_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"llmbatch.runtime.engine does not import yet ({reason})")
+    pytest.importorskip("bitsandbytes")
+    import json
+
+    from bench.run import main
+
+    out = tmp_path / "out"
+    rc = main(["--shape", "tiny", "--device", "cpu", "--scale", "0.05", "--skip-peers",
+               "--workloads", "W-RANDOM,W-PREFIX,W-BATCH1", "--quantization", "bf16,nf4,int8",
+               "--out", str(out), "--model-dir", str(tmp_path / "model")])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["runs"]["W-PREFIX"]) == ["llmbatch"]
+    for name in ("W-RANDOM", "W-BATCH1"):
+        runs = results["runs"][name]
+        assert list(runs) == ["llmbatch", "llmbatch-nf4", "llmbatch-int8"]
+        expected = results["workloads"][name]["num_output_tokens"]
+        for system, quant in (("llmbatch", "none"), ("llmbatch-nf4", "nf4"),
+                              ("llmbatch-int8", "int8")):
+            run = runs[system]
+            assert (run["quantization"], run["output_tokens"], run["num_errors"]) == \
+                (quant, expected, 0)
+            assert run["weight_bytes"] == sum(run["weight_bytes_per_rank"]) > 0
+        assert runs["llmbatch-nf4"]["weight_bytes"] < runs["llmbatch-int8"]["weight_bytes"] \
+            < runs["llmbatch"]["weight_bytes"]
+    rows = [r for r in results["table"] if r["workload"] == "W-RANDOM"]
+    assert [r["system"] for r in rows] == ["llmbatch", "llmbatch-nf4", "llmbatch-int8"]
+    assert set(rows[1]["ratios"]) == {"llmbatch"}
