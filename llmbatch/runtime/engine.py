@@ -38,6 +38,12 @@ class Engine:
             config.tokenizer or self.runner.model_path,
             trust_remote_code=config.trust_remote_code)
         self.max_model_len = self.runner.max_model_len
+        if config.speculative_method == "draft":
+            from llmbatch.runtime.draft_proposer import DraftModelProposer
+
+            self.proposer = DraftModelProposer(
+                config, self.runner.num_kv_blocks, self.max_model_len,
+                self.runner.hf_config.vocab_size)
         self.eos_token_ids = self._find_eos_token_ids()
         self.block_manager = BlockManager(
             self.runner.num_kv_blocks, config.block_size, config.prefix_caching)
@@ -52,10 +58,7 @@ class Engine:
     def _make_proposer(config: EngineConfig):
         if config.speculative_method == "ngram":
             return NgramProposer()
-        if config.speculative_method == "draft":
-            raise ValueError("speculative method 'draft' is not implemented yet; "
-                             "use 'ngram' or 'none'")
-        return None
+        return None   # "draft" needs the target's KV pool: built after the runner
 
     def set_proposer(self, proposer) -> None:
         """Install any object with propose(request, num_tokens) -> list[int] (bench replay)."""
@@ -73,13 +76,19 @@ class Engine:
             return
         k = self.config.num_speculative_tokens
         for req in running:
+            req.spec_token_ids = []   # last step's drafts were verified or dropped
             if req.num_computed_tokens != req.num_tokens - 1:
                 continue   # still prefilling
             params = req.sampling_params
             # Never draft past max_new_tokens or the context: all k + 1 tokens must fit.
             room = min(k, params.max_new_tokens - req.num_output_tokens - 1,
                        self.max_model_len - req.num_tokens - 1)
-            if room > 0:
+            if room <= 0:
+                continue
+            if hasattr(self.proposer, "reserve"):
+                # Two-phase proposer (draft model): placeholders now, filled after scheduling.
+                req.spec_token_ids = self.proposer.reserve(req, room)
+            else:
                 req.spec_token_ids = list(self.proposer.propose(req, room))[:room]
 
     def _find_eos_token_ids(self) -> set[int]:
@@ -126,6 +135,8 @@ class Engine:
         if self.proposer is not None:
             self._propose()
         out = self.scheduler.schedule()
+        if hasattr(self.proposer, "fill"):
+            self.proposer.fill([item.request for item in out.scheduled])
         self._counters["num_preemptions"] += len(out.preempted)
         if not out.scheduled:
             if out.preempted:

@@ -278,8 +278,8 @@ class ModelRunner:
             tokens = sampled[req.request_id]
             if req.spec_token_ids:
                 # Keep the accepted drafts plus the target's next token (spec_decode.py).
+                # (the scheduler's update_from_output counts the accepted drafts)
                 keep = num_accepted(req.spec_token_ids, tokens) + 1
-                req.num_spec_accepted_tokens += keep - 1
                 del tokens[keep:]
             if req.request_id in logprobs:
                 if not hasattr(req, "output_logprobs"):

@@ -147,6 +147,8 @@ def test_ngram_speculation_is_lossless_for_sampling_and_under_preemption(setup):
         assert tight[i].output_token_ids == off[i].output_token_ids
         # One logprob entry per kept token, none for rejected drafts.
         assert len(on[i].logprobs) == on[i].num_output_tokens
+        # Every step emits at least one token of the target's own, so drafts are fewer.
+        assert on[i].spec_accepted_tokens < on[i].num_output_tokens
     assert sum(r.spec_accepted_tokens for r in on.values()) == stats["num_spec_accepted_tokens"]
 
 
@@ -156,8 +158,3 @@ def test_speculation_turns_off_for_large_batches(setup):
     generate(engine, [Request(i, p, SamplingParams(max_new_tokens=4, ignore_eos=True))
                       for i, p in enumerate(prompts)])
     assert engine.stats()["num_spec_accepted_tokens"] == 0
-
-
-def test_draft_model_speculation_is_refused_clearly(setup):
-    with pytest.raises(ValueError, match="not implemented yet"):
-        new_engine(setup, speculative_method="draft", draft_model="x")

@@ -1,0 +1,131 @@
+"""Draft-model speculative decoding: a small model proposes, the target verifies.
+
+The draft runs on its own KV pool that mirrors the target's block layout: same number of
+blocks, and each request's draft K/V for position p lives at the slot the TARGET's block table
+gives p. So the draft needs no block manager of its own; it borrows the target's allocations.
+
+Proposals need KV slots for the positions they are computed at (the last known token at n - 1,
+then drafts at n .. n + k - 2), and those slots exist only after the scheduler has allocated
+1 + k tokens for the request. Hence two phases per step (see Engine.step):
+  1. before scheduling, `reserve` puts k placeholder drafts on each decoding request, so the
+     scheduler budgets and allocates for 1 + k tokens (it may trim or drop them);
+  2. after scheduling, `fill` runs the draft over the scheduled requests and overwrites the
+     placeholders with real proposals, before the target's forward.
+
+Which draft K/V is valid: the draft remembers the tokens it fed at which positions; at the next
+step the longest run that still matches the request's real tokens stays valid, everything after
+it is recomputed (catch-up prefill). Preemption resets it (the blocks were released).
+Proposals are the draft's greedy tokens, a deterministic proposal, so acceptance by
+spec_decode.num_accepted keeps the output identical to speculation off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from llmbatch.runtime.config import EngineConfig
+from llmbatch.runtime.model_runner import ModelRunner, StepInputs
+from llmbatch.runtime.request import Request
+
+PLACEHOLDER = 0
+
+
+@dataclasses.dataclass
+class _DraftState:
+    epoch: int                # req.num_preemptions when the draft K/V was written
+    num_valid: int            # positions 0 .. num_valid - 1 hold K/V of real tokens
+    fed: list[int]            # drafts fed at positions num_valid, num_valid + 1, ... (unverified)
+
+
+class DraftModelProposer:
+    def __init__(self, config: EngineConfig, num_kv_blocks: int, max_model_len: int,
+                 vocab_size: int) -> None:
+        draft_config = dataclasses.replace(
+            config, model=config.draft_model, tokenizer=None, kv_cache_blocks=num_kv_blocks,
+            max_model_len=max_model_len, speculative_method="none", draft_model=None,
+            cuda_graphs=False, tensor_parallel_size=1, quantization="none")
+        self.runner = ModelRunner(draft_config)
+        if self.runner.max_model_len < max_model_len:
+            raise ValueError(f"draft model context {self.runner.max_model_len} is shorter than "
+                             f"the target's {max_model_len}; set engine.max_model_len lower")
+        draft_vocab = self.runner.hf_config.vocab_size
+        if draft_vocab != vocab_size:
+            raise ValueError(f"draft model vocabulary ({draft_vocab}) differs from the target's "
+                             f"({vocab_size}); the draft must share the target's tokenizer")
+        self.block_size = config.block_size
+
+    # -- phase 1 ------------------------------------------------------------------------------
+    def reserve(self, req: Request, num_tokens: int) -> list[int]:
+        """Placeholders so the scheduler allocates slots for `num_tokens` drafts."""
+        return [PLACEHOLDER] * num_tokens
+
+    # -- phase 2 ------------------------------------------------------------------------------
+    def fill(self, reqs: list[Request]) -> None:
+        """Overwrite each request's placeholder drafts with the draft model's greedy tokens."""
+        reqs = [r for r in reqs if r.spec_token_ids]
+        if not reqs:
+            return
+        # Round 0: catch-up prefill through the last known token, which yields draft 1.
+        spans = [self._catch_up_span(r) for r in reqs]
+        firsts = self._run(reqs, spans)
+        for r, d in zip(reqs, firsts):
+            self._record_catch_up(r)
+            r.spec_token_ids[0] = d
+        # Rounds 1 .. k-1: feed draft j at position n - 1 + j, get draft j + 1.
+        for j in range(1, max(len(r.spec_token_ids) for r in reqs)):
+            active = [r for r in reqs if len(r.spec_token_ids) > j]
+            spans = [(r.num_tokens - 1 + j, [r.spec_token_ids[j - 1]]) for r in active]
+            nexts = self._run(active, spans)
+            for r, (_, tokens), d in zip(active, spans, nexts):
+                self._record_draft(r, tokens[0])
+                r.spec_token_ids[j] = d
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _valid_prefix(self, req: Request) -> int:
+        """How many leading positions hold draft K/V computed from the request's real tokens:
+        the confirmed ones, plus the fed drafts that the target has since accepted."""
+        # Kept on the request itself, so it dies with it.
+        state = getattr(req, "draft_state", None)
+        if state is None or state.epoch != req.num_preemptions:
+            return 0
+        real = req.all_token_ids
+        valid = state.num_valid
+        for token in state.fed:
+            if valid >= len(real) or real[valid] != token:
+                break
+            valid += 1
+        return valid
+
+    def _catch_up_span(self, req: Request) -> tuple[int, list[int]]:
+        # Always recompute at least the last known token: its logits give draft 1.
+        start = min(self._valid_prefix(req), req.num_tokens - 1)
+        return start, req.all_token_ids[start:]
+
+    def _record_catch_up(self, req: Request) -> None:
+        """After round 0 every known token has draft K/V; nothing unverified is fed yet."""
+        req.draft_state = _DraftState(req.num_preemptions, req.num_tokens, [])
+
+    def _record_draft(self, req: Request, token: int) -> None:
+        req.draft_state.fed.append(token)
+
+    @torch.inference_mode()
+    def _run(self, reqs: list[Request], spans: list[tuple[int, list[int]]]) -> list[int]:
+        """One draft forward over the spans; the greedy token after each span's last row."""
+        bs = self.block_size
+        s = StepInputs([], [], [], [0], [], [], [], [], [])
+        for req, (start, tokens) in zip(reqs, spans):
+            end = start + len(tokens)
+            table = req.block_table
+            s.input_ids.extend(tokens)
+            s.positions.extend(range(start, end))
+            s.slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            s.seq_lens.append(end)
+            s.block_tables.append(table)
+            s.query_start_loc.append(s.query_start_loc[-1] + len(tokens))
+            s.sample_rows.append(s.query_start_loc[-1] - 1)
+            s.sample_requests.append(req)
+            s.sample_output_index.append(0)
+        logits = self.runner.forward_logits(s)
+        return logits.argmax(dim=-1).tolist()

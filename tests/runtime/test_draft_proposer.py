@@ -1,0 +1,63 @@
+"""Draft-model speculative decoding: lossless (greedy and seeded sampling equal speculation
+off, also under preemption), and a draft equal to the target gets its drafts accepted."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmbatch.runtime.config import EngineConfig
+from llmbatch.runtime.engine import Engine
+from llmbatch.runtime.request import Request
+from llmbatch.runtime.sampling_params import SamplingParams
+from tests.runtime.tiny_models import make_model, make_prompts, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    target = tmp_path_factory.mktemp("target")
+    other = tmp_path_factory.mktemp("other")
+    make_model(target, arch="llama", seed=0)
+    # A different, smaller draft with the same vocabulary.
+    make_model(other, arch="llama", seed=1, hidden=32, layers=1, num_heads=2, num_kv_heads=1)
+    return target, other, make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def run(models, draft=None, sampled=False, **kw):
+    target, _, tok = models
+    spec = dict(speculative_method="draft", draft_model=str(draft), num_speculative_tokens=3,
+                speculative_max_num_seqs=64) if draft else {}
+    engine = Engine(EngineConfig(model=str(target), device="cpu", dtype="float32", **spec, **kw),
+                    tokenizer=tok)
+    prompts = make_prompts(20, seed=11)
+    params = [SamplingParams(max_new_tokens=10, ignore_eos=True, seed=i,
+                             temperature=0.8 if sampled else 0.0, top_k=5)
+              for i in range(len(prompts))]
+    res = {r.request_id: r for r in engine.generate(
+        [Request(i, p, params[i]) for i, p in enumerate(prompts)])}
+    return [res[i].output_token_ids for i in range(len(prompts))], engine.stats()
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded-sampling"])
+def test_draft_speculation_is_lossless(models, sampled):
+    target, other, _ = models
+    off, _ = run(models, sampled=sampled)
+    same, same_stats = run(models, draft=target, sampled=sampled)
+    diff, _ = run(models, draft=other, sampled=sampled)
+    tight, tight_stats = run(models, draft=target, sampled=sampled, kv_cache_blocks=10)
+    assert same == off and diff == off and tight == off
+    assert tight_stats["num_preemptions"] > 0
+    if not sampled:
+        # The target as its own draft proposes exactly its greedy tokens: all are accepted
+        # except where max_new_tokens cuts the drafts short.
+        total = sum(len(o) for o in off)
+        assert same_stats["num_spec_accepted_tokens"] >= 0.5 * total
+
+
+def test_draft_with_another_vocabulary_is_refused(models, tmp_path):
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="vocabulary"):
+        run(models, draft=tmp_path)
