@@ -173,3 +173,79 @@ def test_conflicting_or_unsupported_quantization_is_refused(checkpoints, tmp_pat
         (tmp_path / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(ValueError, match=message):
             _runner(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["nf4-double", "int8"])
+def test_tp2_rank_reads_its_slice_and_holds_the_slice_of_the_weights(checkpoints, kind,
+                                                                     monkeypatch):
+    """Bytes of the quantized weights rank 1 of 2 pulls out of safetensors: half of each int8
+    weight; half of each nf4 column-parallel weight (row slices on 64-blocks), all of each nf4
+    row-parallel one (its columns are not contiguous in the flat packing). Its dequantized
+    weights are the slice of TP 1's: exactly, except row-parallel int8 (own row absmax)."""
+    from transformers import AutoConfig
+
+    from llmbatch.runtime.layers import weight_utils
+    from llmbatch.runtime.layers.bnb_checkpoint import dequantized_tensors
+    from llmbatch.runtime.layers.linear import LinearBase, RowParallelLinear
+    from llmbatch.runtime.layers.quantization import attach_quantization
+    from llmbatch.runtime.loader import iterate_checkpoint, load_weights
+    from llmbatch.runtime.models.registry import build_model
+
+    path, _ = checkpoints[kind]
+    method = "int8" if kind == "int8" else "nf4"
+    hf_config = AutoConfig.from_pretrained(path)
+    read: dict[str, int] = {}
+    base_narrow = weight_utils.LazyTensor.narrow
+
+    def counting_narrow(self, dim, start, size):
+        t = base_narrow(self, dim, start, size)
+        read[self.name] = read.get(self.name, 0) + t.numel() * t.element_size()
+        return t
+
+    base_load = weight_utils.LazyTensor.load
+
+    def counting_load(self):
+        t = base_load(self)
+        read[self.name] = read.get(self.name, 0) + t.numel() * t.element_size()
+        return t
+
+    monkeypatch.setattr(weight_utils.LazyTensor, "narrow", counting_narrow)
+    monkeypatch.setattr(weight_utils.LazyTensor, "load", counting_load)
+    models = []
+    for rank, tp in ((0, 1), (1, 2)):
+        read.clear()
+        model = build_model(hf_config, "float32", "cpu", rank, tp)
+        attach_quantization(model, method)
+        load_weights(model, str(path),
+                     tensors=dequantized_tensors(iterate_checkpoint(str(path)), method))
+        models.append((model, {k: v for k, v in read.items() if k.endswith("_proj.weight")}))
+    (full, full_read), (half, half_read) = models
+    assert sorted(half_read) == sorted(full_read) and len(full_read) == 2 * 7
+    for name, nbytes in full_read.items():
+        row_parallel = name.split(".")[-2] in ("o_proj", "down_proj")
+        whole = method == "nf4" and row_parallel
+        assert half_read[name] == (nbytes if whole else nbytes // 2), name
+    full_layers = dict(full.named_modules())
+    for name, layer in half.named_modules():
+        if not isinstance(layer, LinearBase):
+            continue
+        ref_layer = full_layers[name]
+        ref = ref_layer.quant_method.dequantize(ref_layer, torch.float32)
+        got = layer.quant_method.dequantize(layer, torch.float32)
+        if isinstance(layer, RowParallelLinear):
+            ref = ref[:, got.shape[1]:]
+        else:   # rank 1's rows of each fused part (q, k, v / gate, up)
+            parts = torch.split(ref, [p * 2 for p in _part_sizes(layer, got.shape[0])])
+            ref = torch.cat([p[p.shape[0] // 2:] for p in parts])
+        if method == "int8" and isinstance(layer, RowParallelLinear):
+            step = ref_layer.qscale.unsqueeze(1) / 127.0
+            assert ((got - ref).abs() <= step / 2 + 1e-7).all(), name
+        else:
+            assert torch.equal(got, ref), name
+
+
+def _part_sizes(layer, rows: int) -> list[int]:
+    """Rows of each fused part on one rank: q, k, v (QKVParallelLinear) or gate, up."""
+    if hasattr(layer, "q_size"):
+        return [layer.q_size, layer.kv_size, layer.kv_size]
+    return [size // layer.tp_size for size in layer.output_sizes]

@@ -9,12 +9,16 @@ Recognised by config.json's `quantization_config` (quant_method "bitsandbytes"):
                         shape, dtype, blocksize, nested parameters).
     load_in_8bit        `X.weight` int8 (out, in), `X.SCB` float32 (out,) row absmax,
                         `X.weight_format` (ignored).
-Each quantized weight is dequantized on the host in full (it is 1/4 resp. 1/2 of the dense
-bytes) and handed to the loader as a plain tensor; every rank then keeps only its slice and the
-model's quant method requantizes that slice with the checkpoint's method. At TP 1 this gives
-back the checkpoint's own codes (the absmax of every block/row is one of its values, so it is
-reproduced exactly); under TP > 1 a row-parallel int8 slice gets its own row absmax, and nf4
-slices whose boundaries are not on 64-blocks are regrouped (same as quantizing a dense slice).
+Each quantized weight reaches the loader as a `QuantizedSlices` (a LazyTensor): the layer's
+weight_loader narrows it to this rank's slice, and only that slice is read and dequantized on
+the host where the packing allows: int8 rows and columns always; nf4 rows (column-parallel
+layers) when the slice starts and ends on a quantization block (row * in_features % blocksize
+== 0). nf4 column slices (row-parallel layers) are not contiguous in the flat packing: the rank
+reads the whole packed tensor (1/4 of the dense bytes) and keeps its columns. The model's quant
+method then requantizes the dense slice with the checkpoint's method. At TP 1 this gives back
+the checkpoint's own codes (every block's/row's absmax is one of its values); under TP > 1 a
+row-parallel int8 slice gets its own row absmax (slightly finer than the checkpoint's), and nf4
+slices are requantized on their own 64-blocks (identical codes when the blocks line up).
 fp4 and other quant methods (GPTQ, AWQ, ...) are refused with a one-line error.
 """
 
@@ -25,7 +29,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from llmbatch.runtime.layers.weight_utils import LoadedWeight, materialize
+from llmbatch.runtime.layers.weight_utils import LazyTensor, LoadedWeight, materialize, narrow
 
 # Companions of a 4-bit `X.weight`, by the suffix after "X.weight".
 NF4_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
@@ -101,6 +105,59 @@ def dequantize_int8(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
     return weight.float() * (scb.float() / 127.0).unsqueeze(1)
 
 
+class QuantizedSlices(LazyTensor):
+    """One bitsandbytes weight of the checkpoint, dequantized slice by slice (module doc).
+    weight: the packed/int8 tensor, unread; stats: its statistics (small, read)."""
+
+    def __init__(self, name: str, method: str, weight: LoadedWeight,
+                 stats: dict[str, torch.Tensor]) -> None:
+        self.name, self.method, self._weight, self._stats = name, method, weight, stats
+        self._absmax = None
+        if method == "int8":
+            self.shape = torch.Size(weight.shape)
+        else:
+            import bitsandbytes.functional as bf
+
+            qs = {k.lstrip("."): v for k, v in stats.items()}
+            self._state = bf.QuantState.from_dict(qs, device=torch.device("cpu"))
+            self.shape = self._state.shape
+
+    def _flat_absmax(self) -> torch.Tensor:
+        """float32 absmax per block (double quant: the nested absmax dequantized once)."""
+        if self._absmax is None:
+            st = self._state
+            if st.nested:
+                import bitsandbytes.functional as bf
+
+                self._absmax = bf.dequantize_blockwise(st.absmax, st.state2) + st.offset
+            else:
+                self._absmax = st.absmax
+        return self._absmax
+
+    def narrow(self, dim: int, start: int, size: int) -> torch.Tensor:
+        if self.method == "int8":
+            scb = self._stats[".SCB"]
+            w = narrow(self._weight, dim, start, size)          # reads only the slice
+            return dequantize_int8(w, scb[start:start + size] if dim == 0 else scb)
+        import bitsandbytes.functional as bf
+
+        st, cols = self._state, self.shape[1]
+        lo, hi = start * cols, (start + size) * cols
+        aligned = lo % st.blocksize == 0 and (hi % st.blocksize == 0 or hi == self.shape.numel())
+        if dim != 0 or not aligned or (hi - lo) % 2:
+            return self.load().narrow(dim, start, size)
+        packed = narrow(self._weight, 0, lo // 2, (hi - lo) // 2)  # two codes per byte
+        absmax = self._flat_absmax()[lo // st.blocksize: -(-hi // st.blocksize)]
+        flat = bf.QuantState(absmax=absmax, shape=torch.Size([hi - lo]), code=st.code,
+                             blocksize=st.blocksize, quant_type=st.quant_type, dtype=st.dtype)
+        return bf.dequantize_4bit(packed, flat).view(size, cols)
+
+    def load(self) -> torch.Tensor:
+        if self.method == "int8":
+            return dequantize_int8(materialize(self._weight), self._stats[".SCB"])
+        return dequantize_nf4(dict(self._stats, **{"": materialize(self._weight)}))
+
+
 def _needs(parts: dict) -> Optional[set]:
     """Suffixes still missing for a 4-bit group (None: the weight itself is missing)."""
     if "" not in parts:
@@ -118,7 +175,7 @@ def _needs(parts: dict) -> Optional[set]:
 def dequantized_tensors(tensors: Iterator[tuple[str, LoadedWeight]], method: str
                         ) -> Iterator[tuple[str, LoadedWeight]]:
     """(name, tensor) of a pre-quantized checkpoint -> the same names with every quantized
-    `X.weight` dense (float32 or the checkpoint's dtype); other tensors pass through unread.
+    `X.weight` a QuantizedSlices (dense when read); other tensors pass through unread.
     A group is emitted once all its parts were seen (they may come in any order)."""
     from llmbatch.runtime.layers.quantization import import_bnb
 
@@ -140,13 +197,12 @@ def dequantized_tensors(tensors: Iterator[tuple[str, LoadedWeight]], method: str
             yield name, t
             continue
         group = pending.setdefault(key, {})
-        group[part] = materialize(t)
-        if method == "int8" and {"", ".SCB"} <= group.keys():
-            yield key, dequantize_int8(group[""], group[".SCB"])
+        group[part] = t if part == "" else materialize(t)   # the weight stays unread
+        complete = {"", ".SCB"} <= group.keys() if method == "int8" else _needs(group) == set()
+        if complete:
             del pending[key]
-        elif method == "nf4" and _needs(group) == set():
-            yield key, dequantize_nf4(group)
-            del pending[key]
+            weight = group.pop("")
+            yield key, QuantizedSlices(key, method, weight, group)
     if pending:
         key, group = next(iter(pending.items()))
         have = ", ".join(sorted(p or "weight" for p in group))
