@@ -168,33 +168,28 @@ class JobRunner:
             raise InvalidJobError(f"model.path {self.spec.model.path}: cannot load the model: "
                                   f"{first}") from None
 
-    def _launched_worker_rank(self) -> int:
-        """This process's rank when a launcher (torchrun/srun) started one process per
-        tensor-parallel rank, else 0. Ranks > 0 only serve the engine's steps."""
+    def _serve_if_worker_rank(self) -> None:
+        """Rank > 0 of a TP job started by torchrun/srun: build the engine (it joins the group,
+        serves rank 0's steps and ends this process) before anything reads or writes the
+        output folder, which rank 0 alone owns (cleanup, manifest, parts, stats)."""
         tp = self.spec.parallel.tensor_parallel_size
         if tp < 2:
-            return 0
+            return
         from llmbatch.runtime.dist import detect_rendezvous
 
         try:
             rdv = detect_rendezvous(tp)
         except ValueError as exc:
             raise InvalidJobError(f"parallel.tensor_parallel_size: {exc}") from None
-        return rdv.rank if rdv.launched else 0
-
-    def _serve_as_worker(self, rank: int) -> JobResult:
-        """Rank > 0 of a launched TP job: join the group inside the engine and serve steps.
-        Nothing here reads or writes the output folder (rank 0 owns it: stale-part cleanup,
-        manifest, parts, stats); the engine ends this process when rank 0 shuts down."""
-        self._make_engine()
-        raise InternalError(f"tensor-parallel rank {rank}: the engine returned on a worker rank")
+        if rdv.launched and rdv.rank > 0:
+            self._make_engine()
+            raise InternalError(f"tensor-parallel rank {rdv.rank}: the engine returned on a "
+                                f"worker rank")
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> JobResult:
         spec = self.spec
-        rank = self._launched_worker_rank()
-        if rank > 0:
-            return self._serve_as_worker(rank)
+        self._serve_if_worker_rank()
         plan = self.plan()
         self._say(f"llmbatch: shard {plan.shard.index}/{plan.shard.count}: rows "
                   f"[{plan.row_start}, {plan.row_end}) of {plan.num_input_rows} from "
