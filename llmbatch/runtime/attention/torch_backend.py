@@ -28,6 +28,8 @@ class TorchAttentionBackend(AttentionBackend):
         num_tokens, num_heads, head_dim = query.shape
         block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
         group = num_heads // num_kv_heads
+        if meta.max_query_len == 1 and num_tokens == meta.num_seqs:
+            return self._decode_batched(query, k_cache, v_cache, meta, scale)
         starts = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
         seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
         out = torch.empty_like(query)
@@ -60,3 +62,33 @@ class TorchAttentionBackend(AttentionBackend):
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             out[q_start:q_end] = o.transpose(0, 1)
         return out
+
+    @staticmethod
+    def _decode_batched(query, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        """Pure decode (one query per sequence): one padded SDPA call for the whole batch.
+
+        Each query sees its sequence's first seq_len keys; keys past it (padding up to the
+        longest sequence, read from block 0 or a page's unused tail) are masked out.
+        """
+        num_seqs, num_heads, head_dim = query.shape
+        block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+        group = num_heads // num_kv_heads
+        max_len = meta.max_seq_len
+        num_pages = (max_len + block_size - 1) // block_size
+        pages = meta.block_tables[:, :num_pages].long()                 # (B, P)
+        # (B, P, block_size, Hkv, D) -> (B, Hkv, S, D) for the first max_len positions.
+        k = k_cache[pages].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_len]
+        v = v_cache[pages].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_len]
+        k = k.transpose(1, 2).repeat_interleave(group, dim=1).to(query.dtype)   # (B, H, S, D)
+        v = v.transpose(1, 2).repeat_interleave(group, dim=1).to(query.dtype)
+        positions = torch.arange(max_len, device=query.device)
+        mask = positions[None, :] < meta.seq_lens[:, None].to(positions.dtype)  # (B, S)
+        # Padding slots may hold anything (even NaN); 0 * NaN would leak through the softmax
+        # weights, so zero them as well as masking them.
+        valid = mask[:, None, :, None]
+        k = torch.where(valid, k, torch.zeros((), dtype=k.dtype, device=k.device))
+        v = torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=v.device))
+        q = query.unsqueeze(2)                                                  # (B, H, 1, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
+                                             scale=scale)
+        return out.squeeze(2)                                                   # (B, H, D)
