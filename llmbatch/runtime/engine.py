@@ -45,6 +45,8 @@ class Engine:
                 config, self.runner.num_kv_blocks, self.max_model_len,
                 self.runner.hf_config.vocab_size)
         self.eos_token_ids = self._find_eos_token_ids()
+        self.vocab_size = self.runner.hf_config.vocab_size
+        self._live_ids: set = set()      # ids of admitted, unfinished requests
         self.block_manager = BlockManager(
             self.runner.num_kv_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, max_model_len=self.max_model_len)
@@ -109,9 +111,12 @@ class Engine:
 
     # -- public API -------------------------------------------------------------------
     def generate(self, requests: Iterable[Request]) -> Iterator[GenerationResult]:
-        """Run `requests` to completion, yielding one GenerationResult per request."""
-        rejected: list[GenerationResult] = []
-        planned = self.planner.plan(self._admit_or_reject(requests, rejected))
+        """Run `requests` to completion, yielding one GenerationResult per request.
+
+        Requests are checked as they leave the planner: one that can never run is yielded at
+        once as an error result, so a long run of bad rows streams out instead of piling up.
+        """
+        planned = self.planner.plan(self._with_default_seeds(requests))
         exhausted = False
         # Keep enough requests waiting that every step can fill its batch.
         refill_to = max(2 * self.config.max_num_seqs, 64)
@@ -120,11 +125,10 @@ class Engine:
                 req = next(planned, None)
                 if req is None:
                     exhausted = True
-                else:
-                    req.arrival_time = time.perf_counter()
-                    self.scheduler.add_request(req)
-            while rejected:
-                yield rejected.pop()
+                    break
+                rejected = self._admit(req)
+                if rejected is not None:
+                    yield rejected
             if not self.scheduler.has_unfinished_requests():
                 if exhausted:
                     return
@@ -154,6 +158,7 @@ class Engine:
             reason = self._check_stop(req)
             if reason is not None:
                 self.scheduler.finish_request(req, reason)
+                self._live_ids.discard(req.request_id)
                 req.finish_time = now
                 finished.append(self._result(req))
         return finished
@@ -178,28 +183,53 @@ class Engine:
         return s
 
     # -- helpers ----------------------------------------------------------------------
-    def _admit_or_reject(self, requests: Iterable[Request],
-                         rejected: list[GenerationResult]) -> Iterator[Request]:
-        """Reject requests that can never run (too long for the context or the KV pool)."""
+    def _with_default_seeds(self, requests: Iterable[Request]) -> Iterator[Request]:
+        """Seeds for requests without one follow input order, before any reordering, so
+        they do not depend on the planner's window or ordering."""
         for req in requests:
-            self._counters["num_requests"] += 1
             if not hasattr(req, "default_seed"):
                 req.default_seed = default_seed(self.config.seed, next(self._arrivals))
-            error = None
-            if req.num_prompt_tokens >= self.max_model_len:
-                error = (f"prompt has {req.num_prompt_tokens} tokens; the model's context is "
-                         f"{self.max_model_len} tokens")
-            else:
-                error = self.scheduler.check_request(req)   # e.g. larger than the KV pool
-            if error is None:
-                req.stop_checker = StopChecker(self.tokenizer, req.sampling_params.stop)
-                yield req
-            else:
-                self._counters["num_error_requests"] += 1
-                req.status = RequestStatus.FINISHED
-                req.finish_reason = FinishReason.ERROR
-                req.finish_time = time.perf_counter()
-                rejected.append(self._result(req, error=error))
+            yield req
+
+    def _admit(self, req: Request) -> Optional[GenerationResult]:
+        """Queue the request, or return its error result when it can never run."""
+        self._counters["num_requests"] += 1
+        error = self._why_never_runs(req)
+        if error is not None:
+            self._counters["num_error_requests"] += 1
+            req.status = RequestStatus.FINISHED
+            req.finish_reason = FinishReason.ERROR
+            req.finish_time = time.perf_counter()
+            return self._result(req, error=error)
+        req.stop_checker = StopChecker(self.tokenizer, req.sampling_params.stop)
+        req.arrival_time = time.perf_counter()
+        self._live_ids.add(req.request_id)
+        self.scheduler.add_request(req)
+        return None
+
+    def _why_never_runs(self, req: Request) -> Optional[str]:
+        """A one-line reason the request cannot run here, or None. Checked before it is
+        queued, so a bad row becomes an error result instead of failing a step for everyone."""
+        params = req.sampling_params
+        if req.request_id in self._live_ids:
+            return f"duplicate request id {req.request_id!r}: another request with it is running"
+        if req.num_prompt_tokens >= self.max_model_len:
+            return (f"prompt has {req.num_prompt_tokens} tokens; the model's context is "
+                    f"{self.max_model_len} tokens")
+        lo, hi = min(req.prompt_token_ids), max(req.prompt_token_ids)
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            return f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})"
+        if params.logprobs is not None and params.logprobs > self.vocab_size:
+            return f"logprobs={params.logprobs} exceeds the vocabulary size {self.vocab_size}"
+        # The longest the sequence can grow must fit the KV pool alone, or the request would
+        # end up preempting itself forever.
+        longest = min(req.num_prompt_tokens + params.max_new_tokens, self.max_model_len)
+        pool_tokens = self.runner.num_kv_blocks * self.config.block_size
+        if longest > pool_tokens:
+            return (f"prompt + max_new_tokens = {longest} tokens; the KV pool holds "
+                    f"{pool_tokens} (raise kv_cache_blocks or lower max_new_tokens)")
+        return self.scheduler.check_request(req)
 
     def _check_stop(self, req: Request) -> Optional[FinishReason]:
         """Apply stop rules to the tokens appended this step; trims tokens past a stop."""
@@ -225,6 +255,10 @@ class Engine:
                 if extra:
                     del req.output_token_ids[i + 1:]
                     del req.all_token_ids[len(req.all_token_ids) - extra:]
+                    if getattr(req, "output_logprobs", None) is not None:
+                        del req.output_logprobs[i + 1:]
+                    # The last dropped token is the target's own; the others were drafts.
+                    req.num_spec_accepted_tokens -= extra - 1
                 req._num_checked = i + 1
                 return reason
         req._num_checked = len(req.output_token_ids)

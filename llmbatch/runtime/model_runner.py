@@ -127,10 +127,13 @@ class ModelRunner:
         else:
             budget = cfg.cpu_kv_cache_bytes
         num_blocks = min(useful, budget // self.kv_bytes_per_block)
-        if num_blocks < blocks_per_seq // 4 or num_blocks < 2:
+        # Like vLLM: the pool must hold one sequence of max_model_len tokens, so every request
+        # the engine admits can finish even if it runs alone.
+        if num_blocks < blocks_per_seq:
             raise ValueError(
                 f"KV cache too small: {num_blocks} blocks of {self.block_size} tokens fit the "
-                f"memory budget; raise gpu_memory_utilization or lower max_model_len")
+                f"memory budget, one {self.max_model_len}-token sequence needs {blocks_per_seq}; "
+                f"raise gpu_memory_utilization or lower max_model_len")
         return int(num_blocks)
 
     def _cuda_kv_budget_bytes(self) -> int:

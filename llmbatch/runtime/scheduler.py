@@ -139,6 +139,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         bm = self.block_manager
 
+        self._drop_drafts_if_pool_short()
         # 1. Running requests. Victims are popped from the end, so index i never skips one.
         i = 0
         while i < len(self.running) and budget > 0:
@@ -167,6 +168,21 @@ class Scheduler:
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         self.num_steps += 1
         return out
+
+    def _drop_drafts_if_pool_short(self) -> None:
+        """Drafts are optional: when the running requests' drafts would need more blocks than
+        are free, drop every draft up front, so an earlier request's drafts never take the
+        blocks a later request needs for its one required token (which would preempt it)."""
+        bs = self.block_size
+        needed = 0
+        has_drafts = False
+        for req in self.running:
+            has_drafts = has_drafts or bool(req.spec_token_ids)
+            num_tokens = req.num_tokens + len(req.spec_token_ids)
+            needed += max(0, -(-num_tokens // bs) - len(req.block_table))
+        if has_drafts and needed > self.block_manager.num_free_blocks:
+            for req in self.running:
+                req.spec_token_ids = []
 
     def _num_new_tokens_running(self, req: Request, budget: int) -> int:
         """Tokens for a running request this step; trims its draft tokens to what fits."""
