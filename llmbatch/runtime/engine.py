@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 from llmbatch.runtime.block_manager import BlockManager
 from llmbatch.runtime.config import EngineConfig
