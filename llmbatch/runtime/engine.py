@@ -172,6 +172,8 @@ class Engine:
         s["prefix_hit_rate"] = (s["num_cached_prompt_tokens"] / s["num_prompt_tokens"]
                                 if s["num_prompt_tokens"] else 0.0)
         s["num_kv_blocks"] = self.runner.num_kv_blocks
+        s["cuda_graphs_active"] = getattr(self.runner, "graph_runner", None) is not None
+        s["cuda_graph_error"] = getattr(self.runner, "cuda_graph_error", None)
         s["block_size"] = self.config.block_size
         # Bytes of the loaded weights on each TP rank (quantized buffers included), and the
         # quantization in effect (a pre-quantized checkpoint's method when config says none).

@@ -92,6 +92,7 @@ class ModelRunner:
 
             self.num_kv_blocks = min_over_ranks(self.num_kv_blocks, tp_group)
         self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
+        self.cuda_graph_error: Optional[str] = None
         self.graph_runner = self._maybe_capture_decode_graphs()
 
     def _maybe_capture_decode_graphs(self):
@@ -103,9 +104,17 @@ class ModelRunner:
             return None
         from llmbatch.runtime.cuda_graphs import DecodeGraphRunner
 
-        return DecodeGraphRunner(self.model, self.kv_caches, self.attn_backend,
-                                 max_num_seqs=cfg.max_num_seqs, max_model_len=self.max_model_len,
-                                 block_size=self.block_size, device=self.device)
+        try:
+            return DecodeGraphRunner(self.model, self.kv_caches, self.attn_backend,
+                                     max_num_seqs=cfg.max_num_seqs,
+                                     max_model_len=self.max_model_len,
+                                     block_size=self.block_size, device=self.device)
+        except Exception as exc:  # a capture failure must not lose the job: run eagerly, loudly
+            self.cuda_graph_error = f"{type(exc).__name__}: {exc}"
+            logger.warning("CUDA graph capture failed, decoding eagerly: %s",
+                           self.cuda_graph_error)
+            torch.cuda.synchronize(self.device)
+            return None
 
     # -- KV pool ----------------------------------------------------------------------
     @property
