@@ -113,18 +113,10 @@ class DraftModelProposer:
     @torch.inference_mode()
     def _run(self, reqs: list[Request], spans: list[tuple[int, list[int]]]) -> list[int]:
         """One draft forward over the spans; the greedy token after each span's last row."""
-        bs = self.block_size
-        s = StepInputs([], [], [], [0], [], [], [], [], [])
+        s = StepInputs.empty()
         for req, (start, tokens) in zip(reqs, spans):
-            end = start + len(tokens)
-            table = req.block_table
-            s.input_ids.extend(tokens)
-            s.positions.extend(range(start, end))
-            s.slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            s.seq_lens.append(end)
-            s.block_tables.append(table)
-            s.query_start_loc.append(s.query_start_loc[-1] + len(tokens))
-            s.sample_rows.append(s.query_start_loc[-1] - 1)
+            row_end = s.add_span(tokens, start, req.block_table, self.block_size)
+            s.sample_rows.append(row_end - 1)
             s.sample_requests.append(req)
             s.sample_output_index.append(0)
         logits = self.runner.forward_logits(s)

@@ -37,6 +37,25 @@ class StepInputs:
     sample_requests: list[Any]      # the Request owning each sampled row
     sample_output_index: list[int]  # index of the output token each sampled row produces
 
+    @classmethod
+    def empty(cls) -> "StepInputs":
+        return cls([], [], [], [0], [], [], [], [], [])
+
+    def add_span(self, tokens: list[int], start: int, block_table: list[int],
+                 block_size: int) -> int:
+        """Append one query span: `tokens` at positions start.., K/V slots through the
+        request's block table. Returns the row index one past the span's last row."""
+        end = start + len(tokens)
+        bs = block_size
+        self.input_ids.extend(tokens)
+        self.positions.extend(range(start, end))
+        self.slot_mapping.extend(block_table[p // bs] * bs + p % bs for p in range(start, end))
+        self.seq_lens.append(end)
+        self.block_tables.append(block_table)
+        row_end = self.query_start_loc[-1] + len(tokens)
+        self.query_start_loc.append(row_end)
+        return row_end
+
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config=None, tp_rank: int = 0,
@@ -193,22 +212,14 @@ class ModelRunner:
     # -- one step ---------------------------------------------------------------------
     def prepare_inputs(self, out: SchedulerOutput) -> StepInputs:
         bs = self.block_size
-        s = StepInputs([], [], [], [0], [], [], [], [], [])
+        s = StepInputs.empty()
         for item in out.scheduled:
             req, n = item.request, item.num_new_tokens
             start = req.num_computed_tokens
             # The span: known tokens from num_computed_tokens, then any speculative tokens.
             known = req.all_token_ids[start:start + n]
             tokens = known + req.spec_token_ids[: n - len(known)]
-            end = start + n
-            table = req.block_table
-            s.input_ids.extend(tokens)
-            s.positions.extend(range(start, end))
-            s.slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            s.seq_lens.append(end)
-            s.block_tables.append(table)
-            row_end = s.query_start_loc[-1] + n
-            s.query_start_loc.append(row_end)
+            row_end = s.add_span(tokens, start, req.block_table, bs)
             if item.samples:
                 # Verification of k speculative tokens samples at the last k + 1 rows.
                 num_samples = 1 + len(req.spec_token_ids)

@@ -5,31 +5,9 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
-from llmbatch.runtime.config import EngineConfig
-from llmbatch.runtime.engine import Engine
 from llmbatch.runtime.request import Request
 from llmbatch.runtime.sampling_params import SamplingParams
-from tests.runtime.tiny_models import VOCAB, make_model, make_prompts, make_tokenizer
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    path = tmp_path_factory.mktemp("m")
-    tok = make_tokenizer(tmp_path_factory.mktemp("t"))
-    make_model(path, arch="llama", eos_token_id=2)
-    return path, tok
-
-
-def new_engine(setup, **kw):
-    path, tok = setup
-    return Engine(EngineConfig(model=str(path), device="cpu", dtype="float32", **kw),
-                  tokenizer=tok)
-
-
-def generate(engine, reqs):
-    return {r.request_id: r for r in engine.generate(reqs)}
+from tests.runtime.tiny_models import VOCAB, generate, make_prompts, new_engine
 
 
 def sampled(i, seed):
@@ -37,15 +15,15 @@ def sampled(i, seed):
                           ignore_eos=True)
 
 
-def test_seeded_sampling_is_independent_of_batch_and_order(setup):
+def test_seeded_sampling_is_independent_of_batch_and_order(llama_setup):
     prompts = make_prompts(64, seed=3)
-    alone = generate(new_engine(setup), [Request("x", prompts[7], sampled(7, 1234))])["x"]
+    alone = generate(new_engine(llama_setup), [Request("x", prompts[7], sampled(7, 1234))])["x"]
     batch = [Request(i, p, sampled(i, 1000 + i)) for i, p in enumerate(prompts)]
     batch[7] = Request(7, prompts[7], sampled(7, 1234))
-    in_batch = generate(new_engine(setup), batch)
+    in_batch = generate(new_engine(llama_setup), batch)
     order = list(range(64))
     random.Random(1).shuffle(order)
-    shuffled = generate(new_engine(setup, ordering="input", max_num_seqs=7),
+    shuffled = generate(new_engine(llama_setup, ordering="input", max_num_seqs=7),
                         [Request(i, prompts[i], sampled(i, 1234 if i == 7 else 1000 + i))
                          for i in order])
     assert in_batch[7].output_token_ids == alone.output_token_ids
@@ -53,34 +31,34 @@ def test_seeded_sampling_is_independent_of_batch_and_order(setup):
     # Sampling really samples: different seeds give different continuations somewhere.
     distinct = {tuple(r.output_token_ids) for r in in_batch.values()}
     assert len(distinct) > 32
-    other_seed = generate(new_engine(setup), [Request("x", prompts[7], sampled(7, 99))])["x"]
+    other_seed = generate(new_engine(llama_setup), [Request("x", prompts[7], sampled(7, 99))])["x"]
     assert other_seed.output_token_ids != alone.output_token_ids
 
 
-def test_stop_token_ids_and_max_new_tokens(setup):
-    engine = new_engine(setup)
+def test_stop_token_ids_and_max_new_tokens(llama_setup):
+    engine = new_engine(llama_setup)
     prompt = make_prompts(1, seed=5)[0]
     free = generate(engine, [Request(0, prompt, SamplingParams(max_new_tokens=12,
                                                                ignore_eos=True))])[0]
     assert free.finish_reason == "length" and free.num_output_tokens == 12
     stop_at = free.output_token_ids[4]
     first = free.output_token_ids.index(stop_at)
-    stopped = generate(new_engine(setup), [Request(0, prompt, SamplingParams(
+    stopped = generate(new_engine(llama_setup), [Request(0, prompt, SamplingParams(
         max_new_tokens=12, ignore_eos=True, stop_token_ids=[stop_at]))])[0]
     assert stopped.finish_reason == "stop" and stopped.stop_reason == stop_at
     assert stopped.output_token_ids == free.output_token_ids[:first + 1]
 
 
-def test_stop_string_truncates_text(setup):
-    path, tok = setup
+def test_stop_string_truncates_text(llama_setup):
+    path, tok = llama_setup
     prompt = make_prompts(1, seed=6)[0]
-    free = generate(new_engine(setup), [Request(0, prompt, SamplingParams(
+    free = generate(new_engine(llama_setup), [Request(0, prompt, SamplingParams(
         max_new_tokens=16, ignore_eos=True))])[0]
     text = free.output_text
     assert len(text) > 4
     stop = text[3:5]
     cut = text.index(stop)
-    got = generate(new_engine(setup), [Request(0, prompt, SamplingParams(
+    got = generate(new_engine(llama_setup), [Request(0, prompt, SamplingParams(
         max_new_tokens=16, ignore_eos=True, stop=[stop]))])[0]
     assert got.finish_reason == "stop" and got.stop_reason == stop
     assert got.output_text == text[:cut]
@@ -88,8 +66,8 @@ def test_stop_string_truncates_text(setup):
     assert got.num_output_tokens < 16
 
 
-def test_too_long_prompt_is_an_error_result_not_a_crash(setup):
-    engine = new_engine(setup, max_model_len=64)
+def test_too_long_prompt_is_an_error_result_not_a_crash(llama_setup):
+    engine = new_engine(llama_setup, max_model_len=64)
     reqs = [Request("long", [5] * 64, SamplingParams(max_new_tokens=4)),
             Request("ok", [5] * 10, SamplingParams(max_new_tokens=4))]
     res = generate(engine, reqs)
@@ -98,16 +76,16 @@ def test_too_long_prompt_is_an_error_result_not_a_crash(setup):
     assert engine.stats()["num_error_requests"] == 1
 
 
-def test_generation_stops_at_the_context_limit(setup):
-    engine = new_engine(setup, max_model_len=40)
+def test_generation_stops_at_the_context_limit(llama_setup):
+    engine = new_engine(llama_setup, max_model_len=40)
     res = generate(engine, [Request(0, [7] * 30, SamplingParams(max_new_tokens=100,
                                                                 ignore_eos=True))])[0]
     assert res.finish_reason == "length"
     assert res.num_prompt_tokens + res.num_output_tokens == 40
 
 
-def test_timings_and_counters(setup):
-    engine = new_engine(setup)
+def test_timings_and_counters(llama_setup):
+    engine = new_engine(llama_setup)
     prompts = make_prompts(8, seed=9)
     res = generate(engine, [Request(i, p, SamplingParams(max_new_tokens=5, ignore_eos=True))
                             for i, p in enumerate(prompts)])
@@ -120,7 +98,7 @@ def test_timings_and_counters(setup):
     assert all(0 <= t < VOCAB for r in res.values() for t in r.output_token_ids)
 
 
-def test_ngram_speculation_is_lossless_for_sampling_and_under_preemption(setup):
+def test_ngram_speculation_is_lossless_for_sampling_and_under_preemption(llama_setup):
     # Repetitive prompts so prompt lookup has something to propose.
     rng = random.Random(4)
     prompts = []
@@ -129,7 +107,7 @@ def test_ngram_speculation_is_lossless_for_sampling_and_under_preemption(setup):
         prompts.append(motif * rng.randint(3, 8))
 
     def run(**kw):
-        engine = new_engine(setup, **kw)
+        engine = new_engine(llama_setup, **kw)
         reqs = [Request(i, p, SamplingParams(max_new_tokens=12, temperature=0.5, top_k=3, seed=i,
                                              ignore_eos=True, logprobs=2))
                 for i, p in enumerate(prompts)]
@@ -152,9 +130,9 @@ def test_ngram_speculation_is_lossless_for_sampling_and_under_preemption(setup):
     assert sum(r.spec_accepted_tokens for r in on.values()) == stats["num_spec_accepted_tokens"]
 
 
-def test_speculation_turns_off_for_large_batches(setup):
+def test_speculation_turns_off_for_large_batches(llama_setup):
     prompts = [[5, 6, 7] * 6 for _ in range(8)]
-    engine = new_engine(setup, speculative_method="ngram", speculative_max_num_seqs=4)
+    engine = new_engine(llama_setup, speculative_method="ngram", speculative_max_num_seqs=4)
     generate(engine, [Request(i, p, SamplingParams(max_new_tokens=4, ignore_eos=True))
                       for i, p in enumerate(prompts)])
     assert engine.stats()["num_spec_accepted_tokens"] == 0

@@ -8,28 +8,9 @@ from __future__ import annotations
 import pytest
 
 from llmbatch.runtime.config import EngineConfig
-from llmbatch.runtime.engine import Engine
 from llmbatch.runtime.request import Request
 from llmbatch.runtime.sampling_params import SamplingParams
-from tests.runtime.tiny_models import make_model, make_prompts, make_tokenizer
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    path = tmp_path_factory.mktemp("m")
-    tok = make_tokenizer(tmp_path_factory.mktemp("t"))
-    make_model(path, arch="llama", eos_token_id=2)
-    return path, tok
-
-
-def new_engine(setup, **kw):
-    path, tok = setup
-    return Engine(EngineConfig(model=str(path), device="cpu", dtype="float32", **kw),
-                  tokenizer=tok)
-
-
-def generate(engine, reqs):
-    return {r.request_id: r for r in engine.generate(reqs)}
+from tests.runtime.tiny_models import generate, make_prompts, new_engine
 
 
 class _OracleProposer:
@@ -43,16 +24,16 @@ class _OracleProposer:
         return self.future[n:n + num_tokens]
 
 
-def _stop_inside_accepted_drafts(setup, **params):
+def _stop_inside_accepted_drafts(llama_setup, **params):
     """A stop token that arrives as an accepted draft, with more accepted tokens after it."""
     prompt = make_prompts(1, seed=11)[0]
-    free = generate(new_engine(setup), [Request(0, prompt, SamplingParams(
+    free = generate(new_engine(llama_setup), [Request(0, prompt, SamplingParams(
         max_new_tokens=12, ignore_eos=True, **params))])[0].output_token_ids
     # Step 1 samples output 0; step 2 verifies drafts 1..4 and returns outputs 1..5, so a stop
     # at output index 2 leaves outputs 3..5 to be dropped by Engine._check_stop.
     stop_at = free[2]
     assert stop_at not in free[:2]
-    engine = new_engine(setup, speculative_method="ngram", num_speculative_tokens=4)
+    engine = new_engine(llama_setup, speculative_method="ngram", num_speculative_tokens=4)
     engine.set_proposer(_OracleProposer(free))
     got = generate(engine, [Request(0, prompt, SamplingParams(
         max_new_tokens=12, ignore_eos=True, stop_token_ids=[stop_at], **params))])[0]
@@ -60,27 +41,27 @@ def _stop_inside_accepted_drafts(setup, **params):
     return got, engine
 
 
-def test_logprobs_trimmed_with_tokens_dropped_after_a_stop(setup):
+def test_logprobs_trimmed_with_tokens_dropped_after_a_stop(llama_setup):
     # defect: engine.py _check_stop drops tokens after the stop but not req.output_logprobs.
-    got, _ = _stop_inside_accepted_drafts(setup, logprobs=1)
+    got, _ = _stop_inside_accepted_drafts(llama_setup, logprobs=1)
     assert len(got.logprobs) == got.num_output_tokens == 3
 
 
-def test_spec_accepted_count_excludes_tokens_dropped_after_a_stop(setup):
+def test_spec_accepted_count_excludes_tokens_dropped_after_a_stop(llama_setup):
     # defect: the scheduler counts 4 accepted drafts; only drafts 1 and 2 are kept.
-    got, engine = _stop_inside_accepted_drafts(setup)
+    got, engine = _stop_inside_accepted_drafts(llama_setup)
     assert got.spec_accepted_tokens == 2
     assert engine.stats()["num_spec_accepted_tokens"] == 2
 
 
-def test_duplicate_request_ids_give_a_clear_error_or_correct_results(setup):
+def test_duplicate_request_ids_give_a_clear_error_or_correct_results(llama_setup):
     # defect: the runner's sampled dict is keyed by request_id, so two running requests with
     # one id get each other's tokens; update_from_output raises an internal error mid-run.
     prompts = make_prompts(2, seed=12)
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    alone = [generate(new_engine(setup), [Request("a", p, params)])["a"].output_token_ids
+    alone = [generate(new_engine(llama_setup), [Request("a", p, params)])["a"].output_token_ids
              for p in prompts]
-    engine = new_engine(setup, ordering="input")
+    engine = new_engine(llama_setup, ordering="input")
     try:
         results = list(engine.generate([Request("dup", p, params) for p in prompts]))
     except ValueError as exc:   # a clear, up-front rejection is fine too
@@ -93,11 +74,11 @@ def test_duplicate_request_ids_give_a_clear_error_or_correct_results(setup):
     assert all(t in alone for t in ok)
 
 
-def test_request_that_outgrows_the_kv_pool_does_not_kill_the_batch(setup):
+def test_request_that_outgrows_the_kv_pool_does_not_kill_the_batch(llama_setup):
     # defect: check_request only sizes the prompt; a 20-token prompt generating 20 tokens needs
     # 3 blocks of 16 in a 2-block pool, so after preempting itself the scheduler raises
     # "does not fit in the KV pool even alone" and every other request of the run is lost.
-    engine = new_engine(setup, kv_cache_blocks=2, block_size=16)
+    engine = new_engine(llama_setup, kv_cache_blocks=2, block_size=16)
     reqs = [Request("big", [7] * 20, SamplingParams(max_new_tokens=20, ignore_eos=True)),
             Request("small", [9] * 5, SamplingParams(max_new_tokens=3, ignore_eos=True))]
     res = generate(engine, reqs)
@@ -107,10 +88,10 @@ def test_request_that_outgrows_the_kv_pool_does_not_kill_the_batch(setup):
         assert "KV" in res["big"].error
 
 
-def test_rejected_requests_stream_instead_of_piling_up(setup):
+def test_rejected_requests_stream_instead_of_piling_up(llama_setup):
     # defect: generate() refills until num_waiting reaches refill_to, and rejected requests
     # never enter the waiting queue, so a long run of rejects is pulled (and held) whole.
-    engine = new_engine(setup, max_model_len=16, planner_window=4)
+    engine = new_engine(llama_setup, max_model_len=16, planner_window=4)
     pulled = 0
 
     def rows():
@@ -124,43 +105,43 @@ def test_rejected_requests_stream_instead_of_piling_up(setup):
     assert pulled <= 64 + 4
 
 
-def test_eos_as_first_token_finishes_with_empty_text(setup):
+def test_eos_as_first_token_finishes_with_empty_text(llama_setup):
     # guard: EOS as the very first output token.
     prompt = make_prompts(1, seed=13)[0]
-    first = generate(new_engine(setup), [Request(0, prompt, SamplingParams(
+    first = generate(new_engine(llama_setup), [Request(0, prompt, SamplingParams(
         max_new_tokens=4, ignore_eos=True))])[0].output_token_ids[0]
-    engine = new_engine(setup)
+    engine = new_engine(llama_setup)
     engine.eos_token_ids = {first}
     got = generate(engine, [Request(0, prompt, SamplingParams(max_new_tokens=4))])[0]
     assert got.output_token_ids == [first] and got.finish_reason == "stop"
     assert got.stop_reason == first
 
 
-def test_prompt_at_context_limit_minus_one_with_speculation(setup):
+def test_prompt_at_context_limit_minus_one_with_speculation(llama_setup):
     # guard: prompt of max_model_len - 1 tokens yields exactly one token, drafts or not.
-    engine = new_engine(setup, max_model_len=32, speculative_method="ngram")
+    engine = new_engine(llama_setup, max_model_len=32, speculative_method="ngram")
     got = generate(engine, [Request(0, [5, 6] * 15 + [5], SamplingParams(
         max_new_tokens=8, ignore_eos=True))])[0]
     assert got.num_output_tokens == 1 and got.finish_reason == "length"
     assert engine.stats()["num_spec_accepted_tokens"] == 0
 
 
-def test_max_new_tokens_one_under_preemption_and_prefix_cache(setup):
+def test_max_new_tokens_one_under_preemption_and_prefix_cache(llama_setup):
     # guard: max_new_tokens=1 with a tight pool, shared prefixes and speculation on.
     prompts = make_prompts(12, seed=14)
     params = SamplingParams(max_new_tokens=1, ignore_eos=True)
-    ref = generate(new_engine(setup), [Request(i, p, params) for i, p in enumerate(prompts)])
-    engine = new_engine(setup, kv_cache_blocks=8, speculative_method="ngram")
+    ref = generate(new_engine(llama_setup), [Request(i, p, params) for i, p in enumerate(prompts)])
+    engine = new_engine(llama_setup, kv_cache_blocks=8, speculative_method="ngram")
     got = generate(engine, [Request(i, p, params) for i, p in enumerate(prompts)])
     assert sorted(got) == list(range(12))
     assert all(got[i].output_token_ids == ref[i].output_token_ids for i in range(12))
 
 
 @pytest.mark.parametrize("bad", [384, 10**6, -1])
-def test_token_id_outside_the_vocabulary_is_an_error_result(setup, bad):
+def test_token_id_outside_the_vocabulary_is_an_error_result(llama_setup, bad):
     # defect: nothing checks prompt ids against the vocabulary: the embedding lookup raises
     # mid-step (on CUDA a device-side assert that poisons the context) and the run is lost.
-    engine = new_engine(setup)
+    engine = new_engine(llama_setup)
     res = generate(engine, [Request("bad", [5, bad, 6], SamplingParams(max_new_tokens=2)),
                             Request("ok", [5, 6, 7], SamplingParams(max_new_tokens=2))])
     assert res["bad"].finish_reason == "error" and "vocab" in res["bad"].error
@@ -174,14 +155,14 @@ def test_token_id_outside_the_vocabulary_is_an_error_result(setup, bad):
     dict(kv_cache_blocks=14, block_size=8, max_num_batched_tokens=20,
          speculative_method="ngram", speculative_max_num_seqs=64),
 ])
-def test_tight_pool_chunking_leaders_and_drafts_match_a_roomy_run(setup, kw):
+def test_tight_pool_chunking_leaders_and_drafts_match_a_roomy_run(llama_setup, kw):
     # guard: preemption while prefix leaders run, chunked prefill, drafts, window boundaries.
     prompts = make_prompts(20, seed=15, num_prefixes=2)
     prompts += [p[:] for p in prompts[:4]]          # exact duplicates: leader == whole prompt
     params = [SamplingParams(max_new_tokens=6 + i % 5, temperature=0.7 * (i % 2), seed=i,
                              ignore_eos=True) for i in range(len(prompts))]
-    ref = generate(new_engine(setup), [Request(i, p, params[i]) for i, p in enumerate(prompts)])
-    engine = new_engine(setup, **kw)
+    ref = generate(new_engine(llama_setup), [Request(i, p, params[i]) for i, p in enumerate(prompts)])
+    engine = new_engine(llama_setup, **kw)
     got = generate(engine, [Request(i, p, params[i]) for i, p in enumerate(prompts)])
     assert sorted(got) == list(range(len(prompts)))
     assert all(r.error is None for r in got.values())
@@ -196,7 +177,7 @@ def test_tight_pool_chunking_leaders_and_drafts_match_a_roomy_run(setup, kw):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(kv_cache_blocks=10, max_num_batched_tokens=32)])
-def test_target_as_its_own_draft_gets_every_draft_accepted(setup, kw, monkeypatch):
+def test_target_as_its_own_draft_gets_every_draft_accepted(llama_setup, kw, monkeypatch):
     # guard: with draft == target (greedy), a rejected draft can only come from stale draft
     # K/V (preemption, prefix-cache hits, chunked prefill, skipped drafting steps).
     import llmbatch.runtime.model_runner as mr
@@ -210,10 +191,10 @@ def test_target_as_its_own_draft_gets_every_draft_accepted(setup, kw, monkeypatc
         return n
 
     monkeypatch.setattr(mr, "num_accepted", spy)
-    path, _ = setup
+    path, _ = llama_setup
     prompts = make_prompts(16, seed=16)
     params = SamplingParams(max_new_tokens=9, ignore_eos=True)
-    engine = new_engine(setup, speculative_method="draft", draft_model=str(path),
+    engine = new_engine(llama_setup, speculative_method="draft", draft_model=str(path),
                         num_speculative_tokens=3, speculative_max_num_seqs=64, **kw)
     got = generate(engine, [Request(i, p, params) for i, p in enumerate(prompts)])
     assert all(r.num_output_tokens == 9 for r in got.values())
@@ -222,12 +203,12 @@ def test_target_as_its_own_draft_gets_every_draft_accepted(setup, kw, monkeypatc
         assert engine.stats()["num_preemptions"] > 0
 
 
-def test_stop_string_spanning_two_tokens_inside_accepted_drafts(setup):
+def test_stop_string_spanning_two_tokens_inside_accepted_drafts(llama_setup):
     # guard: a stop string made of the last char of one token and the first of the next,
     # arriving in one verification step, cuts both the text and the tokens after it.
-    _, tok = setup
+    _, tok = llama_setup
     prompt = make_prompts(1, seed=17)[0]
-    free = generate(new_engine(setup), [Request(0, prompt, SamplingParams(
+    free = generate(new_engine(llama_setup), [Request(0, prompt, SamplingParams(
         max_new_tokens=16, ignore_eos=True))])[0]
     text, out = free.output_text, free.output_token_ids
     offs = [len(tok.decode(out[:j], skip_special_tokens=True)) for j in range(len(out) + 1)]
@@ -239,7 +220,7 @@ def test_stop_string_spanning_two_tokens_inside_accepted_drafts(setup):
     assert cands
     j = cands[0]
     stop = text[offs[j] - 1:offs[j] + 1]
-    engine = new_engine(setup, speculative_method="ngram", num_speculative_tokens=4)
+    engine = new_engine(llama_setup, speculative_method="ngram", num_speculative_tokens=4)
     engine.set_proposer(_OracleProposer(out))
     got = generate(engine, [Request(0, prompt, SamplingParams(
         max_new_tokens=16, ignore_eos=True, stop=[stop]))])[0]
@@ -248,10 +229,10 @@ def test_stop_string_spanning_two_tokens_inside_accepted_drafts(setup):
     assert got.output_token_ids == out[:j + 1]
 
 
-def test_logprobs_above_the_vocabulary_is_an_error_result(setup):
+def test_logprobs_above_the_vocabulary_is_an_error_result(llama_setup):
     # defect: the sampler raises mid-step, the whole batch is lost and the engine keeps the
     # request running (a second generate() call fails on it again).
-    engine = new_engine(setup)
+    engine = new_engine(llama_setup)
     res = generate(engine, [Request("bad", [5, 6, 7], SamplingParams(max_new_tokens=2,
                                                                       logprobs=1000)),
                             Request("ok", [5, 6, 8], SamplingParams(max_new_tokens=2))])
@@ -284,9 +265,9 @@ def test_earlier_requests_drafts_dropped_before_preempting_a_later_one():
                                                                                 ("b", 1)]
 
 
-def test_empty_input_and_all_rejected_input(setup):
+def test_empty_input_and_all_rejected_input(llama_setup):
     # guard: no requests at all, and only requests that can never run.
-    engine = new_engine(setup, max_model_len=16)
+    engine = new_engine(llama_setup, max_model_len=16)
     assert list(engine.generate([])) == []
     assert engine.stats()["num_requests"] == 0 and engine.stats()["num_steps"] == 0
     res = generate(engine, [Request(i, [5] * (16 + i), SamplingParams(max_new_tokens=2))

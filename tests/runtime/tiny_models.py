@@ -73,3 +73,18 @@ def make_prompts(n: int, seed: int = 0, num_prefixes: int = 4) -> list[list[int]
         tail = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 40))]
         prompts.append((prefixes[i % num_prefixes] + tail) if i % 5 else tail + [5])
     return prompts
+
+
+def new_engine(llama_setup, **engine_kwargs):
+    """A CPU float32 Engine on the (model dir, tokenizer) of the `llama_setup` fixture."""
+    from llmbatch.runtime.config import EngineConfig
+    from llmbatch.runtime.engine import Engine
+
+    path, tok = llama_setup
+    return Engine(EngineConfig(model=str(path), device="cpu", dtype="float32", **engine_kwargs),
+                  tokenizer=tok)
+
+
+def generate(engine, reqs) -> dict:
+    """Run requests to completion; results by request id."""
+    return {r.request_id: r for r in engine.generate(reqs)}
