@@ -1,13 +1,8 @@
 """Run one shard of a job: read -> render -> engine -> reorder -> commit parts -> stats.
 
-Invariants (what makes resume exactly-once after a SIGKILL at any point):
-  * Results arrive from the engine in any order; they wait in `_finished` until every earlier
-    row of the shard is finished. A part is always the next contiguous run of input rows.
-  * A part is committed in two atomic steps: its file is renamed into place, then its manifest
-    entry is written. Only a manifest entry makes rows count as done; on restart, part files
-    without an entry (and temporaries) are deleted and their rows produced again.
-  * Part boundaries depend only on (shard range, rows_per_part), so a resumed run writes the
-    same parts an uninterrupted run would have written.
+Exactly-once resume after a SIGKILL at any point rests on committer.py (in-order parts, file
+renamed before its manifest entry) and on recovery at start: part files without a manifest
+entry (and temporaries) are deleted and their rows produced again.
 Memory stays bounded: input is read one batch at a time, and requests are generated lazily as
 the engine pulls them.
 """
@@ -16,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -25,17 +19,17 @@ from llmbatch.io.manifest import Manifest
 from llmbatch.io.prompts import PromptRenderer, check_columns, length_error
 from llmbatch.io.reader import InputSource, open_input
 from llmbatch.io.sharding import Shard, resolve_shard
-from llmbatch.io.writer import output_schema, rows_to_table, write_part
+from llmbatch.io.writer import output_schema
+from llmbatch.jobs.committer import InOrderCommitter
 from llmbatch.jobs.errors import (EXIT_OK, EXIT_ROW_ERRORS, InternalError, InvalidJobError,
                                   JobError, ResumeError, RowError)
 from llmbatch.jobs.gpu_monitor import GpuMonitor
 from llmbatch.jobs.progress import Progress
 from llmbatch.jobs.rows import fill_error, fill_from_result
 from llmbatch.jobs.spec import JobSpec
-from llmbatch.jobs.stats import ShardStats, next_run_index, versions, write_stats
+from llmbatch.jobs.stats import ShardStats, next_run_index, write_stats
 
 ENGINE_FACTORY_ENV = "LLMBATCH_ENGINE_FACTORY"     # "module:callable", test-only
-CRASH_ENV = "LLMBATCH_TEST_CRASH_AT"               # "stage:seq", test-only (see _crash_hook)
 
 
 @dataclass
@@ -95,14 +89,6 @@ def _check_local_path(key: str, path: str) -> None:
         or path.count("/") > 1
     if looks_local and not os.path.exists(os.path.expanduser(path)):
         raise InvalidJobError(f"{key}: {path} does not exist")
-
-
-def _crash_hook(stage: str, seq: int) -> None:
-    """Test seam: SIGKILL ourselves at `stage` of part `seq` (stages: before_rename,
-    after_rename, after_commit) to prove exactly-once commits at each step."""
-    target = os.environ.get(CRASH_ENV)
-    if target and target == f"{stage}:{seq}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class JobRunner:
@@ -205,20 +191,21 @@ class JobRunner:
         shard = plan.shard
         if spec.output.mode == "overwrite":
             self.manifest.clear(shard.index, all_shards=shard.count == 1)
-        entries = self.manifest.recover(shard.index, plan.row_start)
-        self._entries = entries
-        resume_row = entries[-1]["row_end"] if entries else plan.row_start
         self._shard, self._plan = shard, plan
-        self._next_seq = len(entries)
-        self._next_commit = resume_row          # first row not yet in a committed part
-        self._ready_upto = resume_row           # rows [next_commit, ready_upto) are finished
-        self._finished: dict[int, dict] = {}    # row index -> finished output row
         self._inflight: dict[int, dict] = {}    # row index -> input part of its output row
         # An extra `logprobs` column only when asked for (job-wide or per row).
         self._with_logprobs = spec.sampling.logprobs is not None \
             or "logprobs" in spec.sampling.per_row
-        self._schema = output_schema(self._source.schema, spec.input.keep_columns,
-                                     spec.input.id_column, self._with_logprobs)
+        schema = output_schema(self._source.schema, spec.input.keep_columns,
+                               spec.input.id_column, self._with_logprobs)
+        self._committer = InOrderCommitter(
+            self.out_dir, self.manifest, self.manifest.recover(shard.index, plan.row_start),
+            plan.row_start, plan.row_end, spec.output.rows_per_part, schema,
+            part_meta=lambda: {"shard": shard.index, "shard_count": shard.count,
+                               "num_input_rows": plan.num_input_rows,
+                               "config_hash": plan.config_hash, "model": spec.model.path},
+            shard_index=shard.index)
+        resume_row = self._committer.resume_row
         self.stats = ShardStats()
         self._progress = Progress(self.progress_mode, plan.row_end - plan.row_start,
                                   initial=resume_row - plan.row_start,
@@ -233,10 +220,11 @@ class JobRunner:
                     raise
                 except Exception as exc:
                     raise InternalError(f"engine failed: {type(exc).__name__}: {exc}") from exc
-                self._commit_ready()
-                if self._next_commit != plan.row_end:
+                self._committer.commit_ready()
+                if not self._committer.done:
                     raise InternalError(f"engine returned results for rows up to "
-                                        f"{self._next_commit}, expected {plan.row_end}")
+                                        f"{self._committer.next_commit}, expected "
+                                        f"{plan.row_end}")
             gpu_summary = gpu.summary()
         finally:
             self._progress.close()
@@ -279,7 +267,7 @@ class JobRunner:
                     continue
                 self._inflight[row_index] = row
                 yield Request(row_index, token_ids, params)
-            self._commit_ready()
+            self._committer.commit_ready()
 
     def _record_error(self, row_index: int, row: dict, error: str,
                       token_ids: Optional[list[int]]) -> None:
@@ -296,45 +284,12 @@ class JobRunner:
             raise RowError(f"row {row['id']!r}: {result.error} (on_row_error: fail)")
         fill_from_result(row, result, self._with_logprobs)
         self._finish_row(result.request_id, row)
-        self._commit_ready()
+        self._committer.commit_ready()
 
     def _finish_row(self, row_index: int, row: dict) -> None:
-        self._finished[row_index] = row
+        self._committer.finish(row_index, row)
         self.stats.add(row)
-        while self._ready_upto in self._finished:
-            self._ready_upto += 1
         self._progress.update(1, self.stats.output_tok_s, self.stats.prefix_hit_rate)
-
-    def _commit_ready(self) -> None:
-        per_part = self.spec.output.rows_per_part
-        end = self._plan.row_end
-        while True:
-            ready = self._ready_upto - self._next_commit
-            # A full part, or the shard's last (short) part once every row is finished.
-            if ready >= per_part or (ready > 0 and self._ready_upto == end):
-                self._commit_part(min(ready, per_part))
-            else:
-                return
-
-    def _commit_part(self, num_rows: int) -> None:
-        lo, hi = self._next_commit, self._next_commit + num_rows
-        rows = [self._finished.pop(r) for r in range(lo, hi)]
-        seq, shard = self._next_seq, self._shard
-        meta = {"shard": shard.index, "shard_count": shard.count, "seq": seq, "row_start": lo,
-                "row_end": hi, "num_input_rows": self._plan.num_input_rows,
-                "config_hash": self._plan.config_hash,
-                "llmbatch_version": versions()["llmbatch_version"], "model": self.spec.model.path}
-        table = rows_to_table(rows, self._schema)
-        path = write_part(self.out_dir, shard.index, seq, table, meta,
-                          crash_hook=lambda stage: _crash_hook(stage, seq))
-        entry = dict(meta, part=os.path.basename(path), num_rows=num_rows,
-                     num_errors=sum(r["finish_reason"] == "error" for r in rows),
-                     ids=[r["id"] for r in rows])
-        self.manifest.commit(entry)
-        _crash_hook("after_commit", seq)
-        self._entries.append({k: v for k, v in entry.items() if k != "ids"})
-        self._next_seq += 1
-        self._next_commit = hi
 
     def _result(self, gpu_summary: dict, resume_row: int, engine_stats: dict) -> JobResult:
         plan, shard = self._plan, self._shard
@@ -345,11 +300,11 @@ class JobRunner:
             config_hash=plan.config_hash, seed=self.spec.sampling.seed, gpu=gpu_summary,
             engine=engine_stats)
         stats_path = write_stats(self.out_dir, summary)
-        num_errors = sum(e["num_errors"] for e in self._entries)
+        num_errors = self._committer.num_errors
         total = plan.row_end - plan.row_start
         return JobResult(
             output_path=self.out_dir,
-            part_paths=[os.path.join(self.out_dir, e["part"]) for e in self._entries],
+            part_paths=self._committer.part_paths,
             stats_path=stats_path, stats=summary, num_rows=total,
             num_rows_ok=total - num_errors, num_rows_error=num_errors,
             num_rows_skipped=resume_row - plan.row_start, config_hash=plan.config_hash,
