@@ -94,6 +94,7 @@ class EngineSection(_Section):
     ordering: Literal["prefix", "input"] = "prefix"
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     cuda_graphs: bool = True
+    fused_kernels: bool = False
     max_model_len: Optional[int] = None
     planner_window: int = 4096
     cpu_kv_cache_bytes: Optional[int] = None
@@ -145,6 +146,7 @@ class JobSpec(_Section):
             gpu_memory_utilization=e.gpu_memory_utilization, kv_cache_blocks=e.kv_cache_blocks,
             prefix_caching=e.prefix_caching, ordering=e.ordering, planner_window=e.planner_window,
             attention_backend=e.attention_backend, cuda_graphs=e.cuda_graphs,
+            fused_kernels=e.fused_kernels,
             tensor_parallel_size=self.parallel.tensor_parallel_size,
             quantization=self.quantization.method, speculative_method=self.speculative.method,
             num_speculative_tokens=self.speculative.num_tokens,
@@ -177,7 +179,8 @@ class JobSpec(_Section):
 
         Left out on purpose: output.path/mode, shard.index (every shard shares the hash) and
         performance knobs that leave greedy results unchanged (max_num_seqs, token budget,
-        memory sizing, cuda_graphs, attention backend, planner window, on_row_error). Kept:
+        memory sizing, cuda_graphs, fused_kernels, attention backend, planner window,
+        on_row_error). Kept:
         model, tokenizer and template (the template file's contents, not its name), input
         selection, sampling, dtype/device/quantization/speculation/TP (they change numerics),
         rows_per_part (part boundaries) and the shard count (row ranges).

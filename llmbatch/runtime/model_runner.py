@@ -101,6 +101,7 @@ class ModelRunner:
         self.weight_bytes = model_weight_bytes(self.model)  # this rank's loaded weights
         self.weight_bytes_per_rank = [self.weight_bytes]    # tp_executor fills every rank's
         self.model.eval()
+        self.fused_kernels_active = self._maybe_enable_fused_kernels()
         self.attn_backend = get_attention_backend(config.attention_backend, self.device.type)
         self.sampler = Sampler()
 
@@ -113,6 +114,29 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
         self.cuda_graph_error: Optional[str] = None
         self.graph_runner = self._maybe_capture_decode_graphs()
+
+    def _maybe_enable_fused_kernels(self) -> bool:
+        """EngineConfig.fused_kernels: RMSNorm and SiluAndMul run the Triton kernels of
+        layers/fused_kernels.py. CUDA only: on CPU the Triton interpreter would be far slower
+        than torch, so the flag is ignored (logged)."""
+        if not getattr(self.config, "fused_kernels", False):
+            return False
+        if self.device.type != "cuda":
+            logger.info("fused_kernels ignored on %s (Triton kernels run on CUDA only)",
+                        self.device)
+            return False
+        try:
+            from llmbatch.runtime.layers import fused_kernels  # noqa: F401  (imports triton)
+        except ImportError as exc:
+            logger.warning("fused_kernels ignored: triton does not import (%s)", exc)
+            return False
+        from llmbatch.runtime.layers.activation import SiluAndMul
+        from llmbatch.runtime.layers.norm import RMSNorm
+
+        for module in self.model.modules():
+            if isinstance(module, (RMSNorm, SiluAndMul)):
+                module.use_fused_kernel = True
+        return True
 
     def _maybe_capture_decode_graphs(self):
         """Decode CUDA graphs (runtime/cuda_graphs.py) when on CUDA with the triton backend,

@@ -18,6 +18,10 @@ from llmbatch.runtime.layers.weight_utils import default_weight_loader
 
 
 class RMSNorm(nn.Module):
+    # True: forward runs the Triton kernel of layers/fused_kernels.py where it supports the
+    # input (same numerics up to the float32 summation order).
+    use_fused_kernel: bool = False
+
     def __init__(self, hidden_size: int, eps: float = 1e-6,
                  params_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
@@ -37,6 +41,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x: (..., hidden_size). Normalizes over the last dim (also per head for q/k norm)."""
+        if self.use_fused_kernel:  # set by ModelRunner (EngineConfig.fused_kernels, CUDA only)
+            from llmbatch.runtime.layers import fused_kernels
+
+            if fused_kernels.rms_norm_supported(x, residual, self.weight):
+                return fused_kernels.fused_rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual
