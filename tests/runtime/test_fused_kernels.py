@@ -1,0 +1,197 @@
+"""Fused Triton RMSNorm / SiLU·mul (layers/fused_kernels.py) vs the torch modules, on CPU under
+the Triton interpreter (tests/conftest.py switches it on before collection when there is no
+CUDA), in float32 and float16. tests/gpu/test_fused_kernels_gpu.py reuses the case builders
+below and runs them compiled on CUDA, bfloat16 included.
+
+How outputs are compared: the kernels round exactly where the torch modules round, so the only
+difference is the order of the float32 sum of squares. residual_out (one rounded add) and
+SiLU·mul (no reduction) within one rounding step; the normalized output within float32 atol
+1e-5, or one rounding step of float16/bfloat16. Outputs the kernel
+writes are allocated by the wrapper, so "poisoned" means: torch.empty is patched to return
+NaN-filled buffers (fixture below), and any unwritten element shows up.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from llmbatch.runtime.layers import fused_kernels as fk  # noqa: E402
+from llmbatch.runtime.layers.activation import SiluAndMul  # noqa: E402
+from llmbatch.runtime.layers.norm import RMSNorm  # noqa: E402
+
+HIDDEN_SIZES = (64, 96, 200)
+NUM_TOKENS = (1, 37)
+CPU_DTYPES = (torch.float32, torch.float16)  # bfloat16 is unreliable in the interpreter
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    return {torch.float32: dict(atol=1e-5, rtol=1e-5),
+            torch.float16: dict(atol=2e-3, rtol=1e-3),
+            torch.bfloat16: dict(atol=1.6e-2, rtol=8e-3)}[dtype]
+
+
+def make_norm(hidden: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> RMSNorm:
+    g = torch.Generator().manual_seed(seed)
+    norm = RMSNorm(hidden, eps=1e-5, params_dtype=dtype)
+    norm.weight.data.copy_(torch.randn(hidden, generator=g) * 0.5 + 1.0)
+    return norm.to(device)
+
+
+def rand(shape, dtype, device="cpu", seed=1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 2).to(dtype).to(device)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """For the test, torch.empty / empty_like (the wrappers' output buffers; patched on the torch
+    module, so globally) return NaN-filled memory: an element the kernel fails to write stays
+    NaN and fails the comparison (checked by masking one column out of the kernel)."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        return real_empty(*args, **kwargs).fill_(float("nan"))
+
+    def empty_like(*args, **kwargs):
+        return real_empty_like(*args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(fk.torch, "empty", empty)
+    monkeypatch.setattr(fk.torch, "empty_like", empty_like)
+
+
+def check_rms_norm(num_tokens: int, hidden: int, dtype: torch.dtype, with_residual: bool,
+                   device: str = "cpu") -> None:
+    norm = make_norm(hidden, dtype, device)
+    x = rand((num_tokens, hidden), dtype, device, seed=1)
+    residual = rand((num_tokens, hidden), dtype, device, seed=2) if with_residual else None
+    x_before = x.clone()
+    if with_residual:
+        want, want_res = norm(x, residual)
+        got, got_res = fk.fused_rms_norm(x, norm.weight, norm.eps, residual)
+        # One rounded add on both sides: bitwise.
+        assert torch.equal(got_res, want_res)
+    else:
+        want = norm(x)
+        got = fk.fused_rms_norm(x, norm.weight, norm.eps)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, **tolerance(dtype))
+    assert torch.equal(x, x_before)  # inputs are never written
+
+
+def check_silu_and_mul(num_tokens: int, d: int, dtype: torch.dtype, device: str = "cpu") -> None:
+    x = rand((num_tokens, 2 * d), dtype, device, seed=3)
+    want = SiluAndMul()(x)
+    got = fk.fused_silu_and_mul(x)
+    assert got.dtype == want.dtype and got.shape == want.shape == (num_tokens, d)
+    assert not got.isnan().any()
+    # No reduction, same roundings; Triton's exp may differ from torch's in the last float32
+    # bit, which can move a half-precision result by one rounding step (relative 2^-10 / 2^-7).
+    rtol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS)
+@pytest.mark.parametrize("hidden", HIDDEN_SIZES)
+@pytest.mark.parametrize("with_residual", (True, False))
+def test_rms_norm_matches_torch(poisoned_empty, dtype, num_tokens, hidden, with_residual):
+    check_rms_norm(num_tokens, hidden, dtype, with_residual)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS)
+@pytest.mark.parametrize("d", HIDDEN_SIZES + (1500,))  # 1500: two column tiles, ragged tail
+def test_silu_and_mul_matches_torch(poisoned_empty, dtype, num_tokens, d):
+    check_silu_and_mul(num_tokens, d, dtype)
+
+
+def test_rms_norm_float32_weight_on_float16_input_promotes_like_torch():
+    norm = make_norm(96, torch.float32)
+    x = rand((5, 96), torch.float16)
+    got, want = fk.fused_rms_norm(x, norm.weight, norm.eps), norm(x)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_leading_dims_and_zero_tokens():
+    norm = make_norm(64, torch.float32)
+    x = rand((2, 3, 64), torch.float32)
+    torch.testing.assert_close(fk.fused_rms_norm(x, norm.weight, norm.eps), norm(x),
+                               atol=1e-5, rtol=1e-5)
+    empty = torch.empty(0, 64)
+    out, res = fk.fused_rms_norm(empty, norm.weight, norm.eps, empty)
+    assert out.shape == res.shape == (0, 64)
+    assert fk.fused_silu_and_mul(torch.empty(0, 8)).shape == (0, 4)
+
+
+def test_modules_take_the_fused_path_only_when_flagged(monkeypatch):
+    norm, act = make_norm(96, torch.float32), SiluAndMul()
+    x, r = rand((7, 96), torch.float32, seed=4), rand((7, 96), torch.float32, seed=5)
+    want, want_res = norm(x, r)
+    want_act = act(x)
+    calls = []
+    real_norm, real_act = fk.fused_rms_norm, fk.fused_silu_and_mul
+    monkeypatch.setattr(fk, "fused_rms_norm", lambda *a: calls.append("norm") or real_norm(*a))
+    monkeypatch.setattr(fk, "fused_silu_and_mul", lambda x: calls.append("act") or real_act(x))
+    norm(x, r), act(x)
+    assert calls == []  # default off: the torch path
+    norm.use_fused_kernel = act.use_fused_kernel = True
+    got, got_res = norm(x, r)
+    got_act = act(x)
+    assert calls == ["norm", "act"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got_res, want_res)
+    torch.testing.assert_close(got_act, want_act, atol=1e-6, rtol=1e-6)
+    # A strided view (per-head q/k norm on a slice) falls back to torch, same result.
+    wide = rand((7, 192), torch.float32, seed=6)[:, :96]
+    calls.clear()
+    torch.testing.assert_close(norm(wide), RMSNorm._norm(norm, wide))
+    assert calls == []
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: fk.fused_rms_norm(torch.zeros(3, 8), torch.ones(8), 1e-6,
+                               torch.zeros(3, 9)), "residual"),
+    (lambda: fk.fused_rms_norm(torch.zeros(3, 8), torch.ones(7), 1e-6), "weight must be"),
+    (lambda: fk.fused_rms_norm(torch.zeros(3, 8, dtype=torch.float64), torch.ones(8), 1e-6),
+     "dtype torch.float64"),
+    (lambda: fk.fused_rms_norm(torch.zeros(8, 3).t(), torch.ones(8), 1e-6), "contiguous"),
+    (lambda: fk.fused_rms_norm(torch.zeros(3, 8), torch.ones(8), 1e-6,
+                               torch.zeros(3, 8, dtype=torch.float16)), "must match x"),
+    (lambda: fk.fused_silu_and_mul(torch.zeros(3, 7)), "even last dim"),
+    (lambda: fk.fused_silu_and_mul(torch.zeros(3, 0)), "non-empty last dim"),
+    (lambda: fk.fused_silu_and_mul([1.0, 2.0]), "must be a torch.Tensor"),
+])
+def test_bad_inputs_raise_clear_errors(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def test_engine_flag_is_ignored_on_cpu(llama_setup, caplog):
+    from tests.runtime.tiny_models import new_engine
+
+    with caplog.at_level(logging.INFO, logger="llmbatch.runtime.model_runner"):
+        engine = new_engine(llama_setup, fused_kernels=True, kv_cache_blocks=16)
+    runner = engine.runner
+    assert runner.fused_kernels_active is False
+    assert "fused_kernels ignored on cpu" in caplog.text
+    flagged = [m for m in runner.model.modules() if getattr(m, "use_fused_kernel", False)]
+    assert flagged == []
+
+
+def test_job_spec_maps_fused_kernels():
+    from llmbatch.jobs.loader import load_job
+
+    base = {"model": {"path": "m"}, "input": {"path": "in.parquet"},
+            "output": {"path": "out"}}
+    assert load_job(base).engine_config().fused_kernels is False
+    on = load_job({**base, "engine": {"fused_kernels": True}})
+    assert on.engine_config().fused_kernels is True
+    # A performance knob: the output-identity hash does not change.
+    assert on.config_hash(1) == load_job(base).config_hash(1)
