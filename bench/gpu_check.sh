@@ -14,7 +14,9 @@
 # keeps bf16 only. Without the wheel the quantized rows say bitsandbytes is missing.
 # Env: PYTHON (default python3), BENCH_ARGS (extra bench.run flags, e.g. "--skip-peers"),
 # PYTEST_TIMEOUT (s, default 150), BENCH_TIMEOUT (s, default 360), BENCH_MODEL_DIR,
-# BENCH_QUANTIZATION (GPU runs only, default bf16,nf4,int8).
+# BENCH_QUANTIZATION (GPU runs only, default bf16,nf4,int8), BENCH_FUSED=1 (opt-in: W-RANDOM and
+# W-BATCH1 once more with engine.fused_kernels as system llmbatch-fused; off by default because
+# the ~8-minute budget is already spent by bf16 + peers + nf4/int8; on CPU its rows say skipped).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,7 +26,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -90,6 +92,7 @@ else
   MODE_ARGS=(--shape 1b --quantization "${BENCH_QUANTIZATION:-bf16,nf4,int8}")
   MODEL_DIR="${BENCH_MODEL_DIR:-${TMPDIR:-/tmp}/llmbatch-bench-model-1b}"
 fi
+[ "${BENCH_FUSED:-0}" = 1 ] && MODE_ARGS+=(--fused-kernels)
 # The checkpoint lives outside OUT_DIR: 2.47 GB must not travel back with the results.
 # shellcheck disable=SC2086
 timeout "${BENCH_TIMEOUT:-360}" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \

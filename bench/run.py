@@ -3,6 +3,7 @@
     python -m bench.run --shape 1b --out bench_out                       # the benchmark (GPU)
     python -m bench.run --shape tiny --device cpu --scale 0.05 --out /tmp/b   # CPU dry run
     python -m bench.run --quantization bf16,nf4,int8 ...   # + quantized W-RANDOM and W-BATCH1
+    python -m bench.run --fused-kernels ...   # + W-RANDOM, W-BATCH1 as llmbatch-fused (CUDA)
 
 Order: llmbatch first (its KV pool sizes itself from free memory), then it is freed and the
 peers load the same checkpoint. Every figure is written to OUT/results.json as soon as it
@@ -60,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(QUANT_METHODS)}: llmbatch runs "
                         f"every workload unquantized (bf16) and {'/'.join(QUANT_WORKLOADS)} "
                         f"once per quantized method (system llmbatch-nf4, llmbatch-int8)")
+    p.add_argument("--fused-kernels", action="store_true",
+                   help=f"also run {'/'.join(QUANT_WORKLOADS)} with EngineConfig.fused_kernels "
+                        f"(Triton RMSNorm, SiLU·mul) as system llmbatch-fused; CUDA only")
     p.add_argument("--require-engine", action="store_true",
                    help="fail instead of skipping when llmbatch.runtime.engine is unavailable")
     args = p.parse_args(argv)
@@ -149,14 +153,21 @@ def _free_cuda() -> None:
 
 
 def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: str,
-                 device: str, vocab: int, quant: str = "bf16") -> None:
-    """One engine (quantization `quant`), warmed up, through its workloads, then freed."""
+                 device: str, vocab: int, quant: str = "bf16", fused: bool = False) -> None:
+    """One engine (quantization `quant`; `fused`: unquantized with fused_kernels on), warmed
+    up, through its workloads, then freed."""
     method = QUANT_METHODS[quant]
     system = "llmbatch" if method == "none" else f"llmbatch-{quant}"
-    if method != "none":
+    if fused:
+        system = "llmbatch-fused"
+    if method != "none" or fused:
         workloads = {n: w for n, w in workloads.items() if n in QUANT_WORKLOADS}
         if not workloads:
             return
+    if fused and device == "cpu":  # the engine would ignore the flag: no row may claim it
+        for name in workloads:
+            rec.put(name, system, {"skipped": "fused kernels run on CUDA only"})
+        return
     reason = llmbatch_runner.engine_unavailable_reason()
     if reason is not None:
         if args.require_engine:
@@ -166,20 +177,25 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
             rec.put(name, system, {"skipped": reason})
         return
     overrides = {"gpu_memory_utilization": args.gpu_memory_utilization, "quantization": method}
+    if fused:
+        overrides["fused_kernels"] = True
     if device == "cpu":
         overrides["cpu_kv_cache_bytes"] = 64 << 20     # a small pool: the dry run is tiny
     try:
         engine, load_s = llmbatch_runner.build_engine(model_dir, dtype, device, **overrides)
     except Exception as exc:  # e.g. bitsandbytes missing: the quantized rows say so
-        if method == "none":
+        if method == "none" and not fused:
             raise
         traceback.print_exc()
         for name in workloads:
             rec.put(name, system, {"error": f"{type(exc).__name__}: {exc}"})
         return
     warm_s = llmbatch_runner.warm_up(engine, vocab)
-    setup_key = "llmbatch_setup" if method == "none" else f"{system}_setup"
+    setup_key = "llmbatch_setup" if system == "llmbatch" else f"{system}_setup"
     rec.results[setup_key] = {"load_s": load_s, "warmup_s": warm_s, "stats": engine.stats()}
+    if fused:
+        rec.results[setup_key]["fused_kernels_active"] = getattr(
+            getattr(engine, "runner", None), "fused_kernels_active", None)
     log(f"{system} loaded in {load_s:.1f} s, warmed up in {warm_s:.1f} s, weights "
         f"{llmbatch_runner.weight_bytes(engine) or 0:,} bytes")
     # A clean prefix cache per workload when the engine offers it; otherwise the canonical order
@@ -275,6 +291,9 @@ def main(argv=None) -> int:
     if not args.skip_llmbatch:
         for quant in [q for q in args.quant_names if q != "bf16"]:
             run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size, quant)
+        if args.fused_kernels:  # last: an experiment, never in the way of the main figures
+            run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size,
+                         "bf16", fused=True)
 
     rows = report.table_rows(results)
     results["table"] = rows

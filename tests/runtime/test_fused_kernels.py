@@ -195,3 +195,17 @@ def test_job_spec_maps_fused_kernels():
     assert on.engine_config().fused_kernels is True
     # A performance knob: the output-identity hash does not change.
     assert on.config_hash(1) == load_job(base).config_hash(1)
+
+
+def test_bench_fused_flag_and_cpu_rows_say_skipped(tmp_path):
+    from bench import run as bench_run
+
+    assert bench_run.parse_args([]).fused_kernels is False
+    args = bench_run.parse_args(["--fused-kernels"])
+    assert args.fused_kernels is True
+    rec = bench_run.Recorder(str(tmp_path), {"runs": {}})
+    workloads = {"W-RANDOM": object(), "W-PREFIX": object(), "W-BATCH1": object()}
+    bench_run.run_llmbatch(args, rec, workloads, "unused", "float32", "cpu", 100, fused=True)
+    assert rec.results["runs"] == {
+        "W-RANDOM": {"llmbatch-fused": {"skipped": "fused kernels run on CUDA only"}},
+        "W-BATCH1": {"llmbatch-fused": {"skipped": "fused kernels run on CUDA only"}}}
