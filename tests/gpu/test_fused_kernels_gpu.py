@@ -1,4 +1,4 @@
-"""Fused RMSNorm / SiLU·mul kernels compiled on CUDA: the CPU cases of
+"""Fused RMSNorm / SiLU·mul / rotary kernels compiled on CUDA: the CPU cases of
 tests/runtime/test_fused_kernels.py in bfloat16, and engine greedy output (triton attention,
 decode CUDA graphs on, so the kernels are also captured) with fused_kernels on equal to off
 (tiny Llama, float32: every token equal -- the kernels differ
@@ -20,7 +20,7 @@ from llmbatch.runtime.engine import Engine  # noqa: E402
 from llmbatch.runtime.request import Request  # noqa: E402
 from llmbatch.runtime.sampling_params import SamplingParams  # noqa: E402
 from tests.runtime.test_fused_kernels import (  # noqa: E402
-    HIDDEN_SIZES, NUM_TOKENS, check_rms_norm, check_silu_and_mul, poisoned_empty)
+    HIDDEN_SIZES, NUM_TOKENS, check_rms_norm, check_rotary, check_silu_and_mul, poisoned_empty)
 from tests.runtime.tiny_models import make_model, make_prompts, make_tokenizer  # noqa: E402
 
 # bfloat16 only (float32/float16 run in the interpreter on CPU): each (dtype, block size,
@@ -42,6 +42,13 @@ def test_rms_norm_matches_torch_cuda(poisoned_empty, dtype, num_tokens, hidden, 
 @pytest.mark.parametrize("d", HIDDEN_SIZES + (1500, 8192))
 def test_silu_and_mul_matches_torch_cuda(poisoned_empty, dtype, num_tokens, d):
     check_silu_and_mul(num_tokens, d, dtype, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS + (1000,))
+@pytest.mark.parametrize("head_dim", (64, 128))
+def test_rotary_matches_torch_cuda(poisoned_empty, dtype, num_tokens, head_dim):
+    check_rotary(num_tokens, head_dim, dtype, device="cuda")
 
 
 @pytest.fixture(scope="module")

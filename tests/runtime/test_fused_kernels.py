@@ -1,11 +1,11 @@
-"""Fused Triton RMSNorm / SiLU·mul (layers/fused_kernels.py) vs the torch modules, on CPU under
-the Triton interpreter (tests/conftest.py switches it on before collection when there is no
+"""Fused Triton RMSNorm / SiLU·mul / rotary (layers/fused_kernels.py) vs the torch modules, on
+CPU under the Triton interpreter (tests/conftest.py switches it on before collection when there is no
 CUDA), in float32 and float16. tests/gpu/test_fused_kernels_gpu.py reuses the case builders
 below and runs them compiled on CUDA, bfloat16 included.
 
 How outputs are compared: the kernels round exactly where the torch modules round, so the only
 difference is the order of the float32 sum of squares. residual_out (one rounded add) and
-SiLU·mul (no reduction) within one rounding step; the normalized output within float32 atol
+rotary bitwise; SiLU·mul (no reduction) within one rounding step; the normalized output within float32 atol
 1e-5, or one rounding step of float16/bfloat16. Outputs the kernel
 writes are allocated by the wrapper, so "poisoned" means: torch.empty is patched to return
 NaN-filled buffers (fixture below), and any unwritten element shows up.
@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 from llmbatch.runtime.layers import fused_kernels as fk  # noqa: E402
 from llmbatch.runtime.layers.activation import SiluAndMul  # noqa: E402
 from llmbatch.runtime.layers.norm import RMSNorm  # noqa: E402
+from llmbatch.runtime.layers.rotary import RotaryEmbedding  # noqa: E402
 
 HIDDEN_SIZES = (64, 96, 200)
 NUM_TOKENS = (1, 37)
@@ -96,6 +97,26 @@ def check_silu_and_mul(num_tokens: int, d: int, dtype: torch.dtype, device: str 
     torch.testing.assert_close(got, want, atol=1e-6, rtol=rtol)
 
 
+def check_rotary(num_tokens: int, head_dim: int, dtype: torch.dtype, device: str = "cpu"
+                 ) -> None:
+    """q, k as strided views of one fused qkv row (as llama.py makes them), 4 q / 2 kv heads,
+    positions up to 5000 (large angles)."""
+    num_heads, num_kv_heads = 4, 2
+    rope = RotaryEmbedding(head_dim, 10000.0).to(device)
+    positions = torch.randint(0, 5000, (num_tokens,),
+                              generator=torch.Generator().manual_seed(7)).to(device)
+    qkv = rand((num_tokens, (num_heads + 2 * num_kv_heads) * head_dim), dtype, device, seed=8)
+    q = qkv[:, :num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+    k = qkv[:, num_heads * head_dim:(num_heads + num_kv_heads) * head_dim].view(
+        num_tokens, num_kv_heads, head_dim)
+    cos, sin = rope.cos_sin(positions, dtype)
+    want_q, want_k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+    got_q, got_k = fk.fused_rotary(q, k, cos, sin)
+    assert not got_q.isnan().any() and not got_k.isnan().any()
+    # Same roundings at every op, no reduction: bitwise.
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("num_tokens", NUM_TOKENS)
 @pytest.mark.parametrize("hidden", HIDDEN_SIZES)
@@ -109,6 +130,13 @@ def test_rms_norm_matches_torch(poisoned_empty, dtype, num_tokens, hidden, with_
 @pytest.mark.parametrize("d", HIDDEN_SIZES + (1500,))  # 1500: two column tiles, ragged tail
 def test_silu_and_mul_matches_torch(poisoned_empty, dtype, num_tokens, d):
     check_silu_and_mul(num_tokens, d, dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS)
+@pytest.mark.parametrize("head_dim", (64, 96, 128))
+def test_rotary_matches_torch(poisoned_empty, dtype, num_tokens, head_dim):
+    check_rotary(num_tokens, head_dim, dtype)
 
 
 def test_rms_norm_float32_weight_on_float16_input_promotes_like_torch():
@@ -167,6 +195,12 @@ def test_modules_take_the_fused_path_only_when_flagged(monkeypatch):
     (lambda: fk.fused_silu_and_mul(torch.zeros(3, 7)), "even last dim"),
     (lambda: fk.fused_silu_and_mul(torch.zeros(3, 0)), "non-empty last dim"),
     (lambda: fk.fused_silu_and_mul([1.0, 2.0]), "must be a torch.Tensor"),
+    (lambda: fk.fused_rotary(torch.zeros(3, 2, 8), torch.zeros(3, 1, 8), torch.zeros(3, 1, 3),
+                             torch.zeros(3, 1, 3)), "does not match cos"),
+    (lambda: fk.fused_rotary(torch.zeros(3, 16), torch.zeros(3, 1, 8), torch.zeros(3, 1, 4),
+                             torch.zeros(3, 1, 4)), "query must be"),
+    (lambda: fk.fused_rotary(torch.zeros(3, 2, 8), torch.zeros(3, 1, 8), torch.zeros(3, 4),
+                             torch.zeros(3, 4)), "cos and sin"),
 ])
 def test_bad_inputs_raise_clear_errors(call, message):
     with pytest.raises((ValueError, TypeError), match=message):

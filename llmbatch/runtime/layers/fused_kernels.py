@@ -1,4 +1,4 @@
-"""Fused element-wise Triton kernels: RMSNorm (with the residual add) and SiLU·mul.
+"""Fused element-wise Triton kernels: RMSNorm (with the residual add), SiLU·mul, and rotary.
 
 Each replaces several torch kernels (add, pow, mean, rsqrt, mul, cast, mul) with one pass over
 the row, so a decode step reads and writes each activation once. Whether that pays is measured
@@ -11,8 +11,10 @@ only difference from the torch modules is the order of the float32 sum of square
               n = round_dtype(float(s) * rsqrt(mean(float(s)^2) + eps))
               out = round_out(float(weight) * float(n)),  out dtype = promote(weight, x)
     SiluAndMul: g = round_dtype(silu(float(gate))); out = round_dtype(float(g) * float(up))
+    rotary:   out = [round(round(x1*cos) - round(x2*sin)) | round(round(x2*cos) + round(x1*sin))]
 (A product of two fp16/bf16 values is exact in float32, so float32 multiply then one rounding
-equals torch's half-precision multiply.)
+equals torch's half-precision multiply.) fused_rotary is not wired into the model yet (llama.py
+calls RotaryEmbedding.rotate directly); RMSNorm and SiluAndMul are.
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests; set before triton is
 first imported).
@@ -166,3 +168,64 @@ def fused_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         _silu_and_mul_kernel[grid](x2, out2, x2.stride(0), out2.stride(0), d,
                                    BLOCK=block, num_warps=4 if block >= 512 else 1)
     return out
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr,
+                   x_tok_stride, x_head_stride, cs_tok_stride, out_tok_stride, out_head_stride,
+                   half, BLOCK: tl.constexpr):
+    # Program (token, head): rotate-half of one head vector x = [x1 | x2], each `half` long.
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < half
+    base = x_ptr + tok * x_tok_stride + head * x_head_stride
+    x1 = tl.load(base + cols, mask=mask, other=0.0)
+    x2 = tl.load(base + half + cols, mask=mask, other=0.0).to(tl.float32)
+    dt = x1.dtype
+    x1 = x1.to(tl.float32)
+    cos = tl.load(cos_ptr + tok * cs_tok_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + tok * cs_tok_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    # Every torch op of RotaryEmbedding.rotate rounds to the dtype: products, then the sum.
+    lo = (x1 * cos).to(dt).to(tl.float32) - (x2 * sin).to(dt).to(tl.float32)
+    hi = (x2 * cos).to(dt).to(tl.float32) + (x1 * sin).to(dt).to(tl.float32)
+    obase = out_ptr + tok * out_tok_stride + head * out_head_stride
+    tl.store(obase + cols, lo.to(dt), mask=mask)
+    tl.store(obase + half + cols, hi.to(dt), mask=mask)
+
+
+def _rotate_one(name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 3 or x.shape[-1] % 2 or x.stride(-1) != 1:
+        raise ValueError(f"{name} must be (num_tokens, num_heads, even head_dim) with unit last "
+                         f"stride, got shape {tuple(x.shape)} strides {x.stride()}")
+    if x.dtype != cos.dtype or x.device != cos.device or x.shape[0] != cos.shape[0] \
+            or 2 * cos.shape[-1] != x.shape[-1]:
+        raise ValueError(f"{name} {tuple(x.shape)} {x.dtype} on {x.device} does not match cos "
+                         f"{tuple(cos.shape)} {cos.dtype} on {cos.device}")
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    num_tokens, num_heads, head_dim = x.shape
+    if num_tokens and num_heads:
+        half = head_dim // 2
+        _rotary_kernel[(num_tokens, num_heads)](
+            x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), out.stride(0),
+            out.stride(1), half, BLOCK=triton.next_power_of_2(half), num_warps=1)
+    return out
+
+
+def fused_rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """query (num_tokens, num_heads, head_dim), key (num_tokens, num_kv_heads, head_dim), rows
+    may be strided (views of a fused qkv); cos, sin (num_tokens, 1, head_dim/2) contiguous, in
+    the activations' dtype (RotaryEmbedding.cos_sin). Returns new contiguous rotated q, k equal
+    to RotaryEmbedding.rotate of each."""
+    for name, t in (("query", query), ("key", key), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} dtype {t.dtype} is not supported by the fused kernels "
+                             f"(use float16, bfloat16 or float32)")
+    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[1] != 1 \
+            or not (cos.is_contiguous() and sin.is_contiguous()) or cos.dtype != sin.dtype:
+        raise ValueError(f"cos and sin must be contiguous (num_tokens, 1, head_dim/2) of one "
+                         f"dtype, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    return _rotate_one("query", query, cos, sin), _rotate_one("key", key, cos, sin)
