@@ -132,10 +132,13 @@ class ModelRunner:
             return False
         from llmbatch.runtime.layers.activation import SiluAndMul
         from llmbatch.runtime.layers.norm import RMSNorm
+        from llmbatch.runtime.models.llama import LlamaAttention
 
         for module in self.model.modules():
             if isinstance(module, (RMSNorm, SiluAndMul)):
                 module.use_fused_kernel = True
+            elif isinstance(module, LlamaAttention):
+                module.use_fused_rotary = True
         return True
 
     def _maybe_capture_decode_graphs(self):

@@ -243,3 +243,46 @@ def test_bench_fused_flag_and_cpu_rows_say_skipped(tmp_path):
     assert rec.results["runs"] == {
         "W-RANDOM": {"llmbatch-fused": {"skipped": "fused kernels run on CUDA only"}},
         "W-BATCH1": {"llmbatch-fused": {"skipped": "fused kernels run on CUDA only"}}}
+
+
+def test_whole_model_forward_with_every_fused_kernel_equals_the_torch_path():
+    """Norms, SiLU·mul and rotary switched on inside a real (tiny, random) Llama forward."""
+    import transformers as tf
+
+    from llmbatch.runtime.attention.backend import AttentionMetadata
+    from llmbatch.runtime.attention.torch_backend import TorchAttentionBackend
+    from llmbatch.runtime.models.llama import LlamaAttention
+    from llmbatch.runtime.models.registry import build_model
+
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.float32, "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    # One span of 5 tokens (block 0 and 1 of size 4).
+    ids = torch.tensor([3, 9, 27, 81, 115])
+    pos = torch.arange(5)
+    meta = AttentionMetadata(slot_mapping=pos.clone(),
+                             query_start_loc=torch.tensor([0, 5], dtype=torch.int32),
+                             seq_lens=torch.tensor([5], dtype=torch.int32),
+                             block_tables=torch.tensor([[0, 1]], dtype=torch.int32),
+                             max_query_len=5, max_seq_len=5)
+
+    def forward():
+        caches = [(torch.zeros(2, 4, 2, 16), torch.zeros(2, 4, 2, 16)) for _ in range(2)]
+        with torch.no_grad():
+            return model(ids, pos, caches, meta, TorchAttentionBackend())
+
+    want = forward()
+    flagged = 0
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, SiluAndMul)):
+            module.use_fused_kernel = True
+            flagged += 1
+        elif isinstance(module, LlamaAttention):
+            module.use_fused_rotary = True
+            flagged += 1
+    assert flagged == 2 * 4 + 1      # per layer: 2 norms, the MLP activation, attention; final norm
+    torch.testing.assert_close(forward(), want, atol=1e-5, rtol=1e-5)

@@ -111,6 +111,9 @@ def effective_sliding_window(config) -> Optional[int]:
 
 
 class LlamaAttention(nn.Module):
+    # Set by ModelRunner (EngineConfig.fused_kernels, CUDA only): rotary as one Triton kernel.
+    use_fused_rotary: bool = False
+
     def __init__(self, spec: LlamaSpec, params_dtype: torch.dtype, tp_rank: int,
                  tp_size: int) -> None:
         super().__init__()
@@ -143,7 +146,12 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
-        q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+        if self.use_fused_rotary:
+            from llmbatch.runtime.layers.fused_kernels import fused_rotary
+
+            q, k = fused_rotary(q, k, cos, sin)
+        else:
+            q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
         attn_backend.write_kv(k, v, k_cache, v_cache, attn_meta.slot_mapping)
         out = attn_backend.forward(q, k_cache, v_cache, attn_meta, self.scale)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
