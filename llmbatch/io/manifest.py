@@ -94,8 +94,9 @@ class Manifest:
         parts, temps = self.shard_files(shard)
         for name in temps + [p for p in parts if p not in committed]:
             os.remove(os.path.join(self.out_dir, name))
+        # Only this shard's manifest temporaries: another array task may be mid-commit.
         for name in os.listdir(self.dir) if os.path.isdir(self.dir) else []:
-            if name.startswith("_tmp-"):
+            if name.startswith(temp_prefix(shard)):
                 os.remove(os.path.join(self.dir, name))
         return entries
 
@@ -106,17 +107,22 @@ class Manifest:
         data = json.dumps(entry, sort_keys=True, default=str).encode()
         write_atomic_bytes(os.path.join(self.dir, name), data)
 
-    def clear(self, shard: int, all_shards: bool) -> None:
+    def clear(self, shard: int, all_shards: bool, shard_count: Optional[int] = None) -> None:
         """output.mode: overwrite. Removes only llmbatch's own files (parts, manifest, stats,
         temporaries) — of every shard when the job has one shard, else of this shard only, so
-        array tasks running side by side never delete each other's work."""
+        array tasks running side by side never delete each other's work. Files of shard
+        indices >= shard_count belong to an earlier layout with more shards (no task of this
+        job owns them), so they go too: otherwise their rows would be read twice."""
         if not os.path.isdir(self.out_dir):
             return
+
+        def ours(index: int) -> bool:
+            return all_shards or index == shard or (shard_count is not None
+                                                    and index >= shard_count)
+
         for name in os.listdir(self.out_dir):
-            m = PART_RE.match(name)
-            is_tmp = name.startswith("_tmp-part-")
-            if (m and (all_shards or int(m.group(1)) == shard)) or \
-                    (is_tmp and (all_shards or name.startswith(temp_prefix(shard)))):
+            index = _shard_of(name, ("part-", "_tmp-part-"))
+            if index is not None and ours(index):
                 os.remove(os.path.join(self.out_dir, name))
         for sub in (MANIFEST_DIR, STATS_DIR):
             path = os.path.join(self.out_dir, sub)
@@ -126,5 +132,16 @@ class Manifest:
                 shutil.rmtree(path)
                 continue
             for name in os.listdir(path):
-                if name.startswith((f"part-{shard:05d}-", f"stats-{shard:05d}-")):
+                index = _shard_of(name, ("part-", "stats-", "_tmp-part-", "_tmp-stats-"))
+                if index is not None and ours(index):
                     os.remove(os.path.join(path, name))
+
+
+def _shard_of(name: str, prefixes: tuple[str, ...]) -> Optional[int]:
+    """The shard index in a file name like part-00003-00001.parquet (after one of the
+    prefixes), or None for a name that is not llmbatch's."""
+    for prefix in prefixes:
+        if name.startswith(prefix):
+            digits = name[len(prefix):].split("-", 1)[0]
+            return int(digits) if digits.isdigit() else None
+    return None

@@ -190,7 +190,8 @@ class JobRunner:
         os.makedirs(self.out_dir, exist_ok=True)
         shard = plan.shard
         if spec.output.mode == "overwrite":
-            self.manifest.clear(shard.index, all_shards=shard.count == 1)
+            self.manifest.clear(shard.index, all_shards=shard.count == 1,
+                                shard_count=shard.count)
         self._shard, self._plan = shard, plan
         self._inflight: dict[int, dict] = {}    # row index -> input part of its output row
         # An extra `logprobs` column only when asked for (job-wide or per row).
