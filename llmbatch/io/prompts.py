@@ -15,8 +15,10 @@ import pyarrow as pa
 from llmbatch.jobs.errors import InvalidInputError, InvalidJobError
 
 
-def check_columns(schema: pa.Schema, input_section, per_row: Sequence[str]) -> None:
-    """Every column the job names must exist, with a usable type (raises InvalidInputError)."""
+def check_columns(schema: pa.Schema, input_section, per_row: Sequence[str],
+                  with_logprobs: bool = False) -> None:
+    """Every column the job names must exist, with a usable type (raises InvalidInputError).
+    `with_logprobs`: the output gets a `logprobs` column, so no kept column may be named so."""
     names = set(schema.names)
     available = ", ".join(schema.names)
 
@@ -34,6 +36,8 @@ def check_columns(schema: pa.Schema, input_section, per_row: Sequence[str]) -> N
     else:
         need(input_section.prompt_column, "input.prompt_column")
         kind = schema.field(input_section.prompt_column).type
+        if pa.types.is_dictionary(kind):   # e.g. a pandas categorical: judge by its values
+            kind = kind.value_type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
                 or pa.types.is_null(kind)):
             raise InvalidInputError(f"input.prompt_column {input_section.prompt_column!r} has "
@@ -44,7 +48,8 @@ def check_columns(schema: pa.Schema, input_section, per_row: Sequence[str]) -> N
         need(column, "input.keep_columns")
     for column in per_row:
         need(column, "sampling.per_row")
-    reserved = set(input_section.keep_columns) & set(OUTPUT_COLUMNS)
+    output_columns = set(OUTPUT_COLUMNS) | ({"logprobs"} if with_logprobs else set())
+    reserved = set(input_section.keep_columns) & output_columns
     if reserved:
         raise InvalidJobError(f"input.keep_columns: {sorted(reserved)[0]!r} clashes with an "
                               f"output column; rename it in the input")

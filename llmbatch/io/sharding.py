@@ -42,17 +42,27 @@ def resolve_shard(index: Union[str, int], count: Union[str, int],
                   env: Optional[Mapping[str, str]] = None) -> Shard:
     """Resolve `shard.index`/`shard.count` ("auto" or int).
 
-    auto: index = SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN (MIN defaults to 0, so arrays
-    numbered 1..N work), count = SLURM_ARRAY_TASK_COUNT; without SLURM array variables: 0 of 1.
+    auto: index = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP (MIN
+    defaults to 0, so arrays numbered 1..N work; STEP to 1), count = SLURM_ARRAY_TASK_COUNT;
+    without SLURM array variables: 0 of 1.
     """
     env = os.environ if env is None else env
     task_id = _int_env(env, "SLURM_ARRAY_TASK_ID")
     task_count = _int_env(env, "SLURM_ARRAY_TASK_COUNT")
     task_min = _int_env(env, "SLURM_ARRAY_TASK_MIN") or 0
+    # A stepped array (--array=0-10:2) numbers its tasks MIN, MIN+STEP, ...
+    task_step = _int_env(env, "SLURM_ARRAY_TASK_STEP") or 1
     if count == "auto":
         count = task_count if (task_id is not None and task_count is not None) else 1
     if index == "auto":
-        index = (task_id - task_min) if (task_id is not None and task_count is not None) else 0
+        if task_id is not None and task_count is not None:
+            if (task_id - task_min) % task_step:
+                raise InvalidJobError(
+                    f"SLURM_ARRAY_TASK_ID={task_id} is not MIN + k*STEP ({task_min}, "
+                    f"{task_step}); set shard.index and shard.count explicitly")
+            index = (task_id - task_min) // task_step
+        else:
+            index = 0
     if count < 1:
         raise InvalidJobError(f"shard.count must be >= 1, got {count}")
     if not 0 <= index < count:

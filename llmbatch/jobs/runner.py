@@ -120,7 +120,8 @@ class JobRunner:
             _check_local_path("model.tokenizer", spec.model.tokenizer)
         shard = resolve_shard(spec.shard.index, spec.shard.count)
         self._source = open_input(spec.input)
-        check_columns(self._source.schema, spec.input, spec.sampling.per_row)
+        check_columns(self._source.schema, spec.input, spec.sampling.per_row,
+                      with_logprobs=spec.wants_logprobs)
         num_rows = self._source.num_rows
         start, end = shard.row_range(num_rows)
         config_hash = spec.config_hash(shard.count)
@@ -195,8 +196,7 @@ class JobRunner:
         self._shard, self._plan = shard, plan
         self._inflight: dict[int, dict] = {}    # row index -> input part of its output row
         # An extra `logprobs` column only when asked for (job-wide or per row).
-        self._with_logprobs = spec.sampling.logprobs is not None \
-            or "logprobs" in spec.sampling.per_row
+        self._with_logprobs = spec.wants_logprobs
         schema = output_schema(self._source.schema, spec.input.keep_columns,
                                spec.input.id_column, self._with_logprobs)
         self._committer = InOrderCommitter(
@@ -254,6 +254,8 @@ class JobRunner:
                 row = {c: data[c][i] for c in inp.keep_columns}
                 row["id"] = data[inp.id_column][i] if inp.id_column else row_index
                 params = None
+                if error is None and row["id"] is None:
+                    error = f"input.id_column {inp.id_column!r} is null (the row cannot be joined)"
                 if error is None:
                     try:
                         params = spec.sampling_params({k: data[k][i] for k in per_row},

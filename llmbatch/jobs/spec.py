@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from typing import Any, Literal, Optional, Union
 
@@ -47,6 +48,12 @@ class InputSection(_Section):
     def _one_source(self) -> "InputSection":
         if (self.path is None) == (self.dataset is None):
             raise ValueError("input: set exactly one of input.path and input.dataset")
+        paths = [self.path] if isinstance(self.path, str) else self.path
+        if paths is not None and (not paths or any(not p.strip() for p in paths)):
+            raise ValueError("input.path is empty; name a file, glob, directory or URL")
+        duplicates = sorted({c for c in self.keep_columns if self.keep_columns.count(c) > 1})
+        if duplicates:
+            raise ValueError(f"input.keep_columns names {', '.join(duplicates)} more than once")
         return self
 
 
@@ -62,6 +69,9 @@ PER_ROW_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop
 
 
 class SamplingSection(_Section):
+    # NaN/inf are never valid sampling values (NaN would slip through every >= check).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
     max_new_tokens: int = Field(default=256, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -156,6 +166,11 @@ class JobSpec(_Section):
             kwargs["cpu_kv_cache_bytes"] = e.cpu_kv_cache_bytes
         return EngineConfig(**kwargs)
 
+    @property
+    def wants_logprobs(self) -> bool:
+        """Output gets a `logprobs` column: asked for job-wide or per row."""
+        return self.sampling.logprobs is not None or "logprobs" in self.sampling.per_row
+
     def sampling_params(self, row_overrides: Optional[dict] = None,
                         row_seed_offset: int = 0) -> SamplingParams:
         """SamplingParams for one row: the job's values, then the row's non-null overrides.
@@ -170,7 +185,7 @@ class JobSpec(_Section):
                       logprobs=s.logprobs)
         for key, value in (row_overrides or {}).items():
             if value is not None:
-                values[key] = value
+                values[key] = _row_value(key, value)
         return SamplingParams(**values)
 
     # -- hashing -------------------------------------------------------------------------
@@ -203,3 +218,49 @@ class JobSpec(_Section):
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_INT_KEYS = ("max_new_tokens", "top_k", "seed", "logprobs")
+_FLOAT_KEYS = ("temperature", "top_p")
+
+
+def _row_value(key: str, value):
+    """One per-row sampling cell, coerced to the type SamplingParams expects; a one-line
+    ValueError for anything else (the runner turns it into a row error, never a crash).
+
+    A column holds whatever the table's writer chose: pandas makes an int column with nulls
+    float (3.0), and a single stop string is natural where the job file takes a list.
+    """
+    def bad(expected: str):
+        return ValueError(f"{key} must be {expected}, got {value!r}")
+
+    if key in _INT_KEYS:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise bad("an integer")
+            return int(value)
+        if not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if key in _FLOAT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise bad("a finite number")
+        return float(value)
+    if key == "ignore_eos":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if key == "stop":
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a string or a list of strings")
+        return value
+    if key == "stop_token_ids":
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise bad("a list of integers")
+        return value
+    return value

@@ -7,7 +7,6 @@ into that file's Parquet key-value metadata under b"llmbatch.stats".
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from importlib import metadata as importlib_metadata
@@ -16,6 +15,7 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llmbatch.jobs.latency_sketch import LatencySketch
 from llmbatch.io.manifest import STATS_DIR
 from llmbatch.io.writer import write_atomic_bytes
 
@@ -41,16 +41,6 @@ STATS_SCHEMA = pa.schema([
     # From the engine: loaded weight bytes of each tensor-parallel rank, quantization method.
     ("weight_bytes_per_rank", pa.list_(pa.int64())), ("quantization", pa.string()),
 ])
-
-
-def percentile(values: list[float], q: float) -> Optional[float]:
-    """Linear-interpolated q-th percentile (q in [0, 100]); None for no values."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def versions() -> dict:
@@ -81,22 +71,25 @@ class ShardStats:
         self.cached_prompt_tokens = 0
         self.output_tokens = 0
         self.spec_accepted_tokens = 0
-        self.ttft: list[float] = []
-        self.tpot: list[float] = []
+        self.ttft = LatencySketch()
+        self.tpot = LatencySketch()
 
     def add(self, row: dict) -> None:
         if row["finish_reason"] == "error":
             self.rows_error += 1
         else:
             self.rows_ok += 1
-        self.prompt_tokens += row["num_prompt_tokens"] or 0
-        self.cached_prompt_tokens += row["num_cached_prompt_tokens"] or 0
+        if row["finish_reason"] != "error":
+            # A row rejected before the engine (e.g. over-long) computed nothing: counting its
+            # prompt would inflate tok/s and deflate the prefix hit rate.
+            self.prompt_tokens += row["num_prompt_tokens"] or 0
+            self.cached_prompt_tokens += row["num_cached_prompt_tokens"] or 0
         self.output_tokens += row["num_output_tokens"] or 0
         self.spec_accepted_tokens += row["spec_accepted_tokens"] or 0
         if row["ttft_s"] is not None:
-            self.ttft.append(row["ttft_s"])
+            self.ttft.add(row["ttft_s"])
         if row["tpot_s"] is not None:
-            self.tpot.append(row["tpot_s"])
+            self.tpot.add(row["tpot_s"])
 
     @property
     def elapsed_s(self) -> float:
@@ -117,7 +110,6 @@ class ShardStats:
         wall = self.elapsed_s
         end_wall = self.start_wall + wall
         iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e3):03d}Z"
-        mean = lambda xs: sum(xs) / len(xs) if xs else None
         out = {
             "shard_index": shard_index, "shard_count": shard_count, "run": run,
             "start_time": iso(self.start_wall), "end_time": iso(end_wall), "wall_s": wall,
@@ -129,10 +121,10 @@ class ShardStats:
             "total_tok_s": (self.prompt_tokens + self.output_tokens) / wall if wall > 0 else None,
             "prefix_hit_rate": self.prefix_hit_rate,
             "spec_accepted_tokens": self.spec_accepted_tokens,
-            "ttft_mean_s": mean(self.ttft), "ttft_p50_s": percentile(self.ttft, 50),
-            "ttft_p99_s": percentile(self.ttft, 99),
-            "tpot_mean_s": mean(self.tpot), "tpot_p50_s": percentile(self.tpot, 50),
-            "tpot_p99_s": percentile(self.tpot, 99),
+            "ttft_mean_s": self.ttft.mean, "ttft_p50_s": self.ttft.percentile(50),
+            "ttft_p99_s": self.ttft.percentile(99),
+            "tpot_mean_s": self.tpot.mean, "tpot_p50_s": self.tpot.percentile(50),
+            "tpot_p99_s": self.tpot.percentile(99),
             "config_hash": config_hash, "seed": seed,
         }
         out.update({k: gpu.get(k) for k in ("gpu_name", "gpu_count", "gpu_util_mean",

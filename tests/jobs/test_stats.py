@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 
 from llmbatch.jobs.gpu_monitor import GpuMonitor
 from llmbatch.jobs.progress import Progress
-from llmbatch.jobs.stats import (STATS_METADATA_KEY, ShardStats, next_run_index, percentile,
+from llmbatch.jobs.latency_sketch import exact_percentile as percentile
+from llmbatch.jobs.stats import (STATS_METADATA_KEY, ShardStats, next_run_index,
                                  read_stats, write_stats)
 
 
@@ -86,3 +87,28 @@ def test_progress_bar_messages_on_their_own_line():
     # tqdm clears the bar line, prints the message as a whole line, then redraws the bar.
     assert "\rhello from the runner\n\rrows:  30%" in text
     assert "3/10" in text and "out 5.0 tok/s, prefix hit 50.0%" in text
+
+
+def test_latency_sketch_is_exact_when_small_and_within_one_percent_when_large():
+    import random
+
+    from llmbatch.jobs.latency_sketch import LatencySketch, exact_percentile
+
+    rng = random.Random(0)
+    small = LatencySketch(exact_limit=100)
+    values = [rng.uniform(0.001, 2.0) for _ in range(100)]
+    for v in values:
+        small.add(v)
+    assert small.percentile(50) == exact_percentile(values, 50)
+    assert small.percentile(99) == exact_percentile(values, 99)
+
+    big = LatencySketch(exact_limit=100)
+    values = [rng.lognormvariate(-4.0, 1.0) for _ in range(20_000)] + [0.0] * 10
+    for v in values:
+        big.add(v)
+    assert big.count == len(values)
+    assert abs(big.mean - sum(values) / len(values)) < 1e-12
+    for q in (50, 90, 99):
+        want = sorted(values)[max(1, -(-q * len(values) // 100)) - 1]
+        assert abs(big.percentile(q) - want) <= 0.01 * want, q
+    assert big.percentile(0) == 0.0      # zeros share the lowest bucket
