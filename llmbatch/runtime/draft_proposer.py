@@ -87,7 +87,7 @@ class DraftModelProposer:
         """How many leading positions hold draft K/V computed from the request's real tokens:
         the confirmed ones, plus the fed drafts that the target has since accepted."""
         # Kept on the request itself, so it dies with it.
-        state = getattr(req, "draft_state", None)
+        state = req.draft_state
         if state is None or state.epoch != req.num_preemptions:
             return 0
         real = req.all_token_ids

@@ -189,7 +189,7 @@ class Engine:
         """Seeds for requests without one follow input order, before any reordering, so
         they do not depend on the planner's window or ordering."""
         for req in requests:
-            if not hasattr(req, "default_seed"):
+            if req.default_seed is None:
                 req.default_seed = default_seed(self.config.seed, next(self._arrivals))
             yield req
 
@@ -236,9 +236,7 @@ class Engine:
     def _check_stop(self, req: Request) -> Optional[FinishReason]:
         """Apply stop rules to the tokens appended this step; trims tokens past a stop."""
         params = req.sampling_params
-        num_new = len(req.output_token_ids) - getattr(req, "_num_checked", 0)
-        first_new = len(req.output_token_ids) - num_new
-        for i in range(first_new, len(req.output_token_ids)):
+        for i in range(req.num_stop_checked, len(req.output_token_ids)):
             token = req.output_token_ids[i]
             reason = None
             if not params.ignore_eos and token in self.eos_token_ids:
@@ -257,13 +255,13 @@ class Engine:
                 if extra:
                     del req.output_token_ids[i + 1:]
                     del req.all_token_ids[len(req.all_token_ids) - extra:]
-                    if getattr(req, "output_logprobs", None) is not None:
+                    if req.output_logprobs is not None:
                         del req.output_logprobs[i + 1:]
                     # The last dropped token is the target's own; the others were drafts.
                     req.num_spec_accepted_tokens -= extra - 1
-                req._num_checked = i + 1
+                req.num_stop_checked = i + 1
                 return reason
-        req._num_checked = len(req.output_token_ids)
+        req.num_stop_checked = len(req.output_token_ids)
         return None
 
     def _result(self, req: Request, error: Optional[str] = None) -> GenerationResult:
@@ -274,7 +272,7 @@ class Engine:
             c["num_cached_prompt_tokens"] += req.num_cached_tokens or 0
             c["num_output_tokens"] += n_out
             c["num_spec_accepted_tokens"] += req.num_spec_accepted_tokens
-        checker = getattr(req, "stop_checker", None)
+        checker = req.stop_checker
         if checker is not None and checker.matched is not None:
             text = checker.text_before_stop
         else:
@@ -298,6 +296,6 @@ class Engine:
             spec_accepted_tokens=req.num_spec_accepted_tokens,
             error=error,
             stop_reason=req.stop_reason,
-            logprobs=getattr(req, "output_logprobs", None),
+            logprobs=req.output_logprobs,
             num_preemptions=req.num_preemptions,
         )

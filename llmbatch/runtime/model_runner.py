@@ -315,7 +315,7 @@ class ModelRunner:
     def sample(self, s: StepInputs, logits: torch.Tensor) -> dict[Any, list[int]]:
         """Sample the step's logits (rank 0 only); logprobs go on the requests."""
         params = [r.sampling_params for r in s.sample_requests]
-        default_seeds = [getattr(r, "default_seed", None) for r in s.sample_requests]
+        default_seeds = [r.default_seed for r in s.sample_requests]
         result = self.sampler.sample(logits, params, s.sample_output_index,
                                      default_seeds=default_seeds)
         sampled: dict[Any, list[int]] = {}
@@ -332,7 +332,7 @@ class ModelRunner:
                 keep = num_accepted(req.spec_token_ids, tokens) + 1
                 del tokens[keep:]
             if req.request_id in logprobs:
-                if not hasattr(req, "output_logprobs"):
+                if req.output_logprobs is None:
                     req.output_logprobs = []
                 req.output_logprobs.extend(logprobs[req.request_id][:len(tokens)])
         return sampled

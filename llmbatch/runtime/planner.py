@@ -25,9 +25,9 @@ from array import array
 from itertools import islice
 from typing import Iterable, Iterator
 
+from llmbatch.runtime.config import ORDERINGS
 from llmbatch.runtime.request import Request
 
-ORDERINGS = ("prefix", "input")
 
 
 def _bytes_key(req: Request) -> bytes:

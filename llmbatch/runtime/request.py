@@ -66,6 +66,18 @@ class Request:
         self.prefix_leader: Optional["Request"] = None
         self.prefix_leader_tokens = 0
 
+        # Engine-owned state (set when the engine takes the request):
+        # seed used when sampling_params.seed is None (from input order, batch-independent);
+        self.default_seed: Optional[int] = None
+        # stop-string detector (runtime/stop_checker.py) and how many output tokens the stop
+        # rules have already seen;
+        self.stop_checker: Optional[Any] = None
+        self.num_stop_checked = 0
+        # per output token, when logprobs were asked for;
+        self.output_logprobs: Optional[list[dict]] = None
+        # draft-model proposer's record of valid draft K/V (runtime/draft_proposer.py).
+        self.draft_state: Optional[Any] = None
+
         self.num_preemptions = 0
         self.finish_reason: Optional[FinishReason] = None
         self.stop_reason: Optional[Any] = None   # the stop token id or string that matched
