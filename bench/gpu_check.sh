@@ -14,7 +14,8 @@
 # keeps bf16 only. Without the wheel the quantized rows say bitsandbytes is missing.
 # Env: PYTHON (default python3), BENCH_ARGS (extra bench.run flags, e.g. "--skip-peers"),
 # PYTEST_TIMEOUT (s, default 150), BENCH_TIMEOUT (s, default 360), BENCH_MODEL_DIR,
-# BENCH_QUANTIZATION (GPU runs only, default bf16,nf4,int8), BENCH_FUSED=1 (opt-in: W-RANDOM and
+# BENCH_QUANTIZATION (GPU runs only, default bf16,nf4,int8), BENCH_PROFILE=0 (skip the
+# profiled slice), BENCH_FUSED=1 (opt-in: W-RANDOM and
 # W-BATCH1 once more with engine.fused_kernels as system llmbatch-fused; off by default because
 # the ~8-minute budget is already spent by bf16 + peers + nf4/int8; on CPU its rows say skipped).
 set -uo pipefail
@@ -26,7 +27,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -78,7 +79,8 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   # a GPU run is scarce, and seeing every failure at once beats stopping at the first.
   echo "=== pytest tests/gpu -q (attention, graphs, then the rest)"
   timeout "${PYTEST_TIMEOUT:-150}" "$PY" -m pytest tests/gpu/test_triton_attention_gpu.py \
-    tests/gpu/test_cuda_graphs.py tests/gpu --maxfail=20 -q -p no:cacheprovider 2>&1 \
+    tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py tests/gpu \
+    --maxfail=20 -q -rfE -p no:cacheprovider 2>&1 \
     | tee "$OUT_DIR/pytest_gpu.log" | tail -n 40
   PYTEST_RC=${PIPESTATUS[0]}
   [ "$PYTEST_RC" = 5 ] && PYTEST_RC="5 (no tests collected)"
@@ -96,6 +98,9 @@ else
   MODEL_DIR="${BENCH_MODEL_DIR:-${TMPDIR:-/tmp}/llmbatch-bench-model-1b}"
 fi
 [ "${BENCH_FUSED:-0}" = 1 ] && MODE_ARGS+=(--fused-kernels)
+# A profiled 64-request W-RANDOM slice after llmbatch's bf16 rows (~10 s on a GPU): the kernel
+# table for the next tuning session (OUT_DIR/profile_llmbatch.txt). BENCH_PROFILE=0 skips it.
+[ "${BENCH_PROFILE:-1}" = 1 ] && MODE_ARGS+=(--profile)
 # The checkpoint lives outside OUT_DIR: 2.47 GB must not travel back with the results.
 # shellcheck disable=SC2086
 timeout "${BENCH_TIMEOUT:-360}" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \

@@ -160,3 +160,51 @@ def run_spec(engine, workload: Workload, vocab: int) -> dict:
     finally:
         hook(None)
     return out
+
+
+def profile_steps(engine, workload: Workload, out_path: str, num_requests: int = 64,
+                  max_new: int = 48) -> dict:
+    """A slice of `workload` under torch.profiler: the top kernels and host ops go to
+    `out_path` (text), and the returned dict says how busy the GPU was (kernel time / wall).
+
+    For the next tuning session, not a figure: the profiler itself slows the host side.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.workloads import BenchRequest
+
+    reqs = [BenchRequest(r.prompt_token_ids, min(max_new, r.max_new_tokens))
+            for r in workload.requests[:num_requests]]
+    engine_reqs = _requests(reqs, f"profile-{workload.name}-")
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in engine.generate(engine_reqs):
+            pass
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    sort_keys = ("self_cuda_time_total", "self_device_time_total", "self_cpu_time_total")
+    with open(out_path, "w") as f:
+        f.write(f"{len(reqs)} requests of {workload.name}, max_new {max_new}; wall {wall:.3f} s "
+                f"under the profiler\n")
+        for key in sort_keys:
+            try:
+                f.write(f"\n== sorted by {key}\n")
+                f.write(events.table(sort_by=key, row_limit=30, max_name_column_width=70))
+                f.write("\n")
+            except Exception as exc:  # the key's name differs between torch versions
+                f.write(f"(not available: {exc})\n")
+    kernel_us = 0.0
+    for e in events:
+        dev = getattr(e, "self_device_time_total", None)
+        if dev is None:
+            dev = getattr(e, "self_cuda_time_total", 0.0)
+        kernel_us += dev or 0.0
+    return {"wall_s": wall, "gpu_kernel_s": kernel_us / 1e6,
+            "gpu_busy_fraction": (kernel_us / 1e6) / wall if wall > 0 else None,
+            "num_requests": len(reqs), "max_new": max_new, "table": out_path}

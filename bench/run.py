@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fused-kernels", action="store_true",
                    help=f"also run {'/'.join(QUANT_WORKLOADS)} with EngineConfig.fused_kernels "
                         f"(Triton RMSNorm, SiLU·mul) as system llmbatch-fused; CUDA only")
+    p.add_argument("--profile", action="store_true",
+                   help="after llmbatch's bf16 workloads, profile a 64-request W-RANDOM slice "
+                        "(OUT/profile_llmbatch.txt; GPU busy fraction in results.json)")
     p.add_argument("--require-engine", action="store_true",
                    help="fail instead of skipping when llmbatch.runtime.engine is unavailable")
     args = p.parse_args(argv)
@@ -209,6 +212,18 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
             _attempt(rec, name, system, lambda: llmbatch_runner.run_spec(engine, w, vocab))
         else:
             _attempt(rec, name, system, lambda: llmbatch_runner.run_workload(engine, w))
+    if args.profile and system == "llmbatch" and "W-RANDOM" in workloads:
+        if callable(reset):
+            reset()
+        try:
+            rec.results["llmbatch_profile"] = llmbatch_runner.profile_steps(
+                engine, workloads["W-RANDOM"], os.path.join(args.out, "profile_llmbatch.txt"))
+            log(f"profile: GPU busy {rec.results['llmbatch_profile']['gpu_busy_fraction']:.2f} "
+                f"of the wall time (profile_llmbatch.txt)")
+        except Exception as exc:
+            traceback.print_exc()
+            rec.results["llmbatch_profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+        rec.save()
     del engine
     _free_cuda()
     rec.results[setup_key]["cuda_bytes_after_free"] = _cuda_allocated()

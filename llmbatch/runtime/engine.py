@@ -54,7 +54,11 @@ class Engine:
         self._arrivals = itertools.count()
         self._counters = dict(num_requests=0, num_error_requests=0, num_prompt_tokens=0,
                               num_cached_prompt_tokens=0, num_output_tokens=0, num_steps=0,
-                              num_preemptions=0, num_spec_accepted_tokens=0)
+                              num_preemptions=0, num_spec_accepted_tokens=0,
+                              # Host wall time per step phase (bench/ reads the split): the
+                              # scheduler with proposals, the runner (input prep, forward and
+                              # sampling, which waits for the GPU), and stop checks + results.
+                              schedule_s=0.0, execute_s=0.0, postprocess_s=0.0)
 
     @staticmethod
     def _make_proposer(config: EngineConfig):
@@ -136,6 +140,7 @@ class Engine:
             yield from self.step()
 
     def step(self) -> list[GenerationResult]:
+        t0 = time.perf_counter()
         if self.proposer is not None:
             self._propose()
         out = self.scheduler.schedule()
@@ -146,7 +151,9 @@ class Engine:
             if out.preempted:
                 return []
             raise RuntimeError("scheduler made no progress: KV pool too small for one request")
+        t1 = time.perf_counter()
         sampled = self.runner.execute(out)
+        t2 = time.perf_counter()
         self.scheduler.update_from_output(out, sampled)
         self._counters["num_steps"] += 1
         finished = []
@@ -161,6 +168,10 @@ class Engine:
                 self._live_ids.discard(req.request_id)
                 req.finish_time = now
                 finished.append(self._result(req))
+        t3 = time.perf_counter()
+        self._counters["schedule_s"] += t1 - t0
+        self._counters["execute_s"] += t2 - t1
+        self._counters["postprocess_s"] += t3 - t2
         return finished
 
     def reset_prefix_cache(self) -> None:
@@ -175,6 +186,7 @@ class Engine:
         s["cuda_graphs_active"] = getattr(self.runner, "graph_runner", None) is not None
         s["cuda_graph_error"] = getattr(self.runner, "cuda_graph_error", None)
         s["block_size"] = self.config.block_size
+        s["prepare_s"] = getattr(self.runner, "prepare_s", None)  # part of execute_s
         # Bytes of the loaded weights on each TP rank (quantized buffers included), and the
         # quantization in effect (a pre-quantized checkpoint's method when config says none).
         per_rank = getattr(self.runner, "weight_bytes_per_rank", None)

@@ -8,6 +8,7 @@ once per step (one tensor per field), so the device never waits on per-request c
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -70,6 +71,7 @@ class ModelRunner:
         from llmbatch.runtime.models.registry import build_model
 
         self.config = config
+        self.prepare_s = 0.0  # host seconds in prepare_inputs, summed over steps
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model_path = resolve_model_path(config.model)
@@ -291,7 +293,9 @@ class ModelRunner:
         """
         if not out.scheduled:
             return {}
+        t0 = time.perf_counter()
         s = self.prepare_inputs(out)
+        self.prepare_s += time.perf_counter() - t0   # host-only input building (engine stats)
         logits = self.forward_logits(s)
         if logits is None:
             return {}
