@@ -97,7 +97,8 @@ def _variants():
                "x_tok_stride": "i32", "x_head_stride": "i32", "cs_tok_stride": "i32",
                "out_tok_stride": "i32", "out_head_stride": "i32", "half": "i32",
                "BLOCK": "constexpr"}
-        out.append((f"rotary {dt}", fk._rotary_kernel, sig, {"BLOCK": 32}, {"num_warps": 1}))
+        out.append((f"rotary {dt}", fk._rotary_kernel, sig, {"BLOCK": 32},
+                    {"num_warps": 1, "enable_fp_fusion": False}))
     return out
 
 

@@ -13,9 +13,10 @@
 # W-RANDOM and W-BATCH1 again with nf4 and int8 (--quantization bf16,nf4,int8); the dry run
 # keeps bf16 only. Without the wheel the quantized rows say bitsandbytes is missing.
 # Env: PYTHON (default python3), BENCH_ARGS (extra bench.run flags, e.g. "--skip-peers"),
-# PYTEST_TIMEOUT (s, default 150), BENCH_TIMEOUT (s, default 360), BENCH_MODEL_DIR,
+# PYTEST_TIMEOUT (s, default 150), PYTEST_PATHS (default: all of tests/gpu, core files first),
+# BENCH_ATTENTION=1 (attention micro-benchmark), BENCH_TIMEOUT (s, default 360), BENCH_MODEL_DIR,
 # BENCH_QUANTIZATION (GPU runs only, default bf16,nf4,int8), BENCH_PROFILE=0 (skip the
-# profiled slice), BENCH_FUSED=1 (opt-in: W-RANDOM and
+# profiled slice), BENCH_FUSED=1 (opt-in: W-RANDOM, W-PREFIX and
 # W-BATCH1 once more with engine.fused_kernels as system llmbatch-fused; off by default because
 # the ~8-minute budget is already spent by bf16 + peers + nf4/int8; on CPU its rows say skipped).
 set -uo pipefail
@@ -27,7 +28,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -78,8 +79,9 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   # Core kernels and graphs first, so a time limit cuts the optional tests, not them; no -x:
   # a GPU run is scarce, and seeing every failure at once beats stopping at the first.
   echo "=== pytest tests/gpu -q (attention, graphs, then the rest)"
-  timeout "${PYTEST_TIMEOUT:-150}" "$PY" -m pytest tests/gpu/test_triton_attention_gpu.py \
-    tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py tests/gpu \
+  # shellcheck disable=SC2086
+  timeout "${PYTEST_TIMEOUT:-150}" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_triton_attention_gpu.py \
+    tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py tests/gpu} \
     --maxfail=20 -q -rfE -p no:cacheprovider 2>&1 \
     | tee "$OUT_DIR/pytest_gpu.log" | tail -n 40
   PYTEST_RC=${PIPESTATUS[0]}
@@ -87,6 +89,13 @@ if "$PY" -c "import pytest" 2>/dev/null; then
 else
   echo "=== pytest not importable and no wheel in bench/wheels: GPU tests NOT run"
   PYTEST_RC="not run"
+fi
+
+# Attention kernel micro-benchmark (GPU only, ~20 s): achieved KV bandwidth per scenario.
+if [ "${BENCH_ATTENTION:-0}" = 1 ] && [ "$DRY" != 1 ]; then
+  echo "=== attention micro-benchmark"
+  timeout 120 "$PY" -m llmbatch.runtime.attention.triton_kernels.bench_attention --sweep 2>&1 \
+    | tee "$OUT_DIR/bench_attention.log"
 fi
 
 echo "=== bench ($(( $(date +%s) - T0 )) s so far)"

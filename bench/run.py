@@ -33,6 +33,9 @@ PEER_NAMES = ("hf-static", "hf-generate", "hf-cb")
 QUANT_METHODS = {"bf16": "none", "nf4": "nf4", "int8": "int8"}
 # Quantized engines run only these (BENCH.md: memory and tok/s beside bf16).
 QUANT_WORKLOADS = ("W-RANDOM", "W-BATCH1")
+# The fused-kernel engine runs these (W-PREFIX too: it is a candidate default, so every
+# throughput workload gets a row beside the unfused one).
+FUSED_WORKLOADS = ("W-RANDOM", "W-PREFIX", "W-BATCH1")
 
 
 def log(msg: str) -> None:
@@ -62,11 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"every workload unquantized (bf16) and {'/'.join(QUANT_WORKLOADS)} "
                         f"once per quantized method (system llmbatch-nf4, llmbatch-int8)")
     p.add_argument("--fused-kernels", action="store_true",
-                   help=f"also run {'/'.join(QUANT_WORKLOADS)} with EngineConfig.fused_kernels "
+                   help=f"also run {'/'.join(FUSED_WORKLOADS)} with EngineConfig.fused_kernels "
                         f"(Triton RMSNorm, SiLU·mul) as system llmbatch-fused; CUDA only")
     p.add_argument("--profile", action="store_true",
                    help="after llmbatch's bf16 workloads, profile a 64-request W-RANDOM slice "
-                        "(OUT/profile_llmbatch.txt; GPU busy fraction in results.json)")
+                        "and batch-1 decode (OUT/profile_llmbatch*.txt; GPU busy fraction "
+                        "in results.json)")
     p.add_argument("--require-engine", action="store_true",
                    help="fail instead of skipping when llmbatch.runtime.engine is unavailable")
     args = p.parse_args(argv)
@@ -164,7 +168,8 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
     if fused:
         system = "llmbatch-fused"
     if method != "none" or fused:
-        workloads = {n: w for n, w in workloads.items() if n in QUANT_WORKLOADS}
+        keep = FUSED_WORKLOADS if fused else QUANT_WORKLOADS
+        workloads = {n: w for n, w in workloads.items() if n in keep}
         if not workloads:
             return
     if fused and device == "cpu":  # the engine would ignore the flag: no row may claim it
@@ -212,18 +217,25 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
             _attempt(rec, name, system, lambda: llmbatch_runner.run_spec(engine, w, vocab))
         else:
             _attempt(rec, name, system, lambda: llmbatch_runner.run_workload(engine, w))
-    if args.profile and system == "llmbatch" and "W-RANDOM" in workloads:
-        if callable(reset):
-            reset()
-        try:
-            rec.results["llmbatch_profile"] = llmbatch_runner.profile_steps(
-                engine, workloads["W-RANDOM"], os.path.join(args.out, "profile_llmbatch.txt"))
-            log(f"profile: GPU busy {rec.results['llmbatch_profile']['gpu_busy_fraction']:.2f} "
-                f"of the wall time (profile_llmbatch.txt)")
-        except Exception as exc:
-            traceback.print_exc()
-            rec.results["llmbatch_profile"] = {"error": f"{type(exc).__name__}: {exc}"}
-        rec.save()
+    if args.profile and system in ("llmbatch", "llmbatch-fused") and "W-RANDOM" in workloads:
+        # W-RANDOM's mix of prefill and wide decode, then batch-1 decode (CUDA-graph replays).
+        slices = [(f"{system}_profile", "W-RANDOM", 64, 48, f"profile_{system}.txt")]
+        if "W-BATCH1" in workloads:
+            slices.append((f"{system}_profile_batch1", "W-BATCH1", 1, 128,
+                           f"profile_{system}_batch1.txt"))
+        for key, name, num, max_new, fname in slices:
+            if callable(reset):
+                reset()
+            try:
+                rec.results[key] = llmbatch_runner.profile_steps(
+                    engine, workloads[name], os.path.join(args.out, fname),
+                    num_requests=num, max_new=max_new)
+                log(f"profile {name}: GPU busy {rec.results[key]['gpu_busy_fraction']:.2f} of "
+                    f"the wall time ({fname})")
+            except Exception as exc:
+                traceback.print_exc()
+                rec.results[key] = {"error": f"{type(exc).__name__}: {exc}"}
+            rec.save()
     del engine
     _free_cuda()
     rec.results[setup_key]["cuda_bytes_after_free"] = _cuda_allocated()

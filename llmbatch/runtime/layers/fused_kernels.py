@@ -208,7 +208,11 @@ def _rotate_one(name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
         half = head_dim // 2
         _rotary_kernel[(num_tokens, num_heads)](
             x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), out.stride(0),
-            out.stride(1), half, BLOCK=triton.next_power_of_2(half), num_warps=1)
+            out.stride(1), half, BLOCK=triton.next_power_of_2(half), num_warps=1,
+            # No FMA contraction: LLVM otherwise narrows x1*cos to a bf16 multiply and fuses
+            # it into the subtraction (fma.rn.bf16, one rounding instead of torch's two),
+            # which an H200 run showed as 1-ulp differences from RotaryEmbedding.rotate.
+            enable_fp_fusion=False)
     return out
 
 

@@ -79,6 +79,14 @@ class BnbLinearMethod:
             # whose rows are not whole blocks, e.g. (128, 32); flat dequantization is right.
             layer.quant_state_flat = flat_state
         else:
+            if w.is_cuda and w.dtype != torch.float16:
+                # bitsandbytes' CUDA int8 quantizer takes float16 only (0.50: "A must be
+                # float16"); the row absmax it returns is float32 either way.
+                w16 = w.to(torch.float16)
+                if not torch.isfinite(w16).all():
+                    raise ValueError("int8 quantization: a weight exceeds float16's range "
+                                     "(|w| > 65504); use nf4 or no quantization for this model")
+                w = w16
             cb, scb, _ = bf.int8_vectorwise_quant(w.contiguous())
             layer.register_buffer("qweight", cb)              # (out, in) int8
             layer.register_buffer("qscale", scb.float())      # (out,) row absmax

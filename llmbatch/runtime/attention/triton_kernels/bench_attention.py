@@ -74,6 +74,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--sweep", action="store_true",
+                        help="also try other key tiles (tile_n 32/128) and query tiles "
+                             "(max_block_m 128) beside the defaults")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs a CUDA device")
@@ -89,19 +92,31 @@ def main() -> None:
         query, k_cache, v_cache, meta = build(spans, args.block_size, dtype, device)
         scale = HEAD_DIM ** -0.5
         auto_splits = None
-        for label, backend in (("auto", TritonAttentionBackend()),
-                               ("nosplit", TritonAttentionBackend(num_kv_splits=1))):
+        variants = [("auto", TritonAttentionBackend()),
+                    ("nosplit", TritonAttentionBackend(num_kv_splits=1))]
+        if args.sweep:
+            variants += [("tile32", TritonAttentionBackend(tile_n=32)),
+                         ("tile128", TritonAttentionBackend(tile_n=128)),
+                         ("bm128", TritonAttentionBackend(max_block_m=128))]
+        for label, backend in variants:
             splits = backend._num_splits(meta, KV_HEADS, device)
             if label == "nosplit" and splits == auto_splits:
                 continue
-            ms = triton.testing.do_bench(
-                lambda: backend.forward(query, k_cache, v_cache, meta, scale))
+            if label == "bm128" and meta.max_query_len <= 8:
+                continue  # decode tiles never reach 64 rows: same launch as auto
+            try:
+                ms = triton.testing.do_bench(
+                    lambda: backend.forward(query, k_cache, v_cache, meta, scale))
+            except Exception as exc:  # one bad variant must not hide the others
+                print(f"{name:46s} {label:8s} FAILED {type(exc).__name__}: {exc}")
+                continue
             gbs = kv_bytes(spans, query.element_size()) / ms / 1e6
             tflops = attn_flops(spans) / ms / 1e9
             print(f"{name:46s} {label:8s} splits={splits:2d} {ms * 1e3:9.1f} us  "
                   f"KV {gbs:7,.0f} GB/s ({gbs / copy_bw:4.0%} of copy bw)  "
                   f"{tflops:6.1f} TFLOP/s")
-            auto_splits = splits
+            if label == "auto":
+                auto_splits = splits
 
 
 if __name__ == "__main__":
