@@ -234,11 +234,19 @@ def test_replay_proposer_proposes_after_current_output():
 
 class _FakeEngine:
     """Outputs token (100 + prompt[0] + j) % 1000 at index j; one step per output token
-    of the longest request, halved when a proposer is set."""
+    of the longest request, halved when a proposer is set.
 
-    def __init__(self, with_hook: bool) -> None:
+    verify_flip: with a proposer set, tokens from index 3 on are one higher (as bf16 verify
+    numerics flip an argmax); batch_dependent: tokens also shift by the batch size (request
+    ids repeat across batch sizes, so each size needs its own truth). Records every installed
+    proposer's (alpha, continuations) per generate call."""
+
+    def __init__(self, with_hook: bool, verify_flip: bool = False,
+                 batch_dependent: bool = False) -> None:
         self.steps = 0
         self.proposer = None
+        self.verify_flip, self.batch_dependent = verify_flip, batch_dependent
+        self.replayed = []
         if with_hook:
             self.set_proposer = lambda p: setattr(self, "proposer", p)
 
@@ -250,9 +258,15 @@ class _FakeEngine:
 
         longest = max(r.sampling_params.max_new_tokens for r in requests)
         self.steps += longest // 2 if self.proposer else longest
+        if self.proposer:
+            self.replayed.append((len(requests), self.proposer.alpha,
+                                  dict(self.proposer.continuations)))
+        shift = len(requests) if self.batch_dependent else 0
         for r in requests:
             n = r.sampling_params.max_new_tokens
-            toks = [(100 + r.prompt_token_ids[0] + j) % 1000 for j in range(n)]
+            toks = [(100 + r.prompt_token_ids[0] + j + shift
+                     + (1 if self.proposer and self.verify_flip and j >= 3 else 0)) % 1000
+                    for j in range(n)]
             yield GenerationResult(r.request_id, toks, "", "length", len(r.prompt_token_ids),
                                    2, n, 0.1, 0.01, 1.0)
 
@@ -273,6 +287,71 @@ def test_run_spec_on_a_fake_engine():
     assert run["greedy_equal_to_spec_off"] is True
     assert run["tokens_per_step_per_request"] == pytest.approx(13 / 6)
     assert run["num_wrong_lengths"] == 0
+    # Calibration (float32-like fake: verify numerics equal decode numerics): equals spec-off.
+    assert list(res["calibration"]) == ["1", "8", "64"]
+    cal = res["calibration"]["8"]
+    assert cal["greedy_equal_to_spec_off"] is True and cal["num_differing_from_spec_off"] == 0
+    assert cal["tokens_per_step_per_request"] == pytest.approx(13 / 6)
+    assert cal["output_tokens"] == 104 and cal["out_tok_per_s"] > 0
+    assert run["greedy_equal_to_calibration"] is True
+    assert run["num_differing_from_calibration"] == 0
+
+
+def test_run_spec_replays_the_calibrated_truth_per_batch_size():
+    """Verify numerics flip tokens (as bf16 on the GPU): alpha runs replay the calibration
+    outputs of their own batch size, equal it, and differ from spec-off without being lossy."""
+    from bench.llmbatch_runner import run_spec
+
+    w = build("W-SPEC", 1024, scale=0.05)
+    eng = _FakeEngine(with_hook=True, verify_flip=True, batch_dependent=True)
+    res = run_spec(eng, w, 1024)
+    assert eng.proposer is None                               # hook cleared at the end
+    assert [(b, a) for b, a, _ in eng.replayed[:3]] == [(1, 1.0), (8, 1.0), (64, 1.0)]
+    assert len(eng.replayed) == 3 + 9
+    first = lambda b: (100 + w.requests[0].prompt_token_ids[0] + b) % 1000  # noqa: E731
+    # Calibration proposes the spec-off continuation of its own batch size ...
+    b, _, cont = eng.replayed[1]
+    assert cont["W-SPEC-0"][:5] == [first(8) + j for j in range(5)]
+    # ... and every alpha run proposes the calibrated (flipped) output of its batch size.
+    for b, alpha, cont in eng.replayed[3:]:
+        assert alpha in (0.6, 0.8, 0.95) and len(cont) == b
+        assert cont["W-SPEC-0"][:5] == [first(b), first(b) + 1, first(b) + 2,
+                                        first(b) + 4, first(b) + 5]
+    cal = res["calibration"]["64"]
+    assert cal["greedy_equal_to_spec_off"] is False
+    assert cal["num_differing_from_spec_off"] == 64
+    run = res["replay_runs"]["alpha=0.95,b=1"]
+    assert run["greedy_equal_to_spec_off"] is False
+    assert run["greedy_equal_to_calibration"] is True
+    assert run["speedup_vs_off"] > 0
+
+
+def test_spec_rows_say_differs_only_against_calibration():
+    spec = {"k": 4, "replay": "measured", "ideal_tokens_per_step": {"0.8": 3.36},
+            "batches": {"1": {"out_tok_per_s": 100.0}},
+            "replay_runs": {
+                "alpha=0.8,b=1": {"out_tok_per_s": 250.0, "speedup_vs_off": 2.5,
+                                  "greedy_equal_to_spec_off": True,
+                                  "greedy_equal_to_calibration": True},
+                "alpha=0.6,b=1": {"out_tok_per_s": 200.0, "speedup_vs_off": 2.0,
+                                  "greedy_equal_to_spec_off": False,
+                                  "greedy_equal_to_calibration": True},
+                "alpha=0.95,b=1": {"out_tok_per_s": 300.0, "speedup_vs_off": 3.0,
+                                   "greedy_equal_to_spec_off": True,
+                                   "greedy_equal_to_calibration": False},
+                "old": {"out_tok_per_s": 90.0, "speedup_vs_off": 0.9,   # no calibration yet
+                        "greedy_equal_to_spec_off": False}}}
+    results = {"workloads": {"W-SPEC": {}}, "runs": {"W-SPEC": {"llmbatch": spec}}}
+    text = report.format_table(report.table_rows(results)).splitlines()
+    assert text[2] == "W-SPEC b=1 | llmbatch spec-off | 100 | — | — | — | —"
+    assert text[3:] == [
+        "W-SPEC alpha=0.8,b=1 | llmbatch replay k=4 | 250 | 2.50x spec-off | — | — | —",
+        "W-SPEC alpha=0.6,b=1 | llmbatch replay k=4 | 200 | "
+        "2.00x spec-off (≠ spec-off in bf16) | — | — | —",
+        "W-SPEC alpha=0.95,b=1 | llmbatch replay k=4 | 300 | "
+        "3.00x spec-off (greedy output DIFFERS) | — | — | —",
+        "W-SPEC old | llmbatch replay k=4 | 90 | 0.90x spec-off (greedy output DIFFERS) | "
+        "— | — | —"]
 
 
 # -- the one-call GPU script, dry run on the CPU -------------------------------------------
