@@ -1,4 +1,4 @@
-"""CUDA graphs for pure-decode steps.
+"""CUDA graphs for pure-decode steps and for speculative verify steps.
 
 A decode step of a small model is dominated by kernel launch overhead (a few hundred launches of
 microsecond kernels), so the forward is captured once per padded batch size at start-up and
@@ -13,19 +13,24 @@ replayed. A graph replays fixed pointers and fixed launch sizes, hence:
     max_seq_len = max_model_len (the Triton backend's split-KV heuristic then still splits long
     contexts; splits past a short sequence's end return at once).
 
-Only steps in which every scheduled span is exactly one token qualify (decode, or the last prompt
-token after a prefix hit: the forward is the same); anything else, or a batch larger than the
-largest captured size, runs eagerly. Sampling stays eager: the graph returns hidden states.
+A step qualifies when every scheduled span has the same length q and a graph of that q exists:
+q = 1 (decode, or the last prompt token after a prefix hit: the forward is the same) at every
+captured batch size, and q = k + 1 (a speculative verify step: the last sampled token plus k
+drafts per sequence) at the sizes up to the engine's speculative_max_num_seqs, when asked for.
+Anything else (prefill chunks, a verify step with fewer drafts for some sequence, a batch larger
+than the largest captured size) runs eagerly. Sampling stays eager: the graph returns hidden
+states, q rows per sequence.
 
 Buffer layout (device; the pinned host staging mirrors the first two):
-    ints:         (4 * max_bs,) int64. For a graph of size bs the four fields sit back to back,
-                  [input_ids | positions | slot_mapping | seq_lens] each bs long, so one step is
-                  one contiguous host->device copy. Each graph captured views at its own offsets.
+    ints:         int64, long enough for the largest graph. For a graph of (bs, q), n = bs * q
+                  tokens, the four fields sit back to back, [input_ids n | positions n |
+                  slot_mapping n | seq_lens bs], so one step is one contiguous host->device
+                  copy. Each graph captured views at its own offsets.
     bt_stage:     (max_bs * max_blocks,) int32, the step's block tables as a compact (bs, width)
                   array; copied on the device into block_tables[:bs, :width] (width varies per
                   step, which a graph cannot express, so this copy is outside the graph).
     seq_lens:     (max_bs,) int32, cast from the int64 field inside the graph.
-    query_start_loc: (max_bs + 1,) int32 = arange (one token per sequence), never rewritten.
+    query_start_loc: one per q, (max_bs + 1,) int32 = arange * q, never rewritten.
     block_tables: (max_bs, max_blocks) int32. Columns past a step's width keep stale block ids
                   from earlier steps; they are never read because they lie past seq_len.
 """
@@ -46,6 +51,11 @@ logger = logging.getLogger(__name__)
 
 MAX_CAPTURE_SIZE = 512
 _NUM_INT_FIELDS = 4  # input_ids, positions, slot_mapping, seq_lens
+
+
+def _ints_len(bs: int, q: int) -> int:
+    """int64 elements of one (bs, q) step: three per-token fields and one per-sequence field."""
+    return 3 * bs * q + bs
 
 
 def capture_batch_sizes(max_num_seqs: int, cap: int = MAX_CAPTURE_SIZE) -> list[int]:
@@ -83,33 +93,54 @@ def decode_batch_size(step) -> Optional[int]:
     return num_seqs
 
 
+def uniform_span_len(step) -> Optional[tuple[int, int]]:
+    """(num_seqs, q) when every span of `step` (a StepInputs) is exactly q tokens, else None."""
+    num_seqs, num_tokens = len(step.seq_lens), len(step.input_ids)
+    if num_seqs == 0 or num_tokens % num_seqs:
+        return None
+    q = num_tokens // num_seqs
+    if q > 1:  # q == 1 needs no check: spans are never empty
+        starts = step.query_start_loc
+        if any(starts[i + 1] - starts[i] != q for i in range(num_seqs)):
+            return None
+    return num_seqs, q
+
+
 def fill_decode_inputs(host_ints: torch.Tensor, host_block_tables: torch.Tensor,
                        input_ids: list[int], positions: list[int], slot_mapping: list[int],
                        seq_lens: list[int], block_tables: list[list[int]],
-                       padded_size: int) -> int:
-    """Write one decode step, padded to `padded_size` rows, into the flat host staging buffers.
+                       padded_size: int, tokens_per_seq: int = 1) -> int:
+    """Write one step of spans of q = tokens_per_seq tokens each, padded to `padded_size`
+    sequences, into the flat host staging buffers.
 
-    host_ints: (>= 4 * padded_size,) int64 -> [ids | positions | slots | seq_lens], padded_size
-        each; padding rows get id 0, position 0, slot -1, seq_len 1.
+    host_ints: (>= 3 * padded_size * q + padded_size,) int64 -> [ids | positions | slots]
+        padded_size * q each, then seq_lens padded_size; padding tokens get id 0, position 0,
+        slot -1 (never stored), padding sequences seq_len q (their span is their whole context).
     host_block_tables: (>= padded_size * width,) int32 -> a compact (padded_size, width) array,
         ragged tables right-padded with 0, padding rows all 0.
     Returns width = the longest block table (at least 1). Works on any CPU tensor (pinned or not).
     """
-    n, bs = len(input_ids), padded_size
-    if not (len(positions) == len(slot_mapping) == len(seq_lens) == len(block_tables) == n):
-        raise ValueError("decode inputs must all have one entry per sequence")
+    q, bs = tokens_per_seq, padded_size
+    n = len(seq_lens)
+    if not (len(input_ids) == len(positions) == len(slot_mapping) == n * q
+            and len(block_tables) == n):
+        raise ValueError(f"step inputs must have {q} token(s) per sequence and one block table "
+                         f"and seq_len per sequence")
     if n > bs:
         raise ValueError(f"{n} sequences do not fit a padded batch of {bs}")
     width = max((len(t) for t in block_tables), default=1) or 1
-    if host_ints.numel() < _NUM_INT_FIELDS * bs or host_block_tables.numel() < bs * width:
+    if host_ints.numel() < _ints_len(bs, q) or host_block_tables.numel() < bs * width:
         raise ValueError(f"staging buffers too small for a batch of {bs} x {width} blocks")
     # Written through numpy views of the (pinned) staging: ~3x cheaper than building tensors
     # from Python lists, which matters at a few hundred sequences per step.
-    ints = host_ints[:_NUM_INT_FIELDS * bs].numpy()
+    ints = host_ints[:_ints_len(bs, q)].numpy()
+    nt, bt = n * q, bs * q   # real and padded token counts
     for field, (values, pad_value) in enumerate(((input_ids, 0), (positions, 0),
-                                                 (slot_mapping, -1), (seq_lens, 1))):
-        ints[field * bs:field * bs + n] = values
-        ints[field * bs + n:(field + 1) * bs] = pad_value
+                                                 (slot_mapping, -1))):
+        ints[field * bt:field * bt + nt] = values
+        ints[field * bt + nt:(field + 1) * bt] = pad_value
+    ints[3 * bt:3 * bt + n] = seq_lens
+    ints[3 * bt + n:3 * bt + bs] = q
     rows = host_block_tables[:bs * width].numpy().reshape(bs, width)
     rows[:] = 0
     for i, table in enumerate(block_tables):
@@ -118,7 +149,8 @@ def fill_decode_inputs(host_ints: torch.Tensor, host_block_tables: torch.Tensor,
 
 
 class DecodeGraphRunner:
-    """Captures the model's decode forward at padded batch sizes; replays it for decode steps.
+    """Captures the model's forward for decode (and, optionally, speculative verify) steps at
+    padded batch sizes; replays it for qualifying steps.
 
     Build after the KV pool exists (the graphs bake in the cache pointers) and never reallocate
     the pool afterwards. CUDA only; the attention backend must take negative slots as "skip"
@@ -127,9 +159,11 @@ class DecodeGraphRunner:
 
     def __init__(self, model, kv_caches, attn_backend, *, max_num_seqs: int, max_model_len: int,
                  block_size: int, device: torch.device,
-                 batch_sizes: Optional[Sequence[int]] = None, capture: bool = True) -> None:
-        """capture=False builds the buffers only (on any device): tests drive _stage and
-        _forward eagerly on CPU to check the padding logic without CUDA."""
+                 batch_sizes: Optional[Sequence[int]] = None, verify_tokens: int = 0,
+                 verify_max_num_seqs: int = 0, capture: bool = True) -> None:
+        """verify_tokens = k + 1 > 1 also captures verify steps (k drafts per sequence) at the
+        sizes up to verify_max_num_seqs. capture=False builds the buffers only (on any device):
+        tests drive _stage and _forward eagerly on CPU to check the padding logic without CUDA."""
         if capture and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         self.model = model
@@ -138,81 +172,95 @@ class DecodeGraphRunner:
         self.device = device
         self.max_model_len = max_model_len
         self.sizes = sorted(set(batch_sizes)) if batch_sizes else capture_batch_sizes(max_num_seqs)
+        self.verify_tokens = verify_tokens if verify_tokens > 1 else 0
+        limit = min(verify_max_num_seqs, self.sizes[-1]) if self.verify_tokens else 0
+        self.verify_sizes = [b for b in self.sizes if b < limit] + ([limit] if limit else [])
+        # Every (batch size, tokens per sequence) graph; largest token count first for capture.
+        self.keys = sorted([(b, 1) for b in self.sizes]
+                           + [(b, self.verify_tokens) for b in self.verify_sizes],
+                           key=lambda key: (-key[0] * key[1], -key[1]))
         self.max_bs = self.sizes[-1]
         self.max_blocks = -(-max_model_len // block_size)
         self.num_replays = 0
-        self.replays_by_size: collections.Counter[int] = collections.Counter()
+        self.replays_by_size: collections.Counter[int] = collections.Counter()         # q == 1
+        self.verify_replays_by_size: collections.Counter[int] = collections.Counter()  # q > 1
 
         mb, nb = self.max_bs, self.max_blocks
+        n_ints = max(_ints_len(b, q) for b, q in self.keys)
         i32, i64 = torch.int32, torch.int64
-        self._ints = torch.zeros(_NUM_INT_FIELDS * mb, dtype=i64, device=device)
+        self._ints = torch.zeros(n_ints, dtype=i64, device=device)
         self._bt_stage = torch.zeros(mb * nb, dtype=i32, device=device)
         self._seq_lens = torch.ones(mb, dtype=i32, device=device)
-        self._query_start_loc = torch.arange(mb + 1, dtype=i32, device=device)
+        self._query_start_loc = {q: torch.arange(mb + 1, dtype=i32, device=device) * q
+                                 for q in {q for _, q in self.keys}}
         self._block_tables = torch.zeros(mb, nb, dtype=i32, device=device)
         on_cuda = device.type == "cuda"
-        self._host_ints = torch.zeros(_NUM_INT_FIELDS * mb, dtype=i64, pin_memory=on_cuda)
+        self._host_ints = torch.zeros(n_ints, dtype=i64, pin_memory=on_cuda)
         self._host_bt = torch.zeros(mb * nb, dtype=i32, pin_memory=on_cuda)
         # Recorded after each step's copies: the pinned staging is rewritten only once the
         # previous step's non_blocking copies have read it.
         self._copy_done = torch.cuda.Event() if on_cuda else None
         self._copy_pending = False
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, torch.Tensor] = {}  # bs -> (bs, hidden_size), graph-owned
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[tuple[int, int], torch.Tensor] = {}  # (bs*q, hidden), graph-owned
         if capture:
             self.capture()
 
     # ------------------------------------------------------------------ capture
 
-    def _forward(self, bs: int) -> torch.Tensor:
-        """The captured body: the model over the first bs rows of the persistent buffers."""
-        ints = self._ints
-        self._seq_lens[:bs].copy_(ints[3 * bs:4 * bs])  # int64 -> int32, part of the graph
+    def _forward(self, bs: int, q: int = 1) -> torch.Tensor:
+        """The captured body: the model over the first bs sequences (bs * q tokens) of the
+        persistent buffers."""
+        ints, n = self._ints, bs * q
+        self._seq_lens[:bs].copy_(ints[3 * n:3 * n + bs])  # int64 -> int32, part of the graph
         meta = AttentionMetadata(
-            slot_mapping=ints[2 * bs:3 * bs],
-            query_start_loc=self._query_start_loc[:bs + 1],
+            slot_mapping=ints[2 * n:3 * n],
+            query_start_loc=self._query_start_loc[q][:bs + 1],
             seq_lens=self._seq_lens[:bs],
             block_tables=self._block_tables[:bs],
-            max_query_len=1,
+            max_query_len=q,
             max_seq_len=self.max_model_len,
-            query_start_loc_cpu=list(range(bs + 1)),
+            query_start_loc_cpu=[i * q for i in range(bs + 1)],
             seq_lens_cpu=None,  # unknown at capture; the Triton backend does not read it
         )
-        return self.model(ints[:bs], ints[bs:2 * bs], self.kv_caches, meta, self.attn_backend)
+        return self.model(ints[:n], ints[n:2 * n], self.kv_caches, meta, self.attn_backend)
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every size, largest first, into one shared memory pool (the smaller graphs
-        reuse the largest one's activation memory)."""
+        """Capture every (size, q), most tokens first, into one shared memory pool (the smaller
+        graphs reuse the largest one's activation memory)."""
         start = time.perf_counter()
         with torch.cuda.device(self.device):
             pool = torch.cuda.graph_pool_handle()
-            for bs in reversed(self.sizes):
+            for bs, q in self.keys:
                 # All-padding inputs: the warm-up forward writes no K/V (slot -1 everywhere).
-                self._stage([], [], [], [], [], bs)
+                self._stage([], [], [], [], [], bs, q)
                 torch.cuda.synchronize()
-                self._forward(bs)  # warm-up outside the graph: Triton compiles, cuBLAS picks
+                self._forward(bs, q)  # warm-up outside the graph: Triton compiles, cuBLAS picks
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: a monitor thread touching CUDA must not break the capture.
                 with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    out = self._forward(bs)
-                self._graphs[bs] = graph
-                self._outputs[bs] = out
+                    out = self._forward(bs, q)
+                self._graphs[(bs, q)] = graph
+                self._outputs[(bs, q)] = out
             torch.cuda.synchronize()
-        logger.info("captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s",
-                    len(self.sizes), self.sizes[0], self.max_bs, time.perf_counter() - start)
+        logger.info("captured %d CUDA graphs (decode batch sizes %d..%d, verify %s) in %.1f s",
+                    len(self.keys), self.sizes[0], self.max_bs,
+                    f"{self.verify_tokens} tokens x {self.verify_sizes}" if self.verify_sizes
+                    else "none", time.perf_counter() - start)
 
     # ------------------------------------------------------------------ replay
 
     def _stage(self, input_ids, positions, slot_mapping, seq_lens, block_tables,
-               bs: int) -> None:
-        """Fill the pinned staging for a batch padded to bs and enqueue the device copies."""
+               bs: int, q: int = 1) -> None:
+        """Fill the pinned staging for a batch padded to bs sequences of q tokens and enqueue
+        the device copies."""
         if self._copy_pending and self._copy_done is not None:
             self._copy_done.synchronize()  # normally long done: the last step synced on sampling
         width = fill_decode_inputs(self._host_ints, self._host_bt, input_ids, positions,
-                                   slot_mapping, seq_lens, block_tables, bs)
-        n_ints = _NUM_INT_FIELDS * bs
+                                   slot_mapping, seq_lens, block_tables, bs, q)
+        n_ints = _ints_len(bs, q)
         self._ints[:n_ints].copy_(self._host_ints[:n_ints], non_blocking=True)
         self._bt_stage[:bs * width].copy_(self._host_bt[:bs * width], non_blocking=True)
         self._block_tables[:bs, :width].copy_(self._bt_stage[:bs * width].view(bs, width))
@@ -220,25 +268,38 @@ class DecodeGraphRunner:
             self._copy_done.record()
             self._copy_pending = True
 
-    def padded_size_for(self, step) -> Optional[int]:
-        """The captured size a step (StepInputs) would replay at, or None to run it eagerly."""
-        n = decode_batch_size(step)
-        if n is None:
+    def graph_key_for(self, step) -> Optional[tuple[int, int]]:
+        """(padded batch size, tokens per sequence) of the graph a step (StepInputs) would
+        replay, or None to run it eagerly."""
+        shape = uniform_span_len(step)
+        if shape is None:
             return None
-        bs = padded_batch_size(n, self.sizes)
+        n, q = shape
+        if q == 1:
+            bs = padded_batch_size(n, self.sizes)
+        elif q == self.verify_tokens:
+            bs = padded_batch_size(n, self.verify_sizes)
+        else:
+            return None
         if bs is None or max(len(t) for t in step.block_tables) > self.max_blocks:
             return None  # a table wider than max_model_len allows (lookahead): stay eager
-        return bs
+        return bs, q
+
+    def padded_size_for(self, step) -> Optional[int]:
+        """The captured batch size a step would replay at, or None to run it eagerly."""
+        key = self.graph_key_for(step)
+        return key[0] if key is not None else None
 
     def run(self, step) -> Optional[torch.Tensor]:
-        """Replay for a qualifying step: (num_seqs, hidden_size) hidden states of the real rows,
-        a view into graph-owned memory valid until the next replay. None: run it eagerly."""
-        bs = self.padded_size_for(step)
-        if bs is None:
+        """Replay for a qualifying step: (num_tokens, hidden_size) hidden states of the real
+        rows, a view into graph-owned memory valid until the next replay. None: run it eagerly."""
+        key = self.graph_key_for(step)
+        if key is None:
             return None
+        bs, q = key
         self._stage(step.input_ids, step.positions, step.slot_mapping, step.seq_lens,
-                    step.block_tables, bs)
-        self._graphs[bs].replay()
+                    step.block_tables, bs, q)
+        self._graphs[key].replay()
         self.num_replays += 1
-        self.replays_by_size[bs] += 1
-        return self._outputs[bs][:len(step.seq_lens)]
+        (self.replays_by_size if q == 1 else self.verify_replays_by_size)[bs] += 1
+        return self._outputs[key][:len(step.input_ids)]

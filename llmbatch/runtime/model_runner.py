@@ -144,7 +144,7 @@ class ModelRunner:
         return True
 
     def _maybe_capture_decode_graphs(self):
-        """Decode CUDA graphs (runtime/cuda_graphs.py) when on CUDA with the triton backend,
+        """Decode and verify CUDA graphs (runtime/cuda_graphs.py) on CUDA with the triton backend,
         single-rank and unquantized (collectives and bnb kernels are not captured yet)."""
         cfg = self.config
         if not (cfg.cuda_graphs and self.device.type == "cuda" and self.attn_backend.name ==
@@ -153,10 +153,15 @@ class ModelRunner:
         from llmbatch.runtime.cuda_graphs import DecodeGraphRunner
 
         try:
+            # Verify steps (k drafts + 1 per sequence) get graphs too, at the sizes where the
+            # engine speculates at all: captured whether or not a proposer is configured, since
+            # one can be installed later (Engine.set_proposer); a few small graphs, ~0.3 s.
             return DecodeGraphRunner(self.model, self.kv_caches, self.attn_backend,
                                      max_num_seqs=cfg.max_num_seqs,
                                      max_model_len=self.max_model_len,
-                                     block_size=self.block_size, device=self.device)
+                                     block_size=self.block_size, device=self.device,
+                                     verify_tokens=cfg.num_speculative_tokens + 1,
+                                     verify_max_num_seqs=cfg.speculative_max_num_seqs)
         except Exception as exc:  # a capture failure must not lose the job: run eagerly, loudly
             self.cuda_graph_error = f"{type(exc).__name__}: {exc}"
             logger.warning("CUDA graph capture failed, decoding eagerly: %s",

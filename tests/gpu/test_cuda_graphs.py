@@ -16,6 +16,8 @@ How outputs are compared, and why:
     the graph's split-KV count is frozen from max_model_len, so bf16 rounding differs and the
     tiny random model has near-ties.
 Batch sizes 3 and 17 pad to the captured sizes 4 and 24; replays are counted per size.
+Verify steps (k drafts + 1 per sequence) replay their own graphs; with float32 and a proposer
+that drafts the reference output (some drafts wrong), speculation must change nothing.
 """
 
 from __future__ import annotations
@@ -152,3 +154,38 @@ def test_replay_equals_padded_eager_forward_bitwise(tiny):
         for r in step_reqs:
             r.num_computed_tokens += 1
             r.append_output_token(9)
+
+
+class _OracleProposer:
+    """Drafts the reference continuation, every third draft position wrong (so verify steps
+    both accept and reject), always the full k while the reference lasts."""
+
+    def __init__(self, reference):
+        self.reference = reference
+
+    def propose(self, request, k):
+        ref = self.reference[request.request_id]
+        start = len(request.output_token_ids)
+        return [tok if (start + j) % 3 else (tok + 1) % 100 + 3
+                for j, tok in enumerate(ref[start:start + k])]
+
+
+@pytest.mark.parametrize("num_prompts", [1, 5])
+def test_verify_steps_replay_graphs_and_stay_lossless(tiny, tokenizer, num_prompts):
+    """float32: speculation through verify-step graphs (k = 4, 5 tokens per sequence) gives
+    exactly the output without speculation, and the verify graphs were the ones replayed."""
+    path, _ = tiny
+    prompts = make_prompts(num_prompts, seed=40 + num_prompts)
+    reference, _ = run_engine(path, tokenizer, prompts, "float32", cuda_graphs=False)
+    engine = Engine(config(path, "float32", True), tokenizer=tokenizer)
+    engine.set_proposer(_OracleProposer(dict(enumerate(reference))))
+    params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+    results = {r.request_id: r for r in engine.generate(
+        [Request(i, p, params) for i, p in enumerate(prompts)])}
+    got = [results[i].output_token_ids for i in range(num_prompts)]
+    assert got == reference
+    graphs = engine.runner.graph_runner
+    assert graphs.verify_tokens == 5 and graphs.verify_sizes == [1, 2, 4, 8, 16]
+    padded = {1: 1, 5: 8}[num_prompts]
+    assert graphs.verify_replays_by_size[padded] > 0, dict(graphs.verify_replays_by_size)
+    assert engine.stats()["num_spec_accepted_tokens"] > 0

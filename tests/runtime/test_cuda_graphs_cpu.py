@@ -1,6 +1,7 @@
 """The pure-Python parts of runtime/cuda_graphs.py, on CPU: padded sizes, which steps qualify,
 the staging layout, and (with capture=False, eager on CPU) that a padded decode through the
 graph buffers computes what the eager path computes and writes no K/V for padding rows.
+Speculative verify steps (every span k + 1 tokens) go through the same checks.
 The capture/replay itself runs in tests/gpu/test_cuda_graphs.py."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.cuda_graphs import (DecodeGraphRunner, capture_batch_sizes,
                                           decode_batch_size, fill_decode_inputs,
-                                          padded_batch_size)
+                                          padded_batch_size, uniform_span_len)
 from llmbatch.runtime.model_runner import ModelRunner
 from llmbatch.runtime.request import Request
 from llmbatch.runtime.sampling_params import SamplingParams
@@ -90,7 +91,7 @@ def test_fill_decode_inputs_pads_harmlessly():
     # A batch of only padding (what capture uses): width 1, every row harmless.
     assert fill_decode_inputs(ints, bt, [], [], [], [], [], padded_size=2) == 1
     assert ints[:8].tolist() == [0, 0, 0, 0, -1, -1, 1, 1]
-    with pytest.raises(ValueError, match="one entry per sequence"):
+    with pytest.raises(ValueError, match="per sequence"):
         fill_decode_inputs(ints, bt, [1], [1, 2], [1], [1], [[1]], padded_size=2)
     with pytest.raises(ValueError, match="do not fit"):
         fill_decode_inputs(ints, bt, [1, 2], [1, 2], [1, 2], [1, 2], [[1], [2]], padded_size=1)
@@ -184,3 +185,82 @@ def test_sliding_window_refused_at_start_up(tmp_path):
         ModelRunner(EngineConfig(model=str(tmp_path), device="cpu", kv_cache_blocks=8))
     ModelRunner(EngineConfig(model=str(tmp_path), device="cpu", kv_cache_blocks=8,
                              max_model_len=32))  # within the window: fine
+
+
+# ---------------------------------------------------------------- speculative verify steps
+
+def test_uniform_span_len_qualifies_equal_spans_only():
+    a = make_request("a", list(range(3, 10)), 6, [5, 6])
+    b = make_request("b", list(range(3, 5)), 1, [7])
+    assert uniform_span_len(prepare([(a, 1), (b, 1)])) == (2, 1)
+    d = make_request("d", list(range(3, 8)), 4, [4, 9], spec=[11, 12])
+    e = make_request("e", list(range(3, 6)), 2, [8, 12], spec=[13, 14])
+    assert uniform_span_len(prepare([(d, 3), (e, 3)])) == (2, 3)    # verify, k = 2
+    f = make_request("f", list(range(3, 6)), 2, [10], spec=[15])
+    assert uniform_span_len(prepare([(d, 3), (f, 2)])) is None      # fewer drafts for f
+    # 4 tokens over 2 spans of 1 and 3: divisible, still not uniform.
+    assert uniform_span_len(prepare([(a, 1), (d, 3)])) is None
+    assert uniform_span_len(prepare([])) is None
+
+
+def test_fill_verify_inputs_pads_whole_spans():
+    ints = torch.full((64,), 99, dtype=torch.int64)
+    bt = torch.full((16,), 99, dtype=torch.int32)
+    # One real sequence of q = 2 tokens at positions 5, 6, padded to 2 sequences.
+    width = fill_decode_inputs(ints, bt, [10, 11], [5, 6], [21, 22], [7], [[5, 2]],
+                               padded_size=2, tokens_per_seq=2)
+    assert width == 2
+    n = 3 * 2 * 2 + 2
+    assert ints[:n].tolist() == [10, 11, 0, 0,      # ids, padding tokens 0
+                                 5, 6, 0, 0,        # positions
+                                 21, 22, -1, -1,    # slots: padding never stored
+                                 7, 2]              # seq_lens: padding sequence = its q tokens
+    assert ints[n:].tolist() == [99] * (64 - n)
+    assert bt[:4].view(2, 2).tolist() == [[5, 2], [0, 0]]
+    with pytest.raises(ValueError, match="per sequence"):
+        fill_decode_inputs(ints, bt, [10], [5], [21], [7], [[5]], padded_size=2,
+                           tokens_per_seq=2)
+
+
+def test_padded_verify_through_buffers_matches_eager(runner):
+    """Verify steps of k = 2 drafts (3 tokens per sequence), 3 sequences padded to 4 and one
+    alone: the graph buffers compute what the eager path computes, and write K/V only at the
+    real slots."""
+    prompts = [[5, 9, 14, 3, 7, 22, 8], [40, 41, 3], [7, 7, 8, 30, 31, 2, 6, 9, 10, 11]]
+    tables = [[3, 5, 11], [0, 12], [6, 1, 9]]  # room for the 2 drafts past each prompt
+    reqs = [make_request(i, p, 0, t) for i, (p, t) in enumerate(zip(prompts, tables))]
+    runner.forward_logits(prepare([(r, r.num_tokens - 1) for r in reqs]))  # all but the last
+    for r in reqs:
+        r.num_computed_tokens = r.num_tokens - 1
+        r.spec_token_ids = [17, 18]
+
+    graphs = DecodeGraphRunner(runner.model, copy.deepcopy(runner.kv_caches), runner.attn_backend,
+                               max_num_seqs=8, max_model_len=runner.max_model_len,
+                               block_size=BLOCK, device=torch.device("cpu"), verify_tokens=3,
+                               verify_max_num_seqs=4, capture=False)
+    assert graphs.verify_sizes == [1, 2, 4]
+    assert (4, 3) in graphs.keys and (8, 3) not in graphs.keys
+    eager_kv = copy.deepcopy(runner.kv_caches)
+    for step_reqs, padded in ((reqs, 4), (reqs[1:2], 1)):
+        s = prepare([(r, 3) for r in step_reqs])
+        assert graphs.graph_key_for(s) == (padded, 3)
+        before = [k.clone() for k, _ in graphs.kv_caches]
+        with torch.inference_mode():
+            ids, pos, meta = runner._to_device(s)
+            want = runner.model(ids, pos, eager_kv, meta, runner.attn_backend)
+            graphs._stage(s.input_ids, s.positions, s.slot_mapping, s.seq_lens,
+                          s.block_tables, padded, 3)
+            got = graphs._forward(padded, 3)[:3 * len(step_reqs)]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        written = set(s.slot_mapping)
+        for (kg, _), (ke, _), old in zip(graphs.kv_caches, eager_kv, before):
+            torch.testing.assert_close(kg, ke, atol=1e-5, rtol=1e-5)
+            flat_new, flat_old = kg.flatten(0, 1), old.flatten(0, 1)
+            untouched = [i for i in range(flat_new.shape[0]) if i not in written]
+            assert torch.equal(flat_new[untouched], flat_old[untouched])
+    # Five sequences exceed the verify sizes (largest 4): eager.
+    many = [make_request(f"m{i}", [3, 4, 5], 2, [1, 2], spec=[6, 7]) for i in range(5)]
+    assert graphs.graph_key_for(prepare([(r, 3) for r in many])) is None
+    # Another draft count than the captured one: eager.
+    one = make_request("one", [3, 4, 5], 2, [15], spec=[6])
+    assert graphs.graph_key_for(prepare([(one, 2)])) is None
