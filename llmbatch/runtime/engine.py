@@ -187,6 +187,10 @@ class Engine:
         s["cuda_graph_error"] = getattr(self.runner, "cuda_graph_error", None)
         s["block_size"] = self.config.block_size
         s["prepare_s"] = getattr(self.runner, "prepare_s", None)  # part of execute_s
+        # Steps that replayed a CUDA graph vs eager ones, and their forward + sampling seconds.
+        for kind in ("graph", "eager"):
+            s[f"{kind}_steps"] = getattr(self.runner, "step_count", {}).get(kind)
+            s[f"{kind}_step_s"] = getattr(self.runner, "step_time_s", {}).get(kind)
         # Bytes of the loaded weights on each TP rank (quantized buffers included), and the
         # quantization in effect (a pre-quantized checkpoint's method when config says none).
         per_rank = getattr(self.runner, "weight_bytes_per_rank", None)

@@ -72,6 +72,8 @@ class ModelRunner:
 
         self.config = config
         self.prepare_s = 0.0  # host seconds in prepare_inputs, summed over steps
+        self.step_time_s = {"graph": 0.0, "eager": 0.0}   # execute() minus prepare_inputs
+        self.step_count = {"graph": 0, "eager": 0}
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model_path = resolve_model_path(config.model)
@@ -300,11 +302,18 @@ class ModelRunner:
             return {}
         t0 = time.perf_counter()
         s = self.prepare_inputs(out)
-        self.prepare_s += time.perf_counter() - t0   # host-only input building (engine stats)
+        t1 = time.perf_counter()
+        self.prepare_s += t1 - t0   # host-only input building (engine stats)
+        replays_before = self.graph_runner.num_replays if self.graph_runner is not None else 0
         logits = self.forward_logits(s)
-        if logits is None:
-            return {}
-        return self.sample(s, logits)
+        sampled = {} if logits is None else self.sample(s, logits)
+        # Forward + sampling wall time (the sampling waits for the GPU), split by whether the
+        # step replayed a CUDA graph: per-step decode cost at scale, read off any workload.
+        graphed = self.graph_runner is not None and self.graph_runner.num_replays > replays_before
+        key = "graph" if graphed else "eager"
+        self.step_time_s[key] += time.perf_counter() - t1
+        self.step_count[key] += 1
+        return sampled
 
     @torch.inference_mode()
     def forward_logits(self, s: StepInputs) -> Optional[torch.Tensor]:
