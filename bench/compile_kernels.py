@@ -93,9 +93,12 @@ def _variants():
                "out_row_stride": "i32", "d": "i32", "BLOCK": "constexpr"}
         out.append((f"silu_and_mul {dt}", fk._silu_and_mul_kernel, sig, {"BLOCK": 1024},
                     {"num_warps": 4}))
-        sig = {"x_ptr": f"*{dt}", "cos_ptr": f"*{dt}", "sin_ptr": f"*{dt}", "out_ptr": f"*{dt}",
-               "x_tok_stride": "i32", "x_head_stride": "i32", "cs_tok_stride": "i32",
-               "out_tok_stride": "i32", "out_head_stride": "i32", "half": "i32",
+        sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "cos_ptr": f"*{dt}", "sin_ptr": f"*{dt}",
+               "q_out_ptr": f"*{dt}", "k_out_ptr": f"*{dt}",
+               "q_tok_stride": "i32", "q_head_stride": "i32", "k_tok_stride": "i32",
+               "k_head_stride": "i32", "cs_tok_stride": "i32", "q_out_tok_stride": "i32",
+               "q_out_head_stride": "i32", "k_out_tok_stride": "i32",
+               "k_out_head_stride": "i32", "num_q_heads": "i32", "half": "i32",
                "BLOCK": "constexpr"}
         out.append((f"rotary {dt}", fk._rotary_kernel, sig, {"BLOCK": 32},
                     {"num_warps": 1, "enable_fp_fusion": False}))

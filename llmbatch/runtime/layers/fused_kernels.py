@@ -171,15 +171,24 @@ def fused_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr,
-                   x_tok_stride, x_head_stride, cs_tok_stride, out_tok_stride, out_head_stride,
-                   half, BLOCK: tl.constexpr):
-    # Program (token, head): rotate-half of one head vector x = [x1 | x2], each `half` long.
+def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
+                   q_tok_stride, q_head_stride, k_tok_stride, k_head_stride, cs_tok_stride,
+                   q_out_tok_stride, q_out_head_stride, k_out_tok_stride, k_out_head_stride,
+                   num_q_heads, half, BLOCK: tl.constexpr):
+    # Program (token, head) over q's heads then k's: one launch rotates both. Rotate-half of
+    # one head vector x = [x1 | x2], each `half` long.
     tok = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
+    head = tl.program_id(1)
+    is_q = head < num_q_heads
+    if is_q:
+        base = q_ptr + tok * q_tok_stride + head.to(tl.int64) * q_head_stride
+        obase = q_out_ptr + tok * q_out_tok_stride + head.to(tl.int64) * q_out_head_stride
+    else:
+        kh = (head - num_q_heads).to(tl.int64)
+        base = k_ptr + tok * k_tok_stride + kh * k_head_stride
+        obase = k_out_ptr + tok * k_out_tok_stride + kh * k_out_head_stride
     cols = tl.arange(0, BLOCK)
     mask = cols < half
-    base = x_ptr + tok * x_tok_stride + head * x_head_stride
     x1 = tl.load(base + cols, mask=mask, other=0.0)
     x2 = tl.load(base + half + cols, mask=mask, other=0.0).to(tl.float32)
     dt = x1.dtype
@@ -189,12 +198,11 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr,
     # Every torch op of RotaryEmbedding.rotate rounds to the dtype: products, then the sum.
     lo = (x1 * cos).to(dt).to(tl.float32) - (x2 * sin).to(dt).to(tl.float32)
     hi = (x2 * cos).to(dt).to(tl.float32) + (x1 * sin).to(dt).to(tl.float32)
-    obase = out_ptr + tok * out_tok_stride + head * out_head_stride
     tl.store(obase + cols, lo.to(dt), mask=mask)
     tl.store(obase + half + cols, hi.to(dt), mask=mask)
 
 
-def _rotate_one(name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _check_rotary_input(name: str, x: torch.Tensor, cos: torch.Tensor) -> None:
     if x.dim() != 3 or x.shape[-1] % 2 or x.stride(-1) != 1:
         raise ValueError(f"{name} must be (num_tokens, num_heads, even head_dim) with unit last "
                          f"stride, got shape {tuple(x.shape)} strides {x.stride()}")
@@ -202,18 +210,6 @@ def _rotate_one(name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
             or 2 * cos.shape[-1] != x.shape[-1]:
         raise ValueError(f"{name} {tuple(x.shape)} {x.dtype} on {x.device} does not match cos "
                          f"{tuple(cos.shape)} {cos.dtype} on {cos.device}")
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    num_tokens, num_heads, head_dim = x.shape
-    if num_tokens and num_heads:
-        half = head_dim // 2
-        _rotary_kernel[(num_tokens, num_heads)](
-            x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), out.stride(0),
-            out.stride(1), half, BLOCK=triton.next_power_of_2(half), num_warps=1,
-            # No FMA contraction: LLVM otherwise narrows x1*cos to a bf16 multiply and fuses
-            # it into the subtraction (fma.rn.bf16, one rounding instead of torch's two),
-            # which an H200 run showed as 1-ulp differences from RotaryEmbedding.rotate.
-            enable_fp_fusion=False)
-    return out
 
 
 def fused_rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -221,7 +217,7 @@ def fused_rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin:
     """query (num_tokens, num_heads, head_dim), key (num_tokens, num_kv_heads, head_dim), rows
     may be strided (views of a fused qkv); cos, sin (num_tokens, 1, head_dim/2) contiguous, in
     the activations' dtype (RotaryEmbedding.cos_sin). Returns new contiguous rotated q, k equal
-    to RotaryEmbedding.rotate of each."""
+    to RotaryEmbedding.rotate of each, from one launch over q's heads and k's."""
     for name, t in (("query", query), ("key", key), ("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -232,4 +228,21 @@ def fused_rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin:
             or not (cos.is_contiguous() and sin.is_contiguous()) or cos.dtype != sin.dtype:
         raise ValueError(f"cos and sin must be contiguous (num_tokens, 1, head_dim/2) of one "
                          f"dtype, got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    return _rotate_one("query", query, cos, sin), _rotate_one("key", key, cos, sin)
+    _check_rotary_input("query", query, cos)
+    _check_rotary_input("key", key, cos)
+    q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    num_tokens, num_q_heads, head_dim = query.shape
+    num_heads = num_q_heads + key.shape[1]
+    if num_tokens and num_heads:
+        half = head_dim // 2
+        _rotary_kernel[(num_tokens, num_heads)](
+            query, key, cos, sin, q_out, k_out,
+            query.stride(0), query.stride(1), key.stride(0), key.stride(1), cos.stride(0),
+            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+            num_q_heads, half, BLOCK=triton.next_power_of_2(half), num_warps=1,
+            # No FMA contraction: LLVM otherwise narrows x1*cos to a bf16 multiply and fuses
+            # it into the subtraction (fma.rn.bf16, one rounding instead of torch's two),
+            # which an H200 run showed as 1-ulp differences from RotaryEmbedding.rotate.
+            enable_fp_fusion=False)
+    return q_out, k_out
