@@ -94,7 +94,8 @@ fi
 # Attention kernel micro-benchmark (GPU only, ~20 s): achieved KV bandwidth per scenario.
 if [ "${BENCH_ATTENTION:-0}" = 1 ] && [ "$DRY" != 1 ]; then
   echo "=== attention micro-benchmark"
-  timeout 120 "$PY" -m llmbatch.runtime.attention.triton_kernels.bench_attention --sweep 2>&1 \
+  timeout "${BENCH_ATTENTION_TIMEOUT:-120}" "$PY" \
+    -m llmbatch.runtime.attention.triton_kernels.bench_attention --sweep 2>&1 \
     | tee "$OUT_DIR/bench_attention.log"
 fi
 
