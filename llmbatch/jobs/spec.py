@@ -116,6 +116,8 @@ class ParallelSection(_Section):
 
 class QuantizationSection(_Section):
     method: Literal["none", "int8", "nf4"] = "none"
+    # EngineConfig.quantize_embeddings: the token embedding and LM head too (nf4 only).
+    embeddings: bool = False
 
 
 class SpeculativeSection(_Section):
@@ -158,7 +160,9 @@ class JobSpec(_Section):
             attention_backend=e.attention_backend, cuda_graphs=e.cuda_graphs,
             fused_kernels=e.fused_kernels,
             tensor_parallel_size=self.parallel.tensor_parallel_size,
-            quantization=self.quantization.method, speculative_method=self.speculative.method,
+            quantization=self.quantization.method,
+            quantize_embeddings=self.quantization.embeddings,
+            speculative_method=self.speculative.method,
             num_speculative_tokens=self.speculative.num_tokens,
             draft_model=self.speculative.draft_model,
             speculative_max_num_seqs=self.speculative.max_num_seqs, seed=self.sampling.seed)
@@ -212,7 +216,9 @@ class JobSpec(_Section):
             "sampling": self.sampling.model_dump(),
             "engine": {"device": self.engine.device, "max_model_len": self.engine.max_model_len},
             "parallel": self.parallel.model_dump(),
-            "quantization": self.quantization.model_dump(),
+            # embeddings only when on: jobs written before the key keep their hash.
+            "quantization": self.quantization.model_dump(
+                exclude=None if self.quantization.embeddings else {"embeddings"}),
             "speculative": self.speculative.model_dump(),
             "shard_count": shard_count,
         }

@@ -34,6 +34,10 @@ class EngineConfig:
     fused_kernels: bool = False                 # Triton RMSNorm, SiLU·mul; CUDA only
     tensor_parallel_size: int = 1
     quantization: str = "none"
+    # Also quantize the token embedding and LM head with the engine's quantization (nf4 only):
+    # saves most of their memory (the tied 128256 x 2048 table of Llama-3.2-1B: 525 MB bf16 ->
+    # 148 MB) at some accuracy cost. transformers and vLLM leave them unquantized, hence opt-in.
+    quantize_embeddings: bool = False
     speculative_method: str = "none"
     num_speculative_tokens: int = 4
     draft_model: Optional[str] = None
@@ -62,6 +66,9 @@ class EngineConfig:
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_blocks is not None and self.kv_cache_blocks < 1:
             raise ValueError(f"kv_cache_blocks must be >= 1 or null, got {self.kv_cache_blocks}")
+        if self.quantize_embeddings and self.quantization != "nf4":
+            raise ValueError(f"quantize_embeddings supports nf4 only, got "
+                             f"quantization={self.quantization!r}")
         if self.speculative_method == "draft" and not self.draft_model:
             raise ValueError("speculative method 'draft' needs draft_model")
 

@@ -45,7 +45,8 @@ class DraftModelProposer:
         draft_config = dataclasses.replace(
             config, model=config.draft_model, tokenizer=None, kv_cache_blocks=num_kv_blocks,
             max_model_len=max_model_len, speculative_method="none", draft_model=None,
-            cuda_graphs=False, tensor_parallel_size=1, quantization="none")
+            cuda_graphs=False, tensor_parallel_size=1, quantization="none",
+            quantize_embeddings=False)
         self.runner = ModelRunner(draft_config)
         if self.runner.max_model_len < max_model_len:
             raise ValueError(f"draft model context {self.runner.max_model_len} is shorter than "

@@ -95,7 +95,8 @@ class ModelRunner:
                                  tp_rank, tp_size)
         if hasattr(self.model, "check_context_len"):  # e.g. Mistral's sliding window, refused early
             self.model.check_context_len(self.max_model_len)
-        attach_quantization(self.model, self.quantization, device=self.device)
+        attach_quantization(self.model, self.quantization, device=self.device,
+                            embeddings=config.quantize_embeddings)
         tensors = None
         if prequantized:
             tensors = dequantized_tensors(iterate_checkpoint(self.model_path), self.quantization)

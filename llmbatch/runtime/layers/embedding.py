@@ -9,6 +9,9 @@ embedding is a plain lookup and the head a plain matmul.
                padding columns are cut off.
 Tied embeddings (tie_word_embeddings): the head is built with `tied_embedding=` and reuses the
 embedding's Parameter, allocating nothing of its own.
+Quantized (EngineConfig.quantize_embeddings, nf4): `quant_method` (quantization.
+Nf4EmbeddingMethod) replaces `weight` by nf4 buffers after loading; the lookup dequantizes only
+the looked-up rows and the head runs the nf4 matmul. Works at any tp_size (whole rows per rank).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class VocabParallelEmbedding(nn.Module):
             self.weight = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
             self.weight.weight_loader = self.weight_loader
         self.all_reduce = all_reduce or default_all_reduce
+        self.quant_method = None  # set before loading by attach_quantization(embeddings=True)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: LoadedWeight,
                       shard_id=None) -> None:
@@ -72,13 +76,20 @@ class VocabParallelEmbedding(nn.Module):
                          type(self).__name__)
             param.data[rows:].zero_()  # padding rows of the last rank
 
+    def lookup(self, local_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of this rank's table: (num_tokens,) -> (num_tokens, embedding_dim)."""
+        if self.quant_method is not None:
+            return self.quant_method.embedding(self, local_ids)
+        return F.embedding(local_ids, self.weight)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(num_tokens,) int64 -> (num_tokens, embedding_dim)"""
         if self.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self.lookup(input_ids)
         in_range = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         local_ids = (input_ids - self.vocab_start) * in_range
-        out = F.embedding(local_ids, self.weight) * in_range.unsqueeze(-1).to(self.weight.dtype)
+        out = self.lookup(local_ids)
+        out = out * in_range.unsqueeze(-1).to(out.dtype)
         return self.all_reduce(out)
 
 
@@ -96,7 +107,10 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # Logits in the weights' dtype (as transformers does), upcast for the sampler.
-        logits = F.linear(hidden, self.weight)  # (n, num_embeddings_per_rank)
+        if self.quant_method is not None:  # nf4 table (quantize_embeddings)
+            logits = self.quant_method.apply(self, hidden, None)  # (n, num_embeddings_per_rank)
+        else:
+            logits = F.linear(hidden, self.weight)  # (n, num_embeddings_per_rank)
         if self.tp_size > 1:
             logits = self.all_gather(logits)[:, :self.num_embeddings]
         return logits.float()

@@ -3,7 +3,7 @@
 The loader fills each linear layer with this rank's dense slice (model dtype), then calls
 `quant_method.process_weights_after_loading(layer)`; the slice is quantized there, so a rank
 only ever quantizes what it holds. The embedding and LM head are not LinearBase layers and stay
-in the model dtype.
+in the model dtype unless EngineConfig.quantize_embeddings (nf4 only, see Nf4EmbeddingMethod).
 
     nf4   bnb.functional.quantize_4bit(blocksize 64, no double quant): the rank's weight
           (out, in) is flattened row-major and cut into blocks of 64 elements, each with one
@@ -46,6 +46,23 @@ def import_bnb():
     return bitsandbytes
 
 
+def quantize_nf4(layer: nn.Module, w: torch.Tensor) -> None:
+    """Store `w` (rows, cols) on `layer` as nf4 buffers `qweight`, `qabsmax` plus the 2-D
+    `quant_state` and the flat `quant_state_flat` (the dense weight is the caller's to drop)."""
+    bf = import_bnb().functional
+    # Quantized as a flat vector: the blocks run over the row-major flattened slice.
+    packed, flat_state = bf.quantize_4bit(w.reshape(-1), blocksize=NF4_BLOCKSIZE,
+                                          quant_type="nf4", compress_statistics=False)
+    state = copy.copy(flat_state)
+    state.shape = w.shape
+    layer.register_buffer("qweight", packed)          # (numel/2, 1) uint8
+    layer.register_buffer("qabsmax", state.absmax)    # (ceil(numel/64),) float32
+    layer.quant_state = state                         # shape, dtype, code (16 levels)
+    # bitsandbytes 0.50's CPU dequantize (and matmul_4bit) is wrong for 2-D shapes
+    # whose rows are not whole blocks, e.g. (128, 32); flat dequantization is right.
+    layer.quant_state_flat = flat_state
+
+
 class BnbLinearMethod:
     """A LinearBase `quant_method`: owns nothing; the quantized tensors live on the layer as
     buffers `qweight` (+ `qabsmax` for nf4, `qscale` for int8), the dense `weight` is dropped."""
@@ -67,17 +84,7 @@ class BnbLinearMethod:
         if layer.bias is not None:
             layer.bias.data = layer.bias.data.to(w.device)
         if self.method == "nf4":
-            # Quantized as a flat vector: the blocks run over the row-major flattened slice.
-            packed, flat_state = bf.quantize_4bit(w.reshape(-1), blocksize=NF4_BLOCKSIZE,
-                                                  quant_type="nf4", compress_statistics=False)
-            state = copy.copy(flat_state)
-            state.shape = w.shape
-            layer.register_buffer("qweight", packed)          # (numel/2, 1) uint8
-            layer.register_buffer("qabsmax", state.absmax)    # (ceil(numel/64),) float32
-            layer.quant_state = state                         # shape, dtype, code (16 levels)
-            # bitsandbytes 0.50's CPU dequantize (and matmul_4bit) is wrong for 2-D shapes
-            # whose rows are not whole blocks, e.g. (128, 32); flat dequantization is right.
-            layer.quant_state_flat = flat_state
+            quantize_nf4(layer, w)
         else:
             if w.is_cuda and w.dtype != torch.float16:
                 # bitsandbytes' CUDA int8 quantizer takes float16 only (0.50: "A must be
@@ -107,25 +114,93 @@ class BnbLinearMethod:
         return F.linear(x, self.dequantize(layer, x.dtype), bias)
 
 
-def attach_quantization(model: nn.Module, method: str, hf_config=None, device=None) -> int:
+def attach_quantization(model: nn.Module, method: str, hf_config=None, device=None,
+                        embeddings: bool = False) -> int:
     """Give every linear layer of `model` a quant_method (before load_weights). Returns how
     many layers will be quantized. With hf_config, a checkpoint already quantized by
     bitsandbytes sets the method (bnb_checkpoint.resolve_method; a conflicting method or an
-    unsupported quantization is a ValueError). device: where quantized weights are put."""
+    unsupported quantization is a ValueError). device: where quantized weights are put.
+    embeddings (EngineConfig.quantize_embeddings): the token embedding and LM head too
+    (Nf4EmbeddingMethod; nf4 only, hidden_size a multiple of 64); counted as well."""
     from llmbatch.runtime.layers.bnb_checkpoint import resolve_method
+    from llmbatch.runtime.layers.embedding import VocabParallelEmbedding
     from llmbatch.runtime.layers.linear import LinearBase
 
     if hf_config is not None:
         method, _ = resolve_method(method, hf_config)
+    if embeddings and method != "nf4":
+        raise ValueError(f"quantize_embeddings supports nf4 only, got quantization={method!r}")
     if method in (None, "none"):
         return 0
     quant = BnbLinearMethod(method, device)
     count = 0
+    owner_of_weight: dict[int, nn.Module] = {}  # id(dense Parameter) -> first module holding it
     for module in model.modules():
         if isinstance(module, LinearBase):
             module.quant_method = quant
             count += 1
+        elif embeddings and isinstance(module, VocabParallelEmbedding):  # + ParallelLMHead
+            # Tied embedding and head share one Parameter: the first module in modules() order
+            # (the loader's order too) quantizes it, the other reuses its buffers.
+            tied_to = owner_of_weight.setdefault(id(module.weight), module)
+            module.quant_method = Nf4EmbeddingMethod(
+                module.embedding_dim, device, tied_to=None if tied_to is module else tied_to)
+            count += 1
     return count
+
+
+class Nf4EmbeddingMethod(BnbLinearMethod):
+    """quant_method of a VocabParallelEmbedding / ParallelLMHead (quantize_embeddings).
+
+    This rank's (num_embeddings_per_rank, hidden) table is quantized like an nf4 linear weight
+    (flat, 64-element blocks, one float32 absmax each). With hidden % 64 == 0 every row is whole
+    blocks: row r is packed bytes [r*hidden/2, (r+1)*hidden/2) and absmax [r*hidden/64,
+    (r+1)*hidden/64), so (a) a lookup dequantizes only the looked-up rows and (b) quantizing a
+    tensor-parallel rank's rows gives the very blocks of the full table (TP is supported).
+    The LM head is `apply` of the nf4 linear method (matmul_4bit on CUDA, F.linear of the
+    dequantized table on CPU). Tied: one quantized copy, the dense Parameter is freed.
+    """
+
+    def __init__(self, hidden_size: int, device=None,
+                 tied_to: Optional[nn.Module] = None) -> None:
+        if hidden_size % NF4_BLOCKSIZE:
+            raise ValueError(f"quantize_embeddings needs hidden_size divisible by "
+                             f"{NF4_BLOCKSIZE}, got {hidden_size}")
+        super().__init__("nf4", device)
+        self.hidden_size = hidden_size
+        self.tied_to = tied_to  # the module whose quantized buffers this one shares
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if self.tied_to is not None:
+            src = self.tied_to
+            if getattr(src, "qweight", None) is None:
+                raise RuntimeError("tied embedding: the owner of the weight was not quantized")
+            # The same tensors (one copy, counted once by model_weight_bytes). They are
+            # already on the target device, so the runner's later model.to() keeps them shared.
+            layer.register_buffer("qweight", src.qweight)
+            layer.register_buffer("qabsmax", src.qabsmax)
+            layer.quant_state, layer.quant_state_flat = src.quant_state, src.quant_state_flat
+        else:
+            w = layer.weight.data  # (num_embeddings_per_rank, hidden), model dtype
+            quantize_nf4(layer, w if self.device is None else w.to(self.device))
+        layer.weight = None  # with both tied modules done, nothing holds the dense table
+
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """ids (n,) int64 row indices of this rank's table -> (n, hidden) in the model dtype.
+        Gathers the rows' packed bytes and absmax and dequantizes only those n rows."""
+        hidden = self.hidden_size
+        flat_state = layer.quant_state_flat
+        ids = ids.reshape(-1)
+        n = ids.numel()
+        if n == 0:
+            return torch.empty(0, hidden, dtype=flat_state.dtype, device=layer.qweight.device)
+        packed = layer.qweight.view(-1, hidden // 2)[ids]                   # (n, hidden/2) uint8
+        absmax = layer.qabsmax.view(-1, hidden // NF4_BLOCKSIZE)[ids]       # (n, hidden/64)
+        state = copy.copy(flat_state)  # code, blocksize, dtype shared; absmax and shape are n's
+        state.absmax = absmax.reshape(-1)
+        state.shape = torch.Size([n * hidden])
+        flat = self.bnb.functional.dequantize_4bit(packed.reshape(-1, 1), state)
+        return flat.view(n, hidden)
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
