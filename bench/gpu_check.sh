@@ -16,9 +16,9 @@
 # PYTEST_TIMEOUT (s, default 150), PYTEST_PATHS (default: all of tests/gpu, core files first),
 # BENCH_ATTENTION=1 (attention micro-benchmark), BENCH_TIMEOUT (s, default 360), BENCH_MODEL_DIR,
 # BENCH_QUANTIZATION (GPU runs only, default bf16,nf4,int8), BENCH_PROFILE=0 (skip the
-# profiled slice), BENCH_FUSED=1 (opt-in: W-RANDOM, W-PREFIX and
-# W-BATCH1 once more with engine.fused_kernels as system llmbatch-fused; off by default because
-# the ~8-minute budget is already spent by bf16 + peers + nf4/int8; on CPU its rows say skipped).
+# profiled slice), BENCH_UNFUSED=1 (opt-in: W-RANDOM, W-PREFIX and
+# W-BATCH1 once more with engine.fused_kernels off as system llmbatch-unfused, the A/B of the
+# default; off by default for time; on CPU its rows say skipped).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -107,7 +107,7 @@ else
   MODE_ARGS=(--shape 1b --quantization "${BENCH_QUANTIZATION:-bf16,nf4,int8}")
   MODEL_DIR="${BENCH_MODEL_DIR:-${TMPDIR:-/tmp}/llmbatch-bench-model-1b}"
 fi
-[ "${BENCH_FUSED:-0}" = 1 ] && MODE_ARGS+=(--fused-kernels)
+[ "${BENCH_UNFUSED:-0}" = 1 ] && MODE_ARGS+=(--unfused)
 # A profiled 64-request W-RANDOM slice after llmbatch's bf16 rows (~10 s on a GPU): the kernel
 # table for the next tuning session (OUT_DIR/profile_llmbatch.txt). BENCH_PROFILE=0 skips it.
 [ "${BENCH_PROFILE:-1}" = 1 ] && MODE_ARGS+=(--profile)
@@ -130,6 +130,15 @@ elif [ -f "$OUT_DIR/results.json" ]; then
   "$PY" -m bench.report "$OUT_DIR/results.json"
 else
   echo "no results: see $OUT_DIR/bench_stderr.log"
+fi
+# The device tool brings back at most 8 files from $OUT (a run with profiles and the attention
+# log made 11, and results.json was the one left behind): there, keep results.json, table.md
+# and the console log loose and pack every other file into details.tar.gz.
+if [ -n "${OUT:-}" ] && [ "$OUT_DIR" = "$OUT" ] && [ "$DRY" != 1 ]; then
+  (cd "$OUT_DIR" && find . -maxdepth 1 -type f ! -name results.json ! -name table.md \
+     ! -name gpu_check.log ! -name details.tar.gz -printf '%P\n' \
+     | tar czf details.tar.gz --remove-files -T -) \
+    && echo "gpu_check: logs and profiles packed into $OUT_DIR/details.tar.gz"
 fi
 if [ "$BENCH_RC" != 0 ] || { [ "$PYTEST_RC" != 0 ] && [ "$PYTEST_RC" != "5 (no tests collected)" ]; }; then
   exit 1

@@ -3,7 +3,7 @@
     python -m bench.run --shape 1b --out bench_out                       # the benchmark (GPU)
     python -m bench.run --shape tiny --device cpu --scale 0.05 --out /tmp/b   # CPU dry run
     python -m bench.run --quantization bf16,nf4,int8 ...   # + quantized W-RANDOM and W-BATCH1
-    python -m bench.run --fused-kernels ...   # + W-RANDOM, W-BATCH1 as llmbatch-fused (CUDA)
+    python -m bench.run --unfused ...   # + W-RANDOM, W-PREFIX, W-BATCH1 as llmbatch-unfused (CUDA)
 
 Order: llmbatch first (its KV pool sizes itself from free memory), then it is freed and the
 peers load the same checkpoint. Every figure is written to OUT/results.json as soon as it
@@ -33,8 +33,8 @@ PEER_NAMES = ("hf-static", "hf-generate", "hf-cb")
 QUANT_METHODS = {"bf16": "none", "nf4": "nf4", "int8": "int8"}
 # Quantized engines run only these (BENCH.md: memory and tok/s beside bf16).
 QUANT_WORKLOADS = ("W-RANDOM", "W-BATCH1")
-# The fused-kernel engine runs these (W-PREFIX too: it is a candidate default, so every
-# throughput workload gets a row beside the unfused one).
+# The A/B engine without fused kernels (EngineConfig.fused_kernels=False) runs these: every
+# throughput workload gets a row beside the default (fused) one.
 FUSED_WORKLOADS = ("W-RANDOM", "W-PREFIX", "W-BATCH1")
 
 
@@ -64,9 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(QUANT_METHODS)}: llmbatch runs "
                         f"every workload unquantized (bf16) and {'/'.join(QUANT_WORKLOADS)} "
                         f"once per quantized method (system llmbatch-nf4, llmbatch-int8)")
-    p.add_argument("--fused-kernels", action="store_true",
+    p.add_argument("--unfused", action="store_true",
                    help=f"also run {'/'.join(FUSED_WORKLOADS)} with EngineConfig.fused_kernels "
-                        f"(Triton RMSNorm, SiLU·mul) as system llmbatch-fused; CUDA only")
+                        f"off (torch RMSNorm, SiLU·mul, rotary) as system llmbatch-unfused; "
+                        f"CUDA only (the CPU path is always unfused)")
     p.add_argument("--profile", action="store_true",
                    help="after llmbatch's bf16 workloads, profile a 64-request W-RANDOM slice "
                         "and batch-1 decode (OUT/profile_llmbatch*.txt; GPU busy fraction "
@@ -160,19 +161,19 @@ def _free_cuda() -> None:
 
 
 def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: str,
-                 device: str, vocab: int, quant: str = "bf16", fused: bool = False) -> None:
-    """One engine (quantization `quant`; `fused`: unquantized with fused_kernels on), warmed
+                 device: str, vocab: int, quant: str = "bf16", unfused: bool = False) -> None:
+    """One engine (quantization `quant`; `unfused`: unquantized with fused_kernels off), warmed
     up, through its workloads, then freed."""
     method = QUANT_METHODS[quant]
     system = "llmbatch" if method == "none" else f"llmbatch-{quant}"
-    if fused:
-        system = "llmbatch-fused"
-    if method != "none" or fused:
-        keep = FUSED_WORKLOADS if fused else QUANT_WORKLOADS
+    if unfused:
+        system = "llmbatch-unfused"
+    if method != "none" or unfused:
+        keep = FUSED_WORKLOADS if unfused else QUANT_WORKLOADS
         workloads = {n: w for n, w in workloads.items() if n in keep}
         if not workloads:
             return
-    if fused and device == "cpu":  # the engine would ignore the flag: no row may claim it
+    if unfused and device == "cpu":  # the CPU path never fuses: the row would repeat llmbatch
         for name in workloads:
             rec.put(name, system, {"skipped": "fused kernels run on CUDA only"})
         return
@@ -187,14 +188,14 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
     overrides = {"gpu_memory_utilization": args.gpu_memory_utilization, "quantization": method}
     if method == "nf4":  # the nf4 row measures BENCH.md's <= 0.30x: embedding + LM head in nf4 too
         overrides["quantize_embeddings"] = True
-    if fused:
-        overrides["fused_kernels"] = True
+    if unfused:
+        overrides["fused_kernels"] = False
     if device == "cpu":
         overrides["cpu_kv_cache_bytes"] = 64 << 20     # a small pool: the dry run is tiny
     try:
         engine, load_s = llmbatch_runner.build_engine(model_dir, dtype, device, **overrides)
     except Exception as exc:  # e.g. bitsandbytes missing: the quantized rows say so
-        if method == "none" and not fused:
+        if method == "none" and not unfused:
             raise
         traceback.print_exc()
         for name in workloads:
@@ -203,9 +204,8 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
     warm_s = llmbatch_runner.warm_up(engine, vocab)
     setup_key = "llmbatch_setup" if system == "llmbatch" else f"{system}_setup"
     rec.results[setup_key] = {"load_s": load_s, "warmup_s": warm_s, "stats": engine.stats()}
-    if fused:
-        rec.results[setup_key]["fused_kernels_active"] = getattr(
-            getattr(engine, "runner", None), "fused_kernels_active", None)
+    rec.results[setup_key]["fused_kernels_active"] = getattr(
+        getattr(engine, "runner", None), "fused_kernels_active", None)
     log(f"{system} loaded in {load_s:.1f} s, warmed up in {warm_s:.1f} s, weights "
         f"{llmbatch_runner.weight_bytes(engine) or 0:,} bytes")
     # A clean prefix cache per workload when the engine offers it; otherwise the canonical order
@@ -219,7 +219,7 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
             _attempt(rec, name, system, lambda: llmbatch_runner.run_spec(engine, w, vocab))
         else:
             _attempt(rec, name, system, lambda: llmbatch_runner.run_workload(engine, w))
-    if args.profile and system in ("llmbatch", "llmbatch-fused") and "W-RANDOM" in workloads:
+    if args.profile and system in ("llmbatch", "llmbatch-unfused") and "W-RANDOM" in workloads:
         # W-RANDOM's mix of prefill and wide decode, then batch-1 decode (CUDA-graph replays).
         slices = [(f"{system}_profile", "W-RANDOM", 64, 48, f"profile_{system}.txt")]
         if "W-BATCH1" in workloads:
@@ -318,9 +318,9 @@ def main(argv=None) -> int:
     if not args.skip_peers:
         run_peers(rec, workloads, model_dir, dtype, device, args.peer_names)
     if not args.skip_llmbatch:
-        if args.fused_kernels:  # before the quantized engines: a candidate default
+        if args.unfused:  # before the quantized engines: the A/B of the default
             run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size,
-                         "bf16", fused=True)
+                         "bf16", unfused=True)
         for quant in [q for q in args.quant_names if q != "bf16"]:
             run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size, quant)
 

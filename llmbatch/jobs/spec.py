@@ -104,7 +104,7 @@ class EngineSection(_Section):
     ordering: Literal["prefix", "input"] = "prefix"
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     cuda_graphs: bool = True
-    fused_kernels: bool = False
+    fused_kernels: bool = True   # measured on an H200: 1.5x W-RANDOM (bench/RESULTS.md)
     max_model_len: Optional[int] = None
     planner_window: int = 4096
     cpu_kv_cache_bytes: Optional[int] = None

@@ -31,7 +31,7 @@ class EngineConfig:
     planner_window: int = 4096                  # requests the planner reorders at a time
     attention_backend: str = "auto"             # auto: triton on CUDA, torch otherwise
     cuda_graphs: bool = True
-    fused_kernels: bool = False                 # Triton RMSNorm, SiLU·mul; CUDA only
+    fused_kernels: bool = True                  # Triton RMSNorm, SiLU·mul, rotary; CUDA only
     tensor_parallel_size: int = 1
     quantization: str = "none"
     # Also quantize the token embedding and LM head with the engine's quantization (nf4 only):

@@ -224,23 +224,23 @@ def test_job_spec_maps_fused_kernels():
 
     base = {"model": {"path": "m"}, "input": {"path": "in.parquet"},
             "output": {"path": "out"}}
-    assert load_job(base).engine_config().fused_kernels is False
-    on = load_job({**base, "engine": {"fused_kernels": True}})
-    assert on.engine_config().fused_kernels is True
+    assert load_job(base).engine_config().fused_kernels is True   # the default since the H200 run
+    off = load_job({**base, "engine": {"fused_kernels": False}})
+    assert off.engine_config().fused_kernels is False
     # A performance knob: the output-identity hash does not change.
-    assert on.config_hash(1) == load_job(base).config_hash(1)
+    assert off.config_hash(1) == load_job(base).config_hash(1)
 
 
-def test_bench_fused_flag_and_cpu_rows_say_skipped(tmp_path):
+def test_bench_unfused_flag_and_cpu_rows_say_skipped(tmp_path):
     from bench import run as bench_run
 
-    assert bench_run.parse_args([]).fused_kernels is False
-    args = bench_run.parse_args(["--fused-kernels"])
-    assert args.fused_kernels is True
+    assert bench_run.parse_args([]).unfused is False
+    args = bench_run.parse_args(["--unfused"])
+    assert args.unfused is True
     rec = bench_run.Recorder(str(tmp_path), {"runs": {}})
     workloads = {"W-RANDOM": object(), "W-PREFIX": object(), "W-BATCH1": object()}
-    bench_run.run_llmbatch(args, rec, workloads, "unused", "float32", "cpu", 100, fused=True)
-    skipped = {"llmbatch-fused": {"skipped": "fused kernels run on CUDA only"}}
+    bench_run.run_llmbatch(args, rec, workloads, "unused", "float32", "cpu", 100, unfused=True)
+    skipped = {"llmbatch-unfused": {"skipped": "fused kernels run on CUDA only"}}
     assert rec.results["runs"] == {"W-RANDOM": skipped, "W-PREFIX": skipped, "W-BATCH1": skipped}
 
 

@@ -1,9 +1,10 @@
 """Fused element-wise Triton kernels: RMSNorm (with the residual add), SiLU·mul, and rotary.
 
 Each replaces several torch kernels (add, pow, mean, rsqrt, mul, cast, mul) with one pass over
-the row, so a decode step reads and writes each activation once. Whether that pays is measured
-on a GPU (bench/gpu_check.sh with BENCH_FUSED=1); the switch is EngineConfig.fused_kernels,
-default off, and ModelRunner turns it on only on CUDA.
+the row, so a decode step reads and writes each activation once. On an H200 (bench/RESULTS.md)
+they made W-RANDOM 1.50x, W-PREFIX 1.23x and batch-1 decode 1.54x faster, so the switch,
+EngineConfig.fused_kernels, is on by default; ModelRunner applies it on CUDA only (the CPU
+path stays torch). `BENCH_UNFUSED=1 bench/gpu_check.sh` measures the A/B again.
 
 Numerics copy layers/norm.py and layers/activation.py rounding step by rounding step, so the
 only difference from the torch modules is the order of the float32 sum of squares:
@@ -13,8 +14,8 @@ only difference from the torch modules is the order of the float32 sum of square
     SiluAndMul: g = round_dtype(silu(float(gate))); out = round_dtype(float(g) * float(up))
     rotary:   out = [round(round(x1*cos) - round(x2*sin)) | round(round(x2*cos) + round(x1*sin))]
 (A product of two fp16/bf16 values is exact in float32, so float32 multiply then one rounding
-equals torch's half-precision multiply.) fused_rotary is not wired into the model yet (llama.py
-calls RotaryEmbedding.rotate directly); RMSNorm and SiluAndMul are.
+equals torch's half-precision multiply; the rotary kernel is compiled without FMA contraction
+so that holds on the GPU too.) llama.py calls fused_rotary, norm.py and activation.py the rest.
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests; set before triton is
 first imported).
