@@ -110,3 +110,44 @@ def test_decode_replays_in_cuda_graph():
     torch.cuda.synchronize()
     _, want = run_both(nxt, backend)
     assert_close(out, want, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_verify_rows_do_not_depend_on_where_the_window_starts(dtype):
+    """A query at position p gives the same output bit for bit whether it sits first, in the
+    middle or last of a k+1-token verify window: multi-token spans are never split, key tiles
+    sit at fixed absolute positions, and tiles past a row are exact no-ops. Speculation's
+    numerics then depend only on positions, not on what was accepted before (W-SPEC's
+    calibration relies on it). Not checkable on CPU: numpy's matmul rounds a row differently
+    depending on its place in the tile."""
+    from llmbatch.runtime.attention.backend import AttentionMetadata
+
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads, hd, bs, n = 32, 8, 64, 16, 1024
+    k_cache = torch.randn(n // bs, bs, kv_heads, hd, generator=g).to(dtype).cuda()
+    v_cache = torch.randn(n // bs, bs, kv_heads, hd, generator=g).to(dtype).cuda()
+    queries = torch.randn(n, heads, hd, generator=g).to(dtype).cuda()  # one per position
+    table = torch.arange(n // bs, dtype=torch.int32, device="cuda")[None, :]
+    backend = TritonAttentionBackend()
+
+    def window(start, length):
+        seq_len = start + length
+        meta = AttentionMetadata(
+            torch.arange(start, seq_len, device="cuda"),
+            torch.tensor([0, length], dtype=torch.int32, device="cuda"),
+            torch.tensor([seq_len], dtype=torch.int32, device="cuda"), table, length, seq_len,
+            [0, length], [seq_len])
+        return backend.forward(queries[start:seq_len].contiguous(), k_cache, v_cache, meta,
+                               hd ** -0.5)
+
+    rows: dict[int, list] = {}
+    for start in (900, 902, 904, 906):       # windows of 5 overlapping positions 904..
+        out = window(start, 5)
+        for j in range(5):
+            rows.setdefault(start + j, []).append(out[j])
+    compared = 0
+    for pos, outs in rows.items():
+        for other in outs[1:]:
+            assert torch.equal(outs[0], other), pos
+            compared += 1
+    assert compared >= 6

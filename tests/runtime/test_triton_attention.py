@@ -250,7 +250,7 @@ def test_split_heuristic_on_a_132_sm_card(monkeypatch):
     assert splits(1, 1, 100) == 1            # a single key tile: nothing to split
     assert splits(16, 1, 4096) == 2          # 128 programs: cdiv(264, 128) = 3 -> 2
     assert splits(17, 1, 4096) == 1          # 136 programs fill 132 SMs
-    assert splits(1, 5, 4096) == 16          # k+1 speculative tokens count as decode
+    assert splits(1, 5, 4096) == 1           # k+1 speculative tokens: never (window-independent)
     assert splits(1, 9, 4096) == 1           # a prefill chunk never splits
 
 
@@ -306,3 +306,4 @@ def test_engine_greedy_equal_with_triton_backend(tmp_path):
         outputs[backend] = [results[i] for i in range(len(prompts))]
     assert all(len(o) == 6 for o in outputs["torch"])
     assert outputs["triton"] == outputs["torch"]
+
