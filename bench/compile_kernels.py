@@ -64,6 +64,13 @@ def _variants():
                                 f"bm{block_m} bs{block_size} splits{splits}",
                                 pa._paged_attention_kernel, sig, consts,
                                 {"num_warps": warps, "num_stages": 2}))
+                    if head_dim == 64 and block_q * group == block_m or (group, block_q) == (4, 4):
+                        # 128-key tiles: the default for wide decode batches at head_dim 64.
+                        consts128 = dict(consts, TILE_N=128)
+                        out.append((f"paged_attention {dt} hd{head_dim} g{group} bq{block_q} "
+                                    f"bm{block_m} bs{block_size} splits{splits} tile128",
+                                    pa._paged_attention_kernel, sig, consts128,
+                                    {"num_warps": warps, "num_stages": 2}))
         for splits in (2, 16):
             sig = {"out_ptr": f"*{dt}", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
                    "num_heads": "i32", "stride_o_tok": "i32", "stride_o_head": "i32",

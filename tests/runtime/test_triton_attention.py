@@ -135,6 +135,8 @@ CASES = [
     # split-KV forced: decodes over long-ish contexts, some splits with no keys at all.
     ("split_decode", [(300, 1), (17, 1), (0, 1), (129, 1)], 8, 2, 64, 16,
      {"num_kv_splits": 4, "tile_n": 16}),
+    # 128-key tiles (the default for wide decode batches): pages of 16 inside one tile.
+    ("decode_tile128", [(300, 1), (17, 1), (129, 1), (0, 1)], 8, 2, 64, 16, {"tile_n": 128}),
     # split-KV on a mixed batch too (the kernel supports it for any span length).
     ("split_mixed", [(40, 30), (90, 1), (0, 9)], 8, 8, 32, 32, {"num_kv_splits": 3, "tile_n": 16}),
 ]
@@ -307,3 +309,13 @@ def test_engine_greedy_equal_with_triton_backend(tmp_path):
     assert all(len(o) == 6 for o in outputs["torch"])
     assert outputs["triton"] == outputs["torch"]
 
+
+
+def test_default_key_tile():
+    from llmbatch.runtime.attention.triton_backend import _default_tile_n
+
+    assert _default_tile_n(64, 1, 64) == 128      # wide decode batch: longer K/V runs
+    assert _default_tile_n(64, 1, 63) == 64
+    assert _default_tile_n(64, 5, 256) == 64      # verify spans and prefill keep 64
+    assert _default_tile_n(128, 1, 256) == 64     # not measured at head_dim 128
+    assert _default_tile_n(256, 1, 1) == 32
