@@ -105,10 +105,13 @@ def _variants():
                "q_tok_stride": "i32", "q_head_stride": "i32", "k_tok_stride": "i32",
                "k_head_stride": "i32", "cs_tok_stride": "i32", "q_out_tok_stride": "i32",
                "q_out_head_stride": "i32", "k_out_tok_stride": "i32",
-               "k_out_head_stride": "i32", "num_q_heads": "i32", "half": "i32",
+               "k_out_head_stride": "i32", "num_q_heads": "i32", "num_k_heads": "i32",
+               "half": "i32", "Q_HEADS": "constexpr", "K_HEADS": "constexpr",
                "BLOCK": "constexpr"}
-        out.append((f"rotary {dt}", fk._rotary_kernel, sig, {"BLOCK": 32},
-                    {"num_warps": 1, "enable_fp_fusion": False}))
+        for q_heads, k_heads, block, warps in ((32, 8, 32, 4), (4, 1, 64, 1)):
+            out.append((f"rotary {dt} q{q_heads} k{k_heads} half{block}", fk._rotary_kernel,
+                        sig, {"Q_HEADS": q_heads, "K_HEADS": k_heads, "BLOCK": block},
+                        {"num_warps": warps, "enable_fp_fusion": False}))
     return out
 
 

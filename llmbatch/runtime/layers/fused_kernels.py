@@ -172,35 +172,46 @@ def fused_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
-                   q_tok_stride, q_head_stride, k_tok_stride, k_head_stride, cs_tok_stride,
-                   q_out_tok_stride, q_out_head_stride, k_out_tok_stride, k_out_head_stride,
-                   num_q_heads, half, BLOCK: tl.constexpr):
-    # Program (token, head) over q's heads then k's: one launch rotates both. Rotate-half of
-    # one head vector x = [x1 | x2], each `half` long.
-    tok = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    is_q = head < num_q_heads
-    if is_q:
-        base = q_ptr + tok * q_tok_stride + head.to(tl.int64) * q_head_stride
-        obase = q_out_ptr + tok * q_out_tok_stride + head.to(tl.int64) * q_out_head_stride
-    else:
-        kh = (head - num_q_heads).to(tl.int64)
-        base = k_ptr + tok * k_tok_stride + kh * k_head_stride
-        obase = k_out_ptr + tok * k_out_tok_stride + kh * k_out_head_stride
+def _rotate_heads(base, head_stride, obase, out_head_stride, num_heads, half, cos, sin,
+                  HEADS: tl.constexpr, BLOCK: tl.constexpr):
+    """Rotate-half of every head of one token: x = [x1 | x2] per head, each `half` long.
+    cos, sin: (1, BLOCK) float32, shared by all heads."""
+    heads = tl.arange(0, HEADS).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    mask = cols < half
-    x1 = tl.load(base + cols, mask=mask, other=0.0)
-    x2 = tl.load(base + half + cols, mask=mask, other=0.0).to(tl.float32)
+    mask = (heads < num_heads)[:, None] & (cols < half)[None, :]
+    ptrs = base + heads[:, None] * head_stride + cols[None, :]          # (HEADS, BLOCK)
+    x1 = tl.load(ptrs, mask=mask, other=0.0)
+    x2 = tl.load(ptrs + half, mask=mask, other=0.0).to(tl.float32)
     dt = x1.dtype
     x1 = x1.to(tl.float32)
-    cos = tl.load(cos_ptr + tok * cs_tok_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + tok * cs_tok_stride + cols, mask=mask, other=0.0).to(tl.float32)
     # Every torch op of RotaryEmbedding.rotate rounds to the dtype: products, then the sum.
     lo = (x1 * cos).to(dt).to(tl.float32) - (x2 * sin).to(dt).to(tl.float32)
     hi = (x2 * cos).to(dt).to(tl.float32) + (x1 * sin).to(dt).to(tl.float32)
-    tl.store(obase + cols, lo.to(dt), mask=mask)
-    tl.store(obase + half + cols, hi.to(dt), mask=mask)
+    optrs = obase + heads[:, None] * out_head_stride + cols[None, :]
+    tl.store(optrs, lo.to(dt), mask=mask)
+    tl.store(optrs + half, hi.to(dt), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
+                   q_tok_stride, q_head_stride, k_tok_stride, k_head_stride, cs_tok_stride,
+                   q_out_tok_stride, q_out_head_stride, k_out_tok_stride, k_out_head_stride,
+                   num_q_heads, num_k_heads, half,
+                   Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per token: all its q heads and k heads, cos/sin loaded once. (A program per
+    # (token, head) made 40 x 32-element programs per token on the 1B shape: the slowest fused
+    # kernel in an H200 profile of W-RANDOM's prefill.)
+    tok = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    cmask = cols < half
+    cos = tl.load(cos_ptr + tok * cs_tok_stride + cols, mask=cmask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + tok * cs_tok_stride + cols, mask=cmask, other=0.0).to(tl.float32)
+    _rotate_heads(q_ptr + tok * q_tok_stride, q_head_stride,
+                  q_out_ptr + tok * q_out_tok_stride, q_out_head_stride, num_q_heads, half,
+                  cos[None, :], sin[None, :], Q_HEADS, BLOCK)
+    _rotate_heads(k_ptr + tok * k_tok_stride, k_head_stride,
+                  k_out_ptr + tok * k_out_tok_stride, k_out_head_stride, num_k_heads, half,
+                  cos[None, :], sin[None, :], K_HEADS, BLOCK)
 
 
 def _check_rotary_input(name: str, x: torch.Tensor, cos: torch.Tensor) -> None:
@@ -218,7 +229,7 @@ def fused_rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin:
     """query (num_tokens, num_heads, head_dim), key (num_tokens, num_kv_heads, head_dim), rows
     may be strided (views of a fused qkv); cos, sin (num_tokens, 1, head_dim/2) contiguous, in
     the activations' dtype (RotaryEmbedding.cos_sin). Returns new contiguous rotated q, k equal
-    to RotaryEmbedding.rotate of each, from one launch over q's heads and k's."""
+    to RotaryEmbedding.rotate of each, from one launch: a program per token over all its heads."""
     for name, t in (("query", query), ("key", key), ("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -234,14 +245,18 @@ def fused_rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin:
     q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
     num_tokens, num_q_heads, head_dim = query.shape
-    num_heads = num_q_heads + key.shape[1]
-    if num_tokens and num_heads:
+    num_k_heads = key.shape[1]
+    if num_tokens and num_q_heads + num_k_heads:
         half = head_dim // 2
-        _rotary_kernel[(num_tokens, num_heads)](
+        block = triton.next_power_of_2(half)
+        q_heads = triton.next_power_of_2(max(1, num_q_heads))
+        k_heads = triton.next_power_of_2(max(1, num_k_heads))
+        _rotary_kernel[(num_tokens,)](
             query, key, cos, sin, q_out, k_out,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), cos.stride(0),
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-            num_q_heads, half, BLOCK=triton.next_power_of_2(half), num_warps=1,
+            num_q_heads, num_k_heads, half, Q_HEADS=q_heads, K_HEADS=k_heads, BLOCK=block,
+            num_warps=4 if q_heads * block >= 1024 else 1,
             # No FMA contraction: LLVM otherwise narrows x1*cos to a bf16 multiply and fuses
             # it into the subtraction (fma.rn.bf16, one rounding instead of torch's two),
             # which an H200 run showed as 1-ulp differences from RotaryEmbedding.rotate.
