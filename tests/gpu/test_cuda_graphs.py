@@ -36,7 +36,9 @@ from llmbatch.runtime.request import Request  # noqa: E402
 from llmbatch.runtime.sampling_params import SamplingParams  # noqa: E402
 from llmbatch.runtime.scheduler import ScheduledRequest, SchedulerOutput  # noqa: E402
 from tests.runtime.test_engine_greedy import hf_greedy  # noqa: E402
-from tests.runtime.tiny_models import make_model, make_prompts, make_tokenizer  # noqa: E402
+from tests.runtime.tiny_models import (  # noqa: E402
+    make_model, make_prompts, make_tokenizer, match_fraction,
+)
 
 MAX_NEW = 12
 MAX_NUM_SEQS = 32  # captured sizes 1, 2, 4, 8, 16, 24, 32
@@ -69,17 +71,6 @@ def run_engine(path, tokenizer, prompts, dtype, cuda_graphs):
     results = {r.request_id: r for r in engine.generate(reqs)}
     assert sorted(results) == list(range(len(prompts)))
     return [results[i].output_token_ids for i in range(len(prompts))], engine.runner
-
-
-def match_fraction(got, want):
-    """Tokens in common prefixes / tokens expected."""
-    same = 0
-    for g, w in zip(got, want):
-        for a, b in zip(g, w):
-            if a != b:
-                break
-            same += 1
-    return same / max(1, sum(len(w) for w in want))
 
 
 def check_replays(runner, num_prompts):

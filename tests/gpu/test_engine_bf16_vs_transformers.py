@@ -28,7 +28,9 @@ from llmbatch.runtime.config import EngineConfig  # noqa: E402
 from llmbatch.runtime.engine import Engine  # noqa: E402
 from llmbatch.runtime.request import Request  # noqa: E402
 from llmbatch.runtime.sampling_params import SamplingParams  # noqa: E402
-from tests.runtime.tiny_models import make_model, make_prompts, make_tokenizer  # noqa: E402
+from tests.runtime.tiny_models import (  # noqa: E402
+    make_model, make_prompts, make_tokenizer, match_fraction,
+)
 
 MAX_NEW = 16
 LOGIT_TOL = 0.3
@@ -85,16 +87,6 @@ def teacher_forced_gaps(hf, prompts, outputs):
             ours = rows.gather(1, torch.tensor(out, device="cuda")[:, None])[:, 0]
             gaps.append((rows.max(dim=1).values - ours).tolist())
     return gaps
-
-
-def match_fraction(got, want):
-    same = 0
-    for g, w in zip(got, want):
-        for a, b in zip(g, w):
-            if a != b:
-                break
-            same += 1
-    return same / max(1, sum(len(w) for w in want))
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))

@@ -88,3 +88,15 @@ def new_engine(llama_setup, **engine_kwargs):
 def generate(engine, reqs) -> dict:
     """Run requests to completion; results by request id."""
     return {r.request_id: r for r in engine.generate(reqs)}
+
+
+def match_fraction(got: list[list[int]], want: list[list[int]]) -> float:
+    """Tokens in common prefixes / tokens expected: a near-tie that flips one token costs the
+    rest of that sequence, a real bug costs nearly every sequence after its first step."""
+    same = 0
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            if a != b:
+                break
+            same += 1
+    return same / max(1, sum(len(w) for w in want))
