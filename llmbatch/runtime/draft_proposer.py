@@ -17,16 +17,20 @@ step the longest run that still matches the request's real tokens stays valid, e
 it is recomputed (catch-up prefill). Preemption resets it (the blocks were released).
 Proposals are the draft's greedy tokens, a deterministic proposal, so acceptance by
 spec_decode.num_accepted keeps the output identical to speculation off.
+
+Memory: the target's runner sizes its pool first, leaving room for this draft on the same
+budget (draft_memory_need: the draft's weight bytes, plus its KV bytes for each block).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
 from llmbatch.runtime.config import EngineConfig
-from llmbatch.runtime.model_runner import ModelRunner, StepInputs
+from llmbatch.runtime.model_runner import ModelRunner, StepInputs, kv_block_bytes
 from llmbatch.runtime.request import Request
 
 PLACEHOLDER = 0
@@ -39,15 +43,42 @@ class _DraftState:
     fed: list[int]            # drafts fed at positions num_valid, num_valid + 1, ... (unverified)
 
 
+def draft_runner_config(config: EngineConfig, num_kv_blocks: Optional[int] = None,
+                        max_model_len: Optional[int] = None) -> EngineConfig:
+    """The draft's own runner config: dense, single-rank, eager, its pool size given."""
+    return dataclasses.replace(
+        config, model=config.draft_model, tokenizer=None, kv_cache_blocks=num_kv_blocks,
+        max_model_len=max_model_len, speculative_method="none", draft_model=None,
+        cuda_graphs=False, tensor_parallel_size=1, quantization="none",
+        quantize_embeddings=False)
+
+
+def draft_memory_need(config: EngineConfig, dtype: torch.dtype) -> tuple[int, int]:
+    """(weight bytes, KV bytes per block) the draft model of `config` will take on the target's
+    device, known before the target sizes its pool (model_runner._decide_num_kv_blocks).
+
+    The draft model is built on the meta device (no memory, no weight I/O) exactly as its
+    runner will build it: its parameters are the bytes it will load (tied ones once), and its
+    layer/KV-head/head_dim attributes give the block size through the target's own formula.
+    A draft checkpoint quantized by bitsandbytes loads smaller than this dense estimate."""
+    from transformers import AutoConfig
+
+    from llmbatch.runtime.layers.quantization import model_weight_bytes
+    from llmbatch.runtime.loader import resolve_model_path
+    from llmbatch.runtime.models.registry import build_model
+
+    dcfg = draft_runner_config(config)
+    hf_config = AutoConfig.from_pretrained(resolve_model_path(dcfg.model),
+                                           trust_remote_code=dcfg.trust_remote_code)
+    model = build_model(hf_config, dtype, "meta")
+    return model_weight_bytes(model), kv_block_bytes(model, dcfg.block_size, dtype)
+
+
 class DraftModelProposer:
     def __init__(self, config: EngineConfig, num_kv_blocks: int, max_model_len: int,
                  vocab_size: int) -> None:
-        draft_config = dataclasses.replace(
-            config, model=config.draft_model, tokenizer=None, kv_cache_blocks=num_kv_blocks,
-            max_model_len=max_model_len, speculative_method="none", draft_model=None,
-            cuda_graphs=False, tensor_parallel_size=1, quantization="none",
-            quantize_embeddings=False)
-        self.runner = ModelRunner(draft_config)
+        # The draft never sizes its own pool: the target reserved room for it (same count).
+        self.runner = ModelRunner(draft_runner_config(config, num_kv_blocks, max_model_len))
         if self.runner.max_model_len < max_model_len:
             raise ValueError(f"draft model context {self.runner.max_model_len} is shorter than "
                              f"the target's {max_model_len}; set engine.max_model_len lower")

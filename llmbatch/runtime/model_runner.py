@@ -58,6 +58,13 @@ class StepInputs:
         return row_end
 
 
+def kv_block_bytes(model, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block of `model` (a native model, possibly on the meta device): K and V,
+    every layer, block_size tokens, this rank's KV heads. Target and draft pools both use it."""
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * model.num_layers * block_size * model.num_kv_heads_per_rank * model.head_dim * elem
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config=None, tp_rank: int = 0,
                  tp_size: int = 1, tp_group=None) -> None:
@@ -175,10 +182,7 @@ class ModelRunner:
     # -- KV pool ----------------------------------------------------------------------
     @property
     def kv_bytes_per_block(self) -> int:
-        m = self.model
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        # K and V, every layer, block_size tokens, this rank's KV heads.
-        return 2 * m.num_layers * self.block_size * m.num_kv_heads_per_rank * m.head_dim * elem
+        return kv_block_bytes(self.model, self.block_size, self.dtype)
 
     def _decide_num_kv_blocks(self) -> int:
         cfg = self.config
@@ -188,17 +192,32 @@ class ModelRunner:
         blocks_per_seq = -(-self.max_model_len // self.block_size)
         useful = cfg.max_num_seqs * blocks_per_seq + 1
         if self.device.type == "cuda":
-            budget = self._cuda_kv_budget_bytes()
+            budget, knob = self._cuda_kv_budget_bytes(), "gpu_memory_utilization"
         else:
-            budget = cfg.cpu_kv_cache_bytes
-        num_blocks = min(useful, budget // self.kv_bytes_per_block)
+            budget, knob = cfg.cpu_kv_cache_bytes, "cpu_kv_cache_bytes"
+        # A draft model (draft_proposer.py) is built after this pool, on the same device, with
+        # as many blocks: its weights and its KV per block come out of the same budget.
+        draft_weights, draft_per_block = 0, 0
+        if cfg.speculative_method == "draft":
+            from llmbatch.runtime.draft_proposer import draft_memory_need
+
+            draft_weights, draft_per_block = draft_memory_need(cfg, self.dtype)
+        per_block = self.kv_bytes_per_block + draft_per_block
+        num_blocks = min(useful, max(budget - draft_weights, 0) // per_block)
+        if draft_per_block:
+            logger.info("KV budget %.3f GiB: draft weights %.3f GiB, %d blocks x (%d target + "
+                        "%d draft bytes)", budget / 2**30, draft_weights / 2**30, num_blocks,
+                        self.kv_bytes_per_block, draft_per_block)
         # Like vLLM: the pool must hold one sequence of max_model_len tokens, so every request
         # the engine admits can finish even if it runs alone.
         if num_blocks < blocks_per_seq:
+            draft = (f" (after the draft model's {draft_weights} weight bytes, with its KV pool "
+                     f"of {draft_per_block} bytes per block beside the target's "
+                     f"{self.kv_bytes_per_block})" if draft_per_block else "")
             raise ValueError(
                 f"KV cache too small: {num_blocks} blocks of {self.block_size} tokens fit the "
-                f"memory budget, one {self.max_model_len}-token sequence needs {blocks_per_seq}; "
-                f"raise gpu_memory_utilization or lower max_model_len")
+                f"memory budget{draft}, one {self.max_model_len}-token sequence needs "
+                f"{blocks_per_seq}; raise {knob} or lower max_model_len")
         return int(num_blocks)
 
     def _cuda_kv_budget_bytes(self) -> int:
