@@ -30,7 +30,8 @@ from typing import Optional
 import torch
 
 from llmbatch.runtime.config import EngineConfig
-from llmbatch.runtime.model_runner import ModelRunner, StepInputs, kv_block_bytes
+from llmbatch.runtime.kv_pool import kv_block_bytes
+from llmbatch.runtime.model_runner import ModelRunner, StepInputs
 from llmbatch.runtime.request import Request
 
 PLACEHOLDER = 0
@@ -55,7 +56,7 @@ def draft_runner_config(config: EngineConfig, num_kv_blocks: Optional[int] = Non
 
 def draft_memory_need(config: EngineConfig, dtype: torch.dtype) -> tuple[int, int]:
     """(weight bytes, KV bytes per block) the draft model of `config` will take on the target's
-    device, known before the target sizes its pool (model_runner._decide_num_kv_blocks).
+    device, known before the target sizes its pool (kv_pool.decide_num_kv_blocks).
 
     The draft model is built on the meta device (no memory, no weight I/O) exactly as its
     runner will build it: its parameters are the bytes it will load (tied ones once), and its

@@ -17,6 +17,7 @@ import torch
 from llmbatch.runtime.attention import AttentionMetadata, get_attention_backend
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.device import resolve_device, resolve_dtype
+from llmbatch.runtime.kv_pool import allocate_kv_caches, decide_num_kv_blocks, kv_block_bytes
 from llmbatch.runtime.sampler import Sampler
 from llmbatch.runtime.scheduler import SchedulerOutput
 from llmbatch.runtime.spec_decode import num_accepted
@@ -56,13 +57,6 @@ class StepInputs:
         row_end = self.query_start_loc[-1] + len(tokens)
         self.query_start_loc.append(row_end)
         return row_end
-
-
-def kv_block_bytes(model, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one KV block of `model` (a native model, possibly on the meta device): K and V,
-    every layer, block_size tokens, this rank's KV heads. Target and draft pools both use it."""
-    elem = torch.tensor([], dtype=dtype).element_size()
-    return 2 * model.num_layers * block_size * model.num_kv_heads_per_rank * model.head_dim * elem
 
 
 class ModelRunner:
@@ -179,91 +173,17 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
             return None
 
-    # -- KV pool ----------------------------------------------------------------------
+    # -- KV pool (runtime/kv_pool.py) ---------------------------------------------------
     @property
     def kv_bytes_per_block(self) -> int:
         return kv_block_bytes(self.model, self.block_size, self.dtype)
 
     def _decide_num_kv_blocks(self) -> int:
-        cfg = self.config
-        if cfg.kv_cache_blocks is not None:
-            return cfg.kv_cache_blocks
-        # Never more than every running sequence at full length could use.
-        blocks_per_seq = -(-self.max_model_len // self.block_size)
-        useful = cfg.max_num_seqs * blocks_per_seq + 1
-        if self.device.type == "cuda":
-            budget, knob = self._cuda_kv_budget_bytes(), "gpu_memory_utilization"
-        else:
-            budget, knob = cfg.cpu_kv_cache_bytes, "cpu_kv_cache_bytes"
-        # A draft model (draft_proposer.py) is built after this pool, on the same device, with
-        # as many blocks: its weights and its KV per block come out of the same budget.
-        draft_weights, draft_per_block = 0, 0
-        if cfg.speculative_method == "draft":
-            from llmbatch.runtime.draft_proposer import draft_memory_need
-
-            draft_weights, draft_per_block = draft_memory_need(cfg, self.dtype)
-        per_block = self.kv_bytes_per_block + draft_per_block
-        num_blocks = min(useful, max(budget - draft_weights, 0) // per_block)
-        if draft_per_block:
-            logger.info("KV budget %.3f GiB: draft weights %.3f GiB, %d blocks x (%d target + "
-                        "%d draft bytes)", budget / 2**30, draft_weights / 2**30, num_blocks,
-                        self.kv_bytes_per_block, draft_per_block)
-        # Like vLLM: the pool must hold one sequence of max_model_len tokens, so every request
-        # the engine admits can finish even if it runs alone.
-        if num_blocks < blocks_per_seq:
-            draft = (f" (after the draft model's {draft_weights} weight bytes, with its KV pool "
-                     f"of {draft_per_block} bytes per block beside the target's "
-                     f"{self.kv_bytes_per_block})" if draft_per_block else "")
-            raise ValueError(
-                f"KV cache too small: {num_blocks} blocks of {self.block_size} tokens fit the "
-                f"memory budget{draft}, one {self.max_model_len}-token sequence needs "
-                f"{blocks_per_seq}; raise {knob} or lower max_model_len")
-        return int(num_blocks)
-
-    def _cuda_kv_budget_bytes(self) -> int:
-        """Free memory after a warm-up forward at the full token budget, within utilization."""
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._warmup_forward()
-        torch.cuda.synchronize(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        current = torch.cuda.memory_allocated(self.device)
-        # Everything not ours (other processes, the CUDA context) counts against the budget.
-        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        budget = total * self.config.gpu_memory_utilization - used_by_others - peak
-        logger.info("KV budget %.2f GiB (weights+activations peak %.2f GiB, current %.2f GiB)",
-                    budget / 2**30, peak / 2**30, current / 2**30)
-        return max(int(budget), 0)
-
-    @torch.inference_mode()
-    def _warmup_forward(self) -> None:
-        """One prefill at the full token budget with a scratch cache, to measure the peak."""
-        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
-        scratch_blocks = -(-num_tokens // self.block_size)
-        caches = self._allocate_kv_caches(scratch_blocks)
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        pos = torch.arange(num_tokens, device=self.device)
-        meta = AttentionMetadata(
-            slot_mapping=pos.clone(),
-            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
-            block_tables=torch.arange(scratch_blocks, dtype=torch.int32,
-                                      device=self.device).unsqueeze(0),
-            max_query_len=num_tokens, max_seq_len=num_tokens,
-            query_start_loc_cpu=[0, num_tokens], seq_lens_cpu=[num_tokens])
-        hidden = self.model(ids, pos, caches, meta, self.attn_backend)
-        self.model.compute_logits(hidden[-1:])
-        del caches
+        return decide_num_kv_blocks(self)
 
     def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        m = self.model
-        shape = (num_blocks, self.block_size, m.num_kv_heads_per_rank, m.head_dim)
-        return [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(m.num_layers)
-        ]
+        return allocate_kv_caches(self.model, num_blocks, self.block_size, self.dtype,
+                                  self.device)
 
     # -- one step ---------------------------------------------------------------------
     def prepare_inputs(self, out: SchedulerOutput) -> StepInputs:
