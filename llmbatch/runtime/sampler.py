@@ -196,6 +196,9 @@ class Sampler:
         # Pack everything for the host into one float64 tensor: token ids (< 2**53, exact),
         # then per logprob row its sampled logprob, then top-n ids and top-n logprobs.
         lp_rows = [r for r, p in enumerate(params) if p.logprobs is not None]
+        if not lp_rows:
+            # The common case: token ids only, copied as they are (two fewer kernels a step).
+            return SamplerOutput(token_ids=token_ids.cpu().tolist(), logprobs=[None] * num_rows)
         parts = [token_ids.to(torch.float64)]
         max_n = max((params[r].logprobs for r in lp_rows), default=0)
         if lp_rows:
