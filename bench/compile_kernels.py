@@ -33,6 +33,7 @@ def _variants():
     pa = importlib.import_module("llmbatch.runtime.attention.triton_kernels.paged_attention")
     sk = importlib.import_module("llmbatch.runtime.attention.triton_kernels.store_kv")
     fk = importlib.import_module("llmbatch.runtime.layers.fused_kernels")
+    fr = importlib.import_module("llmbatch.runtime.layers.fused_rotary")
 
     out = []
     for dt in ("bf16", "fp16", "fp32"):
@@ -109,9 +110,25 @@ def _variants():
                "half": "i32", "Q_HEADS": "constexpr", "K_HEADS": "constexpr",
                "BLOCK": "constexpr"}
         for q_heads, k_heads, block, warps in ((32, 8, 32, 4), (4, 1, 64, 1)):
-            out.append((f"rotary {dt} q{q_heads} k{k_heads} half{block}", fk._rotary_kernel,
+            out.append((f"rotary {dt} q{q_heads} k{k_heads} half{block}", fr._rotary_kernel,
                         sig, {"Q_HEADS": q_heads, "K_HEADS": k_heads, "BLOCK": block},
                         {"num_warps": warps, "enable_fp_fusion": False}))
+        sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "cos_ptr": f"*{dt}",
+               "sin_ptr": f"*{dt}", "q_out_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}",
+               "v_cache_ptr": f"*{dt}", "slot_ptr": "*i64"}
+        for name in ("q_tok_stride", "q_head_stride", "k_tok_stride", "k_head_stride",
+                     "v_tok_stride", "v_head_stride", "cs_tok_stride", "q_out_tok_stride",
+                     "q_out_head_stride", "kc_blk_stride", "kc_slot_stride", "kc_head_stride",
+                     "vc_blk_stride", "vc_slot_stride", "vc_head_stride", "num_q_heads",
+                     "num_k_heads", "half"):
+            sig[name] = "i32"
+        for name in ("BLOCK_SIZE", "Q_HEADS", "K_HEADS", "BLOCK"):
+            sig[name] = "constexpr"
+        for q_heads, k_heads, block, warps in ((32, 8, 32, 4), (4, 1, 64, 1)):
+            out.append((f"rotary_store_kv {dt} q{q_heads} k{k_heads} half{block}",
+                        fr._rotary_store_kv_kernel, sig,
+                        {"BLOCK_SIZE": 16, "Q_HEADS": q_heads, "K_HEADS": k_heads,
+                         "BLOCK": block}, {"num_warps": warps, "enable_fp_fusion": False}))
     return out
 
 

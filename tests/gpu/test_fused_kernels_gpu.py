@@ -20,7 +20,8 @@ from llmbatch.runtime.engine import Engine  # noqa: E402
 from llmbatch.runtime.request import Request  # noqa: E402
 from llmbatch.runtime.sampling_params import SamplingParams  # noqa: E402
 from tests.runtime.test_fused_kernels import (  # noqa: E402
-    HIDDEN_SIZES, NUM_TOKENS, check_rms_norm, check_rotary, check_silu_and_mul, poisoned_empty)
+    HIDDEN_SIZES, NUM_TOKENS, check_rms_norm, check_rotary, check_rotary_store_kv,
+    check_silu_and_mul, poisoned_empty)
 from tests.runtime.tiny_models import make_model, make_prompts, make_tokenizer  # noqa: E402
 
 # bfloat16 only (float32/float16 run in the interpreter on CPU): each (dtype, block size,
@@ -49,6 +50,13 @@ def test_silu_and_mul_matches_torch_cuda(poisoned_empty, dtype, num_tokens, d):
 @pytest.mark.parametrize("head_dim", (64, 128))
 def test_rotary_matches_torch_cuda(poisoned_empty, dtype, num_tokens, head_dim):
     check_rotary(num_tokens, head_dim, dtype, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS + (1000,))
+@pytest.mark.parametrize("head_dim", (64, 128))
+def test_rotary_store_kv_matches_cuda(dtype, num_tokens, head_dim):
+    check_rotary_store_kv(num_tokens, head_dim, dtype, device="cuda")
 
 
 @pytest.fixture(scope="module")

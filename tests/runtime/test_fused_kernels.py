@@ -21,6 +21,7 @@ import torch
 pytest.importorskip("triton")
 
 from llmbatch.runtime.layers import fused_kernels as fk  # noqa: E402
+from llmbatch.runtime.layers import fused_rotary as fr  # noqa: E402
 from llmbatch.runtime.layers.activation import SiluAndMul  # noqa: E402
 from llmbatch.runtime.layers.norm import RMSNorm  # noqa: E402
 from llmbatch.runtime.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -111,7 +112,7 @@ def check_rotary(num_tokens: int, head_dim: int, dtype: torch.dtype, device: str
         num_tokens, num_kv_heads, head_dim)
     cos, sin = rope.cos_sin(positions, dtype)
     want_q, want_k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
-    got_q, got_k = fk.fused_rotary(q, k, cos, sin)
+    got_q, got_k = fr.fused_rotary(q, k, cos, sin)
     assert not got_q.isnan().any() and not got_k.isnan().any()
     # Same roundings at every op, no reduction: bitwise.
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
@@ -123,6 +124,61 @@ def check_rotary(num_tokens: int, head_dim: int, dtype: torch.dtype, device: str
 @pytest.mark.parametrize("with_residual", (True, False))
 def test_rms_norm_matches_torch(poisoned_empty, dtype, num_tokens, hidden, with_residual):
     check_rms_norm(num_tokens, hidden, dtype, with_residual)
+
+
+def check_rotary_store_kv(num_tokens: int, head_dim: int, dtype: torch.dtype,
+                          device: str = "cpu", block_size: int = 16) -> None:
+    """fused_rotary_store_kv == rotate q and k, then TorchAttentionBackend.write_kv: q and every
+    stored K/V row bit for bit; slots never written stay NaN; a -1 slot (graph padding) writes
+    nothing. q, k, v are strided views of one fused qkv row, as llama.py makes them."""
+    from llmbatch.runtime.attention.torch_backend import TorchAttentionBackend
+
+    num_heads, num_kv_heads = 4, 2
+    rope = RotaryEmbedding(head_dim, 10000.0).to(device)
+    positions = torch.randint(0, 5000, (num_tokens,),
+                              generator=torch.Generator().manual_seed(7)).to(device)
+    qkv = rand((num_tokens, (num_heads + 2 * num_kv_heads) * head_dim), dtype, device, seed=9)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim,
+                         num_kv_heads * head_dim], dim=-1)
+    q = q.view(num_tokens, num_heads, head_dim)
+    k = k.view(num_tokens, num_kv_heads, head_dim)
+    v = v.view(num_tokens, num_kv_heads, head_dim)
+    cos, sin = rope.cos_sin(positions, dtype)
+    num_blocks = -(-num_tokens // block_size) + 2
+    slots = torch.randperm(num_blocks * block_size,
+                           generator=torch.Generator().manual_seed(5))[:num_tokens]
+    if num_tokens > 1:
+        slots[num_tokens // 2] = -1                    # a padding row
+    slots = slots.to(device)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    want_k_cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    want_v_cache = want_k_cache.clone()
+    got_k_cache, got_v_cache = want_k_cache.clone(), want_v_cache.clone()
+
+    want_q, want_k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+    TorchAttentionBackend().write_kv(want_k, v, want_k_cache, want_v_cache, slots)
+    got_q = fr.fused_rotary_store_kv(q, k, v, cos, sin, got_k_cache, got_v_cache, slots)
+    assert torch.equal(got_q, want_q)
+    # NaN == NaN for the slots neither side wrote.
+    assert torch.equal(got_k_cache.nan_to_num(7.0), want_k_cache.nan_to_num(7.0))
+    assert torch.equal(got_v_cache.nan_to_num(7.0), want_v_cache.nan_to_num(7.0))
+    written = int((~got_k_cache.isnan()).all(dim=(2, 3)).sum())
+    assert written == int((slots >= 0).sum())
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS)
+@pytest.mark.parametrize("head_dim", (64, 128))
+def test_rotary_store_kv_matches_rotate_then_write_kv(dtype, num_tokens, head_dim):
+    check_rotary_store_kv(num_tokens, head_dim, dtype)
+
+
+def test_rotary_store_kv_rejects_a_bad_cache():
+    x = torch.zeros(3, 2, 8)
+    cos = torch.zeros(3, 1, 4)
+    with pytest.raises(ValueError, match="k_cache/v_cache"):
+        fr.fused_rotary_store_kv(x, x[:, :1], x[:, :1], cos, cos, torch.zeros(2, 4, 2, 8),
+                                 torch.zeros(2, 4, 2, 8), torch.zeros(3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
@@ -195,11 +251,11 @@ def test_modules_take_the_fused_path_only_when_flagged(monkeypatch):
     (lambda: fk.fused_silu_and_mul(torch.zeros(3, 7)), "even last dim"),
     (lambda: fk.fused_silu_and_mul(torch.zeros(3, 0)), "non-empty last dim"),
     (lambda: fk.fused_silu_and_mul([1.0, 2.0]), "must be a torch.Tensor"),
-    (lambda: fk.fused_rotary(torch.zeros(3, 2, 8), torch.zeros(3, 1, 8), torch.zeros(3, 1, 3),
+    (lambda: fr.fused_rotary(torch.zeros(3, 2, 8), torch.zeros(3, 1, 8), torch.zeros(3, 1, 3),
                              torch.zeros(3, 1, 3)), "does not match cos"),
-    (lambda: fk.fused_rotary(torch.zeros(3, 16), torch.zeros(3, 1, 8), torch.zeros(3, 1, 4),
+    (lambda: fr.fused_rotary(torch.zeros(3, 16), torch.zeros(3, 1, 8), torch.zeros(3, 1, 4),
                              torch.zeros(3, 1, 4)), "query must be"),
-    (lambda: fk.fused_rotary(torch.zeros(3, 2, 8), torch.zeros(3, 1, 8), torch.zeros(3, 4),
+    (lambda: fr.fused_rotary(torch.zeros(3, 2, 8), torch.zeros(3, 1, 8), torch.zeros(3, 4),
                              torch.zeros(3, 4)), "cos and sin"),
 ])
 def test_bad_inputs_raise_clear_errors(call, message):
@@ -269,10 +325,10 @@ def test_whole_model_forward_with_every_fused_kernel_equals_the_torch_path():
                              block_tables=torch.tensor([[0, 1]], dtype=torch.int32),
                              max_query_len=5, max_seq_len=5)
 
-    def forward():
+    def forward(backend=None):
         caches = [(torch.zeros(2, 4, 2, 16), torch.zeros(2, 4, 2, 16)) for _ in range(2)]
         with torch.no_grad():
-            return model(ids, pos, caches, meta, TorchAttentionBackend())
+            return model(ids, pos, caches, meta, backend or TorchAttentionBackend())
 
     want = forward()
     flagged = 0
@@ -285,3 +341,7 @@ def test_whole_model_forward_with_every_fused_kernel_equals_the_torch_path():
             flagged += 1
     assert flagged == 2 * 4 + 1      # per layer: 2 norms, the MLP activation, attention; final norm
     torch.testing.assert_close(forward(), want, atol=1e-5, rtol=1e-5)
+    # With the triton backend, rotary also stores K/V into the cache (fused_rotary_store_kv).
+    from llmbatch.runtime.attention.triton_backend import TritonAttentionBackend
+
+    torch.testing.assert_close(forward(TritonAttentionBackend()), want, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
-"""Fused element-wise Triton kernels: RMSNorm (with the residual add), SiLU·mul, and rotary.
+"""Fused element-wise Triton kernels: RMSNorm (with the residual add) and SiLU·mul (rotary, with
+the K/V store, is in fused_rotary.py).
 
 Each replaces several torch kernels (add, pow, mean, rsqrt, mul, cast, mul) with one pass over
 the row, so a decode step reads and writes each activation once. On an H200 (bench/RESULTS.md)
@@ -12,10 +13,7 @@ only difference from the torch modules is the order of the float32 sum of square
               n = round_dtype(float(s) * rsqrt(mean(float(s)^2) + eps))
               out = round_out(float(weight) * float(n)),  out dtype = promote(weight, x)
     SiluAndMul: g = round_dtype(silu(float(gate))); out = round_dtype(float(g) * float(up))
-    rotary:   out = [round(round(x1*cos) - round(x2*sin)) | round(round(x2*cos) + round(x1*sin))]
-(A product of two fp16/bf16 values is exact in float32, so float32 multiply then one rounding
-equals torch's half-precision multiply; the rotary kernel is compiled without FMA contraction
-so that holds on the GPU too.) llama.py calls fused_rotary, norm.py and activation.py the rest.
+norm.py and activation.py call these.
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests; set before triton is
 first imported).
@@ -169,96 +167,3 @@ def fused_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         _silu_and_mul_kernel[grid](x2, out2, x2.stride(0), out2.stride(0), d,
                                    BLOCK=block, num_warps=4 if block >= 512 else 1)
     return out
-
-
-@triton.jit
-def _rotate_heads(base, head_stride, obase, out_head_stride, num_heads, half, cos, sin,
-                  HEADS: tl.constexpr, BLOCK: tl.constexpr):
-    """Rotate-half of every head of one token: x = [x1 | x2] per head, each `half` long.
-    cos, sin: (1, BLOCK) float32, shared by all heads."""
-    heads = tl.arange(0, HEADS).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = (heads < num_heads)[:, None] & (cols < half)[None, :]
-    ptrs = base + heads[:, None] * head_stride + cols[None, :]          # (HEADS, BLOCK)
-    x1 = tl.load(ptrs, mask=mask, other=0.0)
-    x2 = tl.load(ptrs + half, mask=mask, other=0.0).to(tl.float32)
-    dt = x1.dtype
-    x1 = x1.to(tl.float32)
-    # Every torch op of RotaryEmbedding.rotate rounds to the dtype: products, then the sum.
-    lo = (x1 * cos).to(dt).to(tl.float32) - (x2 * sin).to(dt).to(tl.float32)
-    hi = (x2 * cos).to(dt).to(tl.float32) + (x1 * sin).to(dt).to(tl.float32)
-    optrs = obase + heads[:, None] * out_head_stride + cols[None, :]
-    tl.store(optrs, lo.to(dt), mask=mask)
-    tl.store(optrs + half, hi.to(dt), mask=mask)
-
-
-@triton.jit
-def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
-                   q_tok_stride, q_head_stride, k_tok_stride, k_head_stride, cs_tok_stride,
-                   q_out_tok_stride, q_out_head_stride, k_out_tok_stride, k_out_head_stride,
-                   num_q_heads, num_k_heads, half,
-                   Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, BLOCK: tl.constexpr):
-    # One program per token: all its q heads and k heads, cos/sin loaded once. (A program per
-    # (token, head) made 40 x 32-element programs per token on the 1B shape: the slowest fused
-    # kernel in an H200 profile of W-RANDOM's prefill.)
-    tok = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    cmask = cols < half
-    cos = tl.load(cos_ptr + tok * cs_tok_stride + cols, mask=cmask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + tok * cs_tok_stride + cols, mask=cmask, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr + tok * q_tok_stride, q_head_stride,
-                  q_out_ptr + tok * q_out_tok_stride, q_out_head_stride, num_q_heads, half,
-                  cos[None, :], sin[None, :], Q_HEADS, BLOCK)
-    _rotate_heads(k_ptr + tok * k_tok_stride, k_head_stride,
-                  k_out_ptr + tok * k_out_tok_stride, k_out_head_stride, num_k_heads, half,
-                  cos[None, :], sin[None, :], K_HEADS, BLOCK)
-
-
-def _check_rotary_input(name: str, x: torch.Tensor, cos: torch.Tensor) -> None:
-    if x.dim() != 3 or x.shape[-1] % 2 or x.stride(-1) != 1:
-        raise ValueError(f"{name} must be (num_tokens, num_heads, even head_dim) with unit last "
-                         f"stride, got shape {tuple(x.shape)} strides {x.stride()}")
-    if x.dtype != cos.dtype or x.device != cos.device or x.shape[0] != cos.shape[0] \
-            or 2 * cos.shape[-1] != x.shape[-1]:
-        raise ValueError(f"{name} {tuple(x.shape)} {x.dtype} on {x.device} does not match cos "
-                         f"{tuple(cos.shape)} {cos.dtype} on {cos.device}")
-
-
-def fused_rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """query (num_tokens, num_heads, head_dim), key (num_tokens, num_kv_heads, head_dim), rows
-    may be strided (views of a fused qkv); cos, sin (num_tokens, 1, head_dim/2) contiguous, in
-    the activations' dtype (RotaryEmbedding.cos_sin). Returns new contiguous rotated q, k equal
-    to RotaryEmbedding.rotate of each, from one launch: a program per token over all its heads."""
-    for name, t in (("query", query), ("key", key), ("cos", cos), ("sin", sin)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} dtype {t.dtype} is not supported by the fused kernels "
-                             f"(use float16, bfloat16 or float32)")
-    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[1] != 1 \
-            or not (cos.is_contiguous() and sin.is_contiguous()) or cos.dtype != sin.dtype:
-        raise ValueError(f"cos and sin must be contiguous (num_tokens, 1, head_dim/2) of one "
-                         f"dtype, got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    _check_rotary_input("query", query, cos)
-    _check_rotary_input("key", key, cos)
-    q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
-    num_tokens, num_q_heads, head_dim = query.shape
-    num_k_heads = key.shape[1]
-    if num_tokens and num_q_heads + num_k_heads:
-        half = head_dim // 2
-        block = triton.next_power_of_2(half)
-        q_heads = triton.next_power_of_2(max(1, num_q_heads))
-        k_heads = triton.next_power_of_2(max(1, num_k_heads))
-        _rotary_kernel[(num_tokens,)](
-            query, key, cos, sin, q_out, k_out,
-            query.stride(0), query.stride(1), key.stride(0), key.stride(1), cos.stride(0),
-            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-            num_q_heads, num_k_heads, half, Q_HEADS=q_heads, K_HEADS=k_heads, BLOCK=block,
-            num_warps=4 if q_heads * block >= 1024 else 1,
-            # No FMA contraction: LLVM otherwise narrows x1*cos to a bf16 multiply and fuses
-            # it into the subtraction (fma.rn.bf16, one rounding instead of torch's two),
-            # which an H200 run showed as 1-ulp differences from RotaryEmbedding.rotate.
-            enable_fp_fusion=False)
-    return q_out, k_out
