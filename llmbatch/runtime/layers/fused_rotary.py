@@ -43,6 +43,23 @@ def _rotate_heads(base, head_stride, obase, out_head_stride, num_heads, half, co
 
 
 @triton.jit
+def _rotate_q(tok, q_ptr, cos_ptr, sin_ptr, q_out_ptr, q_tok_stride, q_head_stride,
+              cs_tok_stride, q_out_tok_stride, q_out_head_stride, num_q_heads, half,
+              Q_HEADS: tl.constexpr, BLOCK: tl.constexpr):
+    """Load the token's cos/sin and rotate its q heads into q_out; returns cos, sin as
+    (1, BLOCK) float32 for the k heads."""
+    cols = tl.arange(0, BLOCK)
+    cmask = cols < half
+    cos = tl.load(cos_ptr + tok * cs_tok_stride + cols, mask=cmask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + tok * cs_tok_stride + cols, mask=cmask, other=0.0).to(tl.float32)
+    cos, sin = cos[None, :], sin[None, :]
+    _rotate_heads(q_ptr + tok * q_tok_stride, q_head_stride,
+                  q_out_ptr + tok * q_out_tok_stride, q_out_head_stride, num_q_heads, half,
+                  cos, sin, Q_HEADS, BLOCK)
+    return cos, sin
+
+
+@triton.jit
 def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
                    q_tok_stride, q_head_stride, k_tok_stride, k_head_stride, cs_tok_stride,
                    q_out_tok_stride, q_out_head_stride, k_out_tok_stride, k_out_head_stride,
@@ -52,16 +69,12 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
     # (token, head) made 40 x 32-element programs per token on the 1B shape: the slowest fused
     # kernel in an H200 profile of W-RANDOM's prefill.)
     tok = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    cmask = cols < half
-    cos = tl.load(cos_ptr + tok * cs_tok_stride + cols, mask=cmask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + tok * cs_tok_stride + cols, mask=cmask, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr + tok * q_tok_stride, q_head_stride,
-                  q_out_ptr + tok * q_out_tok_stride, q_out_head_stride, num_q_heads, half,
-                  cos[None, :], sin[None, :], Q_HEADS, BLOCK)
+    cos, sin = _rotate_q(tok, q_ptr, cos_ptr, sin_ptr, q_out_ptr, q_tok_stride, q_head_stride,
+                         cs_tok_stride, q_out_tok_stride, q_out_head_stride, num_q_heads, half,
+                         Q_HEADS, BLOCK)
     _rotate_heads(k_ptr + tok * k_tok_stride, k_head_stride,
                   k_out_ptr + tok * k_out_tok_stride, k_out_head_stride, num_k_heads, half,
-                  cos[None, :], sin[None, :], K_HEADS, BLOCK)
+                  cos, sin, K_HEADS, BLOCK)
 
 
 @triton.jit
@@ -80,22 +93,19 @@ def _rotary_store_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr,
     # and the attention backend's K/V store in one launch. A negative slot (CUDA-graph
     # padding) writes nothing to the caches.
     tok = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    cmask = cols < half
-    cos = tl.load(cos_ptr + tok * cs_tok_stride + cols, mask=cmask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + tok * cs_tok_stride + cols, mask=cmask, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr + tok * q_tok_stride, q_head_stride,
-                  q_out_ptr + tok * q_out_tok_stride, q_out_head_stride, num_q_heads, half,
-                  cos[None, :], sin[None, :], Q_HEADS, BLOCK)
+    cos, sin = _rotate_q(tok, q_ptr, cos_ptr, sin_ptr, q_out_ptr, q_tok_stride, q_head_stride,
+                         cs_tok_stride, q_out_tok_stride, q_out_head_stride, num_q_heads, half,
+                         Q_HEADS, BLOCK)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot >= 0:
         blk = slot // BLOCK_SIZE
         off = slot % BLOCK_SIZE
         _rotate_heads(k_ptr + tok * k_tok_stride, k_head_stride,
                       k_cache_ptr + blk * kc_blk_stride + off * kc_slot_stride, kc_head_stride,
-                      num_k_heads, half, cos[None, :], sin[None, :], K_HEADS, BLOCK)
+                      num_k_heads, half, cos, sin, K_HEADS, BLOCK)
         heads = tl.arange(0, K_HEADS).to(tl.int64)
-        mask = (heads < num_k_heads)[:, None] & cmask[None, :]
+        cols = tl.arange(0, BLOCK)
+        mask = (heads < num_k_heads)[:, None] & (cols < half)[None, :]
         src = v_ptr + tok * v_tok_stride + heads[:, None] * v_head_stride + cols[None, :]
         dst = (v_cache_ptr + blk * vc_blk_stride + off * vc_slot_stride
                + heads[:, None] * vc_head_stride + cols[None, :])
