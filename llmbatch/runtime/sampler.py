@@ -142,6 +142,34 @@ def _validate_inputs(logits, params, output_indices, default_seeds):
     return num_rows, vocab_size
 
 
+# Rows at most this many get the two-stage argmax (few rows leave the GPU nearly idle in a
+# one-pass reduction over 128k logits: 27 us a step at batch 1 on an H200).
+_TWO_STAGE_MAX_ROWS = 16
+_TWO_STAGE_MIN_VOCAB = 16384
+
+
+def greedy_argmax(logits: torch.Tensor, two_stage: Optional[bool] = None) -> torch.Tensor:
+    """torch.argmax(logits, dim=-1) for (rows, vocab) logits, the same index in every case
+    (first maximum; a NaN counts as the maximum, the first NaN wins, as in torch.argmax).
+
+    For few rows over a large vocabulary, two stages: the max of each chunk of C columns
+    (many parallel reductions), then the first chunk holding the overall max. Both stages take
+    the first occurrence, so the result is the overall first occurrence. two_stage: None
+    chooses (CUDA, few rows, large vocabulary); tests force it either way."""
+    rows, vocab = logits.shape
+    if two_stage is None:
+        two_stage = (logits.is_cuda and rows <= _TWO_STAGE_MAX_ROWS
+                     and vocab >= _TWO_STAGE_MIN_VOCAB)
+    if not two_stage:
+        return torch.argmax(logits, dim=-1)
+    chunk = 1024
+    pad = (-vocab) % chunk
+    x = logits if not pad else torch.nn.functional.pad(logits, (0, pad), value=float("-inf"))
+    chunk_max, chunk_arg = x.view(rows, -1, chunk).max(dim=-1)      # (rows, num_chunks)
+    best = torch.argmax(chunk_max, dim=-1)                          # first chunk with the max
+    return best * chunk + chunk_arg.gather(1, best[:, None]).squeeze(1)
+
+
 @dataclass
 class SamplerOutput:
     """token_ids[row] is the sampled token of each input row. logprobs[row] is None unless
@@ -173,7 +201,7 @@ class Sampler:
         num_rows, vocab_size = _validate_inputs(logits, params, output_indices, default_seeds)
         logits = logits.float()
         device = logits.device
-        token_ids = torch.argmax(logits, dim=-1)                # (num_rows,) greedy for all
+        token_ids = greedy_argmax(logits)                       # (num_rows,) greedy for all
 
         sampled_rows = [r for r, p in enumerate(params) if not p.greedy]
         if sampled_rows:

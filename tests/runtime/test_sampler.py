@@ -261,3 +261,27 @@ def test_bad_input_raises_clear_error(logits, params, idx, defaults, message):
 def test_default_seed_rejects_negative_arrival_index():
     with pytest.raises(ValueError, match="arrival_index must be >= 0"):
         default_seed(0, -1)
+
+
+@pytest.mark.parametrize("vocab", [16384, 20000, 128256])
+def test_two_stage_greedy_argmax_equals_torch_argmax(vocab):
+    """The chunked argmax (used on CUDA for few rows) picks exactly torch.argmax's index:
+    first maximum on ties, first NaN when there is one, 0 for a row of -inf."""
+    from llmbatch.runtime.sampler import greedy_argmax
+
+    g = torch.Generator().manual_seed(vocab)
+    for trial in range(40):
+        x = torch.randn(3, vocab, generator=g)
+        if trial % 5 == 0:
+            x[:, 5000] = 10.0
+            x[:, 100] = 10.0                              # a tie across chunks: 100 wins
+        if trial % 7 == 0:
+            x[1, 9000] = float("nan")
+            x[1, 7000] = float("nan")                     # the first NaN wins
+        if trial % 11 == 0:
+            x[2] = float("-inf")
+        if trial % 13 == 0:
+            x = x.round()                                 # many ties inside chunks
+        want = torch.argmax(x, dim=-1)
+        assert torch.equal(greedy_argmax(x, two_stage=True), want), trial
+        assert torch.equal(greedy_argmax(x), want), trial          # CPU: the one-pass path
