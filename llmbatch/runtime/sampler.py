@@ -26,6 +26,7 @@ device->host copy per call.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -148,6 +149,17 @@ _TWO_STAGE_MAX_ROWS = 16
 _TWO_STAGE_MIN_VOCAB = 16384
 
 
+@functools.lru_cache(maxsize=None)
+def _argmax_chunk(vocab: int) -> int:
+    """A chunk width near 1024 that divides the vocabulary (no padding copy), else 1024 (the
+    tail is padded with -inf). 128256 (Llama 3) -> 1002."""
+    for delta in range(0, 512):
+        for c in (1024 - delta, 1024 + delta):
+            if vocab % c == 0:
+                return c
+    return 1024
+
+
 def greedy_argmax(logits: torch.Tensor, two_stage: Optional[bool] = None) -> torch.Tensor:
     """torch.argmax(logits, dim=-1) for (rows, vocab) logits, the same index in every case
     (first maximum; a NaN counts as the maximum, the first NaN wins, as in torch.argmax).
@@ -162,7 +174,7 @@ def greedy_argmax(logits: torch.Tensor, two_stage: Optional[bool] = None) -> tor
                      and vocab >= _TWO_STAGE_MIN_VOCAB)
     if not two_stage:
         return torch.argmax(logits, dim=-1)
-    chunk = 1024
+    chunk = _argmax_chunk(vocab)
     pad = (-vocab) % chunk
     x = logits if not pad else torch.nn.functional.pad(logits, (0, pad), value=float("-inf"))
     chunk_max, chunk_arg = x.view(rows, -1, chunk).max(dim=-1)      # (rows, num_chunks)

@@ -263,7 +263,7 @@ def test_default_seed_rejects_negative_arrival_index():
         default_seed(0, -1)
 
 
-@pytest.mark.parametrize("vocab", [16384, 20000, 128256])
+@pytest.mark.parametrize("vocab", [16384, 20000, 50257, 128256])  # 50257: padded chunks
 def test_two_stage_greedy_argmax_equals_torch_argmax(vocab):
     """The chunked argmax (used on CUDA for few rows) picks exactly torch.argmax's index:
     first maximum on ties, first NaN when there is one, 0 for a row of -inf."""
