@@ -236,7 +236,9 @@ class DecodeGraphRunner:
                 # All-padding inputs: the warm-up forward writes no K/V (slot -1 everywhere).
                 self._stage([], [], [], [], [], bs, q)
                 torch.cuda.synchronize()
-                self._forward(bs, q)  # warm-up outside the graph: Triton compiles, cuBLAS picks
+                # Warm-up outside the graph (Triton compiles, cuBLAS picks); its output is the
+                # reference the first replay is checked against.
+                eager = self._forward(bs, q).clone()
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: a monitor thread touching CUDA must not break the capture.
@@ -244,11 +246,29 @@ class DecodeGraphRunner:
                     out = self._forward(bs, q)
                 self._graphs[(bs, q)] = graph
                 self._outputs[(bs, q)] = out
+                self._check_replay(bs, q, eager)
             torch.cuda.synchronize()
         logger.info("captured %d CUDA graphs (decode batch sizes %d..%d, verify %s) in %.1f s",
                     len(self.keys), self.sizes[0], self.max_bs,
                     f"{self.verify_tokens} tokens x {self.verify_sizes}" if self.verify_sizes
                     else "none", time.perf_counter() - start)
+
+    def _check_replay(self, bs: int, q: int, eager: torch.Tensor) -> None:
+        """Replay the new graph once on the same all-padding inputs and compare with the eager
+        forward: a kernel that does not survive capture (host-side state, a pointer to a
+        temporary) shows up here at start-up, and the caller falls back to eager decoding,
+        rather than as wrong tokens later. The tolerance admits another kernel choice inside
+        the graph, not garbage."""
+        self._graphs[(bs, q)].replay()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        got = self._outputs[(bs, q)].float()
+        want = eager.float()
+        if not torch.allclose(got, want, atol=3e-2, rtol=3e-2) or got.isnan().any() != \
+                want.isnan().any():
+            diff = (got - want).abs().nan_to_num(float("inf")).max().item()
+            raise RuntimeError(f"CUDA graph replay (batch {bs}, {q} token(s) per sequence) "
+                               f"differs from the eager forward by {diff:.3g}")
 
     # ------------------------------------------------------------------ replay
 

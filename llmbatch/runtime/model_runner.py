@@ -151,10 +151,12 @@ class ModelRunner:
 
     def _maybe_capture_decode_graphs(self):
         """Decode and verify CUDA graphs (runtime/cuda_graphs.py) on CUDA with the triton backend,
-        single-rank and unquantized (collectives and bnb kernels are not captured yet)."""
+        single-rank (collectives are not captured yet). Quantized models too: bitsandbytes'
+        kernels launch on the current stream with torch-allocated outputs; each graph's first
+        replay is checked against the eager forward, and any failure falls back to eager."""
         cfg = self.config
         if not (cfg.cuda_graphs and self.device.type == "cuda" and self.attn_backend.name ==
-                "triton" and self.tp_size == 1 and cfg.quantization == "none"):
+                "triton" and self.tp_size == 1):
             return None
         from llmbatch.runtime.cuda_graphs import DecodeGraphRunner
 

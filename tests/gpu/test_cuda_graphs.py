@@ -62,8 +62,8 @@ def config(path, dtype, cuda_graphs, **kw):
                         kv_cache_blocks=1024, **kw)
 
 
-def run_engine(path, tokenizer, prompts, dtype, cuda_graphs):
-    engine = Engine(config(path, dtype, cuda_graphs), tokenizer=tokenizer)
+def run_engine(path, tokenizer, prompts, dtype, cuda_graphs, **kw):
+    engine = Engine(config(path, dtype, cuda_graphs, **kw), tokenizer=tokenizer)
     # ignore_eos: every request decodes MAX_NEW tokens, so batches stay at the sizes under test
     # (transformers' reference stops at EOS; match_fraction compares up to its length).
     params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
@@ -180,3 +180,20 @@ def test_verify_steps_replay_graphs_and_stay_lossless(tiny, tokenizer, num_promp
     padded = {1: 1, 5: 8}[num_prompts]
     assert graphs.verify_replays_by_size[padded] > 0, dict(graphs.verify_replays_by_size)
     assert engine.stats()["num_spec_accepted_tokens"] > 0
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_quantized_engine_replays_graphs_and_matches_eager(tiny, tokenizer, method):
+    """bitsandbytes layers inside decode graphs: the capture passes its replay check, the
+    graphs replay, and the output matches the same quantized engine decoding eagerly (bf16:
+    the common-prefix measure, as for the unquantized bf16 test above)."""
+    pytest.importorskip("bitsandbytes")
+    path, _ = tiny
+    prompts = make_prompts(5, seed=60)
+    on, runner_on = run_engine(path, tokenizer, prompts, "bfloat16", True, quantization=method)
+    off, runner_off = run_engine(path, tokenizer, prompts, "bfloat16", False,
+                                 quantization=method)
+    assert runner_on.graph_runner is not None, runner_on.cuda_graph_error
+    assert runner_on.graph_runner.num_replays > 0
+    assert runner_off.graph_runner is None
+    assert match_fraction(on, off) >= 0.80, (on, off)

@@ -264,3 +264,32 @@ def test_padded_verify_through_buffers_matches_eager(runner):
     # Another draft count than the captured one: eager.
     one = make_request("one", [3, 4, 5], 2, [15], spec=[6])
     assert graphs.graph_key_for(prepare([(one, 2)])) is None
+
+
+def test_replay_check_refuses_a_graph_that_computes_something_else(runner):
+    """_check_replay (run after each capture) accepts a replay that matches the eager forward
+    within tolerance and raises on one that does not (a kernel that did not survive capture):
+    the runner then decodes eagerly instead of emitting wrong tokens."""
+    graphs = DecodeGraphRunner(runner.model, runner.kv_caches, runner.attn_backend,
+                               max_num_seqs=2, max_model_len=8, block_size=BLOCK,
+                               device=torch.device("cpu"), capture=False)
+    eager = torch.randn(2, 8)
+
+    class FakeGraph:
+        def __init__(self, result):
+            self.result = result
+
+        def replay(self):
+            graphs._outputs[(2, 1)].copy_(self.result)
+
+    graphs._outputs[(2, 1)] = torch.zeros(2, 8)
+    graphs._graphs[(2, 1)] = FakeGraph(eager + 1e-3)
+    graphs._check_replay(2, 1, eager)                      # within tolerance: accepted
+    graphs._graphs[(2, 1)] = FakeGraph(eager + 1.0)
+    with pytest.raises(RuntimeError, match="differs from the eager forward"):
+        graphs._check_replay(2, 1, eager)
+    nan = eager.clone()
+    nan[0, 0] = float("nan")
+    graphs._graphs[(2, 1)] = FakeGraph(nan)
+    with pytest.raises(RuntimeError, match="differs"):
+        graphs._check_replay(2, 1, eager)
