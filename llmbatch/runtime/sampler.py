@@ -177,7 +177,10 @@ def greedy_argmax(logits: torch.Tensor, two_stage: Optional[bool] = None) -> tor
     chunk = _argmax_chunk(vocab)
     pad = (-vocab) % chunk
     x = logits if not pad else torch.nn.functional.pad(logits, (0, pad), value=float("-inf"))
-    chunk_max, chunk_arg = x.view(rows, -1, chunk).max(dim=-1)      # (rows, num_chunks)
+    # reshape, not view: logits may be strided (the TP head slices off padding columns) and
+    # may have no rows, where view's -1 is ambiguous.
+    x = x.reshape(rows, x.shape[1] // chunk, chunk)
+    chunk_max, chunk_arg = x.max(dim=-1)                            # (rows, num_chunks)
     best = torch.argmax(chunk_max, dim=-1)                          # first chunk with the max
     return best * chunk + chunk_arg.gather(1, best[:, None]).squeeze(1)
 

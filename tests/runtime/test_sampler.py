@@ -285,3 +285,17 @@ def test_two_stage_greedy_argmax_equals_torch_argmax(vocab):
         want = torch.argmax(x, dim=-1)
         assert torch.equal(greedy_argmax(x, two_stage=True), want), trial
         assert torch.equal(greedy_argmax(x), want), trial          # CPU: the one-pass path
+
+
+def test_two_stage_greedy_argmax_takes_strided_and_empty_logits():
+    """The LM head's TP gather slices off padding columns: float32 logits arrive non-contiguous
+    (logits.float() is then a no-op). The chunked path must not need a contiguous tensor, nor
+    rows (Sampler.sample accepts zero rows)."""
+    from llmbatch.runtime.sampler import greedy_argmax
+
+    full = torch.randn(2, 32768 + 7, generator=torch.Generator().manual_seed(3))
+    x = full[:, :32768]                                  # 32768 = 32 chunks of 1024, no padding
+    assert not x.is_contiguous()
+    assert torch.equal(greedy_argmax(x, two_stage=True), torch.argmax(x, dim=-1))
+    empty = torch.empty(0, 32768)
+    assert greedy_argmax(empty, two_stage=True).shape == (0,)
