@@ -13,7 +13,7 @@
 # W-RANDOM and W-BATCH1 again with nf4 and int8 (--quantization bf16,nf4,int8); the dry run
 # keeps bf16 only. Without the wheel the quantized rows say bitsandbytes is missing.
 # Env: PYTHON (default python3), BENCH_ARGS (extra bench.run flags, e.g. "--skip-peers"),
-# PYTEST_TIMEOUT (s, default 150), PYTEST_PATHS (default: all of tests/gpu, core files first),
+# PYTEST_TIMEOUT (s, default 180), PYTEST_PATHS (default: all of tests/gpu, core files first),
 # BENCH_ATTENTION=1 (attention micro-benchmark), BENCH_TIMEOUT (s, default 360), BENCH_MODEL_DIR,
 # BENCH_QUANTIZATION (GPU runs only, default bf16,nf4,int8), BENCH_PROFILE=0 (skip the
 # profiled slice), BENCH_UNFUSED=1 (opt-in: W-RANDOM, W-PREFIX and
@@ -80,7 +80,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   # a GPU run is scarce, and seeing every failure at once beats stopping at the first.
   echo "=== pytest tests/gpu -q (attention, graphs, then the rest)"
   # shellcheck disable=SC2086
-  timeout "${PYTEST_TIMEOUT:-150}" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_triton_attention_gpu.py \
+  timeout "${PYTEST_TIMEOUT:-180}" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_triton_attention_gpu.py \
     tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py tests/gpu} \
     --maxfail=20 -q -rfE -p no:cacheprovider 2>&1 \
     | tee "$OUT_DIR/pytest_gpu.log" | tail -n 40
