@@ -60,6 +60,15 @@ def build_tokenizer(path: str, with_template: bool = True, vocab_size: int = 384
 
 
 @pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """The runtime tests' tiny tokenizer object (tests/runtime/tiny_models.make_tokenizer),
+    built once per session for every engine test module that takes `tokenizer`."""
+    from tests.runtime.tiny_models import make_tokenizer
+
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> str:
     """A fast tokenizer (byte-level BPE, <s> </s> <pad> <unk>) with CHAT_TEMPLATE set."""
     return build_tokenizer(str(tmp_path_factory.mktemp("tiny_tokenizer")))

@@ -37,16 +37,11 @@ from llmbatch.runtime.sampling_params import SamplingParams  # noqa: E402
 from llmbatch.runtime.scheduler import ScheduledRequest, SchedulerOutput  # noqa: E402
 from tests.runtime.test_engine_greedy import hf_greedy  # noqa: E402
 from tests.runtime.tiny_models import (  # noqa: E402
-    make_model, make_prompts, make_tokenizer, match_fraction,
+    make_model, make_prompts, match_fraction,
 )
 
 MAX_NEW = 12
 MAX_NUM_SEQS = 32  # captured sizes 1, 2, 4, 8, 16, 24, 32
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

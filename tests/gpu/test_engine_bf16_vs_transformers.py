@@ -29,7 +29,7 @@ from llmbatch.runtime.engine import Engine  # noqa: E402
 from llmbatch.runtime.request import Request  # noqa: E402
 from llmbatch.runtime.sampling_params import SamplingParams  # noqa: E402
 from tests.runtime.tiny_models import (  # noqa: E402
-    make_model, make_prompts, make_tokenizer, match_fraction,
+    make_model, make_prompts, match_fraction,
 )
 
 MAX_NEW = 16
@@ -47,11 +47,6 @@ SETTINGS = {
     "graphs-off-no-prefix-cache": dict(cuda_graphs=False, prefix_caching=False),
     "chunked-prefill": dict(max_num_batched_tokens=48, max_num_seqs=8),
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

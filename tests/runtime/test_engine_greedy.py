@@ -11,7 +11,7 @@ from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.engine import Engine
 from llmbatch.runtime.request import Request
 from llmbatch.runtime.sampling_params import SamplingParams
-from tests.runtime.tiny_models import make_model, make_prompts, make_tokenizer
+from tests.runtime.tiny_models import make_model, make_prompts
 
 MAX_NEW = 10
 NUM_PROMPTS = 64
@@ -65,11 +65,6 @@ SETTINGS = {
     "ngram-spec": dict(speculative_method="ngram", num_speculative_tokens=3,
                        speculative_max_num_seqs=64),
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module", params=list(MODELS))

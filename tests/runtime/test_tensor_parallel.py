@@ -22,7 +22,7 @@ from llmbatch.runtime.request import Request
 from llmbatch.runtime.sampling_params import SamplingParams
 from llmbatch.runtime.tp_executor import TPExecutor
 from tests.runtime.test_engine_greedy import hf_greedy
-from tests.runtime.tiny_models import make_model, make_prompts, make_tokenizer
+from tests.runtime.tiny_models import make_model, make_prompts
 
 MAX_NEW = 8
 NUM_PROMPTS = 32
@@ -34,11 +34,6 @@ MODELS = {
     "qwen2-gqa": dict(arch="qwen2", num_heads=4, num_kv_heads=2),
     "qwen3-tied": dict(arch="qwen3", tie=True, num_heads=4, num_kv_heads=4, head_dim=16),
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
