@@ -231,8 +231,8 @@ class ModelRunner:
                     s.sample_output_index.append(req.num_output_tokens + j)
         return s
 
-    def _h2d(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        """Host list -> device tensor; on CUDA via pinned memory and a non_blocking copy (the
+    def _h2d(self, data, dtype: torch.dtype) -> torch.Tensor:
+        """Host list or numpy array -> device tensor; on CUDA via pinned memory and a non_blocking copy (the
         caching host allocator keeps the pinned block until the copy has read it)."""
         if self.device.type != "cuda":
             return torch.tensor(data, dtype=dtype, device=self.device)
@@ -248,10 +248,7 @@ class ModelRunner:
                            count=int(lens.sum()))
         padded = np.zeros((len(tables), width), dtype=np.int32)
         padded[np.arange(width)[None, :] < lens[:, None]] = flat   # row-major: rows in order
-        host = torch.from_numpy(padded)
-        if self.device.type != "cuda":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return self._h2d(padded, torch.int32)
 
     def _to_device(self, s: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         h2d = self._h2d
