@@ -50,7 +50,6 @@ from llmbatch.runtime.attention.backend import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 MAX_CAPTURE_SIZE = 512
-_NUM_INT_FIELDS = 4  # input_ids, positions, slot_mapping, seq_lens
 
 
 def _ints_len(bs: int, q: int) -> int:
@@ -79,18 +78,6 @@ def padded_batch_size(num_seqs: int, sizes: Sequence[int]) -> Optional[int]:
     """Smallest captured size >= num_seqs (sizes ascending), or None when none is large enough."""
     i = bisect.bisect_left(sizes, num_seqs)
     return sizes[i] if i < len(sizes) else None
-
-
-def decode_batch_size(step) -> Optional[int]:
-    """Number of sequences when `step` (a StepInputs) is pure decode, else None.
-
-    Pure decode: every span is exactly one token, i.e. num_tokens == num_seqs (spans are never
-    empty). A span carrying speculative tokens is longer than one token, so it never qualifies.
-    """
-    num_seqs = len(step.seq_lens)
-    if num_seqs == 0 or len(step.input_ids) != num_seqs:
-        return None
-    return num_seqs
 
 
 def uniform_span_len(step) -> Optional[tuple[int, int]]:

@@ -13,7 +13,7 @@ import torch
 
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.cuda_graphs import (DecodeGraphRunner, capture_batch_sizes,
-                                          decode_batch_size, fill_decode_inputs,
+                                          fill_decode_inputs,
                                           padded_batch_size, uniform_span_len)
 from llmbatch.runtime.model_runner import ModelRunner
 from llmbatch.runtime.request import Request
@@ -64,15 +64,15 @@ def prepare(items):
     return ModelRunner.prepare_inputs(_Prep(), out)
 
 
-def test_decode_batch_size_qualifies_only_one_token_spans():
+def test_one_token_spans_qualify_as_decode_and_mixed_spans_do_not():
     a = make_request("a", list(range(3, 10)), 6, [5, 6])         # last prompt token: decode-like
     b = make_request("b", list(range(3, 5)), 1, [7])
-    assert decode_batch_size(prepare([(a, 1), (b, 1)])) == 2
+    assert uniform_span_len(prepare([(a, 1), (b, 1)])) == (2, 1)
     c = make_request("c", list(range(3, 12)), 0, [1, 2, 3])      # a prefill span
-    assert decode_batch_size(prepare([(a, 1), (c, 9)])) is None
+    assert uniform_span_len(prepare([(a, 1), (c, 9)])) is None
     d = make_request("d", list(range(3, 8)), 4, [4, 9], spec=[11, 12])
-    assert decode_batch_size(prepare([(a, 1), (d, 3)])) is None   # verifying spec tokens
-    assert decode_batch_size(prepare([])) is None
+    assert uniform_span_len(prepare([(a, 1), (d, 3)])) is None   # verifying spec tokens
+    assert uniform_span_len(prepare([])) is None
 
 
 def test_fill_decode_inputs_pads_harmlessly():
