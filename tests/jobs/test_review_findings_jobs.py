@@ -6,7 +6,6 @@ stats that count only the tokens the engine actually processed.
 """
 
 import math
-import os
 
 import pyarrow as pa
 import pyarrow.dataset as ds
