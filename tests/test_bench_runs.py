@@ -1,0 +1,111 @@
+"""bench/ end to end on the CPU: the dry run of bench/gpu_check.sh, the Triton kernels compiled
+for Hopper without a GPU (bench/compile_kernels.py), and the quantized rows of bench.run.
+Skipped while the engine cannot be imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import report
+from bench.llmbatch_runner import engine_unavailable_reason
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# -- the one-call GPU script, dry run on the CPU -------------------------------------------
+@pytest.mark.timeout(300)
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    reason = engine_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"llmbatch.runtime.engine does not import yet ({reason})")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, BENCH_MODEL_DIR=str(tmp_path / "model"),
+               CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=290)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines.count(" | ".join(report.HEADER)) == 1
+    table = lines[lines.index(" | ".join(report.HEADER)):]
+    assert table[-1].startswith("W-SPEC")                # the table is printed last
+    systems = {(r.split(" | ")[0], r.split(" | ")[1]) for r in table[2:]}
+    for pair in [("W-RANDOM", "llmbatch"), ("W-RANDOM", "hf-static"), ("W-RANDOM", "hf-cb"),
+                 ("W-PREFIX", "llmbatch"), ("W-PREFIX", "hf-cb"), ("W-BATCH1", "llmbatch"),
+                 ("W-BATCH1", "hf-generate")]:
+        assert pair in systems
+    import json
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["smoke_test_only"] is True
+    for name in ("W-RANDOM", "W-PREFIX", "W-BATCH1"):
+        run = results["runs"][name]["llmbatch"]
+        assert run["output_tokens"] == results["workloads"][name]["num_output_tokens"]
+        assert run["num_errors"] == 0 and run["num_wrong_lengths"] == 0
+    # W-PREFIX scaled: 8 groups share a 51-token prefix (3 full blocks of 16) -> hits > 0
+    assert results["runs"]["W-PREFIX"]["llmbatch"]["num_cached_prompt_tokens"] > 0
+    # The profiled slice ran and wrote its kernel table; step phases are timed.
+    assert "error" not in results["llmbatch_profile"], results["llmbatch_profile"]
+    assert (out / "profile_llmbatch.txt").read_text().count("== sorted by") == 3
+    delta = results["runs"]["W-RANDOM"]["llmbatch"]["engine_stats_delta"]
+    assert delta["execute_s"] > 0 and delta["schedule_s"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_triton_kernels_compile_for_hopper_without_a_gpu():
+    """The real Triton compiler (not the interpreter the CPU tests use) accepts a sample of the
+    launched specialisations, down to a cubin from ptxas; bench/compile_kernels.py has all."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    sample = ("paged_attention bf16 hd64 g8 bq2 bm16 bs16 splits8,"
+              "paged_attention fp32 hd128 g1 bq64 bm64 bs32 splits1,"
+              "reduce_splits bf16 splits16,store_kv bf16 slots i32,rms_norm bf16 residual=True,"
+              "silu_and_mul bf16,rotary bf16 q32 k8")
+    proc = subprocess.run([sys.executable, "-m", "bench.compile_kernels", "--filter", sample],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=290)
+    if proc.returncode != 0 and "backend" in proc.stderr.lower() and "nvidia" in proc.stderr:
+        pytest.skip(f"triton has no NVIDIA backend here: {proc.stderr.strip()[-300:]}")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    import re
+
+    done = re.search(r"(\d+)/(\d+) variants compiled for sm_90", proc.stdout)
+    assert done and done.group(1) == done.group(2) and int(done.group(2)) >= 7, proc.stdout
+
+
+def test_quantized_runs_on_cpu_report_weights_beside_bf16(tmp_path):
+    """--quantization bf16,nf4,int8: W-RANDOM and W-BATCH1 once per method (W-PREFIX only
+    unquantized), each with the loaded weight bytes; the quantized ones are smaller."""
+    reason = engine_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"llmbatch.runtime.engine does not import yet ({reason})")
+    pytest.importorskip("bitsandbytes")
+    import json
+
+    from bench.run import main
+
+    out = tmp_path / "out"
+    rc = main(["--shape", "tiny", "--device", "cpu", "--scale", "0.05", "--skip-peers",
+               "--workloads", "W-RANDOM,W-PREFIX,W-BATCH1", "--quantization", "bf16,nf4,int8",
+               "--out", str(out), "--model-dir", str(tmp_path / "model")])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["runs"]["W-PREFIX"]) == ["llmbatch"]
+    for name in ("W-RANDOM", "W-BATCH1"):
+        runs = results["runs"][name]
+        assert list(runs) == ["llmbatch", "llmbatch-nf4", "llmbatch-int8"]
+        expected = results["workloads"][name]["num_output_tokens"]
+        for system, quant in (("llmbatch", "none"), ("llmbatch-nf4", "nf4"),
+                              ("llmbatch-int8", "int8")):
+            run = runs[system]
+            assert (run["quantization"], run["output_tokens"], run["num_errors"]) == \
+                (quant, expected, 0)
+            assert run["weight_bytes"] == sum(run["weight_bytes_per_rank"]) > 0
+        assert runs["llmbatch-nf4"]["weight_bytes"] < runs["llmbatch-int8"]["weight_bytes"] \
+            < runs["llmbatch"]["weight_bytes"]
+    rows = [r for r in results["table"] if r["workload"] == "W-RANDOM"]
+    assert [r["system"] for r in rows] == ["llmbatch", "llmbatch-nf4", "llmbatch-int8"]
+    assert set(rows[1]["ratios"]) == {"llmbatch"}
