@@ -34,6 +34,7 @@ def _variants():
     sk = importlib.import_module("llmbatch.runtime.attention.triton_kernels.store_kv")
     fk = importlib.import_module("llmbatch.runtime.layers.fused_kernels")
     fr = importlib.import_module("llmbatch.runtime.layers.fused_rotary")
+    sm = importlib.import_module("llmbatch.runtime.layers.skinny_matmul")
 
     out = []
     for dt in ("bf16", "fp16", "fp32"):
@@ -129,6 +130,46 @@ def _variants():
                         fr._rotary_store_kv_kernel, sig,
                         {"BLOCK_SIZE": 16, "Q_HEADS": q_heads, "K_HEADS": k_heads,
                          "BLOCK": block}, {"num_warps": warps, "enable_fp_fusion": False}))
+    out.extend(_skinny_matmul_variants(sm))
+    return out
+
+
+def _skinny_matmul_variants(sm):
+    """layers/skinny_matmul.py as the fused decode path launches it on the Llama-3.2-1B shape
+    (qkv with the RMSNorm prologue, with and without Qwen2's bias; o_proj and down with the
+    residual epilogue; gate_up with norm + SiLU·mul; the LM head plain), default tiles, plus
+    the FMA (dot=False) tiles the micro-benchmark sweeps."""
+    import torch
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    shapes = (("qkv", 3072, 2048, dict(NORM=True)),
+              ("qkv+bias", 3072, 2048, dict(NORM=True, HAS_BIAS=True)),
+              ("o_proj", 2048, 2048, dict(RESIDUAL=True)),
+              ("gate_up", 8192, 2048, dict(NORM=True, GATE_UP=True)),
+              ("down", 2048, 8192, dict(RESIDUAL=True)),
+              ("lm_head", 128256, 2048, {}))
+    out = []
+    for dt, torch_dt in dtypes.items():
+        sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
+               "norm_w_ptr": f"*{dt}", "res_ptr": f"*{dt}", "out_ptr": f"*{dt}",
+               "M": "i32", "N": "i32", "K": "i32", "x_row_stride": "i32",
+               "res_row_stride": "i32", "out_row_stride": "i32", "eps": "fp32"}
+        for name in ("HAS_BIAS", "NORM", "RESIDUAL", "GATE_UP", "BLOCK_M", "BLOCK_N",
+                     "BLOCK_K", "DOT", "IEEE_DOT"):
+            sig[name] = "constexpr"
+        for label, n, k, flags in shapes:
+            cfgs = [("", sm.pick_config(n, k, torch_dt))]
+            if dt == "bf16":
+                cfgs.append((" fma", sm.SkinnyConfig(block_n=16, block_k=32, num_warps=4,
+                                                     num_stages=3, dot=False)))
+            for suffix, cfg in cfgs:
+                consts = dict(HAS_BIAS=False, NORM=False, RESIDUAL=False, GATE_UP=False,
+                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                              DOT=cfg.dot, IEEE_DOT=dt == "fp32")
+                consts.update(flags)
+                out.append((f"skinny_matmul {dt} {label} n{n} k{k}{suffix}",
+                            sm._skinny_matmul_kernel, sig, consts,
+                            {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
     return out
 
 

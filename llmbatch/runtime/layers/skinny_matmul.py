@@ -1,0 +1,256 @@
+"""Skinny matmul for decode steps of at most 16 tokens, with the neighbouring element-wise ops
+fused in (W-BATCH1: batch-1 decode is weight-bandwidth bound and pays ~1.3 us of idle gap per
+launch in the CUDA graph, so fewer launches that each stream their weight once are the lever).
+
+    y[M, N] = prologue(x)[M, K] @ W[N, K]^T (+ bias[N]), then an optional epilogue;  M <= 16
+
+    prologue  RMSNorm   x <- w_norm * round(x * rsqrt(mean(x^2) + eps))       (input_layernorm)
+    epilogue  residual  out <- round(round(y) + residual)   written as the new residual stream
+    epilogue  gate_up   W = [gate; up] (2I, K): out[M, I] <- silu(round(g)) * round(u)
+
+One program owns BLOCK_N output columns for all M rows (BLOCK_M = 16 padded rows) and loops over
+K in BLOCK_K chunks, so each weight element is read once and each output is written by exactly
+one program: no atomics, deterministic. Batch invariance: the launcher picks the tile config from
+(N, K, dtype) only, never from M, and a padded row is masked, not mixed in; so row r of an
+M = 16 call is bitwise equal to the M = 1 call on row r (tests check it).
+
+Numerics copy the unfused path rounding step by rounding step (layers/norm.py, activation.py,
+fused_kernels.py; F.linear rounds acc + bias once to the model dtype). The differences are the
+float32 summation orders (sum of squares, dot products), as with any other GEMM.
+
+Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (tests). Nothing here is on by default:
+EngineConfig.skinny_matmul switches the model's fused decode path (models/llama_skinny.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_M = 16  # rows per call: one padded BLOCK_M tile
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """One tile configuration. dot=True: tl.dot on (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N)
+    tiles (tensor cores; needs BLOCK_M, BLOCK_N, BLOCK_K >= 16); dot=False: broadcast multiply
+    and a float32 sum over K in registers (the classic GEMV; keep BLOCK_M * BLOCK_N * BLOCK_K
+    small)."""
+
+    block_n: int = 16
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 4
+    block_m: int = MAX_M
+    dot: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k", "block_m"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"SkinnyConfig.{name} must be a power of two, got {v}")
+        if self.block_m < MAX_M:
+            raise ValueError(f"SkinnyConfig.block_m must be >= {MAX_M} (one tile holds every "
+                             f"row), got {self.block_m}")
+        if self.dot and min(self.block_n, self.block_k) < 16:
+            raise ValueError("SkinnyConfig with dot=True needs block_n and block_k >= 16")
+
+
+# UNTUNED defaults (no GPU in the session that wrote them): bench/bench_skinny_matmul.py sweeps
+# alternatives on the GPU. Rows: (max N, max K, config), first match wins; N = output columns
+# (I for gate_up). BLOCK_N 16 gives 128 programs for N = 2048 on a 132-SM H200, 512 for gate_up
+# (two 16-row weight tiles each); a 16 x 256 bf16 tile is 8 KB, x 4 stages ~32 KB in flight per
+# program, about what one SM needs to cover DRAM latency. The LM head (N = 128256) takes wider
+# tiles: 2004 programs of 64 columns already fill the GPU many times.
+_CONFIG_TABLE: tuple[tuple[int, int, SkinnyConfig], ...] = (
+    (32768, 1 << 31, SkinnyConfig(block_n=16, block_k=256, num_warps=4, num_stages=4)),
+    (1 << 31, 1 << 31, SkinnyConfig(block_n=64, block_k=128, num_warps=4, num_stages=3)),
+)
+
+
+def pick_config(n: int, k: int, dtype: torch.dtype) -> SkinnyConfig:
+    """Tile config for N output columns, reduction length K; independent of M by design."""
+    for max_n, max_k, cfg in _CONFIG_TABLE:
+        if n <= max_n and k <= max_k:
+            break
+    if k < cfg.block_k:  # small K: one chunk, fewer masked lanes
+        cfg = replace(cfg, block_k=max(16, triton.next_power_of_2(k)))
+    if dtype == torch.float32:  # twice the bytes per tile: fewer stages fit in shared memory
+        cfg = replace(cfg, num_stages=min(cfg.num_stages, 2))
+    return cfg
+
+
+@triton.jit
+def _tile_dot(acc, x, w, DOT: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) fp32 += x (BLOCK_M, BLOCK_K) @ w (BLOCK_N, BLOCK_K)^T."""
+    if DOT:
+        if IEEE_DOT:  # float32 weights: exact fp32 products, not TF32
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    else:
+        prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        acc += tl.sum(prod, axis=2)
+    return acc
+
+
+@triton.jit
+def _skinny_matmul_kernel(
+    x_ptr, w_ptr, bias_ptr, norm_w_ptr, res_ptr, out_ptr,
+    M, N, K, x_row_stride, res_row_stride, out_row_stride, eps,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+    GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    # Program n owns output columns [n*BLOCK_N, (n+1)*BLOCK_N) of all M rows. W rows are K long
+    # (contiguous); with GATE_UP the up half starts N rows further down.
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * x_row_stride       # (BLOCK_M, 1)
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * K                  # (BLOCK_N, 1)
+    dtype = out_ptr.dtype.element_ty
+    if NORM:
+        # First pass: each row's sum of squares (x is M x K, small and L2-resident).
+        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            xf = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & (k < K)[None, :],
+                         other=0.0).to(tl.float32)
+            sum_sq += tl.sum(xf * xf, axis=1)
+        rstd = tl.math.rsqrt(sum_sq / K + eps)                       # (BLOCK_M,)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATE_UP:
+        w_up_rows = w_ptr + (cols + N)[:, None].to(tl.int64) * K
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K
+        x = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if NORM:
+            # norm.py: normalize in fp32, round to the model dtype, then the weight multiply
+            # in fp32 (weight and x share the dtype), rounded again.
+            nw = tl.load(norm_w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+            normed = (x.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)
+            x = (normed * nw[None, :]).to(dtype)
+        w_mask = col_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
+        acc = _tile_dot(acc, x, w, DOT, IEEE_DOT)
+        if GATE_UP:
+            w_up = tl.load(w_up_rows + k[None, :], mask=w_mask, other=0.0)
+            acc_up = _tile_dot(acc_up, x, w_up, DOT, IEEE_DOT)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    # F.linear's output: acc + bias rounded once to the model dtype.
+    y = acc.to(dtype)
+    if GATE_UP:
+        if HAS_BIAS:
+            acc_up += tl.load(bias_ptr + N + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        up = acc_up.to(dtype).to(tl.float32)
+        g = y.to(tl.float32)
+        # fused_kernels.py's SiLU·mul: silu rounded to the dtype before the multiply.
+        act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        y = (act * up).to(dtype)
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if RESIDUAL:
+        # norm.py's residual add: the rounded matmul output + residual, in the dtype.
+        r = tl.load(res_ptr + rows[:, None].to(tl.int64) * res_row_stride + cols[None, :],
+                    mask=out_mask, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(dtype)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * out_row_stride + cols[None, :], y,
+             mask=out_mask)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def skinny_matmul_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when skinny_linear accepts this x / weight pair (callers fall back otherwise)."""
+    return (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)
+            and x.dim() == 2 and 1 <= x.shape[0] <= MAX_M and x.shape[1] > 0
+            and x.stride(1) == 1 and x.dtype in SUPPORTED_DTYPES
+            and weight.dim() == 2 and weight.shape[1] == x.shape[1] and weight.shape[0] > 0
+            and weight.dtype == x.dtype and weight.is_contiguous()
+            and weight.device == x.device)
+
+
+def _check_vector(name: str, t: Optional[torch.Tensor], length: int, x: torch.Tensor) -> None:
+    if t is None:
+        return
+    if (not isinstance(t, torch.Tensor) or tuple(t.shape) != (length,) or t.dtype != x.dtype
+            or t.device != x.device or not t.is_contiguous()):
+        got = _describe(t) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a contiguous ({length},) {x.dtype} tensor on "
+                         f"{x.device}, got {got}")
+
+
+def _check_inputs(x, weight, bias, norm_weight, residual, gate_up) -> int:
+    """Raises ValueError on anything skinny_linear cannot compute; returns N (output columns)."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_M or x.shape[1] == 0:
+        raise ValueError(f"x must be (M, K) with 1 <= M <= {MAX_M} and K > 0, got "
+                         f"{tuple(x.shape)}")
+    if x.stride(1) != 1:
+        raise ValueError(f"x rows must be contiguous (stride(1) == 1), got strides {x.stride()}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x dtype {x.dtype} is not supported (float16, bfloat16 or float32)")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.shape[0] == 0:
+        raise ValueError(f"weight must be (N, K={x.shape[1]}), got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight {_describe(weight)} must match x {_describe(x)} in dtype "
+                         f"and device")
+    if not weight.is_contiguous():
+        raise ValueError(f"weight must be contiguous, got strides {weight.stride()}")
+    if gate_up and weight.shape[0] % 2:
+        raise ValueError(f"gate_up weight needs an even number of rows ([gate; up]), got "
+                         f"{weight.shape[0]}")
+    if gate_up and residual is not None:
+        raise ValueError("gate_up and residual epilogues cannot be combined")
+    n = weight.shape[0] // 2 if gate_up else weight.shape[0]
+    _check_vector("bias", bias, weight.shape[0], x)
+    _check_vector("norm_weight", norm_weight, x.shape[1], x)
+    if residual is not None:
+        if (not isinstance(residual, torch.Tensor) or residual.dim() != 2
+                or tuple(residual.shape) != (x.shape[0], n) or residual.dtype != x.dtype
+                or residual.device != x.device or residual.stride(1) != 1):
+            got = _describe(residual) if isinstance(residual, torch.Tensor) else type(residual)
+            raise ValueError(f"residual must be ({x.shape[0]}, {n}) {x.dtype} on {x.device} "
+                             f"with contiguous rows, got {got}")
+    return n
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  *, norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                  residual: Optional[torch.Tensor] = None, gate_up: bool = False,
+                  config: Optional[SkinnyConfig] = None) -> torch.Tensor:
+    """x (M, K), 1 <= M <= 16, rows contiguous; weight (N_w, K) contiguous, same dtype;
+    bias (N_w,); norm_weight (K,): RMSNorm prologue with eps; residual (M, N): returns the new
+    residual round(round(x @ W^T + bias) + residual); gate_up: N_w = 2I, returns
+    silu(gate) * up of shape (M, I). Otherwise returns x @ W^T + bias, (M, N_w).
+    config overrides the tile table (the micro-benchmark's sweep)."""
+    n = _check_inputs(x, weight, bias, norm_weight, residual, gate_up)
+    m, k = x.shape
+    cfg = config or pick_config(n, k, x.dtype)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    res = residual if residual is not None else out  # placeholder when RESIDUAL is off
+    grid = (triton.cdiv(n, cfg.block_n),)
+    _skinny_matmul_kernel[grid](
+        x, weight, bias if bias is not None else weight,
+        norm_weight if norm_weight is not None else weight, res, out,
+        m, n, k, x.stride(0), res.stride(0), out.stride(0), float(eps),
+        HAS_BIAS=bias is not None, NORM=norm_weight is not None,
+        RESIDUAL=residual is not None, GATE_UP=gate_up, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT=cfg.dot,
+        IEEE_DOT=x.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
