@@ -131,6 +131,31 @@ def _variants():
                         {"BLOCK_SIZE": 16, "Q_HEADS": q_heads, "K_HEADS": k_heads,
                          "BLOCK": block}, {"num_warps": warps, "enable_fp_fusion": False}))
     out.extend(_skinny_matmul_variants(sm))
+    out.extend(_int8_matmul_variants())
+    return out
+
+
+def _int8_matmul_variants():
+    """layers/int8_matmul.py (w8a16 GEMM of int8-quantized engines): every tile of its M table,
+    each activation dtype, with and without bias."""
+    import importlib
+
+    im = importlib.import_module("llmbatch.runtime.layers.int8_matmul")
+    out = []
+    for dt in ("bf16", "fp16", "fp32"):
+        sig = {"x_ptr": f"*{dt}", "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": f"*{dt}",
+               "out_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+               "stride_wn": "i32", "stride_om": "i32"}
+        for name in ("HAS_BIAS", "IEEE_DOT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
+            sig[name] = "constexpr"
+        for tile in im.all_tiles():
+            for has_bias in (False, True):
+                consts = dict(HAS_BIAS=has_bias, IEEE_DOT=dt == "fp32", BLOCK_M=tile.block_m,
+                              BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=im.GROUP_M)
+                out.append((f"int8_matmul {dt} bm{tile.block_m} bn{tile.block_n} "
+                            f"bk{tile.block_k} bias={has_bias}", im._int8_matmul_kernel, sig,
+                            consts, {"num_warps": tile.num_warps,
+                                     "num_stages": tile.num_stages}))
     return out
 
 
