@@ -17,7 +17,9 @@ in the model dtype unless EngineConfig.quantize_embeddings (nf4 only, see Nf4Emb
     int8  bnb.functional.int8_vectorwise_quant: int8 weight with one float32 absmax per output
           row (1 + 4/in bytes per weight). Forward is weight-only: the int8 rows are scaled back
           to the activation dtype and used in F.linear (no int8 activations, so no LLM.int8
-          outlier handling is needed for accuracy).
+          outlier handling is needed for accuracy). With the engine's fused kernels on CUDA
+          (enable_triton_int8) the Triton w8a16 GEMM of int8_matmul.py reads the int8 weight
+          directly instead of materialising the dequantized copy on every call.
 Checkpoints already quantized by bitsandbytes are dequantized while loading and requantized per
 slice with their own method (bnb_checkpoint.py).
 """
@@ -25,6 +27,7 @@ slice with their own method (bnb_checkpoint.py).
 from __future__ import annotations
 
 import copy
+import os
 from typing import Optional
 
 import torch
@@ -66,6 +69,10 @@ def quantize_nf4(layer: nn.Module, w: torch.Tensor) -> None:
 class BnbLinearMethod:
     """A LinearBase `quant_method`: owns nothing; the quantized tensors live on the layer as
     buffers `qweight` (+ `qabsmax` for nf4, `qscale` for int8), the dense `weight` is dropped."""
+
+    # int8 only: apply runs int8_matmul.int8_linear (Triton) instead of F.linear of the
+    # dequantized weight. Set by enable_triton_int8 (ModelRunner, fused kernels on CUDA).
+    use_triton: bool = False
 
     def __init__(self, method: str, device=None) -> None:
         """device: where the quantized tensors go (None: where the dense weight is). The
@@ -111,7 +118,33 @@ class BnbLinearMethod:
         if self.method == "nf4" and x.is_cuda:
             return self.bnb.matmul_4bit(x, layer.qweight.t(), quant_state=layer.quant_state,
                                         bias=bias)
+        if self.method == "int8" and self.use_triton and _triton_runs_on(x):
+            from llmbatch.runtime.layers.int8_matmul import int8_linear
+
+            return int8_linear(x.contiguous(), layer.qweight, layer.qscale, bias)
+        # Fallback (CPU, fused kernels off): a dequantized (out, in) copy per call.
         return F.linear(x, self.dequantize(layer, x.dtype), bias)
+
+
+def _triton_runs_on(x: torch.Tensor) -> bool:
+    """Triton kernels run on CUDA tensors, and on CPU ones only under the interpreter (tests)."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def enable_triton_int8(model: nn.Module) -> int:
+    """Switch every int8 linear layer of `model` to the Triton w8a16 GEMM (int8_matmul.py);
+    the caller checks that Triton can run (CUDA, or the interpreter). Returns how many layers
+    use it (0 for a dense or nf4 model). Layers share one BnbLinearMethod, set once each."""
+    from llmbatch.runtime.layers.linear import LinearBase
+
+    count = 0
+    for module in model.modules():
+        quant = getattr(module, "quant_method", None)
+        if isinstance(module, LinearBase) and isinstance(quant, BnbLinearMethod) \
+                and quant.method == "int8":
+            quant.use_triton = True
+            count += 1
+    return count
 
 
 def attach_quantization(model: nn.Module, method: str, hf_config=None, device=None,
