@@ -147,6 +147,10 @@ class ModelRunner:
                 module.use_fused_kernel = True
             elif isinstance(module, LlamaAttention):
                 module.use_fused_rotary = True
+        # int8-quantized linear layers: the w8a16 Triton GEMM instead of dequantizing per call.
+        from llmbatch.runtime.layers.quantization import enable_triton_int8
+
+        enable_triton_int8(self.model)
         return True
 
     def _maybe_capture_decode_graphs(self):
