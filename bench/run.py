@@ -4,6 +4,7 @@
     python -m bench.run --shape tiny --device cpu --scale 0.05 --out /tmp/b   # CPU dry run
     python -m bench.run --quantization bf16,nf4,int8 ...   # + quantized W-RANDOM and W-BATCH1
     python -m bench.run --unfused ...   # + W-RANDOM, W-PREFIX, W-BATCH1 as llmbatch-unfused (CUDA)
+    python -m bench.run --async-scheduling ...  # + the same three as llmbatch-async
 
 Order: llmbatch first (its KV pool sizes itself from free memory), then it is freed and the
 peers load the same checkpoint. Every figure is written to OUT/results.json as soon as it
@@ -68,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"also run {'/'.join(FUSED_WORKLOADS)} with EngineConfig.fused_kernels "
                         f"off (torch RMSNorm, SiLU·mul, rotary) as system llmbatch-unfused; "
                         f"CUDA only (the CPU path is always unfused)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help=f"also run {'/'.join(FUSED_WORKLOADS)} with EngineConfig.async_scheduling "
+                        f"on (step n+1 planned while step n runs) as system llmbatch-async")
     p.add_argument("--profile", action="store_true",
                    help="after llmbatch's bf16 workloads, profile a 64-request W-RANDOM slice "
                         "and batch-1 decode (OUT/profile_llmbatch*.txt; GPU busy fraction "
@@ -161,15 +165,17 @@ def _free_cuda() -> None:
 
 
 def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: str,
-                 device: str, vocab: int, quant: str = "bf16", unfused: bool = False) -> None:
-    """One engine (quantization `quant`; `unfused`: unquantized with fused_kernels off), warmed
-    up, through its workloads, then freed."""
+                 device: str, vocab: int, quant: str = "bf16", variant: str = "") -> None:
+    """One engine (quantization `quant`), warmed up, through its workloads, then freed.
+    variant: "" (the defaults), or an A/B of one default on the unquantized engine: "unfused"
+    (fused_kernels off) or "async" (async_scheduling on), on FUSED_WORKLOADS."""
     method = QUANT_METHODS[quant]
     system = "llmbatch" if method == "none" else f"llmbatch-{quant}"
-    if unfused:
-        system = "llmbatch-unfused"
-    if method != "none" or unfused:
-        keep = FUSED_WORKLOADS if unfused else QUANT_WORKLOADS
+    unfused = variant == "unfused"
+    if variant:
+        system = f"llmbatch-{variant}"
+    if method != "none" or variant:
+        keep = FUSED_WORKLOADS if variant else QUANT_WORKLOADS
         workloads = {n: w for n, w in workloads.items() if n in keep}
         if not workloads:
             return
@@ -190,12 +196,14 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
         overrides["quantize_embeddings"] = True
     if unfused:
         overrides["fused_kernels"] = False
+    if variant == "async":
+        overrides["async_scheduling"] = True
     if device == "cpu":
         overrides["cpu_kv_cache_bytes"] = 64 << 20     # a small pool: the dry run is tiny
     try:
         engine, load_s = llmbatch_runner.build_engine(model_dir, dtype, device, **overrides)
     except Exception as exc:  # e.g. bitsandbytes missing: the quantized rows say so
-        if method == "none" and not unfused:
+        if method == "none" and not variant:
             raise
         traceback.print_exc()
         for name in workloads:
@@ -318,9 +326,11 @@ def main(argv=None) -> int:
     if not args.skip_peers:
         run_peers(rec, workloads, model_dir, dtype, device, args.peer_names)
     if not args.skip_llmbatch:
-        if args.unfused:  # before the quantized engines: the A/B of the default
-            run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size,
-                         "bf16", unfused=True)
+        # Before the quantized engines: the A/B rows of the defaults.
+        for variant, wanted in (("unfused", args.unfused), ("async", args.async_scheduling)):
+            if wanted:
+                run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size,
+                             "bf16", variant=variant)
         for quant in [q for q in args.quant_names if q != "bf16"]:
             run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size, quant)
 

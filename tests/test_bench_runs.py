@@ -109,3 +109,32 @@ def test_quantized_runs_on_cpu_report_weights_beside_bf16(tmp_path):
     rows = [r for r in results["table"] if r["workload"] == "W-RANDOM"]
     assert [r["system"] for r in rows] == ["llmbatch", "llmbatch-nf4", "llmbatch-int8"]
     assert set(rows[1]["ratios"]) == {"llmbatch"}
+
+
+@pytest.mark.timeout(300)
+def test_async_scheduling_row_on_cpu(tmp_path):
+    """--async-scheduling: the A/B row llmbatch-async beside llmbatch, same token counts."""
+    reason = engine_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"llmbatch.runtime.engine does not import yet ({reason})")
+    import json
+
+    from bench.run import main
+
+    out = tmp_path / "out"
+    rc = main(["--shape", "tiny", "--device", "cpu", "--scale", "0.05", "--skip-peers",
+               "--workloads", "W-RANDOM,W-BATCH1", "--async-scheduling",
+               "--out", str(out), "--model-dir", str(tmp_path / "model")])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["llmbatch-async_setup"]["stats"]["async_scheduling"] is True
+    assert results["llmbatch_setup"]["stats"]["async_scheduling"] is False
+    for name in ("W-RANDOM", "W-BATCH1"):
+        runs = results["runs"][name]
+        assert list(runs) == ["llmbatch", "llmbatch-async"]
+        expected = results["workloads"][name]["num_output_tokens"]
+        assert runs["llmbatch-async"]["output_tokens"] == expected
+        assert runs["llmbatch-async"]["num_errors"] == 0
+    rows = [r for r in results["table"] if r["workload"] == "W-RANDOM"]
+    assert [r["system"] for r in rows] == ["llmbatch", "llmbatch-async"]
+    assert set(rows[1]["ratios"]) == {"llmbatch"}

@@ -38,6 +38,9 @@ class EngineConfig:
     # saves most of their memory (the tied 128256 x 2048 table of Llama-3.2-1B: 525 MB bf16 ->
     # 148 MB) at some accuracy cost. transformers and vLLM leave them unquantized, hence opt-in.
     quantize_embeddings: bool = False
+    # Overlap the host with the GPU: schedule and launch step n+1 while step n runs
+    # (docs/async_scheduling.md). Off until measured on a GPU; no speculation, tp 1 only.
+    async_scheduling: bool = False
     speculative_method: str = "none"
     num_speculative_tokens: int = 4
     draft_model: Optional[str] = None
@@ -69,6 +72,11 @@ class EngineConfig:
         if self.quantize_embeddings and self.quantization != "nf4":
             raise ValueError(f"quantize_embeddings supports nf4 only, got "
                              f"quantization={self.quantization!r}")
+        if self.async_scheduling and self.speculative_method != "none":
+            raise ValueError("async_scheduling does not support speculative decoding yet; "
+                             "set speculative_method: none or async_scheduling: false")
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError("async_scheduling supports tensor_parallel_size 1 only")
         if self.speculative_method == "draft" and not self.draft_model:
             raise ValueError("speculative method 'draft' needs draft_model")
 

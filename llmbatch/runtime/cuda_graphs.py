@@ -296,15 +296,20 @@ class DecodeGraphRunner:
         key = self.graph_key_for(step)
         return key[0] if key is not None else None
 
-    def run(self, step) -> Optional[torch.Tensor]:
+    def run(self, step, deferred: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+            ) -> Optional[torch.Tensor]:
         """Replay for a qualifying step: (num_tokens, hidden_size) hidden states of the real
-        rows, a view into graph-owned memory valid until the next replay. None: run it eagerly."""
+        rows, a view into graph-owned memory valid until the next replay. None: run it eagerly.
+        deferred: (rows, token ids) on the device, written over the staged input ids of those
+        rows before the replay (async scheduling: tokens the host has not seen yet)."""
         key = self.graph_key_for(step)
         if key is None:
             return None
         bs, q = key
         self._stage(step.input_ids, step.positions, step.slot_mapping, step.seq_lens,
                     step.block_tables, bs, q)
+        if deferred is not None:
+            self._ints.index_copy_(0, *deferred)   # input ids are the first n int64 fields
         self._graphs[key].replay()
         self.num_replays += 1
         (self.replays_by_size if q == 1 else self.verify_replays_by_size)[bs] += 1

@@ -21,6 +21,7 @@ from llmbatch.runtime.sampler import default_seed
 from llmbatch.runtime.scheduler import Scheduler
 from llmbatch.runtime.spec_decode import NgramProposer
 from llmbatch.runtime.stop_checker import StopChecker
+from llmbatch.runtime.stop_rules import apply_stop_rules
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +52,18 @@ class Engine:
             self.runner.num_kv_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, max_model_len=self.max_model_len)
         self.planner = Planner(config.ordering, config.planner_window, config.block_size)
+        # Async scheduling: the step launched but not yet collected, with its schedule.
+        self.async_scheduling = bool(getattr(config, "async_scheduling", False))
+        if self.async_scheduling and not hasattr(self.runner, "launch"):
+            raise ValueError(f"async_scheduling needs a model runner with launch(); "
+                             f"{type(self.runner).__name__} has none")
+        self._in_flight = None   # (SchedulerOutput, LaunchedStep) or None
         self._arrivals = itertools.count()
         self._counters = dict(num_requests=0, num_error_requests=0, num_prompt_tokens=0,
                               num_cached_prompt_tokens=0, num_output_tokens=0, num_steps=0,
                               num_preemptions=0, num_spec_accepted_tokens=0,
+                              # Async scheduling: tokens computed past a stop, then dropped.
+                              num_async_dropped_tokens=0,
                               # Host wall time per step phase (bench/ reads the split): the
                               # scheduler with proposals, the runner (input prep, forward and
                               # sampling, which waits for the GPU), and stop checks + results.
@@ -133,13 +142,15 @@ class Engine:
                 rejected = self._admit(req)
                 if rejected is not None:
                     yield rejected
-            if not self.scheduler.has_unfinished_requests():
+            if not self.scheduler.has_unfinished_requests() and self._in_flight is None:
                 if exhausted:
                     return
                 continue
             yield from self.step()
 
     def step(self) -> list[GenerationResult]:
+        if self.async_scheduling:
+            return self._step_async()
         t0 = time.perf_counter()
         if self.proposer is not None:
             self._propose()
@@ -156,22 +167,63 @@ class Engine:
         t2 = time.perf_counter()
         self.scheduler.update_from_output(out, sampled)
         self._counters["num_steps"] += 1
+        finished = self._finish_stopped(out, sampled)
+        t3 = time.perf_counter()
+        self._counters["schedule_s"] += t1 - t0
+        self._counters["execute_s"] += t2 - t1
+        self._counters["postprocess_s"] += t3 - t2
+        return finished
+
+    def _step_async(self) -> list[GenerationResult]:
+        """One step of async scheduling (docs/async_scheduling.md): schedule and launch step
+        n+1 while step n is on the device, then collect step n's tokens and run its stop
+        checks. Step n+1 was planned as if every sampling request of step n went on; one that
+        stopped at step n has its step n+1 token dropped. When the pool might have to preempt
+        a request with a token in flight, step n is collected first (no overlap this time)."""
+        t0 = time.perf_counter()
+        in_flight = self._in_flight
+        out = None
+        if in_flight is None or self.scheduler.fits_without_preemption():
+            out = self.scheduler.schedule()
+            self._counters["num_preemptions"] += len(out.preempted)
+            if not out.scheduled and in_flight is None and not out.preempted:
+                raise RuntimeError("scheduler made no progress: KV pool too small for one request")
+        t1 = time.perf_counter()
+        self._in_flight = None
+        if out is not None and out.scheduled:
+            launched = self.runner.launch(out, in_flight[1] if in_flight is not None else None)
+            self.scheduler.commit_launched(out)
+            self._in_flight = (out, launched)
+        t2 = time.perf_counter()
+        finished: list[GenerationResult] = []
+        if in_flight is not None:
+            prev_out, prev_step = in_flight
+            sampled = prev_step.result()   # waits for step n; step n+1 is queued behind it
+            t2b = time.perf_counter()
+            self._counters["num_async_dropped_tokens"] += self.scheduler.apply_sampled(
+                prev_out, sampled)
+            self._counters["num_steps"] += 1
+            finished = self._finish_stopped(prev_out, sampled)
+            self._counters["postprocess_s"] += time.perf_counter() - t2b
+            t2 = t2b
+        self._counters["schedule_s"] += t1 - t0
+        self._counters["execute_s"] += t2 - t1
+        return finished
+
+    def _finish_stopped(self, out, sampled) -> list[GenerationResult]:
+        """Stop checks for the requests that received tokens; results of those that ended."""
         finished = []
         now = time.perf_counter()
         for item in out.scheduled:
             req = item.request
             if req.request_id not in sampled or req.is_finished:
                 continue
-            reason = self._check_stop(req)
+            reason = apply_stop_rules(req, self.eos_token_ids, self.max_model_len)
             if reason is not None:
                 self.scheduler.finish_request(req, reason)
                 self._live_ids.discard(req.request_id)
                 req.finish_time = now
                 finished.append(self._result(req))
-        t3 = time.perf_counter()
-        self._counters["schedule_s"] += t1 - t0
-        self._counters["execute_s"] += t2 - t1
-        self._counters["postprocess_s"] += t3 - t2
         return finished
 
     def reset_prefix_cache(self) -> None:
@@ -186,6 +238,7 @@ class Engine:
         s["cuda_graphs_active"] = getattr(self.runner, "graph_runner", None) is not None
         s["cuda_graph_error"] = getattr(self.runner, "cuda_graph_error", None)
         s["block_size"] = self.config.block_size
+        s["async_scheduling"] = self.async_scheduling
         s["prepare_s"] = getattr(self.runner, "prepare_s", None)  # part of execute_s
         # Steps that replayed a CUDA graph vs eager ones, and their forward + sampling seconds.
         for kind in ("graph", "eager"):
@@ -248,37 +301,6 @@ class Engine:
             return (f"prompt + max_new_tokens = {longest} tokens; the KV pool holds "
                     f"{pool_tokens} (raise kv_cache_blocks or lower max_new_tokens)")
         return self.scheduler.check_request(req)
-
-    def _check_stop(self, req: Request) -> Optional[FinishReason]:
-        """Apply stop rules to the tokens appended this step; trims tokens past a stop."""
-        params = req.sampling_params
-        for i in range(req.num_stop_checked, len(req.output_token_ids)):
-            token = req.output_token_ids[i]
-            reason = None
-            if not params.ignore_eos and token in self.eos_token_ids:
-                reason, req.stop_reason = FinishReason.STOP, token
-            elif token in params.stop_token_ids:
-                reason, req.stop_reason = FinishReason.STOP, token
-            elif req.stop_checker.active and req.stop_checker.append(token):
-                reason, req.stop_reason = FinishReason.STOP, req.stop_checker.matched
-            elif i + 1 >= params.max_new_tokens:
-                reason = FinishReason.LENGTH
-            elif req.num_prompt_tokens + i + 1 >= self.max_model_len:
-                reason = FinishReason.LENGTH
-            if reason is not None:
-                # Tokens accepted after the stop (speculative bonus tokens) are dropped.
-                extra = len(req.output_token_ids) - (i + 1)
-                if extra:
-                    del req.output_token_ids[i + 1:]
-                    del req.all_token_ids[len(req.all_token_ids) - extra:]
-                    if req.output_logprobs is not None:
-                        del req.output_logprobs[i + 1:]
-                    # The last dropped token is the target's own; the others were drafts.
-                    req.num_spec_accepted_tokens -= extra - 1
-                req.num_stop_checked = i + 1
-                return reason
-        req.num_stop_checked = len(req.output_token_ids)
-        return None
 
     def _result(self, req: Request, error: Optional[str] = None) -> GenerationResult:
         c = self._counters

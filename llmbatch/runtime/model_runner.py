@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -23,42 +22,9 @@ from llmbatch.runtime.kv_pool import allocate_kv_caches, decide_num_kv_blocks, k
 from llmbatch.runtime.sampler import Sampler
 from llmbatch.runtime.scheduler import SchedulerOutput
 from llmbatch.runtime.spec_decode import num_accepted
+from llmbatch.runtime.step_inputs import StepInputs, build_step_inputs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StepInputs:
-    """Host-side description of one step, before it is copied to the device."""
-
-    input_ids: list[int]            # (num_tokens,)
-    positions: list[int]            # (num_tokens,)
-    slot_mapping: list[int]         # (num_tokens,)
-    query_start_loc: list[int]      # (num_seqs + 1,)
-    seq_lens: list[int]             # (num_seqs,)
-    block_tables: list[list[int]]   # (num_seqs, <= max_blocks), ragged until padded
-    sample_rows: list[int]          # rows of the flattened batch whose logits are sampled
-    sample_requests: list[Any]      # the Request owning each sampled row
-    sample_output_index: list[int]  # index of the output token each sampled row produces
-
-    @classmethod
-    def empty(cls) -> "StepInputs":
-        return cls([], [], [], [0], [], [], [], [], [])
-
-    def add_span(self, tokens: list[int], start: int, block_table: list[int],
-                 block_size: int) -> int:
-        """Append one query span: `tokens` at positions start.., K/V slots through the
-        request's block table. Returns the row index one past the span's last row."""
-        end = start + len(tokens)
-        bs = block_size
-        self.input_ids.extend(tokens)
-        self.positions.extend(range(start, end))
-        self.slot_mapping.extend(block_table[p // bs] * bs + p % bs for p in range(start, end))
-        self.seq_lens.append(end)
-        self.block_tables.append(block_table)
-        row_end = self.query_start_loc[-1] + len(tokens)
-        self.query_start_loc.append(row_end)
-        return row_end
 
 
 class ModelRunner:
@@ -195,45 +161,7 @@ class ModelRunner:
 
     # -- one step ---------------------------------------------------------------------
     def prepare_inputs(self, out: SchedulerOutput) -> StepInputs:
-        bs = self.block_size
-        s = StepInputs.empty()
-        # Bound methods hoisted: this loop runs for every scheduled request every step.
-        ids_append, pos_append, slot_append = (s.input_ids.append, s.positions.append,
-                                               s.slot_mapping.append)
-        lens_append, tables_append, qsl = s.seq_lens.append, s.block_tables.append, \
-            s.query_start_loc
-        rows_append, reqs_append, idx_append = (s.sample_rows.append, s.sample_requests.append,
-                                                s.sample_output_index.append)
-        for item in out.scheduled:
-            req, n = item.request, item.num_new_tokens
-            start = req.num_computed_tokens
-            if n == 1 and not req.spec_token_ids and start + 1 == len(req.all_token_ids):
-                # Decode (or the last prompt token): one known token that samples. The same
-                # rows add_span + the sampling branch below would produce, without the slices.
-                table = req.block_table
-                ids_append(req.all_token_ids[start])
-                pos_append(start)
-                slot_append(table[start // bs] * bs + start % bs)
-                lens_append(start + 1)
-                tables_append(table)
-                row = qsl[-1]
-                qsl.append(row + 1)
-                rows_append(row)
-                reqs_append(req)
-                idx_append(req.num_output_tokens)
-                continue
-            # The span: known tokens from num_computed_tokens, then any speculative tokens.
-            known = req.all_token_ids[start:start + n]
-            tokens = known + req.spec_token_ids[: n - len(known)]
-            row_end = s.add_span(tokens, start, req.block_table, bs)
-            if item.samples:
-                # Verification of k speculative tokens samples at the last k + 1 rows.
-                num_samples = 1 + len(req.spec_token_ids)
-                for j in range(num_samples):
-                    s.sample_rows.append(row_end - num_samples + j)
-                    s.sample_requests.append(req)
-                    s.sample_output_index.append(req.num_output_tokens + j)
-        return s
+        return build_step_inputs(out, self.block_size)
 
     def _h2d(self, data, dtype: torch.dtype) -> torch.Tensor:
         """Host list or numpy array -> device tensor; on CUDA via pinned memory and a non_blocking copy (the
@@ -280,29 +208,59 @@ class ModelRunner:
         """
         if not out.scheduled:
             return {}
+        return self.launch(out).result()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput,
+               prev: Optional["LaunchedStep"] = None) -> "LaunchedStep":
+        """Enqueue one step (inputs, forward, sampling, the copy of its tokens to the host)
+        without waiting for the GPU; `.result()` of the returned handle waits. prev: the step
+        still in flight, whose sampled tokens this step's deferred inputs read on the device
+        (async scheduling; the engine launches at most one step ahead)."""
         t0 = time.perf_counter()
         s = self.prepare_inputs(out)
         t1 = time.perf_counter()
         self.prepare_s += t1 - t0   # host-only input building (engine stats)
+        prev_tokens = None
+        if s.deferred_rows:
+            if prev is None or prev.pending is None:
+                raise RuntimeError("a step with deferred input tokens needs the step in flight")
+            prev_tokens = prev.pending.token_ids
         replays_before = self.graph_runner.num_replays if self.graph_runner is not None else 0
-        logits = self.forward_logits(s)
-        sampled = {} if logits is None else self.sample(s, logits)
-        # Forward + sampling wall time (the sampling waits for the GPU), split by whether the
-        # step replayed a CUDA graph: per-step decode cost at scale, read off any workload.
+        logits = self.forward_logits(s, prev_tokens)
+        pending = None
+        if logits is not None:
+            params = [r.sampling_params for r in s.sample_requests]
+            default_seeds = [r.default_seed for r in s.sample_requests]
+            pending = self.sampler.sample_async(logits, params, s.sample_output_index,
+                                                default_seeds=default_seeds)
+            for row, req in enumerate(s.sample_requests):
+                req.pending_sample_index = row   # read by the next step's deferred inputs
         graphed = self.graph_runner is not None and self.graph_runner.num_replays > replays_before
-        key = "graph" if graphed else "eager"
-        self.step_time_s[key] += time.perf_counter() - t1
-        self.step_count[key] += 1
-        return sampled
+        return LaunchedStep(self, s, pending, "graph" if graphed else "eager",
+                            time.perf_counter() - t1)
 
     @torch.inference_mode()
-    def forward_logits(self, s: StepInputs) -> Optional[torch.Tensor]:
+    def forward_logits(self, s: StepInputs,
+                       prev_tokens: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Forward of one step on this rank's shard; (num_samples, vocab) float32 logits, or
-        None when nothing samples. Every TP rank calls it with the same `s` (collectives)."""
+        None when nothing samples. Every TP rank calls it with the same `s` (collectives).
+        prev_tokens: the previous step's sampled token ids on the device, the source of
+        s.deferred_rows (async scheduling)."""
+        deferred = None
+        if s.deferred_rows:
+            # One small copy holds both index lists: rows of this step, rows of prev_tokens.
+            idx = self._h2d(s.deferred_rows + s.deferred_src, torch.long)
+            n = len(s.deferred_rows)
+            deferred = (idx[:n], prev_tokens.index_select(0, idx[n:]))
         # Pure-decode steps replay a CUDA graph (None: not captured for this step, run eagerly).
-        hidden = self.graph_runner.run(s) if self.graph_runner is not None else None
+        hidden = None
+        if self.graph_runner is not None:
+            hidden = self.graph_runner.run(s, deferred)
         if hidden is None:
             input_ids, positions, meta = self._to_device(s)
+            if deferred is not None:
+                input_ids.index_copy_(0, *deferred)
             hidden = self.model(input_ids, positions, self.kv_caches, meta, self.attn_backend)
         if not s.sample_rows:
             return None
@@ -316,21 +274,50 @@ class ModelRunner:
         default_seeds = [r.default_seed for r in s.sample_requests]
         result = self.sampler.sample(logits, params, s.sample_output_index,
                                      default_seeds=default_seeds)
-        sampled: dict[Any, list[int]] = {}
-        logprobs: dict[Any, list] = {}
-        for j, (req, token) in enumerate(zip(s.sample_requests, result.token_ids)):
-            sampled.setdefault(req.request_id, []).append(token)
-            if result.logprobs is not None and result.logprobs[j] is not None:
-                logprobs.setdefault(req.request_id, []).append(result.logprobs[j])
-        for req in dict.fromkeys(s.sample_requests):
-            tokens = sampled[req.request_id]
-            if req.spec_token_ids:
-                # Keep the accepted drafts plus the target's next token (spec_decode.py).
-                # (the scheduler's update_from_output counts the accepted drafts)
-                keep = num_accepted(req.spec_token_ids, tokens) + 1
-                del tokens[keep:]
-            if req.request_id in logprobs:
-                if req.output_logprobs is None:
-                    req.output_logprobs = []
-                req.output_logprobs.extend(logprobs[req.request_id][:len(tokens)])
-        return sampled
+        return collect_sampled(s, result)
+
+
+class LaunchedStep:
+    """A step enqueued on the device; result() waits for its sampled tokens (once)."""
+
+    def __init__(self, runner: ModelRunner, s: StepInputs, pending, kind: str,
+                 launch_s: float) -> None:
+        self.runner, self.inputs, self.pending = runner, s, pending
+        self._kind, self._launch_s = kind, launch_s
+        self._sampled: Optional[dict[Any, list[int]]] = None
+
+    def result(self) -> dict[Any, list[int]]:
+        if self._sampled is None:
+            t0 = time.perf_counter()
+            self._sampled = ({} if self.pending is None
+                             else collect_sampled(self.inputs, self.pending.result()))
+            # Forward + sampling wall time the host saw (launching, then waiting for the
+            # tokens), split by whether the step replayed a CUDA graph (engine stats).
+            runner = self.runner
+            runner.step_time_s[self._kind] += self._launch_s + time.perf_counter() - t0
+            runner.step_count[self._kind] += 1
+        return self._sampled
+
+
+def collect_sampled(s: StepInputs, result) -> dict[Any, list[int]]:
+    """A SamplerOutput -> sampled token ids per request id; speculative rows are cut to the
+    accepted drafts + one, and logprobs are appended to the requests. A request finished
+    while the step was in flight (async scheduling) gets nothing appended."""
+    sampled: dict[Any, list[int]] = {}
+    logprobs: dict[Any, list] = {}
+    for j, (req, token) in enumerate(zip(s.sample_requests, result.token_ids)):
+        sampled.setdefault(req.request_id, []).append(token)
+        if result.logprobs is not None and result.logprobs[j] is not None:
+            logprobs.setdefault(req.request_id, []).append(result.logprobs[j])
+    for req in dict.fromkeys(s.sample_requests):
+        tokens = sampled[req.request_id]
+        if req.spec_token_ids:
+            # Keep the accepted drafts plus the target's next token (spec_decode.py).
+            # (the scheduler's update_from_output counts the accepted drafts)
+            keep = num_accepted(req.spec_token_ids, tokens) + 1
+            del tokens[keep:]
+        if req.request_id in logprobs and not req.is_finished:
+            if req.output_logprobs is None:
+                req.output_logprobs = []
+            req.output_logprobs.extend(logprobs[req.request_id][:len(tokens)])
+    return sampled

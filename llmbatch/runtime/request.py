@@ -61,6 +61,13 @@ class Request:
         self.spec_token_ids: list[int] = []
         self.num_spec_accepted_tokens = 0
 
+        # Async scheduling (docs/async_scheduling.md): tokens sampled by a step still in flight,
+        # whose values the host does not know yet. They follow all_token_ids; the scheduler
+        # counts them as known, and the next step reads the value on the device, at row
+        # `pending_sample_index` of the in-flight step's sampled tokens. 0 when synchronous.
+        self.num_pending_tokens = 0
+        self.pending_sample_index: Optional[int] = None
+
         # Offline prefix ordering (planner): admit only after `prefix_leader` has computed
         # `prefix_leader_tokens` tokens, so a shared prefix is computed once.
         self.prefix_leader: Optional["Request"] = None

@@ -20,7 +20,7 @@ do not become -inf for tokens the truncation removed.
 
 Invariants: greedy rows (temperature == 0) take torch.argmax of the raw logits (ties: the
 lowest token id) and no noise is computed for them. All results reach the host in ONE
-device->host copy per call.
+device->host copy per call (non-blocking with `sample_async`).
 """
 
 from __future__ import annotations
@@ -196,6 +196,57 @@ class SamplerOutput:
     logprobs: list[Optional[dict]]
 
 
+class PendingSample:
+    """Sampling results on their way to the host.
+
+    token_ids: (num_rows,) int64 on the logits' device, final as soon as the GPU has run the
+    sampling: the next step may read them on the device before the host has them.
+    result(): waits for the one device->host copy and unpacks it into a SamplerOutput.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor, lp_counts: list[int],
+                 lp_rows: list[int], max_n: int) -> None:
+        self.token_ids = token_ids
+        self._lp_counts, self._lp_rows, self._max_n = lp_counts, lp_rows, max_n
+        self._ready = None
+        if packed.is_cuda:
+            # Pinned destination + non_blocking: the copy is queued behind the sampling on the
+            # stream and the host goes on; an event marks when it has landed.
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = packed
+        self._output: Optional[SamplerOutput] = None
+
+    def result(self) -> SamplerOutput:
+        if self._output is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            self._output = self._unpack(self._host.tolist())
+        return self._output
+
+    def _unpack(self, host: list) -> SamplerOutput:
+        num_rows = self.token_ids.shape[0]
+        if not self._lp_rows:
+            return SamplerOutput(token_ids=host, logprobs=[None] * num_rows)
+        max_n = self._max_n
+        out_ids = [int(t) for t in host[:num_rows]]
+        out_lps: list[Optional[dict]] = [None] * num_rows
+        ids_at = num_rows + len(self._lp_rows)       # start of the top-n ids block
+        lps_at = ids_at + len(self._lp_rows) * max_n  # start of the top-n logprobs block
+        for i, (r, n) in enumerate(zip(self._lp_rows, self._lp_counts)):
+            ids = host[ids_at + i * max_n: ids_at + i * max_n + n]
+            lps = host[lps_at + i * max_n: lps_at + i * max_n + n]
+            out_lps[r] = {
+                "token_id": out_ids[r],
+                "logprob": host[num_rows + i],
+                "top": [(int(t), lp) for t, lp in zip(ids, lps)],
+            }
+        return SamplerOutput(token_ids=out_ids, logprobs=out_lps)
+
+
 class Sampler:
     """Stateless batched sampler; one instance per model runner."""
 
@@ -213,6 +264,18 @@ class Sampler:
         output token being sampled (0 for the first output token).
         default_seeds[row]: seed used when params[row].seed is None (see module docstring).
         """
+        return self.sample_async(logits, params, output_indices, default_seeds).result()
+
+    def sample_async(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        output_indices: Sequence[int],
+        default_seeds: Optional[Sequence[Optional[int]]] = None,
+    ) -> "PendingSample":
+        """`sample`, without waiting: enqueues the sampling and one non-blocking copy of its
+        results to pinned host memory. `.token_ids` (device) can feed the next step's inputs at
+        once; `.result()` waits for the copy (async scheduling, docs/async_scheduling.md)."""
         num_rows, vocab_size = _validate_inputs(logits, params, output_indices, default_seeds)
         logits = logits.float()
         device = logits.device
@@ -236,15 +299,15 @@ class Sampler:
             rows_t = torch.tensor(sampled_rows, dtype=torch.int64, device=device)
             token_ids = token_ids.index_copy(0, rows_t, picked)
 
-        # Pack everything for the host into one float64 tensor: token ids (< 2**53, exact),
-        # then per logprob row its sampled logprob, then top-n ids and top-n logprobs.
+        # Everything for the host goes in ONE tensor and one copy. Without logprobs that is the
+        # int64 token ids as they are; with logprobs, one float64 tensor: token ids (< 2**53,
+        # exact), then per logprob row its sampled logprob, then top-n ids and top-n logprobs.
         lp_rows = [r for r, p in enumerate(params) if p.logprobs is not None]
-        if not lp_rows:
-            # The common case: token ids only, copied as they are (two fewer kernels a step).
-            return SamplerOutput(token_ids=token_ids.cpu().tolist(), logprobs=[None] * num_rows)
-        parts = [token_ids.to(torch.float64)]
         max_n = max((params[r].logprobs for r in lp_rows), default=0)
-        if lp_rows:
+        if not lp_rows:
+            packed = token_ids
+        else:
+            parts = [token_ids.to(torch.float64)]
             rows_t = torch.tensor(lp_rows, dtype=torch.int64, device=device)
             logprobs = torch.log_softmax(logits.index_select(0, rows_t), dim=-1)  # (R, V)
             chosen = token_ids.index_select(0, rows_t)
@@ -252,22 +315,9 @@ class Sampler:
             if max_n > 0:
                 top_lp, top_ids = torch.topk(logprobs, max_n, dim=-1)  # (R, max_n), sorted
                 parts += [top_ids.double().flatten(), top_lp.double().flatten()]
-        host = torch.cat(parts).cpu().tolist()                   # the single D2H copy
-
-        out_ids = [int(t) for t in host[:num_rows]]
-        out_lps: list[Optional[dict]] = [None] * num_rows
-        ids_at = num_rows + len(lp_rows)             # start of the top-n ids block
-        lps_at = ids_at + len(lp_rows) * max_n       # start of the top-n logprobs block
-        for i, r in enumerate(lp_rows):
-            n = params[r].logprobs
-            ids = host[ids_at + i * max_n: ids_at + i * max_n + n]
-            lps = host[lps_at + i * max_n: lps_at + i * max_n + n]
-            out_lps[r] = {
-                "token_id": out_ids[r],
-                "logprob": host[num_rows + i],
-                "top": [(int(t), lp) for t, lp in zip(ids, lps)],
-            }
-        return SamplerOutput(token_ids=out_ids, logprobs=out_lps)
+            packed = torch.cat(parts)
+        return PendingSample(token_ids, packed, [params[r].logprobs for r in lp_rows], lp_rows,
+                             max_n)
 
     @staticmethod
     def _sample_rows(

@@ -48,7 +48,8 @@ class ScheduledRequest:
     def samples(self) -> bool:
         """True when this step reaches the end of the known tokens, so a token is sampled."""
         req = self.request
-        return req.num_computed_tokens + self.num_new_tokens >= req.num_tokens
+        return (req.num_computed_tokens + self.num_new_tokens
+                >= req.num_tokens + req.num_pending_tokens)
 
 
 @dataclass
@@ -144,6 +145,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_pending_tokens and self._pending_token_finishes(req):
+                i += 1   # async: its in-flight token is its last; the engine finishes it
+                continue
             num_new = self._num_new_tokens_running(req, budget)
             while bm.allocate_slots(req, num_new) is None:
                 if req.spec_token_ids:
@@ -186,7 +190,7 @@ class Scheduler:
 
     def _num_new_tokens_running(self, req: Request, budget: int) -> int:
         """Tokens for a running request this step; trims its draft tokens to what fits."""
-        remaining = req.num_tokens - req.num_computed_tokens
+        remaining = req.num_tokens + req.num_pending_tokens - req.num_computed_tokens
         if remaining < 1:
             raise RuntimeError(f"request {req.request_id!r} is running with nothing to compute "
                                f"(was its sampled token lost?)")
@@ -266,6 +270,10 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         """Preempt by recompute: free the blocks (their hashes stay cached), restart at 0,
         go to the FRONT of the waiting queue. Output tokens stay and get recomputed."""
+        if req.num_pending_tokens:
+            # Its recompute would sample the in-flight token a second time. The engine only
+            # schedules over a step in flight when fits_without_preemption() said so.
+            raise RuntimeError(f"request {req.request_id!r} preempted with a token in flight")
         self.block_manager.free(req)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
@@ -273,6 +281,67 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
+
+    # -- async scheduling (docs/async_scheduling.md) ----------------------------------------
+    def _pending_token_finishes(self, req: Request) -> bool:
+        """True when the request's in-flight token reaches max_new_tokens or the context limit
+        (the engine's length rules), so it must not be scheduled again."""
+        num_out = req.num_output_tokens + req.num_pending_tokens
+        if num_out >= req.sampling_params.max_new_tokens:
+            return True
+        return (self.max_model_len is not None
+                and req.num_tokens + req.num_pending_tokens >= self.max_model_len)
+
+    def fits_without_preemption(self) -> bool:
+        """True when the pool can give every running request blocks for all its known and
+        pending tokens: then schedule() preempts no one, whatever it grants (an upper bound:
+        a step computes at most those tokens). Waiting requests never preempt."""
+        bs = self.block_size
+        needed = 0
+        for req in self.running:
+            total = req.num_tokens + req.num_pending_tokens + len(req.spec_token_ids)
+            needed += max(0, -(-total // bs) - len(req.block_table))
+        return needed <= self.block_manager.num_free_blocks
+
+    def commit_launched(self, out: SchedulerOutput) -> None:
+        """Async: the step is on the device; advance every scheduled request as if it were
+        done. A sampling request gets a pending token (value unknown until apply_sampled).
+        Blocks full of KNOWN tokens are registered now: their K/V is written by work already
+        queued on the stream, ahead of any later step that could read them."""
+        cache_full_blocks = self.block_manager.cache_full_blocks
+        for item in out.scheduled:
+            req = item.request
+            if req.spec_token_ids:
+                raise RuntimeError("async scheduling does not verify draft tokens")
+            samples = item.samples   # before num_computed_tokens moves
+            req.num_computed_tokens += item.num_new_tokens
+            if samples:
+                req.num_pending_tokens += 1
+            cache_full_blocks(req)
+
+    def apply_sampled(self, out: SchedulerOutput, sampled: dict[Any, list[int]]) -> int:
+        """Async: the committed step's tokens reached the host; they replace the pending
+        placeholders. A request finished meanwhile (its previous token was a stop) drops
+        its token: it was computed past the stop. Returns how many tokens were dropped."""
+        now = time.perf_counter()
+        cache_full_blocks = self.block_manager.cache_full_blocks
+        running = RequestStatus.RUNNING
+        dropped = 0
+        for item in out.scheduled:
+            req = item.request
+            tokens = sampled.get(req.request_id)
+            if tokens is None:
+                continue
+            if req.status is not running:
+                dropped += len(tokens)
+                continue
+            if len(tokens) != 1 or req.num_pending_tokens < 1:
+                raise RuntimeError(f"request {req.request_id!r}: got {len(tokens)} sampled "
+                                   f"tokens for {req.num_pending_tokens} pending")
+            req.num_pending_tokens -= 1
+            req.append_output_token(tokens[0], now)
+            cache_full_blocks(req)
+        return dropped
 
     # -- after the model ran ---------------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, sampled: dict[Any, list[int]]) -> None:

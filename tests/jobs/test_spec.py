@@ -135,6 +135,17 @@ def test_engine_config_mapping():
         ("m", "float32", 32, "input", 64)
     assert (cfg.tensor_parallel_size, cfg.quantization, cfg.speculative_method,
             cfg.num_speculative_tokens, cfg.seed) == (2, "nf4", "ngram", 3, 7)
+    assert cfg.async_scheduling is False
+
+
+def test_async_scheduling_key_maps_and_keeps_the_hash():
+    base = load_job(job(model={"path": "m"}))
+    spec = load_job(job(model={"path": "m"}, engine={"async_scheduling": True}))
+    assert spec.engine_config().async_scheduling is True
+    assert spec.config_hash(1) == base.config_hash(1)   # a speed knob: same rows, same text
+    with pytest.raises(ValueError, match="speculative"):
+        load_job(job(model={"path": "m"}, engine={"async_scheduling": True},
+                     speculative={"method": "ngram"})).engine_config()
 
 
 def test_sampling_params_per_row_and_seed_offset():

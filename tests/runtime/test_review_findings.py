@@ -30,7 +30,7 @@ def _stop_inside_accepted_drafts(llama_setup, **params):
     free = generate(new_engine(llama_setup), [Request(0, prompt, SamplingParams(
         max_new_tokens=12, ignore_eos=True, **params))])[0].output_token_ids
     # Step 1 samples output 0; step 2 verifies drafts 1..4 and returns outputs 1..5, so a stop
-    # at output index 2 leaves outputs 3..5 to be dropped by Engine._check_stop.
+    # at output index 2 leaves outputs 3..5 to be dropped by stop_rules.apply_stop_rules.
     stop_at = free[2]
     assert stop_at not in free[:2]
     engine = new_engine(llama_setup, speculative_method="ngram", num_speculative_tokens=4)
@@ -42,7 +42,7 @@ def _stop_inside_accepted_drafts(llama_setup, **params):
 
 
 def test_logprobs_trimmed_with_tokens_dropped_after_a_stop(llama_setup):
-    # defect: engine.py _check_stop drops tokens after the stop but not req.output_logprobs.
+    # defect: engine.py _check_stop (now stop_rules.apply_stop_rules) drops tokens after the stop but not req.output_logprobs.
     got, _ = _stop_inside_accepted_drafts(llama_setup, logprobs=1)
     assert len(got.logprobs) == got.num_output_tokens == 3
 

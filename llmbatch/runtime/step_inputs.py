@@ -1,0 +1,101 @@
+"""StepInputs: the host-side, flattened description of one step, and how it is built from
+the scheduler's output (one span of tokens per scheduled request, sampled rows marked)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmbatch.runtime.scheduler import SchedulerOutput
+
+
+@dataclass
+class StepInputs:
+    """Host-side description of one step, before it is copied to the device."""
+
+    input_ids: list[int]            # (num_tokens,)
+    positions: list[int]            # (num_tokens,)
+    slot_mapping: list[int]         # (num_tokens,)
+    query_start_loc: list[int]      # (num_seqs + 1,)
+    seq_lens: list[int]             # (num_seqs,)
+    block_tables: list[list[int]]   # (num_seqs, <= max_blocks), ragged until padded
+    sample_rows: list[int]          # rows of the flattened batch whose logits are sampled
+    sample_requests: list[Any]      # the Request owning each sampled row
+    sample_output_index: list[int]  # index of the output token each sampled row produces
+    # Async scheduling: input_ids[deferred_rows[j]] is a placeholder, to be replaced on the
+    # device by the previous step's sampled token at its sample row deferred_src[j].
+    deferred_rows: list[int] = field(default_factory=list)
+    deferred_src: list[int] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls) -> "StepInputs":
+        return cls([], [], [], [0], [], [], [], [], [])
+
+    def add_span(self, tokens: list[int], start: int, block_table: list[int],
+                 block_size: int) -> int:
+        """Append one query span: `tokens` at positions start.., K/V slots through the
+        request's block table. Returns the row index one past the span's last row."""
+        end = start + len(tokens)
+        bs = block_size
+        self.input_ids.extend(tokens)
+        self.positions.extend(range(start, end))
+        self.slot_mapping.extend(block_table[p // bs] * bs + p % bs for p in range(start, end))
+        self.seq_lens.append(end)
+        self.block_tables.append(block_table)
+        row_end = self.query_start_loc[-1] + len(tokens)
+        self.query_start_loc.append(row_end)
+        return row_end
+
+
+def build_step_inputs(out: SchedulerOutput, block_size: int) -> StepInputs:
+    """The flattened inputs of one scheduled step (ModelRunner.prepare_inputs)."""
+    bs = block_size
+    s = StepInputs.empty()
+    # Bound methods hoisted: this loop runs for every scheduled request every step.
+    ids_append, pos_append, slot_append = (s.input_ids.append, s.positions.append,
+                                           s.slot_mapping.append)
+    lens_append, tables_append, qsl = s.seq_lens.append, s.block_tables.append, \
+        s.query_start_loc
+    rows_append, reqs_append, idx_append = (s.sample_rows.append, s.sample_requests.append,
+                                            s.sample_output_index.append)
+    for item in out.scheduled:
+        req, n = item.request, item.num_new_tokens
+        start = req.num_computed_tokens
+        pending = req.num_pending_tokens
+        if pending or (n == 1 and not req.spec_token_ids and start + 1 == len(req.all_token_ids)):
+            # Decode (or the last prompt token): one token that samples. The same rows
+            # add_span + the sampling branch below would produce, without the slices.
+            row = qsl[-1]
+            if pending:
+                # Async scheduling: the input is the token that the step in flight samples for
+                # this request; its value is still on the device (placeholder 0, filled there).
+                if n != 1 or pending != 1 or start != len(req.all_token_ids):
+                    raise RuntimeError(f"request {req.request_id!r}: {n} tokens at {start} "
+                                       f"with {pending} pending")
+                s.deferred_rows.append(row)
+                s.deferred_src.append(req.pending_sample_index)
+                ids_append(0)
+            else:
+                ids_append(req.all_token_ids[start])
+            table = req.block_table
+            pos_append(start)
+            slot_append(table[start // bs] * bs + start % bs)
+            lens_append(start + 1)
+            tables_append(table)
+            qsl.append(row + 1)
+            rows_append(row)
+            reqs_append(req)
+            idx_append(req.num_output_tokens + pending)  # a pending token is output n
+            continue
+        # The span: known tokens from num_computed_tokens, then any speculative tokens.
+        known = req.all_token_ids[start:start + n]
+        tokens = known + req.spec_token_ids[: n - len(known)]
+        row_end = s.add_span(tokens, start, req.block_table, bs)
+        if item.samples:
+            # Verification of k speculative tokens samples at the last k + 1 rows.
+            num_samples = 1 + len(req.spec_token_ids)
+            for j in range(num_samples):
+                s.sample_rows.append(row_end - num_samples + j)
+                s.sample_requests.append(req)
+                s.sample_output_index.append(req.num_output_tokens + j)
+    return s

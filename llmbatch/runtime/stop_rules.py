@@ -1,0 +1,43 @@
+"""Stop rules: when a request's generation ends, applied as its tokens arrive."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from llmbatch.runtime.request import FinishReason, Request
+
+
+def apply_stop_rules(req: Request, eos_token_ids: set[int],
+                     max_model_len: int) -> Optional[FinishReason]:
+    """Apply the stop rules to the tokens appended since the last call, in order: EOS (unless
+    ignore_eos), stop token ids, stop strings, max_new_tokens, the context limit. Returns the
+    reason the request ends, or None; tokens past the stop (speculative bonus tokens) are
+    trimmed, with their logprobs and their count of accepted drafts."""
+    params = req.sampling_params
+    for i in range(req.num_stop_checked, len(req.output_token_ids)):
+        token = req.output_token_ids[i]
+        reason = None
+        if not params.ignore_eos and token in eos_token_ids:
+            reason, req.stop_reason = FinishReason.STOP, token
+        elif token in params.stop_token_ids:
+            reason, req.stop_reason = FinishReason.STOP, token
+        elif req.stop_checker.active and req.stop_checker.append(token):
+            reason, req.stop_reason = FinishReason.STOP, req.stop_checker.matched
+        elif i + 1 >= params.max_new_tokens:
+            reason = FinishReason.LENGTH
+        elif req.num_prompt_tokens + i + 1 >= max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            # Tokens accepted after the stop (speculative bonus tokens) are dropped.
+            extra = len(req.output_token_ids) - (i + 1)
+            if extra:
+                del req.output_token_ids[i + 1:]
+                del req.all_token_ids[len(req.all_token_ids) - extra:]
+                if req.output_logprobs is not None:
+                    del req.output_logprobs[i + 1:]
+                # The last dropped token is the target's own; the others were drafts.
+                req.num_spec_accepted_tokens -= extra - 1
+            req.num_stop_checked = i + 1
+            return reason
+    req.num_stop_checked = len(req.output_token_ids)
+    return None
