@@ -179,7 +179,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
     tile = tile_for(m)
     grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n),)
     _int8_matmul_kernel[grid](
-        x2, qweight, qscale, qscale if bias is None else bias, out2,  # bias placeholder unread
+        x2, qweight, qscale, out2 if bias is None else bias, out2,  # placeholder: never read
         m, n, k, x2.stride(0), qweight.stride(0), out2.stride(0),
         HAS_BIAS=bias is not None, IEEE_DOT=x.dtype == torch.float32,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=GROUP_M,
