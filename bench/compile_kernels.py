@@ -23,7 +23,8 @@ import traceback
 
 
 def _variants():
-    """(label, jit function, signature, constexprs, options) for each launched specialisation.
+    """(label, jit function, signature, constexprs, options[, attrs]) for each launched
+    specialisation.
 
     Signatures follow Triton's type strings: "*bf16" pointer, "i32"/"i64" ints, "fp32" floats.
     """
@@ -163,7 +164,9 @@ def _skinny_matmul_variants(sm):
     """layers/skinny_matmul.py as the fused decode path launches it on the Llama-3.2-1B shape
     (qkv with the RMSNorm prologue, with and without Qwen2's bias; o_proj and down with the
     residual epilogue; gate_up with norm + SiLU·mul; the LM head plain), default tiles, plus
-    the FMA (dot=False) tiles the micro-benchmark sweeps."""
+    the FMA (dot=False) tiles the micro-benchmark sweeps. Pointers, N, K and the row strides
+    are marked divisible by 16 as at those launches: without it Triton does not pipeline the
+    weight loads, and the shared-memory use this checks would not be the real one."""
     import torch
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -182,6 +185,9 @@ def _skinny_matmul_variants(sm):
         for name in ("HAS_BIAS", "NORM", "RESIDUAL", "GATE_UP", "BLOCK_M", "BLOCK_N",
                      "BLOCK_K", "DOT", "IEEE_DOT"):
             sig[name] = "constexpr"
+        names = list(sig)
+        aligned = {(names.index(a),): [["tt.divisibility", 16]] for a in names
+                   if a.endswith("_ptr") or a in ("N", "K") or a.endswith("_stride")}
         for label, n, k, flags in shapes:
             cfgs = [("", sm.pick_config(n, k, torch_dt))]
             if dt == "bf16":
@@ -194,7 +200,8 @@ def _skinny_matmul_variants(sm):
                 consts.update(flags)
                 out.append((f"skinny_matmul {dt} {label} n{n} k{k}{suffix}",
                             sm._skinny_matmul_kernel, sig, consts,
-                            {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+                            {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                            aligned))
     return out
 
 
@@ -218,9 +225,12 @@ def main(argv=None) -> int:
     wanted = [f for f in args.filter.split(",") if f] or [""]
     variants = [v for v in _variants() if any(f in v[0] for f in wanted)]
     t0 = time.perf_counter()
-    for label, fn, sig, consts, opts in variants:
+    for label, fn, sig, consts, opts, *attrs in variants:
         try:
-            compiled = triton.compile(ASTSource(fn, sig, consts), target=target, options=opts)
+            # attrs (optional 6th element): argument specialisations such as tt.divisibility,
+            # which real launches get from aligned pointers and sizes (they enable pipelining).
+            compiled = triton.compile(ASTSource(fn, sig, consts, *attrs), target=target,
+                                      options=opts)
             asm = compiled.asm
             if args.stage not in asm:
                 raise RuntimeError(f"stage {args.stage} missing; have {sorted(asm)}")

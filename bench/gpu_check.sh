@@ -19,6 +19,7 @@
 # profiled slice), BENCH_UNFUSED=1 (opt-in: W-RANDOM, W-PREFIX and
 # W-BATCH1 once more with engine.fused_kernels off as system llmbatch-unfused, the A/B of the
 # default; off by default for time; on CPU its rows say skipped).
+# BENCH_SKINNY=1 (skinny-matmul micro-benchmark, GPU only; BENCH_SKINNY_TIMEOUT s, default 90).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +29,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -97,6 +98,14 @@ if [ "${BENCH_ATTENTION:-0}" = 1 ] && [ "$DRY" != 1 ]; then
   timeout "${BENCH_ATTENTION_TIMEOUT:-120}" "$PY" \
     -m llmbatch.runtime.attention.triton_kernels.bench_attention --sweep 2>&1 \
     | tee "$OUT_DIR/bench_attention.log"
+fi
+
+# Skinny matmul micro-benchmark (GPU only, opt-in, ~60 s): layers/skinny_matmul.py vs cuBLAS and
+# the unfused ops on the 1B decode shapes, a small tile sweep; table in the log, rows in JSON.
+if [ "${BENCH_SKINNY:-0}" = 1 ] && [ "$DRY" != 1 ]; then
+  echo "=== skinny matmul micro-benchmark"
+  timeout "${BENCH_SKINNY_TIMEOUT:-90}" "$PY" -m bench.bench_skinny_matmul \
+    --out "$OUT_DIR/bench_skinny_matmul.json" 2>&1 | tee "$OUT_DIR/bench_skinny_matmul.log"
 fi
 
 echo "=== bench ($(( $(date +%s) - T0 )) s so far)"

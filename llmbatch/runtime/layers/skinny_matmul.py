@@ -86,20 +86,25 @@ def pick_config(n: int, k: int, dtype: torch.dtype) -> SkinnyConfig:
 
 
 @triton.jit
-def _tile_dot(acc, x, w, DOT: tl.constexpr, IEEE_DOT: tl.constexpr):
-    """acc (BLOCK_M, BLOCK_N) fp32 += x (BLOCK_M, BLOCK_K) @ w (BLOCK_N, BLOCK_K)^T."""
+def _tile_dot(acc, x, w_t, DOT: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) fp32 += x (BLOCK_M, BLOCK_K) @ w_t (BLOCK_K, BLOCK_N).
+
+    w_t is loaded K-major straight from W's rows (no tl.trans in registers): a load that feeds
+    tl.dot directly is what Triton's software pipeliner turns into multi-stage async copies."""
     if DOT:
         if IEEE_DOT:  # float32 weights: exact fp32 products, not TF32
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            acc = tl.dot(x, w_t, acc, input_precision="ieee")
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(x, w_t, acc)
     else:
-        prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-        acc += tl.sum(prod, axis=2)
+        prod = x.to(tl.float32)[:, :, None] * w_t.to(tl.float32)[None, :, :]
+        acc += tl.sum(prod, axis=1)
     return acc
 
 
-@triton.jit
+# M is not specialised: M = 1 and M = 16 run the same binary (one compile; and a row's
+# instructions cannot differ with M, which batch invariance relies on).
+@triton.jit(do_not_specialize=["M"])
 def _skinny_matmul_kernel(
     x_ptr, w_ptr, bias_ptr, norm_w_ptr, res_ptr, out_ptr,
     M, N, K, x_row_stride, res_row_stride, out_row_stride, eps,
@@ -116,7 +121,7 @@ def _skinny_matmul_kernel(
     col_mask = cols < N
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows[:, None].to(tl.int64) * x_row_stride       # (BLOCK_M, 1)
-    w_rows = w_ptr + cols[:, None].to(tl.int64) * K                  # (BLOCK_N, 1)
+    w_cols = w_ptr + cols[None, :].to(tl.int64) * K                  # (1, BLOCK_N)
     dtype = out_ptr.dtype.element_ty
     if NORM:
         # First pass: each row's sum of squares (x is M x K, small and L2-resident).
@@ -129,7 +134,7 @@ def _skinny_matmul_kernel(
         rstd = tl.math.rsqrt(sum_sq / K + eps)                       # (BLOCK_M,)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATE_UP:
-        w_up_rows = w_ptr + (cols + N)[:, None].to(tl.int64) * K
+        w_up_cols = w_ptr + (cols + N)[None, :].to(tl.int64) * K
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
@@ -141,11 +146,11 @@ def _skinny_matmul_kernel(
             nw = tl.load(norm_w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
             normed = (x.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)
             x = (normed * nw[None, :]).to(dtype)
-        w_mask = col_mask[:, None] & k_mask[None, :]
-        w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        w = tl.load(w_cols + k[:, None], mask=w_mask, other=0.0)     # (BLOCK_K, BLOCK_N)
         acc = _tile_dot(acc, x, w, DOT, IEEE_DOT)
         if GATE_UP:
-            w_up = tl.load(w_up_rows + k[None, :], mask=w_mask, other=0.0)
+            w_up = tl.load(w_up_cols + k[:, None], mask=w_mask, other=0.0)
             acc_up = _tile_dot(acc_up, x, w_up, DOT, IEEE_DOT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]

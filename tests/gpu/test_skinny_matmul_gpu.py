@@ -1,0 +1,55 @@
+"""layers/skinny_matmul.py compiled on CUDA in bfloat16 (the CPU tests run float32/float16 in the
+interpreter): each fused option against the unfused torch path on a Llama-1B-like K, and full
+batch invariance, which the interpreter cannot show: row r of an M = 16 call bitwise equal to
+the M = 1 call on that row (moved to tile position 0), for every row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+pytest.importorskip("triton")
+
+from llmbatch.runtime.layers import skinny_matmul as sm  # noqa: E402
+from llmbatch.runtime.layers.activation import SiluAndMul  # noqa: E402
+from tests.runtime.test_skinny_matmul import EPS, operands, rand, torch_norm  # noqa: E402
+
+K, N, I = 2048, 1536, 768  # 1B hidden size; fewer output rows than the model to keep it quick
+BF16_TOL = dict(atol=2e-2, rtol=1.6e-2)  # one bfloat16 rounding step
+
+
+def cuda_operands(m, n_w, seed=0):
+    return [t.cuda() for t in operands(m, n_w, K, torch.bfloat16, seed)]
+
+
+@pytest.mark.parametrize("m", [1, 7, 16])
+def test_fused_options_match_torch_bf16(m):
+    x, w, b, nw = cuda_operands(m, 2 * I, seed=m)
+    residual = rand((m, 2 * I), torch.bfloat16, 5).cuda()
+    torch.testing.assert_close(sm.skinny_linear(x, w, b), F.linear(x, w, b), **BF16_TOL)
+    torch.testing.assert_close(sm.skinny_linear(x, w, norm_weight=nw, eps=EPS),
+                               F.linear(torch_norm(x.cpu(), nw.cpu()).cuda(), w), **BF16_TOL)
+    got = sm.skinny_linear(x, w, residual=residual)
+    assert torch.equal(got, sm.skinny_linear(x, w) + residual)
+    got = sm.skinny_linear(x, w, b, norm_weight=nw, eps=EPS, gate_up=True)
+    want = SiluAndMul()(F.linear(torch_norm(x.cpu(), nw.cpu()).cuda(), w, b))
+    torch.testing.assert_close(got, want, **BF16_TOL)
+
+
+@pytest.mark.parametrize("dot", [True, False])
+def test_every_row_is_batch_invariant_bf16(dot):
+    x, w, b, nw = cuda_operands(16, N, seed=3)
+    residual = rand((16, N), torch.bfloat16, 4).cuda()
+    cfg = None if dot else sm.SkinnyConfig(block_n=16, block_k=32, num_stages=3, dot=False)
+    for kwargs in (dict(bias=b), dict(norm_weight=nw, eps=EPS), dict(residual=residual),
+                   dict(norm_weight=nw, eps=EPS, gate_up=True)):
+        full = sm.skinny_linear(x, w, config=cfg, **kwargs)
+        for r in range(16):
+            one = dict(kwargs)
+            if "residual" in one:
+                one["residual"] = residual[r:r + 1]
+            got = sm.skinny_linear(x[r:r + 1], w, config=cfg, **one)
+            assert torch.equal(got[0], full[r]), (list(kwargs), r)
