@@ -32,6 +32,10 @@ class EngineConfig:
     attention_backend: str = "auto"             # auto: triton on CUDA, torch otherwise
     cuda_graphs: bool = True
     fused_kernels: bool = True                  # Triton RMSNorm, SiLU·mul, rotary; CUDA only
+    # Opt-in: decode steps of <= 16 tokens run each Llama-family layer as 6 launches
+    # (layers/skinny_matmul.py: norm prologues, residual and SiLU·mul epilogues); needs
+    # fused_kernels on CUDA, tensor_parallel_size 1, no quantization. Untuned: off by default.
+    skinny_matmul: bool = False
     tensor_parallel_size: int = 1
     quantization: str = "none"
     # Also quantize the token embedding and LM head with the engine's quantization (nf4 only):
