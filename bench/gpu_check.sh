@@ -20,6 +20,8 @@
 # W-BATCH1 once more with engine.fused_kernels off as system llmbatch-unfused, the A/B of the
 # default; off by default for time; on CPU its rows say skipped).
 # BENCH_SKINNY=1 (skinny-matmul micro-benchmark, GPU only; BENCH_SKINNY_TIMEOUT s, default 90).
+# BENCH_ASYNC (default 1 on a GPU, 0 in the dry run): W-RANDOM, W-PREFIX and W-BATCH1 once more
+# with engine.async_scheduling on as system llmbatch-async (~20 s), until it is the default.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +31,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -117,6 +119,8 @@ else
   MODEL_DIR="${BENCH_MODEL_DIR:-${TMPDIR:-/tmp}/llmbatch-bench-model-1b}"
 fi
 [ "${BENCH_UNFUSED:-0}" = 1 ] && MODE_ARGS+=(--unfused)
+ASYNC_DEFAULT=1; [ "$DRY" = 1 ] && ASYNC_DEFAULT=0
+[ "${BENCH_ASYNC:-$ASYNC_DEFAULT}" = 1 ] && MODE_ARGS+=(--async-scheduling)
 # A profiled 64-request W-RANDOM slice after llmbatch's bf16 rows (~10 s on a GPU): the kernel
 # table for the next tuning session (OUT_DIR/profile_llmbatch.txt). BENCH_PROFILE=0 skips it.
 [ "${BENCH_PROFILE:-1}" = 1 ] && MODE_ARGS+=(--profile)
