@@ -92,6 +92,9 @@ def _spec_equality_note(run: dict) -> str:
     if equal_cal is None:
         return "" if equal_off else "greedy output DIFFERS"
     if not equal_cal:
+        on_truth = run.get("fraction_on_calibration")
+        if on_truth is not None:   # how much of the truth was replayed before the first flip
+            return f"greedy output DIFFERS, {on_truth:.0%} of tokens on the truth"
         return "greedy output DIFFERS"
     return "" if equal_off else "≠ spec-off in bf16"
 

@@ -100,7 +100,7 @@ def test_run_spec_on_a_fake_engine():
     assert cal["tokens_per_step_per_request"] == pytest.approx(13 / 6)
     assert cal["output_tokens"] == 104 and cal["out_tok_per_s"] > 0
     assert run["greedy_equal_to_calibration"] is True
-    assert run["num_differing_from_calibration"] == 0
+    assert run["num_differing_from_calibration"] == 0 and run["fraction_on_calibration"] == 1.0
 
 
 def test_run_spec_replays_the_calibrated_truth_per_batch_size():
@@ -145,6 +145,10 @@ def test_spec_rows_say_differs_only_against_calibration():
                 "alpha=0.95,b=1": {"out_tok_per_s": 300.0, "speedup_vs_off": 3.0,
                                    "greedy_equal_to_spec_off": True,
                                    "greedy_equal_to_calibration": False},
+                "alpha=0.9,b=1": {"out_tok_per_s": 280.0, "speedup_vs_off": 2.8,
+                                  "greedy_equal_to_spec_off": False,
+                                  "greedy_equal_to_calibration": False,
+                                  "fraction_on_calibration": 0.974},
                 "old": {"out_tok_per_s": 90.0, "speedup_vs_off": 0.9,   # no calibration yet
                         "greedy_equal_to_spec_off": False}}}
     results = {"workloads": {"W-SPEC": {}}, "runs": {"W-SPEC": {"llmbatch": spec}}}
@@ -156,5 +160,18 @@ def test_spec_rows_say_differs_only_against_calibration():
         "2.00x spec-off (≠ spec-off in bf16) | — | — | —",
         "W-SPEC alpha=0.95,b=1 | llmbatch replay k=4 | 300 | "
         "3.00x spec-off (greedy output DIFFERS) | — | — | —",
+        "W-SPEC alpha=0.9,b=1 | llmbatch replay k=4 | 280 | "
+        "2.80x spec-off (greedy output DIFFERS, 97% of tokens on the truth) | — | — | —",
         "W-SPEC old | llmbatch replay k=4 | 90 | 0.90x spec-off (greedy output DIFFERS) | "
         "— | — | —"]
+
+
+def test_fraction_on_truth_counts_tokens_before_the_first_difference():
+    from bench.llmbatch_runner import _fraction_on_truth
+
+    truth = {"a": [1, 2, 3, 4], "b": [5, 6, 7, 8]}
+    assert _fraction_on_truth(truth, truth) == 1.0
+    # a: flips at index 2 (the tokens after a flip do not count, even when equal again);
+    # b: missing entirely.
+    assert _fraction_on_truth({"a": [1, 2, 9, 4]}, truth) == 2 / 8
+    assert _fraction_on_truth({}, {}) == 1.0
