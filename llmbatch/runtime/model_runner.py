@@ -117,6 +117,17 @@ class ModelRunner:
         from llmbatch.runtime.layers.quantization import enable_triton_int8
 
         enable_triton_int8(self.model)
+        # EngineConfig.skinny_matmul (opt-in): steps of <= 16 tokens run fused 6-launch decoder
+        # layers (models/llama_skinny.py); dense weights at tensor_parallel_size 1 only.
+        if getattr(self.config, "skinny_matmul", False):
+            from llmbatch.runtime.models.llama_skinny import enable_skinny_matmul
+
+            if (self.tp_size == 1 and self.quantization == "none"
+                    and enable_skinny_matmul(self.model)):
+                logger.info("skinny_matmul on: fused decoder layers for steps of <= 16 tokens")
+            else:
+                logger.info("skinny_matmul ignored: needs tensor_parallel_size 1, unquantized "
+                            "weights and a Llama-family model")
         return True
 
     def _maybe_capture_decode_graphs(self):

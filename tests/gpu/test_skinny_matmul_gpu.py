@@ -1,7 +1,9 @@
 """layers/skinny_matmul.py compiled on CUDA in bfloat16 (the CPU tests run float32/float16 in the
 interpreter): each fused option against the unfused torch path on a Llama-1B-like K, and full
 batch invariance, which the interpreter cannot show: row r of an M = 16 call bitwise equal to
-the M = 1 call on that row (moved to tile position 0), for every row."""
+the M = 1 call on that row (moved to tile position 0), for every row. Then the engine end to end
+(tiny float32 Llama, triton attention, fused kernels, decode CUDA graphs): greedy tokens with
+EngineConfig.skinny_matmul on equal to off (decode steps of <= 8 tokens take the fused path)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,14 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
+from llmbatch.runtime.config import EngineConfig  # noqa: E402
+from llmbatch.runtime.engine import Engine  # noqa: E402
 from llmbatch.runtime.layers import skinny_matmul as sm  # noqa: E402
+from llmbatch.runtime.request import Request  # noqa: E402
+from llmbatch.runtime.sampling_params import SamplingParams  # noqa: E402
 from llmbatch.runtime.layers.activation import SiluAndMul  # noqa: E402
 from tests.runtime.test_skinny_matmul import EPS, operands, rand, torch_norm  # noqa: E402
+from tests.runtime.tiny_models import make_model, make_prompts, make_tokenizer  # noqa: E402
 
 K, N, I = 2048, 1536, 768  # 1B hidden size; fewer output rows than the model to keep it quick
 BF16_TOL = dict(atol=2e-2, rtol=1.6e-2)  # one bfloat16 rounding step
@@ -53,3 +60,21 @@ def test_every_row_is_batch_invariant_bf16(dot):
                 one["residual"] = residual[r:r + 1]
             got = sm.skinny_linear(x[r:r + 1], w, config=cfg, **one)
             assert torch.equal(got[0], full[r]), (list(kwargs), r)
+
+
+def test_engine_greedy_equal_with_skinny_matmul(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama-skinny")
+    make_model(path, num_heads=4, num_kv_heads=2, head_dim=64, hidden=128)
+    tokenizer = make_tokenizer(tmp_path_factory.mktemp("tok-skinny"))
+    prompts = make_prompts(12, seed=5)
+    outputs = []
+    for skinny in (False, True):
+        engine = Engine(EngineConfig(model=str(path), device="cuda", dtype="float32",
+                                     attention_backend="triton", skinny_matmul=skinny,
+                                     max_num_seqs=8, kv_cache_blocks=1024), tokenizer=tokenizer)
+        assert engine.runner.model.model.use_skinny_matmul is skinny
+        params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        done = {r.request_id: r for r in
+                engine.generate([Request(i, p, params) for i, p in enumerate(prompts)])}
+        outputs.append([done[i].output_token_ids for i in range(len(prompts))])
+    assert outputs[1] == outputs[0]

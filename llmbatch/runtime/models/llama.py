@@ -139,7 +139,14 @@ class LlamaAttention(nn.Module):
                 attn_backend: AttentionBackend) -> torch.Tensor:
         """hidden (num_tokens, hidden_size) -> (num_tokens, hidden_size); rope = (cos, sin) of
         the tokens' positions, each (num_tokens, 1, head_dim/2), shared by all layers."""
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        out = self.attend(rope, self.qkv_proj(hidden), k_cache, v_cache, attn_meta, attn_backend)
+        return self.o_proj(out)
+
+    def attend(self, rope, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               attn_meta: AttentionMetadata, attn_backend: AttentionBackend) -> torch.Tensor:
+        """qkv (num_tokens, q_size + 2 * kv_size), the qkv_proj output -> attention output
+        (num_tokens, num_heads * head_dim), before o_proj; writes k/v into the paged cache."""
+        q, k, v = self.qkv_proj.split(qkv)
         q = q.view(-1, self.num_heads, self.head_dim)        # (num_tokens, num_heads, head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)     # (num_tokens, num_kv_heads, head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -162,7 +169,7 @@ class LlamaAttention(nn.Module):
                 q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
             attn_backend.write_kv(k, v, k_cache, v_cache, attn_meta.slot_mapping)
         out = attn_backend.forward(q, k_cache, v_cache, attn_meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        return out.reshape(-1, self.num_heads * self.head_dim)
 
 
 class LlamaMLP(nn.Module):
@@ -204,6 +211,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    # Set by ModelRunner (EngineConfig.skinny_matmul): steps of <= 16 tokens run the fused
+    # 6-launch layers of models/llama_skinny.py.
+    use_skinny_matmul: bool = False
+
     def __init__(self, spec: LlamaSpec, params_dtype: torch.dtype, tp_rank: int,
                  tp_size: int) -> None:
         super().__init__()
@@ -218,6 +229,12 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, kv_caches, attn_meta, attn_backend) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # (num_tokens, hidden_size)
         rope = self.rotary_emb.cos_sin(positions, hidden.dtype)
+        if self.use_skinny_matmul:
+            from llmbatch.runtime.models import llama_skinny
+
+            if llama_skinny.skinny_applies(self, hidden):
+                return llama_skinny.skinny_model_forward(self, hidden, rope, kv_caches,
+                                                         attn_meta, attn_backend)
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             hidden, residual = layer(rope, hidden, residual, k_cache, v_cache, attn_meta,

@@ -1,0 +1,160 @@
+"""models/llama_skinny.py: the fused <= 16-token decoder path equals the unfused forward (tiny
+float32 Llama / Qwen2 / Qwen3 under the Triton interpreter; close, not bitwise: the float32
+summation orders of the norms and matmuls differ), falls back for 17+ tokens, and is enabled
+only for dense, unsharded models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from llmbatch.runtime.models import llama_skinny  # noqa: E402
+from tests.runtime.test_models import (load_ours, make_hf_model, make_kv_caches,  # noqa: E402
+                                       random_block_tables, run_step)
+
+# GQA + tied + llama3 rope; Qwen2's q/k/v bias; Qwen3's q/k norm with q/k/v/o bias.
+CASES = ("llama-gqa-hd32-tied-llama3", "qwen2-gqa-hd32-tied", "qwen3-gqa-hd128-bias")
+ATOL = 1e-4
+
+
+@pytest.fixture(params=CASES)
+def model(request, tmp_path):
+    hf = make_hf_model(request.param, tmp_path)
+    return load_ours(hf, tmp_path)
+
+
+def both_paths(model, steps, count_calls=None):
+    """Run `steps` (each a list of run_step spans) on fresh KV caches with the fused path off,
+    then on; returns ([logits off], [logits on], kv off, kv on)."""
+    results = []
+    for on in (False, True):
+        model.model.use_skinny_matmul = on
+        kv = make_kv_caches(model)
+        results.append(([run_step(model, kv, spans) for spans in steps], kv))
+    model.model.use_skinny_matmul = False
+    (off, kv_off), (on, kv_on) = results
+    return off, on, kv_off, kv_on
+
+
+def test_prefill_of_1_to_16_tokens_matches_unfused(model):
+    tables = random_block_tables(3, 32, seed=1)
+    prompt = [(7 * i + 3) % 300 for i in range(16)]
+    steps = [[(prompt[:n], tables[0], 0, n)] for n in (1, 9, 16)]
+    off, on, _, _ = both_paths(model, steps)
+    for a, b in zip(off, on):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=ATOL)
+
+
+def test_decode_steps_after_a_long_prefill_match_unfused(model, monkeypatch):
+    """A 20-token prefill (falls back: > 16 tokens), then decode steps of 3 sequences and a
+    5-token verify-like span, which take the fused path; logits and the KV written agree."""
+    calls = []
+    real = llama_skinny.skinny_model_forward
+    monkeypatch.setattr(llama_skinny, "skinny_model_forward",
+                        lambda m, h, *a: calls.append(h.shape[0]) or real(m, h, *a))
+    tables = random_block_tables(3, 32, seed=2)
+    seqs = [[(5 * i + s) % 300 for i in range(28)] for s in range(3)]
+    steps = [[(seqs[0], tables[0], 0, 20)],
+             [(seqs[1], tables[1], 0, 12), (seqs[2], tables[2], 0, 4)],
+             [(seqs[0], tables[0], 20, 21), (seqs[1], tables[1], 12, 13),
+              (seqs[2], tables[2], 4, 5)],
+             [(seqs[0], tables[0], 21, 26)]]
+    off, on, kv_off, kv_on = both_paths(model, steps)
+    assert calls == [16, 3, 5]  # the 20-token step ran the unfused loop
+    for a, b in zip(off, on):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=ATOL)
+    for (k0, v0), (k1, v1) in zip(kv_off, kv_on):
+        torch.testing.assert_close(k1, k0, atol=ATOL, rtol=ATOL, equal_nan=True)
+        torch.testing.assert_close(v1, v0, atol=ATOL, rtol=ATOL, equal_nan=True)
+
+
+def test_17_tokens_fall_back(model, monkeypatch):
+    monkeypatch.setattr(llama_skinny, "skinny_model_forward",
+                        lambda *a: pytest.fail("fused path taken for 17 tokens"))
+    model.model.use_skinny_matmul = True
+    table = random_block_tables(1, 32, seed=3)[0]
+    run_step(model, make_kv_caches(model), [(list(range(17)), table, 0, 17)])
+    model.model.use_skinny_matmul = False
+
+
+def test_enable_only_for_dense_unsharded_models(model):
+    assert llama_skinny.enable_skinny_matmul(model) is True
+    assert model.model.use_skinny_matmul is True
+    model.model.layers[1].mlp.down_proj.quant_method = object()  # e.g. an int8 layer
+    assert llama_skinny.enable_skinny_matmul(model) is False
+    assert model.model.use_skinny_matmul is False
+
+
+def test_skinny_applies_only_to_matching_small_steps(model):
+    hidden = torch.zeros(16, model.config.hidden_size)
+    assert llama_skinny.skinny_applies(model.model, hidden)
+    assert not llama_skinny.skinny_applies(model.model, torch.zeros(17, hidden.shape[1]))
+    assert not llama_skinny.skinny_applies(model.model, torch.zeros(0, hidden.shape[1]))
+    assert not llama_skinny.skinny_applies(model.model, hidden.half())  # weights are float32
+
+
+def test_with_fused_kernels_and_triton_attention_matches_torch_path(tmp_path):
+    """The GPU configuration (fused norms, rotary + K/V store kernel, triton attention) with
+    the skinny path on, against the plain torch path: 2 decode-like sequences of 4 + 3 tokens."""
+    from llmbatch.runtime.attention.backend import AttentionMetadata
+    from llmbatch.runtime.attention.torch_backend import TorchAttentionBackend
+    from llmbatch.runtime.attention.triton_backend import TritonAttentionBackend
+    from llmbatch.runtime.layers.activation import SiluAndMul
+    from llmbatch.runtime.layers.norm import RMSNorm
+    from llmbatch.runtime.models.llama import LlamaAttention
+
+    model = load_ours(make_hf_model("llama-gqa-hd32-tied-llama3", tmp_path), tmp_path)
+    ids = torch.tensor([3, 9, 27, 81, 115, 7, 200])
+    pos = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    meta = AttentionMetadata(slot_mapping=torch.tensor([16, 17, 18, 19, 32, 33, 34]),
+                             query_start_loc=torch.tensor([0, 4, 7], dtype=torch.int32),
+                             seq_lens=torch.tensor([4, 3], dtype=torch.int32),
+                             block_tables=torch.tensor([[1], [2]], dtype=torch.int32),
+                             max_query_len=4, max_seq_len=4)
+
+    def forward(backend):
+        with torch.no_grad():
+            return model(ids, pos, make_kv_caches(model), meta, backend)
+
+    want = forward(TorchAttentionBackend())
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, SiluAndMul)):
+            module.use_fused_kernel = True
+        elif isinstance(module, LlamaAttention):
+            module.use_fused_rotary = True
+    assert llama_skinny.enable_skinny_matmul(model)
+    torch.testing.assert_close(forward(TritonAttentionBackend()), want, atol=ATOL, rtol=ATOL)
+
+
+def test_engine_flag_is_ignored_on_cpu(llama_setup):
+    from tests.runtime.tiny_models import new_engine
+
+    engine = new_engine(llama_setup, skinny_matmul=True, kv_cache_blocks=16)
+    assert engine.runner.model.model.use_skinny_matmul is False
+
+
+def test_engine_greedy_tokens_equal_with_the_path_forced_on(llama_setup, monkeypatch):
+    """End to end through the engine (prefill falls back, decode steps of <= 4 tokens fuse):
+    the same greedy tokens as the unfused engine."""
+    from llmbatch.runtime.request import Request
+    from llmbatch.runtime.sampling_params import SamplingParams
+    from tests.runtime.tiny_models import generate, make_prompts, new_engine
+
+    calls = []
+    real = llama_skinny.skinny_model_forward
+    monkeypatch.setattr(llama_skinny, "skinny_model_forward",
+                        lambda m, h, *a: calls.append(h.shape[0]) or real(m, h, *a))
+
+    prompts = make_prompts(4, seed=7)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    outputs = []
+    for forced in (False, True):
+        engine = new_engine(llama_setup, max_num_seqs=4, kv_cache_blocks=64)
+        engine.runner.model.model.use_skinny_matmul = forced
+        done = generate(engine, [Request(i, p, params) for i, p in enumerate(prompts)])
+        outputs.append([done[i].output_token_ids for i in range(len(prompts))])
+    assert outputs[1] == outputs[0]
+    assert all(len(o) == 6 for o in outputs[1])
+    assert len(calls) >= 5 and max(calls) <= 4  # the decode steps, fused
