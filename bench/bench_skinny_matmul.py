@@ -5,7 +5,8 @@ the Llama-3.2-1B decode shapes (GPU only; not a test; W-BATCH1 tuning input).
     python -m bench.bench_skinny_matmul --dry-run      # CPU smoke run: tiny shapes, interpreter
 
 Cases (per decoder layer, tp = 1), each timed as "baseline" (the unfused ops with the same math:
-today's Triton RMSNorm / SiLU·mul kernels, F.linear, a torch add) and as "skinny" (one launch):
+today's Triton RMSNorm / SiLU·mul kernels, F.linear, a torch add), as "cublas" (F.linear
+alone: how well cuBLAS streams the weight) and as "skinny" (one launch):
     qkv      2048 -> 3072              norm + linear          | skinny(norm prologue)
     o_proj   2048 -> 2048              linear + add           | skinny(residual epilogue)
     gate_up  2048 -> 2 x 8192          norm + linear + silu   | skinny(norm, SiLU·mul)
@@ -105,6 +106,12 @@ def baseline_fn(case: Case, ops: dict, w):
     return lambda: F.linear(x, w)
 
 
+def linear_fn(ops: dict, w):
+    import torch.nn.functional as F
+
+    return lambda: F.linear(ops["x"], w)
+
+
 def skinny_fn(case: Case, ops: dict, w, cfg):
     from llmbatch.runtime.layers.skinny_matmul import skinny_linear
 
@@ -168,15 +175,19 @@ def run_case(case, m, dtype, device, args, copy_gbs, configs) -> list[dict]:
     w_bytes = case.weight_rows * case.k * elem
     copies = min(MAX_COPIES, max(1, -(-L2_DEFEAT_BYTES // w_bytes))) if cuda else 1
     ops = make_operands(case, m, dtype, device, copies)
-    moved = case.bytes_moved(m, elem)
+    fused_bytes = case.bytes_moved(m, elem)
     want = baseline_fn(case, ops, ops["weights"][0])()
     rows = []
-    variants = [("baseline", None)] + [("skinny", cfg) for cfg in configs]
+    variants = [("baseline", None), ("cublas", None)] + [("skinny", cfg) for cfg in configs]
     for system, cfg in variants:
+        moved = fused_bytes
+        if system == "cublas":  # weight + x + the (m, weight_rows) output
+            moved = elem * (case.weight_rows * case.k + m * case.k + m * case.weight_rows)
         row = {"case": case.name, "m": m, "n": case.n, "k": case.k, "kind": case.kind,
                "system": system, "config": asdict(cfg) if cfg else None, "bytes": moved}
-        make = (lambda w: baseline_fn(case, ops, w)) if cfg is None else (
-            lambda w: skinny_fn(case, ops, w, cfg))
+        make = {"baseline": lambda w: baseline_fn(case, ops, w),
+                "cublas": lambda w: linear_fn(ops, w),
+                "skinny": lambda w: skinny_fn(case, ops, w, cfg)}[system]
         try:
             fns = [make(w) for w in ops["weights"]]
             if cfg is not None:
@@ -196,13 +207,14 @@ def run_case(case, m, dtype, device, args, copy_gbs, configs) -> list[dict]:
 def format_table(rows: list[dict], copy_gbs: float) -> str:
     """One line per (case, M): baseline, default skinny, best skinny config."""
     lines = [f"copy bandwidth {copy_gbs:,.0f} GB/s",
-             "case    |  M | baseline us | skinny default us | best us (GB/s, % copy) | "
-             "speedup | best config"]
+             "case    |  M | baseline us | cuBLAS alone us (% copy) | skinny default us | "
+             "best us (GB/s, % copy) | speedup | best config"]
     keys = sorted({(r["case"], r["m"]) for r in rows},
                   key=lambda k: ([r["case"] for r in rows].index(k[0]), k[1]))
     for name, m in keys:
         group = [r for r in rows if (r["case"], r["m"]) == (name, m) and "us" in r]
         base = next((r for r in group if r["system"] == "baseline"), None)
+        lin = next((r for r in group if r["system"] == "cublas"), {"us": 0, "frac_copy": 0})
         ours = [r for r in group if r["system"] == "skinny"]
         if not base or not ours:
             lines.append(f"{name:7s} | {m:2d} | no figure (see JSON errors)")
@@ -212,7 +224,8 @@ def format_table(rows: list[dict], copy_gbs: float) -> str:
         c = best["config"]
         tiles = f"n{c['block_n']} k{c['block_k']} w{c['num_warps']} s{c['num_stages']}" + (
             "" if c["dot"] else " fma")
-        lines.append(f"{name:7s} | {m:2d} | {base['us']:11.2f} | {ours[0]['us']:17.2f} | "
+        lines.append(f"{name:7s} | {m:2d} | {base['us']:11.2f} | {lin['us']:15.2f} "
+                     f"({lin['frac_copy']:4.0%}) | {ours[0]['us']:17.2f} | "
                      f"{best['us']:7.2f} ({best['gbs']:6,.0f}, {best['frac_copy']:4.0%}) | "
                      f"{base['us'] / best['us']:6.2f}x | {tiles}")
     lines += layer_estimate(rows)

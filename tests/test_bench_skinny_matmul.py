@@ -27,8 +27,9 @@ def test_dry_run_writes_every_row(tmp_path):
     data = json.loads(out.read_text())
     assert data["dry_run"] is True
     rows = data["rows"]
-    # 5 cases x 2 M x (baseline, default tiles, the FMA sweep tiles)
-    assert len(rows) == 5 * 2 * 3
+    # 5 cases x 2 M x (baseline, cublas, default tiles, the FMA sweep tiles)
+    assert len(rows) == 5 * 2 * 4
+    assert sum(r["system"] == "cublas" for r in rows) == 10
     assert not [r for r in rows if "error" in r]
     skinny = [r for r in rows if r["system"] == "skinny"]
     assert len(skinny) == 20 and all(r["max_abs_diff"] < 1e-4 for r in skinny)
