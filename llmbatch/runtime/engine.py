@@ -189,11 +189,14 @@ class Engine:
             if not out.scheduled and in_flight is None and not out.preempted:
                 raise RuntimeError("scheduler made no progress: KV pool too small for one request")
         t1 = time.perf_counter()
-        self._in_flight = None
+        # Step n stays in _in_flight until step n+1 is launched: a launch that raises leaves
+        # it collectable (as the sync path leaves its state), never orphans its pending tokens.
         if out is not None and out.scheduled:
             launched = self.runner.launch(out, in_flight[1] if in_flight is not None else None)
             self.scheduler.commit_launched(out)
             self._in_flight = (out, launched)
+        else:
+            self._in_flight = None
         t2 = time.perf_counter()
         finished: list[GenerationResult] = []
         if in_flight is not None:
@@ -239,6 +242,10 @@ class Engine:
         s["cuda_graph_error"] = getattr(self.runner, "cuda_graph_error", None)
         s["block_size"] = self.config.block_size
         s["async_scheduling"] = self.async_scheduling
+        # Which kernel paths the runner actually took (options are ignored where they cannot
+        # apply, e.g. on CPU): fused kernels, the skinny decode path, int8 layers on Triton.
+        for key in ("fused_kernels_active", "skinny_matmul_active", "int8_triton_layers"):
+            s[key] = getattr(self.runner, key, None)
         s["prepare_s"] = getattr(self.runner, "prepare_s", None)  # part of execute_s
         # Steps that replayed a CUDA graph vs eager ones, and their forward + sampling seconds.
         for kind in ("graph", "eager"):

@@ -130,3 +130,35 @@ def test_async_scheduling_config_is_validated():
         EngineConfig(model="m", async_scheduling=True, speculative_method="ngram")
     with pytest.raises(ValueError, match="tensor_parallel_size 1"):
         EngineConfig(model="m", async_scheduling=True, tensor_parallel_size=2)
+
+
+def test_async_step_survives_a_failed_launch_like_sync(setup):
+    """A launch that raises (e.g. a device error in the forward) must leave the step in flight
+    collectable, as the synchronous engine leaves its state: a later generate() finishes every
+    request with the tokens of a run without the failure. (defect: _step_async dropped the
+    in-flight step before launching, so its pending tokens could never be read again.)"""
+    path, tokenizer, prompts, _ = setup
+    params = [SamplingParams(max_new_tokens=6, ignore_eos=True)] * 6
+    want = {r.request_id: r.output_token_ids
+            for r in _run(path, tokenizer, prompts[:6], params, {})[0].values()}
+    for async_scheduling in (False, True):
+        engine = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32",
+                                     async_scheduling=async_scheduling), tokenizer=tokenizer)
+        forward = engine.runner.forward_logits
+        calls = []
+
+        def failing_once(s, prev_tokens=None):
+            calls.append(1)
+            if len(calls) == 3:   # the third step: two steps committed before it
+                raise RuntimeError("injected device error")
+            return forward(s, prev_tokens)
+        engine.runner.forward_logits = failing_once
+        reqs = [Request(i, p, params[i]) for i, p in enumerate(prompts[:6])]
+        got = {}
+        with pytest.raises(RuntimeError, match="injected"):
+            for r in engine.generate(reqs):
+                got[r.request_id] = r.output_token_ids
+        got.update({r.request_id: r.output_token_ids for r in engine.generate([])})
+        assert got == want, f"async_scheduling={async_scheduling}"
+        bm = engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks and engine._in_flight is None
