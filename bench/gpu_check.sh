@@ -14,14 +14,16 @@
 # keeps bf16 only. Without the wheel the quantized rows say bitsandbytes is missing.
 # Env: PYTHON (default python3), BENCH_ARGS (extra bench.run flags, e.g. "--skip-peers"),
 # PYTEST_TIMEOUT (s, default 180), PYTEST_PATHS (default: all of tests/gpu, core files first),
-# BENCH_ATTENTION=1 (attention micro-benchmark), BENCH_TIMEOUT (s, default 360), BENCH_MODEL_DIR,
+# BENCH_ATTENTION=1 (attention micro-benchmark), BENCH_TIMEOUT (s, default 390), BENCH_MODEL_DIR,
 # BENCH_QUANTIZATION (GPU runs only, default bf16,nf4,int8), BENCH_PROFILE=0 (skip the
 # profiled slice), BENCH_UNFUSED=1 (opt-in: W-RANDOM, W-PREFIX and
 # W-BATCH1 once more with engine.fused_kernels off as system llmbatch-unfused, the A/B of the
 # default; off by default for time; on CPU its rows say skipped).
 # BENCH_SKINNY=1 (skinny-matmul micro-benchmark, GPU only; BENCH_SKINNY_TIMEOUT s, default 90).
-# BENCH_ASYNC (default 1 on a GPU, 0 in the dry run): W-RANDOM, W-PREFIX and W-BATCH1 once more
-# with engine.async_scheduling on as system llmbatch-async (~20 s), until it is the default.
+# BENCH_ASYNC and BENCH_SKINNY_ROWS (each default 1 on a GPU, 0 in the dry run): W-RANDOM,
+# W-PREFIX and W-BATCH1 once more with engine.async_scheduling (system llmbatch-async) or
+# engine.skinny_matmul (llmbatch-skinny) on, ~20 s each: the A/B of options not yet default.
+# Whole check with the defaults: ~9.5 min on an H200 (pytest <= 180 s, bench <= 390 s).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,7 +33,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -119,19 +121,20 @@ else
   MODEL_DIR="${BENCH_MODEL_DIR:-${TMPDIR:-/tmp}/llmbatch-bench-model-1b}"
 fi
 [ "${BENCH_UNFUSED:-0}" = 1 ] && MODE_ARGS+=(--unfused)
-ASYNC_DEFAULT=1; [ "$DRY" = 1 ] && ASYNC_DEFAULT=0
-[ "${BENCH_ASYNC:-$ASYNC_DEFAULT}" = 1 ] && MODE_ARGS+=(--async-scheduling)
+AB_DEFAULT=1; [ "$DRY" = 1 ] && AB_DEFAULT=0
+[ "${BENCH_ASYNC:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--async-scheduling)
+[ "${BENCH_SKINNY_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--skinny)
 # A profiled 64-request W-RANDOM slice after llmbatch's bf16 rows (~10 s on a GPU): the kernel
 # table for the next tuning session (OUT_DIR/profile_llmbatch.txt). BENCH_PROFILE=0 skips it.
 [ "${BENCH_PROFILE:-1}" = 1 ] && MODE_ARGS+=(--profile)
 # The checkpoint lives outside OUT_DIR: 2.47 GB must not travel back with the results.
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-360}" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \
+timeout "${BENCH_TIMEOUT:-390}" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \
   --model-dir "$MODEL_DIR" ${BENCH_ARGS:-} >"$OUT_DIR/bench_stdout.log" \
   2> >(tee "$OUT_DIR/bench_stderr.log" | grep -E '^\[bench|Error|error' >&2)
 BENCH_RC=$?
 wait
-[ "$BENCH_RC" = 124 ] && BENCH_RC="124 (timed out after ${BENCH_TIMEOUT:-360} s)"
+[ "$BENCH_RC" = 124 ] && BENCH_RC="124 (timed out after ${BENCH_TIMEOUT:-390} s)"
 
 echo "=== gpu_check done in $(( $(date +%s) - T0 )) s: pytest rc=$PYTEST_RC, bench rc=$BENCH_RC, JSON in $OUT_DIR"
 # bench.run's stdout: the label line, any FAILED line, then the table (printed last). When the

@@ -5,6 +5,7 @@
     python -m bench.run --quantization bf16,nf4,int8 ...   # + quantized W-RANDOM and W-BATCH1
     python -m bench.run --unfused ...   # + W-RANDOM, W-PREFIX, W-BATCH1 as llmbatch-unfused (CUDA)
     python -m bench.run --async-scheduling ...  # + the same three as llmbatch-async
+    python -m bench.run --skinny ...             # + the same three as llmbatch-skinny (CUDA)
 
 Order: llmbatch first (its KV pool sizes itself from free memory), then it is freed and the
 peers load the same checkpoint. Every figure is written to OUT/results.json as soon as it
@@ -72,6 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--async-scheduling", action="store_true",
                    help=f"also run {'/'.join(FUSED_WORKLOADS)} with EngineConfig.async_scheduling "
                         f"on (step n+1 planned while step n runs) as system llmbatch-async")
+    p.add_argument("--skinny", action="store_true",
+                   help=f"also run {'/'.join(FUSED_WORKLOADS)} with EngineConfig.skinny_matmul on "
+                        f"(fused Triton matmuls for decode steps of <= 16 tokens) as system "
+                        f"llmbatch-skinny; CUDA only")
     p.add_argument("--profile", action="store_true",
                    help="after llmbatch's bf16 workloads, profile a 64-request W-RANDOM slice "
                         "and batch-1 decode (OUT/profile_llmbatch*.txt; GPU busy fraction "
@@ -164,11 +169,17 @@ def _free_cuda() -> None:
         torch.cuda.empty_cache()
 
 
+# A/B variants that only differ from the default on CUDA (their CPU rows say why).
+CUDA_ONLY_VARIANTS = {"unfused": "fused kernels run on CUDA only",
+                      "skinny": "skinny matmul runs on CUDA only"}
+
+
 def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: str,
                  device: str, vocab: int, quant: str = "bf16", variant: str = "") -> None:
     """One engine (quantization `quant`), warmed up, through its workloads, then freed.
     variant: "" (the defaults), or an A/B of one default on the unquantized engine: "unfused"
-    (fused_kernels off) or "async" (async_scheduling on), on FUSED_WORKLOADS."""
+    (fused_kernels off), "async" (async_scheduling on) or "skinny" (skinny_matmul on), on
+    FUSED_WORKLOADS."""
     method = QUANT_METHODS[quant]
     system = "llmbatch" if method == "none" else f"llmbatch-{quant}"
     unfused = variant == "unfused"
@@ -179,9 +190,10 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
         workloads = {n: w for n, w in workloads.items() if n in keep}
         if not workloads:
             return
-    if unfused and device == "cpu":  # the CPU path never fuses: the row would repeat llmbatch
+    if variant in CUDA_ONLY_VARIANTS and device == "cpu":
+        # The CPU path never runs Triton kernels: the row would repeat llmbatch.
         for name in workloads:
-            rec.put(name, system, {"skipped": "fused kernels run on CUDA only"})
+            rec.put(name, system, {"skipped": CUDA_ONLY_VARIANTS[variant]})
         return
     reason = llmbatch_runner.engine_unavailable_reason()
     if reason is not None:
@@ -198,6 +210,8 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
         overrides["fused_kernels"] = False
     if variant == "async":
         overrides["async_scheduling"] = True
+    if variant == "skinny":
+        overrides["skinny_matmul"] = True
     if device == "cpu":
         overrides["cpu_kv_cache_bytes"] = 64 << 20     # a small pool: the dry run is tiny
     try:
@@ -327,7 +341,8 @@ def main(argv=None) -> int:
         run_peers(rec, workloads, model_dir, dtype, device, args.peer_names)
     if not args.skip_llmbatch:
         # Before the quantized engines: the A/B rows of the defaults.
-        for variant, wanted in (("unfused", args.unfused), ("async", args.async_scheduling)):
+        for variant, wanted in (("unfused", args.unfused), ("async", args.async_scheduling),
+                                ("skinny", args.skinny)):
             if wanted:
                 run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size,
                              "bf16", variant=variant)

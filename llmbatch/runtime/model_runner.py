@@ -19,7 +19,7 @@ from llmbatch.runtime.attention import AttentionMetadata, get_attention_backend
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.device import resolve_device, resolve_dtype
 from llmbatch.runtime.kv_pool import allocate_kv_caches, decide_num_kv_blocks, kv_block_bytes
-from llmbatch.runtime.sampler import Sampler
+from llmbatch.runtime.sampler import Sampler, host_to_device
 from llmbatch.runtime.scheduler import SchedulerOutput
 from llmbatch.runtime.spec_decode import num_accepted
 from llmbatch.runtime.step_inputs import StepInputs, build_step_inputs
@@ -75,6 +75,9 @@ class ModelRunner:
         self.weight_bytes = model_weight_bytes(self.model)  # this rank's loaded weights
         self.weight_bytes_per_rank = [self.weight_bytes]    # tp_executor fills every rank's
         self.model.eval()
+        # Set by _maybe_enable_fused_kernels when they apply (engine stats report them).
+        self.int8_triton_layers = 0
+        self.skinny_matmul_active = False
         self.fused_kernels_active = self._maybe_enable_fused_kernels()
         self.attn_backend = get_attention_backend(config.attention_backend, self.device.type)
         self.sampler = Sampler()
@@ -116,7 +119,7 @@ class ModelRunner:
         # int8-quantized linear layers: the w8a16 Triton GEMM instead of dequantizing per call.
         from llmbatch.runtime.layers.quantization import enable_triton_int8
 
-        enable_triton_int8(self.model)
+        self.int8_triton_layers = enable_triton_int8(self.model)
         # EngineConfig.skinny_matmul (opt-in): steps of <= 16 tokens run fused 6-launch decoder
         # layers (models/llama_skinny.py); dense weights at tensor_parallel_size 1 only.
         if getattr(self.config, "skinny_matmul", False):
@@ -124,6 +127,7 @@ class ModelRunner:
 
             if (self.tp_size == 1 and self.quantization == "none"
                     and enable_skinny_matmul(self.model)):
+                self.skinny_matmul_active = True
                 logger.info("skinny_matmul on: fused decoder layers for steps of <= 16 tokens")
             else:
                 logger.info("skinny_matmul ignored: needs tensor_parallel_size 1, unquantized "
@@ -177,9 +181,7 @@ class ModelRunner:
     def _h2d(self, data, dtype: torch.dtype) -> torch.Tensor:
         """Host list or numpy array -> device tensor; on CUDA via pinned memory and a non_blocking copy (the
         caching host allocator keeps the pinned block until the copy has read it)."""
-        if self.device.type != "cuda":
-            return torch.tensor(data, dtype=dtype, device=self.device)
-        return torch.tensor(data, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+        return host_to_device(data, dtype, self.device)
 
     def _block_tables_to_device(self, tables: list[list[int]]) -> torch.Tensor:
         """Ragged block tables -> (num_seqs, max_blocks) int32 on the device, right-padded with

@@ -138,11 +138,14 @@ def test_engine_config_mapping():
     assert cfg.async_scheduling is False
 
 
-def test_async_scheduling_key_maps_and_keeps_the_hash():
+def test_async_and_skinny_keys_map_and_keep_the_hash():
     base = load_job(job(model={"path": "m"}))
     spec = load_job(job(model={"path": "m"}, engine={"async_scheduling": True}))
     assert spec.engine_config().async_scheduling is True
     assert spec.config_hash(1) == base.config_hash(1)   # a speed knob: same rows, same text
+    skinny = load_job(job(model={"path": "m"}, engine={"skinny_matmul": True}))
+    assert skinny.engine_config().skinny_matmul is True
+    assert skinny.config_hash(1) == base.config_hash(1)
     with pytest.raises(ValueError, match="speculative"):
         load_job(job(model={"path": "m"}, engine={"async_scheduling": True},
                      speculative={"method": "ngram"})).engine_config()

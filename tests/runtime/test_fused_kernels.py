@@ -287,16 +287,19 @@ def test_job_spec_maps_fused_kernels():
     assert off.config_hash(1) == load_job(base).config_hash(1)
 
 
-def test_bench_unfused_flag_and_cpu_rows_say_skipped(tmp_path):
+@pytest.mark.parametrize("variant,flag,why", [
+    ("unfused", "--unfused", "fused kernels run on CUDA only"),
+    ("skinny", "--skinny", "skinny matmul runs on CUDA only")])
+def test_bench_cuda_only_variants_and_cpu_rows_say_skipped(tmp_path, variant, flag, why):
     from bench import run as bench_run
 
-    assert bench_run.parse_args([]).unfused is False
-    args = bench_run.parse_args(["--unfused"])
-    assert args.unfused is True
+    assert getattr(bench_run.parse_args([]), variant) is False
+    args = bench_run.parse_args([flag])
+    assert getattr(args, variant) is True
     rec = bench_run.Recorder(str(tmp_path), {"runs": {}})
     workloads = {"W-RANDOM": object(), "W-PREFIX": object(), "W-BATCH1": object()}
-    bench_run.run_llmbatch(args, rec, workloads, "unused", "float32", "cpu", 100, unfused=True)
-    skipped = {"llmbatch-unfused": {"skipped": "fused kernels run on CUDA only"}}
+    bench_run.run_llmbatch(args, rec, workloads, "unused", "float32", "cpu", 100, variant=variant)
+    skipped = {f"llmbatch-{variant}": {"skipped": why}}
     assert rec.results["runs"] == {"W-RANDOM": skipped, "W-PREFIX": skipped, "W-BATCH1": skipped}
 
 
