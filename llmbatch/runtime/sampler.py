@@ -58,6 +58,19 @@ def _mix64_py(z: int) -> int:
     return z ^ (z >> 31)
 
 
+def host_to_device(data, dtype: torch.dtype, device) -> torch.Tensor:
+    """A host list (or numpy array) as a tensor on `device`, without waiting for the device.
+
+    torch.tensor(data, device=cuda) copies from pageable memory and synchronizes the stream,
+    so the host would wait for all queued work: with async scheduling, for the forward it has
+    just launched. On CUDA the data goes through pinned memory with a non_blocking copy (the
+    caching host allocator keeps the pinned block until the copy has read it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(data, dtype=dtype, device=device)
+    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def _lsr(z: torch.Tensor, shift: int) -> torch.Tensor:
     """Logical right shift of int64 bit patterns: torch's >> is arithmetic, so mask the sign
     extension away."""
@@ -115,7 +128,7 @@ def seeded_uniforms(
     if len(seeds) != len(output_indices):
         raise ValueError(f"{len(seeds)} seeds but {len(output_indices)} output indices")
     keys = [_to_signed(row_key(s, i, stream)) for s, i in zip(seeds, output_indices)]
-    return uniforms_from_keys(torch.tensor(keys, dtype=torch.int64, device=device), num_cols)
+    return uniforms_from_keys(host_to_device(keys, torch.int64, device), num_cols)
 
 
 def _validate_inputs(logits, params, output_indices, default_seeds):
@@ -296,7 +309,7 @@ class Sampler:
             picked = self._sample_rows(
                 logits, sampled_rows, [params[r] for r in sampled_rows], seeds,
                 [output_indices[r] for r in sampled_rows], vocab_size)
-            rows_t = torch.tensor(sampled_rows, dtype=torch.int64, device=device)
+            rows_t = host_to_device(sampled_rows, torch.int64, device)
             token_ids = token_ids.index_copy(0, rows_t, picked)
 
         # Everything for the host goes in ONE tensor and one copy. Without logprobs that is the
@@ -308,7 +321,7 @@ class Sampler:
             packed = token_ids
         else:
             parts = [token_ids.to(torch.float64)]
-            rows_t = torch.tensor(lp_rows, dtype=torch.int64, device=device)
+            rows_t = host_to_device(lp_rows, torch.int64, device)
             logprobs = torch.log_softmax(logits.index_select(0, rows_t), dim=-1)  # (R, V)
             chosen = token_ids.index_select(0, rows_t)
             parts.append(logprobs.gather(1, chosen[:, None]).squeeze(1).double())
@@ -330,8 +343,8 @@ class Sampler:
     ) -> torch.Tensor:
         """Temperature, top-k, top-p and Gumbel-max for the non-greedy rows -> (len(rows),)."""
         device = logits.device
-        rows_t = torch.tensor(rows, dtype=torch.int64, device=device)
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        rows_t = host_to_device(rows, torch.int64, device)
+        temps = host_to_device([p.temperature for p in params], torch.float32, device)
         scores = logits.index_select(0, rows_t) / temps[:, None]     # (n, V)
 
         # top_k <= 0 or >= vocab keeps everything; so does top_p == 1.
@@ -361,14 +374,14 @@ def _truncate(
     cumulative probability reaches top_p; position 0 is always kept.
     """
     device = scores.device
-    idx_t = torch.tensor(trunc, dtype=torch.int64, device=device)
+    idx_t = host_to_device(trunc, torch.int64, device)
     sub = scores.index_select(0, idx_t)                                  # (m, V)
     sorted_scores, order = torch.sort(sub, dim=-1, descending=True, stable=True)
     positions = torch.arange(sub.shape[1], device=device)[None, :]      # (1, V)
-    ks = torch.tensor(top_ks, dtype=torch.int64, device=device)[:, None]
+    ks = host_to_device(top_ks, torch.int64, device)[:, None]
     keep = positions < ks                                                # (m, V) sorted order
     if any(p < 1.0 for p in top_ps):
-        ps = torch.tensor(top_ps, dtype=torch.float32, device=device)[:, None]
+        ps = host_to_device(top_ps, torch.float32, device)[:, None]
         probs = torch.softmax(sorted_scores.masked_fill(~keep, float("-inf")), dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs
         keep &= mass_before < ps

@@ -68,3 +68,30 @@ def test_async_equals_sync_on_cuda(tiny, tokenizer, cuda_graphs):
         assert stats["graph_steps"] > 0
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_sample_async_does_not_wait_for_the_device():
+    """sample_async must enqueue without a host sync, or the host waits behind the forward it
+    has just launched and async scheduling overlaps nothing. (defect: the sampler built its
+    row indices, temperatures and seeded-noise keys with torch.tensor(..., device=cuda), a
+    pageable copy that synchronizes the stream, for any sampled or logprobs row.)"""
+    from llmbatch.runtime.sampler import Sampler
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 1000, device="cuda")
+    params = [SamplingParams(),                                          # greedy
+              SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=1),
+              SamplingParams(logprobs=3),                                # greedy + logprobs
+              SamplingParams(temperature=1.0, seed=2, logprobs=2),
+              SamplingParams(temperature=0.5, top_p=0.7),                # default seed
+              SamplingParams(temperature=1.0, top_k=5)]
+    indices, seeds = [0, 3, 1, 7, 2, 0], [11, 12, 13, 14, 15, 16]
+    sampler = Sampler()
+    want = sampler.sample(logits, params, indices, default_seeds=seeds)  # warms pinned blocks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = sampler.sample_async(logits, params, indices, default_seeds=seeds)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert pending.result() == want
