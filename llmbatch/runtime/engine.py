@@ -77,6 +77,10 @@ class Engine:
 
     def set_proposer(self, proposer) -> None:
         """Install any object with propose(request, num_tokens) -> list[int] (bench replay)."""
+        if proposer is not None and self.async_scheduling:
+            # _step_async never proposes: the proposer would be ignored without a word.
+            raise ValueError("set_proposer: async_scheduling does not support speculative "
+                             "decoding yet; build the engine with async_scheduling off")
         self.proposer = proposer
 
     def _propose(self) -> None:

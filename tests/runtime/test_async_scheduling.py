@@ -162,3 +162,16 @@ def test_async_step_survives_a_failed_launch_like_sync(setup):
         assert got == want, f"async_scheduling={async_scheduling}"
         bm = engine.block_manager
         assert bm.num_free_blocks == bm.num_blocks and engine._in_flight is None
+
+
+def test_async_engine_refuses_an_installed_proposer(setup):
+    """_step_async never proposes drafts, so a proposer installed on an async engine (the
+    bench's W-SPEC replay hook) would be ignored silently: speculation "measured" without
+    speculating. (defect: set_proposer accepted it.) Removing one (None) stays allowed."""
+    path, tokenizer, _, _ = setup
+    engine = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32",
+                                 async_scheduling=True), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="async_scheduling does not support speculative"):
+        engine.set_proposer(object())
+    engine.set_proposer(None)
+    assert engine.proposer is None
