@@ -67,14 +67,29 @@ LLAMA_1B = cases(2048, 2048, 512, 8192, 128256)
 TINY = cases(64, 64, 16, 96, 200)  # masked tails (n = 96, 200) in the dry run too
 
 
-def sweep_configs(sm) -> list:
-    """Alternatives to the (untuned) default table, timed beside it."""
+def sweep_configs(sm, case_name: str = "") -> list:
+    """Alternatives to the (untuned) default table, timed beside it; the split-K ones only for
+    the cases named in split_k_configs."""
     C = sm.SkinnyConfig
     # Each is one Triton compile per case (~1 s): kept few so the run fits BENCH_SKINNY_TIMEOUT.
     return [C(block_n=16, block_k=128, num_warps=4, num_stages=4),
             C(block_n=16, block_k=512, num_warps=4, num_stages=3),
             C(block_n=32, block_k=256, num_warps=4, num_stages=4),
-            C(block_n=16, block_k=32, num_warps=4, num_stages=3, dot=False)]
+            C(block_n=16, block_k=32, num_warps=4, num_stages=3, dot=False)
+            ] + split_k_configs(sm, case_name)
+
+
+def split_k_configs(sm, case_name: str) -> list:
+    """Deterministic split-K (two launches: partial sums, then a fixed-order reduce with the
+    epilogue) for the cases whose BLOCK_N 16 grid has ~one program per SM: down (K = 8192,
+    128 programs each streaming 256 KB), o_proj (128) and qkv (192)."""
+    C = sm.SkinnyConfig
+    if case_name not in ("qkv", "o_proj", "down"):
+        return []
+    cfgs = [C(block_n=16, block_k=256, num_warps=4, num_stages=4, split_k=s) for s in (2, 4)]
+    if case_name == "down":  # 32 chunks of K: 8 splits of 4 chunks, 512 programs
+        cfgs.append(C(block_n=32, block_k=256, num_warps=4, num_stages=4, split_k=8))
+    return cfgs
 
 
 def make_operands(case: Case, m: int, dtype, device, copies: int, seed: int = 0) -> dict:
@@ -223,7 +238,7 @@ def format_table(rows: list[dict], copy_gbs: float) -> str:
         best["best"] = True
         c = best["config"]
         tiles = f"n{c['block_n']} k{c['block_k']} w{c['num_warps']} s{c['num_stages']}" + (
-            "" if c["dot"] else " fma")
+            "" if c["dot"] else " fma") + (f" split{c['split_k']}" if c["split_k"] > 1 else "")
         lines.append(f"{name:7s} | {m:2d} | {base['us']:11.2f} | {lin['us']:15.2f} "
                      f"({lin['frac_copy']:4.0%}) | {ours[0]['us']:17.2f} | "
                      f"{best['us']:7.2f} ({best['gbs']:6,.0f}, {best['frac_copy']:4.0%}) | "
@@ -289,7 +304,9 @@ def main(argv=None) -> int:
         default = sm.pick_config(case.n, case.k, dtype)
         configs = [default]
         if not args.no_sweep:
-            extra = sweep_configs(sm) if cuda else sweep_configs(sm)[-1:]
+            extra = sweep_configs(sm, case.name)
+            if not cuda:  # dry run: the FMA tiles and the first split-K config
+                extra = extra[3:4] + split_k_configs(sm, case.name)[:1]
             configs += [c for c in extra if c != default]
         for m in ms:
             new = run_case(case, m, dtype, device, args, copy_gbs, configs)

@@ -164,9 +164,11 @@ def _skinny_matmul_variants(sm):
     """layers/skinny_matmul.py as the fused decode path launches it on the Llama-3.2-1B shape
     (qkv with the RMSNorm prologue, with and without Qwen2's bias; o_proj and down with the
     residual epilogue; gate_up with norm + SiLU·mul; the LM head plain), default tiles, plus
-    the FMA (dot=False) tiles the micro-benchmark sweeps. Pointers, N, K and the row strides
-    are marked divisible by 16 as at those launches: without it Triton does not pipeline the
-    weight loads, and the shared-memory use this checks would not be the real one."""
+    the FMA (dot=False) tiles the micro-benchmark sweeps, the split-K tiles it sweeps (the
+    partial-sum kernel and the reduce kernel with each epilogue). Pointers, N, K, k_per_split
+    and the row strides are marked divisible by 16 as at those launches: without it Triton does
+    not pipeline the weight loads, and the shared-memory use this checks would not be the real
+    one."""
     import torch
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -176,33 +178,68 @@ def _skinny_matmul_variants(sm):
               ("gate_up", 8192, 2048, dict(NORM=True, GATE_UP=True)),
               ("down", 2048, 8192, dict(RESIDUAL=True)),
               ("lm_head", 128256, 2048, {}))
+    split_cfgs = [(f" split{c.split_k} n{c.block_n} k{c.block_k}", c)
+                  for c in _bench_split_k_configs(sm)]
     out = []
     for dt, torch_dt in dtypes.items():
         sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
                "norm_w_ptr": f"*{dt}", "res_ptr": f"*{dt}", "out_ptr": f"*{dt}",
-               "M": "i32", "N": "i32", "K": "i32", "x_row_stride": "i32",
-               "res_row_stride": "i32", "out_row_stride": "i32", "eps": "fp32"}
+               "ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "x_row_stride": "i32",
+               "res_row_stride": "i32", "out_row_stride": "i32", "ws_row_stride": "i32",
+               "ws_split_stride": "i32", "k_per_split": "i32", "eps": "fp32"}
         for name in ("HAS_BIAS", "NORM", "RESIDUAL", "GATE_UP", "BLOCK_M", "BLOCK_N",
-                     "BLOCK_K", "DOT", "IEEE_DOT"):
+                     "BLOCK_K", "DOT", "IEEE_DOT", "SPLIT_K"):
             sig[name] = "constexpr"
-        names = list(sig)
-        aligned = {(names.index(a),): [["tt.divisibility", 16]] for a in names
-                   if a.endswith("_ptr") or a in ("N", "K") or a.endswith("_stride")}
         for label, n, k, flags in shapes:
             cfgs = [("", sm.pick_config(n, k, torch_dt))]
             if dt == "bf16":
                 cfgs.append((" fma", sm.SkinnyConfig(block_n=16, block_k=32, num_warps=4,
                                                      num_stages=3, dot=False)))
+                if label != "lm_head":
+                    cfgs += split_cfgs
             for suffix, cfg in cfgs:
                 consts = dict(HAS_BIAS=False, NORM=False, RESIDUAL=False, GATE_UP=False,
                               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                              DOT=cfg.dot, IEEE_DOT=dt == "fp32")
+                              DOT=cfg.dot, IEEE_DOT=dt == "fp32", SPLIT_K=cfg.split_k)
                 consts.update(flags)
                 out.append((f"skinny_matmul {dt} {label} n{n} k{k}{suffix}",
-                            sm._skinny_matmul_kernel, sig, consts,
+                            sm._skinny_matmul_kernel, dict(sig), consts,
                             {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                            aligned))
+                            _aligned(sig, ("N", "K", "k_per_split"))))
+        # The reduce kernel: each epilogue, the split counts the sweep uses.
+        sig = {"ws_ptr": "*fp32", "bias_ptr": f"*{dt}", "res_ptr": f"*{dt}", "out_ptr": f"*{dt}",
+               "M": "i32", "N": "i32", "ws_row_stride": "i32", "ws_split_stride": "i32",
+               "res_row_stride": "i32", "out_row_stride": "i32"}
+        for name in ("HAS_BIAS", "RESIDUAL", "GATE_UP", "SPLIT_K", "BLOCK_M", "BLOCK_N"):
+            sig[name] = "constexpr"
+        for flags in (dict(HAS_BIAS=True), dict(RESIDUAL=True), dict(GATE_UP=True),
+                      dict(GATE_UP=True, HAS_BIAS=True)):
+            for splits in sorted({c.split_k for _, c in split_cfgs}):
+                consts = dict(HAS_BIAS=False, RESIDUAL=False, GATE_UP=False, SPLIT_K=splits,
+                              BLOCK_M=sm.MAX_M, BLOCK_N=sm.REDUCE_BLOCK_N)
+                consts.update(flags)
+                label = ",".join(f for f in flags)
+                out.append((f"skinny_split_k_reduce {dt} {label} splits{splits}",
+                            sm._split_k_reduce_kernel, dict(sig), consts, {"num_warps": 4},
+                            _aligned(sig, ("N",))))
     return out
+
+
+def _bench_split_k_configs(sm):
+    """Every split-K config of the micro-benchmark sweep (compiled here as it launches them)."""
+    from bench.bench_skinny_matmul import split_k_configs
+
+    cfgs = []
+    for name in ("qkv", "o_proj", "down"):
+        cfgs += [c for c in split_k_configs(sm, name) if c not in cfgs]
+    return cfgs
+
+
+def _aligned(sig: dict, ints: tuple) -> dict:
+    """tt.divisibility 16 on every pointer, row/split stride and the named int arguments."""
+    names = list(sig)
+    return {(names.index(a),): [["tt.divisibility", 16]] for a in names
+            if a.endswith("_ptr") or a.endswith("_stride") or a in ints}
 
 
 def main(argv=None) -> int:

@@ -27,12 +27,15 @@ def test_dry_run_writes_every_row(tmp_path):
     data = json.loads(out.read_text())
     assert data["dry_run"] is True
     rows = data["rows"]
-    # 5 cases x 2 M x (baseline, cublas, default tiles, the FMA sweep tiles)
-    assert len(rows) == 5 * 2 * 4
+    # 5 cases x 2 M x (baseline, cublas, default tiles, the FMA sweep tiles), plus one split-K
+    # config for qkv, o_proj and down (2 M each)
+    assert len(rows) == 5 * 2 * 4 + 3 * 2
     assert sum(r["system"] == "cublas" for r in rows) == 10
     assert not [r for r in rows if "error" in r]
     skinny = [r for r in rows if r["system"] == "skinny"]
-    assert len(skinny) == 20 and all(r["max_abs_diff"] < 1e-4 for r in skinny)
+    assert len(skinny) == 26 and all(r["max_abs_diff"] < 1e-4 for r in skinny)
+    split = [r for r in skinny if r["config"]["split_k"] > 1]
+    assert sorted(r["case"] for r in split) == ["down", "down", "o_proj", "o_proj", "qkv", "qkv"]
     assert {r["case"] for r in rows} == {"qkv", "o_proj", "gate_up", "down", "lm_head"}
     assert {r["config"]["dot"] for r in skinny} == {True, False}
     assert sum(r.get("best", False) for r in skinny) == 10  # one per (case, M)
@@ -40,6 +43,16 @@ def test_dry_run_writes_every_row(tmp_path):
     assert "case    |  M | baseline us" in proc.stdout
     assert proc.stdout.count("qkv     |") == 2
     assert proc.stdout.count("x16 layers") == 2
+
+
+def test_split_k_sweep_only_for_the_few_program_cases():
+    pytest.importorskip("triton")
+    from llmbatch.runtime.layers import skinny_matmul as sm
+
+    for name, splits in (("qkv", [2, 4]), ("o_proj", [2, 4]), ("down", [2, 4, 8]),
+                         ("gate_up", []), ("lm_head", [])):
+        assert [c.split_k for c in bsm.split_k_configs(sm, name)] == splits
+        assert [c.split_k for c in bsm.sweep_configs(sm, name)] == [1] * 4 + splits
 
 
 def test_bytes_moved_counts_weight_and_activations():

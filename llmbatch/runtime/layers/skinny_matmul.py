@@ -14,6 +14,13 @@ one program: no atomics, deterministic. Batch invariance: the launcher picks the
 (N, K, dtype) only, never from M, and a padded row is masked, not mixed in; so row r of an
 M = 16 call is bitwise equal to the M = 1 call on row r (tests check it).
 
+Split-K (SkinnyConfig.split_k = S > 1; off in the default table): when N / BLOCK_N programs are
+too few to keep DRAM busy (down_proj: 128 programs streaming 256 KB each), program (n, s)
+covers the s-th contiguous K range (whole BLOCK_K chunks) and stores raw fp32 partial sums to
+a workspace (S, M, N_w); a second launch adds the S partials in fixed order and applies the
+same epilogue. Still no atomics: deterministic and batch invariant; the RMSNorm prologue's
+sum of squares is taken over all of K in every split.
+
 Numerics copy the unfused path rounding step by rounding step (layers/norm.py, activation.py,
 fused_kernels.py; F.linear rounds acc + bias once to the model dtype). The differences are the
 float32 summation orders (sum of squares, dot products), as with any other GEMM.
@@ -33,6 +40,8 @@ import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_M = 16  # rows per call: one padded BLOCK_M tile
+MAX_SPLIT_K = 32  # the reduce kernel unrolls its loop over the splits
+REDUCE_BLOCK_N = 64  # output columns per program of the split-K reduce kernel
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class SkinnyConfig:
     num_stages: int = 4
     block_m: int = MAX_M
     dot: bool = True
+    split_k: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "block_m"):
@@ -59,6 +69,10 @@ class SkinnyConfig:
                              f"row), got {self.block_m}")
         if self.dot and min(self.block_n, self.block_k) < 16:
             raise ValueError("SkinnyConfig with dot=True needs block_n and block_k >= 16")
+        if (not isinstance(self.split_k, int) or isinstance(self.split_k, bool)
+                or not 1 <= self.split_k <= MAX_SPLIT_K):
+            raise ValueError(f"SkinnyConfig.split_k must be an int in 1..{MAX_SPLIT_K}, got "
+                             f"{self.split_k!r}")
 
 
 # UNTUNED defaults (no GPU in the session that wrote them): bench/bench_skinny_matmul.py sweeps
@@ -102,56 +116,14 @@ def _tile_dot(acc, x, w_t, DOT: tl.constexpr, IEEE_DOT: tl.constexpr):
     return acc
 
 
-# M is not specialised: M = 1 and M = 16 run the same binary (one compile; and a row's
-# instructions cannot differ with M, which batch invariance relies on).
-@triton.jit(do_not_specialize=["M"])
-def _skinny_matmul_kernel(
-    x_ptr, w_ptr, bias_ptr, norm_w_ptr, res_ptr, out_ptr,
-    M, N, K, x_row_stride, res_row_stride, out_row_stride, eps,
-    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-    GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
-):
-    # Program n owns output columns [n*BLOCK_N, (n+1)*BLOCK_N) of all M rows. W rows are K long
-    # (contiguous); with GATE_UP the up half starts N rows further down.
-    pid = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    offs_k = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + rows[:, None].to(tl.int64) * x_row_stride       # (BLOCK_M, 1)
-    w_cols = w_ptr + cols[None, :].to(tl.int64) * K                  # (1, BLOCK_N)
+@triton.jit
+def _epilogue_store(acc, acc_up, rows, cols, row_mask, col_mask, bias_ptr, res_ptr, out_ptr, N,
+                    res_row_stride, out_row_stride, HAS_BIAS: tl.constexpr,
+                    RESIDUAL: tl.constexpr, GATE_UP: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) fp32 = x @ W^T for output columns `cols` (acc_up: the up half, used
+    only with GATE_UP) -> bias, rounding, SiLU·mul, residual add -> out. Shared by the one-pass
+    kernel and the split-K reduce kernel, so both round step by step alike."""
     dtype = out_ptr.dtype.element_ty
-    if NORM:
-        # First pass: each row's sum of squares (x is M x K, small and L2-resident).
-        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + offs_k
-            xf = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & (k < K)[None, :],
-                         other=0.0).to(tl.float32)
-            sum_sq += tl.sum(xf * xf, axis=1)
-        rstd = tl.math.rsqrt(sum_sq / K + eps)                       # (BLOCK_M,)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATE_UP:
-        w_up_cols = w_ptr + (cols + N)[None, :].to(tl.int64) * K
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        k_mask = k < K
-        x = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if NORM:
-            # norm.py: normalize in fp32, round to the model dtype, then the weight multiply
-            # in fp32 (weight and x share the dtype), rounded again.
-            nw = tl.load(norm_w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-            normed = (x.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)
-            x = (normed * nw[None, :]).to(dtype)
-        w_mask = k_mask[:, None] & col_mask[None, :]
-        w = tl.load(w_cols + k[:, None], mask=w_mask, other=0.0)     # (BLOCK_K, BLOCK_N)
-        acc = _tile_dot(acc, x, w, DOT, IEEE_DOT)
-        if GATE_UP:
-            w_up = tl.load(w_up_cols + k[:, None], mask=w_mask, other=0.0)
-            acc_up = _tile_dot(acc_up, x, w_up, DOT, IEEE_DOT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     # F.linear's output: acc + bias rounded once to the model dtype.
@@ -172,6 +144,109 @@ def _skinny_matmul_kernel(
         y = (y.to(tl.float32) + r.to(tl.float32)).to(dtype)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * out_row_stride + cols[None, :], y,
              mask=out_mask)
+
+
+# M is not specialised: M = 1 and M = 16 run the same binary (one compile; and a row's
+# instructions cannot differ with M, which batch invariance relies on).
+@triton.jit(do_not_specialize=["M"])
+def _skinny_matmul_kernel(
+    x_ptr, w_ptr, bias_ptr, norm_w_ptr, res_ptr, out_ptr, ws_ptr,
+    M, N, K, x_row_stride, res_row_stride, out_row_stride, ws_row_stride, ws_split_stride,
+    k_per_split, eps,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+    GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT: tl.constexpr, IEEE_DOT: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    # Program (n, s) owns output columns [n*BLOCK_N, (n+1)*BLOCK_N) of all M rows and, with
+    # SPLIT_K > 1, the K range [s*k_per_split, (s+1)*k_per_split) (k_per_split a multiple of
+    # BLOCK_K; the last range may be short or empty). W rows are K long (contiguous); with
+    # GATE_UP the up half starts N rows further down.
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * x_row_stride       # (BLOCK_M, 1)
+    w_cols = w_ptr + cols[None, :].to(tl.int64) * K                  # (1, BLOCK_N)
+    dtype = out_ptr.dtype.element_ty
+    if NORM:
+        # First pass: each row's sum of squares over ALL of K, also in a split program (x is
+        # M x K, small and L2-resident), so every split normalizes with the same rstd.
+        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            xf = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & (k < K)[None, :],
+                         other=0.0).to(tl.float32)
+            sum_sq += tl.sum(xf * xf, axis=1)
+        rstd = tl.math.rsqrt(sum_sq / K + eps)                       # (BLOCK_M,)
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = K
+    else:
+        k_lo = tl.program_id(1) * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = acc  # placeholder unless GATE_UP
+    if GATE_UP:
+        w_up_cols = w_ptr + (cols + N)[None, :].to(tl.int64) * K
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K
+        x = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if NORM:
+            # norm.py: normalize in fp32, round to the model dtype, then the weight multiply
+            # in fp32 (weight and x share the dtype), rounded again.
+            nw = tl.load(norm_w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+            normed = (x.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)
+            x = (normed * nw[None, :]).to(dtype)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        w = tl.load(w_cols + k[:, None], mask=w_mask, other=0.0)     # (BLOCK_K, BLOCK_N)
+        acc = _tile_dot(acc, x, w, DOT, IEEE_DOT)
+        if GATE_UP:
+            w_up = tl.load(w_up_cols + k[:, None], mask=w_mask, other=0.0)
+            acc_up = _tile_dot(acc_up, x, w_up, DOT, IEEE_DOT)
+    if SPLIT_K == 1:
+        _epilogue_store(acc, acc_up, rows, cols, row_mask, col_mask, bias_ptr, res_ptr, out_ptr,
+                        N, res_row_stride, out_row_stride, HAS_BIAS, RESIDUAL, GATE_UP)
+    else:
+        # Raw fp32 partial sums to ws[s, row, col] (gate) and ws[s, row, N + col] (up); the
+        # reduce kernel adds them and applies the epilogue. An empty K range stores zeros.
+        part = (ws_ptr + tl.program_id(1) * ws_split_stride
+                + rows[:, None].to(tl.int64) * ws_row_stride + cols[None, :])
+        part_mask = row_mask[:, None] & col_mask[None, :]
+        tl.store(part, acc, mask=part_mask)
+        if GATE_UP:
+            tl.store(part + N, acc_up, mask=part_mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _split_k_reduce_kernel(
+    ws_ptr, bias_ptr, res_ptr, out_ptr, M, N, ws_row_stride, ws_split_stride, res_row_stride,
+    out_row_stride, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATE_UP: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # ws (SPLIT_K, M, N or 2N) fp32 -> out (M, N). The splits are added in the fixed order
+    # ((0 + p0) + p1) + ... per element: deterministic, and no term depends on M or on other
+    # rows, so the split-K path keeps batch invariance.
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    part = ws_ptr + rows[:, None].to(tl.int64) * ws_row_stride + cols[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = acc  # placeholder unless GATE_UP
+    if GATE_UP:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part + s * ws_split_stride, mask=mask, other=0.0)
+        if GATE_UP:
+            acc_up += tl.load(part + s * ws_split_stride + N, mask=mask, other=0.0)
+    _epilogue_store(acc, acc_up, rows, cols, row_mask, col_mask, bias_ptr, res_ptr, out_ptr, N,
+                    res_row_stride, out_row_stride, HAS_BIAS, RESIDUAL, GATE_UP)
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -243,19 +318,31 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     bias (N_w,); norm_weight (K,): RMSNorm prologue with eps; residual (M, N): returns the new
     residual round(round(x @ W^T + bias) + residual); gate_up: N_w = 2I, returns
     silu(gate) * up of shape (M, I). Otherwise returns x @ W^T + bias, (M, N_w).
-    config overrides the tile table (the micro-benchmark's sweep)."""
+    config overrides the tile table (the micro-benchmark's sweep); config.split_k > 1 runs the
+    two-launch split-K path."""
     n = _check_inputs(x, weight, bias, norm_weight, residual, gate_up)
     m, k = x.shape
     cfg = config or pick_config(n, k, x.dtype)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     res = residual if residual is not None else out  # placeholder when RESIDUAL is off
-    grid = (triton.cdiv(n, cfg.block_n),)
-    _skinny_matmul_kernel[grid](
-        x, weight, bias if bias is not None else weight,
-        norm_weight if norm_weight is not None else weight, res, out,
-        m, n, k, x.stride(0), res.stride(0), out.stride(0), float(eps),
-        HAS_BIAS=bias is not None, NORM=norm_weight is not None,
-        RESIDUAL=residual is not None, GATE_UP=gate_up, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT=cfg.dot,
-        IEEE_DOT=x.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    bias_arg = bias if bias is not None else weight
+    flags = dict(HAS_BIAS=bias is not None, RESIDUAL=residual is not None, GATE_UP=gate_up)
+    s = cfg.split_k
+    # K range per split: whole BLOCK_K chunks, so only the last split sees the K tail.
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), s) * cfg.block_k
+    # Split-K partial sums (s, m, N_w) fp32; torch.empty per call: inside a CUDA graph capture
+    # it comes from the graph's private pool, like every other activation.
+    ws = (torch.empty((s, m, weight.shape[0]), dtype=torch.float32, device=x.device)
+          if s > 1 else out)
+    ws_row, ws_split = (ws.stride(1), ws.stride(0)) if s > 1 else (0, 0)
+    _skinny_matmul_kernel[(triton.cdiv(n, cfg.block_n), s)](
+        x, weight, bias_arg, norm_weight if norm_weight is not None else weight, res, out, ws,
+        m, n, k, x.stride(0), res.stride(0), out.stride(0), ws_row, ws_split, k_per_split,
+        float(eps), NORM=norm_weight is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, DOT=cfg.dot, IEEE_DOT=x.dtype == torch.float32, SPLIT_K=s,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
+    if s > 1:
+        _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
+            ws, bias_arg, res, out, m, n, ws_row, ws_split, res.stride(0), out.stride(0),
+            SPLIT_K=s, BLOCK_M=cfg.block_m, BLOCK_N=REDUCE_BLOCK_N, num_warps=4, **flags)
     return out
