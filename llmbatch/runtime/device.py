@@ -1,4 +1,4 @@
-"""Resolve the device and dtype an engine runs with."""
+"""Resolve the device and dtype an engine runs with; copy small host data to it."""
 
 from __future__ import annotations
 
@@ -24,3 +24,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]
+
+
+def host_to_device(data, dtype: torch.dtype, device) -> torch.Tensor:
+    """A host list (or numpy array) as a tensor on `device`, without waiting for the device.
+
+    torch.tensor(data, device=cuda) copies from pageable memory and synchronizes the stream,
+    so the host would wait for all queued work: with async scheduling, for the forward it has
+    just launched. On CUDA the data goes through pinned memory with a non_blocking copy (the
+    caching host allocator keeps the pinned block until the copy has read it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(data, dtype=dtype, device=device)
+    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+

@@ -17,9 +17,9 @@ import torch
 
 from llmbatch.runtime.attention import AttentionMetadata, get_attention_backend
 from llmbatch.runtime.config import EngineConfig
-from llmbatch.runtime.device import resolve_device, resolve_dtype
+from llmbatch.runtime.device import host_to_device, resolve_device, resolve_dtype
 from llmbatch.runtime.kv_pool import allocate_kv_caches, decide_num_kv_blocks, kv_block_bytes
-from llmbatch.runtime.sampler import Sampler, host_to_device
+from llmbatch.runtime.sampler import Sampler
 from llmbatch.runtime.scheduler import SchedulerOutput
 from llmbatch.runtime.spec_decode import num_accepted
 from llmbatch.runtime.step_inputs import StepInputs, build_step_inputs

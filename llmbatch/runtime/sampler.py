@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from llmbatch.runtime.device import host_to_device
 from llmbatch.runtime.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -56,19 +57,6 @@ def _mix64_py(z: int) -> int:
     z = ((z ^ (z >> 30)) * _MUL1) & _MASK64
     z = ((z ^ (z >> 27)) * _MUL2) & _MASK64
     return z ^ (z >> 31)
-
-
-def host_to_device(data, dtype: torch.dtype, device) -> torch.Tensor:
-    """A host list (or numpy array) as a tensor on `device`, without waiting for the device.
-
-    torch.tensor(data, device=cuda) copies from pageable memory and synchronizes the stream,
-    so the host would wait for all queued work: with async scheduling, for the forward it has
-    just launched. On CUDA the data goes through pinned memory with a non_blocking copy (the
-    caching host allocator keeps the pinned block until the copy has read it)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return torch.tensor(data, dtype=dtype, device=device)
-    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _lsr(z: torch.Tensor, shift: int) -> torch.Tensor:
