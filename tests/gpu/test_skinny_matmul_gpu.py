@@ -1,7 +1,8 @@
 """layers/skinny_matmul.py compiled on CUDA in bfloat16 (the CPU tests run float32/float16 in the
 interpreter): each fused option against the unfused torch path on a Llama-1B-like K, and full
 batch invariance, which the interpreter cannot show: row r of an M = 16 call bitwise equal to
-the M = 1 call on that row (moved to tile position 0), for every row. Then the engine end to end
+the M = 1 call on that row (moved to tile position 0), for every row, also with split-K.
+Then the engine end to end
 (tiny float32 Llama, triton attention, fused kernels, decode CUDA graphs): greedy tokens with
 EngineConfig.skinny_matmul on equal to off (decode steps of <= 8 tokens take the fused path)."""
 
@@ -54,6 +55,27 @@ def test_every_row_is_batch_invariant_bf16(dot):
     for kwargs in (dict(bias=b), dict(norm_weight=nw, eps=EPS), dict(residual=residual),
                    dict(norm_weight=nw, eps=EPS, gate_up=True)):
         full = sm.skinny_linear(x, w, config=cfg, **kwargs)
+        for r in range(16):
+            one = dict(kwargs)
+            if "residual" in one:
+                one["residual"] = residual[r:r + 1]
+            got = sm.skinny_linear(x[r:r + 1], w, config=cfg, **one)
+            assert torch.equal(got[0], full[r]), (list(kwargs), r)
+
+
+@pytest.mark.parametrize("split_k", [2, 4, 8])
+def test_split_k_matches_one_pass_and_is_batch_invariant_bf16(split_k):
+    """The split-K sweep configs (bench_skinny_matmul.split_k_configs): close to the one-pass
+    kernel (fp32 summation order only), identical on a rerun (no atomics), and every row of
+    an M = 16 call bitwise equal to its M = 1 call."""
+    x, w, b, nw = cuda_operands(16, 2 * I, seed=6)
+    residual = rand((16, 2 * I), torch.bfloat16, 7).cuda()
+    cfg = sm.SkinnyConfig(block_n=16, block_k=256, num_stages=4, split_k=split_k)
+    for kwargs in (dict(bias=b, norm_weight=nw, eps=EPS), dict(residual=residual),
+                   dict(bias=b, norm_weight=nw, eps=EPS, gate_up=True)):
+        full = sm.skinny_linear(x, w, config=cfg, **kwargs)
+        torch.testing.assert_close(full, sm.skinny_linear(x, w, **kwargs), **BF16_TOL)
+        assert torch.equal(full, sm.skinny_linear(x, w, config=cfg, **kwargs))
         for r in range(16):
             one = dict(kwargs)
             if "residual" in one:
