@@ -2,9 +2,9 @@
 interpreter): each fused option against the unfused torch path on a Llama-1B-like K, and full
 batch invariance, which the interpreter cannot show: row r of an M = 16 call bitwise equal to
 the M = 1 call on that row (moved to tile position 0), for every row, also with split-K.
-Then the engine end to end
-(tiny float32 Llama, triton attention, fused kernels, decode CUDA graphs): greedy tokens with
-EngineConfig.skinny_matmul on equal to off (decode steps of <= 8 tokens take the fused path)."""
+Then the engine end to end (tiny float32 Llama, triton attention, fused kernels, decode CUDA
+graphs): greedy tokens with EngineConfig.skinny_matmul on equal to off (decode steps of <= 8
+tokens take the fused path)."""
 
 from __future__ import annotations
 
