@@ -293,13 +293,17 @@ class Scheduler:
                 and req.num_tokens + req.num_pending_tokens >= self.max_model_len)
 
     def fits_without_preemption(self) -> bool:
-        """True when the pool can give every running request blocks for all its known and
-        pending tokens: then schedule() preempts no one, whatever it grants (an upper bound:
-        a step computes at most those tokens). Waiting requests never preempt."""
+        """True when the pool can give every running request blocks for whatever schedule()
+        may grant it this step: then schedule() preempts no one. The bound per request: all
+        its known and pending tokens, and no more than one step's token budget (a long prompt
+        in chunked prefill needs blocks for one chunk, not for the rest of the prompt).
+        Waiting requests never preempt."""
         bs = self.block_size
+        budget = self.max_num_batched_tokens
         needed = 0
         for req in self.running:
-            total = req.num_tokens + req.num_pending_tokens + len(req.spec_token_ids)
+            total = min(req.num_tokens + req.num_pending_tokens + len(req.spec_token_ids),
+                        req.num_computed_tokens + budget)
             needed += max(0, -(-total // bs) - len(req.block_table))
         return needed <= self.block_manager.num_free_blocks
 
