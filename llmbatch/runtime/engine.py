@@ -17,8 +17,8 @@ from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.outputs import GenerationResult
 from llmbatch.runtime.planner import Planner
 from llmbatch.runtime.request import FinishReason, Request, RequestStatus
-from llmbatch.runtime.sampler import default_seed
 from llmbatch.runtime.scheduler import Scheduler
+from llmbatch.runtime.seeded_uniforms import default_seed
 from llmbatch.runtime.spec_decode import NgramProposer
 from llmbatch.runtime.stop_checker import StopChecker
 from llmbatch.runtime.stop_rules import apply_stop_rules

@@ -5,12 +5,8 @@ import math
 import pytest
 import torch
 
-from llmbatch.runtime.sampler import (
-    Sampler,
-    default_seed,
-    row_key,
-    seeded_uniforms,
-)
+from llmbatch.runtime.sampler import Sampler
+from llmbatch.runtime.seeded_uniforms import default_seed, row_key, seeded_uniforms
 from llmbatch.runtime.sampling_params import SamplingParams as SP
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
