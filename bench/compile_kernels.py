@@ -165,7 +165,8 @@ def _skinny_matmul_variants(sm):
     (qkv with the RMSNorm prologue, with and without Qwen2's bias; o_proj and down with the
     residual epilogue; gate_up with norm + SiLU·mul; the LM head plain), default tiles, plus
     the FMA (dot=False) tiles the micro-benchmark sweeps, the split-K tiles it sweeps (the
-    partial-sum kernel and the reduce kernel with each epilogue). Pointers, N, K, k_per_split
+    partial-sum kernel and the reduce kernel with each epilogue), and the USE_PDL variants
+    (griddepcontrol needs sm_90: this is the proof that they lower). Pointers, N, K, k_per_split
     and the row strides are marked divisible by 16 as at those launches: without it Triton does
     not pipeline the weight loads, and the shared-memory use this checks would not be the real
     one."""
@@ -188,7 +189,7 @@ def _skinny_matmul_variants(sm):
                "res_row_stride": "i32", "out_row_stride": "i32", "ws_row_stride": "i32",
                "ws_split_stride": "i32", "k_per_split": "i32", "eps": "fp32"}
         for name in ("HAS_BIAS", "NORM", "RESIDUAL", "GATE_UP", "BLOCK_M", "BLOCK_N",
-                     "BLOCK_K", "DOT", "IEEE_DOT", "SPLIT_K"):
+                     "BLOCK_K", "DOT", "IEEE_DOT", "SPLIT_K", "USE_PDL"):
             sig[name] = "constexpr"
         for label, n, k, flags in shapes:
             cfgs = [("", sm.pick_config(n, k, torch_dt))]
@@ -197,31 +198,39 @@ def _skinny_matmul_variants(sm):
                                                      num_stages=3, dot=False)))
                 if label != "lm_head":
                     cfgs += split_cfgs
+            if dt == "bf16":  # EngineConfig.pdl: the default tiles and the split-K ones
+                cfgs += [(f"{suffix} pdl", cfg) for suffix, cfg in cfgs if " fma" not in suffix]
             for suffix, cfg in cfgs:
                 consts = dict(HAS_BIAS=False, NORM=False, RESIDUAL=False, GATE_UP=False,
                               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                              DOT=cfg.dot, IEEE_DOT=dt == "fp32", SPLIT_K=cfg.split_k)
+                              DOT=cfg.dot, IEEE_DOT=dt == "fp32", SPLIT_K=cfg.split_k,
+                              USE_PDL=suffix.endswith(" pdl"))
                 consts.update(flags)
                 out.append((f"skinny_matmul {dt} {label} n{n} k{k}{suffix}",
                             sm._skinny_matmul_kernel, dict(sig), consts,
-                            {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                 **_pdl_option(consts)),
                             _aligned(sig, ("N", "K", "k_per_split"))))
         # The reduce kernel: each epilogue, the split counts the sweep uses.
         sig = {"ws_ptr": "*fp32", "bias_ptr": f"*{dt}", "res_ptr": f"*{dt}", "out_ptr": f"*{dt}",
                "M": "i32", "N": "i32", "ws_row_stride": "i32", "ws_split_stride": "i32",
                "res_row_stride": "i32", "out_row_stride": "i32"}
-        for name in ("HAS_BIAS", "RESIDUAL", "GATE_UP", "SPLIT_K", "BLOCK_M", "BLOCK_N"):
+        for name in ("HAS_BIAS", "RESIDUAL", "GATE_UP", "SPLIT_K", "BLOCK_M", "BLOCK_N",
+                     "USE_PDL"):
             sig[name] = "constexpr"
         for flags in (dict(HAS_BIAS=True), dict(RESIDUAL=True), dict(GATE_UP=True),
-                      dict(GATE_UP=True, HAS_BIAS=True)):
+                      dict(GATE_UP=True, HAS_BIAS=True), dict(RESIDUAL=True, USE_PDL=True),
+                      dict(GATE_UP=True, USE_PDL=True)):
             for splits in sorted({c.split_k for _, c in split_cfgs}):
+                if flags.get("USE_PDL") and dt != "bf16":
+                    continue
                 consts = dict(HAS_BIAS=False, RESIDUAL=False, GATE_UP=False, SPLIT_K=splits,
-                              BLOCK_M=sm.MAX_M, BLOCK_N=sm.REDUCE_BLOCK_N)
+                              BLOCK_M=sm.MAX_M, BLOCK_N=sm.REDUCE_BLOCK_N, USE_PDL=False)
                 consts.update(flags)
                 label = ",".join(f for f in flags)
                 out.append((f"skinny_split_k_reduce {dt} {label} splits{splits}",
-                            sm._split_k_reduce_kernel, dict(sig), consts, {"num_warps": 4},
-                            _aligned(sig, ("N",))))
+                            sm._split_k_reduce_kernel, dict(sig), consts,
+                            dict(num_warps=4, **_pdl_option(consts)), _aligned(sig, ("N",))))
     return out
 
 
@@ -233,6 +242,11 @@ def _bench_split_k_configs(sm):
     for name in ("qkv", "o_proj", "down"):
         cfgs += [c for c in split_k_configs(sm, name) if c not in cfgs]
     return cfgs
+
+
+def _pdl_option(consts: dict) -> dict:
+    """USE_PDL kernels launch with programmatic dependent launch (a compile option too)."""
+    return {"launch_pdl": True} if consts["USE_PDL"] else {}
 
 
 def _aligned(sig: dict, ints: tuple) -> dict:

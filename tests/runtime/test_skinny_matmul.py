@@ -215,6 +215,8 @@ def test_supported_check():
      r"norm_weight must be"),
     (lambda x, w: sm.skinny_linear(x, w, residual=torch.zeros(3, 31)), r"residual must be"),
     (lambda x, w: sm.skinny_linear(x.numpy(), w), r"x must be a torch.Tensor"),
+    # The interpreter cannot run griddepcontrol: PDL is refused off CUDA.
+    (lambda x, w: sm.skinny_linear(x, w, pdl=True), r"pdl=True needs CUDA tensors"),
     (lambda x, w: sm.SkinnyConfig(block_n=24), r"power of two"),
     (lambda x, w: sm.SkinnyConfig(block_m=8), r"block_m must be >= 16"),
     (lambda x, w: sm.SkinnyConfig(block_n=8), r"block_n and block_k >= 16"),

@@ -21,6 +21,10 @@ a workspace (S, M, N_w); a second launch adds the S partials in fixed order and 
 same epilogue. Still no atomics: deterministic and batch invariant; the RMSNorm prologue's
 sum of squares is taken over all of K in every split.
 
+pdl=True (EngineConfig.pdl, CUDA sm_90+ only): both kernels launch with programmatic dependent
+launch and wait for the previous grid (griddepcontrol) before touching activations, so a
+launch's setup overlaps the previous kernel's tail inside the decode CUDA graph.
+
 Numerics copy the unfused path rounding step by rounding step (layers/norm.py, activation.py,
 fused_kernels.py; F.linear rounds acc + bias once to the model dtype). The differences are the
 float32 summation orders (sum of squares, dot products), as with any other GEMM.
@@ -38,8 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_M = 16  # rows per call: one padded BLOCK_M tile
+from llmbatch.runtime.layers.skinny_checks import (MAX_M, SUPPORTED_DTYPES,  # noqa: F401
+                                                   check_inputs, skinny_matmul_supported)
+
 MAX_SPLIT_K = 32  # the reduce kernel unrolls its loop over the splits
 REDUCE_BLOCK_N = 64  # output columns per program of the split-K reduce kernel
 
@@ -146,6 +151,19 @@ def _epilogue_store(acc, acc_up, rows, cols, row_mask, col_mask, bias_ptr, res_p
              mask=out_mask)
 
 
+@triton.jit
+def _pdl_wait_then_release():
+    """Programmatic dependent launch (sm_90+; USE_PDL, never under the interpreter): this grid
+    may start while the previous kernel in the stream finishes. griddepcontrol.wait blocks
+    until that kernel has completed and its writes are visible, so it must come before the first
+    load of anything a previous kernel wrote (x, residual, the split-K workspace) and before
+    the first store (an output buffer may be memory the previous kernel still reads). Then
+    releasing our dependents at once lets the next launch get on the SMs as ours drain; it
+    waits for our completion in turn. Weights are not prefetched before the wait (yet)."""
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
+
+
 # M is not specialised: M = 1 and M = 16 run the same binary (one compile; and a row's
 # instructions cannot differ with M, which batch invariance relies on).
 @triton.jit(do_not_specialize=["M"])
@@ -156,6 +174,7 @@ def _skinny_matmul_kernel(
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
     GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT: tl.constexpr, IEEE_DOT: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # Program (n, s) owns output columns [n*BLOCK_N, (n+1)*BLOCK_N) of all M rows and, with
     # SPLIT_K > 1, the K range [s*k_per_split, (s+1)*k_per_split) (k_per_split a multiple of
@@ -170,6 +189,8 @@ def _skinny_matmul_kernel(
     x_rows = x_ptr + rows[:, None].to(tl.int64) * x_row_stride       # (BLOCK_M, 1)
     w_cols = w_ptr + cols[None, :].to(tl.int64) * K                  # (1, BLOCK_N)
     dtype = out_ptr.dtype.element_ty
+    if USE_PDL:
+        _pdl_wait_then_release()
     if NORM:
         # First pass: each row's sum of squares over ALL of K, also in a split program (x is
         # M x K, small and L2-resident), so every split normalizes with the same rstd.
@@ -225,7 +246,7 @@ def _skinny_matmul_kernel(
 def _split_k_reduce_kernel(
     ws_ptr, bias_ptr, res_ptr, out_ptr, M, N, ws_row_stride, ws_split_stride, res_row_stride,
     out_row_stride, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATE_UP: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # ws (SPLIT_K, M, N or 2N) fp32 -> out (M, N). The splits are added in the fixed order
     # ((0 + p0) + p1) + ... per element: deterministic, and no term depends on M or on other
@@ -237,6 +258,8 @@ def _split_k_reduce_kernel(
     col_mask = cols < N
     mask = row_mask[:, None] & col_mask[None, :]
     part = ws_ptr + rows[:, None].to(tl.int64) * ws_row_stride + cols[None, :]
+    if USE_PDL:
+        _pdl_wait_then_release()
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = acc  # placeholder unless GATE_UP
     if GATE_UP:
@@ -249,84 +272,29 @@ def _split_k_reduce_kernel(
                     res_row_stride, out_row_stride, HAS_BIAS, RESIDUAL, GATE_UP)
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
-
-
-def skinny_matmul_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True when skinny_linear accepts this x / weight pair (callers fall back otherwise)."""
-    return (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)
-            and x.dim() == 2 and 1 <= x.shape[0] <= MAX_M and x.shape[1] > 0
-            and x.stride(1) == 1 and x.dtype in SUPPORTED_DTYPES
-            and weight.dim() == 2 and weight.shape[1] == x.shape[1] and weight.shape[0] > 0
-            and weight.dtype == x.dtype and weight.is_contiguous()
-            and weight.device == x.device)
-
-
-def _check_vector(name: str, t: Optional[torch.Tensor], length: int, x: torch.Tensor) -> None:
-    if t is None:
-        return
-    if (not isinstance(t, torch.Tensor) or tuple(t.shape) != (length,) or t.dtype != x.dtype
-            or t.device != x.device or not t.is_contiguous()):
-        got = _describe(t) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be a contiguous ({length},) {x.dtype} tensor on "
-                         f"{x.device}, got {got}")
-
-
-def _check_inputs(x, weight, bias, norm_weight, residual, gate_up) -> int:
-    """Raises ValueError on anything skinny_linear cannot compute; returns N (output columns)."""
-    for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_M or x.shape[1] == 0:
-        raise ValueError(f"x must be (M, K) with 1 <= M <= {MAX_M} and K > 0, got "
-                         f"{tuple(x.shape)}")
-    if x.stride(1) != 1:
-        raise ValueError(f"x rows must be contiguous (stride(1) == 1), got strides {x.stride()}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"x dtype {x.dtype} is not supported (float16, bfloat16 or float32)")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.shape[0] == 0:
-        raise ValueError(f"weight must be (N, K={x.shape[1]}), got {tuple(weight.shape)}")
-    if weight.dtype != x.dtype or weight.device != x.device:
-        raise ValueError(f"weight {_describe(weight)} must match x {_describe(x)} in dtype "
-                         f"and device")
-    if not weight.is_contiguous():
-        raise ValueError(f"weight must be contiguous, got strides {weight.stride()}")
-    if gate_up and weight.shape[0] % 2:
-        raise ValueError(f"gate_up weight needs an even number of rows ([gate; up]), got "
-                         f"{weight.shape[0]}")
-    if gate_up and residual is not None:
-        raise ValueError("gate_up and residual epilogues cannot be combined")
-    n = weight.shape[0] // 2 if gate_up else weight.shape[0]
-    _check_vector("bias", bias, weight.shape[0], x)
-    _check_vector("norm_weight", norm_weight, x.shape[1], x)
-    if residual is not None:
-        if (not isinstance(residual, torch.Tensor) or residual.dim() != 2
-                or tuple(residual.shape) != (x.shape[0], n) or residual.dtype != x.dtype
-                or residual.device != x.device or residual.stride(1) != 1):
-            got = _describe(residual) if isinstance(residual, torch.Tensor) else type(residual)
-            raise ValueError(f"residual must be ({x.shape[0]}, {n}) {x.dtype} on {x.device} "
-                             f"with contiguous rows, got {got}")
-    return n
-
-
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   *, norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
                   residual: Optional[torch.Tensor] = None, gate_up: bool = False,
-                  config: Optional[SkinnyConfig] = None) -> torch.Tensor:
+                  config: Optional[SkinnyConfig] = None, pdl: bool = False) -> torch.Tensor:
     """x (M, K), 1 <= M <= 16, rows contiguous; weight (N_w, K) contiguous, same dtype;
     bias (N_w,); norm_weight (K,): RMSNorm prologue with eps; residual (M, N): returns the new
     residual round(round(x @ W^T + bias) + residual); gate_up: N_w = 2I, returns
     silu(gate) * up of shape (M, I). Otherwise returns x @ W^T + bias, (M, N_w).
     config overrides the tile table (the micro-benchmark's sweep); config.split_k > 1 runs the
-    two-launch split-K path."""
-    n = _check_inputs(x, weight, bias, norm_weight, residual, gate_up)
+    two-launch split-K path. pdl: launch with programmatic dependent launch (CUDA, sm_90+)."""
+    n = check_inputs(x, weight, bias, norm_weight, residual, gate_up)
+    if pdl and x.device.type != "cuda":
+        raise ValueError(f"pdl=True needs CUDA tensors (programmatic dependent launch, sm_90+), "
+                         f"got x on {x.device}")
     m, k = x.shape
     cfg = config or pick_config(n, k, x.dtype)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     res = residual if residual is not None else out  # placeholder when RESIDUAL is off
     bias_arg = bias if bias is not None else weight
-    flags = dict(HAS_BIAS=bias is not None, RESIDUAL=residual is not None, GATE_UP=gate_up)
+    flags = dict(HAS_BIAS=bias is not None, RESIDUAL=residual is not None, GATE_UP=gate_up,
+                 USE_PDL=pdl)
+    if pdl:  # launch option (not a kernel argument): lets this grid overlap the previous one
+        flags["launch_pdl"] = True
     s = cfg.split_k
     # K range per split: whole BLOCK_K chunks, so only the last split sees the K tail.
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), s) * cfg.block_k
