@@ -36,6 +36,10 @@ class EngineConfig:
     # (layers/skinny_matmul.py: norm prologues, residual and SiLU·mul epilogues); needs
     # fused_kernels on CUDA, tensor_parallel_size 1, no quantization. Untuned: off by default.
     skinny_matmul: bool = False
+    # Opt-in, with skinny_matmul on Hopper (sm_90+): its kernels use programmatic dependent
+    # launch (each may start while the previous one drains; ~1.3 us launch gap per kernel in
+    # the decode CUDA graph). Ignored (logged) without skinny_matmul or on older GPUs.
+    pdl: bool = False
     tensor_parallel_size: int = 1
     quantization: str = "none"
     # Also quantize the token embedding and LM head with the engine's quantization (nf4 only):
