@@ -122,16 +122,24 @@ class ModelRunner:
         self.int8_triton_layers = enable_triton_int8(self.model)
         # EngineConfig.skinny_matmul (opt-in): steps of <= 16 tokens run fused 6-launch decoder
         # layers (models/llama_skinny.py); dense weights at tensor_parallel_size 1 only.
+        # EngineConfig.pdl (opt-in): those kernels use programmatic dependent launch (sm_90+).
+        pdl = bool(getattr(self.config, "pdl", False))
+        if pdl and torch.cuda.get_device_capability(self.device)[0] < 9:
+            logger.info("pdl ignored: programmatic dependent launch needs sm_90 or newer")
+            pdl = False
         if getattr(self.config, "skinny_matmul", False):
             from llmbatch.runtime.models.llama_skinny import enable_skinny_matmul
 
             if (self.tp_size == 1 and self.quantization == "none"
-                    and enable_skinny_matmul(self.model)):
+                    and enable_skinny_matmul(self.model, pdl=pdl)):
                 self.skinny_matmul_active = True
-                logger.info("skinny_matmul on: fused decoder layers for steps of <= 16 tokens")
+                logger.info("skinny_matmul on: fused decoder layers for steps of <= 16 tokens"
+                            + (", programmatic dependent launch" if pdl else ""))
             else:
                 logger.info("skinny_matmul ignored: needs tensor_parallel_size 1, unquantized "
                             "weights and a Llama-family model")
+        elif pdl:
+            logger.info("pdl ignored: it applies to the skinny_matmul kernels only")
         return True
 
     def _maybe_capture_decode_graphs(self):

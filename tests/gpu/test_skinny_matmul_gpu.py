@@ -84,19 +84,70 @@ def test_split_k_matches_one_pass_and_is_batch_invariant_bf16(split_k):
             assert torch.equal(got[0], full[r]), (list(kwargs), r)
 
 
-def test_engine_greedy_equal_with_skinny_matmul(tmp_path_factory):
+@pytest.mark.skipif(torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs sm_90+")
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_pdl_chain_bitwise_equal_in_a_cuda_graph(split_k):
+    """Three dependent launches (norm + gate_up, then down with the residual epilogue, then a
+    norm prologue reading that residual), captured in a CUDA graph with pdl on: bitwise the
+    eager pdl-off result (a missing griddepcontrol.wait would read stale activations)."""
+    x, w, b, nw = cuda_operands(16, 2 * I, seed=9)
+    w_down = rand((K, I), torch.bfloat16, 10, I ** -0.5).cuda()
+    cfg = sm.SkinnyConfig(block_n=16, block_k=256, num_stages=4, split_k=split_k)
+
+    def chain(pdl):
+        act = sm.skinny_linear(x, w, b, norm_weight=nw, eps=EPS, gate_up=True, config=cfg,
+                               pdl=pdl)
+        res = sm.skinny_linear(act, w_down, residual=x, config=cfg, pdl=pdl)
+        return sm.skinny_linear(res, w, norm_weight=nw, eps=EPS, config=cfg, pdl=pdl)
+
+    want = chain(False)
+    chain(True)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain(True)
+    for _ in range(3):
+        got.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
+
+
+def greedy_outputs(tmp_path_factory, variants: list[dict]) -> list:
+    """Greedy tokens of 12 prompts on a tiny float32 Llama (triton attention, fused kernels,
+    decode CUDA graphs) for each EngineConfig override dict in `variants`."""
     path = tmp_path_factory.mktemp("llama-skinny")
     make_model(path, num_heads=4, num_kv_heads=2, head_dim=64, hidden=128)
     tokenizer = make_tokenizer(tmp_path_factory.mktemp("tok-skinny"))
     prompts = make_prompts(12, seed=5)
     outputs = []
-    for skinny in (False, True):
+    for overrides in variants:
         engine = Engine(EngineConfig(model=str(path), device="cuda", dtype="float32",
-                                     attention_backend="triton", skinny_matmul=skinny,
-                                     max_num_seqs=8, kv_cache_blocks=1024), tokenizer=tokenizer)
-        assert engine.runner.model.model.use_skinny_matmul is skinny
+                                     attention_backend="triton", max_num_seqs=8,
+                                     kv_cache_blocks=1024, **overrides), tokenizer=tokenizer)
+        model = engine.runner.model.model
+        assert model.use_skinny_matmul is overrides.get("skinny_matmul", False)
+        assert getattr(model, "skinny_pdl", False) is overrides.get("pdl", False)
+        assert engine.runner.cuda_graph_error is None  # the graphs were captured (and checked)
         params = SamplingParams(max_new_tokens=12, ignore_eos=True)
         done = {r.request_id: r for r in
                 engine.generate([Request(i, p, params) for i, p in enumerate(prompts)])}
         outputs.append([done[i].output_token_ids for i in range(len(prompts))])
-    assert outputs[1] == outputs[0]
+    return outputs
+
+
+def test_engine_greedy_equal_with_skinny_matmul(tmp_path_factory):
+    off, on = greedy_outputs(tmp_path_factory, [{}, dict(skinny_matmul=True)])
+    assert on == off
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs sm_90+")
+def test_engine_greedy_equal_with_pdl(tmp_path_factory):
+    """EngineConfig.pdl: the skinny kernels overlap their launch with the previous kernel
+    inside the decode graphs; every skinny launch waits (griddepcontrol) before it reads an
+    activation, so the float32 tokens are those of skinny_matmul alone."""
+    alone, pdl = greedy_outputs(tmp_path_factory, [dict(skinny_matmul=True),
+                                                   dict(skinny_matmul=True, pdl=True)])
+    assert pdl == alone

@@ -81,10 +81,32 @@ def test_17_tokens_fall_back(model, monkeypatch):
 
 def test_enable_only_for_dense_unsharded_models(model):
     assert llama_skinny.enable_skinny_matmul(model) is True
-    assert model.model.use_skinny_matmul is True
+    assert model.model.use_skinny_matmul is True and model.model.skinny_pdl is False
+    assert llama_skinny.enable_skinny_matmul(model, pdl=True) is True
+    assert model.model.skinny_pdl is True
     model.model.layers[1].mlp.down_proj.quant_method = object()  # e.g. an int8 layer
-    assert llama_skinny.enable_skinny_matmul(model) is False
-    assert model.model.use_skinny_matmul is False
+    assert llama_skinny.enable_skinny_matmul(model, pdl=True) is False
+    assert model.model.use_skinny_matmul is False and model.model.skinny_pdl is False
+
+
+def test_pdl_flag_reaches_every_skinny_launch(model, monkeypatch):
+    """EngineConfig.pdl's module flag is passed to all 4 launches of every layer (the launch
+    itself needs CUDA sm_90+: here the recorded calls run without it)."""
+    seen = []
+    real = llama_skinny.sm.skinny_linear
+
+    def recording(*args, pdl=False, **kwargs):
+        seen.append(pdl)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llama_skinny.sm, "skinny_linear", recording)
+    table = random_block_tables(1, 32, seed=4)[0]
+    for pdl in (False, True):
+        model.model.use_skinny_matmul, model.model.skinny_pdl = True, pdl
+        run_step(model, make_kv_caches(model), [(list(range(3)), table, 0, 3)])
+    model.model.use_skinny_matmul = model.model.skinny_pdl = False
+    per_step = 4 * len(model.model.layers)
+    assert seen == [False] * per_step + [True] * per_step
 
 
 def test_skinny_applies_only_to_matching_small_steps(model):
@@ -131,8 +153,9 @@ def test_with_fused_kernels_and_triton_attention_matches_torch_path(tmp_path):
 def test_engine_flag_is_ignored_on_cpu(llama_setup):
     from tests.runtime.tiny_models import new_engine
 
-    engine = new_engine(llama_setup, skinny_matmul=True, kv_cache_blocks=16)
+    engine = new_engine(llama_setup, skinny_matmul=True, pdl=True, kv_cache_blocks=16)
     assert engine.runner.model.model.use_skinny_matmul is False
+    assert getattr(engine.runner.model.model, "skinny_pdl", False) is False
 
 
 def test_engine_greedy_tokens_equal_with_the_path_forced_on(llama_setup, monkeypatch):

@@ -17,7 +17,9 @@ is the same (one add in the model dtype of the rounded matmul output), so only t
 summation orders differ from the unfused path. The final norm is then model.norm(residual).
 
 Applies at tensor_parallel_size 1 (no all-reduce between the matmul and the residual add) with
-dense weights; enable_skinny_matmul checks that once, skinny_applies per step.
+dense weights; enable_skinny_matmul checks that once, skinny_applies per step. With
+EngineConfig.pdl (sm_90+) it also sets model.skinny_pdl: every skinny launch then uses
+programmatic dependent launch (layers/skinny_matmul.py).
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ def _linears(layer):
     return (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
 
 
-def enable_skinny_matmul(model) -> bool:
+def enable_skinny_matmul(model, pdl: bool = False) -> bool:
     """Switch the fused path on for every LlamaModel inside `model` whose linear layers are all
-    dense and unsharded (tp_size 1, no quant_method); returns True when at least one was."""
+    dense and unsharded (tp_size 1, no quant_method); returns True when at least one was.
+    pdl: its kernels launch with programmatic dependent launch (EngineConfig.pdl; the caller
+    checked for CUDA sm_90+)."""
     from llmbatch.runtime.models.llama import LlamaModel
 
     enabled = False
@@ -44,6 +48,7 @@ def enable_skinny_matmul(model) -> bool:
         ok = all(lin.quant_method is None and lin.tp_size == 1
                  for layer in module.layers for lin in _linears(layer))
         module.use_skinny_matmul = ok
+        module.skinny_pdl = ok and pdl
         enabled = enabled or ok
     return enabled
 
@@ -56,18 +61,23 @@ def skinny_applies(model, hidden: torch.Tensor) -> bool:
 
 
 def skinny_layer_forward(layer, rope, residual: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, attn_meta, attn_backend) -> torch.Tensor:
+                         v_cache: torch.Tensor, attn_meta, attn_backend,
+                         pdl: bool = False) -> torch.Tensor:
     """residual (num_tokens, hidden_size): the full residual stream entering the layer ->
-    the stream leaving it (same shape)."""
+    the stream leaving it (same shape). pdl: skinny launches use programmatic dependent
+    launch."""
     attn, mlp = layer.self_attn, layer.mlp
     in_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
     qkv = sm.skinny_linear(residual, attn.qkv_proj.weight, attn.qkv_proj.bias,
-                           norm_weight=in_norm.weight, eps=in_norm.eps)
+                           norm_weight=in_norm.weight, eps=in_norm.eps, pdl=pdl)
     out = attn.attend(rope, qkv, k_cache, v_cache, attn_meta, attn_backend)
-    residual = sm.skinny_linear(out, attn.o_proj.weight, attn.o_proj.bias, residual=residual)
+    residual = sm.skinny_linear(out, attn.o_proj.weight, attn.o_proj.bias, residual=residual,
+                                pdl=pdl)
     act = sm.skinny_linear(residual, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
-                           norm_weight=post_norm.weight, eps=post_norm.eps, gate_up=True)
-    return sm.skinny_linear(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=residual)
+                           norm_weight=post_norm.weight, eps=post_norm.eps, gate_up=True,
+                           pdl=pdl)
+    return sm.skinny_linear(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=residual,
+                            pdl=pdl)
 
 
 def skinny_model_forward(model, hidden: torch.Tensor, rope, kv_caches, attn_meta,
@@ -75,7 +85,8 @@ def skinny_model_forward(model, hidden: torch.Tensor, rope, kv_caches, attn_meta
     """LlamaModel.forward after the embedding: hidden (num_tokens, hidden_size) embeddings ->
     final-normed hidden states, like the unfused loop."""
     residual = hidden
+    pdl = getattr(model, "skinny_pdl", False)  # set by enable_skinny_matmul
     for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
         residual = skinny_layer_forward(layer, rope, residual, k_cache, v_cache, attn_meta,
-                                        attn_backend)
+                                        attn_backend, pdl=pdl)
     return model.norm(residual)
