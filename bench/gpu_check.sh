@@ -23,6 +23,8 @@
 # BENCH_ASYNC and BENCH_SKINNY_ROWS (each default 1 on a GPU, 0 in the dry run): W-RANDOM,
 # W-PREFIX and W-BATCH1 once more with engine.async_scheduling (system llmbatch-async) or
 # engine.skinny_matmul (llmbatch-skinny) on, ~20 s each: the A/B of options not yet default.
+# BENCH_PDL_ROWS=1 (opt-in, default 0): the same three with engine.skinny_matmul and
+# engine.pdl on (llmbatch-skinny-pdl, programmatic dependent launch; ~20 s).
 # Whole check with the defaults: ~9.5 min on an H200 (pytest <= 180 s, bench <= 390 s).
 set -uo pipefail
 
@@ -33,7 +35,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -124,6 +126,7 @@ fi
 AB_DEFAULT=1; [ "$DRY" = 1 ] && AB_DEFAULT=0
 [ "${BENCH_ASYNC:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--async-scheduling)
 [ "${BENCH_SKINNY_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--skinny)
+[ "${BENCH_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--pdl)
 # A profiled 64-request W-RANDOM slice after llmbatch's bf16 rows (~10 s on a GPU): the kernel
 # table for the next tuning session (OUT_DIR/profile_llmbatch.txt). BENCH_PROFILE=0 skips it.
 [ "${BENCH_PROFILE:-1}" = 1 ] && MODE_ARGS+=(--profile)

@@ -6,6 +6,7 @@
     python -m bench.run --unfused ...   # + W-RANDOM, W-PREFIX, W-BATCH1 as llmbatch-unfused (CUDA)
     python -m bench.run --async-scheduling ...  # + the same three as llmbatch-async
     python -m bench.run --skinny ...             # + the same three as llmbatch-skinny (CUDA)
+    python -m bench.run --pdl ...   # + the same three as llmbatch-skinny-pdl (skinny + PDL, CUDA)
 
 Order: llmbatch first (its KV pool sizes itself from free memory), then it is freed and the
 peers load the same checkpoint. Every figure is written to OUT/results.json as soon as it
@@ -77,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"also run {'/'.join(FUSED_WORKLOADS)} with EngineConfig.skinny_matmul on "
                         f"(fused Triton matmuls for decode steps of <= 16 tokens) as system "
                         f"llmbatch-skinny; CUDA only")
+    p.add_argument("--pdl", action="store_true",
+                   help=f"also run {'/'.join(FUSED_WORKLOADS)} with EngineConfig.skinny_matmul "
+                        f"and EngineConfig.pdl on (programmatic dependent launch of the skinny "
+                        f"kernels, sm_90+) as system llmbatch-skinny-pdl; CUDA only")
     p.add_argument("--profile", action="store_true",
                    help="after llmbatch's bf16 workloads, profile a 64-request W-RANDOM slice "
                         "and batch-1 decode (OUT/profile_llmbatch*.txt; GPU busy fraction "
@@ -171,15 +176,16 @@ def _free_cuda() -> None:
 
 # A/B variants that only differ from the default on CUDA (their CPU rows say why).
 CUDA_ONLY_VARIANTS = {"unfused": "fused kernels run on CUDA only",
-                      "skinny": "skinny matmul runs on CUDA only"}
+                      "skinny": "skinny matmul runs on CUDA only",
+                      "skinny-pdl": "skinny matmul with PDL runs on CUDA only"}
 
 
 def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: str,
                  device: str, vocab: int, quant: str = "bf16", variant: str = "") -> None:
     """One engine (quantization `quant`), warmed up, through its workloads, then freed.
     variant: "" (the defaults), or an A/B of one default on the unquantized engine: "unfused"
-    (fused_kernels off), "async" (async_scheduling on) or "skinny" (skinny_matmul on), on
-    FUSED_WORKLOADS."""
+    (fused_kernels off), "async" (async_scheduling on), "skinny" (skinny_matmul on) or
+    "skinny-pdl" (skinny_matmul and pdl on), on FUSED_WORKLOADS."""
     method = QUANT_METHODS[quant]
     system = "llmbatch" if method == "none" else f"llmbatch-{quant}"
     unfused = variant == "unfused"
@@ -210,8 +216,10 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
         overrides["fused_kernels"] = False
     if variant == "async":
         overrides["async_scheduling"] = True
-    if variant == "skinny":
+    if variant in ("skinny", "skinny-pdl"):
         overrides["skinny_matmul"] = True
+    if variant == "skinny-pdl":
+        overrides["pdl"] = True
     if device == "cpu":
         overrides["cpu_kv_cache_bytes"] = 64 << 20     # a small pool: the dry run is tiny
     try:
@@ -342,7 +350,7 @@ def main(argv=None) -> int:
     if not args.skip_llmbatch:
         # Before the quantized engines: the A/B rows of the defaults.
         for variant, wanted in (("unfused", args.unfused), ("async", args.async_scheduling),
-                                ("skinny", args.skinny)):
+                                ("skinny", args.skinny), ("skinny-pdl", args.pdl)):
             if wanted:
                 run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size,
                              "bf16", variant=variant)
