@@ -247,17 +247,23 @@ def profile_steps(engine, workload: Workload, out_path: str, num_requests: int =
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     events = prof.key_averages()
-    sort_keys = ("self_cuda_time_total", "self_device_time_total", "self_cpu_time_total")
     with open(out_path, "w") as f:
         f.write(f"{len(reqs)} requests of {workload.name}, max_new {max_new}; wall {wall:.3f} s "
                 f"under the profiler\n")
-        for key in sort_keys:
-            try:
-                f.write(f"\n== sorted by {key}\n")
-                f.write(events.table(sort_by=key, row_limit=30, max_name_column_width=70))
-                f.write("\n")
-            except Exception as exc:  # the key's name differs between torch versions
-                f.write(f"(not available: {exc})\n")
+        # Device time first, under whichever name this torch knows (newer: "device", older:
+        # "cuda"; recent versions accept both, which printed the same table twice), then host.
+        for keys in (("self_device_time_total", "self_cuda_time_total"), ("self_cpu_time_total",)):
+            errors = []
+            for key in keys:
+                try:
+                    table = events.table(sort_by=key, row_limit=30, max_name_column_width=70)
+                except Exception as exc:
+                    errors.append(f"{key}: {exc}")
+                    continue
+                f.write(f"\n== sorted by {key}\n{table}\n")
+                break
+            else:
+                f.write(f"\n(not available: {'; '.join(errors)})\n")
     kernel_us = 0.0
     for e in events:
         dev = getattr(e, "self_device_time_total", None)
