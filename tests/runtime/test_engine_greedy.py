@@ -1,6 +1,7 @@
 """The runtime's correctness test: greedy output equals transformers' generate, token for token,
 with every scheduling feature on or off (prefix cache, chunked prefill, preemption, block sizes,
-prefix ordering), for tiny Llama, Mistral, Qwen2 and Qwen3 models."""
+prefix ordering, n-gram speculation, async scheduling), for tiny Llama, Mistral, Qwen2 and Qwen3
+models."""
 
 from __future__ import annotations
 
@@ -64,6 +65,10 @@ SETTINGS = {
     "input-order": dict(ordering="input"),
     "ngram-spec": dict(speculative_method="ngram", num_speculative_tokens=3,
                        speculative_max_num_seqs=64),
+    # Step n+1 planned and launched before step n's tokens reach the host.
+    "async": dict(async_scheduling=True),
+    "async-chunked-preemption": dict(async_scheduling=True, kv_cache_blocks=12,
+                                     max_num_batched_tokens=24),
 }
 
 
@@ -84,8 +89,9 @@ def test_greedy_matches_transformers(model_case, tokenizer, setting):
     assert not mismatches, (f"{len(mismatches)} of {len(prompts)} differ; first {mismatches[0]}: "
                             f"{got[mismatches[0]]} != {expected[mismatches[0]]}")
     stats = engine.stats()
-    if setting == "preemption":
+    if setting in ("preemption", "async-chunked-preemption"):
         assert stats["num_preemptions"] > 0
+    assert stats["async_scheduling"] is setting.startswith("async")
     if setting in ("default", "chunked-prefill", "block-32"):
         assert stats["num_cached_prompt_tokens"] > 0
     if setting == "ngram-spec":
