@@ -1,7 +1,7 @@
 """Micro-benchmark: layers/skinny_matmul.py against cuBLAS plus the unfused ops it replaces, on
 the Llama-3.2-1B decode shapes (GPU only; not a test; W-BATCH1 tuning input).
 
-    python -m bench.bench_skinny_matmul [--out skinny.json] [--m 1,4,16] [--no-sweep]
+    python -m bench.bench_skinny_matmul [--out skinny.json] [--m 1,4,16] [--no-sweep] [--pdl]
     python -m bench.bench_skinny_matmul --dry-run      # CPU smoke run: tiny shapes, interpreter
 
 Cases (per decoder layer, tp = 1), each timed as "baseline" (the unfused ops with the same math:
@@ -17,7 +17,9 @@ engine's decode graphs) cycling through enough weight copies (>= 256 MB) that ev
 its weight from DRAM, not from the 50 MB L2; replayed `--reps` times, median per call. GB/s
 counts the bytes each launch must move (weight + activations); "copy" is a device-to-device
 copy of 1 GiB measured here, the practical bandwidth ceiling. The default tile config and a
-small sweep are timed; the best per row is marked. JSON (--out) has every row.
+small sweep are timed (split-K configs for qkv, o_proj and down); the best per row is marked.
+--pdl times every skinny config again with programmatic dependent launch (sm_90+): within the
+graph each launch may then overlap the previous one's tail. JSON (--out) has every row.
 """
 
 from __future__ import annotations
@@ -127,10 +129,10 @@ def linear_fn(ops: dict, w):
     return lambda: F.linear(ops["x"], w)
 
 
-def skinny_fn(case: Case, ops: dict, w, cfg):
+def skinny_fn(case: Case, ops: dict, w, cfg, pdl: bool = False):
     from llmbatch.runtime.layers.skinny_matmul import skinny_linear
 
-    kwargs = {"config": cfg}
+    kwargs = {"config": cfg, "pdl": True} if pdl else {"config": cfg}
     if "norm" in case.kind:
         kwargs.update(norm_weight=ops["norm_w"], eps=EPS)
     if case.kind == "residual":
@@ -193,16 +195,20 @@ def run_case(case, m, dtype, device, args, copy_gbs, configs) -> list[dict]:
     fused_bytes = case.bytes_moved(m, elem)
     want = baseline_fn(case, ops, ops["weights"][0])()
     rows = []
-    variants = [("baseline", None), ("cublas", None)] + [("skinny", cfg) for cfg in configs]
-    for system, cfg in variants:
+    variants = ([("baseline", None, False), ("cublas", None, False)]
+                + [("skinny", cfg, False) for cfg in configs]
+                + [("skinny", cfg, True) for cfg in configs if args.pdl])
+    for system, cfg, pdl in variants:
         moved = fused_bytes
         if system == "cublas":  # weight + x + the (m, weight_rows) output
             moved = elem * (case.weight_rows * case.k + m * case.k + m * case.weight_rows)
         row = {"case": case.name, "m": m, "n": case.n, "k": case.k, "kind": case.kind,
                "system": system, "config": asdict(cfg) if cfg else None, "bytes": moved}
+        if cfg is not None:
+            row["pdl"] = pdl
         make = {"baseline": lambda w: baseline_fn(case, ops, w),
                 "cublas": lambda w: linear_fn(ops, w),
-                "skinny": lambda w: skinny_fn(case, ops, w, cfg)}[system]
+                "skinny": lambda w: skinny_fn(case, ops, w, cfg, pdl)}[system]
         try:
             fns = [make(w) for w in ops["weights"]]
             if cfg is not None:
@@ -237,8 +243,10 @@ def format_table(rows: list[dict], copy_gbs: float) -> str:
         best = min(ours, key=lambda r: r["us"])
         best["best"] = True
         c = best["config"]
-        tiles = f"n{c['block_n']} k{c['block_k']} w{c['num_warps']} s{c['num_stages']}" + (
-            "" if c["dot"] else " fma") + (f" split{c['split_k']}" if c["split_k"] > 1 else "")
+        tiles = (f"n{c['block_n']} k{c['block_k']} w{c['num_warps']} s{c['num_stages']}"
+                 + ("" if c["dot"] else " fma")
+                 + (f" split{c['split_k']}" if c["split_k"] > 1 else "")
+                 + (" pdl" if best.get("pdl") else ""))
         lines.append(f"{name:7s} | {m:2d} | {base['us']:11.2f} | {lin['us']:15.2f} "
                      f"({lin['frac_copy']:4.0%}) | {ours[0]['us']:17.2f} | "
                      f"{best['us']:7.2f} ({best['gbs']:6,.0f}, {best['frac_copy']:4.0%}) | "
@@ -276,6 +284,10 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=100, help="launches per CUDA graph")
     p.add_argument("--reps", type=int, default=5, help="graph replays; the median is kept")
     p.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
+    p.add_argument("--pdl", action="store_true",
+                   help="also time every skinny config with programmatic dependent launch "
+                        "(consecutive launches in the graph overlap; sm_90+; doubles the "
+                        "skinny rows)")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU smoke run: tiny shapes, Triton interpreter, one call each")
     args = p.parse_args(argv)
@@ -286,6 +298,10 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available() and not args.dry_run
     if not cuda and not args.dry_run:
         print("bench_skinny_matmul: needs a CUDA device (--dry-run runs the CPU smoke test)",
+              file=sys.stderr)
+        return 2
+    if args.pdl and not (cuda and torch.cuda.get_device_capability()[0] >= 9):
+        print("bench_skinny_matmul: --pdl needs a CUDA device of compute capability 9.0+",
               file=sys.stderr)
         return 2
     if not cuda:  # read when triton is first imported, so before the kernel modules

@@ -19,7 +19,8 @@
 # profiled slice), BENCH_UNFUSED=1 (opt-in: W-RANDOM, W-PREFIX and
 # W-BATCH1 once more with engine.fused_kernels off as system llmbatch-unfused, the A/B of the
 # default; off by default for time; on CPU its rows say skipped).
-# BENCH_SKINNY=1 (skinny-matmul micro-benchmark, GPU only; BENCH_SKINNY_TIMEOUT s, default 90).
+# BENCH_SKINNY=1 (skinny-matmul micro-benchmark, GPU only; BENCH_SKINNY_TIMEOUT s, default 120;
+# BENCH_SKINNY_ARGS: extra flags, e.g. "--pdl --m 1" or "--no-sweep").
 # BENCH_ASYNC and BENCH_SKINNY_ROWS (each default 1 on a GPU, 0 in the dry run): W-RANDOM,
 # W-PREFIX and W-BATCH1 once more with engine.async_scheduling (system llmbatch-async) or
 # engine.skinny_matmul (llmbatch-skinny) on, ~20 s each: the A/B of options not yet default.
@@ -35,7 +36,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -106,12 +107,15 @@ if [ "${BENCH_ATTENTION:-0}" = 1 ] && [ "$DRY" != 1 ]; then
     | tee "$OUT_DIR/bench_attention.log"
 fi
 
-# Skinny matmul micro-benchmark (GPU only, opt-in, ~60 s): layers/skinny_matmul.py vs cuBLAS and
-# the unfused ops on the 1B decode shapes, a small tile sweep; table in the log, rows in JSON.
+# Skinny matmul micro-benchmark (GPU only, opt-in, est. ~80 s): layers/skinny_matmul.py vs
+# cuBLAS and the unfused ops on the 1B decode shapes, a tile sweep (split-K: qkv, o_proj, down);
+# table in the log, rows in JSON (written after every case: a timeout keeps what ran).
 if [ "${BENCH_SKINNY:-0}" = 1 ] && [ "$DRY" != 1 ]; then
   echo "=== skinny matmul micro-benchmark"
-  timeout "${BENCH_SKINNY_TIMEOUT:-90}" "$PY" -m bench.bench_skinny_matmul \
-    --out "$OUT_DIR/bench_skinny_matmul.json" 2>&1 | tee "$OUT_DIR/bench_skinny_matmul.log"
+  # shellcheck disable=SC2086
+  timeout "${BENCH_SKINNY_TIMEOUT:-120}" "$PY" -m bench.bench_skinny_matmul \
+    --out "$OUT_DIR/bench_skinny_matmul.json" ${BENCH_SKINNY_ARGS:-} 2>&1 \
+    | tee "$OUT_DIR/bench_skinny_matmul.log"
 fi
 
 echo "=== bench ($(( $(date +%s) - T0 )) s so far)"

@@ -70,6 +70,12 @@ def test_refuses_without_cuda(capsys):
     assert err.count("\n") == 0 and "needs a CUDA device" in err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_pdl_refused_without_cuda(capsys):
+    assert bsm.main(["--dry-run", "--pdl"]) == 2
+    assert "--pdl needs a CUDA device" in capsys.readouterr().err
+
+
 def test_rejects_bad_token_counts(capsys):
     assert bsm.main(["--dry-run", "--m", "1,17"]) == 2
     assert "--m values must be in 1..16" in capsys.readouterr().err
