@@ -18,6 +18,7 @@ import torch
 from llmbatch.runtime.attention import AttentionMetadata, get_attention_backend
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.device import host_to_device, resolve_device, resolve_dtype
+from llmbatch.runtime.kernel_paths import enable_kernel_paths
 from llmbatch.runtime.kv_pool import allocate_kv_caches, decide_num_kv_blocks, kv_block_bytes
 from llmbatch.runtime.sampler import Sampler
 from llmbatch.runtime.scheduler import SchedulerOutput
@@ -75,10 +76,13 @@ class ModelRunner:
         self.weight_bytes = model_weight_bytes(self.model)  # this rank's loaded weights
         self.weight_bytes_per_rank = [self.weight_bytes]    # tp_executor fills every rank's
         self.model.eval()
-        # Set by _maybe_enable_fused_kernels when they apply (engine stats report them).
-        self.int8_triton_layers = 0
-        self.skinny_matmul_active = False
-        self.fused_kernels_active = self._maybe_enable_fused_kernels()
+        # Which Triton kernel paths apply (runtime/kernel_paths.py; engine stats report them).
+        paths = enable_kernel_paths(self.model, self.config, self.device, self.tp_size,
+                                    self.quantization)
+        self.fused_kernels_active = paths.fused_kernels
+        self.int8_triton_layers = paths.int8_triton_layers
+        self.skinny_matmul_active = paths.skinny_matmul
+        self.skinny_pdl_active = paths.skinny_pdl
         self.attn_backend = get_attention_backend(config.attention_backend, self.device.type)
         self.sampler = Sampler()
 
@@ -91,56 +95,6 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
         self.cuda_graph_error: Optional[str] = None
         self.graph_runner = self._maybe_capture_decode_graphs()
-
-    def _maybe_enable_fused_kernels(self) -> bool:
-        """EngineConfig.fused_kernels: RMSNorm and SiluAndMul run the Triton kernels of
-        layers/fused_kernels.py. CUDA only: on CPU the Triton interpreter would be far slower
-        than torch, so the flag is ignored (logged)."""
-        if not getattr(self.config, "fused_kernels", False):
-            return False
-        if self.device.type != "cuda":
-            logger.info("fused_kernels ignored on %s (Triton kernels run on CUDA only)",
-                        self.device)
-            return False
-        try:
-            from llmbatch.runtime.layers import fused_kernels  # noqa: F401  (imports triton)
-        except ImportError as exc:
-            logger.warning("fused_kernels ignored: triton does not import (%s)", exc)
-            return False
-        from llmbatch.runtime.layers.activation import SiluAndMul
-        from llmbatch.runtime.layers.norm import RMSNorm
-        from llmbatch.runtime.models.llama import LlamaAttention
-
-        for module in self.model.modules():
-            if isinstance(module, (RMSNorm, SiluAndMul)):
-                module.use_fused_kernel = True
-            elif isinstance(module, LlamaAttention):
-                module.use_fused_rotary = True
-        # int8-quantized linear layers: the w8a16 Triton GEMM instead of dequantizing per call.
-        from llmbatch.runtime.layers.quantization import enable_triton_int8
-
-        self.int8_triton_layers = enable_triton_int8(self.model)
-        # EngineConfig.skinny_matmul (opt-in): steps of <= 16 tokens run fused 6-launch decoder
-        # layers (models/llama_skinny.py); dense weights at tensor_parallel_size 1 only.
-        # EngineConfig.pdl (opt-in): those kernels use programmatic dependent launch (sm_90+).
-        pdl = bool(getattr(self.config, "pdl", False))
-        if pdl and torch.cuda.get_device_capability(self.device)[0] < 9:
-            logger.info("pdl ignored: programmatic dependent launch needs sm_90 or newer")
-            pdl = False
-        if getattr(self.config, "skinny_matmul", False):
-            from llmbatch.runtime.models.llama_skinny import enable_skinny_matmul
-
-            if (self.tp_size == 1 and self.quantization == "none"
-                    and enable_skinny_matmul(self.model, pdl=pdl)):
-                self.skinny_matmul_active = True
-                logger.info("skinny_matmul on: fused decoder layers for steps of <= 16 tokens"
-                            + (", programmatic dependent launch" if pdl else ""))
-            else:
-                logger.info("skinny_matmul ignored: needs tensor_parallel_size 1, unquantized "
-                            "weights and a Llama-family model")
-        elif pdl:
-            logger.info("pdl ignored: it applies to the skinny_matmul kernels only")
-        return True
 
     def _maybe_capture_decode_graphs(self):
         """Decode and verify CUDA graphs (runtime/cuda_graphs.py) on CUDA with the triton backend,

@@ -266,7 +266,7 @@ def test_bad_inputs_raise_clear_errors(call, message):
 def test_engine_flag_is_ignored_on_cpu(llama_setup, caplog):
     from tests.runtime.tiny_models import new_engine
 
-    with caplog.at_level(logging.INFO, logger="llmbatch.runtime.model_runner"):
+    with caplog.at_level(logging.INFO, logger="llmbatch.runtime.kernel_paths"):
         engine = new_engine(llama_setup, fused_kernels=True, kv_cache_blocks=16)
     runner = engine.runner
     assert runner.fused_kernels_active is False

@@ -1,0 +1,86 @@
+"""The scheduler's side of async scheduling (docs/async_scheduling.md), mixed into Scheduler.
+
+Step n+1 is planned while step n runs: commit_launched advances a launched step at once and
+gives each sampling request a pending token; apply_sampled later replaces the placeholders
+with the real tokens. The rest of the scheduler counts pending tokens as known (see
+Scheduler._num_new_tokens_running and ScheduledRequest.samples).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from llmbatch.runtime.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from llmbatch.runtime.scheduler import SchedulerOutput
+
+
+class AsyncSchedulingMixin:
+    """Needs the Scheduler's block_manager, block_size, running, max_model_len and
+    max_num_batched_tokens."""
+
+    def _pending_token_finishes(self, req: Request) -> bool:
+        """True when the request's in-flight token reaches max_new_tokens or the context limit
+        (the engine's length rules), so it must not be scheduled again."""
+        num_out = req.num_output_tokens + req.num_pending_tokens
+        if num_out >= req.sampling_params.max_new_tokens:
+            return True
+        return (self.max_model_len is not None
+                and req.num_tokens + req.num_pending_tokens >= self.max_model_len)
+
+    def fits_without_preemption(self) -> bool:
+        """True when the pool can give every running request blocks for whatever schedule()
+        may grant it this step: then schedule() preempts no one. The bound per request: all
+        its known and pending tokens, and no more than one step's token budget (a long prompt
+        in chunked prefill needs blocks for one chunk, not for the rest of the prompt).
+        Waiting requests never preempt."""
+        bs = self.block_size
+        budget = self.max_num_batched_tokens
+        needed = 0
+        for req in self.running:
+            total = min(req.num_tokens + req.num_pending_tokens + len(req.spec_token_ids),
+                        req.num_computed_tokens + budget)
+            needed += max(0, -(-total // bs) - len(req.block_table))
+        return needed <= self.block_manager.num_free_blocks
+
+    def commit_launched(self, out: SchedulerOutput) -> None:
+        """Async: the step is on the device; advance every scheduled request as if it were
+        done. A sampling request gets a pending token (value unknown until apply_sampled).
+        Blocks full of KNOWN tokens are registered now: their K/V is written by work already
+        queued on the stream, ahead of any later step that could read them."""
+        cache_full_blocks = self.block_manager.cache_full_blocks
+        for item in out.scheduled:
+            req = item.request
+            if req.spec_token_ids:
+                raise RuntimeError("async scheduling does not verify draft tokens")
+            samples = item.samples   # before num_computed_tokens moves
+            req.num_computed_tokens += item.num_new_tokens
+            if samples:
+                req.num_pending_tokens += 1
+            cache_full_blocks(req)
+
+    def apply_sampled(self, out: SchedulerOutput, sampled: dict[Any, list[int]]) -> int:
+        """Async: the committed step's tokens reached the host; they replace the pending
+        placeholders. A request finished meanwhile (its previous token was a stop) drops
+        its token: it was computed past the stop. Returns how many tokens were dropped."""
+        now = time.perf_counter()
+        cache_full_blocks = self.block_manager.cache_full_blocks
+        running = RequestStatus.RUNNING
+        dropped = 0
+        for item in out.scheduled:
+            req = item.request
+            tokens = sampled.get(req.request_id)
+            if tokens is None:
+                continue
+            if req.status is not running:
+                dropped += len(tokens)
+                continue
+            if len(tokens) != 1 or req.num_pending_tokens < 1:
+                raise RuntimeError(f"request {req.request_id!r}: got {len(tokens)} sampled "
+                                   f"tokens for {req.num_pending_tokens} pending")
+            req.num_pending_tokens -= 1
+            req.append_output_token(tokens[0], now)
+            cache_full_blocks(req)
+        return dropped
