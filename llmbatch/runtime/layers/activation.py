@@ -10,7 +10,8 @@ from torch import nn
 class SiluAndMul(nn.Module):
     """(..., 2*d) = [gate | up] -> silu(gate) * up, shape (..., d)."""
 
-    # True: forward runs the Triton kernel of layers/fused_kernels.py (set by ModelRunner).
+    # True: forward runs the Triton kernel of layers/fused_kernels.py (set by
+    # runtime/kernel_paths.py).
     use_fused_kernel: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

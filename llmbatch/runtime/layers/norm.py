@@ -41,7 +41,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x: (..., hidden_size). Normalizes over the last dim (also per head for q/k norm)."""
-        if self.use_fused_kernel:  # set by ModelRunner (EngineConfig.fused_kernels, CUDA only)
+        # use_fused_kernel: set by runtime/kernel_paths.py (EngineConfig.fused_kernels, CUDA).
+        if self.use_fused_kernel:
             from llmbatch.runtime.layers import fused_kernels
 
             if fused_kernels.rms_norm_supported(x, residual, self.weight):

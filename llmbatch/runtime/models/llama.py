@@ -111,7 +111,8 @@ def effective_sliding_window(config) -> Optional[int]:
 
 
 class LlamaAttention(nn.Module):
-    # Set by ModelRunner (EngineConfig.fused_kernels, CUDA only): rotary as one Triton kernel.
+    # Set by runtime/kernel_paths.py (EngineConfig.fused_kernels, CUDA only): rotary as one
+    # Triton kernel.
     use_fused_rotary: bool = False
 
     def __init__(self, spec: LlamaSpec, params_dtype: torch.dtype, tp_rank: int,
@@ -211,7 +212,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    # Set by ModelRunner (EngineConfig.skinny_matmul): steps of <= 16 tokens run the fused
+    # Set by runtime/kernel_paths.py (EngineConfig.skinny_matmul): steps of <= 16 tokens run the fused
     # 6-launch layers of models/llama_skinny.py.
     use_skinny_matmul: bool = False
 
