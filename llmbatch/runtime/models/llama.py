@@ -212,8 +212,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    # Set by runtime/kernel_paths.py (EngineConfig.skinny_matmul): steps of <= 16 tokens run the fused
-    # 6-launch layers of models/llama_skinny.py.
+    # Set by runtime/kernel_paths.py (EngineConfig.skinny_matmul): steps of <= 16 tokens run
+    # the fused 6-launch layers of models/llama_skinny.py.
     use_skinny_matmul: bool = False
 
     def __init__(self, spec: LlamaSpec, params_dtype: torch.dtype, tp_rank: int,
