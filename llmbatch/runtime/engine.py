@@ -249,7 +249,7 @@ class Engine:
         # Which kernel paths the runner actually took (options are ignored where they cannot
         # apply, e.g. on CPU): fused kernels, the skinny decode path, int8 layers on Triton.
         for key in ("fused_kernels_active", "skinny_matmul_active", "skinny_pdl_active",
-                    "int8_triton_layers"):
+                    "int8_triton_layers", "int8_triton_error"):
             s[key] = getattr(self.runner, key, None)
         s["prepare_s"] = getattr(self.runner, "prepare_s", None)  # part of execute_s
         # Steps that replayed a CUDA graph vs eager ones, and their forward + sampling seconds.

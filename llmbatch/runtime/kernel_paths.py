@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -29,6 +30,7 @@ class KernelPaths:
 
     fused_kernels: bool = False
     int8_triton_layers: int = 0       # int8 linear layers computing with the Triton GEMM
+    int8_triton_error: Optional[str] = None   # why the start-up check turned the GEMM off
     skinny_matmul: bool = False
     skinny_pdl: bool = False
 
@@ -59,6 +61,13 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
             module.use_fused_rotary = True
     paths.fused_kernels = True
     paths.int8_triton_layers = enable_triton_int8(model)
+    if paths.int8_triton_layers:
+        paths.int8_triton_error = check_int8_kernel(model)
+        if paths.int8_triton_error is not None:
+            logger.warning("int8 Triton GEMM off, dequantizing per call instead: %s",
+                           paths.int8_triton_error)
+            disable_triton_int8(model)
+            paths.int8_triton_layers = 0
 
     pdl = bool(getattr(config, "pdl", False))
     if pdl and torch.cuda.get_device_capability(device)[0] < 9:
@@ -77,3 +86,52 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
     elif pdl:
         logger.info("pdl ignored: it applies to the skinny_matmul kernels only")
     return paths
+
+
+def _triton_int8_methods(model):
+    """The int8 BnbLinearMethods of `model` that use the Triton GEMM, with a layer of each."""
+    from llmbatch.runtime.layers.quantization import BnbLinearMethod
+
+    for module in model.modules():
+        quant = getattr(module, "quant_method", None)
+        if isinstance(quant, BnbLinearMethod) and quant.method == "int8" and quant.use_triton:
+            yield module, quant
+
+
+def disable_triton_int8(model) -> None:
+    for _, quant in _triton_int8_methods(model):
+        quant.use_triton = False
+
+
+@torch.inference_mode()
+def check_int8_kernel(model, row_counts=(1, 40, 200)) -> Optional[str]:
+    """The w8a16 GEMM against the dequantize path on the model's first int8 layer, once per
+    tile bucket of int8_matmul (decode, small and large batches), at start-up: a kernel that
+    is wrong on this GPU (it was written and tested in the CPU interpreter) must cost speed,
+    never tokens. Returns a one-line reason when it differs, else None. The tolerance admits
+    bf16 rounding of the output, not a wrong index or scale (those are off by O(|y|))."""
+    import torch.nn.functional as F
+
+    from llmbatch.runtime.layers.int8_matmul import int8_linear
+
+    found = next(_triton_int8_methods(model), None)
+    if found is None:
+        return None
+    layer, quant = found
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    w = quant.dequantize(layer, torch.float32)                  # (out, in)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for m in row_counts:
+        x = torch.randn(m, w.shape[1], generator=gen).to(dtype=dtype, device=w.device)
+        want = F.linear(x.float(), w)
+        try:
+            got = int8_linear(x, layer.qweight, layer.qscale, None).float()
+        except Exception as exc:  # a compile or launch failure on this GPU
+            return f"{m} rows: {type(exc).__name__}: {exc}"
+        err = (got - want).abs().max().item()
+        bound = 0.03 * want.abs().max().item() + 1e-3
+        if not err <= bound:   # also catches NaN
+            return (f"{m} rows: max |Triton - dequantized| = {err:.3g} exceeds {bound:.3g} "
+                    f"on a ({w.shape[0]}, {w.shape[1]}) layer")
+    return None
+

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 from torch import nn
 
 from llmbatch.runtime.config import EngineConfig
-from llmbatch.runtime.kernel_paths import KernelPaths, enable_kernel_paths
+from llmbatch.runtime.kernel_paths import (KernelPaths, check_int8_kernel, disable_triton_int8,
+                                           enable_kernel_paths)
 from llmbatch.runtime.layers.norm import RMSNorm
 
 
@@ -24,4 +28,44 @@ def test_engine_stats_report_the_paths_taken(llama_setup):
 
     stats = new_engine(llama_setup, skinny_matmul=True).stats()
     assert (stats["fused_kernels_active"], stats["skinny_matmul_active"],
-            stats["skinny_pdl_active"], stats["int8_triton_layers"]) == (False, False, False, 0)
+            stats["skinny_pdl_active"], stats["int8_triton_layers"],
+            stats["int8_triton_error"]) == (False, False, False, 0, None)
+
+
+def _int8_runner(llama_setup):
+    pytest.importorskip("bitsandbytes")
+    from llmbatch.runtime.model_runner import ModelRunner
+
+    path, _ = llama_setup
+    return ModelRunner(EngineConfig(model=str(path), device="cpu", dtype="float32",
+                                    quantization="int8", kv_cache_blocks=16))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="runs the kernel on CPU tensors under TRITON_INTERPRET=1")
+def test_int8_start_up_check_passes_the_real_kernel(llama_setup):
+    from llmbatch.runtime.layers.quantization import enable_triton_int8
+
+    runner = _int8_runner(llama_setup)
+    assert enable_triton_int8(runner.model) == 8
+    assert check_int8_kernel(runner.model, row_counts=(1, 20)) is None
+
+
+@pytest.mark.parametrize("broken,reason", [
+    (lambda x, w, s, b: torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype), "exceeds"),
+    (lambda x, w, s, b: torch.full((x.shape[0], w.shape[0]), float("nan")), "exceeds"),
+    (lambda x, w, s, b: (_ for _ in ()).throw(RuntimeError("no kernel image")),
+     "RuntimeError: no kernel image"),
+])
+def test_int8_start_up_check_catches_a_wrong_kernel(llama_setup, monkeypatch, broken, reason):
+    from llmbatch.runtime.layers import int8_matmul
+    from llmbatch.runtime.layers.quantization import enable_triton_int8
+
+    runner = _int8_runner(llama_setup)
+    enable_triton_int8(runner.model)
+    monkeypatch.setattr(int8_matmul, "int8_linear", broken)
+    why = check_int8_kernel(runner.model)
+    assert why is not None and reason in why and why.startswith("1 rows:")
+    disable_triton_int8(runner.model)
+    assert not any(getattr(getattr(m, "quant_method", None), "use_triton", False)
+                   for m in runner.model.modules())
