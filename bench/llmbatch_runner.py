@@ -124,7 +124,7 @@ def _num_differing(outputs: dict, truth: dict) -> int:
                for rid in set(outputs) | set(truth))
 
 
-def _fraction_on_truth(outputs: dict, truth: dict) -> float:
+def fraction_on_truth(outputs: dict, truth: dict) -> float:
     """Share of the truth's tokens that an output reproduced before its first difference
     (summed over requests). A flip in the last tokens of a few requests leaves the speed-up
     meaningful; an early flip (acceptance collapses) does not. 1.0 when all are equal."""
@@ -212,7 +212,7 @@ def run_spec(engine, workload: Workload, vocab: int) -> dict:
                 res["greedy_equal_to_spec_off"] = _num_differing(outputs, spec_off[b]) == 0
                 res["num_differing_from_calibration"] = _num_differing(outputs, calibrated[b])
                 res["greedy_equal_to_calibration"] = res["num_differing_from_calibration"] == 0
-                res["fraction_on_calibration"] = _fraction_on_truth(outputs, calibrated[b])
+                res["fraction_on_calibration"] = fraction_on_truth(outputs, calibrated[b])
                 res["speedup_vs_off"] = (res["out_tok_per_s"] / off["out_tok_per_s"]
                                          if res["out_tok_per_s"] and off["out_tok_per_s"] else None)
                 out["replay_runs"][f"alpha={alpha},b={b}"] = res

@@ -54,6 +54,11 @@ def table_rows(results: dict) -> list[dict]:
                         row["ratios"][peer] = p["tpot_s"] / run["tpot_s"]
                     elif not batch1 and p.get("out_tok_per_s") and run.get("out_tok_per_s"):
                         row["ratios"][peer] = run["out_tok_per_s"] / p["out_tok_per_s"]
+                agree = run.get("agreement_with_llmbatch")
+                if agree is not None and "llmbatch" in row["ratios"]:
+                    # "1.20x llmbatch (98% same tokens)": the speed and whether it is the same work.
+                    label = f"llmbatch ({agree:.0%} same tokens)"
+                    row["ratios"][label] = row["ratios"].pop("llmbatch")
             rows.append(row)
     return rows
 

@@ -139,8 +139,18 @@ class Recorder:
     def __init__(self, out_dir: str, results: dict) -> None:
         self.path = os.path.join(out_dir, "results.json")
         self.results = results
+        self.default_outputs: dict[str, dict] = {}   # workload -> llmbatch's greedy outputs
 
     def put(self, workload: str, system: str, value: dict) -> None:
+        outputs = value.get("_outputs")
+        if outputs is not None and system == "llmbatch":
+            self.default_outputs[workload] = outputs
+        elif outputs is not None and workload in self.default_outputs:
+            # Every other llmbatch row (an A/B variant, a quantized engine) says how much of
+            # the default's greedy output it reproduces before its first differing token:
+            # bf16 rounding flips random-weight models late; a broken kernel flips at once.
+            value["agreement_with_llmbatch"] = llmbatch_runner.fraction_on_truth(
+                outputs, self.default_outputs[workload])
         value = {k: v for k, v in value.items() if not k.startswith("_")}
         self.results["runs"].setdefault(workload, {})[system] = value
         self.save()

@@ -110,7 +110,9 @@ def test_quantized_runs_on_cpu_report_weights_beside_bf16(tmp_path):
             < runs["llmbatch"]["weight_bytes"]
     rows = [r for r in results["table"] if r["workload"] == "W-RANDOM"]
     assert [r["system"] for r in rows] == ["llmbatch", "llmbatch-nf4", "llmbatch-int8"]
-    assert set(rows[1]["ratios"]) == {"llmbatch"}
+    agree = results["runs"]["W-RANDOM"]["llmbatch-nf4"]["agreement_with_llmbatch"]
+    assert 0.0 <= agree <= 1.0
+    assert set(rows[1]["ratios"]) == {f"llmbatch ({agree:.0%} same tokens)"}
 
 
 @pytest.mark.timeout(300)
@@ -137,6 +139,8 @@ def test_async_scheduling_row_on_cpu(tmp_path):
         expected = results["workloads"][name]["num_output_tokens"]
         assert runs["llmbatch-async"]["output_tokens"] == expected
         assert runs["llmbatch-async"]["num_errors"] == 0
+        # float32 on the CPU: async scheduling reproduces every greedy token.
+        assert runs["llmbatch-async"]["agreement_with_llmbatch"] == 1.0
     rows = [r for r in results["table"] if r["workload"] == "W-RANDOM"]
     assert [r["system"] for r in rows] == ["llmbatch", "llmbatch-async"]
-    assert set(rows[1]["ratios"]) == {"llmbatch"}
+    assert set(rows[1]["ratios"]) == {"llmbatch (100% same tokens)"}

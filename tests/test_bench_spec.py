@@ -167,11 +167,11 @@ def test_spec_rows_say_differs_only_against_calibration():
 
 
 def test_fraction_on_truth_counts_tokens_before_the_first_difference():
-    from bench.llmbatch_runner import _fraction_on_truth
+    from bench.llmbatch_runner import fraction_on_truth
 
     truth = {"a": [1, 2, 3, 4], "b": [5, 6, 7, 8]}
-    assert _fraction_on_truth(truth, truth) == 1.0
+    assert fraction_on_truth(truth, truth) == 1.0
     # a: flips at index 2 (the tokens after a flip do not count, even when equal again);
     # b: missing entirely.
-    assert _fraction_on_truth({"a": [1, 2, 9, 4]}, truth) == 2 / 8
-    assert _fraction_on_truth({}, {}) == 1.0
+    assert fraction_on_truth({"a": [1, 2, 9, 4]}, truth) == 2 / 8
+    assert fraction_on_truth({}, {}) == 1.0
