@@ -247,9 +247,10 @@ class Engine:
         s["block_size"] = self.config.block_size
         s["async_scheduling"] = self.async_scheduling
         # Which kernel paths the runner actually took (options are ignored where they cannot
-        # apply, e.g. on CPU): fused kernels, the skinny decode path, int8 layers on Triton.
+        # apply, e.g. on CPU): fused kernels, the skinny decode path, int8 / nf4 layers on Triton.
         for key in ("fused_kernels_active", "skinny_matmul_active", "skinny_pdl_active",
-                    "int8_triton_layers", "int8_triton_error"):
+                    "int8_triton_layers", "int8_triton_error", "nf4_triton_layers",
+                    "nf4_triton_error"):
             s[key] = getattr(self.runner, key, None)
         s["prepare_s"] = getattr(self.runner, "prepare_s", None)  # part of execute_s
         # Steps that replayed a CUDA graph vs eager ones, and their forward + sampling seconds.

@@ -3,7 +3,9 @@
     fused_kernels   (default on)  RMSNorm, SiLU·mul, rotary (+ K/V store) as Triton kernels
                                   (layers/fused_kernels.py, layers/fused_rotary.py); and
                                   int8-quantized linear layers on the w8a16 GEMM
-                                  (layers/int8_matmul.py) instead of dequantizing per call
+                                  (layers/int8_matmul.py) instead of dequantizing per call,
+                                  nf4 ones (and an nf4 LM head) on the w4a16 GEMM
+                                  (layers/nf4_matmul.py) instead of bnb.matmul_4bit
     skinny_matmul   (opt-in)      steps of <= 16 tokens run 6-launch decoder layers
                                   (models/llama_skinny.py); tensor_parallel_size 1, dense
     pdl             (opt-in)      the skinny kernels use programmatic dependent launch (sm_90+)
@@ -31,6 +33,8 @@ class KernelPaths:
     fused_kernels: bool = False
     int8_triton_layers: int = 0       # int8 linear layers computing with the Triton GEMM
     int8_triton_error: Optional[str] = None   # why the start-up check turned the GEMM off
+    nf4_triton_layers: int = 0        # nf4 linear layers (+ LM head) on the Triton GEMM
+    nf4_triton_error: Optional[str] = None
     skinny_matmul: bool = False
     skinny_pdl: bool = False
 
@@ -51,7 +55,7 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
         return paths
     from llmbatch.runtime.layers.activation import SiluAndMul
     from llmbatch.runtime.layers.norm import RMSNorm
-    from llmbatch.runtime.layers.quantization import enable_triton_int8
+    from llmbatch.runtime.layers.quantization import enable_triton_int8, enable_triton_nf4
     from llmbatch.runtime.models.llama import LlamaAttention
 
     for module in model.modules():
@@ -60,14 +64,16 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
         elif isinstance(module, LlamaAttention):
             module.use_fused_rotary = True
     paths.fused_kernels = True
-    paths.int8_triton_layers = enable_triton_int8(model)
-    if paths.int8_triton_layers:
-        paths.int8_triton_error = check_int8_kernel(model)
-        if paths.int8_triton_error is not None:
-            logger.warning("int8 Triton GEMM off, dequantizing per call instead: %s",
-                           paths.int8_triton_error)
-            disable_triton_int8(model)
-            paths.int8_triton_layers = 0
+    for method, enable in (("int8", enable_triton_int8), ("nf4", enable_triton_nf4)):
+        layers = enable(model)  # 0 unless the model is quantized with `method`
+        error = check_quant_kernel(model, method) if layers else None
+        if error is not None:
+            logger.warning("%s Triton GEMM off, using the dequantize / bitsandbytes path: %s",
+                           method, error)
+            disable_triton(model, method)
+            layers = 0
+        setattr(paths, f"{method}_triton_layers", layers)
+        setattr(paths, f"{method}_triton_error", error)
 
     pdl = bool(getattr(config, "pdl", False))
     if pdl and torch.cuda.get_device_capability(device)[0] < 9:
@@ -88,33 +94,57 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
     return paths
 
 
-def _triton_int8_methods(model):
-    """The int8 BnbLinearMethods of `model` that use the Triton GEMM, with a layer of each."""
-    from llmbatch.runtime.layers.quantization import BnbLinearMethod
+def _triton_methods(model, method: str):
+    """(layer, BnbLinearMethod) of `model`'s `method` layers that use the Triton GEMM."""
+    from llmbatch.runtime.layers.quantization import triton_gemm_modules
 
-    for module in model.modules():
-        quant = getattr(module, "quant_method", None)
-        if isinstance(quant, BnbLinearMethod) and quant.method == "int8" and quant.use_triton:
-            yield module, quant
+    return ((m, q) for m, q in triton_gemm_modules(model, method) if q.use_triton)
 
 
-def disable_triton_int8(model) -> None:
-    for _, quant in _triton_int8_methods(model):
+def disable_triton(model, method: str) -> None:
+    for _, quant in _triton_methods(model, method):
         quant.use_triton = False
 
 
-@torch.inference_mode()
+def disable_triton_int8(model) -> None:
+    disable_triton(model, "int8")
+
+
 def check_int8_kernel(model, row_counts=(1, 40, 200)) -> Optional[str]:
-    """The w8a16 GEMM against the dequantize path on the model's first int8 layer, once per
-    tile bucket of int8_matmul (decode, small and large batches), at start-up: a kernel that
-    is wrong on this GPU (it was written and tested in the CPU interpreter) must cost speed,
-    never tokens. Returns a one-line reason when it differs, else None. The tolerance admits
-    bf16 rounding of the output, not a wrong index or scale (those are off by O(|y|))."""
+    return check_quant_kernel(model, "int8", row_counts)
+
+
+def check_nf4_kernel(model, row_counts=(1, 40, 200)) -> Optional[str]:
+    return check_quant_kernel(model, "nf4", row_counts)
+
+
+def _triton_gemm(method: str, layer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's Triton GEMM on x, called directly (apply would quietly fall back where
+    Triton cannot run). Module attributes are looked up per call (tests patch them)."""
+    if method == "int8":
+        from llmbatch.runtime.layers import int8_matmul
+
+        return int8_matmul.int8_linear(x, layer.qweight, layer.qscale, None)
+    from llmbatch.runtime.layers import nf4_matmul
+
+    out_features, in_features = layer.quant_state.shape
+    return nf4_matmul.nf4_linear(x, layer.qweight, layer.qabsmax, layer.quant_state.code,
+                                 out_features, in_features, None)
+
+
+@torch.inference_mode()
+def check_quant_kernel(model, method: str, row_counts=(1, 40, 200)) -> Optional[str]:
+    """The Triton GEMM of `method` ("int8": w8a16, "nf4": w4a16) against the dequantize path
+    on the model's first such layer, once per tile bucket of int8_matmul / nf4_matmul (decode,
+    small and large batches), at start-up: a kernel that is wrong on this GPU (they were
+    written and tested in the CPU interpreter) must cost speed, never tokens. Returns a one-line
+    reason when it differs, else None. The tolerance admits bf16 rounding of the output, not a
+    wrong index, nibble or scale (those are off by O(|y|))."""
     import torch.nn.functional as F
 
-    from llmbatch.runtime.layers.int8_matmul import int8_linear
-
-    found = next(_triton_int8_methods(model), None)
+    # nf4 layers whose in_features is not a multiple of 64 keep bitsandbytes (apply): skip them.
+    found = next(((layer, quant) for layer, quant in _triton_methods(model, method)
+                  if method != "nf4" or layer.quant_state.shape[1] % 64 == 0), None)
     if found is None:
         return None
     layer, quant = found
@@ -125,7 +155,7 @@ def check_int8_kernel(model, row_counts=(1, 40, 200)) -> Optional[str]:
         x = torch.randn(m, w.shape[1], generator=gen).to(dtype=dtype, device=w.device)
         want = F.linear(x.float(), w)
         try:
-            got = int8_linear(x, layer.qweight, layer.qscale, None).float()
+            got = _triton_gemm(method, layer, x).float()
         except Exception as exc:  # a compile or launch failure on this GPU
             return f"{m} rows: {type(exc).__name__}: {exc}"
         err = (got - want).abs().max().item()
@@ -134,4 +164,3 @@ def check_int8_kernel(model, row_counts=(1, 40, 200)) -> Optional[str]:
             return (f"{m} rows: max |Triton - dequantized| = {err:.3g} exceeds {bound:.3g} "
                     f"on a ({w.shape[0]}, {w.shape[1]}) layer")
     return None
-

@@ -82,6 +82,8 @@ class ModelRunner:
         self.fused_kernels_active = paths.fused_kernels
         self.int8_triton_layers = paths.int8_triton_layers
         self.int8_triton_error = paths.int8_triton_error
+        self.nf4_triton_layers = paths.nf4_triton_layers
+        self.nf4_triton_error = paths.nf4_triton_error
         self.skinny_matmul_active = paths.skinny_matmul
         self.skinny_pdl_active = paths.skinny_pdl
         self.attn_backend = get_attention_backend(config.attention_backend, self.device.type)

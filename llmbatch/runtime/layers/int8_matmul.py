@@ -64,9 +64,10 @@ _TILES = (
 GROUP_M = 8
 
 
-def tile_for(m: int) -> Tile:
-    """The launch configuration for an M-row call (M >= 1)."""
-    for max_m, tile in _TILES:
+def tile_for(m: int, table=_TILES) -> Tile:
+    """The launch configuration for an M-row call (M >= 1); `table` is a _TILES-like tuple
+    (nf4_matmul.py passes its own)."""
+    for max_m, tile in table:
         if max_m is None or m <= max_m:
             return tile
     raise AssertionError("unreachable: the last _TILES entry has no bound")
@@ -78,12 +79,9 @@ def all_tiles() -> tuple[Tile, ...]:
 
 
 @triton.jit
-def _int8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
-                        M, N, K, stride_xm, stride_wn, stride_om,
-                        HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr):
-    # 1-D grid over (M tiles x N tiles), grouped: GROUP_M M-tiles walk the N-tiles together.
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program on a 1-D grid of cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),
+    grouped: GROUP_M M-tiles walk the N-tiles together (shared by nf4_matmul.py)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -92,6 +90,17 @@ def _int8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
     rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group_size) % rows_in_group
     pid_n = (pid % group_size) // rows_in_group
+    return pid_m, pid_n
+
+
+@triton.jit
+def _int8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
+                        M, N, K, stride_xm, stride_wn, stride_om,
+                        HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    # 1-D grid over (M tiles x N tiles), grouped: GROUP_M M-tiles walk the N-tiles together.
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # (BLOCK_M,) rows of x / y
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # (BLOCK_N,) rows of qweight = cols of y
@@ -146,20 +155,26 @@ def _check_inputs(x, qweight, qscale, bias) -> None:
     if qscale.dtype != torch.float32 or tuple(qscale.shape) != (n,):
         raise ValueError(f"int8_linear: qscale must be ({n},) float32, got "
                          f"{tuple(qscale.shape)} {qscale.dtype}")
-    tensors = [("x", x), ("qweight", qweight), ("qscale", qscale)]
+    check_bias_and_layout("int8_linear", x, n, bias, [("qweight", qweight), ("qscale", qscale)])
+
+
+def check_bias_and_layout(fn: str, x, n: int, bias, tensors) -> None:
+    """Shared by the weight-only GEMM launchers (`fn` names the caller in the message): bias
+    None or (n,) in x's dtype; x, bias and the named `tensors` contiguous on x's device."""
+    tensors = [("x", x), *tensors]
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"int8_linear: bias must be a torch.Tensor or None, got "
+            raise TypeError(f"{fn}: bias must be a torch.Tensor or None, got "
                             f"{type(bias).__name__}")
         if bias.dtype != x.dtype or tuple(bias.shape) != (n,):
-            raise ValueError(f"int8_linear: bias must be ({n},) {x.dtype} like x, got "
+            raise ValueError(f"{fn}: bias must be ({n},) {x.dtype} like x, got "
                              f"{tuple(bias.shape)} {bias.dtype}")
         tensors.append(("bias", bias))
     for name, t in tensors:
         if t.device != x.device:
-            raise ValueError(f"int8_linear: {name} is on {t.device}, x on {x.device}")
+            raise ValueError(f"{fn}: {name} is on {t.device}, x on {x.device}")
         if not t.is_contiguous():
-            raise ValueError(f"int8_linear: {name} must be contiguous (got strides "
+            raise ValueError(f"{fn}: {name} must be contiguous (got strides "
                              f"{t.stride()} for shape {tuple(t.shape)})")
 
 
@@ -170,17 +185,26 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
     qweight * qscale[:, None] / 127 (but never materialising it). All on one device."""
     _check_inputs(x, qweight, qscale, bias)
     n, k = qweight.shape
+    return launch_gemm(_int8_matmul_kernel, _TILES, x, n, k, (qweight, qscale),
+                       (qweight.stride(0),), bias)
+
+
+def launch_gemm(kernel, tiles, x: torch.Tensor, n: int, k: int, weights: tuple,
+                weight_strides: tuple, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Launch a weight-only GEMM kernel whose arguments are (x, *weights, bias, out, M, N, K,
+    stride_xm, *weight_strides, stride_om, HAS_BIAS, IEEE_DOT, BLOCK_M/N/K, GROUP_M) on the
+    checked inputs, with the tile of `tiles` for M; shared by int8_linear and nf4_linear."""
     x2 = x.view(-1, k)  # leading dims (batch, tokens, ...) flattened into M
     m = x2.shape[0]
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     out2 = out.view(m, n)
-    tile = tile_for(m)
+    tile = tile_for(m, tiles)
     grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n),)
-    _int8_matmul_kernel[grid](
-        x2, qweight, qscale, out2 if bias is None else bias, out2,  # placeholder: never read
-        m, n, k, x2.stride(0), qweight.stride(0), out2.stride(0),
+    kernel[grid](
+        x2, *weights, out2 if bias is None else bias, out2,  # placeholder bias: never read
+        m, n, k, x2.stride(0), *weight_strides, out2.stride(0),
         HAS_BIAS=bias is not None, IEEE_DOT=x.dtype == torch.float32,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=GROUP_M,
         num_warps=tile.num_warps, num_stages=tile.num_stages,

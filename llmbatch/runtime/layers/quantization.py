@@ -7,7 +7,9 @@ in the model dtype unless EngineConfig.quantize_embeddings (nf4 only, see Nf4Emb
 
     nf4   bnb.functional.quantize_4bit(blocksize 64, no double quant): the rank's weight
           (out, in) is flattened row-major and cut into blocks of 64 elements, each with one
-          float32 absmax. 0.5 + 4/64 bytes per weight (0.28x of bf16). Forward: bnb.matmul_4bit
+          float32 absmax. 0.5 + 4/64 bytes per weight (0.28x of bf16). Forward: with the
+          engine's fused kernels on CUDA (enable_triton_nf4) the Triton w4a16 GEMM of
+          nf4_matmul.py (in_features % 64 == 0; others keep bitsandbytes), else bnb.matmul_4bit
           on CUDA; on CPU the flat dequantized weight in F.linear (see process_weights...).
           Slices line up with quantize-then-slice when every slice boundary falls on a block
           boundary: column-parallel rows start at row*in (a multiple of 64 when in % 64 == 0),
@@ -70,8 +72,9 @@ class BnbLinearMethod:
     """A LinearBase `quant_method`: owns nothing; the quantized tensors live on the layer as
     buffers `qweight` (+ `qabsmax` for nf4, `qscale` for int8), the dense `weight` is dropped."""
 
-    # int8 only: apply runs int8_matmul.int8_linear (Triton) instead of F.linear of the
-    # dequantized weight. Set by enable_triton_int8 (ModelRunner, fused kernels on CUDA).
+    # apply runs the Triton GEMM (int8_matmul.int8_linear / nf4_matmul.nf4_linear) instead of
+    # F.linear of the dequantized weight (int8) or bnb.matmul_4bit (nf4). Set by
+    # enable_triton_int8 / enable_triton_nf4 (runtime/kernel_paths.py: fused kernels on CUDA).
     use_triton: bool = False
 
     def __init__(self, method: str, device=None) -> None:
@@ -115,6 +118,13 @@ class BnbLinearMethod:
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.method == "nf4" and self.use_triton and _triton_runs_on(x) \
+                and x.shape[-1] % NF4_BLOCKSIZE == 0:
+            from llmbatch.runtime.layers.nf4_matmul import nf4_linear
+
+            out_features, in_features = layer.quant_state.shape
+            return nf4_linear(x.contiguous(), layer.qweight, layer.qabsmax,
+                              layer.quant_state.code, out_features, in_features, bias)
         if self.method == "nf4" and x.is_cuda:
             return self.bnb.matmul_4bit(x, layer.qweight.t(), quant_state=layer.quant_state,
                                         bias=bias)
@@ -131,19 +141,40 @@ def _triton_runs_on(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def triton_gemm_modules(model: nn.Module, method: str):
+    """(module, BnbLinearMethod) of every layer of `model` whose forward is `apply` with
+    `method` ("int8" | "nf4"): the linear layers, and for nf4 the quantized LM head
+    (Nf4EmbeddingMethod; the token embedding only looks rows up, it has no GEMM)."""
+    from llmbatch.runtime.layers.embedding import ParallelLMHead
+    from llmbatch.runtime.layers.linear import LinearBase
+
+    for module in model.modules():
+        quant = getattr(module, "quant_method", None)
+        if isinstance(module, (LinearBase, ParallelLMHead)) \
+                and isinstance(quant, BnbLinearMethod) and quant.method == method:
+            yield module, quant
+
+
 def enable_triton_int8(model: nn.Module) -> int:
     """Switch every int8 linear layer of `model` to the Triton w8a16 GEMM (int8_matmul.py);
     the caller checks that Triton can run (CUDA, or the interpreter). Returns how many layers
     use it (0 for a dense or nf4 model). Layers share one BnbLinearMethod, set once each."""
-    from llmbatch.runtime.layers.linear import LinearBase
+    return _enable_triton(model, "int8")
 
+
+def enable_triton_nf4(model: nn.Module) -> int:
+    """enable_triton_int8 for nf4: the linear layers and a quantized LM head switch to the
+    w4a16 GEMM (nf4_matmul.py). Used for every M, decode (M=1) included: bitsandbytes' own
+    one-row inference kernel is not kept (a benchmark A/B has to decide that). Layers whose
+    in_features is not a multiple of 64 still take bitsandbytes (checked per call in apply)."""
+    return _enable_triton(model, "nf4")
+
+
+def _enable_triton(model: nn.Module, method: str) -> int:
     count = 0
-    for module in model.modules():
-        quant = getattr(module, "quant_method", None)
-        if isinstance(module, LinearBase) and isinstance(quant, BnbLinearMethod) \
-                and quant.method == "int8":
-            quant.use_triton = True
-            count += 1
+    for _, quant in triton_gemm_modules(model, method):
+        quant.use_triton = True
+        count += 1
     return count
 
 
@@ -190,8 +221,8 @@ class Nf4EmbeddingMethod(BnbLinearMethod):
     blocks: row r is packed bytes [r*hidden/2, (r+1)*hidden/2) and absmax [r*hidden/64,
     (r+1)*hidden/64), so (a) a lookup dequantizes only the looked-up rows and (b) quantizing a
     tensor-parallel rank's rows gives the very blocks of the full table (TP is supported).
-    The LM head is `apply` of the nf4 linear method (matmul_4bit on CUDA, F.linear of the
-    dequantized table on CPU). Tied: one quantized copy, the dense Parameter is freed.
+    The LM head is `apply` of the nf4 linear method (the Triton nf4 GEMM with fused kernels
+    on CUDA, else matmul_4bit on CUDA, F.linear of the dequantized table on CPU). Tied: one quantized copy, the dense Parameter is freed.
     """
 
     def __init__(self, hidden_size: int, device=None,
