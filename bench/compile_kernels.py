@@ -133,6 +133,7 @@ def _variants():
                          "BLOCK": block}, {"num_warps": warps, "enable_fp_fusion": False}))
     out.extend(_skinny_matmul_variants(sm))
     out.extend(_int8_matmul_variants())
+    out.extend(_nf4_matmul_variants())
     return out
 
 
@@ -242,6 +243,43 @@ def _bench_split_k_configs(sm):
     for name in ("qkv", "o_proj", "down"):
         cfgs += [c for c in split_k_configs(sm, name) if c not in cfgs]
     return cfgs
+
+
+def _nf4_matmul_variants():
+    """layers/nf4_matmul.py (w4a16 GEMM of nf4-quantized engines and their nf4 LM head): every
+    tile of its M table, each activation dtype, with and without bias, specialised as launches
+    are: M = 1 is a constexpr (batch-1 decode), M % 16 == 0 marked divisible or not; K (and so
+    stride_xm = K) always divisible (the launcher requires K % 64 == 0), N and stride_om = N
+    divisible in every real model but not in tests/gpu's 1500-wide layer. float32 engines
+    (no GPU use in practice) only with the general M and aligned N."""
+    import importlib
+
+    nm = importlib.import_module("llmbatch.runtime.layers.nf4_matmul")
+    im = importlib.import_module("llmbatch.runtime.layers.int8_matmul")
+    out = []
+    for dt in ("bf16", "fp16", "fp32"):
+        sig = {"x_ptr": f"*{dt}", "w_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
+               "bias_ptr": f"*{dt}", "out_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32",
+               "stride_xm": "i32", "stride_om": "i32"}
+        for name in ("HAS_BIAS", "IEEE_DOT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
+            sig[name] = "constexpr"
+        for i, tile in enumerate(nm.all_tiles()):
+            m_kinds = ("m",) if dt == "fp32" else ("m1", "m16x", "m") if i == 0 else ("m16x", "m")
+            for has_bias in (False, True):
+                consts = dict(HAS_BIAS=has_bias, IEEE_DOT=dt == "fp32", BLOCK_M=tile.block_m,
+                              BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=im.GROUP_M)
+                for m_kind in m_kinds:
+                    for n_kind in ("n16x",) if dt == "fp32" else ("n16x", "n"):
+                        ints = ("K", "stride_xm") + (("M",) if m_kind == "m16x" else ()) + (
+                            ("N", "stride_om") if n_kind == "n16x" else ())
+                        out.append((f"nf4_matmul {dt} bm{tile.block_m} bn{tile.block_n} "
+                                    f"bk{tile.block_k} bias={has_bias} {m_kind} {n_kind}",
+                                    nm._nf4_matmul_kernel,
+                                    dict(sig, M="constexpr") if m_kind == "m1" else sig,
+                                    dict(consts, M=1) if m_kind == "m1" else consts,
+                                    {"num_warps": tile.num_warps,
+                                     "num_stages": tile.num_stages}, _aligned(sig, ints)))
+    return out
 
 
 def _pdl_option(consts: dict) -> dict:
