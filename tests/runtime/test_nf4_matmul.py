@@ -257,3 +257,11 @@ def _swapped_dense(q, absmax, code, n, k):
     b = q.view(-1).long()
     nibbles = torch.stack([b & 15, b >> 4], dim=1).view(-1)
     return (code[nibbles] * absmax.repeat_interleave(64)).view(n, k)
+
+
+def test_engine_stats_report_the_nf4_path(llama_setup):
+    """On CPU no Triton path applies, even for an nf4 engine with fused kernels asked for."""
+    from tests.runtime.tiny_models import new_engine
+
+    stats = new_engine(llama_setup, quantization="nf4", fused_kernels=True).stats()
+    assert (stats["nf4_triton_layers"], stats["nf4_triton_error"]) == (0, None)
