@@ -138,111 +138,16 @@ def _variants():
 
 
 def _int8_matmul_variants():
-    """layers/int8_matmul.py (w8a16 GEMM of int8-quantized engines): every tile of its M table,
-    each activation dtype, with and without bias."""
-    import importlib
+    from bench.gemm_variants import int8_matmul_variants
 
-    im = importlib.import_module("llmbatch.runtime.layers.int8_matmul")
-    out = []
-    for dt in ("bf16", "fp16", "fp32"):
-        sig = {"x_ptr": f"*{dt}", "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": f"*{dt}",
-               "out_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-               "stride_wn": "i32", "stride_om": "i32"}
-        for name in ("HAS_BIAS", "IEEE_DOT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
-            sig[name] = "constexpr"
-        for tile in im.all_tiles():
-            for has_bias in (False, True):
-                consts = dict(HAS_BIAS=has_bias, IEEE_DOT=dt == "fp32", BLOCK_M=tile.block_m,
-                              BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=im.GROUP_M)
-                out.append((f"int8_matmul {dt} bm{tile.block_m} bn{tile.block_n} "
-                            f"bk{tile.block_k} bias={has_bias}", im._int8_matmul_kernel, sig,
-                            consts, {"num_warps": tile.num_warps,
-                                     "num_stages": tile.num_stages}))
-    return out
+    return int8_matmul_variants()
 
 
 def _skinny_matmul_variants(sm):
-    """layers/skinny_matmul.py as the fused decode path launches it on the Llama-3.2-1B shape
-    (qkv with the RMSNorm prologue, with and without Qwen2's bias; o_proj and down with the
-    residual epilogue; gate_up with norm + SiLU·mul; the LM head plain), default tiles, plus
-    the FMA (dot=False) tiles the micro-benchmark sweeps, the split-K tiles it sweeps (the
-    partial-sum kernel and the reduce kernel with each epilogue), and the USE_PDL variants
-    (griddepcontrol needs sm_90: this is the proof that they lower). Pointers, N, K, k_per_split
-    and the row strides are marked divisible by 16 as at those launches: without it Triton does
-    not pipeline the weight loads, and the shared-memory use this checks would not be the real
-    one."""
-    import torch
+    """layers/skinny_matmul.py's two kernels, as launched (bench/gemm_variants.py)."""
+    from bench.gemm_variants import skinny_matmul_variants
 
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    shapes = (("qkv", 3072, 2048, dict(NORM=True)),
-              ("qkv+bias", 3072, 2048, dict(NORM=True, HAS_BIAS=True)),
-              ("o_proj", 2048, 2048, dict(RESIDUAL=True)),
-              ("gate_up", 8192, 2048, dict(NORM=True, GATE_UP=True)),
-              ("down", 2048, 8192, dict(RESIDUAL=True)),
-              ("lm_head", 128256, 2048, {}))
-    split_cfgs = [(f" split{c.split_k} n{c.block_n} k{c.block_k}", c)
-                  for c in _bench_split_k_configs(sm)]
-    out = []
-    for dt, torch_dt in dtypes.items():
-        sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
-               "norm_w_ptr": f"*{dt}", "res_ptr": f"*{dt}", "out_ptr": f"*{dt}",
-               "ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "x_row_stride": "i32",
-               "res_row_stride": "i32", "out_row_stride": "i32", "ws_row_stride": "i32",
-               "ws_split_stride": "i32", "k_per_split": "i32", "eps": "fp32"}
-        for name in ("HAS_BIAS", "NORM", "RESIDUAL", "GATE_UP", "BLOCK_M", "BLOCK_N",
-                     "BLOCK_K", "DOT", "IEEE_DOT", "SPLIT_K", "USE_PDL"):
-            sig[name] = "constexpr"
-        for label, n, k, flags in shapes:
-            cfgs = [("", sm.pick_config(n, k, torch_dt))]
-            if dt == "bf16":
-                cfgs.append((" fma", sm.SkinnyConfig(block_n=16, block_k=32, num_warps=4,
-                                                     num_stages=3, dot=False)))
-                if label != "lm_head":
-                    cfgs += split_cfgs
-            if dt == "bf16":  # EngineConfig.pdl: the default tiles and the split-K ones
-                cfgs += [(f"{suffix} pdl", cfg) for suffix, cfg in cfgs if " fma" not in suffix]
-            for suffix, cfg in cfgs:
-                consts = dict(HAS_BIAS=False, NORM=False, RESIDUAL=False, GATE_UP=False,
-                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                              DOT=cfg.dot, IEEE_DOT=dt == "fp32", SPLIT_K=cfg.split_k,
-                              USE_PDL=suffix.endswith(" pdl"))
-                consts.update(flags)
-                out.append((f"skinny_matmul {dt} {label} n{n} k{k}{suffix}",
-                            sm._skinny_matmul_kernel, dict(sig), consts,
-                            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                 **_pdl_option(consts)),
-                            _aligned(sig, ("N", "K", "k_per_split"))))
-        # The reduce kernel: each epilogue, the split counts the sweep uses.
-        sig = {"ws_ptr": "*fp32", "bias_ptr": f"*{dt}", "res_ptr": f"*{dt}", "out_ptr": f"*{dt}",
-               "M": "i32", "N": "i32", "ws_row_stride": "i32", "ws_split_stride": "i32",
-               "res_row_stride": "i32", "out_row_stride": "i32"}
-        for name in ("HAS_BIAS", "RESIDUAL", "GATE_UP", "SPLIT_K", "BLOCK_M", "BLOCK_N",
-                     "USE_PDL"):
-            sig[name] = "constexpr"
-        for flags in (dict(HAS_BIAS=True), dict(RESIDUAL=True), dict(GATE_UP=True),
-                      dict(GATE_UP=True, HAS_BIAS=True), dict(RESIDUAL=True, USE_PDL=True),
-                      dict(GATE_UP=True, USE_PDL=True)):
-            for splits in sorted({c.split_k for _, c in split_cfgs}):
-                if flags.get("USE_PDL") and dt != "bf16":
-                    continue
-                consts = dict(HAS_BIAS=False, RESIDUAL=False, GATE_UP=False, SPLIT_K=splits,
-                              BLOCK_M=sm.MAX_M, BLOCK_N=sm.REDUCE_BLOCK_N, USE_PDL=False)
-                consts.update(flags)
-                label = ",".join(f for f in flags)
-                out.append((f"skinny_split_k_reduce {dt} {label} splits{splits}",
-                            sm._split_k_reduce_kernel, dict(sig), consts,
-                            dict(num_warps=4, **_pdl_option(consts)), _aligned(sig, ("N",))))
-    return out
-
-
-def _bench_split_k_configs(sm):
-    """Every split-K config of the micro-benchmark sweep (compiled here as it launches them)."""
-    from bench.bench_skinny_matmul import split_k_configs
-
-    cfgs = []
-    for name in ("qkv", "o_proj", "down"):
-        cfgs += [c for c in split_k_configs(sm, name) if c not in cfgs]
-    return cfgs
+    return skinny_matmul_variants()
 
 
 def _nf4_matmul_variants():
@@ -294,11 +199,40 @@ def _aligned(sig: dict, ints: tuple) -> dict:
             if a.endswith("_ptr") or a.endswith("_stride") or a in ints}
 
 
+# Opt-in shared memory per block (bytes): Hopper 227 KB, A100 163 KB, sm_86 / sm_89 99 KB.
+SHARED_LIMIT = {90: 227 << 10, 80: 163 << 10, 86: 99 << 10, 89: 99 << 10}
+
+
+def _ptxas_usage(asm, arch: int) -> str:
+    """' regs=R [SPILLS=stores/loadsB]' from ptxas -v on the variant's PTX, with the ptxas
+    Triton uses. Spills (local memory: slower, not wrong) are reported, not failures."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(asm["ptx"])
+        f.flush()
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}"
+                              f"{'a' if arch >= 90 else ''}", f.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    out = f" regs={regs.group(1) if regs else '?'}"
+    if spill and spill.group(1) != "0":
+        out += f" SPILLS={spill.group(1)}/{spill.group(2)}B"
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90 = Hopper)")
     p.add_argument("--stage", default="cubin", choices=("ttir", "ttgir", "llir", "ptx", "cubin"),
                    help="last stage that must succeed (cubin runs ptxas)")
+    p.add_argument("--no-resources", dest="resources", action="store_false",
+                   help="skip the registers / spills report (one more ptxas -v per variant)")
     p.add_argument("--filter", default="",
                    help="comma-separated substrings: only variants whose label contains one")
     args = p.parse_args(argv)
@@ -323,9 +257,14 @@ def main(argv=None) -> int:
             asm = compiled.asm
             if args.stage not in asm:
                 raise RuntimeError(f"stage {args.stage} missing; have {sorted(asm)}")
-            regs = getattr(compiled, "n_regs", None)
-            spills = getattr(compiled, "n_spills", None)
-            print(f"ok   {label}" + (f"  regs={regs} spills={spills}" if regs else ""))
+            # metadata.shared: what the launch asks for; above the device's per-block opt-in
+            # limit Triton refuses the launch (OutOfResources), so it fails here first.
+            shared, limit = compiled.metadata.shared, SHARED_LIMIT.get(args.arch, 227 << 10)
+            if shared > limit:
+                raise RuntimeError(f"needs {shared} B of shared memory per block, sm_{args.arch} "
+                                   f"allows {limit}")
+            res = f"  smem={shared >> 10}K warps={opts.get('num_warps', 4)}"
+            print(f"ok   {label}{res}{_ptxas_usage(asm, args.arch) if args.resources else ''}")
         except Exception as exc:  # report every variant, not just the first failure
             failures += 1
             msg = str(exc).strip().splitlines()
