@@ -86,11 +86,13 @@ fi
 if "$PY" -c "import pytest" 2>/dev/null; then
   # Core kernels and graphs first, so a time limit cuts the optional tests, not them; no -x:
   # a GPU run is scarce, and seeing every failure at once beats stopping at the first.
-  echo "=== pytest tests/gpu -q (attention, graphs, then the rest)"
+  echo "=== pytest tests/gpu -q (attention, graphs, the new GEMM and async paths, then the rest)"
   # shellcheck disable=SC2086
   timeout "${PYTEST_TIMEOUT:-200}" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_triton_attention_gpu.py \
-    tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py tests/gpu} \
-    --maxfail=20 -q -rfE -p no:cacheprovider 2>&1 \
+    tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py \
+    tests/gpu/test_int8_matmul_gpu.py tests/gpu/test_nf4_matmul_gpu.py \
+    tests/gpu/test_async_scheduling_gpu.py tests/gpu/test_skinny_matmul_gpu.py tests/gpu} \
+    --maxfail=20 -q -rfE --durations=12 -p no:cacheprovider 2>&1 \
     | tee "$OUT_DIR/pytest_gpu.log" | tail -n 40
   PYTEST_RC=${PIPESTATUS[0]}
   [ "$PYTEST_RC" = 5 ] && PYTEST_RC="5 (no tests collected)"
