@@ -195,6 +195,24 @@ def test_apply_dispatch(monkeypatch, k, uses_kernel):
     torch.testing.assert_close(got, want, **TOL_FALLBACK[torch.float32])
 
 
+def test_enable_counts_only_layers_that_take_the_kernel():
+    """nf4_triton_layers (engine stats) counts the layers apply runs on the kernel: one whose
+    in_features is not a multiple of 64 keeps bitsandbytes and is not counted; a model with
+    only such layers reports 0 (so kernel_paths runs no check and claims no Triton layer)."""
+    from llmbatch.runtime.layers.linear import RowParallelLinear
+    from llmbatch.runtime.layers.quantization import BnbLinearMethod, enable_triton_nf4
+
+    quant = BnbLinearMethod("nf4")
+    layers = []
+    for k in (128, 96, 64):
+        layer = RowParallelLinear(k, 48, bias=False)
+        layer.quant_method = quant
+        quant.process_weights_after_loading(layer)
+        layers.append(layer)
+    assert enable_triton_nf4(torch.nn.Sequential(*layers)) == 2
+    assert enable_triton_nf4(torch.nn.Sequential(layers[1])) == 0
+
+
 def _nf4_runner(llama_setup, **kw):
     from llmbatch.runtime.config import EngineConfig
     from llmbatch.runtime.model_runner import ModelRunner

@@ -172,9 +172,11 @@ def enable_triton_nf4(model: nn.Module) -> int:
 
 def _enable_triton(model: nn.Module, method: str) -> int:
     count = 0
-    for _, quant in triton_gemm_modules(model, method):
+    for module, quant in triton_gemm_modules(model, method):
         quant.use_triton = True
-        count += 1
+        # Counted only where apply takes the GEMM: nf4 layers whose in_features is not a
+        # multiple of 64 keep bitsandbytes (else the stats would claim layers that never run it).
+        count += method != "nf4" or module.quant_state.shape[1] % NF4_BLOCKSIZE == 0
     return count
 
 
