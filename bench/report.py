@@ -57,7 +57,9 @@ def table_rows(results: dict) -> list[dict]:
                 agree = run.get("agreement_with_llmbatch")
                 if agree is not None and "llmbatch" in row["ratios"]:
                     # "1.20x llmbatch (98% same tokens)": the speed and whether it is the same work.
-                    label = f"llmbatch ({agree:.0%} same tokens)"
+                    # 100% only when identical: 0.996 would round up and hide a difference.
+                    shown = agree if agree >= 1 else min(agree, 0.99)
+                    label = f"llmbatch ({shown:.0%} same tokens)"
                     row["ratios"][label] = row["ratios"].pop("llmbatch")
             rows.append(row)
     return rows

@@ -185,6 +185,19 @@ def test_table_ratios_and_fractions():
                        "0.500 | — | —")
 
 
+def test_table_agreement_label_says_100_only_when_identical():
+    def label(agree):
+        results = {"workloads": {"W-RANDOM": {"floor": {"out_tok_per_s": 1000.0}}},
+                   "runs": {"W-RANDOM": {"llmbatch": {"out_tok_per_s": 100.0},
+                                         "llmbatch-nf4": {"out_tok_per_s": 50.0,
+                                                          "agreement_with_llmbatch": agree}}}}
+        return list(report.table_rows(results)[1]["ratios"])
+
+    assert label(1.0) == ["llmbatch (100% same tokens)"]
+    assert label(0.996) == ["llmbatch (99% same tokens)"]   # not identical: never "100%"
+    assert label(0.5) == ["llmbatch (50% same tokens)"]
+
+
 def test_run_rejects_bad_flags():
     from bench.run import parse_args
 
