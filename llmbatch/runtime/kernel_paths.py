@@ -44,6 +44,9 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
     """Switch the model's modules onto the Triton paths the config asks for and can use."""
     paths = KernelPaths()
     if not getattr(config, "fused_kernels", False):
+        asked = [o for o in ("skinny_matmul", "pdl") if getattr(config, o, False)]
+        if asked:  # they run on top of the fused kernels (EngineConfig)
+            logger.info("%s ignored: needs fused_kernels", " and ".join(asked))
         return paths
     if device.type != "cuda":
         logger.info("fused_kernels ignored on %s (Triton kernels run on CUDA only)", device)

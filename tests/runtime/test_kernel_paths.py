@@ -23,6 +23,15 @@ def test_cpu_takes_no_triton_path_whatever_the_config_asks():
     assert enable_kernel_paths(model, off, torch.device("cpu"), 1, "none") == KernelPaths()
 
 
+def test_options_needing_fused_kernels_are_ignored_with_a_log(caplog):
+    off = EngineConfig(model="m", fused_kernels=False, skinny_matmul=True, pdl=True)
+    with caplog.at_level("INFO", logger="llmbatch.runtime.kernel_paths"):
+        assert enable_kernel_paths(nn.Sequential(), off, torch.device("cuda"), 1,
+                                   "none") == KernelPaths()
+    assert [r.getMessage() for r in caplog.records] == [
+        "skinny_matmul and pdl ignored: needs fused_kernels"]
+
+
 def test_engine_stats_report_the_paths_taken(llama_setup):
     from tests.runtime.tiny_models import new_engine
 
