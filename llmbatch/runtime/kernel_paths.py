@@ -97,6 +97,27 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
     return paths
 
 
+PATH_STATS = ("fused_kernels_active", "skinny_matmul_active", "skinny_pdl_active",
+              "int8_triton_layers", "int8_triton_error", "nf4_triton_layers", "nf4_triton_error")
+
+
+def agree_across_ranks(runner, gather_ints) -> None:
+    """Tensor parallelism: every rank ran its own start-up check on its own slice. Where one
+    rank turned a quantized GEMM off, every rank turns it off, so all ranks compute their
+    share the same way and rank 0's stats (the engine's) tell the truth. `gather_ints(v)` is
+    v of every rank (a collective: every rank calls this, with the same methods, in order)."""
+    for method in ("int8", "nf4"):
+        key = f"{method}_triton_layers"
+        per_rank = gather_ints(getattr(runner, key))
+        if getattr(runner, key) and min(per_rank) == 0:
+            disable_triton(runner.model, method)
+            setattr(runner, key, 0)
+            setattr(runner, f"{method}_triton_error", getattr(
+                runner, f"{method}_triton_error", None) or (
+                f"off on every rank: rank {per_rank.index(0)}'s start-up check failed "
+                f"(its log says why)"))
+
+
 def _triton_methods(model, method: str):
     """(layer, BnbLinearMethod) of `model`'s `method` layers that use the Triton GEMM."""
     from llmbatch.runtime.layers.quantization import triton_gemm_modules

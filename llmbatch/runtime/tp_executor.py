@@ -30,6 +30,7 @@ from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.dist import (DEFAULT_TIMEOUT_S, Rendezvous, cpu_threads_per_rank,
                                    describe_dead, destroy_group, exit_process,
                                    detect_rendezvous, init_group, join_workers, spawn_workers)
+from llmbatch.runtime.kernel_paths import PATH_STATS
 from llmbatch.runtime.scheduler import SchedulerOutput
 from llmbatch.runtime.tp_worker import (build_runner, rank_config, serve, step_message,
                                         worker_main)
@@ -126,6 +127,8 @@ class TPExecutor:
         self.weight_bytes_per_rank = r.weight_bytes_per_rank
         self.quantization = r.quantization                  # a pre-quantized checkpoint's method
         self.model = r.model                                # rank 0's shard
+        for key in PATH_STATS:  # kernel paths, the same on every rank (agree_across_ranks)
+            setattr(self, key, getattr(r, key))
 
     def prepare_inputs(self, out: SchedulerOutput):
         return self.runner.prepare_inputs(out)

@@ -4,7 +4,8 @@ Protocol over the gloo control group (rank 0 is the root of every broadcast):
 
     construction   every rank builds ModelRunner(tp_rank, tp_size) in the same order of
                    collectives: (CUDA warm-up forward), KV blocks = min over ranks, then the
-                   weight bytes of every rank are all-gathered.
+                   weight bytes of every rank are all-gathered, then the quantized GEMM
+                   paths agreed (kernel_paths.agree_across_ranks: int8, nf4 layer counts).
     each step      rank 0 broadcasts the step's StepInputs (pickled, `sample_requests`
                    emptied: Request objects stay on rank 0), then every rank runs
                    ModelRunner.forward_logits on it: all-reduces in the row-parallel layers and
@@ -53,10 +54,12 @@ def rank_config(config: EngineConfig, local_rank: int) -> EngineConfig:
 
 def build_runner(config: EngineConfig, rdv: Rendezvous, group):
     """This rank's ModelRunner; a collective sequence every rank runs identically."""
+    from llmbatch.runtime.kernel_paths import agree_across_ranks
     from llmbatch.runtime.model_runner import ModelRunner
 
     runner = ModelRunner(config, tp_rank=rdv.rank, tp_size=rdv.world_size, tp_group=group)
     runner.weight_bytes_per_rank = gather_ints(runner.weight_bytes, group)
+    agree_across_ranks(runner, lambda v: gather_ints(v, group))  # same GEMM path everywhere
     return runner
 
 

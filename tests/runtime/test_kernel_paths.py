@@ -78,3 +78,32 @@ def test_int8_start_up_check_catches_a_wrong_kernel(llama_setup, monkeypatch, br
     disable_triton_int8(runner.model)
     assert not any(getattr(getattr(m, "quant_method", None), "use_triton", False)
                    for m in runner.model.modules())
+
+
+@pytest.mark.parametrize("per_rank,layers,error", [
+    ([1, 1], 1, None),     # every rank's check passed: the kernel stays on
+    ([1, 0], 0, "off on every rank: rank 1's start-up check failed (its log says why)"),
+])
+def test_tensor_parallel_ranks_agree_on_the_quantized_gemm(per_rank, layers, error):
+    """A start-up check that failed on one rank only turns the GEMM off on every rank (else
+    ranks would compute their shares differently while rank 0's stats said "on")."""
+    pytest.importorskip("bitsandbytes")
+    from types import SimpleNamespace
+
+    from llmbatch.runtime.kernel_paths import agree_across_ranks
+    from llmbatch.runtime.layers.linear import RowParallelLinear
+    from llmbatch.runtime.layers.quantization import BnbLinearMethod, enable_triton_nf4
+
+    layer = RowParallelLinear(64, 16, bias=False)
+    quant = layer.quant_method = BnbLinearMethod("nf4")
+    quant.process_weights_after_loading(layer)
+    model = nn.Sequential(layer)
+    runner = SimpleNamespace(model=model, int8_triton_layers=0, int8_triton_error=None,
+                             nf4_triton_layers=enable_triton_nf4(model), nf4_triton_error=None)
+    gathered = []
+    agree_across_ranks(runner, lambda v: gathered.append(v) or ([0, 0] if not gathered[1:]
+                                                                 else per_rank))
+    assert gathered == [0, 1]   # int8 then nf4: the same collectives on every rank
+    assert (runner.nf4_triton_layers, runner.nf4_triton_error, quant.use_triton) == \
+        (layers, error, bool(layers))
+    assert (runner.int8_triton_layers, runner.int8_triton_error) == (0, None)

@@ -78,6 +78,9 @@ def test_greedy_tp_equals_tp1_and_transformers(models, tokenizer, name, tp):
         assert engine.runner.num_kv_blocks == single.runner.num_kv_blocks
         assert generate(engine, prompts) == expected
         assert engine.stats()["num_cached_prompt_tokens"] > 0  # prefix cache was hit
+        # The kernel paths rank 0 took (the same on every rank; none on CPU), not unknown.
+        assert [engine.stats()[k] for k in ("fused_kernels_active", "int8_triton_layers",
+                                            "nf4_triton_error")] == [False, 0, None]
         assert executor.weight_bytes_per_rank == rank_weight_bytes(hf_config, tp)
         assert executor.weight_bytes_per_rank[0] < single.runner.weight_bytes
     finally:
