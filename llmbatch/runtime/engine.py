@@ -14,6 +14,7 @@ from typing import Iterable, Iterator, Optional
 
 from llmbatch.runtime.block_manager import BlockManager
 from llmbatch.runtime.config import EngineConfig
+from llmbatch.runtime.kernel_paths import PATH_STATS
 from llmbatch.runtime.outputs import GenerationResult
 from llmbatch.runtime.planner import Planner
 from llmbatch.runtime.request import FinishReason, Request, RequestStatus
@@ -248,9 +249,7 @@ class Engine:
         s["async_scheduling"] = self.async_scheduling
         # Which kernel paths the runner actually took (options are ignored where they cannot
         # apply, e.g. on CPU): fused kernels, the skinny decode path, int8 / nf4 layers on Triton.
-        for key in ("fused_kernels_active", "skinny_matmul_active", "skinny_pdl_active",
-                    "int8_triton_layers", "int8_triton_error", "nf4_triton_layers",
-                    "nf4_triton_error"):
+        for key in PATH_STATS:
             s[key] = getattr(self.runner, key, None)
         s["prepare_s"] = getattr(self.runner, "prepare_s", None)  # part of execute_s
         # Steps that replayed a CUDA graph vs eager ones, and their forward + sampling seconds.
