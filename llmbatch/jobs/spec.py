@@ -109,6 +109,8 @@ class EngineSection(_Section):
     async_scheduling: bool = False
     # Fused Triton matmuls for decode steps of <= 16 tokens (CUDA, TP 1, dense); not yet measured.
     skinny_matmul: bool = False
+    # With skinny_matmul on sm_90+: programmatic dependent launch between its kernels; unmeasured.
+    pdl: bool = False
     max_model_len: Optional[int] = None
     planner_window: int = 4096
     cpu_kv_cache_bytes: Optional[int] = None
@@ -163,7 +165,7 @@ class JobSpec(_Section):
             prefix_caching=e.prefix_caching, ordering=e.ordering, planner_window=e.planner_window,
             attention_backend=e.attention_backend, cuda_graphs=e.cuda_graphs,
             fused_kernels=e.fused_kernels, async_scheduling=e.async_scheduling,
-            skinny_matmul=e.skinny_matmul,
+            skinny_matmul=e.skinny_matmul, pdl=e.pdl,
             tensor_parallel_size=self.parallel.tensor_parallel_size,
             quantization=self.quantization.method,
             quantize_embeddings=self.quantization.embeddings,
@@ -203,8 +205,8 @@ class JobSpec(_Section):
 
         Left out on purpose: output.path/mode, shard.index (every shard shares the hash) and
         performance knobs that leave greedy results unchanged (max_num_seqs, token budget,
-        memory sizing, cuda_graphs, fused_kernels, async_scheduling, skinny_matmul, attention
-        backend, planner window, on_row_error). Kept:
+        memory sizing, cuda_graphs, fused_kernels, async_scheduling, skinny_matmul, pdl,
+        attention backend, planner window, on_row_error). Kept:
         model, tokenizer and template (the template file's contents, not its name), input
         selection, sampling, dtype/device/quantization/speculation/TP (they change numerics),
         rows_per_part (part boundaries) and the shard count (row ranges).

@@ -146,6 +146,8 @@ def test_async_and_skinny_keys_map_and_keep_the_hash():
     skinny = load_job(job(model={"path": "m"}, engine={"skinny_matmul": True}))
     assert skinny.engine_config().skinny_matmul is True
     assert skinny.config_hash(1) == base.config_hash(1)
+    pdl = load_job(job(model={"path": "m"}, engine={"skinny_matmul": True, "pdl": True}))
+    assert pdl.engine_config().pdl is True and pdl.config_hash(1) == base.config_hash(1)
     with pytest.raises(ValueError, match="speculative"):
         load_job(job(model={"path": "m"}, engine={"async_scheduling": True},
                      speculative={"method": "ngram"})).engine_config()
