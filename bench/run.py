@@ -27,6 +27,7 @@ import traceback
 
 from bench import floor as floor_mod
 from bench import llmbatch_runner, peers, report
+from bench.variants import AB_VARIANTS, add_variant_flags, wanted_variants
 from bench.model_shapes import get_shape, make_checkpoint
 from bench.workloads import WORKLOAD_NAMES, build
 
@@ -67,21 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(QUANT_METHODS)}: llmbatch runs "
                         f"every workload unquantized (bf16) and {'/'.join(QUANT_WORKLOADS)} "
                         f"once per quantized method (system llmbatch-nf4, llmbatch-int8)")
-    p.add_argument("--unfused", action="store_true",
-                   help=f"also run {'/'.join(FUSED_WORKLOADS)} with EngineConfig.fused_kernels "
-                        f"off (torch RMSNorm, SiLU·mul, rotary) as system llmbatch-unfused; "
-                        f"CUDA only (the CPU path is always unfused)")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help=f"also run {'/'.join(FUSED_WORKLOADS)} with EngineConfig.async_scheduling "
-                        f"on (step n+1 planned while step n runs) as system llmbatch-async")
-    p.add_argument("--skinny", action="store_true",
-                   help=f"also run {'/'.join(FUSED_WORKLOADS)} with EngineConfig.skinny_matmul on "
-                        f"(fused Triton matmuls for decode steps of <= 16 tokens) as system "
-                        f"llmbatch-skinny; CUDA only")
-    p.add_argument("--pdl", action="store_true",
-                   help=f"also run {'/'.join(FUSED_WORKLOADS)} with EngineConfig.skinny_matmul "
-                        f"and EngineConfig.pdl on (programmatic dependent launch of the skinny "
-                        f"kernels, sm_90+) as system llmbatch-skinny-pdl; CUDA only")
+    add_variant_flags(p, '/'.join(FUSED_WORKLOADS))
     p.add_argument("--profile", action="store_true",
                    help="after llmbatch's bf16 workloads, profile a 64-request W-RANDOM slice "
                         "and batch-1 decode (OUT/profile_llmbatch*.txt; GPU busy fraction "
@@ -184,21 +171,14 @@ def _free_cuda() -> None:
         torch.cuda.empty_cache()
 
 
-# A/B variants that only differ from the default on CUDA (their CPU rows say why).
-CUDA_ONLY_VARIANTS = {"unfused": "fused kernels run on CUDA only",
-                      "skinny": "skinny matmul runs on CUDA only",
-                      "skinny-pdl": "skinny matmul with PDL runs on CUDA only"}
-
-
 def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: str,
                  device: str, vocab: int, quant: str = "bf16", variant: str = "") -> None:
     """One engine (quantization `quant`), warmed up, through its workloads, then freed.
-    variant: "" (the defaults), or an A/B of one default on the unquantized engine: "unfused"
-    (fused_kernels off), "async" (async_scheduling on), "skinny" (skinny_matmul on) or
-    "skinny-pdl" (skinny_matmul and pdl on), on FUSED_WORKLOADS."""
+    variant: "" (the defaults), or a name of bench/variants.py's AB_VARIANTS: one option of the
+    unquantized engine changed, on FUSED_WORKLOADS."""
     method = QUANT_METHODS[quant]
     system = "llmbatch" if method == "none" else f"llmbatch-{quant}"
-    unfused = variant == "unfused"
+    ab = AB_VARIANTS[variant] if variant else None
     if variant:
         system = f"llmbatch-{variant}"
     if method != "none" or variant:
@@ -206,10 +186,10 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
         workloads = {n: w for n, w in workloads.items() if n in keep}
         if not workloads:
             return
-    if variant in CUDA_ONLY_VARIANTS and device == "cpu":
+    if ab is not None and ab.cpu_skip and device == "cpu":
         # The CPU path never runs Triton kernels: the row would repeat llmbatch.
         for name in workloads:
-            rec.put(name, system, {"skipped": CUDA_ONLY_VARIANTS[variant]})
+            rec.put(name, system, {"skipped": ab.cpu_skip})
         return
     reason = llmbatch_runner.engine_unavailable_reason()
     if reason is not None:
@@ -222,14 +202,8 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
     overrides = {"gpu_memory_utilization": args.gpu_memory_utilization, "quantization": method}
     if method == "nf4":  # the nf4 row measures BENCH.md's <= 0.30x: embedding + LM head in nf4 too
         overrides["quantize_embeddings"] = True
-    if unfused:
-        overrides["fused_kernels"] = False
-    if variant == "async":
-        overrides["async_scheduling"] = True
-    if variant in ("skinny", "skinny-pdl"):
-        overrides["skinny_matmul"] = True
-    if variant == "skinny-pdl":
-        overrides["pdl"] = True
+    if ab is not None:
+        overrides.update(ab.overrides)
     if device == "cpu":
         overrides["cpu_kv_cache_bytes"] = 64 << 20     # a small pool: the dry run is tiny
     try:
@@ -359,11 +333,9 @@ def main(argv=None) -> int:
         run_peers(rec, workloads, model_dir, dtype, device, args.peer_names)
     if not args.skip_llmbatch:
         # Before the quantized engines: the A/B rows of the defaults.
-        for variant, wanted in (("unfused", args.unfused), ("async", args.async_scheduling),
-                                ("skinny", args.skinny), ("skinny-pdl", args.pdl)):
-            if wanted:
-                run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size,
-                             "bf16", variant=variant)
+        for variant in wanted_variants(args):
+            run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size,
+                         "bf16", variant=variant)
         for quant in [q for q in args.quant_names if q != "bf16"]:
             run_llmbatch(args, rec, workloads, model_dir, dtype, device, shape.vocab_size, quant)
 

@@ -1,0 +1,53 @@
+"""The A/B variants of bench.run: the unquantized engine once more with one option changed,
+run on FUSED_WORKLOADS (W-RANDOM, W-PREFIX, W-BATCH1) as system llmbatch-<name>.
+
+One table serves the command line (a flag each), the engine overrides and the CPU rows: a
+variant whose option only changes Triton kernel paths would repeat the llmbatch row on the CPU,
+so there its rows say why they were skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Variant:
+    flag: str                       # bench.run option that adds the rows
+    overrides: dict = field(default_factory=dict)   # EngineConfig fields changed
+    what: str = ""                  # help text: what the option does
+    cpu_skip: Optional[str] = None  # reason the CPU rows are skipped; None: they run
+
+    @property
+    def dest(self) -> str:
+        """The argparse attribute of `flag`."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+AB_VARIANTS = {
+    "unfused": Variant("--unfused", {"fused_kernels": False},
+                       "EngineConfig.fused_kernels off (torch RMSNorm, SiLU·mul, rotary; the "
+                       "CPU path is always unfused)", "fused kernels run on CUDA only"),
+    "async": Variant("--async-scheduling", {"async_scheduling": True},
+                     "EngineConfig.async_scheduling on (step n+1 planned while step n runs)"),
+    "skinny": Variant("--skinny", {"skinny_matmul": True},
+                      "EngineConfig.skinny_matmul on (fused Triton matmuls for decode steps of "
+                      "<= 16 tokens)", "skinny matmul runs on CUDA only"),
+    "skinny-pdl": Variant("--pdl", {"skinny_matmul": True, "pdl": True},
+                          "EngineConfig.skinny_matmul and EngineConfig.pdl on (programmatic "
+                          "dependent launch of the skinny kernels, sm_90+)",
+                          "skinny matmul with PDL runs on CUDA only"),
+}
+
+
+def add_variant_flags(parser, workloads: str) -> None:
+    for name, v in AB_VARIANTS.items():
+        parser.add_argument(v.flag, action="store_true",
+                            help=f"also run {workloads} with {v.what} as system llmbatch-{name}"
+                                 + ("; CUDA only" if v.cpu_skip else ""))
+
+
+def wanted_variants(args) -> list[str]:
+    """The variants whose flag is set, in table order."""
+    return [name for name, v in AB_VARIANTS.items() if getattr(args, v.dest)]
