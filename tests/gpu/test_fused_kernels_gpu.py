@@ -19,9 +19,10 @@ from llmbatch.runtime.config import EngineConfig  # noqa: E402
 from llmbatch.runtime.engine import Engine  # noqa: E402
 from llmbatch.runtime.request import Request  # noqa: E402
 from llmbatch.runtime.sampling_params import SamplingParams  # noqa: E402
+from tests.runtime.conftest import poisoned_empty  # noqa: E402
 from tests.runtime.test_fused_kernels import (  # noqa: E402
     HIDDEN_SIZES, NUM_TOKENS, check_rms_norm, check_rotary, check_rotary_store_kv,
-    check_silu_and_mul, poisoned_empty)
+    check_silu_and_mul)
 from tests.runtime.tiny_models import make_model, make_prompts, make_tokenizer  # noqa: E402
 
 # bfloat16 only (float32/float16 run in the interpreter on CPU): each (dtype, block size,

@@ -23,7 +23,6 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="runs CPU tensors under TRITON_INTERPRET=1")
 
 from llmbatch.runtime.layers import int8_matmul as im  # noqa: E402
-from tests.runtime.test_fused_kernels import poisoned_empty  # noqa: E402,F401  (fixture)
 
 N, K = 70, 90
 CPU_DTYPES = (torch.float32, torch.float16)
@@ -64,7 +63,7 @@ def fallback(x, q, s, bias=None) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m", (1, 5, 17, 64, 130))
 @pytest.mark.parametrize("with_bias", (False, True))
-def test_matches_reference(dtype, m, with_bias, poisoned_empty):  # noqa: F811
+def test_matches_reference(dtype, m, with_bias, poisoned_empty):
     q, s = make_weight()
     x = rand((m, K), dtype)
     bias = rand((N,), dtype, seed=2) if with_bias else None

@@ -27,7 +27,6 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="runs CPU tensors under TRITON_INTERPRET=1")
 
 from llmbatch.runtime.layers import nf4_matmul as nm  # noqa: E402
-from tests.runtime.test_fused_kernels import poisoned_empty  # noqa: E402,F401  (fixture)
 
 CPU_DTYPES = (torch.float32, torch.float16)
 # Kernel vs the float64 product of the dequantized weight: float32 accumulation is off by a few
@@ -87,7 +86,7 @@ def test_high_nibble_is_the_even_element():
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("n,k,ms", [(70, 192, (1, 5, 17, 64)), (33, 64, (1, 17)),
                                     (40, 320, (5, 130))])
-def test_matches_bitsandbytes_dequantize(dtype, n, k, ms, poisoned_empty):  # noqa: F811
+def test_matches_bitsandbytes_dequantize(dtype, n, k, ms, poisoned_empty):
     weight = Nf4Weight(n, k)
     for m in ms:
         x = rand((m, k), dtype, seed=m)
@@ -243,12 +242,12 @@ def test_tiny_llama_nf4_logits_through_the_kernel(llama_setup, monkeypatch):
 
 
 def test_start_up_check_passes_the_real_kernel(llama_setup):
-    from llmbatch.runtime.kernel_paths import check_nf4_kernel
+    from llmbatch.runtime.kernel_paths import check_quant_kernel
     from llmbatch.runtime.layers.quantization import enable_triton_nf4
 
     runner = _nf4_runner(llama_setup)
     assert enable_triton_nf4(runner.model) == 8
-    assert check_nf4_kernel(runner.model, row_counts=(1, 20)) is None
+    assert check_quant_kernel(runner.model, "nf4", row_counts=(1, 20)) is None
 
 
 @pytest.mark.parametrize("broken,reason", [
@@ -259,13 +258,13 @@ def test_start_up_check_passes_the_real_kernel(llama_setup):
      "RuntimeError: no kernel image"),
 ])
 def test_start_up_check_catches_a_wrong_kernel(llama_setup, monkeypatch, broken, reason):
-    from llmbatch.runtime.kernel_paths import check_nf4_kernel, disable_triton
+    from llmbatch.runtime.kernel_paths import check_quant_kernel, disable_triton
     from llmbatch.runtime.layers.quantization import enable_triton_nf4, triton_gemm_modules
 
     runner = _nf4_runner(llama_setup)
     enable_triton_nf4(runner.model)
     monkeypatch.setattr(nm, "nf4_linear", broken)
-    why = check_nf4_kernel(runner.model)
+    why = check_quant_kernel(runner.model, "nf4")
     assert why is not None and reason in why and why.startswith("1 rows:")
     disable_triton(runner.model, "nf4")  # what kernel_paths does with a reason
     assert [q.use_triton for _, q in triton_gemm_modules(runner.model, "nf4")] == [False] * 8

@@ -23,8 +23,8 @@ pytest.importorskip("triton")
 from llmbatch.runtime.layers import fused_kernels as fk  # noqa: E402
 from llmbatch.runtime.layers import skinny_matmul as sm  # noqa: E402
 from llmbatch.runtime.layers.activation import SiluAndMul  # noqa: E402
-from tests.runtime.test_skinny_matmul import (CPU_DTYPES, EPS, operands,  # noqa: E402,F401
-                                              poisoned_empty, rand, tol, torch_norm)
+from tests.runtime.test_skinny_matmul import (CPU_DTYPES, EPS, operands,  # noqa: E402
+                                              rand, tol, torch_norm)
 
 # K = 150: 5 chunks of 32 (the last one 22 long); split 2 -> ranges of 96 (3 chunks) + 54,
 # split 3 -> 64 + 64 + 22. N = 48: one full 32-column tile and a masked one.
