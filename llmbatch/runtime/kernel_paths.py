@@ -130,18 +130,6 @@ def disable_triton(model, method: str) -> None:
         quant.use_triton = False
 
 
-def disable_triton_int8(model) -> None:
-    disable_triton(model, "int8")
-
-
-def check_int8_kernel(model, row_counts=(1, 40, 200)) -> Optional[str]:
-    return check_quant_kernel(model, "int8", row_counts)
-
-
-def check_nf4_kernel(model, row_counts=(1, 40, 200)) -> Optional[str]:
-    return check_quant_kernel(model, "nf4", row_counts)
-
-
 def _triton_gemm(method: str, layer, x: torch.Tensor) -> torch.Tensor:
     """The layer's Triton GEMM on x, called directly (apply would quietly fall back where
     Triton cannot run). Module attributes are looked up per call (tests patch them)."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from llmbatch.runtime.config import EngineConfig
-from llmbatch.runtime.kernel_paths import (KernelPaths, check_int8_kernel, disable_triton_int8,
+from llmbatch.runtime.kernel_paths import (KernelPaths, check_quant_kernel, disable_triton,
                                            enable_kernel_paths)
 from llmbatch.runtime.layers.norm import RMSNorm
 
@@ -57,7 +57,7 @@ def test_int8_start_up_check_passes_the_real_kernel(llama_setup):
 
     runner = _int8_runner(llama_setup)
     assert enable_triton_int8(runner.model) == 8
-    assert check_int8_kernel(runner.model, row_counts=(1, 20)) is None
+    assert check_quant_kernel(runner.model, "int8", row_counts=(1, 20)) is None
 
 
 @pytest.mark.parametrize("broken,reason", [
@@ -73,9 +73,9 @@ def test_int8_start_up_check_catches_a_wrong_kernel(llama_setup, monkeypatch, br
     runner = _int8_runner(llama_setup)
     enable_triton_int8(runner.model)
     monkeypatch.setattr(int8_matmul, "int8_linear", broken)
-    why = check_int8_kernel(runner.model)
+    why = check_quant_kernel(runner.model, "int8")
     assert why is not None and reason in why and why.startswith("1 rows:")
-    disable_triton_int8(runner.model)
+    disable_triton(runner.model, "int8")
     assert not any(getattr(getattr(m, "quant_method", None), "use_triton", False)
                    for m in runner.model.modules())
 
