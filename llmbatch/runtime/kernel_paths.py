@@ -130,20 +130,6 @@ def disable_triton(model, method: str) -> None:
         quant.use_triton = False
 
 
-def _triton_gemm(method: str, layer, x: torch.Tensor) -> torch.Tensor:
-    """The layer's Triton GEMM on x, called directly (apply would quietly fall back where
-    Triton cannot run). Module attributes are looked up per call (tests patch them)."""
-    if method == "int8":
-        from llmbatch.runtime.layers import int8_matmul
-
-        return int8_matmul.int8_linear(x, layer.qweight, layer.qscale, None)
-    from llmbatch.runtime.layers import nf4_matmul
-
-    out_features, in_features = layer.quant_state.shape
-    return nf4_matmul.nf4_linear(x, layer.qweight, layer.qabsmax, layer.quant_state.code,
-                                 out_features, in_features, None)
-
-
 @torch.inference_mode()
 def check_quant_kernel(model, method: str, row_counts=(1, 40, 200)) -> Optional[str]:
     """The Triton GEMM of `method` ("int8": w8a16, "nf4": w4a16) against the dequantize path
@@ -154,9 +140,11 @@ def check_quant_kernel(model, method: str, row_counts=(1, 40, 200)) -> Optional[
     wrong index, nibble or scale (those are off by O(|y|))."""
     import torch.nn.functional as F
 
-    # nf4 layers whose in_features is not a multiple of 64 keep bitsandbytes (apply): skip them.
+    from llmbatch.runtime.layers.quantization import takes_triton_gemm, triton_gemm
+
+    # Layers that keep bitsandbytes (nf4 with in_features % 64 != 0) are skipped.
     found = next(((layer, quant) for layer, quant in _triton_methods(model, method)
-                  if method != "nf4" or layer.quant_state.shape[1] % 64 == 0), None)
+                  if takes_triton_gemm(layer, method)), None)
     if found is None:
         return None
     layer, quant = found
@@ -167,7 +155,8 @@ def check_quant_kernel(model, method: str, row_counts=(1, 40, 200)) -> Optional[
         x = torch.randn(m, w.shape[1], generator=gen).to(dtype=dtype, device=w.device)
         want = F.linear(x.float(), w)
         try:
-            got = _triton_gemm(method, layer, x).float()
+            # The GEMM itself, not apply (which would quietly fall back where Triton can't run).
+            got = triton_gemm(layer, method, x, None).float()
         except Exception as exc:  # a compile or launch failure on this GPU
             return f"{m} rows: {type(exc).__name__}: {exc}"
         err = (got - want).abs().max().item()

@@ -118,22 +118,35 @@ class BnbLinearMethod:
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.method == "nf4" and self.use_triton and _triton_runs_on(x) \
-                and x.shape[-1] % NF4_BLOCKSIZE == 0:
-            from llmbatch.runtime.layers.nf4_matmul import nf4_linear
-
-            out_features, in_features = layer.quant_state.shape
-            return nf4_linear(x.contiguous(), layer.qweight, layer.qabsmax,
-                              layer.quant_state.code, out_features, in_features, bias)
+        if self.use_triton and _triton_runs_on(x) and takes_triton_gemm(layer, self.method):
+            return triton_gemm(layer, self.method, x.contiguous(), bias)
         if self.method == "nf4" and x.is_cuda:
             return self.bnb.matmul_4bit(x, layer.qweight.t(), quant_state=layer.quant_state,
                                         bias=bias)
-        if self.method == "int8" and self.use_triton and _triton_runs_on(x):
-            from llmbatch.runtime.layers.int8_matmul import int8_linear
-
-            return int8_linear(x.contiguous(), layer.qweight, layer.qscale, bias)
         # Fallback (CPU, fused kernels off): a dequantized (out, in) copy per call.
         return F.linear(x, self.dequantize(layer, x.dtype), bias)
+
+
+def takes_triton_gemm(layer: nn.Module, method: str) -> bool:
+    """Whether a layer switched to the Triton GEMM (use_triton) computes with it: int8 always;
+    nf4 when in_features is a multiple of 64 (nf4_matmul's rows are whole blocks), else
+    bitsandbytes keeps it."""
+    return method != "nf4" or layer.quant_state.shape[1] % NF4_BLOCKSIZE == 0
+
+
+def triton_gemm(layer: nn.Module, method: str, x: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The layer's quantized weight times x on the Triton GEMM of `method` (w8a16 int8_matmul,
+    w4a16 nf4_matmul). Module attributes are looked up per call (tests patch the kernels)."""
+    if method == "int8":
+        from llmbatch.runtime.layers import int8_matmul
+
+        return int8_matmul.int8_linear(x, layer.qweight, layer.qscale, bias)
+    from llmbatch.runtime.layers import nf4_matmul
+
+    out_features, in_features = layer.quant_state.shape
+    return nf4_matmul.nf4_linear(x, layer.qweight, layer.qabsmax, layer.quant_state.code,
+                                 out_features, in_features, bias)
 
 
 def _triton_runs_on(x: torch.Tensor) -> bool:
@@ -174,9 +187,9 @@ def _enable_triton(model: nn.Module, method: str) -> int:
     count = 0
     for module, quant in triton_gemm_modules(model, method):
         quant.use_triton = True
-        # Counted only where apply takes the GEMM: nf4 layers whose in_features is not a
-        # multiple of 64 keep bitsandbytes (else the stats would claim layers that never run it).
-        count += method != "nf4" or module.quant_state.shape[1] % NF4_BLOCKSIZE == 0
+        # Counted only where apply takes the GEMM (else the stats would claim layers that
+        # never run it).
+        count += takes_triton_gemm(module, method)
     return count
 
 
