@@ -212,8 +212,6 @@ class ModelRunner:
             default_seeds = [r.default_seed for r in s.sample_requests]
             pending = self.sampler.sample_async(logits, params, s.sample_output_index,
                                                 default_seeds=default_seeds)
-            for row, req in enumerate(s.sample_requests):
-                req.pending_sample_index = row   # read by the next step's deferred inputs
         graphed = self.graph_runner is not None and self.graph_runner.num_replays > replays_before
         return LaunchedStep(self, s, pending, "graph" if graphed else "eager",
                             time.perf_counter() - t1)

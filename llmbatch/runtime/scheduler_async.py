@@ -49,8 +49,12 @@ class AsyncSchedulingMixin:
         """Async: the step is on the device; advance every scheduled request as if it were
         done. A sampling request gets a pending token (value unknown until apply_sampled).
         Blocks full of KNOWN tokens are registered now: their K/V is written by work already
-        queued on the stream, ahead of any later step that could read them."""
+        queued on the stream, ahead of any later step that could read them.
+        The pending token's row in the step's sampled tokens (pending_sample_index, read by the
+        next step's deferred inputs) is its rank among the sampling requests: without drafts
+        build_step_inputs gives each one sample row, in scheduled order."""
         cache_full_blocks = self.block_manager.cache_full_blocks
+        sample_row = 0
         for item in out.scheduled:
             req = item.request
             if req.spec_token_ids:
@@ -59,6 +63,8 @@ class AsyncSchedulingMixin:
             req.num_computed_tokens += item.num_new_tokens
             if samples:
                 req.num_pending_tokens += 1
+                req.pending_sample_index = sample_row
+                sample_row += 1
             cache_full_blocks(req)
 
     def apply_sampled(self, out: SchedulerOutput, sampled: dict[Any, list[int]]) -> int:
