@@ -78,23 +78,28 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
     assert done and done.group(1) == done.group(2) and int(done.group(2)) >= 7, proc.stdout
 
 
-def test_quantized_runs_on_cpu_report_weights_beside_bf16(tmp_path):
-    """--quantization bf16,nf4,int8: W-RANDOM and W-BATCH1 once per method (W-PREFIX only
-    unquantized), each with the loaded weight bytes; the quantized ones are smaller."""
+def _cpu_bench(tmp_path, *flags) -> dict:
+    """bench.run on the tiny shape, CPU, 5 % workloads, no peers, plus `flags`: results.json."""
     reason = engine_unavailable_reason()
     if reason is not None:
         pytest.skip(f"llmbatch.runtime.engine does not import yet ({reason})")
-    pytest.importorskip("bitsandbytes")
     import json
 
     from bench.run import main
 
     out = tmp_path / "out"
     rc = main(["--shape", "tiny", "--device", "cpu", "--scale", "0.05", "--skip-peers",
-               "--workloads", "W-RANDOM,W-PREFIX,W-BATCH1", "--quantization", "bf16,nf4,int8",
-               "--out", str(out), "--model-dir", str(tmp_path / "model")])
+               *flags, "--out", str(out), "--model-dir", str(tmp_path / "model")])
     assert rc == 0
-    results = json.loads((out / "results.json").read_text())
+    return json.loads((out / "results.json").read_text())
+
+
+def test_quantized_runs_on_cpu_report_weights_beside_bf16(tmp_path):
+    """--quantization bf16,nf4,int8: W-RANDOM and W-BATCH1 once per method (W-PREFIX only
+    unquantized), each with the loaded weight bytes; the quantized ones are smaller."""
+    pytest.importorskip("bitsandbytes")
+    results = _cpu_bench(tmp_path, "--workloads", "W-RANDOM,W-PREFIX,W-BATCH1",
+                         "--quantization", "bf16,nf4,int8")
     assert sorted(results["runs"]["W-PREFIX"]) == ["llmbatch"]
     for name in ("W-RANDOM", "W-BATCH1"):
         runs = results["runs"][name]
@@ -119,19 +124,7 @@ def test_quantized_runs_on_cpu_report_weights_beside_bf16(tmp_path):
 @pytest.mark.timeout(300)
 def test_async_scheduling_row_on_cpu(tmp_path):
     """--async-scheduling: the A/B row llmbatch-async beside llmbatch, same token counts."""
-    reason = engine_unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"llmbatch.runtime.engine does not import yet ({reason})")
-    import json
-
-    from bench.run import main
-
-    out = tmp_path / "out"
-    rc = main(["--shape", "tiny", "--device", "cpu", "--scale", "0.05", "--skip-peers",
-               "--workloads", "W-RANDOM,W-BATCH1", "--async-scheduling",
-               "--out", str(out), "--model-dir", str(tmp_path / "model")])
-    assert rc == 0
-    results = json.loads((out / "results.json").read_text())
+    results = _cpu_bench(tmp_path, "--workloads", "W-RANDOM,W-BATCH1", "--async-scheduling")
     assert results["llmbatch-async_setup"]["stats"]["async_scheduling"] is True
     assert results["llmbatch_setup"]["stats"]["async_scheduling"] is False
     for name in ("W-RANDOM", "W-BATCH1"):
