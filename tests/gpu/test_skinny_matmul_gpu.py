@@ -47,6 +47,16 @@ def test_fused_options_match_torch_bf16(m):
     torch.testing.assert_close(got, want, **BF16_TOL)
 
 
+def check_rows_match_single_row_calls(full, x, w, residual, cfg, kwargs) -> None:
+    """Batch invariance: every row of `full`, the M-row call, is bitwise its own M = 1 call."""
+    for r in range(x.shape[0]):
+        one = dict(kwargs)
+        if "residual" in one:
+            one["residual"] = residual[r:r + 1]
+        got = sm.skinny_linear(x[r:r + 1], w, config=cfg, **one)
+        assert torch.equal(got[0], full[r]), (list(kwargs), r)
+
+
 @pytest.mark.parametrize("dot", [True, False])
 def test_every_row_is_batch_invariant_bf16(dot):
     x, w, b, nw = cuda_operands(16, N, seed=3)
@@ -55,12 +65,7 @@ def test_every_row_is_batch_invariant_bf16(dot):
     for kwargs in (dict(bias=b), dict(norm_weight=nw, eps=EPS), dict(residual=residual),
                    dict(norm_weight=nw, eps=EPS, gate_up=True)):
         full = sm.skinny_linear(x, w, config=cfg, **kwargs)
-        for r in range(16):
-            one = dict(kwargs)
-            if "residual" in one:
-                one["residual"] = residual[r:r + 1]
-            got = sm.skinny_linear(x[r:r + 1], w, config=cfg, **one)
-            assert torch.equal(got[0], full[r]), (list(kwargs), r)
+        check_rows_match_single_row_calls(full, x, w, residual, cfg, kwargs)
 
 
 @pytest.mark.parametrize("split_k", [2, 4, 8])
@@ -76,12 +81,7 @@ def test_split_k_matches_one_pass_and_is_batch_invariant_bf16(split_k):
         full = sm.skinny_linear(x, w, config=cfg, **kwargs)
         torch.testing.assert_close(full, sm.skinny_linear(x, w, **kwargs), **BF16_TOL)
         assert torch.equal(full, sm.skinny_linear(x, w, config=cfg, **kwargs))
-        for r in range(16):
-            one = dict(kwargs)
-            if "residual" in one:
-                one["residual"] = residual[r:r + 1]
-            got = sm.skinny_linear(x[r:r + 1], w, config=cfg, **one)
-            assert torch.equal(got[0], full[r]), (list(kwargs), r)
+        check_rows_match_single_row_calls(full, x, w, residual, cfg, kwargs)
 
 
 @pytest.mark.skipif(torch.cuda.get_device_capability()[0] < 9,
