@@ -88,7 +88,8 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   # a GPU run is scarce, and seeing every failure at once beats stopping at the first.
   echo "=== pytest tests/gpu -q (attention, graphs, the new GEMM and async paths, then the rest)"
   # shellcheck disable=SC2086
-  timeout "${PYTEST_TIMEOUT:-200}" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_triton_attention_gpu.py \
+  timeout "${PYTEST_TIMEOUT:-200}" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_device_gpu.py \
+    tests/gpu/test_triton_attention_gpu.py \
     tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py \
     tests/gpu/test_int8_matmul_gpu.py tests/gpu/test_nf4_matmul_gpu.py \
     tests/gpu/test_async_scheduling_gpu.py tests/gpu/test_skinny_matmul_gpu.py tests/gpu} \

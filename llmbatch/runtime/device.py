@@ -32,9 +32,11 @@ def host_to_device(data, dtype: torch.dtype, device) -> torch.Tensor:
     torch.tensor(data, device=cuda) copies from pageable memory and synchronizes the stream,
     so the host would wait for all queued work: with async scheduling, for the forward it has
     just launched. On CUDA the data goes through pinned memory with a non_blocking copy (the
-    caching host allocator keeps the pinned block until the copy has read it)."""
+    caching host allocator keeps the pinned block until the copy has read it). The host tensor
+    is made first and pinned after: torch.tensor(ndarray, pin_memory=True) raises ("Can't pin
+    tensor constructed from numpy"), and the block tables arrive as numpy arrays."""
     device = torch.device(device)
     if device.type != "cuda":
         return torch.tensor(data, dtype=dtype, device=device)
-    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return torch.as_tensor(data, dtype=dtype).pin_memory().to(device, non_blocking=True)
 

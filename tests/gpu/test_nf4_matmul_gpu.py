@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 bnb = pytest.importorskip("bitsandbytes")
 
 from llmbatch.runtime.layers import nf4_matmul as nm  # noqa: E402
-from tests.runtime.test_nf4_matmul import Nf4Weight, exact, rand  # noqa: E402
+from tests.runtime.test_nf4_matmul import Nf4Weight, rand  # noqa: E402
 
 N, K = 1500, 1024  # N not a multiple of any tile; K whole nf4 blocks (the kernel needs it)
 # One rounding of the ~15-sized outputs to the dtype (bfloat16: 2**-8 relative), two when
@@ -27,6 +27,11 @@ N, K = 1500, 1024  # N not a multiple of any tile; K whole nf4 blocks (the kerne
 TOL = {torch.bfloat16: dict(atol=3e-2, rtol=8e-3), torch.float16: dict(atol=4e-3, rtol=1e-3)}
 TOL_BNB = {torch.bfloat16: dict(atol=6e-2, rtol=1.6e-2),
            torch.float16: dict(atol=8e-3, rtol=2e-3)}
+# The kernel rounds each dequantized weight to x's dtype before its dot (as the dequantize
+# fallback does); bitsandbytes' M=1 GEMV keeps it in float32. Each product may then differ
+# by one weight rounding: at most UNIT_ROUNDOFF * |x_k| * |w_nk|, summed over k. (On the H200
+# the first run, against the unrounded weight, missed TOL on 40 of 1500 outputs by <= 0.1.)
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +56,15 @@ def test_matches_dequantized_product_and_bitsandbytes(weight, dtype, m):
     x = rand((m, K), dtype, m).cuda()
     bias = rand((N,), dtype, 7).cuda()
     got = gpu_linear(weight, x, bias)
-    torch.testing.assert_close(got.double().cpu(), exact(x.cpu(), weight, bias.cpu()),
-                               **TOL[dtype])
+    x64, w_rounded = x.cpu().double(), weight.dense.to(dtype).double()
+    exact_rounded = x64 @ w_rounded.T + bias.cpu().double()
+    torch.testing.assert_close(got.double().cpu(), exact_rounded, **TOL[dtype])
     ref = bnb.matmul_4bit(x, weight.qweight.t(), quant_state=weight.state_2d, bias=bias)
-    torch.testing.assert_close(got, ref, **TOL_BNB[dtype])
+    rounding_bound = UNIT_ROUNDOFF[dtype] * (x64.abs() @ weight.dense.double().abs().T)
+    tol = TOL_BNB[dtype]
+    allowed = tol["atol"] + tol["rtol"] * ref.double().cpu().abs() + rounding_bound
+    excess = (got.double().cpu() - ref.double().cpu()).abs() - allowed
+    assert excess.max().item() <= 0, f"{(excess > 0).sum().item()} outputs beyond the bound"
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
