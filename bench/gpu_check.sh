@@ -21,9 +21,11 @@
 # default; off by default for time; on CPU its rows say skipped).
 # BENCH_SKINNY=1 (skinny-matmul micro-benchmark, GPU only; BENCH_SKINNY_TIMEOUT s, default 120;
 # BENCH_SKINNY_ARGS: extra flags, e.g. "--pdl --m 1" or "--no-sweep").
-# BENCH_ASYNC and BENCH_SKINNY_ROWS (each default 1 on a GPU, 0 in the dry run): W-RANDOM,
-# W-PREFIX and W-BATCH1 once more with engine.async_scheduling (system llmbatch-async) or
-# engine.skinny_matmul (llmbatch-skinny) on, ~20 s each: the A/B of options not yet default.
+# BENCH_SYNC_ROWS and BENCH_SKINNY_ROWS (each default 1 on a GPU, 0 in the dry run): W-RANDOM,
+# W-PREFIX and W-BATCH1 once more with engine.async_scheduling off (system llmbatch-sync: the
+# A/B of the CUDA default) or engine.skinny_matmul on (llmbatch-skinny, not yet default),
+# ~20 s each. BENCH_ASYNC=1 (default 0): llmbatch-async, async forced on (same as the default
+# on CUDA).
 # BENCH_PDL_ROWS=1 (opt-in, default 0): the same three with engine.skinny_matmul and
 # engine.pdl on (llmbatch-skinny-pdl, programmatic dependent launch; ~20 s).
 # Whole check with the defaults: <= ~10 min on an H200 (pytest <= 200 s, bench <= 380 s).
@@ -36,7 +38,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -131,7 +133,8 @@ else
 fi
 [ "${BENCH_UNFUSED:-0}" = 1 ] && MODE_ARGS+=(--unfused)
 AB_DEFAULT=1; [ "$DRY" = 1 ] && AB_DEFAULT=0
-[ "${BENCH_ASYNC:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--async-scheduling)
+[ "${BENCH_ASYNC:-0}" = 1 ] && MODE_ARGS+=(--async-scheduling)
+[ "${BENCH_SYNC_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--sync-scheduling)
 [ "${BENCH_SKINNY_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--skinny)
 [ "${BENCH_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--pdl)
 # A profiled 64-request W-RANDOM slice after llmbatch's bf16 rows (~10 s on a GPU): the kernel

@@ -33,8 +33,9 @@ from bench.workloads import WORKLOAD_NAMES, build
 
 PEER_NAMES = ("hf-static", "hf-generate", "hf-cb")
 # --quantization values -> the engine's quantization method; "bf16" is the unquantized model in
-# the run's dtype (bfloat16 on CUDA, float32 on the CPU dry run).
-QUANT_METHODS = {"bf16": "none", "nf4": "nf4", "int8": "int8"}
+# the run's dtype (bfloat16 on CUDA, float32 on the CPU dry run). nf4-triton: nf4 on our Triton
+# w4a16 GEMM (EngineConfig.nf4_triton_gemm, opt-in) instead of bitsandbytes.
+QUANT_METHODS = {"bf16": "none", "nf4": "nf4", "int8": "int8", "nf4-triton": "nf4"}
 # Quantized engines run only these (BENCH.md: memory and tok/s beside bf16).
 QUANT_WORKLOADS = ("W-RANDOM", "W-BATCH1")
 # The A/B engine without fused kernels (EngineConfig.fused_kernels=False) runs these: every
@@ -202,6 +203,8 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
     overrides = {"gpu_memory_utilization": args.gpu_memory_utilization, "quantization": method}
     if method == "nf4":  # the nf4 row measures BENCH.md's <= 0.30x: embedding + LM head in nf4 too
         overrides["quantize_embeddings"] = True
+    if quant == "nf4-triton":
+        overrides["nf4_triton_gemm"] = True
     if ab is not None:
         overrides.update(ab.overrides)
     if device == "cpu":

@@ -30,7 +30,11 @@ AB_VARIANTS = {
                        "EngineConfig.fused_kernels off (torch RMSNorm, SiLU·mul, rotary; the "
                        "CPU path is always unfused)", "fused kernels run on CUDA only"),
     "async": Variant("--async-scheduling", {"async_scheduling": True},
-                     "EngineConfig.async_scheduling on (step n+1 planned while step n runs)"),
+                     "EngineConfig.async_scheduling on (step n+1 planned while step n runs; "
+                     "the default on CUDA, so this row is for the CPU)"),
+    "sync": Variant("--sync-scheduling", {"async_scheduling": False},
+                    "EngineConfig.async_scheduling off (the A/B of the CUDA default)",
+                    "the CPU default is synchronous already"),
     "skinny": Variant("--skinny", {"skinny_matmul": True},
                       "EngineConfig.skinny_matmul on (fused Triton matmuls for decode steps of "
                       "<= 16 tokens)", "skinny matmul runs on CUDA only"),

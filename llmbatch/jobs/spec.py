@@ -105,8 +105,11 @@ class EngineSection(_Section):
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     cuda_graphs: bool = True
     fused_kernels: bool = True   # measured on an H200: 1.5x W-RANDOM (bench/RESULTS.md)
-    # Plan step n+1 while step n runs on the GPU (docs/async_scheduling.md); not yet measured.
-    async_scheduling: bool = False
+    # Plan step n+1 while step n runs on the GPU (docs/async_scheduling.md). null (auto): on
+    # for CUDA without speculation at TP 1 (H200: 1.78x W-RANDOM, bench/RESULTS.md).
+    async_scheduling: Optional[bool] = None
+    # nf4 layers on our Triton w4a16 GEMM instead of bitsandbytes; slower so far (RESULTS.md).
+    nf4_triton_gemm: bool = False
     # Fused Triton matmuls for decode steps of <= 16 tokens (CUDA, TP 1, dense); not yet measured.
     skinny_matmul: bool = False
     # With skinny_matmul on sm_90+: programmatic dependent launch between its kernels; unmeasured.
@@ -165,7 +168,7 @@ class JobSpec(_Section):
             prefix_caching=e.prefix_caching, ordering=e.ordering, planner_window=e.planner_window,
             attention_backend=e.attention_backend, cuda_graphs=e.cuda_graphs,
             fused_kernels=e.fused_kernels, async_scheduling=e.async_scheduling,
-            skinny_matmul=e.skinny_matmul, pdl=e.pdl,
+            skinny_matmul=e.skinny_matmul, pdl=e.pdl, nf4_triton_gemm=e.nf4_triton_gemm,
             tensor_parallel_size=self.parallel.tensor_parallel_size,
             quantization=self.quantization.method,
             quantize_embeddings=self.quantization.embeddings,
@@ -206,6 +209,7 @@ class JobSpec(_Section):
         Left out on purpose: output.path/mode, shard.index (every shard shares the hash) and
         performance knobs that leave greedy results unchanged (max_num_seqs, token budget,
         memory sizing, cuda_graphs, fused_kernels, async_scheduling, skinny_matmul, pdl,
+        nf4_triton_gemm,
         attention backend, planner window, on_row_error). Kept:
         model, tokenizer and template (the template file's contents, not its name), input
         selection, sampling, dtype/device/quantization/speculation/TP (they change numerics),

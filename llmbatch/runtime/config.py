@@ -46,9 +46,15 @@ class EngineConfig:
     # saves most of their memory (the tied 128256 x 2048 table of Llama-3.2-1B: 525 MB bf16 ->
     # 148 MB) at some accuracy cost. transformers and vLLM leave them unquantized, hence opt-in.
     quantize_embeddings: bool = False
+    # Opt-in: nf4 layers compute with the Triton w4a16 GEMM (layers/nf4_matmul.py) instead of
+    # bitsandbytes. Measured on an H200 (bench/RESULTS.md, stop 9) it is slower: W-RANDOM
+    # 2,348 tok/s and TPOT 6.8 ms, against 7,795 with bitsandbytes; off until it is tuned.
+    nf4_triton_gemm: bool = False
     # Overlap the host with the GPU: schedule and launch step n+1 while step n runs
-    # (docs/async_scheduling.md). Off until measured on a GPU; no speculation, tp 1 only.
-    async_scheduling: bool = False
+    # (docs/async_scheduling.md). None (auto): on for CUDA engines without speculation at
+    # tp 1 (H200: 1.78x W-RANDOM, 1.40x W-PREFIX, 1.11x W-BATCH1, same tokens), off
+    # elsewhere (a CPU step leaves nothing to overlap). True where unsupported is an error.
+    async_scheduling: Optional[bool] = None
     speculative_method: str = "none"
     num_speculative_tokens: int = 4
     draft_model: Optional[str] = None
@@ -80,6 +86,9 @@ class EngineConfig:
         if self.quantize_embeddings and self.quantization != "nf4":
             raise ValueError(f"quantize_embeddings supports nf4 only, got "
                              f"quantization={self.quantization!r}")
+        if self.async_scheduling not in (None, True, False):
+            raise ValueError(f"async_scheduling must be true, false or null (auto), got "
+                             f"{self.async_scheduling!r}")
         if self.async_scheduling and self.speculative_method != "none":
             raise ValueError("async_scheduling does not support speculative decoding yet; "
                              "set speculative_method: none or async_scheduling: false")
@@ -87,6 +96,15 @@ class EngineConfig:
             raise ValueError("async_scheduling supports tensor_parallel_size 1 only")
         if self.speculative_method == "draft" and not self.draft_model:
             raise ValueError("speculative method 'draft' needs draft_model")
+
+    def async_scheduling_on(self, device_type: str, runner_can_launch: bool) -> bool:
+        """Whether the engine schedules asynchronously: the explicit setting, or (None, auto)
+        on exactly where it is supported and pays: a CUDA runner with launch(), no
+        speculation, tp 1."""
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return (device_type == "cuda" and runner_can_launch
+                and self.speculative_method == "none" and self.tensor_parallel_size == 1)
 
     def to_dict(self) -> dict:
         return asdict(self)

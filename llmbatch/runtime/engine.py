@@ -54,8 +54,10 @@ class Engine:
         self.scheduler = Scheduler(config, self.block_manager, max_model_len=self.max_model_len)
         self.planner = Planner(config.ordering, config.planner_window, config.block_size)
         # Async scheduling: the step launched but not yet collected, with its schedule.
-        self.async_scheduling = bool(getattr(config, "async_scheduling", False))
-        if self.async_scheduling and not hasattr(self.runner, "launch"):
+        can_launch = hasattr(self.runner, "launch")
+        self.async_scheduling = config.async_scheduling_on(
+            getattr(getattr(self.runner, "device", None), "type", "cpu"), can_launch)
+        if self.async_scheduling and not can_launch:
             raise ValueError(f"async_scheduling needs a model runner with launch(); "
                              f"{type(self.runner).__name__} has none")
         self._in_flight = None   # (SchedulerOutput, LaunchedStep) or None

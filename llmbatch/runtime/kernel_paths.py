@@ -4,8 +4,9 @@
                                   (layers/fused_kernels.py, layers/fused_rotary.py); and
                                   int8-quantized linear layers on the w8a16 GEMM
                                   (layers/int8_matmul.py) instead of dequantizing per call,
-                                  nf4 ones (and an nf4 LM head) on the w4a16 GEMM
-                                  (layers/nf4_matmul.py) instead of bnb.matmul_4bit
+                                  with nf4_triton_gemm (opt-in), nf4 ones (and an nf4 LM
+                                  head) on the w4a16 GEMM (layers/nf4_matmul.py) instead of
+                                  bnb.matmul_4bit
     skinny_matmul   (opt-in)      steps of <= 16 tokens run 6-launch decoder layers
                                   (models/llama_skinny.py); tensor_parallel_size 1, dense
     pdl             (opt-in)      the skinny kernels use programmatic dependent launch (sm_90+)
@@ -67,7 +68,10 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
         elif isinstance(module, LlamaAttention):
             module.use_fused_rotary = True
     paths.fused_kernels = True
-    for method, enable in (("int8", enable_triton_int8), ("nf4", enable_triton_nf4)):
+    gemms = [("int8", enable_triton_int8)]
+    if getattr(config, "nf4_triton_gemm", False):   # opt-in: slower than bitsandbytes so far
+        gemms.append(("nf4", enable_triton_nf4))
+    for method, enable in gemms:
         layers = enable(model)  # 0 unless the model is quantized with `method`
         error = check_quant_kernel(model, method) if layers else None
         if error is not None:

@@ -88,6 +88,7 @@ def test_nf4_engine_uses_the_kernel_under_cuda_graphs(tmp_path):
     def runner(fused):
         return ModelRunner(EngineConfig(model=str(tmp_path), device="cuda", dtype="bfloat16",
                                         quantization="nf4", quantize_embeddings=True,
+                                        nf4_triton_gemm=True,
                                         attention_backend="triton", fused_kernels=fused,
                                         cuda_graphs=fused, max_num_seqs=8, kv_cache_blocks=64))
 

@@ -135,7 +135,7 @@ def test_engine_config_mapping():
         ("m", "float32", 32, "input", 64)
     assert (cfg.tensor_parallel_size, cfg.quantization, cfg.speculative_method,
             cfg.num_speculative_tokens, cfg.seed) == (2, "nf4", "ngram", 3, 7)
-    assert cfg.async_scheduling is False
+    assert cfg.async_scheduling is None   # auto: the engine decides (off with speculation)
 
 
 def test_async_and_skinny_keys_map_and_keep_the_hash():

@@ -130,6 +130,26 @@ def test_async_scheduling_config_is_validated():
         EngineConfig(model="m", async_scheduling=True, speculative_method="ngram")
     with pytest.raises(ValueError, match="tensor_parallel_size 1"):
         EngineConfig(model="m", async_scheduling=True, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="true, false or null"):
+        EngineConfig(model="m", async_scheduling="yes")
+
+
+def test_auto_async_scheduling_is_on_exactly_where_supported():
+    """None (the default): on for a CUDA runner with launch(), no speculation, tp 1 (measured
+    1.78x W-RANDOM on an H200); an explicit setting wins where it is valid."""
+    auto = EngineConfig(model="m")
+    assert auto.async_scheduling is None
+    assert auto.async_scheduling_on("cuda", True) is True
+    assert auto.async_scheduling_on("cpu", True) is False
+    assert auto.async_scheduling_on("cuda", False) is False      # e.g. the TP executor
+    assert EngineConfig(model="m", speculative_method="ngram").async_scheduling_on(
+        "cuda", True) is False
+    assert EngineConfig(model="m", tensor_parallel_size=2).async_scheduling_on(
+        "cuda", True) is False
+    assert EngineConfig(model="m", async_scheduling=False).async_scheduling_on(
+        "cuda", True) is False
+    assert EngineConfig(model="m", async_scheduling=True).async_scheduling_on(
+        "cpu", True) is True
 
 
 def test_async_step_survives_a_failed_launch_like_sync(setup):

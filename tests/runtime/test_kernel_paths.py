@@ -107,3 +107,23 @@ def test_tensor_parallel_ranks_agree_on_the_quantized_gemm(per_rank, layers, err
     assert (runner.nf4_triton_layers, runner.nf4_triton_error, quant.use_triton) == \
         (layers, error, bool(layers))
     assert (runner.int8_triton_layers, runner.int8_triton_error) == (0, None)
+
+
+@pytest.mark.parametrize("opt_in", (False, True))
+def test_nf4_triton_gemm_is_opt_in(opt_in):
+    """nf4 layers keep bitsandbytes unless nf4_triton_gemm is set (the Triton GEMM measured
+    slower on an H200); with it, the start-up check runs and the layer switches. The CUDA
+    branch runs here on CPU tensors, the kernel under the Triton interpreter."""
+    pytest.importorskip("bitsandbytes")
+    from llmbatch.runtime.layers.linear import RowParallelLinear
+    from llmbatch.runtime.layers.quantization import BnbLinearMethod
+
+    torch.manual_seed(0)
+    layer = RowParallelLinear(64, 16, bias=False)
+    quant = layer.quant_method = BnbLinearMethod("nf4")
+    quant.process_weights_after_loading(layer)
+    config = EngineConfig(model="m", quantization="nf4", nf4_triton_gemm=opt_in)
+    paths = enable_kernel_paths(nn.Sequential(layer), config, torch.device("cuda"), 1, "nf4")
+    assert (paths.fused_kernels, paths.nf4_triton_layers, paths.nf4_triton_error) == \
+        (True, int(opt_in), None)
+    assert quant.use_triton is opt_in
