@@ -218,7 +218,7 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
         for name in workloads:
             rec.put(name, system, {"error": f"{type(exc).__name__}: {exc}"})
         return
-    warm_s = llmbatch_runner.warm_up(engine, vocab)
+    warm_s = llmbatch_runner.warm_up(engine, vocab, args.scale)
     setup_key = "llmbatch_setup" if system == "llmbatch" else f"{system}_setup"
     rec.results[setup_key] = {"load_s": load_s, "warmup_s": warm_s, "stats": engine.stats()}
     rec.results[setup_key]["fused_kernels_active"] = getattr(

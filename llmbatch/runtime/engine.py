@@ -55,8 +55,9 @@ class Engine:
         self.planner = Planner(config.ordering, config.planner_window, config.block_size)
         # Async scheduling: the step launched but not yet collected, with its schedule.
         can_launch = hasattr(self.runner, "launch")
-        self.async_scheduling = config.async_scheduling_on(
+        self._async_by_default = config.async_scheduling_on(
             getattr(getattr(self.runner, "device", None), "type", "cpu"), can_launch)
+        self.async_scheduling = self._async_by_default
         if self.async_scheduling and not can_launch:
             raise ValueError(f"async_scheduling needs a model runner with launch(); "
                              f"{type(self.runner).__name__} has none")
@@ -81,9 +82,14 @@ class Engine:
     def set_proposer(self, proposer) -> None:
         """Install any object with propose(request, num_tokens) -> list[int] (bench replay)."""
         if proposer is not None and self.async_scheduling:
-            # _step_async never proposes: the proposer would be ignored without a word.
-            raise ValueError("set_proposer: async_scheduling does not support speculative "
-                             "decoding yet; build the engine with async_scheduling off")
+            # _step_async never proposes: the proposer would be ignored without a word. Auto
+            # (None) async scheduling steps back to synchronous steps; an explicit one refuses.
+            if self.config.async_scheduling or self._in_flight is not None:
+                raise ValueError("set_proposer: async_scheduling does not support speculative "
+                                 "decoding yet; build the engine with async_scheduling off")
+            self.async_scheduling = False
+        elif proposer is None and self.config.async_scheduling is None:
+            self.async_scheduling = self._async_by_default
         self.proposer = proposer
 
     def _propose(self) -> None:

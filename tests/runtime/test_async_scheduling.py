@@ -195,3 +195,36 @@ def test_async_engine_refuses_an_installed_proposer(setup):
         engine.set_proposer(object())
     engine.set_proposer(None)
     assert engine.proposer is None
+
+
+def test_auto_async_engine_steps_back_to_sync_for_a_proposer(setup, monkeypatch):
+    """Auto async scheduling (None; on for CUDA, here forced on) gives way to an installed
+    proposer (the bench's W-SPEC replay on a default engine) and comes back when it is
+    removed; the outputs with the proposer are those of the synchronous engine."""
+    path, tokenizer, prompts, _ = setup
+    monkeypatch.setattr(EngineConfig, "async_scheduling_on", lambda self, *a: True)
+    engine = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32"),
+                    tokenizer=tokenizer)
+    assert engine.async_scheduling is True
+
+    class EchoLast:   # proposes the last token again: some drafts accepted, most not
+        def propose(self, request, k):
+            return [request.all_token_ids[-1]] * k
+
+    def run(eng):
+        reqs = [Request(f"r{i}", p, SamplingParams(max_new_tokens=12, temperature=0.0,
+                                                   ignore_eos=True))
+                for i, p in enumerate(prompts[:4])]
+        return {r.request_id: r.output_token_ids for r in eng.generate(reqs)}
+
+    engine.set_proposer(EchoLast())
+    assert engine.async_scheduling is False
+    with_proposer = run(engine)
+    assert engine.stats()["num_spec_accepted_tokens"] > 0   # the proposer was used
+    engine.set_proposer(None)
+    assert engine.async_scheduling is True
+    monkeypatch.undo()
+    sync = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32"),
+                  tokenizer=tokenizer)
+    assert sync.async_scheduling is False
+    assert with_proposer == run(sync)
