@@ -13,8 +13,8 @@
 # W-RANDOM and W-BATCH1 again with nf4 and int8 (--quantization bf16,nf4,int8); the dry run
 # keeps bf16 only. Without the wheel the quantized rows say bitsandbytes is missing.
 # Env: PYTHON (default python3), BENCH_ARGS (extra bench.run flags, e.g. "--skip-peers"),
-# PYTEST_TIMEOUT (s, default 200), PYTEST_PATHS (default: all of tests/gpu, core files first),
-# BENCH_ATTENTION=1 (attention micro-benchmark), BENCH_TIMEOUT (s, default 380), BENCH_MODEL_DIR,
+# PYTEST_TIMEOUT (s, default 220), PYTEST_PATHS (default: all of tests/gpu, core files first),
+# BENCH_ATTENTION=1 (attention micro-benchmark), BENCH_TIMEOUT (s, default 340), BENCH_MODEL_DIR,
 # BENCH_QUANTIZATION (GPU runs only, default bf16,nf4,int8), BENCH_PROFILE=0 (skip the
 # profiled slice), BENCH_UNFUSED=1 (opt-in: W-RANDOM, W-PREFIX and
 # W-BATCH1 once more with engine.fused_kernels off as system llmbatch-unfused, the A/B of the
@@ -28,7 +28,8 @@
 # on CUDA).
 # BENCH_PDL_ROWS=1 (opt-in, default 0): the same three with engine.skinny_matmul and
 # engine.pdl on (llmbatch-skinny-pdl, programmatic dependent launch; ~20 s).
-# Whole check with the defaults: <= ~10 min on an H200 (pytest <= 200 s, bench <= 380 s).
+# Whole check with the defaults: <= ~10 min on an H200 (pytest <= 220 s, bench <= 340 s;
+# stop 9 on an H200: tests/gpu needed > 160 s, the bench with peers ~280 s).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,7 +39,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -90,7 +91,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   # a GPU run is scarce, and seeing every failure at once beats stopping at the first.
   echo "=== pytest tests/gpu -q (attention, graphs, the new GEMM and async paths, then the rest)"
   # shellcheck disable=SC2086
-  timeout "${PYTEST_TIMEOUT:-200}" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_device_gpu.py \
+  timeout "${PYTEST_TIMEOUT:-220}" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_device_gpu.py \
     tests/gpu/test_triton_attention_gpu.py \
     tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py \
     tests/gpu/test_int8_matmul_gpu.py tests/gpu/test_nf4_matmul_gpu.py \
@@ -142,12 +143,12 @@ AB_DEFAULT=1; [ "$DRY" = 1 ] && AB_DEFAULT=0
 [ "${BENCH_PROFILE:-1}" = 1 ] && MODE_ARGS+=(--profile)
 # The checkpoint lives outside OUT_DIR: 2.47 GB must not travel back with the results.
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-380}" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \
+timeout "${BENCH_TIMEOUT:-340}" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \
   --model-dir "$MODEL_DIR" ${BENCH_ARGS:-} >"$OUT_DIR/bench_stdout.log" \
   2> >(tee "$OUT_DIR/bench_stderr.log" | grep -E '^\[bench|Error|error' >&2)
 BENCH_RC=$?
 wait
-[ "$BENCH_RC" = 124 ] && BENCH_RC="124 (timed out after ${BENCH_TIMEOUT:-380} s)"
+[ "$BENCH_RC" = 124 ] && BENCH_RC="124 (timed out after ${BENCH_TIMEOUT:-340} s)"
 
 echo "=== gpu_check done in $(( $(date +%s) - T0 )) s: pytest rc=$PYTEST_RC, bench rc=$BENCH_RC, JSON in $OUT_DIR"
 # bench.run's stdout: the label line, any FAILED line, then the table (printed last). When the
