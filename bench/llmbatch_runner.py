@@ -272,8 +272,13 @@ def profile_steps(engine, workload: Workload, out_path: str, num_requests: int =
                 break
             else:
                 f.write(f"\n(not available: {'; '.join(errors)})\n")
+    # Busy time: the device-side rows only (kernels, memcpys). An op row such as aten::mm also
+    # carries the time of the kernels it launched, so summing every row counted them twice
+    # (stop 9's H200 W-RANDOM profile said "busy 1.10 of the wall time").
     kernel_us = 0.0
     for e in events:
+        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
         dev = getattr(e, "self_device_time_total", None)
         if dev is None:
             dev = getattr(e, "self_cuda_time_total", 0.0)
