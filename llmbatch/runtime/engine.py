@@ -14,38 +14,32 @@ from typing import Iterable, Iterator, Optional
 
 from llmbatch.runtime.block_manager import BlockManager
 from llmbatch.runtime.config import EngineConfig
+from llmbatch.runtime.engine_speculation import SpeculationMixin, make_proposer
 from llmbatch.runtime.kernel_paths import PATH_STATS
 from llmbatch.runtime.outputs import GenerationResult
 from llmbatch.runtime.planner import Planner
 from llmbatch.runtime.request import FinishReason, Request, RequestStatus
 from llmbatch.runtime.scheduler import Scheduler
 from llmbatch.runtime.seeded_uniforms import default_seed
-from llmbatch.runtime.spec_decode import NgramProposer
 from llmbatch.runtime.stop_checker import StopChecker
 from llmbatch.runtime.stop_rules import apply_stop_rules
 
 logger = logging.getLogger(__name__)
 
 
-class Engine:
+class Engine(SpeculationMixin):
     def __init__(self, config: EngineConfig, runner=None, tokenizer=None) -> None:
         from transformers import AutoTokenizer
 
         from llmbatch.runtime.tp_executor import make_model_runner
 
         self.config = config
-        self.proposer = self._make_proposer(config)
         self.runner = runner if runner is not None else make_model_runner(config)
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(
             config.tokenizer or self.runner.model_path,
             trust_remote_code=config.trust_remote_code)
         self.max_model_len = self.runner.max_model_len
-        if config.speculative_method == "draft":
-            from llmbatch.runtime.draft_proposer import DraftModelProposer
-
-            self.proposer = DraftModelProposer(
-                config, self.runner.num_kv_blocks, self.max_model_len,
-                self.runner.hf_config.vocab_size)
+        self.proposer = make_proposer(config, self.runner, self.max_model_len)
         self.eos_token_ids = self._find_eos_token_ids()
         self.vocab_size = self.runner.hf_config.vocab_size
         self._live_ids: set = set()      # ids of admitted, unfinished requests
@@ -72,52 +66,6 @@ class Engine:
                               # scheduler with proposals, the runner (input prep, forward and
                               # sampling, which waits for the GPU), and stop checks + results.
                               schedule_s=0.0, execute_s=0.0, postprocess_s=0.0)
-
-    @staticmethod
-    def _make_proposer(config: EngineConfig):
-        if config.speculative_method == "ngram":
-            return NgramProposer()
-        return None   # "draft" needs the target's KV pool: built after the runner
-
-    def set_proposer(self, proposer) -> None:
-        """Install any object with propose(request, num_tokens) -> list[int] (bench replay)."""
-        if proposer is not None and self.async_scheduling:
-            # _step_async never proposes: the proposer would be ignored without a word. Auto
-            # (None) async scheduling steps back to synchronous steps; an explicit one refuses.
-            if self.config.async_scheduling or self._in_flight is not None:
-                raise ValueError("set_proposer: async_scheduling does not support speculative "
-                                 "decoding yet; build the engine with async_scheduling off")
-            self.async_scheduling = False
-        elif proposer is None and self.config.async_scheduling is None:
-            self.async_scheduling = self._async_by_default
-        self.proposer = proposer
-
-    def _propose(self) -> None:
-        """Give decoding requests draft tokens, unless the batch is too large to gain.
-
-        Verification multiplies a request's step cost by about (1 + k) in compute; at small
-        batches a step is bound by reading the weights, so that is nearly free, but at large
-        batches it is not: above speculative_max_num_seqs running requests, no drafts.
-        """
-        running = self.scheduler.running
-        if not running or len(running) > self.config.speculative_max_num_seqs:
-            return
-        k = self.config.num_speculative_tokens
-        for req in running:
-            req.spec_token_ids = []   # last step's drafts were verified or dropped
-            if req.num_computed_tokens != req.num_tokens - 1:
-                continue   # still prefilling
-            params = req.sampling_params
-            # Never draft past max_new_tokens or the context: all k + 1 tokens must fit.
-            room = min(k, params.max_new_tokens - req.num_output_tokens - 1,
-                       self.max_model_len - req.num_tokens - 1)
-            if room <= 0:
-                continue
-            if hasattr(self.proposer, "reserve"):
-                # Two-phase proposer (draft model): placeholders now, filled after scheduling.
-                req.spec_token_ids = self.proposer.reserve(req, room)
-            else:
-                req.spec_token_ids = list(self.proposer.propose(req, room))[:room]
 
     def _find_eos_token_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -1,0 +1,68 @@
+"""The engine's side of speculative decoding: which proposer it builds, installing another one
+(the bench's replay), and giving running requests their draft tokens before each step.
+The acceptance rule and the n-gram proposer are in spec_decode.py, the draft model in
+draft_proposer.py.
+"""
+
+from __future__ import annotations
+
+from llmbatch.runtime.config import EngineConfig
+from llmbatch.runtime.spec_decode import NgramProposer
+
+
+def make_proposer(config: EngineConfig, runner, max_model_len: int):
+    """The proposer of config.speculative_method, or None. A draft model sizes its KV pool
+    from the target's (runner.num_kv_blocks), so it is built after the runner."""
+    if config.speculative_method == "ngram":
+        return NgramProposer()
+    if config.speculative_method == "draft":
+        from llmbatch.runtime.draft_proposer import DraftModelProposer
+
+        return DraftModelProposer(config, runner.num_kv_blocks, max_model_len,
+                                  runner.hf_config.vocab_size)
+    return None
+
+
+class SpeculationMixin:
+    """Mixed into Engine: uses its config, scheduler, max_model_len, async_scheduling,
+    _async_by_default and _in_flight."""
+
+    def set_proposer(self, proposer) -> None:
+        """Install any object with propose(request, num_tokens) -> list[int] (bench replay)."""
+        if proposer is not None and self.async_scheduling:
+            # _step_async never proposes: the proposer would be ignored without a word. Auto
+            # (None) async scheduling steps back to synchronous steps; an explicit one refuses.
+            if self.config.async_scheduling or self._in_flight is not None:
+                raise ValueError("set_proposer: async_scheduling does not support speculative "
+                                 "decoding yet; build the engine with async_scheduling off")
+            self.async_scheduling = False
+        elif proposer is None and self.config.async_scheduling is None:
+            self.async_scheduling = self._async_by_default
+        self.proposer = proposer
+
+    def _propose(self) -> None:
+        """Give decoding requests draft tokens, unless the batch is too large to gain.
+
+        Verification multiplies a request's step cost by about (1 + k) in compute; at small
+        batches a step is bound by reading the weights, so that is nearly free, but at large
+        batches it is not: above speculative_max_num_seqs running requests, no drafts.
+        """
+        running = self.scheduler.running
+        if not running or len(running) > self.config.speculative_max_num_seqs:
+            return
+        k = self.config.num_speculative_tokens
+        for req in running:
+            req.spec_token_ids = []   # last step's drafts were verified or dropped
+            if req.num_computed_tokens != req.num_tokens - 1:
+                continue   # still prefilling
+            params = req.sampling_params
+            # Never draft past max_new_tokens or the context: all k + 1 tokens must fit.
+            room = min(k, params.max_new_tokens - req.num_output_tokens - 1,
+                       self.max_model_len - req.num_tokens - 1)
+            if room <= 0:
+                continue
+            if hasattr(self.proposer, "reserve"):
+                # Two-phase proposer (draft model): placeholders now, filled after scheduling.
+                req.spec_token_ids = self.proposer.reserve(req, room)
+            else:
+                req.spec_token_ids = list(self.proposer.propose(req, room))[:room]
