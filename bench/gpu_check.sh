@@ -90,8 +90,10 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   # Core kernels and graphs first, so a time limit cuts the optional tests, not them; no -x:
   # a GPU run is scarce, and seeing every failure at once beats stopping at the first.
   echo "=== pytest tests/gpu -q (attention, graphs, the new GEMM and async paths, then the rest)"
+  # SIGINT at the limit (then KILL 20 s later): pytest stops like on Ctrl-C and still prints
+  # its failures and --durations (stop 9's SIGTERM at 160 s left only the progress dots).
   # shellcheck disable=SC2086
-  timeout "${PYTEST_TIMEOUT:-220}" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_device_gpu.py \
+  timeout -s INT -k 20 "${PYTEST_TIMEOUT:-220}" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_device_gpu.py \
     tests/gpu/test_triton_attention_gpu.py \
     tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py \
     tests/gpu/test_int8_matmul_gpu.py tests/gpu/test_nf4_matmul_gpu.py \
@@ -100,6 +102,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     | tee "$OUT_DIR/pytest_gpu.log" | tail -n 40
   PYTEST_RC=${PIPESTATUS[0]}
   [ "$PYTEST_RC" = 5 ] && PYTEST_RC="5 (no tests collected)"
+  [ "$PYTEST_RC" = 124 ] && PYTEST_RC="124 (cut at ${PYTEST_TIMEOUT:-220} s)"
 else
   echo "=== pytest not importable and no wheel in bench/wheels: GPU tests NOT run"
   PYTEST_RC="not run"
