@@ -126,7 +126,7 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def _num_differing(outputs: dict, truth: dict) -> int:
+def num_differing(outputs: dict, truth: dict) -> int:
     """Requests whose output is not token-for-token `truth`'s (a missing one counts)."""
     return sum(rid not in outputs or rid not in truth or list(outputs[rid]) != list(truth[rid])
                for rid in set(outputs) | set(truth))
@@ -149,84 +149,6 @@ def fraction_on_truth(outputs: dict, truth: dict) -> float:
             n += 1
         matched += n
     return matched / total
-
-
-def run_spec(engine, workload: Workload, vocab: int) -> dict:
-    """W-SPEC: speculation off at each batch size, then (when the engine has the
-    `set_proposer` hook) a calibration run and the replay proposer at each alpha; speed-up
-    against off, tokens per target step, and whether greedy output stayed identical.
-
-    Why calibration: a verify step runs k + 1 query tokens per sequence (GEMMs with another M,
-    attention over another span), so in bf16 its rounding differs from a 1-token decode step.
-    On a random-weight model the logits are nearly flat, the argmax flips within a few tokens,
-    and after the first flip the spec-off continuation is no longer what the target emits:
-    every proposal is then rejected and acceptance says nothing about the engine. So per batch
-    size b, the replay proposer first runs at alpha = 1.0 on the spec-off continuations; it
-    always proposes k tokens, so every step verifies k + 1 tokens, as in the alpha runs, and
-    its outputs are the target's greedy output under verify numerics. Those outputs are the
-    truth the alpha runs replay (and must reproduce: `greedy_equal_to_calibration` is the
-    lossless check). In float32 on the CPU verify and decode numerics agree, so calibration
-    equals spec-off there. It is the nearest reference, not an exact one: residual rounding
-    that depends on where a verify window starts, or on M shrinking as requests finish, can
-    still differ between runs. Speed-ups stay against speculation off.
-
-    Request ids repeat across batch sizes (requests[:b]), so all truths are kept per b.
-    """
-    from bench.spec_replay import ReplayProposer
-    from bench.workloads import ideal_tokens_per_step
-
-    k = workload.params["k"]
-    sizes = workload.params["batch_sizes"]
-    out = {"system": "llmbatch", "k": k, "batches": {}, "calibration": {}, "replay_runs": {},
-           "ideal_tokens_per_step": {str(a): ideal_tokens_per_step(a, k)
-                                     for a in workload.params["alphas"]}}
-
-    def run(b: int):
-        """One timed run of the first b requests; returns (figures, outputs by request id).
-        Every run starts from an empty prefix cache: otherwise each run after the first would
-        find its prompts cached (same requests) and beat speculation-off by skipping prefill
-        (the first H200 run showed 1.24x "speed-ups" at b=64, where speculation is off)."""
-        reset = getattr(engine, "reset_prefix_cache", None)
-        if callable(reset):
-            reset()
-        res = run_workload(engine, workload, requests=workload.requests[:b])
-        outputs = res.pop("_outputs")
-        steps = res["engine_stats_delta"].get("num_steps")
-        res["tokens_per_step_per_request"] = (res["output_tokens"] / (steps * b)
-                                              if steps else None)
-        return res, outputs
-
-    spec_off: dict[int, dict] = {}      # b -> {request id: greedy output, speculation off}
-    for b in sizes:
-        out["batches"][str(b)], spec_off[b] = run(b)
-    hook = getattr(engine, "set_proposer", None)
-    if not callable(hook):
-        out["replay"] = "not available: the engine has no set_proposer(proposer) hook yet"
-        return out
-    out["replay"] = "measured"
-    calibrated: dict[int, dict] = {}    # b -> {request id: greedy output under verify numerics}
-    try:
-        for b in sizes:
-            hook(ReplayProposer(spec_off[b], 1.0, vocab))
-            res, calibrated[b] = run(b)
-            res["num_differing_from_spec_off"] = _num_differing(calibrated[b], spec_off[b])
-            res["greedy_equal_to_spec_off"] = res["num_differing_from_spec_off"] == 0
-            out["calibration"][str(b)] = res
-        for alpha in workload.params["alphas"]:
-            for b in sizes:
-                hook(ReplayProposer(calibrated[b], alpha, vocab))
-                res, outputs = run(b)
-                off = out["batches"][str(b)]
-                res["greedy_equal_to_spec_off"] = _num_differing(outputs, spec_off[b]) == 0
-                res["num_differing_from_calibration"] = _num_differing(outputs, calibrated[b])
-                res["greedy_equal_to_calibration"] = res["num_differing_from_calibration"] == 0
-                res["fraction_on_calibration"] = fraction_on_truth(outputs, calibrated[b])
-                res["speedup_vs_off"] = (res["out_tok_per_s"] / off["out_tok_per_s"]
-                                         if res["out_tok_per_s"] and off["out_tok_per_s"] else None)
-                out["replay_runs"][f"alpha={alpha},b={b}"] = res
-    finally:
-        hook(None)
-    return out
 
 
 def profile_steps(engine, workload: Workload, out_path: str, num_requests: int = 64,

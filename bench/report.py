@@ -91,9 +91,20 @@ def _spec_rows(runs: dict) -> list[dict]:
 
 
 def _spec_equality_note(run: dict) -> str:
-    """The lossless claim is against the calibration run (the target's greedy output under
-    verify numerics, see run_spec); differing from spec-off alone is bf16 rounding. Results
-    from before calibration existed fall back to the spec-off comparison."""
+    """Whether the run emitted the truth it replayed (bench/spec_run.py: calibration, refined
+    by rerunning on the run's own output); differing from spec-off alone is bf16 rounding.
+    Results from before refinement compare with the calibration run, and from before
+    calibration with spec-off."""
+    if "greedy_equal_to_truth" in run:
+        notes = []
+        if not run["greedy_equal_to_truth"]:
+            notes.append(f"greedy output DIFFERS, {run['fraction_on_truth']:.0%} of tokens "
+                         f"on the truth")
+        elif not run.get("greedy_equal_to_spec_off", True):
+            notes.append("≠ spec-off in bf16")
+        if run.get("truth_rounds", 1) > 1:
+            notes.append(f"truth refined in {run['truth_rounds']} rounds")
+        return ", ".join(notes)
     equal_off = run.get("greedy_equal_to_spec_off")
     equal_cal = run.get("greedy_equal_to_calibration")
     if equal_cal is None:

@@ -26,7 +26,7 @@ import time
 import traceback
 
 from bench import floor as floor_mod
-from bench import llmbatch_runner, peers, report
+from bench import llmbatch_runner, peers, report, spec_run
 from bench.variants import AB_VARIANTS, add_variant_flags, wanted_variants
 from bench.model_shapes import get_shape, make_checkpoint
 from bench.workloads import WORKLOAD_NAMES, build
@@ -233,7 +233,7 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
         if callable(reset):
             reset()
         if name == "W-SPEC":
-            _attempt(rec, name, system, lambda: llmbatch_runner.run_spec(engine, w, vocab))
+            _attempt(rec, name, system, lambda: spec_run.run_spec(engine, w, vocab))
         else:
             _attempt(rec, name, system, lambda: llmbatch_runner.run_workload(engine, w))
     if args.profile and system in ("llmbatch", "llmbatch-unfused") and "W-RANDOM" in workloads:

@@ -44,14 +44,19 @@ class _FakeEngine:
 
     verify_flip: with a proposer set, tokens from index 3 on are one higher (as bf16 verify
     numerics flip an argmax); batch_dependent: tokens also shift by the batch size (request
-    ids repeat across batch sizes, so each size needs its own truth). Records every installed
-    proposer's (alpha, continuations) per generate call."""
+    ids repeat across batch sizes, so each size needs its own truth). alpha_numerics, for a
+    proposer with alpha < 1 (verify windows placed by corruptions, as in bf16): "fixed" keeps
+    the first 5 tokens of the replayed truth and then emits its own tokens (one refinement
+    round converges); "drifting" emits tokens that change with every call (never converges).
+    Records every installed proposer's (alpha, continuations) per generate call."""
 
     def __init__(self, with_hook: bool, verify_flip: bool = False,
-                 batch_dependent: bool = False) -> None:
+                 batch_dependent: bool = False, alpha_numerics: str = "") -> None:
         self.steps = 0
+        self.calls = 0
         self.proposer = None
         self.verify_flip, self.batch_dependent = verify_flip, batch_dependent
+        self.alpha_numerics = alpha_numerics
         self.replayed = []
         if with_hook:
             self.set_proposer = lambda p: setattr(self, "proposer", p)
@@ -67,18 +72,24 @@ class _FakeEngine:
         if self.proposer:
             self.replayed.append((len(requests), self.proposer.alpha,
                                   dict(self.proposer.continuations)))
+        self.calls += 1
         shift = len(requests) if self.batch_dependent else 0
+        own = self.alpha_numerics and self.proposer and self.proposer.alpha < 1.0
+        drift = self.calls if self.alpha_numerics == "drifting" else 0
         for r in requests:
             n = r.sampling_params.max_new_tokens
             toks = [(100 + r.prompt_token_ids[0] + j + shift
                      + (1 if self.proposer and self.verify_flip and j >= 3 else 0)) % 1000
                     for j in range(n)]
+            if own:
+                truth = self.proposer.continuations[r.request_id]
+                toks = truth[:5] + [(t + 2 + drift) % 1000 for t in toks[5:]]
             yield GenerationResult(r.request_id, toks, "", "length", len(r.prompt_token_ids),
                                    2, n, 0.1, 0.01, 1.0)
 
 
 def test_run_spec_on_a_fake_engine():
-    from bench.llmbatch_runner import run_spec
+    from bench.spec_run import run_spec
 
     w = build("W-SPEC", 1024, scale=0.05)                  # 64 requests of 26 + 13 tokens
     res = run_spec(_FakeEngine(with_hook=False), w, 1024)
@@ -100,13 +111,15 @@ def test_run_spec_on_a_fake_engine():
     assert cal["tokens_per_step_per_request"] == pytest.approx(13 / 6)
     assert cal["output_tokens"] == 104 and cal["out_tok_per_s"] > 0
     assert run["greedy_equal_to_calibration"] is True
-    assert run["num_differing_from_calibration"] == 0 and run["fraction_on_calibration"] == 1.0
+    assert run["num_differing_from_calibration"] == 0
+    assert (run["truth_rounds"], run["greedy_equal_to_truth"], run["fraction_on_truth"]) == \
+        (1, True, 1.0)
 
 
 def test_run_spec_replays_the_calibrated_truth_per_batch_size():
     """Verify numerics flip tokens (as bf16 on the GPU): alpha runs replay the calibration
     outputs of their own batch size, equal it, and differ from spec-off without being lossy."""
-    from bench.llmbatch_runner import run_spec
+    from bench.spec_run import run_spec
 
     w = build("W-SPEC", 1024, scale=0.05)
     eng = _FakeEngine(with_hook=True, verify_flip=True, batch_dependent=True)
@@ -128,8 +141,63 @@ def test_run_spec_replays_the_calibrated_truth_per_batch_size():
     assert cal["num_differing_from_spec_off"] == 64
     run = res["replay_runs"]["alpha=0.95,b=1"]
     assert run["greedy_equal_to_spec_off"] is False
-    assert run["greedy_equal_to_calibration"] is True
+    assert run["greedy_equal_to_calibration"] is True and run["truth_rounds"] == 1
     assert run["speedup_vs_off"] > 0
+
+
+@pytest.mark.parametrize("numerics", ("fixed", "drifting"))
+def test_alpha_runs_replay_their_own_output_until_it_is_the_truth(numerics):
+    """An alpha run whose output leaves the calibration (bf16 windows placed by corruptions)
+    is rerun on its own output: "fixed" numerics converge in a second round, which replays
+    the first round's output; "drifting" ones stop at MAX_TRUTH_ROUNDS and say how far the
+    last round stayed on its truth."""
+    from bench.spec_run import MAX_TRUTH_ROUNDS, run_spec
+
+    w = build("W-SPEC", 1024, scale=0.05)                  # 13 output tokens a request
+    eng = _FakeEngine(with_hook=True, alpha_numerics=numerics)
+    res = run_spec(eng, w, 1024)
+    rounds = 2 if numerics == "fixed" else MAX_TRUTH_ROUNDS
+    assert len(eng.replayed) == 3 + 9 * rounds
+    for key, run in res["replay_runs"].items():
+        assert run["truth_rounds"] == rounds, key
+        assert run["greedy_equal_to_calibration"] is False
+        if numerics == "fixed":
+            assert (run["greedy_equal_to_truth"], run["fraction_on_truth"]) == (True, 1.0)
+        else:
+            assert (run["greedy_equal_to_truth"], run["fraction_on_truth"]) == (False, 5 / 13)
+    if numerics == "drifting":
+        return
+    # Round 2 of the first alpha run replays round 1's output: calibration's first 5 tokens,
+    # then the run's own tokens.
+    _, alpha, round2 = eng.replayed[4]
+    cal = res["calibration"]["1"]   # (figures only; the fake's calibration = spec-off)
+    assert alpha == 0.6 and cal["greedy_equal_to_spec_off"] is True
+    base = [(100 + w.requests[0].prompt_token_ids[0] + j) % 1000 for j in range(13)]
+    assert round2["W-SPEC-0"] == base[:5] + [(t + 2) % 1000 for t in base[5:]]
+
+
+def test_spec_rows_report_the_refined_truth():
+    spec = {"k": 4, "replay": "measured", "ideal_tokens_per_step": {"0.8": 3.36},
+            "batches": {"1": {"out_tok_per_s": 100.0}},
+            "replay_runs": {
+                "alpha=0.8,b=1": {"out_tok_per_s": 250.0, "speedup_vs_off": 2.5,
+                                  "greedy_equal_to_spec_off": True, "truth_rounds": 1,
+                                  "greedy_equal_to_truth": True, "fraction_on_truth": 1.0},
+                "alpha=0.6,b=1": {"out_tok_per_s": 200.0, "speedup_vs_off": 2.0,
+                                  "greedy_equal_to_spec_off": False, "truth_rounds": 3,
+                                  "greedy_equal_to_truth": True, "fraction_on_truth": 1.0},
+                "alpha=0.95,b=1": {"out_tok_per_s": 300.0, "speedup_vs_off": 3.0,
+                                   "greedy_equal_to_spec_off": False, "truth_rounds": 5,
+                                   "greedy_equal_to_truth": False,
+                                   "fraction_on_truth": 0.974}}}
+    results = {"workloads": {"W-SPEC": {}}, "runs": {"W-SPEC": {"llmbatch": spec}}}
+    text = report.format_table(report.table_rows(results)).splitlines()
+    assert text[3:] == [
+        "W-SPEC alpha=0.8,b=1 | llmbatch replay k=4 | 250 | 2.50x spec-off | — | — | —",
+        "W-SPEC alpha=0.6,b=1 | llmbatch replay k=4 | 200 | 2.00x spec-off (≠ spec-off in "
+        "bf16, truth refined in 3 rounds) | — | — | —",
+        "W-SPEC alpha=0.95,b=1 | llmbatch replay k=4 | 300 | 3.00x spec-off (greedy output "
+        "DIFFERS, 97% of tokens on the truth, truth refined in 5 rounds) | — | — | —"]
 
 
 def test_spec_rows_say_differs_only_against_calibration():
