@@ -40,9 +40,11 @@ def _variants():
     out = []
     for dt in ("bf16", "fp16", "fp32"):
         for head_dim in (64, 128):
+            # (8, 32) and (8, 64) rows: k+1 <= 8 verify spans, split since stop 9.
             for group, block_q, block_m, splits in ((4, 4, 16, 1), (4, 16, 64, 1),
                                                     (8, 2, 16, 1), (8, 2, 16, 8),
-                                                    (1, 16, 16, 1), (1, 64, 64, 1)):
+                                                    (1, 16, 16, 1), (1, 64, 64, 1),
+                                                    (4, 8, 32, 16), (8, 8, 64, 2)):
                 for block_size in (16, 32):
                     sig = {
                         "out_ptr": f"*{dt}", "part_out_ptr": "*fp32" if splits > 1 else f"*{dt}",

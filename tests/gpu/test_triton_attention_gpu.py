@@ -115,8 +115,9 @@ def test_decode_replays_in_cuda_graph():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_verify_rows_do_not_depend_on_where_the_window_starts(dtype):
     """A query at position p gives the same output bit for bit whether it sits first, in the
-    middle or last of a k+1-token verify window: multi-token spans are never split, key tiles
-    sit at fixed absolute positions, and tiles past a row are exact no-ops. Speculation's
+    middle or last of a k+1-token verify window: key tiles sit at fixed absolute positions,
+    split boundaries depend on the sequence length only through a power of two (the same for
+    every window here, 905..911 keys), and tiles past a row are exact no-ops. Speculation's
     numerics then depend only on positions, not on what was accepted before (W-SPEC's
     calibration relies on it). Not checkable on CPU: numpy's matmul rounds a row differently
     depending on its place in the tile."""

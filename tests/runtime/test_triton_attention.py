@@ -139,6 +139,11 @@ CASES = [
     ("decode_tile128", [(300, 1), (17, 1), (129, 1), (0, 1)], 8, 2, 64, 16, {"tile_n": 128}),
     # split-KV on a mixed batch too (the kernel supports it for any span length).
     ("split_mixed", [(40, 30), (90, 1), (0, 9)], 8, 8, 32, 32, {"num_kv_splits": 3, "tile_n": 16}),
+    # k+1 = 5 verify windows split like decode: tiles per split is a power of two from the
+    # sequence length (98 keys = 7 tiles of 16 over 3 splits -> 4, 4, 0 of them; 205 -> 8 each;
+    # 15 -> 1, splits 1 and 2 empty), beside a decode at 96 keys (6 tiles -> 2 per split).
+    ("split_verify", [(93, 5), (200, 5), (10, 5), (95, 1)], 8, 2, 64, 16,
+     {"num_kv_splits": 3, "tile_n": 16}),
 ]
 
 
@@ -252,7 +257,8 @@ def test_split_heuristic_on_a_132_sm_card(monkeypatch):
     assert splits(1, 1, 100) == 1            # a single key tile: nothing to split
     assert splits(16, 1, 4096) == 2          # 128 programs: cdiv(264, 128) = 3 -> 2
     assert splits(17, 1, 4096) == 1          # 136 programs fill 132 SMs
-    assert splits(1, 5, 4096) == 1           # k+1 speculative tokens: never (window-independent)
+    assert splits(1, 5, 4096) == 16          # k+1 = 5 speculative tokens: like decode
+    assert splits(16, 5, 4096) == 2          # the largest speculating batch (16 sequences)
     assert splits(1, 9, 4096) == 1           # a prefill chunk never splits
 
 

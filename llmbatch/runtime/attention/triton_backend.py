@@ -21,13 +21,13 @@ from llmbatch.runtime.attention.backend import AttentionBackend, AttentionMetada
 from llmbatch.runtime.attention.triton_kernels import paged_attention, store_kv
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Only single-token (decode) steps are split. A span of several tokens (k+1 speculative tokens
-# being verified) is not: without splits a query row's result depends only on its own position
-# (the key tiles and their order are fixed by absolute position, and tiles past the row are
-# exact no-ops), not on where the verify window starts, so speculation sees the same numerics
-# whatever was accepted before -- with splits the split boundaries move with the window and
-# bf16 outputs drift (an H200 run lost its W-SPEC calibration that way).
-_SPLIT_MAX_QUERY_LEN = 1
+# Steps whose spans are at most this long may be split: decode, and k+1 speculative tokens
+# being verified (k <= 7). Split boundaries come from the sequence's length rounded to a power
+# of two of tiles per split (paged_attention.py), so a verify row's result does not depend on
+# where its window starts (tiles past a row are exact no-ops). Until stop 9 verify spans were
+# never split, for that reason (boundaries then moved with the window): a batch-1 verify step
+# ran 8 programs over the whole context, ~250 us more than a decode step on an H200.
+_SPLIT_MAX_QUERY_LEN = 8
 # At least one key tile per split. Batch-1 decode is the case this is for (W-BATCH1: 8 KV heads
 # leave 124 of 132 SMs idle, and each KV head's walk is latency-bound), so split finely; the
 # merge pass reads only num_splits fp32 rows per (token, head).

@@ -22,10 +22,15 @@ Grid = (num_q_tiles, num_kv_heads, num_splits).
   online softmax in fp32 (base 2: exp2 with scale * log2(e) folded in). Tiles wholly below
   the causal diagonal (all of a prefill tile's history, all but the last tile of a decode) run
   a variant with no load masks and no score masking.
-* Split-KV (flash-decoding): with num_splits > 1, split s takes a contiguous share of the key
-  tiles and writes a normalised partial output plus its log-sum-exp (base 2) to fp32 scratch;
-  `_reduce_splits_kernel` merges them. Correct for any num_splits and any sequence length, so a
-  CUDA graph captured with one split count stays correct for every later step.
+* Split-KV (flash-decoding): with num_splits > 1, split s takes key tiles
+  [s * P, (s + 1) * P) and writes a normalised partial output plus its log-sum-exp (base 2) to
+  fp32 scratch; `_reduce_splits_kernel` merges them. P is the power of two at or above
+  cdiv(tiles of the whole sequence, num_splits): it depends on the sequence's length only
+  through that power of two, so the rows of a k+1-token verify window get the same split
+  boundaries wherever the window starts (unless it straddles a length where P doubles:
+  1024, 2048, ... keys at 16 splits of 64), and speculation's bf16 numerics do not drift with
+  what was accepted before. Correct for any num_splits and any sequence length, so a CUDA
+  graph captured with one split count stays correct for every later step.
 """
 
 from __future__ import annotations
@@ -55,6 +60,17 @@ def _find_seq_idx(query_start_loc_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
         lo = tl.where(go_right, mid, lo)
         hi = tl.where(go_right, hi, mid - 1)
     return lo
+
+
+@triton.jit
+def _split_tiles(seq_tiles, NUM_SPLITS: tl.constexpr):
+    """Key tiles per split: the power of two >= cdiv(seq_tiles, NUM_SPLITS) (see the module
+    docstring; NUM_SPLITS * result >= seq_tiles, so the splits cover every tile)."""
+    need = tl.cdiv(seq_tiles, NUM_SPLITS)
+    per: tl.int32 = 1
+    while per < need:
+        per = per * 2
+    return per
 
 
 @triton.jit
@@ -168,9 +184,13 @@ def _paged_attention_kernel(
     # Keys this tile can see: 0 .. position of its last valid token.
     kv_len = tl.minimum(seq_len, ctx_len + tl.minimum(q_tile_start + BLOCK_Q, query_len))
     num_tiles = tl.cdiv(kv_len, TILE_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    if NUM_SPLITS == 1:
+        tile_lo = 0
+        tile_hi = num_tiles
+    else:
+        tiles_per_split = _split_tiles(tl.cdiv(seq_len, TILE_N), NUM_SPLITS)
+        tile_lo = split * tiles_per_split
+        tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
     m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)   # running max (base-2 logits)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)            # running sum of exp2
