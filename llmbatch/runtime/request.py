@@ -60,6 +60,8 @@ class Request:
         # They are never part of all_token_ids and never enter the prefix cache.
         self.spec_token_ids: list[int] = []
         self.num_spec_accepted_tokens = 0
+        # What a proposer keeps per request between steps (NgramProposer: its n-gram index).
+        self.proposer_state = None
 
         # Async scheduling (docs/async_scheduling.md): tokens sampled by a step still in flight,
         # whose values the host does not know yet. They follow all_token_ids; the scheduler
