@@ -55,14 +55,14 @@ def warm_up(engine, vocab: int, scale: float = 1.0) -> float:
     load their cuBLAS kernels here, not inside the first timed workload. On the H200 (stop 9)
     the first engine of a run, after a 16-request warm-up, made 22-23k tok/s on W-RANDOM
     where the same configuration as a later engine of the run made 30-40k."""
-    from bench.workloads import BenchRequest, _scaled
+    from bench.workloads import BenchRequest, scaled
 
     rng = random.Random(WARMUP_SEED)
     reqs = []
-    for _ in range(_scaled(256, scale)):
+    for _ in range(scaled(256, scale)):
         il, ol = rng.randint(128, 1024), rng.randint(8, 32)
-        prompt = [rng.randrange(MIN_TOKEN_ID, vocab) for _ in range(_scaled(il, scale))]
-        reqs.append(BenchRequest(prompt, _scaled(ol, scale)))
+        prompt = [rng.randrange(MIN_TOKEN_ID, vocab) for _ in range(scaled(il, scale))]
+        reqs.append(BenchRequest(prompt, scaled(ol, scale)))
     t0 = time.perf_counter()
     for _ in engine.generate(_requests(reqs, "warmup-")):
         pass

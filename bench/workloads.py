@@ -61,7 +61,7 @@ def _check(vocab: int, scale: float) -> None:
         raise ValueError(f"scale must be in (0, 1], got {scale}")
 
 
-def _scaled(n: int, scale: float) -> int:
+def scaled(n: int, scale: float) -> int:
     """A length or a count scaled down, never below 1."""
     return max(1, round(n * scale))
 
@@ -74,8 +74,8 @@ def w_random(vocab: int, scale: float = 1.0, seed: int = 0) -> Workload:
     for _ in range(256):
         il, ol = rng.randint(128, 1024), rng.randint(64, 512)
         prompt = [rng.randrange(MIN_TOKEN_ID, vocab) for _ in range(il)]
-        requests.append(BenchRequest(prompt[:_scaled(il, scale)], _scaled(ol, scale)))
-    return Workload("W-RANDOM", requests[:_scaled(256, scale)], scale)
+        requests.append(BenchRequest(prompt[:scaled(il, scale)], scaled(ol, scale)))
+    return Workload("W-RANDOM", requests[:scaled(256, scale)], scale)
 
 
 def w_prefix(vocab: int, scale: float = 1.0, seed: int = 0) -> Workload:
@@ -90,9 +90,9 @@ def w_prefix(vocab: int, scale: float = 1.0, seed: int = 0) -> Workload:
     requests = []
     for i in range(256):
         tail = [rng.randrange(MIN_TOKEN_ID, vocab) for _ in range(rng.randint(32, 128))]
-        prompt = prefixes[i % 8][:_scaled(1024, scale)] + tail[:_scaled(len(tail), scale)]
-        requests.append(BenchRequest(prompt, _scaled(128, scale)))
-    return Workload("W-PREFIX", requests[:_scaled(256, scale)], scale)
+        prompt = prefixes[i % 8][:scaled(1024, scale)] + tail[:scaled(len(tail), scale)]
+        requests.append(BenchRequest(prompt, scaled(128, scale)))
+    return Workload("W-PREFIX", requests[:scaled(256, scale)], scale)
 
 
 def w_batch1(vocab: int, scale: float = 1.0, seed: int = 0) -> Workload:
@@ -100,7 +100,7 @@ def w_batch1(vocab: int, scale: float = 1.0, seed: int = 0) -> Workload:
     _check(vocab, scale)
     rng = random.Random(seed)
     prompt = [rng.randrange(MIN_TOKEN_ID, vocab) for _ in range(512)]
-    return Workload("W-BATCH1", [BenchRequest(prompt[:_scaled(512, scale)], _scaled(512, scale))],
+    return Workload("W-BATCH1", [BenchRequest(prompt[:scaled(512, scale)], scaled(512, scale))],
                     scale)
 
 
@@ -112,7 +112,7 @@ def w_spec(vocab: int, scale: float = 1.0, seed: int = 0) -> Workload:
     _check(vocab, scale)
     rng = random.Random(seed)
     prompts = [[rng.randrange(MIN_TOKEN_ID, vocab) for _ in range(512)] for _ in range(64)]
-    requests = [BenchRequest(p[:_scaled(512, scale)], _scaled(256, scale)) for p in prompts]
+    requests = [BenchRequest(p[:scaled(512, scale)], scaled(256, scale)) for p in prompts]
     sizes = tuple(min(b, len(requests)) for b in SPEC_BATCH_SIZES)
     return Workload("W-SPEC", requests, scale,
                     params={"batch_sizes": list(sizes), "alphas": list(SPEC_ALPHAS), "k": SPEC_K})
