@@ -48,11 +48,11 @@ class EngineConfig:
     quantize_embeddings: bool = False
     # Opt-in: nf4 layers compute with the Triton w4a16 GEMM (layers/nf4_matmul.py) instead of
     # bitsandbytes. Measured on an H200 (bench/RESULTS.md, stop 9) it is slower: W-RANDOM
-    # 2,348 tok/s and TPOT 6.8 ms, against 7,795 with bitsandbytes; off until it is tuned.
+    # 2,348 tok/s and TPOT 6.8 ms, against 28,285 and 1.14 ms with bitsandbytes; off until tuned.
     nf4_triton_gemm: bool = False
     # Overlap the host with the GPU: schedule and launch step n+1 while step n runs
     # (docs/async_scheduling.md). None (auto): on for CUDA engines without speculation at
-    # tp 1 (H200: 1.78x W-RANDOM, 1.40x W-PREFIX, 1.11x W-BATCH1, same tokens), off
+    # tp 1 (H200: 1.34x W-RANDOM, 1.41x W-PREFIX, 1.12x W-BATCH1, same tokens), off
     # elsewhere (a CPU step leaves nothing to overlap). True where unsupported is an error.
     async_scheduling: Optional[bool] = None
     speculative_method: str = "none"

@@ -136,7 +136,7 @@ def test_async_scheduling_config_is_validated():
 
 def test_auto_async_scheduling_is_on_exactly_where_supported():
     """None (the default): on for a CUDA runner with launch(), no speculation, tp 1 (measured
-    1.78x W-RANDOM on an H200); an explicit setting wins where it is valid."""
+    1.34x W-RANDOM on an H200); an explicit setting wins where it is valid."""
     auto = EngineConfig(model="m")
     assert auto.async_scheduling is None
     assert auto.async_scheduling_on("cuda", True) is True
