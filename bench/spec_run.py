@@ -30,8 +30,9 @@ Request ids repeat across batch sizes (requests[:b]), so every truth is kept per
 
 from __future__ import annotations
 
-from bench.llmbatch_runner import num_differing, fraction_on_truth, run_workload
-from bench.workloads import Workload
+from bench.llmbatch_runner import fraction_on_truth, num_differing, run_workload
+from bench.spec_replay import ReplayProposer
+from bench.workloads import Workload, ideal_tokens_per_step
 
 MAX_TRUTH_ROUNDS = 5
 
@@ -39,9 +40,6 @@ MAX_TRUTH_ROUNDS = 5
 def run_spec(engine, workload: Workload, vocab: int) -> dict:
     """Spec-off runs, then (when the engine has the `set_proposer` hook) calibration and the
     refined alpha runs; see the module docstring. Returns the W-SPEC results dict."""
-    from bench.spec_replay import ReplayProposer
-    from bench.workloads import ideal_tokens_per_step
-
     k = workload.params["k"]
     sizes = workload.params["batch_sizes"]
     out = {"system": "llmbatch", "k": k, "batches": {}, "calibration": {}, "replay_runs": {},
@@ -82,8 +80,7 @@ def run_spec(engine, workload: Workload, vocab: int) -> dict:
             out["calibration"][str(b)] = res
         for alpha in workload.params["alphas"]:
             for b in sizes:
-                res = _refined_replay(run, hook, ReplayProposer, alpha, b, vocab,
-                                      calibrated[b], spec_off[b])
+                res = _refined_replay(run, hook, alpha, b, vocab, calibrated[b], spec_off[b])
                 off = out["batches"][str(b)]
                 res["speedup_vs_off"] = (res["out_tok_per_s"] / off["out_tok_per_s"]
                                          if res["out_tok_per_s"] and off["out_tok_per_s"] else None)
@@ -93,13 +90,13 @@ def run_spec(engine, workload: Workload, vocab: int) -> dict:
     return out
 
 
-def _refined_replay(run, hook, proposer_cls, alpha: float, b: int, vocab: int,
-                    calibrated: dict, spec_off: dict) -> dict:
+def _refined_replay(run, hook, alpha: float, b: int, vocab: int, calibrated: dict,
+                    spec_off: dict) -> dict:
     """The alpha run at batch size b, rerun on its own output until it emits exactly the
     truth it replayed (or MAX_TRUTH_ROUNDS); the last round's figures."""
     truth = calibrated
     for rounds in range(1, MAX_TRUTH_ROUNDS + 1):
-        hook(proposer_cls(truth, alpha, vocab))
+        hook(ReplayProposer(truth, alpha, vocab))
         res, outputs = run(b)
         if num_differing(outputs, truth) == 0 or rounds == MAX_TRUTH_ROUNDS:
             break
