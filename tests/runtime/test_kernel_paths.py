@@ -95,6 +95,8 @@ def test_tensor_parallel_ranks_agree_on_the_quantized_gemm(per_rank, layers, err
     from llmbatch.runtime.layers.quantization import BnbLinearMethod, enable_triton_nf4
 
     layer = RowParallelLinear(64, 16, bias=False)
+    with torch.no_grad():
+        layer.weight.normal_()
     quant = layer.quant_method = BnbLinearMethod("nf4")
     quant.process_weights_after_loading(layer)
     model = nn.Sequential(layer)
@@ -120,6 +122,8 @@ def test_nf4_triton_gemm_is_opt_in(opt_in):
 
     torch.manual_seed(0)
     layer = RowParallelLinear(64, 16, bias=False)
+    with torch.no_grad():   # the parameter is torch.empty: fill it, or the check may see NaN
+        layer.weight.normal_()
     quant = layer.quant_method = BnbLinearMethod("nf4")
     quant.process_weights_after_loading(layer)
     config = EngineConfig(model="m", quantization="nf4", nf4_triton_gemm=opt_in)
