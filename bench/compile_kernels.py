@@ -133,6 +133,12 @@ def _variants():
                         fr._rotary_store_kv_kernel, sig,
                         {"BLOCK_SIZE": 16, "Q_HEADS": q_heads, "K_HEADS": k_heads,
                          "BLOCK": block}, {"num_warps": warps, "enable_fp_fusion": False}))
+    lp = importlib.import_module("llmbatch.runtime.layers.l2_prefetch")
+    sig = {"src_ptr": "*i32", "n_words": "i32", "flags_ptr": "*i32", "sentinel": "i32",
+           "iters": "i32", "BLOCK": "constexpr"}
+    # The 1B shape's qkv (768 blocks: 3 iterations) and o_proj (512: 2); both sizes % 16 == 0.
+    out.append(("l2_touch", lp._l2_touch_kernel, sig, {"BLOCK": lp.BLOCK_WORDS},
+                {"num_warps": 4}, _aligned(sig, ("n_words",))))
     out.extend(_skinny_matmul_variants(sm))
     out.extend(_int8_matmul_variants())
     out.extend(_nf4_matmul_variants())

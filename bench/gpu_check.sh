@@ -21,13 +21,17 @@
 # default; off by default for time; on CPU its rows say skipped).
 # BENCH_SKINNY=1 (skinny-matmul micro-benchmark, GPU only; BENCH_SKINNY_TIMEOUT s, default 120;
 # BENCH_SKINNY_ARGS: extra flags, e.g. "--pdl --m 1" or "--no-sweep").
-# BENCH_SYNC_ROWS and BENCH_SKINNY_ROWS (each default 1 on a GPU, 0 in the dry run): W-RANDOM,
-# W-PREFIX and W-BATCH1 once more with engine.async_scheduling off (system llmbatch-sync: the
-# A/B of the CUDA default) or engine.skinny_matmul on (llmbatch-skinny, not yet default),
-# ~20 s each. BENCH_ASYNC=1 (default 0): llmbatch-async, async forced on (same as the default
-# on CUDA).
+# BENCH_SYNC_ROWS (default 1 on a GPU, 0 in the dry run) and BENCH_SKINNY_ROWS (default 0):
+# W-RANDOM, W-PREFIX and W-BATCH1 once more with engine.async_scheduling off (system
+# llmbatch-sync: the A/B of the CUDA default) or engine.skinny_matmul on (llmbatch-skinny, not
+# default), ~20 s each. BENCH_ASYNC=1 (default 0): llmbatch-async, async forced on (same as
+# the default on CUDA).
 # BENCH_PDL_ROWS=1 (opt-in, default 0): the same three with engine.skinny_matmul and
 # engine.pdl on (llmbatch-skinny-pdl, programmatic dependent launch; ~20 s).
+# BENCH_PREFETCH_ROWS (default 1 on a GPU, 0 in the dry run): the same three with
+# engine.l2_prefetch on (llmbatch-l2prefetch: qkv and o_proj weights touched into L2 on a side
+# stream at small batch; ~20 s). BENCH_SKINNY_ROWS defaults to 0 since stop 10 (stop 9
+# measured skinny slower: W-BATCH1 1.69 vs 1.28 ms).
 # Whole check with the defaults: <= ~10 min on an H200 (pytest <= 220 s, bench <= 340 s;
 # stop 9 on an H200: tests/gpu needed > 160 s, the bench with peers ~280 s).
 set -uo pipefail
@@ -39,7 +43,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -97,7 +101,8 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     tests/gpu/test_triton_attention_gpu.py \
     tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py \
     tests/gpu/test_int8_matmul_gpu.py tests/gpu/test_nf4_matmul_gpu.py \
-    tests/gpu/test_async_scheduling_gpu.py tests/gpu/test_skinny_matmul_gpu.py tests/gpu} \
+    tests/gpu/test_async_scheduling_gpu.py tests/gpu/test_l2_prefetch_gpu.py \
+    tests/gpu/test_skinny_matmul_gpu.py tests/gpu} \
     --maxfail=20 -q -rfE --durations=12 -p no:cacheprovider 2>&1 \
     | tee "$OUT_DIR/pytest_gpu.log" | tail -n 40
   PYTEST_RC=${PIPESTATUS[0]}
@@ -139,7 +144,8 @@ fi
 AB_DEFAULT=1; [ "$DRY" = 1 ] && AB_DEFAULT=0
 [ "${BENCH_ASYNC:-0}" = 1 ] && MODE_ARGS+=(--async-scheduling)
 [ "${BENCH_SYNC_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--sync-scheduling)
-[ "${BENCH_SKINNY_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--skinny)
+[ "${BENCH_SKINNY_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny)
+[ "${BENCH_PREFETCH_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--l2-prefetch)
 [ "${BENCH_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--pdl)
 # A profiled 64-request W-RANDOM slice after llmbatch's bf16 rows (~10 s on a GPU): the kernel
 # table for the next tuning session (OUT_DIR/profile_llmbatch.txt). BENCH_PROFILE=0 skips it.

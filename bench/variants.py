@@ -42,6 +42,10 @@ AB_VARIANTS = {
                           "EngineConfig.skinny_matmul and EngineConfig.pdl on (programmatic "
                           "dependent launch of the skinny kernels, sm_90+)",
                           "skinny matmul with PDL runs on CUDA only"),
+    "l2prefetch": Variant("--l2-prefetch", {"l2_prefetch": True},
+                          "EngineConfig.l2_prefetch on (steps of <= 16 tokens touch the qkv and "
+                          "o_proj weights into L2 on a side stream ahead of use)",
+                          "L2 prefetch runs on CUDA only"),
 }
 
 

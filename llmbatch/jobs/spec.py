@@ -114,6 +114,8 @@ class EngineSection(_Section):
     skinny_matmul: bool = False
     # With skinny_matmul on sm_90+: programmatic dependent launch between its kernels; unmeasured.
     pdl: bool = False
+    # Touch the small matmuls' weights into L2 ahead of use at small batch; unmeasured.
+    l2_prefetch: bool = False
     max_model_len: Optional[int] = None
     planner_window: int = 4096
     cpu_kv_cache_bytes: Optional[int] = None
@@ -169,6 +171,7 @@ class JobSpec(_Section):
             attention_backend=e.attention_backend, cuda_graphs=e.cuda_graphs,
             fused_kernels=e.fused_kernels, async_scheduling=e.async_scheduling,
             skinny_matmul=e.skinny_matmul, pdl=e.pdl, nf4_triton_gemm=e.nf4_triton_gemm,
+            l2_prefetch=e.l2_prefetch,
             tensor_parallel_size=self.parallel.tensor_parallel_size,
             quantization=self.quantization.method,
             quantize_embeddings=self.quantization.embeddings,
@@ -209,7 +212,7 @@ class JobSpec(_Section):
         Left out on purpose: output.path/mode, shard.index (every shard shares the hash) and
         performance knobs that leave greedy results unchanged (max_num_seqs, token budget,
         memory sizing, cuda_graphs, fused_kernels, async_scheduling, skinny_matmul, pdl,
-        nf4_triton_gemm,
+        nf4_triton_gemm, l2_prefetch,
         attention backend, planner window, on_row_error). Kept:
         model, tokenizer and template (the template file's contents, not its name), input
         selection, sampling, dtype/device/quantization/speculation/TP (they change numerics),

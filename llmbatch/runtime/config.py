@@ -40,6 +40,10 @@ class EngineConfig:
     # launch (each may start while the previous one drains; ~1.3 us launch gap per kernel in
     # the decode CUDA graph). Ignored (logged) without skinny_matmul or on older GPUs.
     pdl: bool = False
+    # Opt-in: steps of <= 16 tokens touch each layer's qkv and o_proj weights into L2 on a side
+    # stream while the cheap kernels before them run (models/llama_prefetch.py); CUDA, fused
+    # kernels, dense weights, not with skinny_matmul. Unmeasured: bench --l2-prefetch.
+    l2_prefetch: bool = False
     tensor_parallel_size: int = 1
     quantization: str = "none"
     # Also quantize the token embedding and LM head with the engine's quantization (nf4 only):

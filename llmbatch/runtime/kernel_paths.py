@@ -10,6 +10,9 @@
     skinny_matmul   (opt-in)      steps of <= 16 tokens run 6-launch decoder layers
                                   (models/llama_skinny.py); tensor_parallel_size 1, dense
     pdl             (opt-in)      the skinny kernels use programmatic dependent launch (sm_90+)
+    l2_prefetch     (opt-in)      steps of <= 16 tokens touch the small matmuls' weights into
+                                  L2 on a side stream ahead of use (models/llama_prefetch.py);
+                                  dense weights, not with skinny_matmul
 
 All of them need CUDA: on the CPU the Triton interpreter would be far slower than torch, so the
 options are ignored there (logged), as they are when they cannot apply. The switches are flags
@@ -38,6 +41,7 @@ class KernelPaths:
     nf4_triton_error: Optional[str] = None
     skinny_matmul: bool = False
     skinny_pdl: bool = False
+    l2_prefetch_weights: int = 0      # weights touched into L2 per small step (0: off)
 
 
 def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
@@ -45,7 +49,7 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
     """Switch the model's modules onto the Triton paths the config asks for and can use."""
     paths = KernelPaths()
     if not getattr(config, "fused_kernels", False):
-        asked = [o for o in ("skinny_matmul", "pdl") if getattr(config, o, False)]
+        asked = [o for o in ("skinny_matmul", "pdl", "l2_prefetch") if getattr(config, o, False)]
         if asked:  # they run on top of the fused kernels (EngineConfig)
             logger.info("%s ignored: needs fused_kernels", " and ".join(asked))
         return paths
@@ -98,11 +102,28 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
                         "weights and a Llama-family model")
     elif pdl:
         logger.info("pdl ignored: it applies to the skinny_matmul kernels only")
+    if getattr(config, "l2_prefetch", False):
+        _enable_l2_prefetch(model, device, paths)
     return paths
 
 
+def _enable_l2_prefetch(model, device: torch.device, paths: KernelPaths) -> None:
+    if paths.skinny_matmul:
+        logger.info("l2_prefetch ignored: the skinny_matmul layers are on (one or the other)")
+        return
+    from llmbatch.runtime.models.llama_prefetch import enable_l2_prefetch
+
+    paths.l2_prefetch_weights = enable_l2_prefetch(model, device)
+    if paths.l2_prefetch_weights:
+        logger.info("l2_prefetch on: %d weights touched into L2 per step of <= 16 tokens",
+                    paths.l2_prefetch_weights)
+    else:
+        logger.info("l2_prefetch ignored: needs a Llama-family model with dense weights")
+
+
 PATH_STATS = ("fused_kernels_active", "skinny_matmul_active", "skinny_pdl_active",
-              "int8_triton_layers", "int8_triton_error", "nf4_triton_layers", "nf4_triton_error")
+              "l2_prefetch_weights", "int8_triton_layers", "int8_triton_error",
+              "nf4_triton_layers", "nf4_triton_error")
 
 
 def agree_across_ranks(runner, gather_ints) -> None:

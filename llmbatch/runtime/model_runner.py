@@ -86,6 +86,7 @@ class ModelRunner:
         self.nf4_triton_error = paths.nf4_triton_error
         self.skinny_matmul_active = paths.skinny_matmul
         self.skinny_pdl_active = paths.skinny_pdl
+        self.l2_prefetch_weights = paths.l2_prefetch_weights
         self.attn_backend = get_attention_backend(config.attention_backend, self.device.type)
         self.sampler = Sampler()
 

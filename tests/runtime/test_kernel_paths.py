@@ -16,7 +16,8 @@ from llmbatch.runtime.layers.norm import RMSNorm
 
 def test_cpu_takes_no_triton_path_whatever_the_config_asks():
     model = nn.Sequential(RMSNorm(8))
-    config = EngineConfig(model="m", fused_kernels=True, skinny_matmul=True, pdl=True)
+    config = EngineConfig(model="m", fused_kernels=True, skinny_matmul=True, pdl=True,
+                          l2_prefetch=True)
     assert enable_kernel_paths(model, config, torch.device("cpu"), 1, "none") == KernelPaths()
     assert model[0].use_fused_kernel is False
     off = EngineConfig(model="m", fused_kernels=False, skinny_matmul=True)
@@ -32,13 +33,40 @@ def test_options_needing_fused_kernels_are_ignored_with_a_log(caplog):
         "skinny_matmul and pdl ignored: needs fused_kernels"]
 
 
+def test_l2_prefetch_on_cuda_unless_skinny_matmul_is_on(tmp_path, monkeypatch, caplog):
+    """The CUDA branch on CPU tensors, with the side stream replaced by a CPU prefetcher:
+    l2_prefetch installs 2 touches a layer; with skinny_matmul (its own layer forward) it is
+    ignored with a log."""
+    pytest.importorskip("triton")
+    from llmbatch.runtime.layers.l2_prefetch import L2Prefetcher
+    from llmbatch.runtime.models import llama_prefetch
+    from tests.runtime.test_models import load_ours, make_hf_model
+
+    monkeypatch.setattr(llama_prefetch, "L2Prefetcher",
+                        lambda device: L2Prefetcher(torch.device("cpu")))
+    model = load_ours(make_hf_model("llama-gqa-hd32-tied-llama3", tmp_path), tmp_path)
+    config = EngineConfig(model="m", l2_prefetch=True)
+    paths = enable_kernel_paths(model, config, torch.device("cuda"), 1, "none")
+    assert (paths.fused_kernels, paths.l2_prefetch_weights) == (True, 4)
+    assert model.model.l2_prefetcher is not None
+    llama_prefetch.disable_l2_prefetch(model)
+    both = EngineConfig(model="m", l2_prefetch=True, skinny_matmul=True)
+    with caplog.at_level("INFO", logger="llmbatch.runtime.kernel_paths"):
+        paths = enable_kernel_paths(model, both, torch.device("cuda"), 1, "none")
+    assert (paths.skinny_matmul, paths.l2_prefetch_weights) == (True, 0)
+    assert model.model.l2_prefetcher is None
+    assert "l2_prefetch ignored: the skinny_matmul layers are on (one or the other)" in [
+        r.getMessage() for r in caplog.records]
+
+
 def test_engine_stats_report_the_paths_taken(llama_setup):
     from tests.runtime.tiny_models import new_engine
 
     stats = new_engine(llama_setup, skinny_matmul=True).stats()
     assert (stats["fused_kernels_active"], stats["skinny_matmul_active"],
             stats["skinny_pdl_active"], stats["int8_triton_layers"],
-            stats["int8_triton_error"]) == (False, False, False, 0, None)
+            stats["int8_triton_error"], stats["l2_prefetch_weights"]) == (
+        False, False, False, 0, None, 0)
 
 
 def _int8_runner(llama_setup):

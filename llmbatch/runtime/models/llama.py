@@ -114,6 +114,9 @@ class LlamaAttention(nn.Module):
     # Set by runtime/kernel_paths.py (EngineConfig.fused_kernels, CUDA only): rotary as one
     # Triton kernel.
     use_fused_rotary: bool = False
+    # Set by models/llama_prefetch.py (EngineConfig.l2_prefetch): touches o_proj's weight into
+    # L2 while rotary and attention run (small steps only).
+    l2_prefetch = None
 
     def __init__(self, spec: LlamaSpec, params_dtype: torch.dtype, tp_rank: int,
                  tp_size: int) -> None:
@@ -140,7 +143,10 @@ class LlamaAttention(nn.Module):
                 attn_backend: AttentionBackend) -> torch.Tensor:
         """hidden (num_tokens, hidden_size) -> (num_tokens, hidden_size); rope = (cos, sin) of
         the tokens' positions, each (num_tokens, 1, head_dim/2), shared by all layers."""
-        out = self.attend(rope, self.qkv_proj(hidden), k_cache, v_cache, attn_meta, attn_backend)
+        qkv = self.qkv_proj(hidden)
+        if self.l2_prefetch is not None:
+            self.l2_prefetch(hidden.shape[0])
+        out = self.attend(rope, qkv, k_cache, v_cache, attn_meta, attn_backend)
         return self.o_proj(out)
 
     def attend(self, rope, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -174,6 +180,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    # Set by models/llama_prefetch.py: touches the next layer's qkv weight into L2 while
+    # SiLU·mul and down_proj run (small steps only).
+    l2_prefetch = None
+
     def __init__(self, spec: LlamaSpec, params_dtype: torch.dtype, tp_rank: int,
                  tp_size: int) -> None:
         super().__init__()
@@ -186,7 +196,10 @@ class LlamaMLP(nn.Module):
                                            tp_rank=tp_rank, tp_size=tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if self.l2_prefetch is not None:
+            self.l2_prefetch(x.shape[0])
+        return self.down_proj(self.act_fn(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -215,6 +228,10 @@ class LlamaModel(nn.Module):
     # Set by runtime/kernel_paths.py (EngineConfig.skinny_matmul): steps of <= 16 tokens run
     # the fused 6-launch layers of models/llama_skinny.py.
     use_skinny_matmul: bool = False
+    # Set by models/llama_prefetch.py (EngineConfig.l2_prefetch; never with skinny_matmul):
+    # the hook touching layer 0's qkv weight, and the side stream's owner, joined at the end.
+    l2_prefetch = None
+    l2_prefetcher = None
 
     def __init__(self, spec: LlamaSpec, params_dtype: torch.dtype, tp_rank: int,
                  tp_size: int) -> None:
@@ -236,11 +253,15 @@ class LlamaModel(nn.Module):
             if llama_skinny.skinny_applies(self, hidden):
                 return llama_skinny.skinny_model_forward(self, hidden, rope, kv_caches,
                                                          attn_meta, attn_backend)
+        if self.l2_prefetch is not None:
+            self.l2_prefetch(hidden.shape[0])
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             hidden, residual = layer(rope, hidden, residual, k_cache, v_cache, attn_meta,
                                      attn_backend)
         hidden, _ = self.norm(hidden, residual)
+        if self.l2_prefetcher is not None:
+            self.l2_prefetcher.join()
         return hidden
 
 

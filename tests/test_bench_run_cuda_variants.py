@@ -1,0 +1,53 @@
+"""bench/run.py's CUDA-only A/B variants (--pdl: llmbatch-skinny-pdl, EngineConfig.skinny_matmul
++ pdl; --l2-prefetch: llmbatch-l2prefetch, EngineConfig.l2_prefetch): off by default, skipped
+with a reason on CPU, and built with their engine overrides on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import run as bench_run
+
+WORKLOADS = ("W-RANDOM", "W-PREFIX", "W-BATCH1")
+# variant -> (flag, argparse dest, CPU skip reason, EngineConfig overrides it asks for)
+CASES = {
+    "skinny-pdl": ("--pdl", "pdl", "skinny matmul with PDL runs on CUDA only",
+                   {"skinny_matmul": True, "pdl": True}),
+    "l2prefetch": ("--l2-prefetch", "l2_prefetch", "L2 prefetch runs on CUDA only",
+                   {"l2_prefetch": True}),
+}
+
+
+@pytest.mark.parametrize("variant", CASES)
+def test_rows_are_opt_in_and_skipped_on_cpu(tmp_path, variant):
+    flag, dest, reason, _ = CASES[variant]
+    assert getattr(bench_run.parse_args([]), dest) is False
+    args = bench_run.parse_args([flag])
+    assert getattr(args, dest) is True
+    rec = bench_run.Recorder(str(tmp_path), {"runs": {}})
+    bench_run.run_llmbatch(args, rec, {w: object() for w in WORKLOADS}, "unused", "float32",
+                           "cpu", 100, variant=variant)
+    skipped = {f"llmbatch-{variant}": {"skipped": reason}}
+    assert rec.results["runs"] == {w: skipped for w in WORKLOADS}
+
+
+@pytest.mark.parametrize("variant", CASES)
+def test_variant_asks_build_engine_for_its_overrides(tmp_path, monkeypatch, variant):
+    """On a CUDA device string the variant asks build_engine for its flags (the engine build
+    is stubbed to fail, which the variant's rows record as an error)."""
+    flag, _, _, overrides = CASES[variant]
+    seen = {}
+
+    def fake_build(model_dir, dtype, device, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stub engine")
+
+    monkeypatch.setattr(bench_run.llmbatch_runner, "engine_unavailable_reason", lambda: None)
+    monkeypatch.setattr(bench_run.llmbatch_runner, "build_engine", fake_build)
+    args = bench_run.parse_args([flag])
+    rec = bench_run.Recorder(str(tmp_path), {"runs": {}})
+    bench_run.run_llmbatch(args, rec, {w: object() for w in WORKLOADS}, "unused", "bfloat16",
+                           "cuda", 100, variant=variant)
+    assert seen == {**overrides, "quantization": "none", "gpu_memory_utilization": 0.5}
+    assert rec.results["runs"]["W-BATCH1"] == {
+        f"llmbatch-{variant}": {"error": "RuntimeError: stub engine"}}
