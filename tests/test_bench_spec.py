@@ -34,6 +34,12 @@ def test_replay_proposer_proposes_after_current_output():
     assert p.propose(SimpleNamespace(request_id="r", output_token_ids=[101, 102]), 4) == \
         [103, 104, 105]
     assert p.propose(SimpleNamespace(request_id="x", output_token_ids=[]), 4) == []
+    # Drawn once at construction, the proposals are still token_at's, position by position.
+    q = ReplayProposer({"r": list(range(101, 141))}, alpha=0.5, vocab_size=200)
+    got = [q.propose(SimpleNamespace(request_id="r", output_token_ids=[0] * n), 4)
+           for n in range(40)]
+    assert got == [[q.token_at("r", i) for i in range(n, min(n + 4, 40))] for n in range(40)]
+    assert 0 < sum(t != 101 + i for i, t in enumerate(q.proposals["r"])) < 40
     with pytest.raises(ValueError, match="alpha must be in"):
         ReplayProposer({}, alpha=1.5, vocab_size=200)
 
