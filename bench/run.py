@@ -173,6 +173,22 @@ def _free_cuda() -> None:
         torch.cuda.empty_cache()
 
 
+def _profile(args, rec, engine, system: str, workloads: dict, reset) -> None:
+    for key, name, num, max_new, fname in llmbatch_runner.profile_slices(system, workloads):
+        if callable(reset):
+            reset()
+        try:
+            rec.results[key] = llmbatch_runner.profile_steps(
+                engine, workloads[name], os.path.join(args.out, fname),
+                num_requests=num, max_new=max_new)
+            log(f"profile {name}: GPU busy {rec.results[key]['gpu_busy_fraction']:.2f} of "
+                f"the wall time ({fname})")
+        except Exception as exc:
+            traceback.print_exc()
+            rec.results[key] = {"error": f"{type(exc).__name__}: {exc}"}
+        rec.save()
+
+
 def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: str,
                  device: str, vocab: int, quant: str = "bf16", variant: str = "") -> None:
     """One engine (quantization `quant`), warmed up, through its workloads, then freed.
@@ -237,25 +253,8 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
             _attempt(rec, name, system, lambda: spec_run.run_spec(engine, w, vocab))
         else:
             _attempt(rec, name, system, lambda: llmbatch_runner.run_workload(engine, w))
-    if args.profile and system in ("llmbatch", "llmbatch-unfused") and "W-RANDOM" in workloads:
-        # W-RANDOM's mix of prefill and wide decode, then batch-1 decode (CUDA-graph replays).
-        slices = [(f"{system}_profile", "W-RANDOM", 64, 48, f"profile_{system}.txt")]
-        if "W-BATCH1" in workloads:
-            slices.append((f"{system}_profile_batch1", "W-BATCH1", 1, 128,
-                           f"profile_{system}_batch1.txt"))
-        for key, name, num, max_new, fname in slices:
-            if callable(reset):
-                reset()
-            try:
-                rec.results[key] = llmbatch_runner.profile_steps(
-                    engine, workloads[name], os.path.join(args.out, fname),
-                    num_requests=num, max_new=max_new)
-                log(f"profile {name}: GPU busy {rec.results[key]['gpu_busy_fraction']:.2f} of "
-                    f"the wall time ({fname})")
-            except Exception as exc:
-                traceback.print_exc()
-                rec.results[key] = {"error": f"{type(exc).__name__}: {exc}"}
-            rec.save()
+    if args.profile:
+        _profile(args, rec, engine, system, workloads, reset)
     del engine
     _free_cuda()
     rec.results[setup_key]["cuda_bytes_after_free"] = _cuda_allocated()

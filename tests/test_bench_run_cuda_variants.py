@@ -51,3 +51,16 @@ def test_variant_asks_build_engine_for_its_overrides(tmp_path, monkeypatch, vari
     assert seen == {**overrides, "quantization": "none", "gpu_memory_utilization": 0.5}
     assert rec.results["runs"]["W-BATCH1"] == {
         f"llmbatch-{variant}": {"error": "RuntimeError: stub engine"}}
+
+
+def test_l2_prefetch_rows_get_a_batch1_profile_only():
+    from bench.llmbatch_runner import profile_slices
+
+    workloads = dict.fromkeys(WORKLOADS)
+    assert [s[0] for s in profile_slices("llmbatch", workloads)] == [
+        "llmbatch_profile", "llmbatch_profile_batch1"]
+    assert profile_slices("llmbatch-l2prefetch", workloads) == [
+        ("llmbatch-l2prefetch_profile_batch1", "W-BATCH1", 1, 128,
+         "profile_llmbatch-l2prefetch_batch1.txt")]
+    assert profile_slices("llmbatch-sync", workloads) == []
+    assert profile_slices("llmbatch-l2prefetch", {"W-RANDOM": None}) == []
