@@ -13,15 +13,15 @@
 # W-RANDOM and W-BATCH1 again with nf4 and int8 (--quantization bf16,nf4,int8); the dry run
 # keeps bf16 only. Without the wheel the quantized rows say bitsandbytes is missing.
 # Env: PYTHON (default python3), BENCH_ARGS (extra bench.run flags, e.g. "--skip-peers"),
-# PYTEST_TIMEOUT (s, default 220), PYTEST_PATHS (default: all of tests/gpu, core files first),
-# BENCH_ATTENTION=1 (attention micro-benchmark), BENCH_TIMEOUT (s, default 340), BENCH_MODEL_DIR,
+# PYTEST_TIMEOUT (s, default 200), PYTEST_PATHS (default: all of tests/gpu, core files first),
+# BENCH_ATTENTION=1 (attention micro-benchmark), BENCH_TIMEOUT (s, default 300), BENCH_MODEL_DIR,
 # BENCH_QUANTIZATION (GPU runs only, default bf16,nf4,int8), BENCH_PROFILE=0 (skip the
 # profiled slice), BENCH_UNFUSED=1 (opt-in: W-RANDOM, W-PREFIX and
 # W-BATCH1 once more with engine.fused_kernels off as system llmbatch-unfused, the A/B of the
 # default; off by default for time; on CPU its rows say skipped).
 # BENCH_SKINNY=1 (skinny-matmul micro-benchmark, GPU only; BENCH_SKINNY_TIMEOUT s, default 120;
 # BENCH_SKINNY_ARGS: extra flags, e.g. "--pdl --m 1" or "--no-sweep").
-# BENCH_SYNC_ROWS (default 1 on a GPU, 0 in the dry run) and BENCH_SKINNY_ROWS (default 0):
+# BENCH_SYNC_ROWS and BENCH_SKINNY_ROWS (default 0 since stop 10; both measured in stop 9):
 # W-RANDOM, W-PREFIX and W-BATCH1 once more with engine.async_scheduling off (system
 # llmbatch-sync: the A/B of the CUDA default) or engine.skinny_matmul on (llmbatch-skinny, not
 # default), ~20 s each. BENCH_ASYNC=1 (default 0): llmbatch-async, async forced on (same as
@@ -30,10 +30,12 @@
 # engine.pdl on (llmbatch-skinny-pdl, programmatic dependent launch; ~20 s).
 # BENCH_PREFETCH_ROWS (default 1 on a GPU, 0 in the dry run): the same three with
 # engine.l2_prefetch on (llmbatch-l2prefetch: qkv and o_proj weights touched into L2 on a side
-# stream at small batch; ~20 s). BENCH_SKINNY_ROWS defaults to 0 since stop 10 (stop 9
-# measured skinny slower: W-BATCH1 1.69 vs 1.28 ms).
-# Whole check with the defaults: <= ~10 min on an H200 (pytest <= 220 s, bench <= 340 s;
-# stop 9 on an H200: tests/gpu needed > 160 s, the bench with peers ~280 s).
+# stream at small batch; ~20 s). BENCH_PREFETCH_SWEEP (default 1 on a GPU): W-BATCH1 under
+# each L2-prefetch plan of bench/bench_prefetch.py on one engine (~30 s, limit
+# BENCH_PREFETCH_TIMEOUT, default 70 s; OUT_DIR/bench_prefetch.json).
+# Whole check with the defaults: < 10 min on an H200 (pytest <= 200 s, bench <= 300 s, the
+# prefetch sweep <= 70 s, set-up ~20 s; stop 9 on an H200: tests/gpu needed > 160 s, the bench
+# with peers ~280 s including the sync and skinny rows, now off by default).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -97,7 +99,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   # SIGINT at the limit (then KILL 20 s later): pytest stops like on Ctrl-C and still prints
   # its failures and --durations (stop 9's SIGTERM at 160 s left only the progress dots).
   # shellcheck disable=SC2086
-  timeout -s INT -k 20 "${PYTEST_TIMEOUT:-220}" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_device_gpu.py \
+  timeout -s INT -k 20 "${PYTEST_TIMEOUT:-200}" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_device_gpu.py \
     tests/gpu/test_triton_attention_gpu.py \
     tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py \
     tests/gpu/test_int8_matmul_gpu.py tests/gpu/test_nf4_matmul_gpu.py \
@@ -107,7 +109,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     | tee "$OUT_DIR/pytest_gpu.log" | tail -n 40
   PYTEST_RC=${PIPESTATUS[0]}
   [ "$PYTEST_RC" = 5 ] && PYTEST_RC="5 (no tests collected)"
-  [ "$PYTEST_RC" = 124 ] && PYTEST_RC="124 (cut at ${PYTEST_TIMEOUT:-220} s)"
+  [ "$PYTEST_RC" = 124 ] && PYTEST_RC="124 (cut at ${PYTEST_TIMEOUT:-200} s)"
 else
   echo "=== pytest not importable and no wheel in bench/wheels: GPU tests NOT run"
   PYTEST_RC="not run"
@@ -143,7 +145,7 @@ fi
 [ "${BENCH_UNFUSED:-0}" = 1 ] && MODE_ARGS+=(--unfused)
 AB_DEFAULT=1; [ "$DRY" = 1 ] && AB_DEFAULT=0
 [ "${BENCH_ASYNC:-0}" = 1 ] && MODE_ARGS+=(--async-scheduling)
-[ "${BENCH_SYNC_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--sync-scheduling)
+[ "${BENCH_SYNC_ROWS:-0}" = 1 ] && MODE_ARGS+=(--sync-scheduling)
 [ "${BENCH_SKINNY_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny)
 [ "${BENCH_PREFETCH_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--l2-prefetch)
 [ "${BENCH_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--pdl)
@@ -152,12 +154,20 @@ AB_DEFAULT=1; [ "$DRY" = 1 ] && AB_DEFAULT=0
 [ "${BENCH_PROFILE:-1}" = 1 ] && MODE_ARGS+=(--profile)
 # The checkpoint lives outside OUT_DIR: 2.47 GB must not travel back with the results.
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-340}" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \
+timeout "${BENCH_TIMEOUT:-300}" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \
   --model-dir "$MODEL_DIR" ${BENCH_ARGS:-} >"$OUT_DIR/bench_stdout.log" \
   2> >(tee "$OUT_DIR/bench_stderr.log" | grep -E '^\[bench|Error|error' >&2)
 BENCH_RC=$?
 wait
-[ "$BENCH_RC" = 124 ] && BENCH_RC="124 (timed out after ${BENCH_TIMEOUT:-340} s)"
+[ "$BENCH_RC" = 124 ] && BENCH_RC="124 (timed out after ${BENCH_TIMEOUT:-300} s)"
+
+# L2-prefetch plan sweep (GPU default, ~30 s; BENCH_PREFETCH_SWEEP=0 skips): W-BATCH1 on one
+# engine per plan of models/llama_prefetch.py, on the checkpoint bench.run just used.
+if [ "${BENCH_PREFETCH_SWEEP:-$AB_DEFAULT}" = 1 ]; then
+  echo "=== L2 prefetch plans, W-BATCH1 ($(( $(date +%s) - T0 )) s so far)"
+  timeout "${BENCH_PREFETCH_TIMEOUT:-70}" "$PY" -m bench.bench_prefetch --out "$OUT_DIR" \
+    --model-dir "$MODEL_DIR" 2>&1 | tee "$OUT_DIR/bench_prefetch.log" | grep -E '^prefetch|Error'
+fi
 
 echo "=== gpu_check done in $(( $(date +%s) - T0 )) s: pytest rc=$PYTEST_RC, bench rc=$BENCH_RC, JSON in $OUT_DIR"
 # bench.run's stdout: the label line, any FAILED line, then the table (printed last). When the

@@ -1,9 +1,11 @@
 """bench/ end to end on the CPU: the dry run of bench/gpu_check.sh, the Triton kernels compiled
-for Hopper without a GPU (bench/compile_kernels.py), and the quantized rows of bench.run.
+for Hopper without a GPU (bench/compile_kernels.py), the quantized rows of bench.run and the
+L2-prefetch plan sweep (bench/bench_prefetch.py).
 Skipped while the engine cannot be imported."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,8 +39,6 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
                  ("W-PREFIX", "llmbatch"), ("W-PREFIX", "hf-cb"), ("W-BATCH1", "llmbatch"),
                  ("W-BATCH1", "hf-generate")]:
         assert pair in systems
-    import json
-
     results = json.loads((out / "results.json").read_text())
     assert results["smoke_test_only"] is True
     for name in ("W-RANDOM", "W-PREFIX", "W-BATCH1"):
@@ -138,3 +138,23 @@ def test_async_scheduling_row_on_cpu(tmp_path):
     rows = [r for r in results["table"] if r["workload"] == "W-RANDOM"]
     assert [r["system"] for r in rows] == ["llmbatch", "llmbatch-async"]
     assert set(rows[1]["ratios"]) == {"llmbatch (100% same tokens)"}
+
+
+@pytest.mark.timeout(300)
+def test_prefetch_sweep_dry_run_on_cpu(tmp_path):
+    """bench/bench_prefetch.py end to end on the tiny shape (the touch kernel under the Triton
+    interpreter): every plan runs, in order, and changes no token."""
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_prefetch", "--dry-run",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "bench_prefetch.json").read_text())
+    rows = out["rows"]
+    assert [r["plan"] for r in rows] == [
+        "nothing", "o_proj", "o_proj+next_qkv", "o_proj+next_qkv+gate_up 8 MiB",
+        "o_proj+next_qkv+gate_up 16 MiB", "nothing"]
+    # The tiny shape's 2 layers: o_proj each, + qkv each, + a gate_up prefix each.
+    assert [r["weights_touched"] for r in rows] == [0, 2, 4, 6, 6, 0]
+    assert all(r["same_tokens_as_first"] and r["num_errors"] == 0 for r in rows)
+    assert out["smoke_test_only"] is True
+    assert proc.stdout.count("prefetch ") == 6

@@ -96,7 +96,7 @@ def test_quantized_layers_are_not_touched_and_disable_removes_every_hook(model):
     assert llama_prefetch.enable_l2_prefetch(model, torch.device("cpu"), prefetcher=rec) == 4
     layers = model.model.layers
     assert layers[1].self_attn.l2_prefetch is None and layers[1].mlp.l2_prefetch is None
-    assert layers[0].mlp.l2_prefetch.name == "layers.1.qkv_proj"
+    assert layers[0].mlp.l2_prefetch.names == ["layers.1.qkv_proj"]
     assert layers[2].mlp.l2_prefetch is None   # the last layer has no next qkv
     llama_prefetch.disable_l2_prefetch(model)
     hooks = [model.model.l2_prefetch, model.model.l2_prefetcher]
@@ -105,10 +105,34 @@ def test_quantized_layers_are_not_touched_and_disable_removes_every_hook(model):
     assert hooks == [None] * len(hooks)
 
 
+def test_plans_choose_the_weights_and_gate_up_prefix(model):
+    """o_proj alone; the default plus the first 0.01 MiB of gate_up (after o_proj, same hook);
+    nothing at all (no prefetcher kept). Re-enabling replaces the earlier hooks."""
+    Plan = llama_prefetch.PrefetchPlan
+    rec = RecordingPrefetcher()
+    cpu = torch.device("cpu")
+    assert llama_prefetch.enable_l2_prefetch(model, cpu, rec, Plan(next_qkv=False)) == 3
+    layers = model.model.layers
+    assert model.model.l2_prefetch is None and layers[0].mlp.l2_prefetch is None
+    assert layers[2].self_attn.l2_prefetch.names == ["layers.2.o_proj"]
+    plan = Plan(gate_up_mib=0.01)
+    assert plan.label == "o_proj+next_qkv+gate_up 0.01 MiB"
+    assert llama_prefetch.enable_l2_prefetch(model, cpu, rec, plan) == 9
+    hook = layers[1].self_attn.l2_prefetch
+    assert hook.names == ["layers.1.o_proj", "layers.1.gate_up_proj[:0.01 MiB]"]
+    gate_up = layers[1].mlp.gate_up_proj.weight
+    assert hook.words[1].numel() == int(0.01 * (1 << 20)) // 4 < gate_up.numel()
+    assert hook.words[1].data_ptr() == gate_up.data_ptr()
+    nothing = Plan(o_proj=False, next_qkv=False)
+    assert nothing.label == "nothing"
+    assert llama_prefetch.enable_l2_prefetch(model, cpu, rec, nothing) == 0
+    assert model.model.l2_prefetcher is None and layers[1].self_attn.l2_prefetch is None
+
+
 def test_hook_threshold_is_max_tokens():
     rec = RecordingPrefetcher()
     words = torch.zeros(4, dtype=torch.int32)
-    hook = llama_prefetch.PrefetchHook(rec, words, "w")
+    hook = llama_prefetch.PrefetchHook(rec, [words], ["w"])
     hook(llama_prefetch.MAX_TOKENS)
     hook(llama_prefetch.MAX_TOKENS + 1)
     hook(1)
