@@ -91,6 +91,21 @@ def _check_local_path(key: str, path: str) -> None:
         raise InvalidJobError(f"{key}: {path} does not exist")
 
 
+def _check_output_dir(key_value: str, out_dir: str) -> None:
+    """output.path must be (or be creatable as) a directory we can write, checked before the
+    model loads: otherwise a typo costs a model load and ends as an internal error."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InvalidJobError(f"output.path {key_value} exists and is not a directory")
+    # The nearest existing ancestor is where os.makedirs will create the first new folder.
+    ancestor = out_dir
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise InvalidJobError(f"output.path {key_value}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InvalidJobError(f"output.path {key_value}: {ancestor} is not writable")
+
+
 class JobRunner:
     def __init__(self, spec: JobSpec, engine_factory: Optional[Callable] = None,
                  progress: str = "none", log_every_s: float = 10.0) -> None:
@@ -108,8 +123,7 @@ class JobRunner:
         if "://" in spec.output.path:
             raise InvalidJobError(f"output.path {spec.output.path}: only local directories are "
                                   f"supported for output")
-        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
-            raise InvalidJobError(f"output.path {spec.output.path} exists and is not a directory")
+        _check_output_dir(spec.output.path, self.out_dir)
         try:
             spec.engine_config()
             spec.sampling_params()
@@ -188,7 +202,11 @@ class JobRunner:
         self._max_model_len = int(engine.max_model_len)
 
         # From here on we write. overwrite clears only after everything validated.
-        os.makedirs(self.out_dir, exist_ok=True)
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+        except OSError as exc:   # e.g. a read-only or pseudo file system os.access cannot see
+            raise InvalidJobError(f"output.path {spec.output.path}: cannot create it: "
+                                  f"{exc.strerror or exc}") from None
         shard = plan.shard
         if spec.output.mode == "overwrite":
             self.manifest.clear(shard.index, all_shards=shard.count == 1,
