@@ -76,7 +76,9 @@ class SamplingSection(_Section):
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = -1
-    seed: int = 0
+    # int64: the stats Parquet stores it as such; a wider seed used to fail only after the
+    # whole shard had run, when the stats row was written.
+    seed: int = Field(default=0, ge=-(2**63), le=2**63 - 1)
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False

@@ -1,0 +1,41 @@
+"""Job values that pass a plain type check but that the run cannot take are refused when the job
+loads (InvalidJobError, exit 2), not discovered after the model loaded or the shard ran."""
+
+import pyarrow.parquet as pq
+import pytest
+
+from llmbatch import run_job
+from llmbatch.jobs.errors import InvalidJobError
+from llmbatch.jobs.loader import load_job
+from llmbatch.jobs.stats import read_stats
+
+
+def job(**sections):
+    data = {"model": {"path": "m"}, "input": {"path": "in.parquet"}, "output": {"path": "out"}}
+    data.update(sections)
+    return data
+
+
+def test_seed_beyond_int64_is_refused_at_load():
+    with pytest.raises(InvalidJobError) as info:
+        load_job(job(sampling={"seed": 2**63}))
+    assert info.value.message == ("sampling.seed: must be less than or equal to "
+                                  "9223372036854775807 (got 9223372036854775808)")
+    with pytest.raises(InvalidJobError, match=r"^sampling\.seed: must be greater than or equal"):
+        load_job(job(sampling={"seed": -(2**63) - 1}))
+
+
+def test_int64_extreme_seeds_load():
+    assert load_job(job(sampling={"seed": 2**63 - 1})).sampling.seed == 2**63 - 1
+    assert load_job(job(sampling={"seed": -(2**63)})).sampling.seed == -(2**63)
+
+
+def test_largest_seed_runs_and_writes_its_stats(tmp_path, tiny_tokenizer_dir, jobkit,
+                                                fake_engine_env):
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 5)
+    out = str(tmp_path / "out")
+    result = run_job(jobkit.make_job(tiny_tokenizer_dir, inp, out,
+                                     sampling={"seed": 2**63 - 1}))
+    assert result.exit_code == 0
+    assert read_stats(out).column("seed").to_pylist() == [2**63 - 1]
+    assert sum(pq.read_table(p).num_rows for p in result.part_paths) == 5
