@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -96,7 +97,7 @@ class SamplingSection(_Section):
 
 
 class EngineSection(_Section):
-    device: str = "auto"
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N (runtime/device.py)
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -121,6 +122,15 @@ class EngineSection(_Section):
     max_model_len: Optional[int] = None
     planner_window: int = 4096
     cpu_kv_cache_bytes: Optional[int] = None
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        # Checked here so a typo is exit 2 at load time; torch.device() would raise a
+        # RuntimeError (an internal error) only once the model starts loading.
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
 
 
 class ParallelSection(_Section):

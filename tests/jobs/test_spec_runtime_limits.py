@@ -39,3 +39,15 @@ def test_largest_seed_runs_and_writes_its_stats(tmp_path, tiny_tokenizer_dir, jo
     assert result.exit_code == 0
     assert read_stats(out).column("seed").to_pylist() == [2**63 - 1]
     assert sum(pq.read_table(p).num_rows for p in result.part_paths) == 5
+
+
+@pytest.mark.parametrize("device", ["tpu9", "CPU", "cuda:", "cuda:x", "gpu", ""])
+def test_unknown_device_is_refused_at_load(device):
+    with pytest.raises(InvalidJobError) as info:
+        load_job(job(engine={"device": device}))
+    assert info.value.message == f"engine.device: must be auto, cpu, cuda or cuda:N (got {device!r})"
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_known_devices_load(device):
+    assert load_job(job(engine={"device": device})).engine.device == device
