@@ -95,6 +95,7 @@ def plan(job: str, sets: tuple) -> None:
               help="Parquet file to write.")
 def merge(output_dir: str, dest: str) -> None:
     """Concatenate all committed parts (shard, then part order) into one Parquet file."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from llmbatch.io.manifest import Manifest
@@ -103,20 +104,37 @@ def merge(output_dir: str, dest: str) -> None:
     entries = Manifest(output_dir).entries()
     if not entries:
         raise InvalidInputError(f"{output_dir}: no committed parts (no _manifest entries)")
+    folder = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(folder):
+        raise InvalidInputError(f"--out {dest}: folder {folder} does not exist")
+    # Written under a temporary name and renamed: a failed merge leaves `dest` as it was and
+    # no temporary behind.
+    tmp = dest + ".tmp"
     writer = None
+    opened = False
     rows = 0
     try:
         for e in entries:
-            table = pq.read_table(os.path.join(output_dir, e["part"]))
-            table = table.replace_schema_metadata(None)
+            part = os.path.join(output_dir, e["part"])
+            try:
+                table = pq.read_table(part).replace_schema_metadata(None)
+            except (OSError, pa.ArrowException) as exc:
+                raise InvalidInputError(f"cannot read committed part {part}: "
+                                        f"{' '.join(str(exc).split())}") from None
             if writer is None:
-                writer = pq.ParquetWriter(dest + ".tmp", table.schema)
+                opened = True
+                writer = pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)
             rows += table.num_rows
-    finally:
+        writer.close()
+        writer = None
+        os.replace(tmp, dest)
+    except BaseException:
         if writer is not None:
             writer.close()
-    os.replace(dest + ".tmp", dest)
+        if opened and os.path.exists(tmp):     # only a temporary we wrote
+            os.remove(tmp)
+        raise
     click.echo(f"merged {len(entries)} parts, {rows} rows -> {dest}")
 
 

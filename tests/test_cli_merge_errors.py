@@ -1,0 +1,67 @@
+"""`llmbatch merge` failures: one line, exit 2, the destination untouched, no temporary left."""
+
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from llmbatch import run_job
+from llmbatch.cli import main
+
+
+@pytest.fixture
+def out_dir(tmp_path, tiny_tokenizer_dir, jobkit, fake_engine_env, monkeypatch):
+    """A finished job of 9 rows in three parts under tmp_path/out; cwd is tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    inp = jobkit.write_prompts("in.parquet", 9)
+    run_job(jobkit.make_job(tiny_tokenizer_dir, inp, "out", output={"rows_per_part": 3}))
+    return "out"
+
+
+def call(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_merge_into_a_missing_folder_is_one_line_exit_2(out_dir, tmp_path, capsys):
+    code, out, err = call(capsys, "merge", out_dir, "-o", "nowhere/all.parquet")
+    assert code == 2 and out == ""
+    assert err == (f"llmbatch: error: --out nowhere/all.parquet: folder "
+                   f"{tmp_path / 'nowhere'} does not exist\n")
+    assert not os.path.exists("nowhere")
+
+
+def test_merge_with_a_damaged_part_keeps_the_old_destination(out_dir, capsys):
+    part = os.path.join(out_dir, "part-00000-00001.parquet")
+    with open(part, "rb") as f:
+        data = f.read()
+    with open(part, "wb") as f:
+        f.write(data[: len(data) // 2])          # truncated: no Parquet footer
+    with open("all.parquet", "w") as f:
+        f.write("previous merge")
+    code, out, err = call(capsys, "merge", out_dir, "-o", "all.parquet")
+    assert code == 2 and out == ""
+    assert err.startswith(f"llmbatch: error: cannot read committed part {part}: ")
+    assert err.count("\n") == 1
+    with open("all.parquet") as f:
+        assert f.read() == "previous merge"
+    assert not os.path.exists("all.parquet.tmp")
+
+
+def test_merge_failing_on_the_first_part_leaves_a_foreign_tmp_alone(out_dir, capsys):
+    os.remove(os.path.join(out_dir, "part-00000-00000.parquet"))
+    with open("all.parquet.tmp", "w") as f:
+        f.write("not ours")
+    code, _, err = call(capsys, "merge", out_dir, "-o", "all.parquet")
+    assert code == 2 and "cannot read committed part" in err
+    with open("all.parquet.tmp") as f:
+        assert f.read() == "not ours"
+    assert not os.path.exists("all.parquet")
+
+
+def test_merge_still_writes_every_row_in_order(out_dir, capsys):
+    code, out, _ = call(capsys, "merge", out_dir, "-o", "all.parquet")
+    assert code == 0 and out == "merged 3 parts, 9 rows -> all.parquet\n"
+    assert pq.read_table("all.parquet").column("id").to_pylist() == list(range(9))
+    assert not os.path.exists("all.parquet.tmp")
