@@ -87,6 +87,10 @@ class ModelRunner:
         self.skinny_matmul_active = paths.skinny_matmul
         self.skinny_pdl_active = paths.skinny_pdl
         self.l2_prefetch_weights = paths.l2_prefetch_weights
+        if self.device.type == "cuda":   # cos/sin rows gathered per step (layers/rotary.py)
+            from llmbatch.runtime.layers.rotary import enable_rope_tables
+
+            enable_rope_tables(self.model, self.max_model_len, self.dtype)
         self.attn_backend = get_attention_backend(config.attention_backend, self.device.type)
         self.sampler = Sampler()
 

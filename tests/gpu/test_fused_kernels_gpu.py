@@ -49,15 +49,34 @@ def test_silu_and_mul_matches_torch_cuda(poisoned_empty, dtype, num_tokens, d):
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("num_tokens", NUM_TOKENS + (1000,))
 @pytest.mark.parametrize("head_dim", (64, 128))
-def test_rotary_matches_torch_cuda(poisoned_empty, dtype, num_tokens, head_dim):
-    check_rotary(num_tokens, head_dim, dtype, device="cuda")
+@pytest.mark.parametrize("table", (False, True))
+def test_rotary_matches_torch_cuda(poisoned_empty, dtype, num_tokens, head_dim, table):
+    check_rotary(num_tokens, head_dim, dtype, device="cuda", table=table)
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("num_tokens", NUM_TOKENS + (1000,))
 @pytest.mark.parametrize("head_dim", (64, 128))
-def test_rotary_store_kv_matches_cuda(dtype, num_tokens, head_dim):
-    check_rotary_store_kv(num_tokens, head_dim, dtype, device="cuda")
+@pytest.mark.parametrize("table", (False, True))
+def test_rotary_store_kv_matches_cuda(dtype, num_tokens, head_dim, table):
+    check_rotary_store_kv(num_tokens, head_dim, dtype, device="cuda", table=table)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+def test_rope_table_rows_equal_the_per_step_computation(dtype):
+    """On CUDA the table (ModelRunner builds it: layers/rotary.py) holds exactly what cos_sin
+    computes for a step, bit for bit, at every position up to the 1B shape's max_model_len."""
+    from llmbatch.runtime.layers.rotary import RotaryEmbedding
+
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    rope = RotaryEmbedding(64, 500000.0, scaling).to("cuda")
+    positions = torch.cat([torch.arange(0, 131072, device="cuda"),
+                           torch.randint(0, 131072, (3001,), device="cuda")])
+    want = rope.cos_sin(positions, dtype)
+    rope.build_table(131072, dtype)
+    got = rope.cos_sin(positions, dtype)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.fixture(scope="module")

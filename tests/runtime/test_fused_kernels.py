@@ -81,12 +81,15 @@ def check_silu_and_mul(num_tokens: int, d: int, dtype: torch.dtype, device: str 
     torch.testing.assert_close(got, want, atol=1e-6, rtol=rtol)
 
 
-def check_rotary(num_tokens: int, head_dim: int, dtype: torch.dtype, device: str = "cpu"
-                 ) -> None:
+def check_rotary(num_tokens: int, head_dim: int, dtype: torch.dtype, device: str = "cpu",
+                 table: bool = False) -> None:
     """q, k as strided views of one fused qkv row (as llama.py makes them), 4 q / 2 kv heads,
-    positions up to 5000 (large angles)."""
+    positions up to 5000 (large angles). table: cos/sin are views of a gather from the rope
+    table (row stride head_dim, not contiguous), as on CUDA."""
     num_heads, num_kv_heads = 4, 2
     rope = RotaryEmbedding(head_dim, 10000.0).to(device)
+    if table:
+        rope.build_table(5000, dtype)
     positions = torch.randint(0, 5000, (num_tokens,),
                               generator=torch.Generator().manual_seed(7)).to(device)
     qkv = rand((num_tokens, (num_heads + 2 * num_kv_heads) * head_dim), dtype, device, seed=8)
@@ -94,6 +97,7 @@ def check_rotary(num_tokens: int, head_dim: int, dtype: torch.dtype, device: str
     k = qkv[:, num_heads * head_dim:(num_heads + num_kv_heads) * head_dim].view(
         num_tokens, num_kv_heads, head_dim)
     cos, sin = rope.cos_sin(positions, dtype)
+    assert cos.stride(0) == (head_dim if table else head_dim // 2)   # table rows: cos|sin
     want_q, want_k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
     got_q, got_k = fr.fused_rotary(q, k, cos, sin)
     assert not got_q.isnan().any() and not got_k.isnan().any()
@@ -110,7 +114,8 @@ def test_rms_norm_matches_torch(poisoned_empty, dtype, num_tokens, hidden, with_
 
 
 def check_rotary_store_kv(num_tokens: int, head_dim: int, dtype: torch.dtype,
-                          device: str = "cpu", block_size: int = 16) -> None:
+                          device: str = "cpu", block_size: int = 16, table: bool = False
+                          ) -> None:
     """fused_rotary_store_kv == rotate q and k, then TorchAttentionBackend.write_kv: q and every
     stored K/V row bit for bit; slots never written stay NaN; a -1 slot (graph padding) writes
     nothing. q, k, v are strided views of one fused qkv row, as llama.py makes them."""
@@ -118,6 +123,8 @@ def check_rotary_store_kv(num_tokens: int, head_dim: int, dtype: torch.dtype,
 
     num_heads, num_kv_heads = 4, 2
     rope = RotaryEmbedding(head_dim, 10000.0).to(device)
+    if table:   # cos/sin: strided views of the table gather (check_rotary)
+        rope.build_table(5000, dtype)
     positions = torch.randint(0, 5000, (num_tokens,),
                               generator=torch.Generator().manual_seed(7)).to(device)
     qkv = rand((num_tokens, (num_heads + 2 * num_kv_heads) * head_dim), dtype, device, seed=9)
@@ -152,8 +159,9 @@ def check_rotary_store_kv(num_tokens: int, head_dim: int, dtype: torch.dtype,
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("num_tokens", NUM_TOKENS)
 @pytest.mark.parametrize("head_dim", (64, 128))
-def test_rotary_store_kv_matches_rotate_then_write_kv(dtype, num_tokens, head_dim):
-    check_rotary_store_kv(num_tokens, head_dim, dtype)
+@pytest.mark.parametrize("table", (False, True))
+def test_rotary_store_kv_matches_rotate_then_write_kv(dtype, num_tokens, head_dim, table):
+    check_rotary_store_kv(num_tokens, head_dim, dtype, table=table)
 
 
 def test_rotary_store_kv_rejects_a_bad_cache():
@@ -174,8 +182,9 @@ def test_silu_and_mul_matches_torch(poisoned_empty, dtype, num_tokens, d):
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("num_tokens", NUM_TOKENS)
 @pytest.mark.parametrize("head_dim", (64, 96, 128))
-def test_rotary_matches_torch(poisoned_empty, dtype, num_tokens, head_dim):
-    check_rotary(num_tokens, head_dim, dtype)
+@pytest.mark.parametrize("table", (False, True))
+def test_rotary_matches_torch(poisoned_empty, dtype, num_tokens, head_dim, table):
+    check_rotary(num_tokens, head_dim, dtype, table=table)
 
 
 def test_rms_norm_float32_weight_on_float16_input_promotes_like_torch():

@@ -162,6 +162,31 @@ def test_rotary_matches_transformers(head_dim, rope_scaling):
     torch.testing.assert_close(got_k, want_k[0].transpose(0, 1), atol=1e-6, rtol=1e-6)
 
 
+def test_rope_table_rows_are_the_computed_cos_sin():
+    """build_table, then cos_sin gathers rows (views with the table's row stride) holding the
+    computed values; another dtype than the table's falls back to computing. Exact equality
+    is a CUDA property (tests/gpu): on the CPU a vectorized lane may round cos differently in
+    the last bit, hence the one-ulp tolerances here."""
+    from llmbatch.runtime.layers.rotary import enable_rope_tables
+
+    rope = RotaryEmbedding(64, 500000.0)
+    positions = torch.tensor([0, 1, 7, 100, 2047, 4095, 3])
+    want = rope.cos_sin(positions, torch.bfloat16)
+    assert enable_rope_tables(torch.nn.ModuleList([rope]), 4096, torch.bfloat16) == 1
+    assert rope.table.shape == (4096, 2, 32) and rope.table.dtype == torch.bfloat16
+    got = rope.cos_sin(positions, torch.bfloat16)
+    assert [g.stride() for g in got] == [(64, 32, 1)] * 2
+    assert torch.equal(got[0][:, 0], rope.table[positions, 0])
+    assert torch.equal(got[1][:, 0], rope.table[positions, 1])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-7, rtol=2 ** -8)
+    computed = rope.cos_sin(positions, torch.float32)
+    assert computed[0].is_contiguous() and computed[0].dtype == torch.float32
+    rope.build_table(4096, torch.float32)
+    for g, w in zip(rope.cos_sin(positions, torch.float32), computed):
+        torch.testing.assert_close(g, w, atol=1e-7, rtol=1e-6)
+
+
 def test_rotary_rejects_unsupported_configs():
     with pytest.raises(ValueError, match="rope type 'dynamic' is not supported"):
         RotaryEmbedding(16, 10000.0, {"rope_type": "dynamic", "factor": 2.0})

@@ -132,10 +132,13 @@ def _check_rotary_args(query, key, cos, sin) -> None:
         if t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"{name} dtype {t.dtype} is not supported by the fused kernels "
                              f"(use float16, bfloat16 or float32)")
+    # Contiguous, or views of one (num_tokens, 2, head_dim/2) table gather (rotary.py): the
+    # kernels read both at tok * cos.stride(0) + column.
     if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[1] != 1 \
-            or not (cos.is_contiguous() and sin.is_contiguous()) or cos.dtype != sin.dtype:
-        raise ValueError(f"cos and sin must be contiguous (num_tokens, 1, head_dim/2) of one "
-                         f"dtype, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+            or cos.stride() != sin.stride() or cos.stride(-1) != 1 or cos.dtype != sin.dtype:
+        raise ValueError(f"cos and sin must be (num_tokens, 1, head_dim/2) of one dtype and "
+                         f"one stride, unit along head_dim, got {tuple(cos.shape)} "
+                         f"{cos.stride()} and {tuple(sin.shape)} {sin.stride()}")
     _check_rotary_input("query", query, cos)
     _check_rotary_input("key", key, cos)
 
@@ -143,8 +146,9 @@ def _check_rotary_args(query, key, cos, sin) -> None:
 def fused_rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """query (num_tokens, num_heads, head_dim), key (num_tokens, num_kv_heads, head_dim), rows
-    may be strided (views of a fused qkv); cos, sin (num_tokens, 1, head_dim/2) contiguous, in
-    the activations' dtype (RotaryEmbedding.cos_sin). Returns new contiguous rotated q, k equal
+    may be strided (views of a fused qkv); cos, sin (num_tokens, 1, head_dim/2) of one stride
+    (contiguous, or views of a table gather), in the activations' dtype
+    (RotaryEmbedding.cos_sin). Returns new contiguous rotated q, k equal
     to RotaryEmbedding.rotate of each, from one launch: a program per token over all its heads."""
     _check_rotary_args(query, key, cos, sin)
     q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)

@@ -4,8 +4,11 @@ Layout is transformers' Llama one ("rotate half", non-interleaved): a head vecto
 x = [x1 | x2] with halves of head_dim/2 is rotated pairwise (x1[i], x2[i]) by the angle
 position * inv_freq[i]:
     out = [x1*cos - x2*sin | x2*cos + x1*sin]
-cos/sin are computed on the fly from the (num_tokens,) positions of this step, so there is no
-max-length cache to size and decode steps at any position cost num_tokens*head_dim/2 work.
+cos/sin are computed on the fly from the (num_tokens,) positions of this step (no max-length
+cache to size), unless build_table was called: on CUDA ModelRunner builds a table of every
+position up to max_model_len (enable_rope_tables), and a step gathers its rows (one launch
+instead of ~6 tiny element-wise ones: float cast, multiply, cos, sin, two casts). The rows are
+the same element-wise kernels' results, so they are bit-equal to computing them per step.
 
 Supported rope types: 'default', 'linear' and 'llama3' (Llama 3.1 frequency-dependent scaling).
 """
@@ -71,10 +74,29 @@ class RotaryEmbedding(nn.Module):
         self.rope_type = rope_type
         # float32 always (not cast with the model): angles need the precision at long positions.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # (max_positions, 2, head_dim/2): cos then sin of each position, in one dtype.
+        self.table: Optional[torch.Tensor] = None
+
+    def build_table(self, max_positions: int, dtype: torch.dtype) -> None:
+        """Precompute cos/sin of positions [0, max_positions) on inv_freq's device. Every
+        position a step passes must then be < max_positions (the engine's max_model_len)."""
+        positions = torch.arange(max_positions, device=self.inv_freq.device)
+        cos, sin = self._compute(positions, dtype)              # (max_positions, 1, half) each
+        self.table = torch.cat((cos, sin), dim=1)               # (max_positions, 2, half)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(num_tokens,) -> cos, sin of shape (num_tokens, 1, head_dim/2) in `dtype`."""
+        """(num_tokens,) -> cos, sin of shape (num_tokens, 1, head_dim/2) in `dtype`; from the
+        table (views of one gathered (num_tokens, 2, head_dim/2) tensor, row stride head_dim)
+        when it was built for this dtype and device."""
+        table = self.table
+        if table is not None and table.dtype == dtype and table.device == positions.device:
+            rows = table.index_select(0, positions)
+            return rows[:, 0:1], rows[:, 1:2]
+        return self._compute(positions, dtype)
+
+    def _compute(self, positions: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.float()[:, None] * self.inv_freq[None, :]
         return angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]
 
@@ -93,6 +115,17 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, rope_type={self.rope_type}"
+
+
+def enable_rope_tables(model, max_positions: int, dtype: torch.dtype) -> int:
+    """build_table on every RotaryEmbedding of `model`; returns how many. CUDA only (ModelRunner):
+    there the table rows equal the per-step computation bit for bit, since the same element-wise
+    kernels compute each element whatever the batch; CPU kernels vectorize part of a tensor and
+    may round a lane differently."""
+    rotaries = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
+    for rotary in rotaries:
+        rotary.build_table(max_positions, dtype)
+    return len(rotaries)
 
 
 def rope_params_from_config(config) -> tuple[float, Optional[dict]]:
