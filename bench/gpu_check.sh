@@ -95,16 +95,17 @@ fi
 if "$PY" -c "import pytest" 2>/dev/null; then
   # Core kernels and graphs first, so a time limit cuts the optional tests, not them; no -x:
   # a GPU run is scarce, and seeing every failure at once beats stopping at the first.
-  echo "=== pytest tests/gpu -q (attention, graphs, the new GEMM and async paths, then the rest)"
+  echo "=== pytest tests/gpu -q (attention, graphs, fused kernels, L2 prefetch, async, int8/nf4 GEMMs, then skinny)"
   # SIGINT at the limit (then KILL 20 s later): pytest stops like on Ctrl-C and still prints
   # its failures and --durations (stop 9's SIGTERM at 160 s left only the progress dots).
   # shellcheck disable=SC2086
+  # Skinny matmul (opt-in, measured slower) last: a cut run loses it first.
   timeout -s INT -k 20 "${PYTEST_TIMEOUT:-200}" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_device_gpu.py \
     tests/gpu/test_triton_attention_gpu.py \
     tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py \
-    tests/gpu/test_int8_matmul_gpu.py tests/gpu/test_nf4_matmul_gpu.py \
-    tests/gpu/test_async_scheduling_gpu.py tests/gpu/test_l2_prefetch_gpu.py \
-    tests/gpu/test_skinny_matmul_gpu.py tests/gpu} \
+    tests/gpu/test_fused_kernels_gpu.py tests/gpu/test_l2_prefetch_gpu.py \
+    tests/gpu/test_async_scheduling_gpu.py \
+    tests/gpu/test_int8_matmul_gpu.py tests/gpu/test_nf4_matmul_gpu.py tests/gpu} \
     --maxfail=20 -q -rfE --durations=12 -p no:cacheprovider 2>&1 \
     | tee "$OUT_DIR/pytest_gpu.log" | tail -n 40
   PYTEST_RC=${PIPESTATUS[0]}
