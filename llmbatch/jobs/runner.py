@@ -26,6 +26,7 @@ from llmbatch.jobs.errors import (EXIT_OK, EXIT_ROW_ERRORS, InternalError, Inval
 from llmbatch.jobs.gpu_monitor import GpuMonitor
 from llmbatch.jobs.progress import Progress
 from llmbatch.jobs.rows import fill_error, fill_from_result
+from llmbatch.jobs.shard_lock import ShardLock
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.jobs.stats import ShardStats, next_run_index, write_stats
 
@@ -207,6 +208,12 @@ class JobRunner:
         except OSError as exc:   # e.g. a read-only or pseudo file system os.access cannot see
             raise InvalidJobError(f"output.path {spec.output.path}: cannot create it: "
                                   f"{exc.strerror or exc}") from None
+        # One run per shard: a second one would delete this one's in-flight files as leftovers.
+        with ShardLock(self.out_dir, plan.shard.index):
+            return self._run_locked(plan, engine, renderer)
+
+    def _run_locked(self, plan: JobPlan, engine, renderer: PromptRenderer) -> JobResult:
+        spec = self.spec
         shard = plan.shard
         if spec.output.mode == "overwrite":
             self.manifest.clear(shard.index, all_shards=shard.count == 1,

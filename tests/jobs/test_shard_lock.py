@@ -1,0 +1,83 @@
+"""One run per shard of an output folder: a second run refuses (exit 2) and touches nothing; the
+lock goes with its run (success, error, SIGKILL) and never blocks other shards."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+import llmbatch
+from llmbatch import run_job
+from llmbatch.jobs.errors import EXIT_INVALID, InvalidJobError, RowError
+from llmbatch.jobs.shard_lock import ShardLock
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_tokenizer_dir, jobkit, fake_engine_env):
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 12)
+    out = str(tmp_path / "out")
+
+    def job(**sections):
+        sections.setdefault("output", {"rows_per_part": 4})
+        return jobkit.make_job(tiny_tokenizer_dir, inp, out, **sections)
+
+    return job, out
+
+
+def test_second_run_of_a_shard_refuses_and_deletes_nothing(setup):
+    job, out = setup
+    os.makedirs(out)
+    # What a run in progress has on disk: a temporary part and a renamed, uncommitted part.
+    # A second run used to delete both as leftovers of a kill.
+    in_flight = [os.path.join(out, "_tmp-part-00000-00000.parquet.999"),
+                 os.path.join(out, "part-00000-00000.parquet")]
+    for path in in_flight:
+        with open(path, "w") as f:
+            f.write("in flight")
+    with ShardLock(out, 0):
+        with pytest.raises(InvalidJobError) as info:
+            run_job(job())
+    assert info.value.message == (f"output.path {out}: shard 0 is being written by another run "
+                                  f"(pid {os.getpid()}); wait for it to end or stop it")
+    assert info.value.exit_code == EXIT_INVALID
+    assert sorted(os.listdir(out)) == ["_lock-00000", "_tmp-part-00000-00000.parquet.999",
+                                       "part-00000-00000.parquet"]
+
+
+def test_other_shards_are_not_blocked(setup):
+    job, out = setup
+    os.makedirs(out)
+    with ShardLock(out, 0):
+        result = run_job(job(shard={"index": 1, "count": 2}))
+    assert result.exit_code == 0
+    assert ds.dataset(out).to_table().column("id").to_pylist() == list(range(6, 12))
+
+
+def test_lock_is_released_after_success_and_after_an_error(setup, tmp_path):
+    job, out = setup
+    bad = str(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"prompt": ["a b", None, "c d"]}), bad)
+    bad_job = job(on_row_error="fail")
+    bad_job["input"]["path"] = bad
+    with pytest.raises(RowError):
+        run_job(bad_job, output={"path": out + "-bad"})
+    assert run_job(job(), output={"path": out + "-bad"}).exit_code == 0
+    assert run_job(job()).num_rows_skipped == 0
+    assert run_job(job()).num_rows_skipped == 12
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    out = str(tmp_path)
+    code = ("import os, signal\nfrom llmbatch.jobs.shard_lock import ShardLock\n"
+            f"ShardLock({out!r}, 3).acquire()\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(llmbatch.__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=repo)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    assert os.path.isfile(os.path.join(out, "_lock-00003"))
+    lock = ShardLock(out, 3).acquire()
+    lock.release()
