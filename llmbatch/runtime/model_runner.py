@@ -243,10 +243,15 @@ class ModelRunner:
             if deferred is not None:
                 input_ids.index_copy_(0, *deferred)
             hidden = self.model(input_ids, positions, self.kv_caches, meta, self.attn_backend)
-        if not s.sample_rows:
+        rows = s.sample_rows
+        if not rows:
             return None
-        rows = self._h2d(s.sample_rows, torch.long)
-        return self.model.compute_logits(hidden.index_select(0, rows))
+        if rows[0] == 0 and rows[-1] == len(rows) - 1:
+            # Rows increase strictly (step_inputs), so these are 0..n-1: every token samples
+            # (decode, verify). A view of the first n rows (graph steps pad past them) spares
+            # a host-to-device copy and a gather each step.
+            return self.model.compute_logits(hidden[:len(rows)])
+        return self.model.compute_logits(hidden.index_select(0, self._h2d(rows, torch.long)))
 
     @torch.inference_mode()
     def sample(self, s: StepInputs, logits: torch.Tensor) -> dict[Any, list[int]]:

@@ -19,7 +19,8 @@ class StepInputs:
     query_start_loc: list[int]      # (num_seqs + 1,)
     seq_lens: list[int]             # (num_seqs,)
     block_tables: list[list[int]]   # (num_seqs, <= max_blocks), ragged until padded
-    sample_rows: list[int]          # rows of the flattened batch whose logits are sampled
+    sample_rows: list[int]          # rows of the flattened batch whose logits are sampled,
+                                    # strictly increasing (ModelRunner.forward_logits relies on it)
     sample_requests: list[Any]      # the Request owning each sampled row
     sample_output_index: list[int]  # index of the output token each sampled row produces
     # Async scheduling: input_ids[deferred_rows[j]] is a placeholder, to be replaced on the
