@@ -259,6 +259,10 @@ def test_split_heuristic_on_a_132_sm_card(monkeypatch):
     assert splits(17, 1, 4096) == 1          # 136 programs fill 132 SMs
     assert splits(1, 5, 4096) == 16          # k+1 = 5 speculative tokens: like decode
     assert splits(16, 5, 4096) == 2          # the largest speculating batch (16 sequences)
+    # Verify-like spans: the count depends on the batch only (not on 200 // 64 = 3), as in a
+    # graph captured at max_model_len, so a row's roundings do not move with the length.
+    assert splits(1, 5, 200) == splits(1, 2, 64) == splits(1, 5, 131072) == 16
+    assert splits(4, 8, 100) == splits(4, 8, 8192) == 8
     assert splits(1, 9, 4096) == 1           # a prefill chunk never splits
 
 

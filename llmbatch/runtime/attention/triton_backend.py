@@ -23,10 +23,11 @@ from llmbatch.runtime.attention.triton_kernels import paged_attention, store_kv
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Steps whose spans are at most this long may be split: decode, and k+1 speculative tokens
 # being verified (k <= 7). Split boundaries come from the sequence's length rounded to a power
-# of two of tiles per split (paged_attention.py), so a verify row's result does not depend on
-# where its window starts (tiles past a row are exact no-ops). Until stop 9 verify spans were
-# never split, for that reason (boundaries then moved with the window): a batch-1 verify step
-# ran 8 programs over the whole context, ~250 us more than a decode step on an H200.
+# of two of tiles per split (paged_attention.py) AND the split count, so for a verify row's
+# result not to depend on where its window starts, steps of spans > 1 take their split count
+# from the batch only (_num_splits), as the captured verify graphs do. Until stop 9 verify
+# spans were never split: a batch-1 verify step ran 8 programs over the whole context, ~250 us
+# more than a decode step on an H200.
 _SPLIT_MAX_QUERY_LEN = 8
 # At least one key tile per split. Batch-1 decode is the case this is for (W-BATCH1: 8 KV heads
 # leave 124 of 132 SMs idle, and each KV head's walk is latency-bound), so split finely; the
@@ -171,7 +172,14 @@ class TritonAttentionBackend(AttentionBackend):
         Uses Python ints only. Under CUDA graphs the count is frozen at capture, from the
         capture's num_seqs and max_seq_len: capture with max_seq_len = max_model_len so long
         contexts get split (splits past a short sequence's end return at once). The kernel is
-        correct for any count; only speed differs.
+        correct for any count; speed differs, and so do the roundings (the split boundaries
+        move with the count). Decode (one-token spans) also caps the count by the context
+        length (>= 64 keys a split). Verify-like spans (2..8 tokens) do not: their count then
+        depends on the batch alone, the same eager (a verify with fewer drafts runs eagerly)
+        as in the captured graph of that batch, so a row's numerics do not change with the
+        sequence length crossing 128, 256, 512... keys (stop 10 review). What remains: the
+        documented doublings of the tiles per split (paged_attention.py), and an eager batch
+        whose count differs from its padded graph size's.
         """
         if self.num_kv_splits is not None:
             return self.num_kv_splits
@@ -181,8 +189,9 @@ class TritonAttentionBackend(AttentionBackend):
         sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
         if work >= sms:
             return 1
-        splits = min(_MAX_SPLITS, triton.cdiv(2 * sms, work),
-                     meta.max_seq_len // _MIN_KEYS_PER_SPLIT)
+        splits = min(_MAX_SPLITS, triton.cdiv(2 * sms, work))
+        if meta.max_query_len == 1:
+            splits = min(splits, meta.max_seq_len // _MIN_KEYS_PER_SPLIT)
         return _prev_power_of_2(splits) if splits >= 2 else 1
 
 
