@@ -36,8 +36,13 @@ class SpeculationMixin:
                 raise ValueError("set_proposer: async_scheduling does not support speculative "
                                  "decoding yet; build the engine with async_scheduling off")
             self.async_scheduling = False
-        elif proposer is None and self.config.async_scheduling is None:
-            self.async_scheduling = self._async_by_default
+        elif proposer is None:
+            # Drafts handed out for a step that did not schedule their request would be
+            # verified later without a proposer, or reach an async step, which refuses drafts.
+            for req in self.scheduler.running:
+                req.spec_token_ids = []
+            if self.config.async_scheduling is None:
+                self.async_scheduling = self._async_by_default
         self.proposer = proposer
 
     def _propose(self) -> None:

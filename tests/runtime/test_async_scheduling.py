@@ -228,3 +228,41 @@ def test_auto_async_engine_steps_back_to_sync_for_a_proposer(setup, monkeypatch)
                   tokenizer=tokenizer)
     assert sync.async_scheduling is False
     assert with_proposer == run(sync)
+
+
+def test_proposer_removed_mid_generation_leaves_no_drafts_for_async_steps(setup, monkeypatch):
+    """set_proposer(None) while requests run (auto async, forced on): the drafts the last
+    synchronous step gave running requests are dropped, so the async steps that follow never
+    see spec_token_ids (they do not verify drafts and would raise); the run completes with the
+    synchronous engine's outputs. (defect, found in review: stale drafts stayed on requests.)"""
+    path, tokenizer, prompts, _ = setup
+    monkeypatch.setattr(EngineConfig, "async_scheduling_on", lambda self, *a: True)
+    engine = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32",
+                                 max_num_batched_tokens=64), tokenizer=tokenizer)
+
+    class EchoLast:
+        def propose(self, request, k):
+            return [request.all_token_ids[-1]] * k
+
+    def requests():
+        return [Request(f"r{i}", p, SamplingParams(max_new_tokens=6 + 3 * i, temperature=0.0,
+                                                   ignore_eos=True))
+                for i, p in enumerate(prompts[:6])]
+
+    engine.set_proposer(EchoLast())
+    gen = engine.generate(requests())
+    got = {}
+    first = next(gen)                       # a few synchronous steps with drafts
+    got[first.request_id] = first.output_token_ids
+    # Drafts handed out for a step that then did not schedule their requests (a short token
+    # budget): the state a removal can meet.
+    engine._propose()
+    assert any(r.spec_token_ids for r in engine.scheduler.running)
+    engine.set_proposer(None)
+    assert engine.async_scheduling is True
+    assert all(not r.spec_token_ids for r in engine.scheduler.running)
+    got.update({r.request_id: r.output_token_ids for r in gen})
+    monkeypatch.undo()
+    sync = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32"),
+                  tokenizer=tokenizer)
+    assert got == {r.request_id: r.output_token_ids for r in sync.generate(requests())}
