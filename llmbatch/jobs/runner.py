@@ -24,6 +24,7 @@ from llmbatch.jobs.committer import InOrderCommitter
 from llmbatch.jobs.errors import (EXIT_OK, EXIT_ROW_ERRORS, InternalError, InvalidJobError,
                                   JobError, ResumeError, RowError)
 from llmbatch.jobs.gpu_monitor import GpuMonitor
+from llmbatch.jobs.path_checks import check_local_path, check_output_dir
 from llmbatch.jobs.progress import Progress
 from llmbatch.jobs.rows import fill_error, fill_from_result
 from llmbatch.jobs.shard_lock import ShardLock
@@ -83,30 +84,6 @@ def _default_factory(config):
     return Engine(config)
 
 
-def _check_local_path(key: str, path: str) -> None:
-    """A path written as a local path must exist; a bare name ("org/model") may be a hub id,
-    left to the loader. Fails fast instead of waiting on hub retries for a typo."""
-    looks_local = path.startswith((".", "/", "~")) or os.sep + os.sep in path \
-        or path.count("/") > 1
-    if looks_local and not os.path.exists(os.path.expanduser(path)):
-        raise InvalidJobError(f"{key}: {path} does not exist")
-
-
-def _check_output_dir(key_value: str, out_dir: str) -> None:
-    """output.path must be (or be creatable as) a directory we can write, checked before the
-    model loads: otherwise a typo costs a model load and ends as an internal error."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise InvalidJobError(f"output.path {key_value} exists and is not a directory")
-    # The nearest existing ancestor is where os.makedirs will create the first new folder.
-    ancestor = out_dir
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise InvalidJobError(f"output.path {key_value}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise InvalidJobError(f"output.path {key_value}: {ancestor} is not writable")
-
-
 class JobRunner:
     def __init__(self, spec: JobSpec, engine_factory: Optional[Callable] = None,
                  progress: str = "none", log_every_s: float = 10.0) -> None:
@@ -124,15 +101,15 @@ class JobRunner:
         if "://" in spec.output.path:
             raise InvalidJobError(f"output.path {spec.output.path}: only local directories are "
                                   f"supported for output")
-        _check_output_dir(spec.output.path, self.out_dir)
+        check_output_dir(spec.output.path, self.out_dir)
         try:
             spec.engine_config()
             spec.sampling_params()
         except ValueError as exc:
             raise InvalidJobError(f"invalid engine/sampling settings: {exc}") from None
-        _check_local_path("model.path", spec.model.path)
+        check_local_path("model.path", spec.model.path)
         if spec.model.tokenizer:
-            _check_local_path("model.tokenizer", spec.model.tokenizer)
+            check_local_path("model.tokenizer", spec.model.tokenizer)
         shard = resolve_shard(spec.shard.index, spec.shard.count)
         self._source = open_input(spec.input)
         check_columns(self._source.schema, spec.input, spec.sampling.per_row,

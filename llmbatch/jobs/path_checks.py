@@ -1,0 +1,35 @@
+"""Paths a job names, checked before the model loads (no torch, no writes).
+
+A typo in a path must cost one line and exit 2 at once, not a model load (or minutes of hub
+retries) followed by an internal error.
+"""
+
+from __future__ import annotations
+
+import os
+
+from llmbatch.jobs.errors import InvalidJobError
+
+
+def check_local_path(key: str, path: str) -> None:
+    """A path written as a local path must exist; a bare name ("org/model") may be a hub id,
+    left to the loader. Fails fast instead of waiting on hub retries for a typo."""
+    looks_local = path.startswith((".", "/", "~")) or os.sep + os.sep in path \
+        or path.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(path)):
+        raise InvalidJobError(f"{key}: {path} does not exist")
+
+
+def check_output_dir(key_value: str, out_dir: str) -> None:
+    """output.path must be (or be creatable as) a directory we can write, checked before the
+    model loads: otherwise a typo costs a model load and ends as an internal error."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InvalidJobError(f"output.path {key_value} exists and is not a directory")
+    # The nearest existing ancestor is where os.makedirs will create the first new folder.
+    ancestor = out_dir
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise InvalidJobError(f"output.path {key_value}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InvalidJobError(f"output.path {key_value}: {ancestor} is not writable")
