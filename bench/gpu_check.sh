@@ -30,11 +30,11 @@
 # engine.pdl on (llmbatch-skinny-pdl, programmatic dependent launch; ~20 s).
 # BENCH_PREFETCH_ROWS (default 1 on a GPU, 0 in the dry run): the same three with
 # engine.l2_prefetch on (llmbatch-l2prefetch: qkv and o_proj weights touched into L2 on a side
-# stream at small batch; ~20 s). BENCH_PREFETCH_SWEEP (default 1 on a GPU): W-BATCH1 under
-# each L2-prefetch plan of bench/bench_prefetch.py on one engine (~30 s, limit
-# BENCH_PREFETCH_TIMEOUT, default 70 s; OUT_DIR/bench_prefetch.json).
+# stream at small batch; ~20 s). BENCH_BATCH1_SWEEP (default 1 on a GPU): W-BATCH1 under each
+# decode option of bench/bench_batch1.py (rope table off, L2-prefetch plans, ...) on one
+# engine (~30 s, limit BENCH_BATCH1_TIMEOUT, default 70 s; OUT_DIR/bench_batch1.json).
 # Whole check with the defaults: < 10 min on an H200 (pytest <= 200 s, bench <= 300 s, the
-# prefetch sweep <= 70 s, set-up ~20 s; stop 9 on an H200: tests/gpu needed > 160 s, the bench
+# batch-1 sweep <= 70 s, set-up ~20 s; stop 9 on an H200: tests/gpu needed > 160 s, the bench
 # with peers ~280 s including the sync and skinny rows, now off by default).
 set -uo pipefail
 
@@ -162,12 +162,12 @@ BENCH_RC=$?
 wait
 [ "$BENCH_RC" = 124 ] && BENCH_RC="124 (timed out after ${BENCH_TIMEOUT:-300} s)"
 
-# L2-prefetch plan sweep (GPU default, ~30 s; BENCH_PREFETCH_SWEEP=0 skips): W-BATCH1 on one
-# engine per plan of models/llama_prefetch.py, on the checkpoint bench.run just used.
-if [ "${BENCH_PREFETCH_SWEEP:-$AB_DEFAULT}" = 1 ]; then
-  echo "=== L2 prefetch plans, W-BATCH1 ($(( $(date +%s) - T0 )) s so far)"
-  timeout "${BENCH_PREFETCH_TIMEOUT:-70}" "$PY" -m bench.bench_prefetch --out "$OUT_DIR" \
-    --model-dir "$MODEL_DIR" 2>&1 | tee "$OUT_DIR/bench_prefetch.log" | grep -E '^prefetch|Error'
+# Batch-1 option sweep (GPU default, ~30 s; BENCH_BATCH1_SWEEP=0 skips): W-BATCH1 on one engine
+# per option of bench/bench_batch1.py, on the checkpoint bench.run just used.
+if [ "${BENCH_BATCH1_SWEEP:-$AB_DEFAULT}" = 1 ]; then
+  echo "=== batch-1 options, W-BATCH1 ($(( $(date +%s) - T0 )) s so far)"
+  timeout "${BENCH_BATCH1_TIMEOUT:-70}" "$PY" -m bench.bench_batch1 --out "$OUT_DIR" \
+    --model-dir "$MODEL_DIR" 2>&1 | tee "$OUT_DIR/bench_batch1.log" | grep -E '^batch1|Error'
 fi
 
 echo "=== gpu_check done in $(( $(date +%s) - T0 )) s: pytest rc=$PYTEST_RC, bench rc=$BENCH_RC, JSON in $OUT_DIR"

@@ -1,6 +1,6 @@
 """bench/ end to end on the CPU: the dry run of bench/gpu_check.sh, the Triton kernels compiled
 for Hopper without a GPU (bench/compile_kernels.py), the quantized rows of bench.run and the
-L2-prefetch plan sweep (bench/bench_prefetch.py).
+batch-1 option sweep (bench/bench_batch1.py).
 Skipped while the engine cannot be imported."""
 
 from __future__ import annotations
@@ -141,20 +141,22 @@ def test_async_scheduling_row_on_cpu(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_prefetch_sweep_dry_run_on_cpu(tmp_path):
-    """bench/bench_prefetch.py end to end on the tiny shape (the touch kernel under the Triton
-    interpreter): every plan runs, in order, and changes no token."""
-    proc = subprocess.run([sys.executable, "-m", "bench.bench_prefetch", "--dry-run",
+def test_batch1_sweep_dry_run_on_cpu(tmp_path):
+    """bench/bench_batch1.py end to end on the tiny shape (kernels under the Triton
+    interpreter): every option runs, in order, and none changes a token (float32 here)."""
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_batch1", "--dry-run",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads((tmp_path / "bench_prefetch.json").read_text())
+    out = json.loads((tmp_path / "bench_batch1.json").read_text())
     rows = out["rows"]
-    assert [r["plan"] for r in rows] == [
-        "nothing", "o_proj", "o_proj+next_qkv", "o_proj+next_qkv+gate_up 8 MiB",
-        "o_proj+next_qkv+gate_up 16 MiB", "nothing"]
+    assert [r["option"] for r in rows] == [
+        "defaults", "rope table off", "L2 prefetch o_proj", "L2 prefetch o_proj+next_qkv",
+        "L2 prefetch o_proj+next_qkv+gate_up 8 MiB", "L2 prefetch o_proj+next_qkv+gate_up 16 MiB",
+        "defaults"]
     # The tiny shape's 2 layers: o_proj each, + qkv each, + a gate_up prefix each.
-    assert [r["weights_touched"] for r in rows] == [0, 2, 4, 6, 6, 0]
+    assert [r["detail"] for r in rows[2:6]] == [
+        f"{n} weights touched" for n in (2, 4, 6, 6)]
     assert all(r["same_tokens_as_first"] and r["num_errors"] == 0 for r in rows)
     assert out["smoke_test_only"] is True
-    assert proc.stdout.count("prefetch ") == 6
+    assert proc.stdout.count("batch1 ") == 7

@@ -11,7 +11,7 @@ The default plan (PrefetchPlan()):
 
 PrefetchPlan.gate_up_mib also touches the first MiB of gate_up's weight after o_proj's, in the
 same window (the 1B shape's gate_up is 64 MiB and streams at ~3.7 TB/s already; whether a
-partly L2-resident gate_up gains is for bench/bench_prefetch.py to say). down_proj is not
+partly L2-resident gate_up gains is for bench/bench_batch1.py to say). down_proj is not
 touched: the window before it is a single SiLU·mul. The model's forward joins the side stream
 once, before it returns (CUDA graph capture needs every fork joined). Dense weights only (a
 quantized layer's weight is not the tensor its kernel reads).

@@ -1,0 +1,152 @@
+"""W-BATCH1 under several decode options, on one engine: which to make the default.
+
+    python -m bench.bench_batch1 --model-dir DIR [--out results_dir]       # GPU, the 1B shape
+    python -m bench.bench_batch1 --dry-run --out /tmp/b     # CPU smoke run: tiny shape, 5 %
+
+bench.run measures the defaults (and an option per A/B row, ~20 s each); this sweep measures
+batch-1 decode under each option of OPTIONS for ~30 s of GPU time: the engine loads once, and
+for each row the option is applied, the decode CUDA graphs recaptured (options are baked into
+them), a short request warms them up, and W-BATCH1 runs. The defaults run first and last
+(A ... A): the spread of those two is the noise floor of the other rows. Every row records
+whether its greedy tokens equal the first row's (bf16 roundings may move with an option that
+changes an order of summation; a touch into L2 or a table lookup must not change a token).
+
+Options (each row is the defaults plus one change):
+    rope table off       cos/sin computed per step (layers/rotary.py; the table is on on CUDA)
+    L2 prefetch plans    models/llama_prefetch.py PrefetchPlan: o_proj; o_proj + next qkv;
+                         + the first 8 / 16 MiB of gate_up
+
+Writes OUT/bench_batch1.json; prints one line per row: TPOT and the ratio to the first row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from bench import llmbatch_runner
+from bench.model_shapes import get_shape, make_checkpoint
+from bench.workloads import build
+
+DEFAULTS = "defaults"
+
+
+def options():
+    """(label, apply(engine, device) -> str detail, undo(engine)) per row, in order."""
+    from llmbatch.runtime.models.llama_prefetch import (PrefetchPlan, disable_l2_prefetch,
+                                                        enable_l2_prefetch)
+
+    def prefetch(**fields):
+        plan = PrefetchPlan(**fields)
+
+        def apply(engine, device):
+            n = enable_l2_prefetch(engine.runner.model, device, plan=plan)
+            return f"{n} weights touched"
+        return (f"L2 prefetch {plan.label}", apply,
+                lambda engine: disable_l2_prefetch(engine.runner.model))
+
+    def rope_rotaries(engine):
+        from llmbatch.runtime.layers.rotary import RotaryEmbedding
+
+        return [m for m in engine.runner.model.modules() if isinstance(m, RotaryEmbedding)]
+
+    saved = {}
+
+    def rope_off(engine, device):
+        for r in rope_rotaries(engine):
+            saved[id(r)], r.table = r.table, None
+        return "cos/sin computed per step"
+
+    def rope_back(engine):
+        for r in rope_rotaries(engine):
+            r.table = saved.pop(id(r), r.table)
+
+    nothing = (DEFAULTS, lambda engine, device: "", lambda engine: None)
+    return [nothing, ("rope table off", rope_off, rope_back),
+            prefetch(next_qkv=False), prefetch(), prefetch(gate_up_mib=8.0),
+            prefetch(gate_up_mib=16.0), nothing]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", default=None,
+                   help="checkpoint dir (made here when missing); default OUT/model-<shape>")
+    p.add_argument("--out", default="bench_out", help="directory for bench_batch1.json")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU, tiny shape, W-BATCH1 at 5 %%, kernels under the Triton "
+                        "interpreter: a smoke test of this script, never a figure")
+    return p.parse_args(argv)
+
+
+def recapture(engine) -> None:
+    """The decode CUDA graphs again, with the options applied now (no-op off CUDA)."""
+    runner = engine.runner
+    if runner.graph_runner is not None:
+        runner.graph_runner = None
+        runner.graph_runner = runner._maybe_capture_decode_graphs()
+
+
+def run_row(engine, workload, label, apply, undo, device) -> dict:
+    detail = apply(engine, device)
+    try:
+        t0 = time.perf_counter()
+        recapture(engine)
+        capture_s = time.perf_counter() - t0
+        llmbatch_runner.run_workload(engine, workload, workload.requests[:1])  # warm graphs
+        res = llmbatch_runner.run_workload(engine, workload)
+    finally:
+        undo(engine)
+    return {"option": label, "detail": detail, "capture_s": capture_s,
+            "tpot_s": res["tpot_s"], "wall_s": res["wall_s"], "num_errors": res["num_errors"],
+            "num_wrong_lengths": res["num_wrong_lengths"],
+            "cuda_graph_error": engine.stats().get("cuda_graph_error"),
+            "_outputs": res["_outputs"]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:   # before triton is first imported: kernels run on CPU tensors
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("bench_batch1: needs a CUDA device (--dry-run runs the CPU smoke test)",
+              file=sys.stderr)
+        return 2
+    shape = get_shape("tiny" if args.dry_run else "1b")
+    dtype = "float32" if args.dry_run else "bfloat16"
+    os.makedirs(args.out, exist_ok=True)
+    model_dir = args.model_dir or os.path.join(args.out, f"model-{shape.name}")
+    make_checkpoint(shape, model_dir, dtype=dtype, device=device)
+    workload = build("W-BATCH1", shape.vocab_size, 0.05 if args.dry_run else 1.0)
+    overrides = {"max_num_seqs": 1, "gpu_memory_utilization": 0.5}
+    if args.dry_run:
+        overrides["cpu_kv_cache_bytes"] = 16 << 20
+    engine, load_s = llmbatch_runner.build_engine(model_dir, dtype, device, **overrides)
+    rows = []
+    for label, apply, undo in options():
+        row = run_row(engine, workload, label, apply, undo, torch.device(device))
+        first = rows[0]["_outputs"] if rows else row["_outputs"]
+        row["same_tokens_as_first"] = row["_outputs"] == first
+        rows.append(row)
+        ratio = rows[0]["tpot_s"] / row["tpot_s"] if row["tpot_s"] else float("nan")
+        print(f"batch1 {label:<40} TPOT {row['tpot_s'] * 1e3:.3f} ms  {ratio:.3f}x first row"
+              f"  same tokens {row['same_tokens_as_first']}  capture {row['capture_s']:.1f} s"
+              + (f"  ({row['detail']})" if row["detail"] else "")
+              + (f"  ERRORS {row['num_errors'] + row['num_wrong_lengths']}"
+                 if row["num_errors"] or row["num_wrong_lengths"] else ""), flush=True)
+    for row in rows:
+        del row["_outputs"]
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+           "shape": shape.name, "load_s": load_s, "smoke_test_only": args.dry_run, "rows": rows}
+    with open(os.path.join(args.out, "bench_batch1.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    return 1 if any(r["num_errors"] or r["num_wrong_lengths"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
