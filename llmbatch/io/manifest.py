@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Optional
 
-from llmbatch.io.writer import PART_RE, part_name, temp_prefix, write_atomic_bytes
+from llmbatch.io.layout import (ENTRY_RE, ENTRY_TMP_RE, MANIFEST_DIR, PART_RE, PART_TMP_RE,
+                                STATS_DIR, deletable_shard)
+from llmbatch.io.writer import part_name, write_atomic_bytes
 from llmbatch.jobs.errors import ResumeError
 
-MANIFEST_DIR = "_manifest"
-STATS_DIR = "_stats"
+__all__ = ["Manifest", "MANIFEST_DIR", "STATS_DIR"]
 
 
 class Manifest:
@@ -38,9 +38,7 @@ class Manifest:
             return []
         found = []
         for name in os.listdir(self.dir):
-            if not name.endswith(".json") or name.startswith("_"):
-                continue
-            m = PART_RE.match(name[: -len(".json")] + ".parquet")
+            m = ENTRY_RE.match(name)
             if not m or (shard is not None and int(m.group(1)) != shard):
                 continue
             try:
@@ -59,7 +57,8 @@ class Manifest:
                 m = PART_RE.match(name)
                 if m and int(m.group(1)) == shard:
                     parts.append(name)
-                elif name.startswith(temp_prefix(shard)):
+                m = PART_TMP_RE.match(name)
+                if m and int(m.group(1)) == shard:
                     temps.append(name)
         return sorted(parts), temps
 
@@ -96,7 +95,8 @@ class Manifest:
             os.remove(os.path.join(self.out_dir, name))
         # Only this shard's manifest temporaries: another array task may be mid-commit.
         for name in os.listdir(self.dir) if os.path.isdir(self.dir) else []:
-            if name.startswith(temp_prefix(shard)):
+            m = ENTRY_TMP_RE.match(name)
+            if m and int(m.group(1)) == shard:
                 os.remove(os.path.join(self.dir, name))
         return entries
 
@@ -108,40 +108,27 @@ class Manifest:
         write_atomic_bytes(os.path.join(self.dir, name), data)
 
     def clear(self, shard: int, all_shards: bool, shard_count: Optional[int] = None) -> None:
-        """output.mode: overwrite. Removes only llmbatch's own files (parts, manifest, stats,
-        temporaries) — of every shard when the job has one shard, else of this shard only, so
-        array tasks running side by side never delete each other's work. Files of shard
-        indices >= shard_count belong to an earlier layout with more shards (no task of this
-        job owns them), so they go too: otherwise their rows would be read twice."""
+        """output.mode: overwrite. Removes only llmbatch's own files (the exact names of
+        layout.py: parts, manifest entries, stats, their temporaries; never a lock file, never
+        a name that merely starts like ours) — of every shard when the job has one shard, else
+        of this shard only, so array tasks running side by side never delete each other's work.
+        Files of shard indices >= shard_count belong to an earlier layout with more shards (no
+        task of this job owns them), so they go too: otherwise their rows would be read twice.
+        With all shards cleared, `_manifest/` and `_stats/` go when nothing else is left."""
         if not os.path.isdir(self.out_dir):
             return
 
-        def ours(index: int) -> bool:
-            return all_shards or index == shard or (shard_count is not None
-                                                    and index >= shard_count)
+        def ours(index: Optional[int]) -> bool:
+            return index is not None and (all_shards or index == shard or (
+                shard_count is not None and index >= shard_count))
 
-        for name in os.listdir(self.out_dir):
-            index = _shard_of(name, ("part-", "_tmp-part-"))
-            if index is not None and ours(index):
-                os.remove(os.path.join(self.out_dir, name))
-        for sub in (MANIFEST_DIR, STATS_DIR):
-            path = os.path.join(self.out_dir, sub)
+        for folder in ("", MANIFEST_DIR, STATS_DIR):
+            path = os.path.join(self.out_dir, folder)
             if not os.path.isdir(path):
                 continue
-            if all_shards:
-                shutil.rmtree(path)
-                continue
             for name in os.listdir(path):
-                index = _shard_of(name, ("part-", "stats-", "_tmp-part-", "_tmp-stats-"))
-                if index is not None and ours(index):
+                if ours(deletable_shard(folder, name)):
                     os.remove(os.path.join(path, name))
-
-
-def _shard_of(name: str, prefixes: tuple[str, ...]) -> Optional[int]:
-    """The shard index in a file name like part-00003-00001.parquet (after one of the
-    prefixes), or None for a name that is not llmbatch's."""
-    for prefix in prefixes:
-        if name.startswith(prefix):
-            digits = name[len(prefix):].split("-", 1)[0]
-            return int(digits) if digits.isdigit() else None
-    return None
+            # Only when no other shard can be committing into it (a one-shard job).
+            if folder and all_shards and not os.listdir(path):
+                os.rmdir(path)

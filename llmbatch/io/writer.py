@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-PART_RE = re.compile(r"^part-(\d{5,})-(\d{5,})\.parquet$")
 METADATA_KEY = b"llmbatch"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from llmbatch.io.layout import foreign_entries
 from llmbatch.jobs.errors import InvalidJobError
 
 
@@ -33,3 +34,12 @@ def check_output_dir(key_value: str, out_dir: str) -> None:
         raise InvalidJobError(f"output.path {key_value}: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise InvalidJobError(f"output.path {key_value}: {ancestor} is not writable")
+    # Readers take the whole folder as one dataset, so foreign data there would be read as
+    # results (or break the read); and cleanup never deletes what is not ours. Refuse rather
+    # than mix. Hidden names (_SUCCESS, .crc, a user's _notes) are left alone.
+    foreign = foreign_entries(out_dir)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise InvalidJobError(f"output.path {key_value} holds {foreign[0]}{more}, not written by "
+                              f"llmbatch; readers of the folder would mix it with the results: "
+                              f"move it away or use another output.path")

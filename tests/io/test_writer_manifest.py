@@ -84,6 +84,32 @@ def test_clear_one_shard_or_all(tmp_path):
     assert os.listdir(tmp_path) == ["notes.txt"]
 
 
+def test_clear_deletes_only_llmbatch_names(tmp_path):
+    commit(tmp_path, 0, 0, 0, 3)
+    (tmp_path / "_stats").mkdir()
+    ours = ["_tmp-part-00000-00001.parquet.42", "_manifest/_tmp-part-00000-00001.json.42",
+            "_stats/stats-00000-000.parquet", "_stats/_tmp-stats-00000-001.parquet.42"]
+    foreign = ["part-00000-0f1c9a2e-77b1-4a53-9d1e-3c2f.snappy.parquet", "_SUCCESS",
+               "_lock-00000", "part-00000-00000.parquet.bak", "_manifest/part-00000-notes.json",
+               "_manifest/README", "_stats/README", "_stats/stats-00000-000.csv"]
+    for name in ours + foreign:
+        (tmp_path / name).write_text(name)
+    Manifest(str(tmp_path)).clear(0, all_shards=True)
+    left = sorted(os.path.relpath(os.path.join(d, f), tmp_path)
+                  for d, _, files in os.walk(tmp_path) for f in files)
+    assert left == sorted(foreign)
+    assert all((tmp_path / name).read_text() == name for name in foreign)
+
+
+def test_clear_removes_emptied_folders_of_a_one_shard_job_only(tmp_path):
+    commit(tmp_path, 0, 0, 0, 3)
+    commit(tmp_path, 1, 0, 3, 6)
+    Manifest(str(tmp_path)).clear(1, all_shards=False, shard_count=2)
+    assert sorted(os.listdir(tmp_path)) == ["_manifest", "part-00000-00000.parquet"]
+    Manifest(str(tmp_path)).clear(0, all_shards=False, shard_count=2)
+    assert os.listdir(tmp_path) == ["_manifest"] and os.listdir(tmp_path / "_manifest") == []
+
+
 def test_manifest_entry_records_ids(tmp_path):
     commit(tmp_path, 0, 0, 0, 3)
     with open(tmp_path / "_manifest" / "part-00000-00000.json") as f:
