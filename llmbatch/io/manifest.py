@@ -10,6 +10,11 @@ first, THEN its manifest entry is written atomically. A part file without an ent
 uncommitted leftover and is deleted on restart; its rows are simply produced again. Because
 rows are committed strictly in input order, a shard's committed rows are always a prefix of its
 row range, and resuming means starting at the end of the last committed part.
+
+A committed part found damaged on resume (footer unreadable, or not the row count its entry
+records: a truncated copy, a full disk, a hand edit) is un-committed together with every later
+part of its shard, so the committed rows stay a prefix and the ordinary resume produces them
+again (same part names and boundaries: they depend only on the shard range and rows_per_part).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Optional
 
 from llmbatch.io.layout import (ENTRY_RE, ENTRY_TMP_RE, MANIFEST_DIR, PART_RE, PART_TMP_RE,
                                 STATS_DIR, deletable_shard)
-from llmbatch.io.writer import part_name, write_atomic_bytes
+from llmbatch.io.writer import part_defect, part_name, write_atomic_bytes
 from llmbatch.jobs.errors import ResumeError
 
 __all__ = ["Manifest", "MANIFEST_DIR", "STATS_DIR"]
@@ -30,6 +35,8 @@ class Manifest:
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
         self.dir = os.path.join(out_dir, MANIFEST_DIR)
+        # Set by recover(): what it un-committed because a part was damaged, for the run's log.
+        self.dropped: Optional[str] = None
 
     # -- reading ---------------------------------------------------------------------------
     def entries(self, shard: Optional[int] = None) -> list[dict]:
@@ -76,9 +83,20 @@ class Manifest:
         return bool(parts) or bool(self.entries(shard))
 
     # -- resuming --------------------------------------------------------------------------
+    def first_damaged(self, entries: list[dict]) -> Optional[tuple[int, str]]:
+        """(index in `entries`, why) of the first committed part whose file is damaged, or
+        None. Reads part footers only; writes nothing."""
+        for i, entry in enumerate(entries):
+            why = part_defect(os.path.join(self.out_dir, entry["part"]),
+                              entry["row_end"] - entry["row_start"])
+            if why is not None:
+                return i, why
+        return None
+
     def recover(self, shard: int, row_start: int) -> list[dict]:
         """Drop uncommitted leftovers of `shard`; return its committed entries (checked to be
-        contiguous from `row_start` with their part files present)."""
+        contiguous from `row_start` with their part files present), cut before the first
+        damaged part."""
         entries = self.entries(shard)
         expected_row = row_start
         for seq, entry in enumerate(entries):
@@ -89,6 +107,7 @@ class Manifest:
                 raise ResumeError(f"output.path {self.out_dir}: committed part {entry['part']} is "
                                   f"missing; set output.mode: overwrite")
             expected_row = entry["row_end"]
+        entries = self._uncommit_damaged(entries)
         committed = {e["part"] for e in entries}
         parts, temps = self.shard_files(shard)
         for name in temps + [p for p in parts if p not in committed]:
@@ -100,10 +119,26 @@ class Manifest:
                 os.remove(os.path.join(self.dir, name))
         return entries
 
+    def _uncommit_damaged(self, entries: list[dict]) -> list[dict]:
+        """Remove the manifest entries from the first damaged part on, last first: a kill
+        midway leaves a shorter prefix that still holds the damaged part, found again on the
+        next resume. Their part files are then uncommitted leftovers that recover() deletes."""
+        found = self.first_damaged(entries)
+        if found is None:
+            return entries
+        first, why = found
+        for entry in reversed(entries[first:]):
+            os.remove(os.path.join(self.dir, _entry_name(entry["part"])))
+        later = len(entries) - first - 1
+        self.dropped = (f"committed part {entries[first]['part']} is damaged ({why}); its rows"
+                        + (f" and those of the {later} parts after it" if later else "")
+                        + " are produced again")
+        return entries[:first]
+
     # -- writing ---------------------------------------------------------------------------
     def commit(self, entry: dict) -> None:
         os.makedirs(self.dir, exist_ok=True)
-        name = part_name(entry["shard"], entry["seq"])[: -len(".parquet")] + ".json"
+        name = _entry_name(part_name(entry["shard"], entry["seq"]))
         data = json.dumps(entry, sort_keys=True, default=str).encode()
         write_atomic_bytes(os.path.join(self.dir, name), data)
 
@@ -132,3 +167,8 @@ class Manifest:
             # Only when no other shard can be committing into it (a one-shard job).
             if folder and all_shards and not os.listdir(path):
                 os.rmdir(path)
+
+
+def _entry_name(part: str) -> str:
+    """part-SSSSS-QQQQQ.parquet -> its manifest entry's name, part-SSSSS-QQQQQ.json."""
+    return part[: -len(".parquet")] + ".json"

@@ -114,3 +114,15 @@ def write_part(out_dir: str, shard: int, seq: int, table: pa.Table,
 def read_part_metadata(path: str) -> dict:
     meta = pq.read_schema(path).metadata or {}
     return json.loads(meta.get(METADATA_KEY, b"{}"))
+
+
+def part_defect(path: str, num_rows: int) -> Optional[str]:
+    """Why the part file at `path` cannot hold the `num_rows` rows its manifest entry records
+    (footer unreadable: truncated or overwritten; another row count), or None when it can.
+    Reads only the footer, so checking every committed part on resume stays cheap."""
+    try:
+        found = pq.ParquetFile(path).metadata.num_rows
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"unreadable: {first}"
+    return None if found == num_rows else f"holds {found} rows, the manifest records {num_rows}"

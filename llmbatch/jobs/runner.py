@@ -124,7 +124,10 @@ class JobRunner:
         if spec.output.mode == "resume":
             self.manifest.check_hash(config_hash)
             entries = self.manifest.entries(shard.index)
-            rows_done = entries[-1]["row_end"] - start if entries else 0
+            # A damaged part and those after it are produced again (Manifest.recover).
+            damaged = self.manifest.first_damaged(entries)
+            intact = entries[:damaged[0]] if damaged else entries
+            rows_done = intact[-1]["row_end"] - start if intact else 0
             written_for = entries[0].get("num_input_rows") if entries else None
             if written_for is not None and written_for != num_rows:
                 raise ResumeError(f"output.path {spec.output.path} was written for an input of "
@@ -201,8 +204,12 @@ class JobRunner:
         self._with_logprobs = spec.wants_logprobs
         schema = output_schema(self._source.schema, spec.input.keep_columns,
                                spec.input.id_column, self._with_logprobs)
+        committed = self.manifest.recover(shard.index, plan.row_start)
+        if self.manifest.dropped:     # data was damaged: say so whatever the progress mode
+            print(f"llmbatch: output.path {spec.output.path}: {self.manifest.dropped}",
+                  file=sys.stderr, flush=True)
         self._committer = InOrderCommitter(
-            self.out_dir, self.manifest, self.manifest.recover(shard.index, plan.row_start),
+            self.out_dir, self.manifest, committed,
             plan.row_start, plan.row_end, spec.output.rows_per_part, schema,
             part_meta=lambda: {"shard": shard.index, "shard_count": shard.count,
                                "num_input_rows": plan.num_input_rows,

@@ -63,6 +63,41 @@ def test_recover_refuses_damaged_manifests(tmp_path):
         Manifest(str(tmp_path)).recover(0, 1)
 
 
+def test_recover_uncommits_a_damaged_part_and_the_later_ones(tmp_path):
+    for seq in range(4):
+        commit(tmp_path, 0, seq, 3 * seq, 3 * seq + 3)
+    commit(tmp_path, 1, 0, 12, 15)                              # another shard: untouched
+    part = tmp_path / "part-00000-00001.parquet"
+    part.write_bytes(part.read_bytes()[:-20])                   # truncated: footer gone
+    manifest = Manifest(str(tmp_path))
+    assert manifest.first_damaged(manifest.entries(0)) == (1, (
+        "unreadable: Parquet magic bytes not found in footer. Either the file is corrupted or "
+        "this is not a parquet file."))
+    entries = manifest.recover(0, 0)
+    assert [e["part"] for e in entries] == ["part-00000-00000.parquet"]
+    assert manifest.dropped == (
+        "committed part part-00000-00001.parquet is damaged (unreadable: Parquet magic bytes "
+        "not found in footer. Either the file is corrupted or this is not a parquet file.); its "
+        "rows and those of the 2 parts after it are produced again")
+    assert sorted(os.listdir(tmp_path)) == ["_manifest", "part-00000-00000.parquet",
+                                            "part-00001-00000.parquet"]
+    assert sorted(os.listdir(tmp_path / "_manifest")) == ["part-00000-00000.json",
+                                                          "part-00001-00000.json"]
+    assert ds.dataset(str(tmp_path)).to_table().column("id").to_pylist() == [0, 1, 2, 12, 13, 14]
+
+
+def test_recover_uncommits_a_part_with_another_row_count(tmp_path):
+    commit(tmp_path, 0, 0, 0, 3)
+    commit(tmp_path, 0, 1, 3, 6)
+    write_part(str(tmp_path), 0, 1, table_of([3, 4]), {})      # readable, one row short
+    manifest = Manifest(str(tmp_path))
+    assert manifest.recover(0, 0) == manifest.entries(0)[:1]
+    assert manifest.dropped == ("committed part part-00000-00001.parquet is damaged (holds 2 "
+                                "rows, the manifest records 3); its rows are produced again")
+    assert sorted(os.listdir(tmp_path)) == ["_manifest", "part-00000-00000.parquet"]
+    assert Manifest(str(tmp_path)).recover(0, 0) == manifest.entries(0)
+
+
 def test_check_hash(tmp_path):
     commit(tmp_path, 0, 0, 0, 3, config_hash="aaaa")
     Manifest(str(tmp_path)).check_hash("aaaa")

@@ -19,6 +19,7 @@ import yaml
 
 import llmbatch
 from llmbatch import run_job
+from llmbatch.api import plan_job
 
 NUM_ROWS = 2000
 ROWS_PER_PART = 128            # 16 parts, the last one short (80 rows)
@@ -129,3 +130,32 @@ def test_killed_twice_then_finished(setup, tiny_tokenizer_dir, jobkit, monkeypat
     proc = start_cli(job_path, cli_env(jobkit, LLMBATCH_FAKE_ENGINE_DELAY_S="0.001"))
     kill_after(proc, out_dir, 8)
     check_resumed(setup, out_dir, monkeypatch, jobkit, job_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty"])
+def test_damaged_committed_part_is_produced_again(setup, tiny_tokenizer_dir, jobkit,
+                                                  monkeypatch, capsys, damage):
+    # A truncated committed part used to count as done: the rerun exited 0, its rows lost.
+    _, _, reference, ref_parts = setup
+    job_path, out_dir = write_job(setup, tiny_tokenizer_dir, jobkit, f"damaged_{damage}")
+    monkeypatch.setenv("LLMBATCH_ENGINE_FACTORY", jobkit.fake_engine)
+    run_job(job_path)
+    part = os.path.join(out_dir, "part-00000-00005.parquet")
+    with open(part, "rb") as f:
+        data = f.read()
+    with open(part, "wb") as f:
+        f.write(data[: len(data) // 2] if damage == "truncate" else b"")
+    assert plan_job(job_path).rows_done == 5 * ROWS_PER_PART
+    capsys.readouterr()
+    result = run_job(job_path)
+    assert result.num_rows_skipped == 5 * ROWS_PER_PART
+    assert result.exit_code == 0 and result.num_rows_ok == NUM_ROWS
+    assert result.stats["rows_ok"] == NUM_ROWS - 5 * ROWS_PER_PART
+    err = capsys.readouterr().err
+    assert err.startswith(f"llmbatch: output.path {out_dir}: committed part "
+                          f"part-00000-00005.parquet is damaged (")
+    assert err.endswith("); its rows and those of the 10 parts after it are produced again\n")
+    assert err.count("\n") == 1
+    assert ds.dataset(out_dir).to_table().select(COMPARED).equals(reference)
+    assert sorted(n for n in os.listdir(out_dir) if n.startswith("part-")) == ref_parts
+    assert committed(out_dir) == len(ref_parts)
