@@ -14,7 +14,7 @@ import pytest
 import llmbatch
 from llmbatch import run_job
 from llmbatch.jobs.errors import EXIT_INVALID, InvalidJobError, RowError
-from llmbatch.jobs.shard_lock import ShardLock
+from llmbatch.jobs.shard_lock import ShardLock, lock_name
 
 
 @pytest.fixture
@@ -81,3 +81,13 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     assert os.path.isfile(os.path.join(out, "_lock-00003"))
     lock = ShardLock(out, 3).acquire()
     lock.release()
+
+
+def test_readme_output_section_documents_the_lock_file():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(llmbatch.__file__)))
+    with open(os.path.join(repo, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("\n## Output\n", 1)[1].split("\n## ", 1)[0]
+    documented = [w.strip("`") for w in section.split() if w.startswith("`_lock-")]
+    assert documented == ["_lock-{shard:05d}"]
+    assert documented[0].format(shard=7) == lock_name(7) == "_lock-00007"
+    assert "readers skip it" in section and "safe to delete when no run is active" in section
