@@ -13,6 +13,8 @@ changes an order of summation; a touch into L2 or a table lookup must not change
 
 Options (each row is the defaults plus one change):
     rope table off       cos/sin computed per step (layers/rotary.py; the table is on on CUDA)
+    split reduce fused   split-KV partials merged by the attention kernel's last split, no
+                         second launch (TritonAttentionBackend.fused_split_reduce; opt-in)
     L2 prefetch plans    models/llama_prefetch.py PrefetchPlan: o_proj; o_proj + next qkv;
                          + the first 8 / 16 MiB of gate_up
 
@@ -64,8 +66,15 @@ def options():
         for r in rope_rotaries(engine):
             r.table = saved.pop(id(r), r.table)
 
+    def fused_reduce(on: bool):
+        def switch(engine, device=None):
+            engine.runner.attn_backend.fused_split_reduce = on
+            return ""
+        return switch
+
     nothing = (DEFAULTS, lambda engine, device: "", lambda engine: None)
     return [nothing, ("rope table off", rope_off, rope_back),
+            ("split reduce fused", fused_reduce(True), fused_reduce(False)),
             prefetch(next_qkv=False), prefetch(), prefetch(gate_up_mib=8.0),
             prefetch(gate_up_mib=16.0), nothing]
 

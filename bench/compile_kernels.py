@@ -49,6 +49,7 @@ def _variants():
                     sig = {
                         "out_ptr": f"*{dt}", "part_out_ptr": "*fp32" if splits > 1 else f"*{dt}",
                         "part_lse_ptr": "*fp32" if splits > 1 else f"*{dt}",
+                        "counter_ptr": "*i32",   # seq_lens when not fused
                         "q_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}", "v_cache_ptr": f"*{dt}",
                         "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
                         "query_start_loc_ptr": "*i32", "num_seqs": "i32", "num_heads": "i32",
@@ -61,7 +62,8 @@ def _variants():
                     }
                     consts = {"GROUP": group, "BLOCK_Q": block_q, "BLOCK_M": block_m,
                               "HEAD_DIM": head_dim, "BLOCK_SIZE": block_size, "TILE_N": 64,
-                              "NUM_SPLITS": splits, "IEEE_DOT": dt == "fp32"}
+                              "NUM_SPLITS": splits, "IEEE_DOT": dt == "fp32",
+                              "FUSED_REDUCE": False}
                     for k in consts:
                         sig[k] = "constexpr"
                     warps = 8 if block_m * head_dim >= 128 * 128 else 4
@@ -69,6 +71,12 @@ def _variants():
                                 f"bm{block_m} bs{block_size} splits{splits}",
                                 pa._paged_attention_kernel, sig, consts,
                                 {"num_warps": warps, "num_stages": 2}))
+                    if splits > 1:   # TritonAttentionBackend(fused_split_reduce=True)
+                        out.append((f"paged_attention {dt} hd{head_dim} g{group} bq{block_q} "
+                                    f"bm{block_m} bs{block_size} splits{splits} fused-reduce",
+                                    pa._paged_attention_kernel, sig,
+                                    dict(consts, FUSED_REDUCE=True),
+                                    {"num_warps": warps, "num_stages": 2}))
                     if head_dim == 64 and block_q * group == block_m or (group, block_q) == (4, 4):
                         # 128-key tiles: the default for wide decode batches at head_dim 64.
                         consts128 = dict(consts, TILE_N=128)

@@ -145,6 +145,11 @@ CASES = [
     ("split_verify", [(93, 5), (200, 5), (10, 5), (95, 1)], 8, 2, 64, 16,
      {"num_kv_splits": 3, "tile_n": 16}),
 ]
+# The split cases again with the splits merged inside the kernel (fused_split_reduce).
+CASES += [(name + "_fused", spans, heads, kv_heads, head_dim, block_size,
+           dict(kwargs, fused_split_reduce=True))
+          for name, spans, heads, kv_heads, head_dim, block_size, kwargs in CASES
+          if kwargs.get("num_kv_splits", 1) > 1]
 
 
 def case_ids():

@@ -19,6 +19,7 @@ import triton
 
 from llmbatch.runtime.attention.backend import AttentionBackend, AttentionMetadata
 from llmbatch.runtime.attention.triton_kernels import paged_attention, store_kv
+from llmbatch.runtime.attention.triton_kernels.paged_attention import split_counter_slots
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Steps whose spans are at most this long may be split: decode, and k+1 speculative tokens
@@ -62,12 +63,15 @@ class TritonAttentionBackend(AttentionBackend):
     max_block_m:   cap on query-tile rows (tokens x grouped heads) for prefill spans.
     tile_n:        keys per inner-loop step; None = _default_tile_n (64; 128 for wide decode
                    batches at head_dim <= 64; 32 for head_dim > 128).
+    fused_split_reduce: split-KV partials merged inside the attention kernel by the last split
+                   to finish (triton_kernels/split_reduce.py), not by a second launch. Opt-in
+                   until measured (bench/bench_batch1.py); set before CUDA graphs are captured.
     """
 
     name = "triton"
 
     def __init__(self, num_kv_splits: int | None = None, max_block_m: int = 64,
-                 tile_n: int | None = None) -> None:
+                 tile_n: int | None = None, fused_split_reduce: bool = False) -> None:
         if num_kv_splits is not None and num_kv_splits < 1:
             raise ValueError(f"num_kv_splits must be >= 1 or None, got {num_kv_splits}")
         for name, value in (("max_block_m", max_block_m), ("tile_n", tile_n)):
@@ -76,6 +80,11 @@ class TritonAttentionBackend(AttentionBackend):
         self.num_kv_splits = num_kv_splits
         self.max_block_m = max_block_m
         self.tile_n = tile_n
+        self.fused_split_reduce = fused_split_reduce
+        # Zeroed int32 counters per device for the fused reduce (the kernel leaves them zero).
+        # A larger launch gets a new, larger tensor; the old ones stay alive, since a captured
+        # CUDA graph keeps using the one it was captured with.
+        self._split_counters: dict[torch.device, list[torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ K/V store
 
@@ -144,15 +153,27 @@ class TritonAttentionBackend(AttentionBackend):
         group = num_heads // num_kv_heads
         block_q, block_m = self._query_tiling(meta.max_query_len, group)
         tile_n = self.tile_n or _default_tile_n(head_dim, meta.max_query_len, num_seqs)
+        num_splits = self._num_splits(meta, num_kv_heads, query.device)
+        counters = None
+        if num_splits > 1 and self.fused_split_reduce:
+            counters = self._counters(query.device, split_counter_slots(
+                num_tokens, num_seqs, num_kv_heads, block_q))
         paged_attention(
             out, query, k_cache, v_cache,
             meta.block_tables, meta.seq_lens.contiguous(), meta.query_start_loc.contiguous(),
             scale,
-            block_q=block_q, block_m=block_m, tile_n=tile_n,
-            num_splits=self._num_splits(meta, num_kv_heads, query.device),
+            block_q=block_q, block_m=block_m, tile_n=tile_n, num_splits=num_splits,
             num_warps=8 if block_m * head_dim >= 128 * 128 else 4,
+            split_counters=counters,
         )
         return out
+
+    def _counters(self, device: torch.device, slots: int) -> torch.Tensor:
+        """A zeroed int32 tensor of at least `slots` entries (at least 4096) on `device`."""
+        kept = self._split_counters.setdefault(device, [])
+        if not kept or kept[-1].numel() < slots:
+            kept.append(torch.zeros(max(slots, 4096), dtype=torch.int32, device=device))
+        return kept[-1]
 
     def _query_tiling(self, max_query_len: int, group: int) -> tuple[int, int]:
         """(BLOCK_Q tokens, BLOCK_M rows) per program; BLOCK_Q * group <= BLOCK_M.

@@ -24,8 +24,9 @@ Grid = (num_q_tiles, num_kv_heads, num_splits).
   a variant with no load masks and no score masking.
 * Split-KV (flash-decoding): with num_splits > 1, split s takes key tiles
   [s * P, (s + 1) * P) and writes a normalised partial output plus its log-sum-exp (base 2) to
-  fp32 scratch; `_reduce_splits_kernel` merges them. P is the power of two at or above
-  cdiv(tiles of the whole sequence, num_splits): for one split count it depends on the
+  fp32 scratch; `_reduce_splits_kernel` (split_reduce.py) merges them in a second launch, or,
+  with FUSED_REDUCE, the last program of each query tile to finish merges its rows. P is the
+  power of two at or above cdiv(tiles of the whole sequence, num_splits): for one split count it depends on the
   sequence's length only through that power of two, so the rows of a k+1-token verify window
   get the same split boundaries wherever the window starts (unless it straddles a length
   where P doubles: 1024, 2048, ... keys at 16 splits of 64), and speculation's bf16 numerics
@@ -40,6 +41,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from llmbatch.runtime.attention.triton_kernels.split_reduce import (_reduce_splits_kernel,
+                                                                   merge_split_rows)
 
 # Softmax runs in base 2: exp(x * scale) == exp2(x * scale * log2(e)).
 LOG2E = 1.4426950408889634
@@ -134,6 +138,7 @@ def _paged_attention_kernel(
     out_ptr,            # (num_tokens, num_heads, HEAD_DIM), query dtype; used if NUM_SPLITS == 1
     part_out_ptr,       # (num_tokens, num_heads, NUM_SPLITS, HEAD_DIM) fp32; if NUM_SPLITS > 1
     part_lse_ptr,       # (num_tokens, num_heads, NUM_SPLITS) fp32, base-2 log-sum-exp
+    counter_ptr,        # (>= grid[0] * num_kv_heads,) int32, zero at rest; if FUSED_REDUCE
     q_ptr,              # (num_tokens, num_heads, HEAD_DIM)
     k_cache_ptr,        # (num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
     v_cache_ptr,
@@ -156,6 +161,7 @@ def _paged_attention_kernel(
     TILE_N: tl.constexpr,       # keys per inner-loop step
     NUM_SPLITS: tl.constexpr,
     IEEE_DOT: tl.constexpr,     # float32 inputs: exact fp32 dots, not TF32
+    FUSED_REDUCE: tl.constexpr = False,   # NUM_SPLITS > 1: the last split merges (split_reduce)
 ):
     pid_q = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -229,38 +235,21 @@ def _paged_attention_kernel(
                  mask=row_valid[:, None])
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
+        if FUSED_REDUCE:
+            # Every thread's stores above precede (barrier) the release of the count; the
+            # program that brings it to NUM_SPLITS has acquired all the others' partials.
+            tl.debug_barrier()
+            slot = counter_ptr + pid_q * tl.num_programs(1) + kv_head
+            if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+                merge_split_rows(out_ptr, part_out_ptr, part_lse_ptr, tok, head, row_valid,
+                                 offs_d, num_heads, stride_o_tok, stride_o_head, NUM_SPLITS,
+                                 HEAD_DIM)
+                tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")   # ready for the next launch
 
 
-@triton.jit
-def _reduce_splits_kernel(
-    out_ptr,            # (num_tokens, num_heads, HEAD_DIM), query dtype
-    part_out_ptr,       # (num_tokens, num_heads, NUM_SPLITS, HEAD_DIM) fp32
-    part_lse_ptr,       # (num_tokens, num_heads, NUM_SPLITS) fp32
-    num_heads,
-    stride_o_tok, stride_o_head,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,   # next power of two >= NUM_SPLITS
-    HEAD_DIM: tl.constexpr,
-):
-    """out = sum_s w_s * o_s / sum_s w_s with w_s = 2^(lse_s - max lse): one program per row."""
-    tok = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
-    s_valid = offs_s < NUM_SPLITS
-    base = (tok * num_heads + head) * NUM_SPLITS
-    lse = tl.load(part_lse_ptr + base + offs_s, mask=s_valid, other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no keys at all: weights 0
-    w = tl.exp2(lse - lse_max)                                   # (SPLITS_PAD,)
-    o = tl.load(part_out_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=s_valid[:, None], other=0.0)                # (SPLITS_PAD, HEAD_DIM)
-    # Empty splits hold o == 0 and w == 0; the where guards 0 * garbage from ever mattering.
-    o = tl.where((w > 0.0)[:, None], o, 0.0)
-    denom = tl.sum(w, axis=0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(out_ptr + tok * stride_o_tok + head * stride_o_head + offs_d,
-             out.to(out_ptr.dtype.element_ty))
+def split_counter_slots(num_tokens: int, num_seqs: int, num_kv_heads: int, block_q: int) -> int:
+    """Counters a fused-reduce launch needs: one per (query tile, KV head) program column."""
+    return (num_tokens // block_q + num_seqs) * num_kv_heads
 
 
 def paged_attention(
@@ -279,9 +268,13 @@ def paged_attention(
     num_splits: int,
     num_warps: int = 4,
     num_stages: int = 2,
+    split_counters: torch.Tensor | None = None,
 ) -> None:
     """Launch the kernel(s) with tile sizes chosen by the caller (see triton_backend.py).
 
+    split_counters: with num_splits > 1, an int32 tensor of at least
+    split_counter_slots(num_tokens, num_seqs, num_kv_heads, block_q) zeros: the splits are
+    merged inside the kernel (split_reduce.py), no second launch; the kernel leaves it zero.
     Every size here comes from tensor shapes or caller ints: nothing reads the device, so the
     call is safe inside CUDA-graph capture.
     """
@@ -299,8 +292,13 @@ def paged_attention(
     else:
         part_out = part_lse = out  # unused by the NUM_SPLITS == 1 specialisation
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
+    fused = num_splits > 1 and split_counters is not None
+    if fused and split_counters.numel() < grid[0] * grid[1]:
+        raise ValueError(f"split_counters holds {split_counters.numel()} slots, the launch "
+                         f"needs {grid[0] * grid[1]}")
     _paged_attention_kernel[grid](
-        out, part_out, part_lse, query, k_cache, v_cache,
+        out, part_out, part_lse, split_counters if fused else seq_lens,
+        query, k_cache, v_cache,
         block_tables, seq_lens, query_start_loc,
         num_seqs, num_heads, scale * LOG2E,
         query.stride(0), query.stride(1),
@@ -310,10 +308,10 @@ def paged_attention(
         block_tables.stride(0), block_tables.stride(1),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1], TILE_N=tile_n, NUM_SPLITS=num_splits,
-        IEEE_DOT=query.dtype == torch.float32,
+        IEEE_DOT=query.dtype == torch.float32, FUSED_REDUCE=fused,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fused:
         _reduce_splits_kernel[(num_tokens, num_heads)](
             out, part_out, part_lse, num_heads, out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
