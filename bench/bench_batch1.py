@@ -15,6 +15,8 @@ Options (each row is the defaults plus one change):
     rope table off       cos/sin computed per step (layers/rotary.py; the table is on on CUDA)
     split reduce fused   split-KV partials merged by the attention kernel's last split, no
                          second launch (TritonAttentionBackend.fused_split_reduce; opt-in)
+    argmax in torch      greedy argmax as ~5 torch launches, not the 2 Triton ones
+                         (sampler.TRITON_ARGMAX, on by default on CUDA)
     L2 prefetch plans    models/llama_prefetch.py PrefetchPlan: o_proj; o_proj + next qkv;
                          + the first 8 / 16 MiB of gate_up
 
@@ -72,9 +74,18 @@ def options():
             return ""
         return switch
 
+    def triton_argmax(on: bool):
+        def switch(engine, device=None):
+            from llmbatch.runtime import sampler
+
+            sampler.TRITON_ARGMAX = on
+            return ""
+        return switch
+
     nothing = (DEFAULTS, lambda engine, device: "", lambda engine: None)
     return [nothing, ("rope table off", rope_off, rope_back),
             ("split reduce fused", fused_reduce(True), fused_reduce(False)),
+            ("argmax in torch", triton_argmax(False), triton_argmax(True)),
             prefetch(next_qkv=False), prefetch(), prefetch(gate_up_mib=8.0),
             prefetch(gate_up_mib=16.0), nothing]
 

@@ -147,6 +147,16 @@ def _variants():
     # The 1B shape's qkv (768 blocks: 3 iterations) and o_proj (512: 2); both sizes % 16 == 0.
     out.append(("l2_touch", lp._l2_touch_kernel, sig, {"BLOCK": lp.BLOCK_WORDS},
                 {"num_warps": 4}, _aligned(sig, ("n_words",))))
+    ta = importlib.import_module("llmbatch.runtime.triton_argmax")
+    # sampler.greedy_argmax on CUDA: float32 logits, Llama 3's 128256 columns (126 chunks).
+    sig = {"logits_ptr": "*fp32", "row_stride": "i32", "vocab": "i32", "val_ptr": "*fp32",
+           "idx_ptr": "*i32", "num_chunks": "i32", "CHUNK": "constexpr"}
+    out.append(("argmax chunks", ta._chunk_argmax_kernel, sig, {"CHUNK": ta.CHUNK},
+                {"num_warps": 4}, _aligned(sig, ("row_stride",))))
+    sig = {"val_ptr": "*fp32", "idx_ptr": "*i32", "num_chunks": "i32", "out_ptr": "*i64",
+           "CHUNKS_PAD": "constexpr"}
+    out.append(("argmax pick", ta._pick_chunk_kernel, sig, {"CHUNKS_PAD": 128},
+                {"num_warps": 4}, _aligned(sig, ())))
     out.extend(_skinny_matmul_variants(sm))
     out.extend(_int8_matmul_variants())
     out.extend(_nf4_matmul_variants())

@@ -103,7 +103,8 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   timeout -s INT -k 20 "${PYTEST_TIMEOUT:-200}" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_device_gpu.py \
     tests/gpu/test_triton_attention_gpu.py \
     tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py \
-    tests/gpu/test_fused_kernels_gpu.py tests/gpu/test_l2_prefetch_gpu.py \
+    tests/gpu/test_fused_kernels_gpu.py tests/gpu/test_triton_argmax_gpu.py \
+    tests/gpu/test_l2_prefetch_gpu.py \
     tests/gpu/test_async_scheduling_gpu.py \
     tests/gpu/test_int8_matmul_gpu.py tests/gpu/test_nf4_matmul_gpu.py tests/gpu} \
     --maxfail=20 -q -rfE --durations=12 -p no:cacheprovider 2>&1 \

@@ -64,6 +64,9 @@ def _validate_inputs(logits, params, output_indices, default_seeds):
 # one-pass reduction over 128k logits: 27 us a step at batch 1 on an H200).
 _TWO_STAGE_MAX_ROWS = 16
 _TWO_STAGE_MIN_VOCAB = 16384
+# The two stages as two Triton launches (triton_argmax.py) instead of ~5 torch ones, on CUDA.
+# Since stop 10, not yet measured (bench_batch1's "argmax in torch" row is the A/B).
+TRITON_ARGMAX = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,20 +80,28 @@ def _argmax_chunk(vocab: int) -> int:
     return 1024
 
 
-def greedy_argmax(logits: torch.Tensor, two_stage: Optional[bool] = None) -> torch.Tensor:
+def greedy_argmax(logits: torch.Tensor, two_stage: Optional[bool] = None,
+                  use_triton: Optional[bool] = None) -> torch.Tensor:
     """torch.argmax(logits, dim=-1) for (rows, vocab) logits, the same index in every case
     (first maximum; a NaN counts as the maximum, the first NaN wins, as in torch.argmax).
 
     For few rows over a large vocabulary, two stages: the max of each chunk of C columns
     (many parallel reductions), then the first chunk holding the overall max. Both stages take
     the first occurrence, so the result is the overall first occurrence. two_stage: None
-    chooses (CUDA, few rows, large vocabulary); tests force it either way."""
+    chooses (CUDA, few rows, large vocabulary); tests force it either way. use_triton: the two
+    stages as Triton kernels (triton_argmax.py); None: on CUDA when TRITON_ARGMAX is set."""
     rows, vocab = logits.shape
     if two_stage is None:
         two_stage = (logits.is_cuda and rows <= _TWO_STAGE_MAX_ROWS
                      and vocab >= _TWO_STAGE_MIN_VOCAB)
     if not two_stage:
         return torch.argmax(logits, dim=-1)
+    if use_triton is None:
+        use_triton = TRITON_ARGMAX and logits.is_cuda
+    if use_triton and rows and vocab:
+        from llmbatch.runtime.triton_argmax import triton_argmax
+
+        return triton_argmax(logits)
     chunk = _argmax_chunk(vocab)
     pad = (-vocab) % chunk
     x = logits if not pad else torch.nn.functional.pad(logits, (0, pad), value=float("-inf"))
