@@ -17,10 +17,13 @@ Options (each row is the defaults plus one change):
                          second launch (TritonAttentionBackend.fused_split_reduce; opt-in)
     argmax in torch      greedy argmax as ~5 torch launches, not the 2 Triton ones
                          (sampler.TRITON_ARGMAX, on by default on CUDA)
+    attention ...        the decode attention's split count forced to 8 or 32 (the heuristic
+                         gives 16 at batch 1), or its key tile at 32 or 128 (default 64)
     L2 prefetch plans    models/llama_prefetch.py PrefetchPlan: o_proj; o_proj + next qkv;
                          + the first 8 / 16 MiB of gate_up
 
-Writes OUT/bench_batch1.json; prints one line per row: TPOT and the ratio to the first row.
+Writes OUT/bench_batch1.json after every row (a run cut by its time limit keeps what ran);
+prints one line per row: TPOT and the ratio to the first row.
 """
 
 from __future__ import annotations
@@ -82,12 +85,27 @@ def options():
             return ""
         return switch
 
+    def attention(field: str, value: int):
+        def apply(engine, device=None):
+            backend = engine.runner.attn_backend
+            saved[field] = getattr(backend, field, None)
+            setattr(backend, field, value)
+            return ""
+
+        def undo(engine):
+            setattr(engine.runner.attn_backend, field, saved.pop(field, None))
+        label = {"num_kv_splits": "splits", "tile_n": "key tile"}[field]
+        return f"attention {label} {value}", apply, undo
+
     nothing = (DEFAULTS, lambda engine, device: "", lambda engine: None)
-    return [nothing, ("rope table off", rope_off, rope_back),
+    # The likeliest gains first: a run cut by its time limit keeps them (JSON after each row).
+    return [nothing, prefetch(next_qkv=False), prefetch(),
             ("split reduce fused", fused_reduce(True), fused_reduce(False)),
             ("argmax in torch", triton_argmax(False), triton_argmax(True)),
-            prefetch(next_qkv=False), prefetch(), prefetch(gate_up_mib=8.0),
-            prefetch(gate_up_mib=16.0), nothing]
+            ("rope table off", rope_off, rope_back),
+            prefetch(gate_up_mib=8.0), prefetch(gate_up_mib=16.0),
+            attention("num_kv_splits", 8), attention("num_kv_splits", 32),
+            attention("tile_n", 32), attention("tile_n", 128), nothing]
 
 
 def parse_args(argv=None):
@@ -148,23 +166,23 @@ def main(argv=None) -> int:
         overrides["cpu_kv_cache_bytes"] = 16 << 20
     engine, load_s = llmbatch_runner.build_engine(model_dir, dtype, device, **overrides)
     rows = []
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+           "shape": shape.name, "load_s": load_s, "smoke_test_only": args.dry_run, "rows": rows}
+    first = None
     for label, apply, undo in options():
         row = run_row(engine, workload, label, apply, undo, torch.device(device))
-        first = rows[0]["_outputs"] if rows else row["_outputs"]
-        row["same_tokens_as_first"] = row["_outputs"] == first
+        outputs = row.pop("_outputs")
+        first = outputs if first is None else first
+        row["same_tokens_as_first"] = outputs == first
         rows.append(row)
+        with open(os.path.join(args.out, "bench_batch1.json"), "w") as f:
+            json.dump(out, f, indent=1)
         ratio = rows[0]["tpot_s"] / row["tpot_s"] if row["tpot_s"] else float("nan")
         print(f"batch1 {label:<40} TPOT {row['tpot_s'] * 1e3:.3f} ms  {ratio:.3f}x first row"
               f"  same tokens {row['same_tokens_as_first']}  capture {row['capture_s']:.1f} s"
               + (f"  ({row['detail']})" if row["detail"] else "")
               + (f"  ERRORS {row['num_errors'] + row['num_wrong_lengths']}"
                  if row["num_errors"] or row["num_wrong_lengths"] else ""), flush=True)
-    for row in rows:
-        del row["_outputs"]
-    out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-           "shape": shape.name, "load_s": load_s, "smoke_test_only": args.dry_run, "rows": rows}
-    with open(os.path.join(args.out, "bench_batch1.json"), "w") as f:
-        json.dump(out, f, indent=1)
     return 1 if any(r["num_errors"] or r["num_wrong_lengths"] for r in rows) else 0
 
 

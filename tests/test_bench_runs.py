@@ -151,14 +151,13 @@ def test_batch1_sweep_dry_run_on_cpu(tmp_path):
     out = json.loads((tmp_path / "bench_batch1.json").read_text())
     rows = out["rows"]
     assert [r["option"] for r in rows] == [
-        "defaults", "rope table off", "split reduce fused", "argmax in torch",
-        "L2 prefetch o_proj",
-        "L2 prefetch o_proj+next_qkv",
-        "L2 prefetch o_proj+next_qkv+gate_up 8 MiB", "L2 prefetch o_proj+next_qkv+gate_up 16 MiB",
-        "defaults"]
+        "defaults", "L2 prefetch o_proj", "L2 prefetch o_proj+next_qkv", "split reduce fused",
+        "argmax in torch", "rope table off", "L2 prefetch o_proj+next_qkv+gate_up 8 MiB",
+        "L2 prefetch o_proj+next_qkv+gate_up 16 MiB", "attention splits 8",
+        "attention splits 32", "attention key tile 32", "attention key tile 128", "defaults"]
     # The tiny shape's 2 layers: o_proj each, + qkv each, + a gate_up prefix each.
-    assert [r["detail"] for r in rows[4:8]] == [
+    assert [rows[i]["detail"] for i in (1, 2, 6, 7)] == [
         f"{n} weights touched" for n in (2, 4, 6, 6)]
     assert all(r["same_tokens_as_first"] and r["num_errors"] == 0 for r in rows)
     assert out["smoke_test_only"] is True
-    assert proc.stdout.count("batch1 ") == 9
+    assert proc.stdout.count("batch1 ") == 13
