@@ -120,11 +120,15 @@ def parse_args(argv=None):
 
 
 def recapture(engine) -> None:
-    """The decode CUDA graphs again, with the options applied now (no-op off CUDA)."""
+    """The decode CUDA graphs again, with the options applied now (no-op off CUDA). Also
+    after a row whose capture failed (its row shows cuda_graph_error; the next one tries
+    again)."""
     runner = engine.runner
-    if runner.graph_runner is not None:
-        runner.graph_runner = None
-        runner.graph_runner = runner._maybe_capture_decode_graphs()
+    if runner.device.type != "cuda":
+        return
+    runner.graph_runner = None
+    runner.cuda_graph_error = None
+    runner.graph_runner = runner._maybe_capture_decode_graphs()
 
 
 def run_row(engine, workload, label, apply, undo, device) -> dict:
