@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 from bench import llmbatch_runner
 from bench.model_shapes import get_shape, make_checkpoint
@@ -173,21 +174,36 @@ def main(argv=None) -> int:
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
            "shape": shape.name, "load_s": load_s, "smoke_test_only": args.dry_run, "rows": rows}
     first = None
+
+    def save():
+        with open(os.path.join(args.out, "bench_batch1.json"), "w") as f:
+            json.dump(out, f, indent=1)
+
     for label, apply, undo in options():
-        row = run_row(engine, workload, label, apply, undo, torch.device(device))
+        try:
+            row = run_row(engine, workload, label, apply, undo, torch.device(device))
+        except Exception as exc:   # one broken option must not cost the other rows
+            traceback.print_exc()
+            rows.append({"option": label, "error": f"{type(exc).__name__}: {exc}"})
+            save()
+            print(f"batch1 {label:<40} ERROR {type(exc).__name__}: {exc}", flush=True)
+            continue
         outputs = row.pop("_outputs")
         first = outputs if first is None else first
         row["same_tokens_as_first"] = outputs == first
         rows.append(row)
-        with open(os.path.join(args.out, "bench_batch1.json"), "w") as f:
-            json.dump(out, f, indent=1)
-        ratio = rows[0]["tpot_s"] / row["tpot_s"] if row["tpot_s"] else float("nan")
-        print(f"batch1 {label:<40} TPOT {row['tpot_s'] * 1e3:.3f} ms  {ratio:.3f}x first row"
-              f"  same tokens {row['same_tokens_as_first']}  capture {row['capture_s']:.1f} s"
+        save()
+        base = next((r["tpot_s"] for r in rows if r.get("tpot_s")), None)
+        tpot = row["tpot_s"]
+        print(f"batch1 {label:<40} TPOT "
+              + (f"{tpot * 1e3:.3f} ms  {base / tpot:.3f}x first row" if tpot and base
+                 else "n/a")
+              + f"  same tokens {row['same_tokens_as_first']}  capture {row['capture_s']:.1f} s"
               + (f"  ({row['detail']})" if row["detail"] else "")
               + (f"  ERRORS {row['num_errors'] + row['num_wrong_lengths']}"
                  if row["num_errors"] or row["num_wrong_lengths"] else ""), flush=True)
-    return 1 if any(r["num_errors"] or r["num_wrong_lengths"] for r in rows) else 0
+    return 1 if any(r.get("error") or r["num_errors"] or r["num_wrong_lengths"]
+                    for r in rows) else 0
 
 
 if __name__ == "__main__":

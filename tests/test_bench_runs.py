@@ -161,3 +161,21 @@ def test_batch1_sweep_dry_run_on_cpu(tmp_path):
     assert all(r["same_tokens_as_first"] and r["num_errors"] == 0 for r in rows)
     assert out["smoke_test_only"] is True
     assert proc.stdout.count("batch1 ") == 13
+
+
+def test_batch1_sweep_records_a_broken_option_and_goes_on(tmp_path, monkeypatch):
+    """An option that raises leaves an error row (JSON and console) and exit status 1; the
+    rows after it still run."""
+    from bench import bench_batch1
+
+    def broken(engine, device):
+        raise RuntimeError("option broke")
+
+    nothing = (bench_batch1.DEFAULTS, lambda engine, device: "", lambda engine: None)
+    monkeypatch.setattr(bench_batch1, "options",
+                        lambda: [nothing, ("broken", broken, lambda engine: None), nothing])
+    assert bench_batch1.main(["--dry-run", "--out", str(tmp_path)]) == 1
+    rows = json.loads((tmp_path / "bench_batch1.json").read_text())["rows"]
+    assert [r["option"] for r in rows] == ["defaults", "broken", "defaults"]
+    assert rows[1] == {"option": "broken", "error": "RuntimeError: option broke"}
+    assert rows[2]["same_tokens_as_first"] is True and rows[2]["num_errors"] == 0
