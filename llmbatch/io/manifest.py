@@ -11,10 +11,11 @@ uncommitted leftover and is deleted on restart; its rows are simply produced aga
 rows are committed strictly in input order, a shard's committed rows are always a prefix of its
 row range, and resuming means starting at the end of the last committed part.
 
-A committed part found damaged on resume (footer unreadable, or not the row count its entry
-records: a truncated copy, a full disk, a hand edit) is un-committed together with every later
-part of its shard, so the committed rows stay a prefix and the ordinary resume produces them
-again (same part names and boundaries: they depend only on the shard range and rows_per_part).
+A committed part found damaged or missing on resume (file gone, footer unreadable, or not the
+row count its entry records: a deleted or truncated copy, a full disk, a hand edit) is
+un-committed together with every later part of its shard, so the committed rows stay a prefix
+and the ordinary resume produces them again (same part names and boundaries: they depend only on
+the shard range and rows_per_part).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Optional
 
 from llmbatch.io.layout import (ENTRY_RE, ENTRY_TMP_RE, MANIFEST_DIR, PART_RE, PART_TMP_RE,
                                 STATS_DIR, deletable_shard)
-from llmbatch.io.writer import part_defect, part_name, write_atomic_bytes
+from llmbatch.io.writer import MISSING, part_defect, part_name, write_atomic_bytes
 from llmbatch.jobs.errors import ResumeError
 
 __all__ = ["Manifest", "MANIFEST_DIR", "STATS_DIR"]
@@ -84,8 +85,8 @@ class Manifest:
 
     # -- resuming --------------------------------------------------------------------------
     def first_damaged(self, entries: list[dict]) -> Optional[tuple[int, str]]:
-        """(index in `entries`, why) of the first committed part whose file is damaged, or
-        None. Reads part footers only; writes nothing."""
+        """(index in `entries`, why) of the first committed part whose file is damaged or
+        missing (why == MISSING), or None. Reads part footers only; writes nothing."""
         for i, entry in enumerate(entries):
             why = part_defect(os.path.join(self.out_dir, entry["part"]),
                               entry["row_end"] - entry["row_start"])
@@ -95,17 +96,13 @@ class Manifest:
 
     def recover(self, shard: int, row_start: int) -> list[dict]:
         """Drop uncommitted leftovers of `shard`; return its committed entries (checked to be
-        contiguous from `row_start` with their part files present), cut before the first
-        damaged part."""
+        contiguous from `row_start`), cut before the first damaged or missing part."""
         entries = self.entries(shard)
         expected_row = row_start
         for seq, entry in enumerate(entries):
             if entry["seq"] != seq or entry["row_start"] != expected_row:
                 raise ResumeError(f"output.path {self.out_dir}: manifest of shard {shard} is not "
                                   f"contiguous at part {entry['part']}; set output.mode: overwrite")
-            if not os.path.isfile(os.path.join(self.out_dir, entry["part"])):
-                raise ResumeError(f"output.path {self.out_dir}: committed part {entry['part']} is "
-                                  f"missing; set output.mode: overwrite")
             expected_row = entry["row_end"]
         entries = self._uncommit_damaged(entries)
         committed = {e["part"] for e in entries}
@@ -120,9 +117,10 @@ class Manifest:
         return entries
 
     def _uncommit_damaged(self, entries: list[dict]) -> list[dict]:
-        """Remove the manifest entries from the first damaged part on, last first: a kill
-        midway leaves a shorter prefix that still holds the damaged part, found again on the
-        next resume. Their part files are then uncommitted leftovers that recover() deletes."""
+        """Remove the manifest entries from the first damaged (or missing) part on, last
+        first: a kill midway leaves a shorter prefix that still holds that part, found again
+        on the next resume. Their part files are then uncommitted leftovers that recover()
+        deletes."""
         found = self.first_damaged(entries)
         if found is None:
             return entries
@@ -130,7 +128,8 @@ class Manifest:
         for entry in reversed(entries[first:]):
             os.remove(os.path.join(self.dir, _entry_name(entry["part"])))
         later = len(entries) - first - 1
-        self.dropped = (f"committed part {entries[first]['part']} is damaged ({why}); its rows"
+        state = why if why == MISSING else f"damaged ({why})"
+        self.dropped = (f"committed part {entries[first]['part']} is {state}; its rows"
                         + (f" and those of the {later} parts after it" if later else "")
                         + " are produced again")
         return entries[:first]

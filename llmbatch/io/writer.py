@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 METADATA_KEY = b"llmbatch"
+MISSING = "missing"                # part_defect() of a part file that is not there at all
 
 
 def part_name(shard: int, seq: int) -> str:
@@ -118,8 +119,10 @@ def read_part_metadata(path: str) -> dict:
 
 def part_defect(path: str, num_rows: int) -> Optional[str]:
     """Why the part file at `path` cannot hold the `num_rows` rows its manifest entry records
-    (footer unreadable: truncated or overwritten; another row count), or None when it can.
-    Reads only the footer, so checking every committed part on resume stays cheap."""
+    ("missing"; footer unreadable: truncated or overwritten; another row count), or None when
+    it can. Reads only the footer, so checking every committed part on resume stays cheap."""
+    if not os.path.exists(path):
+        return MISSING
     try:
         found = pq.ParquetFile(path).metadata.num_rows
     except (OSError, ValueError, pa.ArrowException) as exc:

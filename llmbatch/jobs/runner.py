@@ -124,7 +124,7 @@ class JobRunner:
         if spec.output.mode == "resume":
             self.manifest.check_hash(config_hash)
             entries = self.manifest.entries(shard.index)
-            # A damaged part and those after it are produced again (Manifest.recover).
+            # A damaged or missing part and those after it are produced again (Manifest.recover).
             damaged = self.manifest.first_damaged(entries)
             intact = entries[:damaged[0]] if damaged else entries
             rows_done = intact[-1]["row_end"] - start if intact else 0
@@ -205,7 +205,7 @@ class JobRunner:
         schema = output_schema(self._source.schema, spec.input.keep_columns,
                                spec.input.id_column, self._with_logprobs)
         committed = self.manifest.recover(shard.index, plan.row_start)
-        if self.manifest.dropped:     # data was damaged: say so whatever the progress mode
+        if self.manifest.dropped:     # data was damaged or lost: say so whatever the progress mode
             print(f"llmbatch: output.path {spec.output.path}: {self.manifest.dropped}",
                   file=sys.stderr, flush=True)
         self._committer = InOrderCommitter(

@@ -54,13 +54,25 @@ def test_recover_drops_uncommitted_parts_and_temps(tmp_path):
     assert ds.dataset(str(tmp_path)).to_table().column("id").to_pylist() == list(range(9))
 
 
-def test_recover_refuses_damaged_manifests(tmp_path):
+def test_recover_refuses_a_non_contiguous_manifest(tmp_path):
     commit(tmp_path, 0, 0, 0, 3)
-    os.remove(tmp_path / "part-00000-00000.parquet")
-    with pytest.raises(ResumeError, match="committed part part-00000-00000.parquet is missing"):
-        Manifest(str(tmp_path)).recover(0, 0)
     with pytest.raises(ResumeError, match="not contiguous"):
         Manifest(str(tmp_path)).recover(0, 1)
+
+
+def test_recover_uncommits_a_missing_part_and_the_later_ones(tmp_path):
+    # A deleted committed part used to make the resume refuse (set output.mode: overwrite).
+    for seq in range(4):
+        commit(tmp_path, 0, seq, 3 * seq, 3 * seq + 3)
+    os.remove(tmp_path / "part-00000-00001.parquet")
+    manifest = Manifest(str(tmp_path))
+    assert manifest.first_damaged(manifest.entries(0)) == (1, "missing")
+    entries = manifest.recover(0, 0)
+    assert [e["part"] for e in entries] == ["part-00000-00000.parquet"]
+    assert manifest.dropped == ("committed part part-00000-00001.parquet is missing; its rows "
+                                "and those of the 2 parts after it are produced again")
+    assert sorted(os.listdir(tmp_path)) == ["_manifest", "part-00000-00000.parquet"]
+    assert os.listdir(tmp_path / "_manifest") == ["part-00000-00000.json"]
 
 
 def test_recover_uncommits_a_damaged_part_and_the_later_ones(tmp_path):

@@ -132,10 +132,11 @@ def test_killed_twice_then_finished(setup, tiny_tokenizer_dir, jobkit, monkeypat
     check_resumed(setup, out_dir, monkeypatch, jobkit, job_path)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "empty"])
+@pytest.mark.parametrize("damage", ["truncate", "empty", "delete"])
 def test_damaged_committed_part_is_produced_again(setup, tiny_tokenizer_dir, jobkit,
                                                   monkeypatch, capsys, damage):
-    # A truncated committed part used to count as done: the rerun exited 0, its rows lost.
+    # A truncated committed part used to count as done: the rerun exited 0, its rows lost;
+    # a deleted one made the rerun refuse.
     _, _, reference, ref_parts = setup
     job_path, out_dir = write_job(setup, tiny_tokenizer_dir, jobkit, f"damaged_{damage}")
     monkeypatch.setenv("LLMBATCH_ENGINE_FACTORY", jobkit.fake_engine)
@@ -143,8 +144,11 @@ def test_damaged_committed_part_is_produced_again(setup, tiny_tokenizer_dir, job
     part = os.path.join(out_dir, "part-00000-00005.parquet")
     with open(part, "rb") as f:
         data = f.read()
-    with open(part, "wb") as f:
-        f.write(data[: len(data) // 2] if damage == "truncate" else b"")
+    if damage == "delete":
+        os.remove(part)
+    else:
+        with open(part, "wb") as f:
+            f.write(data[: len(data) // 2] if damage == "truncate" else b"")
     assert plan_job(job_path).rows_done == 5 * ROWS_PER_PART
     capsys.readouterr()
     result = run_job(job_path)
@@ -152,9 +156,12 @@ def test_damaged_committed_part_is_produced_again(setup, tiny_tokenizer_dir, job
     assert result.exit_code == 0 and result.num_rows_ok == NUM_ROWS
     assert result.stats["rows_ok"] == NUM_ROWS - 5 * ROWS_PER_PART
     err = capsys.readouterr().err
-    assert err.startswith(f"llmbatch: output.path {out_dir}: committed part "
-                          f"part-00000-00005.parquet is damaged (")
-    assert err.endswith("); its rows and those of the 10 parts after it are produced again\n")
+    head = f"llmbatch: output.path {out_dir}: committed part part-00000-00005.parquet is "
+    tail = "its rows and those of the 10 parts after it are produced again\n"
+    if damage == "delete":
+        assert err == head + "missing; " + tail
+    else:
+        assert err.startswith(head + "damaged (") and err.endswith("); " + tail)
     assert err.count("\n") == 1
     assert ds.dataset(out_dir).to_table().select(COMPARED).equals(reference)
     assert sorted(n for n in os.listdir(out_dir) if n.startswith("part-")) == ref_parts
