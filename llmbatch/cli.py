@@ -92,14 +92,16 @@ def plan(job: str, sets: tuple) -> None:
 @cli.command()
 @click.argument("output_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--out", "dest", required=True, type=click.Path(dir_okay=False),
-              help="Parquet file to write.")
-def merge(output_dir: str, dest: str) -> None:
+              help="Parquet file to write (outside OUTPUT_DIR).")
+@click.option("--overwrite", is_flag=True, help="Replace the --out file if it exists.")
+def merge(output_dir: str, dest: str, overwrite: bool) -> None:
     """Concatenate all committed parts (shard, then part order) into one Parquet file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from llmbatch.io.manifest import Manifest
     from llmbatch.jobs.errors import InvalidInputError
+    from llmbatch.jobs.path_checks import check_merge_dest
 
     entries = Manifest(output_dir).entries()
     if not entries:
@@ -107,6 +109,8 @@ def merge(output_dir: str, dest: str) -> None:
     folder = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(folder):
         raise InvalidInputError(f"--out {dest}: folder {folder} does not exist")
+    check_merge_dest(output_dir, dest, [os.path.join(output_dir, e["part"]) for e in entries],
+                     overwrite)
     # Written under a temporary name and renamed: a failed merge leaves `dest` as it was and
     # no temporary behind.
     tmp = dest + ".tmp"

@@ -1,6 +1,9 @@
-"""`llmbatch merge` failures: one line, exit 2, the destination untouched, no temporary left."""
+"""`llmbatch merge` failures: one line, exit 2, the destination untouched, no temporary left;
+and the destinations it refuses (an existing file without --overwrite, a path in the merged
+folder, a committed part)."""
 
 import os
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -40,7 +43,7 @@ def test_merge_with_a_damaged_part_keeps_the_old_destination(out_dir, capsys):
         f.write(data[: len(data) // 2])          # truncated: no Parquet footer
     with open("all.parquet", "w") as f:
         f.write("previous merge")
-    code, out, err = call(capsys, "merge", out_dir, "-o", "all.parquet")
+    code, out, err = call(capsys, "merge", out_dir, "-o", "all.parquet", "--overwrite")
     assert code == 2 and out == ""
     assert err.startswith(f"llmbatch: error: cannot read committed part {part}: ")
     assert err.count("\n") == 1
@@ -65,3 +68,60 @@ def test_merge_still_writes_every_row_in_order(out_dir, capsys):
     assert code == 0 and out == "merged 3 parts, 9 rows -> all.parquet\n"
     assert pq.read_table("all.parquet").column("id").to_pylist() == list(range(9))
     assert not os.path.exists("all.parquet.tmp")
+
+
+def test_merge_refuses_an_existing_destination_without_overwrite(out_dir, capsys):
+    # It used to replace the file silently.
+    with open("all.parquet", "w") as f:
+        f.write("previous merge")
+    code, out, err = call(capsys, "merge", out_dir, "-o", "all.parquet")
+    assert (code, out) == (2, "")
+    assert err == ("llmbatch: error: --out all.parquet: already exists; pass --overwrite to "
+                   "replace it\n")
+    with open("all.parquet") as f:
+        assert f.read() == "previous merge"
+    assert not os.path.exists("all.parquet.tmp")
+
+
+def test_merge_overwrite_replaces_an_existing_destination(out_dir, capsys):
+    with open("all.parquet", "w") as f:
+        f.write("previous merge")
+    code, out, _ = call(capsys, "merge", out_dir, "-o", "all.parquet", "--overwrite")
+    assert code == 0 and out == "merged 3 parts, 9 rows -> all.parquet\n"
+    assert pq.read_table("all.parquet").column("id").to_pylist() == list(range(9))
+    assert not os.path.exists("all.parquet.tmp")
+
+
+def folder_bytes(folder):
+    return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("dest", ["out/all.parquet", "out/part-00000-00001.parquet",
+                                  "out/_manifest/all.parquet", "./out/../out/all.parquet"])
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_merge_refuses_a_destination_in_the_merged_folder(out_dir, tmp_path, capsys, dest,
+                                                          overwrite):
+    # out/all.parquet used to be written: a later read of out/ returned every row twice.
+    before = folder_bytes(out_dir)
+    code, out, err = call(capsys, "merge", out_dir, "-o", dest, *overwrite)
+    assert (code, out) == (2, "")
+    assert err == (f"llmbatch: error: --out {dest}: inside the merged folder {out_dir} (a later "
+                   f"read of the folder would return the merged rows twice); write it "
+                   f"elsewhere\n")
+    assert folder_bytes(out_dir) == before
+
+
+def test_merge_refuses_a_destination_that_is_a_committed_part(out_dir, capsys):
+    # A part that is a link to a file outside the folder: replacing that file loses its rows.
+    os.mkdir("store")
+    part = os.path.join(out_dir, "part-00000-00001.parquet")
+    os.replace(part, "store/p1.parquet")
+    os.symlink(os.path.abspath("store/p1.parquet"), part)
+    with open("store/p1.parquet", "rb") as f:
+        data = f.read()
+    code, out, err = call(capsys, "merge", out_dir, "-o", "store/p1.parquet", "--overwrite")
+    assert (code, out) == (2, "")
+    assert err == (f"llmbatch: error: --out store/p1.parquet: is committed part {part}, an "
+                   f"input of this merge; write it elsewhere\n")
+    with open("store/p1.parquet", "rb") as f:
+        assert f.read() == data

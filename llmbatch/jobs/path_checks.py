@@ -1,7 +1,8 @@
-"""Paths a job names, checked before the model loads (no torch, no writes).
+"""Paths a job names, checked before the model loads, and `llmbatch merge`'s destination,
+checked before it writes (no torch, no writes).
 
 A typo in a path must cost one line and exit 2 at once, not a model load (or minutes of hub
-retries) followed by an internal error.
+retries) followed by an internal error; a merge must never replace data it was not told to.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 
 from llmbatch.io.layout import foreign_entries
-from llmbatch.jobs.errors import InvalidJobError
+from llmbatch.jobs.errors import InvalidInputError, InvalidJobError
 
 
 def check_local_path(key: str, path: str) -> None:
@@ -43,3 +44,24 @@ def check_output_dir(key_value: str, out_dir: str) -> None:
         raise InvalidJobError(f"output.path {key_value} holds {foreign[0]}{more}, not written by "
                               f"llmbatch; readers of the folder would mix it with the results: "
                               f"move it away or use another output.path")
+
+
+def check_merge_dest(output_dir: str, dest: str, parts: list[str], overwrite: bool) -> None:
+    """`llmbatch merge output_dir -o dest` may write `dest` only outside `output_dir` (a later
+    read of the folder would return the merged rows twice), never over one of its `parts`
+    (paths of the committed part files: one may be a link to a file elsewhere), and over an
+    existing file only with `overwrite`."""
+    # What os.replace(tmp, dest) replaces: the entry `dest` names in its (resolved) folder.
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(dest)))
+    target = os.path.join(folder, os.path.basename(dest))
+    root = os.path.realpath(output_dir)
+    if os.path.commonpath([root, target]) == root:
+        raise InvalidInputError(f"--out {dest}: inside the merged folder {output_dir} (a later "
+                                f"read of the folder would return the merged rows twice); "
+                                f"write it elsewhere")
+    for part in parts:
+        if os.path.realpath(part) == target:
+            raise InvalidInputError(f"--out {dest}: is committed part {part}, an input of this "
+                                    f"merge; write it elsewhere")
+    if os.path.lexists(dest) and not overwrite:
+        raise InvalidInputError(f"--out {dest}: already exists; pass --overwrite to replace it")
