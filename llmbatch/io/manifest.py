@@ -130,7 +130,8 @@ class Manifest:
         later = len(entries) - first - 1
         state = why if why == MISSING else f"damaged ({why})"
         self.dropped = (f"committed part {entries[first]['part']} is {state}; its rows"
-                        + (f" and those of the {later} parts after it" if later else "")
+                        + (f" and those of the {later} part{'s' if later > 1 else ''} after it"
+                           if later else "")
                         + " are produced again")
         return entries[:first]
 

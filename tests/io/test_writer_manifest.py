@@ -161,3 +161,18 @@ def test_manifest_entry_records_ids(tmp_path):
     commit(tmp_path, 0, 0, 0, 3)
     with open(tmp_path / "_manifest" / "part-00000-00000.json") as f:
         assert json.load(f)["ids"] == [0, 1, 2]
+
+
+def test_recover_message_counts_one_later_part_and_none(tmp_path):
+    for seq in range(3):
+        commit(tmp_path, 0, seq, 3 * seq, 3 * seq + 3)
+    os.remove(tmp_path / "part-00000-00001.parquet")
+    manifest = Manifest(str(tmp_path))
+    manifest.recover(0, 0)
+    assert manifest.dropped == ("committed part part-00000-00001.parquet is missing; its rows "
+                                "and those of the 1 part after it are produced again")
+    os.remove(tmp_path / "part-00000-00000.parquet")
+    manifest = Manifest(str(tmp_path))
+    assert manifest.recover(0, 0) == []
+    assert manifest.dropped == ("committed part part-00000-00000.parquet is missing; its rows "
+                                "are produced again")
