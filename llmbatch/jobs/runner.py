@@ -244,6 +244,22 @@ class JobRunner:
         self._say(f"llmbatch: done in {result.stats['wall_s']:.1f}s; stats in {result.stats_path}")
         return result
 
+    def _input_batches(self, start: int, end: int, columns: list, batch_size: int) -> Iterator:
+        """The source's batches; a read failure (the file changed, a network file system
+        dropped) names the input, not the engine that consumes these lazily."""
+        import pyarrow as pa
+
+        batches = self._source.iter_batches(start, end, columns, batch_size)
+        while True:
+            try:
+                item = next(batches)
+            except StopIteration:
+                return
+            except (OSError, pa.ArrowException) as exc:
+                raise InternalError(f"reading the input failed: {type(exc).__name__}: {exc}") \
+                    from exc
+            yield item
+
     def _requests(self, renderer: PromptRenderer, start: int, end: int) -> Iterator:
         """Lazily: input batches -> Requests; bad rows become error rows on the spot."""
         from llmbatch.runtime.request import Request
@@ -254,7 +270,7 @@ class JobRunner:
         column = inp.messages_column or inp.prompt_column
         columns = list(dict.fromkeys([column] + inp.keep_columns + per_row
                                      + ([inp.id_column] if inp.id_column else [])))
-        for first, batch in self._source.iter_batches(start, end, columns, inp.batch_size):
+        for first, batch in self._input_batches(start, end, columns, inp.batch_size):
             rendered = renderer.render(batch)
             data = {name: batch.column(batch.schema.get_field_index(name)).to_pylist()
                     for name in columns}
@@ -295,8 +311,12 @@ class JobRunner:
         if result.finish_reason == "error" and self.spec.on_row_error == "fail":
             raise RowError(f"row {row['id']!r}: {result.error} (on_row_error: fail)")
         fill_from_result(row, result, self._with_logprobs)
-        self._finish_row(result.request_id, row)
-        self._committer.commit_ready()
+        try:
+            self._finish_row(result.request_id, row)
+            self._committer.commit_ready()
+        except OSError as exc:   # e.g. a full disk: not the engine's failure
+            raise InternalError(f"writing the output failed: {type(exc).__name__}: {exc}") \
+                from exc
 
     def _finish_row(self, row_index: int, row: dict) -> None:
         self._committer.finish(row_index, row)
