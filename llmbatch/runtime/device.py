@@ -19,6 +19,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def make_current(device: torch.device) -> None:
+    """Make an indexed CUDA device (cuda:N) the current one. Triton launches its kernels on
+    the current device, not on their tensors' device: without this, an engine on cuda:1 ran
+    torch ops there and every Triton kernel on cuda:0 (stop 10 review)."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto`: bfloat16 on CUDA (what checkpoints are trained in), float32 on CPU (exact tests)."""
     if name == "auto":

@@ -17,7 +17,7 @@ import torch
 
 from llmbatch.runtime.attention import AttentionMetadata, get_attention_backend
 from llmbatch.runtime.config import EngineConfig
-from llmbatch.runtime.device import host_to_device, resolve_device, resolve_dtype
+from llmbatch.runtime.device import host_to_device, make_current, resolve_device, resolve_dtype
 from llmbatch.runtime.kernel_paths import enable_kernel_paths
 from llmbatch.runtime.kv_pool import allocate_kv_caches, decide_num_kv_blocks, kv_block_bytes
 from llmbatch.runtime.sampler import Sampler
@@ -45,6 +45,7 @@ class ModelRunner:
         self.step_time_s = {"graph": 0.0, "eager": 0.0}   # execute() minus prepare_inputs
         self.step_count = {"graph": 0, "eager": 0}
         self.device = resolve_device(config.device)
+        make_current(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model_path = resolve_model_path(config.model)
         if hf_config is None:
