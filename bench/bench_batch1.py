@@ -78,13 +78,16 @@ def options():
             return ""
         return switch
 
-    def triton_argmax(on: bool):
-        def switch(engine, device=None):
-            from llmbatch.runtime import sampler
+    def argmax_in_torch(engine, device):
+        from llmbatch.runtime import sampler
 
-            sampler.TRITON_ARGMAX = on
-            return ""
-        return switch
+        saved["argmax"], sampler.TRITON_ARGMAX = sampler.TRITON_ARGMAX, False
+        return ""
+
+    def argmax_back(engine):
+        from llmbatch.runtime import sampler
+
+        sampler.TRITON_ARGMAX = saved.pop("argmax", sampler.TRITON_ARGMAX)
 
     def attention(field: str, value: int):
         def apply(engine, device=None):
@@ -102,7 +105,7 @@ def options():
     # The likeliest gains first: a run cut by its time limit keeps them (JSON after each row).
     return [nothing, prefetch(next_qkv=False), prefetch(),
             ("split reduce fused", fused_reduce(True), fused_reduce(False)),
-            ("argmax in torch", triton_argmax(False), triton_argmax(True)),
+            ("argmax in torch", argmax_in_torch, argmax_back),
             ("rope table off", rope_off, rope_back),
             prefetch(gate_up_mib=8.0), prefetch(gate_up_mib=16.0),
             attention("num_kv_splits", 8), attention("num_kv_splits", 32),
@@ -133,8 +136,8 @@ def recapture(engine) -> None:
 
 
 def run_row(engine, workload, label, apply, undo, device) -> dict:
-    detail = apply(engine, device)
     try:
+        detail = apply(engine, device)
         t0 = time.perf_counter()
         recapture(engine)
         capture_s = time.perf_counter() - t0
@@ -166,7 +169,9 @@ def main(argv=None) -> int:
     model_dir = args.model_dir or os.path.join(args.out, f"model-{shape.name}")
     make_checkpoint(shape, model_dir, dtype=dtype, device=device)
     workload = build("W-BATCH1", shape.vocab_size, 0.05 if args.dry_run else 1.0)
-    overrides = {"max_num_seqs": 1, "gpu_memory_utilization": 0.5}
+    # No prefix cache: every row prefills the prompt again under its own option (the same
+    # request runs twice a row), so the token check covers prefill as well as decode.
+    overrides = {"max_num_seqs": 1, "gpu_memory_utilization": 0.5, "prefix_caching": False}
     if args.dry_run:
         overrides["cpu_kv_cache_bytes"] = 16 << 20
     engine, load_s = llmbatch_runner.build_engine(model_dir, dtype, device, **overrides)
