@@ -36,6 +36,7 @@ import time
 import traceback
 
 from bench import llmbatch_runner
+from bench.environment import environment
 from bench.model_shapes import get_shape, make_checkpoint
 from bench.workloads import build
 
@@ -176,8 +177,8 @@ def main(argv=None) -> int:
         overrides["cpu_kv_cache_bytes"] = 16 << 20
     engine, load_s = llmbatch_runner.build_engine(model_dir, dtype, device, **overrides)
     rows = []
-    out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-           "shape": shape.name, "load_s": load_s, "smoke_test_only": args.dry_run, "rows": rows}
+    out = {"env": environment(device), "shape": shape.name, "load_s": load_s,
+           "smoke_test_only": args.dry_run, "rows": rows}
     first = None
 
     def save():

@@ -21,13 +21,13 @@ import argparse
 import gc
 import json
 import os
-import platform
 import sys
 import time
 import traceback
 
 from bench import floor as floor_mod
 from bench import llmbatch_runner, peers, report, spec_run
+from bench.environment import environment
 from bench.variants import AB_VARIANTS, add_variant_flags, wanted_variants
 from bench.model_shapes import get_shape, make_checkpoint
 from bench.workloads import WORKLOAD_NAMES, build
@@ -96,30 +96,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0.0 < args.scale <= 1.0:
         p.error(f"--scale must be in (0, 1], got {args.scale}")
     return args
-
-
-def environment(device: str) -> dict:
-    import torch
-    import transformers
-
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "device": device,
-           "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except Exception:
-        env["triton"] = None
-    if device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
-        env["cuda"] = torch.version.cuda
-    try:
-        import subprocess
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                       text=True, check=False).stdout.strip() or None
-    except Exception:
-        env["commit"] = None
-    return env
 
 
 class Recorder:
