@@ -96,6 +96,8 @@ def plan(job: str, sets: tuple) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace the --out file if it exists.")
 def merge(output_dir: str, dest: str, overwrite: bool) -> None:
     """Concatenate all committed parts (shard, then part order) into one Parquet file."""
+    import uuid
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -111,11 +113,11 @@ def merge(output_dir: str, dest: str, overwrite: bool) -> None:
         raise InvalidInputError(f"--out {dest}: folder {folder} does not exist")
     check_merge_dest(output_dir, dest, [os.path.join(output_dir, e["part"]) for e in entries],
                      overwrite)
-    # Written under a temporary name and renamed: a failed merge leaves `dest` as it was and
-    # no temporary behind.
-    tmp = dest + ".tmp"
+    # Written under a temporary name of its own (hidden, unique: a user's `dest.tmp` is never
+    # touched) and renamed: a failed merge leaves `dest` as it was and no temporary behind.
+    # (A name, not mkstemp's file: ParquetWriter creates it with the usual umask mode.)
+    tmp = os.path.join(folder, f".{os.path.basename(dest)}.{uuid.uuid4().hex}.tmp")
     writer = None
-    opened = False
     rows = 0
     try:
         for e in entries:
@@ -126,7 +128,6 @@ def merge(output_dir: str, dest: str, overwrite: bool) -> None:
                 raise InvalidInputError(f"cannot read committed part {part}: "
                                         f"{' '.join(str(exc).split())}") from None
             if writer is None:
-                opened = True
                 writer = pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)
             rows += table.num_rows
@@ -136,7 +137,7 @@ def merge(output_dir: str, dest: str, overwrite: bool) -> None:
     except BaseException:
         if writer is not None:
             writer.close()
-        if opened and os.path.exists(tmp):     # only a temporary we wrote
+        if os.path.exists(tmp):     # the temporary this merge made
             os.remove(tmp)
         raise
     click.echo(f"merged {len(entries)} parts, {rows} rows -> {dest}")

@@ -49,7 +49,7 @@ def test_merge_with_a_damaged_part_keeps_the_old_destination(out_dir, capsys):
     assert err.count("\n") == 1
     with open("all.parquet") as f:
         assert f.read() == "previous merge"
-    assert not os.path.exists("all.parquet.tmp")
+    assert [f for f in os.listdir(".") if f.endswith(".tmp")] == []
 
 
 def test_merge_failing_on_the_first_part_leaves_a_foreign_tmp_alone(out_dir, capsys):
@@ -63,11 +63,22 @@ def test_merge_failing_on_the_first_part_leaves_a_foreign_tmp_alone(out_dir, cap
     assert not os.path.exists("all.parquet")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_merge_still_writes_every_row_in_order(out_dir, capsys):
+    with open("all.parquet.tmp", "w") as f:      # a user's file of the old temporary's name
+        f.write("not ours")
     code, out, _ = call(capsys, "merge", out_dir, "-o", "all.parquet")
     assert code == 0 and out == "merged 3 parts, 9 rows -> all.parquet\n"
     assert pq.read_table("all.parquet").column("id").to_pylist() == list(range(9))
-    assert not os.path.exists("all.parquet.tmp")
+    assert [f for f in os.listdir(".") if f.endswith(".tmp")] == ["all.parquet.tmp"]
+    with open("all.parquet.tmp") as f:
+        assert f.read() == "not ours"
+    assert os.stat("all.parquet").st_mode & 0o777 == 0o666 & ~_umask()
 
 
 def test_merge_refuses_an_existing_destination_without_overwrite(out_dir, capsys):
@@ -80,7 +91,7 @@ def test_merge_refuses_an_existing_destination_without_overwrite(out_dir, capsys
                    "replace it\n")
     with open("all.parquet") as f:
         assert f.read() == "previous merge"
-    assert not os.path.exists("all.parquet.tmp")
+    assert [f for f in os.listdir(".") if f.endswith(".tmp")] == []
 
 
 def test_merge_overwrite_replaces_an_existing_destination(out_dir, capsys):
@@ -89,7 +100,7 @@ def test_merge_overwrite_replaces_an_existing_destination(out_dir, capsys):
     code, out, _ = call(capsys, "merge", out_dir, "-o", "all.parquet", "--overwrite")
     assert code == 0 and out == "merged 3 parts, 9 rows -> all.parquet\n"
     assert pq.read_table("all.parquet").column("id").to_pylist() == list(range(9))
-    assert not os.path.exists("all.parquet.tmp")
+    assert [f for f in os.listdir(".") if f.endswith(".tmp")] == []
 
 
 def folder_bytes(folder):
