@@ -19,6 +19,7 @@ Options (each row is the defaults plus one change):
                          (sampler.TRITON_ARGMAX, on by default on CUDA)
     attention ...        the decode attention's split count forced to 8 or 32 (the heuristic
                          gives 16 at batch 1), or its key tile at 32 or 128 (default 64)
+    sync scheduling      engine.async_scheduling off (the default is on for CUDA)
     L2 prefetch plans    models/llama_prefetch.py PrefetchPlan: o_proj; o_proj + next qkv;
                          + the first 8 / 16 MiB of gate_up
 
@@ -102,6 +103,13 @@ def options():
         label = {"num_kv_splits": "splits", "tile_n": "key tile"}[field]
         return f"attention {label} {value}", apply, undo
 
+    def sync(engine, device):
+        saved["async"], engine.async_scheduling = engine.async_scheduling, False
+        return ""
+
+    def sync_back(engine):
+        engine.async_scheduling = saved.pop("async", engine.async_scheduling)
+
     nothing = (DEFAULTS, lambda engine, device: "", lambda engine: None)
     # The likeliest gains first: a run cut by its time limit keeps them (JSON after each row).
     return [nothing, prefetch(next_qkv=False), prefetch(),
@@ -110,7 +118,8 @@ def options():
             ("rope table off", rope_off, rope_back),
             prefetch(gate_up_mib=8.0), prefetch(gate_up_mib=16.0),
             attention("num_kv_splits", 8), attention("num_kv_splits", 32),
-            attention("tile_n", 32), attention("tile_n", 128), nothing]
+            attention("tile_n", 32), attention("tile_n", 128),
+            ("sync scheduling", sync, sync_back), nothing]
 
 
 def parse_args(argv=None):
