@@ -20,6 +20,8 @@ Options (each row is the defaults plus one change):
     attention ...        the decode attention's split count forced to 8 or 32 (the heuristic
                          gives 16 at batch 1), or its key tile at 32 or 128 (default 64)
     sync scheduling      engine.async_scheduling off (the default is on for CUDA)
+    PDL launches         our Triton kernels with programmatic dependent launch (runtime/pdl.py,
+                         EngineConfig.pdl; sm_90+)
     L2 prefetch plans    models/llama_prefetch.py PrefetchPlan: o_proj; o_proj + next qkv;
                          + the first 8 / 16 MiB of gate_up
 
@@ -46,6 +48,8 @@ DEFAULTS = "defaults"
 
 def options():
     """(label, apply(engine, device) -> str detail, undo(engine)) per row, in order."""
+    import torch
+
     from llmbatch.runtime.models.llama_prefetch import (PrefetchPlan, disable_l2_prefetch,
                                                         enable_l2_prefetch)
 
@@ -110,6 +114,20 @@ def options():
     def sync_back(engine):
         engine.async_scheduling = saved.pop("async", engine.async_scheduling)
 
+    def pdl_on(engine, device):
+        from llmbatch.runtime import pdl
+
+        saved["pdl"] = pdl.enabled()
+        if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+            return "needs sm_90 CUDA: not applied"
+        pdl.set_enabled(True)
+        return ""
+
+    def pdl_back(engine):
+        from llmbatch.runtime import pdl
+
+        pdl.set_enabled(saved.pop("pdl", False))
+
     nothing = (DEFAULTS, lambda engine, device: "", lambda engine: None)
     # The likeliest gains first: a run cut by its time limit keeps them (JSON after each row).
     return [nothing, prefetch(next_qkv=False), prefetch(),
@@ -119,7 +137,7 @@ def options():
             prefetch(gate_up_mib=8.0), prefetch(gate_up_mib=16.0),
             attention("num_kv_splits", 8), attention("num_kv_splits", 32),
             attention("tile_n", 32), attention("tile_n", 128),
-            ("sync scheduling", sync, sync_back), nothing]
+            ("PDL launches", pdl_on, pdl_back), ("sync scheduling", sync, sync_back), nothing]
 
 
 def parse_args(argv=None):

@@ -157,9 +157,34 @@ def _variants():
            "CHUNKS_PAD": "constexpr"}
     out.append(("argmax pick", ta._pick_chunk_kernel, sig, {"CHUNKS_PAD": 128},
                 {"num_warps": 4}, _aligned(sig, ())))
+    out = _with_pdl_variants(out)
     out.extend(_skinny_matmul_variants(sm))
     out.extend(_int8_matmul_variants())
     out.extend(_nf4_matmul_variants())
+    return out
+
+
+# bf16 variants also compiled with programmatic dependent launch (EngineConfig.pdl, sm_90+):
+# the kernels of a batch-1 decode step.
+_PDL_LABELS = ("rms_norm bf16", "silu_and_mul bf16", "rotary_store_kv bf16 q32 k8",
+               "paged_attention bf16 hd64 g4 bq4 bm16 bs16 splits1",
+               "paged_attention bf16 hd64 g8 bq2 bm16 bs16 splits8",
+               "paged_attention bf16 hd64 g4 bq8 bm32 bs16 splits16", "reduce_splits bf16")
+
+
+def _with_pdl_variants(variants: list) -> list:
+    """Kernels with a USE_PDL constexpr (runtime/pdl.py; default False, which real launches
+    bind themselves) get it in their signature; the _PDL_LABELS ones once more with it on."""
+    out = []
+    for label, fn, sig, consts, opts, *attrs in variants:
+        if "USE_PDL" not in [p.name for p in fn.params] or "USE_PDL" in sig:
+            out.append((label, fn, sig, consts, opts, *attrs))
+            continue
+        sig = dict(sig, USE_PDL="constexpr")
+        out.append((label, fn, sig, dict(consts, USE_PDL=False), opts, *attrs))
+        if label.startswith(_PDL_LABELS):
+            out.append((f"{label} pdl", fn, sig, dict(consts, USE_PDL=True),
+                        dict(opts, launch_pdl=True), *attrs))
     return out
 
 

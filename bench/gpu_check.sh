@@ -33,7 +33,7 @@
 # engine.l2_prefetch on (llmbatch-l2prefetch: qkv and o_proj weights touched into L2 on a side
 # stream at small batch; ~20 s). BENCH_BATCH1_SWEEP (default 1 on a GPU): W-BATCH1 under each
 # decode option of bench/bench_batch1.py (L2-prefetch plans, fused split reduce, argmax, rope
-# table, attention splits and tiles, sync scheduling) on one engine (14 rows, est. 50-60 s; limit
+# table, attention splits and tiles, PDL, sync scheduling) on one engine (15 rows, ~60 s; limit
 # BENCH_BATCH1_TIMEOUT, default 90 s; OUT_DIR/bench_batch1.json, written after every row).
 # Whole check with the defaults: < 10 min on an H200 (pytest <= 200 s, bench <= 300 s, the
 # batch-1 sweep <= 90 s, set-up ~20 s; stop 9 on an H200: tests/gpu needed > 160 s, the bench
@@ -106,7 +106,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     tests/gpu/test_triton_attention_gpu.py \
     tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py \
     tests/gpu/test_fused_kernels_gpu.py tests/gpu/test_triton_argmax_gpu.py \
-    tests/gpu/test_l2_prefetch_gpu.py \
+    tests/gpu/test_l2_prefetch_gpu.py tests/gpu/test_pdl_gpu.py \
     tests/gpu/test_async_scheduling_gpu.py \
     tests/gpu/test_int8_matmul_gpu.py tests/gpu/test_nf4_matmul_gpu.py tests/gpu} \
     --maxfail=20 -q -rfE --durations=12 -p no:cacheprovider 2>&1 \

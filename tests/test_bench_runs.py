@@ -155,13 +155,14 @@ def test_batch1_sweep_dry_run_on_cpu(tmp_path):
         "argmax in torch", "rope table off", "L2 prefetch o_proj+next_qkv+gate_up 8 MiB",
         "L2 prefetch o_proj+next_qkv+gate_up 16 MiB", "attention splits 8",
         "attention splits 32", "attention key tile 32", "attention key tile 128",
-        "sync scheduling", "defaults"]
+        "PDL launches", "sync scheduling", "defaults"]
     # The tiny shape's 2 layers: o_proj each, + qkv each, + a gate_up prefix each.
     assert [rows[i]["detail"] for i in (1, 2, 6, 7)] == [
         f"{n} weights touched" for n in (2, 4, 6, 6)]
     assert all(r["same_tokens_as_first"] and r["num_errors"] == 0 for r in rows)
     assert out["smoke_test_only"] is True
-    assert proc.stdout.count("batch1 ") == 14
+    assert proc.stdout.count("batch1 ") == 15
+    assert rows[-3]["detail"] == "needs sm_90 CUDA: not applied"
 
 
 def test_batch1_sweep_records_a_broken_option_and_goes_on(tmp_path, monkeypatch):

@@ -115,7 +115,7 @@ class EngineSection(_Section):
     nf4_triton_gemm: bool = False
     # Fused Triton matmuls for decode steps of <= 16 tokens (CUDA, TP 1, dense); not yet measured.
     skinny_matmul: bool = False
-    # With skinny_matmul on sm_90+: programmatic dependent launch between its kernels; unmeasured.
+    # sm_90+: our Triton kernels use programmatic dependent launch; unmeasured.
     pdl: bool = False
     # Touch the small matmuls' weights into L2 ahead of use at small batch; unmeasured.
     l2_prefetch: bool = False

@@ -36,9 +36,10 @@ class EngineConfig:
     # (layers/skinny_matmul.py: norm prologues, residual and SiLU·mul epilogues); needs
     # fused_kernels on CUDA, tensor_parallel_size 1, no quantization. Untuned: off by default.
     skinny_matmul: bool = False
-    # Opt-in, with skinny_matmul on Hopper (sm_90+): its kernels use programmatic dependent
-    # launch (each may start while the previous one drains; ~1.3 us launch gap per kernel in
-    # the decode CUDA graph). Ignored (logged) without skinny_matmul or on older GPUs.
+    # Opt-in, on Hopper (sm_90+) with fused_kernels: our Triton kernels (RMSNorm, SiLU·mul,
+    # rotary, attention, the split reduce, skinny) use programmatic dependent launch (each may
+    # start while the previous one drains; ~1.3 us launch gap per kernel in the decode CUDA
+    # graph). Unmeasured: bench_batch1's "PDL launches" row. Ignored (logged) elsewhere.
     pdl: bool = False
     # Opt-in: steps of <= 16 tokens touch each layer's qkv and o_proj weights into L2 on a side
     # stream while the cheap kernels before them run (models/llama_prefetch.py); CUDA, fused

@@ -9,7 +9,8 @@
                                   bnb.matmul_4bit
     skinny_matmul   (opt-in)      steps of <= 16 tokens run 6-launch decoder layers
                                   (models/llama_skinny.py); tensor_parallel_size 1, dense
-    pdl             (opt-in)      the skinny kernels use programmatic dependent launch (sm_90+)
+    pdl             (opt-in)      our Triton kernels (fused, attention, skinny) launch with
+                                  programmatic dependent launch (sm_90+; runtime/pdl.py)
     l2_prefetch     (opt-in)      steps of <= 16 tokens touch the small matmuls' weights into
                                   L2 on a side stream ahead of use (models/llama_prefetch.py);
                                   dense weights, not with skinny_matmul
@@ -42,12 +43,16 @@ class KernelPaths:
     skinny_matmul: bool = False
     skinny_pdl: bool = False
     l2_prefetch_weights: int = 0      # weights touched into L2 per small step (0: off)
+    pdl: bool = False                 # our Triton kernels launch with PDL (runtime/pdl.py)
 
 
 def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
                         quantization: str) -> KernelPaths:
     """Switch the model's modules onto the Triton paths the config asks for and can use."""
+    from llmbatch.runtime import pdl as pdl_switch
+
     paths = KernelPaths()
+    pdl_switch.set_enabled(False)   # process-wide: a previous engine's setting must not leak
     if not getattr(config, "fused_kernels", False):
         asked = [o for o in ("skinny_matmul", "pdl", "l2_prefetch") if getattr(config, o, False)]
         if asked:  # they run on top of the fused kernels (EngineConfig)
@@ -100,8 +105,10 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
         else:
             logger.info("skinny_matmul ignored: needs tensor_parallel_size 1, unquantized "
                         "weights and a Llama-family model")
-    elif pdl:
-        logger.info("pdl ignored: it applies to the skinny_matmul kernels only")
+    if pdl:
+        pdl_switch.set_enabled(True)
+        paths.pdl = True
+        logger.info("pdl on: our Triton kernels launch with programmatic dependent launch")
     if getattr(config, "l2_prefetch", False):
         _enable_l2_prefetch(model, device, paths)
     return paths
@@ -122,7 +129,7 @@ def _enable_l2_prefetch(model, device: torch.device, paths: KernelPaths) -> None
 
 
 PATH_STATS = ("fused_kernels_active", "skinny_matmul_active", "skinny_pdl_active",
-              "l2_prefetch_weights", "int8_triton_layers", "int8_triton_error",
+              "pdl_active", "l2_prefetch_weights", "int8_triton_layers", "int8_triton_error",
               "nf4_triton_layers", "nf4_triton_error")
 
 

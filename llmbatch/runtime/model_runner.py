@@ -88,6 +88,7 @@ class ModelRunner:
         self.skinny_matmul_active = paths.skinny_matmul
         self.skinny_pdl_active = paths.skinny_pdl
         self.l2_prefetch_weights = paths.l2_prefetch_weights
+        self.pdl_active = paths.pdl
         if self.device.type == "cuda":   # cos/sin rows gathered per step (layers/rotary.py)
             from llmbatch.runtime.layers.rotary import enable_rope_tables
 

@@ -27,6 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from llmbatch.runtime import pdl
+from llmbatch.runtime.pdl import pdl_wait_then_release
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # One program holds a whole row in registers; beyond this the row would spill (no model we
 # serve has a hidden size this large).
@@ -39,8 +42,11 @@ _SILU_BLOCK = 1024
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
                      x_row_stride, res_row_stride, out_row_stride, res_out_row_stride,
                      hidden, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                     USE_PDL: tl.constexpr = False):
     # One program per token row; BLOCK >= hidden (a power of two), the tail masked.
+    if USE_PDL:
+        pdl_wait_then_release()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -61,8 +67,10 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride, d,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
     # Program (row, column tile): gate = x[row, :d], up = x[row, d:2d].
+    if USE_PDL:
+        pdl_wait_then_release()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -141,7 +149,8 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
             x2, res2, weight, out2, res_out2,
             x2.stride(0), res2.stride(0), out2.stride(0), res_out2.stride(0),
             hidden, float(eps),
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps)
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
+            **pdl.launch_kwargs(x.device))
     if residual is None:
         return out
     return out, res_out
@@ -165,5 +174,6 @@ def fused_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(_SILU_BLOCK, triton.next_power_of_2(d))
         grid = (x2.shape[0], triton.cdiv(d, block))
         _silu_and_mul_kernel[grid](x2, out2, x2.stride(0), out2.stride(0), d,
-                                   BLOCK=block, num_warps=4 if block >= 512 else 1)
+                                   BLOCK=block, num_warps=4 if block >= 512 else 1,
+                                   **pdl.launch_kwargs(x.device))
     return out

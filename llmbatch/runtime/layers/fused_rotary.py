@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from llmbatch.runtime import pdl
+from llmbatch.runtime.pdl import pdl_wait_then_release
+
 from llmbatch.runtime.layers.fused_kernels import SUPPORTED_DTYPES
 
 
@@ -64,10 +67,13 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
                    q_tok_stride, q_head_stride, k_tok_stride, k_head_stride, cs_tok_stride,
                    q_out_tok_stride, q_out_head_stride, k_out_tok_stride, k_out_head_stride,
                    num_q_heads, num_k_heads, half,
-                   Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, BLOCK: tl.constexpr):
+                   Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, BLOCK: tl.constexpr,
+                   USE_PDL: tl.constexpr = False):
     # One program per token: all its q heads and k heads, cos/sin loaded once. (A program per
     # (token, head) made 40 x 32-element programs per token on the 1B shape: the slowest fused
     # kernel in an H200 profile of W-RANDOM's prefill.)
+    if USE_PDL:
+        pdl_wait_then_release()
     tok = tl.program_id(0).to(tl.int64)
     cos, sin = _rotate_q(tok, q_ptr, cos_ptr, sin_ptr, q_out_ptr, q_tok_stride, q_head_stride,
                          cs_tok_stride, q_out_tok_stride, q_out_head_stride, num_q_heads, half,
@@ -87,11 +93,14 @@ def _rotary_store_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr,
                             vc_blk_stride, vc_slot_stride, vc_head_stride,
                             num_q_heads, num_k_heads, half,
                             BLOCK_SIZE: tl.constexpr, Q_HEADS: tl.constexpr,
-                            K_HEADS: tl.constexpr, BLOCK: tl.constexpr):
+                            K_HEADS: tl.constexpr, BLOCK: tl.constexpr,
+                            USE_PDL: tl.constexpr = False):
     # One program per token: rotate its q heads into q_out, and its k heads straight into the
     # paged K cache at the token's slot, copying v into the V cache beside them -- the rotary
     # and the attention backend's K/V store in one launch. A negative slot (CUDA-graph
     # padding) writes nothing to the caches.
+    if USE_PDL:
+        pdl_wait_then_release()
     tok = tl.program_id(0).to(tl.int64)
     cos, sin = _rotate_q(tok, q_ptr, cos_ptr, sin_ptr, q_out_ptr, q_tok_stride, q_head_stride,
                          cs_tok_stride, q_out_tok_stride, q_out_head_stride, num_q_heads, half,
@@ -169,7 +178,7 @@ def fused_rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin:
             # No FMA contraction: LLVM otherwise narrows x1*cos to a bf16 multiply and fuses
             # it into the subtraction (fma.rn.bf16, one rounding instead of torch's two),
             # which an H200 run showed as 1-ulp differences from RotaryEmbedding.rotate.
-            enable_fp_fusion=False)
+            enable_fp_fusion=False, **pdl.launch_kwargs(query.device))
     return q_out, k_out
 
 
@@ -212,5 +221,6 @@ def fused_rotary_store_kv(query: torch.Tensor, key: torch.Tensor, value: torch.T
             BLOCK_SIZE=k_cache.shape[1], Q_HEADS=q_heads,
             K_HEADS=triton.next_power_of_2(max(1, num_k_heads)), BLOCK=block,
             num_warps=4 if q_heads * block >= 1024 else 1,
-            enable_fp_fusion=False)   # same roundings as torch: see fused_rotary
+            enable_fp_fusion=False,   # same roundings as torch: see fused_rotary
+            **pdl.launch_kwargs(query.device))
     return q_out

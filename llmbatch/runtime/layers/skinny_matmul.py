@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmbatch.runtime.pdl import pdl_wait_then_release
 from llmbatch.runtime.layers.skinny_checks import (MAX_M, SUPPORTED_DTYPES,  # noqa: F401
                                                    check_inputs, skinny_matmul_supported)
 
@@ -151,19 +152,6 @@ def _epilogue_store(acc, acc_up, rows, cols, row_mask, col_mask, bias_ptr, res_p
              mask=out_mask)
 
 
-@triton.jit
-def _pdl_wait_then_release():
-    """Programmatic dependent launch (sm_90+; USE_PDL, never under the interpreter): this grid
-    may start while the previous kernel in the stream finishes. griddepcontrol.wait blocks
-    until that kernel has completed and its writes are visible, so it must come before the first
-    load of anything a previous kernel wrote (x, residual, the split-K workspace) and before
-    the first store (an output buffer may be memory the previous kernel still reads). Then
-    releasing our dependents at once lets the next launch get on the SMs as ours drain; it
-    waits for our completion in turn. Weights are not prefetched before the wait (yet)."""
-    tl.extra.cuda.gdc_wait()
-    tl.extra.cuda.gdc_launch_dependents()
-
-
 # M is not specialised: M = 1 and M = 16 run the same binary (one compile; and a row's
 # instructions cannot differ with M, which batch invariance relies on).
 @triton.jit(do_not_specialize=["M"])
@@ -190,7 +178,7 @@ def _skinny_matmul_kernel(
     w_cols = w_ptr + cols[None, :].to(tl.int64) * K                  # (1, BLOCK_N)
     dtype = out_ptr.dtype.element_ty
     if USE_PDL:
-        _pdl_wait_then_release()
+        pdl_wait_then_release()
     if NORM:
         # First pass: each row's sum of squares over ALL of K, also in a split program (x is
         # M x K, small and L2-resident), so every split normalizes with the same rstd.
@@ -259,7 +247,7 @@ def _split_k_reduce_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     part = ws_ptr + rows[:, None].to(tl.int64) * ws_row_stride + cols[None, :]
     if USE_PDL:
-        _pdl_wait_then_release()
+        pdl_wait_then_release()
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = acc  # placeholder unless GATE_UP
     if GATE_UP:

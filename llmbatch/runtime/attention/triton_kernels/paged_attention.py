@@ -42,8 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
+from llmbatch.runtime import pdl
 from llmbatch.runtime.attention.triton_kernels.split_reduce import (_reduce_splits_kernel,
                                                                    merge_split_rows)
+from llmbatch.runtime.pdl import pdl_wait_then_release
 
 # Softmax runs in base 2: exp(x * scale) == exp2(x * scale * log2(e)).
 LOG2E = 1.4426950408889634
@@ -162,7 +164,10 @@ def _paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     IEEE_DOT: tl.constexpr,     # float32 inputs: exact fp32 dots, not TF32
     FUSED_REDUCE: tl.constexpr = False,   # NUM_SPLITS > 1: the last split merges (split_reduce)
+    USE_PDL: tl.constexpr = False,        # programmatic dependent launch (runtime/pdl.py)
 ):
+    if USE_PDL:
+        pdl_wait_then_release()
     pid_q = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -309,11 +314,12 @@ def paged_attention(
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1], TILE_N=tile_n, NUM_SPLITS=num_splits,
         IEEE_DOT=query.dtype == torch.float32, FUSED_REDUCE=fused,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch_kwargs(query.device),
     )
     if num_splits > 1 and not fused:
         _reduce_splits_kernel[(num_tokens, num_heads)](
             out, part_out, part_lse, num_heads, out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim, num_warps=1 if head_dim <= 64 else 2,
+            **pdl.launch_kwargs(query.device),
         )

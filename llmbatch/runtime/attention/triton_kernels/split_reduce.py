@@ -20,6 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from llmbatch.runtime.pdl import pdl_wait_then_release
+
 
 @triton.jit
 def _reduce_splits_kernel(
@@ -31,8 +33,11 @@ def _reduce_splits_kernel(
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,   # next power of two >= NUM_SPLITS
     HEAD_DIM: tl.constexpr,
+    USE_PDL: tl.constexpr = False,   # programmatic dependent launch (runtime/pdl.py)
 ):
     """out = sum_s w_s * o_s / sum_s w_s with w_s = 2^(lse_s - max lse): one program per row."""
+    if USE_PDL:
+        pdl_wait_then_release()
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
