@@ -51,9 +51,12 @@ def deletable_shard(folder: str, name: str) -> Optional[int]:
 
 def foreign_entries(out_dir: str) -> list[str]:
     """Names in `out_dir` that readers of the folder would read as data but llmbatch did not
-    write (anything not hidden that is not one of our part files), sorted."""
+    write (anything not hidden that is not one of our part files), sorted. A part-named entry
+    is ours unless it is a directory: another shard may delete one of its parts between the
+    listing and the check (a requeued task clearing its leftovers), and a vanished file must
+    not make this run refuse."""
     if not os.path.isdir(out_dir):
         return []
     return sorted(name for name in os.listdir(out_dir)
                   if not name.startswith(_HIDDEN_PREFIXES)
-                  and not (PART_RE.match(name) and os.path.isfile(os.path.join(out_dir, name))))
+                  and not (PART_RE.match(name) and not os.path.isdir(os.path.join(out_dir, name))))

@@ -52,6 +52,8 @@ class Manifest:
             try:
                 with open(os.path.join(self.dir, name), encoding="utf-8") as f:
                     found.append(json.load(f))
+            except FileNotFoundError:
+                continue   # removed since the listing (another shard un-committing its own)
             except (OSError, ValueError) as exc:
                 raise ResumeError(f"output.path {self.out_dir}: unreadable manifest entry {name} "
                                   f"({exc}); set output.mode: overwrite to start over") from None

@@ -33,3 +33,13 @@ def test_foreign_entries_are_what_readers_would_read(tmp_path):
     os.makedirs(tmp_path / "part-00001-00000.parquet")        # a folder is not our part
     assert foreign_entries(str(tmp_path)) == ["notes.txt", "part-00000-abc.snappy.parquet",
                                               "part-00001-00000.parquet", "year=2024"]
+
+
+def test_a_part_deleted_by_another_shard_meanwhile_is_not_foreign(tmp_path, monkeypatch):
+    """A requeued task of another shard may delete one of its own parts between our listing
+    and the check; that name must not make this run refuse (it counted as foreign data, and a
+    healthy SLURM array task exited 2). A directory with a part's name is still foreign."""
+    (tmp_path / "part-00001-00000.parquet").mkdir()
+    real = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p: real(p) + ["part-00002-00007.parquet"])
+    assert foreign_entries(str(tmp_path)) == ["part-00001-00000.parquet"]

@@ -176,3 +176,41 @@ def test_recover_message_counts_one_later_part_and_none(tmp_path):
     assert manifest.recover(0, 0) == []
     assert manifest.dropped == ("committed part part-00000-00000.parquet is missing; its rows "
                                 "are produced again")
+
+
+def test_entries_skip_an_entry_removed_since_the_listing(tmp_path, monkeypatch):
+    """Another shard un-committing its own parts removes entries while this run lists all of
+    them (check_hash on resume, merge): a vanished entry is skipped, not 'unreadable, set
+    output.mode: overwrite'."""
+    commit(tmp_path, 0, 0, 0, 3)
+    real = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p: real(p) + (
+        ["part-00001-00004.json"] if str(p).endswith("_manifest") else []))
+    assert [e["part"] for e in Manifest(str(tmp_path)).entries()] == ["part-00000-00000.parquet"]
+
+
+def test_a_part_that_cannot_be_looked_at_refuses_instead_of_recomputing(tmp_path, monkeypatch):
+    """Only a part that does not exist is 'missing' (recomputed, with every later part): a stale
+    network handle or a permission error refuses in one line, and nothing is deleted."""
+    import errno
+
+    from llmbatch.io import writer
+
+    for seq in range(3):
+        commit(tmp_path, 0, seq, 3 * seq, 3 * seq + 3)
+    real = os.stat
+    target = str(tmp_path / "part-00000-00001.parquet")
+
+    def stale(p, *a, **k):
+        if str(p) == target:
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(writer.os, "stat", stale)
+    manifest = Manifest(str(tmp_path))
+    with pytest.raises(ResumeError) as info:
+        manifest.recover(0, 0)
+    assert str(info.value) == (f"cannot check committed part {target}: [Errno 116] Stale file "
+                               f"handle; rerun when it is reachable")
+    monkeypatch.undo()
+    assert len(Manifest(str(tmp_path)).entries(0)) == 3
