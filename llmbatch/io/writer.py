@@ -120,9 +120,18 @@ def read_part_metadata(path: str) -> dict:
 def part_defect(path: str, num_rows: int) -> Optional[str]:
     """Why the part file at `path` cannot hold the `num_rows` rows its manifest entry records
     ("missing"; footer unreadable: truncated or overwritten; another row count), or None when
-    it can. Reads only the footer, so checking every committed part on resume stays cheap."""
-    if not os.path.exists(path):
+    it can. Reads only the footer, so checking every committed part on resume stays cheap.
+    A file that cannot even be looked at (EACCES, a stale network handle) is not called
+    missing: recomputing would also redo every later part, so that refuses (ResumeError)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
         return MISSING
+    except OSError as exc:
+        from llmbatch.jobs.errors import ResumeError
+
+        raise ResumeError(f"cannot check committed part {path}: {exc}; rerun when it is "
+                          f"reachable") from None
     try:
         found = pq.ParquetFile(path).metadata.num_rows
     except (OSError, ValueError, pa.ArrowException) as exc:
