@@ -40,7 +40,7 @@ class ShardLock:
         """Take the lock or raise InvalidJobError (exit 2) naming the holder's pid."""
         if fcntl is None:
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, writable = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -52,11 +52,27 @@ class ShardLock:
                     f"output.path {os.path.dirname(self.path)}: shard {self.shard} is being "
                     f"written by another run{by}; wait for it to end or stop it") from None
             return self          # no flock on this file system: run unlocked
-        # For the message of a run that finds the lock taken; the lock itself is the flock.
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        if writable:   # for the message of a run that finds the lock taken (the lock is flock)
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
         self._fd = fd
         return self
+
+    def _open(self) -> tuple[int, bool]:
+        """(descriptor, writable). Created with mode 0o666 so the umask decides, as for the
+        parts: on a group-shared folder a teammate's resume must open it too. A lock file this
+        user may not write (another user's, stricter umask) is opened read-only: flock does
+        not need write access; only the holder's pid is then not recorded."""
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666), True
+        except PermissionError:
+            pass
+        try:
+            return os.open(self.path, os.O_RDONLY), False
+        except OSError as exc:
+            raise InvalidJobError(f"output.path {os.path.dirname(self.path)}: cannot open the "
+                                  f"lock file {os.path.basename(self.path)}: "
+                                  f"{exc.strerror or exc}") from None
 
     def release(self) -> None:
         if self._fd is not None:

@@ -91,3 +91,45 @@ def test_readme_output_section_documents_the_lock_file():
     assert documented == ["_lock-{shard:05d}"]
     assert documented[0].format(shard=7) == lock_name(7) == "_lock-00007"
     assert "readers skip it" in section and "safe to delete when no run is active" in section
+
+
+def test_lock_file_mode_follows_the_umask_and_a_read_only_one_still_locks(tmp_path,
+                                                                         monkeypatch):
+    """Created with 0o666 minus the umask (it was 0o644 whatever the umask, so on a
+    group-shared folder a teammate's resume failed with PermissionError, exit 1). A lock file
+    this user may not write is opened read-only: flock still works, only no pid is recorded.
+    (The tests run as root, which ignores mode bits: the refusal is simulated.)"""
+    old = os.umask(0o002)
+    try:
+        with ShardLock(str(tmp_path), 0):
+            pass
+    finally:
+        os.umask(old)
+    path = tmp_path / lock_name(0)
+    assert path.stat().st_mode & 0o777 == 0o664
+    real_open = os.open
+
+    def no_write(p, flags, *mode):
+        if p == str(path) and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", p)
+        return real_open(p, flags, *mode)
+
+    monkeypatch.setattr(os, "open", no_write)
+    path.write_text("")
+    with ShardLock(str(tmp_path), 0) as lock:
+        assert lock._fd is not None              # held, read-only
+        second = ShardLock(str(tmp_path), 0)
+        with pytest.raises(InvalidJobError, match="shard 0 is being written by another run; "):
+            second.acquire()
+    assert path.read_text() == ""
+
+
+def test_an_unopenable_lock_file_is_one_line(tmp_path, monkeypatch):
+    def refuse(p, flags, *mode):
+        raise PermissionError(13, "Permission denied", p)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(InvalidJobError) as info:
+        ShardLock(str(tmp_path), 3).acquire()
+    assert str(info.value) == (f"output.path {tmp_path}: cannot open the lock file "
+                               f"_lock-00003: Permission denied")
