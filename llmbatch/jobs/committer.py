@@ -15,6 +15,7 @@ from typing import Callable
 
 from llmbatch.io.manifest import Manifest
 from llmbatch.io.writer import rows_to_table, write_part
+from llmbatch.jobs.errors import InternalError
 from llmbatch.jobs.stats import versions
 
 CRASH_ENV = "LLMBATCH_TEST_CRASH_AT"               # "stage:seq", test-only (see crash_hook)
@@ -51,14 +52,19 @@ class InOrderCommitter:
             self.ready_upto += 1
 
     def commit_ready(self) -> None:
-        """Commit every full part that is ready, and the shard's last short part at the end."""
+        """Commit every full part that is ready, and the shard's last short part at the end.
+        A write failure (a full disk) is one line, whoever called (the runner's result loop, or
+        the input generator the engine pulls, for error rows)."""
         per_part = self.rows_per_part
         while True:
             ready = self.ready_upto - self.next_commit
-            if ready >= per_part or (ready > 0 and self.ready_upto == self.row_end):
-                self._commit_part(min(ready, per_part))
-            else:
+            if not (ready >= per_part or (ready > 0 and self.ready_upto == self.row_end)):
                 return
+            try:
+                self._commit_part(min(ready, per_part))
+            except OSError as exc:
+                raise InternalError(f"writing the output failed: {type(exc).__name__}: "
+                                    f"{exc}") from exc
 
     @property
     def done(self) -> bool:

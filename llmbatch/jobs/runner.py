@@ -311,12 +311,8 @@ class JobRunner:
         if result.finish_reason == "error" and self.spec.on_row_error == "fail":
             raise RowError(f"row {row['id']!r}: {result.error} (on_row_error: fail)")
         fill_from_result(row, result, self._with_logprobs)
-        try:
-            self._finish_row(result.request_id, row)
-            self._committer.commit_ready()
-        except OSError as exc:   # e.g. a full disk: not the engine's failure
-            raise InternalError(f"writing the output failed: {type(exc).__name__}: {exc}") \
-                from exc
+        self._finish_row(result.request_id, row)
+        self._committer.commit_ready()   # a write failure is its own one line (committer.py)
 
     def _finish_row(self, row_index: int, row: dict) -> None:
         self._committer.finish(row_index, row)
@@ -331,7 +327,11 @@ class JobRunner:
             rows_total=plan.row_end - plan.row_start, rows_skipped=resume_row - plan.row_start,
             config_hash=plan.config_hash, seed=self.spec.sampling.seed, gpu=gpu_summary,
             engine=engine_stats)
-        stats_path = write_stats(self.out_dir, summary)
+        try:
+            stats_path = write_stats(self.out_dir, summary)
+        except OSError as exc:
+            raise InternalError(f"writing the output failed: {type(exc).__name__}: {exc}") \
+                from exc
         num_errors = self._committer.num_errors
         total = plan.row_end - plan.row_start
         return JobResult(

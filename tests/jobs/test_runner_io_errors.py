@@ -9,7 +9,6 @@ import errno
 import pytest
 
 from llmbatch import run_job
-from llmbatch.jobs.committer import InOrderCommitter
 from llmbatch.jobs.errors import JobError
 
 
@@ -19,21 +18,33 @@ def _job(jobkit, tiny_tokenizer_dir, tmp_path, n=40):
                            input={"batch_size": 8}, output={"rows_per_part": 10})
 
 
+@pytest.mark.parametrize("empty_prompts", [False, True])
 def test_a_full_disk_is_a_write_failure(tmp_path, tiny_tokenizer_dir, fake_engine_env, jobkit,
-                                        monkeypatch):
-    real = InOrderCommitter.finish
+                                        monkeypatch, empty_prompts):
+    """Parts are committed from the runner's result loop, or (empty_prompts: every row is an
+    error row made while the engine pulls the input) from inside that pull; the second part's
+    write fails either way."""
+    from llmbatch.jobs import committer
+
+    real = committer.write_part
     calls = []
 
-    def finish(self, row_index, row):
-        calls.append(row_index)
-        if len(calls) == 25:
+    def write_part(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, row_index, row)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(InOrderCommitter, "finish", finish)
+    monkeypatch.setattr(committer, "write_part", write_part)
+    job = _job(jobkit, tiny_tokenizer_dir, tmp_path)
+    if empty_prompts:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"prompt": [""] * 40}), job["input"]["path"])
     with pytest.raises(JobError) as info:
-        run_job(_job(jobkit, tiny_tokenizer_dir, tmp_path))
-    assert info.value.exit_code == 1
+        run_job(job)
+    assert info.value.exit_code == 1 and len(calls) == 2
     assert str(info.value) == ("writing the output failed: OSError: [Errno 28] No space left "
                                "on device")
 
