@@ -26,14 +26,14 @@ Grid = (num_q_tiles, num_kv_heads, num_splits).
   [s * P, (s + 1) * P) and writes a normalised partial output plus its log-sum-exp (base 2) to
   fp32 scratch; `_reduce_splits_kernel` (split_reduce.py) merges them in a second launch, or,
   with FUSED_REDUCE, the last program of each query tile to finish merges its rows. P is the
-  power of two at or above cdiv(tiles of the whole sequence, num_splits): for one split count it depends on the
-  sequence's length only through that power of two, so the rows of a k+1-token verify window
-  get the same split boundaries wherever the window starts (unless it straddles a length
-  where P doubles: 1024, 2048, ... keys at 16 splits of 64), and speculation's bf16 numerics
-  do not drift with what was accepted before. The split count is the caller's: for verify
-  spans triton_backend.py takes it from the batch alone. Correct for any num_splits and any
-  sequence length, so a CUDA graph captured with one split count stays correct for every
-  later step.
+  power of two at or above cdiv(tiles of the whole sequence, num_splits): for one split count
+  it depends on the sequence's length only through that power of two, so the rows of a
+  k+1-token verify window get the same split boundaries wherever the window starts (unless it
+  straddles a length where P doubles: 1024, 2048, ... keys at 16 splits of 64), and
+  speculation's bf16 numerics do not drift with what was accepted before. The split count is
+  the caller's: for verify spans triton_backend.py takes it from the batch alone. Correct for
+  any num_splits and any sequence length, so a CUDA graph captured with one split count stays
+  correct for every later step.
 """
 
 from __future__ import annotations
