@@ -13,6 +13,8 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llmbatch.jobs.errors import ResumeError
+
 METADATA_KEY = b"llmbatch"
 MISSING = "missing"                # part_defect() of a part file that is not there at all
 
@@ -128,8 +130,6 @@ def part_defect(path: str, num_rows: int) -> Optional[str]:
     except FileNotFoundError:
         return MISSING
     except OSError as exc:
-        from llmbatch.jobs.errors import ResumeError
-
         raise ResumeError(f"cannot check committed part {path}: {exc}; rerun when it is "
                           f"reachable") from None
     try:

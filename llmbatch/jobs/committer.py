@@ -15,7 +15,7 @@ from typing import Callable
 
 from llmbatch.io.manifest import Manifest
 from llmbatch.io.writer import rows_to_table, write_part
-from llmbatch.jobs.errors import InternalError
+from llmbatch.jobs.errors import output_write_failed
 from llmbatch.jobs.stats import versions
 
 CRASH_ENV = "LLMBATCH_TEST_CRASH_AT"               # "stage:seq", test-only (see crash_hook)
@@ -63,8 +63,7 @@ class InOrderCommitter:
             try:
                 self._commit_part(min(ready, per_part))
             except OSError as exc:
-                raise InternalError(f"writing the output failed: {type(exc).__name__}: "
-                                    f"{exc}") from exc
+                raise output_write_failed(exc) from exc
 
     @property
     def done(self) -> bool:

@@ -55,3 +55,9 @@ class RowError(JobError):
 
 class InternalError(JobError):
     exit_code = EXIT_INTERNAL
+
+
+def output_write_failed(exc: OSError) -> InternalError:
+    """A part or stats write that failed (a full disk): one line naming the output, not the
+    engine that happened to be running."""
+    return InternalError(f"writing the output failed: {type(exc).__name__}: {exc}")

@@ -22,7 +22,7 @@ from llmbatch.io.sharding import Shard, resolve_shard
 from llmbatch.io.writer import output_schema
 from llmbatch.jobs.committer import InOrderCommitter
 from llmbatch.jobs.errors import (EXIT_OK, EXIT_ROW_ERRORS, InternalError, InvalidJobError,
-                                  JobError, ResumeError, RowError)
+                                  JobError, ResumeError, RowError, output_write_failed)
 from llmbatch.jobs.gpu_monitor import GpuMonitor
 from llmbatch.jobs.path_checks import check_local_path, check_output_dir
 from llmbatch.jobs.progress import Progress
@@ -330,8 +330,7 @@ class JobRunner:
         try:
             stats_path = write_stats(self.out_dir, summary)
         except OSError as exc:
-            raise InternalError(f"writing the output failed: {type(exc).__name__}: {exc}") \
-                from exc
+            raise output_write_failed(exc) from exc
         num_errors = self._committer.num_errors
         total = plan.row_end - plan.row_start
         return JobResult(
