@@ -40,7 +40,8 @@ AB_VARIANTS = {
                       "<= 16 tokens)", "skinny matmul runs on CUDA only"),
     "skinny-pdl": Variant("--pdl", {"skinny_matmul": True, "pdl": True},
                           "EngineConfig.skinny_matmul and EngineConfig.pdl on (programmatic "
-                          "dependent launch of the skinny kernels, sm_90+)",
+                          "dependent launch of the skinny and our other Triton kernels, "
+                          "sm_90+)",
                           "skinny matmul with PDL runs on CUDA only"),
     "l2prefetch": Variant("--l2-prefetch", {"l2_prefetch": True},
                           "EngineConfig.l2_prefetch on (steps of <= 16 tokens touch the qkv and "
