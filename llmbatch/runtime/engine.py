@@ -201,6 +201,7 @@ class Engine(SpeculationMixin):
         s["num_kv_blocks"] = self.runner.num_kv_blocks
         s["cuda_graphs_active"] = getattr(self.runner, "graph_runner", None) is not None
         s["cuda_graph_error"] = getattr(self.runner, "cuda_graph_error", None)
+        s["triton_argmax_error"] = getattr(self.runner, "triton_argmax_error", None)
         s["block_size"] = self.config.block_size
         s["async_scheduling"] = self.async_scheduling
         # Which kernel paths the runner actually took (options are ignored where they cannot

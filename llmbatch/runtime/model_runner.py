@@ -95,6 +95,7 @@ class ModelRunner:
             enable_rope_tables(self.model, self.max_model_len, self.dtype)
         self.attn_backend = get_attention_backend(config.attention_backend, self.device.type)
         self.sampler = Sampler()
+        self.triton_argmax_error = self._check_triton_argmax()
 
         self.block_size = config.block_size
         self.num_kv_blocks = self._decide_num_kv_blocks()
@@ -105,6 +106,25 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
         self.cuda_graph_error: Optional[str] = None
         self.graph_runner = self._maybe_capture_decode_graphs()
+
+    def _check_triton_argmax(self) -> Optional[str]:
+        """On CUDA, the greedy argmax's Triton path (sampler.TRITON_ARGMAX) must equal
+        torch.argmax on this GPU (triton_argmax.self_check); if not, it is turned off for the
+        process and the reason reported (stats()["triton_argmax_error"]), not the job failed."""
+        from llmbatch.runtime import sampler
+
+        if self.device.type != "cuda" or not sampler.TRITON_ARGMAX:
+            return None
+        try:
+            from llmbatch.runtime.triton_argmax import self_check
+        except ImportError as exc:
+            error = f"triton does not import: {exc}"
+        else:
+            error = self_check(self.device)
+        if error is not None:
+            sampler.TRITON_ARGMAX = False
+            logger.warning("Triton greedy argmax turned off (torch.argmax instead): %s", error)
+        return error
 
     def _maybe_capture_decode_graphs(self):
         """Decode and verify CUDA graphs (runtime/cuda_graphs.py) on CUDA with the triton backend,

@@ -19,6 +19,8 @@ Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -81,3 +83,33 @@ def triton_argmax(logits: torch.Tensor) -> torch.Tensor:
     _pick_chunk_kernel[(rows,)](vals, idxs, num_chunks, out,
                                 CHUNKS_PAD=triton.next_power_of_2(num_chunks), num_warps=4)
     return out
+
+
+def self_check(device: torch.device, vocab: int = 128256, dtype: torch.dtype = torch.float32
+               ) -> Optional[str]:
+    """None when triton_argmax equals torch.argmax on `device` for a few hard cases (1 and 16
+    rows, ties inside and across chunks, a NaN, a row of -inf), else why not. ModelRunner runs
+    it once at start-up on CUDA, before any graph is captured: the kernel never ran on a GPU
+    before it became the default there (stop 10), and a wrong argmax would silently change
+    every greedy token, so a failure turns the Triton path off (sampler.TRITON_ARGMAX) instead
+    of failing the job."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for rows in (1, 16):
+        x = torch.randn(rows, vocab, generator=gen)
+        x[0, vocab - 3] = x[0, 5] = 20.0                      # a tie across chunks: 5 wins
+        if rows > 1:
+            x[1, vocab // 2] = float("nan")                     # the first NaN wins
+            x[2] = float("-inf")                                # all -inf: index 0
+            x[3] = x[3].round()                                 # ties inside chunks
+        x = x.to(device=device, dtype=dtype)
+        try:
+            got = triton_argmax(x)
+        except Exception as exc:  # a compile or launch failure on this GPU
+            return f"{rows} rows: {type(exc).__name__}: {exc}"
+        want = torch.argmax(x, dim=-1)
+        if not torch.equal(got, want):
+            bad = (got != want).nonzero().flatten().tolist()
+            return (f"{rows} rows of {vocab} {str(dtype).replace('torch.', '')} logits: rows "
+                    f"{bad[:4]} differ from torch.argmax")
+    return None
+

@@ -36,3 +36,10 @@ def test_greedy_argmax_takes_the_triton_path_on_cuda(monkeypatch):
     monkeypatch.setattr(sampler, "TRITON_ARGMAX", False)
     assert torch.equal(sampler.greedy_argmax(x), torch.argmax(x, dim=-1))
     assert calls == [(4, 128256)]
+
+
+def test_start_up_self_check_passes_on_this_gpu():
+    """The check ModelRunner runs before it keeps the Triton argmax on (None: it stays on)."""
+    from llmbatch.runtime.triton_argmax import self_check
+
+    assert self_check(torch.device("cuda")) is None

@@ -63,3 +63,45 @@ def test_strided_rows_empty_batch_and_the_sampler_switch():
     big = torch.randn(1, 20000, generator=torch.Generator().manual_seed(2))
     assert torch.equal(greedy_argmax(big, two_stage=True, use_triton=True),
                        torch.argmax(big, dim=-1))
+
+
+def test_self_check_passes_and_catches_a_wrong_or_failing_kernel(monkeypatch):
+    from llmbatch.runtime import triton_argmax as mod
+
+    cpu = torch.device("cpu")
+    assert mod.self_check(cpu, vocab=5000) is None
+    assert mod.self_check(cpu, vocab=3000, dtype=torch.float16) is None
+    # A kernel taking the last maximum instead of the first: the cross-chunk tie exposes it.
+    last_max = lambda x: (x.shape[1] - 1 - torch.argmax(x.flip(1), dim=-1))  # noqa: E731
+    monkeypatch.setattr(mod, "triton_argmax", last_max)
+    assert mod.self_check(cpu, vocab=5000) == ("1 rows of 5000 float32 logits: rows [0] differ "
+                                               "from torch.argmax")
+
+    def broken(x):
+        raise RuntimeError("no kernel image")
+
+    monkeypatch.setattr(mod, "triton_argmax", broken)
+    assert mod.self_check(cpu, vocab=5000) == "1 rows: RuntimeError: no kernel image"
+
+
+def test_model_runner_turns_the_triton_argmax_off_when_its_check_fails(monkeypatch):
+    from types import SimpleNamespace
+
+    from llmbatch.runtime import sampler, triton_argmax
+    from llmbatch.runtime.model_runner import ModelRunner
+
+    monkeypatch.setattr(sampler, "TRITON_ARGMAX", True)
+    cpu_runner = SimpleNamespace(device=torch.device("cpu"))
+    assert ModelRunner._check_triton_argmax(cpu_runner) is None      # CPU: no check
+    assert sampler.TRITON_ARGMAX is True
+    seen = []
+    monkeypatch.setattr(triton_argmax, "self_check",
+                        lambda device: seen.append(device) or None)
+    cuda_runner = SimpleNamespace(device=torch.device("cuda", 1))
+    assert ModelRunner._check_triton_argmax(cuda_runner) is None
+    assert seen == [torch.device("cuda", 1)] and sampler.TRITON_ARGMAX is True
+    monkeypatch.setattr(triton_argmax, "self_check", lambda device: "rows [0] differ")
+    assert ModelRunner._check_triton_argmax(cuda_runner) == "rows [0] differ"
+    assert sampler.TRITON_ARGMAX is False
+    # Once off, later engines in the process skip the check (and stay on torch.argmax).
+    assert ModelRunner._check_triton_argmax(cuda_runner) is None
