@@ -25,6 +25,12 @@ Options (each row is the defaults plus one change):
     L2 prefetch plans    models/llama_prefetch.py PrefetchPlan: o_proj; o_proj + next qkv;
                          + the first 8 / 16 MiB of gate_up
 
+After the single options and before the last defaults row, one row combines the winners
+(combine_winners): each option at least WIN_MARGIN faster than the first row, with no errors,
+the fastest of each group that cannot stack (one L2 prefetch plan, one split count, one key
+tile). Options may not add up (PDL and the prefetch side stream both touch launch timing), so
+the default-to-be is measured as a whole in the same run.
+
 Writes OUT/bench_batch1.json after every row (a run cut by its time limit keeps what ran);
 prints one line per row: TPOT and the ratio to the first row.
 """
@@ -44,6 +50,10 @@ from bench.model_shapes import get_shape, make_checkpoint
 from bench.workloads import build
 
 DEFAULTS = "defaults"
+WINNERS = "winners combined"
+WIN_MARGIN = 0.01   # a winner's TPOT is at most (1 - WIN_MARGIN) x the first row's
+# Options that replace each other: only the fastest of a group joins the combined row.
+EXCLUSIVE_GROUPS = ("L2 prefetch", "attention splits", "attention key tile")
 
 
 def options():
@@ -140,6 +150,43 @@ def options():
             ("PDL launches", pdl_on, pdl_back), ("sync scheduling", sync, sync_back), nothing]
 
 
+def combine_winners(rows: list, opts: list):
+    """The combined-winners option (label, apply, undo) from the finished single-option rows,
+    or None when no option won. rows: the JSON rows so far, the first being the defaults;
+    opts: the options() entries they ran (matched by label)."""
+    base = rows[0].get("tpot_s") if rows and rows[0]["option"] == DEFAULTS else None
+    if not base:
+        return None
+    by_label = {o[0]: o for o in opts}
+    best: dict[str, dict] = {}
+    for row in rows[1:]:
+        tpot = row.get("tpot_s")
+        if (row["option"] in (DEFAULTS, WINNERS) or row.get("error") or not tpot
+                or row["num_errors"] or row["num_wrong_lengths"]
+                or row["option"] not in by_label or tpot > base * (1 - WIN_MARGIN)):
+            continue
+        group = next((g for g in EXCLUSIVE_GROUPS if row["option"].startswith(g)),
+                     row["option"])
+        if group not in best or tpot < best[group]["tpot_s"]:
+            best[group] = row
+    chosen = [by_label[row["option"]] for row in sorted(best.values(),
+                                                        key=lambda r: r["tpot_s"])]
+    if not chosen:
+        return None
+
+    def apply(engine, device):
+        details = []
+        for label, opt_apply, _ in chosen:
+            detail = opt_apply(engine, device)
+            details.append(label + (f" ({detail})" if detail else ""))
+        return " + ".join(details)
+
+    def undo(engine):
+        for _, _, opt_undo in reversed(chosen):
+            opt_undo(engine)
+    return WINNERS, apply, undo
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", default=None,
@@ -212,7 +259,21 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "bench_batch1.json"), "w") as f:
             json.dump(out, f, indent=1)
 
-    for label, apply, undo in options():
+    opts = options()
+    # The closing defaults row (the noise check) comes after the combined winners.
+    closing = [opts.pop()] if len(opts) > 1 and opts[-1][0] == DEFAULTS else []
+
+    def schedule():
+        yield from opts
+        winners = combine_winners(rows, opts)
+        if winners is None:
+            print(f"batch1 {WINNERS:<40} none: no option beat the defaults by "
+                  f"{WIN_MARGIN:.0%}", flush=True)
+        else:
+            yield winners
+        yield from closing
+
+    for label, apply, undo in schedule():
         try:
             row = run_row(engine, workload, label, apply, undo, torch.device(device))
         except Exception as exc:   # one broken option must not cost the other rows

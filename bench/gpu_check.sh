@@ -33,7 +33,8 @@
 # engine.l2_prefetch on (llmbatch-l2prefetch: qkv and o_proj weights touched into L2 on a side
 # stream at small batch; ~20 s). BENCH_BATCH1_SWEEP (default 1 on a GPU): W-BATCH1 under each
 # decode option of bench/bench_batch1.py (L2-prefetch plans, fused split reduce, argmax, rope
-# table, attention splits and tiles, PDL, sync scheduling) on one engine (15 rows, ~60 s; limit
+# table, attention splits and tiles, PDL, sync scheduling; then the winners combined) on one
+# engine (16 rows, ~65 s; limit
 # BENCH_BATCH1_TIMEOUT, default 90 s; OUT_DIR/bench_batch1.json, written after every row).
 # Whole check with the defaults: < 10 min on an H200 (pytest <= 200 s, bench <= 300 s, the
 # batch-1 sweep <= 90 s, set-up ~20 s; stop 9 on an H200: tests/gpu needed > 160 s, the bench
@@ -47,7 +48,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac

@@ -150,19 +150,85 @@ def test_batch1_sweep_dry_run_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "bench_batch1.json").read_text())
     rows = out["rows"]
-    assert [r["option"] for r in rows] == [
+    singles = [
         "defaults", "L2 prefetch o_proj", "L2 prefetch o_proj+next_qkv", "split reduce fused",
         "argmax in torch", "rope table off", "L2 prefetch o_proj+next_qkv+gate_up 8 MiB",
         "L2 prefetch o_proj+next_qkv+gate_up 16 MiB", "attention splits 8",
         "attention splits 32", "attention key tile 32", "attention key tile 128",
-        "PDL launches", "sync scheduling", "defaults"]
+        "PDL launches", "sync scheduling"]
+    # CPU timings decide whether any option "won": the combined row is there or announced
+    # as none, then the closing defaults row.
+    combined = [r["option"] for r in rows[len(singles):-1]]
+    assert [r["option"] for r in rows] == singles + combined + ["defaults"]
+    assert combined in ([], ["winners combined"])
+    assert ("batch1 winners combined" + " " * 24 + " none:" in proc.stdout) == (not combined)
     # The tiny shape's 2 layers: o_proj each, + qkv each, + a gate_up prefix each.
     assert [rows[i]["detail"] for i in (1, 2, 6, 7)] == [
         f"{n} weights touched" for n in (2, 4, 6, 6)]
     assert all(r["same_tokens_as_first"] and r["num_errors"] == 0 for r in rows)
     assert out["smoke_test_only"] is True
-    assert proc.stdout.count("batch1 ") == 15
-    assert rows[-3]["detail"] == "needs sm_90 CUDA: not applied"
+    assert proc.stdout.count("batch1 ") == 16
+    assert rows[12]["detail"] == "needs sm_90 CUDA: not applied"
+
+
+def _row(option, tpot, **extra):
+    return {"option": option, "tpot_s": tpot, "num_errors": 0, "num_wrong_lengths": 0, **extra}
+
+
+def test_batch1_winners_take_the_fastest_of_each_exclusive_group():
+    from bench.bench_batch1 import combine_winners
+
+    calls = []
+
+    def opt(label):
+        return (label, lambda engine, device: calls.append(("apply", label)) or
+                ("7 weights" if label.startswith("L2") else ""),
+                lambda engine: calls.append(("undo", label)))
+
+    labels = ["defaults", "L2 prefetch a", "L2 prefetch b", "attention splits 8",
+              "attention splits 32", "attention key tile 32", "argmax in torch", "broken",
+              "rope table off", "sync scheduling"]
+    opts = [opt(label) for label in labels]
+    rows = [_row("defaults", 1.000), _row("L2 prefetch a", 0.950), _row("L2 prefetch b", 0.940),
+            _row("attention splits 8", 0.985), _row("attention splits 32", 0.970),
+            _row("attention key tile 32", 0.995),         # within the 1 % margin: not a win
+            _row("argmax in torch", 0.900, num_errors=1),  # fast but lost a row: not a win
+            {"option": "broken", "error": "RuntimeError: x"},
+            _row("rope table off", 1.020), _row("sync scheduling", 0.980)]
+    label, apply, undo = combine_winners(rows, opts)
+    assert label == "winners combined"
+    assert apply(None, None) == ("L2 prefetch b (7 weights) + attention splits 32 + "
+                                 "sync scheduling")
+    undo(None)
+    assert calls == [("apply", "L2 prefetch b"), ("apply", "attention splits 32"),
+                     ("apply", "sync scheduling"), ("undo", "sync scheduling"),
+                     ("undo", "attention splits 32"), ("undo", "L2 prefetch b")]
+    # No winner, or no defaults figure to compare with: no combined row.
+    assert combine_winners(rows[:1] + [_row("rope table off", 1.0)], opts) is None
+    assert combine_winners([{"option": "defaults", "error": "x"}] + rows[1:], opts) is None
+
+
+def test_batch1_sweep_runs_the_combined_winners_before_the_closing_defaults(tmp_path,
+                                                                           monkeypatch):
+    from bench import bench_batch1
+
+    applied = []
+    nothing = (bench_batch1.DEFAULTS, lambda engine, device: "", lambda engine: None)
+    fast = ("fast", lambda engine, device: applied.append("fast") or "", lambda engine: None)
+    tpots = iter([1.0, 0.5, 0.5, 1.0])
+
+    def fake_row(engine, workload, label, apply, undo, device):
+        apply(engine, device)
+        undo(engine)
+        return _row(label, next(tpots), detail="", capture_s=0.0, cuda_graph_error=None,
+                    _outputs={"r": [1]})
+
+    monkeypatch.setattr(bench_batch1, "options", lambda: [nothing, fast, nothing])
+    monkeypatch.setattr(bench_batch1, "run_row", fake_row)
+    assert bench_batch1.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_batch1.json").read_text())["rows"]
+    assert [r["option"] for r in rows] == ["defaults", "fast", "winners combined", "defaults"]
+    assert applied == ["fast", "fast"]
 
 
 def test_batch1_sweep_records_a_broken_option_and_goes_on(tmp_path, monkeypatch):
