@@ -109,6 +109,64 @@ def test_malformed_job_or_input(env, capsys, name, make, message):
     assert not os.path.exists(env.path / "out")          # nothing written
 
 
+def _broken_model(src, dst, name):
+    """A copy of the tiny Llama checkpoint `src` at `dst`, broken the way `name` says."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = os.path.join(dst, "config.json")
+    if name == "no config.json":
+        os.remove(config)
+    elif name == "no weights":
+        os.remove(os.path.join(dst, "model.safetensors"))
+    elif name == "config.json not JSON":
+        with open(config, "w") as f:
+            f.write("{not json")
+    elif name == "config value of the wrong type":
+        with open(config) as f:
+            data = json.load(f)
+        with open(config, "w") as f:
+            json.dump({**data, "hidden_size": "big"}, f)
+    elif name == "damaged weights":
+        with open(os.path.join(dst, "model.safetensors"), "wb") as f:
+            f.write(b"\0" * 100)
+    return dst
+
+
+# The model named by the job cannot be loaded: a user input error (one line, exit 2, nothing
+# written), through the real engine. A Hub id this machine cannot fetch used to end as
+# "internal error: RuntimeError", exit 1; the two library errors likewise.
+BAD_MODELS = [
+    ("hub id that cannot be fetched", "model.path meta-llama/Llama-3.2-1B: cannot load the "
+     "model: model 'meta-llama/Llama-3.2-1B' is not a local directory and could not be fetched "
+     "from the Hugging Face Hub ("),
+    ("no config.json", "cannot load the model: Unrecognized model in "),
+    ("no weights", "cannot load the model: no weights found in "),
+    ("config.json not JSON", "cannot load the model: It looks like the config file at "),
+    ("config value of the wrong type", "cannot load the model: StrictDataclassFieldValidationError"
+     ": Validation error for field 'hidden_size': TypeError: Field 'hidden_size' expected int, "
+     "got str (value: 'big')"),
+    ("damaged weights", "cannot load the model: SafetensorError: Error while deserializing "
+     "header: "),
+]
+
+
+@pytest.mark.parametrize("name, message", BAD_MODELS, ids=[m[0] for m in BAD_MODELS])
+def test_a_model_that_cannot_be_loaded_is_one_line_exit_2(env, capsys, monkeypatch,
+                                                          tiny_llama_dir, name, message):
+    monkeypatch.delenv("LLMBATCH_ENGINE_FACTORY")     # the real engine (HF_HUB_OFFLINE=1)
+    path = "meta-llama/Llama-3.2-1B" if name.startswith("hub") else \
+        _broken_model(tiny_llama_dir, str(env.path / "model"), name)
+    code, out, err = call(capsys, "run", env.write(with_(env.job, "model", path=path)),
+                          "--progress", "none")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("llmbatch: error: model.path "), err
+    assert message in err and "internal error" not in err
+    assert "Traceback" not in err and out == ""
+    assert not os.path.exists(env.path / "out")          # nothing written
+
+
 def test_bad_set_and_usage_errors_are_one_line(env, capsys):
     job = env.write(env.job)
     code, _, err = call(capsys, "run", job, "--set", "sampling.max_new_tokens")

@@ -9,7 +9,6 @@ the engine pulls them.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from llmbatch.io.reader import InputSource, open_input
 from llmbatch.io.sharding import Shard, resolve_shard
 from llmbatch.io.writer import output_schema
 from llmbatch.jobs.committer import InOrderCommitter
+from llmbatch.jobs.engine_factory import make_engine
 from llmbatch.jobs.errors import (EXIT_OK, EXIT_ROW_ERRORS, InternalError, InvalidJobError,
                                   JobError, ResumeError, RowError, output_write_failed)
 from llmbatch.jobs.gpu_monitor import GpuMonitor
@@ -30,8 +30,6 @@ from llmbatch.jobs.rows import fill_error, fill_from_result
 from llmbatch.jobs.shard_lock import ShardLock
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.jobs.stats import ShardStats, next_run_index, write_stats
-
-ENGINE_FACTORY_ENV = "LLMBATCH_ENGINE_FACTORY"     # "module:callable", test-only
 
 
 @dataclass
@@ -65,23 +63,6 @@ class JobResult:
     @property
     def exit_code(self) -> int:
         return EXIT_ROW_ERRORS if self.num_rows_error else EXIT_OK
-
-
-def _factory_from_env() -> Optional[Callable]:
-    spec = os.environ.get(ENGINE_FACTORY_ENV)
-    if not spec:
-        return None
-    module, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise InvalidJobError(f"{ENGINE_FACTORY_ENV}={spec!r}: {exc}") from None
-
-
-def _default_factory(config):
-    from llmbatch.runtime.engine import Engine
-
-    return Engine(config)
 
 
 class JobRunner:
@@ -141,15 +122,6 @@ class JobRunner:
         if self.progress_mode != "none":
             print(message, file=sys.stderr, flush=True)
 
-    def _make_engine(self):
-        factory = self.engine_factory or _factory_from_env() or _default_factory
-        try:
-            return factory(self.spec.engine_config())
-        except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InvalidJobError(f"model.path {self.spec.model.path}: cannot load the model: "
-                                  f"{first}") from None
-
     def _serve_if_worker_rank(self) -> None:
         """Rank > 0 of a TP job started by torchrun/srun: build the engine (it joins the group,
         serves rank 0's steps and ends this process) before anything reads or writes the
@@ -164,7 +136,7 @@ class JobRunner:
         except ValueError as exc:
             raise InvalidJobError(f"parallel.tensor_parallel_size: {exc}") from None
         if rdv.launched and rdv.rank > 0:
-            self._make_engine()
+            make_engine(self.spec, self.engine_factory)
             raise InternalError(f"tensor-parallel rank {rdv.rank}: the engine returned on a "
                                 f"worker rank")
 
@@ -178,7 +150,7 @@ class JobRunner:
                   f"{plan.input_description}; {plan.rows_done} already done; "
                   f"config hash {plan.config_hash}")
         self._say(f"llmbatch: loading model {spec.model.path}")
-        engine = self._make_engine()
+        engine = make_engine(self.spec, self.engine_factory)
         renderer = PromptRenderer(engine.tokenizer, spec.model, spec.input)
         self._max_model_len = int(engine.max_model_len)
 

@@ -23,6 +23,13 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
+class ModelNotFoundError(OSError):
+    """`model` is neither a local directory nor a Hub model this machine can fetch (offline,
+    unknown or gated repo, huggingface_hub missing). An OSError like a missing directory: the
+    user named a model that is not there, not a failure of the runtime (the job runner turns
+    OSError into a one-line invalid-job error, exit 2)."""
+
+
 def resolve_model_path(model: str) -> str:
     """A local checkpoint directory as is; otherwise a Hugging Face Hub id, fetched with
     snapshot_download (from the local HF cache first, then the network)."""
@@ -34,8 +41,8 @@ def resolve_model_path(model: str) -> str:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise RuntimeError(f"model {model!r} is not a local directory and huggingface_hub is not "
-                           f"installed to download it") from None
+        raise ModelNotFoundError(f"model {model!r} is not a local directory and huggingface_hub "
+                                 f"is not installed to download it") from None
     # Configs, tokenizer files and safetensors; .bin only when a repo has no safetensors.
     patterns = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
     try:
@@ -47,8 +54,9 @@ def resolve_model_path(model: str) -> str:
             local = snapshot_download(model, allow_patterns=patterns + ["*.bin"])
     except Exception as e:  # offline, unknown repo, gated repo, ...
         reason = (str(e).strip().splitlines() or [""])[0]
-        raise RuntimeError(f"model {model!r} is not a local directory and could not be fetched "
-                           f"from the Hugging Face Hub ({type(e).__name__}: {reason})") from None
+        raise ModelNotFoundError(f"model {model!r} is not a local directory and could not be "
+                                 f"fetched from the Hugging Face Hub ({type(e).__name__}: "
+                                 f"{reason})") from None
     return local
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from llmbatch.runtime.attention.backend import AttentionMetadata
 from llmbatch.runtime.attention.torch_backend import TorchAttentionBackend
-from llmbatch.runtime.loader import load_weights, resolve_model_path
+from llmbatch.runtime.loader import ModelNotFoundError, load_weights, resolve_model_path
 from llmbatch.runtime.models import build_model
 from llmbatch.runtime.models.llama import effective_sliding_window
 
@@ -293,8 +293,11 @@ def test_resolve_model_path(tmp_path, monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(RuntimeError) as err:
+    # An OSError (the job runner's "cannot load the model", exit 2), not a RuntimeError (an
+    # internal error, exit 1): the user named a model this machine cannot get.
+    with pytest.raises(ModelNotFoundError) as err:
         resolve_model_path("someorg/some-model")
+    assert isinstance(err.value, OSError)
     assert "\n" not in str(err.value)
     assert "'someorg/some-model' is not a local directory" in str(err.value)
     assert "OSError: We couldn't connect" in str(err.value)

@@ -1,0 +1,71 @@
+"""Which engine a job gets, and how a model that cannot be loaded is reported.
+
+The runtime engine by default; `engine_factory(EngineConfig) -> engine` from the API, or
+LLMBATCH_ENGINE_FACTORY="module:callable" (test-only), replaces it. A model the job names that
+is missing or broken is the user's input, so it ends as one line and exit 2 (InvalidJobError),
+never as an internal error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Optional
+
+from llmbatch.jobs.errors import InvalidJobError
+from llmbatch.jobs.spec import JobSpec
+
+ENGINE_FACTORY_ENV = "LLMBATCH_ENGINE_FACTORY"     # "module:callable", test-only
+
+
+def factory_from_env() -> Optional[Callable]:
+    spec = os.environ.get(ENGINE_FACTORY_ENV)
+    if not spec:
+        return None
+    module, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InvalidJobError(f"{ENGINE_FACTORY_ENV}={spec!r}: {exc}") from None
+
+
+def default_factory(config):
+    from llmbatch.runtime.engine import Engine
+
+    return Engine(config)
+
+
+def model_input_errors() -> tuple:
+    """What loading a model raises when the model the job names is missing or broken: a user
+    input error, not a bug. OSError: no such directory, a Hub id that cannot be fetched
+    (runtime.loader.ModelNotFoundError), no weights; ValueError: an unparsable or unsupported
+    config, a checkpoint that does not match it. The libraries that read the files raise types
+    of their own for a damaged safetensors file or a config value of the wrong type."""
+    errors: list = [OSError, ValueError]
+    try:
+        from safetensors import SafetensorError
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        pass
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+        errors.append(StrictDataclassError)
+    except ImportError:  # older huggingface_hub: configs are not strict dataclasses there
+        pass
+    return tuple(errors)
+
+
+def make_engine(spec: JobSpec, engine_factory: Optional[Callable] = None):
+    """Build the job's engine (loads the model); a model that cannot be loaded raises
+    InvalidJobError naming model.path and the first line of the reason."""
+    factory = engine_factory or factory_from_env() or default_factory
+    try:
+        return factory(spec.engine_config())
+    except model_input_errors() as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, (OSError, ValueError)):
+            # A library's own type: named, and whole (a strict-config error puts the field
+            # on its first line and what is wrong with it on the second).
+            first = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        raise InvalidJobError(f"model.path {spec.model.path}: cannot load the model: "
+                              f"{first}") from None
