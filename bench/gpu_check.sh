@@ -14,7 +14,7 @@
 # int8 (default bf16 only since stop 10, for time: stop 9 measured both; tests/gpu still
 # checks their kernels). Without the wheel the quantized rows say bitsandbytes is missing.
 # Env: PYTHON (default python3), BENCH_ARGS (extra bench.run flags, e.g. "--skip-peers"),
-# PYTEST_TIMEOUT (s, default 200), PYTEST_PATHS (default: all of tests/gpu, core files first),
+# PYTEST_TIMEOUT (s, default 230), PYTEST_PATHS (default: all of tests/gpu, core files first),
 # BENCH_ATTENTION=1 (attention micro-benchmark), BENCH_TIMEOUT (s, default 300), BENCH_MODEL_DIR,
 # BENCH_QUANTIZATION (GPU runs only, default bf16), BENCH_PROFILE=0 (skip the
 # profiled slice), BENCH_UNFUSED=1 (opt-in: W-RANDOM, W-PREFIX and
@@ -36,9 +36,11 @@
 # table, attention splits and tiles, PDL, sync scheduling; then the winners combined) on one
 # engine (16 rows, ~65 s; limit
 # BENCH_BATCH1_TIMEOUT, default 90 s; OUT_DIR/bench_batch1.json, written after every row).
-# Whole check with the defaults: < 10 min on an H200 (pytest <= 200 s, bench <= 300 s, the
-# batch-1 sweep <= 90 s, set-up ~20 s; stop 9 on an H200: tests/gpu needed > 160 s, the bench
-# with peers ~280 s including the sync, skinny and quantized rows, now off by default).
+# Whole check: GPU_CHECK_BUDGET s (default 575, under the device tool's 600 s per command);
+# each step's limit above is cut so the steps after it keep their share (pytest <= 230 s,
+# bench <= 300 s, the batch-1 sweep <= 90 s, set-up ~20 s; stop 9 on an H200: tests/gpu
+# needed > 160 s, stop 10 added ~60 s of tests; the bench with peers ~280 s including the
+# sync, skinny and quantized rows, now off by default).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,7 +50,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -61,6 +63,30 @@ export TOKENIZERS_PARALLELISM=false
 # The GPU machine reaches nothing: never let transformers wait on the hub (e.g. kernel lookups).
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 T0=$(date +%s)
+# The device tool brings back at most 8 files from $OUT (a run with profiles and the attention
+# log made 11, and results.json was the one left behind): there, keep results.json, table.md
+# and the console log loose and pack every other file into details.tar.gz. On exit, also when
+# a signal stops the script before its end.
+pack_results() {
+  if [ -n "${OUT:-}" ] && [ "$OUT_DIR" = "$OUT" ] && [ "$DRY" != 1 ]; then
+    (cd "$OUT_DIR" && find . -maxdepth 1 -type f ! -name results.json ! -name table.md \
+       ! -name gpu_check.log ! -name details.tar.gz -printf '%P\n' \
+       | tar czf details.tar.gz --remove-files -T -) \
+      && echo "gpu_check: logs and profiles packed into $OUT_DIR/details.tar.gz"
+  fi
+}
+trap pack_results EXIT
+trap 'exit 143' TERM   # a stopped script packs too (the EXIT trap runs on exit)
+# The whole script keeps within GPU_CHECK_BUDGET seconds (default 575: the device tool stops a
+# command at 600 s, and what is under $OUT must be packed before then). A step's time limit is
+# its own setting, cut to what the budget leaves once RESERVE seconds are kept for the steps
+# after it (at least 10 s).
+BUDGET="${GPU_CHECK_BUDGET:-575}"
+limit() {   # limit OWN RESERVE -> seconds
+  local left=$(( BUDGET - ($(date +%s) - T0) - $2 ))
+  local n=$(( $1 < left ? $1 : left ))
+  echo $(( n < 10 ? 10 : n ))
+}
 
 # Wheels for missing packages, unpacked (a wheel is a zip of an installed layout) into a temp
 # dir appended to PYTHONPATH; only wheels whose module is missing, so nothing is shadowed.
@@ -101,9 +127,13 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   echo "=== pytest tests/gpu -q (attention, graphs, fused kernels, L2 prefetch, async, int8/nf4 GEMMs, then skinny)"
   # SIGINT at the limit (then KILL 20 s later): pytest stops like on Ctrl-C and still prints
   # its failures and --durations (stop 9's SIGTERM at 160 s left only the progress dots).
+  # An inherited "SIGINT ignored" does not defeat it: timeout handles INT itself, so its
+  # child starts with the default disposition and Python installs KeyboardInterrupt (checked
+  # with coreutils timeout under `trap '' INT`).
   # shellcheck disable=SC2086
   # Skinny matmul (opt-in, measured slower) last: a cut run loses it first.
-  timeout -s INT -k 20 "${PYTEST_TIMEOUT:-200}" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_device_gpu.py \
+  PYTEST_LIMIT=$(limit "${PYTEST_TIMEOUT:-230}" 290)   # bench ~220 s + sweep ~70 s after it
+  timeout -s INT -k 20 "$PYTEST_LIMIT" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_device_gpu.py \
     tests/gpu/test_triton_attention_gpu.py \
     tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py \
     tests/gpu/test_fused_kernels_gpu.py tests/gpu/test_triton_argmax_gpu.py \
@@ -114,7 +144,8 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     | tee "$OUT_DIR/pytest_gpu.log" | tail -n 40
   PYTEST_RC=${PIPESTATUS[0]}
   [ "$PYTEST_RC" = 5 ] && PYTEST_RC="5 (no tests collected)"
-  [ "$PYTEST_RC" = 124 ] && PYTEST_RC="124 (cut at ${PYTEST_TIMEOUT:-200} s)"
+  [ "$PYTEST_RC" = 124 ] && PYTEST_RC="124 (cut at $PYTEST_LIMIT s)"
+  [ "$PYTEST_RC" = 137 ] && PYTEST_RC="137 (killed 20 s after its $PYTEST_LIMIT s limit)"
 else
   echo "=== pytest not importable and no wheel in bench/wheels: GPU tests NOT run"
   PYTEST_RC="not run"
@@ -159,18 +190,19 @@ AB_DEFAULT=1; [ "$DRY" = 1 ] && AB_DEFAULT=0
 [ "${BENCH_PROFILE:-1}" = 1 ] && MODE_ARGS+=(--profile)
 # The checkpoint lives outside OUT_DIR: 2.47 GB must not travel back with the results.
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-300}" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \
+BENCH_LIMIT=$(limit "${BENCH_TIMEOUT:-300}" 70)   # the batch-1 sweep after it
+timeout "$BENCH_LIMIT" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \
   --model-dir "$MODEL_DIR" ${BENCH_ARGS:-} >"$OUT_DIR/bench_stdout.log" \
   2> >(tee "$OUT_DIR/bench_stderr.log" | grep -E '^\[bench|Error|error' >&2)
 BENCH_RC=$?
 wait
-[ "$BENCH_RC" = 124 ] && BENCH_RC="124 (timed out after ${BENCH_TIMEOUT:-300} s)"
+[ "$BENCH_RC" = 124 ] && BENCH_RC="124 (timed out after $BENCH_LIMIT s)"
 
 # Batch-1 option sweep (GPU default, ~30 s; BENCH_BATCH1_SWEEP=0 skips): W-BATCH1 on one engine
 # per option of bench/bench_batch1.py, on the checkpoint bench.run just used.
 if [ "${BENCH_BATCH1_SWEEP:-$AB_DEFAULT}" = 1 ]; then
   echo "=== batch-1 options, W-BATCH1 ($(( $(date +%s) - T0 )) s so far)"
-  timeout "${BENCH_BATCH1_TIMEOUT:-90}" "$PY" -m bench.bench_batch1 --out "$OUT_DIR" \
+  timeout "$(limit "${BENCH_BATCH1_TIMEOUT:-90}" 0)" "$PY" -m bench.bench_batch1 --out "$OUT_DIR" \
     --model-dir "$MODEL_DIR" 2>&1 | tee "$OUT_DIR/bench_batch1.log" | grep -E '^batch1|Error'
 fi
 
@@ -184,15 +216,6 @@ elif [ -f "$OUT_DIR/results.json" ]; then
   "$PY" -m bench.report "$OUT_DIR/results.json"
 else
   echo "no results: see $OUT_DIR/bench_stderr.log"
-fi
-# The device tool brings back at most 8 files from $OUT (a run with profiles and the attention
-# log made 11, and results.json was the one left behind): there, keep results.json, table.md
-# and the console log loose and pack every other file into details.tar.gz.
-if [ -n "${OUT:-}" ] && [ "$OUT_DIR" = "$OUT" ] && [ "$DRY" != 1 ]; then
-  (cd "$OUT_DIR" && find . -maxdepth 1 -type f ! -name results.json ! -name table.md \
-     ! -name gpu_check.log ! -name details.tar.gz -printf '%P\n' \
-     | tar czf details.tar.gz --remove-files -T -) \
-    && echo "gpu_check: logs and profiles packed into $OUT_DIR/details.tar.gz"
 fi
 if [ "$BENCH_RC" != 0 ] || { [ "$PYTEST_RC" != 0 ] && [ "$PYTEST_RC" != "5 (no tests collected)" ]; }; then
   exit 1

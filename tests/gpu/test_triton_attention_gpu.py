@@ -155,3 +155,42 @@ def test_verify_rows_do_not_depend_on_where_the_window_starts(dtype):
             assert torch.equal(outs[0], other), pos
             compared += 1
     assert compared == 20
+
+
+@pytest.mark.parametrize("num_splits", [16, 32])
+def test_fused_split_reduce_equals_the_second_launch_cuda(num_splits):
+    """The split-KV merge done by each tile's last split (acq_rel counter, .cg loads) gives
+    the two-launch reduce's output to fp32 rounding on real concurrent programs, eagerly
+    twice and in a CUDA graph replayed twice, and every counter is back at zero after each
+    (a graph replays on the counters it captured; one left non-zero would skip a merge)."""
+    spans = [(3000, 1), (700, 1), (17, 1), (1200, 1), (0, 1), (2047, 1)]
+    case = make_case(spans, 32, 8, 64, 16, torch.float32, device="cuda", seed=5)
+    unfused, want = run_both(case, TritonAttentionBackend(num_kv_splits=num_splits))
+    assert_close(unfused, want, torch.float32)
+    backend = TritonAttentionBackend(num_kv_splits=num_splits, fused_split_reduce=True)
+
+    def counters_zero():
+        kept = backend._split_counters[torch.device("cuda", torch.cuda.current_device())]
+        return all(int(c.abs().sum()) == 0 for c in kept)
+
+    for _ in range(2):
+        fused, _ = run_both(case, backend)
+        torch.testing.assert_close(fused, unfused, atol=1e-6, rtol=1e-6)
+        assert counters_zero()
+    k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()
+    backend.write_kv(case.key, case.value, k_cache, v_cache, case.meta.slot_mapping)
+    out = torch.full_like(case.query, float("nan"))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        backend.forward(case.query, k_cache, v_cache, case.meta, case.scale, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        backend.forward(case.query, k_cache, v_cache, case.meta, case.scale, out=out)
+    for _ in range(2):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, unfused, atol=1e-6, rtol=1e-6)
+        assert counters_zero()
