@@ -149,20 +149,26 @@ class JobRunner:
                   f"[{plan.row_start}, {plan.row_end}) of {plan.num_input_rows} from "
                   f"{plan.input_description}; {plan.rows_done} already done; "
                   f"config hash {plan.config_hash}")
-        self._say(f"llmbatch: loading model {spec.model.path}")
-        engine = make_engine(self.spec, self.engine_factory)
-        renderer = PromptRenderer(engine.tokenizer, spec.model, spec.input)
-        self._max_model_len = int(engine.max_model_len)
-
-        # From here on we write. overwrite clears only after everything validated.
+        # From here on we write. One run per shard: a second one would delete this one's
+        # in-flight files as leftovers. The lock comes before the model load, so a duplicate
+        # run (a requeued SLURM task racing the original) refuses at once, not after minutes
+        # of loading. overwrite clears only after everything validated (_run_locked).
+        lock = ShardLock.claim(self.out_dir, plan.shard.index, spec.output.path)
         try:
-            os.makedirs(self.out_dir, exist_ok=True)
-        except OSError as exc:   # e.g. a read-only or pseudo file system os.access cannot see
-            raise InvalidJobError(f"output.path {spec.output.path}: cannot create it: "
-                                  f"{exc.strerror or exc}") from None
-        # One run per shard: a second one would delete this one's in-flight files as leftovers.
-        with ShardLock(self.out_dir, plan.shard.index):
+            try:
+                self._say(f"llmbatch: loading model {spec.model.path}")
+                engine = make_engine(spec, self.engine_factory)
+                renderer = PromptRenderer(engine.tokenizer, spec.model, spec.input)
+                self._max_model_len = int(engine.max_model_len)
+            except BaseException:
+                # Only the lock file (and the folders made for it) are ours so far: a job
+                # whose model cannot be loaded leaves output.path as it found it, like any
+                # other invalid job.
+                lock.discard()
+                raise
             return self._run_locked(plan, engine, renderer)
+        finally:
+            lock.release()
 
     def _run_locked(self, plan: JobPlan, engine, renderer: PromptRenderer) -> JobResult:
         spec = self.spec

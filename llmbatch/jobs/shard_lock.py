@@ -10,6 +10,13 @@ the holder exits, SIGKILL included, so a killed run never leaves a stale lock. T
 with "_" (readers of the folder skip it) and matches none of the patterns `Manifest.clear` and
 `Manifest.recover` delete. Where the file system has no flock (some Lustre mounts: ENOSYS,
 EOPNOTSUPP), the run goes on without the lock, as before.
+
+The lock is taken before the model loads (a duplicate run refuses at once, not after minutes of
+loading), so a run whose model then fails to load removes the lock file it created (`discard`),
+leaving the folder as it found it. Deleting a flock file is safe only because `acquire` checks,
+once it holds the lock, that the name still leads to the file it locked, and starts over if not:
+a run that opened the file just before it was deleted would otherwise hold a lock on a file
+nobody else can see.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ except ImportError:  # pragma: no cover - not POSIX: no lock
     fcntl = None
 
 
+_MAX_TRIES = 5
+
+
 def lock_name(shard: int) -> str:
     return f"_lock-{shard:05d}"
 
@@ -35,40 +45,57 @@ class ShardLock:
         self.path = os.path.join(out_dir, lock_name(shard))
         self.shard = shard
         self._fd: Optional[int] = None
+        self.created = False      # this acquire created the lock file (discard removes it)
+        self.made_dirs: list[str] = []     # folders claim() created, deepest first
 
     def acquire(self) -> "ShardLock":
         """Take the lock or raise InvalidJobError (exit 2) naming the holder's pid."""
         if fcntl is None:
             return self
-        fd, writable = self._open()
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _read_pid(fd)
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                by = f" (pid {holder})" if holder else ""
-                raise InvalidJobError(
-                    f"output.path {os.path.dirname(self.path)}: shard {self.shard} is being "
-                    f"written by another run{by}; wait for it to end or stop it") from None
-            return self          # no flock on this file system: run unlocked
+        # A few tries: each retry means a holder deleted the file between our open and our
+        # flock (discard), which a run does once, when its model fails to load.
+        for _ in range(_MAX_TRIES):
+            fd, writable, created = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = _read_pid(fd)
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    by = f" (pid {holder})" if holder else ""
+                    raise InvalidJobError(
+                        f"output.path {os.path.dirname(self.path)}: shard {self.shard} is being "
+                        f"written by another run{by}; wait for it to end or stop it") from None
+                self.created = created   # (discard still removes a file it made)
+                return self          # no flock on this file system: run unlocked
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)             # we locked a deleted file: open the name again
+        else:
+            raise InvalidJobError(f"output.path {os.path.dirname(self.path)}: the lock file "
+                                  f"{os.path.basename(self.path)} keeps being replaced; is "
+                                  f"another run of shard {self.shard} starting?")
         if writable:   # for the message of a run that finds the lock taken (the lock is flock)
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
+        self._fd, self.created = fd, created
         return self
 
-    def _open(self) -> tuple[int, bool]:
-        """(descriptor, writable). Created with mode 0o666 so the umask decides, as for the
-        parts: on a group-shared folder a teammate's resume must open it too. A lock file this
-        user may not write (another user's, stricter umask) is opened read-only: flock does
-        not need write access; only the holder's pid is then not recorded."""
+    def _open(self) -> tuple[int, bool, bool]:
+        """(descriptor, writable, created). Created with mode 0o666 so the umask decides, as
+        for the parts: on a group-shared folder a teammate's resume must open it too. A lock
+        file this user may not write (another user's, stricter umask) is opened read-only:
+        flock does not need write access; only the holder's pid is then not recorded."""
+        try:     # O_EXCL: whether this run made the file (discard removes only its own)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True, True
+        except (FileExistsError, PermissionError):
+            pass     # an earlier run's (or a running one's) file, or a folder we cannot add to
         try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666), True
-        except PermissionError:
-            pass
+            return os.open(self.path, os.O_RDWR), True, False
+        except (PermissionError, FileNotFoundError):
+            pass     # read-only below; a file that is not there is one line from there
         try:
-            return os.open(self.path, os.O_RDONLY), False
+            return os.open(self.path, os.O_RDONLY), False, False
         except OSError as exc:
             raise InvalidJobError(f"output.path {os.path.dirname(self.path)}: cannot open the "
                                   f"lock file {os.path.basename(self.path)}: "
@@ -79,11 +106,60 @@ class ShardLock:
             os.close(self._fd)       # closing the descriptor drops the flock
             self._fd = None
 
+    def discard(self) -> None:
+        """Release, and remove what `claim` made: the lock file if this run created it, then
+        the folders it created if they are empty (a run that wrote nothing else leaves no
+        trace). The file is removed while still held, so no other run can hold it then."""
+        if self.created:
+            self.created = False     # once: the name may be another run's file after this
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+        self.release()
+        for folder in self.made_dirs:          # deepest first
+            try:
+                os.rmdir(folder)
+            except OSError:                    # not empty: another shard's files are there
+                break
+
+    @classmethod
+    def claim(cls, out_dir: str, shard: int, key_value: str) -> "ShardLock":
+        """Create the output folder (`key_value`: output.path as the job wrote it, for the
+        message) and take the shard's lock; on failure leave no folder this call made."""
+        made = []
+        folder = out_dir
+        while not os.path.exists(folder):
+            made.append(folder)
+            folder = os.path.dirname(folder)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as exc:   # e.g. a read-only or pseudo file system os.access cannot see
+            raise InvalidJobError(f"output.path {key_value}: cannot create it: "
+                                  f"{exc.strerror or exc}") from None
+        lock = cls(out_dir, shard)
+        lock.made_dirs = made
+        try:
+            return lock.acquire()
+        except BaseException:
+            lock.discard()
+            raise
+
     def __enter__(self) -> "ShardLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether `path` still names the file open as `fd` (it was not deleted or replaced)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _read_pid(fd: int) -> Optional[str]:

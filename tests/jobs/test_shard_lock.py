@@ -133,3 +133,67 @@ def test_an_unopenable_lock_file_is_one_line(tmp_path, monkeypatch):
         ShardLock(str(tmp_path), 3).acquire()
     assert str(info.value) == (f"output.path {tmp_path}: cannot open the lock file "
                                f"_lock-00003: Permission denied")
+
+
+def _no_model_load(loads):
+    def factory(config):
+        loads.append(config.model)
+        raise AssertionError("the model was loaded")
+    return factory
+
+
+def test_a_locked_shard_refuses_before_the_model_loads(setup):
+    """A duplicate run (a requeued SLURM task racing the original) used to load the whole
+    model and only then find the lock taken."""
+    job, out = setup
+    os.makedirs(out)
+    loads = []
+    with ShardLock(out, 0):
+        with pytest.raises(InvalidJobError) as info:
+            run_job(job(), engine_factory=_no_model_load(loads))
+    assert loads == []
+    assert info.value.message == (f"output.path {out}: shard 0 is being written by another run "
+                                  f"(pid {os.getpid()}); wait for it to end or stop it")
+    assert os.listdir(out) == ["_lock-00000"]
+
+
+def test_a_model_that_fails_to_load_leaves_the_folder_as_it_found_it(setup, tmp_path):
+    """The lock is taken before the model loads; a load that fails removes the lock file and
+    the folders that run made, and leaves an earlier run's files (and lock file) alone."""
+    job, out = setup
+
+    def broken(config):
+        raise OSError("no weights found")
+
+    nested = str(tmp_path / "new" / "deeper" / "out")
+    with pytest.raises(InvalidJobError, match="cannot load the model: no weights found"):
+        run_job(job(), output={"path": nested}, engine_factory=broken)
+    assert not os.path.exists(tmp_path / "new")
+    assert run_job(job()).exit_code == 0
+    before = sorted(os.listdir(out))
+    with pytest.raises(InvalidJobError, match="cannot load the model: no weights found"):
+        run_job(job(), engine_factory=broken)
+    assert sorted(os.listdir(out)) == before and "_lock-00000" in before
+    assert run_job(job()).num_rows_skipped == 12
+
+
+def test_a_lock_file_deleted_before_the_flock_is_opened_again(tmp_path, monkeypatch):
+    """A run that opened the lock file just before its holder discarded it (deleted, then
+    unlocked) would hold a flock on a file no one else can see: it must lock the name anew."""
+    import llmbatch.jobs.shard_lock as shard_lock
+
+    holder = ShardLock(str(tmp_path), 0).acquire()
+    real_flock = shard_lock.fcntl.flock
+    calls = []
+
+    def flock_after_discard(fd, op):
+        if not calls:                 # the holder gives up between our open and our flock
+            holder.discard()
+        calls.append(fd)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(shard_lock.fcntl, "flock", flock_after_discard)
+    with ShardLock(str(tmp_path), 0) as lock:
+        assert len(calls) == 2        # the deleted file, then the new one
+        assert os.fstat(lock._fd).st_ino == os.stat(tmp_path / lock_name(0)).st_ino
+        assert lock.created
