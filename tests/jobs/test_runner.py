@@ -232,3 +232,42 @@ def test_memory_stays_bounded_while_streaming(tmp_path, tiny_tokenizer_dir, jobk
     result = runner.run()
     assert result.num_rows_ok == 600 and len(held) == 600
     assert max(held) <= 16 + 7 + 10
+
+
+def test_a_resume_reads_each_committed_part_footer_once(tmp_path, prompts, tiny_tokenizer_dir,
+                                                        fake_engine_env, monkeypatch):
+    """plan() and Manifest.recover() both read every committed part's footer; with 100k parts
+    on a network file system that doubled start-up I/O. The check under the shard lock (recover)
+    is the one kept: the folder may change before the lock is taken."""
+    import llmbatch.io.manifest as manifest
+    from llmbatch.api import plan_job
+
+    out = str(tmp_path / "out")
+    job = make_job(tiny_tokenizer_dir, prompts, out, output={"rows_per_part": 5})   # 10 parts
+    run_job(job)
+    # What a kill after part 5 leaves: the later parts' entries and files gone.
+    for seq in range(9, 5, -1):
+        os.remove(os.path.join(out, "_manifest", f"part-00000-{seq:05d}.json"))
+        os.remove(os.path.join(out, f"part-00000-{seq:05d}.parquet"))
+    reads = []
+    real = manifest.part_defect
+
+    def counting(path, num_rows):
+        reads.append(os.path.basename(path))
+        return real(path, num_rows)
+
+    monkeypatch.setattr(manifest, "part_defect", counting)
+    result = run_job(job)
+    assert result.num_rows_skipped == 30 and result.exit_code == 0
+    assert reads == [f"part-00000-{seq:05d}.parquet" for seq in range(6)]
+    # Still checked under the lock: a part damaged since the last run is found, once.
+    reads.clear()
+    with open(os.path.join(out, "part-00000-00002.parquet"), "wb") as f:
+        f.write(b"not parquet")
+    assert run_job(job).num_rows_skipped == 10
+    assert reads == [f"part-00000-{seq:05d}.parquet" for seq in range(3)]
+    assert ds.dataset(out).to_table().column("id").to_pylist() == list(range(50))
+    # `llmbatch plan` loads no model and takes no lock: it reads them itself, once.
+    reads.clear()
+    assert plan_job(job).rows_done == 50
+    assert reads == [f"part-00000-{seq:05d}.parquet" for seq in range(10)]
