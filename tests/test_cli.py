@@ -128,6 +128,11 @@ def _broken_model(src, dst, name):
             data = json.load(f)
         with open(config, "w") as f:
             json.dump({**data, "hidden_size": "big"}, f)
+    elif name == "zero attention heads":
+        with open(config) as f:
+            data = json.load(f)
+        with open(config, "w") as f:
+            json.dump({**data, "num_attention_heads": 0}, f)
     elif name == "damaged weights":
         with open(os.path.join(dst, "model.safetensors"), "wb") as f:
             f.write(b"\0" * 100)
@@ -141,14 +146,17 @@ BAD_MODELS = [
     ("hub id that cannot be fetched", "model.path meta-llama/Llama-3.2-1B: cannot load the "
      "model: model 'meta-llama/Llama-3.2-1B' is not a local directory and could not be fetched "
      "from the Hugging Face Hub ("),
-    ("no config.json", "cannot load the model: Unrecognized model in "),
+    ("no config.json", "model: cannot load the model: "),   # "<dir> has no config.json ..."
     ("no weights", "cannot load the model: no weights found in "),
     ("config.json not JSON", "cannot load the model: It looks like the config file at "),
-    ("config value of the wrong type", "cannot load the model: StrictDataclassFieldValidationError"
-     ": Validation error for field 'hidden_size': TypeError: Field 'hidden_size' expected int, "
-     "got str (value: 'big')"),
+    ("config value of the wrong type", "model/config.json is not a valid model config: "
+     "StrictDataclassFieldValidationError: Validation error for field 'hidden_size': TypeError: "
+     "Field 'hidden_size' expected int, got str (value: 'big')"),
     ("damaged weights", "cannot load the model: SafetensorError: Error while deserializing "
      "header: "),
+    # transformers' own config validator divides by it (was "internal error", exit 1).
+    ("zero attention heads", "model/config.json is not a valid model config: "
+     "ZeroDivisionError: integer modulo by zero"),
 ]
 
 

@@ -62,15 +62,13 @@ def draft_memory_need(config: EngineConfig, dtype: torch.dtype) -> tuple[int, in
     runner will build it: its parameters are the bytes it will load (tied ones once), and its
     layer/KV-head/head_dim attributes give the block size through the target's own formula.
     A draft checkpoint quantized by bitsandbytes loads smaller than this dense estimate."""
-    from transformers import AutoConfig
 
     from llmbatch.runtime.layers.quantization import model_weight_bytes
-    from llmbatch.runtime.loader import resolve_model_path
+    from llmbatch.runtime.loader import load_hf_config, resolve_model_path
     from llmbatch.runtime.models.registry import build_model
 
     dcfg = draft_runner_config(config)
-    hf_config = AutoConfig.from_pretrained(resolve_model_path(dcfg.model),
-                                           trust_remote_code=dcfg.trust_remote_code)
+    hf_config = load_hf_config(resolve_model_path(dcfg.model), dcfg.trust_remote_code)
     model = build_model(hf_config, dtype, "meta")
     return model_weight_bytes(model), kv_block_bytes(model, dcfg.block_size, dtype)
 

@@ -60,6 +60,26 @@ def resolve_model_path(model: str) -> str:
     return local
 
 
+def load_hf_config(model_path: str, trust_remote_code: bool = False):
+    """transformers' config of the checkpoint at `model_path` (a resolved local directory).
+    A config.json that transformers refuses is the user's input, whatever transformers raises
+    for it (its validators raise ZeroDivisionError for num_attention_heads: 0, for instance):
+    a ValueError naming the file. OSError (no config.json, unreadable) passes unchanged."""
+    from transformers import AutoConfig
+
+    config_file = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{model_path} has no config.json (not a model checkpoint?)")
+    try:
+        return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except OSError:
+        raise
+    except Exception as exc:
+        reason = " ".join(str(exc).split()) or "no detail"
+        raise ValueError(f"{config_file} is not a valid model config: {type(exc).__name__}: "
+                         f"{reason}") from exc
+
+
 def checkpoint_files(checkpoint_dir: str) -> tuple[str, list[str]]:
     """("safetensors" | "bin", files in load order). Prefers safetensors; honours index files."""
     if not os.path.isdir(checkpoint_dir):

@@ -33,11 +33,11 @@ class ModelRunner:
                  tp_size: int = 1, tp_group=None) -> None:
         """tp_rank/tp_size: this process's tensor-parallel slice (tp_executor starts the
         ranks); tp_group: a gloo group over all ranks for host-side agreement (KV blocks)."""
-        from transformers import AutoConfig
 
         from llmbatch.runtime.layers.quantization import attach_quantization, model_weight_bytes
         from llmbatch.runtime.layers.bnb_checkpoint import dequantized_tensors, resolve_method
-        from llmbatch.runtime.loader import iterate_checkpoint, load_weights, resolve_model_path
+        from llmbatch.runtime.loader import (iterate_checkpoint, load_hf_config, load_weights,
+                                             resolve_model_path)
         from llmbatch.runtime.models.registry import build_model
 
         self.config = config
@@ -49,8 +49,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model_path = resolve_model_path(config.model)
         if hf_config is None:
-            hf_config = AutoConfig.from_pretrained(
-                self.model_path, trust_remote_code=config.trust_remote_code)
+            hf_config = load_hf_config(self.model_path, config.trust_remote_code)
         self.hf_config = hf_config
         model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(config.max_model_len or model_max, model_max)

@@ -69,14 +69,12 @@ def run_launched_worker(config: EngineConfig, rdv: Rendezvous, timeout_s: float)
 def check_shardable(config: EngineConfig) -> None:
     """Raise the ValueError/ImportError every rank would hit (head counts that do not split,
     missing bitsandbytes) by building rank 0's model on the meta device: no memory, no I/O."""
-    from transformers import AutoConfig
 
     from llmbatch.runtime.layers.quantization import attach_quantization
-    from llmbatch.runtime.loader import resolve_model_path
+    from llmbatch.runtime.loader import load_hf_config, resolve_model_path
     from llmbatch.runtime.models.registry import build_model
 
-    hf_config = AutoConfig.from_pretrained(resolve_model_path(config.model),
-                                           trust_remote_code=config.trust_remote_code)
+    hf_config = load_hf_config(resolve_model_path(config.model), config.trust_remote_code)
     model = build_model(hf_config, "float32", "meta", 0, config.tensor_parallel_size)
     attach_quantization(model, config.quantization, hf_config)
 

@@ -61,6 +61,11 @@ class LlamaSpec:
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act={act!r} is not supported; Llama-family models use 'silu'")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
+            value = getattr(config, key, None)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"config {key}={value!r}: expected a positive integer")
         hidden, num_heads = config.hidden_size, config.num_attention_heads
         head_dim = getattr(config, "head_dim", None)
         if not head_dim:
@@ -69,6 +74,10 @@ class LlamaSpec:
                                  f"num_attention_heads={num_heads} and the config has no head_dim")
             head_dim = hidden // num_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) \
+                or num_kv_heads < 1:
+            raise ValueError(f"config num_key_value_heads={num_kv_heads!r}: expected a "
+                             f"positive integer")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads={num_heads} is not a multiple of "
                              f"num_key_value_heads={num_kv_heads}")
