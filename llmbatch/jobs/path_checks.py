@@ -8,6 +8,8 @@ retries) followed by an internal error; a merge must never replace data it was n
 from __future__ import annotations
 
 import os
+import re
+from typing import Union
 
 from llmbatch.io.layout import foreign_entries
 from llmbatch.jobs.errors import InvalidInputError, InvalidJobError
@@ -44,6 +46,83 @@ def check_output_dir(key_value: str, out_dir: str) -> None:
         raise InvalidJobError(f"output.path {key_value} holds {foreign[0]}{more}, not written by "
                               f"llmbatch; readers of the folder would mix it with the results: "
                               f"move it away or use another output.path")
+
+
+# One name of each kind llmbatch writes under output.path (io/layout.py): a glob input that
+# matches any of them would read the job's own output on a later run.
+_WRITTEN_SAMPLES = ("part-00000-00000.parquet", "_tmp-part-00000-00000.parquet.1", "_lock-00000",
+                    "_manifest/part-00000-00000.json", "_stats/stats-00000-000.parquet")
+_OWN_OUTPUT = "a rerun would read the job's own output as input"
+_OUTSIDE = "use an output.path outside the input"
+
+
+def _glob_regex(pattern: str) -> "re.Pattern[str]":
+    """fsspec's glob rules as a regex: '*' and '?' stay within one path component, '**'
+    crosses any number of them ('**/' also none), '[...]' is a character class."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _inside(child: str, parent: str) -> bool:
+    return os.path.commonpath([child, parent]) == parent
+
+
+def check_input_output_overlap(input_path: Union[str, list[str]], out_dir: str) -> None:
+    """No input.path entry may lie inside output.path (readers of the output would take it as
+    results), equal it, or hold it where the job's reader would find the parts on a rerun: the
+    tester's `input.path: out/b2`, `output.path: out/b2/chain` exited 0 once, then every rerun
+    read its own parts as input. An output folder below the input under a name starting with
+    `_` or `.` is fine: our reader, pyarrow, Spark and DuckDB all skip such names. URLs other
+    than file:// cannot name the local output folder."""
+    out_abs = os.path.abspath(os.path.expanduser(out_dir))
+    out_real = os.path.realpath(out_abs)
+    for entry in [input_path] if isinstance(input_path, str) else input_path:
+        path = entry[len("file://"):] if entry.startswith("file://") else entry
+        if "://" in path:
+            continue
+        absolute = os.path.abspath(os.path.expanduser(path))
+        if any(ch in absolute for ch in "*?["):
+            # What the glob may match after a run, not only what it matches now.
+            regex = _glob_regex(absolute)
+            if any(regex.match(os.path.join(root, sample)) for root in {out_abs, out_real}
+                   for sample in _WRITTEN_SAMPLES):
+                raise InvalidJobError(f"input.path {entry} would match files under output.path "
+                                      f"{out_dir}: {_OWN_OUTPUT}; {_OUTSIDE}")
+            continue
+        real = os.path.realpath(absolute)
+        if real == out_real:
+            raise InvalidJobError(f"input.path {entry} and output.path {out_dir} are the same "
+                                  f"folder: {_OWN_OUTPUT}; {_OUTSIDE}")
+        if _inside(real, out_real):
+            raise InvalidJobError(f"input.path {entry} is inside output.path {out_dir}: the input "
+                                  f"would be mixed with the results; {_OUTSIDE}")
+        below = os.path.relpath(out_real, real).split(os.sep)
+        if os.path.isdir(real) and _inside(out_real, real) \
+                and not any(part.startswith(("_", ".")) for part in below):
+            raise InvalidJobError(f"output.path {out_dir} is inside input.path {entry}: "
+                                  f"{_OWN_OUTPUT}; {_OUTSIDE} (or a folder whose name starts "
+                                  f"with _ or .)")
 
 
 def check_merge_dest(output_dir: str, dest: str, parts: list[str], overwrite: bool) -> None:

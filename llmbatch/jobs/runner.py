@@ -24,7 +24,8 @@ from llmbatch.jobs.engine_factory import make_engine
 from llmbatch.jobs.errors import (EXIT_OK, EXIT_ROW_ERRORS, InternalError, InvalidJobError,
                                   JobError, ResumeError, RowError, output_write_failed)
 from llmbatch.jobs.gpu_monitor import GpuMonitor
-from llmbatch.jobs.path_checks import check_local_path, check_output_dir
+from llmbatch.jobs.path_checks import (check_input_output_overlap, check_local_path,
+                                       check_output_dir)
 from llmbatch.jobs.progress import Progress
 from llmbatch.jobs.rows import fill_error, fill_from_result
 from llmbatch.jobs.shard_lock import ShardLock
@@ -86,6 +87,8 @@ class JobRunner:
         if "://" in spec.output.path:
             raise InvalidJobError(f"output.path {spec.output.path}: only local directories are "
                                   f"supported for output")
+        if spec.input.path is not None:
+            check_input_output_overlap(spec.input.path, spec.output.path)
         check_output_dir(spec.output.path, self.out_dir)
         try:
             spec.engine_config()
