@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 from llmbatch.jobs.errors import InvalidJobError
 from llmbatch.jobs.spec import JobSpec
+from llmbatch.runtime.config import EngineConfigError
 
 ENGINE_FACTORY_ENV = "LLMBATCH_ENGINE_FACTORY"     # "module:callable", test-only
 
@@ -61,6 +62,8 @@ def make_engine(spec: JobSpec, engine_factory: Optional[Callable] = None):
     factory = engine_factory or factory_from_env() or default_factory
     try:
         return factory(spec.engine_config())
+    except EngineConfigError as exc:   # a setting the model or device refuses, not the model
+        raise InvalidJobError(f"invalid engine settings: {exc}") from None
     except model_input_errors() as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not isinstance(exc, (OSError, ValueError)):

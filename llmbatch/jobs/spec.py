@@ -119,7 +119,8 @@ class EngineSection(_Section):
     pdl: bool = False
     # Touch the small matmuls' weights into L2 ahead of use at small batch; unmeasured.
     l2_prefetch: bool = False
-    max_model_len: Optional[int] = None
+    # null: the model's max_position_embeddings; longer than that is refused at load (vLLM).
+    max_model_len: Optional[int] = Field(default=None, ge=1)
     planner_window: int = 4096
     cpu_kv_cache_bytes: Optional[int] = None
 

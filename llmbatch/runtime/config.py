@@ -12,6 +12,12 @@ QUANTIZATION_METHODS = ("none", "int8", "nf4")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
 
 
+class EngineConfigError(ValueError):
+    """A setting the resolved model or device cannot honour, found once they are known (the
+    model's context length, the device type). A ValueError like every other refused setting;
+    its own type lets the job layer name it as a setting, not as a model that fails to load."""
+
+
 @dataclass
 class EngineConfig:
     model: str                                  # local checkpoint dir (or HF id when a hub is reachable)
@@ -86,6 +92,12 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        # Like vLLM: no "0 means default" (null is the default) and never a silent clamp.
+        if self.max_model_len is not None and (isinstance(self.max_model_len, bool)
+                                               or not isinstance(self.max_model_len, int)
+                                               or self.max_model_len < 1):
+            raise ValueError(f"max_model_len must be an integer >= 1 or null (the model's "
+                             f"max_position_embeddings), got {self.max_model_len!r}")
         if self.kv_cache_blocks is not None and self.kv_cache_blocks < 1:
             raise ValueError(f"kv_cache_blocks must be >= 1 or null, got {self.kv_cache_blocks}")
         if self.quantize_embeddings and self.quantization != "nf4":
@@ -101,6 +113,17 @@ class EngineConfig:
             raise ValueError("async_scheduling supports tensor_parallel_size 1 only")
         if self.speculative_method == "draft" and not self.draft_model:
             raise ValueError("speculative method 'draft' needs draft_model")
+
+    def resolve_max_model_len(self, model_max: int, model: str) -> int:
+        """The context length to run with: max_model_len, or the model's own when null. A
+        longer one than the model's max_position_embeddings is refused, as vLLM does: positions
+        past it were never trained (and rotary tables are sized by it)."""
+        if self.max_model_len is None:
+            return model_max
+        if self.max_model_len > model_max:
+            raise EngineConfigError(f"max_model_len={self.max_model_len} is larger than the "
+                                    f"max_position_embeddings ({model_max}) of model {model}")
+        return self.max_model_len
 
     def async_scheduling_on(self, device_type: str, runner_can_launch: bool) -> bool:
         """Whether the engine schedules asynchronously: the explicit setting, or (None, auto)

@@ -52,7 +52,7 @@ class ModelRunner:
             hf_config = load_hf_config(self.model_path, config.trust_remote_code)
         self.hf_config = hf_config
         model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
-        self.max_model_len = min(config.max_model_len or model_max, model_max)
+        self.max_model_len = config.resolve_max_model_len(model_max, config.model)
 
         self.tp_rank, self.tp_size = tp_rank, tp_size
         # A checkpoint quantized by bitsandbytes brings its own method (and is dequantized

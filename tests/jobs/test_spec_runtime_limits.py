@@ -51,3 +51,29 @@ def test_unknown_device_is_refused_at_load(device):
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
 def test_known_devices_load(device):
     assert load_job(job(engine={"device": device})).engine.device == device
+
+
+@pytest.mark.parametrize("value", [-3, 0])
+def test_max_model_len_below_one_is_refused_at_load(value):
+    # 0 used to mean "the model's default" silently, -3 made every row an error (exit 3).
+    with pytest.raises(InvalidJobError) as info:
+        load_job(job(engine={"max_model_len": value}))
+    assert info.value.message == (f"engine.max_model_len: must be greater than or equal to 1 "
+                                  f"(got {value})")
+
+
+def test_max_model_len_beyond_the_model_is_refused_before_writing(tmp_path, tiny_llama_dir,
+                                                                   jobkit, monkeypatch):
+    # Used to be clamped to the model's 256 silently; vLLM refuses it too.
+    monkeypatch.delenv("LLMBATCH_ENGINE_FACTORY", raising=False)
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 3)
+    out = tmp_path / "out"
+    with pytest.raises(InvalidJobError) as info:
+        run_job(jobkit.make_job(tiny_llama_dir, inp, str(out),
+                                engine={"max_model_len": 100000, "device": "cpu"}))
+    assert info.value.message == (f"invalid engine settings: max_model_len=100000 is larger "
+                                  f"than the max_position_embeddings (256) of model "
+                                  f"{tiny_llama_dir}")
+    assert info.value.exit_code == 2
+    assert not out.exists()
+
