@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -124,6 +125,15 @@ class EngineConfig:
             raise EngineConfigError(f"max_model_len={self.max_model_len} is larger than the "
                                     f"max_position_embeddings ({model_max}) of model {model}")
         return self.max_model_len
+
+    def check_device(self, device_type: str) -> None:
+        """Settings the resolved device cannot run, refused before the model loads (the
+        triton attention backend failed only at the first forward, after the output folder
+        existed). TRITON_INTERPRET=1 runs Triton kernels on the CPU (tests)."""
+        if (self.attention_backend == "triton" and device_type != "cuda"
+                and os.environ.get("TRITON_INTERPRET") != "1"):
+            raise EngineConfigError(f"attention_backend='triton' needs a CUDA device, the engine "
+                                    f"runs on {device_type}; use auto or torch")
 
     def async_scheduling_on(self, device_type: str, runner_can_launch: bool) -> bool:
         """Whether the engine schedules asynchronously: the explicit setting, or (None, auto)

@@ -45,6 +45,7 @@ class ModelRunner:
         self.step_time_s = {"graph": 0.0, "eager": 0.0}   # execute() minus prepare_inputs
         self.step_count = {"graph": 0, "eager": 0}
         self.device = resolve_device(config.device)
+        config.check_device(self.device.type)
         make_current(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model_path = resolve_model_path(config.model)

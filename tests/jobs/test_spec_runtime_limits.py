@@ -77,3 +77,17 @@ def test_max_model_len_beyond_the_model_is_refused_before_writing(tmp_path, tiny
     assert info.value.exit_code == 2
     assert not out.exists()
 
+
+def test_triton_backend_on_cpu_is_refused_before_writing(tmp_path, tiny_llama_dir, jobkit,
+                                                        monkeypatch):
+    # Used to fail at the first forward: exit 1, output folder created.
+    monkeypatch.delenv("LLMBATCH_ENGINE_FACTORY", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 3)
+    out = tmp_path / "out"
+    with pytest.raises(InvalidJobError) as info:
+        run_job(jobkit.make_job(tiny_llama_dir, inp, str(out),
+                                engine={"attention_backend": "triton", "device": "cpu"}))
+    assert info.value.message == ("invalid engine settings: attention_backend='triton' needs a "
+                                  "CUDA device, the engine runs on cpu; use auto or torch")
+    assert not out.exists()

@@ -32,3 +32,24 @@ def test_engine_refuses_a_context_longer_than_the_model(llama_setup):
                                       "max_position_embeddings (512) of model ")
     assert new_engine(llama_setup, max_model_len=512).max_model_len == 512
 
+
+def test_triton_backend_needs_cuda_unless_interpreted(monkeypatch):
+    config = EngineConfig(model="m", attention_backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(EngineConfigError) as info:
+        config.check_device("cpu")
+    assert str(info.value) == ("attention_backend='triton' needs a CUDA device, the engine "
+                               "runs on cpu; use auto or torch")
+    config.check_device("cuda")
+    EngineConfig(model="m", attention_backend="auto").check_device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")   # the CPU tests' interpreter: allowed
+    config.check_device("cpu")
+
+
+def test_engine_refuses_triton_on_cpu_before_loading(llama_setup, monkeypatch):
+    import llmbatch.runtime.loader as loader
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(loader, "load_weights", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(EngineConfigError, match="needs a CUDA device"):
+        new_engine(llama_setup, attention_backend="triton")
