@@ -68,12 +68,19 @@ def resolve_chat_template(tokenizer, model_section, input_section) -> Optional[s
         template = None
     elif choice == "auto":
         template = getattr(tokenizer, "chat_template", None) or None
+        if template is not None:
+            check_template_compiles(template, "model.chat_template auto: the tokenizer's "
+                                              "chat template")
     else:
         if not os.path.isfile(choice):
             raise InvalidJobError(f"model.chat_template: file not found: {choice} "
                                   f"(use auto, none or a path to a Jinja template)")
-        with open(choice, encoding="utf-8") as f:
-            template = f.read()
+        try:
+            with open(choice, encoding="utf-8") as f:
+                template = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidJobError(f"model.chat_template: cannot read {choice}: {exc}") from None
+        check_template_compiles(template, f"model.chat_template {choice}: the template")
         tokenizer.chat_template = template
     if template is None and input_section.messages_column is not None:
         raise InvalidJobError("input.messages_column needs a chat template but the tokenizer has "
@@ -83,6 +90,31 @@ def resolve_chat_template(tokenizer, model_section, input_section) -> Optional[s
         raise InvalidJobError("model.system_prompt needs a chat template but the tokenizer has "
                               "none (or model.chat_template is none)")
     return template
+
+
+def check_template_compiles(template, what: str) -> None:
+    """A template that does not compile fails every row alike: a job error (exit 2 before
+    anything is written), not one error row per prompt. Compiled as apply_chat_template
+    compiles it (transformers' own sandboxed Jinja environment, cached there)."""
+    from jinja2 import TemplateError
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_
+    except ImportError:  # pragma: no cover - a transformers without the helper
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        compile_ = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string
+    # A tokenizer may carry named templates; apply_chat_template uses "default" unless told.
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not isinstance(template, str):
+        return
+    try:
+        compile_(template)
+    except TemplateError as exc:
+        line = f" at line {exc.lineno}" if getattr(exc, "lineno", None) else ""
+        raise InvalidJobError(f"{what} does not compile{line}: {type(exc).__name__}: "
+                              f"{getattr(exc, 'message', None) or exc}") from None
 
 
 class PromptRenderer:

@@ -111,3 +111,27 @@ def test_check_columns():
         check_columns(schema, InputSection(path="x", prompt_column="n"), [])
     with pytest.raises(InvalidInputError, match="sampling.per_row: column 'temperature'"):
         check_columns(schema, InputSection(path="x"), ["temperature"])
+
+
+BROKEN_TEMPLATE = "{% for m in messages %}{{ m.content }\n"
+
+
+def test_template_file_that_does_not_compile_is_a_job_error(tok, tmp_path):
+    # It used to make every row an error (TemplateSyntaxError per row, exit 3).
+    path = tmp_path / "bad.jinja"
+    path.write_text(BROKEN_TEMPLATE)
+    with pytest.raises(InvalidJobError) as info:
+        renderer(tok, chat_template=str(path))
+    assert info.value.message == (f"model.chat_template {path}: the template does not compile "
+                                  f"at line 1: TemplateSyntaxError: unexpected '}}'")
+
+
+def test_tokenizer_template_that_does_not_compile_is_a_job_error(tiny_tokenizer_dir):
+    broken = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    broken.chat_template = "hello\n" + BROKEN_TEMPLATE
+    with pytest.raises(InvalidJobError) as info:
+        renderer(broken)
+    assert info.value.message == (
+        "model.chat_template auto: the tokenizer's chat template does not compile at line 2: "
+        "TemplateSyntaxError: unexpected '}'")
+    assert renderer(broken, chat_template="none").template is None   # not used: not checked
