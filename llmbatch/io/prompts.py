@@ -187,6 +187,9 @@ class PromptRenderer:
 def length_error(num_prompt_tokens: int, max_model_len: int, max_new_tokens: int) -> Optional[str]:
     """A prompt may use at most max_model_len - max_new_tokens tokens."""
     limit = max_model_len - max_new_tokens
+    if num_prompt_tokens > limit and limit < 1:     # "... = -99488" read like a bug
+        return (f"max_new_tokens ({max_new_tokens}) leaves no room for the prompt "
+                f"({num_prompt_tokens} tokens) in max_model_len ({max_model_len})")
     if num_prompt_tokens > limit:
         return (f"prompt has {num_prompt_tokens} tokens, more than max_model_len "
                 f"({max_model_len}) - max_new_tokens ({max_new_tokens}) = {limit}")

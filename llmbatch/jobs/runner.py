@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 from llmbatch.io.manifest import Manifest
-from llmbatch.io.prompts import PromptRenderer, check_columns, length_error
+from llmbatch.io.prompts import PromptRenderer, check_columns
 from llmbatch.io.reader import InputSource, open_input
 from llmbatch.io.sharding import Shard, resolve_shard
 from llmbatch.io.writer import output_schema
 from llmbatch.jobs.committer import InOrderCommitter
 from llmbatch.jobs.engine_factory import make_engine
+from llmbatch.jobs.engine_limits import check_sampling, engine_vocab_size, row_error
 from llmbatch.jobs.errors import (EXIT_OK, EXIT_ROW_ERRORS, InternalError, InvalidJobError,
                                   JobError, ResumeError, RowError, output_write_failed)
 from llmbatch.jobs.gpu_monitor import GpuMonitor
@@ -167,6 +168,8 @@ class JobRunner:
                 engine = make_engine(spec, self.engine_factory)
                 renderer = PromptRenderer(engine.tokenizer, spec.model, spec.input)
                 self._max_model_len = int(engine.max_model_len)
+                self._vocab_size = engine_vocab_size(engine)
+                check_sampling(spec.sampling, self._max_model_len, self._vocab_size)
             except BaseException:
                 # Only the lock file (and the folders made for it) are ours so far: a job
                 # whose model cannot be loaded leaves output.path as it found it, like any
@@ -273,8 +276,8 @@ class JobRunner:
                     except (ValueError, TypeError) as exc:
                         error = f"invalid per-row sampling value: {exc}"
                 if error is None:
-                    error = length_error(len(token_ids), self._max_model_len,
-                                         params.max_new_tokens)
+                    error = row_error(len(token_ids), params, self._max_model_len,
+                                      self._vocab_size)
                 if error is not None:
                     self._record_error(row_index, row, error, token_ids)
                     continue

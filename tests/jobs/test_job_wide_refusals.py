@@ -30,3 +30,43 @@ def test_chat_template_that_does_not_compile(run_refused, tmp_path):
     assert run_refused(model={"chat_template": str(path)}) == (
         f"model.chat_template {path}: the template does not compile at line 1: "
         f"TemplateSyntaxError: unexpected '}}'")
+
+
+# The fake engine: max_model_len 512 (no config.json), vocabulary = the tiny tokenizer's 384.
+@pytest.mark.parametrize("sampling, message", [
+    ({"max_new_tokens": 512},
+     "sampling.max_new_tokens=512 leaves no room for a prompt: max_model_len is 512"),
+    ({"max_new_tokens": 100000},
+     "sampling.max_new_tokens=100000 leaves no room for a prompt: max_model_len is 512"),
+    ({"logprobs": 385}, "sampling.logprobs=385 exceeds the vocabulary size 384"),
+    ({"stop_token_ids": [3, 384]},
+     "sampling.stop_token_ids: 384 is outside the vocabulary [0, 384)"),
+])
+def test_job_wide_sampling_beyond_the_engine(run_refused, sampling, message):
+    assert run_refused(sampling=sampling) == message
+
+
+def test_values_at_the_engine_limits_run(tmp_path, tiny_tokenizer_dir, jobkit, fake_engine_env):
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 5)
+    result = run_job(jobkit.make_job(tiny_tokenizer_dir, inp, str(tmp_path / "out"), sampling={
+        "max_new_tokens": 400, "logprobs": 384, "stop_token_ids": [0, 383]}))
+    assert (result.exit_code, result.num_rows_ok) == (0, 5)
+
+
+def test_per_row_values_beyond_the_engine_stay_row_errors(tmp_path, tiny_tokenizer_dir, jobkit,
+                                                          fake_engine_env):
+    import pyarrow.parquet as pq
+
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 3, seed=1,
+                               max_new_tokens=[None, 100000, None],
+                               stop_token_ids=[None, None, [5, 9999]])
+    result = run_job(jobkit.make_job(tiny_tokenizer_dir, inp, str(tmp_path / "out"), sampling={
+        "per_row": ["max_new_tokens", "stop_token_ids"]}))
+    assert (result.exit_code, result.num_rows_ok, result.num_rows_error) == (3, 1, 2)
+    rows = pq.read_table(result.part_paths[0]).to_pylist()
+    n = rows[1]["num_prompt_tokens"]
+    assert [r["error"] for r in rows] == [
+        None,
+        f"max_new_tokens (100000) leaves no room for the prompt ({n} tokens) in "
+        f"max_model_len (512)",
+        "stop_token_ids: 9999 is outside the vocabulary [0, 384)"]

@@ -1,0 +1,56 @@
+"""Sampling values checked against the loaded engine's limits: its context length and its
+vocabulary, known only once the model is loaded (no torch).
+
+The job's own values apply to every row (a row without a per-row override takes them), so one
+that no row could run with is a job error (InvalidJobError, exit 2, before any row runs and
+nothing written), not one error row per prompt. Per-row overrides stay row errors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from llmbatch.io.prompts import length_error
+from llmbatch.jobs.errors import InvalidJobError
+
+
+def engine_vocab_size(engine) -> Optional[int]:
+    """The runtime engine's vocabulary (the model's vocab_size: the ids it can emit); an
+    engine without one (a custom factory's) is judged by its tokenizer."""
+    size = getattr(engine, "vocab_size", None)
+    if size is None and getattr(engine, "tokenizer", None) is not None:
+        size = len(engine.tokenizer)
+    return int(size) if size else None
+
+
+def _out_of_vocab(token_ids, vocab_size: Optional[int]) -> Optional[int]:
+    if vocab_size is None:
+        return None
+    return next((t for t in token_ids if t >= vocab_size), None)
+
+
+def check_sampling(sampling, max_model_len: int, vocab_size: Optional[int]) -> None:
+    """The job's sampling section against the engine (raises InvalidJobError, one line)."""
+    if sampling.max_new_tokens >= max_model_len:
+        # Every prompt has at least one token: none would fit.
+        raise InvalidJobError(f"sampling.max_new_tokens={sampling.max_new_tokens} leaves no "
+                              f"room for a prompt: max_model_len is {max_model_len}")
+    if vocab_size is None:
+        return
+    if sampling.logprobs is not None and sampling.logprobs > vocab_size:
+        raise InvalidJobError(f"sampling.logprobs={sampling.logprobs} exceeds the vocabulary "
+                              f"size {vocab_size}")
+    bad = _out_of_vocab(sampling.stop_token_ids, vocab_size)
+    if bad is not None:
+        raise InvalidJobError(f"sampling.stop_token_ids: {bad} is outside the vocabulary "
+                              f"[0, {vocab_size})")
+
+
+def row_error(num_prompt_tokens: int, params, max_model_len: int,
+              vocab_size: Optional[int]) -> Optional[str]:
+    """Why one row (its prompt and its sampling, per-row overrides included) cannot run, or
+    None. logprobs beyond the vocabulary is the engine's own row check."""
+    bad = _out_of_vocab(params.stop_token_ids, vocab_size)
+    if bad is not None:
+        return f"stop_token_ids: {bad} is outside the vocabulary [0, {vocab_size})"
+    return length_error(num_prompt_tokens, max_model_len, params.max_new_tokens)
