@@ -160,30 +160,9 @@ class TableSource(InputSource):
 
 
 def _open_datasets(name: str, split: str) -> TableSource:
-    try:
-        import datasets
-    except ImportError:
-        raise InvalidInputError("input.dataset needs the `datasets` package") from None
-    try:
-        # A save_to_disk folder (Dataset or DatasetDict); any other folder or a name goes
-        # through load_dataset (local data folders, cached hub datasets).
-        saved = any(os.path.isfile(os.path.join(name, marker))
-                    for marker in ("state.json", "dataset_dict.json"))
-        if os.path.isdir(name) and saved:
-            loaded = datasets.load_from_disk(name)
-        else:
-            loaded = datasets.load_dataset(name, split=split)
-    except Exception as exc:
-        raise InvalidInputError(f"input.dataset {name}: {type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise InvalidInputError(f"input.split {split!r} not in dataset {name} "
-                                    f"(splits: {', '.join(loaded)})")
-        loaded = loaded[split]
-    if getattr(loaded, "_indices", None) is not None:
-        loaded = loaded.flatten_indices()   # a select/shuffle view: materialize row order
-    return TableSource(loaded.data.table, f"{name}[{split}]")
+    from llmbatch.io.hub_datasets import load_dataset_table
+
+    return TableSource(*load_dataset_table(name, split))
 
 
 def open_input(section) -> InputSource:

@@ -1,0 +1,136 @@
+"""`input.dataset`: a local `datasets` folder or a Hugging Face Hub dataset id, opened as an Arrow
+table, with one line on failure (no torch).
+
+A value that is not an existing local path is a Hub id only if it reads as one ("name" or
+"org/name"); anything else (./x, /x, ~/x, a/b/c, or in/dss where ./in exists) is a mistyped local
+path, said at once. A Hub id is loaded with the hub libraries' logging at ERROR and, when the Hub
+cannot be reached, in offline mode: without that, huggingface_hub retries 5 times with backoff
+and logs each try (11 lines over ~25 s) before the error the user needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import threading
+import urllib.parse
+
+from llmbatch.jobs.errors import InvalidInputError
+
+# Hub repo ids: an optional owner and a name, each of word characters, '.' and '-'.
+_HUB_ID = re.compile(r"^\w[\w.-]*(/\w[\w.-]*)?$")
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """True for "name" or "org/name" whose "org" is not a local folder (then "org/name" is a
+    local path with a typo in its last part)."""
+    if not _HUB_ID.match(name):
+        return False
+    owner = name.split("/")[0]
+    return "/" not in name or not os.path.isdir(owner)
+
+
+def hub_reachable(timeout_s: float = 2.0) -> bool:
+    """Whether a TCP connection to the Hub endpoint opens within `timeout_s`. The probe runs in
+    a daemon thread: a DNS lookup has no timeout of its own and may hang for many seconds."""
+    import huggingface_hub.constants as hf_constants
+
+    url = urllib.parse.urlparse(hf_constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s + 0.5)
+    return bool(result and result[0])
+
+
+def _offline_requested() -> bool:
+    # The libraries read these at import time; a job may set them later (in os.environ).
+    return any(os.environ.get(var, "").upper() in _TRUE
+               for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+@contextlib.contextmanager
+def _quiet_hub(offline: bool):
+    """Hub library warnings at ERROR and, if `offline`, their offline switches on, both
+    restored on exit (the process may go on to load a model from the hub)."""
+    import datasets
+    import datasets.config as ds_config
+    import huggingface_hub.constants as hf_constants
+    import huggingface_hub.utils.logging as hf_logging
+
+    saved = (hf_logging.get_verbosity(), datasets.logging.get_verbosity(),
+             hf_constants.HF_HUB_OFFLINE, ds_config.HF_HUB_OFFLINE, ds_config.HF_DATASETS_OFFLINE)
+    hf_logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    if offline:
+        hf_constants.HF_HUB_OFFLINE = ds_config.HF_HUB_OFFLINE = True
+        ds_config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(saved[0])
+        datasets.logging.set_verbosity(saved[1])
+        (hf_constants.HF_HUB_OFFLINE, ds_config.HF_HUB_OFFLINE,
+         ds_config.HF_DATASETS_OFFLINE) = saved[2:]
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def load_dataset_table(name: str, split: str):
+    """-> (pyarrow.Table, description); InvalidInputError with one line on any failure."""
+    try:
+        import datasets
+    except ImportError:
+        raise InvalidInputError("input.dataset needs the `datasets` package") from None
+    local = os.path.expanduser(name)
+    if not os.path.exists(local) and not looks_like_hub_id(name):
+        raise InvalidInputError(f"input.dataset {name}: no such local directory (a Hugging Face "
+                                f"Hub dataset id is 'name' or 'org/name')")
+    try:
+        # A save_to_disk folder (Dataset or DatasetDict); any other folder goes through
+        # load_dataset (local data folders), as does a Hub id (downloaded or cached).
+        saved = any(os.path.isfile(os.path.join(local, marker))
+                    for marker in ("state.json", "dataset_dict.json"))
+        if os.path.isdir(local) and saved:
+            loaded = datasets.load_from_disk(local)
+        elif os.path.exists(local):
+            loaded = datasets.load_dataset(local, split=split)
+        else:
+            offline = _offline_requested() or not hub_reachable()
+            with _quiet_hub(offline):
+                try:
+                    loaded = datasets.load_dataset(name, split=split)
+                except OSError:   # ConnectionError, FileNotFoundError: neither Hub nor cache
+                    if offline:
+                        raise InvalidInputError(
+                            f"input.dataset {name}: not a local directory, and the Hugging Face "
+                            f"Hub is offline or unreachable with no cached copy of that "
+                            f"dataset") from None
+                    raise
+    except InvalidInputError:
+        raise
+    except Exception as exc:
+        raise InvalidInputError(f"input.dataset {name}: {_first_line(exc)}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise InvalidInputError(f"input.split {split!r} not in dataset {name} "
+                                    f"(splits: {', '.join(loaded)})")
+        loaded = loaded[split]
+    if getattr(loaded, "_indices", None) is not None:
+        loaded = loaded.flatten_indices()   # a select/shuffle view: materialize row order
+    return loaded.data.table, f"{name}[{split}]"
