@@ -96,12 +96,8 @@ def plan(job: str, sets: tuple) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace the --out file if it exists.")
 def merge(output_dir: str, dest: str, overwrite: bool) -> None:
     """Concatenate all committed parts (shard, then part order) into one Parquet file."""
-    import uuid
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from llmbatch.io.manifest import Manifest
+    from llmbatch.io.merge import check_one_config, write_merged
     from llmbatch.jobs.errors import InvalidInputError
     from llmbatch.jobs.path_checks import check_merge_dest
 
@@ -113,33 +109,8 @@ def merge(output_dir: str, dest: str, overwrite: bool) -> None:
         raise InvalidInputError(f"--out {dest}: folder {folder} does not exist")
     check_merge_dest(output_dir, dest, [os.path.join(output_dir, e["part"]) for e in entries],
                      overwrite)
-    # Written under a temporary name of its own (hidden, unique: a user's `dest.tmp` is never
-    # touched) and renamed: a failed merge leaves `dest` as it was and no temporary behind.
-    # (A name, not mkstemp's file: ParquetWriter creates it with the usual umask mode.)
-    tmp = os.path.join(folder, f".{os.path.basename(dest)}.{uuid.uuid4().hex}.tmp")
-    writer = None
-    rows = 0
-    try:
-        for e in entries:
-            part = os.path.join(output_dir, e["part"])
-            try:
-                table = pq.read_table(part).replace_schema_metadata(None)
-            except (OSError, pa.ArrowException) as exc:
-                raise InvalidInputError(f"cannot read committed part {part}: "
-                                        f"{' '.join(str(exc).split())}") from None
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table)
-            rows += table.num_rows
-        writer.close()
-        writer = None
-        os.replace(tmp, dest)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        if os.path.exists(tmp):     # the temporary this merge made
-            os.remove(tmp)
-        raise
+    check_one_config(output_dir, entries)
+    rows = write_merged(output_dir, entries, dest)
     click.echo(f"merged {len(entries)} parts, {rows} rows -> {dest}")
 
 
