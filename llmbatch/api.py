@@ -5,12 +5,14 @@
     result.stats["output_tok_s"], result.part_paths, result.num_rows_error
 
 Keyword overrides are sections (dicts merged into the job's section) or top-level keys
-(`on_row_error="fail"`); `sets` takes CLI-style "section.key=value" strings. Errors raise
-llmbatch.jobs.errors.JobError subclasses whose `exit_code` is what the CLI would return.
+(`on_row_error="fail"`); `sets` takes CLI-style "section.key=value" strings (a single string is
+one override). Errors raise llmbatch.jobs.errors.JobError subclasses whose `exit_code` is what
+the CLI would return, bad arguments to these functions included.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Iterable, Optional, Union
 
@@ -18,14 +20,46 @@ from llmbatch.jobs.errors import (EXIT_INTERNAL, EXIT_INVALID, EXIT_OK, EXIT_ROW
                                   InternalError, InvalidInputError, InvalidJobError, JobError,
                                   ResumeError, RowError)
 from llmbatch.jobs.loader import load_job
+from llmbatch.jobs.progress import PROGRESS_MODES
 from llmbatch.jobs.runner import JobPlan, JobResult, JobRunner
 from llmbatch.jobs.spec import JobSpec
+
+
+def _as_sets(sets) -> tuple:
+    """`sets` as a tuple of strings. One string is one override: iterating it would take each
+    character for an override ('s': expected section.key=value)."""
+    if isinstance(sets, str):
+        return (sets,)
+    try:
+        items = tuple(sets)
+    except TypeError:
+        items = None
+    if items is None or not all(isinstance(item, str) for item in items):
+        raise InvalidJobError(f"sets must be a 'section.key=value' string or a list of them, "
+                              f"got {sets!r}")
+    return items
+
+
+def _check_run_arguments(progress, log_every_s, engine_factory) -> None:
+    """The API's own arguments, checked before anything is planned or loaded: a mistake here
+    is the caller's, like a bad job file, so it is a JobError too (exit 2), not a ValueError
+    from deep inside the run after the model has loaded."""
+    if progress not in PROGRESS_MODES:
+        raise InvalidJobError(f"progress must be one of {', '.join(PROGRESS_MODES)}, "
+                              f"got {progress!r}")
+    if isinstance(log_every_s, bool) or not isinstance(log_every_s, (int, float)) \
+            or math.isnan(log_every_s) or log_every_s < 0:
+        raise InvalidJobError(f"log_every_s must be a number of seconds >= 0, "
+                              f"got {log_every_s!r}")
+    if engine_factory is not None and not callable(engine_factory):
+        raise InvalidJobError(f"engine_factory must be callable (EngineConfig -> engine), got "
+                              f"{type(engine_factory).__name__}")
 
 
 def load(path_or_dict: Union[str, os.PathLike, dict], sets: Iterable[str] = (),
          **overrides) -> JobSpec:
     """Validate a job without running it (raises InvalidJobError)."""
-    return load_job(path_or_dict, sets=sets, overrides=overrides)
+    return load_job(path_or_dict, sets=_as_sets(sets), overrides=overrides)
 
 
 def plan_job(path_or_dict, sets: Iterable[str] = (), **overrides) -> JobPlan:
@@ -40,8 +74,15 @@ def run_job(path_or_dict: Union[str, os.PathLike, dict, JobSpec], *, sets: Itera
 
     `engine_factory(EngineConfig) -> engine` replaces the runtime engine (tests, custom engines).
     """
-    spec = path_or_dict if isinstance(path_or_dict, JobSpec) else \
-        load(path_or_dict, sets, **overrides)
+    _check_run_arguments(progress, log_every_s, engine_factory)
+    if isinstance(path_or_dict, JobSpec):
+        if _as_sets(sets) or overrides:   # they would be ignored silently
+            raise InvalidJobError("sets and keyword overrides apply to a job file or dict; "
+                                  "a JobSpec is already validated (use load(..., sets, "
+                                  "**overrides) first)")
+        spec = path_or_dict
+    else:
+        spec = load(path_or_dict, sets, **overrides)
     return JobRunner(spec, engine_factory=engine_factory, progress=progress,
                      log_every_s=log_every_s).run()
 

@@ -32,7 +32,7 @@ def cli() -> None:
 @_SET
 @click.option("--progress", type=click.Choice(["bar", "log", "none"]), default=None,
               help="bar (default on a terminal), log (a line every --log-every s) or none.")
-@click.option("--log-every", type=float, default=10.0, show_default=True,
+@click.option("--log-every", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds between progress lines with --progress log.")
 def run(job: str, sets: tuple, progress: Optional[str], log_every: float) -> None:
     """Run (or resume) a job: one shard of it under a SLURM array."""

@@ -184,6 +184,13 @@ def test_bad_set_and_usage_errors_are_one_line(env, capsys):
     assert code == 2 and err.count("\n") == 1 and "'fancy' is not one of" in err
     code, _, err = call(capsys, "frobnicate")
     assert code == 2 and err.count("\n") == 1 and "No such command 'frobnicate'" in err
+    # A negative interval printed a line per row.
+    code, _, err = call(capsys, "run", job, "--progress", "log", "--log-every", "-5")
+    assert code == 2 and err == ("llmbatch: error: Invalid value for '--log-every': -5.0 is not "
+                                 "in the range x>=0.\n")
+    code, _, err = call(capsys, "run", job, "--log-every", "nan")
+    assert code == 2 and err == ("llmbatch: error: log_every_s must be a number of seconds "
+                                 ">= 0, got nan\n")
     assert not os.path.exists(env.path / "out")
 
 

@@ -1,0 +1,68 @@
+"""The Python API's own arguments: checked before anything is planned, loaded or written, and
+refused as a JobError (InvalidJobError, exit code 2) with one line, like a bad job file."""
+
+import math
+
+import pyarrow.parquet as pq
+import pytest
+
+from llmbatch.api import load, plan_job, run_job
+from llmbatch.jobs.errors import InvalidJobError
+
+
+@pytest.fixture
+def job(tmp_path, tiny_tokenizer_dir, jobkit, fake_engine_env):
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 4)
+    return jobkit.make_job(tiny_tokenizer_dir, inp, str(tmp_path / "out"))
+
+
+def never(config):
+    pytest.fail("the engine was built")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(progress="fancy"), "progress must be one of bar, log, none, got 'fancy'"),
+    (dict(progress=None), "progress must be one of bar, log, none, got None"),
+    (dict(log_every_s=-5), "log_every_s must be a number of seconds >= 0, got -5"),
+    (dict(log_every_s=math.nan), "log_every_s must be a number of seconds >= 0, got nan"),
+    (dict(log_every_s="10"), "log_every_s must be a number of seconds >= 0, got '10'"),
+    (dict(log_every_s=True), "log_every_s must be a number of seconds >= 0, got True"),
+    (dict(sets=5), "sets must be a 'section.key=value' string or a list of them, got 5"),
+    (dict(sets=["sampling.seed=1", 2]), "sets must be a 'section.key=value' string or a list "
+                                        "of them, got ['sampling.seed=1', 2]"),
+])
+def test_bad_arguments_are_refused_before_anything(job, tmp_path, kwargs, message):
+    # progress="fancy" was a plain ValueError raised after planning and loading the model.
+    with pytest.raises(InvalidJobError) as info:
+        run_job(job, engine_factory=never, **kwargs)
+    assert (info.value.message, info.value.exit_code) == (message, 2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_engine_factory_must_be_callable(job):
+    with pytest.raises(InvalidJobError) as info:
+        run_job(job, engine_factory="llmbatch.jobs.fake_engine:FakeEngine")
+    assert info.value.message == "engine_factory must be callable (EngineConfig -> engine), got str"
+
+
+def test_a_single_set_string_is_one_override(job):
+    # It was iterated character by character ("--set 's': expected section.key=value").
+    assert load(job, sets="sampling.max_new_tokens=3").sampling.max_new_tokens == 3
+    assert plan_job(job, sets="shard.count=2").shard.count == 2
+    result = run_job(job, sets="sampling.max_new_tokens=3")
+    assert result.exit_code == 0
+    tokens = pq.read_table(result.part_paths[0]).column("num_output_tokens").to_pylist()
+    assert len(tokens) == 4 and max(tokens) <= 3
+
+
+def test_sets_or_overrides_with_a_jobspec_are_refused(job):
+    spec = load(job)
+    message = ("sets and keyword overrides apply to a job file or dict; a JobSpec is already "
+               "validated (use load(..., sets, **overrides) first)")
+    with pytest.raises(InvalidJobError) as info:
+        run_job(spec, sets=["sampling.seed=1"], engine_factory=never)
+    assert info.value.message == message
+    with pytest.raises(InvalidJobError) as info:
+        run_job(spec, sampling={"seed": 1}, engine_factory=never)
+    assert info.value.message == message
+    assert run_job(spec).exit_code == 0
