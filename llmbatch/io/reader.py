@@ -12,6 +12,7 @@ from typing import Iterator, Optional, Sequence
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from llmbatch.io.read_errors import read_error
 from llmbatch.jobs.errors import InvalidInputError
 
 _EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json",
@@ -86,18 +87,24 @@ class InputSource:
 
 
 class ArrowDatasetSource(InputSource):
-    def __init__(self, dataset: ds.Dataset, description: str) -> None:
+    def __init__(self, dataset: ds.Dataset, description: str, fmt: str = "parquet",
+                 filesystem=None) -> None:
         super().__init__(dataset.schema, description)
         self._dataset = dataset
+        self._format, self._filesystem = fmt, filesystem   # for read errors
         self._fragments = list(dataset.get_fragments())
         self._counts: Optional[list[int]] = None
 
     def _fragment_counts(self) -> list[int]:
         if self._counts is None:
-            try:
-                self._counts = [f.count_rows() for f in self._fragments]
-            except (pa.ArrowException, OSError) as exc:
-                raise InvalidInputError(f"cannot read input {self.description}: {exc}") from None
+            counts = []
+            for fragment in self._fragments:   # one at a time, to name the file that fails
+                try:
+                    counts.append(fragment.count_rows())
+                except (pa.ArrowException, OSError) as exc:
+                    raise read_error(exc, self._format, fragment.path, self._filesystem) \
+                        from None
+            self._counts = counts
         return self._counts
 
     @property
@@ -136,8 +143,7 @@ class ArrowDatasetSource(InputSource):
                         if offset >= end:
                             return
                 except (pa.ArrowException, OSError) as exc:
-                    raise InvalidInputError(
-                        f"cannot read input {piece.path}: {exc}") from None
+                    raise read_error(exc, self._format, piece.path, self._filesystem) from None
 
 
 class TableSource(InputSource):
@@ -188,6 +194,5 @@ def open_input(section) -> InputSource:
     try:
         dataset = ds.dataset(files, format=fmt, filesystem=filesystem)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise InvalidInputError(f"cannot read input {description}: "
-                                f"{str(exc).splitlines()[0]}") from None
-    return ArrowDatasetSource(dataset, description)
+        raise read_error(exc, fmt, files[0], filesystem) from None
+    return ArrowDatasetSource(dataset, description, fmt, filesystem)
