@@ -126,6 +126,13 @@ class PromptRenderer:
         self.system_prompt = model_section.system_prompt
         self.messages_column = input_section.messages_column
         self.prompt_column = input_section.prompt_column
+        # Prompts are tokenized whole and over-long ones become error rows (length_error), so
+        # transformers' "Token indices sequence length is longer than the specified maximum"
+        # is noise on stderr: mark it as already shown for this tokenizer (its own once-flag;
+        # other warnings still show).
+        warned = getattr(tokenizer, "deprecation_warnings", None)
+        if isinstance(warned, dict):
+            warned["sequence-length-is-longer-than-the-specified-maximum"] = True
 
     def _render_messages(self, messages: Any) -> str:
         if not isinstance(messages, list) or not messages:
