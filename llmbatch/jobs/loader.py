@@ -31,12 +31,40 @@ _EXPECTED = {
 }
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first_line: int) -> None:
+        super().__init__(f"duplicate key {key!r} at line {line} (first at line {first_line})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error: YAML's last-wins
+    silently dropped the first `model:` section of a job file."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":   # `<<:` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, line, seen[key])
+                    seen[key] = line
+                except TypeError:        # an unhashable key: the base class says so
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_job_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise InvalidJobError(f"job file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise InvalidJobError(f"job file {path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -9,15 +9,33 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
+from llmbatch.jobs.sampling_values import (check_stop, check_stop_token_ids, check_top_k,
+                                           row_value)
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.sampling_params import SamplingParams
+
+
+def _not_bool(error_type: str, expected: str):
+    """pydantic takes true for 1 in an int field (shard.index: true ran shard 1): YAML's
+    booleans are not numbers here. The error type is pydantic's own, so loader.py names the
+    expected type as for any other wrong type."""
+    def check(value):
+        if isinstance(value, bool):
+            raise PydanticCustomError(error_type, expected)
+        return value
+    return BeforeValidator(check)
+
+
+Int = Annotated[int, _not_bool("int_type", "Input should be a valid integer")]
+Float = Annotated[float, _not_bool("float_type", "Input should be a valid number")]
 
 
 class _Section(BaseModel):
@@ -43,7 +61,7 @@ class InputSection(_Section):
     messages_column: Optional[str] = None
     id_column: Optional[str] = None
     keep_columns: list[str] = Field(default_factory=list)
-    batch_size: int = Field(default=1024, ge=1)      # rows read and tokenized at a time
+    batch_size: Int = Field(default=1024, ge=1)      # rows read and tokenized at a time
 
     @model_validator(mode="after")
     def _one_source(self) -> "InputSection":
@@ -60,7 +78,7 @@ class InputSection(_Section):
 
 class OutputSection(_Section):
     path: str
-    rows_per_part: int = Field(default=10000, ge=1)
+    rows_per_part: Int = Field(default=10000, ge=1)
     mode: Literal["resume", "overwrite", "error"] = "resume"
 
 
@@ -73,18 +91,33 @@ class SamplingSection(_Section):
     # NaN/inf are never valid sampling values (NaN would slip through every >= check).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
-    max_new_tokens: int = Field(default=256, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = -1
+    max_new_tokens: Int = Field(default=256, ge=1)
+    temperature: Float = Field(default=0.0, ge=0.0)
+    top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: Int = -1                     # -1 or 0: off (as in vLLM); other negatives refused
     # int64: the stats Parquet stores it as such; a wider seed used to fail only after the
     # whole shard had run, when the stats row was written.
-    seed: int = Field(default=0, ge=-(2**63), le=2**63 - 1)
+    seed: Int = Field(default=0, ge=-(2**63), le=2**63 - 1)
     stop: list[str] = Field(default_factory=list)
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop_token_ids: list[Int] = Field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: Optional[int] = Field(default=None, ge=0)
+    logprobs: Optional[Int] = Field(default=None, ge=0)
     per_row: list[str] = Field(default_factory=list)
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, value: int) -> int:
+        return check_top_k(value)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: list[str]) -> list[str]:
+        return check_stop(value)
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_token_ids(cls, value: list[int]) -> list[int]:
+        return check_stop_token_ids(value)
 
     @field_validator("per_row")
     @classmethod
@@ -98,11 +131,11 @@ class SamplingSection(_Section):
 
 class EngineSection(_Section):
     device: str = "auto"                 # auto | cpu | cuda | cuda:N (runtime/device.py)
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    gpu_memory_utilization: float = 0.9
-    kv_cache_blocks: Optional[int] = None
+    block_size: Int = 16
+    max_num_seqs: Int = 256
+    max_num_batched_tokens: Int = 8192
+    gpu_memory_utilization: Float = 0.9
+    kv_cache_blocks: Optional[Int] = None
     prefix_caching: bool = True
     ordering: Literal["prefix", "input"] = "prefix"
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
@@ -120,9 +153,9 @@ class EngineSection(_Section):
     # Touch the small matmuls' weights into L2 ahead of use at small batch; unmeasured.
     l2_prefetch: bool = False
     # null: the model's max_position_embeddings; longer than that is refused at load (vLLM).
-    max_model_len: Optional[int] = Field(default=None, ge=1)
-    planner_window: int = 4096
-    cpu_kv_cache_bytes: Optional[int] = None
+    max_model_len: Optional[Int] = Field(default=None, ge=1)
+    planner_window: Int = 4096
+    cpu_kv_cache_bytes: Optional[Int] = None
 
     @field_validator("device")
     @classmethod
@@ -135,7 +168,7 @@ class EngineSection(_Section):
 
 
 class ParallelSection(_Section):
-    tensor_parallel_size: int = Field(default=1, ge=1)
+    tensor_parallel_size: Int = Field(default=1, ge=1)
 
 
 class QuantizationSection(_Section):
@@ -146,16 +179,16 @@ class QuantizationSection(_Section):
 
 class SpeculativeSection(_Section):
     method: Literal["none", "ngram", "draft"] = "none"
-    num_tokens: int = Field(default=4, ge=1)
+    num_tokens: Int = Field(default=4, ge=1)
     draft_model: Optional[str] = None
     # Above this many running requests the engine stops drafting (verification would cost more).
-    max_num_seqs: int = Field(default=16, ge=1)
+    max_num_seqs: Int = Field(default=16, ge=1)
 
 
 class ShardSection(_Section):
     # "auto": from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT, else shard 0 of 1.
-    index: Union[Literal["auto"], int] = "auto"
-    count: Union[Literal["auto"], int] = "auto"
+    index: Union[Literal["auto"], Int] = "auto"
+    count: Union[Literal["auto"], Int] = "auto"
 
 
 class JobSpec(_Section):
@@ -215,7 +248,7 @@ class JobSpec(_Section):
                       logprobs=s.logprobs)
         for key, value in (row_overrides or {}).items():
             if value is not None:
-                values[key] = _row_value(key, value)
+                values[key] = row_value(key, value)
         return SamplingParams(**values)
 
     # -- hashing -------------------------------------------------------------------------
@@ -251,49 +284,3 @@ class JobSpec(_Section):
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-
-_INT_KEYS = ("max_new_tokens", "top_k", "seed", "logprobs")
-_FLOAT_KEYS = ("temperature", "top_p")
-
-
-def _row_value(key: str, value):
-    """One per-row sampling cell, coerced to the type SamplingParams expects; a one-line
-    ValueError for anything else (the runner turns it into a row error, never a crash).
-
-    A column holds whatever the table's writer chose: pandas makes an int column with nulls
-    float (3.0), and a single stop string is natural where the job file takes a list.
-    """
-    def bad(expected: str):
-        return ValueError(f"{key} must be {expected}, got {value!r}")
-
-    if key in _INT_KEYS:
-        if isinstance(value, bool):
-            raise bad("an integer")
-        if isinstance(value, float):
-            if not value.is_integer():
-                raise bad("an integer")
-            return int(value)
-        if not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if key in _FLOAT_KEYS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value):
-            raise bad("a finite number")
-        return float(value)
-    if key == "ignore_eos":
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if key == "stop":
-        value = [value] if isinstance(value, str) else value
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad("a string or a list of strings")
-        return value
-    if key == "stop_token_ids":
-        if not isinstance(value, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise bad("a list of integers")
-        return value
-    return value

@@ -44,6 +44,21 @@ def error_of(data, **kw):
     (job(input={"path": "a", "dataset": "b"}),
      "input: set exactly one of input.path and input.dataset"),
     (job(sampling={"top_p": 0}), "sampling.top_p: must be greater than 0 (got 0)"),
+    # Accepted silently before: -5 acted as "off", true as 1, '' and -1 matched nothing.
+    (job(sampling={"top_k": -5}),
+     "sampling.top_k: must be -1 or 0 (off) or a positive number of tokens (got -5)"),
+    (job(sampling={"stop_token_ids": [2, -1]}),
+     "sampling.stop_token_ids: token ids are >= 0, got -1 (got [2, -1])"),
+    (job(sampling={"stop": ["x", ""]}),
+     "sampling.stop: an empty stop string stops nothing; remove it (got ['x', ''])"),
+    (job(shard={"index": True}), "shard.index: expected one of 'auto' or an integer, got True"),
+    (job(shard={"count": False}), "shard.count: expected one of 'auto' or an integer, got False"),
+    (job(sampling={"max_new_tokens": True}),
+     "sampling.max_new_tokens: expected an integer, got True"),
+    (job(sampling={"stop_token_ids": [True]}),
+     "sampling.stop_token_ids: expected an integer, got True"),
+    (job(sampling={"temperature": True}), "sampling.temperature: expected a number, got True"),
+    (job(engine={"max_model_len": True}), "engine.max_model_len: expected an integer, got True"),
 ])
 def test_invalid_job_messages(data, message):
     assert error_of(data) == message
@@ -161,3 +176,45 @@ def test_sampling_params_per_row_and_seed_offset():
     assert spec.sampling_params({"seed": 42}, row_seed_offset=3).seed == 42
     with pytest.raises(ValueError):
         spec.sampling_params({"max_new_tokens": 0})
+
+
+def test_top_k_off_values_and_numbers_still_load(monkeypatch):
+    for top_k in (-1, 0, 1, 50):
+        assert load_job(job(sampling={"top_k": top_k})).sampling.top_k == top_k
+    # Numbers from ${ENV} expansion arrive as text: still parsed (only booleans are refused).
+    monkeypatch.setenv("LLMBATCH_TEST_TOKENS", "7")
+    spec = load_job(job(sampling={"max_new_tokens": "${LLMBATCH_TEST_TOKENS}"}))
+    assert spec.sampling.max_new_tokens == 7
+    assert load_job(job(shard={"index": 1, "count": 2})).shard.index == 1
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("top_k", -5, "top_k must be -1 or 0 (off) or a positive number of tokens, got -5"),
+    ("top_k", -2.0, "top_k must be -1 or 0 (off) or a positive number of tokens, got -2"),
+    ("stop", "", "stop must be a non-empty string or a list of them, got ''"),
+    ("stop", ["a", ""], "stop must be a non-empty string or a list of them, got ['a', '']"),
+    ("stop_token_ids", [3, -1], "stop_token_ids must be a list of integers >= 0, got [3, -1]"),
+])
+def test_per_row_values_the_job_would_refuse_are_row_errors(key, value, message):
+    spec = load_job(job())
+    with pytest.raises(ValueError) as info:
+        spec.sampling_params({key: value})
+    assert str(info.value) == message
+    assert spec.sampling_params({"top_k": 0, "stop": "x", "stop_token_ids": [0]}).stop == ["x"]
+
+
+def test_duplicate_keys_in_the_job_file_are_refused(tmp_path):
+    # YAML's last-wins silently dropped the first section.
+    path = tmp_path / "job.yaml"
+    path.write_text("model: {path: m}\ninput: {path: x.parquet}\noutput: {path: o}\n"
+                    "model: {path: other}\n")
+    assert error_of(str(path)) == (f"job file {path}: duplicate key 'model' at line 4 "
+                                   f"(first at line 1)")
+    path.write_text("model:\n  path: m\n  dtype: auto\n  path: n\n"
+                    "input: {path: x.parquet}\noutput: {path: o}\n")
+    assert error_of(str(path)) == (f"job file {path}: duplicate key 'path' at line 4 "
+                                   f"(first at line 2)")
+    # A merge key's values may be overridden: not a duplicate.
+    path.write_text("model: &m {path: m}\ninput: {path: x.parquet}\n"
+                    "output: {<<: *m, path: o}\n")
+    assert load_job(str(path)).output.path == "o"

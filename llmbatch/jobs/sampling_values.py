@@ -1,0 +1,76 @@
+"""Sampling values checked alike in the job's sampling section and in per-row columns (no
+torch): the section's validators raise for the job (exit 2); row_value's ValueError becomes that
+row's error (the runner records it, the job goes on).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+# Checks shared by the job's sampling section and per-row values (those become row errors).
+def check_top_k(value: int) -> int:
+    if value < -1:
+        raise ValueError("must be -1 or 0 (off) or a positive number of tokens")
+    return value
+
+
+def check_stop(value: list[str]) -> list[str]:
+    if any(s == "" for s in value):     # the stop checker would drop it: say so instead
+        raise ValueError("an empty stop string stops nothing; remove it")
+    return value
+
+
+def check_stop_token_ids(value: list[int]) -> list[int]:
+    negative = [t for t in value if t < 0]
+    if negative:
+        raise ValueError(f"token ids are >= 0, got {negative[0]}")
+    return value
+
+
+_INT_KEYS = ("max_new_tokens", "top_k", "seed", "logprobs")
+_FLOAT_KEYS = ("temperature", "top_p")
+
+
+def row_value(key: str, value):
+    """One per-row sampling cell, coerced to the type SamplingParams expects; a one-line
+    ValueError for anything else (the runner turns it into a row error, never a crash).
+
+    A column holds whatever the table's writer chose: pandas makes an int column with nulls
+    float (3.0), and a single stop string is natural where the job file takes a list.
+    """
+    def bad(expected: str):
+        return ValueError(f"{key} must be {expected}, got {value!r}")
+
+    if key in _INT_KEYS:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise bad("an integer")
+            value = int(value)
+        if not isinstance(value, int):
+            raise bad("an integer")
+        if key == "top_k" and value < -1:
+            raise bad("-1 or 0 (off) or a positive number of tokens")
+        return value
+    if key in _FLOAT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise bad("a finite number")
+        return float(value)
+    if key == "ignore_eos":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if key == "stop":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
+            raise bad("a non-empty string or a list of them")
+        return items
+    if key == "stop_token_ids":
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            raise bad("a list of integers >= 0")
+        return value
+    return value
