@@ -94,12 +94,17 @@ def plan(job: str, sets: tuple) -> None:
 @click.option("-o", "--out", "dest", required=True, type=click.Path(dir_okay=False),
               help="Parquet file to write (outside OUTPUT_DIR).")
 @click.option("--overwrite", is_flag=True, help="Replace the --out file if it exists.")
-def merge(output_dir: str, dest: str, overwrite: bool) -> None:
-    """Concatenate all committed parts (shard, then part order) into one Parquet file."""
+@click.option("--allow-partial", is_flag=True,
+              help="Merge the committed rows even if some are missing or a shard still runs.")
+def merge(output_dir: str, dest: str, overwrite: bool, allow_partial: bool) -> None:
+    """Concatenate all committed parts (shard, then part order) into one Parquet file;
+    refuses one that lacks input rows unless --allow-partial."""
     from llmbatch.io.manifest import Manifest
-    from llmbatch.io.merge import check_one_config, write_merged
+    from llmbatch.io.merge import (check_complete, check_one_config, coverage, summary,
+                                   write_merged)
     from llmbatch.jobs.errors import InvalidInputError
     from llmbatch.jobs.path_checks import check_merge_dest
+    from llmbatch.jobs.shard_lock import running_shards
 
     entries = Manifest(output_dir).entries()
     if not entries:
@@ -110,8 +115,11 @@ def merge(output_dir: str, dest: str, overwrite: bool) -> None:
     check_merge_dest(output_dir, dest, [os.path.join(output_dir, e["part"]) for e in entries],
                      overwrite)
     check_one_config(output_dir, entries)
+    cov = coverage(output_dir, entries, running_shards(output_dir))
+    if not allow_partial:
+        check_complete(output_dir, cov)
     rows = write_merged(output_dir, entries, dest)
-    click.echo(f"merged {len(entries)} parts, {rows} rows -> {dest}")
+    click.echo(summary(len(entries), rows, dest, cov))
 
 
 @cli.command()

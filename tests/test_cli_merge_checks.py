@@ -63,3 +63,88 @@ def test_merge_refuses_a_part_file_of_another_config(job, capsys):
                    f"with output.mode: overwrite\n")
     assert not os.path.exists("all.parquet")
     assert [f for f in os.listdir(".") if f.endswith(".tmp")] == []
+
+
+def test_merge_refuses_a_shard_that_never_ran(job, capsys):
+    # UAT: one array task of 3 failed; merge wrote 200 of 300 rows and exited 0.
+    for k in (0, 1):
+        job(30, shard={"index": k, "count": 3})
+    code, out, err = call(capsys, "merge", "out", "-o", "all.parquet")
+    assert (code, out) == (2, "")
+    assert err == ("llmbatch: error: out: incomplete: 10 of 30 rows not committed (shard 2: no "
+                   "parts, rows [20, 30)); rerun the job for them, or pass --allow-partial to "
+                   "merge the 20 committed rows\n")
+    assert not os.path.exists("all.parquet")
+    code, out, err = call(capsys, "merge", "out", "-o", "all.parquet", "--allow-partial")
+    assert (code, err) == (0, "")
+    assert out == ("merged 4 parts, 20 of 30 rows -> all.parquet (partial: 10 rows not "
+                   "committed; shard 2: no parts, rows [20, 30))\n")
+    assert pq.read_table("all.parquet").column("id").to_pylist() == list(range(20))
+
+
+def test_merge_refuses_a_shard_cut_short(job, capsys):
+    # A run killed after its first two parts (13 rows of 3 shards: 5, 4, 4 rows).
+    for k in range(3):
+        job(13, shard={"index": k, "count": 3}, output={"rows_per_part": 2})
+    os.remove("out/_manifest/part-00000-00002.json")      # its last part: [4, 5)
+    os.remove("out/_manifest/part-00002-00001.json")      # [11, 13)
+    code, out, err = call(capsys, "merge", "out", "-o", "all.parquet")
+    assert (code, out) == (2, "")
+    assert err == ("llmbatch: error: out: incomplete: 3 of 13 rows not committed (shard 0: rows "
+                   "[4, 5); shard 2: rows [11, 13)); rerun the job for them, or pass "
+                   "--allow-partial to merge the 10 committed rows\n")
+    code, out, _ = call(capsys, "merge", "out", "-o", "all.parquet", "--allow-partial")
+    assert code == 0 and out.startswith("merged 5 parts, 10 of 13 rows -> all.parquet (partial")
+    assert pq.read_table("all.parquet").column("id").to_pylist() == [0, 1, 2, 3, 5, 6, 7, 8,
+                                                                        9, 10]
+
+
+def test_merge_refuses_a_shard_still_running(job, capsys):
+    from llmbatch.jobs.shard_lock import ShardLock
+
+    job(10, shard={"index": 1, "count": 2})
+    job(10, shard={"index": 0, "count": 2})
+    with ShardLock(os.path.abspath("out"), 1):          # a run of shard 1 (here: this pid)
+        code, out, err = call(capsys, "merge", "out", "-o", "all.parquet")
+        assert (code, out) == (2, "")
+        assert err == (f"llmbatch: error: out: shard 1 (pid {os.getpid()}) is being written by "
+                       f"a running job; wait for it to end, or pass --allow-partial to merge "
+                       f"what is committed now\n")
+        code, out, err = call(capsys, "merge", "out", "-o", "all.parquet", "--allow-partial")
+        assert (code, err) == (0, "")
+        assert out == (f"merged 2 parts, 10 of 10 rows -> all.parquet (partial: shard 1 (pid "
+                       f"{os.getpid()}) still running)\n")
+    # Released (the run ended): a lock file nobody holds is no running job.
+    code, out, _ = call(capsys, "merge", "out", "-o", "all.parquet", "--overwrite")
+    assert (code, out) == (0, "merged 2 parts, 10 rows -> all.parquet\n")
+
+
+def _merge_sbatch(tmp_path, *args, **env):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(["bash", os.path.join(repo, "slurm", "merge.sbatch"), *args],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "LLMBATCH_PYTHON": sys.executable,
+                               "PYTHONPATH": repo, **env})
+
+
+def test_merge_sbatch_fails_loudly_on_a_failed_task(job, tmp_path):
+    # Run as a plain script (what SLURM runs after `afterany`): a task that never committed
+    # its rows fails the merge job with the reason in its log, no short file written.
+    job(10, shard={"index": 0, "count": 2})
+    proc = _merge_sbatch(tmp_path, "out", "all.parquet")
+    assert proc.returncode == 2
+    assert proc.stderr == ("llmbatch: error: out: incomplete: 5 of 10 rows not committed "
+                           "(shard 1: no parts, rows [5, 10)); rerun the job for them, or pass "
+                           "--allow-partial to merge the 5 committed rows\n")
+    assert not os.path.exists("all.parquet")
+    proc = _merge_sbatch(tmp_path, "out", "all.parquet", LLMBATCH_MERGE_ALLOW_PARTIAL="1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("merged 1 part, 5 of 10 rows -> all.parquet (partial")
+    job(10, shard={"index": 1, "count": 2})
+    assert _merge_sbatch(tmp_path, "out", "all.parquet").returncode == 2     # exists
+    proc = _merge_sbatch(tmp_path, "out", "all.parquet", LLMBATCH_MERGE_OVERWRITE="1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("merged 2 parts, 10 rows -> all.parquet\nshard_index=")

@@ -144,10 +144,11 @@ def test_array_job_shards_and_resumes(slurm_env, tmp_path, jobkit, tiny_tokenize
               f"LLMBATCH_PYTHON={sys.executable},PYTHONPATH={REPO}")
 
     job_id = _sbatch(slurm_env, work, f"0-{NUM_SHARDS - 1}", "job.yaml", export=export)
-    # merge.sbatch queued behind the whole array (afterok waits for every task).
+    # merge.sbatch queued behind the whole array (afterany, as documented: waits for every task
+    # to end; the merge itself refuses rows missing).
     merged = os.path.join(work, "merged.parquet")
     proc = subprocess.run(
-        ["sbatch", "--parsable", f"--dependency=afterok:{job_id}", "--time=5",
+        ["sbatch", "--parsable", f"--dependency=afterany:{job_id}", "--time=5",
          f"--chdir={work}", f"--output={work}/merge-%j.log", f"--export=ALL{export}",
          os.path.join(REPO, "slurm", "merge.sbatch"), "out", merged],
         env=slurm_env, capture_output=True, text=True, timeout=30)

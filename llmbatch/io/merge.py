@@ -4,7 +4,11 @@ concatenate them into one Parquet file (no torch).
 Readers of the folder see whatever parts are there; a merged file is what a pipeline takes as
 "the result". So the merge refuses (one line, exit 2, nothing written) what would make that
 file silently wrong: parts of different job configs (a re-sharded job whose old shards are still
-there would give some rows twice and others never).
+there would give some rows twice and others never), and, unless asked (--allow-partial), a
+folder that does not hold every input row yet: a task that failed or never ran, a run killed
+midway, a shard still running. What is missing is known without reading the input: every
+entry records the job's num_input_rows and shard_count, so each shard's row range follows
+(sharding.Shard.row_range), and its entries say which of those rows are committed.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from dataclasses import dataclass, field
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llmbatch.io.sharding import Shard
 from llmbatch.io.writer import METADATA_KEY
 from llmbatch.jobs.errors import InvalidInputError
 
@@ -49,6 +56,101 @@ def check_one_config(out_dir: str, entries: list[dict]) -> None:
         + " vs ".join(describe(k, g) for k, g in groups.items())
         + "; merging them would double or drop rows: run every shard of one config "
           "(output.mode: overwrite) or use a new output.path")
+
+
+@dataclass
+class Coverage:
+    """Which input rows the committed parts of one job config hold."""
+
+    num_input_rows: int
+    # (shard, row_start, row_end, shard has no parts at all), in row order
+    missing: list[tuple[int, int, int, bool]] = field(default_factory=list)
+    # shards a live run holds the lock of -> its pid (None: not recorded)
+    running: dict[int, Optional[str]] = field(default_factory=dict)
+
+    @property
+    def num_missing(self) -> int:
+        return sum(end - start for _, start, end, _ in self.missing)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.running
+
+    def describe_missing(self, max_shards: int = 3) -> str:
+        """'shard 0: rows [4, 5); shard 2: no parts, rows [20, 30)', the first few shards."""
+        by_shard: dict[int, list[str]] = {}
+        for shard, start, end, no_parts in self.missing:
+            by_shard.setdefault(shard, []).append(
+                ("no parts, " if no_parts else "") + f"rows [{start}, {end})")
+        text = [f"shard {k}: {', '.join(v)}" for k, v in list(by_shard.items())[:max_shards]]
+        more = len(by_shard) - max_shards
+        return "; ".join(text) + (f"; and {more} more shards" if more > 0 else "")
+
+    def describe_running(self) -> str:
+        """'shard 1 (pid 12)' or 'shards 0 (pid 12), 1'."""
+        names = [f"{k}" + (f" (pid {pid})" if pid else "") for k, pid in self.running.items()]
+        return ("shard " if len(names) == 1 else "shards ") + ", ".join(names)
+
+
+def coverage(out_dir: str, entries: list[dict], running: dict[int, Optional[str]]) -> Coverage:
+    """The rows missing from `entries` (one config, checked by check_one_config; sorted by
+    shard, seq). An entry outside its shard's range or overlapping the one before is a
+    damaged manifest: merging it would double rows, so that refuses."""
+    num_rows, count = entries[0]["num_input_rows"], entries[0]["shard_count"]
+    cov = Coverage(num_rows, running=running)
+    by_shard: dict[int, list[dict]] = {}
+    for entry in entries:
+        by_shard.setdefault(entry["shard"], []).append(entry)
+    for k in sorted(set(by_shard) | set(range(count))):
+        if k >= count:
+            raise InvalidInputError(f"{out_dir}: manifest entry of {by_shard[k][0]['part']} "
+                                    f"is of shard {k}, the job has {count} shards; rerun the "
+                                    f"job with output.mode: overwrite")
+        start, end = Shard(k, count).row_range(num_rows)
+        cursor = start          # first row of the shard not yet accounted for
+        for entry in by_shard.get(k, []):
+            lo, hi = entry["row_start"], entry["row_end"]
+            if lo < cursor or hi > end or hi < lo:
+                raise InvalidInputError(
+                    f"{out_dir}: manifest entry of {entry['part']} records rows [{lo}, {hi}), "
+                    f"not after row {cursor} within shard {k}'s rows [{start}, {end}); rerun "
+                    f"the job with output.mode: overwrite")
+            if lo > cursor:
+                cov.missing.append((k, cursor, lo, False))
+            cursor = hi
+        if cursor < end:
+            cov.missing.append((k, cursor, end, k not in by_shard))
+    return cov
+
+
+def check_complete(out_dir: str, cov: Coverage) -> None:
+    """Refuse a merge of what `cov` finds incomplete (the caller skips this for
+    --allow-partial): a still running shard first, as it explains its missing rows."""
+    if cov.running:
+        verb = "is being written by a running job" if len(cov.running) == 1 else \
+            "are being written by running jobs"
+        raise InvalidInputError(f"{out_dir}: {cov.describe_running()} {verb}; wait for it to "
+                                f"end, or pass --allow-partial to merge what is committed now")
+    if cov.missing:
+        committed = cov.num_input_rows - cov.num_missing
+        raise InvalidInputError(f"{out_dir}: incomplete: {cov.num_missing} of "
+                                f"{cov.num_input_rows} rows not committed "
+                                f"({cov.describe_missing()}); rerun the job for them, or pass "
+                                f"--allow-partial to merge the {committed} committed rows")
+
+
+def summary(num_parts: int, num_rows: int, dest: str, cov: Coverage) -> str:
+    """The merge's output line; a partial merge says how many rows of how many, and why."""
+    parts = f"{num_parts} part{'s' if num_parts != 1 else ''}"
+    if cov.complete:
+        return f"merged {parts}, {num_rows} rows -> {dest}"
+    notes = []
+    if cov.missing:
+        notes.append(f"{cov.num_missing} rows not committed; {cov.describe_missing()}")
+    if cov.running:
+        notes.append(f"{cov.describe_running()} still running")
+    return (f"merged {parts}, {num_rows} of {cov.num_input_rows} rows -> {dest} "
+            f"(partial: {'; '.join(notes)})")
 
 
 def _read_part(path: str, entry: dict) -> pa.Table:

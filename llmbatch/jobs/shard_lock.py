@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from typing import Optional
 
 from llmbatch.jobs.errors import InvalidJobError
@@ -34,10 +35,38 @@ except ImportError:  # pragma: no cover - not POSIX: no lock
 
 
 _MAX_TRIES = 5
+LOCK_RE = re.compile(r"^_lock-(\d{5,})$")
 
 
 def lock_name(shard: int) -> str:
     return f"_lock-{shard:05d}"
+
+
+def running_shards(out_dir: str) -> dict[int, Optional[str]]:
+    """Shards of `out_dir` whose lock a live run holds now -> the holder's pid (None when not
+    recorded). Probed with a non-blocking SHARED flock, dropped at once: it conflicts with a
+    run's exclusive lock (on every node, where the file system has flock) but not with another
+    probe. A run starting in the microseconds the probe holds it refuses as if duplicated. A
+    lock file that cannot be opened or flocked tells nothing and counts as not running."""
+    found: dict[int, Optional[str]] = {}
+    if fcntl is None or not os.path.isdir(out_dir):
+        return found
+    for name in sorted(os.listdir(out_dir)):
+        m = LOCK_RE.match(name)
+        if not m:
+            continue
+        try:
+            fd = os.open(os.path.join(out_dir, name), os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                found[int(m.group(1))] = _read_pid(fd)
+        finally:
+            os.close(fd)               # closing drops the probe's lock
+    return found
 
 
 class ShardLock:
