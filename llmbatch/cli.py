@@ -100,8 +100,8 @@ def merge(output_dir: str, dest: str, overwrite: bool, allow_partial: bool) -> N
     """Concatenate all committed parts (shard, then part order) into one Parquet file;
     refuses one that lacks input rows unless --allow-partial."""
     from llmbatch.io.manifest import Manifest
-    from llmbatch.io.merge import (check_complete, check_one_config, coverage, summary,
-                                   write_merged)
+    from llmbatch.io.merge import (check_complete, check_one_config, check_parts_exist,
+                                   coverage, summary, write_merged)
     from llmbatch.jobs.errors import InvalidInputError
     from llmbatch.jobs.path_checks import check_merge_dest
     from llmbatch.jobs.shard_lock import running_shards
@@ -118,6 +118,7 @@ def merge(output_dir: str, dest: str, overwrite: bool, allow_partial: bool) -> N
     cov = coverage(output_dir, entries, running_shards(output_dir))
     if not allow_partial:
         check_complete(output_dir, cov)
+    check_parts_exist(output_dir, entries)
     rows = write_merged(output_dir, entries, dest)
     click.echo(summary(len(entries), rows, dest, cov))
 

@@ -57,7 +57,7 @@ def test_merge_failing_on_the_first_part_leaves_a_foreign_tmp_alone(out_dir, cap
     with open("all.parquet.tmp", "w") as f:
         f.write("not ours")
     code, _, err = call(capsys, "merge", out_dir, "-o", "all.parquet")
-    assert code == 2 and "cannot read committed part" in err
+    assert code == 2 and "part-00000-00000.parquet is missing" in err
     with open("all.parquet.tmp") as f:
         assert f.read() == "not ours"
     assert not os.path.exists("all.parquet")
@@ -136,3 +136,17 @@ def test_merge_refuses_a_destination_that_is_a_committed_part(out_dir, capsys):
                    f"input of this merge; write it elsewhere\n")
     with open("store/p1.parquet", "rb") as f:
         assert f.read() == data
+
+
+@pytest.mark.parametrize("flags", [[], ["--allow-partial"]])
+def test_merge_of_missing_parts_says_missing_and_how_to_get_them_back(out_dir, capsys, flags):
+    # It said "cannot read committed part out/part-00000-00001.parquet: out/part-...parquet".
+    os.remove(os.path.join(out_dir, "part-00000-00001.parquet"))
+    os.remove(os.path.join(out_dir, "part-00000-00002.parquet"))
+    code, out, err = call(capsys, "merge", out_dir, "-o", "all.parquet", *flags)
+    assert (code, out) == (2, "")
+    assert err == (f"llmbatch: error: committed part {out_dir}/part-00000-00001.parquet is "
+                   f"missing (and 1 more); rerun the job (a resume computes missing parts "
+                   f"again), then merge\n")
+    assert os.listdir(".").count("all.parquet") == 0
+    assert [f for f in os.listdir(".") if f.endswith(".tmp")] == []

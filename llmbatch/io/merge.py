@@ -153,6 +153,26 @@ def summary(num_parts: int, num_rows: int, dest: str, cov: Coverage) -> str:
             f"(partial: {'; '.join(notes)})")
 
 
+def check_parts_exist(out_dir: str, entries: list[dict]) -> None:
+    """Refuse, before writing anything, committed parts whose file is gone: a resume un-commits
+    such a part (and the later ones of its shard) and computes its rows again (Manifest.recover),
+    so rerunning the job is the fix. Only "not there" is checked here (a stat per part): a file
+    that cannot be looked at or read fails when read, with its own reason."""
+    missing = []
+    for entry in entries:
+        path = os.path.join(out_dir, entry["part"])
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            missing.append(path)
+        except OSError:
+            pass
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InvalidInputError(f"committed part {missing[0]} is missing{more}; rerun the job "
+                                f"(a resume computes missing parts again), then merge")
+
+
 def _read_part(path: str, entry: dict) -> pa.Table:
     """The part's rows without its key-value metadata, checked to be what its manifest entry
     records (the file could be another job's under the same name)."""
