@@ -22,6 +22,9 @@ from llmbatch.io.writer import write_atomic_bytes
 STATS_METADATA_KEY = b"llmbatch.stats"
 
 # Column order and types of the stats Parquet (fixed so files of many runs concatenate).
+# One row per run of a shard, counting that run: rows_ok / rows_error are the rows it produced,
+# rows_skipped those earlier runs had committed, rows_total the shard's rows. Summing a shard's
+# rows gives its totals; the run summary and JobResult count ok/error over the whole shard.
 STATS_SCHEMA = pa.schema([
     ("shard_index", pa.int64()), ("shard_count", pa.int64()), ("run", pa.int64()),
     ("start_time", pa.string()), ("end_time", pa.string()), ("wall_s", pa.float64()),

@@ -112,3 +112,21 @@ def test_latency_sketch_is_exact_when_small_and_within_one_percent_when_large():
         want = sorted(values)[max(1, -(-q * len(values) // 100)) - 1]
         assert abs(big.percentile(q) - want) <= 0.01 * want, q
     assert big.percentile(0) == 0.0      # zeros share the lowest bucket
+
+
+def test_stats_rows_count_their_own_run_the_result_counts_the_shard(tmp_path, jobkit,
+                                                                    tiny_tokenizer_dir,
+                                                                    fake_engine_env):
+    # A resume that finds every row done: its summary says "4 ok ... 4 resumed" (the shard)
+    # while its stats row says rows_ok 0 (the run); documented, not a disagreement.
+    from llmbatch import run_job
+
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 4)
+    out = str(tmp_path / "out")
+    job = jobkit.make_job(tiny_tokenizer_dir, inp, out)
+    run_job(job)
+    again = run_job(job)
+    assert (again.num_rows_ok, again.num_rows_skipped) == (4, 4)
+    rows = read_stats(out).to_pylist()
+    assert [(r["run"], r["rows_total"], r["rows_skipped"], r["rows_ok"], r["rows_error"])
+            for r in rows] == [(0, 4, 0, 4, 0), (1, 4, 4, 0, 0)]
