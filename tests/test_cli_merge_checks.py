@@ -148,3 +148,36 @@ def test_merge_sbatch_fails_loudly_on_a_failed_task(job, tmp_path):
     proc = _merge_sbatch(tmp_path, "out", "all.parquet", LLMBATCH_MERGE_OVERWRITE="1")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("merged 2 parts, 10 rows -> all.parquet\nshard_index=")
+
+
+def test_a_0_row_job_merges_into_an_empty_file_with_the_output_schema(job, capsys):
+    # A 0-row input wrote no part: merge said "no committed parts" (exit 2) and a reader of
+    # the folder found no schema. An empty shard now commits one empty part.
+    import pyarrow.dataset as ds
+
+    first = job(0)
+    assert [os.path.basename(p) for p in first.part_paths] == ["part-00000-00000.parquet"]
+    job(3, out="full")                                     # the schema a non-empty job writes
+    schema = pq.read_schema("full/part-00000-00000.parquet").remove_metadata()
+    assert ds.dataset("out").schema.remove_metadata() == schema
+    code, out, err = call(capsys, "merge", "out", "-o", "all.parquet")
+    assert (code, out, err) == (0, "merged 1 part, 0 rows -> all.parquet\n", "")
+    merged = pq.read_table("all.parquet")
+    assert merged.num_rows == 0 and merged.schema.remove_metadata() == schema
+    # A resume finds it committed: nothing written again, no second part.
+    again = job(0)
+    assert (again.num_rows, again.num_rows_skipped) == (0, 0)
+    assert sorted(os.listdir("out/_manifest")) == ["part-00000-00000.json"]
+
+
+def test_an_empty_shard_of_a_small_input_is_committed_too(job, capsys):
+    # 2 rows over 3 shards: shard 2's range is empty; its run leaves an empty part so the
+    # folder shows it done like the others.
+    for k in range(3):
+        job(2, shard={"index": k, "count": 3})
+    assert sorted(os.listdir("out/_manifest")) == [
+        "part-00000-00000.json", "part-00001-00000.json", "part-00002-00000.json"]
+    assert pq.read_metadata("out/part-00002-00000.parquet").num_rows == 0
+    code, out, _ = call(capsys, "merge", "out", "-o", "all.parquet")
+    assert (code, out) == (0, "merged 3 parts, 2 rows -> all.parquet\n")
+    assert pq.read_table("all.parquet").column("id").to_pylist() == [0, 1]

@@ -56,10 +56,16 @@ class InOrderCommitter:
         A write failure (a full disk) is one line, whoever called (the runner's result loop, or
         the input generator the engine pulls, for error rows)."""
         per_part = self.rows_per_part
+        # A shard with no rows (a 0-row input, or more shards than rows) commits ONE empty
+        # part: without it nothing in the folder tells "ran, empty" from "never ran", and a
+        # 0-row job left no file holding the output schema (merge had nothing to write).
+        empty = self.next_seq == 0 and self.next_commit == self.row_end
         while True:
             ready = self.ready_upto - self.next_commit
-            if not (ready >= per_part or (ready > 0 and self.ready_upto == self.row_end)):
+            if not (ready >= per_part or (ready > 0 and self.ready_upto == self.row_end)
+                    or empty):
                 return
+            empty = False
             try:
                 self._commit_part(min(ready, per_part))
             except OSError as exc:

@@ -231,7 +231,10 @@ def test_more_shards_than_rows_and_empty_input(tmp_path, tiny_tokenizer_dir, fak
     empty = str(tmp_path / "empty.parquet")
     pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), empty)
     result = run_job(make_job(tiny_tokenizer_dir, empty, str(tmp_path / "out2")))
-    assert (result.num_rows, result.exit_code, result.part_paths) == (0, 0, [])
+    # One empty part records the empty shard as done (and carries the output schema).
+    part = str(tmp_path / "out2" / "part-00000-00000.parquet")
+    assert (result.num_rows, result.exit_code, result.part_paths) == (0, 0, [part])
+    assert pq.read_metadata(part).num_rows == 0
 
 
 def test_resume_after_finish_keeps_error_count_and_exit_code(tmp_path, tiny_tokenizer_dir,
