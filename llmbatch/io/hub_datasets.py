@@ -35,11 +35,20 @@ def looks_like_hub_id(name: str) -> bool:
 
 def hub_reachable(timeout_s: float = 2.0) -> bool:
     """Whether a TCP connection to the Hub endpoint opens within `timeout_s`. The probe runs in
-    a daemon thread: a DNS lookup has no timeout of its own and may hang for many seconds."""
+    a daemon thread: a DNS lookup has no timeout of its own and may hang for many seconds.
+    Behind an HTTP(S) proxy (HTTPS_PROXY, ALL_PROXY... for a host not in NO_PROXY) a direct
+    connection says nothing: clusters often reach the internet only through one, and the hub
+    libraries use it. The Hub counts as reachable there; a real failure then shows as the
+    download's own error."""
+    import urllib.request
+
     import huggingface_hub.constants as hf_constants
 
     url = urllib.parse.urlparse(hf_constants.ENDPOINT)
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxies = urllib.request.getproxies()
+    if (proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
+        return True
     result: list[bool] = []
 
     def probe() -> None:

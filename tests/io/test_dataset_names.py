@@ -79,3 +79,25 @@ def test_hub_library_warnings_are_silenced_and_restored(monkeypatch, capsys):
     assert info.value.message == "input.dataset org/name: ValueError: boom"
     assert capsys.readouterr().err == ""
     assert hf_logging.get_verbosity() == before
+
+
+def test_behind_a_proxy_the_hub_counts_as_reachable_without_a_direct_probe(monkeypatch):
+    """Clusters often reach the internet only through HTTPS_PROXY: a direct TCP probe fails
+    there while the hub libraries download fine, so a proxy for the Hub's host skips the
+    probe (a host in NO_PROXY is probed as before)."""
+    import socket
+
+    probed = []
+
+    def no_direct_route(address, timeout=None):
+        probed.append(address)
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(socket, "create_connection", no_direct_route)
+    for var in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    assert hub_datasets.hub_reachable(timeout_s=0.2) is False and len(probed) == 1
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub_datasets.hub_reachable(timeout_s=0.2) is True and len(probed) == 1
+    monkeypatch.setenv("NO_PROXY", "huggingface.co")
+    assert hub_datasets.hub_reachable(timeout_s=0.2) is False and len(probed) == 2
