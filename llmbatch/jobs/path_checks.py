@@ -92,9 +92,9 @@ def check_input_output_overlap(input_path: Union[str, list[str]], out_dir: str) 
     """No input.path entry may lie inside output.path (readers of the output would take it as
     results), equal it, or hold it where the job's reader would find the parts on a rerun: the
     tester's `input.path: out/b2`, `output.path: out/b2/chain` exited 0 once, then every rerun
-    read its own parts as input. An output folder below the input under a name starting with
-    `_` or `.` is fine: our reader, pyarrow, Spark and DuckDB all skip such names. URLs other
-    than file:// cannot name the local output folder."""
+    read its own parts as input. An output folder below the input, or an input below the
+    output, under a name starting with `_` or `.` is fine: our reader, pyarrow, Spark and
+    DuckDB all skip such names. URLs other than file:// cannot name the local output folder."""
     out_abs = os.path.abspath(os.path.expanduser(out_dir))
     out_real = os.path.realpath(out_abs)
     for entry in [input_path] if isinstance(input_path, str) else input_path:
@@ -114,7 +114,10 @@ def check_input_output_overlap(input_path: Union[str, list[str]], out_dir: str) 
         if real == out_real:
             raise InvalidJobError(f"input.path {entry} and output.path {out_dir} are the same "
                                   f"folder: {_OWN_OUTPUT}; {_OUTSIDE}")
-        if _inside(real, out_real):
+        inner = os.path.relpath(real, out_real).split(os.sep)
+        if _inside(real, out_real) and not any(part.startswith(("_", ".")) for part in inner):
+            # (Input kept under a _ or . name of the output folder is fine: readers of the
+            # results, check_output_dir and overwrite's clean-up all pass such names by.)
             raise InvalidJobError(f"input.path {entry} is inside output.path {out_dir}: the input "
                                   f"would be mixed with the results; {_OUTSIDE}")
         below = os.path.relpath(out_real, real).split(os.sep)

@@ -48,9 +48,9 @@ def test_output_inside_the_input_folder_is_refused_on_the_first_run(
 
 def test_input_inside_the_output_folder_is_refused(tmp_path, tiny_tokenizer_dir, jobkit,
                                                    no_engine):
-    # Hidden (_data) so that the foreign-data check of output.path does not see it first.
-    os.makedirs(tmp_path / "out" / "_data")
-    inp = jobkit.write_prompts(str(tmp_path / "out" / "_data" / "in.parquet"), 4)
+    # (The overlap check runs before the foreign-data check of output.path.)
+    os.makedirs(tmp_path / "out" / "data")
+    inp = jobkit.write_prompts(str(tmp_path / "out" / "data" / "in.parquet"), 4)
     message = _refused(jobkit.make_job(tiny_tokenizer_dir, inp, str(tmp_path / "out")), no_engine)
     assert message == (f"input.path {inp} is inside output.path {tmp_path / 'out'}: the input "
                        f"would be mixed with the results; use an output.path outside the input")
@@ -102,6 +102,8 @@ def test_output_inside_the_input_through_a_symlink_is_refused(tmp_path):
     (["data/*.parquet"], "data/out"),          # '*' does not cross '/': parts are not matched
     (["data/in.parquet"], "data/out"),         # a file next to the output folder
     (["data"], "data/_results"),               # hidden below the input: no reader takes it
+    (["res/_inputs/in.parquet"], "res"),       # input hidden below the output: likewise
+    (["res/.cache/*.parquet"], "res"),
     (["data/**/*.csv"], "data/out"),           # matches no name llmbatch writes
     (["s3://bucket/data"], "data/out"),        # a URL cannot be the local output folder
     (["data"], "data2/out"),                   # a shared name prefix is not nesting
@@ -119,3 +121,16 @@ def test_disjoint_job_runs(tmp_path, tiny_tokenizer_dir, jobkit, fake_engine_env
                           str(tmp_path / "data" / "_results"))
     assert run_job(job).exit_code == 0
     assert run_job(job).num_rows_skipped == 4
+
+
+def test_input_kept_under_a_hidden_folder_of_the_output_runs(tmp_path, tiny_tokenizer_dir,
+                                                              jobkit, fake_engine_env):
+    """res/_inputs/in.parquet with output.path res: readers of the results, the foreign-data
+    check and overwrite's clean-up all pass _ names by (found in review: it was refused)."""
+    os.makedirs(tmp_path / "res" / "_inputs")
+    inp = jobkit.write_prompts(str(tmp_path / "res" / "_inputs" / "in.parquet"), 4)
+    job = jobkit.make_job(tiny_tokenizer_dir, inp, str(tmp_path / "res"))
+    assert run_job(job).exit_code == 0
+    assert run_job(job, output={"mode": "overwrite"}).num_rows_ok == 4
+    assert os.path.exists(inp)
+
