@@ -181,3 +181,35 @@ def test_an_empty_shard_of_a_small_input_is_committed_too(job, capsys):
     code, out, _ = call(capsys, "merge", "out", "-o", "all.parquet")
     assert (code, out) == (0, "merged 3 parts, 2 rows -> all.parquet\n")
     assert pq.read_table("all.parquet").column("id").to_pylist() == [0, 1]
+
+
+def _drop_keys(pattern, *keys):
+    import glob
+    import json
+
+    for path in glob.glob(f"out/_manifest/{pattern}"):
+        with open(path) as f:
+            entry = json.load(f)
+        with open(path, "w") as f:
+            json.dump({k: v for k, v in entry.items() if k not in keys}, f)
+
+
+def test_parts_written_by_an_older_llmbatch_still_merge(job, capsys):
+    # Entries of builds before num_input_rows was recorded: merge died with "internal error:
+    # KeyError: 'num_input_rows'" (exit 1). The checks that need a missing key are skipped.
+    for k in range(2):
+        job(10, shard={"index": k, "count": 2})
+    _drop_keys("part-00000-*.json", "num_input_rows")       # shard 0 run by an older build
+    code, out, err = call(capsys, "merge", "out", "-o", "all.parquet")
+    assert (code, out, err) == (0, "merged 2 parts, 10 rows -> all.parquet (completeness not "
+                                   "checked: parts written by an older llmbatch)\n", "")
+    assert pq.read_table("all.parquet").column("id").to_pylist() == list(range(10))
+    _drop_keys("*.json", "num_input_rows", "config_hash")
+    code, out, err = call(capsys, "merge", "out", "-o", "all.parquet", "--overwrite")
+    assert (code, out, err) == (0, "merged 2 parts, 10 rows -> all.parquet (config and "
+                                   "completeness not checked: parts written by an older "
+                                   "llmbatch)\n", "")
+    os.remove("out/_manifest/part-00001-00000.json")     # one shard only: nothing tells so
+    code, out, _ = call(capsys, "merge", "out", "-o", "all.parquet", "--overwrite")
+    assert (code, out) == (0, "merged 1 part, 5 rows -> all.parquet (config and completeness "
+                              "not checked: parts written by an older llmbatch)\n")

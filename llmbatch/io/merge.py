@@ -8,7 +8,9 @@ there would give some rows twice and others never), and, unless asked (--allow-p
 folder that does not hold every input row yet: a task that failed or never ran, a run killed
 midway, a shard still running. What is missing is known without reading the input: every
 entry records the job's num_input_rows and shard_count, so each shard's row range follows
-(sharding.Shard.row_range), and its entries say which of those rows are committed.
+(sharding.Shard.row_range), and its entries say which of those rows are committed. Entries
+written by an older llmbatch lack some of these keys (num_input_rows came later; a resume reads
+them with .get): the checks that need a missing key are skipped, and the merge's line says so.
 """
 
 from __future__ import annotations
@@ -31,21 +33,29 @@ from llmbatch.jobs.errors import InvalidInputError
 JOB_KEYS = ("shard_count", "config_hash", "num_input_rows")
 # What a part's own metadata must agree on with its manifest entry.
 PART_KEYS = JOB_KEYS + ("shard", "seq", "row_start", "row_end")
+OLDER_NOTE = "not checked: parts written by an older llmbatch"
+
+
+def lacking_keys(entries: list[dict]) -> list[str]:
+    """The JOB_KEYS some entry lacks (written by an older llmbatch)."""
+    return [k for k in JOB_KEYS if any(k not in e for e in entries)]
 
 
 def check_one_config(out_dir: str, entries: list[dict]) -> None:
     """Refuse entries (sorted by shard, seq) that disagree on any of JOB_KEYS, naming the
-    differing values and the parts holding each."""
+    differing values and the parts holding each. A key some entry lacks is not compared (an
+    older build's entry would otherwise differ from a newer one's by the key alone)."""
+    names = [k for k in JOB_KEYS if k not in lacking_keys(entries)]
     groups: dict[tuple, list[dict]] = {}
     for entry in entries:
-        groups.setdefault(tuple(entry.get(k) for k in JOB_KEYS), []).append(entry)
-    if len(groups) == 1:
+        groups.setdefault(tuple(entry[k] for k in names), []).append(entry)
+    if len(groups) <= 1:
         return
     keys = list(groups)
-    differing = [i for i, name in enumerate(JOB_KEYS) if len({k[i] for k in keys}) > 1]
+    differing = [i for i, name in enumerate(names) if len({k[i] for k in keys}) > 1]
 
     def describe(key: tuple, group: list[dict]) -> str:
-        values = ", ".join(f"{JOB_KEYS[i]} {key[i]}" for i in differing)
+        values = ", ".join(f"{names[i]} {key[i]}" for i in differing)
         shards = sorted({e["shard"] for e in group})
         parts = group[0]["part"] + (f" to {group[-1]['part']}" if len(group) > 1 else "")
         label = "shard" if len(shards) == 1 else "shards"
@@ -62,11 +72,13 @@ def check_one_config(out_dir: str, entries: list[dict]) -> None:
 class Coverage:
     """Which input rows the committed parts of one job config hold."""
 
-    num_input_rows: int
+    num_input_rows: Optional[int]      # None: not known, completeness not checked
     # (shard, row_start, row_end, shard has no parts at all), in row order
     missing: list[tuple[int, int, int, bool]] = field(default_factory=list)
     # shards a live run holds the lock of -> its pid (None: not recorded)
     running: dict[int, Optional[str]] = field(default_factory=dict)
+    # the checks skipped for entries of an older llmbatch ("config", "completeness")
+    unchecked: list[str] = field(default_factory=list)
 
     @property
     def num_missing(self) -> int:
@@ -95,9 +107,14 @@ class Coverage:
 def coverage(out_dir: str, entries: list[dict], running: dict[int, Optional[str]]) -> Coverage:
     """The rows missing from `entries` (one config, checked by check_one_config; sorted by
     shard, seq). An entry outside its shard's range or overlapping the one before is a
-    damaged manifest: merging it would double rows, so that refuses."""
+    damaged manifest: merging it would double rows, so that refuses. Without num_input_rows
+    and shard_count in every entry the rows are not known: only running shards are found."""
+    lacking = lacking_keys(entries)
+    unchecked = ["config"] if {"config_hash", "shard_count"} & set(lacking) else []
+    if {"num_input_rows", "shard_count"} & set(lacking):
+        return Coverage(None, running=running, unchecked=unchecked + ["completeness"])
     num_rows, count = entries[0]["num_input_rows"], entries[0]["shard_count"]
-    cov = Coverage(num_rows, running=running)
+    cov = Coverage(num_rows, running=running, unchecked=unchecked)
     by_shard: dict[int, list[dict]] = {}
     for entry in entries:
         by_shard.setdefault(entry["shard"], []).append(entry)
@@ -140,17 +157,20 @@ def check_complete(out_dir: str, cov: Coverage) -> None:
 
 
 def summary(num_parts: int, num_rows: int, dest: str, cov: Coverage) -> str:
-    """The merge's output line; a partial merge says how many rows of how many, and why."""
+    """The merge's output line; a partial merge says how many rows of how many, and why; a
+    merge of an older llmbatch's parts, which checks it skipped."""
     parts = f"{num_parts} part{'s' if num_parts != 1 else ''}"
-    if cov.complete:
-        return f"merged {parts}, {num_rows} rows -> {dest}"
     notes = []
     if cov.missing:
         notes.append(f"{cov.num_missing} rows not committed; {cov.describe_missing()}")
     if cov.running:
         notes.append(f"{cov.describe_running()} still running")
-    return (f"merged {parts}, {num_rows} of {cov.num_input_rows} rows -> {dest} "
-            f"(partial: {'; '.join(notes)})")
+    of = f" of {cov.num_input_rows}" if notes and cov.num_input_rows is not None else ""
+    notes = [f"partial: {'; '.join(notes)}"] if notes else []
+    if cov.unchecked:
+        notes.append(f"{' and '.join(cov.unchecked)} {OLDER_NOTE}")
+    return (f"merged {parts}, {num_rows}{of} rows -> {dest}"
+            + (f" ({'; '.join(notes)})" if notes else ""))
 
 
 def check_parts_exist(out_dir: str, entries: list[dict]) -> None:
