@@ -75,7 +75,7 @@ class ShardLock:
         self.shard = shard
         self._fd: Optional[int] = None
         self.created = False      # this acquire created the lock file (discard removes it)
-        self.made_dirs: list[str] = []     # folders claim() created, deepest first
+        self.made_dirs: list[str] = []     # folders this run created, deepest first
 
     def acquire(self) -> "ShardLock":
         """Take the lock or raise InvalidJobError (exit 2) naming the holder's pid."""
@@ -115,10 +115,21 @@ class ShardLock:
         for the parts: on a group-shared folder a teammate's resume must open it too. A lock
         file this user may not write (another user's, stricter umask) is opened read-only:
         flock does not need write access; only the holder's pid is then not recorded."""
-        try:     # O_EXCL: whether this run made the file (discard removes only its own)
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True, True
-        except (FileExistsError, PermissionError):
-            pass     # an earlier run's (or a running one's) file, or a folder we cannot add to
+        for _ in range(_MAX_TRIES):
+            try:     # O_EXCL: whether this run made the file (discard removes only its own)
+                return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True, True
+            except (FileExistsError, PermissionError):
+                break    # an earlier or running run's file, or a folder we cannot add to
+            except FileNotFoundError:
+                # The folder is gone: the run of another shard that made it failed to load its
+                # model and removed it (discard) after our claim found it. Make it again, as
+                # ours now (our discard removes it); a few tries, then the one-line error below.
+                made = _missing_dirs(os.path.dirname(self.path))
+                try:
+                    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                except OSError:
+                    break
+                self.made_dirs += [d for d in made if d not in self.made_dirs]
         try:
             return os.open(self.path, os.O_RDWR), True, False
         except (PermissionError, FileNotFoundError):
@@ -156,11 +167,7 @@ class ShardLock:
     def claim(cls, out_dir: str, shard: int, key_value: str) -> "ShardLock":
         """Create the output folder (`key_value`: output.path as the job wrote it, for the
         message) and take the shard's lock; on failure leave no folder this call made."""
-        made = []
-        folder = out_dir
-        while not os.path.exists(folder):
-            made.append(folder)
-            folder = os.path.dirname(folder)
+        made = _missing_dirs(out_dir)
         try:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as exc:   # e.g. a read-only or pseudo file system os.access cannot see
@@ -179,6 +186,15 @@ class ShardLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _missing_dirs(folder: str) -> list[str]:
+    """`folder` and its parents that do not exist, deepest first."""
+    made = []
+    while not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    return made
 
 
 def _same_file(fd: int, path: str) -> bool:

@@ -197,3 +197,28 @@ def test_a_lock_file_deleted_before_the_flock_is_opened_again(tmp_path, monkeypa
         assert len(calls) == 2        # the deleted file, then the new one
         assert os.fstat(lock._fd).st_ino == os.stat(tmp_path / lock_name(0)).st_ino
         assert lock.created
+
+
+def test_a_folder_removed_by_another_shards_failed_run_is_made_again(tmp_path, monkeypatch):
+    """Run A (shard 0) made the folder; run B (shard 1) found it; A's model failed and its
+    discard removed the folder between B's makedirs and B's open: B died with
+    FileNotFoundError (internal error, exit 1). B makes the folder again, and being the run
+    that made it now, its own discard removes it."""
+    import llmbatch.jobs.shard_lock as shard_lock
+
+    out = str(tmp_path / "new" / "out")
+    a = ShardLock.claim(out, 0, "new/out")
+    real_makedirs = shard_lock.os.makedirs
+
+    def makedirs_then_a_fails(path, exist_ok=False):
+        real_makedirs(path, exist_ok=exist_ok)
+        monkeypatch.setattr(shard_lock.os, "makedirs", real_makedirs)     # once
+        a.discard()
+
+    monkeypatch.setattr(shard_lock.os, "makedirs", makedirs_then_a_fails)
+    b_claim = ShardLock.claim(out, 1, "new/out")
+    assert b_claim._fd is not None and b_claim.created
+    assert os.listdir(out) == ["_lock-00001"]
+    assert b_claim.made_dirs == [out, str(tmp_path / "new")]
+    b_claim.discard()
+    assert os.listdir(tmp_path) == []
