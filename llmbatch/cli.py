@@ -7,6 +7,7 @@ LLMBATCH_DEBUG=1 to get tracebacks for internal errors.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Optional
@@ -37,6 +38,8 @@ def cli() -> None:
 def run(job: str, sets: tuple, progress: Optional[str], log_every: float) -> None:
     """Run (or resume) a job: one shard of it under a SLURM array."""
     from llmbatch.api import run_job
+
+    _log_warnings_to_stderr()
 
     if progress is None:
         progress = "bar" if sys.stderr.isatty() else "log"
@@ -135,6 +138,20 @@ def stats(output_dir: str) -> None:
         raise InvalidInputError(f"{output_dir}: no stats (no _stats/*.parquet)")
     for row in table.to_pylist():
         click.echo(" ".join(f"{k}={v}" for k, v in row.items()))
+
+
+class _StderrLines(logging.Handler):
+    """The runtime warns through its logger (API users route it); the CLI prints each as one
+    line like its own. Unhandled, Python printed them bare, without the 'llmbatch:' prefix."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"llmbatch: {record.levelname.lower()}: {record.getMessage()}", err=True)
+
+
+def _log_warnings_to_stderr() -> None:
+    log = logging.getLogger("llmbatch")
+    if not any(isinstance(h, _StderrLines) for h in log.handlers):    # main() may run again
+        log.addHandler(_StderrLines(logging.WARNING))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -152,8 +152,10 @@ class EngineSection(_Section):
     pdl: bool = False
     # Touch the small matmuls' weights into L2 ahead of use at small batch; unmeasured.
     l2_prefetch: bool = False
-    # null: the model's max_position_embeddings; longer than that is refused at load (vLLM).
-    max_model_len: Optional[Int] = Field(default=None, ge=1)
+    # null or 0: the model's max_position_embeddings; longer than that runs with the model's,
+    # with a warning. 0 and longer values stay valid (and hashed as written): folders written
+    # with them must resume.
+    max_model_len: Optional[Int] = Field(default=None, ge=0)
     planner_window: Int = 4096
     cpu_kv_cache_bytes: Optional[Int] = None
 
@@ -210,7 +212,8 @@ class JobSpec(_Section):
         kwargs: dict[str, Any] = dict(
             model=self.model.path, tokenizer=self.model.tokenizer, dtype=self.model.dtype,
             trust_remote_code=self.model.trust_remote_code, device=e.device,
-            max_model_len=e.max_model_len, block_size=e.block_size, max_num_seqs=e.max_num_seqs,
+            max_model_len=e.max_model_len or None,      # 0: the model's own, like null
+            block_size=e.block_size, max_num_seqs=e.max_num_seqs,
             max_num_batched_tokens=e.max_num_batched_tokens,
             gpu_memory_utilization=e.gpu_memory_utilization, kv_cache_blocks=e.kv_cache_blocks,
             prefix_caching=e.prefix_caching, ordering=e.ordering, planner_window=e.planner_window,

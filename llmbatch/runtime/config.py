@@ -115,16 +115,14 @@ class EngineConfig:
         if self.speculative_method == "draft" and not self.draft_model:
             raise ValueError("speculative method 'draft' needs draft_model")
 
-    def resolve_max_model_len(self, model_max: int, model: str) -> int:
+    def resolve_max_model_len(self, model_max: int) -> int:
         """The context length to run with: max_model_len, or the model's own when null. A
-        longer one than the model's max_position_embeddings is refused, as vLLM does: positions
-        past it were never trained (and rotary tables are sized by it)."""
+        longer one is the model's own (ModelRunner warns): positions past it were never trained
+        and rotary tables are sized by it, but refusing it (as vLLM does) made output folders
+        written with such a value impossible to resume (it is part of the job's config hash)."""
         if self.max_model_len is None:
             return model_max
-        if self.max_model_len > model_max:
-            raise EngineConfigError(f"max_model_len={self.max_model_len} is larger than the "
-                                    f"max_position_embeddings ({model_max}) of model {model}")
-        return self.max_model_len
+        return min(self.max_model_len, model_max)
 
     def check_device(self, device_type: str) -> None:
         """Settings the resolved device cannot run, refused before the model loads (the

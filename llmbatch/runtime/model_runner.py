@@ -53,7 +53,11 @@ class ModelRunner:
             hf_config = load_hf_config(self.model_path, config.trust_remote_code)
         self.hf_config = hf_config
         model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
-        self.max_model_len = config.resolve_max_model_len(model_max, config.model)
+        self.max_model_len = config.resolve_max_model_len(model_max)
+        if self.max_model_len < (config.max_model_len or 0) and tp_rank == 0:   # once per job
+            logger.warning("max_model_len %d is larger than the max_position_embeddings (%d) "
+                           "of model %s; using %d", config.max_model_len, model_max,
+                           config.model, self.max_model_len)
 
         self.tp_rank, self.tp_size = tp_rank, tp_size
         # A checkpoint quantized by bitsandbytes brings its own method (and is dequantized

@@ -53,29 +53,45 @@ def test_known_devices_load(device):
     assert load_job(job(engine={"device": device})).engine.device == device
 
 
-@pytest.mark.parametrize("value", [-3, 0])
-def test_max_model_len_below_one_is_refused_at_load(value):
-    # 0 used to mean "the model's default" silently, -3 made every row an error (exit 3).
+def test_negative_max_model_len_is_refused_at_load():
+    # -3 made every row an error (exit 3).
     with pytest.raises(InvalidJobError) as info:
-        load_job(job(engine={"max_model_len": value}))
-    assert info.value.message == (f"engine.max_model_len: must be greater than or equal to 1 "
-                                  f"(got {value})")
+        load_job(job(engine={"max_model_len": -3}))
+    assert info.value.message == "engine.max_model_len: must be greater than or equal to 0 (got -3)"
 
 
-def test_max_model_len_beyond_the_model_is_refused_before_writing(tmp_path, tiny_llama_dir,
-                                                                   jobkit, monkeypatch):
-    # Used to be clamped to the model's 256 silently; vLLM refuses it too.
+@pytest.mark.parametrize("value, config_hash", [(0, "eaaa636720c098d2"),
+                                                (4096, "65dbe9f427fec5ac")])
+def test_max_model_len_0_or_beyond_the_model_keeps_its_hash(value, config_hash):
+    # Hashes as 4b0690d computed them: folders written then must still resume. 0 is the
+    # model's own length, like null (it was until e2a439a).
+    spec = load_job(job(engine={"max_model_len": value}))
+    assert spec.config_hash(1) == config_hash
+    assert spec.engine_config().max_model_len == (None if value == 0 else value)
+
+
+def test_max_model_len_beyond_the_model_warns_and_resumes(tmp_path, tiny_llama_dir, jobkit,
+                                                          monkeypatch, capsys):
+    # e2a439a refused it (exit 2), so a folder written with it could not be resumed.
+    import yaml
+
+    from llmbatch.cli import main
+
     monkeypatch.delenv("LLMBATCH_ENGINE_FACTORY", raising=False)
     inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 3)
     out = tmp_path / "out"
-    with pytest.raises(InvalidJobError) as info:
-        run_job(jobkit.make_job(tiny_llama_dir, inp, str(out),
-                                engine={"max_model_len": 100000, "device": "cpu"}))
-    assert info.value.message == (f"invalid engine settings: max_model_len=100000 is larger "
-                                  f"than the max_position_embeddings (256) of model "
-                                  f"{tiny_llama_dir}")
-    assert info.value.exit_code == 2
-    assert not out.exists()
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(jobkit.make_job(
+        tiny_llama_dir, inp, str(out), engine={"max_model_len": 4096, "device": "cpu"})))
+    warning = (f"llmbatch: warning: max_model_len 4096 is larger than the "
+               f"max_position_embeddings (256) of model {tiny_llama_dir}; using 256")
+    assert main(["run", str(path), "--progress", "none"]) == 0
+    assert capsys.readouterr().err.splitlines() == [warning]
+    assert len(pq.read_table(out).to_pylist()) == 3
+    first = sorted(p.name for p in out.iterdir())
+    assert main(["run", str(path), "--progress", "none"]) == 0     # resumes: nothing to do
+    assert capsys.readouterr().err.splitlines() == [warning]
+    assert sorted(p.name for p in out.iterdir()) == first
 
 
 def test_triton_backend_on_cpu_is_refused_before_writing(tmp_path, tiny_llama_dir, jobkit,

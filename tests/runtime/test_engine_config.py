@@ -1,5 +1,6 @@
 """EngineConfig refuses what the runtime cannot honour: at construction (no torch) or, for what
-needs the model or the device, when the model runner resolves them (before any weight loads)."""
+needs the model or the device, when the model runner resolves them (before any weight loads).
+A max_model_len longer than the model's is used as the model's, with a warning."""
 
 import pytest
 
@@ -16,21 +17,24 @@ def test_max_model_len_below_one_or_not_an_integer_is_refused(value):
 
 
 def test_resolve_max_model_len():
-    assert EngineConfig(model="m").resolve_max_model_len(512, "m") == 512
-    assert EngineConfig(model="m", max_model_len=512).resolve_max_model_len(512, "m") == 512
-    assert EngineConfig(model="m", max_model_len=40).resolve_max_model_len(512, "m") == 40
-    with pytest.raises(EngineConfigError) as info:
-        EngineConfig(model="m", max_model_len=100000).resolve_max_model_len(512, "dir/m")
-    assert str(info.value) == ("max_model_len=100000 is larger than the "
-                               "max_position_embeddings (512) of model dir/m")
+    # Longer than the model: the model's own (as before e2a439a; folders written with such a
+    # value must resume), and ModelRunner warns.
+    assert EngineConfig(model="m").resolve_max_model_len(512) == 512
+    assert EngineConfig(model="m", max_model_len=512).resolve_max_model_len(512) == 512
+    assert EngineConfig(model="m", max_model_len=40).resolve_max_model_len(512) == 40
+    assert EngineConfig(model="m", max_model_len=100000).resolve_max_model_len(512) == 512
 
 
-def test_engine_refuses_a_context_longer_than_the_model(llama_setup):
-    with pytest.raises(EngineConfigError) as info:     # a ValueError too, for API users
-        new_engine(llama_setup, max_model_len=513)
-    assert str(info.value).startswith("max_model_len=513 is larger than the "
-                                      "max_position_embeddings (512) of model ")
+def test_engine_uses_the_model_length_when_longer_and_warns(llama_setup, caplog):
+    caplog.set_level("WARNING", logger="llmbatch")
+    assert new_engine(llama_setup, max_model_len=513).max_model_len == 512
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("llmbatch.runtime.model_runner", "WARNING",
+         f"max_model_len 513 is larger than the max_position_embeddings (512) of model "
+         f"{llama_setup[0]}; using 512")]
+    caplog.clear()
     assert new_engine(llama_setup, max_model_len=512).max_model_len == 512
+    assert caplog.records == []
 
 
 def test_triton_backend_needs_cuda_unless_interpreted(monkeypatch):
