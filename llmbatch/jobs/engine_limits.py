@@ -30,14 +30,19 @@ def _out_of_vocab(token_ids, vocab_size: Optional[int]) -> Optional[int]:
 
 
 def check_sampling(sampling, max_model_len: int, vocab_size: Optional[int]) -> None:
-    """The job's sampling section against the engine (raises InvalidJobError, one line)."""
-    if sampling.max_new_tokens >= max_model_len:
+    """The job's sampling section against the engine (raises InvalidJobError, one line).
+
+    A value that is also a per_row column is only the fallback of rows without their own:
+    rows that bring one that fits must run, so it is judged per row (row_error, the engine)."""
+    per_row = set(sampling.per_row)
+    if "max_new_tokens" not in per_row and sampling.max_new_tokens >= max_model_len:
         # Every prompt has at least one token: none would fit.
         raise InvalidJobError(f"sampling.max_new_tokens={sampling.max_new_tokens} leaves no "
                               f"room for a prompt: max_model_len is {max_model_len}")
     if vocab_size is None:
         return
-    if sampling.logprobs is not None and sampling.logprobs > vocab_size:
+    if ("logprobs" not in per_row and sampling.logprobs is not None
+            and sampling.logprobs > vocab_size):
         raise InvalidJobError(f"sampling.logprobs={sampling.logprobs} exceeds the vocabulary "
                               f"size {vocab_size}")
     bad = _out_of_vocab(sampling.stop_token_ids, vocab_size)

@@ -70,3 +70,23 @@ def test_per_row_values_beyond_the_engine_stay_row_errors(tmp_path, tiny_tokeniz
         f"max_new_tokens (100000) leaves no room for the prompt ({n} tokens) in "
         f"max_model_len (512)",
         "stop_token_ids: 9999 is outside the vocabulary [0, 384)"]
+
+
+def test_job_wide_values_that_every_row_overrides_are_not_checked(tmp_path, tiny_tokenizer_dir,
+                                                                  jobkit, fake_engine_env):
+    # per_row max_new_tokens / logprobs: the job-wide value is only a fallback, so it is a
+    # row error where a row falls back to it (row 1), not a job error for rows that bring theirs.
+    import pyarrow.parquet as pq
+
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 3, seed=1,
+                               max_new_tokens=[8, None, 16], logprobs=[1, 2, 3])
+    result = run_job(jobkit.make_job(tiny_tokenizer_dir, inp, str(tmp_path / "out"), sampling={
+        "max_new_tokens": 512, "logprobs": 385, "per_row": ["max_new_tokens", "logprobs"]}))
+    assert (result.exit_code, result.num_rows_ok, result.num_rows_error) == (3, 2, 1)
+    rows = pq.read_table(result.part_paths[0]).to_pylist()
+    n = rows[1]["num_prompt_tokens"]
+    assert [r["error"] for r in rows] == [
+        None,
+        f"max_new_tokens (512) leaves no room for the prompt ({n} tokens) in max_model_len (512)",
+        None]
+    assert [r["logprobs"] and len(r["logprobs"][0]["top"]) for r in rows] == [1, None, 3]
