@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import time
 from typing import Optional
 
 from llmbatch.jobs.errors import InvalidJobError
@@ -35,6 +36,11 @@ except ImportError:  # pragma: no cover - not POSIX: no lock
 
 
 _MAX_TRIES = 5
+# A lock found taken is tried again this many times, this far apart, before the run refuses:
+# merge's probe (running_shards) holds a shared lock for an instant, and a pipeline polling
+# merge while array tasks start must not make them refuse as duplicates.
+_BUSY_TRIES, _BUSY_WAIT_S = 5, 0.05
+_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 LOCK_RE = re.compile(r"^_lock-(\d{5,})$")
 
 
@@ -46,7 +52,7 @@ def running_shards(out_dir: str) -> dict[int, Optional[str]]:
     """Shards of `out_dir` whose lock a live run holds now -> the holder's pid (None when not
     recorded). Probed with a non-blocking SHARED flock, dropped at once: it conflicts with a
     run's exclusive lock (on every node, where the file system has flock) but not with another
-    probe. A run starting in the microseconds the probe holds it refuses as if duplicated. A
+    probe; a run starting in the instant the probe holds it tries again (_flock_exclusive). A
     lock file that cannot be opened or flocked tells nothing and counts as not running."""
     found: dict[int, Optional[str]] = {}
     if fcntl is None or not os.path.isdir(out_dir):
@@ -86,11 +92,11 @@ class ShardLock:
         for _ in range(_MAX_TRIES):
             fd, writable, created = self._open()
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock_exclusive(fd)
             except OSError as exc:
                 holder = _read_pid(fd)
                 os.close(fd)
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                if exc.errno in _BUSY:
                     by = f" (pid {holder})" if holder else ""
                     raise InvalidJobError(
                         f"output.path {os.path.dirname(self.path)}: shard {self.shard} is being "
@@ -186,6 +192,19 @@ class ShardLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _flock_exclusive(fd: int) -> None:
+    """flock(LOCK_EX | LOCK_NB), tried again _BUSY_TRIES times _BUSY_WAIT_S apart while taken
+    (a probe lets go within microseconds; a live run does not); raises the last OSError."""
+    for _ in range(_BUSY_TRIES):
+        try:
+            return fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in _BUSY:
+                raise
+        time.sleep(_BUSY_WAIT_S)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _missing_dirs(folder: str) -> list[str]:

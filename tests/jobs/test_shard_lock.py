@@ -222,3 +222,26 @@ def test_a_folder_removed_by_another_shards_failed_run_is_made_again(tmp_path, m
     assert b_claim.made_dirs == [out, str(tmp_path / "new")]
     b_claim.discard()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_merge_probe_does_not_make_a_starting_run_refuse(tmp_path):
+    """merge's probe (running_shards) holds a shared flock for an instant; a run starting then
+    refused as a duplicate, naming the pid of a finished run. It now tries again 50 ms apart,
+    and a lock a live run holds still refuses, a fraction of a second later."""
+    import fcntl
+    import threading
+    import time
+
+    ShardLock(str(tmp_path), 0).acquire().release()         # a finished run's file and pid
+    probe = os.open(tmp_path / lock_name(0), os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    threading.Timer(0.06, os.close, [probe]).start()         # the probe ends 60 ms later
+    with ShardLock(str(tmp_path), 0) as lock:
+        assert lock._fd is not None
+        start = time.monotonic()
+        with pytest.raises(InvalidJobError) as info:
+            ShardLock(str(tmp_path), 0).acquire()
+        waited = time.monotonic() - start
+    assert info.value.message == (f"output.path {tmp_path}: shard 0 is being written by another "
+                                  f"run (pid {os.getpid()}); wait for it to end or stop it")
+    assert 0.15 < waited < 1.0
