@@ -200,10 +200,14 @@ def test_parts_written_by_an_older_llmbatch_still_merge(job, capsys):
     for k in range(2):
         job(10, shard={"index": k, "count": 2})
     _drop_keys("part-00000-*.json", "num_input_rows")       # shard 0 run by an older build
+    # Shard 1's entry still records the job's rows: completeness is checked (and holds).
     code, out, err = call(capsys, "merge", "out", "-o", "all.parquet")
+    assert (code, out, err) == (0, "merged 2 parts, 10 rows -> all.parquet\n", "")
+    assert pq.read_table("all.parquet").column("id").to_pylist() == list(range(10))
+    _drop_keys("part-00001-*.json", "num_input_rows")       # no entry records it now
+    code, out, err = call(capsys, "merge", "out", "-o", "all.parquet", "--overwrite")
     assert (code, out, err) == (0, "merged 2 parts, 10 rows -> all.parquet (completeness not "
                                    "checked: parts written by an older llmbatch)\n", "")
-    assert pq.read_table("all.parquet").column("id").to_pylist() == list(range(10))
     _drop_keys("*.json", "num_input_rows", "config_hash")
     code, out, err = call(capsys, "merge", "out", "-o", "all.parquet", "--overwrite")
     assert (code, out, err) == (0, "merged 2 parts, 10 rows -> all.parquet (config and "
@@ -213,3 +217,37 @@ def test_parts_written_by_an_older_llmbatch_still_merge(job, capsys):
     code, out, _ = call(capsys, "merge", "out", "-o", "all.parquet", "--overwrite")
     assert (code, out) == (0, "merged 1 part, 5 rows -> all.parquet (config and completeness "
                               "not checked: parts written by an older llmbatch)\n")
+
+
+def test_shards_run_across_an_upgrade_are_still_checked_for_completeness(job, capsys):
+    """Shard 0 by an older build (no num_input_rows), shard 1 by this one, shard 2 never run:
+    the rows are known from shard 1's entry, so the merge refuses (found in review: it merged
+    4 of 6 rows with exit 0 because one entry lacked the key)."""
+    for k in range(2):
+        job(6, shard={"index": k, "count": 3})
+    _drop_keys("part-00000-*.json", "num_input_rows")
+    code, out, err = call(capsys, "merge", "out", "-o", "all.parquet")
+    assert (code, out) == (2, "")
+    assert err == ("llmbatch: error: out: incomplete: 2 of 6 rows not committed (shard 2: no "
+                   "parts, rows [4, 6)); rerun the job for them, or pass --allow-partial to "
+                   "merge the 4 committed rows\n")
+    assert not os.path.exists("all.parquet")
+
+
+def test_an_older_entry_does_not_hide_a_config_difference_among_newer_ones(job, capsys):
+    import glob
+    import json
+
+    for k in range(3):
+        job(6, shard={"index": k, "count": 3})
+    _drop_keys("part-00000-*.json", "config_hash")           # shard 0 by an older build
+    path = glob.glob("out/_manifest/part-00002-*.json")[0]   # shard 2: another config
+    with open(path) as f:
+        entry = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**entry, "config_hash": "0123456789abcdef"}, f)
+    code, _, err = call(capsys, "merge", "out", "-o", "all.parquet")
+    assert code == 2 and err.count("\n") == 1
+    assert "committed parts come from different job configs: config_hash " in err
+    assert "config_hash 0123456789abcdef (shard 2: part-00002-00000.parquet)" in err
+

@@ -41,21 +41,34 @@ def lacking_keys(entries: list[dict]) -> list[str]:
     return [k for k in JOB_KEYS if any(k not in e for e in entries)]
 
 
+def job_value(entries: list[dict], key: str):
+    """The value of `key` in the entries that record it (check_one_config made them agree),
+    or None when none does."""
+    return next((e[key] for e in entries if key in e), None)
+
+
 def check_one_config(out_dir: str, entries: list[dict]) -> None:
     """Refuse entries (sorted by shard, seq) that disagree on any of JOB_KEYS, naming the
-    differing values and the parts holding each. A key some entry lacks is not compared (an
-    older build's entry would otherwise differ from a newer one's by the key alone)."""
-    names = [k for k in JOB_KEYS if k not in lacking_keys(entries)]
+    differing values and the parts holding each. Each key is compared across the entries that
+    record it: an older build's entry lacks some (a folder whose shards ran across an upgrade
+    mixes both), and lacking a key is not a difference."""
+    names = [k for k in JOB_KEYS if len({e[k] for e in entries if k in e}) > 1]
+    if not names:
+        return
+    # Grouped by the keys that differ, over the entries recording all of them (if those are
+    # fewer than two groups, by the first differing key alone).
     groups: dict[tuple, list[dict]] = {}
     for entry in entries:
-        groups.setdefault(tuple(entry[k] for k in names), []).append(entry)
-    if len(groups) <= 1:
-        return
-    keys = list(groups)
-    differing = [i for i, name in enumerate(names) if len({k[i] for k in keys}) > 1]
+        if all(k in entry for k in names):
+            groups.setdefault(tuple(entry[k] for k in names), []).append(entry)
+    if len(groups) < 2:
+        names, groups = names[:1], {}
+        for entry in entries:
+            if names[0] in entry:
+                groups.setdefault((entry[names[0]],), []).append(entry)
 
     def describe(key: tuple, group: list[dict]) -> str:
-        values = ", ".join(f"{names[i]} {key[i]}" for i in differing)
+        values = ", ".join(f"{name} {value}" for name, value in zip(names, key))
         shards = sorted({e["shard"] for e in group})
         parts = group[0]["part"] + (f" to {group[-1]['part']}" if len(group) > 1 else "")
         label = "shard" if len(shards) == 1 else "shards"
@@ -107,13 +120,14 @@ class Coverage:
 def coverage(out_dir: str, entries: list[dict], running: dict[int, Optional[str]]) -> Coverage:
     """The rows missing from `entries` (one config, checked by check_one_config; sorted by
     shard, seq). An entry outside its shard's range or overlapping the one before is a
-    damaged manifest: merging it would double rows, so that refuses. Without num_input_rows
-    and shard_count in every entry the rows are not known: only running shards are found."""
+    damaged manifest: merging it would double rows, so that refuses. When no entry records
+    num_input_rows or shard_count the rows are not known: only running shards are found."""
     lacking = lacking_keys(entries)
     unchecked = ["config"] if {"config_hash", "shard_count"} & set(lacking) else []
-    if {"num_input_rows", "shard_count"} & set(lacking):
+    # The job's row count and shard count from any entry that records them (they agree).
+    num_rows, count = job_value(entries, "num_input_rows"), job_value(entries, "shard_count")
+    if num_rows is None or count is None:
         return Coverage(None, running=running, unchecked=unchecked + ["completeness"])
-    num_rows, count = entries[0]["num_input_rows"], entries[0]["shard_count"]
     cov = Coverage(num_rows, running=running, unchecked=unchecked)
     by_shard: dict[int, list[dict]] = {}
     for entry in entries:
