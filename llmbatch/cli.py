@@ -7,6 +7,7 @@ LLMBATCH_DEBUG=1 to get tracebacks for internal errors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -39,11 +40,10 @@ def run(job: str, sets: tuple, progress: Optional[str], log_every: float) -> Non
     """Run (or resume) a job: one shard of it under a SLURM array."""
     from llmbatch.api import run_job
 
-    _log_warnings_to_stderr()
-
     if progress is None:
         progress = "bar" if sys.stderr.isatty() else "log"
-    result = run_job(job, sets=sets, progress=progress, log_every_s=log_every)
+    with _warnings_to_stderr():
+        result = run_job(job, sets=sets, progress=progress, log_every_s=log_every)
     s = result.stats
     tok_s = f"{s['output_tok_s']:.1f}" if s.get("output_tok_s") is not None else "-"
     hit = f"{100 * s['prefix_hit_rate']:.1f}%" if s.get("prefix_hit_rate") is not None else "-"
@@ -148,10 +148,21 @@ class _StderrLines(logging.Handler):
         click.echo(f"llmbatch: {record.levelname.lower()}: {record.getMessage()}", err=True)
 
 
-def _log_warnings_to_stderr() -> None:
+@contextlib.contextmanager
+def _warnings_to_stderr():
+    """The runtime's warnings as 'llmbatch: warning: ...' lines while a CLI run lasts. The
+    records do not propagate meanwhile: main() called in-process after logging.basicConfig
+    printed each warning twice (once per handler). Both are undone afterwards, so a later
+    run_job() in the same process is left as the library leaves it."""
     log = logging.getLogger("llmbatch")
-    if not any(isinstance(h, _StderrLines) for h in log.handlers):    # main() may run again
-        log.addHandler(_StderrLines(logging.WARNING))
+    handler, propagate = _StderrLines(logging.WARNING), log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
 
 
 def main(argv: Optional[list[str]] = None) -> int:

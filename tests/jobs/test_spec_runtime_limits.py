@@ -92,6 +92,26 @@ def test_max_model_len_beyond_the_model_warns_and_resumes(tmp_path, tiny_llama_d
     assert main(["run", str(path), "--progress", "none"]) == 0     # resumes: nothing to do
     assert capsys.readouterr().err.splitlines() == [warning]
     assert sorted(p.name for p in out.iterdir()) == first
+    # In-process, a root handler (logging.basicConfig, pytest's) does not print it a second
+    # time, and the CLI leaves the llmbatch logger as it found it (found in review).
+    import logging
+
+    log = logging.getLogger("llmbatch")
+    before = (list(log.handlers), log.propagate)
+    seen = []
+
+    class Root(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    root = Root()
+    logging.getLogger().addHandler(root)
+    try:
+        assert main(["run", str(path), "--progress", "none"]) == 0
+        assert capsys.readouterr().err.splitlines() == [warning] and seen == []
+        assert (list(log.handlers), log.propagate) == before
+    finally:
+        logging.getLogger().removeHandler(root)
 
 
 def test_triton_backend_on_cpu_is_refused_before_writing(tmp_path, tiny_llama_dir, jobkit,
