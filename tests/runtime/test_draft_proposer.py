@@ -61,3 +61,24 @@ def test_draft_with_another_vocabulary_is_refused(models, tmp_path):
     tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="vocabulary"):
         run(models, draft=tmp_path)
+
+
+def test_draft_with_a_shorter_context_is_refused_without_a_clamp_warning(models, tmp_path,
+                                                                          caplog):
+    """A draft whose max_position_embeddings is below the target's length is refused before
+    its runner exists: the runner would clamp and warn 'using 128' just before the refusal
+    (found in review)."""
+    import logging
+
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=128)
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="llmbatch"):
+        with pytest.raises(ValueError, match=f"^draft model {tmp_path}: its context 128 is "
+                                             f"shorter than the target's 512; set "
+                                             f"engine.max_model_len lower$"):
+            run(models, draft=tmp_path)
+    assert [r for r in caplog.records if "max_model_len" in r.getMessage()] == []
