@@ -162,6 +162,7 @@ class JobRunner:
         # run (a requeued SLURM task racing the original) refuses at once, not after minutes
         # of loading. overwrite clears only after everything validated (_run_locked).
         lock = ShardLock.claim(self.out_dir, plan.shard.index, spec.output.path)
+        engine = None
         try:
             try:
                 self._say(f"llmbatch: loading model {spec.model.path}")
@@ -178,6 +179,12 @@ class JobRunner:
                 raise
             return self._run_locked(plan, engine, renderer)
         finally:
+            # A TP engine's workers and process group end with the job: a pipeline's second
+            # run_job in this process would otherwise find the group taken (custom engines
+            # may have no shutdown).
+            stop = getattr(engine, "shutdown", None)
+            if callable(stop):
+                stop()
             lock.release()
 
     def _run_locked(self, plan: JobPlan, engine, renderer: PromptRenderer) -> JobResult:

@@ -190,6 +190,14 @@ class Engine(SpeculationMixin):
                 finished.append(self._result(req))
         return finished
 
+    def shutdown(self) -> None:
+        """Release what would outlive the engine: a tensor-parallel runner's worker processes
+        and process group (one group per process: a second TP engine needs this one's gone).
+        Idempotent; a single-process runner holds nothing to release."""
+        stop = getattr(self.runner, "shutdown", None)
+        if callable(stop):
+            stop()
+
     def reset_prefix_cache(self) -> None:
         """Drop cached KV blocks that no running request holds."""
         self.block_manager.reset_prefix_cache()

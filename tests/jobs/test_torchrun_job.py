@@ -81,3 +81,54 @@ def test_torchrun_cli_job_equals_tp1(tmp_path, tiny_llama_dir, jobkit, monkeypat
     assert len(_rows(tp1)) == 8
     names = sorted(n for n in os.listdir(tp2) if n.endswith(".parquet"))
     assert names == sorted(n for n in os.listdir(tp1) if n.endswith(".parquet"))
+
+
+def test_two_tensor_parallel_jobs_in_one_process(tmp_path, tiny_llama_dir, jobkit, monkeypatch):
+    """A pipeline calling run_job twice with tensor_parallel_size 2 (spawned gloo ranks): the
+    first job's workers and process group end with it, so the second starts (it failed with
+    'a torch.distributed process group already exists', a bare RuntimeError; found by a
+    user-acceptance test). Both give the tensor_parallel_size 1 rows."""
+    import torch.distributed as dist
+
+    from llmbatch import run_job
+
+    monkeypatch.delenv("LLMBATCH_ENGINE_FACTORY", raising=False)
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 4, seed=5)
+    common = dict(sampling={"max_new_tokens": 3}, model={"path": tiny_llama_dir,
+                                                         "dtype": "float32"},
+                  engine={"kv_cache_blocks": 32, "device": "cpu"})
+    tp1 = str(tmp_path / "tp1")
+    assert run_job(jobkit.make_job(tiny_llama_dir, inp, tp1, **common)).num_rows_ok == 4
+    for name in ("a", "b"):
+        out = str(tmp_path / name)
+        result = run_job(jobkit.make_job(tiny_llama_dir, inp, out,
+                                         parallel={"tensor_parallel_size": 2}, **common))
+        assert result.num_rows_ok == 4 and _rows(out) == _rows(tp1)
+        assert not dist.is_initialized()
+
+
+def test_a_tensor_parallel_start_failure_is_a_job_error(monkeypatch, tmp_path, tiny_llama_dir,
+                                                        jobkit):
+    """The engine's TP start failing (a rank that died, a group that timed out) reaches an
+    API caller as an InternalError (a JobError, exit 1) with one line, not a RuntimeError."""
+    from llmbatch import run_job
+    from llmbatch.runtime import tp_executor
+
+    def fail(config, rdv=None):
+        raise tp_executor.TensorParallelError(
+            "tensor-parallel job failed starting: tensor-parallel rank 1 (pid 7) exited with "
+            "code 1 (collective timeout 20s)")
+
+    monkeypatch.delenv("LLMBATCH_ENGINE_FACTORY", raising=False)
+    monkeypatch.setattr(tp_executor, "TPExecutor", fail)
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 2)
+    job = jobkit.make_job(tiny_llama_dir, inp, str(tmp_path / "out"),
+                          parallel={"tensor_parallel_size": 2},
+                          engine={"device": "cpu"})
+    with pytest.raises(InternalError) as info:
+        run_job(job)
+    assert info.value.exit_code == 1
+    assert info.value.message == (
+        "the engine failed to start: TensorParallelError: tensor-parallel job failed starting: "
+        "tensor-parallel rank 1 (pid 7) exited with code 1 (collective timeout 20s)")
+    assert not os.path.exists(tmp_path / "out")
