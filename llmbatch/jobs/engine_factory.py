@@ -12,7 +12,7 @@ import importlib
 import os
 from typing import Callable, Optional
 
-from llmbatch.jobs.errors import InvalidJobError
+from llmbatch.jobs.errors import InternalError, InvalidJobError, JobError
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.runtime.config import EngineConfigError
 
@@ -57,11 +57,16 @@ def model_input_errors() -> tuple:
 
 
 def make_engine(spec: JobSpec, engine_factory: Optional[Callable] = None):
-    """Build the job's engine (loads the model); a model that cannot be loaded raises
-    InvalidJobError naming model.path and the first line of the reason."""
-    factory = engine_factory or factory_from_env() or default_factory
+    """Build the job's engine (loads the model). A model that cannot be loaded raises
+    InvalidJobError naming model.path and the first line of the reason. Tensor-parallel ranks
+    that do not start, and a custom factory's own error, are JobErrors too (InternalError,
+    exit 1), one line: API callers catch JobError. Anything else is a bug and propagates."""
+    factory = engine_factory or factory_from_env()
+    custom = factory is not None
     try:
-        return factory(spec.engine_config())
+        return (factory or default_factory)(spec.engine_config())
+    except JobError:
+        raise
     except EngineConfigError as exc:   # a setting the model or device refuses, not the model
         raise InvalidJobError(f"invalid engine settings: {exc}") from None
     except model_input_errors() as exc:
@@ -72,3 +77,11 @@ def make_engine(spec: JobSpec, engine_factory: Optional[Callable] = None):
             first = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         raise InvalidJobError(f"model.path {spec.model.path}: cannot load the model: "
                               f"{first}") from None
+    except Exception as exc:
+        from llmbatch.runtime.tp_executor import TensorParallelError
+
+        if not (custom or isinstance(exc, TensorParallelError)):
+            raise   # a bug in the runtime: the CLI's "internal error" line, LLMBATCH_DEBUG
+        text = " ".join(str(exc).split())
+        what = "engine_factory failed" if custom else "the engine failed to start"
+        raise InternalError(f"{what}: {type(exc).__name__}: {text}") from exc

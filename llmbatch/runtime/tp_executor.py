@@ -38,6 +38,11 @@ from llmbatch.runtime.tp_worker import (build_runner, rank_config, serve, step_m
 logger = logging.getLogger(__name__)
 
 
+class TensorParallelError(RuntimeError):
+    """The tensor-parallel group failed (a rank died or did not start, a collective timed
+    out): the job layer reports it as one line (jobs/engine_factory.py), not as a bug."""
+
+
 def make_model_runner(config: EngineConfig):
     """The Engine's runner for `config` (see module doc for launched ranks > 0)."""
     if config.tensor_parallel_size == 1:
@@ -161,7 +166,7 @@ class TPExecutor:
             dead = describe_dead(self.procs)
         self.shutdown(broken=True)
         reason = _one_line(e) if deadline == 0.0 else (dead or _one_line(e))
-        raise RuntimeError(f"tensor-parallel job failed {when}: {reason} "
+        raise TensorParallelError(f"tensor-parallel job failed {when}: {reason} "
                            f"(collective timeout {self.timeout_s:g}s)") from None
 
     def shutdown(self, broken: bool = False) -> None:
