@@ -126,6 +126,9 @@ class SamplingSection(_Section):
             if key not in PER_ROW_KEYS:
                 raise ValueError(f"'{key}' is not a sampling key; per-row keys are "
                                  f"{', '.join(PER_ROW_KEYS)}")
+        twice = sorted({k for k in value if value.count(k) > 1})
+        if twice:   # like a key given twice in the YAML: refused, not silently merged
+            raise ValueError(f"names {', '.join(repr(k) for k in twice)} more than once")
         return value
 
 

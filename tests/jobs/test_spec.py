@@ -76,6 +76,9 @@ def test_missing_required_key_and_section():
 def test_per_row_must_name_sampling_keys():
     msg = error_of(job(sampling={"per_row": ["temperature", "colour"]}))
     assert msg.startswith("sampling.per_row: 'colour' is not a sampling key")
+    msg = error_of(job(sampling={"per_row": ["temperature", "seed", "temperature"]}))
+    assert msg == ("sampling.per_row: names 'temperature' more than once (got ['temperature', "
+                   "'seed', 'temperature'])")
 
 
 def test_defaults_match_the_contract():
