@@ -204,3 +204,20 @@ def test_prequantized_fp4_checkpoint_is_refused(checkpoint, tmp_path):
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="quantization method 'fp8' is not one of int8, nf4"):
         BnbLinearMethod("fp8")
+
+
+def test_importing_bitsandbytes_does_not_warn_about_the_optional_cpu_kernel():
+    """On CPUs with avx512bf16 (this project's CI machines) bitsandbytes warns at import that
+    the optional `kernels` package is missing, on stderr of every int8/nf4 CPU job (found by a
+    user-acceptance test). import_bnb silences that one logger during the import, and puts its
+    level back."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from llmbatch.runtime.layers.quantization import import_bnb, "
+            "_BNB_CPU_LOGGER; import_bnb(); "
+            "assert logging.getLogger(_BNB_CPU_LOGGER).level == logging.NOTSET")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "kernels-community" not in proc.stderr

@@ -40,14 +40,28 @@ NF4_BLOCKSIZE = 64
 METHODS = ("int8", "nf4")
 
 
+# bitsandbytes' CPU backend tries, at import, an optional kernel from the `kernels` package
+# and warns on every import where it is missing ("Failed to load CPU gemm_4bit_forward from
+# kernels-community ..."): on stderr of every int8/nf4 CPU job, about a speed-up we do not
+# use (our CPU path is its own fallback). Only that logger, only during the import.
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
 def import_bnb():
     """bitsandbytes, or a one-line ImportError saying how to install it."""
+    import logging
+
+    log = logging.getLogger(_BNB_CPU_LOGGER)
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
         import bitsandbytes
         import bitsandbytes.functional  # noqa: F401
     except ImportError:
         raise ImportError("quantization needs bitsandbytes, which is not installed: "
                           "pip install bitsandbytes") from None
+    finally:
+        log.setLevel(level)
     return bitsandbytes
 
 
