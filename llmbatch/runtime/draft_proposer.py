@@ -62,7 +62,6 @@ def draft_memory_need(config: EngineConfig, dtype: torch.dtype) -> tuple[int, in
     runner will build it: its parameters are the bytes it will load (tied ones once), and its
     layer/KV-head/head_dim attributes give the block size through the target's own formula.
     A draft checkpoint quantized by bitsandbytes loads smaller than this dense estimate."""
-
     from llmbatch.runtime.layers.quantization import model_weight_bytes
     from llmbatch.runtime.loader import load_hf_config, resolve_model_path
     from llmbatch.runtime.models.registry import build_model
@@ -76,20 +75,20 @@ def draft_memory_need(config: EngineConfig, dtype: torch.dtype) -> tuple[int, in
 class DraftModelProposer:
     def __init__(self, config: EngineConfig, num_kv_blocks: int, max_model_len: int,
                  vocab_size: int) -> None:
-        from llmbatch.runtime.loader import load_hf_config, resolve_model_path
+        from llmbatch.runtime.loader import load_hf_config, max_positions, resolve_model_path
 
         # Checked before the draft's runner exists: given the target's length, a runner would
-        # clamp it to the draft's own and warn "using N" just before this refusal.
+        # clamp it to the draft's own and warn "using N" just before this refusal. The config
+        # read here is the runner's too (read once).
         dcfg = draft_runner_config(config, num_kv_blocks, max_model_len)
-        draft_max = getattr(load_hf_config(resolve_model_path(dcfg.model),
-                                           dcfg.trust_remote_code),
-                            "max_position_embeddings", None) or 2048
+        draft_hf_config = load_hf_config(resolve_model_path(dcfg.model), dcfg.trust_remote_code)
+        draft_max = max_positions(draft_hf_config)
         if draft_max < max_model_len:
             raise ValueError(f"draft model {config.draft_model}: its context {draft_max} is "
                              f"shorter than the target's {max_model_len}; set "
                              f"engine.max_model_len lower")
         # The draft never sizes its own pool: the target reserved room for it (same count).
-        self.runner = ModelRunner(dcfg)
+        self.runner = ModelRunner(dcfg, hf_config=draft_hf_config)
         draft_vocab = self.runner.hf_config.vocab_size
         if draft_vocab != vocab_size:
             raise ValueError(f"draft model vocabulary ({draft_vocab}) differs from the target's "

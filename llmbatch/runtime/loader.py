@@ -80,6 +80,12 @@ def load_hf_config(model_path: str, trust_remote_code: bool = False):
                          f"{reason}") from exc
 
 
+def max_positions(hf_config) -> int:
+    """The context length a transformers config declares (max_position_embeddings), 2048 for
+    a config without one."""
+    return getattr(hf_config, "max_position_embeddings", None) or 2048
+
+
 def checkpoint_files(checkpoint_dir: str) -> tuple[str, list[str]]:
     """("safetensors" | "bin", files in load order). Prefers safetensors; honours index files."""
     if not os.path.isdir(checkpoint_dir):

@@ -33,11 +33,10 @@ class ModelRunner:
                  tp_size: int = 1, tp_group=None) -> None:
         """tp_rank/tp_size: this process's tensor-parallel slice (tp_executor starts the
         ranks); tp_group: a gloo group over all ranks for host-side agreement (KV blocks)."""
-
         from llmbatch.runtime.layers.quantization import attach_quantization, model_weight_bytes
         from llmbatch.runtime.layers.bnb_checkpoint import dequantized_tensors, resolve_method
         from llmbatch.runtime.loader import (iterate_checkpoint, load_hf_config, load_weights,
-                                             resolve_model_path)
+                                             max_positions, resolve_model_path)
         from llmbatch.runtime.models.registry import build_model
 
         self.config = config
@@ -52,7 +51,7 @@ class ModelRunner:
         if hf_config is None:
             hf_config = load_hf_config(self.model_path, config.trust_remote_code)
         self.hf_config = hf_config
-        model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+        model_max = max_positions(hf_config)
         self.max_model_len = config.resolve_max_model_len(model_max)
         if self.max_model_len < (config.max_model_len or 0) and tp_rank == 0:   # once per job
             logger.warning("max_model_len %d is larger than the max_position_embeddings (%d) "

@@ -74,7 +74,6 @@ def run_launched_worker(config: EngineConfig, rdv: Rendezvous, timeout_s: float)
 def check_shardable(config: EngineConfig) -> None:
     """Raise the ValueError/ImportError every rank would hit (head counts that do not split,
     missing bitsandbytes) by building rank 0's model on the meta device: no memory, no I/O."""
-
     from llmbatch.runtime.layers.quantization import attach_quantization
     from llmbatch.runtime.loader import load_hf_config, resolve_model_path
     from llmbatch.runtime.models.registry import build_model
@@ -167,7 +166,7 @@ class TPExecutor:
         self.shutdown(broken=True)
         reason = _one_line(e) if deadline == 0.0 else (dead or _one_line(e))
         raise TensorParallelError(f"tensor-parallel job failed {when}: {reason} "
-                           f"(collective timeout {self.timeout_s:g}s)") from None
+                                  f"(collective timeout {self.timeout_s:g}s)") from None
 
     def shutdown(self, broken: bool = False) -> None:
         """Stop the workers and leave the group. Idempotent; also runs at exit."""
