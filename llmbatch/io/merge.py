@@ -15,7 +15,6 @@ them with .get): the checks that need a missing key are skipped, and the merge's
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmbatch.io.sharding import Shard
-from llmbatch.io.writer import METADATA_KEY
+from llmbatch.io.writer import part_metadata
 from llmbatch.jobs.errors import InvalidInputError
 
 # What every part of one job shares (writer metadata and manifest entry alike): parts that
@@ -215,7 +214,7 @@ def _read_part(path: str, entry: dict) -> pa.Table:
     except (OSError, pa.ArrowException) as exc:
         raise InvalidInputError(f"cannot read committed part {path}: "
                                 f"{' '.join(str(exc).split())}") from None
-    meta = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+    meta = part_metadata(table.schema)
     for key in PART_KEYS:
         if key in meta and key in entry and meta[key] != entry[key]:
             raise InvalidInputError(f"committed part {path} was written with {key} {meta[key]}, "

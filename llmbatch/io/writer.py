@@ -115,8 +115,12 @@ def write_part(out_dir: str, shard: int, seq: int, table: pa.Table,
 
 
 def read_part_metadata(path: str) -> dict:
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(METADATA_KEY, b"{}"))
+    return part_metadata(pq.read_schema(path))
+
+
+def part_metadata(schema: pa.Schema) -> dict:
+    """The llmbatch key-value metadata of a part's schema ({} for a file without it)."""
+    return json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}"))
 
 
 def part_defect(path: str, num_rows: int) -> Optional[str]:

@@ -51,8 +51,11 @@ def row_value(key: str, value):
             value = int(value)
         if not isinstance(value, int):
             raise bad("an integer")
-        if key == "top_k" and value < -1:
-            raise bad("-1 or 0 (off) or a positive number of tokens")
+        if key == "top_k":
+            try:
+                check_top_k(value)
+            except ValueError as exc:      # the section's own rule, as a row error
+                raise ValueError(f"{key} {exc}, got {value!r}") from None
         return value
     if key in _FLOAT_KEYS:
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
