@@ -183,7 +183,8 @@ def test_an_empty_shard_of_a_small_input_is_committed_too(job, capsys):
     assert pq.read_table("all.parquet").column("id").to_pylist() == [0, 1]
 
 
-def _drop_keys(pattern, *keys):
+def _edit_entries(pattern, edit):
+    """Rewrite the manifest entries of out/ matching `pattern` as edit(entry) returns them."""
     import glob
     import json
 
@@ -191,7 +192,11 @@ def _drop_keys(pattern, *keys):
         with open(path) as f:
             entry = json.load(f)
         with open(path, "w") as f:
-            json.dump({k: v for k, v in entry.items() if k not in keys}, f)
+            json.dump(edit(entry), f)
+
+
+def _drop_keys(pattern, *keys):
+    _edit_entries(pattern, lambda entry: {k: v for k, v in entry.items() if k not in keys})
 
 
 def test_parts_written_by_an_older_llmbatch_still_merge(job, capsys):
@@ -235,17 +240,11 @@ def test_shards_run_across_an_upgrade_are_still_checked_for_completeness(job, ca
 
 
 def test_an_older_entry_does_not_hide_a_config_difference_among_newer_ones(job, capsys):
-    import glob
-    import json
-
     for k in range(3):
         job(6, shard={"index": k, "count": 3})
     _drop_keys("part-00000-*.json", "config_hash")           # shard 0 by an older build
-    path = glob.glob("out/_manifest/part-00002-*.json")[0]   # shard 2: another config
-    with open(path) as f:
-        entry = json.load(f)
-    with open(path, "w") as f:
-        json.dump({**entry, "config_hash": "0123456789abcdef"}, f)
+    _edit_entries("part-00002-*.json",                        # shard 2: another config
+                  lambda entry: {**entry, "config_hash": "0123456789abcdef"})
     code, _, err = call(capsys, "merge", "out", "-o", "all.parquet")
     assert code == 2 and err.count("\n") == 1
     assert "committed parts come from different job configs: config_hash " in err
