@@ -1,9 +1,9 @@
 """`input.dataset`: a local `datasets` folder or a Hugging Face Hub dataset id, opened as an Arrow
 table, with one line on failure (no torch).
 
-A value that is not an existing local path is a Hub id only if it reads as one ("name" or
-"org/name"); anything else (./x, /x, ~/x, a/b/c, or in/dss where ./in exists) is a mistyped local
-path, said at once. A Hub id is loaded with the hub libraries' logging at ERROR and, when the Hub
+A value that is not an existing local path is a Hub id only if it reads as one (the rule of
+llmbatch/hub_names.py, shared with model.path); anything else is a mistyped local path, said at
+once. A Hub id is loaded with the hub libraries' logging at ERROR and, when the Hub
 cannot be reached, in offline mode: without that, huggingface_hub retries 5 times with backoff
 and logs each try (11 lines over ~25 s) before the error the user needs.
 """
@@ -12,25 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import socket
 import threading
 import urllib.parse
 
+from llmbatch.hub_names import is_missing_local_path
 from llmbatch.jobs.errors import InvalidInputError
 
-# Hub repo ids: an optional owner and a name, each of word characters, '.' and '-'.
-_HUB_ID = re.compile(r"^\w[\w.-]*(/\w[\w.-]*)?$")
 _TRUE = ("1", "ON", "YES", "TRUE")
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """True for "name" or "org/name" whose "org" is not a local folder (then "org/name" is a
-    local path with a typo in its last part)."""
-    if not _HUB_ID.match(name):
-        return False
-    owner = name.split("/")[0]
-    return "/" not in name or not os.path.isdir(owner)
 
 
 def hub_reachable(timeout_s: float = 2.0) -> bool:
@@ -107,7 +96,7 @@ def load_dataset_table(name: str, split: str):
     except ImportError:
         raise InvalidInputError("input.dataset needs the `datasets` package") from None
     local = os.path.expanduser(name)
-    if not os.path.exists(local) and not looks_like_hub_id(name):
+    if is_missing_local_path(name):
         raise InvalidInputError(f"input.dataset {name}: no such local directory (a Hugging Face "
                                 f"Hub dataset id is 'name' or 'org/name')")
     try:

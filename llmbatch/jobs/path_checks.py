@@ -11,17 +11,26 @@ import os
 import re
 from typing import Union
 
+from llmbatch.hub_names import is_missing_local_path
 from llmbatch.io.layout import foreign_entries
 from llmbatch.jobs.errors import InvalidInputError, InvalidJobError
 
 
 def check_local_path(key: str, path: str) -> None:
-    """A path written as a local path must exist; a bare name ("org/model") may be a hub id,
-    left to the loader. Fails fast instead of waiting on hub retries for a typo."""
-    looks_local = path.startswith((".", "/", "~")) or os.sep + os.sep in path \
-        or path.count("/") > 1
-    if looks_local and not os.path.exists(os.path.expanduser(path)):
+    """A name that is not a local path must read as a Hub id ("org/model", left to the
+    loader; rule: llmbatch/hub_names.py). Fails fast instead of waiting on hub retries for a
+    typo."""
+    if is_missing_local_path(path):
         raise InvalidJobError(f"{key}: {path} does not exist")
+
+
+def missing_dirs(folder: str) -> list[str]:
+    """`folder` and its parents that do not exist, deepest first (what os.makedirs would make)."""
+    missing = []
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
 
 
 def check_output_dir(key_value: str, out_dir: str) -> None:
@@ -30,9 +39,8 @@ def check_output_dir(key_value: str, out_dir: str) -> None:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise InvalidJobError(f"output.path {key_value} exists and is not a directory")
     # The nearest existing ancestor is where os.makedirs will create the first new folder.
-    ancestor = out_dir
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
+    missing = missing_dirs(out_dir)
+    ancestor = os.path.dirname(missing[-1]) if missing else out_dir
     if not os.path.isdir(ancestor):
         raise InvalidJobError(f"output.path {key_value}: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):

@@ -28,6 +28,7 @@ import time
 from typing import Optional
 
 from llmbatch.jobs.errors import InvalidJobError
+from llmbatch.jobs.path_checks import missing_dirs
 
 try:
     import fcntl
@@ -130,7 +131,7 @@ class ShardLock:
                 # The folder is gone: the run of another shard that made it failed to load its
                 # model and removed it (discard) after our claim found it. Make it again, as
                 # ours now (our discard removes it); a few tries, then the one-line error below.
-                made = _missing_dirs(os.path.dirname(self.path))
+                made = missing_dirs(os.path.dirname(self.path))
                 try:
                     os.makedirs(os.path.dirname(self.path), exist_ok=True)
                 except OSError:
@@ -173,7 +174,7 @@ class ShardLock:
     def claim(cls, out_dir: str, shard: int, key_value: str) -> "ShardLock":
         """Create the output folder (`key_value`: output.path as the job wrote it, for the
         message) and take the shard's lock; on failure leave no folder this call made."""
-        made = _missing_dirs(out_dir)
+        made = missing_dirs(out_dir)
         try:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as exc:   # e.g. a read-only or pseudo file system os.access cannot see
@@ -205,15 +206,6 @@ def _flock_exclusive(fd: int) -> None:
                 raise
         time.sleep(_BUSY_WAIT_S)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-def _missing_dirs(folder: str) -> list[str]:
-    """`folder` and its parents that do not exist, deepest first."""
-    made = []
-    while not os.path.exists(folder):
-        made.append(folder)
-        folder = os.path.dirname(folder)
-    return made
 
 
 def _same_file(fd: int, path: str) -> bool:

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from llmbatch.hub_names import looks_like_hub_id
 from llmbatch.runtime.layers.weight_utils import LazyTensor, LoadedWeight, default_weight_loader
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -36,7 +37,7 @@ def resolve_model_path(model: str) -> str:
     path = os.path.expanduser(model)
     if os.path.isdir(path):
         return path
-    if os.path.isabs(path) or model.startswith(".") or model.count("/") > 1:
+    if not looks_like_hub_id(model):   # the rule of llmbatch/hub_names.py
         raise FileNotFoundError(f"model directory {model!r} does not exist")
     try:
         from huggingface_hub import snapshot_download

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from llmbatch.hub_names import looks_like_hub_id
 from llmbatch.io import hub_datasets
 from llmbatch.io.reader import open_input
 from llmbatch.jobs.errors import EXIT_INVALID, InvalidInputError
@@ -40,7 +41,7 @@ def test_a_missing_local_path_is_one_line_at_once(tmp_path, monkeypatch, no_load
                                        ("org/", False), ("", False)])
 def test_what_counts_as_a_hub_id(tmp_path, monkeypatch, name, hub):
     monkeypatch.chdir(tmp_path)
-    assert hub_datasets.looks_like_hub_id(name) is hub
+    assert looks_like_hub_id(name) is hub
 
 
 def test_an_unreachable_hub_fails_fast_and_quietly(tmp_path, monkeypatch, capsys, caplog):
