@@ -99,6 +99,8 @@ class ShardLock:
                 os.close(fd)
                 if exc.errno in _BUSY:
                     by = f" (pid {holder})" if holder else ""
+                    if holder == str(os.getpid()):   # flock is per open file, not per process
+                        by = f" in this process (pid {holder}, another thread or engine)"
                     raise InvalidJobError(
                         f"output.path {os.path.dirname(self.path)}: shard {self.shard} is being "
                         f"written by another run{by}; wait for it to end or stop it") from None

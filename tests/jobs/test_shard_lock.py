@@ -43,7 +43,8 @@ def test_second_run_of_a_shard_refuses_and_deletes_nothing(setup):
         with pytest.raises(InvalidJobError) as info:
             run_job(job())
     assert info.value.message == (f"output.path {out}: shard 0 is being written by another run "
-                                  f"(pid {os.getpid()}); wait for it to end or stop it")
+                                  f"in this process (pid {os.getpid()}, another thread or "
+                                  f"engine); wait for it to end or stop it")
     assert info.value.exit_code == EXIT_INVALID
     assert sorted(os.listdir(out)) == ["_lock-00000", "_tmp-part-00000-00000.parquet.999",
                                        "part-00000-00000.parquet"]
@@ -81,6 +82,23 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     assert os.path.isfile(os.path.join(out, "_lock-00003"))
     lock = ShardLock(out, 3).acquire()
     lock.release()
+
+
+def test_a_holder_in_another_process_is_named_by_its_pid(tmp_path):
+    out = str(tmp_path)
+    code = ("import sys, time\nfrom llmbatch.jobs.shard_lock import ShardLock\n"
+            f"ShardLock({out!r}, 0).acquire()\nprint('held', flush=True)\nsys.stdin.read()\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(llmbatch.__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, cwd=repo)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        with pytest.raises(InvalidJobError) as info:
+            ShardLock(out, 0).acquire()
+        assert info.value.message == (f"output.path {out}: shard 0 is being written by another "
+                                      f"run (pid {holder.pid}); wait for it to end or stop it")
+    finally:
+        holder.communicate(b"", timeout=30)
 
 
 def test_readme_output_section_documents_the_lock_file():
@@ -153,7 +171,8 @@ def test_a_locked_shard_refuses_before_the_model_loads(setup):
             run_job(job(), engine_factory=_no_model_load(loads))
     assert loads == []
     assert info.value.message == (f"output.path {out}: shard 0 is being written by another run "
-                                  f"(pid {os.getpid()}); wait for it to end or stop it")
+                                  f"in this process (pid {os.getpid()}, another thread or "
+                                  f"engine); wait for it to end or stop it")
     assert os.listdir(out) == ["_lock-00000"]
 
 
@@ -243,5 +262,6 @@ def test_a_merge_probe_does_not_make_a_starting_run_refuse(tmp_path):
             ShardLock(str(tmp_path), 0).acquire()
         waited = time.monotonic() - start
     assert info.value.message == (f"output.path {tmp_path}: shard 0 is being written by another "
-                                  f"run (pid {os.getpid()}); wait for it to end or stop it")
+                                  f"run in this process (pid {os.getpid()}, another thread or "
+                                  f"engine); wait for it to end or stop it")
     assert 0.15 < waited < 1.0
