@@ -96,13 +96,16 @@ def _inside(child: str, parent: str) -> bool:
     return os.path.commonpath([child, parent]) == parent
 
 
-def check_input_output_overlap(input_path: Union[str, list[str]], out_dir: str) -> None:
+def check_input_output_overlap(input_path: Union[str, list[str]], out_dir: str,
+                               key: str = "input.path") -> None:
     """No input.path entry may lie inside output.path (readers of the output would take it as
     results), equal it, or hold it where the job's reader would find the parts on a rerun: the
     tester's `input.path: out/b2`, `output.path: out/b2/chain` exited 0 once, then every rerun
     read its own parts as input. An output folder below the input, or an input below the
     output, under a name starting with `_` or `.` is fine: our reader, pyarrow, Spark and
-    DuckDB all skip such names. URLs other than file:// cannot name the local output folder."""
+    DuckDB all skip such names. URLs other than file:// cannot name the local output folder.
+    `key` names the input in messages: a local input.dataset folder is checked alike (a data
+    folder loaded with `datasets` reads every data file in it, parts included)."""
     out_abs = os.path.abspath(os.path.expanduser(out_dir))
     out_real = os.path.realpath(out_abs)
     for entry in [input_path] if isinstance(input_path, str) else input_path:
@@ -115,23 +118,23 @@ def check_input_output_overlap(input_path: Union[str, list[str]], out_dir: str) 
             regex = _glob_regex(absolute)
             if any(regex.match(os.path.join(root, sample)) for root in {out_abs, out_real}
                    for sample in _WRITTEN_SAMPLES):
-                raise InvalidJobError(f"input.path {entry} would match files under output.path "
+                raise InvalidJobError(f"{key} {entry} would match files under output.path "
                                       f"{out_dir}: {_OWN_OUTPUT}; {_OUTSIDE}")
             continue
         real = os.path.realpath(absolute)
         if real == out_real:
-            raise InvalidJobError(f"input.path {entry} and output.path {out_dir} are the same "
+            raise InvalidJobError(f"{key} {entry} and output.path {out_dir} are the same "
                                   f"folder: {_OWN_OUTPUT}; {_OUTSIDE}")
         inner = os.path.relpath(real, out_real).split(os.sep)
         if _inside(real, out_real) and not any(part.startswith(("_", ".")) for part in inner):
             # (Input kept under a _ or . name of the output folder is fine: readers of the
             # results, check_output_dir and overwrite's clean-up all pass such names by.)
-            raise InvalidJobError(f"input.path {entry} is inside output.path {out_dir}: the input "
+            raise InvalidJobError(f"{key} {entry} is inside output.path {out_dir}: the input "
                                   f"would be mixed with the results; {_OUTSIDE}")
         below = os.path.relpath(out_real, real).split(os.sep)
         if os.path.isdir(real) and _inside(out_real, real) \
                 and not any(part.startswith(("_", ".")) for part in below):
-            raise InvalidJobError(f"output.path {out_dir} is inside input.path {entry}: "
+            raise InvalidJobError(f"output.path {out_dir} is inside {key} {entry}: "
                                   f"{_OWN_OUTPUT}; {_OUTSIDE} (or a folder whose name starts "
                                   f"with _ or .)")
 

@@ -90,6 +90,8 @@ class JobRunner:
                                   f"supported for output")
         if spec.input.path is not None:
             check_input_output_overlap(spec.input.path, spec.output.path)
+        elif os.path.exists(os.path.expanduser(spec.input.dataset or "")):  # a local folder
+            check_input_output_overlap(spec.input.dataset, spec.output.path, "input.dataset")
         check_output_dir(spec.output.path, self.out_dir)
         try:
             spec.engine_config()

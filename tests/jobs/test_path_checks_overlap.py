@@ -134,3 +134,17 @@ def test_input_kept_under_a_hidden_folder_of_the_output_runs(tmp_path, tiny_toke
     assert run_job(job, output={"mode": "overwrite"}).num_rows_ok == 4
     assert os.path.exists(inp)
 
+
+
+def test_output_inside_a_local_dataset_folder_is_refused(tmp_path, tiny_tokenizer_dir, jobkit,
+                                                         no_engine):
+    # A data folder loaded with `datasets` reads every data file in it: the parts too, on a rerun.
+    os.makedirs(tmp_path / "data")
+    jobkit.write_prompts(str(tmp_path / "data" / "train.parquet"), 4)
+    job = jobkit.make_job(tiny_tokenizer_dir, None, str(tmp_path / "data" / "out"))
+    job["input"] = {"dataset": str(tmp_path / "data")}
+    message = _refused(job, no_engine)
+    assert message == (f"output.path {tmp_path / 'data' / 'out'} is inside input.dataset "
+                       f"{tmp_path / 'data'}: a rerun would read the job's own output as input; "
+                       f"use an output.path outside the input (or a folder whose name starts "
+                       f"with _ or .)")
