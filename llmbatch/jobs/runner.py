@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 from llmbatch.io.manifest import Manifest
-from llmbatch.io.prompts import PromptRenderer, check_columns
+from llmbatch.io.prompts import PromptRenderer
 from llmbatch.io.reader import InputSource, open_input
 from llmbatch.io.sharding import Shard, resolve_shard
 from llmbatch.io.writer import output_schema
+from llmbatch.jobs.column_types import check_input_columns
 from llmbatch.jobs.committer import InOrderCommitter
 from llmbatch.jobs.engine_factory import make_engine
 from llmbatch.jobs.engine_limits import check_sampling, engine_vocab_size, row_error
@@ -103,8 +104,7 @@ class JobRunner:
             check_local_path("model.tokenizer", spec.model.tokenizer)
         shard = resolve_shard(spec.shard.index, spec.shard.count)
         self._source = open_input(spec.input)
-        check_columns(self._source.schema, spec.input, spec.sampling.per_row,
-                      with_logprobs=spec.wants_logprobs)
+        check_input_columns(self._source.schema, spec)   # before the model loads
         num_rows = self._source.num_rows
         start, end = shard.row_range(num_rows)
         config_hash = spec.config_hash(shard.count)

@@ -28,8 +28,9 @@ def check_stop_token_ids(value: list[int]) -> list[int]:
     return value
 
 
-_INT_KEYS = ("max_new_tokens", "top_k", "seed", "logprobs")
-_FLOAT_KEYS = ("temperature", "top_p")
+# Per-row keys by the Python values row_value takes (jobs/column_types.py: their Arrow types).
+INT_KEYS = ("max_new_tokens", "top_k", "seed", "logprobs")
+FLOAT_KEYS = ("temperature", "top_p")
 
 
 def row_value(key: str, value):
@@ -42,7 +43,7 @@ def row_value(key: str, value):
     def bad(expected: str):
         return ValueError(f"{key} must be {expected}, got {value!r}")
 
-    if key in _INT_KEYS:
+    if key in INT_KEYS:
         if isinstance(value, bool):
             raise bad("an integer")
         if isinstance(value, float):
@@ -57,7 +58,7 @@ def row_value(key: str, value):
             except ValueError as exc:      # the section's own rule, as a row error
                 raise ValueError(f"{key} {exc}, got {value!r}") from None
         return value
-    if key in _FLOAT_KEYS:
+    if key in FLOAT_KEYS:
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not math.isfinite(value):
             raise bad("a finite number")
