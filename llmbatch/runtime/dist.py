@@ -12,6 +12,13 @@ The rendezvous port derives from the job (SLURM_JOB_ID) or is a free port picked
 two jobs on one node never collide. Every group is created with a timeout: a collective that
 waits on a dead rank raises within it instead of hanging (gloo also fails at once when a
 peer's socket closes).
+
+Spawned ranks meet in a TCPStore that rank 0 opens before it starts a worker (host_store). Each
+worker connects and sets its `llmbatch/joined/<rank>` key (join_store) before it joins the
+group; rank 0 waits for those keys while watching the worker processes (wait_for_workers), so
+a worker that dies on the way (an import error, a script without a main guard that the spawn
+start method runs again) fails the job at once, not after the group timeout: inside
+init_process_group nothing can tell a dead rank from a slow one.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -112,17 +120,61 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_group(rdv: Rendezvous, device: torch.device, timeout_s: float) -> "dist.ProcessGroup":
+def _joined_key(rank: int) -> str:
+    return f"llmbatch/joined/{rank}"  # the group's own keys live under "default_pg/"
+
+
+def host_store(rdv: Rendezvous, timeout_s: float) -> "dist.TCPStore":
+    """Rank 0 of spawned ranks: listen on the rendezvous port before any worker starts.
+
+    A port taken since it was picked (or a SLURM-derived port another process holds) raises
+    DistNetworkError (EADDRINUSE) here, before anything is spawned. Not multi-tenant: a store
+    left over in this process must not answer for a new job with its stale keys."""
+    return dist.TCPStore(rdv.master_addr, rdv.master_port, rdv.world_size, is_master=True,
+                         timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def join_store(rdv: Rendezvous, timeout_s: float) -> "dist.TCPStore":
+    """A spawned worker: connect to rank 0's store and tell rank 0 this rank got this far."""
+    store = dist.TCPStore(rdv.master_addr, rdv.master_port, rdv.world_size, is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    store.set(_joined_key(rdv.rank), "1")
+    return store
+
+
+def wait_for_workers(store, procs: list, timeout_s: float, poll_s: float = 0.25) -> None:
+    """Return once the spawned workers `procs` (ranks 1..) have all set their joined key in
+    `store`. Raise RuntimeError naming the first worker that exited first (describe_dead), or
+    TimeoutError naming the ranks still missing after timeout_s."""
+    keys = [_joined_key(rank) for rank in range(1, len(procs) + 1)]
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys):
+        dead = describe_dead(procs)
+        if dead:
+            raise RuntimeError(dead)
+        if time.monotonic() >= deadline:
+            missing = [str(rank) for rank, key in enumerate(keys, start=1)
+                       if not store.check([key])]
+            raise TimeoutError(f"tensor-parallel rank{'s' if len(missing) > 1 else ''} "
+                               f"{', '.join(missing)} did not join the group within "
+                               f"{timeout_s:g}s")
+        time.sleep(poll_s)
+
+
+def init_group(rdv: Rendezvous, device: torch.device, timeout_s: float,
+               store: Optional["dist.Store"] = None) -> "dist.ProcessGroup":
     """Join the default group (device backend) and return a gloo group for host-side control
-    messages (step inputs travel as pickled Python objects over it)."""
+    messages (step inputs travel as pickled Python objects over it). Spawned ranks pass the
+    store they met in (host_store / join_store); launched ranks rendezvous by rdv.init_method."""
     if dist.is_initialized():
         raise RuntimeError("a torch.distributed process group already exists in this process; "
                            "one tensor-parallel engine per process")
     timeout = datetime.timedelta(seconds=timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend_for(device), init_method=rdv.init_method, rank=rdv.rank,
-                            world_size=rdv.world_size, timeout=timeout)
+    where = dict(store=store) if store is not None else dict(init_method=rdv.init_method)
+    dist.init_process_group(backend_for(device), rank=rdv.rank, world_size=rdv.world_size,
+                            timeout=timeout, **where)
     if backend_for(device) == "gloo":
         return dist.group.WORLD
     return dist.new_group(backend="gloo", timeout=timeout)

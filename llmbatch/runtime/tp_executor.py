@@ -11,7 +11,9 @@ layer around the Engine only ever runs on rank 0.
 
 Failure: any error in a step's collectives (a rank died: its socket closed, or the group
 timeout passed) becomes one RuntimeError naming the dead rank when it is a local worker; the
-group is torn down and the surviving workers are stopped, so nothing hangs.
+group is torn down and the surviving workers are stopped, so nothing hangs. A spawned worker
+that exits before it joins the group fails the start the same way, within a second
+(dist.wait_for_workers), not after the group timeout.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import dataclasses
 import logging
 import sys
 import time
+import traceback
 from typing import Any, Optional
 
 import torch
@@ -29,7 +32,8 @@ import torch.distributed as dist
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.dist import (DEFAULT_TIMEOUT_S, Rendezvous, cpu_threads_per_rank,
                                    describe_dead, destroy_group, exit_process,
-                                   detect_rendezvous, init_group, join_workers, spawn_workers)
+                                   detect_rendezvous, host_store, init_group, join_workers,
+                                   spawn_workers, wait_for_workers)
 from llmbatch.runtime.kernel_paths import PATH_STATS
 from llmbatch.runtime.scheduler import SchedulerOutput
 from llmbatch.runtime.tp_worker import (build_runner, rank_config, serve, step_message,
@@ -112,12 +116,17 @@ class TPExecutor:
         self._saved_threads = torch.get_num_threads()
         if cfg.device == "cpu":  # restored at shutdown
             torch.set_num_threads(cpu_threads_per_rank(tp))
-        self.procs = [] if self.rdv.launched else spawn_workers(
-            tp, worker_main, (self.rdv, config, self.timeout_s))
         try:
-            self.group = init_group(self.rdv, torch.device(cfg.device), self.timeout_s)
+            store = None
+            if not self.rdv.launched:  # listening before a worker can try to connect
+                store = host_store(self.rdv, self.timeout_s)
+                self.procs = spawn_workers(tp, worker_main, (self.rdv, config, self.timeout_s))
+                wait_for_workers(store, self.procs, self.timeout_s)
+            self.group = init_group(self.rdv, torch.device(cfg.device), self.timeout_s, store)
+            del store  # the group holds it now; shutdown's destroy_group releases the port
             self.runner = build_runner(cfg, self.rdv, self.group)
         except Exception as e:
+            store = None  # its server holds the rendezvous port until the last reference goes
             self._fail(e, "starting")
         atexit.register(self.shutdown)
         r = self.runner
@@ -164,6 +173,9 @@ class TPExecutor:
             time.sleep(0.05)
             dead = describe_dead(self.procs)
         self.shutdown(broken=True)
+        # The frames of the failed call (the rendezvous store among their locals) would live
+        # as long as the caller keeps the error, which chains to `e`.
+        traceback.clear_frames(e.__traceback__)
         reason = _one_line(e) if deadline == 0.0 else (dead or _one_line(e))
         raise TensorParallelError(f"tensor-parallel job failed {when}: {reason} "
                                   f"(collective timeout {self.timeout_s:g}s)") from None

@@ -13,7 +13,8 @@ Protocol over the gloo control group (rank 0 is the root of every broadcast):
     shutdown       rank 0 broadcasts None; a barrier, then every rank leaves the group.
 
 A worker that fails prints one line to stderr and exits non-zero; rank 0 notices in its next
-collective (socket closed, or the group timeout) and fails the job.
+collective (socket closed, or the group timeout) and fails the job; before the group exists,
+while it waits for the workers in the rendezvous store (dist.wait_for_workers).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.dist import (Rendezvous, cpu_threads_per_rank, destroy_group, exit_process,
-                                   gather_ints, init_group)
+                                   gather_ints, init_group, join_store)
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def worker_main(rank: int, rdv: Rendezvous, config: EngineConfig, timeout_s: flo
         cfg = rank_config(config, rdv.local_rank)
         if cfg.device == "cpu":
             torch.set_num_threads(cpu_threads_per_rank(rdv.world_size))
-        group = init_group(rdv, torch.device(cfg.device), timeout_s)
+        group = init_group(rdv, torch.device(cfg.device), timeout_s, join_store(rdv, timeout_s))
         serve(build_runner(cfg, rdv, group), group)
     except KeyboardInterrupt:
         code = 130
