@@ -103,8 +103,8 @@ def merge(output_dir: str, dest: str, overwrite: bool, allow_partial: bool) -> N
     """Concatenate all committed parts (shard, then part order) into one Parquet file;
     refuses one that lacks input rows unless --allow-partial."""
     from llmbatch.io.manifest import Manifest
-    from llmbatch.io.merge import (check_complete, check_one_config, check_parts_exist,
-                                   coverage, summary, write_merged)
+    from llmbatch.io.merge import (check_complete, check_dest_folder, check_one_config,
+                                   check_parts_exist, coverage, summary, write_merged)
     from llmbatch.jobs.errors import InvalidInputError
     from llmbatch.jobs.path_checks import check_merge_dest
     from llmbatch.jobs.shard_lock import running_shards
@@ -112,9 +112,7 @@ def merge(output_dir: str, dest: str, overwrite: bool, allow_partial: bool) -> N
     entries = Manifest(output_dir).entries()
     if not entries:
         raise InvalidInputError(f"{output_dir}: no committed parts (no _manifest entries)")
-    folder = os.path.dirname(os.path.abspath(dest))
-    if not os.path.isdir(folder):
-        raise InvalidInputError(f"--out {dest}: folder {folder} does not exist")
+    check_dest_folder(dest)
     check_merge_dest(output_dir, dest, [os.path.join(output_dir, e["part"]) for e in entries],
                      overwrite)
     check_one_config(output_dir, entries)

@@ -2,6 +2,7 @@
 and the destinations it refuses (an existing file without --overwrite, a path in the merged
 folder, a committed part)."""
 
+import errno
 import os
 from pathlib import Path
 
@@ -33,6 +34,37 @@ def test_merge_into_a_missing_folder_is_one_line_exit_2(out_dir, tmp_path, capsy
     assert err == (f"llmbatch: error: --out nowhere/all.parquet: folder "
                    f"{tmp_path / 'nowhere'} does not exist\n")
     assert not os.path.exists("nowhere")
+
+
+@pytest.mark.parametrize("dest, parent", [("afile/all.parquet", "afile"),
+                                          ("afile/sub/all.parquet", "afile")])
+def test_merge_into_a_folder_that_is_a_file_says_not_a_directory(out_dir, tmp_path, capsys,
+                                                                 dest, parent):
+    # It said "folder .../afile does not exist", while afile is right there (a file).
+    with open("afile", "w") as f:
+        f.write("a file")
+    code, out, err = call(capsys, "merge", out_dir, "-o", dest)
+    assert (code, out) == (2, "")
+    assert err == f"llmbatch: error: --out {dest}: {tmp_path / parent} is not a directory\n"
+
+
+def _read_only(*args, **kwargs):
+    # What pyarrow and os raise on a read-only mount (root can write anywhere else here).
+    raise OSError(errno.EROFS, "Failed to open local file '/ro/x.tmp'. Detail: [errno 30] "
+                               "Read-only file system")
+
+
+@pytest.mark.parametrize("target", ["llmbatch.io.merge.pq.ParquetWriter",
+                                    "llmbatch.io.merge.os.replace"])
+def test_merge_into_a_read_only_folder_is_the_users_error(out_dir, capsys, monkeypatch, target):
+    # It was "internal error: OSError: [Errno 30] ..." and exit 1: the destination is the user's.
+    monkeypatch.setattr(target, _read_only)
+    code, out, err = call(capsys, "merge", out_dir, "-o", "all.parquet")
+    monkeypatch.undo()
+    assert (code, out) == (2, "")
+    assert err == "llmbatch: error: --out all.parquet: cannot write it: Read-only file system\n"
+    assert not os.path.exists("all.parquet")
+    assert [f for f in os.listdir(".") if f.endswith(".tmp")] == []
 
 
 def test_merge_with_a_damaged_part_keeps_the_old_destination(out_dir, capsys):

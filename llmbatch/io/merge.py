@@ -223,6 +223,35 @@ def _read_part(path: str, entry: dict) -> pa.Table:
     return table.replace_schema_metadata(None)
 
 
+def check_dest_folder(dest: str) -> None:
+    """Refuse a `dest` whose folder is not there to write into: missing, or a file on its path
+    ('is not a directory': 'does not exist' misled when the file is right there)."""
+    folder = os.path.dirname(os.path.abspath(dest))
+    try:
+        if os.path.isdir(folder):
+            return
+        os.stat(folder)
+    except FileNotFoundError:
+        raise InvalidInputError(f"--out {dest}: folder {folder} does not exist") from None
+    except NotADirectoryError:
+        pass                               # a file further up: named below
+    except OSError as exc:                 # cannot even look (a folder without x permission)
+        raise _dest_error(dest, exc) from None
+    # The nearest existing path above the destination is not a folder: name it.
+    path = folder
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    raise InvalidInputError(f"--out {dest}: {path} is not a directory")
+
+
+def _dest_error(dest: str, exc: OSError) -> InvalidInputError:
+    """A destination that cannot be written (a read-only mount, no permission, a full disk):
+    the user's choice of --out, so exit 2 with the OS reason, not an internal error. pyarrow's
+    text names the hidden temporary; the errno's own words do not."""
+    reason = os.strerror(exc.errno) if exc.errno else " ".join(str(exc).split())
+    return InvalidInputError(f"--out {dest}: cannot write it: {reason}")
+
+
 def write_merged(out_dir: str, entries: list[dict], dest: str) -> int:
     """Concatenate the parts of `entries` (in order) into `dest`; returns the row count.
 
@@ -236,16 +265,25 @@ def write_merged(out_dir: str, entries: list[dict], dest: str) -> int:
     try:
         for entry in entries:
             table = _read_part(os.path.join(out_dir, entry["part"]), entry)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table)
+            try:
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+            except OSError as exc:
+                raise _dest_error(dest, exc) from None
             rows += table.num_rows
-        writer.close()
-        writer = None
-        os.replace(tmp, dest)
+        try:
+            writer.close()
+            writer = None
+            os.replace(tmp, dest)
+        except OSError as exc:
+            raise _dest_error(dest, exc) from None
     except BaseException:
         if writer is not None:
-            writer.close()
+            try:
+                writer.close()
+            except OSError:         # the write had failed: its error is the one to report
+                pass
         if os.path.exists(tmp):     # the temporary this merge made
             os.remove(tmp)
         raise
