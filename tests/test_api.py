@@ -2,6 +2,7 @@
 refused as a JobError (InvalidJobError, exit code 2) with one line, like a bad job file."""
 
 import math
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -66,3 +67,29 @@ def test_sets_or_overrides_with_a_jobspec_are_refused(job):
         run_job(spec, sampling={"seed": 1}, engine_factory=never)
     assert info.value.message == message
     assert run_job(spec).exit_code == 0
+
+
+def test_pathlib_paths_in_a_job_dict_are_taken_like_strings(tmp_path, tiny_tokenizer_dir, jobkit,
+                                                            fake_engine_env):
+    # It raised "input.path: expected a string, got PosixPath(...)"; run_job(Path(...)) worked.
+    first = Path(jobkit.write_prompts(str(tmp_path / "a.parquet"), 3))
+    second = Path(jobkit.write_prompts(str(tmp_path / "b.parquet"), 2, seed=1))
+    tok = Path(tiny_tokenizer_dir)
+    job = {"model": {"path": tok, "tokenizer": tok}, "input": {"path": [first, second]},
+           "sampling": {"max_new_tokens": 4}}
+    result = run_job(job, output={"path": tmp_path / "out"})
+    assert (result.exit_code, result.num_rows) == (0, 5)
+    assert result.output_path == str(tmp_path / "out")
+    spec = load(job, input={"path": first}, output={"path": tmp_path / "out"})
+    assert (spec.input.path, spec.model.path, spec.model.tokenizer) == \
+        (str(first), str(tok), str(tok))
+
+
+def test_pathlib_paths_are_taken_in_every_path_key(tmp_path, tiny_tokenizer_dir):
+    template = tmp_path / "chat.jinja"
+    spec = load({"model": {"path": Path(tiny_tokenizer_dir), "chat_template": template},
+                 "input": {"dataset": tmp_path / "ds"}, "output": {"path": tmp_path / "out"},
+                 "speculative": {"method": "draft", "draft_model": tmp_path / "draft"}})
+    assert (spec.model.chat_template, spec.input.dataset, spec.speculative.draft_model) == \
+        (str(template), str(tmp_path / "ds"), str(tmp_path / "draft"))
+

@@ -119,6 +119,20 @@ def apply_overrides(data: dict, sets: Iterable[str] = (), overrides: Optional[di
     return data
 
 
+def fspath_values(value: Any) -> Any:
+    """Every os.PathLike value (a pathlib.Path), in any section or list, as its string: the
+    API takes run_job(Path("job.yaml")), so it takes Path values in a job dict too. One pass
+    here, before validation, rather than a validator on each path key (input.path and its
+    lists, output.path, model.path/tokenizer/chat_template, input.dataset, the draft model)."""
+    if isinstance(value, dict):
+        return {k: fspath_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [fspath_values(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
 def expand_env(value: Any, where: str = "") -> Any:
     """Replace ${NAME} / ${NAME:-default} in every string, recursively; unset NAME is an error."""
     if isinstance(value, dict):
@@ -218,5 +232,5 @@ def load_job(source: Union[str, os.PathLike, dict], sets: Iterable[str] = (),
         raise InvalidJobError(f"a job is a path to a YAML file or a dict, got "
                               f"{type(source).__name__}")
     data = apply_overrides(data, sets, overrides)
-    data = expand_env(data)
+    data = expand_env(fspath_values(data))
     return validate(data)
