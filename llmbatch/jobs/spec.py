@@ -21,6 +21,7 @@ from llmbatch.jobs.sampling_values import (check_stop, check_stop_token_ids, che
                                            row_value)
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.sampling_params import SamplingParams
+from llmbatch.runtime.seed_mixing import derive_seed
 
 
 def _not_bool(error_type: str, expected: str):
@@ -244,12 +245,13 @@ class JobSpec(_Section):
                         row_seed_offset: int = 0) -> SamplingParams:
         """SamplingParams for one row: the job's values, then the row's non-null overrides.
 
-        Each row's seed is `sampling.seed + row index` unless the row brings its own seed, so
-        sampled rows differ from each other yet never depend on batch composition.
+        Each row's seed is derive_seed(sampling.seed, global row index) unless the row brings
+        its own seed (used as is): rows differ from each other, two job seeds give unrelated
+        samples, and a row's seed never depends on sharding, ordering, batch size or resume.
         """
         s = self.sampling
         values = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                      top_k=s.top_k, seed=s.seed + row_seed_offset, stop=list(s.stop),
+                      top_k=s.top_k, seed=derive_seed(s.seed, row_seed_offset), stop=list(s.stop),
                       stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
                       logprobs=s.logprobs)
         for key, value in (row_overrides or {}).items():
@@ -258,6 +260,15 @@ class JobSpec(_Section):
         return SamplingParams(**values)
 
     # -- hashing -------------------------------------------------------------------------
+    def _row_seed_rule(self) -> dict:
+        """Hash entry naming how row seeds are derived, only for jobs whose rows may sample:
+        output written under the additive rule (`seed + row index`, before seed_mixing) then
+        has another hash, so a resume refuses instead of mixing rows of both rules, while
+        greedy jobs, whose outputs the rule never touches, keep their hash."""
+        if self.sampling.temperature > 0 or "temperature" in self.sampling.per_row:
+            return {"row_seed": "splitmix64"}
+        return {}
+
     def config_hash(self, shard_count: int) -> str:
         """sha256 (16 hex digits) over everything that changes which rows exist or their text.
 
@@ -280,6 +291,7 @@ class JobSpec(_Section):
             "input": self.input.model_dump(exclude={"batch_size"}),
             "rows_per_part": self.output.rows_per_part,
             "sampling": self.sampling.model_dump(),
+            **self._row_seed_rule(),
             "engine": {"device": self.engine.device, "max_model_len": self.engine.max_model_len},
             "parallel": self.parallel.model_dump(),
             # embeddings only when on: jobs written before the key keep their hash.

@@ -12,30 +12,12 @@ from typing import Sequence
 import torch
 
 from llmbatch.runtime.device import host_to_device
+from llmbatch.runtime.seed_mixing import GAMMA, MUL1, MUL2, derive_seed, mix64, to_int64
 
-_MASK64 = (1 << 64) - 1
-# splitmix64 constants (Steele, Lea, Flood 2014): the stream increment and the two multipliers.
-_GAMMA = 0x9E3779B97F4A7C15
-_MUL1 = 0xBF58476D1CE4E5B9
-_MUL2 = 0x94D049BB133111EB
 # Distinct salts so the token-sampling stream never coincides with another consumer's stream
 # (e.g. a rejection sampler asking for its own uniforms for the same seed and output index).
 STREAM_SAMPLE = 0
 _NUM_UNIFORM_BITS = 23      # u = (k + 0.5) / 2**23 is exact in float32 and lies in (0, 1)
-
-
-def _to_signed(x: int) -> int:
-    """A 64-bit pattern as the int64 value torch stores for it (two's complement)."""
-    x &= _MASK64
-    return x - (1 << 64) if x >= (1 << 63) else x
-
-
-def _mix64_py(z: int) -> int:
-    """splitmix64 finaliser on Python ints (exact reference for the tensor version)."""
-    z &= _MASK64
-    z = ((z ^ (z >> 30)) * _MUL1) & _MASK64
-    z = ((z ^ (z >> 27)) * _MUL2) & _MASK64
-    return z ^ (z >> 31)
 
 
 def _lsr(z: torch.Tensor, shift: int) -> torch.Tensor:
@@ -49,24 +31,25 @@ def _mix64(z: torch.Tensor) -> torch.Tensor:
     2**64 (two's complement), which is exactly the unsigned arithmetic the hash needs."""
     # In place: z is a fresh temporary of the caller, and (rows, vocab) int64 is large.
     z ^= _lsr(z, 30)
-    z *= _to_signed(_MUL1)
+    z *= to_int64(MUL1)
     z ^= _lsr(z, 27)
-    z *= _to_signed(_MUL2)
+    z *= to_int64(MUL2)
     z ^= _lsr(z, 31)
     return z
 
 
 def default_seed(base_seed: int, arrival_index: int) -> int:
-    """Seed for a request without its own: a hash of (per-engine base seed, arrival index)."""
+    """Seed for a request without its own: (per-engine base seed, arrival index) mixed by
+    seed_mixing.derive_seed, the rule a job applies to (sampling.seed, row index)."""
     if arrival_index < 0:
         raise ValueError(f"arrival_index must be >= 0, got {arrival_index}")
-    return _mix64_py(_mix64_py(base_seed) + (arrival_index + 1) * _GAMMA)
+    return derive_seed(base_seed, arrival_index)
 
 
 def row_key(seed: int, output_index: int, stream: int = STREAM_SAMPLE) -> int:
     """64-bit start state of the uniform stream of one (seed, output index, stream)."""
-    z = _mix64_py(_mix64_py(seed ^ (stream * _MUL2)) + (output_index + 1) * _GAMMA)
-    return _mix64_py(z + _GAMMA)
+    z = mix64(mix64(seed ^ (stream * MUL2)) + (output_index + 1) * GAMMA)
+    return mix64(z + GAMMA)
 
 
 def uniforms_from_keys(keys: torch.Tensor, num_cols: int) -> torch.Tensor:
@@ -76,7 +59,7 @@ def uniforms_from_keys(keys: torch.Tensor, num_cols: int) -> torch.Tensor:
     then the finaliser. Only integer ops, so it is bit-identical on every device.
     """
     cols = torch.arange(1, num_cols + 1, dtype=torch.int64, device=keys.device)
-    z = keys[:, None] + cols[None, :] * _to_signed(_GAMMA)     # (num_rows, num_cols), wraps
+    z = keys[:, None] + cols[None, :] * to_int64(GAMMA)     # (num_rows, num_cols), wraps
     z = _mix64(z)
     bits = _lsr(z, 64 - _NUM_UNIFORM_BITS)                     # top 23 bits, in [0, 2**23)
     return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << _NUM_UNIFORM_BITS))
@@ -94,5 +77,5 @@ def seeded_uniforms(
     rejection step) should pass their own `stream` so their noise is independent."""
     if len(seeds) != len(output_indices):
         raise ValueError(f"{len(seeds)} seeds but {len(output_indices)} output indices")
-    keys = [_to_signed(row_key(s, i, stream)) for s, i in zip(seeds, output_indices)]
+    keys = [to_int64(row_key(s, i, stream)) for s, i in zip(seeds, output_indices)]
     return uniforms_from_keys(host_to_device(keys, torch.int64, device), num_cols)

@@ -175,7 +175,9 @@ def test_sampling_params_per_row_and_seed_offset():
     spec = load_job(job(sampling={"max_new_tokens": 10, "seed": 5, "stop": ["x"]}))
     sp = spec.sampling_params({"temperature": 0.8, "max_new_tokens": None}, row_seed_offset=3)
     assert isinstance(sp, SamplingParams)
-    assert (sp.max_new_tokens, sp.temperature, sp.seed, sp.stop) == (10, 0.8, 8, ["x"])
+    # seed: splitmix64 of (5, row 3), tests/jobs/test_row_seeds.py (it was 5 + 3).
+    assert (sp.max_new_tokens, sp.temperature, sp.seed, sp.stop) == \
+        (10, 0.8, -4263995026347871831, ["x"])
     assert spec.sampling_params({"seed": 42}, row_seed_offset=3).seed == 42
     with pytest.raises(ValueError):
         spec.sampling_params({"max_new_tokens": 0})
