@@ -12,6 +12,7 @@ from typing import Iterator, Optional, Sequence
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from llmbatch.io.input_schema import merge_schemas
 from llmbatch.io.read_errors import read_error
 from llmbatch.jobs.errors import InvalidInputError
 
@@ -89,11 +90,23 @@ class InputSource:
 class ArrowDatasetSource(InputSource):
     def __init__(self, dataset: ds.Dataset, description: str, fmt: str = "parquet",
                  filesystem=None) -> None:
-        super().__init__(dataset.schema, description)
         self._dataset = dataset
         self._format, self._filesystem = fmt, filesystem   # for read errors
         self._fragments = list(dataset.get_fragments())
         self._counts: Optional[list[int]] = None
+        super().__init__(self._merged_schema(dataset), description)
+
+    def _merged_schema(self, dataset: ds.Dataset) -> pa.Schema:
+        """One schema over all files (input_schema.py); the dataset's own for one file."""
+        if len(self._fragments) < 2:
+            return dataset.schema
+        schemas = []
+        for fragment in self._fragments:   # a Parquet footer: kept for count_rows and row groups
+            try:
+                schemas.append((fragment.path, fragment.physical_schema))
+            except (pa.ArrowException, OSError) as exc:
+                raise read_error(exc, self._format, fragment.path, self._filesystem) from None
+        return merge_schemas(schemas)
 
     def _fragment_counts(self) -> list[int]:
         if self._counts is None:

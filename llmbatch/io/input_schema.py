@@ -1,0 +1,63 @@
+"""One schema for a multi-file input, merged from every file's own types (no torch).
+
+pyarrow.dataset takes the first file's schema and casts every other file to it. A column that is
+all null in the first file (pandas writes an all-None column as Arrow type null) refused every
+later file ("Unsupported cast from large_string to null"), while the same files in the other
+order ran; a real conflict (int in one file, string in another) came out as a damaged file or a
+wrong input.format. Every file's schema is read here (a Parquet footer, which pyarrow keeps for
+the row counts and row groups read next; the first block of a CSV or JSON file) and merged
+column by column as pyarrow.unify_schemas(promote_options="permissive") merges: null takes the
+other files' type, int32 widens to int64, int to double, string to large_string, a dictionary
+(a pandas categorical) to its values' type. Rows are cast with pyarrow's safe casts, so a value
+the merged type cannot hold exactly fails instead of being altered. Types with no
+common type are one error naming the column, both types and both files.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import pyarrow as pa
+
+from llmbatch.jobs.errors import InvalidInputError
+
+
+def _merge(a: pa.DataType, b: pa.DataType) -> Optional[pa.DataType]:
+    """The type both `a` and `b` cast to without loss, or None."""
+    if a == b:
+        return a
+    try:
+        merged = pa.unify_schemas([pa.schema([("c", a)]), pa.schema([("c", b)])],
+                                  promote_options="permissive")
+        return merged.field("c").type
+    except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    # pyarrow does not merge a dictionary with a plain type: a categorical column written by
+    # pandas and the same column as plain strings in another file are one column of strings.
+    if pa.types.is_dictionary(a) or pa.types.is_dictionary(b):
+        return _merge(a.value_type if pa.types.is_dictionary(a) else a,
+                      b.value_type if pa.types.is_dictionary(b) else b)
+    return None
+
+
+def merge_schemas(files: Sequence[tuple[str, pa.Schema]]) -> pa.Schema:
+    """(path, schema) of each file, in input order -> the merged schema; InvalidInputError with
+    one line when two files give a column types with no common type."""
+    fields: dict[str, pa.Field] = {}            # in order of first appearance
+    origins: dict[str, list[tuple[str, pa.DataType]]] = {}
+    for path, schema in files:
+        for field in schema:
+            name, kind = field.name, field.type
+            if name not in fields:
+                fields[name] = field
+            else:
+                merged = _merge(fields[name].type, kind)
+                if merged is None:
+                    first_path, first_kind = origins[name][0]
+                    raise InvalidInputError(f"input files disagree on column {name!r}: "
+                                            f"{first_kind} in {first_path}, {kind} in {path}")
+                fields[name] = fields[name].with_type(merged).with_nullable(True)
+            seen = origins.setdefault(name, [])
+            if not pa.types.is_null(kind) and all(kind != k for _, k in seen):
+                seen.append((path, kind))
+    return pa.schema(list(fields.values()))
