@@ -22,7 +22,7 @@ from llmbatch.runtime.request import FinishReason, Request, RequestStatus
 from llmbatch.runtime.scheduler import Scheduler
 from llmbatch.runtime.seeded_uniforms import default_seed
 from llmbatch.runtime.stop_checker import StopChecker
-from llmbatch.runtime.stop_rules import apply_stop_rules
+from llmbatch.runtime.stop_rules import apply_stop_rules, output_text
 
 logger = logging.getLogger(__name__)
 
@@ -287,11 +287,6 @@ class Engine(SpeculationMixin):
             c["num_cached_prompt_tokens"] += req.num_cached_tokens or 0
             c["num_output_tokens"] += n_out
             c["num_spec_accepted_tokens"] += req.num_spec_accepted_tokens
-        checker = req.stop_checker
-        if checker is not None and checker.matched is not None:
-            text = checker.text_before_stop
-        else:
-            text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
         ttft = tpot = latency = None
         if req.first_token_time is not None:
             ttft = req.first_token_time - req.arrival_time
@@ -302,7 +297,7 @@ class Engine(SpeculationMixin):
         return GenerationResult(
             request_id=req.request_id,
             output_token_ids=list(req.output_token_ids),
-            output_text=text,
+            output_text=output_text(req, self.tokenizer),
             finish_reason=req.finish_reason.value if req.finish_reason else FinishReason.ERROR.value,
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_prompt_tokens=req.num_cached_tokens or 0,

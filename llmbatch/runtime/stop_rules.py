@@ -1,4 +1,5 @@
-"""Stop rules: when a request's generation ends, applied as its tokens arrive."""
+"""Stop rules: when a request's generation ends, applied as its tokens arrive, and the output
+text that ending leaves."""
 
 from __future__ import annotations
 
@@ -41,3 +42,22 @@ def apply_stop_rules(req: Request, eos_token_ids: set[int],
             return reason
     req.num_stop_checked = len(req.output_token_ids)
     return None
+
+
+def output_text(req: Request, tokenizer) -> str:
+    """The finished request's text. A stop string ends it and is cut (stop_checker.py); a stop
+    token (EOS or stop_token_ids) keeps its id in output_token_ids, but its text is left out,
+    as vLLM's detokenizer leaves out the last token of a stop-terminated request (unless
+    include_stop_str_in_output, which the job file does not offer): otherwise a stop token's
+    text ended output_text while a stop string's did not. An EOS that is a special token
+    decodes to nothing anyway; one that is not (a model listing an ordinary token as EOS) is
+    left out like any stop token."""
+    checker = req.stop_checker
+    if checker is not None and checker.matched is not None:
+        return checker.text_before_stop
+    ids = req.output_token_ids
+    if req.finish_reason == FinishReason.STOP and ids:
+        # No string matched, so a token stopped it: the last one (apply_stop_rules trims
+        # anything after it).
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=True)
