@@ -9,7 +9,7 @@ the row counts and row groups read next; the first block of a CSV or JSON file) 
 column by column as pyarrow.unify_schemas(promote_options="permissive") merges: null takes the
 other files' type, int32 widens to int64, int to double, string to large_string, a dictionary
 (a pandas categorical) to its values' type. Rows are cast with pyarrow's safe casts, so a value
-the merged type cannot hold exactly fails instead of being altered. Types with no
+the merged type cannot hold exactly fails (cast_error) instead of being altered. Types with no
 common type are one error naming the column, both types and both files.
 """
 
@@ -40,9 +40,25 @@ def _merge(a: pa.DataType, b: pa.DataType) -> Optional[pa.DataType]:
     return None
 
 
-def merge_schemas(files: Sequence[tuple[str, pa.Schema]]) -> pa.Schema:
-    """(path, schema) of each file, in input order -> the merged schema; InvalidInputError with
-    one line when two files give a column types with no common type."""
+class MergedSchema:
+    """The merged schema, and for each column the first file of each type it has (a file to
+    name beside the one whose values do not fit the merged type)."""
+
+    def __init__(self, schema: pa.Schema,
+                 origins: dict[str, list[tuple[str, pa.DataType]]]) -> None:
+        self.schema = schema
+        self.origins = origins
+
+    def other_file(self, name: str, own: pa.DataType) -> Optional[tuple[str, pa.DataType]]:
+        """A file where column `name` has a type other than `own`: the merged type's if any."""
+        others = [(p, kind) for p, kind in self.origins.get(name, []) if kind != own]
+        target = self.schema.field(name).type
+        return next((o for o in others if o[1] == target), others[0] if others else None)
+
+
+def merge_schemas(files: Sequence[tuple[str, pa.Schema]]) -> MergedSchema:
+    """(path, schema) of each file, in input order -> MergedSchema; InvalidInputError with one
+    line when two files give a column types with no common type."""
     fields: dict[str, pa.Field] = {}            # in order of first appearance
     origins: dict[str, list[tuple[str, pa.DataType]]] = {}
     for path, schema in files:
@@ -60,4 +76,34 @@ def merge_schemas(files: Sequence[tuple[str, pa.Schema]]) -> pa.Schema:
             seen = origins.setdefault(name, [])
             if not pa.types.is_null(kind) and all(kind != k for _, k in seen):
                 seen.append((path, kind))
-    return pa.schema(list(fields.values()))
+    return MergedSchema(pa.schema(list(fields.values())), origins)
+
+
+def cast_error(piece, path: str, merged: MergedSchema,
+               columns: Sequence[str]) -> Optional[InvalidInputError]:
+    """After a read of `piece` (a file or row group) failed: the line for a column whose values
+    do not fit the merged type (int64 2**53 + 1 as double, a uint64 above int64's range), or
+    None when the failure is not a cast (the caller reports it as a read error). Reads the
+    piece's differing columns again, in the file's own types; error path only."""
+    try:
+        physical = piece.physical_schema
+    except (pa.ArrowException, OSError):
+        return None
+    for name in columns:
+        if name not in physical.names:
+            continue
+        own, target = physical.field(name).type, merged.schema.field(name).type
+        if own == target:
+            continue
+        try:
+            piece.to_table(columns=[name], use_threads=False).column(name).cast(target)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            other = merged.other_file(name, own)
+            beside = f"{other[1]} in {other[0]}, " if other else ""
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return InvalidInputError(f"input files disagree on column {name!r}: {beside}{own} "
+                                     f"in {path}, whose values do not all fit {target} "
+                                     f"({reason})")
+        except (pa.ArrowException, OSError):
+            return None
+    return None

@@ -21,6 +21,9 @@ _SOURCE = re.compile(r"input source '([^']*)': (.*)", re.S)
 _SCHEMA_FROM = re.compile(r"from '([^']*)'")
 # A CSV parse error ends with the row it could not parse: keep the sentence, not the row.
 _CSV_ROW = re.compile(r"^(.*?Expected \d+ columns?, got \d+)")
+# pyarrow.json takes a column's type from the first rows it reads; a later row of another
+# kind fails with this (its row number counts from the start of a block, not of the file).
+_JSON_CHANGED = re.compile(r"Column\((/[^)]*)\) changed from (\w+) to (\w+)")
 _MAX_REASON = 120
 _HINT = "set input.format (parquet | csv | json) to the file's format"
 
@@ -100,6 +103,12 @@ def read_error(exc: Exception, fmt: str, fallback: str, filesystem=None) -> Inva
         return InvalidInputError(f"cannot read input {path} as json: it is a JSON "
                                  f"array, and input.format json reads JSON Lines (one object "
                                  f"per line); convert it, e.g. jq -c '.[]'")
+    changed = _JSON_CHANGED.search(reason) if fmt == "json" else None
+    if changed:
+        column = changed.group(1)[1:].replace("/[]", "[]").replace("/", ".")
+        return InvalidInputError(f"input file {path}: column {column!r} changes from "
+                                 f"{changed.group(2)} to {changed.group(3)} part-way through "
+                                 f"the file; give the column one type in every row")
     reason = re.sub(r"^(Invalid|IOError): ", "", reason)   # Arrow's status code, noise here
     row = _CSV_ROW.match(reason)
     if row:

@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Sequence
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from llmbatch.io.input_schema import merge_schemas
+from llmbatch.io.input_schema import MergedSchema, cast_error, merge_schemas
 from llmbatch.io.read_errors import read_error
 from llmbatch.jobs.errors import InvalidInputError
 
@@ -94,12 +94,13 @@ class ArrowDatasetSource(InputSource):
         self._format, self._filesystem = fmt, filesystem   # for read errors
         self._fragments = list(dataset.get_fragments())
         self._counts: Optional[list[int]] = None
-        super().__init__(self._merged_schema(dataset), description)
+        self._merged = self._merged_schema(dataset)
+        super().__init__(self._merged.schema, description)
 
-    def _merged_schema(self, dataset: ds.Dataset) -> pa.Schema:
+    def _merged_schema(self, dataset: ds.Dataset) -> MergedSchema:
         """One schema over all files (input_schema.py); the dataset's own for one file."""
         if len(self._fragments) < 2:
-            return dataset.schema
+            return MergedSchema(dataset.schema, {})
         schemas = []
         for fragment in self._fragments:   # a Parquet footer: kept for count_rows and row groups
             try:
@@ -156,7 +157,9 @@ class ArrowDatasetSource(InputSource):
                         if offset >= end:
                             return
                 except (pa.ArrowException, OSError) as exc:
-                    raise read_error(exc, self._format, piece.path, self._filesystem) from None
+                    raise (cast_error(piece, piece.path, self._merged, columns)
+                           or read_error(exc, self._format, piece.path, self._filesystem)) \
+                        from None
 
 
 class TableSource(InputSource):
