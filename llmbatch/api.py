@@ -23,6 +23,7 @@ from llmbatch.jobs.loader import load_job
 from llmbatch.jobs.progress import PROGRESS_MODES
 from llmbatch.jobs.runner import JobPlan, JobResult, JobRunner
 from llmbatch.jobs.spec import JobSpec
+from llmbatch.lazy_imports import DATASETS, preload
 
 
 def _as_sets(sets) -> tuple:
@@ -62,9 +63,19 @@ def load(path_or_dict: Union[str, os.PathLike, dict], sets: Iterable[str] = (),
     return load_job(path_or_dict, sets=_as_sets(sets), overrides=overrides)
 
 
+def _preload_input_imports(spec: JobSpec) -> None:
+    """datasets, for an input.dataset, imported once under the process-wide import lock
+    (lazy_imports.py) before the input is opened: two jobs planned or run in threads at once
+    would import it together (the engine's imports are preloaded by make_engine)."""
+    if spec.input.dataset is not None:
+        preload(DATASETS)
+
+
 def plan_job(path_or_dict, sets: Iterable[str] = (), **overrides) -> JobPlan:
     """Shard range, rows already done and config hash; writes nothing, loads no model."""
-    return JobRunner(load(path_or_dict, sets, **overrides)).plan()
+    spec = load(path_or_dict, sets, **overrides)
+    _preload_input_imports(spec)
+    return JobRunner(spec).plan()
 
 
 def run_job(path_or_dict: Union[str, os.PathLike, dict, JobSpec], *, sets: Iterable[str] = (),
@@ -83,6 +94,7 @@ def run_job(path_or_dict: Union[str, os.PathLike, dict, JobSpec], *, sets: Itera
         spec = path_or_dict
     else:
         spec = load(path_or_dict, sets, **overrides)
+    _preload_input_imports(spec)
     return JobRunner(spec, engine_factory=engine_factory, progress=progress,
                      log_every_s=log_every_s).run()
 

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 from llmbatch.jobs.errors import InternalError, InvalidJobError, JobError
 from llmbatch.jobs.spec import JobSpec
+from llmbatch.lazy_imports import preload_engine_imports
 from llmbatch.runtime.config import EngineConfigError
 
 ENGINE_FACTORY_ENV = "LLMBATCH_ENGINE_FACTORY"     # "module:callable", test-only
@@ -63,6 +64,7 @@ def make_engine(spec: JobSpec, engine_factory: Optional[Callable] = None):
     exit 1), one line: API callers catch JobError. Anything else is a bug and propagates."""
     factory = engine_factory or factory_from_env()
     custom = factory is not None
+    preload_engine_imports(runtime_engine=not custom)   # one thread at a time: lazy_imports.py
     try:
         return (factory or default_factory)(spec.engine_config())
     except JobError:
