@@ -89,8 +89,24 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def load_dataset_table(name: str, split: str):
-    """-> (pyarrow.Table, description); InvalidInputError with one line on any failure."""
+def _single_dataset(name: str, loaded, split: str, split_set: bool) -> str:
+    """The description of a saved single Dataset (save_to_disk of a Dataset, not a
+    DatasetDict), which holds no splits to choose from: input.split used to be ignored there,
+    all rows ran and the log said "name[test]". A split set in the job is refused unless it is
+    the one the Dataset was saved as (its `split` attribute); for a Dataset without one,
+    "train" (the default, also as printed by `llmbatch validate`) stands for all of it."""
+    own = str(loaded.split) if loaded.split is not None else None
+    if split_set and split != (own or "train"):
+        attribute = f" (its split attribute is {own!r})" if own else ""
+        raise InvalidInputError(f"input.split {split!r}: input.dataset {name} is a single saved "
+                                f"Dataset without splits{attribute}; remove input.split to read "
+                                f"all of it")
+    return f"{name}[{own}]" if own else name
+
+
+def load_dataset_table(name: str, split: str, split_set: bool = True):
+    """-> (pyarrow.Table, description); InvalidInputError with one line on any failure.
+    `split_set`: input.split was given in the job, not left at its default."""
     try:
         import datasets
     except ImportError:
@@ -128,7 +144,11 @@ def load_dataset_table(name: str, split: str):
         if split not in loaded:
             raise InvalidInputError(f"input.split {split!r} not in dataset {name} "
                                     f"(splits: {', '.join(loaded)})")
-        loaded = loaded[split]
+        loaded, description = loaded[split], f"{name}[{split}]"
+    elif saved:
+        description = _single_dataset(name, loaded, split, split_set)
+    else:   # load_dataset applied the split
+        description = f"{name}[{split}]"
     if getattr(loaded, "_indices", None) is not None:
         loaded = loaded.flatten_indices()   # a select/shuffle view: materialize row order
-    return loaded.data.table, f"{name}[{split}]"
+    return loaded.data.table, description

@@ -181,16 +181,19 @@ class TableSource(InputSource):
             offset += batch.num_rows
 
 
-def _open_datasets(name: str, split: str) -> TableSource:
+def _open_datasets(section) -> TableSource:
     from llmbatch.io.hub_datasets import load_dataset_table
 
-    return TableSource(*load_dataset_table(name, split))
+    # Whether input.split was given (YAML or --set) or left at its default: a saved single
+    # Dataset has no splits, and only a split asked for explicitly is refused there.
+    split_set = "split" in section.model_fields_set
+    return TableSource(*load_dataset_table(section.dataset, section.split, split_set))
 
 
 def open_input(section) -> InputSource:
     """`input` section -> InputSource (raises InvalidInputError with one line)."""
     if section.dataset is not None:
-        return _open_datasets(section.dataset, section.split)
+        return _open_datasets(section)
     paths = section.path if isinstance(section.path, list) else [section.path]
     filesystem, files = None, []
     for p in paths:
