@@ -1,7 +1,8 @@
 """`llmbatch` command line: run | validate | plan | merge | stats. Parsing and printing only.
 
 Every failure is ONE line on stderr ("llmbatch: error: ...") with the contract's exit code:
-2 invalid job/input (nothing written), 3 some rows errored, 1 internal error. Set
+2 invalid job/input (nothing written), 3 some rows errored, 1 internal error; stopped by
+Ctrl-C 130 ("llmbatch: aborted"), by SIGTERM 143 ("llmbatch: terminated"). Set
 LLMBATCH_DEBUG=1 to get tracebacks for internal errors.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Optional
 
 import click
@@ -163,10 +166,48 @@ def _warnings_to_stderr():
         log.propagate = propagate
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread where it was running. A BaseException like
+    KeyboardInterrupt, so the `except Exception` on its way (the runner's "engine failed") lets
+    it through, and it unwinds the run as Ctrl-C does: finally blocks release the shard lock and
+    stop tensor-parallel workers; nothing more is committed, so a resume finds what a SIGKILL
+    at that point would leave (committed parts; temporaries it deletes)."""
+
+    def __init__(self) -> None:
+        super().__init__("received SIGTERM")
+
+
+def _raise_terminated(signum, frame) -> None:
+    # A second SIGTERM ends the process at once (the default action), as SLURM's SIGKILL after
+    # its grace period does: a main thread blocked inside a C call (a collective) runs this
+    # handler only when that call returns.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises Terminated while the command runs (the main thread only: signal handlers
+    can be set nowhere else), so it ends with one line and exit 143 like Ctrl-C's 130, instead
+    of a silent death. The previous handler is put back (main() may run in-process)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Console-script entry: turns every error into one line + exit code, never a traceback."""
     try:
-        cli.main(args=argv, prog_name="llmbatch", standalone_mode=False)
+        with _sigterm_raises():
+            cli.main(args=argv, prog_name="llmbatch", standalone_mode=False)
+    except Terminated:
+        click.echo("llmbatch: terminated", err=True)
+        return 143
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
     except click.exceptions.Abort:
