@@ -1,7 +1,7 @@
 """Turn input rows into prompt token ids: plain text or chat messages, batched tokenization.
 
-Row-level problems (null/empty prompt, messages that do not render, too long for the context)
-are returned as error strings for that row, never raised: one bad row must not kill a job.
+Row-level problems (a null or empty prompt, messages that do not render, too long for the
+context) are returned as error strings for that row, never raised: one bad row must not kill a job.
 Job-level problems (a missing column, a template that cannot exist) raise before anything runs.
 """
 
@@ -164,7 +164,11 @@ class PromptRenderer:
                     text = self._render_messages(value)
                 except Exception as exc:  # jinja errors, template exceptions, bad structure
                     error = f"messages do not render: {type(exc).__name__}: {exc}"
-            elif not value.strip():
+                if text is not None and all(m["content"] == "" for m in value):
+                    text, error = None, f"{column} has only empty contents"
+            elif value == "":
+                # Empty means "" (or no tokens, below), for plain prompts and messages alike:
+                # whitespace is text, sent as is, as vLLM and transformers take it.
                 error = f"{column} is empty"
             elif self.template is not None:
                 messages = [{"role": "user", "content": value}]
