@@ -1,5 +1,5 @@
-"""Sampling values checked against the loaded engine's limits: its context length and its
-vocabulary, known only once the model is loaded (no torch).
+"""Rows and sampling values checked against the loaded engine's limits: its context length and
+its vocabulary, known only once the model is loaded (no torch).
 
 The job's own values apply to every row (a row without a per-row override takes them), so one
 that no row could run with is a job error (InvalidJobError, exit 2, before any row runs and
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-from llmbatch.io.prompts import length_error
 from llmbatch.jobs.errors import InvalidJobError
 
 
@@ -34,11 +33,9 @@ def check_sampling(sampling, max_model_len: int, vocab_size: Optional[int]) -> N
 
     A value that is also a per_row column is only the fallback of rows without their own:
     rows that bring one that fits must run, so it is judged per row (row_error, the engine)."""
+    # max_new_tokens is not checked against max_model_len: a larger one only means the row
+    # stops at the context limit (finish_reason "length"), as in vLLM's offline LLM.generate.
     per_row = set(sampling.per_row)
-    if "max_new_tokens" not in per_row and sampling.max_new_tokens >= max_model_len:
-        # Every prompt has at least one token: none would fit.
-        raise InvalidJobError(f"sampling.max_new_tokens={sampling.max_new_tokens} leaves no "
-                              f"room for a prompt: max_model_len is {max_model_len}")
     if vocab_size is None:
         return
     if ("logprobs" not in per_row and sampling.logprobs is not None
@@ -51,6 +48,17 @@ def check_sampling(sampling, max_model_len: int, vocab_size: Optional[int]) -> N
                               f"[0, {vocab_size})")
 
 
+def prompt_length_error(num_prompt_tokens: int, max_model_len: int) -> Optional[str]:
+    """A prompt runs when it leaves room for one output token; generation then stops at
+    max_model_len with finish_reason "length" (stop_rules.py), whatever max_new_tokens is.
+    (It used to need prompt + max_new_tokens <= max_model_len, so the context-limit stop
+    never triggered from a job and a long prompt was an error row vLLM would have run.)"""
+    if num_prompt_tokens >= max_model_len:
+        return (f"prompt has {num_prompt_tokens} tokens, at least max_model_len "
+                f"({max_model_len}): no room for an output token")
+    return None
+
+
 def row_error(num_prompt_tokens: int, params, max_model_len: int,
               vocab_size: Optional[int]) -> Optional[str]:
     """Why one row (its prompt and its sampling, per-row overrides included) cannot run, or
@@ -58,4 +66,4 @@ def row_error(num_prompt_tokens: int, params, max_model_len: int,
     bad = _out_of_vocab(params.stop_token_ids, vocab_size)
     if bad is not None:
         return f"stop_token_ids: {bad} is outside the vocabulary [0, {vocab_size})"
-    return length_error(num_prompt_tokens, max_model_len, params.max_new_tokens)
+    return prompt_length_error(num_prompt_tokens, max_model_len)

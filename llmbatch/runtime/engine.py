@@ -270,13 +270,15 @@ class Engine(SpeculationMixin):
             return f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})"
         if params.logprobs is not None and params.logprobs > self.vocab_size:
             return f"logprobs={params.logprobs} exceeds the vocabulary size {self.vocab_size}"
-        # The longest the sequence can grow must fit the KV pool alone, or the request would
-        # end up preempting itself forever.
+        # The longest the sequence can grow (generation stops at max_model_len whatever
+        # max_new_tokens is) must fit the KV pool alone, or the request would end up
+        # preempting itself forever.
         longest = min(req.num_prompt_tokens + params.max_new_tokens, self.max_model_len)
         pool_tokens = self.runner.num_kv_blocks * self.config.block_size
         if longest > pool_tokens:
-            return (f"prompt + max_new_tokens = {longest} tokens; the KV pool holds "
-                    f"{pool_tokens} (raise kv_cache_blocks or lower max_new_tokens)")
+            return (f"the sequence can reach {longest} tokens (prompt + max_new_tokens, at most "
+                    f"max_model_len); the KV pool holds {pool_tokens} (raise kv_cache_blocks "
+                    f"or lower max_new_tokens)")
         return self.scheduler.check_request(req)
 
     def _result(self, req: Request, error: Optional[str] = None) -> GenerationResult:

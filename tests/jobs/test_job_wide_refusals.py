@@ -34,10 +34,6 @@ def test_chat_template_that_does_not_compile(run_refused, tmp_path):
 
 # The fake engine: max_model_len 512 (no config.json), vocabulary = the tiny tokenizer's 384.
 @pytest.mark.parametrize("sampling, message", [
-    ({"max_new_tokens": 512},
-     "sampling.max_new_tokens=512 leaves no room for a prompt: max_model_len is 512"),
-    ({"max_new_tokens": 100000},
-     "sampling.max_new_tokens=100000 leaves no room for a prompt: max_model_len is 512"),
     ({"logprobs": 385}, "sampling.logprobs=385 exceeds the vocabulary size 384"),
     ({"stop_token_ids": [3, 384]},
      "sampling.stop_token_ids: 384 is outside the vocabulary [0, 384)"),
@@ -53,6 +49,17 @@ def test_values_at_the_engine_limits_run(tmp_path, tiny_tokenizer_dir, jobkit, f
     assert (result.exit_code, result.num_rows_ok) == (0, 5)
 
 
+@pytest.mark.parametrize("max_new_tokens", [512, 100000])
+def test_max_new_tokens_beyond_the_context_runs(tmp_path, tiny_tokenizer_dir, jobkit,
+                                                fake_engine_env, max_new_tokens):
+    # Generation stops at max_model_len (finish_reason "length"), as in vLLM's offline
+    # LLM.generate; these were job errors ('leaves no room for a prompt').
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 5)
+    result = run_job(jobkit.make_job(tiny_tokenizer_dir, inp, str(tmp_path / "out"),
+                                     sampling={"max_new_tokens": max_new_tokens}))
+    assert (result.exit_code, result.num_rows_ok) == (0, 5)
+
+
 def test_per_row_values_beyond_the_engine_stay_row_errors(tmp_path, tiny_tokenizer_dir, jobkit,
                                                           fake_engine_env):
     import pyarrow.parquet as pq
@@ -62,31 +69,22 @@ def test_per_row_values_beyond_the_engine_stay_row_errors(tmp_path, tiny_tokeniz
                                stop_token_ids=[None, None, [5, 9999]])
     result = run_job(jobkit.make_job(tiny_tokenizer_dir, inp, str(tmp_path / "out"), sampling={
         "per_row": ["max_new_tokens", "stop_token_ids"]}))
-    assert (result.exit_code, result.num_rows_ok, result.num_rows_error) == (3, 1, 2)
+    assert (result.exit_code, result.num_rows_ok, result.num_rows_error) == (3, 2, 1)
     rows = pq.read_table(result.part_paths[0]).to_pylist()
-    n = rows[1]["num_prompt_tokens"]
+    # max_new_tokens beyond the context is no error: the row stops at max_model_len.
     assert [r["error"] for r in rows] == [
-        None,
-        f"max_new_tokens (100000) leaves no room for the prompt ({n} tokens) in "
-        f"max_model_len (512)",
-        "stop_token_ids: 9999 is outside the vocabulary [0, 384)"]
+        None, None, "stop_token_ids: 9999 is outside the vocabulary [0, 384)"]
 
 
 def test_job_wide_values_that_every_row_overrides_are_not_checked(tmp_path, tiny_tokenizer_dir,
                                                                   jobkit, fake_engine_env):
-    # per_row max_new_tokens / logprobs: the job-wide value is only a fallback, so it is a
-    # row error where a row falls back to it (row 1), not a job error for rows that bring theirs.
+    # per_row logprobs: the job-wide value is only a fallback, so it is no job error when
+    # every row brings its own.
     import pyarrow.parquet as pq
 
-    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 3, seed=1,
-                               max_new_tokens=[8, None, 16], logprobs=[1, 2, 3])
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 3, seed=1, logprobs=[1, 2, 3])
     result = run_job(jobkit.make_job(tiny_tokenizer_dir, inp, str(tmp_path / "out"), sampling={
-        "max_new_tokens": 512, "logprobs": 385, "per_row": ["max_new_tokens", "logprobs"]}))
-    assert (result.exit_code, result.num_rows_ok, result.num_rows_error) == (3, 2, 1)
+        "logprobs": 385, "per_row": ["logprobs"]}))
+    assert (result.exit_code, result.num_rows_ok, result.num_rows_error) == (0, 3, 0)
     rows = pq.read_table(result.part_paths[0]).to_pylist()
-    n = rows[1]["num_prompt_tokens"]
-    assert [r["error"] for r in rows] == [
-        None,
-        f"max_new_tokens (512) leaves no room for the prompt ({n} tokens) in max_model_len (512)",
-        None]
-    assert [r["logprobs"] and len(r["logprobs"][0]["top"]) for r in rows] == [1, None, 3]
+    assert [len(r["logprobs"][0]["top"]) for r in rows] == [1, 2, 3]

@@ -84,7 +84,7 @@ def test_id_column_and_row_errors(tmp_path, tiny_tokenizer_dir, fake_engine_env)
     assert [r["finish_reason"] for r in rows][1:4] == ["error"] * 3
     assert rows[1]["error"] == "prompt is null" and rows[2]["error"] == "prompt is empty"
     assert rows[3]["error"].startswith("prompt has ") and \
-        rows[3]["error"].endswith("more than max_model_len (512) - max_new_tokens (8) = 504")
+        rows[3]["error"].endswith(", at least max_model_len (512): no room for an output token")
     assert rows[0]["error"] is None and rows[4]["error"] is None
     assert (result.num_rows_ok, result.num_rows_error, result.exit_code) == (2, 3, 3)
 
