@@ -1,7 +1,7 @@
 """Load a job: YAML or dict -> overrides -> ${ENV_VAR} expansion -> validated JobSpec (no torch).
 
 Every failure raises InvalidJobError with ONE line that names the key (dotted, with its section)
-and what was expected; unknown keys get the closest valid key from difflib.
+and what was expected; unknown keys get the closest valid key (_suggestion) or the valid keys.
 """
 
 from __future__ import annotations
@@ -176,6 +176,18 @@ def _section_model(loc: tuple) -> tuple[Optional[type[BaseModel]], list[str]]:
     return owner, path
 
 
+def _suggestion(key: str, valid: list[str]) -> Optional[str]:
+    """The valid key `key` was plausibly meant as: a close spelling (difflib ratio >= 0.6:
+    'temprature', 'max_tokens', 'topk'), or the one key it begins (a shortened 'gpu_mem').
+    At 0.5, unrelated keys sharing a few letters were offered ('best_of': "did you mean
+    'stop'?"); the full list of valid keys helps more then."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    begun = [name for name in valid if len(key) >= 3 and name.startswith(key)]
+    return begun[0] if len(begun) == 1 else None
+
+
 def _describe(errors: list[dict]) -> str:
     first = errors[0]
     owner, path = _section_model(tuple(first["loc"]))
@@ -184,9 +196,8 @@ def _describe(errors: list[dict]) -> str:
     if kind == "extra_forbidden":
         key = path[-1]
         valid = sorted(owner.model_fields) if owner else []
-        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else \
-            f" (valid keys: {', '.join(valid)})"
+        close = _suggestion(key, valid)
+        hint = f" (did you mean '{close}'?)" if close else f" (valid keys: {', '.join(valid)})"
         section = f"in section '{'.'.join(path[:-1])}'" if len(path) > 1 else "at the top level"
         return f"unknown key '{key}' {section}{hint}"
     if kind == "missing":

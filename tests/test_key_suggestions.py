@@ -1,0 +1,29 @@
+"""Unknown job keys: 'did you mean' only for a plausible key (a typo, a shortened name), else
+the section's valid keys. sampling.best_of was told "did you mean 'stop'?"."""
+
+import pytest
+
+from llmbatch.api import load
+from llmbatch.jobs.errors import InvalidJobError
+
+SAMPLING_KEYS = ("ignore_eos, logprobs, max_new_tokens, per_row, seed, stop, stop_token_ids, "
+                 "temperature, top_k, top_p")
+
+
+@pytest.mark.parametrize("section, key, hint", [
+    ("sampling", "best_of", f"valid keys: {SAMPLING_KEYS}"),
+    ("sampling", "n", f"valid keys: {SAMPLING_KEYS}"),
+    ("sampling", "min_p", f"valid keys: {SAMPLING_KEYS}"),
+    ("sampling", "temprature", "did you mean 'temperature'?"),
+    ("sampling", "max_tokens", "did you mean 'max_new_tokens'?"),
+    ("sampling", "topk", "did you mean 'top_k'?"),
+    ("engine", "prefix_cache", "did you mean 'prefix_caching'?"),
+    ("engine", "gpu_mem", "did you mean 'gpu_memory_utilization'?"),    # a shortened name
+    ("speculative", "draft", "did you mean 'draft_model'?"),
+])
+def test_unknown_key_hint(section, key, hint):
+    job = {"model": {"path": "m"}, "input": {"path": "in.parquet"}, "output": {"path": "out"},
+           section: {key: 1}}
+    with pytest.raises(InvalidJobError) as info:
+        load(job)
+    assert info.value.message == f"unknown key '{key}' in section '{section}' ({hint})"
