@@ -84,6 +84,39 @@ def _quiet_hub(offline: bool):
          ds_config.HF_DATASETS_OFFLINE) = saved[2:]
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """datasets' own bars ("Generating train split", "Loading dataset shards", "Flattening the
+    indices") and the hub's download bars off, each library's setting restored on exit: they
+    printed with --progress none, and the process (a pipeline's) may want them later. A
+    library's environment variable that forces bars on wins, without its warning."""
+    import importlib
+    import warnings
+
+    import datasets.utils as ds_utils
+
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
+    ds_were_on = not ds_utils.are_progress_bars_disabled()
+    hub_states = dict(getattr(hub_tqdm, "progress_bar_states", {}))
+    hub_were_on = not hub_tqdm.are_progress_bars_disabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds_utils.disable_progress_bars()
+        hub_tqdm.disable_progress_bars()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if ds_were_on:
+                ds_utils.enable_progress_bars()
+            if hasattr(hub_tqdm, "progress_bar_states"):   # per-group settings, exactly
+                hub_tqdm.progress_bar_states.clear()
+                hub_tqdm.progress_bar_states.update(hub_states)
+            elif hub_were_on:
+                hub_tqdm.enable_progress_bars()
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
@@ -104,9 +137,18 @@ def _single_dataset(name: str, loaded, split: str, split_set: bool) -> str:
     return f"{name}[{own}]" if own else name
 
 
-def load_dataset_table(name: str, split: str, split_set: bool = True):
+def load_dataset_table(name: str, split: str, split_set: bool = True,
+                       progress_bars: bool = False):
     """-> (pyarrow.Table, description); InvalidInputError with one line on any failure.
-    `split_set`: input.split was given in the job, not left at its default."""
+    `split_set`: input.split was given in the job, not left at its default. `progress_bars`:
+    let datasets and the hub show theirs (off for --progress none)."""
+    if progress_bars:
+        return _load_dataset_table(name, split, split_set)
+    with _no_progress_bars():
+        return _load_dataset_table(name, split, split_set)
+
+
+def _load_dataset_table(name: str, split: str, split_set: bool):
     try:
         import datasets
     except ImportError:

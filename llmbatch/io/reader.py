@@ -181,19 +181,22 @@ class TableSource(InputSource):
             offset += batch.num_rows
 
 
-def _open_datasets(section) -> TableSource:
+def _open_datasets(section, progress_bars: bool) -> TableSource:
     from llmbatch.io.hub_datasets import load_dataset_table
 
     # Whether input.split was given (YAML or --set) or left at its default: a saved single
     # Dataset has no splits, and only a split asked for explicitly is refused there.
     split_set = "split" in section.model_fields_set
-    return TableSource(*load_dataset_table(section.dataset, section.split, split_set))
+    return TableSource(*load_dataset_table(section.dataset, section.split, split_set,
+                                           progress_bars))
 
 
-def open_input(section) -> InputSource:
-    """`input` section -> InputSource (raises InvalidInputError with one line)."""
+def open_input(section, progress_bars: bool = False) -> InputSource:
+    """`input` section -> InputSource (raises InvalidInputError with one line).
+    `progress_bars`: datasets' and the hub's own bars while a dataset loads (--progress bar
+    or log); off by default."""
     if section.dataset is not None:
-        return _open_datasets(section)
+        return _open_datasets(section, progress_bars)
     paths = section.path if isinstance(section.path, list) else [section.path]
     filesystem, files = None, []
     for p in paths:
