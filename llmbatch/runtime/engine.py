@@ -289,13 +289,17 @@ class Engine(SpeculationMixin):
             c["num_cached_prompt_tokens"] += req.num_cached_tokens or 0
             c["num_output_tokens"] += n_out
             c["num_spec_accepted_tokens"] += req.num_spec_accepted_tokens
+        # Timed from the step that first scheduled the request, not from add_request: the job
+        # runner keeps a window of rows queued ahead of the engine, so time in that queue would
+        # load the first window's rows (queued together at start) and spare the rest.
+        started = req.first_scheduled_time
         ttft = tpot = latency = None
-        if req.first_token_time is not None:
-            ttft = req.first_token_time - req.arrival_time
+        if req.first_token_time is not None and started is not None:
+            ttft = req.first_token_time - started
             if n_out > 1:
                 tpot = (req.last_token_time - req.first_token_time) / (n_out - 1)
-        if req.finish_time is not None:
-            latency = req.finish_time - req.arrival_time
+        if req.finish_time is not None and started is not None:
+            latency = req.finish_time - started
         return GenerationResult(
             request_id=req.request_id,
             output_token_ids=list(req.output_token_ids),

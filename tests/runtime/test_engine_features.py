@@ -136,3 +136,17 @@ def test_speculation_turns_off_for_large_batches(llama_setup):
     generate(engine, [Request(i, p, SamplingParams(max_new_tokens=4, ignore_eos=True))
                       for i, p in enumerate(prompts)])
     assert engine.stats()["num_spec_accepted_tokens"] == 0
+
+
+def test_ttft_and_latency_leave_out_time_queued_before_the_first_step(llama_setup):
+    # One sequence at a time: request 2 waits in the queue for the whole of requests 0 and 1.
+    # From add_request its TTFT would exceed request 0's latency; from its first scheduled
+    # step it is one prefill, like request 0's.
+    engine = new_engine(llama_setup, max_num_seqs=1, ordering="input")
+    prompts = make_prompts(3, seed=11)
+    res = generate(engine, [Request(i, p, SamplingParams(max_new_tokens=16, ignore_eos=True))
+                            for i, p in enumerate(prompts)])
+    assert res[2].ttft_s < 0.5 * res[0].latency_s
+    assert res[2].latency_s < 0.8 * (res[0].latency_s + res[1].latency_s)
+    for r in res.values():
+        assert 0 <= r.ttft_s <= r.latency_s
