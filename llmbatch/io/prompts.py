@@ -126,7 +126,7 @@ class PromptRenderer:
         self.system_prompt = model_section.system_prompt
         self.messages_column = input_section.messages_column
         self.prompt_column = input_section.prompt_column
-        # Prompts are tokenized whole and over-long ones become error rows (length_error), so
+        # Prompts are tokenized whole and over-long ones become error rows (jobs/engine_limits.py), so
         # transformers' "Token indices sequence length is longer than the specified maximum"
         # is noise on stderr: mark it as already shown for this tokenizer (its own once-flag;
         # other warnings still show).
@@ -194,14 +194,3 @@ class PromptRenderer:
                 results[i] = (list(ids), None) if ids else (None, f"{column} has no tokens")
         return results
 
-
-def length_error(num_prompt_tokens: int, max_model_len: int, max_new_tokens: int) -> Optional[str]:
-    """A prompt may use at most max_model_len - max_new_tokens tokens."""
-    limit = max_model_len - max_new_tokens
-    if num_prompt_tokens > limit and limit < 1:     # "... = -99488" read like a bug
-        return (f"max_new_tokens ({max_new_tokens}) leaves no room for the prompt "
-                f"({num_prompt_tokens} tokens) in max_model_len ({max_model_len})")
-    if num_prompt_tokens > limit:
-        return (f"prompt has {num_prompt_tokens} tokens, more than max_model_len "
-                f"({max_model_len}) - max_new_tokens ({max_new_tokens}) = {limit}")
-    return None

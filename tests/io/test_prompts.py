@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
 
-from llmbatch.io.prompts import PromptRenderer, check_columns, length_error
+from llmbatch.io.prompts import PromptRenderer, check_columns
 from llmbatch.jobs.errors import InvalidInputError, InvalidJobError
 from llmbatch.jobs.spec import InputSection, ModelSection
 
@@ -92,17 +92,6 @@ def test_templates_that_cannot_exist_are_job_errors(plain_tok, tok):
         renderer(plain_tok, system_prompt="x")
     with pytest.raises(InvalidJobError, match="model.chat_template: file not found: nope.jinja"):
         renderer(tok, chat_template="nope.jinja")
-
-
-def test_length_error():
-    assert length_error(10, 16, 6) is None
-    assert length_error(11, 16, 6) == \
-        "prompt has 11 tokens, more than max_model_len (16) - max_new_tokens (6) = 10"
-    # No room at all (a per-row max_new_tokens): said so, not as a negative prompt limit.
-    assert length_error(3, 16, 16) == \
-        "max_new_tokens (16) leaves no room for the prompt (3 tokens) in max_model_len (16)"
-    assert length_error(7, 512, 100000) == \
-        "max_new_tokens (100000) leaves no room for the prompt (7 tokens) in max_model_len (512)"
 
 
 def test_check_columns():
