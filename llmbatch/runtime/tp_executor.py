@@ -102,7 +102,7 @@ class TPExecutor:
         self.rdv = rdv or detect_rendezvous(tp)
         if self.rdv.rank != 0:
             raise ValueError(f"TPExecutor runs on rank 0, this process is rank {self.rdv.rank}")
-        self._closed, self.procs = False, []
+        self._closed, self.procs, self._in_step = False, [], False
         cfg = rank_config(config, self.rdv.local_rank)
         if not self.rdv.launched:  # fail before spawning anything
             from llmbatch.runtime.loader import resolve_model_path
@@ -150,6 +150,10 @@ class TPExecutor:
         if not out.scheduled:
             return {}
         s = self.runner.prepare_inputs(out)
+        # Set while the ranks may be inside this step's collectives: a KeyboardInterrupt or the
+        # CLI's SIGTERM exception that unwinds from here leaves the workers mid-step, where
+        # shutdown's broadcast and barrier would wait out the whole group timeout.
+        self._in_step = True
         try:
             dead = describe_dead(self.procs)
             if dead:
@@ -158,6 +162,7 @@ class TPExecutor:
             logits = self.runner.forward_logits(s)
         except Exception as e:
             self._fail(e, "in a step")
+        self._in_step = False
         if logits is None:
             return {}
         return self.runner.sample(s, logits)
@@ -185,6 +190,7 @@ class TPExecutor:
         if self._closed:
             return
         self._closed = True
+        broken = broken or self._in_step   # interrupted mid-step: the workers cannot answer
         if not broken and getattr(self, "group", None) is not None:
             try:
                 dist.broadcast_object_list([None], src=0, group=self.group)
