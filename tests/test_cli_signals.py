@@ -4,9 +4,6 @@ to every row exactly once. SIGTERM used to end the process silently (killed by t
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pyarrow.dataset as ds
 import pytest
@@ -14,14 +11,10 @@ import yaml
 
 import llmbatch
 from llmbatch import run_job
+from tests.signalled_runs import committed, signal_after_parts
 
 NUM_ROWS = 300
 ROWS_PER_PART = 20
-
-
-def committed(out_dir):
-    path = os.path.join(out_dir, "_manifest")
-    return len([n for n in os.listdir(path) if n.endswith(".json")]) if os.path.isdir(path) else 0
 
 
 @pytest.mark.parametrize("signum, stderr, code", [
@@ -39,16 +32,8 @@ def test_a_signalled_run_says_so_and_a_rerun_finishes_it(tmp_path, tiny_tokenize
     repo = os.path.dirname(os.path.dirname(os.path.abspath(llmbatch.__file__)))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
                LLMBATCH_FAKE_ENGINE_DELAY_S="0.01")        # about 3 s for the whole job
-    proc = subprocess.Popen([sys.executable, "-m", "llmbatch.cli", "run", str(job_path),
-                             "--progress", "none"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while committed(out_dir) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before the signal"
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
-    assert (err, proc.returncode) == (stderr, code)
+    err, code_got, _ = signal_after_parts(job_path, out_dir, env, signum, parts=2, timeout_s=60)
+    assert (err, code_got) == (stderr, code)
     done = committed(out_dir)
     assert 2 <= done < NUM_ROWS // ROWS_PER_PART       # stopped midway, committed parts kept
     result = run_job(str(job_path))

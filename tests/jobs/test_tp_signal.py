@@ -6,18 +6,11 @@ period, with the GPUs and the shard lock held."""
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import yaml
 
 import llmbatch
-
-
-def committed(out_dir):
-    path = os.path.join(out_dir, "_manifest")
-    return len([n for n in os.listdir(path) if n.endswith(".json")]) if os.path.isdir(path) else 0
+from tests.signalled_runs import committed, signal_after_parts
 
 
 def test_sigterm_ends_a_tensor_parallel_run_without_waiting_for_the_group_timeout(
@@ -35,17 +28,7 @@ def test_sigterm_ends_a_tensor_parallel_run_without_waiting_for_the_group_timeou
     env = {k: v for k, v in os.environ.items()
            if k not in ("LLMBATCH_ENGINE_FACTORY", "RANK", "WORLD_SIZE", "SLURM_PROCID")}
     env.update(PYTHONPATH=repo, HF_HUB_OFFLINE="1", LLMBATCH_TP_TIMEOUT_S="120")
-    proc = subprocess.Popen([sys.executable, "-m", "llmbatch.cli", "run", str(job_path),
-                             "--progress", "none"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while committed(out_dir) < 1 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before the signal"
-    proc.send_signal(signal.SIGTERM)
-    start = time.monotonic()
-    _, err = proc.communicate(timeout=150)
-    waited = time.monotonic() - start
-    assert (err, proc.returncode) == ("llmbatch: terminated\n", 143)
+    err, code, waited = signal_after_parts(job_path, out_dir, env, signal.SIGTERM, parts=1)
+    assert (err, code) == ("llmbatch: terminated\n", 143)
     assert waited < 30, f"took {waited:.0f} s: waited for the group timeout (120 s)"
     assert 1 <= committed(out_dir) < 50
