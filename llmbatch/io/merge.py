@@ -252,6 +252,39 @@ def _dest_error(dest: str, exc: OSError) -> InvalidInputError:
     return InvalidInputError(f"--out {dest}: cannot write it: {reason}")
 
 
+def _merged_schema(out_dir: str, entries: list[dict]) -> pa.Schema:
+    """One schema for every part (footers only). Parts of one folder can differ in a kept
+    column's type: a folder resumed across the version that merged multi-file input schemas
+    (a column int32 in the first input file and int64 in another was written as int32
+    before, int64 after). Types unify as in a multi-file input (permissive: int32 + int64
+    -> int64, string + large_string -> large_string); ParquetWriter takes one schema."""
+    schemas = []
+    for entry in entries:
+        path = os.path.join(out_dir, entry["part"])
+        try:
+            schemas.append(pq.read_schema(path).remove_metadata())
+        except (OSError, pa.ArrowException) as exc:
+            raise InvalidInputError(f"cannot read committed part {path}: "
+                                    f"{' '.join(str(exc).split())}") from None
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InvalidInputError(f"the committed parts of {out_dir} disagree on their columns "
+                                f"({' '.join(str(exc).split())}); rerun the job with "
+                                f"output.mode: overwrite") from None
+
+
+def _cast_part(table: pa.Table, schema: pa.Schema, path: str) -> pa.Table:
+    if table.schema == schema:
+        return table
+    try:
+        return table.select(schema.names).cast(schema)
+    except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise InvalidInputError(f"committed part {path} does not fit the other parts' columns "
+                                f"({' '.join(str(exc).split())}); rerun the job with "
+                                f"output.mode: overwrite") from None
+
+
 def write_merged(out_dir: str, entries: list[dict], dest: str) -> int:
     """Concatenate the parts of `entries` (in order) into `dest`; returns the row count.
 
@@ -262,9 +295,11 @@ def write_merged(out_dir: str, entries: list[dict], dest: str) -> int:
     tmp = os.path.join(folder, f".{os.path.basename(dest)}.{uuid.uuid4().hex}.tmp")
     writer = None
     rows = 0
+    schema = _merged_schema(out_dir, entries) if entries else None
     try:
         for entry in entries:
-            table = _read_part(os.path.join(out_dir, entry["part"]), entry)
+            path = os.path.join(out_dir, entry["part"])
+            table = _cast_part(_read_part(path, entry), schema, path)
             try:
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema)
