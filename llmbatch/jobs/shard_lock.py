@@ -42,6 +42,15 @@ _MAX_TRIES = 5
 # merge while array tasks start must not make them refuse as duplicates.
 _BUSY_TRIES, _BUSY_WAIT_S = 5, 0.05
 _BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+# (st_dev, st_ino) of the lock files this process holds: a refusal by one of them is this
+# process's own (another thread or engine; flock is per open file). The pid in the file cannot
+# tell: another container or node may run under the same pid.
+_HELD: set[tuple[int, int]] = set()
+
+
+def _file_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 LOCK_RE = re.compile(r"^_lock-(\d{5,})$")
 
 
@@ -95,12 +104,12 @@ class ShardLock:
             try:
                 _flock_exclusive(fd)
             except OSError as exc:
-                holder = _read_pid(fd)
+                holder, ours = _read_pid(fd), _file_id(fd) in _HELD
                 os.close(fd)
                 if exc.errno in _BUSY:
                     by = f" (pid {holder})" if holder else ""
-                    if holder == str(os.getpid()):   # flock is per open file, not per process
-                        by = f" in this process (pid {holder}, another thread or engine)"
+                    if ours:
+                        by = f" in this process (pid {os.getpid()}, another thread or engine)"
                     raise InvalidJobError(
                         f"output.path {os.path.dirname(self.path)}: shard {self.shard} is being "
                         f"written by another run{by}; wait for it to end or stop it") from None
@@ -117,6 +126,7 @@ class ShardLock:
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
         self._fd, self.created = fd, created
+        _HELD.add(_file_id(fd))
         return self
 
     def _open(self) -> tuple[int, bool, bool]:
@@ -152,6 +162,7 @@ class ShardLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD.discard(_file_id(self._fd))
             os.close(self._fd)       # closing the descriptor drops the flock
             self._fd = None
 

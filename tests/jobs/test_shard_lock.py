@@ -101,6 +101,27 @@ def test_a_holder_in_another_process_is_named_by_its_pid(tmp_path):
         holder.communicate(b"", timeout=30)
 
 
+def test_another_process_under_our_pid_is_not_called_this_process(tmp_path):
+    # Containers (pid namespaces) or nodes sharing a folder can hold the lock under the same
+    # pid as ours: the pid alone made the message say "in this process".
+    out = str(tmp_path)
+    code = ("import os, sys\nfrom llmbatch.jobs.shard_lock import ShardLock\n"
+            f"lock = ShardLock({out!r}, 0).acquire()\n"
+            f"os.ftruncate(lock._fd, 0); os.pwrite(lock._fd, b'{os.getpid()}', 0)\n"
+            "print('held', flush=True)\nsys.stdin.read()\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(llmbatch.__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, cwd=repo)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        with pytest.raises(InvalidJobError) as info:
+            ShardLock(out, 0).acquire()
+        assert info.value.message == (f"output.path {out}: shard 0 is being written by another "
+                                      f"run (pid {os.getpid()}); wait for it to end or stop it")
+    finally:
+        holder.communicate(b"", timeout=30)
+
+
 def test_readme_output_section_documents_the_lock_file():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(llmbatch.__file__)))
     with open(os.path.join(repo, "README.md"), encoding="utf-8") as f:
@@ -137,9 +158,10 @@ def test_lock_file_mode_follows_the_umask_and_a_read_only_one_still_locks(tmp_pa
     with ShardLock(str(tmp_path), 0) as lock:
         assert lock._fd is not None              # held, read-only
         second = ShardLock(str(tmp_path), 0)
-        with pytest.raises(InvalidJobError, match="shard 0 is being written by another run; "):
+        with pytest.raises(InvalidJobError, match="shard 0 is being written by another run in "
+                                                  "this process"):
             second.acquire()
-    assert path.read_text() == ""
+    assert path.read_text() == ""      # no pid recorded: the holder is known by the file
 
 
 def test_an_unopenable_lock_file_is_one_line(tmp_path, monkeypatch):
