@@ -84,30 +84,13 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     lock.release()
 
 
-def test_a_holder_in_another_process_is_named_by_its_pid(tmp_path):
-    out = str(tmp_path)
-    code = ("import sys, time\nfrom llmbatch.jobs.shard_lock import ShardLock\n"
-            f"ShardLock({out!r}, 0).acquire()\nprint('held', flush=True)\nsys.stdin.read()\n")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(llmbatch.__file__)))
-    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, cwd=repo)
-    try:
-        assert holder.stdout.readline() == b"held\n"
-        with pytest.raises(InvalidJobError) as info:
-            ShardLock(out, 0).acquire()
-        assert info.value.message == (f"output.path {out}: shard 0 is being written by another "
-                                      f"run (pid {holder.pid}); wait for it to end or stop it")
-    finally:
-        holder.communicate(b"", timeout=30)
-
-
-def test_another_process_under_our_pid_is_not_called_this_process(tmp_path):
-    # Containers (pid namespaces) or nodes sharing a folder can hold the lock under the same
-    # pid as ours: the pid alone made the message say "in this process".
-    out = str(tmp_path)
+def _refusal_while_another_process_holds(out: str, recorded_pid: str = "") -> tuple:
+    """(the refusal's message, the holder's pid) while a child process holds shard 0's lock;
+    `recorded_pid`, if given, replaces the pid the child wrote into the lock file."""
+    rewrite = (f"os.ftruncate(lock._fd, 0); os.pwrite(lock._fd, b'{recorded_pid}', 0)\n"
+               if recorded_pid else "")
     code = ("import os, sys\nfrom llmbatch.jobs.shard_lock import ShardLock\n"
-            f"lock = ShardLock({out!r}, 0).acquire()\n"
-            f"os.ftruncate(lock._fd, 0); os.pwrite(lock._fd, b'{os.getpid()}', 0)\n"
+            f"lock = ShardLock({out!r}, 0).acquire()\n{rewrite}"
             "print('held', flush=True)\nsys.stdin.read()\n")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(llmbatch.__file__)))
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
@@ -116,10 +99,23 @@ def test_another_process_under_our_pid_is_not_called_this_process(tmp_path):
         assert holder.stdout.readline() == b"held\n"
         with pytest.raises(InvalidJobError) as info:
             ShardLock(out, 0).acquire()
-        assert info.value.message == (f"output.path {out}: shard 0 is being written by another "
-                                      f"run (pid {os.getpid()}); wait for it to end or stop it")
+        return info.value.message, holder.pid
     finally:
         holder.communicate(b"", timeout=30)
+
+
+def test_a_holder_in_another_process_is_named_by_its_pid(tmp_path):
+    message, pid = _refusal_while_another_process_holds(str(tmp_path))
+    assert message == (f"output.path {tmp_path}: shard 0 is being written by another run "
+                       f"(pid {pid}); wait for it to end or stop it")
+
+
+def test_another_process_under_our_pid_is_not_called_this_process(tmp_path):
+    # Containers (pid namespaces) or nodes sharing a folder can hold the lock under the same
+    # pid as ours: the pid alone made the message say "in this process".
+    message, _ = _refusal_while_another_process_holds(str(tmp_path), str(os.getpid()))
+    assert message == (f"output.path {tmp_path}: shard 0 is being written by another run "
+                       f"(pid {os.getpid()}); wait for it to end or stop it")
 
 
 def test_readme_output_section_documents_the_lock_file():
