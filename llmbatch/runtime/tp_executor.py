@@ -177,13 +177,21 @@ class TPExecutor:
         while dead is None and self.procs and time.monotonic() < deadline:
             time.sleep(0.05)
             dead = describe_dead(self.procs)
+        joined = getattr(self, "group", None) is not None   # (shutdown clears it)
         self.shutdown(broken=True)
         # The frames of the failed call (the rendezvous store among their locals) would live
         # as long as the caller keeps the error, which chains to `e`.
         traceback.clear_frames(e.__traceback__)
         reason = _one_line(e) if deadline == 0.0 else (dead or _one_line(e))
+        suffix = f"(collective timeout {self.timeout_s:g}s)"
+        if dead and not joined and not self.rdv.launched:
+            # Spawned, died before joining: no timeout was involved. The commonest cause is a
+            # script whose run_job call the spawn start method runs again in the worker.
+            suffix = ("before joining the group (its own error is printed above; a script "
+                      "running a tensor-parallel job needs its run_job call under "
+                      "`if __name__ == \"__main__\":`, since each rank imports it again)")
         raise TensorParallelError(f"tensor-parallel job failed {when}: {reason} "
-                                  f"(collective timeout {self.timeout_s:g}s)") from None
+                                  f"{suffix}") from None
 
     def shutdown(self, broken: bool = False) -> None:
         """Stop the workers and leave the group. Idempotent; also runs at exit."""
