@@ -80,14 +80,32 @@ def read_job_file(path: str) -> dict:
     return data
 
 
+def _has_comment(raw: str) -> bool:
+    """Whether YAML would read some '#' of `raw` as a comment: one outside every token (a
+    scalar's '#', as in `C#` or a quoted "#", lies inside its token; a comment is no token)."""
+    if "#" not in raw:
+        return False
+    try:
+        spans = [(t.start_mark.index, t.end_mark.index) for t in yaml.scan(raw)]
+    except yaml.YAMLError:
+        return False         # not valid YAML: parse_set keeps the text anyway
+    return any(ch == "#" and not any(start <= i < end for start, end in spans)
+               for i, ch in enumerate(raw))
+
+
 def parse_set(item: str) -> tuple[list[str], Any]:
-    """`section.key=value` (or `key=value` for top-level keys); value parsed as a YAML scalar."""
+    """`section.key=value` (or `key=value` for top-level keys); value parsed as YAML, except
+    that a '#' is never a comment: a value YAML would cut at a '#' is kept as written."""
     if "=" not in item:
         raise InvalidJobError(f"--set {item!r}: expected section.key=value")
     dotted, raw = item.split("=", 1)
     keys = [k.strip() for k in dotted.strip().split(".")]
     if not all(keys) or len(keys) > 2:
         raise InvalidJobError(f"--set {item!r}: expected section.key=value")
+    if _has_comment(raw):
+        # `model.system_prompt=Rule #1 be brief` gave "Rule", `sampling.stop=###` null: a
+        # command-line value has no use for comments, so the text is what the user meant.
+        return keys, raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

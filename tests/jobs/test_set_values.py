@@ -1,0 +1,55 @@
+"""`--set section.key=value` (and run_job's sets=): how the value text is read."""
+
+import copy
+
+import pytest
+
+from llmbatch.jobs.errors import InvalidJobError
+from llmbatch.jobs.loader import load_job, parse_set
+
+BASE = {"model": {"path": "m"}, "input": {"path": "x.parquet"}, "output": {"path": "o"}}
+
+
+def loaded(*sets):
+    return load_job(copy.deepcopy(BASE), sets=list(sets))
+
+
+def error_of(*sets):
+    with pytest.raises(InvalidJobError) as info:
+        loaded(*sets)
+    assert "\n" not in str(info.value) and info.value.exit_code == 2
+    return str(info.value)
+
+
+@pytest.mark.parametrize("item, value", [
+    # YAML read '#' after a space (or at the start) as a comment: the prompt became null,
+    # 'Rule', and stop became null.
+    ("model.system_prompt=# Answer briefly", "# Answer briefly"),
+    ("model.system_prompt=Rule #1 be brief", "Rule #1 be brief"),
+    ("sampling.stop=###", "###"),
+    ("model.system_prompt=Reply in C# #fast", "Reply in C# #fast"),
+    ("sampling.stop=[a, #b]", "[a, #b]"),
+    # A '#' YAML keeps as text leaves the value to YAML as before.
+    ("model.system_prompt=C#", "C#"),
+    ("sampling.stop=['#', \"b #c\"]", ["#", "b #c"]),
+])
+def test_a_hash_sign_is_never_a_comment(item, value):
+    assert parse_set(item)[1] == value
+
+
+def test_yaml_values_still_parse():
+    spec = loaded('sampling.stop=[a, "b c"]', "sampling.max_new_tokens=8",
+                  "engine.prefix_caching=false", "sampling.temperature=0.5",
+                  "model.system_prompt=Rule #1: be brief")
+    assert spec.sampling.stop == ["a", "b c"]
+    assert spec.sampling.max_new_tokens == 8 and spec.engine.prefix_caching is False
+    assert spec.sampling.temperature == 0.5
+    assert spec.model.system_prompt == "Rule #1: be brief"
+
+
+def test_a_literal_hash_value_reaches_the_schema_as_written():
+    assert loaded("model.system_prompt=# Answer briefly").model.system_prompt == \
+        "# Answer briefly"
+    # stop is a list: the message shows the text the user wrote, not None.
+    assert error_of("sampling.stop=###") == "sampling.stop: expected a list, got '###'"
+    assert loaded('sampling.stop=["###"]').sampling.stop == ["###"]
