@@ -18,8 +18,12 @@ from pydantic import BaseModel, ValidationError
 from llmbatch.jobs.errors import InvalidJobError
 from llmbatch.jobs.spec import JobSpec
 
-# ${NAME} or ${NAME:-default}; a literal "$${" escapes the expansion.
-_ENV_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# "$${" (a literal "${"), or "${" and, where it has one of our forms, ${NAME},
+# ${NAME:-default} or ${NAME-default}. A "${" without one (unclosed, nested, ${A:=x}) is an
+# error: passed through, it became part of a path.
+_ENV_RE = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^${}]*))?\})?")
+_ENV_FORMS = ("use ${NAME}, ${NAME:-default} or ${NAME-default} (no $, { or } in the default; "
+              "$${ is a literal ${)")
 
 # pydantic error type -> how we name the expected type.
 _EXPECTED = {
@@ -152,7 +156,9 @@ def fspath_values(value: Any) -> Any:
 
 
 def expand_env(value: Any, where: str = "") -> Any:
-    """Replace ${NAME} / ${NAME:-default} in every string, recursively; unset NAME is an error."""
+    """Replace ${NAME}, ${NAME:-default}, ${NAME-default} in every string, recursively, as the
+    shell does (':-' takes the default when NAME is unset or empty, '-' only when unset); an
+    unset NAME without a default, and any other ${...}, is an error."""
     if isinstance(value, dict):
         return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
     if isinstance(value, list):
@@ -163,12 +169,16 @@ def expand_env(value: Any, where: str = "") -> Any:
     def substitute(match: re.Match) -> str:
         if match.group(0) == "$${":
             return "${"
-        name, default = match.group(1), match.group(2)
-        if name in os.environ:
-            return os.environ[name]
-        if default is not None:
-            return default
-        raise InvalidJobError(f"{where}: environment variable {name} is not set")
+        name, operator, default = match.groups()
+        if name is None:
+            raise InvalidJobError(f"{where or 'value'}: unsupported ${{...}} form in {value!r}; "
+                                  f"{_ENV_FORMS}")
+        current = os.environ.get(name)
+        if current is None or (current == "" and operator == ":-"):
+            if operator is not None:
+                return default
+            raise InvalidJobError(f"{where}: environment variable {name} is not set")
+        return current
 
     return _ENV_RE.sub(substitute, value)
 
