@@ -248,7 +248,9 @@ def _describe(errors: list[dict]) -> str:
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     msg = msg.replace("Input should be", "must be")
-    if dotted == "job" or msg.startswith(dotted.split(".")[0] + ":"):
+    # A message that begins with its key ("input.path is empty", "output: ...") says it whole.
+    head, section = msg.split(" ", 1)[0].rstrip(":"), dotted.split(".")[0]
+    if dotted == "job" or head == section or head.startswith(section + "."):
         return msg
     return f"{dotted}: {msg} (got {got!r})"
 

@@ -13,8 +13,8 @@ import os
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from llmbatch.jobs.sampling_values import (check_stop, check_stop_token_ids, check_top_k,
@@ -39,23 +39,40 @@ Int = Annotated[int, _not_bool("int_type", "Input should be a valid integer")]
 Float = Annotated[float, _not_bool("float_type", "Input should be a valid number")]
 
 
+def _named(key: str, expected: str):
+    """A path or name key may not be empty (or blank): an empty output.path wrote the parts
+    into the current directory, an empty model.path failed as "does not exist" naming nothing."""
+    def check(value):
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"{key} is empty; {expected}")
+        return value
+    return AfterValidator(check)
+
+
+_MODEL_NAME = "name a model directory or Hub id"
+
+
 class _Section(BaseModel):
     # extra='forbid' is what makes a typo a loud error instead of a silently ignored key.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSection(_Section):
-    path: str
+    path: Annotated[str, _named("model.path", _MODEL_NAME)]
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     trust_remote_code: bool = False
-    chat_template: str = "auto"          # auto | none | path to a Jinja template file
+    chat_template: Annotated[str, _named(   # auto | none | path to a Jinja template file
+        "model.chat_template", "use auto, none or a path to a Jinja template")] = "auto"
     system_prompt: Optional[str] = None
-    tokenizer: Optional[str] = None      # defaults to path
+    tokenizer: Annotated[Optional[str], _named(      # defaults to path
+        "model.tokenizer", "name a tokenizer directory or Hub id, or leave it out to use "
+                           "model.path")] = None
 
 
 class InputSection(_Section):
     path: Optional[Union[str, list[str]]] = None     # file, glob, directory, fsspec URL (or a list)
-    dataset: Optional[str] = None                    # datasets: saved dir or a dataset name
+    dataset: Annotated[Optional[str], _named(        # datasets: saved dir or a dataset name
+        "input.dataset", "name a dataset folder or Hub id")] = None
     split: str = "train"
     format: Literal["auto", "parquet", "csv", "json"] = "auto"
     prompt_column: str = "prompt"
@@ -78,7 +95,7 @@ class InputSection(_Section):
 
 
 class OutputSection(_Section):
-    path: str
+    path: Annotated[str, _named("output.path", "name the output directory")]
     rows_per_part: Int = Field(default=10000, ge=1)
     mode: Literal["resume", "overwrite", "error"] = "resume"
 
@@ -186,7 +203,7 @@ class QuantizationSection(_Section):
 class SpeculativeSection(_Section):
     method: Literal["none", "ngram", "draft"] = "none"
     num_tokens: Int = Field(default=4, ge=1)
-    draft_model: Optional[str] = None
+    draft_model: Annotated[Optional[str], _named("speculative.draft_model", _MODEL_NAME)] = None
     # Above this many running requests the engine stops drafting (verification would cost more).
     max_num_seqs: Int = Field(default=16, ge=1)
 

@@ -59,6 +59,18 @@ def error_of(data, **kw):
      "sampling.stop_token_ids: expected an integer, got True"),
     (job(sampling={"temperature": True}), "sampling.temperature: expected a number, got True"),
     (job(engine={"max_model_len": True}), "engine.max_model_len: expected an integer, got True"),
+    # An empty output.path wrote the parts into the current directory; an empty model.path
+    # said "model.path: does not exist" without a value.
+    (job(output={"path": ""}), "output.path is empty; name the output directory"),
+    (job(model={"path": " "}), "model.path is empty; name a model directory or Hub id"),
+    (job(model={"path": "m", "tokenizer": ""}), "model.tokenizer is empty; name a tokenizer "
+     "directory or Hub id, or leave it out to use model.path"),
+    (job(model={"path": "m", "chat_template": ""}),
+     "model.chat_template is empty; use auto, none or a path to a Jinja template"),
+    (job(input={"dataset": ""}), "input.dataset is empty; name a dataset folder or Hub id"),
+    (job(speculative={"method": "draft", "draft_model": ""}),
+     "speculative.draft_model is empty; name a model directory or Hub id"),
+    (job(input={"path": ["a", ""]}), "input.path is empty; name a file, glob, directory or URL"),
 ])
 def test_invalid_job_messages(data, message):
     assert error_of(data) == message
