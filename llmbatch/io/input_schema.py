@@ -10,7 +10,9 @@ column by column as pyarrow.unify_schemas(promote_options="permissive") merges: 
 other files' type, int32 widens to int64, int to double, string to large_string, a dictionary
 (a pandas categorical) to its values' type. Rows are cast with pyarrow's safe casts, so a value
 the merged type cannot hold exactly fails (cast_error) instead of being altered. Types with no
-common type are one error naming the column, both types and both files.
+common type are one error naming the column, both types and both files, raised only for a column
+the job reads (MergedSchema.check): type drift in a column no job setting names (int in one file,
+text in another) refused the whole job, and such a column is never read (batches are projected).
 """
 
 from __future__ import annotations
@@ -41,13 +43,24 @@ def _merge(a: pa.DataType, b: pa.DataType) -> Optional[pa.DataType]:
 
 
 class MergedSchema:
-    """The merged schema, and for each column the first file of each type it has (a file to
-    name beside the one whose values do not fit the merged type)."""
+    """The merged schema, for each column the first file of each type it has (a file to name
+    beside the one whose values do not fit the merged type), and the columns whose types have no
+    common type (name -> the error line). Such a column keeps the type merged from the files
+    before the one that conflicts: it is listed (a missing column's error names the input's
+    columns) but cannot be read."""
 
     def __init__(self, schema: pa.Schema,
-                 origins: dict[str, list[tuple[str, pa.DataType]]]) -> None:
+                 origins: dict[str, list[tuple[str, pa.DataType]]],
+                 conflicts: Optional[dict[str, str]] = None) -> None:
         self.schema = schema
         self.origins = origins
+        self.conflicts = conflicts or {}
+
+    def check(self, columns: Sequence[str]) -> None:
+        """InvalidInputError (one line) for the first of `columns` the files disagree on."""
+        for name in columns:
+            if name in self.conflicts:
+                raise InvalidInputError(self.conflicts[name])
 
     def other_file(self, name: str, own: pa.DataType) -> Optional[tuple[str, pa.DataType]]:
         """A file where column `name` has a type other than `own`: the merged type's if any."""
@@ -57,26 +70,28 @@ class MergedSchema:
 
 
 def merge_schemas(files: Sequence[tuple[str, pa.Schema]]) -> MergedSchema:
-    """(path, schema) of each file, in input order -> MergedSchema; InvalidInputError with one
-    line when two files give a column types with no common type."""
+    """(path, schema) of each file, in input order -> MergedSchema. A column two files give
+    types with no common type is a conflict (its first), refused by MergedSchema.check."""
     fields: dict[str, pa.Field] = {}            # in order of first appearance
     origins: dict[str, list[tuple[str, pa.DataType]]] = {}
+    conflicts: dict[str, str] = {}
     for path, schema in files:
         for field in schema:
             name, kind = field.name, field.type
             if name not in fields:
                 fields[name] = field
-            else:
+            elif name not in conflicts:
                 merged = _merge(fields[name].type, kind)
                 if merged is None:
                     first_path, first_kind = origins[name][0]
-                    raise InvalidInputError(f"input files disagree on column {name!r}: "
-                                            f"{first_kind} in {first_path}, {kind} in {path}")
-                fields[name] = fields[name].with_type(merged).with_nullable(True)
+                    conflicts[name] = (f"input files disagree on column {name!r}: "
+                                       f"{first_kind} in {first_path}, {kind} in {path}")
+                else:
+                    fields[name] = fields[name].with_type(merged).with_nullable(True)
             seen = origins.setdefault(name, [])
             if not pa.types.is_null(kind) and all(kind != k for _, k in seen):
                 seen.append((path, kind))
-    return MergedSchema(pa.schema(list(fields.values())), origins)
+    return MergedSchema(pa.schema(list(fields.values())), origins, conflicts)
 
 
 def cast_error(piece, path: str, merged: MergedSchema,

@@ -83,8 +83,13 @@ class InputSource:
 
     def iter_batches(self, start: int, end: int, columns: Sequence[str],
                      batch_size: int) -> Iterator[tuple[int, pa.RecordBatch]]:
-        """Yield (global index of the batch's first row, batch) covering rows [start, end)."""
+        """Yield (global index of the batch's first row, batch) covering rows [start, end);
+        only `columns` are read."""
         raise NotImplementedError
+
+    def check_readable(self, columns: Sequence[str]) -> None:
+        """InvalidInputError (one line) if one of `columns` cannot be read as one type."""
+        # One table (TableSource) has one type per column: nothing to refuse.
 
 
 class ArrowDatasetSource(InputSource):
@@ -132,7 +137,11 @@ class ArrowDatasetSource(InputSource):
             return [(g, g.row_groups[0].num_rows) for g in groups]
         return [(fragment, fragment.count_rows())]
 
+    def check_readable(self, columns):
+        self._merged.check(columns)
+
     def iter_batches(self, start, end, columns, batch_size):
+        self.check_readable(columns)
         offset = 0
         for fragment, count in zip(self._fragments, self._fragment_counts()):
             if offset >= end:
@@ -191,10 +200,19 @@ def _open_datasets(section, progress_bars: bool) -> TableSource:
                                            progress_bars))
 
 
-def open_input(section, progress_bars: bool = False) -> InputSource:
+def read_columns(section, per_row: Sequence[str] = ()) -> list[str]:
+    """The input columns a job reads: prompt (or messages), kept, per-row and id columns."""
+    named = [section.messages_column or section.prompt_column, *section.keep_columns, *per_row,
+             *([section.id_column] if section.id_column else [])]
+    return list(dict.fromkeys(named))
+
+
+def open_input(section, progress_bars: bool = False, per_row: Sequence[str] = ()) -> InputSource:
     """`input` section -> InputSource (raises InvalidInputError with one line).
     `progress_bars`: datasets' and the hub's own bars while a dataset loads (--progress bar
-    or log); off by default."""
+    or log); off by default. `per_row`: the job's sampling.per_row columns. Only the columns
+    the job reads (read_columns) must have one type in every input file, checked here, before
+    a model loads; other columns are never read."""
     if section.dataset is not None:
         return _open_datasets(section, progress_bars)
     paths = section.path if isinstance(section.path, list) else [section.path]
@@ -217,4 +235,6 @@ def open_input(section, progress_bars: bool = False) -> InputSource:
         dataset = ds.dataset(files, format=fmt, filesystem=filesystem)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise read_error(exc, fmt, files[0], filesystem) from None
-    return ArrowDatasetSource(dataset, description, fmt, filesystem)
+    source = ArrowDatasetSource(dataset, description, fmt, filesystem)
+    source.check_readable(read_columns(section, per_row))
+    return source

@@ -103,7 +103,8 @@ class JobRunner:
         if spec.model.tokenizer:
             check_local_path("model.tokenizer", spec.model.tokenizer)
         shard = resolve_shard(spec.shard.index, spec.shard.count)
-        self._source = open_input(spec.input, progress_bars=self.progress_mode != "none")
+        self._source = open_input(spec.input, progress_bars=self.progress_mode != "none",
+                                  per_row=spec.sampling.per_row)
         check_input_columns(self._source.schema, spec)   # before the model loads
         num_rows = self._source.num_rows
         start, end = shard.row_range(num_rows)

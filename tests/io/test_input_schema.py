@@ -3,7 +3,8 @@
 pyarrow.dataset used the first file's schema: a column all null there (pandas writes an
 all-None column as Arrow type null) refused every later file with "Unsupported cast from
 large_string to null ... set input.format", and the same files in the other order ran. Types
-with no common type are one line naming the column, both types and both files."""
+with no common type are one line naming the column, both types and both files, for a column the
+job reads only (it refused the job over a column never read)."""
 
 import pandas as pd
 import pyarrow as pa
@@ -97,3 +98,38 @@ def test_jsonl_files_with_a_number_and_a_string_column(tmp_path):
     (tmp_path / "b.jsonl").write_text('{"prompt": "q", "x": "one"}\n')
     assert _error(tmp_path) == (f"input files disagree on column 'x': int64 in "
                                 f"{tmp_path / 'a.jsonl'}, string in {tmp_path / 'b.jsonl'}")
+
+
+def _write_x_int_then_string(folder, fmt):
+    """a: prompt + x int64, b: prompt + x string, in `fmt` (parquet | csv | jsonl)."""
+    if fmt == "parquet":
+        pq.write_table(pa.table({"prompt": ["p", "q"], "x": [1, 2]}), folder / "a.parquet")
+        pq.write_table(pa.table({"prompt": ["r"], "x": ["u"]}), folder / "b.parquet")
+    elif fmt == "csv":   # each CSV file's types are inferred on their own
+        (folder / "a.csv").write_text("prompt,x\np,1\nq,2\n")
+        (folder / "b.csv").write_text("prompt,x\nr,u\n")
+    else:
+        (folder / "a.jsonl").write_text('{"prompt": "p", "x": 1}\n{"prompt": "q", "x": 2}\n')
+        (folder / "b.jsonl").write_text('{"prompt": "r", "x": "u"}\n')
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_a_conflict_in_a_column_the_job_does_not_read_is_no_error(tmp_path, fmt):
+    _write_x_int_then_string(tmp_path, fmt)
+    source = open_input(InputSection(path=str(tmp_path), keep_columns=[]))
+    rows = [r for _, batch in source.iter_batches(0, source.num_rows, ["prompt"], 2)
+            for r in batch.to_pylist()]
+    assert rows == [{"prompt": "p"}, {"prompt": "q"}, {"prompt": "r"}]
+    assert source.schema.names == ["prompt", "x"]   # still listed, e.g. in "columns: ..."
+
+
+@pytest.mark.parametrize("ext", ["parquet", "csv", "jsonl"])
+def test_a_conflict_in_a_column_the_job_reads_is_refused_when_opened(tmp_path, ext):
+    _write_x_int_then_string(tmp_path, ext)
+    with pytest.raises(InvalidInputError) as info:   # kept, or read per row: before any read
+        open_input(InputSection(path=str(tmp_path), keep_columns=["x"]))
+    assert info.value.message == (f"input files disagree on column 'x': int64 in "
+                                  f"{tmp_path / f'a.{ext}'}, string in {tmp_path / f'b.{ext}'}")
+    with pytest.raises(InvalidInputError) as info:
+        open_input(InputSection(path=str(tmp_path)), per_row=["x"])
+    assert info.value.message.startswith("input files disagree on column 'x': int64 in ")
