@@ -67,6 +67,7 @@ def validate(job: str, sets: tuple) -> None:
     import yaml
 
     from llmbatch.api import load
+    from llmbatch.io.hub_datasets import split_applies
     from llmbatch.io.sharding import resolve_shard
 
     spec = load(job, sets)
@@ -76,7 +77,10 @@ def validate(job: str, sets: tuple) -> None:
     except ValueError as exc:
         raise InvalidJobError(f"invalid engine/sampling settings: {exc}") from None
     shard = resolve_shard(spec.shard.index, spec.shard.count)
-    click.echo(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False).rstrip())
+    shown = spec.model_dump(mode="json")
+    if not split_applies(spec.input):   # the default split, where it picks nothing
+        del shown["input"]["split"]
+    click.echo(yaml.safe_dump(shown, sort_keys=False).rstrip())
     click.echo(f"# shard {shard.index} of {shard.count}, config hash {spec.config_hash(shard.count)}")
 
 

@@ -127,7 +127,7 @@ def _single_dataset(name: str, loaded, split: str, split_set: bool) -> str:
     DatasetDict), which holds no splits to choose from: input.split used to be ignored there,
     all rows ran and the log said "name[test]". A split set in the job is refused unless it is
     the one the Dataset was saved as (its `split` attribute); for a Dataset without one,
-    "train" (the default, also as printed by `llmbatch validate`) stands for all of it."""
+    "train" (the default, as the README's example spells it) stands for all of it."""
     own = str(loaded.split) if loaded.split is not None else None
     if split_set and split != (own or "train"):
         attribute = f" (its split attribute is {own!r})" if own else ""
@@ -135,6 +135,19 @@ def _single_dataset(name: str, loaded, split: str, split_set: bool) -> str:
                                 f"Dataset without splits{attribute}; remove input.split to read "
                                 f"all of it")
     return f"{name}[{own}]" if own else name
+
+
+def split_applies(section) -> bool:
+    """Whether the `input` section's split says which rows are read, for `llmbatch validate`
+    (which loads no data): set in the job (checked when the input opens), or the default on a
+    dataset that has splits. It printed "split: train" for input.path files and for a saved
+    single Dataset, which is read whole (even one saved as its test split)."""
+    if "split" in section.model_fields_set:
+        return True
+    if section.dataset is None:
+        return False
+    # save_to_disk of a single Dataset: state.json at the top (a DatasetDict has one per split)
+    return not os.path.isfile(os.path.join(os.path.expanduser(section.dataset), "state.json"))
 
 
 def load_dataset_table(name: str, split: str, split_set: bool = True,

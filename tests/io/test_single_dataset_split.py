@@ -2,7 +2,7 @@
 holds no splits, and input.split was silently ignored there (every row ran, and the plan said
 "ds_single[test]"). A split given in the job that the Dataset was not saved as is refused in
 one line (exit 2); the default still reads it all, and the description claims no split that
-was not applied."""
+was not applied, nor does `llmbatch validate` (it printed "split: train" for any job)."""
 
 import pytest
 import yaml
@@ -15,13 +15,16 @@ from llmbatch.jobs.spec import InputSection
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """ds_single: a Dataset with no split attribute; ds_test: one saved from a 'test' split."""
+    """ds_single: a Dataset with no split attribute; ds_test: one saved from a 'test' split;
+    ds_dict: a DatasetDict with a train split."""
     import datasets
 
     root = tmp_path_factory.mktemp("single")
     datasets.Dataset.from_dict({"prompt": ["a", "b", "c"]}).save_to_disk(str(root / "ds_single"))
     datasets.Dataset.from_dict({"prompt": ["x", "y"]}, split="test").save_to_disk(
         str(root / "ds_test"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"prompt": ["t"]})}).save_to_disk(
+        str(root / "ds_dict"))
     return root
 
 
@@ -76,3 +79,20 @@ def test_cli_plan(saved, tmp_path, tiny_tokenizer_dir, jobkit, fake_engine_env, 
         assert captured.err == ("llmbatch: error: input.split 'test': input.dataset ds_single is "
                                 "a single saved Dataset without splits; remove input.split to "
                                 "read all of it\n")
+
+
+@pytest.mark.parametrize("source, sets, shown", [
+    ({"dataset": "ds_test"}, [], None),            # read whole: no split applied
+    ({"dataset": "ds_single"}, [], None),
+    ({"dataset": "ds_test"}, ["--set", "input.split=test"], "test"),   # set in the job
+    ({"dataset": "ds_dict"}, [], "train"),         # the default picks ds_dict's train split
+    ({"path": "rows.parquet"}, [], None),          # files have no splits
+])
+def test_cli_validate_shows_a_split_only_when_set_or_applied(
+        saved, tmp_path, tiny_tokenizer_dir, jobkit, monkeypatch, capsys, source, sets, shown):
+    monkeypatch.chdir(saved)
+    job = jobkit.make_job(tiny_tokenizer_dir, None, str(tmp_path / "out"))
+    job["input"] = source
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["validate", str(tmp_path / "job.yaml"), *sets]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["input"].get("split") == shown
