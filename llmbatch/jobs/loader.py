@@ -10,6 +10,7 @@ import copy
 import difflib
 import os
 import re
+import typing
 from typing import Any, Iterable, Optional, Union
 
 import yaml
@@ -114,9 +115,26 @@ def parse_set(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw          # not valid YAML: keep the text; the schema decides if that is ok
-    if isinstance(value, dict):
+    if isinstance(value, dict) and not _takes_mapping(keys):
         value = raw          # "Be brief: yes" is a sentence, not a mapping: keep the text
     return keys, value
+
+
+def _takes_mapping(keys: list[str]) -> bool:
+    """Whether the key `keys` names is a section or a mapping-valued key (a field whose type
+    is a pydantic model or a dict)."""
+    model: Any = JobSpec
+    annotation: Any = None
+    for key in keys:
+        fields = getattr(model, "model_fields", None)
+        if not fields or key not in fields:
+            return False
+        annotation = model = fields[key].annotation
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return (isinstance(annotation, type) and issubclass(annotation, BaseModel)) \
+        or annotation is dict or typing.get_origin(annotation) is dict
 
 
 def apply_overrides(data: dict, sets: Iterable[str] = (), overrides: Optional[dict] = None) -> dict:
@@ -129,6 +147,9 @@ def apply_overrides(data: dict, sets: Iterable[str] = (), overrides: Optional[di
             data[key] = value
     for item in sets:
         keys, value = parse_set(item)
+        if len(keys) == 1 and isinstance(value, dict) and isinstance(data.get(keys[0]), dict):
+            data[keys[0]].update(value)   # `parallel={tensor_parallel_size: 2}` sets those keys
+            continue
         if len(keys) == 1:
             data[keys[0]] = value
             continue

@@ -53,3 +53,24 @@ def test_a_literal_hash_value_reaches_the_schema_as_written():
     # stop is a list: the message shows the text the user wrote, not None.
     assert error_of("sampling.stop=###") == "sampling.stop: expected a list, got '###'"
     assert loaded('sampling.stop=["###"]').sampling.stop == ["###"]
+
+
+def test_a_mapping_for_a_section_sets_its_keys():
+    # Failed with "parallel: expected a mapping, got '{tensor_parallel_size: 2}'".
+    assert loaded("parallel={tensor_parallel_size: 2}").parallel.tensor_parallel_size == 2
+    data = copy.deepcopy(BASE)
+    data["sampling"] = {"seed": 3, "max_new_tokens": 5}
+    spec = load_job(data, sets=["sampling={max_new_tokens: 8, temperature: 0.5}"])
+    # Merged into the section, as keyword overrides are: the job's seed stays.
+    assert (spec.sampling.seed, spec.sampling.max_new_tokens, spec.sampling.temperature) == \
+        (3, 8, 0.5)
+    assert error_of("sampling={temprature: 1}") == \
+        "unknown key 'temprature' in section 'sampling' (did you mean 'temperature'?)"
+    assert error_of("parallel=2") == "parallel: expected a mapping, got 2"
+
+
+def test_a_mapping_for_a_text_key_stays_text():
+    assert parse_set("model.system_prompt=Be brief: yes")[1] == "Be brief: yes"
+    assert parse_set("model.system_prompt={a: 1}")[1] == "{a: 1}"
+    assert error_of("modle={path: x}") == \
+        "unknown key 'modle' at the top level (did you mean 'model'?)"
