@@ -89,6 +89,9 @@ def resolve_chat_template(tokenizer, model_section, input_section) -> Optional[s
     if template is None and model_section.system_prompt is not None:
         raise InvalidJobError("model.system_prompt needs a chat template but the tokenizer has "
                               "none (or model.chat_template is none)")
+    if template is None and model_section.chat_template_kwargs:
+        raise InvalidJobError("model.chat_template_kwargs needs a chat template but the "
+                              "tokenizer has none (or model.chat_template is none)")
     return template
 
 
@@ -124,6 +127,7 @@ class PromptRenderer:
         self.tokenizer = tokenizer
         self.template = resolve_chat_template(tokenizer, model_section, input_section)
         self.system_prompt = model_section.system_prompt
+        self.template_kwargs = dict(model_section.chat_template_kwargs)
         self.messages_column = input_section.messages_column
         self.prompt_column = input_section.prompt_column
         # Prompts are tokenized whole and over-long ones become error rows (jobs/engine_limits.py), so
@@ -134,6 +138,11 @@ class PromptRenderer:
         if isinstance(warned, dict):
             warned["sequence-length-is-longer-than-the-specified-maximum"] = True
 
+    def _apply_template(self, messages: list) -> Any:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True,
+                                                  **self.template_kwargs)
+
     def _render_messages(self, messages: Any) -> str:
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {role, content}")
@@ -143,8 +152,7 @@ class PromptRenderer:
                 raise ValueError("each message needs string 'role' and 'content'")
         if self.system_prompt is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}] + list(messages)
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
+        text = self._apply_template(messages)
         if not isinstance(text, str):
             raise ValueError("the chat template did not return text")
         return text
@@ -175,8 +183,7 @@ class PromptRenderer:
                 if self.system_prompt is not None:
                     messages.insert(0, {"role": "system", "content": self.system_prompt})
                 try:
-                    text = self.tokenizer.apply_chat_template(
-                        messages, tokenize=False, add_generation_prompt=True)
+                    text = self._apply_template(messages)
                 except Exception as exc:
                     error = f"prompt does not render: {type(exc).__name__}: {exc}"
             else:

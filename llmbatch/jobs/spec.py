@@ -51,6 +51,14 @@ def _named(key: str, expected: str):
 
 _MODEL_NAME = "name a model directory or Hub id"
 
+# apply_chat_template's own parameters and the variables its render passes (transformers 4.x
+# and 5.x): as a template kwarg each would clash with ours or change what it returns.
+_APPLY_CHAT_TEMPLATE_ARGS = frozenset((
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs"))
+
 
 class _Section(BaseModel):
     # extra='forbid' is what makes a typo a loud error instead of a silently ignored key.
@@ -67,6 +75,20 @@ class ModelSection(_Section):
     tokenizer: Annotated[Optional[str], _named(      # defaults to path
         "model.tokenizer", "name a tokenizer directory or Hub id, or leave it out to use "
                            "model.path")] = None
+    # Extra variables of the chat template for every row (Qwen3's enable_thinking), as vLLM's
+    # chat_template_kwargs. Left out of dumps while empty: jobs written before the key keep
+    # their config hash (config_hash hashes model_dump()).
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                                 exclude_if=lambda kwargs: not kwargs)
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if key in _APPLY_CHAT_TEMPLATE_ARGS:
+                raise ValueError(f"'{key}' is an argument of apply_chat_template, not a "
+                                 f"template variable")
+        return value
 
 
 class InputSection(_Section):
