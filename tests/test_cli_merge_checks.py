@@ -51,6 +51,23 @@ def test_merge_refuses_parts_of_an_earlier_shard_layout(job, capsys):
     assert not os.path.exists("all.parquet")
 
 
+def test_merge_names_the_settings_two_configs_differ_in(job, capsys):
+    # Shard 1 rerun with another max_new_tokens (overwrite clears only its own parts): the
+    # refusal named two opaque hashes.
+    for k in range(2):
+        job(10, shard={"index": k, "count": 2})
+    other = job(10, shard={"index": 1, "count": 2}, sampling={"max_new_tokens": 3},
+                output={"mode": "overwrite"}).config_hash
+    code, out, err = call(capsys, "merge", "out", "-o", "all.parquet")
+    assert (code, out) == (2, "")
+    assert err.startswith("llmbatch: error: out: committed parts come from different job "
+                          "configs: config_hash ") and err.count("\n") == 1
+    assert err.endswith(f"config_hash {other} (shard 1: part-00001-00000.parquet), which "
+                        f"differ in sampling.max_new_tokens 8 vs 3; merging them would double "
+                        f"or drop rows: run every shard of one config (output.mode: "
+                        f"overwrite) or use a new output.path\n")
+
+
 def test_merge_refuses_a_part_file_of_another_config(job, capsys):
     # The manifest entry is this job's, the file under its name another job's (a copy by hand).
     mine = job(15).config_hash

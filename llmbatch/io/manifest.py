@@ -24,6 +24,7 @@ import json
 import os
 from typing import Optional
 
+from llmbatch.io.config_diff import why_written_differently
 from llmbatch.io.layout import (ENTRY_RE, ENTRY_TMP_RE, MANIFEST_DIR, PART_RE, PART_TMP_RE,
                                 STATS_DIR, deletable_shard)
 from llmbatch.io.writer import MISSING, part_defect, part_name, write_atomic_bytes
@@ -72,14 +73,19 @@ class Manifest:
                     temps.append(name)
         return sorted(parts), temps
 
-    def check_hash(self, config_hash: str) -> None:
-        """Refuse to resume output written under another config (any shard)."""
-        for entry in self.entries():
-            if entry.get("config_hash") != config_hash:
-                raise ResumeError(
-                    f"output.path {self.out_dir} was written by a job with config hash "
-                    f"{entry.get('config_hash')}, this job's is {config_hash}; set output.mode: "
-                    f"overwrite (or use a new output.path) to start over")
+    def check_hash(self, config_hash: str, settings: dict, shard: int, shard_count: int) -> None:
+        """Refuse to resume output written under another config (any shard), in one line
+        saying why (config_diff.py: the settings that differ, or an earlier llmbatch version)
+        and what output.mode: overwrite would delete (the committed rows it clears for
+        `shard`, as clear() does), so the way out is not to delete rows unknowingly."""
+        entries = self.entries()
+        other = next((e for e in entries if e.get("config_hash") != config_hash), None)
+        if other is None:
+            return
+        why, remedy = why_written_differently(other, settings, config_hash)
+        raise ResumeError(f"output.path {self.out_dir} {why}; {remedy}, use another "
+                          f"output.path, or set output.mode: overwrite (deletes "
+                          f"{_overwritten(entries, shard, shard_count)})")
 
     def has_results(self, shard: int) -> bool:
         parts, _ = self.shard_files(shard)
@@ -169,6 +175,18 @@ class Manifest:
             # Only when no other shard can be committing into it (a one-shard job).
             if folder and all_shards and not os.listdir(path):
                 os.rmdir(path)
+
+
+def _overwritten(entries: list[dict], shard: int, shard_count: int) -> str:
+    """'the 50 committed rows' (of shard 0) that output.mode: overwrite clears for `shard`:
+    every shard's of a one-shard job, else this shard's and those of shards >= shard_count."""
+    cleared = [e for e in entries
+               if shard_count == 1 or e["shard"] == shard or e["shard"] >= shard_count]
+    rows = sum(e["row_end"] - e["row_start"] for e in cleared)
+    shards = sorted({e["shard"] for e in cleared})
+    of = f" of shard{'s' if len(shards) > 1 else ''} {', '.join(map(str, shards))}" \
+        if shard_count > 1 and shards else ""
+    return f"the {rows} committed row{'s' if rows != 1 else ''}{of}"
 
 
 def _entry_name(part: str) -> str:

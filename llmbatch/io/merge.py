@@ -23,6 +23,7 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llmbatch.io.config_diff import describe_differences
 from llmbatch.io.sharding import Shard
 from llmbatch.io.writer import part_metadata
 from llmbatch.jobs.errors import InvalidInputError
@@ -73,9 +74,15 @@ def check_one_config(out_dir: str, entries: list[dict]) -> None:
         label = "shard" if len(shards) == 1 else "shards"
         return f"{values} ({label} {', '.join(map(str, shards))}: {parts})"
 
+    # Two configs whose entries record their settings: also the settings that differ
+    # (shard.count is named above when it differs).
+    recorded = [g[0].get("settings") for g in groups.values()]
+    differ = describe_differences(*recorded, arrow="vs", skip=("shard.count",)) \
+        if len(recorded) == 2 and all(isinstance(r, dict) for r in recorded) else ""
     raise InvalidInputError(
         f"{out_dir}: committed parts come from different job configs: "
         + " vs ".join(describe(k, g) for k, g in groups.items())
+        + (f", which differ in {differ}" if differ else "")
         + "; merging them would double or drop rows: run every shard of one config "
           "(output.mode: overwrite) or use a new output.path")
 

@@ -31,7 +31,7 @@ from llmbatch.jobs.path_checks import (check_input_output_overlap, check_local_p
 from llmbatch.jobs.progress import Progress
 from llmbatch.jobs.rows import fill_error, fill_from_result
 from llmbatch.jobs.shard_lock import ShardLock
-from llmbatch.jobs.spec import JobSpec
+from llmbatch.jobs.spec import JobSpec, settings_hash
 from llmbatch.jobs.stats import ShardStats, next_run_index, write_stats
 
 
@@ -46,6 +46,7 @@ class JobPlan:
     rows_done: int                # rows of committed parts (intact ones, when checked)
     config_hash: str
     input_description: str
+    settings: dict                # what config_hash hashes; each manifest entry records it
 
 
 @dataclass
@@ -108,13 +109,14 @@ class JobRunner:
         check_input_columns(self._source.schema, spec)   # before the model loads
         num_rows = self._source.num_rows
         start, end = shard.row_range(num_rows)
-        config_hash = spec.config_hash(shard.count)
+        settings = spec.hashed_settings(shard.count)
+        config_hash = settings_hash(settings)
         rows_done = 0
         if spec.output.mode == "error" and self.manifest.has_results(shard.index):
             raise InvalidJobError(f"output.path {spec.output.path} already holds results of "
                                   f"shard {shard.index}; set output.mode: resume or overwrite")
         if spec.output.mode == "resume":
-            self.manifest.check_hash(config_hash)
+            self.manifest.check_hash(config_hash, settings, shard.index, shard.count)
             entries = self.manifest.entries(shard.index)
             # A damaged or missing part and those after it are produced again (Manifest.recover).
             damaged = self.manifest.first_damaged(entries) if check_parts else None
@@ -126,7 +128,7 @@ class JobRunner:
                                   f"{written_for} rows, the input now has {num_rows}; set "
                                   f"output.mode: overwrite to start over")
         return JobPlan(shard, num_rows, start, end, rows_done, config_hash,
-                       self._source.description)
+                       self._source.description, settings)
 
     def _say(self, message: str) -> None:
         # Before the bar exists (model loading can take minutes): plain lines on stderr.
@@ -211,7 +213,8 @@ class JobRunner:
             plan.row_start, plan.row_end, spec.output.rows_per_part, schema,
             part_meta=lambda: {"shard": shard.index, "shard_count": shard.count,
                                "num_input_rows": plan.num_input_rows,
-                               "config_hash": plan.config_hash, "model": spec.model.path},
+                               "config_hash": plan.config_hash, "model": spec.model.path,
+                               "settings": plan.settings},
             shard_index=shard.index)
         resume_row = self._committer.resume_row
         self.stats = ShardStats()

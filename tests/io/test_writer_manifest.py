@@ -112,12 +112,43 @@ def test_recover_uncommits_a_part_with_another_row_count(tmp_path):
 
 def test_check_hash(tmp_path):
     commit(tmp_path, 0, 0, 0, 3, config_hash="aaaa")
-    Manifest(str(tmp_path)).check_hash("aaaa")
+    settings = {"output_rules": 2, "sampling": {"seed": 0}}
+    Manifest(str(tmp_path)).check_hash("aaaa", settings, 0, 1)
+    with pytest.raises(ResumeError) as info:        # an entry without recorded settings
+        Manifest(str(tmp_path)).check_hash("bbbb", settings, 0, 1)
+    assert str(info.value) == (f"output.path {tmp_path} was written by an earlier llmbatch "
+                               f"version that does not record its settings (config hash aaaa, "
+                               f"this job's is bbbb); rerun it with the llmbatch version that "
+                               f"wrote it, use another output.path, or set output.mode: "
+                               f"overwrite (deletes the 3 committed rows)")
+
+
+def test_check_hash_names_the_settings_or_the_hashes(tmp_path):
+    manifest = Manifest(str(tmp_path))
+    settings = {"output_rules": 2, "model": {"path": "m", "chat_template": "sha256:" + "ab" * 32},
+                "sampling": {"seed": 0, "stop": ["\n\n"]}}
+    commit(tmp_path, 0, 0, 0, 3, config_hash="aaaa")
+    commit(tmp_path, 0, 1, 3, 4, config_hash="aaaa")
+    commit(tmp_path, 1, 0, 4, 6, config_hash="aaaa")
+    for name in os.listdir(tmp_path / "_manifest"):
+        path = tmp_path / "_manifest" / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), "settings": settings}))
+    ours = {**settings, "model": {"path": "m", "chat_template": "auto"},
+            "sampling": {"seed": 0, "stop": []}}
     with pytest.raises(ResumeError) as info:
-        Manifest(str(tmp_path)).check_hash("bbbb")
-    assert str(info.value) == (f"output.path {tmp_path} was written by a job with config hash "
-                               f"aaaa, this job's is bbbb; set output.mode: overwrite (or use a "
-                               f"new output.path) to start over")
+        manifest.check_hash("bbbb", ours, 0, 2)
+    assert str(info.value) == (
+        f"output.path {tmp_path} was written with different settings: model.chat_template "
+        f"sha256:ababababababababababababababab... -> auto, sampling.stop [\"\\n\\n\"] -> []; "
+        f"rerun with the original settings, use another output.path, or set output.mode: "
+        f"overwrite (deletes the 4 committed rows of shard 0)")
+    # Equal recorded settings (an entry edited by hand): the hashes are all there is to say.
+    with pytest.raises(ResumeError) as info:
+        manifest.check_hash("bbbb", settings, 1, 2)
+    assert str(info.value) == (
+        f"output.path {tmp_path} was written by a job with config hash aaaa, this job's is "
+        f"bbbb; rerun with the settings that wrote it, use another output.path, or set "
+        f"output.mode: overwrite (deletes the 2 committed rows of shard 1)")
 
 
 def test_clear_one_shard_or_all(tmp_path):

@@ -45,13 +45,20 @@ def test_a_rows_own_seed_is_used_as_is():
     assert spec(seed=5).sampling_params({"seed": 42}, row_seed_offset=3).seed == 42
 
 
-def test_sampled_jobs_change_hash_greedy_jobs_keep_theirs():
-    # Hashes under the additive rule (HEAD before this change): a folder of a sampled job
-    # written then refuses to resume (config hash differs) instead of mixing both rules.
-    assert spec().config_hash(1) == "64bf29a9d049b198"
-    assert spec(temperature=0.7).config_hash(1) == "b9448a43f43e67ac" != "71b6c33eaa8eb94f"
-    assert spec(per_row=["temperature"]).config_hash(1) == "3677644b04b86ed8" \
-        != "9037e221e2315d75"
+def test_every_job_hash_changes_with_the_output_rules_version():
+    # The hashes under the payload before OUTPUT_RULES_VERSION (rules v1 and today's commits
+    # before it): 57cc1a0 changed only sampled jobs' hashes, so a greedy folder written by
+    # ac16046 resumed and mixed rows of both rules (stop token text, prompt length and
+    # whitespace rules changed for greedy jobs too). Every job's hash changes now.
+    before = {(): ("64bf29a9d049b198", "64bf29a9d049b198"),
+              (("temperature", 0.7),): ("71b6c33eaa8eb94f", "b9448a43f43e67ac"),
+              (("per_row", ("temperature",)),): ("9037e221e2315d75", "3677644b04b86ed8")}
+    now = {(): "fc277b639e7a62d8", (("temperature", 0.7),): "b3934413755780be",
+           (("per_row", ("temperature",)),): "20dd496dedf9e421"}
+    for key, old in before.items():
+        sampling = {k: list(v) if isinstance(v, tuple) else v for k, v in key}
+        assert spec(**sampling).config_hash(1) == now[key]
+        assert now[key] not in old
 
 
 def test_next_job_seed_gives_new_samples_on_the_real_engine(tmp_path, tiny_llama_dir, jobkit,

@@ -1,0 +1,77 @@
+"""What differs between the settings an output folder was written with and a job's (no torch).
+
+Each manifest entry records the settings its job's config hash was computed from
+(JobSpec.hashed_settings: nested job-file sections, JSON values). A refused resume or merge
+names the keys that differ with both values instead of two opaque hashes, so the user can tell
+a typo'd rows_per_part from an upgrade, and need not reach for output.mode: overwrite (which
+deletes the committed rows) to find out.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# The hashed settings' key for JobSpec's OUTPUT_RULES_VERSION (what a job file writes).
+RULES_KEY = "output_rules"
+_UNSET = object()           # a key one side does not record (added by a later version)
+_MAX_VALUE = 40             # characters of one value in a message (a template's sha256 is 71)
+_MAX_KEYS = 6               # differing keys named in one message
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict[str, Any]:
+    """{"sampling": {"seed": 0}} -> {"sampling.seed": 0}; lists are values."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _show(value: Any) -> str:
+    """A value as a job file would spell it: plain words bare, other strings quoted, null,
+    true/false and lists as JSON; long ones cut."""
+    if value is _UNSET:
+        return "(unset)"
+    if isinstance(value, str) and value and not any(c.isspace() or c in "\"'," for c in value):
+        text = value
+    else:
+        text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= _MAX_VALUE else text[: _MAX_VALUE - 3] + "..."
+
+
+def describe_differences(old: dict, new: dict, arrow: str = "->",
+                         skip: tuple[str, ...] = ()) -> str:
+    """'output.rows_per_part 50 -> 20, sampling.max_new_tokens 64 -> 32' for the keys (other
+    than `skip`) whose values differ, in the job file's order; '' when none does."""
+    a, b = _flatten(old), _flatten(new)
+    keys = [k for k in list(b) + [k for k in a if k not in b]
+            if k not in skip and a.get(k, _UNSET) != b.get(k, _UNSET)]
+    shown = [f"{k} {_show(a.get(k, _UNSET))} {arrow} {_show(b.get(k, _UNSET))}"
+             for k in keys[:_MAX_KEYS]]
+    more = len(keys) - _MAX_KEYS
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
+def why_written_differently(entry: dict, settings: dict, config_hash: str) -> tuple[str, str]:
+    """(why, what to do) for a manifest `entry` whose config hash is not `config_hash`, the
+    hash of a job's `settings`: the rest of 'output.path P ...' saying it was written by
+    another llmbatch version or with other settings (named), and the first way out."""
+    recorded, theirs = entry.get("settings"), entry.get("config_hash")
+    older = "rerun it with the llmbatch version that wrote it"
+    if not isinstance(recorded, dict) or RULES_KEY not in recorded:
+        return (f"was written by an earlier llmbatch version that does not record its settings "
+                f"(config hash {theirs}, this job's is {config_hash})", older)
+    if recorded[RULES_KEY] != settings[RULES_KEY]:
+        later = isinstance(recorded[RULES_KEY], int) and recorded[RULES_KEY] > settings[RULES_KEY]
+        return (f"was written by {'a later' if later else 'an earlier'} llmbatch version (output "
+                f"rules v{recorded[RULES_KEY]}; this version writes v{settings[RULES_KEY]})",
+                older)
+    differences = describe_differences(recorded, settings)
+    if not differences:      # the entry was edited by hand: only the hashes tell
+        return (f"was written by a job with config hash {theirs}, this job's is {config_hash}",
+                "rerun with the settings that wrote it")
+    return (f"was written with different settings: {differences}",
+            "rerun with the original settings")
