@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# The hashed settings' key for JobSpec's OUTPUT_RULES_VERSION (what a job file writes).
+# The hashed settings' key for jobs/config_hash.py's OUTPUT_RULES_VERSION (what a job file writes).
 RULES_KEY = "output_rules"
 _UNSET = object()           # a key one side does not record (added by a later version)
 _MAX_VALUE = 40             # characters of one value in a message (a template's sha256 is 71)

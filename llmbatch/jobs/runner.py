@@ -31,7 +31,8 @@ from llmbatch.jobs.path_checks import (check_input_output_overlap, check_local_p
 from llmbatch.jobs.progress import Progress
 from llmbatch.jobs.rows import fill_error, fill_from_result
 from llmbatch.jobs.shard_lock import ShardLock
-from llmbatch.jobs.spec import JobSpec, settings_hash
+from llmbatch.jobs.config_hash import settings_hash
+from llmbatch.jobs.spec import JobSpec
 from llmbatch.jobs.stats import ShardStats, next_run_index, write_stats
 
 

@@ -7,9 +7,6 @@ fixed; keys may be added but never renamed.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -17,7 +14,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
-from llmbatch.io.config_diff import RULES_KEY
+from llmbatch.jobs.config_hash import hashed_settings, settings_hash
 from llmbatch.jobs.sampling_values import (check_stop, check_stop_token_ids, check_top_k,
                                            row_value)
 from llmbatch.runtime.config import EngineConfig
@@ -25,17 +22,6 @@ from llmbatch.runtime.sampling_params import SamplingParams
 from llmbatch.runtime.seed_mixing import derive_seed
 
 
-# The version of the rules deciding what a given job file writes (rows, output_text, token ids,
-# finish_reason, error rows, row seeds, part boundaries). It is part of every job's config hash,
-# so a folder written under other rules refuses to resume instead of mixing rows of both (README:
-# a resumed job equals one uninterrupted run). Bump it with ANY change to what a given job file
-# writes, greedy jobs included; a change of speed alone keeps it.
-#   1: up to ac16046 (not in the hash then; manifest entries record no settings).
-#   2: a stop token's text is left out of output_text (ccfd723); a prompt shorter than
-#      max_model_len runs, only one of max_model_len tokens or more is an error row (5aad6c9);
-#      whitespace-only prompts run (c570366); row seeds are splitmix64 of (sampling.seed, row
-#      index), not seed + row index (57cc1a0, which had hashed it for sampled jobs only).
-OUTPUT_RULES_VERSION = 2
 
 
 def _not_bool(error_type: str, expected: str):
@@ -312,46 +298,10 @@ class JobSpec(_Section):
                 values[key] = row_value(key, value)
         return SamplingParams(**values)
 
-    # -- hashing -------------------------------------------------------------------------
+    # -- hashing (jobs/config_hash.py) ---------------------------------------------------
     def hashed_settings(self, shard_count: int) -> dict:
-        """Everything that changes which rows exist or their text, as job-file keys (JSON
-        values): what config_hash hashes, and what each manifest entry records so that a
-        refused resume can name the settings that differ (io/config_diff.py).
-
-        Left out on purpose: output.path/mode, shard.index (every shard shares the hash) and
-        performance knobs that leave greedy results unchanged (max_num_seqs, token budget,
-        memory sizing, cuda_graphs, fused_kernels, async_scheduling, skinny_matmul, pdl,
-        nf4_triton_gemm, l2_prefetch, attention backend, planner window, on_row_error,
-        input.batch_size). Kept: the output rules version, model, tokenizer and template (the
-        template file's contents as its sha256, not its name), input selection, sampling,
-        dtype/device/quantization/speculation/TP (they change numerics), rows_per_part (part
-        boundaries) and the shard count (row ranges).
-        """
-        model = self.model.model_dump()
-        template = self.model.chat_template
-        if template not in ("auto", "none") and os.path.isfile(template):
-            with open(template, "rb") as f:
-                model["chat_template"] = "sha256:" + hashlib.sha256(f.read()).hexdigest()
-        settings = {
-            RULES_KEY: OUTPUT_RULES_VERSION,
-            "model": model,
-            "input": self.input.model_dump(exclude={"batch_size"}),
-            "output": {"rows_per_part": self.output.rows_per_part},
-            "sampling": self.sampling.model_dump(),
-            "engine": {"device": self.engine.device, "max_model_len": self.engine.max_model_len},
-            "parallel": self.parallel.model_dump(),
-            "quantization": self.quantization.model_dump(),
-            "speculative": self.speculative.model_dump(),
-            "shard": {"count": shard_count},
-        }
-        # As a manifest entry reads it back, so recorded and current settings compare equal.
-        return json.loads(json.dumps(settings, default=str))
+        """What config_hash hashes, as job-file keys; see config_hash.hashed_settings."""
+        return hashed_settings(self, shard_count)
 
     def config_hash(self, shard_count: int) -> str:
         return settings_hash(self.hashed_settings(shard_count))
-
-
-def settings_hash(settings: dict) -> str:
-    """The config hash of JobSpec.hashed_settings: sha256, 16 hex digits."""
-    blob = json.dumps(settings, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]

@@ -13,7 +13,7 @@ import pytest
 from llmbatch import run_job
 from llmbatch.api import plan_job
 from llmbatch.jobs.errors import ResumeError
-from llmbatch.jobs.spec import OUTPUT_RULES_VERSION
+from llmbatch.jobs.config_hash import OUTPUT_RULES_VERSION
 
 HINT = "use another output.path, or set output.mode: overwrite (deletes the 50 committed rows)"
 

@@ -1,0 +1,71 @@
+"""A job's config hash: the settings that decide which rows a job writes and their text.
+
+Every output folder records the hash (manifest entries and part metadata also record the
+settings themselves), and a resume or merge under a different hash is refused, naming the keys
+that differ (io/config_diff.py). JobSpec.config_hash and JobSpec.hashed_settings call in here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import TYPE_CHECKING
+
+from llmbatch.io.config_diff import RULES_KEY
+
+if TYPE_CHECKING:
+    from llmbatch.jobs.spec import JobSpec
+
+# The version of the rules deciding what a given job file writes (rows, output_text, token ids,
+# finish_reason, error rows, row seeds, part boundaries). It is part of every job's config hash,
+# so a folder written under other rules refuses to resume instead of mixing rows of both (README:
+# a resumed job equals one uninterrupted run). Bump it with ANY change to what a given job file
+# writes, greedy jobs included; a change of speed alone keeps it.
+#   1: up to ac16046 (not in the hash then; manifest entries record no settings).
+#   2: a stop token's text is left out of output_text (ccfd723); a prompt shorter than
+#      max_model_len runs, only one of max_model_len tokens or more is an error row (5aad6c9);
+#      whitespace-only prompts run (c570366); row seeds are splitmix64 of (sampling.seed, row
+#      index), not seed + row index (57cc1a0, which had hashed it for sampled jobs only).
+OUTPUT_RULES_VERSION = 2
+
+
+def hashed_settings(spec: "JobSpec", shard_count: int) -> dict:
+    """Everything that changes which rows exist or their text, as job-file keys (JSON
+    values): what config_hash hashes, and what each manifest entry records so that a
+    refused resume can name the settings that differ (io/config_diff.py).
+
+    Left out on purpose: output.path/mode, shard.index (every shard shares the hash) and
+    performance knobs that leave greedy results unchanged (max_num_seqs, token budget,
+    memory sizing, cuda_graphs, fused_kernels, async_scheduling, skinny_matmul, pdl,
+    nf4_triton_gemm, l2_prefetch, attention backend, planner window, on_row_error,
+    input.batch_size). Kept: the output rules version, model, tokenizer and template (the
+    template file's contents as its sha256, not its name), input selection, sampling,
+    dtype/device/quantization/speculation/TP (they change numerics), rows_per_part (part
+    boundaries) and the shard count (row ranges).
+    """
+    model = spec.model.model_dump()
+    template = spec.model.chat_template
+    if template not in ("auto", "none") and os.path.isfile(template):
+        with open(template, "rb") as f:
+            model["chat_template"] = "sha256:" + hashlib.sha256(f.read()).hexdigest()
+    settings = {
+        RULES_KEY: OUTPUT_RULES_VERSION,
+        "model": model,
+        "input": spec.input.model_dump(exclude={"batch_size"}),
+        "output": {"rows_per_part": spec.output.rows_per_part},
+        "sampling": spec.sampling.model_dump(),
+        "engine": {"device": spec.engine.device, "max_model_len": spec.engine.max_model_len},
+        "parallel": spec.parallel.model_dump(),
+        "quantization": spec.quantization.model_dump(),
+        "speculative": spec.speculative.model_dump(),
+        "shard": {"count": shard_count},
+    }
+    # As a manifest entry reads it back, so recorded and current settings compare equal.
+    return json.loads(json.dumps(settings, default=str))
+
+
+def settings_hash(settings: dict) -> str:
+    """The config hash of hashed_settings: sha256 of the sorted JSON, 16 hex digits."""
+    blob = json.dumps(settings, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
