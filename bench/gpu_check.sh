@@ -27,11 +27,15 @@
 # llmbatch-sync: the A/B of the CUDA default) or engine.skinny_matmul on (llmbatch-skinny, not
 # default), ~20 s each. BENCH_ASYNC=1 (default 0): llmbatch-async, async forced on (same as
 # the default on CUDA).
-# BENCH_PDL_ROWS=1 (opt-in, default 0): the same three with engine.skinny_matmul and
-# engine.pdl on (llmbatch-skinny-pdl, programmatic dependent launch; ~20 s).
-# BENCH_PREFETCH_ROWS (default 1 on a GPU, 0 in the dry run): the same three with
-# engine.l2_prefetch on (llmbatch-l2prefetch: qkv and o_proj weights touched into L2 on a side
-# stream at small batch; ~20 s). BENCH_BATCH1_SWEEP (default 1 on a GPU): W-BATCH1 under each
+# BENCH_PDL_ROWS (default 1 on a GPU, 0 in the dry run): the same three with engine.pdl on
+# (llmbatch-pdl: programmatic dependent launch of our Triton kernels; ~20 s; stop 13's
+# batch-1 sweep found it 2-3 % faster, the only option that beat the defaults: these rows
+# decide whether it becomes the default). BENCH_SKINNY_PDL_ROWS=1 (opt-in): the same three
+# with engine.skinny_matmul and engine.pdl (llmbatch-skinny-pdl).
+# BENCH_PREFETCH_ROWS=1 (opt-in since stop 13, where the L2 prefetch was 4-8 % slower at batch
+# 1): the same three with engine.l2_prefetch on (llmbatch-l2prefetch; ~20 s).
+# The A/B rows run after the peers: a bench cut by its limit loses them first; for a focused
+# call add BENCH_ARGS="--skip-peers". BENCH_BATCH1_SWEEP (default 1 on a GPU): W-BATCH1 under each
 # decode option of bench/bench_batch1.py (L2-prefetch plans, fused split reduce, argmax, rope
 # table, attention splits and tiles, PDL, sync scheduling; then the winners combined) on one
 # engine (16 rows, ~65 s; limit
@@ -50,7 +54,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,47p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -183,8 +187,9 @@ AB_DEFAULT=1; [ "$DRY" = 1 ] && AB_DEFAULT=0
 [ "${BENCH_ASYNC:-0}" = 1 ] && MODE_ARGS+=(--async-scheduling)
 [ "${BENCH_SYNC_ROWS:-0}" = 1 ] && MODE_ARGS+=(--sync-scheduling)
 [ "${BENCH_SKINNY_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny)
-[ "${BENCH_PREFETCH_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--l2-prefetch)
-[ "${BENCH_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--pdl)
+[ "${BENCH_PDL_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--pdl)
+[ "${BENCH_SKINNY_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-pdl)
+[ "${BENCH_PREFETCH_ROWS:-0}" = 1 ] && MODE_ARGS+=(--l2-prefetch)
 # A profiled 64-request W-RANDOM slice after llmbatch's bf16 rows (~10 s on a GPU): the kernel
 # table for the next tuning session (OUT_DIR/profile_llmbatch.txt). BENCH_PROFILE=0 skips it.
 [ "${BENCH_PROFILE:-1}" = 1 ] && MODE_ARGS+=(--profile)

@@ -6,7 +6,8 @@
     python -m bench.run --unfused ...   # + W-RANDOM, W-PREFIX, W-BATCH1 as llmbatch-unfused (CUDA)
     python -m bench.run --async-scheduling ...  # + the same three as llmbatch-async
     python -m bench.run --skinny ...             # + the same three as llmbatch-skinny (CUDA)
-    python -m bench.run --pdl ...   # + the same three as llmbatch-skinny-pdl (skinny, PDL; CUDA)
+    python -m bench.run --pdl ...   # + the same three as llmbatch-pdl (PDL launches; CUDA)
+    python -m bench.run --skinny-pdl ...   # + the same three as llmbatch-skinny-pdl (CUDA)
     python -m bench.run --l2-prefetch ...   # + the same three as llmbatch-l2prefetch (CUDA)
 
 Order: llmbatch first (its KV pool sizes itself from free memory), then it is freed and the

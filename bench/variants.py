@@ -38,7 +38,11 @@ AB_VARIANTS = {
     "skinny": Variant("--skinny", {"skinny_matmul": True},
                       "EngineConfig.skinny_matmul on (fused Triton matmuls for decode steps of "
                       "<= 16 tokens)", "skinny matmul runs on CUDA only"),
-    "skinny-pdl": Variant("--pdl", {"skinny_matmul": True, "pdl": True},
+    "pdl": Variant("--pdl", {"pdl": True},
+                   "EngineConfig.pdl on (programmatic dependent launch of our Triton kernels, "
+                   "sm_90+; the one batch-1 option that beat the defaults in stop 13)",
+                   "PDL runs on CUDA only"),
+    "skinny-pdl": Variant("--skinny-pdl", {"skinny_matmul": True, "pdl": True},
                           "EngineConfig.skinny_matmul and EngineConfig.pdl on (programmatic "
                           "dependent launch of the skinny and our other Triton kernels, "
                           "sm_90+)",

@@ -1,5 +1,5 @@
-"""bench/run.py's CUDA-only A/B variants (--pdl: llmbatch-skinny-pdl, EngineConfig.skinny_matmul
-+ pdl; --l2-prefetch: llmbatch-l2prefetch, EngineConfig.l2_prefetch): off by default, skipped
+"""bench/run.py's CUDA-only A/B variants (--pdl: llmbatch-pdl, EngineConfig.pdl; --skinny-pdl:
+llmbatch-skinny-pdl, EngineConfig.skinny_matmul + pdl; --l2-prefetch: llmbatch-l2prefetch, EngineConfig.l2_prefetch): off by default, skipped
 with a reason on CPU, and built with their engine overrides on CUDA."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from bench import run as bench_run
 WORKLOADS = ("W-RANDOM", "W-PREFIX", "W-BATCH1")
 # variant -> (flag, argparse dest, CPU skip reason, EngineConfig overrides it asks for)
 CASES = {
-    "skinny-pdl": ("--pdl", "pdl", "skinny matmul with PDL runs on CUDA only",
+    "pdl": ("--pdl", "pdl", "PDL runs on CUDA only", {"pdl": True}),
+    "skinny-pdl": ("--skinny-pdl", "skinny_pdl", "skinny matmul with PDL runs on CUDA only",
                    {"skinny_matmul": True, "pdl": True}),
     "l2prefetch": ("--l2-prefetch", "l2_prefetch", "L2 prefetch runs on CUDA only",
                    {"l2_prefetch": True}),
@@ -53,7 +54,7 @@ def test_variant_asks_build_engine_for_its_overrides(tmp_path, monkeypatch, vari
         f"llmbatch-{variant}": {"error": "RuntimeError: stub engine"}}
 
 
-def test_l2_prefetch_rows_get_a_batch1_profile_only():
+def test_l2_prefetch_and_pdl_rows_get_a_batch1_profile_only():
     from bench.llmbatch_runner import profile_slices
 
     workloads = dict.fromkeys(WORKLOADS)
@@ -62,5 +63,8 @@ def test_l2_prefetch_rows_get_a_batch1_profile_only():
     assert profile_slices("llmbatch-l2prefetch", workloads) == [
         ("llmbatch-l2prefetch_profile_batch1", "W-BATCH1", 1, 128,
          "profile_llmbatch-l2prefetch_batch1.txt")]
+    assert profile_slices("llmbatch-pdl", workloads) == [
+        ("llmbatch-pdl_profile_batch1", "W-BATCH1", 1, 128, "profile_llmbatch-pdl_batch1.txt")]
+    assert profile_slices("llmbatch-skinny-pdl", workloads) == []
     assert profile_slices("llmbatch-sync", workloads) == []
     assert profile_slices("llmbatch-l2prefetch", {"W-RANDOM": None}) == []
