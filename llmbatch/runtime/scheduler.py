@@ -32,6 +32,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Optional
 
 from llmbatch.runtime.block_manager import BlockManager
@@ -40,7 +41,10 @@ from llmbatch.runtime.request import FinishReason, Request, RequestStatus
 from llmbatch.runtime.scheduler_async import AsyncSchedulingMixin
 
 
-@dataclass
+_spec_token_ids = attrgetter("spec_token_ids")
+
+
+@dataclass(slots=True)   # slots: one is made per scheduled request per step
 class ScheduledRequest:
     request: Request
     num_new_tokens: int           # tokens to compute this step, from request.num_computed_tokens
@@ -141,13 +145,28 @@ class Scheduler(AsyncSchedulingMixin):
         budget = self.max_num_batched_tokens
         bm = self.block_manager
 
-        self._drop_drafts_if_pool_short()
+        running, scheduled = self.running, out.scheduled
+        if any(map(_spec_token_ids, running)):   # C-level scan: drafts are rare at large batch
+            self._drop_drafts_if_pool_short()
+        bs, max_len = self.block_size, self.max_model_len
         # 1. Running requests. Victims are popped from the end, so index i never skips one.
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            if req.num_pending_tokens and self._pending_token_finishes(req):
+        while i < len(running) and budget > 0:
+            req = running[i]
+            pending = req.num_pending_tokens
+            if pending and self._pending_token_finishes(req):
                 i += 1   # async: its in-flight token is its last; the engine finishes it
+                continue
+            computed = req.num_computed_tokens
+            # Decode fast path (most requests, every step): one token to compute, no drafts,
+            # its slot inside a block the request holds, below the context limit. What
+            # _num_new_tokens_running and allocate_slots would decide, without the calls.
+            if (len(req.all_token_ids) + pending - computed == 1 and not req.spec_token_ids
+                    and computed < len(req.block_table) * bs
+                    and (max_len is None or computed < max_len)):
+                scheduled.append(ScheduledRequest(req, 1))
+                budget -= 1
+                i += 1
                 continue
             num_new = self._num_new_tokens_running(req, budget)
             while bm.allocate_slots(req, num_new) is None:
@@ -294,6 +313,15 @@ class Scheduler(AsyncSchedulingMixin):
             if req.status is not running:
                 continue   # finished (aborted) since schedule()
             tokens = sampled.get(req.request_id) or []
+            if len(tokens) == 1 and not req.spec_token_ids:
+                # Fast path (a decode or a prefill's last chunk, no drafts): the one sampled
+                # token is valid exactly when this step reached the end of the known tokens.
+                computed = req.num_computed_tokens + item.num_new_tokens
+                if computed >= len(req.all_token_ids):
+                    req.num_computed_tokens = computed
+                    req.append_output_token(tokens[0], now)
+                    cache_full_blocks(req)
+                    continue
             num_spec = len(req.spec_token_ids)
             # == item.samples, inlined: this loop runs for every request every step.
             if req.num_computed_tokens + item.num_new_tokens >= len(req.all_token_ids):
