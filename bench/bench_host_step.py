@@ -6,15 +6,16 @@ Why: at large batch the host part of a step (schedule, build step inputs, block 
 sampling bookkeeping, append tokens, stop checks, results) is on the critical path even under
 async scheduling (bench/RESULTS.md, stop 13: a 256-sequence W-PREFIX step took 6.8 ms on the
 H200). Here the model is one layer of hidden size 64 (vocab 1024) on the CPU, so the forward is
-small, and the time outside it is measured on its own: the model's forward and compute_logits
-are wrapped and their time subtracted from each `Engine.step` call (what stays: scheduling,
-step inputs, block tables, host-to-device copies, the sampler, appending tokens, stop checks).
+small, and the time outside it is measured on its own: the model's forward, compute_logits and
+the sampler's greedy argmax (device work on a GPU) are wrapped and their time subtracted from
+each `Engine.step` call (what stays: scheduling, step inputs, block tables, host-to-device
+copies, the sampler's host side, appending tokens, stop checks, results).
 
 Each run: N requests (random 32-token prompts, no shared prefixes, greedy, EOS ignored, 64
 output tokens each) on a fresh engine with max_num_seqs = N. Only steady decode steps count:
 the engine steps whose forward ran exactly N tokens and that returned no result (so no prefill
-and no finishing step). Per run, the mean over those steps; printed, the median over runs
-(and the spread). Sync and async scheduling (forced on with EngineConfig(async_scheduling=True),
+and no finishing step). Per run, the mean over those steps (and the median step, `host p50`,
+less sensitive to other load); printed, the median over runs (and the spread of the means). Sync and async scheduling (forced on with EngineConfig(async_scheduling=True),
 off by default on the CPU) are run alternately, so drift from other load on the machine hits
 both alike. Checkpoint: /tmp/llmbatch-bench-model-host1l (made on first use).
 """
@@ -50,11 +51,14 @@ def _requests(n: int, seed: int):
 
 
 def _instrument(engine) -> list[tuple[float, float, int, int]]:
-    """Wrap engine.step, the model's forward and its compute_logits; returns the list that
-    collects, per step: (step seconds, model seconds, forward tokens, results returned). The
-    model time excludes input building and host-to-device copies (forward_logits' own host
-    work, counted as host time), and the sampler (its host lists count as host time too)."""
+    """Wrap engine.step and the device work (the model's forward, compute_logits, the greedy
+    argmax); returns the list that collects, per step: (step seconds, device-work seconds,
+    forward tokens, results returned). Input building, host-to-device copies and the sampler's
+    host lists stay in the host time."""
+    from llmbatch.runtime import sampler
+
     model = engine.runner.model
+    inner_argmax = sampler.greedy_argmax   # put back by run_once
     records: list[tuple[float, float, int, int]] = []
     fwd = {"s": 0.0, "tokens": 0}
     inner_forward, inner_logits, inner_step = model.forward, model.compute_logits, engine.step
@@ -79,6 +83,9 @@ def _instrument(engine) -> list[tuple[float, float, int, int]]:
 
     model.forward = timed(inner_forward, True)
     model.compute_logits = timed(inner_logits, False)
+    # The greedy argmax is device work too (~0.2 ms over 256 x 1024 logits on a CPU core, one
+    # kernel on a GPU); the sampler calls it through its module global.
+    sampler.greedy_argmax = timed(inner_argmax, False)
     engine.step = step
     return records
 
@@ -91,9 +98,15 @@ def run_once(num_seqs: int, async_scheduling: bool, seed: int) -> dict:
     # Warm-up (torch's first calls, allocator): a short batch of the same shape.
     for _ in engine.generate(_requests(min(num_seqs, 16), seed + 1000)):
         pass
-    records = _instrument(engine)
-    for _ in engine.generate(_requests(num_seqs, seed)):
-        pass
+    from llmbatch.runtime import sampler
+
+    argmax = sampler.greedy_argmax
+    try:
+        records = _instrument(engine)
+        for _ in engine.generate(_requests(num_seqs, seed)):
+            pass
+    finally:
+        sampler.greedy_argmax = argmax
     decode = [(t, f) for t, f, tokens, n_results in records
               if tokens == num_seqs and n_results == 0]
     engine.shutdown()
@@ -101,7 +114,10 @@ def run_once(num_seqs: int, async_scheduling: bool, seed: int) -> dict:
         raise RuntimeError(f"no steady decode step at {num_seqs} sequences")
     step_ms = 1e3 * sum(t for t, _ in decode) / len(decode)
     host_ms = 1e3 * sum(t - f for t, f in decode) / len(decode)
-    return {"step_ms": step_ms, "host_ms": host_ms, "num_steps": len(decode)}
+    # The median step as well: robust to a stray GC pause or another process on the host.
+    host_p50_ms = 1e3 * statistics.median(t - f for t, f in decode)
+    return {"step_ms": step_ms, "host_ms": host_ms, "host_p50_ms": host_p50_ms,
+            "num_steps": len(decode)}
 
 
 def main(argv=None) -> int:
@@ -123,16 +139,19 @@ def main(argv=None) -> int:
             for m in modes:
                 runs[(n, m)].append(run_once(n, m == "async", seed=r))
     rows = []
-    print(f"{'seqs':>5} {'mode':>6} {'step ms':>8} {'host ms':>8} {'host min-max':>14} steps")
+    print(f"{'seqs':>5} {'mode':>6} {'step ms':>8} {'host ms':>8} {'host min-max':>14} "
+          f"{'host p50':>8} steps")
     for (n, m), rs in runs.items():
         host = [x["host_ms"] for x in rs]
         row = {"num_seqs": n, "mode": m,
                "step_ms": statistics.median(x["step_ms"] for x in rs),
                "host_ms": statistics.median(host), "host_ms_min": min(host),
+               "host_p50_ms": statistics.median(x["host_p50_ms"] for x in rs),
                "host_ms_max": max(host), "num_steps": rs[0]["num_steps"], "runs": rs}
         rows.append(row)
         print(f"{n:>5} {m:>6} {row['step_ms']:>8.3f} {row['host_ms']:>8.3f} "
-              f"{min(host):>6.3f}-{max(host):<7.3f} {row['num_steps']}")
+              f"{min(host):>6.3f}-{max(host):<7.3f} {row['host_p50_ms']:>8.3f} "
+              f"{row['num_steps']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN}, f,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The dtypes host_to_device builds through numpy (the ones steps copy: ids, rows, temperatures).
+_NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,6 +47,14 @@ def host_to_device(data, dtype: torch.dtype, device) -> torch.Tensor:
     is made first and pinned after: torch.tensor(ndarray, pin_memory=True) raises ("Can't pin
     tensor constructed from numpy"), and the block tables arrive as numpy arrays."""
     device = torch.device(device)
+    np_dtype = _NUMPY_DTYPES.get(dtype)
+    if isinstance(data, list) and np_dtype is not None:
+        # A list through numpy is ~3x cheaper than torch.tensor(list) (12 vs 4 us for 256
+        # ints): a step copies several such lists. np.array copies, so nothing is shared.
+        host = torch.from_numpy(np.array(data, dtype=np_dtype))
+        if device.type != "cuda":
+            return host if device.type == "cpu" else host.to(device)
+        return host.pin_memory().to(device, non_blocking=True)
     if device.type != "cuda":
         return torch.tensor(data, dtype=dtype, device=device)
     return torch.as_tensor(data, dtype=dtype).pin_memory().to(device, non_blocking=True)

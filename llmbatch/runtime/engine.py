@@ -178,9 +178,18 @@ class Engine(SpeculationMixin):
         """Stop checks for the requests that received tokens; results of those that ended."""
         finished = []
         now = time.perf_counter()
+        finished_status = RequestStatus.FINISHED
         for item in out.scheduled:
             req = item.request
-            if req.request_id not in sampled or req.is_finished:
+            if req.status is finished_status or req.request_id not in sampled:
+                continue
+            ids = req.output_token_ids
+            n_out = len(ids)
+            if (n_out == req.num_stop_checked + 1 and n_out < req.max_output_tokens
+                    and ids[-1] not in req.stop_token_set and not req.stop_checker.active):
+                # Fast path (most requests, every step): one new token that is no stop token,
+                # below the length limits, no stop strings: apply_stop_rules would find nothing.
+                req.num_stop_checked = n_out
                 continue
             reason = apply_stop_rules(req, self.eos_token_ids, self.max_model_len)
             if reason is not None:
@@ -249,7 +258,13 @@ class Engine(SpeculationMixin):
             req.finish_reason = FinishReason.ERROR
             req.finish_time = time.perf_counter()
             return self._result(req, error=error)
-        req.stop_checker = StopChecker(self.tokenizer, req.sampling_params.stop)
+        params = req.sampling_params
+        req.stop_checker = StopChecker(self.tokenizer, params.stop)
+        # apply_stop_rules' token and length rules, folded for _finish_stopped's fast path.
+        req.stop_token_set = frozenset(params.stop_token_ids).union(
+            () if params.ignore_eos else self.eos_token_ids)
+        req.max_output_tokens = min(params.max_new_tokens,
+                                    self.max_model_len - req.num_prompt_tokens)
         req.arrival_time = time.perf_counter()
         self._live_ids.add(req.request_id)
         self.scheduler.add_request(req)

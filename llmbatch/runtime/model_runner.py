@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from operator import attrgetter
 from typing import Any, Optional
 
 import numpy as np
@@ -26,6 +27,10 @@ from llmbatch.runtime.spec_decode import num_accepted
 from llmbatch.runtime.step_inputs import StepInputs, build_step_inputs
 
 logger = logging.getLogger(__name__)
+# Per-request fields read for every sampled row every step (map() with these runs in C).
+_sampling_params = attrgetter("sampling_params")
+_default_seed = attrgetter("default_seed")
+_spec_token_ids = attrgetter("spec_token_ids")
 
 
 class ModelRunner:
@@ -238,8 +243,8 @@ class ModelRunner:
         logits = self.forward_logits(s, prev_tokens)
         pending = None
         if logits is not None:
-            params = [r.sampling_params for r in s.sample_requests]
-            default_seeds = [r.default_seed for r in s.sample_requests]
+            params = list(map(_sampling_params, s.sample_requests))
+            default_seeds = list(map(_default_seed, s.sample_requests))
             pending = self.sampler.sample_async(logits, params, s.sample_output_index,
                                                 default_seeds=default_seeds)
         graphed = self.graph_runner is not None and self.graph_runner.num_replays > replays_before
@@ -314,6 +319,10 @@ def collect_sampled(s: StepInputs, result) -> dict[Any, list[int]]:
     """A SamplerOutput -> sampled token ids per request id; speculative rows are cut to the
     accepted drafts + one, and logprobs are appended to the requests. A request finished
     while the step was in flight (async scheduling) gets nothing appended."""
+    reqs = s.sample_requests
+    if not (result.logprobs and any(result.logprobs)) and not any(map(_spec_token_ids, reqs)):
+        # Fast path (every step without logprobs or drafts): one row, one token per request.
+        return {req.request_id: [token] for req, token in zip(reqs, result.token_ids)}
     sampled: dict[Any, list[int]] = {}
     logprobs: dict[Any, list] = {}
     for j, (req, token) in enumerate(zip(s.sample_requests, result.token_ids)):

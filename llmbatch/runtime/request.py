@@ -82,6 +82,12 @@ class Request:
         # rules have already seen;
         self.stop_checker: Optional[Any] = None
         self.num_stop_checked = 0
+        # the stop rules folded for the per-step check (Engine._finish_stopped): the token ids
+        # that stop it (EOS unless ignore_eos, and stop_token_ids), and the output length at
+        # which it ends (max_new_tokens or the context limit, whichever comes first; 0 until
+        # the engine admits the request, which keeps the fast check off);
+        self.stop_token_set: frozenset = frozenset()
+        self.max_output_tokens = 0
         # per output token, when logprobs were asked for;
         self.output_logprobs: Optional[list[dict]] = None
         # draft-model proposer's record of valid draft K/V (runtime/draft_proposer.py).

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import functools
+from itertools import repeat
+from operator import attrgetter, is_not
 from typing import Optional, Sequence
 
 import torch
@@ -34,6 +36,15 @@ import torch
 from llmbatch.runtime.device import host_to_device
 from llmbatch.runtime.sampling_params import SamplingParams
 from llmbatch.runtime.seeded_uniforms import seeded_uniforms
+
+_LOGPROBS = attrgetter("logprobs")
+_TEMPERATURE = attrgetter("temperature")
+
+
+def _any_logprobs(params) -> bool:
+    """Any row asking for logprobs (0 asks too), scanned in C."""
+    return any(map(is_not, map(_LOGPROBS, params), repeat(None)))
+
 
 def _validate_inputs(logits, params, output_indices, default_seeds):
     """Shared argument checks; returns (num_rows, vocab_size)."""
@@ -51,12 +62,16 @@ def _validate_inputs(logits, params, output_indices, default_seeds):
     if default_seeds is not None and len(default_seeds) != num_rows:
         raise ValueError(f"logits have {num_rows} rows but got {len(default_seeds)} "
                          "default seeds")
-    for r, (p, idx) in enumerate(zip(params, output_indices)):
-        if idx < 0:
-            raise ValueError(f"row {r}: output index must be >= 0, got {idx}")
-        if p.logprobs is not None and p.logprobs > vocab_size:
-            raise ValueError(f"row {r}: logprobs={p.logprobs} exceeds the vocabulary size "
-                             f"{vocab_size}")
+    # Scanned in C first (min, map): every step passes a few hundred valid rows; only a batch
+    # with an error walks the rows in Python, to report the first bad one.
+    bad_index = num_rows and min(output_indices) < 0
+    if bad_index or _any_logprobs(params):
+        for r, (p, idx) in enumerate(zip(params, output_indices)):
+            if idx < 0:
+                raise ValueError(f"row {r}: output index must be >= 0, got {idx}")
+            if p.logprobs is not None and p.logprobs > vocab_size:
+                raise ValueError(f"row {r}: logprobs={p.logprobs} exceeds the vocabulary "
+                                 f"size {vocab_size}")
     return num_rows, vocab_size
 
 
@@ -209,7 +224,9 @@ class Sampler:
         device = logits.device
         token_ids = greedy_argmax(logits)                       # (num_rows,) greedy for all
 
-        sampled_rows = [r for r, p in enumerate(params) if not p.greedy]
+        # any(temperatures) in C first: most steps are all greedy (temperature 0.0).
+        sampled_rows = ([r for r, p in enumerate(params) if not p.greedy]
+                        if any(map(_TEMPERATURE, params)) else [])
         if sampled_rows:
             seeds = []
             for r in sampled_rows:
@@ -230,7 +247,8 @@ class Sampler:
         # Everything for the host goes in ONE tensor and one copy. Without logprobs that is the
         # int64 token ids as they are; with logprobs, one float64 tensor: token ids (< 2**53,
         # exact), then per logprob row its sampled logprob, then top-n ids and top-n logprobs.
-        lp_rows = [r for r, p in enumerate(params) if p.logprobs is not None]
+        lp_rows = ([r for r, p in enumerate(params) if p.logprobs is not None]
+                   if _any_logprobs(params) else [])
         max_n = max((params[r].logprobs for r in lp_rows), default=0)
         if not lp_rows:
             packed = token_ids
