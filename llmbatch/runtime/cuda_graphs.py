@@ -46,6 +46,7 @@ from typing import Optional, Sequence
 import torch
 
 from llmbatch.runtime.attention.backend import AttentionMetadata
+from llmbatch.runtime.step_inputs import fill_block_tables
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +131,7 @@ def fill_decode_inputs(host_ints: torch.Tensor, host_block_tables: torch.Tensor,
     ints[3 * bt + n:3 * bt + bs] = q
     rows = host_block_tables[:bs * width].numpy().reshape(bs, width)
     rows[:] = 0
-    for i, table in enumerate(block_tables):
-        rows[i, :len(table)] = table
+    fill_block_tables(block_tables, rows)
     return width
 
 

@@ -7,7 +7,6 @@ once per step (one tensor per field), so the device never waits on per-request c
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from operator import attrgetter
@@ -24,7 +23,7 @@ from llmbatch.runtime.kv_pool import allocate_kv_caches, decide_num_kv_blocks, k
 from llmbatch.runtime.sampler import Sampler
 from llmbatch.runtime.scheduler import SchedulerOutput
 from llmbatch.runtime.spec_decode import num_accepted
-from llmbatch.runtime.step_inputs import StepInputs, build_step_inputs
+from llmbatch.runtime.step_inputs import StepInputs, build_step_inputs, fill_block_tables
 
 logger = logging.getLogger(__name__)
 # Per-request fields read for every sampled row every step (map() with these runs in C).
@@ -187,23 +186,23 @@ class ModelRunner:
         """Ragged block tables -> (num_seqs, max_blocks) int32 on the device, right-padded with
         block 0 (never read: past seq_len). Filled through numpy in one masked assignment: a
         list of padded lists cost ~3 us per sequence per step."""
-        lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
-        width = max(int(lens.max()), 1)
-        flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32,
-                           count=int(lens.sum()))
+        width = max(max(map(len, tables)), 1)
         padded = np.zeros((len(tables), width), dtype=np.int32)
-        padded[np.arange(width)[None, :] < lens[:, None]] = flat   # row-major: rows in order
+        fill_block_tables(tables, padded)
         return self._h2d(padded, torch.int32)
 
     def _to_device(self, s: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         h2d = self._h2d
-        query_lens = [b - a for a, b in zip(s.query_start_loc, s.query_start_loc[1:])]
+        qsl = s.query_start_loc
+        # Spans are never empty, so one token per sequence (a decode step) means max 1.
+        max_query_len = (1 if len(s.input_ids) == len(s.seq_lens) else
+                         max(b - a for a, b in zip(qsl, qsl[1:])))
         meta = AttentionMetadata(
             slot_mapping=h2d(s.slot_mapping, torch.long),
             query_start_loc=h2d(s.query_start_loc, torch.int32),
             seq_lens=h2d(s.seq_lens, torch.int32),
             block_tables=self._block_tables_to_device(s.block_tables),
-            max_query_len=max(query_lens),
+            max_query_len=max_query_len,
             max_seq_len=max(s.seq_lens),
             query_start_loc_cpu=s.query_start_loc,
             seq_lens_cpu=s.seq_lens,

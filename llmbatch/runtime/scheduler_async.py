@@ -40,9 +40,11 @@ class AsyncSchedulingMixin:
         budget = self.max_num_batched_tokens
         needed = 0
         for req in self.running:
-            total = min(req.num_tokens + req.num_pending_tokens + len(req.spec_token_ids),
+            total = min(len(req.all_token_ids) + req.num_pending_tokens + len(req.spec_token_ids),
                         req.num_computed_tokens + budget)
-            needed += max(0, -(-total // bs) - len(req.block_table))
+            more = -(-total // bs) - len(req.block_table)
+            if more > 0:   # most requests: none (their next slot is in a block they hold)
+                needed += more
         return needed <= self.block_manager.num_free_blocks
 
     def commit_launched(self, out: SchedulerOutput) -> None:
@@ -59,10 +61,13 @@ class AsyncSchedulingMixin:
             req = item.request
             if req.spec_token_ids:
                 raise RuntimeError("async scheduling does not verify draft tokens")
-            samples = item.samples   # before num_computed_tokens moves
-            req.num_computed_tokens += item.num_new_tokens
-            if samples:
-                req.num_pending_tokens += 1
+            # == item.samples (taken before num_computed_tokens moves), inlined: this loop
+            # runs for every request every step.
+            pending = req.num_pending_tokens
+            computed = req.num_computed_tokens + item.num_new_tokens
+            req.num_computed_tokens = computed
+            if computed >= len(req.all_token_ids) + pending:
+                req.num_pending_tokens = pending + 1
                 req.pending_sample_index = sample_row
                 sample_row += 1
             cache_full_blocks(req)

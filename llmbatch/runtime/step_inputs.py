@@ -3,8 +3,11 @@ the scheduler's output (one span of tokens per scheduled request, sampled rows m
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from llmbatch.runtime.scheduler import SchedulerOutput
 
@@ -100,3 +103,23 @@ def build_step_inputs(out: SchedulerOutput, block_size: int) -> StepInputs:
                 s.sample_requests.append(req)
                 s.sample_output_index.append(req.num_output_tokens + j)
     return s
+
+
+def fill_block_tables(tables: list[list[int]], rows: np.ndarray) -> None:
+    """Write ragged block tables into the first len(tables) rows of `rows`, a ZEROED
+    (>= len(tables), width >= longest table) integer array: each table left-aligned, the rest
+    of its row left at 0 (block 0, never read: past the sequence's length).
+
+    One masked assignment from a flat array instead of a numpy slice assignment per row (~1 us
+    each, so ~0.25 ms a step at 256 sequences, on the host's critical path)."""
+    n = len(tables)
+    if n == 0:
+        return
+    lens = np.fromiter(map(len, tables), dtype=np.int64, count=n)
+    flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=rows.dtype,
+                       count=int(lens.sum()))
+    width = rows.shape[1]
+    if flat.size == n * width:   # every table spans the full width: a plain reshape
+        rows[:n] = flat.reshape(n, width)
+    else:   # row-major mask: the flat values land in table order
+        rows[:n][np.arange(width)[None, :] < lens[:, None]] = flat
