@@ -24,11 +24,12 @@ class AsyncSchedulingMixin:
     def _pending_token_finishes(self, req: Request) -> bool:
         """True when the request's in-flight token reaches max_new_tokens or the context limit
         (the engine's length rules), so it must not be scheduled again."""
-        num_out = req.num_output_tokens + req.num_pending_tokens
-        if num_out >= req.sampling_params.max_new_tokens:
+        # len() rather than the num_* properties: called for every running request every step.
+        pending = req.num_pending_tokens
+        if len(req.output_token_ids) + pending >= req.sampling_params.max_new_tokens:
             return True
         return (self.max_model_len is not None
-                and req.num_tokens + req.num_pending_tokens >= self.max_model_len)
+                and len(req.all_token_ids) + pending >= self.max_model_len)
 
     def fits_without_preemption(self) -> bool:
         """True when the pool can give every running request blocks for whatever schedule()

@@ -62,6 +62,8 @@ def build_step_inputs(out: SchedulerOutput, block_size: int) -> StepInputs:
         s.query_start_loc
     rows_append, reqs_append, idx_append = (s.sample_rows.append, s.sample_requests.append,
                                             s.sample_output_index.append)
+    qsl_append, deferred_rows_append, deferred_src_append = (
+        qsl.append, s.deferred_rows.append, s.deferred_src.append)
     for item in out.scheduled:
         req, n = item.request, item.num_new_tokens
         start = req.num_computed_tokens
@@ -76,8 +78,8 @@ def build_step_inputs(out: SchedulerOutput, block_size: int) -> StepInputs:
                 if n != 1 or pending != 1 or start != len(req.all_token_ids):
                     raise RuntimeError(f"request {req.request_id!r}: {n} tokens at {start} "
                                        f"with {pending} pending")
-                s.deferred_rows.append(row)
-                s.deferred_src.append(req.pending_sample_index)
+                deferred_rows_append(row)
+                deferred_src_append(req.pending_sample_index)
                 ids_append(0)
             else:
                 ids_append(req.all_token_ids[start])
@@ -86,10 +88,10 @@ def build_step_inputs(out: SchedulerOutput, block_size: int) -> StepInputs:
             slot_append(table[start // bs] * bs + start % bs)
             lens_append(start + 1)
             tables_append(table)
-            qsl.append(row + 1)
+            qsl_append(row + 1)
             rows_append(row)
             reqs_append(req)
-            idx_append(req.num_output_tokens + pending)  # a pending token is output n
+            idx_append(len(req.output_token_ids) + pending)  # a pending token is output n
             continue
         # The span: known tokens from num_computed_tokens, then any speculative tokens.
         known = req.all_token_ids[start:start + n]
