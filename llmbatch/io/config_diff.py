@@ -17,29 +17,45 @@ RULES_KEY = "output_rules"
 _UNSET = object()           # a key one side does not record (added by a later version)
 _MAX_VALUE = 40             # characters of one value in a message (a template's sha256 is 71)
 _MAX_KEYS = 6               # differing keys named in one message
+_CONTEXT = 16               # characters shown before where two long values first differ
 
 
 def _flatten(settings: dict, prefix: str = "") -> dict[str, Any]:
-    """{"sampling": {"seed": 0}} -> {"sampling.seed": 0}; lists are values."""
+    """{"sampling": {"seed": 0}} -> {"sampling.seed": 0}; lists and empty mappings are values
+    (an empty one flattened away made {a: {}} and {} compare equal)."""
     flat: dict[str, Any] = {}
     for key, value in settings.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
 
 
-def _show(value: Any) -> str:
+def _text(value: Any) -> str:
     """A value as a job file would spell it: plain words bare, other strings quoted, null,
-    true/false and lists as JSON; long ones cut."""
+    true/false and lists as JSON."""
     if value is _UNSET:
         return "(unset)"
     if isinstance(value, str) and value and not any(c.isspace() or c in "\"'," for c in value):
-        text = value
-    else:
-        text = json.dumps(value, ensure_ascii=False)
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _cut(text: str) -> str:
     return text if len(text) <= _MAX_VALUE else text[: _MAX_VALUE - 3] + "..."
+
+
+def _show_pair(old: Any, new: Any) -> tuple[str, str]:
+    """Both values, long ones cut. Two long values that differ only after the cut (two files
+    in one long folder) would read the same: both are then shown from a little before the
+    first character where they differ."""
+    a, b = _text(old), _text(new)
+    if a != b and _cut(a) == _cut(b):
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        start = max(0, same - _CONTEXT)
+        a, b = "..." + a[start:], "..." + b[start:]
+    return _cut(a), _cut(b)
 
 
 def describe_differences(old: dict, new: dict, arrow: str = "->",
@@ -49,8 +65,8 @@ def describe_differences(old: dict, new: dict, arrow: str = "->",
     a, b = _flatten(old), _flatten(new)
     keys = [k for k in list(b) + [k for k in a if k not in b]
             if k not in skip and a.get(k, _UNSET) != b.get(k, _UNSET)]
-    shown = [f"{k} {_show(a.get(k, _UNSET))} {arrow} {_show(b.get(k, _UNSET))}"
-             for k in keys[:_MAX_KEYS]]
+    pairs = [(k, *_show_pair(a.get(k, _UNSET), b.get(k, _UNSET))) for k in keys[:_MAX_KEYS]]
+    shown = [f"{k} {was} {arrow} {now}" for k, was, now in pairs]
     more = len(keys) - _MAX_KEYS
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
