@@ -249,6 +249,12 @@ def _describe(errors: list[dict]) -> str:
         hint = f" (did you mean '{close}'?)" if close else f" (valid keys: {', '.join(valid)})"
         section = f"in section '{'.'.join(path[:-1])}'" if len(path) > 1 else "at the top level"
         return f"unknown key '{key}' {section}{hint}"
+    if kind == "invalid_key" or first["loc"][-1:] == ("[key]",):
+        # A YAML key that is a number, boolean or null: its mapping (pydantic puts str(key)
+        # last for a section, as if 'None' were a key) and the key, not "expected a string".
+        owner_path = _section_model(tuple(first["loc"][:-1]))[1] if kind == "invalid_key" \
+            else path
+        return f"{'.'.join(owner_path) or 'job'}: keys must be strings, got {first.get('input')!r}"
     if kind == "missing":
         if len(path) == 1:
             return f"missing required section '{path[0]}'"

@@ -68,7 +68,7 @@ def error_of(data, **kw):
 @pytest.mark.parametrize("kwargs, message", [
     (["enable_thinking"],
      "model.chat_template_kwargs: expected a mapping, got ['enable_thinking']"),
-    ({1: True}, "model.chat_template_kwargs: expected a string, got 1"),
+    ({1: True}, "model.chat_template_kwargs: keys must be strings, got 1"),
     # Arguments of apply_chat_template itself would clash with ours or change what it returns.
     ({"tokenize": True}, "model.chat_template_kwargs: 'tokenize' is an argument of "
                          "apply_chat_template, not a template variable (got {'tokenize': True})"),
