@@ -7,9 +7,11 @@ and what was expected; unknown keys get the closest valid key (_suggestion) or t
 from __future__ import annotations
 
 import copy
+import datetime
 import difflib
 import os
 import re
+import types
 import typing
 from typing import Any, Iterable, Optional, Union
 
@@ -115,26 +117,42 @@ def parse_set(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw          # not valid YAML: keep the text; the schema decides if that is ok
-    if isinstance(value, dict) and not _takes_mapping(keys):
+    annotation = _annotation(keys)
+    if isinstance(value, dict) and not _takes_mapping(annotation):
         value = raw          # "Be brief: yes" is a sentence, not a mapping: keep the text
+    elif isinstance(value, (bool, int, float, datetime.date)) and _is_text(annotation):
+        # YAML's 2024-11-27 is a date, yes is true, 0x1F is 31: for a text key (output.path,
+        # system_prompt, id_column) the text written is what the user meant.
+        value = raw.strip()
     return keys, value
 
 
-def _takes_mapping(keys: list[str]) -> bool:
-    """Whether the key `keys` names is a section or a mapping-valued key (a field whose type
-    is a pydantic model or a dict)."""
+def _annotation(keys: list[str]) -> Any:
+    """The type of the field `keys` names (None for a key JobSpec does not have)."""
     model: Any = JobSpec
     annotation: Any = None
     for key in keys:
         fields = getattr(model, "model_fields", None)
         if not fields or key not in fields:
-            return False
+            return None
         annotation = model = fields[key].annotation
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
+    if typing.get_origin(annotation) is typing.Annotated:
         annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _takes_mapping(annotation: Any) -> bool:
+    """Whether a field of this type is a section or a mapping-valued key (a pydantic model
+    or a dict)."""
     return (isinstance(annotation, type) and issubclass(annotation, BaseModel)) \
         or annotation is dict or typing.get_origin(annotation) is dict
+
+
+def _is_text(annotation: Any) -> bool:
+    """Whether a field of this type takes text: str, Optional[str], str or a list of str."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return str in typing.get_args(annotation)
+    return annotation is str
 
 
 def apply_overrides(data: dict, sets: Iterable[str] = (), overrides: Optional[dict] = None) -> dict:
