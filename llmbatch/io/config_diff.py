@@ -32,6 +32,11 @@ def _flatten(settings: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _json(value: Any) -> Any:
+    """A value as the config hash sees it: 1, 1.0 and true are equal in Python, not there."""
+    return value if value is _UNSET else json.dumps(value, sort_keys=True)
+
+
 def _text(value: Any) -> str:
     """A value as a job file would spell it: plain words bare, other strings quoted, null,
     true/false and lists as JSON."""
@@ -64,7 +69,7 @@ def describe_differences(old: dict, new: dict, arrow: str = "->",
     than `skip`) whose values differ, in the job file's order; '' when none does."""
     a, b = _flatten(old), _flatten(new)
     keys = [k for k in list(b) + [k for k in a if k not in b]
-            if k not in skip and a.get(k, _UNSET) != b.get(k, _UNSET)]
+            if k not in skip and _json(a.get(k, _UNSET)) != _json(b.get(k, _UNSET))]
     pairs = [(k, *_show_pair(a.get(k, _UNSET), b.get(k, _UNSET))) for k in keys[:_MAX_KEYS]]
     shown = [f"{k} {was} {arrow} {now}" for k, was, now in pairs]
     more = len(keys) - _MAX_KEYS

@@ -75,3 +75,17 @@ def test_resume_refusal_shows_where_two_long_input_paths_differ(
         raise AssertionError("the resume was not refused")
     assert ("was written with different settings: input.path "
             ".../prompts-2024-001.parquet -> .../prompts-2024-002.parquet; ") in message
+
+
+def test_values_equal_in_python_but_not_in_the_hash_are_named():
+    # True == 1 == 1.0 in Python, but the hash (JSON) tells them apart: {a: 1} -> {a: true}
+    # found no difference and fell back to the two opaque config hashes.
+    kwargs = lambda value: {"model": {"chat_template_kwargs": {"a": value}}}  # noqa: E731
+    assert describe_differences(kwargs(1), kwargs(True)) == \
+        "model.chat_template_kwargs.a 1 -> true"
+    assert describe_differences(kwargs(1), kwargs(1.0)) == \
+        "model.chat_template_kwargs.a 1 -> 1.0"
+    assert describe_differences(kwargs([0]), kwargs([False])) == \
+        "model.chat_template_kwargs.a [0] -> [false]"
+    assert describe_differences(kwargs(1.0), kwargs(1.0)) == ""
+    assert describe_differences({"sampling": {"stop": ["a"]}}, {"sampling": {"stop": ["a"]}}) == ""
