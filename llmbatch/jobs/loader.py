@@ -202,6 +202,11 @@ def expand_env(value: Any, where: str = "") -> Any:
         return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
     if isinstance(value, list):
         return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (set, frozenset)):
+        # YAML's !!set: a list field takes it in hash order, which changes with PYTHONHASHSEED,
+        # so the config hash (and stop, keep_columns order) changed from one run to the next.
+        raise InvalidJobError(f"{where or 'job'}: a set (!!set) has no fixed order, so the "
+                              f"config hash would change from run to run; use a list")
     if not isinstance(value, str):
         return value
 

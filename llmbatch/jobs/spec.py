@@ -60,16 +60,6 @@ _APPLY_CHAT_TEMPLATE_ARGS = frozenset((
     "tokenizer_kwargs"))
 
 
-def _holds_set(value: Any) -> bool:
-    """Whether a set is in `value` (in any list or mapping): its order, and so its str() in
-    the config hash, changes with PYTHONHASHSEED, i.e. from one run of a job to the next."""
-    if isinstance(value, (set, frozenset)):
-        return True
-    items = value.values() if isinstance(value, dict) else \
-        value if isinstance(value, (list, tuple)) else ()
-    return any(_holds_set(item) for item in items)
-
-
 class _Section(BaseModel):
     # extra='forbid' is what makes a typo a loud error instead of a silently ignored key.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -98,9 +88,6 @@ class ModelSection(_Section):
             if key in _APPLY_CHAT_TEMPLATE_ARGS:
                 raise ValueError(f"'{key}' is an argument of apply_chat_template, not a "
                                  f"template variable")
-            if _holds_set(value[key]):   # YAML's !!set: hashed and iterated in hash order
-                raise ValueError(f"model.chat_template_kwargs: '{key}' holds a set, whose "
-                                 f"order changes from run to run; use a list")
         return value
 
 

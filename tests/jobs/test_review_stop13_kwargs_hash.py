@@ -1,10 +1,11 @@
-"""model.chat_template_kwargs gives one config hash per job, whatever the run (review, stop 13).
+"""A job gives one config hash whatever the run: no YAML set in it (review, stop 13).
 
-A YAML set (`!!set {a, b}`) was accepted as a template variable and hashed as its str(), whose
-order follows PYTHONHASHSEED: the same job had another config hash in every process, so its
-resume was refused ("written with different settings: model.chat_template_kwargs.tags
-{'a', 'b'} -> {'b', 'a'}"), and a template iterating the set rendered rows in a changing order.
-A set is now refused at load (one line, exit 2); lists, mappings and scalars hash as before."""
+A YAML set (`!!set {a, b}`) iterates in an order that follows PYTHONHASHSEED. As a template
+variable it was hashed as its str(); for a list key (sampling.stop, input.keep_columns) pydantic
+took it as a list in that order. Either way the same job had another config hash in every
+process, so its resume was refused, and keep_columns came out in a changing order. A set
+anywhere in a job is now refused at load (one line naming the key, exit 2); lists, mappings and
+scalars load and hash as before."""
 
 import os
 import subprocess
@@ -22,17 +23,22 @@ def _kwargs(value) -> dict:
     return {**BASE, "model": {"path": "m", "chat_template_kwargs": value}}
 
 
-@pytest.mark.parametrize("value, where", [
-    ({"tags": {"alpha", "beta"}}, "'tags'"),
-    ({"tags": frozenset({"alpha"})}, "'tags'"),
-    ({"opts": {"tags": [1, {"x", "y"}]}}, "'opts'"),
+SET = "a set (!!set) has no fixed order, so the config hash would change from run to run; " \
+      "use a list"
+
+
+@pytest.mark.parametrize("job, where", [
+    (_kwargs({"tags": {"alpha", "beta"}}), "model.chat_template_kwargs.tags"),
+    (_kwargs({"tags": frozenset({"alpha"})}), "model.chat_template_kwargs.tags"),
+    (_kwargs({"opts": {"tags": [1, {"x", "y"}]}}), "model.chat_template_kwargs.opts.tags[1]"),
+    ({**BASE, "sampling": {"stop": {"a", "b"}}}, "sampling.stop"),
+    ({**BASE, "input": {"path": "x.parquet", "keep_columns": {"a", "b"}}},
+     "input.keep_columns"),
 ])
-def test_a_set_is_refused(value, where):
+def test_a_set_is_refused(job, where):
     with pytest.raises(InvalidJobError) as info:
-        load_job(_kwargs(value))
-    assert str(info.value) == (
-        f"model.chat_template_kwargs: {where} holds a set, whose order changes from run to "
-        f"run; use a list")
+        load_job(job)
+    assert str(info.value) == f"{where}: {SET}"
     assert info.value.exit_code == 2
 
 
@@ -53,8 +59,12 @@ def test_cli_refuses_a_yaml_set_and_hashes_a_list_alike_in_every_process(tmp_pat
     job.write_text("model: {path: m}\ninput: {path: in.parquet}\noutput: {path: out}\n")
     done = _validate_hash(str(job), "1", "model.chat_template_kwargs={tags: !!set {a, b, c}}")
     assert done.returncode == 2
-    assert done.stderr == ("llmbatch: error: model.chat_template_kwargs: 'tags' holds a set, "
-                           "whose order changes from run to run; use a list\n")
+    assert done.stderr == f"llmbatch: error: model.chat_template_kwargs.tags: {SET}\n"
+    job.write_text("model: {path: m}\ninput: {path: in.parquet}\noutput: {path: out}\n"
+                   "sampling: {stop: !!set {x, y, z}}\n")
+    done = _validate_hash(str(job), "1")
+    assert (done.returncode, done.stderr) == (2, f"llmbatch: error: sampling.stop: {SET}\n")
+    job.write_text("model: {path: m}\ninput: {path: in.parquet}\noutput: {path: out}\n")
     hashes = set()
     for seed in ("1", "2", "3"):
         done = _validate_hash(str(job), seed, "model.chat_template_kwargs={tags: [a, b, c]}")
