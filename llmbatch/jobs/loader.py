@@ -113,11 +113,16 @@ def parse_set(item: str) -> tuple[list[str], Any]:
         # `model.system_prompt=Rule #1 be brief` gave "Rule", `sampling.stop=###` null: a
         # command-line value has no use for comments, so the text is what the user meant.
         return keys, raw
+    annotation = _annotation(keys)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw          # not valid YAML: keep the text; the schema decides if that is ok
-    annotation = _annotation(keys)
+        if "${" in raw and raw.lstrip()[:1] in ("{", "[") and annotation not in _TEXT:
+            # '{path: ${MODEL}}' is no YAML; kept as text and expanded, it read "model:
+            # expected a mapping, got '{path: /models/x}'".
+            raise InvalidJobError(f"--set {item!r}: YAML reads a ${{...}} inside {{ }} or [ ] "
+                                  f"only quoted: write \"${{NAME}}\"") from None
     if isinstance(value, dict) and not _takes_mapping(annotation):
         value = raw          # "Be brief: yes" is a sentence, not a mapping: keep the text
     elif isinstance(value, (bool, int, float, datetime.date)) and _is_text(annotation):
@@ -125,6 +130,9 @@ def parse_set(item: str) -> tuple[list[str], Any]:
         # system_prompt, id_column) the text written is what the user meant.
         value = raw.strip()
     return keys, value
+
+
+_TEXT = (str, Optional[str])      # the types of keys that only ever take text
 
 
 def _annotation(keys: list[str]) -> Any:
