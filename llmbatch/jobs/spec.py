@@ -90,6 +90,18 @@ class ModelSection(_Section):
                                  f"template variable")
         return value
 
+    @model_validator(mode="after")
+    def _template_needed(self) -> "ModelSection":
+        # Caught here, not after the model loads: with chat_template none nothing renders them
+        # (io/prompts.py checks the same for a tokenizer that turns out to have no template).
+        if self.chat_template == "none":
+            for key, unset in (("system_prompt", self.system_prompt is None),
+                               ("chat_template_kwargs", not self.chat_template_kwargs)):
+                if not unset:
+                    raise ValueError(f"model.{key} needs a chat template, but "
+                                     f"model.chat_template is none")
+        return self
+
 
 class InputSection(_Section):
     path: Optional[Union[str, list[str]]] = None     # file, glob, directory, fsspec URL (or a list)
@@ -247,6 +259,13 @@ class JobSpec(_Section):
     speculative: SpeculativeSection = Field(default_factory=SpeculativeSection)
     shard: ShardSection = Field(default_factory=ShardSection)
     on_row_error: Literal["record", "fail"] = "record"
+
+    @model_validator(mode="after")
+    def _messages_need_a_template(self) -> "JobSpec":
+        if self.input.messages_column is not None and self.model.chat_template == "none":
+            raise ValueError("input.messages_column needs a chat template, but "
+                             "model.chat_template is none")
+        return self
 
     # -- runtime mapping -----------------------------------------------------------------
     def engine_config(self) -> EngineConfig:

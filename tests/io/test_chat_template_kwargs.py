@@ -46,8 +46,11 @@ def test_kwargs_reach_the_template_for_prompts_and_messages(tok):
 
 
 def test_kwargs_need_a_chat_template(tok):
+    # chat_template none with kwargs is refused when the job loads
+    # (tests/jobs/test_template_none_refusals.py); here the tokenizer has no template.
+    tok.chat_template = None
     with pytest.raises(InvalidJobError) as info:
-        rendered(tok, chat_template="none", chat_template_kwargs={"enable_thinking": False})
+        rendered(tok, chat_template_kwargs={"enable_thinking": False})
     assert str(info.value) == ("model.chat_template_kwargs needs a chat template but the "
                                "tokenizer has none (or model.chat_template is none)")
 
