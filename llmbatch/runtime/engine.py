@@ -22,7 +22,7 @@ from llmbatch.runtime.request import FinishReason, Request, RequestStatus
 from llmbatch.runtime.scheduler import Scheduler
 from llmbatch.runtime.seeded_uniforms import default_seed
 from llmbatch.runtime.stop_checker import StopChecker
-from llmbatch.runtime.stop_rules import apply_stop_rules, output_text
+from llmbatch.runtime.stop_rules import apply_stop_rules, fold_stop_rules, output_text
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,8 @@ class Engine(SpeculationMixin):
             if (n_out == req.num_stop_checked + 1 and n_out < req.max_output_tokens
                     and ids[-1] not in req.stop_token_set and not req.stop_checker.active):
                 # Fast path (most requests, every step): one new token that is no stop token,
-                # below the length limits, no stop strings: apply_stop_rules would find nothing.
+                # below the length limits, no stop strings: apply_stop_rules would find nothing
+                # (stop_rules.fold_stop_rules folds its token and length rules at admission).
                 req.num_stop_checked = n_out
                 continue
             reason = apply_stop_rules(req, self.eos_token_ids, self.max_model_len)
@@ -258,13 +259,8 @@ class Engine(SpeculationMixin):
             req.finish_reason = FinishReason.ERROR
             req.finish_time = time.perf_counter()
             return self._result(req, error=error)
-        params = req.sampling_params
-        req.stop_checker = StopChecker(self.tokenizer, params.stop)
-        # apply_stop_rules' token and length rules, folded for _finish_stopped's fast path.
-        req.stop_token_set = frozenset(params.stop_token_ids).union(
-            () if params.ignore_eos else self.eos_token_ids)
-        req.max_output_tokens = min(params.max_new_tokens,
-                                    self.max_model_len - req.num_prompt_tokens)
+        req.stop_checker = StopChecker(self.tokenizer, req.sampling_params.stop)
+        fold_stop_rules(req, self.eos_token_ids, self.max_model_len)
         req.arrival_time = time.perf_counter()
         self._live_ids.add(req.request_id)
         self.scheduler.add_request(req)

@@ -44,6 +44,18 @@ def apply_stop_rules(req: Request, eos_token_ids: set[int],
     return None
 
 
+def fold_stop_rules(req: Request, eos_token_ids: set[int], max_model_len: int) -> None:
+    """apply_stop_rules' token and length rules, folded once at admission for the engine's
+    per-step fast path (Engine._finish_stopped): req.stop_token_set holds the ids that stop it
+    (EOS unless ignore_eos, and stop_token_ids), req.max_output_tokens the output length at
+    which it ends (max_new_tokens or the context limit). A new token below that length and not
+    in the set, with no stop strings, is one apply_stop_rules would pass. Change both together."""
+    params = req.sampling_params
+    req.stop_token_set = frozenset(params.stop_token_ids).union(
+        () if params.ignore_eos else eos_token_ids)
+    req.max_output_tokens = min(params.max_new_tokens, max_model_len - req.num_prompt_tokens)
+
+
 def output_text(req: Request, tokenizer) -> str:
     """The finished request's text. A stop string ends it and is cut (stop_checker.py); a stop
     token (EOS or stop_token_ids) keeps its id in output_token_ids, but its text is left out,
