@@ -94,6 +94,11 @@ def split_k_configs(sm, case_name: str) -> list:
     return cfgs
 
 
+def weight_copies(w_bytes: int, cuda: bool) -> int:
+    """Copies of a weight to cycle through so each launch reads it from DRAM (one on CPU)."""
+    return min(MAX_COPIES, max(1, -(-L2_DEFEAT_BYTES // w_bytes))) if cuda else 1
+
+
 def make_operands(case: Case, m: int, dtype, device, copies: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
 
@@ -190,7 +195,7 @@ def run_case(case, m, dtype, device, args, copy_gbs, configs) -> list[dict]:
     cuda = device.type == "cuda"
     elem = torch.empty((), dtype=dtype).element_size()
     w_bytes = case.weight_rows * case.k * elem
-    copies = min(MAX_COPIES, max(1, -(-L2_DEFEAT_BYTES // w_bytes))) if cuda else 1
+    copies = weight_copies(w_bytes, cuda)
     ops = make_operands(case, m, dtype, device, copies)
     fused_bytes = case.bytes_moved(m, elem)
     want = baseline_fn(case, ops, ops["weights"][0])()

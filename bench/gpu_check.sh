@@ -20,6 +20,9 @@
 # profiled slice), BENCH_UNFUSED=1 (opt-in: W-RANDOM, W-PREFIX and
 # W-BATCH1 once more with engine.fused_kernels off as system llmbatch-unfused, the A/B of the
 # default; off by default for time; on CPU its rows say skipped).
+# BENCH_GEMV_LAYOUTS=0 skips the M=1 GEMM dispatch micro-benchmark (default on, also in the
+# dry run; first step, limit BENCH_GEMV_LAYOUTS_TIMEOUT, default 40 s;
+# OUT_DIR/bench_gemv_layouts.json and .log).
 # BENCH_SKINNY=1 (skinny-matmul micro-benchmark, GPU only; BENCH_SKINNY_TIMEOUT s, default 120;
 # BENCH_SKINNY_ARGS: extra flags, e.g. "--pdl --m 1" or "--no-sweep").
 # BENCH_SYNC_ROWS and BENCH_SKINNY_ROWS (default 0 since stop 10; both measured in stop 9):
@@ -54,7 +57,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,47p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,50p' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option $arg (use --dry-run or an output dir)" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -122,6 +125,24 @@ else:
 PYEOF
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.max.sm --format=csv
+fi
+
+# M=1 GEMM dispatch micro-benchmark (bench/bench_gemv_layouts.py, default on; ~20 s on a GPU,
+# a few s in the dry run, which runs it on the CPU): the five decode matmul shapes through
+# F.linear and other entry points / weight layouts (mm with W^T stored, mv, M padded to 2/4/8,
+# W as the A operand, zero bias, cuBLASLt preferred, fp32 split-K reduce). First, before
+# pytest, so a tight budget never cuts it; its table goes to the console. Its limit is its own
+# (BENCH_GEMV_LAYOUTS_TIMEOUT, default 40 s); the later steps' limits shrink by what it used.
+if [ "${BENCH_GEMV_LAYOUTS:-1}" = 1 ]; then
+  echo "=== M=1 GEMM layouts (bench_gemv_layouts)"
+  GEMV_FLAG=""; [ "$DRY" = 1 ] && GEMV_FLAG="--dry-run"
+  # shellcheck disable=SC2086
+  timeout "$(limit "${BENCH_GEMV_LAYOUTS_TIMEOUT:-40}" 0)" "$PY" -m bench.bench_gemv_layouts \
+    $GEMV_FLAG --out "$OUT_DIR/bench_gemv_layouts.json" >"$OUT_DIR/bench_gemv_layouts.log" 2>&1
+  GEMV_RC=$?
+  [ "$GEMV_RC" = 0 ] || echo "bench_gemv_layouts: exit $GEMV_RC (124: cut at its limit)"
+  # Its stdout (errors, the table, the per-token line), not the per-shape progress lines.
+  grep -v '^\[gemv\] ' "$OUT_DIR/bench_gemv_layouts.log"
 fi
 
 # GPU tests (they skip themselves without CUDA). pytest exit 5 = nothing collected.

@@ -54,6 +54,15 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert "== sorted by self_cpu_time_total" in profile_text
     delta = results["runs"]["W-RANDOM"]["llmbatch"]["engine_stats_delta"]
     assert delta["execute_s"] > 0 and delta["schedule_s"] > 0
+    # The M=1 GEMM layouts step ran first (dry run on the CPU): every shape x variant timed and
+    # equal to F.linear, its table and per-token line on the console before pytest's output.
+    gemv = json.loads((out / "bench_gemv_layouts.json").read_text())
+    assert gemv["dry_run"] is True and len(gemv["rows"]) == 5 * len(gemv["variants"]) == 50
+    assert all(r["equal"] is True and r["us"] > 0 for r in gemv["rows"])
+    assert gemv["summary"]["num_layers"] == 2
+    assert "a token would save" in (out / "bench_gemv_layouts.log").read_text()
+    gemv_at = proc.stdout.index("=== M=1 GEMM layouts (bench_gemv_layouts)")
+    assert gemv_at < proc.stdout.index("a token would save") < proc.stdout.index("=== pytest")
 
 
 @pytest.mark.timeout(300)
