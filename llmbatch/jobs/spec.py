@@ -197,7 +197,8 @@ class EngineSection(_Section):
     cuda_graphs: bool = True
     fused_kernels: bool = True   # measured on an H200: 1.5x W-RANDOM (bench/RESULTS.md)
     # Plan step n+1 while step n runs on the GPU (docs/async_scheduling.md). null (auto): on
-    # for CUDA without speculation at TP 1 (H200: 1.34x W-RANDOM, bench/RESULTS.md).
+    # for CUDA at TP 1 (H200: 1.34x W-RANDOM, bench/RESULTS.md); steps that verify
+    # speculative drafts (small batches) run synchronously.
     async_scheduling: Optional[bool] = None
     # nf4 layers on our Triton w4a16 GEMM instead of bitsandbytes; slower so far (RESULTS.md).
     nf4_triton_gemm: bool = False

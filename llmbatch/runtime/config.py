@@ -63,9 +63,10 @@ class EngineConfig:
     # 2,348 tok/s and TPOT 6.8 ms, against 28,285 and 1.14 ms with bitsandbytes; off until tuned.
     nf4_triton_gemm: bool = False
     # Overlap the host with the GPU: schedule and launch step n+1 while step n runs
-    # (docs/async_scheduling.md). None (auto): on for CUDA engines without speculation at
-    # tp 1 (H200: 1.34x W-RANDOM, 1.41x W-PREFIX, 1.12x W-BATCH1, same tokens), off
-    # elsewhere (a CPU step leaves nothing to overlap). True where unsupported is an error.
+    # (docs/async_scheduling.md). None (auto): on for CUDA engines at tp 1 (H200: 1.34x
+    # W-RANDOM, 1.41x W-PREFIX, 1.12x W-BATCH1, same tokens), off elsewhere (a CPU step
+    # leaves nothing to overlap). True where unsupported (tp > 1) is an error. Steps that
+    # verify speculative drafts run synchronously either way (Engine.step).
     async_scheduling: Optional[bool] = None
     speculative_method: str = "none"
     num_speculative_tokens: int = 4
@@ -107,9 +108,6 @@ class EngineConfig:
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling must be true, false or null (auto), got "
                              f"{self.async_scheduling!r}")
-        if self.async_scheduling and self.speculative_method != "none":
-            raise ValueError("async_scheduling does not support speculative decoding yet; "
-                             "set speculative_method: none or async_scheduling: false")
         if self.async_scheduling and self.tensor_parallel_size > 1:
             raise ValueError("async_scheduling supports tensor_parallel_size 1 only")
         if self.speculative_method == "draft" and not self.draft_model:
@@ -135,12 +133,11 @@ class EngineConfig:
 
     def async_scheduling_on(self, device_type: str, runner_can_launch: bool) -> bool:
         """Whether the engine schedules asynchronously: the explicit setting, or (None, auto)
-        on exactly where it is supported and pays: a CUDA runner with launch(), no
-        speculation, tp 1."""
+        on exactly where it is supported and pays: a CUDA runner with launch(), tp 1. With
+        speculation, the steps that draft (small batches) still run synchronously."""
         if self.async_scheduling is not None:
             return self.async_scheduling
-        return (device_type == "cuda" and runner_can_launch
-                and self.speculative_method == "none" and self.tensor_parallel_size == 1)
+        return device_type == "cuda" and runner_can_launch and self.tensor_parallel_size == 1
 
     def to_dict(self) -> dict:
         return asdict(self)

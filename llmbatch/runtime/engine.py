@@ -49,9 +49,10 @@ class Engine(SpeculationMixin):
         self.planner = Planner(config.ordering, config.planner_window, config.block_size)
         # Async scheduling: the step launched but not yet collected, with its schedule.
         can_launch = hasattr(self.runner, "launch")
-        self._async_by_default = config.async_scheduling_on(
+        # With a proposer, an async engine still runs its speculative steps (small batches)
+        # synchronously: see Engine.step and SpeculationMixin._speculates_next_step.
+        self.async_scheduling = config.async_scheduling_on(
             getattr(getattr(self.runner, "device", None), "type", "cpu"), can_launch)
-        self.async_scheduling = self._async_by_default
         if self.async_scheduling and not can_launch:
             raise ValueError(f"async_scheduling needs a model runner with launch(); "
                              f"{type(self.runner).__name__} has none")
@@ -111,7 +112,14 @@ class Engine(SpeculationMixin):
 
     def step(self) -> list[GenerationResult]:
         if self.async_scheduling:
-            return self._step_async()
+            if not self._speculates_next_step():
+                return self._step_async()
+            if self._in_flight is not None:
+                # The next step drafts: the proposer reads every token so far and verification
+                # runs synchronously, so the step in flight is collected first (no overlap for
+                # this one step; at most a few such switches a job, as the batch shrinks).
+                in_flight, self._in_flight = self._in_flight, None
+                return self._collect(*in_flight)
         t0 = time.perf_counter()
         if self.proposer is not None:
             self._propose()
@@ -129,6 +137,12 @@ class Engine(SpeculationMixin):
         self.scheduler.update_from_output(out, sampled)
         self._counters["num_steps"] += 1
         finished = self._finish_stopped(out, sampled)
+        if self.async_scheduling:
+            # Drafts handed out to requests this step did not schedule (a short token budget)
+            # must not reach an async step, which does not verify drafts; the next synchronous
+            # step proposes afresh anyway.
+            for req in self.scheduler.running:
+                req.spec_token_ids = []
         t3 = time.perf_counter()
         self._counters["schedule_s"] += t1 - t0
         self._counters["execute_s"] += t2 - t1
@@ -159,19 +173,23 @@ class Engine(SpeculationMixin):
         else:
             self._in_flight = None
         t2 = time.perf_counter()
-        finished: list[GenerationResult] = []
-        if in_flight is not None:
-            prev_out, prev_step = in_flight
-            sampled = prev_step.result()   # waits for step n; step n+1 is queued behind it
-            t2b = time.perf_counter()
-            self._counters["num_async_dropped_tokens"] += self.scheduler.apply_sampled(
-                prev_out, sampled)
-            self._counters["num_steps"] += 1
-            finished = self._finish_stopped(prev_out, sampled)
-            self._counters["postprocess_s"] += time.perf_counter() - t2b
-            t2 = t2b
         self._counters["schedule_s"] += t1 - t0
         self._counters["execute_s"] += t2 - t1
+        if in_flight is None:
+            return []
+        return self._collect(*in_flight)
+
+    def _collect(self, out, launched) -> list[GenerationResult]:
+        """Async: wait for a launched step's tokens, put them in place of its pending tokens,
+        run its stop checks; the results of the requests that ended."""
+        t0 = time.perf_counter()
+        sampled = launched.result()   # waits for that step (and only it)
+        t1 = time.perf_counter()
+        self._counters["num_async_dropped_tokens"] += self.scheduler.apply_sampled(out, sampled)
+        self._counters["num_steps"] += 1
+        finished = self._finish_stopped(out, sampled)
+        self._counters["execute_s"] += t1 - t0
+        self._counters["postprocess_s"] += time.perf_counter() - t1
         return finished
 
     def _finish_stopped(self, out, sampled) -> list[GenerationResult]:

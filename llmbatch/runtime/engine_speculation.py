@@ -24,26 +24,35 @@ def make_proposer(config: EngineConfig, runner, max_model_len: int):
 
 
 class SpeculationMixin:
-    """Mixed into Engine: uses its config, scheduler, max_model_len, async_scheduling,
-    _async_by_default and _in_flight."""
+    """Mixed into Engine: uses its config, scheduler, max_model_len and async_scheduling.
+
+    Speculative steps are synchronous: the proposer drafts from every token so far and the
+    verify step's accepted count decides the next positions. An async engine (the CUDA default)
+    runs them where they pay, at most speculative_max_num_seqs requests in the batch, and
+    async steps without drafts above that (W-SPEC at batch 64: speculation used to force every
+    step synchronous there, 0.75-0.79x the async engine on an H200, bench/RESULTS.md stop 13).
+    """
 
     def set_proposer(self, proposer) -> None:
-        """Install any object with propose(request, num_tokens) -> list[int] (bench replay)."""
-        if proposer is not None and self.async_scheduling:
-            # _step_async never proposes: the proposer would be ignored without a word. Auto
-            # (None) async scheduling steps back to synchronous steps; an explicit one refuses.
-            if self.config.async_scheduling or self._in_flight is not None:
-                raise ValueError("set_proposer: async_scheduling does not support speculative "
-                                 "decoding yet; build the engine with async_scheduling off")
-            self.async_scheduling = False
-        elif proposer is None:
+        """Install any object with propose(request, num_tokens) -> list[int] (bench replay), or
+        None to stop drafting. Safe between any two steps: drafts are handed out only right
+        before a synchronous step, after the step in flight (if any) was collected."""
+        if proposer is None:
             # Drafts handed out for a step that did not schedule their request would be
             # verified later without a proposer, or reach an async step, which refuses drafts.
             for req in self.scheduler.running:
                 req.spec_token_ids = []
-            if self.config.async_scheduling is None:
-                self.async_scheduling = self._async_by_default
         self.proposer = proposer
+
+    def _speculates_next_step(self) -> bool:
+        """Whether the next step hands out drafts (async engines: and so runs synchronously).
+        The batch it will run: the running requests and the waiting ones it may admit, at most
+        max_num_seqs. Above speculative_max_num_seqs, _propose drafts nothing."""
+        if self.proposer is None:
+            return False
+        scheduler = self.scheduler
+        batch = min(len(scheduler.running) + scheduler.num_waiting, self.config.max_num_seqs)
+        return batch <= self.config.speculative_max_num_seqs
 
     def _propose(self) -> None:
         """Give decoding requests draft tokens, unless the batch is too large to gain.

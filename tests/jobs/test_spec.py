@@ -165,7 +165,7 @@ def test_engine_config_mapping():
         ("m", "float32", 32, "input", 64)
     assert (cfg.tensor_parallel_size, cfg.quantization, cfg.speculative_method,
             cfg.num_speculative_tokens, cfg.seed) == (2, "nf4", "ngram", 3, 7)
-    assert cfg.async_scheduling is None   # auto: the engine decides (off with speculation)
+    assert cfg.async_scheduling is None   # auto: the engine decides
 
 
 def test_async_and_skinny_keys_map_and_keep_the_hash():
@@ -178,9 +178,10 @@ def test_async_and_skinny_keys_map_and_keep_the_hash():
     assert skinny.config_hash(1) == base.config_hash(1)
     pdl = load_job(job(model={"path": "m"}, engine={"skinny_matmul": True, "pdl": True}))
     assert pdl.engine_config().pdl is True and pdl.config_hash(1) == base.config_hash(1)
-    with pytest.raises(ValueError, match="speculative"):
-        load_job(job(model={"path": "m"}, engine={"async_scheduling": True},
-                     speculative={"method": "ngram"})).engine_config()
+    # With speculation, the engine drafts in synchronous steps at small batches (Engine.step).
+    with_spec = load_job(job(model={"path": "m"}, engine={"async_scheduling": True},
+                             speculative={"method": "ngram"})).engine_config()
+    assert (with_spec.async_scheduling, with_spec.speculative_method) == (True, "ngram")
 
 
 def test_sampling_params_per_row_and_seed_offset():

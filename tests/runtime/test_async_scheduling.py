@@ -126,8 +126,9 @@ def test_async_results_equal_sync(setup, setting):
 
 
 def test_async_scheduling_config_is_validated():
-    with pytest.raises(ValueError, match="speculative"):
-        EngineConfig(model="m", async_scheduling=True, speculative_method="ngram")
+    # With speculation, the drafting steps run synchronously (tests/runtime/
+    # test_async_speculation.py): the pair is valid.
+    EngineConfig(model="m", async_scheduling=True, speculative_method="ngram")
     with pytest.raises(ValueError, match="tensor_parallel_size 1"):
         EngineConfig(model="m", async_scheduling=True, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="true, false or null"):
@@ -135,15 +136,15 @@ def test_async_scheduling_config_is_validated():
 
 
 def test_auto_async_scheduling_is_on_exactly_where_supported():
-    """None (the default): on for a CUDA runner with launch(), no speculation, tp 1 (measured
-    1.34x W-RANDOM on an H200); an explicit setting wins where it is valid."""
+    """None (the default): on for a CUDA runner with launch(), tp 1 (measured 1.34x W-RANDOM
+    on an H200), speculation or not; an explicit setting wins where it is valid."""
     auto = EngineConfig(model="m")
     assert auto.async_scheduling is None
     assert auto.async_scheduling_on("cuda", True) is True
     assert auto.async_scheduling_on("cpu", True) is False
     assert auto.async_scheduling_on("cuda", False) is False      # e.g. the TP executor
     assert EngineConfig(model="m", speculative_method="ngram").async_scheduling_on(
-        "cuda", True) is False
+        "cuda", True) is True
     assert EngineConfig(model="m", tensor_parallel_size=2).async_scheduling_on(
         "cuda", True) is False
     assert EngineConfig(model="m", async_scheduling=False).async_scheduling_on(
@@ -184,23 +185,12 @@ def test_async_step_survives_a_failed_launch_like_sync(setup):
         assert bm.num_free_blocks == bm.num_blocks and engine._in_flight is None
 
 
-def test_async_engine_refuses_an_installed_proposer(setup):
-    """_step_async never proposes drafts, so a proposer installed on an async engine (the
-    bench's W-SPEC replay hook) would be ignored silently: speculation "measured" without
-    speculating. (defect: set_proposer accepted it.) Removing one (None) stays allowed."""
-    path, tokenizer, _, _ = setup
-    engine = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32",
-                                 async_scheduling=True), tokenizer=tokenizer)
-    with pytest.raises(ValueError, match="async_scheduling does not support speculative"):
-        engine.set_proposer(object())
-    engine.set_proposer(None)
-    assert engine.proposer is None
-
-
-def test_auto_async_engine_steps_back_to_sync_for_a_proposer(setup, monkeypatch):
-    """Auto async scheduling (None; on for CUDA, here forced on) gives way to an installed
-    proposer (the bench's W-SPEC replay on a default engine) and comes back when it is
-    removed; the outputs with the proposer are those of the synchronous engine."""
+def test_auto_async_engine_keeps_async_with_an_installed_proposer(setup, monkeypatch):
+    """Auto async scheduling (None; on for CUDA, here forced on) with a proposer installed
+    (the bench's W-SPEC replay on a default engine): the engine stays async, drafts at this
+    small batch (its steps synchronous) and gives the synchronous engine's outputs; removing
+    the proposer changes nothing but the drafting. (was: the proposer made the whole engine
+    synchronous; tests/runtime/test_async_speculation.py has the mixed runs)"""
     path, tokenizer, prompts, _ = setup
     monkeypatch.setattr(EngineConfig, "async_scheduling_on", lambda self, *a: True)
     engine = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32"),
@@ -218,16 +208,21 @@ def test_auto_async_engine_steps_back_to_sync_for_a_proposer(setup, monkeypatch)
         return {r.request_id: r.output_token_ids for r in eng.generate(reqs)}
 
     engine.set_proposer(EchoLast())
-    assert engine.async_scheduling is False
+    assert engine.async_scheduling is True
     with_proposer = run(engine)
-    assert engine.stats()["num_spec_accepted_tokens"] > 0   # the proposer was used
+    accepted = engine.stats()["num_spec_accepted_tokens"]
+    assert accepted > 0   # the proposer was used
     engine.set_proposer(None)
+    without = run(engine)
+    assert engine.stats()["num_spec_accepted_tokens"] == accepted
     assert engine.async_scheduling is True
     monkeypatch.undo()
     sync = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32"),
                   tokenizer=tokenizer)
     assert sync.async_scheduling is False
-    assert with_proposer == run(sync)
+    want = run(sync)
+    assert with_proposer == want
+    assert without == {f"r{i}": want[f"r{i}"] for i in range(4)}
 
 
 def test_proposer_removed_mid_generation_leaves_no_drafts_for_async_steps(setup, monkeypatch):

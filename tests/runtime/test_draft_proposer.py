@@ -9,17 +9,12 @@ from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.engine import Engine
 from llmbatch.runtime.request import Request
 from llmbatch.runtime.sampling_params import SamplingParams
-from tests.runtime.tiny_models import make_model, make_prompts, make_tokenizer
+from tests.runtime.tiny_models import make_prompts, make_target_and_draft
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    target = tmp_path_factory.mktemp("target")
-    other = tmp_path_factory.mktemp("other")
-    make_model(target, arch="llama", seed=0)
-    # A different, smaller draft with the same vocabulary.
-    make_model(other, arch="llama", seed=1, hidden=32, layers=1, num_heads=2, num_kv_heads=1)
-    return target, other, make_tokenizer(tmp_path_factory.mktemp("tok"))
+    return make_target_and_draft(tmp_path_factory)
 
 
 def run(models, draft=None, sampled=False, **kw):

@@ -75,6 +75,16 @@ def make_prompts(n: int, seed: int = 0, num_prefixes: int = 4) -> list[list[int]
     return prompts
 
 
+def make_target_and_draft(tmp_path_factory) -> tuple[Path, Path, object]:
+    """(target dir, draft dir, tokenizer): a tiny target and a different, smaller draft model
+    with the same vocabulary (draft-model speculative decoding tests)."""
+    target = tmp_path_factory.mktemp("target")
+    draft = tmp_path_factory.mktemp("draft")
+    make_model(target, arch="llama", seed=0)
+    make_model(draft, arch="llama", seed=1, hidden=32, layers=1, num_heads=2, num_kv_heads=1)
+    return target, draft, make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
 def new_engine(llama_setup, **engine_kwargs):
     """A CPU float32 Engine on the (model dir, tokenizer) of the `llama_setup` fixture."""
     from llmbatch.runtime.config import EngineConfig
