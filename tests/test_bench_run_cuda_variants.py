@@ -68,3 +68,35 @@ def test_l2_prefetch_and_pdl_rows_get_a_batch1_profile_only():
     assert profile_slices("llmbatch-skinny-pdl", workloads) == []
     assert profile_slices("llmbatch-sync", workloads) == []
     assert profile_slices("llmbatch-l2prefetch", {"W-RANDOM": None}) == []
+
+
+def test_engine_is_freed_before_cuda_bytes_after_free_is_read(tmp_path, monkeypatch):
+    """cuda_bytes_after_free must see the engine gone. (defect: a bound reset_prefix_cache
+    kept it alive past `del engine`, so every H200 run since stop 9 reported ~36.9 GB, the
+    engine's weights and KV pool, as still allocated after it was freed)"""
+    import weakref
+
+    class FakeEngine:
+        def reset_prefix_cache(self):
+            pass
+
+        def stats(self):
+            return {}
+
+    ref = {}
+
+    def fake_build(model_dir, dtype, device, **kwargs):
+        engine = FakeEngine()
+        ref["engine"] = weakref.ref(engine)
+        return engine, 0.0
+
+    monkeypatch.setattr(bench_run.llmbatch_runner, "engine_unavailable_reason", lambda: None)
+    monkeypatch.setattr(bench_run.llmbatch_runner, "build_engine", fake_build)
+    monkeypatch.setattr(bench_run.llmbatch_runner, "warm_up", lambda *a: 0.0)
+    monkeypatch.setattr(bench_run.llmbatch_runner, "weight_bytes", lambda e: 0)
+    monkeypatch.setattr(bench_run.llmbatch_runner, "run_workload", lambda e, w: {})
+    monkeypatch.setattr(bench_run, "_cuda_allocated", lambda: ref["engine"]() is not None)
+    rec = bench_run.Recorder(str(tmp_path), {"runs": {}})
+    bench_run.run_llmbatch(bench_run.parse_args([]), rec, {"W-RANDOM": object()}, "unused",
+                           "bfloat16", "cuda", 100)
+    assert rec.results["llmbatch_setup"]["cuda_bytes_after_free"] is False
