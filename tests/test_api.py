@@ -93,3 +93,29 @@ def test_pathlib_paths_are_taken_in_every_path_key(tmp_path, tiny_tokenizer_dir)
     assert (spec.model.chat_template, spec.input.dataset, spec.speculative.draft_model) == \
         (str(template), str(tmp_path / "ds"), str(tmp_path / "draft"))
 
+
+
+def test_run_job_leaves_no_engine_behind(tmp_path, tiny_llama_dir, jobkit, monkeypatch):
+    """A pipeline calls run_job again and again in one process: each job's engine (on a GPU,
+    its weights and KV pool) must be collectable once run_job returns, or the next job's KV
+    pool would be sized from what the last one still holds."""
+    import gc
+    import weakref
+
+    from llmbatch.jobs.engine_factory import default_factory
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 6)
+    engines = []
+
+    def factory(config):
+        engine = default_factory(config)
+        engines.append(weakref.ref(engine))
+        return engine
+
+    for i in range(2):
+        job = jobkit.make_job(tiny_llama_dir, inp, str(tmp_path / f"out{i}"),
+                              engine={"device": "cpu"})
+        assert run_job(job, engine_factory=factory).exit_code == 0
+        gc.collect()
+        assert len(engines) == i + 1 and engines[i]() is None
