@@ -138,10 +138,17 @@ def test_speculation_turns_off_for_large_batches(llama_setup):
     assert engine.stats()["num_spec_accepted_tokens"] == 0
 
 
-def test_ttft_and_latency_leave_out_time_queued_before_the_first_step(llama_setup):
+def test_ttft_and_latency_leave_out_time_queued_before_the_first_step(llama_setup, monkeypatch):
     # One sequence at a time: request 2 waits in the queue for the whole of requests 0 and 1.
     # From add_request its TTFT would exceed request 0's latency; from its first scheduled
     # step it is one prefill, like request 0's.
+    # A clock that ticks once per reading: the comparisons below count engine work, not wall
+    # time, so a loaded machine cannot flip them (they failed once under parallel test load).
+    import itertools
+    import time
+
+    ticks = itertools.count()
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(ticks)))
     engine = new_engine(llama_setup, max_num_seqs=1, ordering="input")
     prompts = make_prompts(3, seed=11)
     res = generate(engine, [Request(i, p, SamplingParams(max_new_tokens=16, ignore_eos=True))
