@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 
 import pyarrow as pa
 
+from llmbatch.io.column_values import column_values
 from llmbatch.jobs.errors import InvalidInputError, InvalidJobError
 
 
@@ -160,12 +161,14 @@ class PromptRenderer:
     def render(self, batch: pa.RecordBatch) -> list[tuple[Optional[list[int]], Optional[str]]]:
         """Tokenize one batch; one (ids, error) pair per row, in order."""
         column = self.messages_column or self.prompt_column
-        values = batch.column(batch.schema.get_field_index(column)).to_pylist()
+        values, not_utf8 = column_values(batch, column)
         texts: list[Optional[str]] = []
         errors: list[Optional[str]] = []
-        for value in values:
-            text, error = None, None
-            if value is None:
+        for i, value in enumerate(values):
+            text, error = None, not_utf8.get(i)
+            if error is not None:
+                pass
+            elif value is None:
                 error = f"{column} is null"
             elif self.messages_column is not None:
                 try:

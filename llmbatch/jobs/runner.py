@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
+from llmbatch.io.column_values import columns_values
 from llmbatch.io.manifest import Manifest
 from llmbatch.io.prompts import PromptRenderer
 from llmbatch.io.reader import InputSource, open_input
@@ -274,9 +275,9 @@ class JobRunner:
                                      + ([inp.id_column] if inp.id_column else [])))
         for first, batch in self._input_batches(start, end, columns, inp.batch_size):
             rendered = renderer.render(batch)
-            data = {name: batch.column(batch.schema.get_field_index(name)).to_pylist()
-                    for name in columns}
+            data, not_utf8 = columns_values(batch, columns)   # text that is not UTF-8: row errors
             for i, (token_ids, error) in enumerate(rendered):
+                error = error or not_utf8.get(i)
                 row_index = first + i
                 row = {c: data[c][i] for c in inp.keep_columns}
                 row["id"] = data[inp.id_column][i] if inp.id_column else row_index
