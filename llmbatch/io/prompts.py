@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 import pyarrow as pa
 
 from llmbatch.io.column_values import column_values
+from llmbatch.io.content_parts import text_messages
 from llmbatch.jobs.errors import InvalidInputError, InvalidJobError
 
 
@@ -147,10 +148,6 @@ class PromptRenderer:
     def _render_messages(self, messages: Any) -> str:
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {role, content}")
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                    or not isinstance(m.get("content"), str):
-                raise ValueError("each message needs string 'role' and 'content'")
         if self.system_prompt is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}] + list(messages)
         text = self._apply_template(messages)
@@ -172,6 +169,7 @@ class PromptRenderer:
                 error = f"{column} is null"
             elif self.messages_column is not None:
                 try:
+                    value = text_messages(value)
                     text = self._render_messages(value)
                 except Exception as exc:  # jinja errors, template exceptions, bad structure
                     error = f"messages do not render: {type(exc).__name__}: {exc}"

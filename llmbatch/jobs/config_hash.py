@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 #      max_model_len runs, only one of max_model_len tokens or more is an error row (5aad6c9);
 #      whitespace-only prompts run (c570366); row seeds are splitmix64 of (sampling.seed, row
 #      index), not seed + row index (57cc1a0, which had hashed it for sampled jobs only).
-OUTPUT_RULES_VERSION = 2
+#   3: messages whose content is a list of OpenAI-style text parts run (the parts joined with
+#      "\n", io/content_parts.py); they were error rows.
+OUTPUT_RULES_VERSION = 3
 
 
 def hashed_settings(spec: "JobSpec", shard_count: int) -> dict:
