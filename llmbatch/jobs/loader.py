@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from llmbatch.jobs.errors import InvalidJobError
 from llmbatch.jobs.spec import JobSpec
+from llmbatch.jobs.table_values import refuse_tables
 
 # "$${" (a literal "${"), or "${" and, where it has one of our forms, ${NAME},
 # ${NAME:-default} or ${NAME-default}. A "${" without one (unclosed, nested, ${A:=x}) is an
@@ -331,5 +332,6 @@ def load_job(source: Union[str, os.PathLike, dict], sets: Iterable[str] = (),
         raise InvalidJobError(f"a job is a path to a YAML file or a dict, got "
                               f"{type(source).__name__}")
     data = apply_overrides(data, sets, overrides)
+    refuse_tables(data)
     data = expand_env(fspath_values(data))
     return validate(data)
