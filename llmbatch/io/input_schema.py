@@ -51,16 +51,26 @@ class MergedSchema:
 
     def __init__(self, schema: pa.Schema,
                  origins: dict[str, list[tuple[str, pa.DataType]]],
-                 conflicts: Optional[dict[str, str]] = None) -> None:
+                 conflicts: Optional[dict[str, str]] = None,
+                 missing: Optional[dict[str, tuple[str, list[str]]]] = None) -> None:
         self.schema = schema
         self.origins = origins
         self.conflicts = conflicts or {}
+        # column -> (the first file without it, that file's columns)
+        self.missing = missing or {}
 
-    def check(self, columns: Sequence[str]) -> None:
-        """InvalidInputError (one line) for the first of `columns` the files disagree on."""
+    def check(self, columns: Sequence[str], required: Optional[dict[str, str]] = None) -> None:
+        """InvalidInputError (one line) for the first of `columns` the files disagree on, or
+        for a `required` column (name -> its job key) that a file lacks: pyarrow reads it as
+        nulls there, so every row of that file would be an error row ('prompt is null')."""
         for name in columns:
             if name in self.conflicts:
                 raise InvalidInputError(self.conflicts[name])
+        for name, key in (required or {}).items():
+            if name in self.missing:
+                path, names = self.missing[name]
+                raise InvalidInputError(f"{key} {name!r} is not in {path} (its columns: "
+                                        f"{', '.join(names)}); every input file needs it")
 
     def other_file(self, name: str, own: pa.DataType) -> Optional[tuple[str, pa.DataType]]:
         """A file where column `name` has a type other than `own`: the merged type's if any."""
@@ -91,7 +101,12 @@ def merge_schemas(files: Sequence[tuple[str, pa.Schema]]) -> MergedSchema:
             seen = origins.setdefault(name, [])
             if not pa.types.is_null(kind) and all(kind != k for _, k in seen):
                 seen.append((path, kind))
-    return MergedSchema(pa.schema(list(fields.values())), origins, conflicts)
+    missing: dict[str, tuple[str, list[str]]] = {}
+    for path, schema in files:
+        for name in fields:
+            if name not in missing and name not in schema.names:
+                missing[name] = (path, schema.names)
+    return MergedSchema(pa.schema(list(fields.values())), origins, conflicts, missing)
 
 
 def cast_error(piece, path: str, merged: MergedSchema,

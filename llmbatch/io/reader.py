@@ -87,8 +87,10 @@ class InputSource:
         only `columns` are read."""
         raise NotImplementedError
 
-    def check_readable(self, columns: Sequence[str]) -> None:
-        """InvalidInputError (one line) if one of `columns` cannot be read as one type."""
+    def check_readable(self, columns: Sequence[str],
+                       required: Optional[dict[str, str]] = None) -> None:
+        """InvalidInputError (one line) if one of `columns` cannot be read as one type, or a
+        file lacks one of the `required` columns (name -> job key)."""
         # One table (TableSource) has one type per column: nothing to refuse.
 
 
@@ -137,8 +139,8 @@ class ArrowDatasetSource(InputSource):
             return [(g, g.row_groups[0].num_rows) for g in groups]
         return [(fragment, fragment.count_rows())]
 
-    def check_readable(self, columns):
-        self._merged.check(columns)
+    def check_readable(self, columns, required=None):
+        self._merged.check(columns, required)
 
     def iter_batches(self, start, end, columns, batch_size):
         self.check_readable(columns)
@@ -236,5 +238,16 @@ def open_input(section, progress_bars: bool = False, per_row: Sequence[str] = ()
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise read_error(exc, fmt, files[0], filesystem) from None
     source = ArrowDatasetSource(dataset, description, fmt, filesystem)
-    source.check_readable(read_columns(section, per_row))
+    source.check_readable(read_columns(section, per_row), _required_columns(section))
     return source
+
+
+def _required_columns(section) -> dict[str, str]:
+    """Columns every input file must have (name -> job key): without the prompt or id column
+    a file's rows cannot run or be joined. A kept or per-row column may be missing from a file
+    (null there). One missing from every file is io/prompts.check_columns' error."""
+    named = {section.messages_column or section.prompt_column:
+             "input.messages_column" if section.messages_column else "input.prompt_column"}
+    if section.id_column:
+        named.setdefault(section.id_column, "input.id_column")
+    return named
