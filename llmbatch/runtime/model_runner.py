@@ -3,6 +3,12 @@ flattened model inputs, runs the forward and samples.
 
 One runner per rank. Inputs are built on the host as Python lists and copied to the device
 once per step (one tensor per field), so the device never waits on per-request copies.
+
+Where the rest lives: the host-side step description and its building in step_inputs.py;
+sizing and allocating the KV pool in kv_pool.py; the CUDA-only fast paths checked at start-up
+(Triton argmax self-check, CUDA graph capture) in model_runner_cuda.py, a mixin of
+ModelRunner; a launched step's handle and the per-request sampled tokens (LaunchedStep,
+collect_sampled) in launched_step.py, re-exported here.
 """
 
 from __future__ import annotations
@@ -20,19 +26,21 @@ from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.device import host_to_device, make_current, resolve_device, resolve_dtype
 from llmbatch.runtime.kernel_paths import enable_kernel_paths
 from llmbatch.runtime.kv_pool import allocate_kv_caches, decide_num_kv_blocks, kv_block_bytes
+from llmbatch.runtime.launched_step import LaunchedStep, collect_sampled
+from llmbatch.runtime.model_runner_cuda import CudaFastPathsMixin
 from llmbatch.runtime.sampler import Sampler
-from llmbatch.runtime.scheduler import SchedulerOutput
-from llmbatch.runtime.spec_decode import num_accepted
+from llmbatch.runtime.scheduler_output import SchedulerOutput
 from llmbatch.runtime.step_inputs import StepInputs, build_step_inputs, fill_block_tables
+
+__all__ = ["LaunchedStep", "ModelRunner", "StepInputs", "collect_sampled"]
 
 logger = logging.getLogger(__name__)
 # Per-request fields read for every sampled row every step (map() with these runs in C).
 _sampling_params = attrgetter("sampling_params")
 _default_seed = attrgetter("default_seed")
-_spec_token_ids = attrgetter("spec_token_ids")
 
 
-class ModelRunner:
+class ModelRunner(CudaFastPathsMixin):
     def __init__(self, config: EngineConfig, hf_config=None, tp_rank: int = 0,
                  tp_size: int = 1, tp_group=None) -> None:
         """tp_rank/tp_size: this process's tensor-parallel slice (tp_executor starts the
@@ -114,53 +122,6 @@ class ModelRunner:
         self.cuda_graph_error: Optional[str] = None
         self.graph_runner = self._maybe_capture_decode_graphs()
 
-    def _check_triton_argmax(self) -> Optional[str]:
-        """On CUDA, the greedy argmax's Triton path (sampler.TRITON_ARGMAX) must equal
-        torch.argmax on this GPU (triton_argmax.self_check); if not, it is turned off for the
-        process and the reason reported (stats()["triton_argmax_error"]), not the job failed."""
-        from llmbatch.runtime import sampler
-
-        if self.device.type != "cuda" or not sampler.TRITON_ARGMAX:
-            return None
-        try:
-            from llmbatch.runtime.triton_argmax import self_check
-        except ImportError as exc:
-            error = f"triton does not import: {exc}"
-        else:
-            error = self_check(self.device)
-        if error is not None:
-            sampler.TRITON_ARGMAX = False
-            logger.warning("Triton greedy argmax turned off (torch.argmax instead): %s", error)
-        return error
-
-    def _maybe_capture_decode_graphs(self):
-        """Decode and verify CUDA graphs (runtime/cuda_graphs.py) on CUDA with the triton backend,
-        single-rank (collectives are not captured yet). Quantized models too: bitsandbytes'
-        kernels launch on the current stream with torch-allocated outputs; each graph's first
-        replay is checked against the eager forward, and any failure falls back to eager."""
-        cfg = self.config
-        if not (cfg.cuda_graphs and self.device.type == "cuda" and self.attn_backend.name ==
-                "triton" and self.tp_size == 1):
-            return None
-        from llmbatch.runtime.cuda_graphs import DecodeGraphRunner
-
-        try:
-            # Verify steps (k drafts + 1 per sequence) get graphs too, at the sizes where the
-            # engine speculates at all: captured whether or not a proposer is configured, since
-            # one can be installed later (Engine.set_proposer); a few small graphs, ~0.3 s.
-            return DecodeGraphRunner(self.model, self.kv_caches, self.attn_backend,
-                                     max_num_seqs=cfg.max_num_seqs,
-                                     max_model_len=self.max_model_len,
-                                     block_size=self.block_size, device=self.device,
-                                     verify_tokens=cfg.num_speculative_tokens + 1,
-                                     verify_max_num_seqs=cfg.speculative_max_num_seqs)
-        except Exception as exc:  # a capture failure must not lose the job: run eagerly, loudly
-            self.cuda_graph_error = f"{type(exc).__name__}: {exc}"
-            logger.warning("CUDA graph capture failed, decoding eagerly: %s",
-                           self.cuda_graph_error)
-            torch.cuda.synchronize(self.device)
-            return None
-
     # -- KV pool (runtime/kv_pool.py) ---------------------------------------------------
     @property
     def kv_bytes_per_block(self) -> int:
@@ -224,7 +185,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput,
-               prev: Optional["LaunchedStep"] = None) -> "LaunchedStep":
+               prev: Optional[LaunchedStep] = None) -> LaunchedStep:
         """Enqueue one step (inputs, forward, sampling, the copy of its tokens to the host)
         without waiting for the GPU; `.result()` of the returned handle waits. prev: the step
         still in flight, whose sampled tokens this step's deferred inputs read on the device
@@ -290,53 +251,3 @@ class ModelRunner:
         result = self.sampler.sample(logits, params, s.sample_output_index,
                                      default_seeds=default_seeds)
         return collect_sampled(s, result)
-
-
-class LaunchedStep:
-    """A step enqueued on the device; result() waits for its sampled tokens (once)."""
-
-    def __init__(self, runner: ModelRunner, s: StepInputs, pending, kind: str,
-                 launch_s: float) -> None:
-        self.runner, self.inputs, self.pending = runner, s, pending
-        self._kind, self._launch_s = kind, launch_s
-        self._sampled: Optional[dict[Any, list[int]]] = None
-
-    def result(self) -> dict[Any, list[int]]:
-        if self._sampled is None:
-            t0 = time.perf_counter()
-            self._sampled = ({} if self.pending is None
-                             else collect_sampled(self.inputs, self.pending.result()))
-            # Forward + sampling wall time the host saw (launching, then waiting for the
-            # tokens), split by whether the step replayed a CUDA graph (engine stats).
-            runner = self.runner
-            runner.step_time_s[self._kind] += self._launch_s + time.perf_counter() - t0
-            runner.step_count[self._kind] += 1
-        return self._sampled
-
-
-def collect_sampled(s: StepInputs, result) -> dict[Any, list[int]]:
-    """A SamplerOutput -> sampled token ids per request id; speculative rows are cut to the
-    accepted drafts + one, and logprobs are appended to the requests. A request finished
-    while the step was in flight (async scheduling) gets nothing appended."""
-    reqs = s.sample_requests
-    if not (result.logprobs and any(result.logprobs)) and not any(map(_spec_token_ids, reqs)):
-        # Fast path (every step without logprobs or drafts): one row, one token per request.
-        return {req.request_id: [token] for req, token in zip(reqs, result.token_ids)}
-    sampled: dict[Any, list[int]] = {}
-    logprobs: dict[Any, list] = {}
-    for j, (req, token) in enumerate(zip(s.sample_requests, result.token_ids)):
-        sampled.setdefault(req.request_id, []).append(token)
-        if result.logprobs is not None and result.logprobs[j] is not None:
-            logprobs.setdefault(req.request_id, []).append(result.logprobs[j])
-    for req in dict.fromkeys(s.sample_requests):
-        tokens = sampled[req.request_id]
-        if req.spec_token_ids:
-            # Keep the accepted drafts plus the target's next token (spec_decode.py).
-            # (the scheduler's update_from_output counts the accepted drafts)
-            keep = num_accepted(req.spec_token_ids, tokens) + 1
-            del tokens[keep:]
-        if req.request_id in logprobs and not req.is_finished:
-            if req.output_logprobs is None:
-                req.output_logprobs = []
-            req.output_logprobs.extend(logprobs[req.request_id][:len(tokens)])
-    return sampled

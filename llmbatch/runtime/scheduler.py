@@ -11,12 +11,14 @@ Policy, in order, under `max_num_batched_tokens` tokens and `max_num_seqs` runni
      recently admitted running request is preempted by recompute (possibly the request
      itself), until it fits.
   2. If nothing was preempted this step (the pool is tight otherwise), waiting requests in
-     queue order: a prefix-cache hit starts them at num_computed_tokens > 0. A request whose
-     prefix_leader has not yet computed prefix_leader_tokens is skipped for this step only;
-     the first request that does not fit in the pool stops admission (first come, first
-     served: later small requests must not starve it). If the leader finished before its
-     group got in and the prefix was evicted meanwhile, the first follower admitted
-     recomputes it as a stand-in and its siblings wait for the stand-in instead.
+     queue order: a prefix-cache hit starts them at num_computed_tokens > 0, a follower waits
+     for its prefix leader, the first that does not fit stops admission.
+
+Where the rest lives (mixins of Scheduler, using its state): admission of waiting requests
+in scheduler_admission.py; the draft-token rules (drop, trim, drop all when the pool is short)
+in scheduler_drafts.py; async scheduling's pending tokens (commit_launched, apply_sampled,
+fits_without_preemption) in scheduler_async.py. ScheduledRequest / SchedulerOutput, the step
+handed to the runner, are in scheduler_output.py (re-exported here).
 
 Speculative accounting (update_from_output): a verification step computes the last known
 token plus k draft tokens (num_new_tokens = 1 + k) and the runner returns m tokens,
@@ -31,40 +33,25 @@ from __future__ import annotations
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, Optional
 
 from llmbatch.runtime.block_manager import BlockManager
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.request import FinishReason, Request, RequestStatus
+from llmbatch.runtime.scheduler_admission import AdmissionMixin
 from llmbatch.runtime.scheduler_async import AsyncSchedulingMixin
+from llmbatch.runtime.scheduler_drafts import DraftsMixin
+from llmbatch.runtime.scheduler_output import ScheduledRequest, SchedulerOutput
+
+# The step records moved to scheduler_output.py; this path keeps importing them.
+__all__ = ["Scheduler", "ScheduledRequest", "SchedulerOutput"]
 
 
 _spec_token_ids = attrgetter("spec_token_ids")
 
 
-@dataclass(slots=True)   # slots: one is made per scheduled request per step
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int           # tokens to compute this step, from request.num_computed_tokens
-
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the end of the known tokens, so a token is sampled."""
-        req = self.request
-        return (req.num_computed_tokens + self.num_new_tokens
-                >= req.num_tokens + req.num_pending_tokens)
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-    num_batched_tokens: int = 0
-
-
-class Scheduler(AsyncSchedulingMixin):
+class Scheduler(AdmissionMixin, DraftsMixin, AsyncSchedulingMixin):
     def __init__(self, config: EngineConfig, block_manager: BlockManager,
                  max_model_len: Optional[int] = None) -> None:
         self.block_manager = block_manager
@@ -193,21 +180,6 @@ class Scheduler(AsyncSchedulingMixin):
         self.num_steps += 1
         return out
 
-    def _drop_drafts_if_pool_short(self) -> None:
-        """Drafts are optional: when the running requests' drafts would need more blocks than
-        are free, drop every draft up front, so an earlier request's drafts never take the
-        blocks a later request needs for its one required token (which would preempt it)."""
-        bs = self.block_size
-        needed = 0
-        has_drafts = False
-        for req in self.running:
-            has_drafts = has_drafts or bool(req.spec_token_ids)
-            num_tokens = req.num_tokens + len(req.spec_token_ids)
-            needed += max(0, -(-num_tokens // bs) - len(req.block_table))
-        if has_drafts and needed > self.block_manager.num_free_blocks:
-            for req in self.running:
-                req.spec_token_ids = []
-
     def _num_new_tokens_running(self, req: Request, budget: int) -> int:
         """Tokens for a running request this step; trims its draft tokens to what fits."""
         remaining = req.num_tokens + req.num_pending_tokens - req.num_computed_tokens
@@ -215,77 +187,13 @@ class Scheduler(AsyncSchedulingMixin):
             raise RuntimeError(f"request {req.request_id!r} is running with nothing to compute "
                                f"(was its sampled token lost?)")
         if req.spec_token_ids:
-            if remaining > 1:
-                req.spec_token_ids = []   # still prefilling: drafts make no sense yet
-            else:
-                # Drafts need budget and positions below the context limit:
-                # last position computed = num_tokens - 1 + k <= max_model_len - 1.
-                max_k = budget - 1
-                if self.max_model_len is not None:
-                    max_k = min(max_k, self.max_model_len - req.num_tokens)
-                if len(req.spec_token_ids) > max_k:
-                    req.spec_token_ids = req.spec_token_ids[:max(0, max_k)]
+            self._fit_drafts(req, remaining, budget)
         num_new = min(remaining + len(req.spec_token_ids), budget)
         if self.max_model_len is not None and req.num_computed_tokens + num_new > self.max_model_len:
             raise RuntimeError(
                 f"request {req.request_id!r} reached {req.num_tokens} tokens, past the context "
                 f"limit {self.max_model_len}; it should have been finished")
         return num_new
-
-    def _active(self, req: Request) -> bool:
-        """Unfinished and owned by this scheduler (so it will make progress)."""
-        return not req.is_finished and self._unfinished.get(req.request_id) is req
-
-    def _leader_pending(self, req: Request) -> bool:
-        """True while the request's prefix leader still has to compute the shared prefix."""
-        leader = req.prefix_leader
-        if leader is None:
-            return False
-        need = req.prefix_leader_tokens
-        if not self._active(leader):
-            # Finished (or never added): wait for the stand-in, if one is recomputing.
-            leader = self._stand_ins.get(leader)
-            if leader is None or leader is req or not self._active(leader):
-                return False
-            need = min(need, leader.prefix_leader_tokens)
-        return leader.num_computed_tokens < need
-
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
-        bm = self.block_manager
-        skipped: list[Request] = []   # gated requests popped this step, put back in order
-        now = time.perf_counter()
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
-            if self._leader_pending(req):
-                skipped.append(self.waiting.popleft())
-                continue
-            computed_blocks, num_cached = bm.get_computed_blocks(req)
-            num_new = min(req.num_tokens - num_cached, budget)
-            if bm.allocate_slots(req, num_new, computed_blocks) is None:
-                if not self.running and not out.scheduled:
-                    # Nothing holds blocks, so the pool itself is too small for this request.
-                    self.waiting.extendleft(reversed(skipped))
-                    raise RuntimeError(
-                        f"request {req.request_id!r} ({req.num_tokens} tokens) does not fit in "
-                        f"the KV pool of {bm.num_blocks} blocks x {bm.block_size} tokens even "
-                        f"alone; lower max_model_len or give the pool more memory")
-                break
-            self.waiting.popleft()
-            leader = req.prefix_leader
-            if (leader is not None and num_cached < req.prefix_leader_tokens
-                    and not self._active(leader)):
-                self._stand_ins[leader] = req
-            req.status = RequestStatus.RUNNING
-            req.num_computed_tokens = num_cached
-            if req.num_cached_tokens is None:      # first admission only: a per-row stat
-                req.num_cached_tokens = num_cached
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now
-            self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, num_new))
-            budget -= num_new
-        self.waiting.extendleft(reversed(skipped))
-        return budget
 
     def _preempt(self, req: Request) -> None:
         """Preempt by recompute: free the blocks (their hashes stay cached), restart at 0,

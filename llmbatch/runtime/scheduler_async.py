@@ -9,12 +9,10 @@ Scheduler._num_new_tokens_running and ScheduledRequest.samples).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llmbatch.runtime.request import Request, RequestStatus
-
-if TYPE_CHECKING:
-    from llmbatch.runtime.scheduler import SchedulerOutput
+from llmbatch.runtime.scheduler_output import SchedulerOutput
 
 
 class AsyncSchedulingMixin:

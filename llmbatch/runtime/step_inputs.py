@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from llmbatch.runtime.scheduler import SchedulerOutput
+from llmbatch.runtime.scheduler_output import SchedulerOutput
 
 
 @dataclass

@@ -35,7 +35,7 @@ from llmbatch.runtime.dist import (DEFAULT_TIMEOUT_S, Rendezvous, cpu_threads_pe
                                    detect_rendezvous, host_store, init_group, join_workers,
                                    spawn_workers, wait_for_workers)
 from llmbatch.runtime.kernel_paths import PATH_STATS
-from llmbatch.runtime.scheduler import SchedulerOutput
+from llmbatch.runtime.scheduler_output import SchedulerOutput
 from llmbatch.runtime.tp_worker import (build_runner, rank_config, serve, step_message,
                                         worker_main)
 

@@ -34,7 +34,7 @@ from llmbatch.runtime.engine import Engine  # noqa: E402
 from llmbatch.runtime.model_runner import ModelRunner  # noqa: E402
 from llmbatch.runtime.request import Request  # noqa: E402
 from llmbatch.runtime.sampling_params import SamplingParams  # noqa: E402
-from llmbatch.runtime.scheduler import ScheduledRequest, SchedulerOutput  # noqa: E402
+from llmbatch.runtime.scheduler_output import ScheduledRequest, SchedulerOutput  # noqa: E402
 from tests.runtime.test_engine_greedy import hf_greedy  # noqa: E402
 from tests.runtime.tiny_models import (  # noqa: E402
     make_model, make_prompts, match_fraction,

@@ -18,7 +18,7 @@ from llmbatch.runtime.cuda_graphs import (DecodeGraphRunner, capture_batch_sizes
 from llmbatch.runtime.model_runner import ModelRunner
 from llmbatch.runtime.request import Request
 from llmbatch.runtime.sampling_params import SamplingParams
-from llmbatch.runtime.scheduler import ScheduledRequest, SchedulerOutput
+from llmbatch.runtime.scheduler_output import ScheduledRequest, SchedulerOutput
 from tests.runtime.tiny_models import make_model
 
 BLOCK = 4

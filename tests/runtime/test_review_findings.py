@@ -180,17 +180,17 @@ def test_tight_pool_chunking_leaders_and_drafts_match_a_roomy_run(llama_setup, k
 def test_target_as_its_own_draft_gets_every_draft_accepted(llama_setup, kw, monkeypatch):
     # guard: with draft == target (greedy), a rejected draft can only come from stale draft
     # K/V (preemption, prefix-cache hits, chunked prefill, skipped drafting steps).
-    import llmbatch.runtime.model_runner as mr
+    import llmbatch.runtime.launched_step as ls   # collect_sampled counts accepted drafts
 
     calls = []
-    real = mr.num_accepted
+    real = ls.num_accepted
 
     def spy(draft, sampled):
         n = real(draft, sampled)
         calls.append((n, len(draft)))
         return n
 
-    monkeypatch.setattr(mr, "num_accepted", spy)
+    monkeypatch.setattr(ls, "num_accepted", spy)
     path, _ = llama_setup
     prompts = make_prompts(16, seed=16)
     params = SamplingParams(max_new_tokens=9, ignore_eos=True)

@@ -1,0 +1,67 @@
+"""ModelRunner's CUDA-only fast paths that check themselves at start-up, mixed into ModelRunner:
+the Triton greedy argmax (its self-check against torch.argmax) and the decode/verify CUDA
+graphs (capture, each graph's first replay checked against the eager forward in
+cuda_graphs.py). Either one, failing, is turned off with its reason kept for the engine's
+stats (triton_argmax_error, cuda_graph_error) and logged; the job goes on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class CudaFastPathsMixin:
+    """Needs the ModelRunner's config, device, model, kv_caches, attn_backend, tp_size,
+    max_model_len and block_size (the graphs are captured after the KV pool is allocated)."""
+
+    def _check_triton_argmax(self) -> Optional[str]:
+        """On CUDA, the greedy argmax's Triton path (sampler.TRITON_ARGMAX) must equal
+        torch.argmax on this GPU (triton_argmax.self_check); if not, it is turned off for the
+        process and the reason reported (stats()["triton_argmax_error"]), not the job failed."""
+        from llmbatch.runtime import sampler
+
+        if self.device.type != "cuda" or not sampler.TRITON_ARGMAX:
+            return None
+        try:
+            from llmbatch.runtime.triton_argmax import self_check
+        except ImportError as exc:
+            error = f"triton does not import: {exc}"
+        else:
+            error = self_check(self.device)
+        if error is not None:
+            sampler.TRITON_ARGMAX = False
+            logger.warning("Triton greedy argmax turned off (torch.argmax instead): %s", error)
+        return error
+
+    def _maybe_capture_decode_graphs(self):
+        """Decode and verify CUDA graphs (runtime/cuda_graphs.py) on CUDA with the triton backend,
+        single-rank (collectives are not captured yet). Quantized models too: bitsandbytes'
+        kernels launch on the current stream with torch-allocated outputs; each graph's first
+        replay is checked against the eager forward, and any failure falls back to eager."""
+        cfg = self.config
+        if not (cfg.cuda_graphs and self.device.type == "cuda" and self.attn_backend.name ==
+                "triton" and self.tp_size == 1):
+            return None
+        from llmbatch.runtime.cuda_graphs import DecodeGraphRunner
+
+        try:
+            # Verify steps (k drafts + 1 per sequence) get graphs too, at the sizes where the
+            # engine speculates at all: captured whether or not a proposer is configured, since
+            # one can be installed later (Engine.set_proposer); a few small graphs, ~0.3 s.
+            return DecodeGraphRunner(self.model, self.kv_caches, self.attn_backend,
+                                     max_num_seqs=cfg.max_num_seqs,
+                                     max_model_len=self.max_model_len,
+                                     block_size=self.block_size, device=self.device,
+                                     verify_tokens=cfg.num_speculative_tokens + 1,
+                                     verify_max_num_seqs=cfg.speculative_max_num_seqs)
+        except Exception as exc:  # a capture failure must not lose the job: run eagerly, loudly
+            self.cuda_graph_error = f"{type(exc).__name__}: {exc}"
+            logger.warning("CUDA graph capture failed, decoding eagerly: %s",
+                           self.cuda_graph_error)
+            torch.cuda.synchronize(self.device)
+            return None
