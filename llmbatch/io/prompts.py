@@ -52,6 +52,13 @@ def check_columns(schema: pa.Schema, input_section, per_row: Sequence[str],
         need(column, "sampling.per_row")
     output_columns = set(OUTPUT_COLUMNS) | ({"logprobs"} if with_logprobs else set())
     reserved = set(input_section.keep_columns) & output_columns
+    if reserved == {"id"}:
+        # An input id kept as a column: the job means it as the row id.
+        fix = ("remove it there: input.id_column: id already writes it"
+               if input_section.id_column == "id" else
+               "set input.id_column: id to use it as the row id")
+        raise InvalidJobError(f"input.keep_columns: 'id' clashes with the output's id column; "
+                              f"{fix}")
     if reserved:
         raise InvalidJobError(f"input.keep_columns: {sorted(reserved)[0]!r} clashes with an "
                               f"output column; rename it in the input")

@@ -1,0 +1,34 @@
+"""An input column named `id` given in input.keep_columns clashes with the output's `id`; the
+line says to make it the id column (input.id_column: id), which is what such a job means, not
+to rename it in the input. Other clashing names keep the rename hint."""
+
+import pyarrow as pa
+import pytest
+
+from llmbatch.io.prompts import check_columns
+from llmbatch.jobs.errors import InvalidJobError
+from llmbatch.jobs.spec import InputSection
+
+SCHEMA = pa.schema([("prompt", pa.string()), ("id", pa.string()), ("error", pa.string())])
+
+
+def test_kept_id_points_to_id_column():
+    with pytest.raises(InvalidJobError) as info:
+        check_columns(SCHEMA, InputSection(path="x", keep_columns=["id"]), [])
+    assert info.value.message == ("input.keep_columns: 'id' clashes with the output's id "
+                                  "column; set input.id_column: id to use it as the row id")
+
+
+def test_kept_id_that_is_the_id_column_says_remove_it():
+    with pytest.raises(InvalidJobError) as info:
+        check_columns(SCHEMA, InputSection(path="x", keep_columns=["id"], id_column="id"), [])
+    assert info.value.message == ("input.keep_columns: 'id' clashes with the output's id "
+                                  "column; remove it there: input.id_column: id already writes "
+                                  "it")
+
+
+def test_other_clashes_say_rename():
+    with pytest.raises(InvalidJobError) as info:
+        check_columns(SCHEMA, InputSection(path="x", keep_columns=["error"]), [])
+    assert info.value.message == ("input.keep_columns: 'error' clashes with an output column; "
+                                  "rename it in the input")
