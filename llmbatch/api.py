@@ -71,9 +71,21 @@ def _preload_input_imports(spec: JobSpec) -> None:
         preload(DATASETS)
 
 
-def plan_job(path_or_dict, sets: Iterable[str] = (), **overrides) -> JobPlan:
+def _spec(path_or_dict, sets, overrides: dict) -> JobSpec:
+    """A job file, dict or JobSpec as a JobSpec; overrides apply to the first two only."""
+    if isinstance(path_or_dict, JobSpec):
+        if _as_sets(sets) or overrides:   # they would be ignored silently
+            raise InvalidJobError("sets and keyword overrides apply to a job file or dict; "
+                                  "a JobSpec is already validated (use load(..., sets, "
+                                  "**overrides) first)")
+        return path_or_dict
+    return load(path_or_dict, sets, **overrides)
+
+
+def plan_job(path_or_dict: Union[str, os.PathLike, dict, JobSpec], sets: Iterable[str] = (),
+             **overrides) -> JobPlan:
     """Shard range, rows already done and config hash; writes nothing, loads no model."""
-    spec = load(path_or_dict, sets, **overrides)
+    spec = _spec(path_or_dict, sets, overrides)
     _preload_input_imports(spec)
     return JobRunner(spec).plan()
 
@@ -86,14 +98,7 @@ def run_job(path_or_dict: Union[str, os.PathLike, dict, JobSpec], *, sets: Itera
     `engine_factory(EngineConfig) -> engine` replaces the runtime engine (tests, custom engines).
     """
     _check_run_arguments(progress, log_every_s, engine_factory)
-    if isinstance(path_or_dict, JobSpec):
-        if _as_sets(sets) or overrides:   # they would be ignored silently
-            raise InvalidJobError("sets and keyword overrides apply to a job file or dict; "
-                                  "a JobSpec is already validated (use load(..., sets, "
-                                  "**overrides) first)")
-        spec = path_or_dict
-    else:
-        spec = load(path_or_dict, sets, **overrides)
+    spec = _spec(path_or_dict, sets, overrides)
     _preload_input_imports(spec)
     return JobRunner(spec, engine_factory=engine_factory, progress=progress,
                      log_every_s=log_every_s).run()

@@ -87,3 +87,14 @@ def make_engine(spec: JobSpec, engine_factory: Optional[Callable] = None):
         text = " ".join(str(exc).split())
         what = "engine_factory failed" if custom else "the engine failed to start"
         raise InternalError(f"{what}: {type(exc).__name__}: {text}") from exc
+
+
+def usable_engine(engine):
+    """`engine`, if it has what the runner uses of it (else InternalError, one line). A custom
+    factory that returned None (forgot its return) failed in the runner as "'NoneType' object
+    has no attribute 'tokenizer'", outside JobError. Not checked in make_engine: a worker
+    rank's engine serves and never returns, and test factories stand in for it there."""
+    if not all(hasattr(engine, name) for name in ("tokenizer", "max_model_len", "generate")):
+        raise InternalError(f"engine_factory returned {type(engine).__name__}, not an engine "
+                            f"(it needs tokenizer, max_model_len and generate)")
+    return engine

@@ -22,7 +22,7 @@ from llmbatch.io.sharding import Shard, resolve_shard
 from llmbatch.io.writer import output_schema
 from llmbatch.jobs.column_types import check_input_columns
 from llmbatch.jobs.committer import InOrderCommitter
-from llmbatch.jobs.engine_factory import make_engine
+from llmbatch.jobs.engine_factory import make_engine, usable_engine
 from llmbatch.jobs.engine_limits import check_sampling, engine_vocab_size, row_error
 from llmbatch.jobs.errors import (EXIT_OK, EXIT_ROW_ERRORS, InternalError, InvalidJobError,
                                   JobError, ResumeError, RowError, output_write_failed)
@@ -173,7 +173,7 @@ class JobRunner:
         try:
             try:
                 self._say(f"llmbatch: loading model {spec.model.path}")
-                engine = make_engine(spec, self.engine_factory)
+                engine = usable_engine(make_engine(spec, self.engine_factory))
                 renderer = PromptRenderer(engine.tokenizer, spec.model, spec.input)
                 self._max_model_len = int(engine.max_model_len)
                 self._vocab_size = engine_vocab_size(engine)
