@@ -66,8 +66,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def read_job_file(path: str) -> dict:
-    if not os.path.isfile(path):
+    # Not isfile: a pipe (`llmbatch run <(envsubst < job.yaml)`) is a job file too.
+    if not os.path.exists(path):
         raise InvalidJobError(f"job file not found: {path}")
+    if os.path.isdir(path):
+        raise InvalidJobError(f"job file {path} is a directory; name a YAML job file")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_UniqueKeyLoader)
