@@ -116,6 +116,8 @@ def read_error(exc: Exception, fmt: str, fallback: str, filesystem=None) -> Inva
     reason = "".join(ch for ch in reason if ch.isprintable()).strip().rstrip(".:")
     if len(reason) > _MAX_REASON:
         reason = reason[:_MAX_REASON] + "..."
+    if fmt == "parquet" and kind == "parquet" and "duplicate field names" in reason:
+        return _repeated_column(path, filesystem)
     if fmt == "parquet" and kind == "parquet":
         # It begins as Parquet: its footer (or a page) is what failed. A cut-off copy loses
         # the footer, and pyarrow then says "magic bytes not found in footer".
@@ -125,3 +127,18 @@ def read_error(exc: Exception, fmt: str, fallback: str, filesystem=None) -> Inva
                                  f"or truncated ({reason})")
     hint = f"; {_HINT}" if _format_may_be_wrong(fmt, kind) else ""
     return InvalidInputError(f"cannot read input {path} as {fmt}: {reason}{hint}")
+
+
+def _repeated_column(path: str, filesystem) -> InvalidInputError:
+    """A Parquet file with two columns of one name: pyarrow writes it but reads no such file
+    as a dataset ("Can't unify schema with duplicate field names"); the file is not damaged."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path, filesystem=filesystem).names
+        twice = next(name for name in names if names.count(name) > 1)
+    except Exception:  # the footer would not read after all: say what pyarrow said
+        return InvalidInputError(f"cannot read input {path} as parquet: it has more than one "
+                                 f"column of one name; give each column its own name")
+    return InvalidInputError(f"cannot read input {path} as parquet: it has more than one "
+                             f"column named {twice!r}; give each column its own name")
