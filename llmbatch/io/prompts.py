@@ -42,8 +42,12 @@ def check_columns(schema: pa.Schema, input_section, per_row: Sequence[str],
             kind = kind.value_type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
                 or pa.types.is_null(kind)):
+            # pyarrow's CSV reader types a column of latin-1 text as binary.
+            why = (" (text that is not valid UTF-8, e.g. a CSV file in latin-1, reads as "
+                   "binary: convert the file to UTF-8)"
+                   if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) else "")
             raise InvalidInputError(f"input.prompt_column {input_section.prompt_column!r} has "
-                                    f"type {kind}, expected string")
+                                    f"type {kind}, expected string{why}")
     if input_section.id_column is not None:
         need(input_section.id_column, "input.id_column")
     for column in input_section.keep_columns:

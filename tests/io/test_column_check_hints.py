@@ -1,4 +1,4 @@
-"""An input column named `id` given in input.keep_columns clashes with the output's `id`; the
+"""Column checks that say what to do. An input column named `id` given in input.keep_columns clashes with the output's `id`; the
 line says to make it the id column (input.id_column: id), which is what such a job means, not
 to rename it in the input. Other clashing names keep the rename hint."""
 
@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from llmbatch.io.prompts import check_columns
-from llmbatch.jobs.errors import InvalidJobError
+from llmbatch.jobs.errors import InvalidInputError, InvalidJobError
 from llmbatch.jobs.spec import InputSection
 
 SCHEMA = pa.schema([("prompt", pa.string()), ("id", pa.string()), ("error", pa.string())])
@@ -32,3 +32,14 @@ def test_other_clashes_say_rename():
         check_columns(SCHEMA, InputSection(path="x", keep_columns=["error"]), [])
     assert info.value.message == ("input.keep_columns: 'error' clashes with an output column; "
                                   "rename it in the input")
+
+
+def test_a_binary_prompt_column_says_it_may_be_text_not_in_utf8():
+    # pyarrow reads a CSV column holding latin-1 text as binary: 'has type binary, expected
+    # string' gave no clue that the file's encoding was the problem.
+    schema = pa.schema([("prompt", pa.binary())])
+    with pytest.raises(InvalidInputError) as info:
+        check_columns(schema, InputSection(path="x"), [])
+    assert info.value.message == ("input.prompt_column 'prompt' has type binary, expected "
+                                  "string (text that is not valid UTF-8, e.g. a CSV file in "
+                                  "latin-1, reads as binary: convert the file to UTF-8)")
