@@ -1,6 +1,7 @@
-"""Column checks that say what to do. An input column named `id` given in input.keep_columns clashes with the output's `id`; the
-line says to make it the id column (input.id_column: id), which is what such a job means, not
-to rename it in the input. Other clashing names keep the rename hint."""
+"""Column checks that say what to do. An input column named `id` given in input.keep_columns
+clashes with the output's `id`; the line says to make it the id column (input.id_column: id),
+which is what such a job means, not to rename it in the input. Other clashing names keep the
+rename hint. A binary prompt column (latin-1 text in a CSV file) says it may be the encoding."""
 
 import pyarrow as pa
 import pytest
@@ -12,26 +13,19 @@ from llmbatch.jobs.spec import InputSection
 SCHEMA = pa.schema([("prompt", pa.string()), ("id", pa.string()), ("error", pa.string())])
 
 
-def test_kept_id_points_to_id_column():
+@pytest.mark.parametrize("keys, message", [
+    (dict(keep_columns=["id"]), "input.keep_columns: 'id' clashes with the output's id column; "
+                                "set input.id_column: id to use it as the row id"),
+    (dict(keep_columns=["id"], id_column="id"),
+     "input.keep_columns: 'id' clashes with the output's id column; remove it there: "
+     "input.id_column: id already writes it"),
+    (dict(keep_columns=["error"]), "input.keep_columns: 'error' clashes with an output column; "
+                                   "rename it in the input"),
+])
+def test_kept_columns_that_clash(keys, message):
     with pytest.raises(InvalidJobError) as info:
-        check_columns(SCHEMA, InputSection(path="x", keep_columns=["id"]), [])
-    assert info.value.message == ("input.keep_columns: 'id' clashes with the output's id "
-                                  "column; set input.id_column: id to use it as the row id")
-
-
-def test_kept_id_that_is_the_id_column_says_remove_it():
-    with pytest.raises(InvalidJobError) as info:
-        check_columns(SCHEMA, InputSection(path="x", keep_columns=["id"], id_column="id"), [])
-    assert info.value.message == ("input.keep_columns: 'id' clashes with the output's id "
-                                  "column; remove it there: input.id_column: id already writes "
-                                  "it")
-
-
-def test_other_clashes_say_rename():
-    with pytest.raises(InvalidJobError) as info:
-        check_columns(SCHEMA, InputSection(path="x", keep_columns=["error"]), [])
-    assert info.value.message == ("input.keep_columns: 'error' clashes with an output column; "
-                                  "rename it in the input")
+        check_columns(SCHEMA, InputSection(path="x", **keys), [])
+    assert info.value.message == message
 
 
 def test_a_binary_prompt_column_says_it_may_be_text_not_in_utf8():
