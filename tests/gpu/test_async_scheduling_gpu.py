@@ -95,3 +95,50 @@ def test_sample_async_does_not_wait_for_the_device():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert pending.result() == want
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_speculation_on_an_async_engine_equals_sync_on_cuda(tiny, tokenizer, cuda_graphs):
+    """Speculation on an async engine (docs/async_scheduling.md, "Speculative steps"): the
+    batch starts above speculative_max_num_seqs (async steps, device-side inputs) and shrinks
+    below it (the step in flight collected, then synchronous verify steps, graphed with
+    cuda_graphs). A proposer that knows the reference output makes most drafts right, so the
+    verify steps really accept; every token, finish reason and logprob id equals the
+    synchronous engine without speculation."""
+    prompts = make_prompts(NUM_PROMPTS, seed=3)
+    want, _ = _run(tiny, tokenizer, prompts, cuda_graphs, async_scheduling=False)
+
+    class Oracle:
+        def propose(self, request, k):
+            done = request.num_output_tokens
+            return want[request.request_id][0][done:done + k]
+
+    config = EngineConfig(model=str(tiny), device="cuda", dtype="float32",
+                          attention_backend="triton", cuda_graphs=cuda_graphs, max_num_seqs=16,
+                          kv_cache_blocks=512, async_scheduling=True,
+                          speculative_max_num_seqs=4)
+    engine = Engine(config, tokenizer=tokenizer)
+    engine.set_proposer(Oracle())
+    launches = []   # (carried drafts, took input ids from the step in flight)
+    launch = engine.runner.launch
+
+    def logged(out, prev=None):
+        step = launch(out, prev)
+        launches.append((any(i.request.spec_token_ids for i in out.scheduled),
+                         bool(step.inputs.deferred_rows)))
+        return step
+    engine.runner.launch = logged
+    reqs = [Request(i, p, _params(i)) for i, p in enumerate(prompts)]
+    results = {r.request_id: r for r in engine.generate(reqs)}
+    got = [(results[i].output_token_ids, results[i].finish_reason,
+            None if results[i].logprobs is None
+            else [lp["token_id"] for lp in results[i].logprobs])
+           for i in range(NUM_PROMPTS)]
+    diff = [i for i in range(NUM_PROMPTS) if got[i] != want[i]]
+    assert not diff, f"async+spec != sync for {diff}: {got[diff[0]]} != {want[diff[0]]}"
+    assert any(drafts for drafts, _ in launches), "no verify step"
+    assert any(deferred for _, deferred in launches), "no async overlap"
+    assert not any(drafts and deferred for drafts, deferred in launches)
+    assert engine.stats()["num_spec_accepted_tokens"] > 0
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and engine._in_flight is None
