@@ -107,14 +107,29 @@ class ArrowDatasetSource(InputSource):
     def _merged_schema(self, dataset: ds.Dataset) -> MergedSchema:
         """One schema over all files (input_schema.py); the dataset's own for one file."""
         if len(self._fragments) < 2:
-            return MergedSchema(dataset.schema, {})
+            path = self._fragments[0].path if self._fragments else ""
+            return MergedSchema(self._decoded(dataset.schema, path), {})
         schemas = []
         for fragment in self._fragments:   # a Parquet footer: kept for count_rows and row groups
             try:
-                schemas.append((fragment.path, fragment.physical_schema))
+                schema = fragment.physical_schema
             except (pa.ArrowException, OSError) as exc:
                 raise read_error(exc, self._format, fragment.path, self._filesystem) from None
+            schemas.append((fragment.path, self._decoded(schema, fragment.path)))
         return merge_schemas(schemas)
+
+    def _decoded(self, schema: pa.Schema, path: str) -> pa.Schema:
+        """`schema`, once its column names decode: pyarrow's CSV reader takes a header's bytes
+        as they are, and a latin-1 name ('caf\\xe9') raised UnicodeDecodeError wherever the
+        names were first read (an internal error)."""
+        try:
+            schema.names
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"cannot read input {path} as {self._format}: a column "
+                                    f"name is not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} "
+                                    f"at position {exc.start}); convert the file to UTF-8") \
+                from None
+        return schema
 
     def _fragment_counts(self) -> list[int]:
         if self._counts is None:
@@ -225,6 +240,13 @@ def open_input(section, progress_bars: bool = False, per_row: Sequence[str] = ()
             raise InvalidInputError("input.path: cannot mix local paths and URLs")
         filesystem = fs
         files.extend(found)
+    # pyarrow's datasets decompress .gz and .bz2 by extension, not .zst: such a file was read
+    # as its compressed bytes (an internal error for CSV, a parse error for JSON Lines).
+    zstd = next((f for f in files if f.lower().endswith(".zst")), None)
+    if zstd is not None:
+        raise InvalidInputError(f"input.path: {zstd} is zstd-compressed, which the input "
+                                f"reader does not decompress (gzip and bzip2 it does); "
+                                f"decompress it (zstd -d) or use .gz")
     fmt = section.format
     if fmt == "auto":
         formats = {_format_of(f) or "parquet" for f in files}
