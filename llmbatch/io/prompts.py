@@ -42,9 +42,8 @@ def check_columns(schema: pa.Schema, input_section, per_row: Sequence[str],
             kind = kind.value_type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
                 or pa.types.is_null(kind)):
-            # pyarrow's CSV reader types a column of latin-1 text as binary.
-            why = (" (text that is not valid UTF-8, e.g. a CSV file in latin-1, reads as "
-                   "binary: convert the file to UTF-8)"
+            # Text stored as bytes (encoded by its writer, or in an unknown encoding).
+            why = (" (bytes, not text: store the prompts as UTF-8 strings)"
                    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) else "")
             raise InvalidInputError(f"input.prompt_column {input_section.prompt_column!r} has "
                                     f"type {kind}, expected string{why}")

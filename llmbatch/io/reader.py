@@ -217,6 +217,17 @@ def _open_datasets(section, progress_bars: bool) -> TableSource:
                                            progress_bars))
 
 
+def _file_format(fmt: str):
+    """pyarrow's format for `fmt`. CSV text is taken without UTF-8 validation, as JSON Lines
+    text is: a latin-1 value is then its row's error (io/column_values.py) instead of typing
+    the column binary (a job error) or, past the first block, failing the read mid-run."""
+    if fmt != "csv":
+        return fmt
+    import pyarrow.csv as pacsv
+
+    return ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(check_utf8=False))
+
+
 def read_columns(section, per_row: Sequence[str] = ()) -> list[str]:
     """The input columns a job reads: prompt (or messages), kept, per-row and id columns."""
     named = [section.messages_column or section.prompt_column, *section.keep_columns, *per_row,
@@ -256,7 +267,7 @@ def open_input(section, progress_bars: bool = False, per_row: Sequence[str] = ()
         fmt = formats.pop()
     description = files[0] if len(files) == 1 else f"{len(files)} {fmt} files"
     try:
-        dataset = ds.dataset(files, format=fmt, filesystem=filesystem)
+        dataset = ds.dataset(files, format=_file_format(fmt), filesystem=filesystem)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise read_error(exc, fmt, files[0], filesystem) from None
     source = ArrowDatasetSource(dataset, description, fmt, filesystem)

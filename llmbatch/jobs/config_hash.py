@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 #      whitespace-only prompts run (c570366); row seeds are splitmix64 of (sampling.seed, row
 #      index), not seed + row index (57cc1a0, which had hashed it for sampled jobs only).
 #   3: messages whose content is a list of OpenAI-style text parts run (the parts joined with
-#      "\n", io/content_parts.py); they were error rows.
+#      "\n", io/content_parts.py); they were error rows. Text that is not valid UTF-8 is its
+#      row's error; CSV is read without UTF-8 validation, so such a CSV column is text, not
+#      binary (a kept one was written as binary).
 OUTPUT_RULES_VERSION = 3
 
 

@@ -1,7 +1,7 @@
 """Column checks that say what to do. An input column named `id` given in input.keep_columns
 clashes with the output's `id`; the line says to make it the id column (input.id_column: id),
 which is what such a job means, not to rename it in the input. Other clashing names keep the
-rename hint. A binary prompt column (latin-1 text in a CSV file) says it may be the encoding."""
+rename hint. A binary prompt column says to store text."""
 
 import pyarrow as pa
 import pytest
@@ -28,12 +28,10 @@ def test_kept_columns_that_clash(keys, message):
     assert info.value.message == message
 
 
-def test_a_binary_prompt_column_says_it_may_be_text_not_in_utf8():
-    # pyarrow reads a CSV column holding latin-1 text as binary: 'has type binary, expected
-    # string' gave no clue that the file's encoding was the problem.
+def test_a_binary_prompt_column_says_what_to_store():
     schema = pa.schema([("prompt", pa.binary())])
     with pytest.raises(InvalidInputError) as info:
         check_columns(schema, InputSection(path="x"), [])
     assert info.value.message == ("input.prompt_column 'prompt' has type binary, expected "
-                                  "string (text that is not valid UTF-8, e.g. a CSV file in "
-                                  "latin-1, reads as binary: convert the file to UTF-8)")
+                                  "string (bytes, not text: store the prompts as UTF-8 "
+                                  "strings)")
