@@ -50,13 +50,26 @@ def run(job: str, sets: tuple, progress: Optional[str], log_every: float) -> Non
     s = result.stats
     tok_s = f"{s['output_tok_s']:.1f}" if s.get("output_tok_s") is not None else "-"
     hit = f"{100 * s['prefix_hit_rate']:.1f}%" if s.get("prefix_hit_rate") is not None else "-"
-    click.echo(f"shard {result.shard_index}/{result.shard_count}: {result.num_rows} rows "
-               f"({result.num_rows_ok} ok, {result.num_rows_error} error, "
-               f"{result.num_rows_skipped} resumed), {s['output_tokens']} output tokens, "
-               f"{tok_s} out tok/s, prefix hit {hit}")
-    click.echo(f"output: {result.output_path}")
-    click.echo(f"stats:  {result.stats_path}")
+    _summary(f"shard {result.shard_index}/{result.shard_count}: {result.num_rows} rows "
+             f"({result.num_rows_ok} ok, {result.num_rows_error} error, "
+             f"{result.num_rows_skipped} resumed), {s['output_tokens']} output tokens, "
+             f"{tok_s} out tok/s, prefix hit {hit}\n"
+             f"output: {result.output_path}\nstats:  {result.stats_path}")
     sys.exit(result.exit_code)
+
+
+def _summary(text: str) -> None:
+    """A finished run's summary on stdout. A reader gone (`| head -1`) leaves the exit code
+    the job's: click made the broken pipe a silent exit 1 (an internal error, by the contract)
+    for a job whose parts and stats were written. Later writes go to /dev/null, so the
+    interpreter's final flush does not fail either."""
+    try:
+        click.echo(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 @cli.command()
