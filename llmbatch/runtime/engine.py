@@ -120,6 +120,17 @@ class Engine(SpeculationMixin):
                 # this one step; at most a few such switches a job, as the batch shrinks).
                 in_flight, self._in_flight = self._in_flight, None
                 return self._collect(*in_flight)
+            try:
+                return self._step_sync()
+            finally:
+                # Drafts left unverified (no budget for their request, or the step raised)
+                # must not reach an async step; the next sync step proposes afresh anyway.
+                for req in self.scheduler.running:
+                    req.spec_token_ids = []
+        return self._step_sync()
+
+    def _step_sync(self) -> list[GenerationResult]:
+        """One synchronous step: propose drafts, schedule, run, append, stop checks."""
         t0 = time.perf_counter()
         if self.proposer is not None:
             self._propose()
@@ -137,12 +148,6 @@ class Engine(SpeculationMixin):
         self.scheduler.update_from_output(out, sampled)
         self._counters["num_steps"] += 1
         finished = self._finish_stopped(out, sampled)
-        if self.async_scheduling:
-            # Drafts handed out to requests this step did not schedule (a short token budget)
-            # must not reach an async step, which does not verify drafts; the next synchronous
-            # step proposes afresh anyway.
-            for req in self.scheduler.running:
-                req.spec_token_ids = []
         t3 = time.perf_counter()
         self._counters["schedule_s"] += t1 - t0
         self._counters["execute_s"] += t2 - t1

@@ -207,3 +207,40 @@ def test_rows_added_mid_run_switch_a_drafting_engine_back_to_async(models):
     got = {r.request_id: (r.output_token_ids, r.finish_reason) for r in results}
     assert [got[i] for i in range(NUM_PROMPTS)] == want
     assert any(deferred for drafts, _, deferred in log.steps if not drafts)
+
+
+def test_failed_drafting_step_leaves_no_drafts_for_the_async_steps_after_it(models):
+    """A drafting (synchronous) step whose forward raises leaves the engine retryable, as the
+    synchronous engine is: a later generate() with more rows (the batch now above the draft
+    limit, so its steps run async) finishes every request with the tokens of a run without
+    the failure. (defect: the failed step's drafts stayed on its requests, and the next async
+    step scheduled them: 'async scheduling does not verify draft tokens', raised after the
+    launch, with part of the step already committed.)"""
+    prompts = _prompts()
+    params = [SamplingParams(max_new_tokens=10, ignore_eos=True)] * NUM_PROMPTS
+    want, _, _ = _run(models, params=params, prompts=prompts)
+    target, _, tok = models
+    engine = Engine(EngineConfig(model=str(target), device="cpu", dtype="float32",
+                                 async_scheduling=True, num_speculative_tokens=3,
+                                 speculative_max_num_seqs=4, max_num_seqs=8), tokenizer=tok)
+    engine.set_proposer(EchoLast())
+    forward = engine.runner.forward_logits
+    failed = []
+
+    def failing_once(s, prev_tokens=None):
+        if not failed and any(r.spec_token_ids for r in s.sample_requests):
+            failed.append(1)
+            raise RuntimeError("injected device error")
+        return forward(s, prev_tokens)
+    engine.runner.forward_logits = failing_once
+    got = {}
+    with pytest.raises(RuntimeError, match="injected"):
+        for r in engine.generate(Request(i, prompts[i], params[i]) for i in range(3)):
+            got[r.request_id] = (r.output_token_ids, r.finish_reason)
+    assert failed
+    for r in engine.generate(Request(i, prompts[i], params[i])
+                             for i in range(3, NUM_PROMPTS)):
+        got[r.request_id] = (r.output_token_ids, r.finish_reason)
+    assert [got[i] for i in range(NUM_PROMPTS)] == want
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and engine._in_flight is None
