@@ -6,11 +6,52 @@ is shown go through tqdm.write, which redraws the bar below them instead of brea
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Optional
 
 PROGRESS_MODES = ("bar", "log", "none")
+
+
+class QuietOnBrokenPipe:
+    """A stream (stderr) whose reader going away silences it instead of ending the job:
+    `llmbatch run job.yaml 2>&1 | head -3` died at the next progress line (BrokenPipeError,
+    an internal error, no part written). Progress is for the reader, not a reason to stop.
+    The descriptor is pointed at /dev/null, so later writes by anyone, and the interpreter's
+    final flush, succeed too."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def _silence(self) -> None:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # no descriptor (a StringIO): let it be
+            pass
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._silence()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._silence()
+
+    def __getattr__(self, name):        # isatty, fileno, encoding: tqdm asks
+        return getattr(self._stream, name)
+
+
+def stderr_line(message: str) -> None:
+    """One line on stderr that a closed stderr never turns into an error."""
+    print(message, file=QuietOnBrokenPipe(sys.stderr), flush=True)
 
 
 class Progress:
@@ -23,7 +64,7 @@ class Progress:
         self.done = initial
         self.initial = initial
         self.log_every_s = log_every_s
-        self.stream = stream if stream is not None else sys.stderr
+        self.stream = QuietOnBrokenPipe(stream if stream is not None else sys.stderr)
         self._start = time.perf_counter()
         self._last_log = self._start
         self._bar = None

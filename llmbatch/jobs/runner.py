@@ -10,7 +10,6 @@ the engine pulls them.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -29,7 +28,7 @@ from llmbatch.jobs.errors import (EXIT_OK, EXIT_ROW_ERRORS, InternalError, Inval
 from llmbatch.jobs.gpu_monitor import GpuMonitor
 from llmbatch.jobs.path_checks import (check_input_output_overlap, check_local_path,
                                        check_output_dir)
-from llmbatch.jobs.progress import Progress
+from llmbatch.jobs.progress import Progress, stderr_line
 from llmbatch.jobs.rows import fill_error, fill_from_result
 from llmbatch.jobs.shard_lock import ShardLock
 from llmbatch.jobs.config_hash import settings_hash
@@ -135,7 +134,7 @@ class JobRunner:
     def _say(self, message: str) -> None:
         # Before the bar exists (model loading can take minutes): plain lines on stderr.
         if self.progress_mode != "none":
-            print(message, file=sys.stderr, flush=True)
+            stderr_line(message)
 
     def _serve_if_worker_rank(self) -> None:
         """Rank > 0 of a TP job started by torchrun/srun: build the engine (it joins the group,
@@ -208,8 +207,7 @@ class JobRunner:
                                spec.input.id_column, self._with_logprobs)
         committed = self.manifest.recover(shard.index, plan.row_start)
         if self.manifest.dropped:     # data was damaged or lost: say so whatever the progress mode
-            print(f"llmbatch: output.path {spec.output.path}: {self.manifest.dropped}",
-                  file=sys.stderr, flush=True)
+            stderr_line(f"llmbatch: output.path {spec.output.path}: {self.manifest.dropped}")
         self._committer = InOrderCommitter(
             self.out_dir, self.manifest, committed,
             plan.row_start, plan.row_end, spec.output.rows_per_part, schema,
