@@ -20,6 +20,7 @@ import click
 
 from llmbatch import __version__
 from llmbatch.jobs.errors import EXIT_INTERNAL, EXIT_INVALID, InvalidJobError, JobError
+from llmbatch.jobs.progress import GONE_ERRNOS, to_devnull
 
 _SET = click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
                     help="Override one job key (value parsed as YAML); repeatable.")
@@ -63,13 +64,15 @@ def _summary(text: str) -> None:
     the job's: click made the broken pipe a silent exit 1 (an internal error, by the contract)
     for a job whose parts and stats were written. Later writes go to /dev/null, so the
     interpreter's final flush does not fail either."""
+    if sys.stdout is None:                 # Python started with stdout closed (>&-)
+        return
     try:
         click.echo(text)
         sys.stdout.flush()
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+    except OSError as exc:
+        if exc.errno not in GONE_ERRNOS:   # EPIPE (| head), EBADF (>&-)
+            raise
+        to_devnull(sys.stdout.fileno())
 
 
 @cli.command()

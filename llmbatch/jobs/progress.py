@@ -6,16 +6,19 @@ is shown go through tqdm.write, which redraws the bar below them instead of brea
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
 from typing import Optional
 
 PROGRESS_MODES = ("bar", "log", "none")
+GONE_ERRNOS = (errno.EPIPE, errno.EBADF)     # a stream no one reads any more
 
 
 class QuietOnBrokenPipe:
-    """A stream (stderr) whose reader going away silences it instead of ending the job:
+    """A stream (stderr) whose reader going away (or a stderr closed from the start) silences
+    it instead of ending the job:
     `llmbatch run job.yaml 2>&1 | head -3` died at the next progress line (BrokenPipeError,
     an internal error, no part written). Progress is for the reader, not a reason to stop.
     The descriptor is pointed at /dev/null, so later writes by anyone, and the interpreter's
@@ -26,27 +29,43 @@ class QuietOnBrokenPipe:
 
     def _silence(self) -> None:
         try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._stream.fileno())
-            os.close(devnull)
+            to_devnull(self._stream.fileno())
         except (OSError, ValueError, AttributeError):  # no descriptor (a StringIO): let it be
             pass
 
     def write(self, text: str) -> int:
+        if self._stream is None:          # Python started with the descriptor closed
+            return len(text)
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._silence()
+        except OSError as exc:
+            self._silence_if_gone(exc)
             return len(text)
 
     def flush(self) -> None:
+        if self._stream is None:
+            return
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._silence()
+        except OSError as exc:
+            self._silence_if_gone(exc)
+
+    def _silence_if_gone(self, exc: OSError) -> None:
+        # EPIPE: the reader closed the pipe; EBADF: started with stderr closed (2>&-).
+        if exc.errno not in GONE_ERRNOS:
+            raise exc
+        self._silence()
 
     def __getattr__(self, name):        # isatty, fileno, encoding: tqdm asks
         return getattr(self._stream, name)
+
+
+def to_devnull(fd: int) -> None:
+    """Point descriptor `fd` at /dev/null (it may be closed: os.open then returns it)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    if devnull != fd:
+        os.dup2(devnull, fd)
+        os.close(devnull)
 
 
 def stderr_line(message: str) -> None:
