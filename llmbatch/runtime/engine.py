@@ -19,6 +19,7 @@ from llmbatch.runtime.kernel_paths import PATH_STATS
 from llmbatch.runtime.outputs import GenerationResult
 from llmbatch.runtime.planner import Planner
 from llmbatch.runtime.request import FinishReason, Request, RequestStatus
+from llmbatch.runtime.request_checks import why_never_runs
 from llmbatch.runtime.scheduler import Scheduler
 from llmbatch.runtime.seeded_uniforms import default_seed
 from llmbatch.runtime.stop_checker import StopChecker
@@ -275,7 +276,7 @@ class Engine(SpeculationMixin):
     def _admit(self, req: Request) -> Optional[GenerationResult]:
         """Queue the request, or return its error result when it can never run."""
         self._counters["num_requests"] += 1
-        error = self._why_never_runs(req)
+        error = why_never_runs(self, req)
         if error is not None:
             self._counters["num_error_requests"] += 1
             req.status = RequestStatus.FINISHED
@@ -288,32 +289,6 @@ class Engine(SpeculationMixin):
         self._live_ids.add(req.request_id)
         self.scheduler.add_request(req)
         return None
-
-    def _why_never_runs(self, req: Request) -> Optional[str]:
-        """A one-line reason the request cannot run here, or None. Checked before it is
-        queued, so a bad row becomes an error result instead of failing a step for everyone."""
-        params = req.sampling_params
-        if req.request_id in self._live_ids:
-            return f"duplicate request id {req.request_id!r}: another request with it is running"
-        if req.num_prompt_tokens >= self.max_model_len:
-            return (f"prompt has {req.num_prompt_tokens} tokens; the model's context is "
-                    f"{self.max_model_len} tokens")
-        lo, hi = min(req.prompt_token_ids), max(req.prompt_token_ids)
-        if lo < 0 or hi >= self.vocab_size:
-            bad = lo if lo < 0 else hi
-            return f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})"
-        if params.logprobs is not None and params.logprobs > self.vocab_size:
-            return f"logprobs={params.logprobs} exceeds the vocabulary size {self.vocab_size}"
-        # The longest the sequence can grow (generation stops at max_model_len whatever
-        # max_new_tokens is) must fit the KV pool alone, or the request would end up
-        # preempting itself forever.
-        longest = min(req.num_prompt_tokens + params.max_new_tokens, self.max_model_len)
-        pool_tokens = self.runner.num_kv_blocks * self.config.block_size
-        if longest > pool_tokens:
-            return (f"the sequence can reach {longest} tokens (prompt + max_new_tokens, at most "
-                    f"max_model_len); the KV pool holds {pool_tokens} (raise kv_cache_blocks "
-                    f"or lower max_new_tokens)")
-        return self.scheduler.check_request(req)
 
     def _result(self, req: Request, error: Optional[str] = None) -> GenerationResult:
         c = self._counters

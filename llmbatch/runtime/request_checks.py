@@ -1,0 +1,36 @@
+"""Why a request can never run on an engine: checked when it is admitted (Engine._admit), so a
+bad row becomes that row's error result instead of failing a step for every request."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from llmbatch.runtime.request import Request
+
+
+def why_never_runs(engine, req: Request) -> Optional[str]:
+    """A one-line reason `req` cannot run on `engine`, or None. Reads the engine's live ids,
+    context limit, vocabulary size, KV pool size and its scheduler's own checks."""
+    params = req.sampling_params
+    max_model_len, vocab_size = engine.max_model_len, engine.vocab_size
+    if req.request_id in engine._live_ids:
+        return f"duplicate request id {req.request_id!r}: another request with it is running"
+    if req.num_prompt_tokens >= max_model_len:
+        return (f"prompt has {req.num_prompt_tokens} tokens; the model's context is "
+                f"{max_model_len} tokens")
+    lo, hi = min(req.prompt_token_ids), max(req.prompt_token_ids)
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        return f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})"
+    if params.logprobs is not None and params.logprobs > vocab_size:
+        return f"logprobs={params.logprobs} exceeds the vocabulary size {vocab_size}"
+    # The longest the sequence can grow (generation stops at max_model_len whatever
+    # max_new_tokens is) must fit the KV pool alone, or the request would end up preempting
+    # itself forever.
+    longest = min(req.num_prompt_tokens + params.max_new_tokens, max_model_len)
+    pool_tokens = engine.runner.num_kv_blocks * engine.config.block_size
+    if longest > pool_tokens:
+        return (f"the sequence can reach {longest} tokens (prompt + max_new_tokens, at most "
+                f"max_model_len); the KV pool holds {pool_tokens} (raise kv_cache_blocks "
+                f"or lower max_new_tokens)")
+    return engine.scheduler.check_request(req)
