@@ -60,6 +60,10 @@ _APPLY_CHAT_TEMPLATE_ARGS = frozenset((
     "tokenizer_kwargs"))
 
 
+_DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
+                  "fp32": "float32"}
+
+
 class _Section(BaseModel):
     # extra='forbid' is what makes a typo a loud error instead of a silently ignored key.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -69,6 +73,7 @@ class ModelSection(_Section):
     path: Annotated[str, _named("model.path", _MODEL_NAME)]
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     trust_remote_code: bool = False
+
     chat_template: Annotated[str, _named(   # auto | none | path to a Jinja template file
         "model.chat_template", "use auto, none or a path to a Jinja template")] = "auto"
     system_prompt: Optional[str] = None
@@ -80,6 +85,12 @@ class ModelSection(_Section):
     # their config hash (config_hash hashes model_dump()).
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict,
                                                  exclude_if=lambda kwargs: not kwargs)
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value):
+        # vLLM's and torch's short names, stored as the long one (one config hash for both).
+        return _DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -160,6 +171,13 @@ class SamplingSection(_Section):
     @classmethod
     def _top_k(cls, value: int) -> int:
         return check_top_k(value)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, value):
+        # One string is a list of one, as vLLM's SamplingParams(stop="###") takes it; stored
+        # as the list, so both spellings have one config hash.
+        return [value] if isinstance(value, str) else value
 
     @field_validator("stop")
     @classmethod

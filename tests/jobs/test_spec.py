@@ -236,3 +236,21 @@ def test_duplicate_keys_in_the_job_file_are_refused(tmp_path):
     path.write_text("model: &m {path: m}\ninput: {path: x.parquet}\n"
                     "output: {<<: *m, path: o}\n")
     assert load_job(str(path)).output.path == "o"
+
+
+@pytest.mark.parametrize("section, key, short, long", [
+    ("sampling", "stop", "###", ["###"]),          # vLLM's SamplingParams(stop="###")
+    ("model", "dtype", "half", "float16"),
+    ("model", "dtype", "float", "float32"),
+    ("model", "dtype", "bf16", "bfloat16"),
+])
+def test_vllm_spellings_are_taken_as_the_long_form_with_its_hash(section, key, short, long):
+    """They were refused ('sampling.stop: expected a list', 'model.dtype: expected one of
+    ...'); now stored as the long form, so both spellings run one job (same config hash)."""
+    def spec_with(value):
+        sections = {"model": {"path": "m"}}
+        sections.setdefault(section, {})[key] = value
+        return load_job(job(**sections))
+    a, b = spec_with(short), spec_with(long)
+    assert getattr(getattr(a, section), key) == long
+    assert a.config_hash(1) == b.config_hash(1)
