@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from llmbatch.runtime.config import EngineConfigError
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The dtypes host_to_device builds through numpy (the ones steps copy: ids, rows, temperatures).
 _NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
@@ -16,9 +18,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        # A setting this machine cannot honour, not a model that fails to load.
+        raise EngineConfigError(f"device {name!r} requested but CUDA is not available")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported; use auto, cpu or cuda[:N]")
+        raise EngineConfigError(f"device {name!r} is not supported; use auto, cpu or cuda[:N]")
     return device
 
 

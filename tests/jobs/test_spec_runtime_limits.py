@@ -129,3 +129,18 @@ def test_triton_backend_on_cpu_is_refused_before_writing(tmp_path, tiny_llama_di
     assert info.value.message == ("invalid engine settings: attention_backend='triton' needs a "
                                   "CUDA device, the engine runs on cpu; use auto or torch")
     assert not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_setting_error(tmp_path, tiny_llama_dir, jobkit,
+                                                     monkeypatch):
+    # Was 'model.path ...: cannot load the model: device 'cuda' requested ...': the model is
+    # fine, the setting is what this machine cannot honour.
+    monkeypatch.delenv("LLMBATCH_ENGINE_FACTORY", raising=False)
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 3)
+    out = tmp_path / "out"
+    with pytest.raises(InvalidJobError) as info:
+        run_job(jobkit.make_job(tiny_llama_dir, inp, str(out), engine={"device": "cuda"}))
+    assert (info.value.message, info.value.exit_code) == (
+        "invalid engine settings: device 'cuda' requested but CUDA is not available", 2)
+    assert not out.exists()
