@@ -10,7 +10,7 @@ Shapes: the five matmuls of a decode step (bench_skinny_matmul.cases, built from
 model_shapes.SHAPE_1B): qkv 3072x2048, o_proj 2048x2048, gate_up 16384x2048, down 2048x8192,
 lm_head 128256x2048 (N x K), bf16. Variants (VARIANTS below), each checked against "linear"
 within bf16 tolerance first; a variant whose result differs (or that raises) is an error row,
-never timed. Timing is bench_skinny_matmul.time_us: --iters calls captured in one CUDA graph
+never timed. Timing is bench.gpu_timing.time_us: --iters calls captured in one CUDA graph
 (launch overhead out, as in the engine's decode graph), cycling through weight copies so each
 call reads its weight from DRAM, not L2; median of --reps replays. GB/s counts weight bytes
 only; "ratio" is the variant's time over linear's (below 1: faster). Last: the summed per-layer
