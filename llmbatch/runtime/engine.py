@@ -126,8 +126,7 @@ class Engine(SpeculationMixin):
             finally:
                 # Drafts left unverified (no budget for their request, or the step raised)
                 # must not reach an async step; the next sync step proposes afresh anyway.
-                for req in self.scheduler.running:
-                    req.spec_token_ids = []
+                self.scheduler.drop_all_drafts()
         return self._step_sync()
 
     def _step_sync(self) -> list[GenerationResult]:

@@ -40,8 +40,7 @@ class SpeculationMixin:
         if proposer is None:
             # Drafts handed out for a step that did not schedule their request would be
             # verified later without a proposer, or reach an async step, which refuses drafts.
-            for req in self.scheduler.running:
-                req.spec_token_ids = []
+            self.scheduler.drop_all_drafts()
         self.proposer = proposer
 
     def _speculates_next_step(self) -> bool:

@@ -20,6 +20,12 @@ from llmbatch.runtime.request import Request
 class DraftsMixin:
     """Needs the Scheduler's block_manager, block_size, running and max_model_len."""
 
+    def drop_all_drafts(self) -> None:
+        """Every running request's drafts, gone: the pool is short (below), the proposer was
+        removed, or (async engines) a synchronous step left drafts that no async step may see."""
+        for req in self.running:
+            req.spec_token_ids = []
+
     def _drop_drafts_if_pool_short(self) -> None:
         """Drafts are optional: when the running requests' drafts would need more blocks than
         are free, drop every draft up front, so an earlier request's drafts never take the
@@ -32,8 +38,7 @@ class DraftsMixin:
             num_tokens = req.num_tokens + len(req.spec_token_ids)
             needed += max(0, -(-num_tokens // bs) - len(req.block_table))
         if has_drafts and needed > self.block_manager.num_free_blocks:
-            for req in self.running:
-                req.spec_token_ids = []
+            self.drop_all_drafts()
 
     def _fit_drafts(self, req: Request, remaining: int, budget: int) -> None:
         """Cut a running request's drafts to what this step can verify (it has some):
