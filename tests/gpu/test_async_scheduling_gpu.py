@@ -40,11 +40,15 @@ def _params(i: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=12, stop_token_ids=[17, 33, 101], ignore_eos=True)
 
 
-def _run(path, tokenizer, prompts, cuda_graphs, async_scheduling):
+def _run(path, tokenizer, prompts, cuda_graphs, async_scheduling, prepare=None, **config_kw):
+    """(per prompt: tokens, finish reason, logprob ids), engine. prepare(engine) runs before
+    generate (install a proposer, wrap the runner)."""
     config = EngineConfig(model=str(path), device="cuda", dtype="float32",
                           attention_backend="triton", cuda_graphs=cuda_graphs, max_num_seqs=16,
-                          kv_cache_blocks=512, async_scheduling=async_scheduling)
+                          kv_cache_blocks=512, async_scheduling=async_scheduling, **config_kw)
     engine = Engine(config, tokenizer=tokenizer)
+    if prepare is not None:
+        prepare(engine)
     reqs = [Request(i, p, _params(i)) for i, p in enumerate(prompts)]
     results = {r.request_id: r for r in engine.generate(reqs)}
     assert sorted(results) == list(range(len(prompts)))
@@ -113,27 +117,20 @@ def test_speculation_on_an_async_engine_equals_sync_on_cuda(tiny, tokenizer, cud
             done = request.num_output_tokens
             return want[request.request_id][0][done:done + k]
 
-    config = EngineConfig(model=str(tiny), device="cuda", dtype="float32",
-                          attention_backend="triton", cuda_graphs=cuda_graphs, max_num_seqs=16,
-                          kv_cache_blocks=512, async_scheduling=True,
-                          speculative_max_num_seqs=4)
-    engine = Engine(config, tokenizer=tokenizer)
-    engine.set_proposer(Oracle())
     launches = []   # (carried drafts, took input ids from the step in flight)
-    launch = engine.runner.launch
 
-    def logged(out, prev=None):
-        step = launch(out, prev)
-        launches.append((any(i.request.spec_token_ids for i in out.scheduled),
-                         bool(step.inputs.deferred_rows)))
-        return step
-    engine.runner.launch = logged
-    reqs = [Request(i, p, _params(i)) for i, p in enumerate(prompts)]
-    results = {r.request_id: r for r in engine.generate(reqs)}
-    got = [(results[i].output_token_ids, results[i].finish_reason,
-            None if results[i].logprobs is None
-            else [lp["token_id"] for lp in results[i].logprobs])
-           for i in range(NUM_PROMPTS)]
+    def prepare(engine):
+        engine.set_proposer(Oracle())
+        launch = engine.runner.launch
+
+        def logged(out, prev=None):
+            step = launch(out, prev)
+            launches.append((any(i.request.spec_token_ids for i in out.scheduled),
+                             bool(step.inputs.deferred_rows)))
+            return step
+        engine.runner.launch = logged
+    got, engine = _run(tiny, tokenizer, prompts, cuda_graphs, async_scheduling=True,
+                       prepare=prepare, speculative_max_num_seqs=4)
     diff = [i for i in range(NUM_PROMPTS) if got[i] != want[i]]
     assert not diff, f"async+spec != sync for {diff}: {got[diff[0]]} != {want[diff[0]]}"
     assert any(drafts for drafts, _ in launches), "no verify step"

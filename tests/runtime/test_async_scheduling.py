@@ -11,7 +11,7 @@ from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.engine import Engine
 from llmbatch.runtime.request import Request
 from llmbatch.runtime.sampling_params import SamplingParams
-from tests.runtime.tiny_models import make_model, make_prompts
+from tests.runtime.tiny_models import EchoLast, make_model, make_prompts
 
 NUM_PROMPTS = 40
 
@@ -197,10 +197,6 @@ def test_auto_async_engine_keeps_async_with_an_installed_proposer(setup, monkeyp
                     tokenizer=tokenizer)
     assert engine.async_scheduling is True
 
-    class EchoLast:   # proposes the last token again: some drafts accepted, most not
-        def propose(self, request, k):
-            return [request.all_token_ids[-1]] * k
-
     def run(eng):
         reqs = [Request(f"r{i}", p, SamplingParams(max_new_tokens=12, temperature=0.0,
                                                    ignore_eos=True))
@@ -234,10 +230,6 @@ def test_proposer_removed_mid_generation_leaves_no_drafts_for_async_steps(setup,
     monkeypatch.setattr(EngineConfig, "async_scheduling_on", lambda self, *a: True)
     engine = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32",
                                  max_num_batched_tokens=64), tokenizer=tokenizer)
-
-    class EchoLast:
-        def propose(self, request, k):
-            return [request.all_token_ids[-1]] * k
 
     def requests():
         return [Request(f"r{i}", p, SamplingParams(max_new_tokens=6 + 3 * i, temperature=0.0,

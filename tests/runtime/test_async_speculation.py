@@ -13,7 +13,7 @@ from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.engine import Engine
 from llmbatch.runtime.request import Request
 from llmbatch.runtime.sampling_params import SamplingParams
-from tests.runtime.tiny_models import make_prompts, make_target_and_draft
+from tests.runtime.tiny_models import EchoLast, make_prompts, make_target_and_draft
 
 NUM_PROMPTS = 14
 
@@ -156,13 +156,6 @@ def test_max_num_seqs_within_the_draft_limit_speculates_from_the_first_decode(mo
     assert got == want
     assert not any(in_flight for _, in_flight, _ in log.steps)
     assert any(drafts for drafts, _, _ in log.steps)
-
-
-class EchoLast:
-    """Always proposes k tokens (the last one repeated): most are rejected, none missing."""
-
-    def propose(self, request, k):
-        return [request.all_token_ids[-1]] * k
 
 
 def test_rows_added_mid_run_switch_a_drafting_engine_back_to_async(models):

@@ -85,6 +85,14 @@ def make_target_and_draft(tmp_path_factory) -> tuple[Path, Path, object]:
     return target, draft, make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
+class EchoLast:
+    """A proposer (Engine.set_proposer) that always drafts k tokens, the last token repeated:
+    a few accepted, most rejected, never none offered."""
+
+    def propose(self, request, k):
+        return [request.all_token_ids[-1]] * k
+
+
 def new_engine(llama_setup, **engine_kwargs):
     """A CPU float32 Engine on the (model dir, tokenizer) of the `llama_setup` fixture."""
     from llmbatch.runtime.config import EngineConfig
