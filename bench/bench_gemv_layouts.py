@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import bench_skinny_matmul as bsm
+from bench import gpu_timing
 from bench.model_shapes import SHAPE_1B, SHAPE_TINY, ModelShape
 
 PER_LAYER = ("qkv", "o_proj", "gate_up", "down")   # summed, x num_hidden_layers
@@ -107,7 +108,7 @@ def run_shape(case, variants, dtype, device, args, copy_gbs) -> list[dict]:
     n, k = case.weight_rows, case.k            # gate_up: the merged [2 I, K] weight
     elem = torch.empty((), dtype=dtype).element_size()
     w_bytes = n * k * elem
-    ops = bsm.make_operands(case, 1, dtype, device, bsm.weight_copies(w_bytes, cuda))
+    ops = bsm.make_operands(case, 1, dtype, device, gpu_timing.weight_copies(w_bytes, cuda))
     x = ops["x"]                                # (1, K)
     tol = TOLERANCE[dtype]
     want, rows = None, []
@@ -134,7 +135,7 @@ def run_shape(case, variants, dtype, device, args, copy_gbs) -> list[dict]:
                 if not row["equal"]:
                     raise ValueError(f"result differs from {variants[0].name}: max abs diff "
                                      f"{diff:.3g} (tolerance {tol})")
-                us, in_graph = bsm.time_us(fns, args.iters, args.reps, cuda)
+                us, in_graph = gpu_timing.time_us(fns, args.iters, args.reps, cuda)
             del operands, fns
         except Exception as exc:  # one failing variant must not hide the others
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
     shape = SHAPE_1B if cuda else SHAPE_TINY
     if not cuda:
         args.iters = args.reps = 1
-    copy_gbs = bsm.copy_bandwidth_gbs(device, cuda)
+    copy_gbs = gpu_timing.copy_bandwidth_gbs(device, cuda)
     meta = {"device": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
             "torch": torch.__version__, "dtype": str(dtype), "dry_run": not cuda,
             "shape": shape.name, "copy_gbs": copy_gbs, "iters": args.iters, "reps": args.reps,

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-# Shared with bench_gemv_layouts, which reaches them through this module too.
 from bench.gpu_timing import copy_bandwidth_gbs, time_us, weight_copies
 
 EPS = 1e-5
