@@ -103,9 +103,11 @@ def merge_schemas(files: Sequence[tuple[str, pa.Schema]]) -> MergedSchema:
                 seen.append((path, kind))
     missing: dict[str, tuple[str, list[str]]] = {}
     for path, schema in files:
+        names = schema.names                # a new list at each call: once a file
+        present = set(names)
         for name in fields:
-            if name not in missing and name not in schema.names:
-                missing[name] = (path, schema.names)
+            if name not in missing and name not in present:
+                missing[name] = (path, names)
     return MergedSchema(pa.schema(list(fields.values())), origins, conflicts, missing)
 
 
