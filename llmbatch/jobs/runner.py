@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional
 from llmbatch.io.column_values import columns_values
 from llmbatch.io.manifest import Manifest
 from llmbatch.io.prompts import PromptRenderer
-from llmbatch.io.reader import InputSource, open_input
+from llmbatch.io.reader import InputSource, open_input, read_columns
 from llmbatch.io.sharding import Shard, resolve_shard
 from llmbatch.io.writer import output_schema
 from llmbatch.jobs.column_types import check_input_columns
@@ -268,12 +268,14 @@ class JobRunner:
         spec = self.spec
         inp = spec.input
         per_row = spec.sampling.per_row
-        column = inp.messages_column or inp.prompt_column
-        columns = list(dict.fromkeys([column] + inp.keep_columns + per_row
-                                     + ([inp.id_column] if inp.id_column else [])))
+        # The columns a row takes values from; the prompt (messages) column is decoded once,
+        # by the renderer, unless a row also keeps it.
+        row_columns = list(dict.fromkeys(inp.keep_columns + per_row
+                                         + ([inp.id_column] if inp.id_column else [])))
+        columns = read_columns(inp, per_row)
         for first, batch in self._input_batches(start, end, columns, inp.batch_size):
-            rendered = renderer.render(batch)
-            data, not_utf8 = columns_values(batch, columns)   # text that is not UTF-8: row errors
+            rendered = renderer.render(batch)   # its errors include a prompt that is not UTF-8
+            data, not_utf8 = columns_values(batch, row_columns)   # text not UTF-8: row errors
             for i, (token_ids, error) in enumerate(rendered):
                 error = error or not_utf8.get(i)
                 row_index = first + i
