@@ -20,7 +20,7 @@ import click
 
 from llmbatch import __version__
 from llmbatch.jobs.errors import EXIT_INTERNAL, EXIT_INVALID, InvalidJobError, JobError
-from llmbatch.jobs.progress import GONE_ERRNOS, to_devnull
+from llmbatch.jobs.progress import QuietOnBrokenPipe
 
 _SET = click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
                     help="Override one job key (value parsed as YAML); repeatable.")
@@ -60,19 +60,12 @@ def run(job: str, sets: tuple, progress: Optional[str], log_every: float) -> Non
 
 
 def _summary(text: str) -> None:
-    """A finished run's summary on stdout. A reader gone (`| head -1`) leaves the exit code
-    the job's: click made the broken pipe a silent exit 1 (an internal error, by the contract)
-    for a job whose parts and stats were written. Later writes go to /dev/null, so the
+    """A finished run's summary on stdout. A reader gone (`| head -1`, or stdout closed from
+    the start) leaves the exit code the job's: click made the broken pipe a silent exit 1 (an
+    internal error, by the contract) for a job whose parts and stats were written. The stream
+    is then pointed at /dev/null (progress.QuietOnBrokenPipe, as for stderr), so the
     interpreter's final flush does not fail either."""
-    if sys.stdout is None:                 # Python started with stdout closed (>&-)
-        return
-    try:
-        click.echo(text)
-        sys.stdout.flush()
-    except OSError as exc:
-        if exc.errno not in GONE_ERRNOS:   # EPIPE (| head), EBADF (>&-)
-            raise
-        to_devnull(sys.stdout.fileno())
+    print(text, file=QuietOnBrokenPipe(sys.stdout), flush=True)
 
 
 @cli.command()
