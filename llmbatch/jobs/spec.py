@@ -73,7 +73,6 @@ class ModelSection(_Section):
     path: Annotated[str, _named("model.path", _MODEL_NAME)]
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     trust_remote_code: bool = False
-
     chat_template: Annotated[str, _named(   # auto | none | path to a Jinja template file
         "model.chat_template", "use auto, none or a path to a Jinja template")] = "auto"
     system_prompt: Optional[str] = None
