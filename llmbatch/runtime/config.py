@@ -43,6 +43,10 @@ class EngineConfig:
     # (layers/skinny_matmul.py: norm prologues, residual and SiLU·mul epilogues); needs
     # fused_kernels on CUDA, tensor_parallel_size 1, no quantization. Untuned: off by default.
     skinny_matmul: bool = False
+    # Opt-in, with skinny_matmul: single-token steps (batch-1 decode) take layers/gemv.py's
+    # one-row kernels (same fusions, split-K reduced in the same launch) instead of the 16-row
+    # skinny tiles. Unmeasured (written without a GPU): bench --skinny-gemv, bench_gemv_layouts.
+    skinny_gemv: bool = False
     # Opt-in, on Hopper (sm_90+) with fused_kernels: our Triton kernels (RMSNorm, SiLU·mul,
     # rotary, attention, the split reduce, skinny) use programmatic dependent launch (each may
     # start while the previous one drains; ~1.3 us launch gap per kernel in the decode CUDA

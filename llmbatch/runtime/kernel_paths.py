@@ -9,6 +9,7 @@
                                   bnb.matmul_4bit
     skinny_matmul   (opt-in)      steps of <= 16 tokens run 6-launch decoder layers
                                   (models/llama_skinny.py); tensor_parallel_size 1, dense
+    skinny_gemv     (opt-in)      with skinny_matmul: one-token steps on layers/gemv.py
     pdl             (opt-in)      our Triton kernels (fused, attention, skinny) launch with
                                   programmatic dependent launch (sm_90+; runtime/pdl.py)
     l2_prefetch     (opt-in)      steps of <= 16 tokens touch the small matmuls' weights into
@@ -42,6 +43,7 @@ class KernelPaths:
     nf4_triton_error: Optional[str] = None
     skinny_matmul: bool = False
     skinny_pdl: bool = False
+    skinny_gemv: bool = False
     l2_prefetch_weights: int = 0      # weights touched into L2 per small step (0: off)
     pdl: bool = False                 # our Triton kernels launch with PDL (runtime/pdl.py)
 
@@ -98,13 +100,18 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
     if getattr(config, "skinny_matmul", False):
         from llmbatch.runtime.models.llama_skinny import enable_skinny_matmul
 
-        if tp_size == 1 and quantization == "none" and enable_skinny_matmul(model, pdl=pdl):
-            paths.skinny_matmul, paths.skinny_pdl = True, pdl
+        gemv = bool(getattr(config, "skinny_gemv", False))
+        dense = tp_size == 1 and quantization == "none"
+        if dense and enable_skinny_matmul(model, pdl=pdl, gemv_rows=gemv):
+            paths.skinny_matmul, paths.skinny_pdl, paths.skinny_gemv = True, pdl, gemv
             logger.info("skinny_matmul on: fused decoder layers for steps of <= 16 tokens"
+                        + (", one-token steps on the gemv kernels" if gemv else "")
                         + (", programmatic dependent launch" if pdl else ""))
         else:
             logger.info("skinny_matmul ignored: needs tensor_parallel_size 1, unquantized "
                         "weights and a Llama-family model")
+    elif getattr(config, "skinny_gemv", False):
+        logger.info("skinny_gemv ignored: it runs inside skinny_matmul's layers (turn both on)")
     if pdl:
         pdl_switch.set_enabled(True)
         paths.pdl = True
@@ -129,6 +136,7 @@ def _enable_l2_prefetch(model, device: torch.device, paths: KernelPaths) -> None
 
 
 PATH_STATS = ("fused_kernels_active", "skinny_matmul_active", "skinny_pdl_active",
+              "skinny_gemv_active",
               "pdl_active", "l2_prefetch_weights", "int8_triton_layers", "int8_triton_error",
               "nf4_triton_layers", "nf4_triton_error")
 

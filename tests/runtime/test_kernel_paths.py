@@ -59,14 +59,33 @@ def test_l2_prefetch_on_cuda_unless_skinny_matmul_is_on(tmp_path, monkeypatch, c
         r.getMessage() for r in caplog.records]
 
 
+def test_skinny_gemv_rides_on_skinny_matmul(tmp_path, caplog):
+    """The CUDA branch on CPU tensors: skinny_gemv with skinny_matmul allocates the model's
+    zeroed gemv counters; alone it is ignored with a log (it runs inside skinny's layers)."""
+    pytest.importorskip("triton")
+    from tests.runtime.test_models import load_ours, make_hf_model
+
+    model = load_ours(make_hf_model("llama-gqa-hd32-tied-llama3", tmp_path), tmp_path)
+    both = EngineConfig(model="m", skinny_matmul=True, skinny_gemv=True)
+    paths = enable_kernel_paths(model, both, torch.device("cuda"), 1, "none")
+    assert (paths.skinny_matmul, paths.skinny_gemv) == (True, True)
+    assert int(model.model.skinny_gemv_counters.abs().sum()) == 0
+    alone = EngineConfig(model="m", skinny_gemv=True)
+    with caplog.at_level("INFO", logger="llmbatch.runtime.kernel_paths"):
+        paths = enable_kernel_paths(model, alone, torch.device("cuda"), 1, "none")
+    assert (paths.skinny_matmul, paths.skinny_gemv) == (False, False)
+    assert "skinny_gemv ignored: it runs inside skinny_matmul's layers (turn both on)" in [
+        r.getMessage() for r in caplog.records]
+
+
 def test_engine_stats_report_the_paths_taken(llama_setup):
     from tests.runtime.tiny_models import new_engine
 
     stats = new_engine(llama_setup, skinny_matmul=True).stats()
     assert (stats["fused_kernels_active"], stats["skinny_matmul_active"],
-            stats["skinny_pdl_active"], stats["int8_triton_layers"],
-            stats["int8_triton_error"], stats["l2_prefetch_weights"]) == (
-        False, False, False, 0, None, 0)
+            stats["skinny_pdl_active"], stats["skinny_gemv_active"],
+            stats["int8_triton_layers"], stats["int8_triton_error"],
+            stats["l2_prefetch_weights"]) == (False, False, False, False, 0, None, 0)
 
 
 def _int8_runner(llama_setup):

@@ -181,3 +181,31 @@ def test_engine_greedy_tokens_equal_with_the_path_forced_on(llama_setup, monkeyp
     assert outputs[1] == outputs[0]
     assert all(len(o) == 6 for o in outputs[1])
     assert len(calls) >= 5 and max(calls) <= 4  # the decode steps, fused
+
+
+def test_gemv_rows_run_one_token_steps_and_match_unfused(model, monkeypatch):
+    """EngineConfig.skinny_gemv: a one-token decode step runs every layer's 4 matmuls on
+    layers/gemv.py (a 3-sequence step stays on skinny_linear); logits match the unfused path
+    and the shared arrival counters are all zero afterwards."""
+    assert llama_skinny.enable_skinny_matmul(model, gemv_rows=True) is True
+    counters = model.model.skinny_gemv_counters
+    assert counters.dtype == torch.int32 and int(counters.abs().sum()) == 0
+    gemv_calls = []
+    real = llama_skinny.gemv.gemv_linear
+    monkeypatch.setattr(llama_skinny.gemv, "gemv_linear",
+                        lambda x, *a, **kw: gemv_calls.append(x.shape[0]) or real(x, *a, **kw))
+    tables = random_block_tables(3, 32, seed=5)
+    seqs = [[(3 * i + s) % 300 for i in range(24)] for s in range(3)]
+    steps = [[(seqs[0], tables[0], 0, 20)],
+             [(seqs[1], tables[1], 0, 6), (seqs[2], tables[2], 0, 4)],
+             [(seqs[0], tables[0], 20, 21)],
+             [(seqs[0], tables[0], 21, 22), (seqs[1], tables[1], 6, 7),
+              (seqs[2], tables[2], 4, 5)],
+             [(seqs[0], tables[0], 22, 23)]]
+    off, on, _, _ = both_paths(model, steps)
+    assert gemv_calls == [1] * (2 * 4 * len(model.model.layers))  # the two 1-token steps
+    for a, b in zip(off, on):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=ATOL)
+    assert int(counters.abs().sum()) == 0
+    assert llama_skinny.enable_skinny_matmul(model) is True
+    assert model.model.skinny_gemv_counters is None

@@ -19,13 +19,19 @@ summation orders differ from the unfused path. The final norm is then model.norm
 Applies at tensor_parallel_size 1 (no all-reduce between the matmul and the residual add) with
 dense weights; enable_skinny_matmul checks that once, skinny_applies per step. With
 EngineConfig.pdl (sm_90+) it also sets model.skinny_pdl: every skinny launch then uses
-programmatic dependent launch (layers/skinny_matmul.py).
+programmatic dependent launch (layers/skinny_matmul.py). With EngineConfig.skinny_gemv,
+one-token steps (batch-1 decode) call layers/gemv.py instead: the same fusions on one row,
+split-K reduced inside the launch; model.skinny_gemv_counters is its arrival-counter buffer,
+allocated here before any graph capture and left all zero by every call.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from llmbatch.runtime.layers import gemv
 from llmbatch.runtime.layers import skinny_matmul as sm
 
 
@@ -34,11 +40,12 @@ def _linears(layer):
     return (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
 
 
-def enable_skinny_matmul(model, pdl: bool = False) -> bool:
+def enable_skinny_matmul(model, pdl: bool = False, gemv_rows: bool = False) -> bool:
     """Switch the fused path on for every LlamaModel inside `model` whose linear layers are all
     dense and unsharded (tp_size 1, no quant_method); returns True when at least one was.
     pdl: its kernels launch with programmatic dependent launch (EngineConfig.pdl; the caller
-    checked for CUDA sm_90+)."""
+    checked for CUDA sm_90+). gemv_rows: one-token steps use layers/gemv.py
+    (EngineConfig.skinny_gemv)."""
     from llmbatch.runtime.models.llama import LlamaModel
 
     enabled = False
@@ -49,8 +56,22 @@ def enable_skinny_matmul(model, pdl: bool = False) -> bool:
                  for layer in module.layers for lin in _linears(layer))
         module.use_skinny_matmul = ok
         module.skinny_pdl = ok and pdl
+        module.skinny_gemv_counters = _gemv_counters(module) if ok and gemv_rows else None
         enabled = enabled or ok
     return enabled
+
+
+def _gemv_counters(module) -> torch.Tensor:
+    """One zeroed int32 counter per column tile of the widest gemv call of `module`: launches
+    run one after another on the stream and each leaves its counters zero, so all share it."""
+    tiles = 1
+    for layer in module.layers:
+        for lin, gate_up in zip(_linears(layer), (False, False, True, False)):
+            w = lin.weight
+            cfg = gemv.pick_config(w.shape[0], w.shape[1])
+            tiles = max(tiles, gemv.counter_tiles(w.shape[0], gate_up, cfg))
+    device = module.layers[0].mlp.down_proj.weight.device
+    return torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
 def skinny_applies(model, hidden: torch.Tensor) -> bool:
@@ -62,22 +83,22 @@ def skinny_applies(model, hidden: torch.Tensor) -> bool:
 
 def skinny_layer_forward(layer, rope, residual: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, attn_meta, attn_backend,
-                         pdl: bool = False) -> torch.Tensor:
+                         pdl: bool = False, gemv_counters=None) -> torch.Tensor:
     """residual (num_tokens, hidden_size): the full residual stream entering the layer ->
     the stream leaving it (same shape). pdl: skinny launches use programmatic dependent
-    launch."""
+    launch. gemv_counters (not None): a one-token step runs on layers/gemv.py."""
     attn, mlp = layer.self_attn, layer.mlp
     in_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
-    qkv = sm.skinny_linear(residual, attn.qkv_proj.weight, attn.qkv_proj.bias,
-                           norm_weight=in_norm.weight, eps=in_norm.eps, pdl=pdl)
+    linear = sm.skinny_linear
+    if gemv_counters is not None and residual.shape[0] == 1:
+        linear = functools.partial(gemv.gemv_linear, counters=gemv_counters)
+    qkv = linear(residual, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                 norm_weight=in_norm.weight, eps=in_norm.eps, pdl=pdl)
     out = attn.attend(rope, qkv, k_cache, v_cache, attn_meta, attn_backend)
-    residual = sm.skinny_linear(out, attn.o_proj.weight, attn.o_proj.bias, residual=residual,
-                                pdl=pdl)
-    act = sm.skinny_linear(residual, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
-                           norm_weight=post_norm.weight, eps=post_norm.eps, gate_up=True,
-                           pdl=pdl)
-    return sm.skinny_linear(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=residual,
-                            pdl=pdl)
+    residual = linear(out, attn.o_proj.weight, attn.o_proj.bias, residual=residual, pdl=pdl)
+    act = linear(residual, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
+                 norm_weight=post_norm.weight, eps=post_norm.eps, gate_up=True, pdl=pdl)
+    return linear(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=residual, pdl=pdl)
 
 
 def skinny_model_forward(model, hidden: torch.Tensor, rope, kv_caches, attn_meta,
@@ -86,7 +107,8 @@ def skinny_model_forward(model, hidden: torch.Tensor, rope, kv_caches, attn_meta
     final-normed hidden states, like the unfused loop."""
     residual = hidden
     pdl = getattr(model, "skinny_pdl", False)  # set by enable_skinny_matmul
+    counters = getattr(model, "skinny_gemv_counters", None)
     for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
         residual = skinny_layer_forward(layer, rope, residual, k_cache, v_cache, attn_meta,
-                                        attn_backend, pdl=pdl)
+                                        attn_backend, pdl=pdl, gemv_counters=counters)
     return model.norm(residual)

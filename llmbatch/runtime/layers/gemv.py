@@ -1,0 +1,239 @@
+"""Batch-1 GEMV with the skinny path's fusions, in one launch (W-BATCH1; opt-in, unmeasured).
+
+    y[N] = prologue(x)[K] @ W[N, K]^T (+ bias[N]), then an optional epilogue;  x is one row
+
+Same prologue / epilogues and the same rounding steps as layers/skinny_matmul.py (RMSNorm
+prologue; residual and SiLU·mul epilogues), so models/llama_skinny.py can call either. Why a
+second kernel: skinny_matmul pads every call to a 16-row tile (its batch invariance), which at
+M = 1 wastes the FMA path's registers and puts 16x the products through tl.dot; stop 9's sweep
+never got it past cuBLAS on qkv (9.5 vs 6.4 us) or gate_up (23.7 vs 18.1). Here x is a vector:
+a program holds a (BLOCK_N, BLOCK_K) weight tile, multiplies it by x's chunk and keeps the
+products in a float32 (BLOCK_N, BLOCK_K) accumulator, reduced over K once at the end. Weight
+rows are K-contiguous, so each thread streams 16-byte vectors along K.
+
+Split-K without a second launch (GemvConfig.split_k = S > 1): with N / BLOCK_N programs too few
+to keep every SM streaming (o_proj: 2048 rows are 128 programs of 16 rows on a 132-SM H200),
+program (n, s) covers the s-th K range and stores its float32 partial sums to a workspace
+(S, N_w); then it counts itself in on an arrival counter of its column tile (atomic add,
+acquire-release). The program that arrives last adds the S partials in split order 0..S-1 --
+whatever order they arrived in, so the result is deterministic -- applies the epilogue and sets
+the counter back to 0 for the next call (and the next CUDA-graph replay). That saves stop 13's
+cuBLAS split-K reduce launch on down_proj (1.7 us + a ~1.1 us gap a layer) and the skinny path's
+own reduce launch. Counters: an int32 tensor of at least cdiv(N, BLOCK_N) zeros that the caller
+keeps (models/llama_skinny.py allocates one per model before capture); every call leaves it
+all zero again.
+
+Not batch invariant with skinny_matmul (another summation order): M = 1 steps through here and
+M > 1 steps through skinny_linear differ in float32 rounding, like any two GEMM kernels.
+
+Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (tests; programs run one after
+another there, so the last-arrival branch is exercised by the program of the last split).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from llmbatch.runtime.layers.skinny_checks import check_inputs
+from llmbatch.runtime.layers.skinny_matmul import _epilogue_store
+from llmbatch.runtime.pdl import pdl_wait_then_release
+
+MAX_SPLIT_K = 16  # the last-arrival reduce unrolls its loop over the splits
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One tile configuration: BLOCK_N weight rows x BLOCK_K columns a loop step, split_k
+    K ranges per column tile (1: no workspace, no counter)."""
+
+    block_n: int = 16
+    block_k: int = 512
+    num_warps: int = 4
+    split_k: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"GemvConfig.{name} must be a power of two, got {v}")
+        if (not isinstance(self.split_k, int) or isinstance(self.split_k, bool)
+                or not 1 <= self.split_k <= MAX_SPLIT_K):
+            raise ValueError(f"GemvConfig.split_k must be an int in 1..{MAX_SPLIT_K}, got "
+                             f"{self.split_k!r}")
+
+
+# UNTUNED (written without a GPU): bench/bench_gemv_layouts.py times these and alternatives
+# against F.linear. Rows: (max N_w, max K, config), first match wins; N_w counts gate_up's
+# merged [gate; up] rows. The aim is one wave of programs on a 132-SM H200 with ~16-32 KB of
+# weight in flight each: qkv 3072 x 2048 -> 192 tiles x 2 splits; o_proj 2048 x 2048 -> 128 x 2;
+# gate_up (gate and up tiles in one program) 8192 x 2048 -> 512 tiles; down 2048 x 8192 -> 128 x 4;
+# the LM head's 128256 rows fill the GPU many times over without a split. A 16 x 512 tile at
+# 4 warps is 128 registers a thread (ptxas, sm_90: 4 programs an SM); gate_up's two tiles need
+# 8 warps to stay there (244 registers at 4), hence 8 warps for the wide row.
+_CONFIG_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
+    (4096, 4096, GemvConfig(block_n=16, block_k=512, num_warps=4, split_k=2)),
+    (4096, 1 << 31, GemvConfig(block_n=16, block_k=512, num_warps=4, split_k=4)),
+    (1 << 31, 1 << 31, GemvConfig(block_n=16, block_k=512, num_warps=8, split_k=1)),
+)
+
+
+def pick_config(n_w: int, k: int) -> GemvConfig:
+    """Tile config for n_w weight rows and reduction length k."""
+    for max_n, max_k, cfg in _CONFIG_TABLE:
+        if n_w <= max_n and k <= max_k:
+            return cfg
+    raise AssertionError("the last row of _CONFIG_TABLE matches everything")
+
+
+def counter_tiles(n_w: int, gate_up: bool, cfg: GemvConfig) -> int:
+    """Column tiles of a call: the counters it needs."""
+    return triton.cdiv(n_w // 2 if gate_up else n_w, cfg.block_n)
+
+
+@triton.jit
+def _store_row(acc, acc_up, cols, col_mask, bias_ptr, res_ptr, out_ptr, N,
+               HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATE_UP: tl.constexpr):
+    """acc (BLOCK_N,) fp32 = x @ W^T for output columns `cols` (acc_up: the up half) through
+    skinny_matmul's epilogue as a one-row tile, so both kernels round step by step alike."""
+    row = tl.arange(0, 1)
+    _epilogue_store(acc[None, :], acc_up[None, :], row, cols, row < 1, col_mask, bias_ptr,
+                    res_ptr, out_ptr, N, 0, 0, HAS_BIAS, RESIDUAL, GATE_UP)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, bias_ptr, norm_w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr,
+    N, K, k_per_split, eps,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+    GATE_UP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    # Program (n, s): output columns [n*BLOCK_N, (n+1)*BLOCK_N), K range
+    # [s*k_per_split, (s+1)*k_per_split) (whole BLOCK_K chunks; the last may be short or empty).
+    # With GATE_UP the up rows start N rows below the gate rows. ws: (SPLIT_K, N_w) fp32.
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * K                  # (BLOCK_N, 1)
+    dtype = out_ptr.dtype.element_ty
+    if USE_PDL:
+        pdl_wait_then_release()
+    if NORM:
+        # The sum of squares over ALL of K in every program (x is K elements, L2-resident), so
+        # every split normalizes with the same rstd.
+        sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            xf = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            sq += xf * xf
+        rstd = tl.math.rsqrt(tl.sum(sq, axis=0) / K + eps)
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = K
+    else:
+        k_lo = tl.program_id(1) * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = acc  # placeholder unless GATE_UP
+    if GATE_UP:
+        w_up_rows = w_ptr + (cols + N)[:, None].to(tl.int64) * K
+        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K
+        x = tl.load(x_ptr + k, mask=k_mask, other=0.0)
+        if NORM:  # norm.py: normalize in fp32, round, weight multiply in fp32, round again
+            nw = tl.load(norm_w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+            x = ((x.to(tl.float32) * rstd).to(dtype).to(tl.float32) * nw).to(dtype)
+        xf = x.to(tl.float32)[None, :]
+        w_mask = col_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)    # (BLOCK_N, BLOCK_K)
+        acc += w.to(tl.float32) * xf
+        if GATE_UP:
+            w_up = tl.load(w_up_rows + k[None, :], mask=w_mask, other=0.0)
+            acc_up += w_up.to(tl.float32) * xf
+    part = tl.sum(acc, axis=1)                                       # (BLOCK_N,)
+    part_up = part  # placeholder unless GATE_UP
+    if GATE_UP:
+        part_up = tl.sum(acc_up, axis=1)
+    if SPLIT_K == 1:
+        _store_row(part, part_up, cols, col_mask, bias_ptr, res_ptr, out_ptr, N, HAS_BIAS,
+                   RESIDUAL, GATE_UP)
+    else:
+        n_w = 2 * N if GATE_UP else N
+        tl.store(ws_ptr + tl.program_id(1) * n_w + cols, part, mask=col_mask)
+        if GATE_UP:
+            tl.store(ws_ptr + tl.program_id(1) * n_w + N + cols, part_up, mask=col_mask)
+        # Every thread's partial-sum stores come before the arrival count (the barrier), and
+        # the count releases them / acquires the other splits' (acq_rel, GPU scope).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            # Last to arrive: add the splits in fixed order. .cg reads from L2, where the other
+            # SMs' stores are (this SM's L1 may hold nothing fresher, but never trust it).
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            total_up = total
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(ws_ptr + s * n_w + cols, mask=col_mask, other=0.0,
+                                 cache_modifier=".cg")
+                if GATE_UP:
+                    total_up += tl.load(ws_ptr + s * n_w + N + cols, mask=col_mask, other=0.0,
+                                        cache_modifier=".cg")
+            _store_row(total, total_up, cols, col_mask, bias_ptr, res_ptr, out_ptr, N,
+                       HAS_BIAS, RESIDUAL, GATE_UP)
+            tl.atomic_xchg(count_ptr + pid, 0)  # re-armed for the next call / graph replay
+
+
+def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                *, norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                residual: Optional[torch.Tensor] = None, gate_up: bool = False,
+                counters: Optional[torch.Tensor] = None, config: Optional[GemvConfig] = None,
+                pdl: bool = False) -> torch.Tensor:
+    """skinny_linear's contract for one row: x (1, K) contiguous; weight (N_w, K) contiguous,
+    same dtype; bias (N_w,); norm_weight (K,): RMSNorm prologue; residual (1, N): returns
+    round(round(x @ W^T + bias) + residual); gate_up: N_w = 2I, returns silu(gate) * up (1, I).
+    counters: int32 zeros, >= counter_tiles(...) long, left all zero (split-K calls; None: a
+    fresh zeros tensor per call, one more launch). config overrides the tile table."""
+    n = check_inputs(x, weight, bias, norm_weight, residual, gate_up)
+    if x.shape[0] != 1:
+        raise ValueError(f"gemv_linear computes one row, got x of shape {tuple(x.shape)}")
+    if pdl and x.device.type != "cuda":
+        raise ValueError(f"pdl=True needs CUDA tensors (programmatic dependent launch, sm_90+), "
+                         f"got x on {x.device}")
+    k = x.shape[1]
+    cfg = config or pick_config(weight.shape[0], k)
+    s = cfg.split_k
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    ws = out  # placeholder pointer when s == 1
+    if s > 1:
+        tiles = counter_tiles(weight.shape[0], gate_up, cfg)
+        if counters is None:
+            counters = torch.zeros(tiles, dtype=torch.int32, device=x.device)
+        elif (counters.dtype != torch.int32 or counters.device != x.device
+              or counters.dim() != 1 or counters.numel() < tiles):
+            raise ValueError(f"counters must be an int32 vector of >= {tiles} zeros on "
+                             f"{x.device}, got {tuple(counters.shape)} {counters.dtype} on "
+                             f"{counters.device}")
+        # Partial sums (s, N_w) fp32; inside a CUDA graph capture this comes from the graph's
+        # private pool like every activation.
+        ws = torch.empty((s, weight.shape[0]), dtype=torch.float32, device=x.device)
+    count = counters if s > 1 else out
+    # K range per split: whole BLOCK_K chunks, so only the last split sees the K tail.
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), s) * cfg.block_k
+    flags = dict(HAS_BIAS=bias is not None, NORM=norm_weight is not None,
+                 RESIDUAL=residual is not None, GATE_UP=gate_up, USE_PDL=pdl)
+    if pdl:
+        flags["launch_pdl"] = True
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n), s)](
+        x, weight, bias if bias is not None else weight,
+        norm_weight if norm_weight is not None else weight,
+        residual if residual is not None else out, out, ws, count, n, k, k_per_split,
+        float(eps), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=s,
+        num_warps=cfg.num_warps, **flags)
+    return out
