@@ -51,7 +51,7 @@ def run(job: str, sets: tuple, progress: Optional[str], log_every: float) -> Non
     s = result.stats
     tok_s = f"{s['output_tok_s']:.1f}" if s.get("output_tok_s") is not None else "-"
     hit = f"{100 * s['prefix_hit_rate']:.1f}%" if s.get("prefix_hit_rate") is not None else "-"
-    _summary(f"shard {result.shard_index}/{result.shard_count}: {result.num_rows} rows "
+    _echo(f"shard {result.shard_index}/{result.shard_count}: {result.num_rows} rows "
              f"({result.num_rows_ok} ok, {result.num_rows_error} error, "
              f"{result.num_rows_skipped} resumed), {s['output_tokens']} output tokens, "
              f"{tok_s} out tok/s, prefix hit {hit}\n"
@@ -59,12 +59,13 @@ def run(job: str, sets: tuple, progress: Optional[str], log_every: float) -> Non
     sys.exit(result.exit_code)
 
 
-def _summary(text: str) -> None:
-    """A finished run's summary on stdout. A reader gone (`| head -1`, or stdout closed from
-    the start) leaves the exit code the job's: click made the broken pipe a silent exit 1 (an
-    internal error, by the contract) for a job whose parts and stats were written. The stream
-    is then pointed at /dev/null (progress.QuietOnBrokenPipe, as for stderr), so the
-    interpreter's final flush does not fail either."""
+def _echo(text: str) -> None:
+    """A command's result on stdout. A reader gone (`| head -0`, or stdout closed from the
+    start) leaves the exit code the command's: click made the broken pipe a silent exit 1 (an
+    internal error, by the contract) for a job whose parts and stats were written, a valid job
+    file, a merge whose file was written. The stream is then pointed at /dev/null
+    (progress.QuietOnBrokenPipe, as for stderr), so later lines and the interpreter's final
+    flush do not fail either."""
     print(text, file=QuietOnBrokenPipe(sys.stdout), flush=True)
 
 
@@ -89,8 +90,8 @@ def validate(job: str, sets: tuple) -> None:
     shown = spec.model_dump(mode="json")
     if not split_applies(spec.input):   # the default split, where it picks nothing
         del shown["input"]["split"]
-    click.echo(yaml.safe_dump(shown, sort_keys=False).rstrip())
-    click.echo(f"# shard {shard.index} of {shard.count}, config hash {spec.config_hash(shard.count)}")
+    _echo(yaml.safe_dump(shown, sort_keys=False).rstrip())
+    _echo(f"# shard {shard.index} of {shard.count}, config hash {spec.config_hash(shard.count)}")
 
 
 @cli.command()
@@ -102,10 +103,10 @@ def plan(job: str, sets: tuple) -> None:
 
     p = plan_job(job, sets)
     total = p.row_end - p.row_start
-    click.echo(f"input: {p.input_description} ({p.num_input_rows} rows)")
-    click.echo(f"shard {p.shard.index} of {p.shard.count}: rows [{p.row_start}, {p.row_end}) "
+    _echo(f"input: {p.input_description} ({p.num_input_rows} rows)")
+    _echo(f"shard {p.shard.index} of {p.shard.count}: rows [{p.row_start}, {p.row_end}) "
                f"= {total} rows; {p.rows_done} done, {total - p.rows_done} to run")
-    click.echo(f"config hash: {p.config_hash}")
+    _echo(f"config hash: {p.config_hash}")
 
 
 @cli.command()
@@ -137,7 +138,7 @@ def merge(output_dir: str, dest: str, overwrite: bool, allow_partial: bool) -> N
         check_complete(output_dir, cov)
     check_parts_exist(output_dir, entries)
     rows = write_merged(output_dir, entries, dest)
-    click.echo(summary(len(entries), rows, dest, cov))
+    _echo(summary(len(entries), rows, dest, cov))
 
 
 @cli.command()
@@ -151,7 +152,7 @@ def stats(output_dir: str) -> None:
     if table.num_rows == 0:
         raise InvalidInputError(f"{output_dir}: no stats (no _stats/*.parquet)")
     for row in table.to_pylist():
-        click.echo(" ".join(f"{k}={v}" for k, v in row.items()))
+        _echo(" ".join(f"{k}={v}" for k, v in row.items()))
 
 
 class _StderrLines(logging.Handler):
