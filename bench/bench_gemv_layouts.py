@@ -1,7 +1,10 @@
 """Micro-benchmark: the same batch-1 product y[1, N] = x[1, K] @ W[N, K]^T reached through
-different torch entry points and weight layouts, so cuBLAS picks different kernels at M = 1
-(GPU only; not a test; W-BATCH1 tuning input: does another dispatch stream the weight faster
-than F.linear's "nvjet ... TNT" kernels, 1.4-2.1 TB/s on qkv / o_proj in stop 13?).
+different torch entry points and weight layouts, so cuBLAS picks different kernels at M = 1,
+and through our one-row Triton GEMV (layers/gemv.py) at several tiles (GPU only; not a test;
+W-BATCH1 tuning input: does another dispatch or our kernel stream the weight faster than
+F.linear's "nvjet ... TNT" kernels, 1.4-2.1 TB/s on qkv / o_proj in stop 13?). The dry run
+runs the gemv tile table's pick only (the interpreter takes ~10 s a tile); --variants names
+the others.
 
     python -m bench.bench_gemv_layouts [--out gemv.json] [--variants linear,mv] [--iters 64]
     python -m bench.bench_gemv_layouts --dry-run     # CPU smoke run: tiny shapes, float32
@@ -22,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -36,6 +41,26 @@ from bench.model_shapes import SHAPE_1B, SHAPE_TINY, ModelShape
 
 PER_LAYER = ("qkv", "o_proj", "gate_up", "down")   # summed, x num_hidden_layers
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}  # rtol = atol
+
+
+# name -> (block_n, block_k, num_warps, split_k) of a gemv.GemvConfig; None: the tile table's
+# pick per shape. Plain tuples: gemv (Triton) is imported at the first call, after main() has
+# chosen the interpreter for the CPU dry run.
+GEMV_CONFIGS = {"gemv": None, "gemv_n16k512s1": (16, 512, 4, 1), "gemv_n16k512s4": (16, 512, 4, 4),
+                "gemv_n8k1024s2": (8, 1024, 4, 2), "gemv_n32k256w8s2": (32, 256, 8, 2),
+                "gemv_n16k256s8": (16, 256, 4, 8)}
+
+
+def _gemv_prep(w: torch.Tensor) -> tuple:
+    """The weight and its arrival counters (enough for any tile above: N / 8 tiles)."""
+    return w, torch.zeros(w.shape[0] // 8 + 1, dtype=torch.int32, device=w.device)
+
+
+def _gemv_call(x, w, counters, cfg):
+    from llmbatch.runtime.layers import gemv
+
+    return gemv.gemv_linear(x, w, counters=counters,
+                            config=cfg and gemv.GemvConfig(*cfg))
 
 
 @dataclass(frozen=True)
@@ -69,6 +94,11 @@ VARIANTS = [
     # 8. allow_bf16_reduced_precision_reduction off: other split-K choices (down's reduce).
     Variant("linear_fp32_reduce", lambda x, w: F.linear(x, w),
             setting="no_reduced_reduction"),
+    # 9. Not cuBLAS: our one-row Triton GEMV (layers/gemv.py, EngineConfig.skinny_gemv), its
+    # tile table's pick and a few other tiles / split-K counts. Plain matmul here; in the model
+    # it also carries the norm prologue and residual / SiLU·mul epilogues.
+    *[Variant(name, functools.partial(_gemv_call, cfg=cfg), prep=_gemv_prep)
+      for name, cfg in GEMV_CONFIGS.items()],
 ]
 
 
@@ -232,10 +262,14 @@ def main(argv=None) -> int:
         return 2
     variants = [v for v in VARIANTS if not wanted or v.name in wanted or v.name == "linear"]
     cuda = torch.cuda.is_available() and not args.dry_run
+    if not cuda and not wanted:  # the interpreter takes ~10 s a gemv tile: the table's only
+        variants = [v for v in variants if not v.name.startswith("gemv_")]
     if not cuda and not args.dry_run:
         print("bench_gemv_layouts: needs a CUDA device (--dry-run runs the CPU smoke test)",
               file=sys.stderr)
         return 2
+    if not cuda:  # the gemv variants' Triton kernel runs in the interpreter on the CPU
+        os.environ["TRITON_INTERPRET"] = "1"
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     shape = SHAPE_1B if cuda else SHAPE_TINY

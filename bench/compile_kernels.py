@@ -159,6 +159,7 @@ def _variants():
                 {"num_warps": 4}, _aligned(sig, ())))
     out = _with_pdl_variants(out)
     out.extend(_skinny_matmul_variants(sm))
+    out.extend(_gemv_variants())
     out.extend(_int8_matmul_variants())
     out.extend(_nf4_matmul_variants())
     return out
@@ -186,6 +187,12 @@ def _with_pdl_variants(variants: list) -> list:
             out.append((f"{label} pdl", fn, sig, dict(consts, USE_PDL=True),
                         dict(opts, launch_pdl=True), *attrs))
     return out
+
+
+def _gemv_variants():
+    from bench.gemv_variants import gemv_variants
+
+    return gemv_variants()
 
 
 def _int8_matmul_variants():

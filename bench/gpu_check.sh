@@ -21,7 +21,7 @@
 # W-BATCH1 once more with engine.fused_kernels off as system llmbatch-unfused, the A/B of the
 # default; off by default for time; on CPU its rows say skipped).
 # BENCH_GEMV_LAYOUTS=0 skips the M=1 GEMM dispatch micro-benchmark (default on, also in the
-# dry run; first step, limit BENCH_GEMV_LAYOUTS_TIMEOUT, default 40 s;
+# dry run; first step, limit BENCH_GEMV_LAYOUTS_TIMEOUT, default 60 s;
 # OUT_DIR/bench_gemv_layouts.json and .log).
 # BENCH_SKINNY=1 (skinny-matmul micro-benchmark, GPU only; BENCH_SKINNY_TIMEOUT s, default 120;
 # BENCH_SKINNY_ARGS: extra flags, e.g. "--pdl --m 1" or "--no-sweep").
@@ -35,6 +35,10 @@
 # batch-1 sweep found it 2-3 % faster, the only option that beat the defaults: these rows
 # decide whether it becomes the default). BENCH_SKINNY_PDL_ROWS=1 (opt-in): the same three
 # with engine.skinny_matmul and engine.pdl (llmbatch-skinny-pdl).
+# BENCH_GEMV_ROWS (default 1 on a GPU, 0 in the dry run): the same three with
+# engine.skinny_matmul, skinny_gemv and pdl (llmbatch-skinny-gemv-pdl: one-token steps on
+# layers/gemv.py, the W-BATCH1 candidate of stop 15; ~20 s + a batch-1 profile). Compare its
+# W-BATCH1 TPOT with llmbatch-pdl's (PDL alone).
 # BENCH_PREFETCH_ROWS=1 (opt-in since stop 13, where the L2 prefetch was 4-8 % slower at batch
 # 1): the same three with engine.l2_prefetch on (llmbatch-l2prefetch; ~20 s).
 # The A/B rows run after the peers: a bench cut by its limit loses them first; for a focused
@@ -127,17 +131,19 @@ if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.max.sm --format=csv
 fi
 
-# M=1 GEMM dispatch micro-benchmark (bench/bench_gemv_layouts.py, default on; ~20 s on a GPU,
-# a few s in the dry run, which runs it on the CPU): the five decode matmul shapes through
-# F.linear and other entry points / weight layouts (mm with W^T stored, mv, M padded to 2/4/8,
-# W as the A operand, zero bias, cuBLASLt preferred, fp32 split-K reduce). First, before
-# pytest, so a tight budget never cuts it; its table goes to the console. Its limit is its own
-# (BENCH_GEMV_LAYOUTS_TIMEOUT, default 40 s); the later steps' limits shrink by what it used.
+# M=1 GEMM dispatch micro-benchmark (bench/bench_gemv_layouts.py, default on; ~20 s on a GPU
+# for the cuBLAS rows plus ~6 Triton compiles for the gemv rows, ~15 s in the dry run, which
+# runs it on the CPU): the five decode matmul shapes through F.linear and other entry points /
+# weight layouts (mm with W^T stored, mv, M padded to 2/4/8, W as the A operand, zero bias,
+# cuBLASLt preferred, fp32 split-K reduce) and our one-row Triton GEMV (layers/gemv.py) at 6
+# tiles. First, before pytest, so a tight budget never cuts it; its table goes to the console.
+# Its limit is its own (BENCH_GEMV_LAYOUTS_TIMEOUT, default 60 s); the later steps' limits
+# shrink by what it used.
 if [ "${BENCH_GEMV_LAYOUTS:-1}" = 1 ]; then
   echo "=== M=1 GEMM layouts (bench_gemv_layouts)"
   GEMV_FLAG=""; [ "$DRY" = 1 ] && GEMV_FLAG="--dry-run"
   # shellcheck disable=SC2086
-  timeout "$(limit "${BENCH_GEMV_LAYOUTS_TIMEOUT:-40}" 0)" "$PY" -m bench.bench_gemv_layouts \
+  timeout "$(limit "${BENCH_GEMV_LAYOUTS_TIMEOUT:-60}" 0)" "$PY" -m bench.bench_gemv_layouts \
     $GEMV_FLAG --out "$OUT_DIR/bench_gemv_layouts.json" >"$OUT_DIR/bench_gemv_layouts.log" 2>&1
   GEMV_RC=$?
   [ "$GEMV_RC" = 0 ] || echo "bench_gemv_layouts: exit $GEMV_RC (124: cut at its limit)"
@@ -210,6 +216,7 @@ AB_DEFAULT=1; [ "$DRY" = 1 ] && AB_DEFAULT=0
 [ "${BENCH_SKINNY_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny)
 [ "${BENCH_PDL_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--pdl)
 [ "${BENCH_SKINNY_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-pdl)
+[ "${BENCH_GEMV_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--skinny-gemv-pdl)
 [ "${BENCH_PREFETCH_ROWS:-0}" = 1 ] && MODE_ARGS+=(--l2-prefetch)
 # A profiled 64-request W-RANDOM slice after llmbatch's bf16 rows (~10 s on a GPU): the kernel
 # table for the next tuning session (OUT_DIR/profile_llmbatch.txt). BENCH_PROFILE=0 skips it.

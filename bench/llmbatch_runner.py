@@ -155,13 +155,15 @@ def profile_slices(system: str, workloads: dict) -> list[tuple]:
     """(result key, workload, requests, max_new, file) profiled after `system`'s workloads:
     W-RANDOM's mix of prefill and wide decode, then batch-1 decode (CUDA-graph replays), for
     the default and unfused engines; batch-1 decode alone for llmbatch-l2prefetch (its change
-    shows in the qkv_proj and o_proj kernel times) and llmbatch-pdl (its change shows as the
-    GPU-busy fraction: kernels overlap their neighbours' launch tails)."""
+    shows in the qkv_proj and o_proj kernel times), llmbatch-pdl (its change shows as the
+    GPU-busy fraction: kernels overlap their neighbours' launch tails) and
+    llmbatch-skinny-gemv-pdl (the gemv kernels' times inside the decode graph)."""
     full = system in ("llmbatch", "llmbatch-unfused")
     out = []
     if full and "W-RANDOM" in workloads:
         out.append((f"{system}_profile", "W-RANDOM", 64, 48, f"profile_{system}.txt"))
-    if (full or system in ("llmbatch-l2prefetch", "llmbatch-pdl")) and "W-BATCH1" in workloads:
+    batch1_only = ("llmbatch-l2prefetch", "llmbatch-pdl", "llmbatch-skinny-gemv-pdl")
+    if (full or system in batch1_only) and "W-BATCH1" in workloads:
         out.append((f"{system}_profile_batch1", "W-BATCH1", 1, 128,
                     f"profile_{system}_batch1.txt"))
     return out

@@ -9,6 +9,7 @@
     python -m bench.run --pdl ...   # + the same three as llmbatch-pdl (PDL launches; CUDA)
     python -m bench.run --skinny-pdl ...   # + the same three as llmbatch-skinny-pdl (CUDA)
     python -m bench.run --l2-prefetch ...   # + the same three as llmbatch-l2prefetch (CUDA)
+    python -m bench.run --skinny-gemv[-pdl] ...   # + llmbatch-skinny-gemv[-pdl] (CUDA)
 
 Order: llmbatch first (its KV pool sizes itself from free memory), then it is freed and the
 peers load the same checkpoint. Every figure is written to OUT/results.json as soon as it

@@ -47,6 +47,16 @@ AB_VARIANTS = {
                           "dependent launch of the skinny and our other Triton kernels, "
                           "sm_90+)",
                           "skinny matmul with PDL runs on CUDA only"),
+    "skinny-gemv": Variant("--skinny-gemv", {"skinny_matmul": True, "skinny_gemv": True},
+                           "EngineConfig.skinny_matmul and skinny_gemv on (one-token decode "
+                           "steps on the one-row Triton GEMV with fused norm / residual / "
+                           "SiLU·mul and in-launch split-K: the W-BATCH1 candidate)",
+                           "skinny gemv runs on CUDA only"),
+    "skinny-gemv-pdl": Variant("--skinny-gemv-pdl",
+                               {"skinny_matmul": True, "skinny_gemv": True, "pdl": True},
+                               "skinny_matmul, skinny_gemv and pdl on (the gemv launches and "
+                               "our other Triton kernels with programmatic dependent launch, "
+                               "sm_90+)", "skinny gemv with PDL runs on CUDA only"),
     "l2prefetch": Variant("--l2-prefetch", {"l2_prefetch": True},
                           "EngineConfig.l2_prefetch on (steps of <= 16 tokens touch the qkv and "
                           "o_proj weights into L2 on a side stream ahead of use)",

@@ -1,6 +1,7 @@
 """bench/run.py's CUDA-only A/B variants (--pdl: llmbatch-pdl, EngineConfig.pdl; --skinny-pdl:
-llmbatch-skinny-pdl, EngineConfig.skinny_matmul + pdl; --l2-prefetch: llmbatch-l2prefetch, EngineConfig.l2_prefetch): off by default, skipped
-with a reason on CPU, and built with their engine overrides on CUDA."""
+llmbatch-skinny-pdl, EngineConfig.skinny_matmul + pdl; --l2-prefetch: llmbatch-l2prefetch,
+EngineConfig.l2_prefetch; --skinny-gemv[-pdl]: skinny_matmul + skinny_gemv [+ pdl]): off by
+default, skipped with a reason on CPU, and built with their engine overrides on CUDA."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ CASES = {
                    {"skinny_matmul": True, "pdl": True}),
     "l2prefetch": ("--l2-prefetch", "l2_prefetch", "L2 prefetch runs on CUDA only",
                    {"l2_prefetch": True}),
+    "skinny-gemv": ("--skinny-gemv", "skinny_gemv", "skinny gemv runs on CUDA only",
+                    {"skinny_matmul": True, "skinny_gemv": True}),
+    "skinny-gemv-pdl": ("--skinny-gemv-pdl", "skinny_gemv_pdl",
+                        "skinny gemv with PDL runs on CUDA only",
+                        {"skinny_matmul": True, "skinny_gemv": True, "pdl": True}),
 }
 
 
@@ -66,6 +72,9 @@ def test_l2_prefetch_and_pdl_rows_get_a_batch1_profile_only():
     assert profile_slices("llmbatch-pdl", workloads) == [
         ("llmbatch-pdl_profile_batch1", "W-BATCH1", 1, 128, "profile_llmbatch-pdl_batch1.txt")]
     assert profile_slices("llmbatch-skinny-pdl", workloads) == []
+    assert profile_slices("llmbatch-skinny-gemv-pdl", workloads) == [
+        ("llmbatch-skinny-gemv-pdl_profile_batch1", "W-BATCH1", 1, 128,
+         "profile_llmbatch-skinny-gemv-pdl_batch1.txt")]
     assert profile_slices("llmbatch-sync", workloads) == []
     assert profile_slices("llmbatch-l2prefetch", {"W-RANDOM": None}) == []
 

@@ -80,7 +80,7 @@ def recorded():
     """Replaces the kernels by Recorders (for good: this runs in its own process)."""
     keys, pdl = set(), [False]
     for mod, name in ((sm, "_skinny_matmul_kernel"), (sm, "_split_k_reduce_kernel"),
-                      (im, "_int8_matmul_kernel")):
+                      (im, "_int8_matmul_kernel"), (gv, "_gemv_kernel")):
         setattr(mod, name, Recorder(getattr(mod, name), keys, pdl))
     return keys, pdl
 
@@ -140,6 +140,59 @@ def skinny_missing(recorded) -> str:
             if missing else "")
 
 
+def _gemv_layer(dtype, hidden, q, kv, inter, bias=False):
+    """Every gemv launch of a one-token decoder layer (llama_skinny with skinny_gemv)."""
+    z = lambda *s: torch.zeros(*s, dtype=dtype)  # noqa: E731
+    c = torch.zeros(4096, dtype=torch.int32)
+    gv.gemv_linear(z(1, hidden), z(q + 2 * kv, hidden), z(q + 2 * kv) if bias else None,
+                   norm_weight=z(hidden), counters=c)
+    gv.gemv_linear(z(1, q), z(hidden, q), residual=z(1, hidden), counters=c)
+    gv.gemv_linear(z(1, hidden), z(2 * inter, hidden), norm_weight=z(hidden), gate_up=True,
+                   counters=c)
+    gv.gemv_linear(z(1, inter), z(hidden, inter), residual=z(1, hidden), counters=c)
+
+
+def gemv_missing(recorded) -> str:
+    from bench.bench_gemv_layouts import GEMV_CONFIGS, _gemv_call
+
+    keys, pdl = recorded
+    b16 = lambda *s: torch.zeros(*s, dtype=torch.bfloat16)  # noqa: E731
+    for pdl[0] in (False, True):
+        _gemv_layer(torch.bfloat16, 2048, 2048, 512, 8192)      # bench.run --skinny-gemv, 1B
+    pdl[0] = False
+    _gemv_layer(torch.float32, 128, 256, 128, 256)             # tests/gpu engine test
+    c = torch.zeros(1 << 15, dtype=torch.int32)
+    for n_w in (3072, 2048, 16384, 128256):                    # bench_gemv_layouts
+        for cfg in GEMV_CONFIGS.values():
+            _gemv_call(b16(1, 2048), b16(n_w, 2048), c, cfg)
+    for cfg in GEMV_CONFIGS.values():
+        _gemv_call(b16(1, 8192), b16(2048, 8192), c, cfg)
+    # tests/gpu/test_gemv_gpu.py: K 2048, N_w 1536, every option, its configs.
+    x, w, b, nw, r = b16(1, 2048), b16(1536, 2048), b16(1536), b16(2048), b16(1, 1536)
+    splits = [gv.GemvConfig(block_n=16, block_k=512, split_k=s) for s in (1, 2, 4, 8)]
+    for cfg in [None] + splits:
+        gv.gemv_linear(x, w, b, config=cfg, counters=c)
+        gv.gemv_linear(x, w, norm_weight=nw, config=cfg, counters=c)
+        gv.gemv_linear(x, w, residual=r, config=cfg, counters=c)
+        gv.gemv_linear(x, w, config=cfg, counters=c)
+        gv.gemv_linear(x, w, b, norm_weight=nw, gate_up=True, config=cfg, counters=c)
+    for s in (2, 4, 8):
+        cfg = gv.GemvConfig(block_n=16, block_k=256, split_k=s)
+        gv.gemv_linear(x, w, b, norm_weight=nw, config=cfg, counters=c)
+        gv.gemv_linear(x, w, residual=r, config=cfg, counters=c)
+        gv.gemv_linear(x, w, b, norm_weight=nw, gate_up=True, config=cfg, counters=c)
+    chain = gv.GemvConfig(block_n=16, block_k=512, split_k=4)
+    for pdl[0] in (False, True):
+        gv.gemv_linear(x, w, b, norm_weight=nw, gate_up=True, config=chain, counters=c)
+        gv.gemv_linear(b16(1, 768), b16(2048, 768), residual=x, config=chain, counters=c)
+        gv.gemv_linear(x, w, norm_weight=nw, config=chain, counters=c)
+    pdl[0] = False
+    variants = {variant_key(v) for v in ck._variants() if v[0].startswith("gemv")}
+    missing = {key for key in keys if key[0] == "_gemv_kernel"} - variants
+    return (f"{len(missing)} launched gemv specialisations are not compiled by "
+            f"bench/compile_kernels.py, e.g. {sorted(missing, key=str)[:2]}" if missing else "")
+
+
 def int8_missing(recorded) -> str:
     keys, _ = recorded
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -175,10 +228,11 @@ def test_every_launched_specialisation_is_compiled():
 
 if __name__ == "__main__":
     from bench import compile_kernels as ck
+    from llmbatch.runtime.layers import gemv as gv
     from llmbatch.runtime.layers import int8_matmul as im
     from llmbatch.runtime.layers import skinny_matmul as sm
 
     rec = recorded()
-    problems = [p for p in (skinny_missing(rec), int8_missing(rec)) if p]
+    problems = [p for p in (skinny_missing(rec), gemv_missing(rec), int8_missing(rec)) if p]
     print("\n".join(problems) or f"all {len(rec[0])} launched specialisations covered")
     sys.exit(1 if problems else 0)

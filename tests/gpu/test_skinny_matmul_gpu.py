@@ -101,20 +101,28 @@ def test_pdl_chain_bitwise_equal_in_a_cuda_graph(split_k):
         res = sm.skinny_linear(act, w_down, residual=x, config=cfg, pdl=pdl)
         return sm.skinny_linear(res, w, norm_weight=nw, eps=EPS, config=cfg, pdl=pdl)
 
+    assert_graph_replays_bitwise(chain, True)
+
+
+def assert_graph_replays_bitwise(chain, pdl: bool, after_each=lambda: None) -> None:
+    """chain(pdl) -> a tensor: captured in a CUDA graph (compiled outside the capture first),
+    replayed 3 times into a NaN-filled output, each replay bitwise the eager pdl-off result;
+    after_each() runs its own checks after every replay."""
     want = chain(False)
-    chain(True)  # compile outside the capture
+    chain(pdl)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        got = chain(True)
+        got = chain(pdl)
     for _ in range(3):
         got.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(got, want)
+        after_each()
 
 
-def greedy_outputs(tmp_path_factory, variants: list[dict]) -> list:
+def greedy_outputs(tmp_path_factory, variants: list[dict], max_num_seqs: int = 8) -> list:
     """Greedy tokens of 12 prompts on a tiny float32 Llama (triton attention, fused kernels,
     decode CUDA graphs) for each EngineConfig override dict in `variants`."""
     path = tmp_path_factory.mktemp("llama-skinny")
@@ -124,7 +132,7 @@ def greedy_outputs(tmp_path_factory, variants: list[dict]) -> list:
     outputs = []
     for overrides in variants:
         engine = Engine(EngineConfig(model=str(path), device="cuda", dtype="float32",
-                                     attention_backend="triton", max_num_seqs=8,
+                                     attention_backend="triton", max_num_seqs=max_num_seqs,
                                      kv_cache_blocks=1024, **overrides), tokenizer=tokenizer)
         model = engine.runner.model.model
         assert model.use_skinny_matmul is overrides.get("skinny_matmul", False)

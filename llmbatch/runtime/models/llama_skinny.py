@@ -68,7 +68,7 @@ def _gemv_counters(module) -> torch.Tensor:
     for layer in module.layers:
         for lin, gate_up in zip(_linears(layer), (False, False, True, False)):
             w = lin.weight
-            cfg = gemv.pick_config(w.shape[0], w.shape[1])
+            cfg = gemv.pick_config(w.shape[0], w.shape[1], gate_up)
             tiles = max(tiles, gemv.counter_tiles(w.shape[0], gate_up, cfg))
     device = module.layers[0].mlp.down_proj.weight.device
     return torch.zeros(tiles, dtype=torch.int32, device=device)

@@ -1,0 +1,100 @@
+"""layers/gemv.py compiled on CUDA in bfloat16 (the CPU tests run float32/float16 in the
+interpreter): each fused option against the unfused torch path on a Llama-1B-like K, and what
+only a GPU shows: with split-K the splits of a column tile run concurrently, so the program
+that arrives last changes from run to run; the result must still be bitwise identical across
+runs (fixed summation order), and the arrival counters zero afterwards, also in a CUDA graph
+with PDL. Then the engine end to end (tiny float32 Llama, decode graphs): greedy tokens with
+skinny_matmul + skinny_gemv equal to the default path's (one sequence, so every decode step is
+one token and runs on the gemv kernels)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+pytest.importorskip("triton")
+
+from llmbatch.runtime.layers import gemv  # noqa: E402
+from llmbatch.runtime.layers.activation import SiluAndMul  # noqa: E402
+from tests.gpu.test_skinny_matmul_gpu import (BF16_TOL, I, K, N,  # noqa: E402
+                                              assert_graph_replays_bitwise, cuda_operands,
+                                              greedy_outputs)
+from tests.runtime.test_skinny_matmul import EPS, rand, torch_norm  # noqa: E402
+
+SPLITS = [gemv.GemvConfig(block_n=16, block_k=512, split_k=s) for s in (1, 2, 4, 8)]
+
+
+def counters() -> torch.Tensor:
+    return torch.zeros(1024, dtype=torch.int32, device="cuda")
+
+
+@pytest.mark.parametrize("cfg", [None] + SPLITS,
+                         ids=lambda c: f"split{c.split_k}" if c else "table")
+def test_fused_options_match_torch_bf16(cfg):
+    x, w, b, nw = cuda_operands(1, 2 * I, seed=1)
+    residual = rand((1, 2 * I), torch.bfloat16, 5).cuda()
+    c = counters()
+    torch.testing.assert_close(gemv.gemv_linear(x, w, b, config=cfg, counters=c),
+                               F.linear(x, w, b), **BF16_TOL)
+    normed = torch_norm(x.cpu(), nw.cpu()).cuda()
+    torch.testing.assert_close(gemv.gemv_linear(x, w, norm_weight=nw, eps=EPS, config=cfg,
+                                                counters=c), F.linear(normed, w), **BF16_TOL)
+    got = gemv.gemv_linear(x, w, residual=residual, config=cfg, counters=c)
+    assert torch.equal(got, gemv.gemv_linear(x, w, config=cfg, counters=c) + residual)
+    got = gemv.gemv_linear(x, w, b, norm_weight=nw, eps=EPS, gate_up=True, config=cfg,
+                           counters=c)
+    torch.testing.assert_close(got, SiluAndMul()(F.linear(normed, w, b)), **BF16_TOL)
+    assert int(c.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("split_k", [2, 4, 8])
+def test_split_k_is_deterministic_across_runs(split_k):
+    """Whichever split arrives last, it adds the partials in split order: 50 runs of each
+    option bitwise equal, counters back at zero."""
+    x, w, b, nw = cuda_operands(1, 2 * I, seed=6)
+    residual = rand((1, N), torch.bfloat16, 7).cuda()  # N == 2 I: w's rows
+    cfg = gemv.GemvConfig(block_n=16, block_k=256, split_k=split_k)
+    c = counters()
+    for weight, kwargs in ((w, dict(bias=b, norm_weight=nw, eps=EPS)),
+                           (w, dict(residual=residual)),
+                           (w, dict(bias=b, norm_weight=nw, eps=EPS, gate_up=True))):
+        first = gemv.gemv_linear(x, weight, config=cfg, counters=c, **kwargs)
+        for _ in range(50):
+            assert torch.equal(gemv.gemv_linear(x, weight, config=cfg, counters=c, **kwargs),
+                               first)
+    torch.cuda.synchronize()
+    assert int(c.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_layer_chain_in_a_cuda_graph_replays_bitwise(pdl):
+    """norm + gate_up, down with the residual epilogue, a norm prologue reading that residual:
+    captured once (pdl on sm_90+ only), replayed 3 times into NaN-filled outputs, each bitwise
+    the eager result; the shared counters stay zero between replays."""
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    x, w, b, nw = cuda_operands(1, 2 * I, seed=9)
+    w_down = rand((K, I), torch.bfloat16, 10, I ** -0.5).cuda()
+    c = counters()
+    cfg = gemv.GemvConfig(block_n=16, block_k=512, split_k=4)
+
+    def chain(use_pdl):
+        act = gemv.gemv_linear(x, w, b, norm_weight=nw, eps=EPS, gate_up=True, config=cfg,
+                               counters=c, pdl=use_pdl)
+        res = gemv.gemv_linear(act, w_down, residual=x, config=cfg, counters=c, pdl=use_pdl)
+        return gemv.gemv_linear(res, w, norm_weight=nw, eps=EPS, config=cfg, counters=c,
+                                pdl=use_pdl)
+
+    def counters_zero():
+        assert int(c.abs().sum()) == 0
+
+    assert_graph_replays_bitwise(chain, pdl, counters_zero)
+
+
+def test_engine_greedy_equal_with_skinny_gemv(tmp_path_factory):
+    default, gemv_on = greedy_outputs(
+        tmp_path_factory, [{}, dict(skinny_matmul=True, skinny_gemv=True)], max_num_seqs=1)
+    assert gemv_on == default
