@@ -112,7 +112,7 @@ def plan(job: str, sets: tuple) -> None:
 @cli.command()
 @click.argument("output_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--out", "dest", required=True, type=click.Path(dir_okay=False),
-              help="Parquet file to write (outside OUTPUT_DIR).")
+              help="Parquet file to write (a name ending in .parquet, outside OUTPUT_DIR).")
 @click.option("--overwrite", is_flag=True, help="Replace the --out file if it exists.")
 @click.option("--allow-partial", is_flag=True,
               help="Merge the committed rows even if some are missing or a shard still runs.")
@@ -120,12 +120,14 @@ def merge(output_dir: str, dest: str, overwrite: bool, allow_partial: bool) -> N
     """Concatenate all committed parts (shard, then part order) into one Parquet file;
     refuses one that lacks input rows unless --allow-partial."""
     from llmbatch.io.manifest import Manifest
-    from llmbatch.io.merge import (check_complete, check_dest_folder, check_one_config,
-                                   check_parts_exist, coverage, summary, write_merged)
+    from llmbatch.io.merge import (check_complete, check_dest_folder, check_dest_format,
+                                   check_one_config, check_parts_exist, coverage, summary,
+                                   write_merged)
     from llmbatch.jobs.errors import InvalidInputError
     from llmbatch.jobs.path_checks import check_merge_dest
     from llmbatch.jobs.shard_lock import running_shards
 
+    check_dest_format(dest)             # a wrong --out is named before the folder is read
     entries = Manifest(output_dir).entries()
     if not entries:
         raise InvalidInputError(f"{output_dir}: no committed parts (no _manifest entries)")

@@ -182,3 +182,26 @@ def test_merge_of_missing_parts_says_missing_and_how_to_get_them_back(out_dir, c
                    f"again), then merge\n")
     assert os.listdir(".").count("all.parquet") == 0
     assert [f for f in os.listdir(".") if f.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("dest", ["all.csv", "all.json", "all", "all.parquet.gz", "out.csv/x"])
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_merge_refuses_a_destination_not_named_parquet(out_dir, tmp_path, capsys, dest,
+                                                       overwrite):
+    # `-o all.csv` wrote a Parquet file under a .csv name: merge writes Parquet only.
+    os.makedirs("out.csv", exist_ok=True)
+    with open("all.csv", "w") as f:          # an existing file of that name stays as it was
+        f.write("a,b\n")
+    before, parts = folder_bytes(tmp_path), folder_bytes(out_dir)
+    code, out, err = call(capsys, "merge", out_dir, "-o", dest, *overwrite)
+    assert (code, out) == (2, "")
+    assert err == (f"llmbatch: error: --out {dest}: merge writes Parquet only; name a file "
+                   f"ending in .parquet\n")
+    assert folder_bytes(tmp_path) == before and folder_bytes(out_dir) == parts
+    assert sorted(os.listdir(tmp_path)) == ["all.csv", "in.parquet", "out", "out.csv"]
+
+
+def test_merge_takes_a_parquet_suffix_in_any_case(out_dir, capsys):
+    code, out, _ = call(capsys, "merge", out_dir, "-o", "ALL.Parquet")
+    assert code == 0 and out == "merged 3 parts, 9 rows -> ALL.Parquet\n"
+    assert pq.read_table("ALL.Parquet").column("id").to_pylist() == list(range(9))

@@ -230,6 +230,14 @@ def _read_part(path: str, entry: dict) -> pa.Table:
     return table.replace_schema_metadata(None)
 
 
+def check_dest_format(dest: str) -> None:
+    """Refuse a `dest` not named *.parquet (any case): the merge writes Parquet only, and
+    `-o all.csv` wrote Parquet under a .csv name, which readers going by the suffix misread."""
+    if not dest.lower().endswith(".parquet"):
+        raise InvalidInputError(f"--out {dest}: merge writes Parquet only; name a file "
+                                f"ending in .parquet")
+
+
 def check_dest_folder(dest: str) -> None:
     """Refuse a `dest` whose folder is not there to write into: missing, or a file on its path
     ('is not a directory': 'does not exist' misled when the file is right there)."""
