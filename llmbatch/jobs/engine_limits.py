@@ -1,9 +1,10 @@
-"""Rows and sampling values checked against the loaded engine's limits: its context length and
-its vocabulary, known only once the model is loaded (no torch).
+"""Rows and sampling values checked against the loaded engine's limits: its context length, its
+vocabulary and its KV pool, known only once the model is loaded (no torch).
 
 The job's own values apply to every row (a row without a per-row override takes them), so one
 that no row could run with is a job error (InvalidJobError, exit 2, before any row runs and
-nothing written), not one error row per prompt. Per-row overrides stay row errors.
+nothing written), not one error row per prompt. Per-row overrides stay row errors. The same
+holds for a KV pool too small for a sequence of max_model_len tokens (check_kv_pool).
 """
 
 from __future__ import annotations
@@ -46,6 +47,49 @@ def check_sampling(sampling, max_model_len: int, vocab_size: Optional[int]) -> N
     if bad is not None:
         raise InvalidJobError(f"sampling.stop_token_ids: {bad} is outside the vocabulary "
                               f"[0, {vocab_size})")
+
+
+def kv_pool_tokens(engine) -> Optional[int]:
+    """Tokens the engine's KV pool holds (runner.num_kv_blocks blocks of config.block_size, as
+    the engine's own request check reads them; a tensor-parallel runner reports the smallest
+    rank's pool), or None for an engine that names no pool (a custom factory's, the fake
+    engine without engine.kv_cache_blocks)."""
+    num_blocks = getattr(getattr(engine, "runner", None), "num_kv_blocks", None)
+    block_size = getattr(getattr(engine, "config", None), "block_size", None)
+    if num_blocks is None or block_size is None:
+        return None
+    return int(num_blocks) * int(block_size)
+
+
+def check_kv_pool(engine, max_model_len: int, kv_cache_blocks: Optional[int]) -> None:
+    """Refuse the job (InvalidJobError, one line) when the KV pool cannot hold one sequence of
+    max_model_len tokens, as vLLM refuses to start; `kv_cache_blocks` is the job's setting
+    (None: the pool was sized from memory), which decides the fix the line names.
+
+    The rule is pool >= max_model_len, not the smaller pool >= min(max_model_len, the longest
+    row): prompt lengths are known only row by row (and max_new_tokens may be per row), and a
+    row is run until it reaches max_model_len, so any smaller pool lets some row fail for the
+    pool alone. Such an error row is committed, and the pool size is a performance knob left
+    out of the config hash, so a resume with a larger pool skips it: the row is lost. A user
+    who wants a small pool lowers engine.max_model_len, which is hashed, and rows that do not
+    fit it are then error rows for their own length. A draft model's pool has as many blocks
+    as the target's (draft_proposer.py), so this covers it too."""
+    pool = kv_pool_tokens(engine)
+    if pool is None or pool >= max_model_len:
+        return
+    block_size = engine.config.block_size
+    num_blocks = pool // block_size
+    need = -(-max_model_len // block_size)
+    if kv_cache_blocks is not None:
+        fix = (f"raise engine.kv_cache_blocks to {need} or more (or set it to null to size the "
+               f"pool from engine.gpu_memory_utilization)")
+    else:
+        fix = (f"raise engine.gpu_memory_utilization (or set engine.kv_cache_blocks to {need} "
+               f"or more)")
+    raise InvalidJobError(f"KV cache too small: the pool holds {pool} tokens ({num_blocks} "
+                          f"blocks of {block_size}), fewer than one sequence of max_model_len "
+                          f"{max_model_len} tokens, so longer rows could never run; {fix}, or "
+                          f"lower engine.max_model_len to {pool} or less")
 
 
 def prompt_length_error(num_prompt_tokens: int, max_model_len: int) -> Optional[str]:

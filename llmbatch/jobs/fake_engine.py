@@ -17,6 +17,7 @@ import json
 import os
 import random
 import time
+from types import SimpleNamespace
 from typing import Iterable, Iterator
 
 from llmbatch.runtime.outputs import GenerationResult
@@ -38,6 +39,10 @@ class FakeEngine:
             with open(cfg_path) as f:
                 max_len = json.load(f).get("max_position_embeddings")
         self.max_model_len = max_len or 512
+        # The KV pool the job layer reads (runner.num_kv_blocks, as on the runtime engine):
+        # engine.kv_cache_blocks when the job sets one, else None, a pool without a size
+        # (nothing is cached for real here, so no row is ever refused for it).
+        self.runner = SimpleNamespace(num_kv_blocks=config.kv_cache_blocks)
         self.delay_s = float(os.environ.get("LLMBATCH_FAKE_ENGINE_DELAY_S", "0") or 0)
         self._block_hashes: set = set()
         self._stats = {"num_prompt_tokens": 0, "num_cached_prompt_tokens": 0,

@@ -36,8 +36,10 @@ def test_async_speculative_job_writes_the_rows_of_a_sync_job(tmp_path, tiny_llam
     monkeypatch.delenv("LLMBATCH_ENGINE_FACTORY", raising=False)
     inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), NUM_ROWS, seed=4,
                                max_new_tokens=[3 + (i * 7) % 23 for i in range(NUM_ROWS)])
+    # max_model_len 80: a job refuses a pool that cannot hold one max_model_len sequence
+    # (engine_limits.check_kv_pool); every row here stays well below 80 tokens.
     engine = {"kv_cache_blocks": 10, "block_size": 8, "max_num_seqs": 6,
-              "max_num_batched_tokens": 32}
+              "max_num_batched_tokens": 32, "max_model_len": 80}
     want, want_ids, want_values, sync_stats = _run(jobkit, tiny_llama_dir, inp,
                                                    str(tmp_path / "sync"), engine, {})
     got, got_ids, got_values, stats = _run(
