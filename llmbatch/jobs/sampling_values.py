@@ -10,9 +10,12 @@ import math
 
 # Checks shared by the job's sampling section and per-row values (those become row errors).
 def check_top_k(value: int) -> int:
+    """-1 or 0 (off, as in vLLM; the sampler keeps every token for top_k <= 0) or a positive
+    number of tokens. 0 comes back as -1, the default: one spelling of "off", so one config
+    hash (hashed as written they were two, and a resume with the other spelling was refused)."""
     if value < -1:
         raise ValueError("must be -1 or 0 (off) or a positive number of tokens")
-    return value
+    return -1 if value == 0 else value
 
 
 def check_stop(value: list[str]) -> list[str]:
@@ -54,7 +57,7 @@ def row_value(key: str, value):
             raise bad("an integer")
         if key == "top_k":
             try:
-                check_top_k(value)
+                value = check_top_k(value)
             except ValueError as exc:      # the section's own rule, as a row error
                 raise ValueError(f"{key} {exc}, got {value!r}") from None
         return value

@@ -156,7 +156,7 @@ class SamplingSection(_Section):
     max_new_tokens: Int = Field(default=256, ge=1)
     temperature: Float = Field(default=0.0, ge=0.0)
     top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: Int = -1                     # -1 or 0: off (as in vLLM); other negatives refused
+    top_k: Int = -1                     # -1 or 0: off (as in vLLM; 0 stored as -1); < -1 refused
     # int64: the stats Parquet stores it as such; a wider seed used to fail only after the
     # whole shard had run, when the stats row was written.
     seed: Int = Field(default=0, ge=-(2**63), le=2**63 - 1)
