@@ -43,12 +43,12 @@ PER_LAYER = ("qkv", "o_proj", "gate_up", "down")   # summed, x num_hidden_layers
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}  # rtol = atol
 
 
-# name -> (block_n, block_k, num_warps, split_k) of a gemv.GemvConfig; None: the tile table's
-# pick per shape. Plain tuples: gemv (Triton) is imported at the first call, after main() has
-# chosen the interpreter for the CPU dry run.
-GEMV_CONFIGS = {"gemv": None, "gemv_n16k512s1": (16, 512, 4, 1), "gemv_n16k512s4": (16, 512, 4, 4),
-                "gemv_n8k1024s2": (8, 1024, 4, 2), "gemv_n32k256w8s2": (32, 256, 8, 2),
-                "gemv_n16k256s8": (16, 256, 4, 8)}
+# Tiles of layers/gemv.py besides its table's pick: (block_n, block_k, num_warps, split_k,
+# num_stages), named gemv_n{block_n}k{block_k}w{warps}s{split}p{stages}. Plain tuples: gemv
+# (Triton) is imported at the first call, after main() chose the interpreter for the dry run.
+_GEMV_TILES = [(16, 512, 4, 1, 3), (16, 512, 4, 2, 1), (16, 512, 4, 4, 3), (8, 1024, 4, 2, 2),
+               (32, 256, 8, 2, 3), (16, 256, 4, 8, 3)]
+GEMV_CONFIGS = {"gemv": None, **{"gemv_n{}k{}w{}s{}p{}".format(*t): t for t in _GEMV_TILES}}
 
 
 def _gemv_prep(w: torch.Tensor) -> tuple:

@@ -72,13 +72,13 @@ def gemv_variants():
                "count_ptr": "*i32" if split else f"*{dt}", "N": "i32", "K": "i32",
                "k_per_split": "i32", "eps": "fp32"}
         for name in ("HAS_BIAS", "NORM", "RESIDUAL", "GATE_UP", "BLOCK_N", "BLOCK_K",
-                     "SPLIT_K", "USE_PDL"):
+                     "SPLIT_K", "NUM_STAGES", "USE_PDL"):
             sig[name] = "constexpr"
         consts = dict(dict(NORM=False, RESIDUAL=False, GATE_UP=False), **KINDS[kind],
                       HAS_BIAS=bias, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                      SPLIT_K=cfg.split_k, USE_PDL=pdl)
+                      SPLIT_K=cfg.split_k, NUM_STAGES=cfg.num_stages, USE_PDL=pdl)
         out.append((f"gemv {dt} {kind}{'+bias' if bias else ''} n{cfg.block_n} k{cfg.block_k} "
-                    f"w{cfg.num_warps} split{cfg.split_k}{' pdl' if pdl else ''}",
+                    f"w{cfg.num_warps} split{cfg.split_k} p{cfg.num_stages}{' pdl' if pdl else ''}",
                     gv._gemv_kernel, sig, consts,
                     dict(num_warps=cfg.num_warps, **({"launch_pdl": True} if pdl else {})),
                     _aligned(sig, ("N", "K", "k_per_split"))))

@@ -140,7 +140,7 @@ def test_variant_subset_keeps_linear_first(tmp_path):
     assert data["variants"] == ["linear", "mv"]
     assert [r["variant"] for r in data["rows"]] == ["linear", "mv"] * 5
     # A gemv tile the dry run leaves out by default runs when named.
-    assert bgl.main(["--dry-run", "--variants", "gemv_n32k256w8s2", "--out", str(out)]) == 0
+    assert bgl.main(["--dry-run", "--variants", "gemv_n32k256w8s2p3", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["linear", "gemv_n32k256w8s2"] * 5
+    assert [r["variant"] for r in rows] == ["linear", "gemv_n32k256w8s2p3"] * 5
     assert all(r["equal"] and "error" not in r for r in rows)
