@@ -19,6 +19,7 @@ import logging
 import torch
 
 from llmbatch.runtime.attention import AttentionMetadata
+from llmbatch.runtime.config import EngineConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,9 @@ def decide_num_kv_blocks(runner) -> int:
         draft = (f" (after the draft model's {draft_weights} weight bytes, with its KV pool "
                  f"of {draft_per_block} bytes per block beside the target's "
                  f"{target_per_block})" if draft_per_block else "")
-        raise ValueError(
+        # A setting the device's memory cannot honour (EngineConfigError): jobs report it as
+        # "invalid engine settings", exit 2, not as a model that fails to load.
+        raise EngineConfigError(
             f"KV cache too small: {num_blocks} blocks of {runner.block_size} tokens fit the "
             f"memory budget{draft}, one {runner.max_model_len}-token sequence needs "
             f"{blocks_per_seq}; raise {knob} or lower max_model_len")

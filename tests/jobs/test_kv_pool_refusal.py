@@ -121,3 +121,15 @@ def test_memory_sized_pool_names_gpu_memory_utilization():
 ], ids=["exact_fit", "unbounded", "no_pool"])
 def test_pools_that_hold_a_sequence_or_name_no_size_pass(engine):
     check_kv_pool(engine, 256, kv_cache_blocks=16)
+
+
+def test_memory_sized_pool_too_small_is_an_engine_setting_error(tmp_path, real_job):
+    """kv_cache_blocks null, a memory budget below one max_model_len sequence: the runtime's
+    own refusal (runtime/kv_pool.py) reads as a setting, exit 2, not as a model that fails to
+    load; nothing written."""
+    with pytest.raises(InvalidJobError) as info:
+        run_job(real_job(cpu_kv_cache_bytes=4096))
+    assert info.value.exit_code == 2
+    assert info.value.message.startswith("invalid engine settings: KV cache too small: ")
+    assert "raise cpu_kv_cache_bytes or lower max_model_len" in info.value.message
+    assert not (tmp_path / "out").exists()

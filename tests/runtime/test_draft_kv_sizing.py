@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from llmbatch.runtime.config import EngineConfig
+from llmbatch.runtime.config import EngineConfig, EngineConfigError
 from llmbatch.runtime.engine import Engine
 from llmbatch.runtime.model_runner import ModelRunner
 from llmbatch.runtime.request import Request
@@ -129,11 +129,11 @@ def test_budget_too_small_because_of_the_draft_is_refused(models):
     budget = w + BLOCKS_PER_SEQ * (t + d) - 1     # one block short with the draft
     assert budget // t >= BLOCKS_PER_SEQ            # the target alone would fit
     assert ModelRunner(config(target, cpu_kv_cache_bytes=budget)).num_kv_blocks >= 8
-    with pytest.raises(ValueError, match=r"KV cache too small: 7 blocks .*draft model's "
+    with pytest.raises(EngineConfigError, match=r"KV cache too small: 7 blocks .*draft model's "
                                          rf"{w} weight bytes.*needs 8; raise cpu_kv_cache_bytes"):
         ModelRunner(config(target, draft, cpu_kv_cache_bytes=budget))
     # Smaller than the draft's weights alone: zero blocks, the same clear error.
-    with pytest.raises(ValueError, match=r"KV cache too small: 0 blocks .*draft"):
+    with pytest.raises(EngineConfigError, match=r"KV cache too small: 0 blocks .*draft"):
         ModelRunner(config(target, draft, cpu_kv_cache_bytes=w // 2))
 
 
