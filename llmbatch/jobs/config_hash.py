@@ -7,6 +7,7 @@ that differ (io/config_diff.py). JobSpec.config_hash and JobSpec.hashed_settings
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -73,3 +74,29 @@ def settings_hash(settings: dict) -> str:
     """The config hash of hashed_settings: sha256 of the sorted JSON, 16 hex digits."""
     blob = json.dumps(settings, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def earlier_spellings(settings: dict) -> list[dict]:
+    """The same job's settings as an earlier llmbatch recorded them, where it hashed another
+    spelling of the same meaning: sampling.top_k 0 (off, like -1) was hashed as written until
+    6585e66 stored it as -1. Oldest rule first; one entry per rule that applies."""
+    out = []
+    if settings.get("sampling", {}).get("top_k") == -1:
+        alt = copy.deepcopy(settings)
+        alt["sampling"]["top_k"] = 0
+        out.append(alt)
+    return out
+
+
+def folder_spelling(entries: list[dict], config_hash: str, settings: dict) -> tuple[str, dict]:
+    """(hash, settings) a resume writes under: this job's, unless every manifest entry of the
+    folder carries the hash of one of earlier_spellings(settings) -- a job that means the same,
+    written before that spelling was canonical -- then the folder's, so the resume goes on
+    (and its new entries match the old) instead of being refused for a spelling."""
+    hashes = {e.get("config_hash") for e in entries}
+    if not entries or hashes == {config_hash}:
+        return config_hash, settings
+    for alt in earlier_spellings(settings):
+        if hashes == {settings_hash(alt)}:
+            return settings_hash(alt), alt
+    return config_hash, settings

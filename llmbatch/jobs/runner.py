@@ -31,7 +31,7 @@ from llmbatch.jobs.path_checks import (check_input_output_overlap, check_local_p
 from llmbatch.jobs.progress import Progress, stderr_line
 from llmbatch.jobs.rows import fill_error, fill_from_result
 from llmbatch.jobs.shard_lock import ShardLock
-from llmbatch.jobs.config_hash import settings_hash
+from llmbatch.jobs.config_hash import folder_spelling, settings_hash
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.jobs.stats import ShardStats, next_run_index, write_stats
 
@@ -117,6 +117,8 @@ class JobRunner:
             raise InvalidJobError(f"output.path {spec.output.path} already holds results of "
                                   f"shard {shard.index}; set output.mode: resume or overwrite")
         if spec.output.mode == "resume":
+            config_hash, settings = folder_spelling(self.manifest.entries(), config_hash,
+                                                    settings)
             self.manifest.check_hash(config_hash, settings, shard.index, shard.count)
             entries = self.manifest.entries(shard.index)
             # A damaged or missing part and those after it are produced again (Manifest.recover).

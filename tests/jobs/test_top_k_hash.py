@@ -53,3 +53,44 @@ def test_a_per_row_top_k_below_minus_1_is_still_a_row_error():
     with pytest.raises(ValueError) as info:
         row_value("top_k", -2)
     assert str(info.value) == "top_k must be -1 or 0 (off) or a positive number of tokens, got -2"
+
+
+def test_a_folder_written_when_top_k_0_was_hashed_as_written_still_resumes(
+        tmp_path, tiny_tokenizer_dir, jobkit, fake_engine_env):
+    """A folder from before 6585e66 (top_k: 0 recorded and hashed as 0, hash 8f94dc7d... for
+    this job shape) resumes with either spelling: the runner adopts the folder's hash
+    (config_hash.folder_spelling) and the new entries carry it too; a job that really differs
+    is still refused."""
+    import glob
+    import json
+    import os
+
+    from llmbatch import run_job
+    from llmbatch.jobs.config_hash import settings_hash
+    from llmbatch.jobs.errors import ResumeError
+
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 30)
+    out = str(tmp_path / "out")
+    job = lambda **s: jobkit.make_job(tiny_tokenizer_dir, inp, out,  # noqa: E731
+                                      output={"rows_per_part": 10}, **s)
+    run_job(job(sampling={"top_k": 0}))
+    manifest = sorted(glob.glob(os.path.join(out, "_manifest", "*.json")))
+    assert len(manifest) == 3
+    legacy = None
+    for path in manifest:      # as the earlier llmbatch wrote them: top_k 0, hashed as such
+        with open(path) as f:
+            entry = json.load(f)
+        entry["settings"]["sampling"]["top_k"] = 0
+        legacy = entry["config_hash"] = settings_hash(entry["settings"])
+        with open(path, "w") as f:
+            json.dump(entry, f)
+    os.remove(manifest[-1])    # the last part uncommitted: the resume has rows to write
+    for spelling in (0, -1):
+        result = run_job(job(sampling={"top_k": spelling}))
+        assert (result.config_hash, result.num_rows_skipped) == (legacy, 20)
+        entries = [json.load(open(p)) for p in sorted(
+            glob.glob(os.path.join(out, "_manifest", "*.json")))]
+        assert [e["config_hash"] for e in entries] == [legacy] * 3
+        os.remove(sorted(glob.glob(os.path.join(out, "_manifest", "*.json")))[-1])
+    with pytest.raises(ResumeError, match=r"sampling.top_k 0 -> 40"):
+        run_job(job(sampling={"top_k": 40}))
