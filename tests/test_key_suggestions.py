@@ -6,14 +6,16 @@ import pytest
 from llmbatch.api import load
 from llmbatch.jobs.errors import InvalidJobError
 
-SAMPLING_KEYS = ("ignore_eos, logprobs, max_new_tokens, per_row, seed, stop, stop_token_ids, "
-                 "temperature, top_k, top_p")
+SAMPLING_KEYS = ("frequency_penalty, ignore_eos, logprobs, max_new_tokens, min_p, per_row, "
+                 "presence_penalty, repetition_penalty, seed, stop, stop_token_ids, temperature, "
+                 "top_k, top_p")
 
 
 @pytest.mark.parametrize("section, key, hint", [
     ("sampling", "best_of", f"valid keys: {SAMPLING_KEYS}"),
     ("sampling", "n", f"valid keys: {SAMPLING_KEYS}"),
-    ("sampling", "min_p", f"valid keys: {SAMPLING_KEYS}"),
+    ("sampling", "typical_p", f"valid keys: {SAMPLING_KEYS}"),
+    ("sampling", "repeat_penalty", "did you mean 'repetition_penalty'?"),   # llama.cpp's name
     ("sampling", "temprature", "did you mean 'temperature'?"),
     ("sampling", "max_tokens", "did you mean 'max_new_tokens'?"),
     ("sampling", "topk", "did you mean 'top_k'?"),

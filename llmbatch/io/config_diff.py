@@ -15,6 +15,11 @@ from typing import Any
 # The hashed settings' key for jobs/config_hash.py's OUTPUT_RULES_VERSION (what a job file writes).
 RULES_KEY = "output_rules"
 _UNSET = object()           # a key one side does not record (added by a later version)
+# Settings that jobs/config_hash.py leaves out of the hashed settings at their neutral value
+# (keys added after folders were written: their hashes must hold). A side that does not record
+# one had that value, and a difference says so ("1.0 -> 1.2"), not "(unset) -> 1.2".
+LEFT_OUT_AT = {"sampling.repetition_penalty": 1.0, "sampling.presence_penalty": 0.0,
+               "sampling.frequency_penalty": 0.0, "sampling.min_p": 0.0}
 _MAX_VALUE = 40             # characters of one value in a message (a template's sha256 is 71)
 _MAX_KEYS = 6               # differing keys named in one message
 _CONTEXT = 16               # characters shown before where two long values first differ
@@ -68,9 +73,13 @@ def describe_differences(old: dict, new: dict, arrow: str = "->",
     """'output.rows_per_part 50 -> 20, sampling.max_new_tokens 64 -> 32' for the keys (other
     than `skip`) whose values differ, in the job file's order; '' when none does."""
     a, b = _flatten(old), _flatten(new)
+
+    def value(flat: dict[str, Any], key: str) -> Any:
+        return flat.get(key, LEFT_OUT_AT.get(key, _UNSET))
+
     keys = [k for k in list(b) + [k for k in a if k not in b]
-            if k not in skip and _json(a.get(k, _UNSET)) != _json(b.get(k, _UNSET))]
-    pairs = [(k, *_show_pair(a.get(k, _UNSET), b.get(k, _UNSET))) for k in keys[:_MAX_KEYS]]
+            if k not in skip and _json(value(a, k)) != _json(value(b, k))]
+    pairs = [(k, *_show_pair(value(a, k), value(b, k))) for k in keys[:_MAX_KEYS]]
     shown = [f"{k} {was} {arrow} {now}" for k, was, now in pairs]
     more = len(keys) - _MAX_KEYS
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")

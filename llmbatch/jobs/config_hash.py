@@ -13,7 +13,7 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-from llmbatch.io.config_diff import RULES_KEY
+from llmbatch.io.config_diff import LEFT_OUT_AT, RULES_KEY
 
 if TYPE_CHECKING:
     from llmbatch.jobs.spec import JobSpec
@@ -44,7 +44,9 @@ def hashed_settings(spec: "JobSpec", shard_count: int) -> dict:
     performance knobs that leave greedy results unchanged (max_num_seqs, token budget,
     memory sizing, cuda_graphs, fused_kernels, async_scheduling, skinny_matmul, pdl,
     nf4_triton_gemm, l2_prefetch, attention backend, planner window, on_row_error,
-    input.batch_size). Kept: the output rules version, model, tokenizer and template (the
+    input.batch_size), and the sampling keys of config_diff.LEFT_OUT_AT at their neutral
+    value (repetition_penalty 1.0, ...: added later, so every job written before them keeps
+    its hash; any other value is hashed). Kept: the output rules version, model, tokenizer and template (the
     template file's contents as its sha256, not its name), input selection, sampling,
     dtype/device/quantization/speculation/TP (they change numerics), rows_per_part (part
     boundaries) and the shard count (row ranges).
@@ -66,6 +68,10 @@ def hashed_settings(spec: "JobSpec", shard_count: int) -> dict:
         "speculative": spec.speculative.model_dump(),
         "shard": {"count": shard_count},
     }
+    for dotted, neutral in LEFT_OUT_AT.items():
+        section, key = dotted.split(".")
+        if settings[section].get(key) == neutral:   # floats (1 is 1.0); -0.0 == 0.0 too
+            del settings[section][key]
     # As a manifest entry reads it back, so recorded and current settings compare equal.
     return json.loads(json.dumps(settings, default=str))
 

@@ -10,33 +10,17 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
-                      field_validator, model_validator)
-from pydantic_core import PydanticCustomError
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from llmbatch.jobs.config_hash import hashed_settings, settings_hash
-from llmbatch.jobs.sampling_values import (check_stop, check_stop_token_ids, check_top_k,
-                                           row_value)
+# The sampling section lives in its own module; its names stay importable from here.
+from llmbatch.jobs.sampling_section import PER_ROW_KEYS, SamplingSection  # noqa: F401
+from llmbatch.jobs.sampling_values import row_value
+from llmbatch.jobs.section_base import Float, Int
+from llmbatch.jobs.section_base import Section as _Section
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.sampling_params import SamplingParams
 from llmbatch.runtime.seed_mixing import derive_seed
-
-
-
-
-def _not_bool(error_type: str, expected: str):
-    """pydantic takes true for 1 in an int field (shard.index: true ran shard 1): YAML's
-    booleans are not numbers here. The error type is pydantic's own, so loader.py names the
-    expected type as for any other wrong type."""
-    def check(value):
-        if isinstance(value, bool):
-            raise PydanticCustomError(error_type, expected)
-        return value
-    return BeforeValidator(check)
-
-
-Int = Annotated[int, _not_bool("int_type", "Input should be a valid integer")]
-Float = Annotated[float, _not_bool("float_type", "Input should be a valid number")]
 
 
 def _named(key: str, expected: str):
@@ -62,11 +46,6 @@ _APPLY_CHAT_TEMPLATE_ARGS = frozenset((
 
 _DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
                   "fp32": "float32"}
-
-
-class _Section(BaseModel):
-    # extra='forbid' is what makes a typo a loud error instead of a silently ignored key.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSection(_Section):
@@ -142,63 +121,6 @@ class OutputSection(_Section):
     path: Annotated[str, _named("output.path", "name the output directory")]
     rows_per_part: Int = Field(default=10000, ge=1)
     mode: Literal["resume", "overwrite", "error"] = "resume"
-
-
-# Keys of `sampling` that a row may override with a column of the same name.
-PER_ROW_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-                "stop_token_ids", "ignore_eos", "logprobs")
-
-
-class SamplingSection(_Section):
-    # NaN/inf are never valid sampling values (NaN would slip through every >= check).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    max_new_tokens: Int = Field(default=256, ge=1)
-    temperature: Float = Field(default=0.0, ge=0.0)
-    top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: Int = -1                     # -1 or 0: off (as in vLLM; 0 stored as -1); < -1 refused
-    # int64: the stats Parquet stores it as such; a wider seed used to fail only after the
-    # whole shard had run, when the stats row was written.
-    seed: Int = Field(default=0, ge=-(2**63), le=2**63 - 1)
-    stop: list[str] = Field(default_factory=list)
-    stop_token_ids: list[Int] = Field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: Optional[Int] = Field(default=None, ge=0)
-    per_row: list[str] = Field(default_factory=list)
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, value: int) -> int:
-        return check_top_k(value)
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _one_stop_string(cls, value):
-        # One string is a list of one, as vLLM's SamplingParams(stop="###") takes it; stored
-        # as the list, so both spellings have one config hash.
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: list[str]) -> list[str]:
-        return check_stop(value)
-
-    @field_validator("stop_token_ids")
-    @classmethod
-    def _stop_token_ids(cls, value: list[int]) -> list[int]:
-        return check_stop_token_ids(value)
-
-    @field_validator("per_row")
-    @classmethod
-    def _known_per_row(cls, value: list[str]) -> list[str]:
-        for key in value:
-            if key not in PER_ROW_KEYS:
-                raise ValueError(f"'{key}' is not a sampling key; per-row keys are "
-                                 f"{', '.join(PER_ROW_KEYS)}")
-        twice = sorted({k for k in value if value.count(k) > 1})
-        if twice:   # like a key given twice in the YAML: refused, not silently merged
-            raise ValueError(f"names {', '.join(repr(k) for k in twice)} more than once")
-        return value
 
 
 class EngineSection(_Section):
@@ -329,7 +251,9 @@ class JobSpec(_Section):
         values = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                       top_k=s.top_k, seed=derive_seed(s.seed, row_seed_offset), stop=list(s.stop),
                       stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
-                      logprobs=s.logprobs)
+                      logprobs=s.logprobs, repetition_penalty=s.repetition_penalty,
+                      presence_penalty=s.presence_penalty,
+                      frequency_penalty=s.frequency_penalty, min_p=s.min_p)
         for key, value in (row_overrides or {}).items():
             if value is not None:
                 values[key] = row_value(key, value)

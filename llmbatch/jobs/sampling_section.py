@@ -1,0 +1,77 @@
+"""The job file's `sampling` section (no torch): how each row samples and stops, and which keys
+a row may override from an input column (PER_ROW_KEYS; sampling_values.row_value checks those
+cells). spec.py re-exports both names.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import ConfigDict, Field, field_validator
+
+from llmbatch.jobs.sampling_values import check_stop, check_stop_token_ids, check_top_k
+from llmbatch.jobs.section_base import Float, Int, Section
+
+
+# Keys of `sampling` that a row may override with a column of the same name.
+PER_ROW_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                "stop_token_ids", "ignore_eos", "logprobs", "repetition_penalty",
+                "presence_penalty", "frequency_penalty", "min_p")
+
+
+class SamplingSection(Section):
+    # NaN/inf are never valid sampling values (NaN would slip through every >= check).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    max_new_tokens: Int = Field(default=256, ge=1)
+    temperature: Float = Field(default=0.0, ge=0.0)
+    top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: Int = -1                     # -1 or 0: off (as in vLLM; 0 stored as -1); < -1 refused
+    # vLLM's penalties and min_p, with SamplingParams' ranges; the defaults are "off". At those
+    # values config_hash leaves them out of the hash (folders written before them resume).
+    repetition_penalty: Float = Field(default=1.0, gt=0.0)
+    presence_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
+    min_p: Float = Field(default=0.0, ge=0.0, le=1.0)
+    # int64: the stats Parquet stores it as such; a wider seed used to fail only after the
+    # whole shard had run, when the stats row was written.
+    seed: Int = Field(default=0, ge=-(2**63), le=2**63 - 1)
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[Int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: Optional[Int] = Field(default=None, ge=0)
+    per_row: list[str] = Field(default_factory=list)
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, value: int) -> int:
+        return check_top_k(value)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, value):
+        # One string is a list of one, as vLLM's SamplingParams(stop="###") takes it; stored
+        # as the list, so both spellings have one config hash.
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: list[str]) -> list[str]:
+        return check_stop(value)
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_token_ids(cls, value: list[int]) -> list[int]:
+        return check_stop_token_ids(value)
+
+    @field_validator("per_row")
+    @classmethod
+    def _known_per_row(cls, value: list[str]) -> list[str]:
+        for key in value:
+            if key not in PER_ROW_KEYS:
+                raise ValueError(f"'{key}' is not a sampling key; per-row keys are "
+                                 f"{', '.join(PER_ROW_KEYS)}")
+        twice = sorted({k for k in value if value.count(k) > 1})
+        if twice:   # like a key given twice in the YAML: refused, not silently merged
+            raise ValueError(f"names {', '.join(repr(k) for k in twice)} more than once")
+        return value
