@@ -44,6 +44,9 @@ class Engine(SpeculationMixin):
         self.eos_token_ids = self._find_eos_token_ids()
         self.vocab_size = self.runner.hf_config.vocab_size
         self._live_ids: set = set()      # ids of admitted, unfinished requests
+        # Those of them with penalties: their rows read the host's token history, so while any
+        # is live every step runs synchronously (penalties.py).
+        self._penalized_ids: set = set()
         self.block_manager = BlockManager(
             self.runner.num_kv_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, max_model_len=self.max_model_len)
@@ -113,12 +116,13 @@ class Engine(SpeculationMixin):
 
     def step(self) -> list[GenerationResult]:
         if self.async_scheduling:
-            if not self._speculates_next_step():
+            if not self._speculates_next_step() and not self._penalized_ids:
                 return self._step_async()
             if self._in_flight is not None:
-                # The next step drafts: the proposer reads every token so far and verification
-                # runs synchronously, so the step in flight is collected first (no overlap for
-                # this one step; at most a few such switches a job, as the batch shrinks).
+                # The next step drafts (the proposer reads every token so far and verification
+                # runs synchronously) or samples with penalties (they read the host's token
+                # history), so the step in flight is collected first (no overlap for this one
+                # step; drafting: at most a few such switches a job, as the batch shrinks).
                 in_flight, self._in_flight = self._in_flight, None
                 return self._collect(*in_flight)
             try:
@@ -219,6 +223,7 @@ class Engine(SpeculationMixin):
             if reason is not None:
                 self.scheduler.finish_request(req, reason)
                 self._live_ids.discard(req.request_id)
+                self._penalized_ids.discard(req.request_id)
                 req.finish_time = now
                 finished.append(self._result(req))
         return finished
@@ -286,6 +291,8 @@ class Engine(SpeculationMixin):
         fold_stop_rules(req, self.eos_token_ids, self.max_model_len)
         req.arrival_time = time.perf_counter()
         self._live_ids.add(req.request_id)
+        if req.sampling_params.has_penalties:
+            self._penalized_ids.add(req.request_id)
         self.scheduler.add_request(req)
         return None
 

@@ -207,7 +207,7 @@ class ModelRunner(CudaFastPathsMixin):
             params = list(map(_sampling_params, s.sample_requests))
             default_seeds = list(map(_default_seed, s.sample_requests))
             pending = self.sampler.sample_async(logits, params, s.sample_output_index,
-                                                default_seeds=default_seeds)
+                                                default_seeds, s.sample_requests)
         graphed = self.graph_runner is not None and self.graph_runner.num_replays > replays_before
         return LaunchedStep(self, s, pending, "graph" if graphed else "eager",
                             time.perf_counter() - t1)
@@ -249,6 +249,6 @@ class ModelRunner(CudaFastPathsMixin):
         """Sample the step's logits (rank 0 only); logprobs go on the requests."""
         params = [r.sampling_params for r in s.sample_requests]
         default_seeds = [r.default_seed for r in s.sample_requests]
-        result = self.sampler.sample(logits, params, s.sample_output_index,
-                                     default_seeds=default_seeds)
+        result = self.sampler.sample(logits, params, s.sample_output_index, default_seeds,
+                                     s.sample_requests)
         return collect_sampled(s, result)

@@ -1,4 +1,5 @@
-"""Batched token sampler: greedy, temperature, top-k, top-p, seeded per request, logprobs.
+"""Batched token sampler: greedy, temperature, top-k, top-p, min-p, penalties (penalties.py),
+seeded per request, logprobs.
 
 Randomness. Sampled rows use the Gumbel-max trick: token = argmax(logits / T + g) over the
 tokens that survive top-k/top-p, with g = -log(-log(u)) and u ~ U(0, 1). The uniforms are
@@ -14,12 +15,16 @@ Seeds. A request with `SamplingParams.seed` set uses it. A request with seed Non
 arrival order), so an unseeded job is still reproducible run to run. Passing neither is an
 error, never a silent fresh random seed.
 
-Logprobs are the log-softmax of the RAW logits (before temperature, top-k and top-p), which
-is vLLM's default ("raw_logprobs"): they describe the model, not the sampling transform, and
-do not become -inf for tokens the truncation removed.
+Logprobs are the log-softmax of the RAW logits (before penalties, temperature, top-k, min-p
+and top-p), which is vLLM's default ("raw_logprobs"): they describe the model, not the sampling
+transform, and do not become -inf for tokens the truncation removed.
 
-Invariants: greedy rows (temperature == 0) take torch.argmax of the raw logits (ties: the
-lowest token id) and no noise is computed for them. All results reach the host in ONE
+Order, as vLLM's: penalties on the logits (rows that ask; they change greedy rows too), then
+per sampled row temperature, min-p (against the most likely token), top-k, top-p over the
+survivors, Gumbel-max.
+
+Invariants: greedy rows (temperature == 0) take torch.argmax of the (penalized) logits (ties:
+the lowest token id) and no noise is computed for them. All results reach the host in ONE
 device->host copy per call (non-blocking with `sample_async`).
 """
 
@@ -34,11 +39,14 @@ from typing import Optional, Sequence
 import torch
 
 from llmbatch.runtime.device import host_to_device
+from llmbatch.runtime.penalties import penalize
 from llmbatch.runtime.sampling_params import SamplingParams
 from llmbatch.runtime.seeded_uniforms import seeded_uniforms
+from llmbatch.runtime.truncation import truncate
 
 _LOGPROBS = attrgetter("logprobs")
 _TEMPERATURE = attrgetter("temperature")
+_HAS_PENALTIES = attrgetter("has_penalties")
 
 
 def _any_logprobs(params) -> bool:
@@ -199,6 +207,7 @@ class Sampler:
         params: Sequence[SamplingParams],
         output_indices: Sequence[int],
         default_seeds: Optional[Sequence[Optional[int]]] = None,
+        requests: Optional[Sequence] = None,
     ) -> SamplerOutput:
         """Sample one token per row.
 
@@ -206,8 +215,11 @@ class Sampler:
         params[row], output_indices[row]: the row's request settings and the index of the
         output token being sampled (0 for the first output token).
         default_seeds[row]: seed used when params[row].seed is None (see module docstring).
+        requests[row]: the row's Request (its prompt and output token ids), needed only by rows
+        with penalties (penalties.py).
         """
-        return self.sample_async(logits, params, output_indices, default_seeds).result()
+        return self.sample_async(logits, params, output_indices, default_seeds,
+                                 requests).result()
 
     def sample_async(
         self,
@@ -215,6 +227,7 @@ class Sampler:
         params: Sequence[SamplingParams],
         output_indices: Sequence[int],
         default_seeds: Optional[Sequence[Optional[int]]] = None,
+        requests: Optional[Sequence] = None,
     ) -> "PendingSample":
         """`sample`, without waiting: enqueues the sampling and one non-blocking copy of its
         results to pinned host memory. `.token_ids` (device) can feed the next step's inputs at
@@ -222,6 +235,14 @@ class Sampler:
         num_rows, vocab_size = _validate_inputs(logits, params, output_indices, default_seeds)
         logits = logits.float()
         device = logits.device
+        raw = logits                                            # for logprobs
+        # any(...) in C first: most steps have no penalized row.
+        if any(map(_HAS_PENALTIES, params)):
+            pen = [r for r, p in enumerate(params) if p.has_penalties]
+            if requests is None or len(requests) != num_rows:
+                raise ValueError("rows with penalties need requests[row] (their token history)")
+            logits = penalize(logits, pen, [params[r] for r in pen], [requests[r] for r in pen],
+                              [output_indices[r] for r in pen])
         token_ids = greedy_argmax(logits)                       # (num_rows,) greedy for all
 
         # any(temperatures) in C first: most steps are all greedy (temperature 0.0).
@@ -255,7 +276,7 @@ class Sampler:
         else:
             parts = [token_ids.to(torch.float64)]
             rows_t = host_to_device(lp_rows, torch.int64, device)
-            logprobs = torch.log_softmax(logits.index_select(0, rows_t), dim=-1)  # (R, V)
+            logprobs = torch.log_softmax(raw.index_select(0, rows_t), dim=-1)  # (R, V)
             chosen = token_ids.index_select(0, rows_t)
             parts.append(logprobs.gather(1, chosen[:, None]).squeeze(1).double())
             if max_n > 0:
@@ -274,52 +295,25 @@ class Sampler:
         output_indices: list[int],
         vocab_size: int,
     ) -> torch.Tensor:
-        """Temperature, top-k, top-p and Gumbel-max for the non-greedy rows -> (len(rows),)."""
+        """Temperature, min-p, top-k, top-p and Gumbel-max for the non-greedy rows ->
+        (len(rows),)."""
         device = logits.device
         rows_t = host_to_device(rows, torch.int64, device)
         temps = host_to_device([p.temperature for p in params], torch.float32, device)
         scores = logits.index_select(0, rows_t) / temps[:, None]     # (n, V)
 
-        # top_k <= 0 or >= vocab keeps everything; so does top_p == 1.
+        # top_k <= 0 or >= vocab keeps everything; so do top_p == 1 and min_p == 0.
         top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         top_ps = [p.top_p for p in params]
-        trunc = [i for i in range(len(params)) if top_ks[i] < vocab_size or top_ps[i] < 1.0]
+        min_ps = [p.min_p for p in params]
+        trunc = [i for i in range(len(params))
+                 if top_ks[i] < vocab_size or top_ps[i] < 1.0 or min_ps[i] > 0.0]
         if trunc:
-            scores = _truncate(scores, trunc, [top_ks[i] for i in trunc],
-                               [top_ps[i] for i in trunc])
+            scores = truncate(scores, trunc, [top_ks[i] for i in trunc],
+                               [top_ps[i] for i in trunc], [min_ps[i] for i in trunc])
 
         u = seeded_uniforms(seeds, output_indices, vocab_size, device)  # (n, V)
         gumbel = -torch.log(-torch.log(u))
         # Excluded tokens are -inf and stay -inf; the top token always survives, so the
         # argmax is a kept token.
         return torch.argmax(scores + gumbel, dim=-1)
-
-
-def _truncate(
-    scores: torch.Tensor, trunc: list[int], top_ks: list[int], top_ps: list[float]
-) -> torch.Tensor:
-    """Set to -inf the tokens that top-k, then top-p, exclude in rows `trunc` of scores.
-
-    Works in sorted order (stable, descending, so equal scores keep the lower token id first):
-    top-k keeps exactly the first k positions (ties at the k-th value broken by token id, so
-    top_k=1 equals greedy); top-p then renormalises over the survivors and keeps position i
-    iff the probability mass strictly before it is < top_p, i.e. the smallest prefix whose
-    cumulative probability reaches top_p; position 0 is always kept.
-    """
-    device = scores.device
-    idx_t = host_to_device(trunc, torch.int64, device)
-    sub = scores.index_select(0, idx_t)                                  # (m, V)
-    sorted_scores, order = torch.sort(sub, dim=-1, descending=True, stable=True)
-    positions = torch.arange(sub.shape[1], device=device)[None, :]      # (1, V)
-    ks = host_to_device(top_ks, torch.int64, device)[:, None]
-    keep = positions < ks                                                # (m, V) sorted order
-    if any(p < 1.0 for p in top_ps):
-        ps = host_to_device(top_ps, torch.float32, device)[:, None]
-        probs = torch.softmax(sorted_scores.masked_fill(~keep, float("-inf")), dim=-1)
-        mass_before = torch.cumsum(probs, dim=-1) - probs
-        keep &= mass_before < ps
-        keep[:, 0] = True
-    # Back from sorted positions to token ids.
-    keep_by_token = torch.zeros_like(keep).scatter_(1, order, keep)
-    sub = sub.masked_fill(~keep_by_token, float("-inf"))
-    return scores.index_copy(0, idx_t, sub)

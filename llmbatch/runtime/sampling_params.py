@@ -11,9 +11,17 @@ class SamplingParams:
     """How one request samples and when it stops.
 
     temperature == 0 means greedy. top_k <= 0 (or -1) disables top-k; top_p == 1.0 disables
-    top-p. `seed` makes sampling reproducible per request, independent of batch composition.
-    `logprobs`: None for no logprobs, else the number of top logprobs to return per token
-    (0 returns only the sampled token's logprob).
+    top-p; min_p == 0 disables min-p (keep tokens whose probability is >= min_p times the most
+    likely token's, after temperature; vLLM's min_p). `seed` makes sampling reproducible per
+    request, independent of batch composition. `logprobs`: None for no logprobs, else the
+    number of top logprobs to return per token (0 returns only the sampled token's logprob).
+
+    Penalties (runtime/penalties.py; they change greedy decoding too), as vLLM and transformers
+    define them: repetition_penalty (1.0 off, > 0) divides the positive logits and multiplies
+    the negative ones of every token in the prompt or the output so far (transformers'
+    RepetitionPenaltyLogitsProcessor); presence_penalty and frequency_penalty (0.0 off, in
+    [-2, 2], OpenAI's) subtract penalty * (token occurred) and penalty * (its count) over the
+    output tokens so far.
     """
 
     max_new_tokens: int = 256
@@ -25,6 +33,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Optional[int] = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -35,7 +47,22 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0 or null, got {self.logprobs}")
+        if not 0.0 < self.repetition_penalty < float("inf"):   # NaN fails too
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 is off), got "
+                             f"{self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2] (0.0 is off), got "
+                                 f"{getattr(self, name)}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (0.0 is off), got {self.min_p}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        """Any penalty on: the sampler then needs this request's token history."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)

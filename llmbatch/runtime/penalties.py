@@ -1,0 +1,78 @@
+"""Repetition, presence and frequency penalties on a step's logits (SamplingParams).
+
+    repetition_penalty p (transformers' RepetitionPenaltyLogitsProcessor, vLLM's): for every
+        token id in the prompt or the output so far, logit / p where the logit is > 0, logit * p
+        otherwise (p > 1 discourages repeats);
+    presence_penalty a, frequency_penalty f (OpenAI's, vLLM's): logit - a * [count > 0] - f *
+        count, count = occurrences of the token id in the output so far (not the prompt).
+
+Applied to the rows that ask for them, before greedy argmax, temperature and truncation; the
+logprobs stay those of the raw logits (sampler.py).
+
+A row's history is its request's prompt + output token ids ON THE HOST, so it must be complete
+when the row samples: the engine runs steps with a penalized request synchronously (no token
+in flight) and gives such requests no speculative drafts (a verify row at position j would need
+the drafts before j in its history). penalize() checks the invariant: the row's output index
+must equal the number of output tokens the host has.
+
+Cost: host lists of the penalized rows' token ids (prompt ids deduplicated once per request)
+and two scatters into (rows, vocab) tensors per step; nothing at all for steps without them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from llmbatch.runtime.device import host_to_device
+
+
+def _unique_prompt_ids(req) -> list[int]:
+    """The request's distinct prompt token ids, computed once (the prompt never changes)."""
+    ids = getattr(req, "_penalty_prompt_ids", None)
+    if ids is None:
+        ids = req._penalty_prompt_ids = sorted(set(req.prompt_token_ids))
+    return ids
+
+
+def penalize(logits: torch.Tensor, rows: Sequence[int], params: Sequence, requests: Sequence,
+             output_indices: Sequence[int]) -> torch.Tensor:
+    """logits (num_rows, V) float32 -> a copy with the penalties of `params[i]` applied to row
+    `rows[i]`, whose request is requests[i] sampling output token output_indices[i]."""
+    out_ids, seen_rows, seen_ids, count_rows = [], [], [], []
+    for i, (req, idx) in enumerate(zip(requests, output_indices)):
+        output = req.output_token_ids
+        if idx != len(output):
+            raise RuntimeError(
+                f"request {req.request_id!r}: a penalized row samples output token {idx} but "
+                f"the host has {len(output)}; penalties need the full history (a synchronous "
+                f"step without drafts)")
+        if params[i].repetition_penalty != 1.0:
+            prompt = _unique_prompt_ids(req)
+            seen_ids += prompt
+            seen_ids += output
+            seen_rows += [i] * (len(prompt) + len(output))
+        out_ids += output
+        count_rows += [i] * len(output)
+    device = logits.device
+    n, vocab = len(rows), logits.shape[1]
+    rows_t = host_to_device(list(rows), torch.int64, device)
+    sub = logits.index_select(0, rows_t)                                   # (n, V)
+    if seen_ids:
+        seen = torch.zeros((n, vocab), dtype=torch.bool, device=device)
+        seen[host_to_device(seen_rows, torch.int64, device),
+             host_to_device(seen_ids, torch.int64, device)] = True
+        rep = host_to_device([p.repetition_penalty for p in params], torch.float32,
+                             device)[:, None]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    if out_ids and any(p.presence_penalty or p.frequency_penalty for p in params):
+        counts = torch.zeros((n, vocab), dtype=torch.float32, device=device)
+        counts.index_put_((host_to_device(count_rows, torch.int64, device),
+                           host_to_device(out_ids, torch.int64, device)),
+                          torch.ones(len(out_ids), dtype=torch.float32, device=device),
+                          accumulate=True)
+        pres = host_to_device([p.presence_penalty for p in params], torch.float32, device)
+        freq = host_to_device([p.frequency_penalty for p in params], torch.float32, device)
+        sub = sub - freq[:, None] * counts - pres[:, None] * (counts > 0).float()
+    return logits.index_copy(0, rows_t, sub)
