@@ -34,6 +34,11 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("LLMBATCH_TP_TIMEOUT_S", "300"))
+# Spawned workers import torch and the model code before they join (seconds; more on a busy
+# machine): a short collective timeout (LLMBATCH_TP_TIMEOUT_S, or a test's 4 s) must not fail
+# a start-up that is only slow. A worker that dies before joining is still reported at once
+# (wait_for_workers polls describe_dead).
+STARTUP_JOIN_MIN_S = 120.0
 # Ports derived from a SLURM job id fall in [base, base + span): clear of the ephemeral range.
 _SLURM_PORT_BASE, _SLURM_PORT_SPAN = 20000, 10000
 

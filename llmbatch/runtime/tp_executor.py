@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 
 from llmbatch.runtime.config import EngineConfig
-from llmbatch.runtime.dist import (DEFAULT_TIMEOUT_S, Rendezvous, cpu_threads_per_rank,
-                                   describe_dead, destroy_group, exit_process,
+from llmbatch.runtime.dist import (DEFAULT_TIMEOUT_S, STARTUP_JOIN_MIN_S, Rendezvous,
+                                   cpu_threads_per_rank, describe_dead, destroy_group,
+                                   exit_process,
                                    detect_rendezvous, host_store, init_group, join_workers,
                                    spawn_workers, wait_for_workers)
 from llmbatch.runtime.kernel_paths import PATH_STATS
@@ -121,7 +122,7 @@ class TPExecutor:
             if not self.rdv.launched:  # listening before a worker can try to connect
                 store = host_store(self.rdv, self.timeout_s)
                 self.procs = spawn_workers(tp, worker_main, (self.rdv, config, self.timeout_s))
-                wait_for_workers(store, self.procs, self.timeout_s)
+                wait_for_workers(store, self.procs, max(self.timeout_s, STARTUP_JOIN_MIN_S))
             self.group = init_group(self.rdv, torch.device(cfg.device), self.timeout_s, store)
             del store  # the group holds it now; shutdown's destroy_group releases the port
             self.runner = build_runner(cfg, self.rdv, self.group)
