@@ -46,8 +46,9 @@ def hashed_settings(spec: "JobSpec", shard_count: int) -> dict:
     nf4_triton_gemm, l2_prefetch, attention backend, planner window, on_row_error,
     input.batch_size), and the sampling keys of config_diff.LEFT_OUT_AT at their neutral
     value (repetition_penalty 1.0, ...: added later, so every job written before them keeps
-    its hash; any other value is hashed). Kept: the output rules version, model, tokenizer and template (the
-    template file's contents as its sha256, not its name), input selection, sampling,
+    its hash; any other value is hashed).
+    Kept: the output rules version, model, tokenizer and template (the template file's
+    contents as its sha256, not its name), input selection, sampling,
     dtype/device/quantization/speculation/TP (they change numerics), rows_per_part (part
     boundaries) and the shard count (row ranges).
     """
