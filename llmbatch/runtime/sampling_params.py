@@ -37,6 +37,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     min_p: float = 0.0
+    # Set by __post_init__ (any penalty on: the sampler then needs the request's token
+    # history). A plain attribute, not a property: the sampler scans it for every row of every
+    # step (attrgetter in C: 9 us for 256 rows on the CPU here, 29 us as a property).
+    has_penalties: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -56,13 +60,9 @@ class SamplingParams:
                                  f"{getattr(self, name)}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1] (0.0 is off), got {self.min_p}")
+        self.has_penalties = (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                              or self.frequency_penalty != 0.0)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-    @property
-    def has_penalties(self) -> bool:
-        """Any penalty on: the sampler then needs this request's token history."""
-        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
-                or self.frequency_penalty != 0.0)
