@@ -44,8 +44,9 @@ class Engine(SpeculationMixin):
         self.eos_token_ids = self._find_eos_token_ids()
         self.vocab_size = self.runner.hf_config.vocab_size
         self._live_ids: set = set()      # ids of admitted, unfinished requests
-        # Those of them with penalties: their rows read the host's token history, so while any
-        # is live every step runs synchronously (penalties.py).
+        # Those of them with penalties: their rows read the host's token history, so while one
+        # of them is running (a token of it may be in flight) steps run synchronously
+        # (penalties.py). Waiting ones cost nothing: admission runs far ahead of scheduling.
         self._penalized_ids: set = set()
         self.block_manager = BlockManager(
             self.runner.num_kv_blocks, config.block_size, config.prefix_caching)
@@ -116,7 +117,7 @@ class Engine(SpeculationMixin):
 
     def step(self) -> list[GenerationResult]:
         if self.async_scheduling:
-            if not self._speculates_next_step() and not self._penalized_ids:
+            if not self._speculates_next_step() and not self._penalized_running():
                 return self._step_async()
             if self._in_flight is not None:
                 # The next step drafts (the proposer reads every token so far and verification
@@ -132,6 +133,11 @@ class Engine(SpeculationMixin):
                 # must not reach an async step; the next sync step proposes afresh anyway.
                 self.scheduler.drop_all_drafts()
         return self._step_sync()
+
+    def _penalized_running(self) -> bool:
+        """A running request samples with penalties (its next row needs every token so far)."""
+        return bool(self._penalized_ids) and any(
+            r.sampling_params.has_penalties for r in self.scheduler.running)
 
     def _step_sync(self) -> list[GenerationResult]:
         """One synchronous step: propose drafts, schedule, run, append, stop checks."""

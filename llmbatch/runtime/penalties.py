@@ -10,8 +10,9 @@ Applied to the rows that ask for them, before greedy argmax, temperature and tru
 logprobs stay those of the raw logits (sampler.py).
 
 A row's history is its request's prompt + output token ids ON THE HOST, so it must be complete
-when the row samples: the engine runs steps with a penalized request synchronously (no token
-in flight) and gives such requests no speculative drafts (a verify row at position j would need
+when the row samples: while a penalized request is running the engine runs its steps
+synchronously (no token in flight; its first token, from the prompt alone, may come from an
+async step) and gives such requests no speculative drafts (a verify row at position j would need
 the drafts before j in its history). penalize() checks the invariant: the row's output index
 must equal the number of output tokens the host has.
 
@@ -30,9 +31,11 @@ from llmbatch.runtime.device import host_to_device
 
 def _unique_prompt_ids(req) -> list[int]:
     """The request's distinct prompt token ids, computed once (the prompt never changes)."""
-    ids = getattr(req, "_penalty_prompt_ids", None)
+    ids = getattr(req, "penalty_prompt_ids", None)   # a Request field; test stand-ins lack it
     if ids is None:
-        ids = req._penalty_prompt_ids = sorted(set(req.prompt_token_ids))
+        ids = sorted(set(req.prompt_token_ids))
+        if hasattr(req, "penalty_prompt_ids"):
+            req.penalty_prompt_ids = ids
     return ids
 
 

@@ -62,6 +62,8 @@ class Request:
         self.num_spec_accepted_tokens = 0
         # What a proposer keeps per request between steps (NgramProposer: its n-gram index).
         self.proposer_state = None
+        # penalties.py: the distinct prompt ids, computed at the first penalized sample.
+        self.penalty_prompt_ids: Optional[list[int]] = None
 
         # Async scheduling (docs/async_scheduling.md): tokens sampled by a step still in flight,
         # whose values the host does not know yet. They follow all_token_ids; the scheduler

@@ -196,3 +196,32 @@ def test_sampled_rows_with_penalties_are_seeded_and_async_equals_sync(hf_and_pro
     assert runs[1] == runs[0] and runs[2] == runs[0]
     assert len({tuple(r) for r in runs[0]}) > len(prompts) // 2   # not one degenerate output
     assert all(0 <= t < VOCAB for r in runs[0] for t in r)
+
+
+def test_penalized_requests_admitted_late_keep_the_job_async_until_they_run(hf_and_prompts,
+                                                                          tokenizer):
+    """72 requests, max_num_seqs 2, the last 4 penalized: they are admitted (admission runs
+    ~64 requests ahead) long before they run. Steps stay async until one of them runs, and the
+    tokens equal the synchronous engine's (also with n-gram speculation)."""
+    path, _, _, _, _ = hf_and_prompts
+    prompts = make_prompts(72, seed=5)
+    params = [SamplingParams(max_new_tokens=6, **(dict(repetition_penalty=1.5,
+                                                       frequency_penalty=0.7) if i >= 68 else {}))
+              for i in range(72)]
+    outs, async_steps = [], []
+    for kwargs in (dict(), dict(async_scheduling=True, max_num_seqs=2),
+                   dict(async_scheduling=True, max_num_seqs=2, speculative_method="ngram",
+                        num_speculative_tokens=2, speculative_max_num_seqs=1)):
+        engine = new_engine((path, tokenizer), **kwargs)
+        calls = []
+        real = engine._step_async
+        engine._step_async = lambda: calls.append(1) or real()
+        results = generate(engine, [Request(i, pr, pa) for i, (pr, pa) in
+                                    enumerate(zip(prompts, params))])
+        outs.append([results[i].output_token_ids for i in range(72)])
+        async_steps.append((len(calls), engine.stats()["num_steps"]))
+        assert not engine._penalized_ids
+    assert outs[1] == outs[0] and outs[2] == outs[0]
+    assert async_steps[0][0] == 0
+    steps, total = async_steps[1]
+    assert steps > total * 0.7, async_steps   # only the last requests' steps ran synchronously
