@@ -52,10 +52,10 @@ def run(job: str, sets: tuple, progress: Optional[str], log_every: float) -> Non
     tok_s = f"{s['output_tok_s']:.1f}" if s.get("output_tok_s") is not None else "-"
     hit = f"{100 * s['prefix_hit_rate']:.1f}%" if s.get("prefix_hit_rate") is not None else "-"
     _echo(f"shard {result.shard_index}/{result.shard_count}: {result.num_rows} rows "
-             f"({result.num_rows_ok} ok, {result.num_rows_error} error, "
-             f"{result.num_rows_skipped} resumed), {s['output_tokens']} output tokens, "
-             f"{tok_s} out tok/s, prefix hit {hit}\n"
-             f"output: {result.output_path}\nstats:  {result.stats_path}")
+          f"({result.num_rows_ok} ok, {result.num_rows_error} error, "
+          f"{result.num_rows_skipped} resumed), {s['output_tokens']} output tokens, "
+          f"{tok_s} out tok/s, prefix hit {hit}\n"
+          f"output: {result.output_path}\nstats:  {result.stats_path}")
     sys.exit(result.exit_code)
 
 
@@ -105,7 +105,7 @@ def plan(job: str, sets: tuple) -> None:
     total = p.row_end - p.row_start
     _echo(f"input: {p.input_description} ({p.num_input_rows} rows)")
     _echo(f"shard {p.shard.index} of {p.shard.count}: rows [{p.row_start}, {p.row_end}) "
-               f"= {total} rows; {p.rows_done} done, {total - p.rows_done} to run")
+          f"= {total} rows; {p.rows_done} done, {total - p.rows_done} to run")
     _echo(f"config hash: {p.config_hash}")
 
 

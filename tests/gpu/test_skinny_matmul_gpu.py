@@ -136,6 +136,9 @@ def greedy_outputs(tmp_path_factory, variants: list[dict], max_num_seqs: int = 8
                                      kv_cache_blocks=1024, **overrides), tokenizer=tokenizer)
         model = engine.runner.model.model
         assert model.use_skinny_matmul is overrides.get("skinny_matmul", False)
+        # skinny_gemv engaged: the model holds its arrival counters (llama_skinny)
+        assert ((getattr(model, "skinny_gemv_counters", None) is not None)
+                is overrides.get("skinny_gemv", False))
         assert getattr(model, "skinny_pdl", False) is overrides.get("pdl", False)
         assert engine.runner.cuda_graph_error is None  # the graphs were captured (and checked)
         params = SamplingParams(max_new_tokens=12, ignore_eos=True)
