@@ -32,9 +32,8 @@ import torch.distributed as dist
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.dist import (DEFAULT_TIMEOUT_S, STARTUP_JOIN_MIN_S, Rendezvous,
                                    cpu_threads_per_rank, describe_dead, destroy_group,
-                                   exit_process,
-                                   detect_rendezvous, host_store, init_group, join_workers,
-                                   spawn_workers, wait_for_workers)
+                                   detect_rendezvous, exit_process, host_store, init_group,
+                                   join_workers, spawn_workers, wait_for_workers)
 from llmbatch.runtime.kernel_paths import PATH_STATS
 from llmbatch.runtime.scheduler_output import SchedulerOutput
 from llmbatch.runtime.tp_worker import (build_runner, rank_config, serve, step_message,
