@@ -22,6 +22,9 @@ Options (each row is the defaults plus one change):
     sync scheduling      engine.async_scheduling off (the default is on for CUDA)
     PDL launches         our Triton kernels with programmatic dependent launch (runtime/pdl.py,
                          EngineConfig.pdl; sm_90+)
+    skinny gemv          the skinny decoder layers with one-token steps on layers/gemv.py
+                         (EngineConfig.skinny_matmul + skinny_gemv; CUDA; their kernels use PDL
+                         when the PDL row is combined with it)
     L2 prefetch plans    models/llama_prefetch.py PrefetchPlan: o_proj; o_proj + next qkv;
                          + the first 8 / 16 MiB of gate_up
 
@@ -131,16 +134,40 @@ def options():
         if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
             return "needs sm_90 CUDA: not applied"
         pdl.set_enabled(True)
+        set_skinny_pdl(engine, True)    # the skinny/gemv launches read their module's flag
         return ""
 
     def pdl_back(engine):
         from llmbatch.runtime import pdl
 
         pdl.set_enabled(saved.pop("pdl", False))
+        set_skinny_pdl(engine, pdl.enabled())
+
+    def set_skinny_pdl(engine, on: bool):
+        from llmbatch.runtime.models.llama import LlamaModel
+
+        for m in engine.runner.model.modules():
+            if isinstance(m, LlamaModel) and m.use_skinny_matmul:
+                m.skinny_pdl = on
+
+    def gemv_on(engine, device):
+        from llmbatch.runtime import pdl
+        from llmbatch.runtime.models.llama_skinny import enable_skinny_matmul
+
+        if device.type != "cuda":   # the interpreter would run it on the CPU: not a figure
+            return "needs CUDA: not applied"
+        if not enable_skinny_matmul(engine.runner.model, pdl=pdl.enabled(), gemv_rows=True):
+            return "not applicable (quantized, sharded or not Llama-family): not applied"
+        return ""
+
+    def gemv_off(engine):
+        from llmbatch.runtime.models.llama_skinny import disable_skinny_matmul
+
+        disable_skinny_matmul(engine.runner.model)
 
     nothing = (DEFAULTS, lambda engine, device: "", lambda engine: None)
     # The likeliest gains first: a run cut by its time limit keeps them (JSON after each row).
-    return [nothing, prefetch(next_qkv=False), prefetch(),
+    return [nothing, ("skinny gemv", gemv_on, gemv_off), prefetch(next_qkv=False), prefetch(),
             ("split reduce fused", fused_reduce(True), fused_reduce(False)),
             ("argmax in torch", argmax_in_torch, argmax_back),
             ("rope table off", rope_off, rope_back),

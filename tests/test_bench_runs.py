@@ -161,7 +161,8 @@ def test_batch1_sweep_dry_run_on_cpu(tmp_path):
     out = json.loads((tmp_path / "bench_batch1.json").read_text())
     rows = out["rows"]
     singles = [
-        "defaults", "L2 prefetch o_proj", "L2 prefetch o_proj+next_qkv", "split reduce fused",
+        "defaults", "skinny gemv", "L2 prefetch o_proj", "L2 prefetch o_proj+next_qkv",
+        "split reduce fused",
         "argmax in torch", "rope table off", "L2 prefetch o_proj+next_qkv+gate_up 8 MiB",
         "L2 prefetch o_proj+next_qkv+gate_up 16 MiB", "attention splits 8",
         "attention splits 32", "attention key tile 32", "attention key tile 128",
@@ -173,12 +174,13 @@ def test_batch1_sweep_dry_run_on_cpu(tmp_path):
     assert combined in ([], ["winners combined"])
     assert ("batch1 winners combined" + " " * 24 + " none:" in proc.stdout) == (not combined)
     # The tiny shape's 2 layers: o_proj each, + qkv each, + a gate_up prefix each.
-    assert [rows[i]["detail"] for i in (1, 2, 6, 7)] == [
+    assert [rows[i]["detail"] for i in (2, 3, 7, 8)] == [
         f"{n} weights touched" for n in (2, 4, 6, 6)]
     assert all(r["same_tokens_as_first"] and r["num_errors"] == 0 for r in rows)
     assert out["smoke_test_only"] is True
-    assert proc.stdout.count("batch1 ") == 16
-    assert rows[12]["detail"] == "needs sm_90 CUDA: not applied"
+    assert proc.stdout.count("batch1 ") == 17
+    assert rows[13]["detail"] == "needs sm_90 CUDA: not applied"
+    assert rows[1]["detail"] == "needs CUDA: not applied"      # skinny gemv: GPU rows only
 
 
 def _row(option, tpot, **extra):

@@ -209,3 +209,7 @@ def test_gemv_rows_run_one_token_steps_and_match_unfused(model, monkeypatch):
     assert int(counters.abs().sum()) == 0
     assert llama_skinny.enable_skinny_matmul(model) is True
     assert model.model.skinny_gemv_counters is None
+    llama_skinny.enable_skinny_matmul(model, pdl=True, gemv_rows=True)
+    llama_skinny.disable_skinny_matmul(model)     # bench_batch1's undo
+    assert (model.model.use_skinny_matmul, model.model.skinny_pdl,
+            model.model.skinny_gemv_counters) == (False, False, None)

@@ -61,6 +61,16 @@ def enable_skinny_matmul(model, pdl: bool = False, gemv_rows: bool = False) -> b
     return enabled
 
 
+def disable_skinny_matmul(model) -> None:
+    """Back to the unfused layers for every LlamaModel inside `model` (bench_batch1's rows)."""
+    from llmbatch.runtime.models.llama import LlamaModel
+
+    for module in model.modules():
+        if isinstance(module, LlamaModel):
+            module.use_skinny_matmul = module.skinny_pdl = False
+            module.skinny_gemv_counters = None
+
+
 def _gemv_counters(module) -> torch.Tensor:
     """One zeroed int32 counter per column tile of the widest gemv call of `module`: launches
     run one after another on the stream and each leaves its counters zero, so all share it."""
