@@ -230,3 +230,25 @@ def test_rendezvous_detection():
     r = detect_rendezvous(2, {})
     assert (r.rank, r.world_size, r.launched, r.master_addr) == (0, 2, False, "127.0.0.1")
     assert 0 < r.master_port < 65536
+
+
+def test_penalties_and_min_p_at_tp2_equal_tp1(models, tokenizer):
+    """Only rank 0 samples, from the gathered logits, with the real requests' histories: mixed
+    penalized / min_p / plain rows give the same tokens at tensor_parallel_size 2 as at 1."""
+    path, _, prompts, _ = models["llama-gqa"]
+    kinds = [dict(repetition_penalty=1.4), dict(), dict(frequency_penalty=1.0),
+             dict(temperature=0.8, min_p=0.1, presence_penalty=0.5, seed=7)]
+    params = [SamplingParams(max_new_tokens=MAX_NEW, **kinds[i % len(kinds)])
+              for i in range(len(prompts))]
+
+    def run(engine):
+        results = {r.request_id: r for r in engine.generate(
+            [Request(i, p, q) for i, (p, q) in enumerate(zip(prompts, params))])}
+        return [results[i].output_token_ids for i in range(len(prompts))]
+
+    want = run(Engine(engine_config(path, 1), tokenizer=tokenizer))
+    executor = TPExecutor(engine_config(path, 2), timeout_s=TIMEOUT_S)
+    try:
+        assert run(Engine(engine_config(path, 2), runner=executor, tokenizer=tokenizer)) == want
+    finally:
+        executor.shutdown()
