@@ -1,4 +1,5 @@
-"""Repetition, presence and frequency penalties on a step's logits (SamplingParams).
+"""Repetition, presence and frequency penalties on a step's logits (SamplingParams), and
+min_tokens' suppression of the stop token ids (suppress_stop_tokens, at the end).
 
     repetition_penalty p (transformers' RepetitionPenaltyLogitsProcessor, vLLM's): for every
         token id in the prompt or the output so far, logit / p where the logit is > 0, logit * p
@@ -79,3 +80,24 @@ def penalize(logits: torch.Tensor, rows: Sequence[int], params: Sequence, reques
         freq = host_to_device([p.frequency_penalty for p in params], torch.float32, device)
         sub = sub - freq[:, None] * counts - pres[:, None] * (counts > 0).float()
     return logits.index_copy(0, rows_t, sub)
+
+
+def suppress_stop_tokens(logits: torch.Tensor, rows: Sequence[int], requests: Sequence,
+                         output_indices: Sequence[int]) -> torch.Tensor:
+    """min_tokens (vLLM's): row rows[i] samples output token output_indices[i] of requests[i];
+    below its min_tokens, the ids that would stop it (req.stop_token_set: EOS unless
+    ignore_eos, and stop_token_ids; stop_rules.fold_stop_rules) get -inf. Needs only the output
+    index, so unlike the penalties it works with a token in flight and on verify rows."""
+    flat_rows, flat_ids = [], []
+    for row, req, idx in zip(rows, requests, output_indices):
+        if idx < req.sampling_params.min_tokens:
+            ids = req.stop_token_set
+            flat_rows += [row] * len(ids)
+            flat_ids += ids
+    if not flat_ids:
+        return logits
+    device = logits.device
+    logits = logits.clone()
+    logits[host_to_device(flat_rows, torch.int64, device),
+           host_to_device(flat_ids, torch.int64, device)] = float("-inf")
+    return logits

@@ -39,14 +39,14 @@ from typing import Optional, Sequence
 import torch
 
 from llmbatch.runtime.device import host_to_device
-from llmbatch.runtime.penalties import penalize
+from llmbatch.runtime.penalties import penalize, suppress_stop_tokens
 from llmbatch.runtime.sampling_params import SamplingParams
 from llmbatch.runtime.seeded_uniforms import seeded_uniforms
 from llmbatch.runtime.truncation import truncate
 
 _LOGPROBS = attrgetter("logprobs")
 _TEMPERATURE = attrgetter("temperature")
-_HAS_PENALTIES = attrgetter("has_penalties")
+_EDITS_LOGITS = attrgetter("edits_logits")
 
 
 def _any_logprobs(params) -> bool:
@@ -236,13 +236,18 @@ class Sampler:
         logits = logits.float()
         device = logits.device
         raw = logits                                            # for logprobs
-        # any(...) in C first: most steps have no penalized row.
-        if any(map(_HAS_PENALTIES, params)):
-            pen = [r for r, p in enumerate(params) if p.has_penalties]
+        # any(...) in C first: most steps have no row with penalties or min_tokens.
+        if any(map(_EDITS_LOGITS, params)):
             if requests is None or len(requests) != num_rows:
-                raise ValueError("rows with penalties need requests[row] (their token history)")
-            logits = penalize(logits, pen, [params[r] for r in pen], [requests[r] for r in pen],
-                              [output_indices[r] for r in pen])
+                raise ValueError("rows with penalties or min_tokens need requests[row]")
+            pen = [r for r, p in enumerate(params) if p.has_penalties]
+            if pen:
+                logits = penalize(logits, pen, [params[r] for r in pen],
+                                  [requests[r] for r in pen], [output_indices[r] for r in pen])
+            short = [r for r, p in enumerate(params) if output_indices[r] < p.min_tokens]
+            if short:
+                logits = suppress_stop_tokens(logits, short, [requests[r] for r in short],
+                                              [output_indices[r] for r in short])
         token_ids = greedy_argmax(logits)                       # (num_rows,) greedy for all
 
         # any(temperatures) in C first: most steps are all greedy (temperature 0.0).

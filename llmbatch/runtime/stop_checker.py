@@ -22,10 +22,11 @@ class StopChecker:
             self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
             self._checker = StopStringChecker(stop)
 
-    def append(self, token_id: int) -> bool:
-        """Add one output token; True when a stop string now appears in the text."""
+    def append(self, token_id: int, check: bool = True) -> bool:
+        """Add one output token; True when a stop string now appears in the text. check=False
+        (before min_tokens): follow the text, look for no stop string."""
         delta = self._detok.append([token_id])
-        if not delta:
+        if not delta or not check:
             return False
         text = self._detok.output_text
         match = self._checker.check(text, len(delta))

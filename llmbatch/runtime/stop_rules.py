@@ -18,7 +18,15 @@ def apply_stop_rules(req: Request, eos_token_ids: set[int],
     for i in range(req.num_stop_checked, len(req.output_token_ids)):
         token = req.output_token_ids[i]
         reason = None
-        if not params.ignore_eos and token in eos_token_ids:
+        if i + 1 < params.min_tokens:
+            # min_tokens: only the length rules end it before then (the sampler gave its stop
+            # ids -inf; a stop string that ends in this text is ignored, as vLLM's
+            # detokenizer does, but the text is still followed for later matches).
+            if req.stop_checker.active:
+                req.stop_checker.append(token, check=False)
+            if req.num_prompt_tokens + i + 1 >= max_model_len:
+                reason = FinishReason.LENGTH
+        elif not params.ignore_eos and token in eos_token_ids:
             reason, req.stop_reason = FinishReason.STOP, token
         elif token in params.stop_token_ids:
             reason, req.stop_reason = FinishReason.STOP, token
