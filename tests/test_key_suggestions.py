@@ -6,9 +6,9 @@ import pytest
 from llmbatch.api import load
 from llmbatch.jobs.errors import InvalidJobError
 
-SAMPLING_KEYS = ("frequency_penalty, ignore_eos, logprobs, max_new_tokens, min_p, per_row, "
-                 "presence_penalty, repetition_penalty, seed, stop, stop_token_ids, temperature, "
-                 "top_k, top_p")
+SAMPLING_KEYS = ("frequency_penalty, ignore_eos, logprobs, max_new_tokens, min_p, min_tokens, "
+                 "per_row, presence_penalty, repetition_penalty, seed, stop, stop_token_ids, "
+                 "temperature, top_k, top_p")
 
 
 @pytest.mark.parametrize("section, key, hint", [

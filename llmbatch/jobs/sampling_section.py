@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from llmbatch.jobs.sampling_values import check_stop, check_stop_token_ids, check_top_k
 from llmbatch.jobs.section_base import Float, Int, Section
@@ -16,7 +16,7 @@ from llmbatch.jobs.section_base import Float, Int, Section
 # Keys of `sampling` that a row may override with a column of the same name.
 PER_ROW_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                 "stop_token_ids", "ignore_eos", "logprobs", "repetition_penalty",
-                "presence_penalty", "frequency_penalty", "min_p")
+                "presence_penalty", "frequency_penalty", "min_p", "min_tokens")
 
 
 class SamplingSection(Section):
@@ -33,6 +33,9 @@ class SamplingSection(Section):
     presence_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
     min_p: Float = Field(default=0.0, ge=0.0, le=1.0)
+    # vLLM's min_tokens: no EOS, stop token id or stop string ends a row's output before this
+    # many tokens. At most max_new_tokens (_min_tokens_fits); 0 (off) is left out of the hash.
+    min_tokens: Int = Field(default=0, ge=0)
     # int64: the stats Parquet stores it as such; a wider seed used to fail only after the
     # whole shard had run, when the stats row was written.
     seed: Int = Field(default=0, ge=-(2**63), le=2**63 - 1)
@@ -63,6 +66,15 @@ class SamplingSection(Section):
     @classmethod
     def _stop_token_ids(cls, value: list[int]) -> list[int]:
         return check_stop_token_ids(value)
+
+    @model_validator(mode="after")
+    def _min_tokens_fits(self) -> "SamplingSection":
+        # With a per-row max_new_tokens column the job's is only the null cells' value: a row
+        # whose max_new_tokens is below min_tokens is that row's error (SamplingParams').
+        if self.min_tokens > self.max_new_tokens and "max_new_tokens" not in self.per_row:
+            raise ValueError(f"sampling.min_tokens: must be at most sampling.max_new_tokens, "
+                             f"{self.max_new_tokens} (got {self.min_tokens})")
+        return self
 
     @field_validator("per_row")
     @classmethod

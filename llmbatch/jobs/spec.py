@@ -253,7 +253,8 @@ class JobSpec(_Section):
                       stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
                       logprobs=s.logprobs, repetition_penalty=s.repetition_penalty,
                       presence_penalty=s.presence_penalty,
-                      frequency_penalty=s.frequency_penalty, min_p=s.min_p)
+                      frequency_penalty=s.frequency_penalty, min_p=s.min_p,
+                      min_tokens=s.min_tokens)
         for key, value in (row_overrides or {}).items():
             if value is not None:
                 values[key] = row_value(key, value)

@@ -69,14 +69,21 @@ def test_a_difference_names_the_neutral_value_for_a_key_not_recorded():
                                 {"sampling": {"seed": 0}}) == ""
 
 
-def test_a_folder_resumes_with_neutral_values_and_refuses_others_naming_them(
-        tmp_path, tiny_tokenizer_dir, jobkit, fake_engine_env):
+def half_done_folder(tmp_path, tiny_tokenizer_dir, jobkit):
+    """A 20-row job run with default sampling, its second part's manifest entry removed (as if
+    preempted): (make(**sampling) -> that job with these sampling keys, input, output, the run)."""
     inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 20)
     out = str(tmp_path / "out")
     make = lambda **s: jobkit.make_job(tiny_tokenizer_dir, inp, out,  # noqa: E731
                                        output={"rows_per_part": 10}, sampling=s)
     first = run_job(make())
     os.remove(sorted(glob.glob(os.path.join(out, "_manifest", "*.json")))[-1])
+    return make, inp, out, first
+
+
+def test_a_folder_resumes_with_neutral_values_and_refuses_others_naming_them(
+        tmp_path, tiny_tokenizer_dir, jobkit, fake_engine_env):
+    make, inp, out, first = half_done_folder(tmp_path, tiny_tokenizer_dir, jobkit)
     again = run_job(make(repetition_penalty=1, presence_penalty=0, min_p=0.0))
     assert (again.config_hash, again.num_rows_skipped) == (first.config_hash, 10)
     with pytest.raises(ResumeError, match=r"sampling.repetition_penalty 1.0 -> 1.2"):
