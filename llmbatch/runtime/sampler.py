@@ -315,7 +315,7 @@ class Sampler:
                  if top_ks[i] < vocab_size or top_ps[i] < 1.0 or min_ps[i] > 0.0]
         if trunc:
             scores = truncate(scores, trunc, [top_ks[i] for i in trunc],
-                               [top_ps[i] for i in trunc], [min_ps[i] for i in trunc])
+                              [top_ps[i] for i in trunc], [min_ps[i] for i in trunc])
 
         u = seeded_uniforms(seeds, output_indices, vocab_size, device)  # (n, V)
         gumbel = -torch.log(-torch.log(u))

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from llmbatch.runtime.layers.skinny_checks import check_inputs
-from llmbatch.runtime.layers.skinny_matmul import _epilogue_store
+from llmbatch.runtime.layers.skinny_matmul import _epilogue_store, _rms_normed, _split_k_range
 from llmbatch.runtime.pdl import pdl_wait_then_release
 
 MAX_SPLIT_K = 16  # the last-arrival reduce unrolls its loop over the splits
@@ -129,7 +129,6 @@ def _gemv_kernel(
     col_mask = cols < N
     offs_k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + cols[:, None].to(tl.int64) * K                  # (BLOCK_N, 1)
-    dtype = out_ptr.dtype.element_ty
     if USE_PDL:
         pdl_wait_then_release()
     if NORM:
@@ -141,12 +140,7 @@ def _gemv_kernel(
             xf = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
             sq += xf * xf
         rstd = tl.math.rsqrt(tl.sum(sq, axis=0) / K + eps)
-    if SPLIT_K == 1:
-        k_lo = 0
-        k_hi = K
-    else:
-        k_lo = tl.program_id(1) * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_lo, k_hi = _split_k_range(K, k_per_split, SPLIT_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_up = acc  # placeholder unless GATE_UP
     if GATE_UP:
@@ -156,9 +150,9 @@ def _gemv_kernel(
         k = k0 + offs_k
         k_mask = k < K
         x = tl.load(x_ptr + k, mask=k_mask, other=0.0)
-        if NORM:  # norm.py: normalize in fp32, round, weight multiply in fp32, round again
+        if NORM:
             nw = tl.load(norm_w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-            x = ((x.to(tl.float32) * rstd).to(dtype).to(tl.float32) * nw).to(dtype)
+            x = _rms_normed(x, rstd, nw)
         xf = x.to(tl.float32)[None, :]
         w_mask = col_mask[:, None] & k_mask[None, :]
         w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)    # (BLOCK_N, BLOCK_K)

@@ -152,6 +152,30 @@ def _epilogue_store(acc, acc_up, rows, cols, row_mask, col_mask, bias_ptr, res_p
              mask=out_mask)
 
 
+@triton.jit
+def _split_k_range(K, k_per_split, SPLIT_K: tl.constexpr):
+    """[k_lo, k_hi) of this program's K range: all of K, or with SPLIT_K > 1 the
+    program_id(1)-th range of k_per_split (whole BLOCK_K chunks; the last may be short or
+    empty). Shared with layers/gemv.py."""
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = K
+    else:
+        k_lo = tl.program_id(1) * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+    return k_lo, k_hi
+
+
+@triton.jit
+def _rms_normed(x, rstd, norm_w):
+    """The RMSNorm prologue on a loaded chunk of x (model dtype), with rstd and the norm
+    weight (fp32) broadcast to x's shape, rounded step by step as norm.py does: normalize in
+    fp32, round to the model dtype, the weight multiply in fp32, round again. Shared with
+    layers/gemv.py, so both kernels normalize alike."""
+    normed = (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)
+    return (normed * norm_w).to(x.dtype)
+
+
 # M is not specialised: M = 1 and M = 16 run the same binary (one compile; and a row's
 # instructions cannot differ with M, which batch invariance relies on).
 @triton.jit(do_not_specialize=["M"])
@@ -176,7 +200,6 @@ def _skinny_matmul_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows[:, None].to(tl.int64) * x_row_stride       # (BLOCK_M, 1)
     w_cols = w_ptr + cols[None, :].to(tl.int64) * K                  # (1, BLOCK_N)
-    dtype = out_ptr.dtype.element_ty
     if USE_PDL:
         pdl_wait_then_release()
     if NORM:
@@ -189,12 +212,7 @@ def _skinny_matmul_kernel(
                          other=0.0).to(tl.float32)
             sum_sq += tl.sum(xf * xf, axis=1)
         rstd = tl.math.rsqrt(sum_sq / K + eps)                       # (BLOCK_M,)
-    if SPLIT_K == 1:
-        k_lo = 0
-        k_hi = K
-    else:
-        k_lo = tl.program_id(1) * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_lo, k_hi = _split_k_range(K, k_per_split, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = acc  # placeholder unless GATE_UP
     if GATE_UP:
@@ -205,11 +223,8 @@ def _skinny_matmul_kernel(
         k_mask = k < K
         x = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if NORM:
-            # norm.py: normalize in fp32, round to the model dtype, then the weight multiply
-            # in fp32 (weight and x share the dtype), rounded again.
             nw = tl.load(norm_w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-            normed = (x.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)
-            x = (normed * nw[None, :]).to(dtype)
+            x = _rms_normed(x, rstd[:, None], nw[None, :])
         w_mask = k_mask[:, None] & col_mask[None, :]
         w = tl.load(w_cols + k[:, None], mask=w_mask, other=0.0)     # (BLOCK_K, BLOCK_N)
         acc = _tile_dot(acc, x, w, DOT, IEEE_DOT)
