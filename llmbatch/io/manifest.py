@@ -73,12 +73,15 @@ class Manifest:
                     temps.append(name)
         return sorted(parts), temps
 
-    def check_hash(self, config_hash: str, settings: dict, shard: int, shard_count: int) -> None:
+    def check_hash(self, config_hash: str, settings: dict, shard: int, shard_count: int,
+                   entries: Optional[list[dict]] = None) -> None:
         """Refuse to resume output written under another config (any shard), in one line
         saying why (config_diff.py: the settings that differ, or an earlier llmbatch version)
         and what output.mode: overwrite would delete (the committed rows it clears for
-        `shard`, as clear() does), so the way out is not to delete rows unknowingly."""
-        entries = self.entries()
+        `shard`, as clear() does), so the way out is not to delete rows unknowingly.
+        entries: every shard's entries as entries() returns them, when the caller read them."""
+        if entries is None:
+            entries = self.entries()
         other = next((e for e in entries if e.get("config_hash") != config_hash), None)
         if other is None:
             return

@@ -117,10 +117,10 @@ class JobRunner:
             raise InvalidJobError(f"output.path {spec.output.path} already holds results of "
                                   f"shard {shard.index}; set output.mode: resume or overwrite")
         if spec.output.mode == "resume":
-            config_hash, settings = folder_spelling(self.manifest.entries(), config_hash,
-                                                    settings)
-            self.manifest.check_hash(config_hash, settings, shard.index, shard.count)
-            entries = self.manifest.entries(shard.index)
+            every = self.manifest.entries()    # read once: every shard's, sorted by shard
+            config_hash, settings = folder_spelling(every, config_hash, settings)
+            self.manifest.check_hash(config_hash, settings, shard.index, shard.count, every)
+            entries = [e for e in every if e["shard"] == shard.index]
             # A damaged or missing part and those after it are produced again (Manifest.recover).
             damaged = self.manifest.first_damaged(entries) if check_parts else None
             intact = entries[:damaged[0]] if damaged else entries
