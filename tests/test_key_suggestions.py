@@ -12,9 +12,8 @@ SAMPLING_KEYS = ("frequency_penalty, ignore_eos, logprobs, max_new_tokens, min_p
 
 
 @pytest.mark.parametrize("section, key, hint", [
-    ("sampling", "best_of", f"valid keys: {SAMPLING_KEYS}"),
+    # best_of, typical_p and other generate()/SamplingParams keys: tests/jobs/test_foreign_keys.py
     ("sampling", "n", f"valid keys: {SAMPLING_KEYS}"),
-    ("sampling", "typical_p", f"valid keys: {SAMPLING_KEYS}"),
     ("sampling", "repeat_penalty", "did you mean 'repetition_penalty'?"),   # llama.cpp's name
     ("sampling", "temprature", "did you mean 'temperature'?"),
     ("sampling", "max_tokens", "did you mean 'max_new_tokens'?"),

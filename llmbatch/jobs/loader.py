@@ -1,7 +1,8 @@
 """Load a job: YAML or dict -> overrides -> ${ENV_VAR} expansion -> validated JobSpec (no torch).
 
 Every failure raises InvalidJobError with ONE line that names the key (dotted, with its section)
-and what was expected; unknown keys get the closest valid key (_suggestion) or the valid keys.
+and what was expected; unknown keys get a hint for a transformers/vLLM key (foreign_keys), the
+closest valid key (_suggestion) or the valid keys.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from llmbatch.jobs.errors import InvalidJobError
+from llmbatch.jobs.foreign_keys import foreign_key_hint
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.jobs.table_values import refuse_tables
 
@@ -280,10 +282,13 @@ def _describe(errors: list[dict]) -> str:
     if kind == "extra_forbidden":
         key = path[-1]
         valid = sorted(owner.model_fields) if owner else []
-        close = _suggestion(key, valid)
-        hint = f" (did you mean '{close}'?)" if close else f" (valid keys: {', '.join(valid)})"
+        # A generate()/SamplingParams key (foreign_keys) gets its own hint, before difflib's.
+        hint = foreign_key_hint(".".join(path[:-1]), key, valid)
+        if hint is None:
+            close = _suggestion(key, valid)
+            hint = f"did you mean '{close}'?" if close else f"valid keys: {', '.join(valid)}"
         section = f"in section '{'.'.join(path[:-1])}'" if len(path) > 1 else "at the top level"
-        return f"unknown key '{key}' {section}{hint}"
+        return f"unknown key '{key}' {section} ({hint})"
     if kind == "invalid_key" or first["loc"][-1:] == ("[key]",):
         # A YAML key that is a number, boolean or null: its mapping (pydantic puts str(key)
         # last for a section, as if 'None' were a key) and the key, not "expected a string".
