@@ -60,9 +60,19 @@ class Planner:
         self.block_size = block_size
 
     def plan(self, requests: Iterable[Request]) -> Iterator[Request]:
-        """Yield the requests, reordered window by window when ordering == 'prefix'."""
+        """Yield the requests, reordered window by window when ordering == 'prefix'.
+
+        ordering == 'input' streams them as given, leaders set among neighbours only: the
+        follower of a request with the same leading blocks right before it (sampling.n's
+        samples of one row, consecutive rows of one template) waits for it instead of
+        computing the shared blocks in the same step."""
         if self.ordering == "input":
-            yield from requests
+            chain = _LeaderChain(self.block_size)
+            for i, req in enumerate(requests):
+                if i % self.window == 0:
+                    chain = _LeaderChain(self.block_size)   # bounds what the chain holds
+                chain.add(req)
+                yield req
             return
         it = iter(requests)
         while True:
@@ -79,8 +89,29 @@ class Planner:
             ordered = sorted(window, key=key)
         except OverflowError:   # an id outside [0, 2**32): compare the lists themselves
             ordered = sorted(window, key=_list_key)
-        self._assign_leaders(ordered)
+        chain = _LeaderChain(self.block_size)
+        for req in ordered:
+            chain.add(req)
         return ordered
+
+
+class _LeaderChain:
+    """Sets prefix_leader / prefix_leader_tokens on each request added, in admission order.
+
+    shared_i = full blocks common to request i-1 and request i. A follower's leader is the
+    earliest j such that every neighbour pair between j and i shares at least the follower's
+    block count, i.e. min(shared_{j+1..i}) >= s_i: then j holds those blocks too. In sorted
+    (trie DFS) order the predecessor is also the request sharing the longest prefix, so this
+    finds the best leader; in any other order it finds a correct one among neighbours. A
+    monotonic stack of (shared, first index of the run) answers it with a binary search:
+    O(n log n).
+    """
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.added: list[Request] = []
+        self.stack_shared: list[int] = []   # strictly increasing shared-block counts
+        self.stack_start: list[int] = []    # earliest index reachable at that level
 
     def _shared_blocks(self, a: list[int], b: list[int]) -> int:
         """Number of leading full blocks equal in both token lists."""
@@ -91,37 +122,28 @@ class Planner:
             k += 1
         return k
 
-    def _assign_leaders(self, ordered: list[Request]) -> None:
-        """Set prefix_leader / prefix_leader_tokens for each request of a sorted window.
-
-        In sorted order the longest prefix a request shares with any earlier one is the one
-        it shares with its predecessor: shared_i = full blocks common to i-1 and i. Its leader
-        is the earliest j such that every neighbour pair between j and i shares at least the
-        follower's block count, i.e. min(shared_{j+1..i}) >= s_i. A monotonic stack of
-        (shared, first index of the run) answers that with a binary search: O(n log n).
-        """
+    def add(self, req: Request) -> None:
         bs = self.block_size
-        stack_shared: list[int] = []   # strictly increasing shared-block counts
-        stack_start: list[int] = []    # earliest index reachable at that level
-        for i, req in enumerate(ordered):
-            req.prefix_leader = None
-            req.prefix_leader_tokens = 0
-            if i == 0:
-                continue
-            prompt = req.prompt_token_ids
-            shared = self._shared_blocks(ordered[i - 1].prompt_token_ids, prompt)
-            start = i - 1
-            while stack_shared and stack_shared[-1] >= shared:
-                stack_shared.pop()
-                start = stack_start.pop()
-            stack_shared.append(shared)
-            stack_start.append(start)
-            # The follower's last prompt token is always computed by itself, so it may wait
-            # for at most (len - 1) // bs blocks.
-            need = min(shared, (len(prompt) - 1) // bs)
-            if need < 1:
-                continue
-            # Lowest stack level with shared >= need; its start is the earliest leader.
-            level = bisect.bisect_left(stack_shared, need)
-            req.prefix_leader = ordered[stack_start[level]]
-            req.prefix_leader_tokens = need * bs
+        req.prefix_leader = None
+        req.prefix_leader_tokens = 0
+        i = len(self.added)
+        self.added.append(req)
+        if i == 0:
+            return
+        prompt = req.prompt_token_ids
+        shared = self._shared_blocks(self.added[i - 1].prompt_token_ids, prompt)
+        start = i - 1
+        while self.stack_shared and self.stack_shared[-1] >= shared:
+            self.stack_shared.pop()
+            start = self.stack_start.pop()
+        self.stack_shared.append(shared)
+        self.stack_start.append(start)
+        # The follower's last prompt token is always computed by itself, so it may wait
+        # for at most (len - 1) // bs blocks.
+        need = min(shared, (len(prompt) - 1) // bs)
+        if need < 1:
+            return
+        # Lowest stack level with shared >= need; its start is the earliest leader.
+        level = bisect.bisect_left(self.stack_shared, need)
+        req.prefix_leader = self.added[self.stack_start[level]]
+        req.prefix_leader_tokens = need * bs

@@ -30,6 +30,31 @@ def test_input_ordering_is_unchanged():
     assert out == reqs and leaders(out) == [(None, 0)] * 5
 
 
+def test_input_ordering_leads_among_neighbours_and_streams():
+    a = [1, 1, 1, 1, 2, 2, 2, 2]
+    reqs = [make_req("ab", a + [7]), make_req("ab2", a + [8]),       # sampling.n's copies
+            make_req("a", a[:4] + [3]), make_req("z", [9] * 9),
+            make_req("ab3", a + [6]),             # shares with "ab", not with its neighbour
+            make_req("ab4", a + [6])]
+    pulled = []
+
+    def source():
+        for r in reqs:
+            pulled.append(r.request_id)
+            yield r
+
+    planner = Planner("input", 100, BS)
+    stream = planner.plan(source())
+    assert next(stream).request_id == "ab" and pulled == ["ab"]     # nothing buffered
+    out = [reqs[0]] + list(stream)
+    assert out == reqs
+    assert leaders(out) == [(None, 0), ("ab", 8), ("ab", 4), (None, 0), (None, 0),
+                            ("ab3", 8)]
+    # A new window starts a new chain: no leader across it.
+    out = list(Planner("input", 2, BS).plan([make_req(i, a + [i]) for i in range(4)]))
+    assert leaders(out) == [(None, 0), (0, 8), (None, 0), (2, 8)]
+
+
 def test_prefix_order_and_leaders():
     a = [1, 1, 1, 1, 2, 2, 2, 2]                  # two blocks
     reqs = [
