@@ -139,8 +139,10 @@ def merge(output_dir: str, dest: str, overwrite: bool, allow_partial: bool) -> N
     if not allow_partial:
         check_complete(output_dir, cov)
     check_parts_exist(output_dir, entries)
-    rows = write_merged(output_dir, entries, dest)
-    _echo(summary(len(entries), rows, dest, cov))
+    output_rows = write_merged(output_dir, entries, dest)
+    # Input rows, as the coverage counts them; with sampling.n > 1 the file has n per row.
+    input_rows = sum(e["row_end"] - e["row_start"] for e in entries)
+    _echo(summary(len(entries), input_rows, dest, cov, num_output_rows=output_rows))
 
 
 @cli.command()

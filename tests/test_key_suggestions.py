@@ -7,13 +7,13 @@ from llmbatch.api import load
 from llmbatch.jobs.errors import InvalidJobError
 
 SAMPLING_KEYS = ("frequency_penalty, ignore_eos, logprobs, max_new_tokens, min_p, min_tokens, "
-                 "per_row, presence_penalty, repetition_penalty, seed, stop, stop_token_ids, "
+                 "n, per_row, presence_penalty, repetition_penalty, seed, stop, stop_token_ids, "
                  "temperature, top_k, top_p")
 
 
 @pytest.mark.parametrize("section, key, hint", [
     # best_of, typical_p and other generate()/SamplingParams keys: tests/jobs/test_foreign_keys.py
-    ("sampling", "n", f"valid keys: {SAMPLING_KEYS}"),
+    ("sampling", "x", f"valid keys: {SAMPLING_KEYS}"),
     ("sampling", "repeat_penalty", "did you mean 'repetition_penalty'?"),   # llama.cpp's name
     ("sampling", "temprature", "did you mean 'temperature'?"),
     ("sampling", "max_tokens", "did you mean 'max_new_tokens'?"),

@@ -99,8 +99,9 @@ class Manifest:
         """(index in `entries`, why) of the first committed part whose file is damaged or
         missing (why == MISSING), or None. Reads part footers only; writes nothing."""
         for i, entry in enumerate(entries):
+            # sampling.n > 1: n output rows per input row, recorded as num_output_rows.
             why = part_defect(os.path.join(self.out_dir, entry["part"]),
-                              entry["row_end"] - entry["row_start"])
+                              entry.get("num_output_rows", entry["row_end"] - entry["row_start"]))
             if why is not None:
                 return i, why
         return None

@@ -176,10 +176,14 @@ def check_complete(out_dir: str, cov: Coverage) -> None:
                                 f"--allow-partial to merge the {committed} committed rows")
 
 
-def summary(num_parts: int, num_rows: int, dest: str, cov: Coverage) -> str:
+def summary(num_parts: int, num_rows: int, dest: str, cov: Coverage,
+            num_output_rows: Optional[int] = None) -> str:
     """The merge's output line; a partial merge says how many rows of how many, and why; a
-    merge of an older llmbatch's parts, which checks it skipped."""
+    merge of an older llmbatch's parts, which checks it skipped. num_rows: input rows;
+    num_output_rows: the merged file's rows, named when sampling.n > 1 made them more."""
     parts = f"{num_parts} part{'s' if num_parts != 1 else ''}"
+    written = f" ({num_output_rows} output rows)" \
+        if num_output_rows is not None and num_output_rows != num_rows else ""
     notes = []
     if cov.missing:
         notes.append(f"{cov.num_missing} rows not committed; {cov.describe_missing()}")
@@ -189,7 +193,7 @@ def summary(num_parts: int, num_rows: int, dest: str, cov: Coverage) -> str:
     notes = [f"partial: {'; '.join(notes)}"] if notes else []
     if cov.unchecked:
         notes.append(f"{' and '.join(cov.unchecked)} {OLDER_NOTE}")
-    return (f"merged {parts}, {num_rows}{of} rows -> {dest}"
+    return (f"merged {parts}, {num_rows}{of} rows{written} -> {dest}"
             + (f" ({'; '.join(notes)})" if notes else ""))
 
 

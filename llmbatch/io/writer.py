@@ -34,13 +34,17 @@ LOGPROBS_TYPE = pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.flo
 
 
 def output_schema(input_schema: pa.Schema, keep_columns: list[str],
-                  id_column: Optional[str], with_logprobs: bool = False) -> pa.Schema:
+                  id_column: Optional[str], with_logprobs: bool = False,
+                  with_sample_index: bool = False) -> pa.Schema:
     """Kept input columns, then the fixed result columns of the output contract (plus
-    `logprobs` when the job asks for them)."""
+    `logprobs` when the job asks for them, and `sample_index` after `id` when each row is
+    sampled sampling.n > 1 times)."""
     fields = [input_schema.field(c) for c in keep_columns]
     id_type = input_schema.field(id_column).type if id_column else pa.int64()
+    fields.append(pa.field("id", id_type))
+    if with_sample_index:
+        fields.append(pa.field("sample_index", pa.int32()))
     fields += [
-        pa.field("id", id_type),
         pa.field("output_text", pa.string()),
         pa.field("output_token_ids", pa.list_(pa.int32())),
         pa.field("finish_reason", pa.string()),

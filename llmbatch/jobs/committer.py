@@ -44,10 +44,11 @@ class InOrderCommitter:
         self.next_seq = len(entries)
         self.next_commit = resume_row          # first row not yet in a committed part
         self.ready_upto = resume_row           # rows [next_commit, ready_upto) are finished
-        self.finished: dict[int, dict] = {}    # row index -> finished output row
+        # row index -> its finished output rows (sampling.n of them, in sample order)
+        self.finished: dict[int, list[dict]] = {}
 
-    def finish(self, row_index: int, row: dict) -> None:
-        self.finished[row_index] = row
+    def finish(self, row_index: int, rows: list[dict]) -> None:
+        self.finished[row_index] = rows
         while self.ready_upto in self.finished:
             self.ready_upto += 1
 
@@ -85,16 +86,23 @@ class InOrderCommitter:
 
     def _commit_part(self, num_rows: int) -> None:
         lo, hi = self.next_commit, self.next_commit + num_rows
-        rows = [self.finished.pop(r) for r in range(lo, hi)]
+        samples = [self.finished.pop(r) for r in range(lo, hi)]    # per input row
+        rows = [row for per_input in samples for row in per_input]
         seq = self.next_seq
         meta = dict(self.part_meta(), seq=seq, row_start=lo, row_end=hi,
                     llmbatch_version=versions()["llmbatch_version"])
         table = rows_to_table(rows, self.schema)
         path = write_part(self.out_dir, self.shard_index, seq, table, meta,
                           crash_hook=lambda stage: crash_hook(stage, seq))
+        # num_rows and num_errors count input rows (an input row with an error in any of
+        # its samples is an error row), as JobResult and the stats do; the file's own row
+        # count is recorded apart when sampling.n > 1 made it larger (Manifest checks it).
         entry = dict(meta, part=os.path.basename(path), num_rows=num_rows,
-                     num_errors=sum(r["finish_reason"] == "error" for r in rows),
-                     ids=[r["id"] for r in rows])
+                     num_errors=sum(any(r["finish_reason"] == "error" for r in per_input)
+                                    for per_input in samples),
+                     ids=[per_input[0]["id"] for per_input in samples])
+        if len(rows) != num_rows:
+            entry["num_output_rows"] = len(rows)
         self.manifest.commit(entry)
         crash_hook("after_commit", seq)
         self.entries.append({k: v for k, v in entry.items() if k != "ids"})

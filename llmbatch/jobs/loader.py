@@ -283,7 +283,7 @@ def _describe(errors: list[dict]) -> str:
         key = path[-1]
         valid = sorted(owner.model_fields) if owner else []
         # A generate()/SamplingParams key (foreign_keys) gets its own hint, before difflib's.
-        hint = foreign_key_hint(".".join(path[:-1]), key, valid)
+        hint = foreign_key_hint(".".join(path[:-1]), key)
         if hint is None:
             close = _suggestion(key, valid)
             hint = f"did you mean '{close}'?" if close else f"valid keys: {', '.join(valid)}"

@@ -29,6 +29,7 @@ from llmbatch.jobs.gpu_monitor import GpuMonitor
 from llmbatch.jobs.path_checks import (check_input_output_overlap, check_local_path,
                                        check_output_dir)
 from llmbatch.jobs.progress import Progress, stderr_line
+from llmbatch.jobs.row_samples import RowSamples
 from llmbatch.jobs.rows import fill_error, fill_from_result
 from llmbatch.jobs.shard_lock import ShardLock
 from llmbatch.jobs.config_hash import folder_spelling, settings_hash
@@ -203,11 +204,13 @@ class JobRunner:
             self.manifest.clear(shard.index, all_shards=shard.count == 1,
                                 shard_count=shard.count)
         self._shard, self._plan = shard, plan
-        self._inflight: dict[int, dict] = {}    # row index -> input part of its output row
+        # The rows handed to the engine, until all sampling.n samples of each are back.
+        self._samples = RowSamples(spec.sampling.n)
         # An extra `logprobs` column only when asked for (job-wide or per row).
         self._with_logprobs = spec.wants_logprobs
         schema = output_schema(self._source.schema, spec.input.keep_columns,
-                               spec.input.id_column, self._with_logprobs)
+                               spec.input.id_column, self._with_logprobs,
+                               with_sample_index=spec.sampling.n > 1)
         committed = self.manifest.recover(shard.index, plan.row_start)
         if self.manifest.dropped:     # data was damaged or lost: say so whatever the progress mode
             stderr_line(f"llmbatch: output.path {spec.output.path}: {self.manifest.dropped}")
@@ -299,30 +302,35 @@ class JobRunner:
                 if error is not None:
                     self._record_error(row_index, row, error, token_ids)
                     continue
-                self._inflight[row_index] = row
-                yield Request(row_index, token_ids, params)
+                yield from self._samples.requests(row_index, row, token_ids, params, Request)
             self._committer.commit_ready()
 
     def _record_error(self, row_index: int, row: dict, error: str,
                       token_ids: Optional[list[int]]) -> None:
         if self.spec.on_row_error == "fail":
             raise RowError(f"row {row['id']!r}: {error} (on_row_error: fail)")
-        fill_error(row, error, token_ids)
-        self._finish_row(row_index, row)
+        self._finish_row(row_index, self._samples.expand(fill_error(row, error, token_ids)))
 
     def _on_result(self, result) -> None:
-        row = self._inflight.pop(result.request_id, None)
+        row = self._samples.row_of(result.request_id)
         if row is None:
             raise InternalError(f"engine returned an unknown request id {result.request_id!r}")
         if result.finish_reason == "error" and self.spec.on_row_error == "fail":
             raise RowError(f"row {row['id']!r}: {result.error} (on_row_error: fail)")
-        fill_from_result(row, result, self._with_logprobs)
-        self._finish_row(result.request_id, row)
+        try:
+            done = self._samples.add_result(
+                result.request_id, lambda r: fill_from_result(r, result, self._with_logprobs))
+        except KeyError:
+            raise InternalError(f"engine returned request id {result.request_id!r} "
+                                f"twice") from None
+        if done is not None:
+            self._finish_row(*done)
         self._committer.commit_ready()   # a write failure is its own one line (committer.py)
 
-    def _finish_row(self, row_index: int, row: dict) -> None:
-        self._committer.finish(row_index, row)
-        self.stats.add(row)
+    def _finish_row(self, row_index: int, rows: list[dict]) -> None:
+        """rows: the input row's sampling.n output rows, in sample order."""
+        self._committer.finish(row_index, rows)
+        self.stats.add_samples(rows)
         self._progress.update(1, self.stats.output_tok_s, self.stats.prefix_hit_rate)
 
     def _result(self, gpu_summary: dict, resume_row: int, engine_stats: dict) -> JobResult:

@@ -43,6 +43,10 @@ class SamplingSection(Section):
     stop_token_ids: list[Int] = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Optional[Int] = Field(default=None, ge=0)
+    # vLLM's n: samples per row, each an output row of its own (`sample_index` 0..n-1, which
+    # the output has only when n > 1). Job-wide, not per row, so every input row has exactly
+    # n output rows. 1 is left out of the config hash.
+    n: Int = Field(default=1, ge=1)
     per_row: list[str] = Field(default_factory=list)
 
     @field_validator("top_k")
@@ -74,6 +78,16 @@ class SamplingSection(Section):
         if self.min_tokens > self.max_new_tokens and "max_new_tokens" not in self.per_row:
             raise ValueError(f"sampling.min_tokens: must be at most sampling.max_new_tokens, "
                              f"{self.max_new_tokens} (got {self.min_tokens})")
+        return self
+
+    @model_validator(mode="after")
+    def _n_samples_differ(self) -> "SamplingSection":
+        # transformers refuses num_return_sequences > 1 with greedy search: n copies of one
+        # output are almost surely a mistake. A per-row temperature column may still give a
+        # row temperature 0; its samples are then equal (README).
+        if self.n > 1 and self.temperature == 0 and "temperature" not in self.per_row:
+            raise ValueError(f"sampling.n: {self.n} samples of a greedy job (temperature 0) "
+                             f"are all the same; set sampling.temperature > 0")
         return self
 
     @field_validator("per_row")

@@ -78,10 +78,20 @@ class ShardStats:
         self.tpot = LatencySketch()
 
     def add(self, row: dict) -> None:
-        if row["finish_reason"] == "error":
+        """One input row with one output row (sampling.n == 1)."""
+        self.add_samples([row])
+
+    def add_samples(self, rows: list[dict]) -> None:
+        """One input row's output rows (its sampling.n samples): the row counts once, as an
+        error row when any sample failed; tokens and latencies count every sample."""
+        if any(row["finish_reason"] == "error" for row in rows):
             self.rows_error += 1
         else:
             self.rows_ok += 1
+        for row in rows:
+            self._add_tokens(row)
+
+    def _add_tokens(self, row: dict) -> None:
         if row["finish_reason"] != "error":
             # A row rejected before the engine (e.g. over-long) computed nothing: counting its
             # prompt would inflate tok/s and deflate the prefix hit rate.

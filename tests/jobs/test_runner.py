@@ -225,7 +225,7 @@ def test_memory_stays_bounded_while_streaming(tmp_path, tiny_tokenizer_dir, jobk
     class Watching(FakeEngine):
         def generate(self, requests):
             for result in super().generate(requests):
-                held.append(len(runner._inflight) + len(runner._committer.finished))
+                held.append(len(runner._samples) + len(runner._committer.finished))
                 yield result
 
     runner = JobRunner(spec, engine_factory=Watching)
