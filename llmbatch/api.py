@@ -21,7 +21,8 @@ from llmbatch.jobs.errors import (EXIT_INTERNAL, EXIT_INVALID, EXIT_OK, EXIT_ROW
                                   ResumeError, RowError)
 from llmbatch.jobs.loader import load_job
 from llmbatch.jobs.progress import PROGRESS_MODES
-from llmbatch.jobs.runner import JobPlan, JobResult, JobRunner
+from llmbatch.jobs.job_plan import JobPlan, JobResult
+from llmbatch.jobs.runner import JobRunner
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.lazy_imports import DATASETS, preload
 

@@ -10,22 +10,22 @@ the engine pulls them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 from llmbatch.io.column_values import columns_values
 from llmbatch.io.manifest import Manifest
 from llmbatch.io.prompts import PromptRenderer
 from llmbatch.io.reader import InputSource, open_input, read_columns
-from llmbatch.io.sharding import Shard, resolve_shard
+from llmbatch.io.sharding import resolve_shard
 from llmbatch.io.writer import output_schema
 from llmbatch.jobs.column_types import check_input_columns
 from llmbatch.jobs.committer import InOrderCommitter
 from llmbatch.jobs.engine_factory import make_engine, usable_engine
 from llmbatch.jobs.engine_limits import check_kv_pool, check_sampling, engine_vocab_size, row_error
-from llmbatch.jobs.errors import (EXIT_OK, EXIT_ROW_ERRORS, InternalError, InvalidJobError,
-                                  JobError, ResumeError, RowError, output_write_failed)
+from llmbatch.jobs.errors import (InternalError, InvalidJobError, JobError, ResumeError, RowError,
+                                  output_write_failed)
 from llmbatch.jobs.gpu_monitor import GpuMonitor
+from llmbatch.jobs.job_plan import JobPlan, JobResult
 from llmbatch.jobs.path_checks import (check_input_output_overlap, check_local_path,
                                        check_output_dir)
 from llmbatch.jobs.progress import Progress, stderr_line
@@ -35,40 +35,6 @@ from llmbatch.jobs.shard_lock import ShardLock
 from llmbatch.jobs.config_hash import folder_spelling, settings_hash
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.jobs.stats import ShardStats, next_run_index, write_stats
-
-
-@dataclass
-class JobPlan:
-    """What a run would do; computed without writing anything."""
-
-    shard: Shard
-    num_input_rows: int
-    row_start: int
-    row_end: int
-    rows_done: int                # rows of committed parts (intact ones, when checked)
-    config_hash: str
-    input_description: str
-    settings: dict                # what config_hash hashes; each manifest entry records it
-
-
-@dataclass
-class JobResult:
-    output_path: str
-    part_paths: list[str]
-    stats_path: Optional[str]
-    stats: dict
-    num_rows: int                 # rows of this shard
-    num_rows_ok: int              # over the whole shard, including rows of earlier runs
-    num_rows_error: int
-    num_rows_skipped: int         # already committed by an earlier run
-    config_hash: str
-    shard_index: int
-    shard_count: int
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_ROW_ERRORS if self.num_rows_error else EXIT_OK
 
 
 class JobRunner:
