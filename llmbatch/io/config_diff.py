@@ -20,7 +20,8 @@ _UNSET = object()           # a key one side does not record (added by a later v
 # one had that value, and a difference says so ("1.0 -> 1.2"), not "(unset) -> 1.2".
 LEFT_OUT_AT = {"sampling.repetition_penalty": 1.0, "sampling.presence_penalty": 0.0,
                "sampling.frequency_penalty": 0.0, "sampling.min_p": 0.0,
-               "sampling.min_tokens": 0, "sampling.n": 1}
+               "sampling.min_tokens": 0, "sampling.n": 1,
+               "sampling.truncate_prompt_tokens": None}
 _MAX_VALUE = 40             # characters of one value in a message (a template's sha256 is 71)
 _MAX_KEYS = 6               # differing keys named in one message
 _CONTEXT = 16               # characters shown before where two long values first differ

@@ -37,6 +37,12 @@ def check_sampling(sampling, max_model_len: int, vocab_size: Optional[int]) -> N
     # max_new_tokens is not checked against max_model_len: a larger one only means the row
     # stops at the context limit (finish_reason "length"), as in vLLM's offline LLM.generate.
     per_row = set(sampling.per_row)
+    keep = sampling.truncate_prompt_tokens
+    if keep is not None and keep >= max_model_len:
+        raise InvalidJobError(f"sampling.truncate_prompt_tokens={keep} keeps prompts of "
+                              f"max_model_len {max_model_len} tokens or more, which leave no "
+                              f"room for an output token; set it below {max_model_len}, or "
+                              f"-1 for the longest prompt that runs")
     if vocab_size is None:
         return
     if ("logprobs" not in per_row and sampling.logprobs is not None
@@ -90,6 +96,13 @@ def check_kv_pool(engine, max_model_len: int, kv_cache_blocks: Optional[int]) ->
                           f"blocks of {block_size}), fewer than one sequence of max_model_len "
                           f"{max_model_len} tokens, so longer rows could never run; {fix}, or "
                           f"lower engine.max_model_len to {pool} or less")
+
+
+def kept_prompt_tokens(sampling, max_model_len: int) -> Optional[int]:
+    """How many trailing prompt tokens a row keeps (sampling.truncate_prompt_tokens, -1 read
+    as max_model_len - 1, the longest prompt that runs), or None: prompts are not cut."""
+    keep = sampling.truncate_prompt_tokens
+    return max_model_len - 1 if keep == -1 else keep
 
 
 def prompt_length_error(num_prompt_tokens: int, max_model_len: int) -> Optional[str]:

@@ -21,7 +21,8 @@ from llmbatch.io.writer import output_schema
 from llmbatch.jobs.column_types import check_input_columns
 from llmbatch.jobs.committer import InOrderCommitter
 from llmbatch.jobs.engine_factory import make_engine, usable_engine
-from llmbatch.jobs.engine_limits import check_kv_pool, check_sampling, engine_vocab_size, row_error
+from llmbatch.jobs.engine_limits import (check_kv_pool, check_sampling, engine_vocab_size,
+                                         kept_prompt_tokens, row_error)
 from llmbatch.jobs.errors import (InternalError, InvalidJobError, JobError, ResumeError, RowError,
                                   output_write_failed)
 from llmbatch.jobs.gpu_monitor import GpuMonitor
@@ -245,6 +246,7 @@ class JobRunner:
         row_columns = list(dict.fromkeys(inp.keep_columns + per_row
                                          + ([inp.id_column] if inp.id_column else [])))
         columns = read_columns(inp, per_row)
+        keep = kept_prompt_tokens(spec.sampling, self._max_model_len)
         for first, batch in self._input_batches(start, end, columns, inp.batch_size):
             rendered = renderer.render(batch)   # its errors include a prompt that is not UTF-8
             data, not_utf8 = columns_values(batch, row_columns)   # text not UTF-8: row errors
@@ -262,6 +264,8 @@ class JobRunner:
                                                       row_seed_offset=row_index)
                     except (ValueError, TypeError) as exc:
                         error = f"invalid per-row sampling value: {exc}"
+                if error is None and keep is not None and len(token_ids) > keep:
+                    token_ids = token_ids[-keep:]     # left truncation, as vLLM's
                 if error is None:
                     error = row_error(len(token_ids), params, self._max_model_len,
                                       self._vocab_size)

@@ -47,12 +47,24 @@ class SamplingSection(Section):
     # the output has only when n > 1). Job-wide, not per row, so every input row has exactly
     # n output rows. 1 is left out of the config hash.
     n: Int = Field(default=1, ge=1)
+    # vLLM's truncate_prompt_tokens: keep only the last k prompt tokens (left truncation,
+    # after the chat template), -1 the longest prompt that runs (max_model_len - 1); None
+    # (off) leaves a too-long prompt an error row. Job-wide; None is left out of the hash.
+    truncate_prompt_tokens: Optional[Int] = None
     per_row: list[str] = Field(default_factory=list)
 
     @field_validator("top_k")
     @classmethod
     def _top_k(cls, value: int) -> int:
         return check_top_k(value)
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncation(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and value != -1 and value < 1:
+            raise ValueError("must be -1 (the longest prompt that runs) or a number of "
+                             "tokens >= 1, or null (off)")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
