@@ -9,9 +9,11 @@ Two ways a TP job gets its ranks:
                starts N-1 local workers (spawn context, so CUDA is never forked).
 
 The rendezvous port derives from the job (SLURM_JOB_ID) or is a free port picked at start, so
-two jobs on one node never collide. Every group is created with a timeout: a collective that
-waits on a dead rank raises within it instead of hanging (gloo also fails at once when a
-peer's socket closes).
+two jobs on one node never collide. Every group has a timeout: a collective that waits on a
+dead rank raises within it instead of hanging (gloo also fails at once when a peer's socket
+closes). Two timeouts, one group: start-up (the rendezvous, the group's creation, the
+runners' agreement collectives) runs under startup_timeout_s, then every rank switches the
+group to the step timeout (set_step_timeout), so a rank hung mid-job is reported within it.
 
 Spawned ranks meet in a TCPStore that rank 0 opens before it starts a worker (host_store). Each
 worker connects and sets its `llmbatch/joined/<rank>` key (join_store) before it joins the
@@ -37,7 +39,8 @@ DEFAULT_TIMEOUT_S = float(os.environ.get("LLMBATCH_TP_TIMEOUT_S", "300"))
 # Spawned workers import torch and the model code before they join (seconds; more on a busy
 # machine): a short collective timeout (LLMBATCH_TP_TIMEOUT_S, or a test's 4 s) must not fail
 # a start-up that is only slow. A worker that dies before joining is still reported at once
-# (wait_for_workers polls describe_dead).
+# (wait_for_workers polls describe_dead). Every rank waits this long, not only rank 0: an early
+# worker waits for a late one inside the group's rendezvous (startup_timeout_s).
 STARTUP_JOIN_MIN_S = 120.0
 # Ports derived from a SLURM job id fall in [base, base + span): clear of the ephemeral range.
 _SLURM_PORT_BASE, _SLURM_PORT_SPAN = 20000, 10000
@@ -121,6 +124,11 @@ def detect_rendezvous(tp_size: int, env: Optional[dict] = None) -> Rendezvous:
     return rdv
 
 
+def startup_timeout_s(step_timeout_s: float) -> float:
+    """How long any rank waits for the others while the group starts (see module doc)."""
+    return max(float(step_timeout_s), STARTUP_JOIN_MIN_S)
+
+
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -170,11 +178,19 @@ def init_group(rdv: Rendezvous, device: torch.device, timeout_s: float,
                store: Optional["dist.Store"] = None) -> "dist.ProcessGroup":
     """Join the default group (device backend) and return a gloo group for host-side control
     messages (step inputs travel as pickled Python objects over it). Spawned ranks pass the
-    store they met in (host_store / join_store); launched ranks rendezvous by rdv.init_method."""
+    store they met in (host_store / join_store); launched ranks rendezvous by rdv.init_method.
+
+    Both groups start under startup_timeout_s(timeout_s); the caller switches them to the step
+    timeout `timeout_s` with set_step_timeout once every rank has built its runner."""
     if dist.is_initialized():
         raise RuntimeError("a torch.distributed process group already exists in this process; "
                            "one tensor-parallel engine per process")
-    timeout = datetime.timedelta(seconds=timeout_s)
+    # The group's timeout (not the store's) bounds the rendezvous: gloo waits in the store for
+    # every peer's address, so an early rank waits here for one still importing torch. gloo
+    # also applies it to every later collective. Hence start long and shorten once started
+    # (set_step_timeout): one group, no second rendezvous, and no start-up collective fails
+    # on a rank that is only slow.
+    timeout = datetime.timedelta(seconds=startup_timeout_s(timeout_s))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     where = dict(store=store) if store is not None else dict(init_method=rdv.init_method)
@@ -183,6 +199,20 @@ def init_group(rdv: Rendezvous, device: torch.device, timeout_s: float,
     if backend_for(device) == "gloo":
         return dist.group.WORLD
     return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def set_step_timeout(group: "dist.ProcessGroup", timeout_s: float) -> None:
+    """Give the default group and the control `group` the step timeout (end of start-up).
+
+    Each rank sets its own side; a rank whose peer hangs mid-step raises after timeout_s.
+    torch has no public setter: _set_pg_timeout (torch >= 2.2) sets the default timeout that
+    gloo and NCCL apply to every collective issued after it."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    timeout = datetime.timedelta(seconds=float(timeout_s))
+    _set_pg_timeout(timeout)  # the default group: the layers' all-reduces and all-gathers
+    if group is not dist.group.WORLD:
+        _set_pg_timeout(timeout, group)
 
 
 def min_over_ranks(value: int, group=None) -> int:

@@ -9,8 +9,9 @@ Launched by torchrun/srun, every process calls make_model_runner; ranks > 0 neve
 it: they serve steps until rank 0 shuts down, then end the process (os._exit), so the job
 layer around the Engine only ever runs on rank 0.
 
-Failure: any error in a step's collectives (a rank died: its socket closed, or the group
-timeout passed) becomes one RuntimeError naming the dead rank when it is a local worker; the
+Failure: any error in a step's collectives (a rank died: its socket closed, or the step
+timeout passed; start-up waits at least dist.STARTUP_JOIN_MIN_S, see dist.init_group)
+becomes one RuntimeError naming the dead rank when it is a local worker; the
 group is torn down and the surviving workers are stopped, so nothing hangs. A spawned worker
 that exits before it joins the group fails the start the same way, within a second
 (dist.wait_for_workers), not after the group timeout.
@@ -30,10 +31,10 @@ import torch
 import torch.distributed as dist
 
 from llmbatch.runtime.config import EngineConfig
-from llmbatch.runtime.dist import (DEFAULT_TIMEOUT_S, STARTUP_JOIN_MIN_S, Rendezvous,
-                                   cpu_threads_per_rank, describe_dead, destroy_group,
-                                   detect_rendezvous, exit_process, host_store, init_group,
-                                   join_workers, spawn_workers, wait_for_workers)
+from llmbatch.runtime.dist import (DEFAULT_TIMEOUT_S, Rendezvous, cpu_threads_per_rank,
+                                   describe_dead, destroy_group, detect_rendezvous,
+                                   exit_process, host_store, init_group, join_workers,
+                                   spawn_workers, startup_timeout_s, wait_for_workers)
 from llmbatch.runtime.kernel_paths import PATH_STATS
 from llmbatch.runtime.scheduler_output import SchedulerOutput
 from llmbatch.runtime.tp_worker import (build_runner, rank_config, serve, step_message,
@@ -70,7 +71,7 @@ def run_launched_worker(config: EngineConfig, rdv: Rendezvous, timeout_s: float)
         torch.set_num_threads(cpu_threads_per_rank(rdv.world_size))
     group = init_group(rdv, torch.device(cfg.device), timeout_s)
     try:
-        serve(build_runner(cfg, rdv, group), group)
+        serve(build_runner(cfg, rdv, group, timeout_s), group)
     finally:
         destroy_group()
 
@@ -119,12 +120,12 @@ class TPExecutor:
         try:
             store = None
             if not self.rdv.launched:  # listening before a worker can try to connect
-                store = host_store(self.rdv, self.timeout_s)
+                store = host_store(self.rdv, startup_timeout_s(self.timeout_s))
                 self.procs = spawn_workers(tp, worker_main, (self.rdv, config, self.timeout_s))
-                wait_for_workers(store, self.procs, max(self.timeout_s, STARTUP_JOIN_MIN_S))
+                wait_for_workers(store, self.procs, startup_timeout_s(self.timeout_s))
             self.group = init_group(self.rdv, torch.device(cfg.device), self.timeout_s, store)
             del store  # the group holds it now; shutdown's destroy_group releases the port
-            self.runner = build_runner(cfg, self.rdv, self.group)
+            self.runner = build_runner(cfg, self.rdv, self.group, self.timeout_s)
         except Exception as e:
             store = None  # its server holds the rendezvous port until the last reference goes
             self._fail(e, "starting")
@@ -183,7 +184,9 @@ class TPExecutor:
         # as long as the caller keeps the error, which chains to `e`.
         traceback.clear_frames(e.__traceback__)
         reason = _one_line(e) if deadline == 0.0 else (dead or _one_line(e))
-        suffix = f"(collective timeout {self.timeout_s:g}s)"
+        # Start-up ran under the longer start-up timeout (dist.init_group), steps under ours.
+        timeout_s = startup_timeout_s(self.timeout_s) if when == "starting" else self.timeout_s
+        suffix = f"(collective timeout {timeout_s:g}s)"
         if dead and not joined and not self.rdv.launched:
             # Spawned, died before joining: no timeout was involved. The commonest cause is a
             # script whose run_job call the spawn start method runs again in the worker.

@@ -6,6 +6,8 @@ Protocol over the gloo control group (rank 0 is the root of every broadcast):
                    collectives: (CUDA warm-up forward), KV blocks = min over ranks, then the
                    weight bytes of every rank are all-gathered, then the quantized GEMM
                    paths agreed (kernel_paths.agree_across_ranks: int8, nf4 layer counts).
+                   All of it under the start-up timeout; then each rank switches the group
+                   to the step timeout (dist.set_step_timeout).
     each step      rank 0 broadcasts the step's StepInputs (pickled, `sample_requests`
                    emptied: Request objects stay on rank 0), then every rank runs
                    ModelRunner.forward_logits on it: all-reduces in the row-parallel layers and
@@ -28,7 +30,8 @@ import torch.distributed as dist
 
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.dist import (Rendezvous, cpu_threads_per_rank, destroy_group, exit_process,
-                                   gather_ints, init_group, join_store)
+                                   gather_ints, init_group, join_store, set_step_timeout,
+                                   startup_timeout_s)
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +56,17 @@ def rank_config(config: EngineConfig, local_rank: int) -> EngineConfig:
     return dataclasses.replace(config, device=device)
 
 
-def build_runner(config: EngineConfig, rdv: Rendezvous, group):
-    """This rank's ModelRunner; a collective sequence every rank runs identically."""
+def build_runner(config: EngineConfig, rdv: Rendezvous, group, timeout_s: float):
+    """This rank's ModelRunner; a collective sequence every rank runs identically. Runs under
+    the start-up timeout (ranks load their shards at different speeds) and leaves `group`
+    with the step timeout `timeout_s`."""
     from llmbatch.runtime.kernel_paths import agree_across_ranks
     from llmbatch.runtime.model_runner import ModelRunner
 
     runner = ModelRunner(config, tp_rank=rdv.rank, tp_size=rdv.world_size, tp_group=group)
     runner.weight_bytes_per_rank = gather_ints(runner.weight_bytes, group)
     agree_across_ranks(runner, lambda v: gather_ints(v, group))  # same GEMM path everywhere
+    set_step_timeout(group, timeout_s)  # started: from here a silent rank is a hung one
     return runner
 
 
@@ -88,8 +94,9 @@ def worker_main(rank: int, rdv: Rendezvous, config: EngineConfig, timeout_s: flo
         cfg = rank_config(config, rdv.local_rank)
         if cfg.device == "cpu":
             torch.set_num_threads(cpu_threads_per_rank(rdv.world_size))
-        group = init_group(rdv, torch.device(cfg.device), timeout_s, join_store(rdv, timeout_s))
-        serve(build_runner(cfg, rdv, group), group)
+        store = join_store(rdv, startup_timeout_s(timeout_s))
+        group = init_group(rdv, torch.device(cfg.device), timeout_s, store)
+        serve(build_runner(cfg, rdv, group, timeout_s), group)
     except KeyboardInterrupt:
         code = 130
     except BaseException as e:  # one line; rank 0 reports the job failure
