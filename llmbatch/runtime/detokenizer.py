@@ -16,8 +16,9 @@ tokenizers have it off). `flush()` emits what is still held back at the end (e.g
 character cut by max_new_tokens), replacement characters included, like decode() would.
 
 StopStringChecker finds the first stop string in the text, looking only at the new tail
-plus max(len(stop)) - 1 characters before it, and says where to truncate: the output text
-excludes the stop string (vLLM's default).
+plus max(len(stop)) - 1 characters before it, and says where to truncate: right before the
+stop string (vLLM's default), or right after it with include_in_output (vLLM's
+include_stop_str_in_output); text after it, even within the same token, is cut either way.
 """
 
 from __future__ import annotations
@@ -108,14 +109,16 @@ class StopMatch:
 
 
 class StopStringChecker:
-    """Finds stop strings in a growing text, looking only at the newly added tail."""
+    """Finds stop strings in a growing text, looking only at the newly added tail.
+    include_in_output: the kept text ends right after the stop string, not right before it."""
 
-    def __init__(self, stop: Sequence[str]) -> None:
+    def __init__(self, stop: Sequence[str], include_in_output: bool = False) -> None:
         for s in stop:
             if not isinstance(s, str) or s == "":
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
         self.stop = list(stop)
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
+        self.include_in_output = include_in_output
 
     def check(self, text: str, num_new_chars: int) -> Optional[StopMatch]:
         """The earliest stop string in `text`, given that text[:-num_new_chars] was already
@@ -137,4 +140,6 @@ class StopStringChecker:
             if (best is None or pos < best.truncate_at
                     or (pos == best.truncate_at and len(s) > len(best.stop))):
                 best = StopMatch(stop=s, truncate_at=pos)
+        if best is not None and self.include_in_output:
+            best = StopMatch(stop=best.stop, truncate_at=best.truncate_at + len(best.stop))
         return best

@@ -293,7 +293,7 @@ class Engine(SpeculationMixin):
             req.finish_reason = FinishReason.ERROR
             req.finish_time = time.perf_counter()
             return self._result(req, error=error)
-        req.stop_checker = StopChecker(self.tokenizer, req.sampling_params.stop)
+        req.stop_checker = StopChecker(self.tokenizer, req.sampling_params)
         fold_stop_rules(req, self.eos_token_ids, self.max_model_len)
         req.arrival_time = time.perf_counter()
         self._live_ids.add(req.request_id)

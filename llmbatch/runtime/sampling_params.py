@@ -40,6 +40,12 @@ class SamplingParams:
     # vLLM's min_tokens: no EOS, stop token id or stop string ends the output before this many
     # tokens (their logits are -inf until then; max_new_tokens and the context still do).
     min_tokens: int = 0
+    # Output text only (stop_rules.output_text; the ids are the same either way), vLLM's:
+    # include_stop_str_in_output keeps a matched stop string (the text is cut right after it,
+    # not right before) and a stop token's text (EOS, stop_token_ids; left out by default);
+    # skip_special_tokens=False keeps special tokens' text (decode's argument).
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     # Set by __post_init__. has_penalties: any penalty on (the sampler then needs the
     # request's token history); edits_logits: penalties or min_tokens (the sampler changes
     # this row's logits before choosing). Plain attributes, not properties: the sampler scans
@@ -69,6 +75,9 @@ class SamplingParams:
         if not 0 <= self.min_tokens <= self.max_new_tokens:
             raise ValueError(f"min_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
                              f"got {self.min_tokens}")
+        for name in ("include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self.has_penalties = (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                               or self.frequency_penalty != 0.0)
         self.edits_logits = self.has_penalties or self.min_tokens > 0

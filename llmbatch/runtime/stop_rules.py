@@ -65,19 +65,30 @@ def fold_stop_rules(req: Request, eos_token_ids: set[int], max_model_len: int) -
 
 
 def output_text(req: Request, tokenizer) -> str:
-    """The finished request's text. A stop string ends it and is cut (stop_checker.py); a stop
-    token (EOS or stop_token_ids) keeps its id in output_token_ids, but its text is left out,
-    as vLLM's detokenizer leaves out the last token of a stop-terminated request (unless
-    include_stop_str_in_output, which the job file does not offer): otherwise a stop token's
-    text ended output_text while a stop string's did not. An EOS that is a special token
-    decodes to nothing anyway; one that is not (a model listing an ordinary token as EOS) is
-    left out like any stop token."""
+    """The finished request's text, as vLLM's detokenizer leaves it. A stop string ends it and
+    is cut, before or after it per include_stop_str_in_output (stop_checker.py). A stop token
+    (EOS or stop_token_ids) keeps its id in output_token_ids, but its text is left out unless
+    include_stop_str_in_output: otherwise a stop token's text would end output_text while a
+    stop string's did not. skip_special_tokens is decode's argument: an EOS that is a special
+    token shows as its text (e.g. "</s>") only with include_stop_str_in_output and
+    skip_special_tokens=False; an ordinary token listed as EOS is a stop token like any other.
+
+    vLLM's own rule (v1, vllm/v1/engine/detokenizer.py, BaseIncrementalDetokenizer.update):
+    `if stop_terminated and not self.include_stop_str_in_output:` it drops the last id before
+    detokenizing (stop_terminated: the engine core ended it on EOS or a stop_token_ids id),
+    and returns without a stop-string check when stop_terminated; otherwise
+    StopChecker.check_stop_strings cuts the text at the stop string's start, or at its end
+    `if include_in_output` ("Truncate to end of stop string"). The detokenizer decodes with
+    DecodeStream(skip_special_tokens=sampling_params.skip_special_tokens). The v0 StopChecker
+    (vllm/engine/output_processor/stop_checker.py) agrees: it strips the EOS / stop token's
+    new characters "unless explicitly specified" by include_stop_str_in_output."""
+    params = req.sampling_params
     checker = req.stop_checker
     if checker is not None and checker.matched is not None:
-        return checker.text_before_stop
+        return checker.text
     ids = req.output_token_ids
-    if req.finish_reason == FinishReason.STOP and ids:
+    if req.finish_reason == FinishReason.STOP and ids and not params.include_stop_str_in_output:
         # No string matched, so a token stopped it: the last one (apply_stop_rules trims
         # anything after it).
         ids = ids[:-1]
-    return tokenizer.decode(ids, skip_special_tokens=True)
+    return tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
