@@ -24,6 +24,10 @@ from typing import Callable, Optional
 from llmbatch.runtime.seed_mixing import derive_seed
 
 
+class DuplicateSample(Exception):
+    """The engine returned a result for a sample that already has one."""
+
+
 class RowSamples:
     def __init__(self, n: int) -> None:
         if n < 1:
@@ -63,11 +67,12 @@ class RowSamples:
                    ) -> Optional[tuple[int, list[dict]]]:
         """Record one sample: fill(copy of the row) completes its output row. Returns
         (row index, its n output rows) when this was the row's last sample, else None.
-        Raises KeyError for an id that is not in flight or a sample that arrived twice."""
+        The id must be in flight (row_of); DuplicateSample for a sample that arrived twice.
+        Whatever `fill` raises passes through (it is not a duplicate)."""
         row_index, sample_index = divmod(request_id, self.n)
         row, slots = self._pending[row_index]
         if slots[sample_index] is not None:
-            raise KeyError(request_id)
+            raise DuplicateSample(request_id)
         slots[sample_index] = fill(self.with_index(row, sample_index))
         if any(s is None for s in slots):
             return None
@@ -78,7 +83,8 @@ class RowSamples:
         """n copies of a finished row (an error row that never reached the engine)."""
         return [self.with_index(row, j) for j in range(self.n)]
 
-    @staticmethod
-    def with_index(row: dict, sample_index: int) -> dict:
-        # A shallow copy: samples share the kept input values, which nothing mutates.
-        return dict(row, sample_index=sample_index)
+    def with_index(self, row: dict, sample_index: int) -> dict:
+        """A shallow copy (samples share the kept input values, which nothing mutates), with
+        its sample_index when n > 1. At n == 1 the output has no sample_index column, and a
+        kept input column may carry that name: it must keep its values."""
+        return dict(row, sample_index=sample_index) if self.n > 1 else dict(row)

@@ -30,7 +30,7 @@ from llmbatch.jobs.job_plan import JobPlan, JobResult
 from llmbatch.jobs.path_checks import (check_input_output_overlap, check_local_path,
                                        check_output_dir)
 from llmbatch.jobs.progress import Progress, stderr_line
-from llmbatch.jobs.row_samples import RowSamples
+from llmbatch.jobs.row_samples import DuplicateSample, RowSamples
 from llmbatch.jobs.rows import fill_error, fill_from_result
 from llmbatch.jobs.shard_lock import ShardLock
 from llmbatch.jobs.config_hash import folder_spelling, settings_hash
@@ -290,7 +290,7 @@ class JobRunner:
         try:
             done = self._samples.add_result(
                 result.request_id, lambda r: fill_from_result(r, result, self._with_logprobs))
-        except KeyError:
+        except DuplicateSample:
             raise InternalError(f"engine returned request id {result.request_id!r} "
                                 f"twice") from None
         if done is not None:

@@ -107,7 +107,9 @@ class SamplingSection(Section):
     def _known_per_row(cls, value: list[str]) -> list[str]:
         for key in value:
             if key not in PER_ROW_KEYS:
-                raise ValueError(f"'{key}' is not a sampling key; per-row keys are "
+                what = ("is a job-wide sampling key, not a per-row one" if key in
+                        cls.model_fields and key != "per_row" else "is not a sampling key")
+                raise ValueError(f"'{key}' {what}; per-row keys are "
                                  f"{', '.join(PER_ROW_KEYS)}")
         twice = sorted({k for k in value if value.count(k) > 1})
         if twice:   # like a key given twice in the YAML: refused, not silently merged

@@ -218,7 +218,11 @@ class JobSpec(_Section):
             block_size=e.block_size, max_num_seqs=e.max_num_seqs,
             max_num_batched_tokens=e.max_num_batched_tokens,
             gpu_memory_utilization=e.gpu_memory_utilization, kv_cache_blocks=e.kv_cache_blocks,
-            prefix_caching=e.prefix_caching, ordering=e.ordering, planner_window=e.planner_window,
+            # The window counts input rows; the planner sees sampling.n requests per row, so
+            # a row's samples are never split across windows (a split sample recomputes the
+            # prompt: leaders are set within a window).
+            prefix_caching=e.prefix_caching, ordering=e.ordering,
+            planner_window=e.planner_window * self.sampling.n,
             attention_backend=e.attention_backend, cuda_graphs=e.cuda_graphs,
             fused_kernels=e.fused_kernels, async_scheduling=e.async_scheduling,
             skinny_matmul=e.skinny_matmul, pdl=e.pdl, nf4_triton_gemm=e.nf4_triton_gemm,

@@ -14,7 +14,7 @@ import pytest
 
 from llmbatch import run_job
 from llmbatch.jobs.errors import InvalidJobError, ResumeError
-from llmbatch.jobs.row_samples import RowSamples
+from llmbatch.jobs.row_samples import DuplicateSample, RowSamples
 from llmbatch.jobs.stats import read_stats
 from llmbatch.runtime.sampling_params import SamplingParams
 from llmbatch.runtime.seed_mixing import derive_seed
@@ -79,7 +79,7 @@ def test_row_samples_ids_and_gathering():
     assert samples.row_of(11) == {"id": "x"} and samples.row_of(12) is None
     assert samples.row_of("10") is None
     assert samples.add_result(11, lambda r: dict(r, out="b")) is None
-    with pytest.raises(KeyError):
+    with pytest.raises(DuplicateSample):
         samples.add_result(11, lambda r: r)
     done = samples.add_result(10, lambda r: dict(r, out="a"))
     assert done == (5, [{"id": "x", "sample_index": 0, "out": "a"},
@@ -87,6 +87,12 @@ def test_row_samples_ids_and_gathering():
     assert len(samples) == 0
     with pytest.raises(ValueError):
         RowSamples(0)
+    # n == 1: the ids are the row indices and the rows get no sample_index key (a kept input
+    # column may have that name).
+    one = RowSamples(1)
+    assert [m[0] for m in one.requests(7, {"id": 7, "sample_index": "kept"}, [1],
+                                       SamplingParams(), lambda rid, ids, p: (rid,))] == [7]
+    assert one.add_result(7, lambda r: r) == (7, [{"id": 7, "sample_index": "kept"}])
 
 
 def test_an_error_row_has_n_error_rows_and_counts_once(tmp_path, tiny_tokenizer_dir, jobkit,
@@ -175,3 +181,14 @@ def test_killed_run_resumes_to_the_uninterrupted_output(tmp_path, tiny_tokenizer
     assert merged.stdout.strip() == \
         f"merged 7 parts, 20 rows (60 output rows) -> {tmp_path / 'all.parquet'}"
     assert pq.read_metadata(str(tmp_path / "all.parquet")).num_rows == 60
+
+
+def test_n_is_not_a_per_row_key():
+    from llmbatch.api import load
+
+    job = {"model": {"path": "m"}, "input": {"path": "in.parquet"}, "output": {"path": "out"},
+           "sampling": {"temperature": 1.0, "per_row": ["n"]}}
+    with pytest.raises(InvalidJobError, match=r"sampling.per_row: 'n' is a job-wide sampling "
+                                              r"key, not a per-row one; per-row keys are "
+                                              r"max_new_tokens, "):
+        load(job)
