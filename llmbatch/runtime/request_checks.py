@@ -24,6 +24,12 @@ def why_never_runs(engine, req: Request) -> Optional[str]:
         return f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})"
     if params.logprobs is not None and params.logprobs > vocab_size:
         return f"logprobs={params.logprobs} exceeds the vocabulary size {vocab_size}"
+    for name, ids in (("allowed_token_ids", params.allowed_token_ids),
+                      ("logit_bias", params.logit_bias)):
+        # The sampler indexes (rows, vocab) logits with them: an id past it must not get there.
+        bad = max(ids, default=None) if ids else None
+        if bad is not None and bad >= vocab_size:
+            return f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})"
     # The longest the sequence can grow (generation stops at max_model_len whatever
     # max_new_tokens is) must fit the KV pool alone, or the request would end up preempting
     # itself forever.

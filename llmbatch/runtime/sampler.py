@@ -42,6 +42,7 @@ from llmbatch.runtime.device import host_to_device
 from llmbatch.runtime.penalties import penalize, suppress_stop_tokens
 from llmbatch.runtime.sampling_params import SamplingParams
 from llmbatch.runtime.seeded_uniforms import seeded_uniforms
+from llmbatch.runtime.token_rules import apply_token_rules
 from llmbatch.runtime.truncation import truncate
 
 _LOGPROBS = attrgetter("logprobs")
@@ -238,7 +239,12 @@ class Sampler:
         raw = logits                                            # for logprobs
         # any(...) in C first: most steps have no row with penalties or min_tokens.
         if any(map(_EDITS_LOGITS, params)):
-            if requests is None or len(requests) != num_rows:
+            # vLLM's order: the token rules (allowed ids, logit bias), then the penalties.
+            ruled = [r for r, p in enumerate(params) if p.has_token_rules]
+            if ruled:
+                logits = apply_token_rules(logits, ruled, [params[r] for r in ruled])
+            if (requests is None or len(requests) != num_rows) and any(
+                    p.has_penalties or p.min_tokens for p in params):
                 raise ValueError("rows with penalties or min_tokens need requests[row]")
             pen = [r for r, p in enumerate(params) if p.has_penalties]
             if pen:

@@ -21,7 +21,9 @@ from llmbatch.runtime.request import Request
 from llmbatch.runtime.sampler import Sampler
 from llmbatch.runtime.sampling_params import SamplingParams
 from llmbatch.runtime.truncation import truncate
-from tests.runtime.tiny_models import VOCAB, generate, make_model, make_prompts, new_engine
+from tests.runtime.tiny_models import (ENGINE_SETTINGS, VOCAB, generate, make_model,
+                                       make_prompts, new_engine,
+                                       outputs_sync_async_and_small_batch)
 
 MAX_NEW = 12
 EOS = 2
@@ -149,17 +151,7 @@ def test_naive_oracle_equals_transformers_generate_for_repetition_penalty(hf_and
     assert penalized != [expected[i] for i in plain]   # the penalty changes these outputs
 
 
-SETTINGS = {
-    "default": dict(),
-    "chunked-preemption": dict(kv_cache_blocks=12, max_num_batched_tokens=24),
-    "async": dict(async_scheduling=True),
-    "async-chunked-preemption": dict(async_scheduling=True, kv_cache_blocks=12,
-                                     max_num_batched_tokens=24),
-    "ngram-spec": dict(speculative_method="ngram", num_speculative_tokens=3,
-                       speculative_max_num_seqs=64),
-    "async-ngram-spec": dict(async_scheduling=True, speculative_method="ngram",
-                             num_speculative_tokens=3, speculative_max_num_seqs=64),
-}
+SETTINGS = ENGINE_SETTINGS
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -187,12 +179,7 @@ def test_sampled_rows_with_penalties_are_seeded_and_async_equals_sync(hf_and_pro
     params = [SamplingParams(max_new_tokens=MAX_NEW, temperature=0.9, top_p=0.9, min_p=0.05,
                              seed=100 + i, **PENALTIES[i % len(PENALTIES)])
               for i in range(len(prompts))]
-    runs = []
-    for kwargs in (dict(), dict(async_scheduling=True), dict(max_num_seqs=3)):
-        engine = new_engine((path, tokenizer), **kwargs)
-        results = generate(engine, [Request(i, pr, pa) for i, (pr, pa) in
-                                    enumerate(zip(prompts, params))])
-        runs.append([results[i].output_token_ids for i in range(len(prompts))])
+    runs = outputs_sync_async_and_small_batch((path, tokenizer), prompts, params)
     assert runs[1] == runs[0] and runs[2] == runs[0]
     assert len({tuple(r) for r in runs[0]}) > len(prompts) // 2   # not one degenerate output
     assert all(0 <= t < VOCAB for r in runs[0] for t in r)

@@ -118,3 +118,32 @@ def match_fraction(got: list[list[int]], want: list[list[int]]) -> float:
                 break
             same += 1
     return same / max(1, sum(len(w) for w in want))
+
+
+def outputs_sync_async_and_small_batch(llama_setup, prompts, params) -> list[list[list[int]]]:
+    """Output ids of every prompt under the default engine, async scheduling and
+    max_num_seqs=3, in that order: seeded sampling must give the same three."""
+    from llmbatch.runtime.request import Request
+
+    runs = []
+    for kwargs in (dict(), dict(async_scheduling=True), dict(max_num_seqs=3)):
+        engine = new_engine(llama_setup, **kwargs)
+        results = generate(engine, [Request(i, pr, pa) for i, (pr, pa) in
+                                    enumerate(zip(prompts, params))])
+        runs.append([results[i].output_token_ids for i in range(len(prompts))])
+    return runs
+
+
+# Scheduling settings an engine-level oracle test runs under (each must give the same tokens):
+# chunked prefill with preemption (a pool of 12 blocks), async scheduling, n-gram speculation.
+ENGINE_SETTINGS = {
+    "default": dict(),
+    "chunked-preemption": dict(kv_cache_blocks=12, max_num_batched_tokens=24),
+    "async": dict(async_scheduling=True),
+    "async-chunked-preemption": dict(async_scheduling=True, kv_cache_blocks=12,
+                                     max_num_batched_tokens=24),
+    "ngram-spec": dict(speculative_method="ngram", num_speculative_tokens=3,
+                       speculative_max_num_seqs=64),
+    "async-ngram-spec": dict(async_scheduling=True, speculative_method="ngram",
+                             num_speculative_tokens=3, speculative_max_num_seqs=64),
+}

@@ -1,0 +1,58 @@
+"""vLLM's allowed_token_ids and logit_bias on a step's logits (SamplingParams).
+
+    allowed_token_ids A: every token id outside A gets -inf, so the row can only emit ids in
+        A (vLLM's whitelist; a classification job's label tokens);
+    logit_bias {id: b}: b is added to the id's logit (OpenAI's and vLLM's logit_bias; -100
+        all but bans a token, +100 all but forces it).
+
+Applied to the rows that ask for them first, before the penalties, min_tokens, greedy argmax,
+temperature and truncation (vLLM's order: whitelist, then logit_bias, then penalties); the
+logprobs stay those of the raw logits (sampler.py), as for the penalties.
+
+Both depend on nothing but the row's params, not on its token history: unlike the penalties
+they need no synchronous steps and work on speculative verify rows (every verify position of a
+row gets the same rule, so the acceptance test stays lossless).
+
+Cost: per step, host lists of the ruled rows' ids (prepared once per SamplingParams and kept on
+it) and one or two index writes into a (rows, V) copy; nothing for steps without rules.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from llmbatch.runtime.device import host_to_device
+
+
+def apply_token_rules(logits: torch.Tensor, rows: Sequence[int], params: Sequence) -> torch.Tensor:
+    """logits (num_rows, V) float32 -> a copy where row rows[i] obeys params[i]'s
+    allowed_token_ids and logit_bias (either may be None). Their ids are < V: the engine's
+    request check (request_checks.py) refuses a request naming one outside the vocabulary."""
+    device = logits.device
+    allow_rows, allow_ids, bias_rows, bias_ids, bias_values = [], [], [], [], []
+    for i, p in enumerate(params):
+        if p.allowed_token_ids:
+            allow_rows += [i] * len(p.allowed_token_ids)
+            allow_ids += p.allowed_token_ids
+        if p.logit_bias:
+            bias_rows += [i] * len(p.logit_bias)
+            bias_ids += p.logit_bias.keys()
+            bias_values += p.logit_bias.values()
+    rows_t = host_to_device(list(rows), torch.int64, device)
+    sub = logits.index_select(0, rows_t)                                   # (n, V)
+    if allow_ids:
+        # -inf everywhere on the whitelisted rows, then their allowed ids back; rows without a
+        # whitelist keep every id.
+        keep = torch.zeros_like(sub, dtype=torch.bool)
+        keep[host_to_device(allow_rows, torch.int64, device),
+             host_to_device(allow_ids, torch.int64, device)] = True
+        listed = host_to_device([bool(p.allowed_token_ids) for p in params], torch.bool,
+                                device)[:, None]
+        sub = sub.masked_fill(listed & ~keep, float("-inf"))
+    if bias_ids:
+        sub = sub.index_put((host_to_device(bias_rows, torch.int64, device),
+                             host_to_device(bias_ids, torch.int64, device)),
+                            host_to_device(bias_values, torch.float32, device), accumulate=True)
+    return logits.index_copy(0, rows_t, sub)
