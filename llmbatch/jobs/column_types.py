@@ -53,10 +53,12 @@ _FLOAT = (_number, "a number column (float or int)")
 ACCEPTED: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
     **{key: _INT for key in INT_KEYS},
     **{key: _FLOAT for key in FLOAT_KEYS},
-    "ignore_eos": (pa.types.is_boolean, "a bool column"),
+    **{key: (pa.types.is_boolean, "a bool column")
+       for key in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")},
     "stop": (lambda kind: _text(kind) or _list_of(_text)(kind),
              "a string column or a list of strings"),
-    "stop_token_ids": (_list_of(pa.types.is_integer), "a list of integers (list<int64>)"),
+    **{key: (_list_of(pa.types.is_integer), "a list of integers (list<int64>)")
+       for key in ("stop_token_ids", "allowed_token_ids")},
 }
 
 

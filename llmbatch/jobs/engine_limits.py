@@ -49,10 +49,14 @@ def check_sampling(sampling, max_model_len: int, vocab_size: Optional[int]) -> N
             and sampling.logprobs > vocab_size):
         raise InvalidJobError(f"sampling.logprobs={sampling.logprobs} exceeds the vocabulary "
                               f"size {vocab_size}")
-    bad = _out_of_vocab(sampling.stop_token_ids, vocab_size)
-    if bad is not None:
-        raise InvalidJobError(f"sampling.stop_token_ids: {bad} is outside the vocabulary "
-                              f"[0, {vocab_size})")
+    for key, ids in (("stop_token_ids", sampling.stop_token_ids),
+                     ("allowed_token_ids", None if "allowed_token_ids" in per_row
+                      else sampling.allowed_token_ids),
+                     ("logit_bias", sampling.logit_bias)):
+        bad = _out_of_vocab(ids or (), vocab_size)
+        if bad is not None:
+            raise InvalidJobError(f"sampling.{key}: {bad} is outside the vocabulary "
+                                  f"[0, {vocab_size})")
 
 
 def kv_pool_tokens(engine) -> Optional[int]:
@@ -120,7 +124,8 @@ def row_error(num_prompt_tokens: int, params, max_model_len: int,
               vocab_size: Optional[int]) -> Optional[str]:
     """Why one row (its prompt and its sampling, per-row overrides included) cannot run, or
     None. logprobs beyond the vocabulary is the engine's own row check."""
-    bad = _out_of_vocab(params.stop_token_ids, vocab_size)
-    if bad is not None:
-        return f"stop_token_ids: {bad} is outside the vocabulary [0, {vocab_size})"
+    for key in ("stop_token_ids", "allowed_token_ids"):
+        bad = _out_of_vocab(getattr(params, key) or (), vocab_size)
+        if bad is not None:
+            return f"{key}: {bad} is outside the vocabulary [0, {vocab_size})"
     return prompt_length_error(num_prompt_tokens, max_model_len)

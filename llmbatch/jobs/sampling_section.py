@@ -9,14 +9,16 @@ from typing import Optional
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from llmbatch.jobs.sampling_values import check_stop, check_stop_token_ids, check_top_k
+from llmbatch.jobs.sampling_values import (check_allowed_token_ids, check_stop,
+                                           check_stop_token_ids, check_top_k)
 from llmbatch.jobs.section_base import Float, Int, Section
 
 
 # Keys of `sampling` that a row may override with a column of the same name.
 PER_ROW_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                 "stop_token_ids", "ignore_eos", "logprobs", "repetition_penalty",
-                "presence_penalty", "frequency_penalty", "min_p", "min_tokens")
+                "presence_penalty", "frequency_penalty", "min_p", "min_tokens",
+                "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids")
 
 
 class SamplingSection(Section):
@@ -43,6 +45,14 @@ class SamplingSection(Section):
     stop_token_ids: list[Int] = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Optional[Int] = Field(default=None, ge=0)
+    # vLLM's output-text options (the ids are the same either way): keep a matched stop
+    # string and a stop token's text; keep special tokens' text.
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    # vLLM's token rules: only these ids can be emitted (null: all); id -> added to its logit.
+    # Ids past the vocabulary are refused once the model is loaded (engine_limits).
+    allowed_token_ids: Optional[list[Int]] = None
+    logit_bias: Optional[dict[Int, Float]] = None
     # vLLM's n: samples per row, each an output row of its own (`sample_index` 0..n-1, which
     # the output has only when n > 1). Job-wide, not per row, so every input row has exactly
     # n output rows. 1 is left out of the config hash.
@@ -82,6 +92,18 @@ class SamplingSection(Section):
     @classmethod
     def _stop_token_ids(cls, value: list[int]) -> list[int]:
         return check_stop_token_ids(value)
+
+    @field_validator("allowed_token_ids")
+    @classmethod
+    def _allowed_token_ids(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        return None if value is None else check_allowed_token_ids(value)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: Optional[dict[int, float]]) -> Optional[dict[int, float]]:
+        if value is not None:
+            check_stop_token_ids(list(value))       # ids >= 0, the same message
+        return value or None                        # {} biases nothing: one spelling, null
 
     @model_validator(mode="after")
     def _min_tokens_fits(self) -> "SamplingSection":

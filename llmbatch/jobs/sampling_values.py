@@ -31,6 +31,12 @@ def check_stop_token_ids(value: list[int]) -> list[int]:
     return value
 
 
+def check_allowed_token_ids(value: list[int]) -> list[int]:
+    if not value:      # would allow no token at all (vLLM refuses it too); null means all
+        raise ValueError("an empty list allows no token; use null to allow every token")
+    return check_stop_token_ids(value)
+
+
 # Per-row keys by the Python values row_value takes (jobs/column_types.py: their Arrow types).
 # min_tokens <= max_new_tokens is SamplingParams' check (a row may override either).
 INT_KEYS = ("max_new_tokens", "top_k", "seed", "logprobs", "min_tokens")
@@ -69,7 +75,7 @@ def row_value(key: str, value):
                 or not math.isfinite(value):
             raise bad("a finite number")
         return float(value)
-    if key == "ignore_eos":
+    if key in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
@@ -78,9 +84,11 @@ def row_value(key: str, value):
         if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
             raise bad("a non-empty string or a list of them")
         return items
-    if key == "stop_token_ids":
+    if key in ("stop_token_ids", "allowed_token_ids"):
         if not isinstance(value, list) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
             raise bad("a list of integers >= 0")
+        if key == "allowed_token_ids" and not value:
+            raise bad("a non-empty list of integers >= 0 (null: every token)")
         return value
     return value

@@ -258,7 +258,12 @@ class JobSpec(_Section):
                       logprobs=s.logprobs, repetition_penalty=s.repetition_penalty,
                       presence_penalty=s.presence_penalty,
                       frequency_penalty=s.frequency_penalty, min_p=s.min_p,
-                      min_tokens=s.min_tokens)
+                      min_tokens=s.min_tokens,
+                      include_stop_str_in_output=s.include_stop_str_in_output,
+                      skip_special_tokens=s.skip_special_tokens,
+                      allowed_token_ids=(list(s.allowed_token_ids)
+                                         if s.allowed_token_ids is not None else None),
+                      logit_bias=dict(s.logit_bias) if s.logit_bias else None)
         for key, value in (row_overrides or {}).items():
             if value is not None:
                 values[key] = row_value(key, value)
