@@ -334,5 +334,6 @@ class Engine(SpeculationMixin):
             error=error,
             stop_reason=req.stop_reason,
             logprobs=req.output_logprobs,
+            prompt_logprobs=req.prompt_logprobs,
             num_preemptions=req.num_preemptions,
         )

@@ -30,6 +30,7 @@ from llmbatch.runtime.launched_step import LaunchedStep, collect_sampled
 from llmbatch.runtime.model_runner_cuda import CudaFastPathsMixin
 from llmbatch.runtime.sampler import Sampler
 from llmbatch.runtime.scheduler_output import SchedulerOutput
+from llmbatch.runtime.prompt_logprobs import score_prompt_rows
 from llmbatch.runtime.step_inputs import StepInputs, build_step_inputs, fill_block_tables
 
 __all__ = ["LaunchedStep", "ModelRunner", "StepInputs", "collect_sampled"]
@@ -234,6 +235,9 @@ class ModelRunner(CudaFastPathsMixin):
             if deferred is not None:
                 input_ids.index_copy_(0, *deferred)
             hidden = self.model(input_ids, positions, self.kv_caches, meta, self.attn_backend)
+        if s.score_rows:   # prompt_logprobs: before the sample rows, on every rank alike
+            score_prompt_rows(s, hidden, self.model.compute_logits, self._h2d,
+                              record=self.tp_rank == 0)
         rows = s.sample_rows
         if not rows:
             return None

@@ -25,5 +25,8 @@ class GenerationResult:
     stop_reason: Optional[Any] = None
     # Per output token: {"token_id", "logprob", "top": [(token_id, logprob), ...]} when asked.
     logprobs: Optional[list[dict]] = None
+    # Per prompt token when prompt_logprobs were asked for: None for the first, then the same
+    # format as logprobs (runtime/prompt_logprobs.py).
+    prompt_logprobs: Optional[list[Optional[dict]]] = None
     num_preemptions: int = 0
     extra: dict = field(default_factory=dict)

@@ -92,6 +92,10 @@ class Request:
         self.max_output_tokens = 0
         # per output token, when logprobs were asked for;
         self.output_logprobs: Optional[list[dict]] = None
+        # per prompt token, when prompt_logprobs were asked for: None for the first token (no
+        # context), then one entry per scored token (runtime/prompt_logprobs.py);
+        self.prompt_logprobs: Optional[list[Optional[dict]]] = (
+            [None] if sampling_params.prompt_logprobs is not None else None)
         # draft-model proposer's record of valid draft K/V (runtime/draft_proposer.py).
         self.draft_state: Optional[Any] = None
 
@@ -114,6 +118,13 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def prompt_logprobs_pending(self) -> bool:
+        """Prompt logprobs were asked for and some prompt token is not scored yet: the
+        scheduler then gives it no prefix-cache hit (a cached token has no logits)."""
+        return self.prompt_logprobs is not None and \
+            len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:

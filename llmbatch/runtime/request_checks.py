@@ -22,8 +22,9 @@ def why_never_runs(engine, req: Request) -> Optional[str]:
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
         return f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})"
-    if params.logprobs is not None and params.logprobs > vocab_size:
-        return f"logprobs={params.logprobs} exceeds the vocabulary size {vocab_size}"
+    for name in ("logprobs", "prompt_logprobs"):
+        if getattr(params, name) is not None and getattr(params, name) > vocab_size:
+            return f"{name}={getattr(params, name)} exceeds the vocabulary size {vocab_size}"
     for name, ids in (("allowed_token_ids", params.allowed_token_ids),
                       ("logit_bias", params.logit_bias)):
         # The sampler indexes (rows, vocab) logits with them: an id past it must not get there.

@@ -34,6 +34,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Optional[int] = None
+    # vLLM's prompt_logprobs: per prompt token after the first, its logprob under the model
+    # given the tokens before it, and the top-n (runtime/prompt_logprobs.py). Such a request
+    # computes its whole prompt (no prefix-cache hit) until every prompt token is scored.
+    prompt_logprobs: Optional[int] = None
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -69,8 +73,9 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:   # NaN fails too
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0 or null, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 or null, got {getattr(self, name)}")
         if not 0.0 < self.repetition_penalty < float("inf"):   # NaN fails too
             raise ValueError(f"repetition_penalty must be > 0 (1.0 is off), got "
                              f"{self.repetition_penalty}")

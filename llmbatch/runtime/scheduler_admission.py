@@ -28,7 +28,7 @@ class AdmissionMixin:
     def _leader_pending(self, req: Request) -> bool:
         """True while the request's prefix leader still has to compute the shared prefix."""
         leader = req.prefix_leader
-        if leader is None:
+        if leader is None or req.prompt_logprobs_pending:   # it will not read the cache
             return False
         need = req.prefix_leader_tokens
         if not self._active(leader):
@@ -49,7 +49,9 @@ class AdmissionMixin:
             if self._leader_pending(req):
                 skipped.append(self.waiting.popleft())
                 continue
-            computed_blocks, num_cached = bm.get_computed_blocks(req)
+            # A request still scoring its prompt computes it all: cached tokens have no logits.
+            computed_blocks, num_cached = (([], 0) if req.prompt_logprobs_pending
+                                           else bm.get_computed_blocks(req))
             num_new = min(req.num_tokens - num_cached, budget)
             if bm.allocate_slots(req, num_new, computed_blocks) is None:
                 if not self.running and not out.scheduled:

@@ -30,6 +30,11 @@ class StepInputs:
     # device by the previous step's sampled token at its sample row deferred_src[j].
     deferred_rows: list[int] = field(default_factory=list)
     deferred_src: list[int] = field(default_factory=list)
+    # prompt_logprobs (runtime/prompt_logprobs.py): rows whose logits score the NEXT prompt
+    # token, score_token_ids[j], for request score_requests[j]; increasing, in request order.
+    score_rows: list[int] = field(default_factory=list)
+    score_requests: list[Any] = field(default_factory=list)
+    score_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
     def empty(cls) -> "StepInputs":
@@ -97,6 +102,8 @@ def build_step_inputs(out: SchedulerOutput, block_size: int) -> StepInputs:
         known = req.all_token_ids[start:start + n]
         tokens = known + req.spec_token_ids[: n - len(known)]
         row_end = s.add_span(tokens, start, req.block_table, bs)
+        if req.prompt_logprobs_pending:
+            _add_score_rows(s, req, start, row_end - len(tokens), len(tokens))
         if item.samples:
             # Verification of k speculative tokens samples at the last k + 1 rows.
             num_samples = 1 + len(req.spec_token_ids)
@@ -105,6 +112,20 @@ def build_step_inputs(out: SchedulerOutput, block_size: int) -> StepInputs:
                 s.sample_requests.append(req)
                 s.sample_output_index.append(req.num_output_tokens + j)
     return s
+
+
+def _add_score_rows(s: StepInputs, req, start: int, row_start: int, n: int) -> None:
+    """Score rows of a prompt span: position p (row row_start + p - start) scores prompt token
+    p + 1, for the tokens not scored yet (len(req.prompt_logprobs) of them are: a request
+    preempted mid-prompt computes it again without scoring it twice). The prompt's last
+    position predicts the first output token: the sampler's row, not a score row."""
+    prompt = req.prompt_token_ids
+    first = max(start, len(req.prompt_logprobs) - 1)
+    last = min(start + n, len(prompt) - 1)          # exclusive
+    for p in range(first, last):
+        s.score_rows.append(row_start + p - start)
+        s.score_requests.append(req)
+        s.score_token_ids.append(prompt[p + 1])
 
 
 def fill_block_tables(tables: list[list[int]], rows: np.ndarray) -> None:

@@ -72,7 +72,7 @@ def build_runner(config: EngineConfig, rdv: Rendezvous, group, timeout_s: float)
 
 def step_message(s):
     """What the other ranks need of a StepInputs: everything but the Request objects."""
-    return dataclasses.replace(s, sample_requests=[])
+    return dataclasses.replace(s, sample_requests=[], score_requests=[])
 
 
 def serve(runner, group) -> None:

@@ -252,3 +252,30 @@ def test_penalties_and_min_p_at_tp2_equal_tp1(models, tokenizer):
         assert run(Engine(engine_config(path, 2), runner=executor, tokenizer=tokenizer)) == want
     finally:
         executor.shutdown()
+
+
+def test_prompt_logprobs_at_tp2_equal_tp1(models, tokenizer):
+    """Every rank runs the score rows' logits (compute_logits gathers the vocabulary shards
+    collectively); rank 0 alone records them: the same entries as at tensor_parallel_size 1."""
+    path, _, prompts, _ = models["llama-gqa"]
+    params = [SamplingParams(max_new_tokens=2, prompt_logprobs=i % 3) for i in range(8)]
+
+    def run(engine):
+        results = {r.request_id: r for r in engine.generate(
+            [Request(i, p, q) for i, (p, q) in enumerate(zip(prompts, params))])}
+        return [results[i].prompt_logprobs for i in range(len(params))]
+
+    want = run(Engine(engine_config(path, 1, max_num_batched_tokens=32), tokenizer=tokenizer))
+    executor = TPExecutor(engine_config(path, 2, max_num_batched_tokens=32), timeout_s=TIMEOUT_S)
+    try:
+        got = run(Engine(engine_config(path, 2, max_num_batched_tokens=32), runner=executor,
+                         tokenizer=tokenizer))
+    finally:
+        executor.shutdown()
+    for g, w, p in zip(got, want, prompts[:8]):
+        assert len(g) == len(p) and g[0] is None
+        assert [e["token_id"] for e in g[1:]] == p[1:]
+        assert [e["logprob"] for e in g[1:]] == pytest.approx([e["logprob"] for e in w[1:]],
+                                                               abs=1e-5)
+        assert [[t for t, _ in e["top"]] for e in g[1:]] == [[t for t, _ in e["top"]]
+                                                             for e in w[1:]]
