@@ -6,9 +6,11 @@ import pytest
 from llmbatch.api import load
 from llmbatch.jobs.errors import InvalidJobError
 
-SAMPLING_KEYS = ("frequency_penalty, ignore_eos, logprobs, max_new_tokens, min_p, min_tokens, "
-                 "n, per_row, presence_penalty, repetition_penalty, seed, stop, stop_token_ids, "
-                 "temperature, top_k, top_p")
+SAMPLING_KEYS = ("allowed_token_ids, frequency_penalty, ignore_eos, include_stop_str_in_output, "
+                 "logit_bias, logprobs, max_new_tokens, min_p, min_tokens, n, per_row, "
+                 "presence_penalty, prompt_logprobs, repetition_penalty, seed, "
+                 "skip_special_tokens, stop, stop_token_ids, temperature, top_k, top_p, "
+                 "truncate_prompt_tokens")
 
 
 @pytest.mark.parametrize("section, key, hint", [

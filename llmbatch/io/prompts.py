@@ -18,10 +18,11 @@ from llmbatch.jobs.errors import InvalidInputError, InvalidJobError
 
 
 def check_columns(schema: pa.Schema, input_section, per_row: Sequence[str],
-                  with_logprobs: bool = False, with_sample_index: bool = False) -> None:
+                  extra_output: Sequence[str] = ()) -> None:
     """Every column the job names must exist, with a usable type (raises InvalidInputError).
-    `with_logprobs` / `with_sample_index` (sampling.n > 1): the output gets a `logprobs` /
-    `sample_index` column, so no kept column may be named so."""
+    `extra_output`: the output columns this job adds to OUTPUT_COLUMNS (`logprobs`,
+    `prompt_logprobs`, `sample_index`: JobSpec.extra_output_columns); no kept column may have
+    an output column's name."""
     names = set(schema.names)
     available = ", ".join(schema.names)
 
@@ -54,8 +55,7 @@ def check_columns(schema: pa.Schema, input_section, per_row: Sequence[str],
         need(column, "input.keep_columns")
     for column in per_row:
         need(column, "sampling.per_row")
-    output_columns = set(OUTPUT_COLUMNS) | ({"logprobs"} if with_logprobs else set()) \
-        | ({"sample_index"} if with_sample_index else set())
+    output_columns = set(OUTPUT_COLUMNS) | set(extra_output)
     reserved = set(input_section.keep_columns) & output_columns
     if reserved == {"id"}:
         # An input id kept as a column: the job means it as the row id.

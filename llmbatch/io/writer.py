@@ -35,7 +35,8 @@ LOGPROBS_TYPE = pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.flo
 
 def output_schema(input_schema: pa.Schema, keep_columns: list[str],
                   id_column: Optional[str], with_logprobs: bool = False,
-                  with_sample_index: bool = False) -> pa.Schema:
+                  with_sample_index: bool = False,
+                  with_prompt_logprobs: bool = False) -> pa.Schema:
     """Kept input columns, then the fixed result columns of the output contract (plus
     `logprobs` when the job asks for them, and `sample_index` after `id` when each row is
     sampled sampling.n > 1 times)."""
@@ -59,6 +60,8 @@ def output_schema(input_schema: pa.Schema, keep_columns: list[str],
     ]
     if with_logprobs:
         fields.append(pa.field("logprobs", LOGPROBS_TYPE))
+    if with_prompt_logprobs:   # the same type; its first element is null (no context)
+        fields.append(pa.field("prompt_logprobs", LOGPROBS_TYPE))
     return pa.schema(fields)
 
 

@@ -78,6 +78,5 @@ def check_input_columns(schema: pa.Schema, spec) -> None:
     prompt/messages, id, kept and per-row columns (io/prompts.check_columns), then the per-row
     columns' types."""
     per_row = spec.sampling.per_row
-    check_columns(schema, spec.input, per_row, with_logprobs=spec.wants_logprobs,
-                  with_sample_index=spec.sampling.n > 1)
+    check_columns(schema, spec.input, per_row, extra_output=spec.extra_output_columns)
     check_per_row_types(schema, per_row)

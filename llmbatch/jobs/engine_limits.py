@@ -45,10 +45,11 @@ def check_sampling(sampling, max_model_len: int, vocab_size: Optional[int]) -> N
                               f"-1 for the longest prompt that runs")
     if vocab_size is None:
         return
-    if ("logprobs" not in per_row and sampling.logprobs is not None
-            and sampling.logprobs > vocab_size):
-        raise InvalidJobError(f"sampling.logprobs={sampling.logprobs} exceeds the vocabulary "
-                              f"size {vocab_size}")
+    for key in ("logprobs", "prompt_logprobs"):
+        value = getattr(sampling, key)
+        if key not in per_row and value is not None and value > vocab_size:
+            raise InvalidJobError(f"sampling.{key}={value} exceeds the vocabulary size "
+                                  f"{vocab_size}")
     for key, ids in (("stop_token_ids", sampling.stop_token_ids),
                      ("allowed_token_ids", None if "allowed_token_ids" in per_row
                       else sampling.allowed_token_ids),

@@ -81,8 +81,14 @@ class FakeEngine:
             logprobs = [{"token_id": t, "logprob": -0.5,
                          "top": [(t, -0.5)] + [(t + 1, -1.5)] * max(0, sp.logprobs - 1)}
                         for t in out]
+        prompt_logprobs = None
+        if sp.prompt_logprobs is not None:   # fixed fake values: -1.0 for each prompt token
+            prompt_logprobs = [None] + [{"token_id": t, "logprob": -1.0,
+                                         "top": [(t, -1.0)] * sp.prompt_logprobs}
+                                        for t in prompt[1:]]
         return GenerationResult(
             request_id=request.request_id, output_token_ids=out, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             output_text=self.tokenizer.decode(out, skip_special_tokens=True),
             finish_reason=reason, num_prompt_tokens=len(prompt), num_cached_prompt_tokens=cached,
             num_output_tokens=n, ttft_s=0.001 * (1 + len(prompt) % 5),

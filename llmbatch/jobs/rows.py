@@ -22,7 +22,16 @@ def logprobs_to_rows(logprobs: Optional[list[dict]]) -> Optional[list[dict]]:
             for entry in logprobs]
 
 
-def fill_from_result(row: dict, result, with_logprobs: bool) -> dict:
+def prompt_logprobs_to_rows(entries: Optional[list]) -> Optional[list[Optional[dict]]]:
+    """Engine prompt_logprobs (None, then one logprobs entry per prompt token) -> the
+    `prompt_logprobs` column's values: the first element stays null."""
+    if entries is None:
+        return None
+    return [None] + logprobs_to_rows(entries[1:])
+
+
+def fill_from_result(row: dict, result, with_logprobs: bool,
+                     with_prompt_logprobs: bool = False) -> dict:
     row.update(output_text=result.output_text, output_token_ids=list(result.output_token_ids),
                finish_reason=result.finish_reason, error=result.error,
                num_prompt_tokens=result.num_prompt_tokens,
@@ -32,6 +41,9 @@ def fill_from_result(row: dict, result, with_logprobs: bool) -> dict:
                spec_accepted_tokens=result.spec_accepted_tokens)
     if with_logprobs:
         row["logprobs"] = logprobs_to_rows(getattr(result, "logprobs", None))
+    if with_prompt_logprobs:
+        row["prompt_logprobs"] = prompt_logprobs_to_rows(getattr(result, "prompt_logprobs",
+                                                                 None))
     return row
 
 

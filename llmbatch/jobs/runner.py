@@ -175,9 +175,11 @@ class JobRunner:
         self._samples = RowSamples(spec.sampling.n)
         # An extra `logprobs` column only when asked for (job-wide or per row).
         self._with_logprobs = spec.wants_logprobs
+        self._with_prompt_logprobs = spec.wants_prompt_logprobs
         schema = output_schema(self._source.schema, spec.input.keep_columns,
                                spec.input.id_column, self._with_logprobs,
-                               with_sample_index=spec.sampling.n > 1)
+                               with_sample_index=spec.sampling.n > 1,
+                               with_prompt_logprobs=self._with_prompt_logprobs)
         committed = self.manifest.recover(shard.index, plan.row_start)
         if self.manifest.dropped:     # data was damaged or lost: say so whatever the progress mode
             stderr_line(f"llmbatch: output.path {spec.output.path}: {self.manifest.dropped}")
@@ -289,7 +291,8 @@ class JobRunner:
             raise RowError(f"row {row['id']!r}: {result.error} (on_row_error: fail)")
         try:
             done = self._samples.add_result(
-                result.request_id, lambda r: fill_from_result(r, result, self._with_logprobs))
+                result.request_id, lambda r: fill_from_result(r, result, self._with_logprobs,
+                                                              self._with_prompt_logprobs))
         except DuplicateSample:
             raise InternalError(f"engine returned request id {result.request_id!r} "
                                 f"twice") from None

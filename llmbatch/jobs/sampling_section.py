@@ -18,7 +18,8 @@ from llmbatch.jobs.section_base import Float, Int, Section
 PER_ROW_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                 "stop_token_ids", "ignore_eos", "logprobs", "repetition_penalty",
                 "presence_penalty", "frequency_penalty", "min_p", "min_tokens",
-                "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids")
+                "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids",
+                "prompt_logprobs")
 
 
 class SamplingSection(Section):
@@ -45,6 +46,9 @@ class SamplingSection(Section):
     stop_token_ids: list[Int] = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Optional[Int] = Field(default=None, ge=0)
+    # vLLM's prompt_logprobs: top-n logprobs of every prompt token (a `prompt_logprobs`
+    # column). Such rows compute their whole prompt: no prefix-cache hit.
+    prompt_logprobs: Optional[Int] = Field(default=None, ge=0)
     # vLLM's output-text options (the ids are the same either way): keep a matched stop
     # string and a stop token's text; keep special tokens' text.
     include_stop_str_in_output: bool = False

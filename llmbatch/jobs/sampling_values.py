@@ -39,7 +39,7 @@ def check_allowed_token_ids(value: list[int]) -> list[int]:
 
 # Per-row keys by the Python values row_value takes (jobs/column_types.py: their Arrow types).
 # min_tokens <= max_new_tokens is SamplingParams' check (a row may override either).
-INT_KEYS = ("max_new_tokens", "top_k", "seed", "logprobs", "min_tokens")
+INT_KEYS = ("max_new_tokens", "top_k", "seed", "logprobs", "min_tokens", "prompt_logprobs")
 # Their ranges are SamplingParams' own: a value out of range is that row's error there.
 FLOAT_KEYS = ("temperature", "top_p", "repetition_penalty", "presence_penalty",
               "frequency_penalty", "min_p")

@@ -243,6 +243,20 @@ class JobSpec(_Section):
         """Output gets a `logprobs` column: asked for job-wide or per row."""
         return self.sampling.logprobs is not None or "logprobs" in self.sampling.per_row
 
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Output gets a `prompt_logprobs` column: asked for job-wide or per row."""
+        s = self.sampling
+        return s.prompt_logprobs is not None or "prompt_logprobs" in s.per_row
+
+    @property
+    def extra_output_columns(self) -> tuple[str, ...]:
+        """Output columns beyond io/prompts.OUTPUT_COLUMNS that this job writes."""
+        return tuple(name for name, on in (("sample_index", self.sampling.n > 1),
+                                           ("logprobs", self.wants_logprobs),
+                                           ("prompt_logprobs", self.wants_prompt_logprobs))
+                     if on)
+
     def sampling_params(self, row_overrides: Optional[dict] = None,
                         row_seed_offset: int = 0) -> SamplingParams:
         """SamplingParams for one row: the job's values, then the row's non-null overrides.
@@ -258,7 +272,7 @@ class JobSpec(_Section):
                       logprobs=s.logprobs, repetition_penalty=s.repetition_penalty,
                       presence_penalty=s.presence_penalty,
                       frequency_penalty=s.frequency_penalty, min_p=s.min_p,
-                      min_tokens=s.min_tokens,
+                      min_tokens=s.min_tokens, prompt_logprobs=s.prompt_logprobs,
                       include_stop_str_in_output=s.include_stop_str_in_output,
                       skip_special_tokens=s.skip_special_tokens,
                       allowed_token_ids=(list(s.allowed_token_ids)
