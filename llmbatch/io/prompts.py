@@ -142,6 +142,9 @@ class PromptRenderer:
         self.template = resolve_chat_template(tokenizer, model_section, input_section)
         self.system_prompt = model_section.system_prompt
         self.template_kwargs = dict(model_section.chat_template_kwargs)
+        # vLLM's continue_final_message: the last message stays open (no end of turn, no new
+        # assistant turn), so the model continues it; the two are exclusive in transformers.
+        self.continue_final = model_section.continue_final_message
         self.messages_column = input_section.messages_column
         self.prompt_column = input_section.prompt_column
         # Prompts are tokenized whole and over-long ones become error rows (jobs/engine_limits.py), so
@@ -153,6 +156,10 @@ class PromptRenderer:
             warned["sequence-length-is-longer-than-the-specified-maximum"] = True
 
     def _apply_template(self, messages: list) -> Any:
+        if self.continue_final:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      continue_final_message=True,
+                                                      **self.template_kwargs)
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=True,
                                                   **self.template_kwargs)

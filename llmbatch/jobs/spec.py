@@ -63,6 +63,10 @@ class ModelSection(_Section):
     # their config hash (config_hash hashes model_dump()).
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict,
                                                  exclude_if=lambda kwargs: not kwargs)
+    # vLLM's LLM.chat(continue_final_message=True): each messages row's last message (an
+    # assistant's answer begun) is left open and the model continues it, instead of a new
+    # assistant turn after it ("prefill"). Left out of dumps while false (the config hash).
+    continue_final_message: bool = Field(default=False, exclude_if=lambda on: not on)
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -205,6 +209,11 @@ class JobSpec(_Section):
         if self.input.messages_column is not None and self.model.chat_template == "none":
             raise ValueError("input.messages_column needs a chat template, but "
                              "model.chat_template is none")
+        if self.model.continue_final_message and self.input.messages_column is None:
+            # A plain prompt is one user message: continuing it would write the user's text.
+            raise ValueError("model.continue_final_message continues each row's last message "
+                             "and needs input.messages_column (rows of messages ending in the "
+                             "assistant's begun answer)")
         return self
 
     # -- runtime mapping -----------------------------------------------------------------
