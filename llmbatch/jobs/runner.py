@@ -258,6 +258,8 @@ class JobRunner:
                 row = {c: data[c][i] for c in inp.keep_columns}
                 row["id"] = data[inp.id_column][i] if inp.id_column else row_index
                 params = None
+                if token_ids and keep is not None and len(token_ids) > keep:
+                    token_ids = token_ids[-keep:]     # left truncation, as vLLM's
                 if error is None and row["id"] is None:
                     error = f"input.id_column {inp.id_column!r} is null (the row cannot be joined)"
                 if error is None:
@@ -266,8 +268,6 @@ class JobRunner:
                                                       row_seed_offset=row_index)
                     except (ValueError, TypeError) as exc:
                         error = f"invalid per-row sampling value: {exc}"
-                if error is None and keep is not None and len(token_ids) > keep:
-                    token_ids = token_ids[-keep:]     # left truncation, as vLLM's
                 if error is None:
                     error = row_error(len(token_ids), params, self._max_model_len,
                                       self._vocab_size)

@@ -117,24 +117,26 @@ class StopStringChecker:
             if not isinstance(s, str) or s == "":
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
         self.stop = list(stop)
-        self.max_stop_len = max((len(s) for s in self.stop), default=0)
         self.include_in_output = include_in_output
 
     def check(self, text: str, num_new_chars: int) -> Optional[StopMatch]:
         """The earliest stop string in `text`, given that text[:-num_new_chars] was already
         checked and holds none. Ties at one position go to the longer stop string.
 
-        Only a match ending inside the new tail is possible, so the search starts
-        max(len(stop)) - 1 characters before it: O(num_new_chars + max stop length).
+        Only a match ending inside the new tail counts, so the search for stop string s starts
+        len(s) - 1 characters before it (vLLM's per-string lookback): O(num_new_chars + max
+        stop length). Per string, not max(len(stop)) - 1 for all: text checked with matching
+        off (min_tokens, StopChecker.append(check=False)) may hold a short stop string that a
+        longer lookback would find again once matching is on.
         """
         if num_new_chars < 0 or num_new_chars > len(text):
             raise ValueError(f"num_new_chars must be in [0, {len(text)}], got {num_new_chars}")
         if not self.stop or num_new_chars == 0:
             return None
-        start = max(0, len(text) - num_new_chars - (self.max_stop_len - 1))
+        tail = len(text) - num_new_chars
         best: Optional[StopMatch] = None
         for s in self.stop:
-            pos = text.find(s, start)
+            pos = text.find(s, max(0, tail - (len(s) - 1)))
             if pos < 0:
                 continue
             if (best is None or pos < best.truncate_at

@@ -334,6 +334,8 @@ class Engine(SpeculationMixin):
             error=error,
             stop_reason=req.stop_reason,
             logprobs=req.output_logprobs,
-            prompt_logprobs=req.prompt_logprobs,
+            # A request refused or failed has no scores (its list starts as [None], which
+            # would read as a scored 1-token prompt).
+            prompt_logprobs=req.prompt_logprobs if error is None else None,
             num_preemptions=req.num_preemptions,
         )

@@ -31,6 +31,14 @@ def why_never_runs(engine, req: Request) -> Optional[str]:
         bad = max(ids, default=None) if ids else None
         if bad is not None and bad >= vocab_size:
             return f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})"
+    if params.allowed_token_ids and params.min_tokens > 0:
+        # min_tokens bans the stop ids before its count: if they are all the allowed ids,
+        # every logit is -inf and the sampler would emit an id that is not allowed.
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos
+                                              else set(engine.eos_token_ids))
+        if set(params.allowed_token_ids) <= stops:
+            return ("allowed_token_ids are all stop ids (EOS or stop_token_ids), which "
+                    "min_tokens bans before its count: no token could be emitted")
     # The longest the sequence can grow (generation stops at max_model_len whatever
     # max_new_tokens is) must fit the KV pool alone, or the request would end up preempting
     # itself forever.
