@@ -11,7 +11,7 @@ from llmbatch.runtime import prompt_logprobs as prompt_logprobs_module
 from llmbatch.runtime.request import Request
 from llmbatch.runtime.sampling_params import SamplingParams
 from llmbatch.runtime.stop_checker import StopChecker
-from llmbatch.runtime.stop_rules import apply_stop_rules, fold_stop_rules, output_text
+from llmbatch.runtime.stop_rules import apply_stop_rules, fold_stop_rules
 from tests.runtime.tiny_models import VOCAB, generate, make_prompts, new_engine
 
 EOS = 2   # llama_setup's EOS id
