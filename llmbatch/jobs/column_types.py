@@ -57,6 +57,8 @@ ACCEPTED: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
        for key in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")},
     "stop": (lambda kind: _text(kind) or _list_of(_text)(kind),
              "a string column or a list of strings"),
+    "structured_outputs": (_text, "a string column (the JSON text of a structured_outputs "
+                                  "mapping)"),
     **{key: (_list_of(pa.types.is_integer), "a list of integers (list<int64>)")
        for key in ("stop_token_ids", "allowed_token_ids")},
 }

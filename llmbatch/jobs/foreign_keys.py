@@ -13,7 +13,7 @@ from typing import Optional
 _BEAM = "beam search is not supported; llmbatch samples each row independently"
 _BEAM_SETTING = "a beam-search setting; beam search is not supported"
 _TRUNCATION = "not supported; llmbatch truncates with top_p, top_k and min_p"
-_STRUCTURED = "structured output (guided decoding) is not supported"
+_STRUCTURED = "llmbatch calls it 'structured_outputs' (vLLM's newer name)"
 
 _SAMPLING = {
     "num_beams": _BEAM,                       # transformers
@@ -29,8 +29,12 @@ _SAMPLING = {
     "eta_cutoff": _TRUNCATION,
     "no_repeat_ngram_size": ("not supported; llmbatch penalizes repeats with "
                              "repetition_penalty, presence_penalty and frequency_penalty"),
-    "guided_decoding": _STRUCTURED,           # vLLM's SamplingParams
-    "response_format": _STRUCTURED,           # the OpenAI-style request field
+    "guided_decoding": _STRUCTURED,           # vLLM's SamplingParams before 0.10
+    "guided_json": "use structured_outputs: {json: <schema>}",        # vLLM's older keys
+    "guided_regex": "use structured_outputs: {regex: <pattern>}",
+    "guided_choice": "use structured_outputs: {choice: [<text>, ...]}",
+    "guided_grammar": "use structured_outputs: {grammar: <EBNF>}",
+    "response_format": ("use structured_outputs: {json: <schema>} or {json_object: true}"),
 }
 
 

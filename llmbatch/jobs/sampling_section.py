@@ -5,13 +5,14 @@ cells). spec.py re-exports both names.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from llmbatch.jobs.sampling_values import (check_allowed_token_ids, check_stop,
                                            check_stop_token_ids, check_top_k)
 from llmbatch.jobs.section_base import Float, Int, Section
+from llmbatch.runtime.structured_outputs import check_spec
 
 
 # Keys of `sampling` that a row may override with a column of the same name.
@@ -19,7 +20,7 @@ PER_ROW_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop
                 "stop_token_ids", "ignore_eos", "logprobs", "repetition_penalty",
                 "presence_penalty", "frequency_penalty", "min_p", "min_tokens",
                 "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids",
-                "prompt_logprobs")
+                "prompt_logprobs", "structured_outputs")
 
 
 class SamplingSection(Section):
@@ -57,6 +58,9 @@ class SamplingSection(Section):
     # Ids past the vocabulary are refused once the model is loaded (engine_limits).
     allowed_token_ids: Optional[list[Int]] = None
     logit_bias: Optional[dict[Int, Float]] = None
+    # vLLM's structured outputs: one of {json: schema}, {json_object: true}, {regex: ...},
+    # {choice: [...]}, {grammar: EBNF} (runtime/structured_outputs.py; needs xgrammar).
+    structured_outputs: Optional[dict[str, Any]] = None
     # vLLM's n: samples per row, each an output row of its own (`sample_index` 0..n-1, which
     # the output has only when n > 1). Job-wide, not per row, so every input row has exactly
     # n output rows. 1 is left out of the config hash.
@@ -101,6 +105,13 @@ class SamplingSection(Section):
     @classmethod
     def _allowed_token_ids(cls, value: Optional[list[int]]) -> Optional[list[int]]:
         return None if value is None else check_allowed_token_ids(value)
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _structured_outputs(cls, value: Optional[dict]) -> Optional[dict]:
+        if value is not None:
+            check_spec(value)
+        return value
 
     @field_validator("logit_bias")
     @classmethod

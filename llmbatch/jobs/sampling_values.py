@@ -5,7 +5,10 @@ row's error (the runner records it, the job goes on).
 
 from __future__ import annotations
 
+import json
 import math
+
+from llmbatch.runtime.structured_outputs import check_spec
 
 
 # Checks shared by the job's sampling section and per-row values (those become row errors).
@@ -84,6 +87,16 @@ def row_value(key: str, value):
         if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
             raise bad("a non-empty string or a list of them")
         return items
+    if key == "structured_outputs":
+        # A cell is the JSON text of the mapping ('{"json": {...}}'), as a table stores it.
+        spec = value
+        if isinstance(value, str):
+            try:
+                spec = json.loads(value)
+            except ValueError:
+                raise bad("the JSON text of a structured_outputs mapping") from None
+        check_spec(spec)        # its ValueError is the row's error
+        return spec
     if key in ("stop_token_ids", "allowed_token_ids"):
         if not isinstance(value, list) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):

@@ -286,7 +286,8 @@ class JobSpec(_Section):
                       skip_special_tokens=s.skip_special_tokens,
                       allowed_token_ids=(list(s.allowed_token_ids)
                                          if s.allowed_token_ids is not None else None),
-                      logit_bias=dict(s.logit_bias) if s.logit_bias else None)
+                      logit_bias=dict(s.logit_bias) if s.logit_bias else None,
+                      structured_outputs=s.structured_outputs)
         for key, value in (row_overrides or {}).items():
             if value is not None:
                 values[key] = row_value(key, value)

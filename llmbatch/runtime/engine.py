@@ -16,7 +16,7 @@ from llmbatch.runtime.block_manager import BlockManager
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.engine_speculation import SpeculationMixin, make_proposer
 from llmbatch.runtime.kernel_paths import PATH_STATS
-from llmbatch.runtime.outputs import GenerationResult
+from llmbatch.runtime.outputs import GenerationResult, result_of
 from llmbatch.runtime.planner import Planner
 from llmbatch.runtime.request import FinishReason, Request, RequestStatus
 from llmbatch.runtime.request_checks import why_never_runs
@@ -24,6 +24,7 @@ from llmbatch.runtime.scheduler import Scheduler
 from llmbatch.runtime.seeded_uniforms import default_seed
 from llmbatch.runtime.stop_checker import StopChecker
 from llmbatch.runtime.stop_rules import apply_stop_rules, fold_stop_rules, output_text
+from llmbatch.runtime.structured_outputs import load_structured_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +45,14 @@ class Engine(SpeculationMixin):
         self.eos_token_ids = self._find_eos_token_ids()
         self.vocab_size = self.runner.hf_config.vocab_size
         self._live_ids: set = set()      # ids of admitted, unfinished requests
-        # Those of them with penalties: their rows read the host's token history, so while one
+        # Those of them with penalties or a grammar: their rows read the host's token history, so while one
         # of them is running (a token of it may be in flight) steps run synchronously
         # (penalties.py). Waiting ones cost nothing: admission runs far ahead of scheduling.
         self._penalized_ids: set = set()
+        # Structured outputs' grammar compiler, built by the first structured request (None
+        # until then; _structured_error says why it could not be built).
+        self._structured = None
+        self._structured_error: Optional[str] = None
         self.block_manager = BlockManager(
             self.runner.num_kv_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, max_model_len=self.max_model_len)
@@ -137,7 +142,7 @@ class Engine(SpeculationMixin):
     def _penalized_running(self) -> bool:
         """A running request samples with penalties (its next row needs every token so far)."""
         return bool(self._penalized_ids) and any(
-            r.sampling_params.has_penalties for r in self.scheduler.running)
+            r.sampling_params.needs_history for r in self.scheduler.running)
 
     def _step_sync(self) -> list[GenerationResult]:
         """One synchronous step: propose drafts, schedule, run, append, stop checks."""
@@ -283,10 +288,27 @@ class Engine(SpeculationMixin):
                 req.default_seed = default_seed(self.config.seed, next(self._arrivals))
             yield req
 
+    def _attach_grammar(self, req: Request) -> Optional[str]:
+        """Give a structured request its grammar matcher (runtime/structured_outputs.py); the
+        reason it cannot have one, or None. The compiler is built on first use."""
+        if self._structured is None:
+            self._structured, self._structured_error = load_structured_outputs(
+                self.tokenizer, self.vocab_size, self.eos_token_ids)
+        if self._structured is None:
+            return self._structured_error
+        try:
+            req.grammar = self._structured.matcher(req.sampling_params.structured_outputs)
+        except ValueError as exc:
+            return str(exc)
+        req.num_grammar_tokens = 0
+        return None
+
     def _admit(self, req: Request) -> Optional[GenerationResult]:
         """Queue the request, or return its error result when it can never run."""
         self._counters["num_requests"] += 1
         error = why_never_runs(self, req)
+        if error is None and req.sampling_params.structured_outputs is not None:
+            error = self._attach_grammar(req)
         if error is not None:
             self._counters["num_error_requests"] += 1
             req.status = RequestStatus.FINISHED
@@ -297,7 +319,7 @@ class Engine(SpeculationMixin):
         fold_stop_rules(req, self.eos_token_ids, self.max_model_len)
         req.arrival_time = time.perf_counter()
         self._live_ids.add(req.request_id)
-        if req.sampling_params.has_penalties:
+        if req.sampling_params.needs_history:
             self._penalized_ids.add(req.request_id)
         self.scheduler.add_request(req)
         return None
@@ -310,32 +332,4 @@ class Engine(SpeculationMixin):
             c["num_cached_prompt_tokens"] += req.num_cached_tokens or 0
             c["num_output_tokens"] += n_out
             c["num_spec_accepted_tokens"] += req.num_spec_accepted_tokens
-        # Timed from the step that first scheduled the request, not from add_request: the job
-        # runner keeps a window of rows queued ahead of the engine, so time in that queue would
-        # load the first window's rows (queued together at start) and spare the rest.
-        started = req.first_scheduled_time
-        ttft = tpot = latency = None
-        if req.first_token_time is not None and started is not None:
-            ttft = req.first_token_time - started
-            if n_out > 1:
-                tpot = (req.last_token_time - req.first_token_time) / (n_out - 1)
-        if req.finish_time is not None and started is not None:
-            latency = req.finish_time - started
-        return GenerationResult(
-            request_id=req.request_id,
-            output_token_ids=list(req.output_token_ids),
-            output_text=output_text(req, self.tokenizer),
-            finish_reason=req.finish_reason.value if req.finish_reason else FinishReason.ERROR.value,
-            num_prompt_tokens=req.num_prompt_tokens,
-            num_cached_prompt_tokens=req.num_cached_tokens or 0,
-            num_output_tokens=n_out,
-            ttft_s=ttft, tpot_s=tpot, latency_s=latency,
-            spec_accepted_tokens=req.num_spec_accepted_tokens,
-            error=error,
-            stop_reason=req.stop_reason,
-            logprobs=req.output_logprobs,
-            # A request refused or failed has no scores (its list starts as [None], which
-            # would read as a scored 1-token prompt).
-            prompt_logprobs=req.prompt_logprobs if error is None else None,
-            num_preemptions=req.num_preemptions,
-        )
+        return result_of(req, output_text(req, self.tokenizer), error)

@@ -69,7 +69,7 @@ class SpeculationMixin:
             if req.num_computed_tokens != req.num_tokens - 1:
                 continue   # still prefilling
             params = req.sampling_params
-            if params.has_penalties:
+            if params.needs_history:
                 continue   # a verify row would need the drafts before it in its history
             # Never draft past max_new_tokens or the context: all k + 1 tokens must fit.
             room = min(k, params.max_new_tokens - req.num_output_tokens - 1,

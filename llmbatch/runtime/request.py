@@ -90,6 +90,10 @@ class Request:
         # the engine admits the request, which keeps the fast check off);
         self.stop_token_set: frozenset = frozenset()
         self.max_output_tokens = 0
+        # structured outputs: the request's xgrammar GrammarMatcher (Engine._admit) and how
+        # many output tokens it has accepted (append_output_token feeds it each one);
+        self.grammar: Optional[Any] = None
+        self.num_grammar_tokens = 0
         # per output token, when logprobs were asked for;
         self.output_logprobs: Optional[list[dict]] = None
         # per prompt token, when prompt_logprobs were asked for: None for the first token (no
@@ -140,6 +144,11 @@ class Request:
         now = time.perf_counter() if now is None else now
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        if self.grammar is not None:
+            # The sampler's mask allowed it; False only for a token past the grammar's end
+            # (an async step's dropped token never gets here: such requests run synchronously).
+            self.grammar.accept_token(token_id)
+            self.num_grammar_tokens += 1
         if self.first_token_time is None:
             self.first_token_time = now
         self.last_token_time = now

@@ -42,6 +42,7 @@ from llmbatch.runtime.device import host_to_device
 from llmbatch.runtime.penalties import penalize, suppress_stop_tokens
 from llmbatch.runtime.sampling_params import SamplingParams
 from llmbatch.runtime.seeded_uniforms import seeded_uniforms
+from llmbatch.runtime.structured_outputs import mask_logits
 from llmbatch.runtime.token_rules import apply_token_rules
 from llmbatch.runtime.truncation import truncate
 
@@ -244,8 +245,14 @@ class Sampler:
             if ruled:
                 logits = apply_token_rules(logits, ruled, [params[r] for r in ruled])
             if (requests is None or len(requests) != num_rows) and any(
-                    p.has_penalties or p.min_tokens for p in params):
-                raise ValueError("rows with penalties or min_tokens need requests[row]")
+                    p.needs_history or p.min_tokens for p in params):
+                raise ValueError("rows with penalties, a grammar or min_tokens need "
+                                 "requests[row]")
+            # Structured outputs: only what the row's grammar accepts next.
+            gram = [r for r, p in enumerate(params) if p.structured_outputs is not None]
+            if gram:
+                logits = mask_logits(logits, gram, [requests[r] for r in gram],
+                                     [output_indices[r] for r in gram])
             pen = [r for r, p in enumerate(params) if p.has_penalties]
             if pen:
                 logits = penalize(logits, pen, [params[r] for r in pen],

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from llmbatch.runtime.structured_outputs import check_spec
+
 
 @dataclass
 class SamplingParams:
@@ -56,6 +58,9 @@ class SamplingParams:
     # added to that id's logit before sampling.
     allowed_token_ids: Optional[list[int]] = None
     logit_bias: Optional[dict[int, float]] = None
+    # vLLM's structured outputs (runtime/structured_outputs.py): one of {"json": schema},
+    # {"json_object": True}, {"regex": ...}, {"choice": [...]}, {"grammar": EBNF}.
+    structured_outputs: Optional[dict] = None
     # Set by __post_init__. has_penalties: any penalty on (the sampler then needs the
     # request's token history); has_token_rules: allowed_token_ids or logit_bias;
     # edits_logits: any of those or min_tokens (the sampler changes this row's logits before
@@ -63,6 +68,9 @@ class SamplingParams:
     # one for every row of every step (attrgetter in C: 7 us for 256 rows on the CPU here, 29
     # us as a property).
     has_penalties: bool = field(init=False, repr=False, compare=False)
+    # needs_history: the sampler reads the request's tokens so far on the host (penalties or
+    # a grammar): the engine runs synchronous steps while it runs, and drafts nothing for it.
+    needs_history: bool = field(init=False, repr=False, compare=False)
     has_token_rules: bool = field(init=False, repr=False, compare=False)
     edits_logits: bool = field(init=False, repr=False, compare=False)
 
@@ -95,7 +103,11 @@ class SamplingParams:
         self.has_penalties = (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                               or self.frequency_penalty != 0.0)
         self.has_token_rules = bool(self.allowed_token_ids) or bool(self.logit_bias)
-        self.edits_logits = self.has_penalties or self.has_token_rules or self.min_tokens > 0
+        if self.structured_outputs is not None:
+            check_spec(self.structured_outputs)
+        self.needs_history = self.has_penalties or self.structured_outputs is not None
+        self.edits_logits = (self.needs_history or self.has_token_rules
+                             or self.min_tokens > 0)
 
     def _check_token_rules(self) -> None:
         """allowed_token_ids: None or a non-empty list of ids >= 0 (an empty one would allow

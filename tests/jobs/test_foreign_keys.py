@@ -16,7 +16,7 @@ BEAM_SETTING = "a beam-search setting; beam search is not supported"
 TRUNCATION = "not supported; llmbatch truncates with top_p, top_k and min_p"
 REPEATS = ("not supported; llmbatch penalizes repeats with repetition_penalty, presence_penalty "
            "and frequency_penalty")
-STRUCTURED = "structured output (guided decoding) is not supported"
+STRUCTURED = "llmbatch calls it 'structured_outputs' (vLLM's newer name)"
 
 
 def _message(section: str, key: str) -> str:
@@ -42,7 +42,9 @@ def _valid_keys(section: str) -> str:
     ("eta_cutoff", TRUNCATION),
     ("no_repeat_ngram_size", REPEATS),
     ("guided_decoding", STRUCTURED),
-    ("response_format", STRUCTURED),
+    ("response_format", "use structured_outputs: {json: <schema>} or {json_object: true}"),
+    ("guided_json", "use structured_outputs: {json: <schema>}"),
+    ("guided_choice", "use structured_outputs: {choice: [<text>, ...]}"),
     ("max_tokens", "did you mean 'max_new_tokens'?"),      # difflib's answer is right: kept
     ("num_return_sequences", "llmbatch calls it 'n'"),
     ("best_of", "vLLM's best_of is not supported; sample with 'n' and pick downstream"),

@@ -85,7 +85,8 @@ def test_a_row_without_its_full_history_is_refused():
                                            r"3 but the host has 2; penalties need the full"):
         penalize(torch.zeros(1, 10), [0], [SamplingParams(repetition_penalty=1.2)],
                  [request_view([1], [2, 3], "r7")], [3])
-    with pytest.raises(ValueError, match=r"rows with penalties or min_tokens need requests"):
+    with pytest.raises(ValueError, match=r"rows with penalties, a grammar or min_tokens need "
+                                         r"requests"):
         Sampler().sample(torch.zeros(1, 10), [SamplingParams(presence_penalty=1.0)], [0])
 
 

@@ -1,0 +1,67 @@
+"""sampling.structured_outputs in a job: job-wide and per row (a JSON text column), on the
+runtime engine with a random tiny model: every row obeys its spec."""
+
+import json
+import re
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from llmbatch import run_job
+from llmbatch.api import load
+from llmbatch.jobs.errors import InvalidInputError, InvalidJobError
+
+BASE = {"model": {"path": "m"}, "input": {"path": "in.parquet"}, "output": {"path": "o"}}
+SCHEMA = {"type": "object", "properties": {"label": {"enum": ["spam", "ham"]}},
+          "required": ["label"], "additionalProperties": False}
+
+
+def test_job_wide_and_per_row_specs(tmp_path, tiny_llama_dir, jobkit, monkeypatch):
+    pytest.importorskip("xgrammar")
+    monkeypatch.delenv("LLMBATCH_ENGINE_FACTORY", raising=False)
+    path = str(tmp_path / "in.parquet")
+    per_row = [None, json.dumps({"regex": "[0-9]{4}"}), json.dumps({"choice": ["red", "blue"]}),
+               "not json", json.dumps({"choice": []})]
+    pq.write_table(pa.table({"prompt": ["a", "b c", "d e f", "g", "h"],
+                             "structured_outputs": per_row}), path)
+    out = str(tmp_path / "out")
+    result = run_job(jobkit.make_job(
+        tiny_llama_dir, path, out, engine={"kv_cache_blocks": 32, "device": "cpu"},
+        sampling={"max_new_tokens": 40, "structured_outputs": {"json": SCHEMA},
+                  "per_row": ["structured_outputs"]}))
+    rows = ds.dataset(out).to_table().to_pylist()
+    assert json.loads(rows[0]["output_text"])["label"] in ("spam", "ham")   # the job's
+    assert re.fullmatch("[0-9]{4}", rows[1]["output_text"])
+    assert rows[2]["output_text"] in ("red", "blue")
+    assert rows[3]["error"] == ("invalid per-row sampling value: structured_outputs must be the "
+                                "JSON text of a structured_outputs mapping, got 'not json'")
+    assert rows[4]["error"] == ("invalid per-row sampling value: structured_outputs.choice must "
+                                "be a non-empty list of non-empty texts, got []")
+    assert [r["finish_reason"] for r in rows] == ["stop", "stop", "stop", "error", "error"]
+    assert (result.num_rows_ok, result.num_rows_error) == (3, 2)
+
+
+def test_section_checks_and_hash():
+    plain = load(BASE).config_hash(1)
+    spec = load({**BASE, "sampling": {"structured_outputs": {"choice": ["a", "b"]}}})
+    assert spec.config_hash(1) != plain
+    assert load({**BASE, "sampling": {"structured_outputs": None}}).config_hash(1) == plain
+    with pytest.raises(InvalidJobError) as info:
+        load({**BASE, "sampling": {"structured_outputs": {"regex": "a", "choice": ["a"]}}})
+    assert info.value.message.startswith(
+        "sampling.structured_outputs: structured_outputs must be a mapping with exactly one of "
+        "json, json_object, regex, choice, grammar")
+
+
+def test_a_column_of_another_type_is_refused(tmp_path, tiny_tokenizer_dir, jobkit,
+                                             fake_engine_env):
+    path = str(tmp_path / "in.parquet")
+    pq.write_table(pa.table({"prompt": ["a"], "structured_outputs": [3]}), path)
+    with pytest.raises(InvalidInputError) as info:
+        run_job(jobkit.make_job(tiny_tokenizer_dir, path, str(tmp_path / "out"),
+                                sampling={"per_row": ["structured_outputs"]}))
+    assert info.value.message == ("sampling.per_row: column 'structured_outputs' is int64; "
+                                  "expected a string column (the JSON text of a "
+                                  "structured_outputs mapping)")
