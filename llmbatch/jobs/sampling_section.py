@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from llmbatch.jobs.sampling_values import (check_allowed_token_ids, check_stop,
                                            check_stop_token_ids, check_top_k)
 from llmbatch.jobs.section_base import Float, Int, Section
-from llmbatch.runtime.structured_outputs import check_spec
+from llmbatch.runtime.structured_outputs import check_spec, schema_text
 
 
 # Keys of `sampling` that a row may override with a column of the same name.
@@ -111,6 +111,7 @@ class SamplingSection(Section):
     def _structured_outputs(cls, value: Optional[dict]) -> Optional[dict]:
         if value is not None:
             check_spec(value)
+            value = schema_text(value)      # the schema's key order kept, and hashed
         return value
 
     @field_validator("logit_bias")
@@ -127,6 +128,19 @@ class SamplingSection(Section):
         if self.min_tokens > self.max_new_tokens and "max_new_tokens" not in self.per_row:
             raise ValueError(f"sampling.min_tokens: must be at most sampling.max_new_tokens, "
                              f"{self.max_new_tokens} (got {self.min_tokens})")
+        return self
+
+    @model_validator(mode="after")
+    def _structured_alone(self) -> "SamplingSection":
+        # Job-wide values every row would share: one job error, not an error row per row
+        # (runtime/request_checks.py refuses the same per request).
+        if self.structured_outputs is not None and "structured_outputs" not in self.per_row:
+            if self.min_tokens > 0 and "min_tokens" not in self.per_row:
+                raise ValueError("sampling.min_tokens does not apply with structured_outputs "
+                                 "(the grammar decides where the output ends); set it to 0")
+            if self.allowed_token_ids and "allowed_token_ids" not in self.per_row:
+                raise ValueError("sampling.allowed_token_ids and structured_outputs cannot be "
+                                 "combined (the grammar decides which tokens may come)")
         return self
 
     @model_validator(mode="after")

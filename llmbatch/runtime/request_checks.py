@@ -31,6 +31,14 @@ def why_never_runs(engine, req: Request) -> Optional[str]:
         bad = max(ids, default=None) if ids else None
         if bad is not None and bad >= vocab_size:
             return f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})"
+    if params.structured_outputs is not None:
+        # Both would fight the grammar: a row all -inf emits a token the grammar refuses.
+        if params.min_tokens > 0:
+            return ("min_tokens does not apply with structured_outputs (the grammar decides "
+                    "where the output ends); set min_tokens to 0")
+        if params.allowed_token_ids:
+            return ("allowed_token_ids and structured_outputs cannot be combined (the grammar "
+                    "decides which tokens may come)")
     if params.allowed_token_ids and params.min_tokens > 0:
         # min_tokens bans the stop ids before its count: if they are all the allowed ids,
         # every logit is -inf and the sampler would emit an id that is not allowed.

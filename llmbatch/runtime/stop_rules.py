@@ -26,7 +26,8 @@ def apply_stop_rules(req: Request, eos_token_ids: set[int],
                 req.stop_checker.append(token, check=False)
             if req.num_prompt_tokens + i + 1 >= max_model_len:
                 reason = FinishReason.LENGTH
-        elif not params.ignore_eos and token in eos_token_ids:
+        elif (not params.ignore_eos or req.grammar is not None) and token in eos_token_ids:
+            # A grammar allows EOS only where it ends, and ends there: ignore_eos or not.
             reason, req.stop_reason = FinishReason.STOP, token
         elif token in params.stop_token_ids:
             reason, req.stop_reason = FinishReason.STOP, token
@@ -60,7 +61,7 @@ def fold_stop_rules(req: Request, eos_token_ids: set[int], max_model_len: int) -
     in the set, with no stop strings, is one apply_stop_rules would pass. Change both together."""
     params = req.sampling_params
     req.stop_token_set = frozenset(params.stop_token_ids).union(
-        () if params.ignore_eos else eos_token_ids)
+        () if params.ignore_eos and req.grammar is None else eos_token_ids)
     req.max_output_tokens = min(params.max_new_tokens, max_model_len - req.num_prompt_tokens)
 
 

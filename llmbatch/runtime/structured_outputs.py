@@ -59,6 +59,21 @@ def check_spec(spec: Any) -> None:
                 "regex": "a non-empty pattern", "choice": "a non-empty list of non-empty texts",
                 "grammar": "a non-empty EBNF grammar"}[kind]
         raise ValueError(f"structured_outputs.{kind} must be {want}, got {value!r}")
+    if kind == "json" and isinstance(value, dict):
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:   # a YAML date as a `default`, say
+            raise ValueError(f"structured_outputs.json is not JSON: {exc}") from None
+
+
+def schema_text(spec: dict) -> dict:
+    """`spec` with a {"json": mapping} schema written as JSON text, in the mapping's own
+    order: the order of a schema's properties is the order of the output's (vLLM, OpenAI), and
+    as text it survives the config hash, which sorts mappings' keys."""
+    kind, value = next(iter(spec.items()))
+    if kind == "json" and isinstance(value, dict):
+        return {"json": json.dumps(value)}
+    return spec
 
 
 def _ebnf_text(text: str) -> str:
@@ -86,10 +101,13 @@ class StructuredOutputs:
     def _compile(self, kind: str, value: Any):
         c = self.compiler
         if kind == "json":
-            schema = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            # The schema's own key order: properties are generated in that order.
+            schema = value if isinstance(value, str) else json.dumps(value)
             return c.compile_json_schema(schema, any_whitespace=False)
         if kind == "json_object":
-            return c.compile_builtin_json_grammar()
+            # Any object, nothing else (xgrammar's builtin JSON grammar also takes arrays and
+            # free whitespace): vLLM compiles the same schema.
+            return c.compile_json_schema('{"type": "object"}', any_whitespace=False)
         if kind == "regex":
             return c.compile_regex(value)
         if kind == "choice":
@@ -99,7 +117,8 @@ class StructuredOutputs:
     def matcher(self, spec: dict):
         """A fresh GrammarMatcher for `spec` (check_spec-valid); ValueError (one line) when
         the spec does not compile (a bad schema, regex or grammar)."""
-        key = json.dumps(spec, sort_keys=True)
+        # Unsorted: two schemas differing only in key order differ in their output's order.
+        key = json.dumps(spec)
         compiled = self._compiled.get(key)
         if compiled is None:
             kind, value = next(iter(spec.items()))

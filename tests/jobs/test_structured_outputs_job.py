@@ -65,3 +65,27 @@ def test_a_column_of_another_type_is_refused(tmp_path, tiny_tokenizer_dir, jobki
     assert info.value.message == ("sampling.per_row: column 'structured_outputs' is int64; "
                                   "expected a string column (the JSON text of a "
                                   "structured_outputs mapping)")
+
+
+def test_schema_order_is_kept_and_hashed():
+    za = {"type": "object", "properties": {"zeta": {"type": "integer"},
+                                           "alpha": {"type": "integer"}}}
+    az = {"type": "object", "properties": {"alpha": {"type": "integer"},
+                                           "zeta": {"type": "integer"}}}
+    a = load({**BASE, "sampling": {"structured_outputs": {"json": za}}})
+    b = load({**BASE, "sampling": {"structured_outputs": {"json": az}}})
+    # Stored as JSON text in the schema's order (the output's properties follow it).
+    assert a.sampling_params().structured_outputs == {"json": json.dumps(za)}
+    assert a.config_hash(1) != b.config_hash(1)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"min_tokens": 2}, "sampling.min_tokens does not apply with structured_outputs (the "
+                        "grammar decides where the output ends); set it to 0"),
+    ({"allowed_token_ids": [3]}, "sampling.allowed_token_ids and structured_outputs cannot be "
+                                 "combined (the grammar decides which tokens may come)"),
+])
+def test_job_wide_combinations_that_fight_the_grammar_are_refused(extra, message):
+    with pytest.raises(InvalidJobError) as info:
+        load({**BASE, "sampling": {"structured_outputs": {"choice": ["a"]}, **extra}})
+    assert info.value.message == message
