@@ -72,6 +72,8 @@ def make_engine(spec: JobSpec, engine_factory: Optional[Callable] = None):
     except EngineConfigError as exc:   # a setting the model or device refuses, not the model
         raise InvalidJobError(f"invalid engine settings: {exc}") from None
     except model_input_errors() as exc:
+        if getattr(exc, "job_key", None):   # names its own key (runtime/lora_merge.py)
+            raise InvalidJobError(f"{exc.job_key}: {' '.join(str(exc).split())}") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not isinstance(exc, (OSError, ValueError)):
             # A library's own type: named, and whole (a strict-config error puts the field

@@ -72,6 +72,8 @@ class JobRunner:
         check_local_path("model.path", spec.model.path)
         if spec.model.tokenizer:
             check_local_path("model.tokenizer", spec.model.tokenizer)
+        if spec.model.lora:
+            check_local_path("model.lora", spec.model.lora)
         shard = resolve_shard(spec.shard.index, spec.shard.count)
         self._source = open_input(spec.input, progress_bars=self.progress_mode != "none",
                                   per_row=spec.sampling.per_row)

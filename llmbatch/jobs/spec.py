@@ -67,6 +67,9 @@ class ModelSection(_Section):
     # assistant's answer begun) is left open and the model continues it, instead of a new
     # assistant turn after it ("prefill"). Left out of dumps while false (the config hash).
     continue_final_message: bool = Field(default=False, exclude_if=lambda on: not on)
+    # A PEFT LoRA adapter folder (or Hub id) merged into the weights at load
+    # (runtime/lora_merge.py). Left out of dumps while null (the config hash).
+    lora: Optional[str] = Field(default=None, exclude_if=lambda path: path is None)
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -222,6 +225,7 @@ class JobSpec(_Section):
         e = self.engine
         kwargs: dict[str, Any] = dict(
             model=self.model.path, tokenizer=self.model.tokenizer, dtype=self.model.dtype,
+            lora=self.model.lora,
             trust_remote_code=self.model.trust_remote_code, device=e.device,
             max_model_len=e.max_model_len or None,      # 0: the model's own, like null
             block_size=e.block_size, max_num_seqs=e.max_num_seqs,

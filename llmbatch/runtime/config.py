@@ -66,6 +66,9 @@ class EngineConfig:
     # bitsandbytes. Measured on an H200 (bench/RESULTS.md, stop 9) it is slower: W-RANDOM
     # 2,348 tok/s and TPOT 6.8 ms, against 28,285 and 1.14 ms with bitsandbytes; off until tuned.
     nf4_triton_gemm: bool = False
+    # A PEFT LoRA adapter folder (or Hub id) merged into the weights at load
+    # (runtime/lora_merge.py): one adapter for the whole run, at no cost per step.
+    lora: Optional[str] = None
     # Overlap the host with the GPU: schedule and launch step n+1 while step n runs
     # (docs/async_scheduling.md). None (auto): on for CUDA engines at tp 1 (H200: 1.34x
     # W-RANDOM, 1.41x W-PREFIX, 1.12x W-BATCH1, same tokens), off elsewhere (a CPU step

@@ -49,7 +49,7 @@ def draft_runner_config(config: EngineConfig, num_kv_blocks: Optional[int] = Non
     """The draft's own runner config: dense, single-rank, eager, its pool size given."""
     return dataclasses.replace(
         config, model=config.draft_model, tokenizer=None, kv_cache_blocks=num_kv_blocks,
-        max_model_len=max_model_len, speculative_method="none", draft_model=None,
+        max_model_len=max_model_len, speculative_method="none", draft_model=None, lora=None,
         cuda_graphs=False, tensor_parallel_size=1, quantization="none",
         quantize_embeddings=False)
 

@@ -50,6 +50,7 @@ class ModelRunner(CudaFastPathsMixin):
         from llmbatch.runtime.layers.bnb_checkpoint import dequantized_tensors, resolve_method
         from llmbatch.runtime.loader import (iterate_checkpoint, load_hf_config, load_weights,
                                              max_positions, resolve_model_path)
+        from llmbatch.runtime.lora_merge import merge_stream, read_adapter
         from llmbatch.runtime.models.registry import build_model
 
         self.config = config
@@ -87,6 +88,11 @@ class ModelRunner(CudaFastPathsMixin):
         tensors = None
         if prequantized:
             tensors = dequantized_tensors(iterate_checkpoint(self.model_path), self.quantization)
+        if config.lora:
+            # The adapter's deltas merged into the stream, before slicing and quantization.
+            adapter = read_adapter(resolve_model_path(config.lora))
+            tensors = merge_stream(tensors if tensors is not None
+                                   else iterate_checkpoint(self.model_path), adapter)
         load_weights(self.model, self.model_path, tensors=tensors)
         if quantized:
             self.model.to(self.device)  # the rest: embedding, LM head, norms, rotary
