@@ -66,6 +66,12 @@ def make_engine(spec: JobSpec, engine_factory: Optional[Callable] = None):
     custom = factory is not None
     preload_engine_imports(runtime_engine=not custom)   # one thread at a time: lazy_imports.py
     try:
+        if spec.model.lora and not custom:
+            # Checked here too, not only in each rank's loader: a tensor-parallel rank's
+            # error would reach the job as the TP start-up failure (exit 1), not this line.
+            from llmbatch.runtime.loader import resolve_model_path
+            from llmbatch.runtime.lora_merge import read_adapter
+            read_adapter(resolve_model_path(spec.model.lora))
         return (factory or default_factory)(spec.engine_config())
     except JobError:
         raise

@@ -90,3 +90,24 @@ def test_no_adapter_leaves_the_hash_alone():
     plain = load(base).config_hash(1)
     assert load({**base, "model": {"path": "m", "lora": None}}).config_hash(1) == plain
     assert load({**base, "model": {"path": "m", "lora": "a"}}).config_hash(1) != plain
+
+
+def test_a_bad_adapter_under_tensor_parallelism_is_the_same_line(tmp_path, tiny_llama_dir, jobkit,
+                                                                 monkeypatch, adapter_and_model):
+    import shutil
+
+    monkeypatch.delenv("LLMBATCH_ENGINE_FACTORY", raising=False)
+    adapter, _ = adapter_and_model
+    biased = tmp_path / "biased"
+    shutil.copytree(adapter, biased)
+    cfg = json.loads((biased / "adapter_config.json").read_text())
+    (biased / "adapter_config.json").write_text(json.dumps(dict(cfg, bias="lora_only")))
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 2)
+    job = jobkit.make_job(tiny_llama_dir, inp, str(tmp_path / "out"),
+                          model={"path": tiny_llama_dir, "lora": str(biased)},
+                          parallel={"tensor_parallel_size": 2},
+                          engine={"kv_cache_blocks": 32, "device": "cpu"})
+    with pytest.raises(InvalidJobError) as info:
+        run_job(job)
+    assert info.value.message == (f"model.lora: LoRA adapter {str(biased)!r} trains biases "
+                                  f"(bias: 'lora_only'), which llmbatch does not merge")
