@@ -145,8 +145,8 @@ class Request:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
         if self.grammar is not None:
-            # The sampler's mask allowed it; False only for a token past the grammar's end
-            # (an async step's dropped token never gets here: such requests run synchronously).
+            # The sampler's mask allowed it (such requests run synchronously, so no dropped
+            # async token gets here; a grammar's EOS ends the request: stop_rules).
             self.grammar.accept_token(token_id)
             self.num_grammar_tokens += 1
         if self.first_token_time is None:
