@@ -25,7 +25,7 @@ LEFT_OUT_AT = {"sampling.repetition_penalty": 1.0, "sampling.presence_penalty": 
                "sampling.include_stop_str_in_output": False,
                "sampling.skip_special_tokens": True, "sampling.allowed_token_ids": None,
                "sampling.logit_bias": None, "sampling.prompt_logprobs": None,
-               "sampling.structured_outputs": None}
+               "sampling.structured_outputs": None, "sampling.bad_words": None}
 _MAX_VALUE = 40             # characters of one value in a message (a template's sha256 is 71)
 _MAX_KEYS = 6               # differing keys named in one message
 _CONTEXT = 16               # characters shown before where two long values first differ

@@ -55,8 +55,8 @@ ACCEPTED: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
     **{key: _FLOAT for key in FLOAT_KEYS},
     **{key: (pa.types.is_boolean, "a bool column")
        for key in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")},
-    "stop": (lambda kind: _text(kind) or _list_of(_text)(kind),
-             "a string column or a list of strings"),
+    **{key: (lambda kind: _text(kind) or _list_of(_text)(kind),
+             "a string column or a list of strings") for key in ("stop", "bad_words")},
     "structured_outputs": (_text, "a string column (the JSON text of a structured_outputs "
                                   "mapping)"),
     **{key: (_list_of(pa.types.is_integer), "a list of integers (list<int64>)")

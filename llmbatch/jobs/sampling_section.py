@@ -20,7 +20,7 @@ PER_ROW_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop
                 "stop_token_ids", "ignore_eos", "logprobs", "repetition_penalty",
                 "presence_penalty", "frequency_penalty", "min_p", "min_tokens",
                 "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids",
-                "prompt_logprobs", "structured_outputs")
+                "prompt_logprobs", "structured_outputs", "bad_words")
 
 
 class SamplingSection(Section):
@@ -61,6 +61,9 @@ class SamplingSection(Section):
     # vLLM's structured outputs: one of {json: schema}, {json_object: true}, {regex: ...},
     # {choice: [...]}, {grammar: EBNF} (runtime/structured_outputs.py; needs xgrammar).
     structured_outputs: Optional[dict[str, Any]] = None
+    # vLLM's bad_words: texts the output never completes (runtime/token_rules.py); one text is
+    # a list of one, as for stop.
+    bad_words: Optional[list[str]] = None
     # vLLM's n: samples per row, each an output row of its own (`sample_index` 0..n-1, which
     # the output has only when n > 1). Job-wide, not per row, so every input row has exactly
     # n output rows. 1 is left out of the config hash.
@@ -84,9 +87,16 @@ class SamplingSection(Section):
                              "tokens >= 1, or null (off)")
         return value
 
-    @field_validator("stop", mode="before")
+    @field_validator("bad_words")
     @classmethod
-    def _one_stop_string(cls, value):
+    def _bad_words(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        if value is not None and any(not w.strip() for w in value):
+            raise ValueError("a blank bad word bans nothing; remove it")
+        return value or None        # [] bans nothing: one spelling, null
+
+    @field_validator("stop", "bad_words", mode="before")
+    @classmethod
+    def _one_string(cls, value):
         # One string is a list of one, as vLLM's SamplingParams(stop="###") takes it; stored
         # as the list, so both spellings have one config hash.
         return [value] if isinstance(value, str) else value

@@ -82,9 +82,12 @@ def row_value(key: str, value):
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
-    if key == "stop":
+    if key in ("stop", "bad_words"):
         items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
+        # A stop string may be whitespace ("\n"); a bad word may not (it would ban nothing).
+        usable = (lambda v: v.strip()) if key == "bad_words" else (lambda v: v)
+        if not isinstance(items, list) or not all(isinstance(v, str) and usable(v)
+                                                  for v in items):
             raise bad("a non-empty string or a list of them")
         return items
     if key == "structured_outputs":

@@ -291,7 +291,8 @@ class JobSpec(_Section):
                       allowed_token_ids=(list(s.allowed_token_ids)
                                          if s.allowed_token_ids is not None else None),
                       logit_bias=dict(s.logit_bias) if s.logit_bias else None,
-                      structured_outputs=s.structured_outputs)
+                      structured_outputs=s.structured_outputs,
+                      bad_words=list(s.bad_words) if s.bad_words else None)
         for key, value in (row_overrides or {}).items():
             if value is not None:
                 values[key] = row_value(key, value)

@@ -25,6 +25,7 @@ from llmbatch.runtime.seeded_uniforms import default_seed
 from llmbatch.runtime.stop_checker import StopChecker
 from llmbatch.runtime.stop_rules import apply_stop_rules, fold_stop_rules, output_text
 from llmbatch.runtime.structured_outputs import load_structured_outputs
+from llmbatch.runtime.token_rules import bad_word_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -309,6 +310,12 @@ class Engine(SpeculationMixin):
         error = why_never_runs(self, req)
         if error is None and req.sampling_params.structured_outputs is not None:
             error = self._attach_grammar(req)
+        if error is None and req.sampling_params.bad_words:
+            if self.tokenizer is None:
+                error = "bad_words needs the model's tokenizer"
+            else:
+                req.bad_words_ids = bad_word_sequences(self.tokenizer,
+                                                       req.sampling_params.bad_words)
         if error is not None:
             self._counters["num_error_requests"] += 1
             req.status = RequestStatus.FINISHED

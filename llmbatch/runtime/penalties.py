@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 
 from llmbatch.runtime.device import host_to_device
+from llmbatch.runtime.token_rules import ban_tokens
 
 
 def _unique_prompt_ids(req) -> list[int]:
@@ -94,10 +95,4 @@ def suppress_stop_tokens(logits: torch.Tensor, rows: Sequence[int], requests: Se
             ids = req.stop_token_set
             flat_rows += [row] * len(ids)
             flat_ids += ids
-    if not flat_ids:
-        return logits
-    device = logits.device
-    logits = logits.clone()
-    logits[host_to_device(flat_rows, torch.int64, device),
-           host_to_device(flat_ids, torch.int64, device)] = float("-inf")
-    return logits
+    return ban_tokens(logits, flat_rows, flat_ids)

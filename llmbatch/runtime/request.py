@@ -94,6 +94,8 @@ class Request:
         # many output tokens it has accepted (append_output_token feeds it each one);
         self.grammar: Optional[Any] = None
         self.num_grammar_tokens = 0
+        # bad_words as token sequences (token_rules.bad_word_sequences, at admission);
+        self.bad_words_ids: list[list[int]] = []
         # per output token, when logprobs were asked for;
         self.output_logprobs: Optional[list[dict]] = None
         # per prompt token, when prompt_logprobs were asked for: None for the first token (no

@@ -43,7 +43,7 @@ from llmbatch.runtime.penalties import penalize, suppress_stop_tokens
 from llmbatch.runtime.sampling_params import SamplingParams
 from llmbatch.runtime.seeded_uniforms import seeded_uniforms
 from llmbatch.runtime.structured_outputs import mask_logits
-from llmbatch.runtime.token_rules import apply_token_rules
+from llmbatch.runtime.token_rules import apply_token_rules, ban_bad_words
 from llmbatch.runtime.truncation import truncate
 
 _LOGPROBS = attrgetter("logprobs")
@@ -249,6 +249,10 @@ class Sampler:
                 raise ValueError("rows with penalties, a grammar or min_tokens need "
                                  "requests[row]")
             # Structured outputs: only what the row's grammar accepts next.
+            bad = [r for r, p in enumerate(params) if p.bad_words]
+            if bad:
+                logits = ban_bad_words(logits, bad, [requests[r] for r in bad],
+                                       [output_indices[r] for r in bad])
             gram = [r for r, p in enumerate(params) if p.structured_outputs is not None]
             if gram:
                 logits = mask_logits(logits, gram, [requests[r] for r in gram],

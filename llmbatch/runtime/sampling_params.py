@@ -61,6 +61,8 @@ class SamplingParams:
     # vLLM's structured outputs (runtime/structured_outputs.py): one of {"json": schema},
     # {"json_object": True}, {"regex": ...}, {"choice": [...]}, {"grammar": EBNF}.
     structured_outputs: Optional[dict] = None
+    # vLLM's bad_words: texts the output may never contain as tokens (token_rules.py).
+    bad_words: Optional[list[str]] = None
     # Set by __post_init__. has_penalties: any penalty on (the sampler then needs the
     # request's token history); has_token_rules: allowed_token_ids or logit_bias;
     # edits_logits: any of those or min_tokens (the sampler changes this row's logits before
@@ -105,7 +107,12 @@ class SamplingParams:
         self.has_token_rules = bool(self.allowed_token_ids) or bool(self.logit_bias)
         if self.structured_outputs is not None:
             check_spec(self.structured_outputs)
-        self.needs_history = self.has_penalties or self.structured_outputs is not None
+        if self.bad_words is not None and (not isinstance(self.bad_words, list) or not all(
+                isinstance(w, str) and w.strip() for w in self.bad_words)):
+            raise ValueError(f"bad_words must be a list of non-blank texts, got "
+                             f"{self.bad_words!r}")
+        self.needs_history = (self.has_penalties or self.structured_outputs is not None
+                              or bool(self.bad_words))
         self.edits_logits = (self.needs_history or self.has_token_rules
                              or self.min_tokens > 0)
 

@@ -1,4 +1,4 @@
-"""vLLM's allowed_token_ids and logit_bias on a step's logits (SamplingParams).
+"""vLLM's allowed_token_ids, logit_bias and bad_words on a step's logits (SamplingParams).
 
     allowed_token_ids A: every token id outside A gets -inf, so the row can only emit ids in
         A (vLLM's whitelist; a classification job's label tokens);
@@ -12,6 +12,13 @@ logprobs stay those of the raw logits (sampler.py), as for the penalties.
 Both depend on nothing but the row's params, not on its token history: unlike the penalties
 they need no synchronous steps and work on speculative verify rows (every verify position of a
 row gets the same rule, so the acceptance test stays lossless).
+
+bad_words (ban_bad_words): vLLM's. Each word is tokenized as written and with one leading space
+(the forms it takes at the start of a text and after a space: bad_word_sequences). A one-token
+form is banned always; a longer one only when the output so far ends with all its tokens but
+the last, which is then banned: the word can never be completed. Output tokens only, not the
+prompt (vLLM's). This one reads the history: such rows need the synchronous steps of the
+penalties (SamplingParams.needs_history).
 
 Cost: per step, host lists of the ruled rows' ids (prepared once per SamplingParams and kept on
 it) and one or two index writes into a (rows, V) copy; nothing for steps without rules.
@@ -56,3 +63,46 @@ def apply_token_rules(logits: torch.Tensor, rows: Sequence[int], params: Sequenc
                              host_to_device(bias_ids, torch.int64, device)),
                             host_to_device(bias_values, torch.float32, device), accumulate=True)
     return logits.index_copy(0, rows_t, sub)
+
+
+def bad_word_sequences(tokenizer, words) -> list[list[int]]:
+    """The token sequences of `words` a row must never complete: each word as written (left
+    whitespace stripped) and with one leading space, deduplicated, in order."""
+    seqs: list[list[int]] = []
+    for word in words:
+        for prefix in ("", " "):
+            ids = list(tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False))
+            if ids and ids not in seqs:
+                seqs.append(ids)
+    return seqs
+
+
+def ban_bad_words(logits: torch.Tensor, rows: Sequence[int], requests: Sequence,
+                  output_indices: Sequence[int]) -> torch.Tensor:
+    """logits (num_rows, V) float32 -> a copy where row rows[i] cannot emit the token that
+    would complete one of requests[i].bad_words_ids after its output so far. The output must
+    be complete (a synchronous step): the row samples output token output_indices[i]."""
+    flat_rows, flat_ids = [], []
+    for row, req, idx in zip(rows, requests, output_indices):
+        out = req.output_token_ids
+        if idx != len(out):
+            raise RuntimeError(f"request {req.request_id!r}: a bad_words row samples output "
+                               f"token {idx} but the host has {len(out)}")
+        for seq in req.bad_words_ids:
+            k = len(seq) - 1
+            if k == 0 or (len(out) >= k and out[len(out) - k:] == seq[:-1]):
+                flat_rows.append(row)
+                flat_ids.append(seq[-1])
+    return ban_tokens(logits, flat_rows, flat_ids)
+
+
+def ban_tokens(logits: torch.Tensor, flat_rows: list[int], flat_ids: list[int]) -> torch.Tensor:
+    """A copy of logits (num_rows, V) with -inf at each (flat_rows[j], flat_ids[j]); the
+    logits themselves when there is none."""
+    if not flat_ids:
+        return logits
+    device = logits.device
+    logits = logits.clone()
+    logits[host_to_device(flat_rows, torch.int64, device),
+           host_to_device(flat_ids, torch.int64, device)] = float("-inf")
+    return logits
