@@ -25,7 +25,11 @@ LEFT_OUT_AT = {"sampling.repetition_penalty": 1.0, "sampling.presence_penalty": 
                "sampling.include_stop_str_in_output": False,
                "sampling.skip_special_tokens": True, "sampling.allowed_token_ids": None,
                "sampling.logit_bias": None, "sampling.prompt_logprobs": None,
-               "sampling.structured_outputs": None, "sampling.bad_words": None}
+               "sampling.structured_outputs": None, "sampling.bad_words": None,
+               "model.lora": None, "model.continue_final_message": False}
+# Mapping-valued keys compared and shown whole ("sampling.logit_bias null -> {5: 2.0}"), not
+# split into sub-keys as sections are.
+WHOLE_VALUES = {"sampling.logit_bias", "sampling.structured_outputs"}
 _MAX_VALUE = 40             # characters of one value in a message (a template's sha256 is 71)
 _MAX_KEYS = 6               # differing keys named in one message
 _CONTEXT = 16               # characters shown before where two long values first differ
@@ -36,7 +40,7 @@ def _flatten(settings: dict, prefix: str = "") -> dict[str, Any]:
     (an empty one flattened away made {a: {}} and {} compare equal)."""
     flat: dict[str, Any] = {}
     for key, value in settings.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict) and value and f"{prefix}{key}" not in WHOLE_VALUES:
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value

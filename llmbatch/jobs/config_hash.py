@@ -72,7 +72,7 @@ def hashed_settings(spec: "JobSpec", shard_count: int) -> dict:
     for dotted, neutral in LEFT_OUT_AT.items():
         section, key = dotted.split(".")
         if settings[section].get(key) == neutral:   # floats (1 is 1.0); -0.0 == 0.0 too
-            del settings[section][key]
+            settings[section].pop(key, None)        # model keys' dumps leave them out already
     # As a manifest entry reads it back, so recorded and current settings compare equal.
     return json.loads(json.dumps(settings, default=str))
 

@@ -158,6 +158,10 @@ def _annotation(keys: list[str]) -> Any:
 def _takes_mapping(annotation: Any) -> bool:
     """Whether a field of this type is a section or a mapping-valued key (a pydantic model
     or a dict)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        # Optional[dict[...]] (sampling.logit_bias, structured_outputs): its non-None member.
+        return any(_takes_mapping(member) for member in typing.get_args(annotation)
+                   if member is not type(None))
     return (isinstance(annotation, type) and issubclass(annotation, BaseModel)) \
         or annotation is dict or typing.get_origin(annotation) is dict
 

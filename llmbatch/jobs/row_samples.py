@@ -51,10 +51,14 @@ class RowSamples:
 
     @staticmethod
     def sample_params(params, sample_index: int):
-        """The row's SamplingParams for sample `sample_index` (only the seed differs)."""
+        """The row's SamplingParams for sample `sample_index`: its own seed, and no
+        prompt_logprobs (the prompt's scores are sample 0's, copied to the others by
+        add_result: scoring takes no prefix-cache hit, so each sample would compute the whole
+        prompt again for the same column)."""
         if sample_index == 0:
             return params
-        return dataclasses.replace(params, seed=derive_seed(params.seed, sample_index))
+        return dataclasses.replace(params, seed=derive_seed(params.seed, sample_index),
+                                   prompt_logprobs=None)
 
     def row_of(self, request_id) -> Optional[dict]:
         """The input part of the request's row, or None when no row in flight has that id."""
@@ -77,6 +81,9 @@ class RowSamples:
         if any(s is None for s in slots):
             return None
         del self._pending[row_index]
+        if "prompt_logprobs" in slots[0]:          # one prompt, one score (sample_params)
+            for other in slots[1:]:
+                other["prompt_logprobs"] = slots[0]["prompt_logprobs"]
         return row_index, slots
 
     def expand(self, row: dict) -> list[dict]:
