@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,16 +34,14 @@ LOGPROBS_TYPE = pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.flo
 
 
 def output_schema(input_schema: pa.Schema, keep_columns: list[str],
-                  id_column: Optional[str], with_logprobs: bool = False,
-                  with_sample_index: bool = False,
-                  with_prompt_logprobs: bool = False) -> pa.Schema:
-    """Kept input columns, then the fixed result columns of the output contract (plus
-    `logprobs` when the job asks for them, and `sample_index` after `id` when each row is
-    sampled sampling.n > 1 times)."""
+                  id_column: Optional[str], extra_output: Sequence[str] = ()) -> pa.Schema:
+    """Kept input columns, then the fixed result columns of the output contract, with the
+    optional columns named in `extra_output` (JobSpec.extra_output_columns): `sample_index`
+    after `id` (sampling.n > 1), `logprobs` and `prompt_logprobs` last."""
     fields = [input_schema.field(c) for c in keep_columns]
     id_type = input_schema.field(id_column).type if id_column else pa.int64()
     fields.append(pa.field("id", id_type))
-    if with_sample_index:
+    if "sample_index" in extra_output:
         fields.append(pa.field("sample_index", pa.int32()))
     fields += [
         pa.field("output_text", pa.string()),
@@ -58,9 +56,9 @@ def output_schema(input_schema: pa.Schema, keep_columns: list[str],
         pa.field("latency_s", pa.float64()),
         pa.field("spec_accepted_tokens", pa.int64()),
     ]
-    if with_logprobs:
+    if "logprobs" in extra_output:
         fields.append(pa.field("logprobs", LOGPROBS_TYPE))
-    if with_prompt_logprobs:   # the same type; its first element is null (no context)
+    if "prompt_logprobs" in extra_output:   # the same type; its first element is null
         fields.append(pa.field("prompt_logprobs", LOGPROBS_TYPE))
     return pa.schema(fields)
 

@@ -6,7 +6,7 @@ completed here; `io/writer.py` turns a list of them into a part with the contrac
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 
 def logprobs_to_rows(logprobs: Optional[list[dict]]) -> Optional[list[dict]]:
@@ -30,8 +30,9 @@ def prompt_logprobs_to_rows(entries: Optional[list]) -> Optional[list[Optional[d
     return [None] + logprobs_to_rows(entries[1:])
 
 
-def fill_from_result(row: dict, result, with_logprobs: bool,
-                     with_prompt_logprobs: bool = False) -> dict:
+def fill_from_result(row: dict, result, extra_output: Sequence[str] = ()) -> dict:
+    """extra_output: the job's optional columns (JobSpec.extra_output_columns); the logprobs
+    ones among them are filled from the result."""
     row.update(output_text=result.output_text, output_token_ids=list(result.output_token_ids),
                finish_reason=result.finish_reason, error=result.error,
                num_prompt_tokens=result.num_prompt_tokens,
@@ -39,9 +40,9 @@ def fill_from_result(row: dict, result, with_logprobs: bool,
                num_output_tokens=result.num_output_tokens, ttft_s=result.ttft_s,
                tpot_s=result.tpot_s, latency_s=result.latency_s,
                spec_accepted_tokens=result.spec_accepted_tokens)
-    if with_logprobs:
+    if "logprobs" in extra_output:
         row["logprobs"] = logprobs_to_rows(getattr(result, "logprobs", None))
-    if with_prompt_logprobs:
+    if "prompt_logprobs" in extra_output:
         row["prompt_logprobs"] = prompt_logprobs_to_rows(getattr(result, "prompt_logprobs",
                                                                  None))
     return row

@@ -175,13 +175,11 @@ class JobRunner:
         self._shard, self._plan = shard, plan
         # The rows handed to the engine, until all sampling.n samples of each are back.
         self._samples = RowSamples(spec.sampling.n)
-        # An extra `logprobs` column only when asked for (job-wide or per row).
-        self._with_logprobs = spec.wants_logprobs
-        self._with_prompt_logprobs = spec.wants_prompt_logprobs
+        # The optional output columns this job writes (sample_index, logprobs, prompt_logprobs):
+        # one list for the schema and for filling the rows.
+        self._extra_output = spec.extra_output_columns
         schema = output_schema(self._source.schema, spec.input.keep_columns,
-                               spec.input.id_column, self._with_logprobs,
-                               with_sample_index=spec.sampling.n > 1,
-                               with_prompt_logprobs=self._with_prompt_logprobs)
+                               spec.input.id_column, self._extra_output)
         committed = self.manifest.recover(shard.index, plan.row_start)
         if self.manifest.dropped:     # data was damaged or lost: say so whatever the progress mode
             stderr_line(f"llmbatch: output.path {spec.output.path}: {self.manifest.dropped}")
@@ -293,8 +291,7 @@ class JobRunner:
             raise RowError(f"row {row['id']!r}: {result.error} (on_row_error: fail)")
         try:
             done = self._samples.add_result(
-                result.request_id, lambda r: fill_from_result(r, result, self._with_logprobs,
-                                                              self._with_prompt_logprobs))
+                result.request_id, lambda r: fill_from_result(r, result, self._extra_output))
         except DuplicateSample:
             raise InternalError(f"engine returned request id {result.request_id!r} "
                                 f"twice") from None
