@@ -16,7 +16,8 @@ import pyarrow as pa
 
 from llmbatch.io.prompts import check_columns
 from llmbatch.jobs.errors import InvalidInputError
-from llmbatch.jobs.sampling_values import FLOAT_KEYS, INT_KEYS
+from llmbatch.jobs.sampling_values import (BOOL_KEYS, FLOAT_KEYS, INT_KEYS, TEXTS_KEYS,
+                                           TOKEN_IDS_KEYS)
 
 
 def _unwrap(kind: pa.DataType) -> pa.DataType:
@@ -53,14 +54,13 @@ _FLOAT = (_number, "a number column (float or int)")
 ACCEPTED: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
     **{key: _INT for key in INT_KEYS},
     **{key: _FLOAT for key in FLOAT_KEYS},
-    **{key: (pa.types.is_boolean, "a bool column")
-       for key in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")},
+    **{key: (pa.types.is_boolean, "a bool column") for key in BOOL_KEYS},
     **{key: (lambda kind: _text(kind) or _list_of(_text)(kind),
-             "a string column or a list of strings") for key in ("stop", "bad_words")},
+             "a string column or a list of strings") for key in TEXTS_KEYS},
     "structured_outputs": (_text, "a string column (the JSON text of a structured_outputs "
                                   "mapping)"),
     **{key: (_list_of(pa.types.is_integer), "a list of integers (list<int64>)")
-       for key in ("stop_token_ids", "allowed_token_ids")},
+       for key in TOKEN_IDS_KEYS},
 }
 
 

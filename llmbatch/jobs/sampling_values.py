@@ -46,6 +46,9 @@ INT_KEYS = ("max_new_tokens", "top_k", "seed", "logprobs", "min_tokens", "prompt
 # Their ranges are SamplingParams' own: a value out of range is that row's error there.
 FLOAT_KEYS = ("temperature", "top_p", "repetition_penalty", "presence_penalty",
               "frequency_penalty", "min_p")
+BOOL_KEYS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
+TEXTS_KEYS = ("stop", "bad_words")                      # a text, or a list of texts
+TOKEN_IDS_KEYS = ("stop_token_ids", "allowed_token_ids")  # a list of token ids
 
 
 def row_value(key: str, value):
@@ -78,11 +81,11 @@ def row_value(key: str, value):
                 or not math.isfinite(value):
             raise bad("a finite number")
         return float(value)
-    if key in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+    if key in BOOL_KEYS:
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
-    if key in ("stop", "bad_words"):
+    if key in TEXTS_KEYS:
         items = [value] if isinstance(value, str) else value
         # A stop string may be whitespace ("\n"); a bad word may not (it would ban nothing).
         usable = (lambda v: v.strip()) if key == "bad_words" else (lambda v: v)
@@ -100,7 +103,7 @@ def row_value(key: str, value):
                 raise bad("the JSON text of a structured_outputs mapping") from None
         check_spec(spec)        # its ValueError is the row's error
         return spec
-    if key in ("stop_token_ids", "allowed_token_ids"):
+    if key in TOKEN_IDS_KEYS:
         if not isinstance(value, list) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
             raise bad("a list of integers >= 0")
