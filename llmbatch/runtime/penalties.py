@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from llmbatch.runtime.device import host_to_device
-from llmbatch.runtime.token_rules import ban_tokens
+from llmbatch.runtime.token_rules import ban_tokens, full_history
 
 
 def _unique_prompt_ids(req) -> list[int]:
@@ -47,12 +47,7 @@ def penalize(logits: torch.Tensor, rows: Sequence[int], params: Sequence, reques
     `rows[i]`, whose request is requests[i] sampling output token output_indices[i]."""
     out_ids, seen_rows, seen_ids, count_rows = [], [], [], []
     for i, (req, idx) in enumerate(zip(requests, output_indices)):
-        output = req.output_token_ids
-        if idx != len(output):
-            raise RuntimeError(
-                f"request {req.request_id!r}: a penalized row samples output token {idx} but "
-                f"the host has {len(output)}; penalties need the full history (a synchronous "
-                f"step without drafts)")
+        output = full_history(req, idx, "penalized", "penalties")
         if params[i].repetition_penalty != 1.0:
             prompt = _unique_prompt_ids(req)
             seen_ids += prompt

@@ -159,6 +159,8 @@ def mask_logits(logits, rows: Sequence[int], requests: Sequence, output_indices:
     import torch
     import xgrammar as xgr
 
+    from llmbatch.runtime.device import host_to_device
+
     n, vocab = len(rows), logits.shape[1]
     bitmask = xgr.allocate_token_bitmask(n, vocab)             # (n, ceil(V / 32)) int32, CPU
     for i, (req, idx) in enumerate(zip(requests, output_indices)):
@@ -168,7 +170,7 @@ def mask_logits(logits, rows: Sequence[int], requests: Sequence, output_indices:
                 f"its grammar has {req.num_grammar_tokens}; it needs every token so far (a "
                 f"synchronous step without drafts)")
         req.grammar.fill_next_token_bitmask(bitmask, i)
-    rows_t = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
+    rows_t = host_to_device(list(rows), torch.int64, logits.device)
     sub = logits.index_select(0, rows_t)
     xgr.apply_token_bitmask_inplace(sub, bitmask.to(logits.device, non_blocking=True))
     return logits.index_copy(0, rows_t, sub)

@@ -77,6 +77,19 @@ def bad_word_sequences(tokenizer, words) -> list[list[int]]:
     return seqs
 
 
+def full_history(req, output_index: int, row_kind: str, needers: str) -> list[int]:
+    """req's output ids, checked to be every token before the one its row samples
+    (output_index): rows that read the history (penalties, bad words) sample only in a
+    synchronous step without drafts. row_kind / needers name them in the error."""
+    out = req.output_token_ids
+    if output_index != len(out):
+        raise RuntimeError(
+            f"request {req.request_id!r}: a {row_kind} row samples output token {output_index} "
+            f"but the host has {len(out)}; {needers} need the full history (a synchronous "
+            f"step without drafts)")
+    return out
+
+
 def ban_bad_words(logits: torch.Tensor, rows: Sequence[int], requests: Sequence,
                   output_indices: Sequence[int]) -> torch.Tensor:
     """logits (num_rows, V) float32 -> a copy where row rows[i] cannot emit the token that
@@ -84,10 +97,7 @@ def ban_bad_words(logits: torch.Tensor, rows: Sequence[int], requests: Sequence,
     be complete (a synchronous step): the row samples output token output_indices[i]."""
     flat_rows, flat_ids = [], []
     for row, req, idx in zip(rows, requests, output_indices):
-        out = req.output_token_ids
-        if idx != len(out):
-            raise RuntimeError(f"request {req.request_id!r}: a bad_words row samples output "
-                               f"token {idx} but the host has {len(out)}")
+        out = full_history(req, idx, "bad_words", "bad words")
         for seq in req.bad_words_ids:
             k = len(seq) - 1
             if k == 0 or (len(out) >= k and out[len(out) - k:] == seq[:-1]):
