@@ -25,7 +25,7 @@ from llmbatch.runtime.seeded_uniforms import default_seed
 from llmbatch.runtime.stop_checker import StopChecker
 from llmbatch.runtime.stop_rules import apply_stop_rules, fold_stop_rules, output_text
 from llmbatch.runtime.structured_outputs import load_structured_outputs
-from llmbatch.runtime.token_rules import bad_word_sequences
+from llmbatch.runtime.token_rules import BadWordsCache
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,16 @@ class Engine(SpeculationMixin):
         self.eos_token_ids = self._find_eos_token_ids()
         self.vocab_size = self.runner.hf_config.vocab_size
         self._live_ids: set = set()      # ids of admitted, unfinished requests
-        # Those of them with penalties or a grammar: their rows read the host's token history, so while one
-        # of them is running (a token of it may be in flight) steps run synchronously
-        # (penalties.py). Waiting ones cost nothing: admission runs far ahead of scheduling.
-        self._penalized_ids: set = set()
+        # Those of them whose rows read the host's token history (SamplingParams.needs_history:
+        # penalties, bad words, a grammar): while one of them is running (a token of it may be
+        # in flight) steps run synchronously. Waiting ones cost nothing: admission runs far
+        # ahead of scheduling.
+        self._history_ids: set = set()
         # Structured outputs' grammar compiler, built by the first structured request (None
         # until then; _structured_error says why it could not be built).
         self._structured = None
         self._structured_error: Optional[str] = None
+        self._bad_words = BadWordsCache(self.tokenizer)   # bad_words -> token sequences
         self.block_manager = BlockManager(
             self.runner.num_kv_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, max_model_len=self.max_model_len)
@@ -123,13 +125,14 @@ class Engine(SpeculationMixin):
 
     def step(self) -> list[GenerationResult]:
         if self.async_scheduling:
-            if not self._speculates_next_step() and not self._penalized_running():
+            if not self._speculates_next_step() and not self._history_rows_running():
                 return self._step_async()
             if self._in_flight is not None:
                 # The next step drafts (the proposer reads every token so far and verification
-                # runs synchronously) or samples with penalties (they read the host's token
-                # history), so the step in flight is collected first (no overlap for this one
-                # step; drafting: at most a few such switches a job, as the batch shrinks).
+                # runs synchronously) or samples a row that reads the host's token history
+                # (penalties, bad words, a grammar), so the step in flight is collected first
+                # (no overlap for this one step; drafting: at most a few such switches a job,
+                # as the batch shrinks).
                 in_flight, self._in_flight = self._in_flight, None
                 return self._collect(*in_flight)
             try:
@@ -140,9 +143,10 @@ class Engine(SpeculationMixin):
                 self.scheduler.drop_all_drafts()
         return self._step_sync()
 
-    def _penalized_running(self) -> bool:
-        """A running request samples with penalties (its next row needs every token so far)."""
-        return bool(self._penalized_ids) and any(
+    def _history_rows_running(self) -> bool:
+        """A running request's rows read its token history (SamplingParams.needs_history):
+        its next row needs every token so far."""
+        return bool(self._history_ids) and any(
             r.sampling_params.needs_history for r in self.scheduler.running)
 
     def _step_sync(self) -> list[GenerationResult]:
@@ -235,7 +239,7 @@ class Engine(SpeculationMixin):
             if reason is not None:
                 self.scheduler.finish_request(req, reason)
                 self._live_ids.discard(req.request_id)
-                self._penalized_ids.discard(req.request_id)
+                self._history_ids.discard(req.request_id)
                 req.finish_time = now
                 finished.append(self._result(req))
         return finished
@@ -314,8 +318,7 @@ class Engine(SpeculationMixin):
             if self.tokenizer is None:
                 error = "bad_words needs the model's tokenizer"
             else:
-                req.bad_words_ids = bad_word_sequences(self.tokenizer,
-                                                       req.sampling_params.bad_words)
+                req.bad_words_ids = self._bad_words(req.sampling_params.bad_words)
         if error is not None:
             self._counters["num_error_requests"] += 1
             req.status = RequestStatus.FINISHED
@@ -327,7 +330,7 @@ class Engine(SpeculationMixin):
         req.arrival_time = time.perf_counter()
         self._live_ids.add(req.request_id)
         if req.sampling_params.needs_history:
-            self._penalized_ids.add(req.request_id)
+            self._history_ids.add(req.request_id)
         self.scheduler.add_request(req)
         return None
 

@@ -28,9 +28,8 @@ def why_never_runs(engine, req: Request) -> Optional[str]:
     for name, ids in (("allowed_token_ids", params.allowed_token_ids),
                       ("logit_bias", params.logit_bias)):
         # The sampler indexes (rows, vocab) logits with them: an id past it must not get there.
-        bad = max(ids, default=None) if ids else None
-        if bad is not None and bad >= vocab_size:
-            return f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})"
+        if ids and max(ids) >= vocab_size:
+            return f"{name}: token id {max(ids)} is outside the vocabulary [0, {vocab_size})"
     if params.structured_outputs is not None:
         # Both would fight the grammar: a row all -inf emits a token the grammar refuses.
         if params.min_tokens > 0:

@@ -19,9 +19,11 @@ Logprobs are the log-softmax of the RAW logits (before penalties, temperature, t
 and top-p), which is vLLM's default ("raw_logprobs"): they describe the model, not the sampling
 transform, and do not become -inf for tokens the truncation removed.
 
-Order, as vLLM's: penalties on the logits (rows that ask; they change greedy rows too), then
-per sampled row temperature, min-p (against the most likely token), top-k, top-p over the
-survivors, Gumbel-max.
+Order, as vLLM's: the logits edits of the rows that ask (they change greedy rows too):
+allowed ids and logit bias (token_rules.py), bad words, the grammar mask
+(structured_outputs.py), penalties, min_tokens (penalties.py); then per sampled row
+temperature, min-p (against the most likely token), top-k, top-p over the survivors,
+Gumbel-max.
 
 Invariants: greedy rows (temperature == 0) take torch.argmax of the (penalized) logits (ties:
 the lowest token id) and no noise is computed for them. All results reach the host in ONE
@@ -238,7 +240,7 @@ class Sampler:
         logits = logits.float()
         device = logits.device
         raw = logits                                            # for logprobs
-        # any(...) in C first: most steps have no row with penalties or min_tokens.
+        # any(...) in C first: most steps have no row that edits its logits.
         if any(map(_EDITS_LOGITS, params)):
             # vLLM's order: the token rules (allowed ids, logit bias), then the penalties.
             ruled = [r for r, p in enumerate(params) if p.has_token_rules]
@@ -248,11 +250,11 @@ class Sampler:
                     p.needs_history or p.min_tokens for p in params):
                 raise ValueError("rows with penalties, a grammar or min_tokens need "
                                  "requests[row]")
-            # Structured outputs: only what the row's grammar accepts next.
             bad = [r for r, p in enumerate(params) if p.bad_words]
             if bad:
                 logits = ban_bad_words(logits, bad, [requests[r] for r in bad],
                                        [output_indices[r] for r in bad])
+            # Structured outputs: only what the row's grammar accepts next.
             gram = [r for r, p in enumerate(params) if p.structured_outputs is not None]
             if gram:
                 logits = mask_logits(logits, gram, [requests[r] for r in gram],

@@ -63,15 +63,15 @@ class SamplingParams:
     structured_outputs: Optional[dict] = None
     # vLLM's bad_words: texts the output may never contain as tokens (token_rules.py).
     bad_words: Optional[list[str]] = None
-    # Set by __post_init__. has_penalties: any penalty on (the sampler then needs the
-    # request's token history); has_token_rules: allowed_token_ids or logit_bias;
-    # edits_logits: any of those or min_tokens (the sampler changes this row's logits before
-    # choosing). Plain attributes, not properties: the sampler scans
-    # one for every row of every step (attrgetter in C: 7 us for 256 rows on the CPU here, 29
-    # us as a property).
+    # Set by __post_init__. has_penalties: any penalty on; has_token_rules: allowed_token_ids
+    # or logit_bias; edits_logits: any of those, needs_history or min_tokens (the sampler
+    # changes this row's logits before choosing). Plain attributes, not properties: the
+    # sampler scans one for every row of every step (attrgetter in C: 7 us for 256 rows on the
+    # CPU here, 29 us as a property).
     has_penalties: bool = field(init=False, repr=False, compare=False)
-    # needs_history: the sampler reads the request's tokens so far on the host (penalties or
-    # a grammar): the engine runs synchronous steps while it runs, and drafts nothing for it.
+    # needs_history: the sampler reads the request's tokens so far on the host (penalties, bad
+    # words or a grammar): the engine runs synchronous steps while it runs, and drafts nothing
+    # for it.
     needs_history: bool = field(init=False, repr=False, compare=False)
     has_token_rules: bool = field(init=False, repr=False, compare=False)
     edits_logits: bool = field(init=False, repr=False, compare=False)
@@ -129,9 +129,11 @@ class SamplingParams:
             raise ValueError(f"allowed_token_ids must be a non-empty list of token ids >= 0 "
                              f"or null, got {allowed!r}")
         bias = self.logit_bias
-        if bias is not None and (not isinstance(bias, dict) or not all(map(is_id, bias)) or not all(
-                isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
-                for b in bias.values())):
+        def is_bias(b) -> bool:
+            return isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+
+        if bias is not None and (not isinstance(bias, dict) or not all(map(is_id, bias))
+                                 or not all(map(is_bias, bias.values()))):
             raise ValueError(f"logit_bias must map token ids >= 0 to finite numbers, or be "
                              f"null, got {bias!r}")
 

@@ -77,6 +77,25 @@ def bad_word_sequences(tokenizer, words) -> list[list[int]]:
     return seqs
 
 
+class BadWordsCache:
+    """bad_word_sequences per list of words, for one tokenizer: a job's rows share one list
+    (job-wide bad_words), so the words are tokenized once, not at every admission. At most
+    `size` lists are kept (per-row lists may all differ); the oldest goes first."""
+
+    def __init__(self, tokenizer, size: int = 256) -> None:
+        self.tokenizer, self.size = tokenizer, size
+        self._seqs: dict[tuple, list[list[int]]] = {}
+
+    def __call__(self, words) -> list[list[int]]:
+        key = tuple(words)
+        seqs = self._seqs.get(key)
+        if seqs is None:
+            if len(self._seqs) >= self.size:
+                del self._seqs[next(iter(self._seqs))]
+            seqs = self._seqs[key] = bad_word_sequences(self.tokenizer, words)
+        return seqs
+
+
 def full_history(req, output_index: int, row_kind: str, needers: str) -> list[int]:
     """req's output ids, checked to be every token before the one its row samples
     (output_index): rows that read the history (penalties, bad words) sample only in a

@@ -74,3 +74,23 @@ def test_engine_greedy_equals_transformers(hf_setup, tokenizer, setting):
                                 for i, p in enumerate(prompts)])
     assert [results[i].output_token_ids for i in range(len(prompts))] == want
     assert all(results[i].spec_accepted_tokens == 0 for i in range(len(prompts)))
+
+
+def test_the_words_of_a_job_are_tokenized_once(tokenizer):
+    from llmbatch.runtime.token_rules import BadWordsCache
+
+    calls = []
+
+    class Counting:
+        def encode(self, text, add_special_tokens):
+            calls.append(text)
+            return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    cache = BadWordsCache(Counting(), size=2)
+    first = cache(["hello", "world"])
+    assert cache(["hello", "world"]) is first and len(calls) == 4
+    assert first == bad_word_sequences(tokenizer, ["hello", "world"])
+    cache(["a"])
+    cache(["b"])                                  # over size: the oldest list goes
+    cache(["hello", "world"])
+    assert len(calls) == 4 + 2 + 2 + 4

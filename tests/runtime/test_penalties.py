@@ -172,7 +172,7 @@ def test_engine_greedy_with_penalties_matches_the_oracle(hf_and_prompts, tokeniz
         assert sum(accepted[i] for i, p in enumerate(params) if not p.has_penalties) > 0
     if "preemption" in setting:
         assert engine.stats()["num_preemptions"] > 0
-    assert not engine._penalized_ids                  # every penalized request finished
+    assert not engine._history_ids                  # every penalized request finished
 
 
 def test_sampled_rows_with_penalties_are_seeded_and_async_equals_sync(hf_and_prompts, tokenizer):
@@ -208,7 +208,7 @@ def test_penalized_requests_admitted_late_keep_the_job_async_until_they_run(hf_a
                                     enumerate(zip(prompts, params))])
         outs.append([results[i].output_token_ids for i in range(72)])
         async_steps.append((len(calls), engine.stats()["num_steps"]))
-        assert not engine._penalized_ids
+        assert not engine._history_ids
     assert outs[1] == outs[0] and outs[2] == outs[0]
     assert async_steps[0][0] == 0
     steps, total = async_steps[1]
