@@ -15,6 +15,8 @@
 # checks their kernels). Without the wheel the quantized rows say bitsandbytes is missing.
 # Env: PYTHON (default python3), BENCH_ARGS (extra bench.run flags, e.g. "--skip-peers"),
 # PYTEST_TIMEOUT (s, default 230), PYTEST_PATHS (default: all of tests/gpu, core files first),
+# BENCH_RUN=0 (skip the bench: a tests-only call), BENCH_RESERVE (s the bench keeps from
+# pytest's limit; default 220, 90 with --skip-peers in BENCH_ARGS),
 # BENCH_ATTENTION=1 (attention micro-benchmark), BENCH_TIMEOUT (s, default 300), BENCH_MODEL_DIR,
 # BENCH_QUANTIZATION (GPU runs only, default bf16), BENCH_PROFILE=0 (skip the
 # profiled slice), BENCH_UNFUSED=1 (opt-in: W-RANDOM, W-PREFIX and
@@ -30,15 +32,16 @@
 # llmbatch-sync: the A/B of the CUDA default) or engine.skinny_matmul on (llmbatch-skinny, not
 # default), ~20 s each. BENCH_ASYNC=1 (default 0): llmbatch-async, async forced on (same as
 # the default on CUDA).
-# BENCH_PDL_ROWS (default 1 on a GPU, 0 in the dry run): the same three with engine.pdl on
-# (llmbatch-pdl: programmatic dependent launch of our Triton kernels; ~20 s; stop 13's
-# batch-1 sweep found it 2-3 % faster, the only option that beat the defaults: these rows
-# decide whether it becomes the default). BENCH_SKINNY_PDL_ROWS=1 (opt-in): the same three
-# with engine.skinny_matmul and engine.pdl (llmbatch-skinny-pdl).
-# BENCH_GEMV_ROWS (default 1 on a GPU, 0 in the dry run): the same three with
-# engine.skinny_matmul, skinny_gemv and pdl (llmbatch-skinny-gemv-pdl: one-token steps on
-# layers/gemv.py, the W-BATCH1 candidate of stop 15; ~20 s + a batch-1 profile). Compare its
-# W-BATCH1 TPOT with llmbatch-pdl's (PDL alone).
+# Since stop 17 the defaults include skinny_gemv (one-token steps on layers/gemv.py) and pdl
+# (sm_90+). BENCH_OLD_DEFAULTS_ROWS (default 1 on a GPU, 0 in the dry run): W-RANDOM, W-PREFIX
+# and W-BATCH1 once more with both off (llmbatch-old-defaults: the engine of stop 17's
+# "llmbatch" rows, the A/B of the change; ~20 s). BENCH_NO_GEMV_ROWS (same default): with
+# skinny_gemv off (llmbatch-no-gemv, PDL alone). BENCH_NO_PDL_ROWS=1 (opt-in): with pdl off.
+# BENCH_PDL_ROWS=1 (opt-in; repeats the default on sm_90+): llmbatch-pdl.
+# BENCH_SKINNY_PDL_ROWS=1 (opt-in): engine.skinny_matmul and engine.pdl (llmbatch-skinny-pdl).
+# BENCH_GEMV_ROWS=1 (opt-in since stop 17): skinny_matmul, skinny_gemv and pdl
+# (llmbatch-skinny-gemv-pdl: the 16-row skinny tiles for 2-16-token steps too; W-RANDOM 0.93x
+# in stop 17).
 # BENCH_PREFETCH_ROWS=1 (opt-in since stop 13, where the L2 prefetch was 4-8 % slower at batch
 # 1): the same three with engine.l2_prefetch on (llmbatch-l2prefetch; ~20 s).
 # The A/B rows run after the peers: a bench cut by its limit loses them first; for a focused
@@ -93,6 +96,8 @@ trap 'exit 143' TERM   # a stopped script packs too (the EXIT trap runs on exit)
 # its own setting, cut to what the budget leaves once RESERVE seconds are kept for the steps
 # after it (at least 10 s).
 BUDGET="${GPU_CHECK_BUDGET:-575}"
+# The A/B rows and the batch-1 sweep default on for a GPU run, off in the dry run.
+AB_DEFAULT=1; [ "$DRY" = 1 ] && AB_DEFAULT=0
 limit() {   # limit OWN RESERVE -> seconds
   local left=$(( BUDGET - ($(date +%s) - T0) - $2 ))
   local n=$(( $1 < left ? $1 : left ))
@@ -163,7 +168,19 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   # with coreutils timeout under `trap '' INT`).
   # shellcheck disable=SC2086
   # Skinny matmul (opt-in, measured slower) last: a cut run loses it first.
-  PYTEST_LIMIT=$(limit "${PYTEST_TIMEOUT:-230}" 290)   # bench ~220 s + sweep ~70 s after it
+  # What the later steps keep: the bench ~220 s with peers, ~90 s without (BENCH_RESERVE
+  # overrides; 0 with BENCH_RUN=0), the batch-1 sweep ~70 s when it runs. Stop 17's focused
+  # call kept a fixed 290 s whatever ran after, and its pytest got 10 s of a 300 s budget.
+  PYTEST_RESERVE=0
+  if [ "${BENCH_RUN:-1}" = 1 ]; then
+    case " ${BENCH_ARGS:-} " in
+      *" --skip-peers "*) PYTEST_RESERVE=${BENCH_RESERVE:-90} ;;
+      *) PYTEST_RESERVE=${BENCH_RESERVE:-220} ;;
+    esac
+  fi
+  [ "${BENCH_BATCH1_SWEEP:-$AB_DEFAULT}" = 1 ] && PYTEST_RESERVE=$(( PYTEST_RESERVE + 70 ))
+  PYTEST_LIMIT=$(limit "${PYTEST_TIMEOUT:-230}" "$PYTEST_RESERVE")
+  # -v: the log names every test that ran (stop 17's -q log of a cut run held only dots).
   timeout -s INT -k 20 "$PYTEST_LIMIT" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_device_gpu.py \
     tests/gpu/test_triton_attention_gpu.py \
     tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py \
@@ -171,7 +188,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     tests/gpu/test_l2_prefetch_gpu.py tests/gpu/test_pdl_gpu.py \
     tests/gpu/test_async_scheduling_gpu.py \
     tests/gpu/test_int8_matmul_gpu.py tests/gpu/test_nf4_matmul_gpu.py tests/gpu} \
-    --maxfail=20 -q -rfE --durations=12 -p no:cacheprovider 2>&1 \
+    --maxfail=20 -v -rfE --durations=12 -p no:cacheprovider 2>&1 \
     | tee "$OUT_DIR/pytest_gpu.log" | tail -n 40
   PYTEST_RC=${PIPESTATUS[0]}
   [ "$PYTEST_RC" = 5 ] && PYTEST_RC="5 (no tests collected)"
@@ -210,26 +227,33 @@ else
   MODEL_DIR="${BENCH_MODEL_DIR:-${TMPDIR:-/tmp}/llmbatch-bench-model-1b}"
 fi
 [ "${BENCH_UNFUSED:-0}" = 1 ] && MODE_ARGS+=(--unfused)
-AB_DEFAULT=1; [ "$DRY" = 1 ] && AB_DEFAULT=0
 [ "${BENCH_ASYNC:-0}" = 1 ] && MODE_ARGS+=(--async-scheduling)
 [ "${BENCH_SYNC_ROWS:-0}" = 1 ] && MODE_ARGS+=(--sync-scheduling)
 [ "${BENCH_SKINNY_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny)
-[ "${BENCH_PDL_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--pdl)
+[ "${BENCH_OLD_DEFAULTS_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--old-defaults)
+[ "${BENCH_NO_GEMV_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--no-gemv)
+[ "${BENCH_NO_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--no-pdl)
+[ "${BENCH_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--pdl)
 [ "${BENCH_SKINNY_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-pdl)
-[ "${BENCH_GEMV_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--skinny-gemv-pdl)
+[ "${BENCH_GEMV_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-gemv-pdl)
 [ "${BENCH_PREFETCH_ROWS:-0}" = 1 ] && MODE_ARGS+=(--l2-prefetch)
 # A profiled 64-request W-RANDOM slice after llmbatch's bf16 rows (~10 s on a GPU): the kernel
 # table for the next tuning session (OUT_DIR/profile_llmbatch.txt). BENCH_PROFILE=0 skips it.
 [ "${BENCH_PROFILE:-1}" = 1 ] && MODE_ARGS+=(--profile)
 # The checkpoint lives outside OUT_DIR: 2.47 GB must not travel back with the results.
 # shellcheck disable=SC2086
-BENCH_LIMIT=$(limit "${BENCH_TIMEOUT:-300}" 70)   # the batch-1 sweep after it
-timeout "$BENCH_LIMIT" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \
-  --model-dir "$MODEL_DIR" ${BENCH_ARGS:-} >"$OUT_DIR/bench_stdout.log" \
-  2> >(tee "$OUT_DIR/bench_stderr.log" | grep -E '^\[bench|Error|error' >&2)
-BENCH_RC=$?
-wait
-[ "$BENCH_RC" = 124 ] && BENCH_RC="124 (timed out after $BENCH_LIMIT s)"
+if [ "${BENCH_RUN:-1}" = 1 ]; then
+  BENCH_LIMIT=$(limit "${BENCH_TIMEOUT:-300}" 70)   # the batch-1 sweep after it
+  timeout "$BENCH_LIMIT" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \
+    --model-dir "$MODEL_DIR" ${BENCH_ARGS:-} >"$OUT_DIR/bench_stdout.log" \
+    2> >(tee "$OUT_DIR/bench_stderr.log" | grep -E '^\[bench|Error|error' >&2)
+  BENCH_RC=$?
+  wait
+  [ "$BENCH_RC" = 124 ] && BENCH_RC="124 (timed out after $BENCH_LIMIT s)"
+else
+  echo "bench skipped (BENCH_RUN=0)"
+  BENCH_RC=0
+fi
 
 # Batch-1 option sweep (GPU default, ~30 s; BENCH_BATCH1_SWEEP=0 skips): W-BATCH1 on one engine
 # per option of bench/bench_batch1.py, on the checkpoint bench.run just used.
@@ -242,8 +266,10 @@ fi
 echo "=== gpu_check done in $(( $(date +%s) - T0 )) s: pytest rc=$PYTEST_RC, bench rc=$BENCH_RC, JSON in $OUT_DIR"
 # bench.run's stdout: the label line, any FAILED line, then the table (printed last). When the
 # bench was cut short, the table of what it measured, rebuilt from the partial JSON.
-if grep -q '^workload | system' "$OUT_DIR/bench_stdout.log"; then
+if grep -qs '^workload | system' "$OUT_DIR/bench_stdout.log"; then
   cat "$OUT_DIR/bench_stdout.log"
+elif [ "${BENCH_RUN:-1}" != 1 ]; then
+  :   # no bench this call
 elif [ -f "$OUT_DIR/results.json" ]; then
   echo "PARTIAL (bench did not finish): table of the figures measured so far"
   "$PY" -m bench.report "$OUT_DIR/results.json"

@@ -40,7 +40,7 @@ AB_VARIANTS = {
                       "<= 16 tokens)", "skinny matmul runs on CUDA only"),
     "pdl": Variant("--pdl", {"pdl": True},
                    "EngineConfig.pdl on (programmatic dependent launch of our Triton kernels, "
-                   "sm_90+; the one batch-1 option that beat the defaults in stop 13)",
+                   "sm_90+; the default there since stop 17, so these rows repeat llmbatch's)",
                    "PDL runs on CUDA only"),
     "skinny-pdl": Variant("--skinny-pdl", {"skinny_matmul": True, "pdl": True},
                           "EngineConfig.skinny_matmul and EngineConfig.pdl on (programmatic "
@@ -57,6 +57,16 @@ AB_VARIANTS = {
                                "skinny_matmul, skinny_gemv and pdl on (the gemv launches and "
                                "our other Triton kernels with programmatic dependent launch, "
                                "sm_90+)", "skinny gemv with PDL runs on CUDA only"),
+    # The A/B of stop 17's default change (skinny_gemv and pdl went from off to auto-on):
+    "old-defaults": Variant("--old-defaults", {"skinny_gemv": False, "pdl": False},
+                            "EngineConfig.skinny_gemv and pdl off (the defaults until stop 17: "
+                            "cuBLAS for one-token steps, no programmatic dependent launch)",
+                            "skinny gemv and PDL run on CUDA only"),
+    "no-gemv": Variant("--no-gemv", {"skinny_gemv": False},
+                       "EngineConfig.skinny_gemv off (PDL alone: the gemv path's share of "
+                       "the default)", "skinny gemv runs on CUDA only"),
+    "no-pdl": Variant("--no-pdl", {"pdl": False},
+                      "EngineConfig.pdl off (the gemv path alone)", "PDL runs on CUDA only"),
     "l2prefetch": Variant("--l2-prefetch", {"l2_prefetch": True},
                           "EngineConfig.l2_prefetch on (steps of <= 16 tokens touch the qkv and "
                           "o_proj weights into L2 on a side stream ahead of use)",

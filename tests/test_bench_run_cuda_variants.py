@@ -1,6 +1,7 @@
 """bench/run.py's CUDA-only A/B variants (--pdl: llmbatch-pdl, EngineConfig.pdl; --skinny-pdl:
 llmbatch-skinny-pdl, EngineConfig.skinny_matmul + pdl; --l2-prefetch: llmbatch-l2prefetch,
-EngineConfig.l2_prefetch; --skinny-gemv[-pdl]: skinny_matmul + skinny_gemv [+ pdl]): off by
+EngineConfig.l2_prefetch; --skinny-gemv[-pdl]: skinny_matmul + skinny_gemv [+ pdl];
+--old-defaults / --no-gemv / --no-pdl: the auto-on skinny_gemv and pdl turned off): off by
 default, skipped with a reason on CPU, and built with their engine overrides on CUDA."""
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ CASES = {
     "skinny-gemv-pdl": ("--skinny-gemv-pdl", "skinny_gemv_pdl",
                         "skinny gemv with PDL runs on CUDA only",
                         {"skinny_matmul": True, "skinny_gemv": True, "pdl": True}),
+    "old-defaults": ("--old-defaults", "old_defaults", "skinny gemv and PDL run on CUDA only",
+                     {"skinny_gemv": False, "pdl": False}),
+    "no-gemv": ("--no-gemv", "no_gemv", "skinny gemv runs on CUDA only", {"skinny_gemv": False}),
+    "no-pdl": ("--no-pdl", "no_pdl", "PDL runs on CUDA only", {"pdl": False}),
 }
 
 

@@ -148,10 +148,15 @@ class EngineSection(_Section):
     async_scheduling: Optional[bool] = None
     # nf4 layers on our Triton w4a16 GEMM instead of bitsandbytes; slower so far (RESULTS.md).
     nf4_triton_gemm: bool = False
-    # Fused Triton matmuls for decode steps of <= 16 tokens (CUDA, TP 1, dense); not yet measured.
+    # Fused Triton matmuls for decode steps of <= 16 tokens (CUDA, TP 1, dense); slower than
+    # cuBLAS at 2-16 tokens on an H200 (W-RANDOM 0.93x, bench/RESULTS.md stop 17): opt-in.
     skinny_matmul: bool = False
-    # sm_90+: our Triton kernels use programmatic dependent launch; unmeasured.
-    pdl: bool = False
+    # One-token steps on our one-row Triton GEMVs with fused norms / epilogues. null (auto): on
+    # for CUDA, TP 1, dense weights (H200: W-BATCH1 TPOT 1.127 -> 1.054 ms, stop 17).
+    skinny_gemv: Optional[bool] = None
+    # sm_90+: our Triton kernels use programmatic dependent launch. null (auto): on for sm_90+
+    # (H200: 1.02-1.03x at batch 1, the same tokens, stops 13 and 17).
+    pdl: Optional[bool] = None
     # Touch the small matmuls' weights into L2 ahead of use at small batch; unmeasured.
     l2_prefetch: bool = False
     # null or 0: the model's max_position_embeddings; longer than that runs with the model's,
@@ -238,7 +243,8 @@ class JobSpec(_Section):
             planner_window=e.planner_window * self.sampling.n,
             attention_backend=e.attention_backend, cuda_graphs=e.cuda_graphs,
             fused_kernels=e.fused_kernels, async_scheduling=e.async_scheduling,
-            skinny_matmul=e.skinny_matmul, pdl=e.pdl, nf4_triton_gemm=e.nf4_triton_gemm,
+            skinny_matmul=e.skinny_matmul, skinny_gemv=e.skinny_gemv, pdl=e.pdl,
+            nf4_triton_gemm=e.nf4_triton_gemm,
             l2_prefetch=e.l2_prefetch,
             tensor_parallel_size=self.parallel.tensor_parallel_size,
             quantization=self.quantization.method,

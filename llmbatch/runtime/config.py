@@ -43,15 +43,19 @@ class EngineConfig:
     # (layers/skinny_matmul.py: norm prologues, residual and SiLU·mul epilogues); needs
     # fused_kernels on CUDA, tensor_parallel_size 1, no quantization. Untuned: off by default.
     skinny_matmul: bool = False
-    # Opt-in, with skinny_matmul: single-token steps (batch-1 decode) take layers/gemv.py's
-    # one-row kernels (same fusions, split-K reduced in the same launch) instead of the 16-row
-    # skinny tiles. Unmeasured (written without a GPU): bench --skinny-gemv, bench_gemv_layouts.
-    skinny_gemv: bool = False
-    # Opt-in, on Hopper (sm_90+) with fused_kernels: our Triton kernels (RMSNorm, SiLU·mul,
-    # rotary, attention, the split reduce, skinny) use programmatic dependent launch (each may
-    # start while the previous one drains; ~1.3 us launch gap per kernel in the decode CUDA
-    # graph). Unmeasured: bench_batch1's "PDL launches" row. Ignored (logged) elsewhere.
-    pdl: bool = False
+    # One-token steps (batch-1 decode) run each Llama-family layer on layers/gemv.py's one-row
+    # kernels (RMSNorm prologue, residual / SiLU·mul epilogues: 7 launches a layer instead of
+    # 10). None (auto): on for CUDA with fused_kernels, tensor_parallel_size 1 and dense
+    # weights; measured on an H200 (stop 17): W-BATCH1 TPOT 1.127 -> 1.054 ms on one engine.
+    # Steps of 2+ tokens keep the unfused layers unless skinny_matmul is on too. False: off;
+    # True: on where it can apply, logged where it cannot.
+    skinny_gemv: Optional[bool] = None
+    # Our Triton kernels (RMSNorm, SiLU·mul, rotary, attention, the split reduce, skinny, gemv)
+    # use programmatic dependent launch on Hopper (sm_90+): each may start while the previous
+    # one drains. None (auto): on for sm_90+ CUDA with fused_kernels; measured on an H200 in
+    # stops 13 and 17: W-BATCH1 1.02-1.03x, W-RANDOM 1.02x, W-PREFIX 1.00x, the same tokens.
+    # False: off; True: on where it can apply, logged where it cannot.
+    pdl: Optional[bool] = None
     # Opt-in: steps of <= 16 tokens touch each layer's qkv and o_proj weights into L2 on a side
     # stream while the cheap kernels before them run (models/llama_prefetch.py); CUDA, fused
     # kernels, dense weights, not with skinny_matmul. Unmeasured: bench --l2-prefetch.

@@ -9,15 +9,17 @@
                                   bnb.matmul_4bit
     skinny_matmul   (opt-in)      steps of <= 16 tokens run 6-launch decoder layers
                                   (models/llama_skinny.py); tensor_parallel_size 1, dense
-    skinny_gemv     (opt-in)      with skinny_matmul: one-token steps on layers/gemv.py
-    pdl             (opt-in)      our Triton kernels (fused, attention, skinny) launch with
-                                  programmatic dependent launch (sm_90+; runtime/pdl.py)
+    skinny_gemv     (auto: on)    one-token steps run those layers on layers/gemv.py's
+                                  one-row kernels (7 launches); tensor_parallel_size 1, dense
+    pdl             (auto: sm_90) our Triton kernels (fused, attention, skinny, gemv) launch
+                                  with programmatic dependent launch (runtime/pdl.py)
     l2_prefetch     (opt-in)      steps of <= 16 tokens touch the small matmuls' weights into
                                   L2 on a side stream ahead of use (models/llama_prefetch.py);
                                   dense weights, not with skinny_matmul
 
 All of them need CUDA: on the CPU the Triton interpreter would be far slower than torch, so the
-options are ignored there (logged), as they are when they cannot apply. The switches are flags
+options are ignored there, as they are when they cannot apply: logged when the config asked
+for them (True), silently for the auto ones (None) left at their default. The switches are flags
 on the model's modules, set once after loading and before CUDA graphs are captured.
 """
 
@@ -56,7 +58,8 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
     paths = KernelPaths()
     pdl_switch.set_enabled(False)   # process-wide: a previous engine's setting must not leak
     if not getattr(config, "fused_kernels", False):
-        asked = [o for o in ("skinny_matmul", "pdl", "l2_prefetch") if getattr(config, o, False)]
+        asked = [o for o in ("skinny_matmul", "skinny_gemv", "pdl", "l2_prefetch")
+                 if getattr(config, o, False) is True]
         if asked:  # they run on top of the fused kernels (EngineConfig)
             logger.info("%s ignored: needs fused_kernels", " and ".join(asked))
         return paths
@@ -93,25 +96,11 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
         setattr(paths, f"{method}_triton_layers", layers)
         setattr(paths, f"{method}_triton_error", error)
 
-    pdl = bool(getattr(config, "pdl", False))
-    if pdl and torch.cuda.get_device_capability(device)[0] < 9:
+    pdl_asked = getattr(config, "pdl", None)   # None: auto, on where it can apply
+    pdl = pdl_asked is not False and _pdl_capable(device)
+    if pdl_asked is True and not pdl:
         logger.info("pdl ignored: programmatic dependent launch needs sm_90 or newer")
-        pdl = False
-    if getattr(config, "skinny_matmul", False):
-        from llmbatch.runtime.models.llama_skinny import enable_skinny_matmul
-
-        gemv = bool(getattr(config, "skinny_gemv", False))
-        dense = tp_size == 1 and quantization == "none"
-        if dense and enable_skinny_matmul(model, pdl=pdl, gemv_rows=gemv):
-            paths.skinny_matmul, paths.skinny_pdl, paths.skinny_gemv = True, pdl, gemv
-            logger.info("skinny_matmul on: fused decoder layers for steps of <= 16 tokens"
-                        + (", one-token steps on the gemv kernels" if gemv else "")
-                        + (", programmatic dependent launch" if pdl else ""))
-        else:
-            logger.info("skinny_matmul ignored: needs tensor_parallel_size 1, unquantized "
-                        "weights and a Llama-family model")
-    elif getattr(config, "skinny_gemv", False):
-        logger.info("skinny_gemv ignored: it runs inside skinny_matmul's layers (turn both on)")
+    _enable_skinny_layers(model, config, tp_size, quantization, pdl, paths)
     if pdl:
         pdl_switch.set_enabled(True)
         paths.pdl = True
@@ -121,9 +110,51 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
     return paths
 
 
+def _pdl_capable(device: torch.device) -> bool:
+    """sm_90+ (griddepcontrol). False where CUDA cannot answer (the tests run the CUDA branch
+    on CPU tensors)."""
+    try:
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    except (AssertionError, RuntimeError):
+        return False
+
+
+def _enable_skinny_layers(model, config, tp_size: int, quantization: str, pdl: bool,
+                          paths: KernelPaths) -> None:
+    """skinny_matmul: steps of <= 16 tokens on models/llama_skinny.py's fused layers;
+    skinny_gemv (auto on): one-token steps on its one-row kernels, with or without
+    skinny_matmul. An explicit l2_prefetch turns the auto gemv off (the prefetch hooks live in
+    the unfused layers; one or the other)."""
+    skinny = bool(getattr(config, "skinny_matmul", False))
+    gemv_asked = getattr(config, "skinny_gemv", None)
+    if gemv_asked is None and getattr(config, "l2_prefetch", False) and not skinny:
+        gemv_asked = False
+    gemv = gemv_asked is not False
+    if not (skinny or gemv):
+        return
+    from llmbatch.runtime.models.llama_skinny import enable_skinny_matmul
+
+    dense = tp_size == 1 and quantization == "none"
+    if dense and enable_skinny_matmul(model, pdl=pdl, gemv_rows=gemv, small_steps=skinny):
+        paths.skinny_matmul, paths.skinny_gemv, paths.skinny_pdl = skinny, gemv, pdl
+        if skinny:
+            logger.info("skinny_matmul on: fused decoder layers for steps of <= 16 tokens"
+                        + (", one-token steps on the gemv kernels" if gemv else "")
+                        + (", programmatic dependent launch" if pdl else ""))
+        else:
+            logger.info("skinny_gemv on: one-token steps on the one-row gemv kernels"
+                        + (", programmatic dependent launch" if pdl else ""))
+        return
+    asked = [o for o, on in (("skinny_matmul", skinny), ("skinny_gemv", gemv_asked is True))
+             if on]
+    if asked:
+        logger.info("%s ignored: needs tensor_parallel_size 1, unquantized weights and a "
+                    "Llama-family model", " and ".join(asked))
+
+
 def _enable_l2_prefetch(model, device: torch.device, paths: KernelPaths) -> None:
-    if paths.skinny_matmul:
-        logger.info("l2_prefetch ignored: the skinny_matmul layers are on (one or the other)")
+    if paths.skinny_matmul or paths.skinny_gemv:
+        logger.info("l2_prefetch ignored: the skinny layers are on (one or the other)")
         return
     from llmbatch.runtime.models.llama_prefetch import enable_l2_prefetch
 

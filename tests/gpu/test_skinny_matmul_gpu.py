@@ -131,15 +131,19 @@ def greedy_outputs(tmp_path_factory, variants: list[dict], max_num_seqs: int = 8
     prompts = make_prompts(12, seed=5)
     outputs = []
     for overrides in variants:
+        # Every option explicit (skinny_gemv and pdl default on since stop 17): {} is the
+        # unfused engine without PDL.
+        overrides = dict(dict(skinny_gemv=False, pdl=False), **overrides)
         engine = Engine(EngineConfig(model=str(path), device="cuda", dtype="float32",
                                      attention_backend="triton", max_num_seqs=max_num_seqs,
                                      kv_cache_blocks=1024, **overrides), tokenizer=tokenizer)
         model = engine.runner.model.model
-        assert model.use_skinny_matmul is overrides.get("skinny_matmul", False)
+        assert model.use_skinny_matmul is (overrides.get("skinny_matmul", False)
+                                           or overrides["skinny_gemv"])
         # skinny_gemv engaged: the model holds its arrival counters (llama_skinny)
         assert ((getattr(model, "skinny_gemv_counters", None) is not None)
-                is overrides.get("skinny_gemv", False))
-        assert getattr(model, "skinny_pdl", False) is overrides.get("pdl", False)
+                is overrides["skinny_gemv"])
+        assert getattr(model, "skinny_pdl", False) is overrides["pdl"]
         assert engine.runner.cuda_graph_error is None  # the graphs were captured (and checked)
         params = SamplingParams(max_new_tokens=12, ignore_eos=True)
         done = {r.request_id: r for r in

@@ -178,6 +178,11 @@ def test_async_and_skinny_keys_map_and_keep_the_hash():
     assert skinny.config_hash(1) == base.config_hash(1)
     pdl = load_job(job(model={"path": "m"}, engine={"skinny_matmul": True, "pdl": True}))
     assert pdl.engine_config().pdl is True and pdl.config_hash(1) == base.config_hash(1)
+    # skinny_gemv and pdl are auto (null) by default: the engine decides per device.
+    assert (base.engine_config().skinny_gemv, base.engine_config().pdl) == (None, None)
+    off = load_job(job(model={"path": "m"}, engine={"skinny_gemv": False, "pdl": False}))
+    assert (off.engine_config().skinny_gemv, off.engine_config().pdl) == (False, False)
+    assert off.config_hash(1) == base.config_hash(1)
     # With speculation, the engine drafts in synchronous steps at small batches (Engine.step).
     with_spec = load_job(job(model={"path": "m"}, engine={"async_scheduling": True},
                              speculative={"method": "ngram"})).engine_config()

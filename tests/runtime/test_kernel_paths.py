@@ -29,6 +29,9 @@ def test_options_needing_fused_kernels_are_ignored_with_a_log(caplog):
     with caplog.at_level("INFO", logger="llmbatch.runtime.kernel_paths"):
         assert enable_kernel_paths(nn.Sequential(), off, torch.device("cuda"), 1,
                                    "none") == KernelPaths()
+        # the auto options (skinny_gemv, pdl at None) are not named: nobody asked for them
+        assert enable_kernel_paths(nn.Sequential(), EngineConfig(model="m", fused_kernels=False),
+                                   torch.device("cuda"), 1, "none") == KernelPaths()
     assert [r.getMessage() for r in caplog.records] == [
         "skinny_matmul and pdl ignored: needs fused_kernels"]
 
@@ -55,27 +58,101 @@ def test_l2_prefetch_on_cuda_unless_skinny_matmul_is_on(tmp_path, monkeypatch, c
         paths = enable_kernel_paths(model, both, torch.device("cuda"), 1, "none")
     assert (paths.skinny_matmul, paths.l2_prefetch_weights) == (True, 0)
     assert model.model.l2_prefetcher is None
-    assert "l2_prefetch ignored: the skinny_matmul layers are on (one or the other)" in [
+    assert "l2_prefetch ignored: the skinny layers are on (one or the other)" in [
         r.getMessage() for r in caplog.records]
 
 
-def test_skinny_gemv_rides_on_skinny_matmul(tmp_path, caplog):
-    """The CUDA branch on CPU tensors: skinny_gemv with skinny_matmul allocates the model's
-    zeroed gemv counters; alone it is ignored with a log (it runs inside skinny's layers)."""
+def test_skinny_gemv_is_on_by_default_for_one_token_steps(tmp_path, caplog):
+    """The CUDA branch on CPU tensors: with the defaults (skinny_gemv None = auto), one-token
+    steps take the gemv layers (zeroed counters, skinny_max_tokens 1) and steps of 2+ tokens
+    stay unfused; with skinny_matmul too, steps up to 16 tokens fuse. PDL stays off where the
+    device reports no sm_90 (here: no CUDA at all), silently since nobody asked for it."""
     pytest.importorskip("triton")
     from tests.runtime.test_models import load_ours, make_hf_model
 
     model = load_ours(make_hf_model("llama-gqa-hd32-tied-llama3", tmp_path), tmp_path)
-    both = EngineConfig(model="m", skinny_matmul=True, skinny_gemv=True)
-    paths = enable_kernel_paths(model, both, torch.device("cuda"), 1, "none")
-    assert (paths.skinny_matmul, paths.skinny_gemv) == (True, True)
-    assert int(model.model.skinny_gemv_counters.abs().sum()) == 0
-    alone = EngineConfig(model="m", skinny_gemv=True)
+    inner = model.model
     with caplog.at_level("INFO", logger="llmbatch.runtime.kernel_paths"):
-        paths = enable_kernel_paths(model, alone, torch.device("cuda"), 1, "none")
-    assert (paths.skinny_matmul, paths.skinny_gemv) == (False, False)
-    assert "skinny_gemv ignored: it runs inside skinny_matmul's layers (turn both on)" in [
-        r.getMessage() for r in caplog.records]
+        paths = enable_kernel_paths(model, EngineConfig(model="m"), torch.device("cuda"), 1,
+                                    "none")
+    assert (paths.skinny_matmul, paths.skinny_gemv, paths.skinny_pdl, paths.pdl) == \
+        (False, True, False, False)
+    assert (inner.use_skinny_matmul, inner.skinny_max_tokens) == (True, 1)
+    assert int(inner.skinny_gemv_counters.abs().sum()) == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "skinny_gemv on: one-token steps on the one-row gemv kernels"]
+    both = EngineConfig(model="m", skinny_matmul=True)
+    paths = enable_kernel_paths(model, both, torch.device("cuda"), 1, "none")
+    assert (paths.skinny_matmul, paths.skinny_gemv, inner.skinny_max_tokens) == (True, True, 16)
+    alone = EngineConfig(model="m", skinny_matmul=True, skinny_gemv=False)
+    paths = enable_kernel_paths(model, alone, torch.device("cuda"), 1, "none")
+    assert (paths.skinny_matmul, paths.skinny_gemv, inner.skinny_gemv_counters) == \
+        (True, False, None)
+
+
+def test_skinny_gemv_off_explicitly_or_where_it_cannot_apply(tmp_path, caplog):
+    pytest.importorskip("triton")
+    from llmbatch.runtime.models import llama_skinny
+    from tests.runtime.test_models import load_ours, make_hf_model
+
+    model = load_ours(make_hf_model("llama-gqa-hd32-tied-llama3", tmp_path), tmp_path)
+    off = EngineConfig(model="m", skinny_gemv=False)
+    assert enable_kernel_paths(model, off, torch.device("cuda"), 1, "none").skinny_gemv is False
+    assert model.model.use_skinny_matmul is False
+    with caplog.at_level("INFO", logger="llmbatch.runtime.kernel_paths"):
+        auto_tp2 = enable_kernel_paths(model, EngineConfig(model="m"), torch.device("cuda"), 2,
+                                       "none")
+        assert caplog.records == []          # auto: silent where it cannot apply
+        asked = EngineConfig(model="m", skinny_gemv=True)
+        asked_nf4 = enable_kernel_paths(model, asked, torch.device("cuda"), 1, "nf4")
+    assert (auto_tp2.skinny_gemv, asked_nf4.skinny_gemv) == (False, False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "skinny_gemv ignored: needs tensor_parallel_size 1, unquantized weights and a "
+        "Llama-family model"]
+    with pytest.raises(ValueError, match="small_steps=False needs gemv_rows=True"):
+        llama_skinny.enable_skinny_matmul(model, small_steps=False)
+
+
+def test_pdl_is_on_by_default_on_sm90_and_can_be_turned_off(monkeypatch, caplog):
+    from llmbatch.runtime import kernel_paths, pdl
+
+    monkeypatch.setattr(kernel_paths.torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    try:
+        on = enable_kernel_paths(nn.Sequential(RMSNorm(8)), EngineConfig(model="m"),
+                                 torch.device("cuda"), 1, "none")
+        assert (on.pdl, pdl.enabled()) == (True, True)
+        off = enable_kernel_paths(nn.Sequential(RMSNorm(8)), EngineConfig(model="m", pdl=False),
+                                  torch.device("cuda"), 1, "none")
+        assert (off.pdl, pdl.enabled()) == (False, False)
+        monkeypatch.setattr(kernel_paths.torch.cuda, "get_device_capability",
+                            lambda d=None: (8, 0))
+        with caplog.at_level("INFO", logger="llmbatch.runtime.kernel_paths"):
+            auto = enable_kernel_paths(nn.Sequential(RMSNorm(8)), EngineConfig(model="m"),
+                                       torch.device("cuda"), 1, "none")
+            assert caplog.records == []      # auto on an A100: off, silently
+            asked = enable_kernel_paths(nn.Sequential(RMSNorm(8)),
+                                        EngineConfig(model="m", pdl=True),
+                                        torch.device("cuda"), 1, "none")
+        assert (auto.pdl, asked.pdl, pdl.enabled()) == (False, False, False)
+        assert [r.getMessage() for r in caplog.records] == [
+            "pdl ignored: programmatic dependent launch needs sm_90 or newer"]
+    finally:
+        pdl.set_enabled(False)   # process-wide: never leak into other tests
+
+
+def test_explicit_l2_prefetch_turns_the_auto_gemv_off(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    from llmbatch.runtime.layers.l2_prefetch import L2Prefetcher
+    from llmbatch.runtime.models import llama_prefetch
+    from tests.runtime.test_models import load_ours, make_hf_model
+
+    monkeypatch.setattr(llama_prefetch, "L2Prefetcher",
+                        lambda device: L2Prefetcher(torch.device("cpu")))
+    model = load_ours(make_hf_model("llama-gqa-hd32-tied-llama3", tmp_path), tmp_path)
+    paths = enable_kernel_paths(model, EngineConfig(model="m", l2_prefetch=True),
+                                torch.device("cuda"), 1, "none")
+    assert (paths.skinny_gemv, paths.l2_prefetch_weights) == (False, 4)
+    assert model.model.use_skinny_matmul is False
 
 
 def test_engine_stats_report_the_paths_taken(llama_setup):

@@ -117,6 +117,17 @@ def test_skinny_applies_only_to_matching_small_steps(model):
     assert not llama_skinny.skinny_applies(model.model, hidden.half())  # weights are float32
 
 
+def test_gemv_only_path_takes_one_token_steps_alone(model):
+    """skinny_gemv without skinny_matmul (the CUDA default): skinny_max_tokens 1, so a
+    one-token step takes the path and a 2-token step stays unfused."""
+    assert llama_skinny.enable_skinny_matmul(model, gemv_rows=True, small_steps=False)
+    width = model.config.hidden_size
+    assert llama_skinny.skinny_applies(model.model, torch.zeros(1, width))
+    assert not llama_skinny.skinny_applies(model.model, torch.zeros(2, width))
+    llama_skinny.disable_skinny_matmul(model)
+    assert model.model.skinny_max_tokens == 16
+
+
 def test_with_fused_kernels_and_triton_attention_matches_torch_path(tmp_path):
     """The GPU configuration (fused norms, rotary + K/V store kernel, triton attention) with
     the skinny path on, against the plain torch path: 2 decode-like sequences of 4 + 3 tokens."""
@@ -158,9 +169,11 @@ def test_engine_flag_is_ignored_on_cpu(llama_setup):
     assert getattr(engine.runner.model.model, "skinny_pdl", False) is False
 
 
-def test_engine_greedy_tokens_equal_with_the_path_forced_on(llama_setup, monkeypatch):
-    """End to end through the engine (prefill falls back, decode steps of <= 4 tokens fuse):
-    the same greedy tokens as the unfused engine."""
+def greedy_unfused_then_forced(llama_setup, monkeypatch, force, num_prompts, max_new,
+                               **engine_kwargs):
+    """Greedy tokens of `num_prompts` prompts on the CPU engine as built (unfused), then with
+    force(engine) switching the skinny path on; also the token count of every step that took
+    the path (skinny_model_forward calls)."""
     from llmbatch.runtime.request import Request
     from llmbatch.runtime.sampling_params import SamplingParams
     from tests.runtime.tiny_models import generate, make_prompts, new_engine
@@ -169,18 +182,44 @@ def test_engine_greedy_tokens_equal_with_the_path_forced_on(llama_setup, monkeyp
     real = llama_skinny.skinny_model_forward
     monkeypatch.setattr(llama_skinny, "skinny_model_forward",
                         lambda m, h, *a: calls.append(h.shape[0]) or real(m, h, *a))
-
-    prompts = make_prompts(4, seed=7)
-    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    prompts = make_prompts(num_prompts, seed=7)
+    params = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
     outputs = []
     for forced in (False, True):
-        engine = new_engine(llama_setup, max_num_seqs=4, kv_cache_blocks=64)
-        engine.runner.model.model.use_skinny_matmul = forced
+        engine = new_engine(llama_setup, kv_cache_blocks=64, **engine_kwargs)
+        if forced:
+            force(engine)
         done = generate(engine, [Request(i, p, params) for i, p in enumerate(prompts)])
         outputs.append([done[i].output_token_ids for i in range(len(prompts))])
-    assert outputs[1] == outputs[0]
-    assert all(len(o) == 6 for o in outputs[1])
+    return outputs, calls
+
+
+def test_engine_greedy_tokens_equal_with_the_path_forced_on(llama_setup, monkeypatch):
+    """End to end through the engine (prefill falls back, decode steps of <= 4 tokens fuse):
+    the same greedy tokens as the unfused engine."""
+    def force(engine):
+        engine.runner.model.model.use_skinny_matmul = True
+
+    (unfused, fused), calls = greedy_unfused_then_forced(llama_setup, monkeypatch, force, 4, 6,
+                                                         max_num_seqs=4)
+    assert fused == unfused
+    assert all(len(o) == 6 for o in fused)
     assert len(calls) >= 5 and max(calls) <= 4  # the decode steps, fused
+
+
+def test_engine_greedy_tokens_equal_on_the_gemv_only_path(llama_setup, monkeypatch):
+    """The CUDA default (skinny_gemv auto, no skinny_matmul) forced on a CPU engine: batch-1
+    decode steps run on layers/gemv.py, prefill steps stay unfused, and the greedy tokens are
+    the unfused engine's."""
+    def force(engine):
+        assert llama_skinny.enable_skinny_matmul(engine.runner.model, gemv_rows=True,
+                                                 small_steps=False)
+
+    (unfused, gemv_only), calls = greedy_unfused_then_forced(llama_setup, monkeypatch, force,
+                                                             2, 5, max_num_seqs=1)
+    assert gemv_only == unfused
+    assert all(len(o) == 5 for o in gemv_only)
+    assert calls == [1] * 8   # 4 decode steps a prompt, one token each; prefills unfused
 
 
 def test_gemv_rows_run_one_token_steps_and_match_unfused(model, monkeypatch):

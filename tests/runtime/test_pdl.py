@@ -1,5 +1,5 @@
 """runtime/pdl.py: the process-wide PDL switch, set by kernel_paths per engine (on only for
-EngineConfig.pdl on sm_90+ CUDA with fused kernels; every other engine turns it off), and read
+EngineConfig.pdl True or None (auto) on sm_90+ CUDA with fused kernels; every other engine turns it off), and read
 by every PDL-capable launcher (fused kernels, rotary, attention, split reduce). The kernels'
 PDL path itself needs a GPU (tests/gpu, bench_batch1's row); bench/compile_kernels.py
 compiles it for sm_90."""
@@ -39,7 +39,8 @@ def test_kernel_paths_set_the_switch_per_engine(monkeypatch):
     paths = enable_kernel_paths(model, EngineConfig(model="m", pdl=True), cuda, 1, "none")
     assert paths.pdl is True and pdl.enabled()
     # The next engine without pdl (or on an older card, or on CPU) turns it off again.
-    assert enable_kernel_paths(model, EngineConfig(model="m"), cuda, 1, "none").pdl is False
+    assert enable_kernel_paths(model, EngineConfig(model="m", pdl=False), cuda, 1,
+                               "none").pdl is False
     assert not pdl.enabled()
     enable_kernel_paths(model, EngineConfig(model="m", pdl=True), cuda, 1, "none")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))

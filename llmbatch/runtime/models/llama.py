@@ -234,9 +234,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    # Set by runtime/kernel_paths.py (EngineConfig.skinny_matmul): steps of <= 16 tokens run
-    # the fused 6-launch layers of models/llama_skinny.py.
+    # Set by runtime/kernel_paths.py (EngineConfig.skinny_matmul / skinny_gemv): small steps run
+    # the fused layers of models/llama_skinny.py.
     use_skinny_matmul: bool = False
+    # Largest step (tokens) that takes the skinny path: 16 with skinny_matmul, 1 when only
+    # EngineConfig.skinny_gemv is on (llama_skinny.enable_skinny_matmul sets it).
+    skinny_max_tokens: int = 16
     # Set by models/llama_prefetch.py (EngineConfig.l2_prefetch; never with skinny_matmul):
     # the hook touching layer 0's qkv weight, and the side stream's owner, joined at the end.
     l2_prefetch = None

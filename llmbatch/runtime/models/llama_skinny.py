@@ -1,4 +1,5 @@
-"""The Llama-family decode path on skinny matmuls (EngineConfig.skinny_matmul; opt-in).
+"""The Llama-family decode path on skinny matmuls (EngineConfig.skinny_matmul, opt-in) and on
+one-row GEMVs (EngineConfig.skinny_gemv, on by default on CUDA since stop 17).
 
 For steps of at most 16 tokens (batch-1..16 decode, small verify steps) a decoder layer runs as
 
@@ -22,7 +23,10 @@ EngineConfig.pdl (sm_90+) it also sets model.skinny_pdl: every skinny launch the
 programmatic dependent launch (layers/skinny_matmul.py). With EngineConfig.skinny_gemv,
 one-token steps (batch-1 decode) call layers/gemv.py instead: the same fusions on one row,
 split-K reduced inside the launch; model.skinny_gemv_counters is its arrival-counter buffer,
-allocated here before any graph capture and left all zero by every call.
+allocated here before any graph capture and left all zero by every call. skinny_gemv without
+skinny_matmul (the default) sets model.skinny_max_tokens to 1: only one-token steps take this
+path; steps of 2+ tokens stay on the unfused layers (the 16-row skinny kernels measured slower
+than cuBLAS there: W-RANDOM 0.93x in stop 17).
 """
 
 from __future__ import annotations
@@ -40,14 +44,19 @@ def _linears(layer):
     return (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
 
 
-def enable_skinny_matmul(model, pdl: bool = False, gemv_rows: bool = False) -> bool:
+def enable_skinny_matmul(model, pdl: bool = False, gemv_rows: bool = False,
+                         small_steps: bool = True) -> bool:
     """Switch the fused path on for every LlamaModel inside `model` whose linear layers are all
     dense and unsharded (tp_size 1, no quant_method); returns True when at least one was.
     pdl: its kernels launch with programmatic dependent launch (EngineConfig.pdl; the caller
     checked for CUDA sm_90+). gemv_rows: one-token steps use layers/gemv.py
-    (EngineConfig.skinny_gemv)."""
+    (EngineConfig.skinny_gemv). small_steps: steps of 2..16 tokens take the 16-row skinny
+    kernels too (EngineConfig.skinny_matmul); without it only one-token steps take this path
+    (gemv_rows must then be set)."""
     from llmbatch.runtime.models.llama import LlamaModel
 
+    if not (small_steps or gemv_rows):
+        raise ValueError("enable_skinny_matmul: small_steps=False needs gemv_rows=True")
     enabled = False
     for module in model.modules():
         if not isinstance(module, LlamaModel):
@@ -55,6 +64,7 @@ def enable_skinny_matmul(model, pdl: bool = False, gemv_rows: bool = False) -> b
         ok = all(lin.quant_method is None and lin.tp_size == 1
                  for layer in module.layers for lin in _linears(layer))
         module.use_skinny_matmul = ok
+        module.skinny_max_tokens = sm.MAX_M if small_steps else 1
         module.skinny_pdl = ok and pdl
         module.skinny_gemv_counters = _gemv_counters(module) if ok and gemv_rows else None
         enabled = enabled or ok
@@ -69,6 +79,7 @@ def disable_skinny_matmul(model) -> None:
         if isinstance(module, LlamaModel):
             module.use_skinny_matmul = module.skinny_pdl = False
             module.skinny_gemv_counters = None
+            module.skinny_max_tokens = sm.MAX_M
 
 
 def _gemv_counters(module) -> torch.Tensor:
@@ -86,7 +97,8 @@ def _gemv_counters(module) -> torch.Tensor:
 
 def skinny_applies(model, hidden: torch.Tensor) -> bool:
     """hidden (num_tokens, hidden_size): the step is small enough and the weights match it."""
-    if not 1 <= hidden.shape[0] <= sm.MAX_M or not len(model.layers):
+    max_tokens = getattr(model, "skinny_max_tokens", sm.MAX_M)  # 1: one-token steps only
+    if not 1 <= hidden.shape[0] <= max_tokens or not len(model.layers):
         return False
     return sm.skinny_matmul_supported(hidden, model.layers[0].self_attn.qkv_proj.weight)
 
