@@ -157,8 +157,11 @@ def gemv_missing(recorded) -> str:
 
     keys, pdl = recorded
     b16 = lambda *s: torch.zeros(*s, dtype=torch.bfloat16)  # noqa: E731
-    for pdl[0] in (False, True):
-        _gemv_layer(torch.bfloat16, 2048, 2048, 512, 8192)      # bench.run --skinny-gemv, 1B
+    for gv_prefetch in (False, True):                          # bench_batch1's prefetch row
+        gv.set_weight_prefetch(gv_prefetch)
+        for pdl[0] in (False, True):
+            _gemv_layer(torch.bfloat16, 2048, 2048, 512, 8192)  # bench.run --skinny-gemv, 1B
+    gv.set_weight_prefetch(False)
     pdl[0] = False
     _gemv_layer(torch.float32, 128, 256, 128, 256)             # tests/gpu engine test
     c = torch.zeros(1 << 15, dtype=torch.int32)
@@ -186,6 +189,13 @@ def gemv_missing(recorded) -> str:
         gv.gemv_linear(x, w, b, norm_weight=nw, gate_up=True, config=chain, counters=c)
         gv.gemv_linear(b16(1, 768), b16(2048, 768), residual=x, config=chain, counters=c)
         gv.gemv_linear(x, w, norm_weight=nw, config=chain, counters=c)
+    pdl[0] = True
+    for cfg in (chain, None):                                  # the chain with the prefetch on
+        gv.gemv_linear(x, w, b, norm_weight=nw, gate_up=True, config=cfg, counters=c,
+                       prefetch=True)
+        gv.gemv_linear(b16(1, 768), b16(2048, 768), residual=x, config=cfg, counters=c,
+                       prefetch=True)
+        gv.gemv_linear(x, w, norm_weight=nw, config=cfg, counters=c, prefetch=True)
     pdl[0] = False
     variants = {variant_key(v) for v in ck._variants() if v[0].startswith("gemv")}
     missing = {key for key in keys if key[0] == "_gemv_kernel"} - variants

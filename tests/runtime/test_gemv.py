@@ -10,6 +10,10 @@ the one that reduces; the tests check the reduced result, that every output elem
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,7 @@ CONFIGS = [gemv.GemvConfig(block_n=16, block_k=32, split_k=1),
            gemv.GemvConfig(block_n=32, block_k=64, split_k=2),
            gemv.GemvConfig(block_n=16, block_k=64, split_k=4)]
 SHAPES = [(48, 96), (40, 200), (160, 256)]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def zero_counters(n: int = 64) -> torch.Tensor:
@@ -132,3 +137,85 @@ def test_pick_config_covers_the_1b_decode_shapes():
     assert gemv.pick_config(512, 128, gate_up=True) == gemv.GemvConfig(
         block_n=16, block_k=128, num_warps=8, split_k=1)
     assert gemv.pick_config(128, 8) == gemv.GemvConfig(block_n=16, block_k=16, split_k=1)
+
+
+# Weight prefetch (PREFETCH_W): the first weight tile loaded before the PDL wait, the loop's
+# first iteration peeled onto it. Kinds as llama_skinny launches them, plus bias alone and
+# gate_up without the norm; the configs have several chunks per split after the peeled one
+# (K = 200: split 1 in 32-chunks, split 2 in 64-chunks) and short or empty last splits (K = 96
+# in 64-chunks split 4: [0, 64), [64, 96), then two empty ranges; K = 200 split 4: [192, 200)).
+PREFETCH_KINDS = {"plain": lambda b, nw, r: {}, "bias": lambda b, nw, r: dict(bias=b),
+                  "norm": lambda b, nw, r: dict(bias=b, norm_weight=nw, eps=EPS),
+                  "residual": lambda b, nw, r: dict(residual=r),
+                  "gate_up": lambda b, nw, r: dict(bias=b, norm_weight=nw, eps=EPS, gate_up=True),
+                  "gate_up_no_norm": lambda b, nw, r: dict(gate_up=True)}
+PREFETCH_CONFIGS = [gemv.GemvConfig(block_n=16, block_k=32, split_k=1),
+                    gemv.GemvConfig(block_n=32, block_k=64, split_k=2),
+                    gemv.GemvConfig(block_n=16, block_k=64, split_k=4)]
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("kind", list(PREFETCH_KINDS))
+def test_weight_prefetch_is_bitwise_the_plain_loop(dtype, kind):
+    """prefetch=True vs False: every element written (NaN-poisoned outputs and workspaces) and
+    bitwise equal, for every config and shape; the counters left zero."""
+    for n, k in ((48, 96), (40, 200)):
+        n_w = 2 * n if kind.startswith("gate_up") else n
+        x, w, b, nw = operands(1, n_w, k, dtype, seed=50)
+        r = operands(1, n, k, dtype, seed=51)[0][:, :n].contiguous()
+        kwargs = PREFETCH_KINDS[kind](b, nw, r)
+        for cfg in [None] + PREFETCH_CONFIGS:
+            counters = zero_counters()
+            off = gemv.gemv_linear(x, w, config=cfg, counters=counters, prefetch=False, **kwargs)
+            on = gemv.gemv_linear(x, w, config=cfg, counters=counters, prefetch=True, **kwargs)
+            assert on.shape == (1, n) and not on.isnan().any(), (n, k, cfg)
+            assert torch.equal(on, off), (n, k, cfg)
+            assert int(counters.abs().sum()) == 0, (n, k, cfg)
+
+
+class PrefetchRecorder:
+    """Stands in for _gemv_kernel: records each launch's PREFETCH_W, then runs the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.prefetch = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.prefetch.append(kwargs["PREFETCH_W"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+def test_weight_prefetch_switch_and_keyword_reach_the_launch(monkeypatch):
+    """Off by default; set_weight_prefetch turns it on for later launches; prefetch= overrides
+    the switch both ways; the result is the same every time."""
+    monkeypatch.setattr(gemv, "_weight_prefetch", gemv._weight_prefetch)  # restored afterwards
+    rec = PrefetchRecorder(gemv._gemv_kernel)
+    monkeypatch.setattr(gemv, "_gemv_kernel", rec)
+    x, w, b, nw = operands(1, 48, 96, torch.float32, seed=60)
+    cfg = gemv.GemvConfig(block_n=16, block_k=32, split_k=1)
+
+    def call(**kwargs):
+        return gemv.gemv_linear(x, w, b, norm_weight=nw, eps=EPS, config=cfg, **kwargs)
+
+    gemv.set_weight_prefetch(False)
+    want = call()
+    assert gemv.weight_prefetch_enabled() is False
+    gemv.set_weight_prefetch(True)
+    assert gemv.weight_prefetch_enabled() is True
+    results = [call(), call(prefetch=False)]
+    gemv.set_weight_prefetch(False)
+    results += [call(prefetch=True), call(prefetch=None)]
+    assert rec.prefetch == [False, True, False, True, False]
+    for got in results:
+        assert torch.equal(got, want)
+
+
+def test_weight_prefetch_is_off_by_default():
+    """In a fresh process (this one's tests may have turned the switch on and off)."""
+    code = "from llmbatch.runtime.layers import gemv; print(gemv.weight_prefetch_enabled())"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr[-2000:]

@@ -23,6 +23,16 @@ own reduce launch. Counters: an int32 tensor of at least cdiv(N, BLOCK_N) zeros 
 keeps (models/llama_skinny.py allocates one per model before capture); every call leaves it
 all zero again.
 
+Weight prefetch (opt-in, unmeasured; set_weight_prefetch or gemv_linear(prefetch=True)): with
+PDL (runtime/pdl.py) a kernel of ours may be resident while the previous one runs, since ours
+release their dependents at their start; but today its first load waits for griddepcontrol.wait.
+W is written by no kernel of a decode step, so with PREFETCH_W a program loads its first weight
+tile (both tiles for gate_up) before the wait, and the K loop's first iteration, peeled, uses
+it: that tile's DRAM latency overlaps the previous kernel. Stop 17 measured the small matmuls at
+~2 TB/s of the H200's 4.25 (qkv 12.6 MB in 5.7 us), much of it ramp-up; whether this recovers
+some is bench_batch1's row to show. Same products added in the same order: bitwise equal to
+PREFETCH_W=False. Without PDL it only moves the first load ahead of the norm prologue's pass.
+
 Not batch invariant with skinny_matmul (another summation order): M = 1 steps through here and
 M > 1 steps through skinny_linear differ in float32 rounding, like any two GEMM kernels.
 
@@ -44,6 +54,28 @@ from llmbatch.runtime.layers.skinny_matmul import _epilogue_store, _rms_normed, 
 from llmbatch.runtime.pdl import pdl_wait_then_release
 
 MAX_SPLIT_K = 16  # the last-arrival reduce unrolls its loop over the splits
+
+# Weight prefetch before the PDL wait (PREFETCH_W), process-wide like runtime/pdl.py's switch:
+# gemv_linear reads it at each launch (its prefetch= argument overrides it), so a CUDA graph
+# keeps what it captured; no EngineConfig sets it (bench_batch1's prefetch row will). Opt-in
+# and UNMEASURED (written without a GPU). What to measure, on sm_90+ with PDL in a batch-1
+# decode graph: the decode TPOT and the kernel times of qkv / o_proj / gate_up / down against
+# the switch off (stop 17: qkv 5.7 us, o_proj 4.9 us). Known from compiling for sm_90 here: the
+# SASS issues the tile's 8 LDG.128 a thread before ACQBULK (griddepcontrol.wait); the tile kept
+# in registers through the norm pass takes the 1B qkv kernel from 128 to 142 registers a thread
+# (4 -> 3 programs an SM by registers; no spills), o_proj/down 122 -> 128, gate_up stays 128.
+_weight_prefetch = False
+
+
+def set_weight_prefetch(on: bool) -> None:
+    """Turn the first-weight-tile prefetch on or off for later gemv_linear launches
+    (default off; opt-in, unmeasured: see above). Harmless without PDL, and on CPU."""
+    global _weight_prefetch
+    _weight_prefetch = bool(on)
+
+
+def weight_prefetch_enabled() -> bool:
+    return _weight_prefetch
 
 
 @dataclass(frozen=True)
@@ -114,12 +146,24 @@ def _store_row(acc, acc_up, cols, col_mask, bias_ptr, res_ptr, out_ptr, N,
 
 
 @triton.jit
+def _x_chunk(x_ptr, norm_w_ptr, k, k_mask, rstd, NORM: tl.constexpr):
+    """x's chunk at columns k (BLOCK_K,), through the RMSNorm prologue with NORM, as a float32
+    (1, BLOCK_K) row to multiply a weight tile by. rstd: unused without NORM."""
+    x = tl.load(x_ptr + k, mask=k_mask, other=0.0)
+    if NORM:
+        nw = tl.load(norm_w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+        x = _rms_normed(x, rstd, nw)
+    return x.to(tl.float32)[None, :]
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, norm_w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr,
     N, K, k_per_split, eps,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
     GATE_UP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+    PREFETCH_W: tl.constexpr,
 ):
     # Program (n, s): output columns [n*BLOCK_N, (n+1)*BLOCK_N), K range
     # [s*k_per_split, (s+1)*k_per_split) (whole BLOCK_K chunks; the last may be short or empty).
@@ -129,8 +173,27 @@ def _gemv_kernel(
     col_mask = cols < N
     offs_k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + cols[:, None].to(tl.int64) * K                  # (BLOCK_N, 1)
+    if PREFETCH_W:
+        # The first weight tile(s) of our K range, loaded BEFORE the PDL wait: no kernel of a
+        # decode step writes W, so these loads may overlap the previous kernel (which released
+        # us at its start); only W is read here -- x, the norm weights, the residual and every
+        # store stay after the wait. k < k_hi is k < K for a non-empty range (k_per_split is
+        # whole chunks) and masks everything for an empty last split. Names of their own (k_first,
+        # not k): a name live before a loop and assigned in it becomes a loop-carried value.
+        # Without PREFETCH_W the K range and the up rows stay after the wait, where they were:
+        # that path compiles to the same PTX as before PREFETCH_W existed (checked, sm_90).
+        k_lo, k_hi = _split_k_range(K, k_per_split, SPLIT_K)
+        w_up_rows = w_ptr + (cols + N)[:, None].to(tl.int64) * K     # read only with GATE_UP
+        k_first = k_lo + offs_k
+        first_mask = k_first < k_hi
+        w_first_mask = col_mask[:, None] & first_mask[None, :]
+        w_first = tl.load(w_rows + k_first[None, :], mask=w_first_mask, other=0.0)
+        w_up_first = w_first  # placeholder unless GATE_UP; both (BLOCK_N, BLOCK_K)
+        if GATE_UP:
+            w_up_first = tl.load(w_up_rows + k_first[None, :], mask=w_first_mask, other=0.0)
     if USE_PDL:
         pdl_wait_then_release()
+    rstd = 0.0  # placeholder unless NORM
     if NORM:
         # The sum of squares over ALL of K in every program (x is K elements, L2-resident), so
         # every split normalizes with the same rstd.
@@ -140,20 +203,27 @@ def _gemv_kernel(
             xf = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
             sq += xf * xf
         rstd = tl.math.rsqrt(tl.sum(sq, axis=0) / K + eps)
-    k_lo, k_hi = _split_k_range(K, k_per_split, SPLIT_K)
+    if not PREFETCH_W:
+        k_lo, k_hi = _split_k_range(K, k_per_split, SPLIT_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_up = acc  # placeholder unless GATE_UP
     if GATE_UP:
         w_up_rows = w_ptr + (cols + N)[:, None].to(tl.int64) * K
         acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+    k_start = k_lo
+    if PREFETCH_W:
+        # The loop's first iteration, peeled onto the prefetched tile(s): the same products
+        # added to the same zero accumulators first, so the result is bitwise PREFETCH_W=False's
+        # (an empty range adds 0 * 0).
+        x_first = _x_chunk(x_ptr, norm_w_ptr, k_first, first_mask, rstd, NORM)
+        acc += w_first.to(tl.float32) * x_first
+        if GATE_UP:
+            acc_up += w_up_first.to(tl.float32) * x_first
+        k_start = k_lo + BLOCK_K
+    for k0 in tl.range(k_start, k_hi, BLOCK_K, num_stages=NUM_STAGES):
         k = k0 + offs_k
         k_mask = k < K
-        x = tl.load(x_ptr + k, mask=k_mask, other=0.0)
-        if NORM:
-            nw = tl.load(norm_w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-            x = _rms_normed(x, rstd, nw)
-        xf = x.to(tl.float32)[None, :]
+        xf = _x_chunk(x_ptr, norm_w_ptr, k, k_mask, rstd, NORM)
         w_mask = col_mask[:, None] & k_mask[None, :]
         w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)    # (BLOCK_N, BLOCK_K)
         acc += w.to(tl.float32) * xf
@@ -196,12 +266,14 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 *, norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
                 residual: Optional[torch.Tensor] = None, gate_up: bool = False,
                 counters: Optional[torch.Tensor] = None, config: Optional[GemvConfig] = None,
-                pdl: bool = False) -> torch.Tensor:
+                pdl: bool = False, prefetch: Optional[bool] = None) -> torch.Tensor:
     """skinny_linear's contract for one row: x (1, K) contiguous; weight (N_w, K) contiguous,
     same dtype; bias (N_w,); norm_weight (K,): RMSNorm prologue; residual (1, N): returns
     round(round(x @ W^T + bias) + residual); gate_up: N_w = 2I, returns silu(gate) * up (1, I).
     counters: int32 zeros, >= counter_tiles(...) long, left all zero (split-K calls; None: a
-    fresh zeros tensor per call, one more launch). config overrides the tile table."""
+    fresh zeros tensor per call, one more launch). config overrides the tile table. prefetch:
+    load the first weight tile before the PDL wait (PREFETCH_W; None: weight_prefetch_enabled()
+    at this launch); the result is bitwise the same either way."""
     n = check_inputs(x, weight, bias, norm_weight, residual, gate_up)
     if x.shape[0] != 1:
         raise ValueError(f"gemv_linear computes one row, got x of shape {tuple(x.shape)}")
@@ -229,7 +301,8 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     # K range per split: whole BLOCK_K chunks, so only the last split sees the K tail.
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), s) * cfg.block_k
     flags = dict(HAS_BIAS=bias is not None, NORM=norm_weight is not None,
-                 RESIDUAL=residual is not None, GATE_UP=gate_up, USE_PDL=pdl)
+                 RESIDUAL=residual is not None, GATE_UP=gate_up, USE_PDL=pdl,
+                 PREFETCH_W=weight_prefetch_enabled() if prefetch is None else bool(prefetch))
     if pdl:
         flags["launch_pdl"] = True
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), s)](
