@@ -20,11 +20,14 @@ Options (each row is the defaults plus one change):
     attention ...        the decode attention's split count forced to 8 or 32 (the heuristic
                          gives 16 at batch 1), or its key tile at 32 or 128 (default 64)
     sync scheduling      engine.async_scheduling off (the default is on for CUDA)
-    PDL launches         our Triton kernels with programmatic dependent launch (runtime/pdl.py,
-                         EngineConfig.pdl; sm_90+)
-    skinny gemv          the skinny decoder layers with one-token steps on layers/gemv.py
-                         (EngineConfig.skinny_matmul + skinny_gemv; CUDA; their kernels use PDL
-                         when the PDL row is combined with it)
+    skinny gemv flipped  one-token steps on layers/gemv.py's layers (EngineConfig.skinny_gemv,
+                         auto-on on CUDA since stop 17) turned off, or on where the engine
+                         has them off; the row's detail says which
+    gemv weights before the PDL wait   layers/gemv.py's weight prefetch (set_weight_prefetch:
+                         each gemv program loads its first weight tile before griddepcontrol.wait,
+                         overlapping the previous kernel; opt-in, unmeasured)
+    PDL flipped          programmatic dependent launch of our Triton kernels (runtime/pdl.py,
+                         EngineConfig.pdl, auto-on for sm_90+ since stop 17) off, or on
     L2 prefetch plans    models/llama_prefetch.py PrefetchPlan: o_proj; o_proj + next qkv;
                          + the first 8 / 16 MiB of gate_up
 
@@ -127,54 +130,95 @@ def options():
     def sync_back(engine):
         engine.async_scheduling = saved.pop("async", engine.async_scheduling)
 
-    def pdl_on(engine, device):
+    # PDL and the gemv layers are on by default on sm_90+ since stop 17 (auto in EngineConfig),
+    # off elsewhere or when the engine was built with them off: their rows FLIP the engine's
+    # state (the detail says which way) and put it back exactly after.
+    def llama_models(engine):
+        from llmbatch.runtime.models.llama import LlamaModel
+
+        return [m for m in engine.runner.model.modules() if isinstance(m, LlamaModel)]
+
+    skinny_fields = ("use_skinny_matmul", "skinny_max_tokens", "skinny_pdl",
+                     "skinny_gemv_counters")
+
+    def save_skinny(engine):
+        saved["skinny"] = [(m, {f: getattr(m, f, None) for f in skinny_fields})
+                           for m in llama_models(engine)]
+
+    def restore_skinny(engine):
+        for m, fields in saved.pop("skinny", []):
+            for f, v in fields.items():
+                setattr(m, f, v)
+
+    def pdl_flip(engine, device):
         from llmbatch.runtime import pdl
 
         saved["pdl"] = pdl.enabled()
-        if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        save_skinny(engine)
+        if saved["pdl"]:
+            pdl.set_enabled(False)
+        elif device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
             return "needs sm_90 CUDA: not applied"
-        pdl.set_enabled(True)
-        set_skinny_pdl(engine, True)    # the skinny/gemv launches read their module's flag
-        return ""
+        else:
+            pdl.set_enabled(True)
+        for m in llama_models(engine):   # the skinny/gemv launches read their module's flag
+            if m.use_skinny_matmul:
+                m.skinny_pdl = pdl.enabled()
+        return "off (engine default on)" if saved["pdl"] else "on (engine default off)"
 
     def pdl_back(engine):
         from llmbatch.runtime import pdl
 
         pdl.set_enabled(saved.pop("pdl", False))
-        set_skinny_pdl(engine, pdl.enabled())
+        restore_skinny(engine)
 
-    def set_skinny_pdl(engine, on: bool):
-        from llmbatch.runtime.models.llama import LlamaModel
-
-        for m in engine.runner.model.modules():
-            if isinstance(m, LlamaModel) and m.use_skinny_matmul:
-                m.skinny_pdl = on
-
-    def gemv_on(engine, device):
+    def gemv_flip(engine, device):
         from llmbatch.runtime import pdl
-        from llmbatch.runtime.models.llama_skinny import enable_skinny_matmul
+        from llmbatch.runtime.models.llama_skinny import (disable_skinny_matmul,
+                                                          enable_skinny_matmul)
 
+        save_skinny(engine)
+        if any(getattr(m, "skinny_gemv_counters", None) is not None
+               for m in llama_models(engine)):
+            disable_skinny_matmul(engine.runner.model)
+            return "off (engine default on)"
         if device.type != "cuda":   # the interpreter would run it on the CPU: not a figure
             return "needs CUDA: not applied"
-        if not enable_skinny_matmul(engine.runner.model, pdl=pdl.enabled(), gemv_rows=True):
+        if not enable_skinny_matmul(engine.runner.model, pdl=pdl.enabled(), gemv_rows=True,
+                                    small_steps=False):
             return "not applicable (quantized, sharded or not Llama-family): not applied"
+        return "on (engine default off)"
+
+    def gemv_prefetch(engine, device):
+        from llmbatch.runtime.layers import gemv
+
+        if not hasattr(gemv, "set_weight_prefetch"):
+            return "layers/gemv.py has no weight prefetch: not applied"
+        saved["gemv_prefetch"] = gemv.weight_prefetch_enabled()
+        gemv.set_weight_prefetch(True)
+        if not any(getattr(m, "skinny_gemv_counters", None) is not None
+                   for m in llama_models(engine)):
+            return "the gemv layers are off: no effect"
         return ""
 
-    def gemv_off(engine):
-        from llmbatch.runtime.models.llama_skinny import disable_skinny_matmul
+    def gemv_prefetch_back(engine):
+        from llmbatch.runtime.layers import gemv
 
-        disable_skinny_matmul(engine.runner.model)
+        if "gemv_prefetch" in saved:
+            gemv.set_weight_prefetch(saved.pop("gemv_prefetch"))
 
     nothing = (DEFAULTS, lambda engine, device: "", lambda engine: None)
     # The likeliest gains first: a run cut by its time limit keeps them (JSON after each row).
-    return [nothing, ("skinny gemv", gemv_on, gemv_off), prefetch(next_qkv=False), prefetch(),
+    return [nothing, ("skinny gemv flipped", gemv_flip, restore_skinny),
+            ("gemv weights before the PDL wait", gemv_prefetch, gemv_prefetch_back),
+            ("PDL flipped", pdl_flip, pdl_back), prefetch(next_qkv=False), prefetch(),
             ("split reduce fused", fused_reduce(True), fused_reduce(False)),
             ("argmax in torch", argmax_in_torch, argmax_back),
             ("rope table off", rope_off, rope_back),
             prefetch(gate_up_mib=8.0), prefetch(gate_up_mib=16.0),
             attention("num_kv_splits", 8), attention("num_kv_splits", 32),
             attention("tile_n", 32), attention("tile_n", 128),
-            ("PDL launches", pdl_on, pdl_back), ("sync scheduling", sync, sync_back), nothing]
+            ("sync scheduling", sync, sync_back), nothing]
 
 
 def combine_winners(rows: list, opts: list):

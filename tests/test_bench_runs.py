@@ -161,12 +161,12 @@ def test_batch1_sweep_dry_run_on_cpu(tmp_path):
     out = json.loads((tmp_path / "bench_batch1.json").read_text())
     rows = out["rows"]
     singles = [
-        "defaults", "skinny gemv", "L2 prefetch o_proj", "L2 prefetch o_proj+next_qkv",
-        "split reduce fused",
+        "defaults", "skinny gemv flipped", "gemv weights before the PDL wait", "PDL flipped",
+        "L2 prefetch o_proj", "L2 prefetch o_proj+next_qkv", "split reduce fused",
         "argmax in torch", "rope table off", "L2 prefetch o_proj+next_qkv+gate_up 8 MiB",
         "L2 prefetch o_proj+next_qkv+gate_up 16 MiB", "attention splits 8",
         "attention splits 32", "attention key tile 32", "attention key tile 128",
-        "PDL launches", "sync scheduling"]
+        "sync scheduling"]
     # CPU timings decide whether any option "won": the combined row is there or announced
     # as none, then the closing defaults row.
     combined = [r["option"] for r in rows[len(singles):-1]]
@@ -174,13 +174,16 @@ def test_batch1_sweep_dry_run_on_cpu(tmp_path):
     assert combined in ([], ["winners combined"])
     assert ("batch1 winners combined" + " " * 24 + " none:" in proc.stdout) == (not combined)
     # The tiny shape's 2 layers: o_proj each, + qkv each, + a gate_up prefix each.
-    assert [rows[i]["detail"] for i in (2, 3, 7, 8)] == [
+    assert [rows[i]["detail"] for i in (4, 5, 9, 10)] == [
         f"{n} weights touched" for n in (2, 4, 6, 6)]
     assert all(r["same_tokens_as_first"] and r["num_errors"] == 0 for r in rows)
     assert out["smoke_test_only"] is True
-    assert proc.stdout.count("batch1 ") == 17
-    assert rows[13]["detail"] == "needs sm_90 CUDA: not applied"
-    assert rows[1]["detail"] == "needs CUDA: not applied"      # skinny gemv: GPU rows only
+    assert proc.stdout.count("batch1 ") == 18
+    # On the CPU the engine has neither gemv layers nor PDL (CUDA only): the flips would turn
+    # them on, which the CPU rows refuse; the weight prefetch has no gemv launch to change.
+    assert [rows[i]["detail"] for i in (1, 2, 3)] == [
+        "needs CUDA: not applied", "the gemv layers are off: no effect",
+        "needs sm_90 CUDA: not applied"]
 
 
 def _row(option, tpot, **extra):
