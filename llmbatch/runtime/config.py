@@ -52,7 +52,8 @@ class EngineConfig:
     skinny_gemv: Optional[bool] = None
     # Our Triton kernels (RMSNorm, SiLU·mul, rotary, attention, the split reduce, skinny, gemv)
     # use programmatic dependent launch on Hopper (sm_90+): each may start while the previous
-    # one drains. None (auto): on for sm_90+ CUDA with fused_kernels; measured on an H200 in
+    # one drains. None (auto): on for sm_90+ CUDA with fused_kernels and a Triton that has PDL
+    # launches (launch_pdl, gdc_wait; kernel_paths checks); measured on an H200 in
     # stops 13 and 17: W-BATCH1 1.02-1.03x, W-RANDOM 1.02x, W-PREFIX 1.00x, the same tokens.
     # False: off; True: on where it can apply, logged where it cannot.
     pdl: Optional[bool] = None
@@ -119,6 +120,12 @@ class EngineConfig:
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling must be true, false or null (auto), got "
                              f"{self.async_scheduling!r}")
+        # The auto options: None means auto and only False turns them off, so a 0 or "false"
+        # (falsy, yet not False) would turn the path on; refused like any other bad value.
+        for name in ("skinny_gemv", "pdl"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be true, false or null (auto), got {value!r}")
         if self.async_scheduling and self.tensor_parallel_size > 1:
             raise ValueError("async_scheduling supports tensor_parallel_size 1 only")
         if self.speculative_method == "draft" and not self.draft_model:

@@ -97,9 +97,10 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
         setattr(paths, f"{method}_triton_error", error)
 
     pdl_asked = getattr(config, "pdl", None)   # None: auto, on where it can apply
-    pdl = pdl_asked is not False and _pdl_capable(device)
+    pdl_unavailable = _pdl_unavailable(device) if pdl_asked is not False else None
+    pdl = pdl_asked is not False and pdl_unavailable is None
     if pdl_asked is True and not pdl:
-        logger.info("pdl ignored: programmatic dependent launch needs sm_90 or newer")
+        logger.info("pdl ignored: %s", pdl_unavailable)
     _enable_skinny_layers(model, config, tp_size, quantization, pdl, paths)
     if pdl:
         pdl_switch.set_enabled(True)
@@ -110,13 +111,36 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
     return paths
 
 
-def _pdl_capable(device: torch.device) -> bool:
-    """sm_90+ (griddepcontrol). False where CUDA cannot answer (the tests run the CUDA branch
-    on CPU tensors)."""
+def _pdl_unavailable(device: torch.device) -> Optional[str]:
+    """Why our Triton kernels cannot launch with PDL here, or None when they can: it needs
+    sm_90+ (griddepcontrol) and a Triton with the launch_pdl option and gdc_wait /
+    gdc_launch_dependents: pyproject allows triton>=3.0, and a Triton without them refuses
+    the unknown launch_pdl keyword at every launch (a crash of the default config on an
+    H100). An unanswering CUDA counts as no sm_90 (the tests run the CUDA branch on CPU
+    tensors)."""
     try:
-        return torch.cuda.get_device_capability(device)[0] >= 9
+        major = torch.cuda.get_device_capability(device)[0]
     except (AssertionError, RuntimeError):
+        major = 0
+    if major < 9:
+        return "programmatic dependent launch needs sm_90 or newer"
+    if not _triton_has_pdl():
+        return ("this Triton cannot launch with programmatic dependent launch (no launch_pdl "
+                "option or tl.extra.cuda.gdc_wait; a newer Triton has them)")
+    return None
+
+
+def _triton_has_pdl() -> bool:
+    """The installed Triton's CUDA backend takes launch_pdl and has the griddepcontrol
+    intrinsics runtime/pdl.py compiles in."""
+    try:
+        import triton.language as tl
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
         return False
+    cuda = getattr(getattr(tl, "extra", None), "cuda", None)
+    return (all(hasattr(cuda, f) for f in ("gdc_wait", "gdc_launch_dependents"))
+            and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}))
 
 
 def _enable_skinny_layers(model, config, tp_size: int, quantization: str, pdl: bool,
