@@ -179,7 +179,8 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     esac
   fi
   [ "${BENCH_BATCH1_SWEEP:-$AB_DEFAULT}" = 1 ] && PYTEST_RESERVE=$(( PYTEST_RESERVE + 70 ))
-  PYTEST_LIMIT=$(limit "${PYTEST_TIMEOUT:-230}" "$PYTEST_RESERVE")
+  # + 20 s: timeout's kill grace after the SIGINT, should pytest not stop at once.
+  PYTEST_LIMIT=$(limit "${PYTEST_TIMEOUT:-230}" $(( PYTEST_RESERVE + 20 )))
   # -v: the log names every test that ran (stop 17's -q log of a cut run held only dots).
   timeout -s INT -k 20 "$PYTEST_LIMIT" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_device_gpu.py \
     tests/gpu/test_triton_attention_gpu.py \
@@ -243,7 +244,8 @@ fi
 # The checkpoint lives outside OUT_DIR: 2.47 GB must not travel back with the results.
 # shellcheck disable=SC2086
 if [ "${BENCH_RUN:-1}" = 1 ]; then
-  BENCH_LIMIT=$(limit "${BENCH_TIMEOUT:-300}" 70)   # the batch-1 sweep after it
+  SWEEP_RESERVE=0; [ "${BENCH_BATCH1_SWEEP:-$AB_DEFAULT}" = 1 ] && SWEEP_RESERVE=70
+  BENCH_LIMIT=$(limit "${BENCH_TIMEOUT:-300}" "$SWEEP_RESERVE")   # the batch-1 sweep after it
   timeout "$BENCH_LIMIT" "$PY" -m bench.run "${MODE_ARGS[@]}" --out "$OUT_DIR" \
     --model-dir "$MODEL_DIR" ${BENCH_ARGS:-} >"$OUT_DIR/bench_stdout.log" \
     2> >(tee "$OUT_DIR/bench_stderr.log" | grep -E '^\[bench|Error|error' >&2)

@@ -46,6 +46,7 @@ class KernelPaths:
     skinny_matmul: bool = False
     skinny_pdl: bool = False
     skinny_gemv: bool = False
+    skinny_gemv_error: Optional[str] = None   # why the start-up check turned the gemv layers off
     l2_prefetch_weights: int = 0      # weights touched into L2 per small step (0: off)
     pdl: bool = False                 # our Triton kernels launch with PDL (runtime/pdl.py)
 
@@ -160,6 +161,10 @@ def _enable_skinny_layers(model, config, tp_size: int, quantization: str, pdl: b
 
     dense = tp_size == 1 and quantization == "none"
     if dense and enable_skinny_matmul(model, pdl=pdl, gemv_rows=gemv, small_steps=skinny):
+        if gemv:
+            gemv = _gemv_passes_start_up_check(model, skinny, pdl, paths)
+            if not (skinny or gemv):
+                return
         paths.skinny_matmul, paths.skinny_gemv, paths.skinny_pdl = skinny, gemv, pdl
         if skinny:
             logger.info("skinny_matmul on: fused decoder layers for steps of <= 16 tokens"
@@ -174,6 +179,27 @@ def _enable_skinny_layers(model, config, tp_size: int, quantization: str, pdl: b
     if asked:
         logger.info("%s ignored: needs tensor_parallel_size 1, unquantized weights and a "
                     "Llama-family model", " and ".join(asked))
+
+
+def _gemv_passes_start_up_check(model, skinny: bool, pdl: bool, paths: KernelPaths) -> bool:
+    """models/gemv_check.py on the just-enabled gemv layers; where it fails, one-token steps go
+    back to the 16-row skinny tiles (skinny_matmul on) or the unfused layers, with a warning
+    and the reason in stats()["skinny_gemv_error"]."""
+    from llmbatch.runtime.models.gemv_check import check_gemv_layers
+    from llmbatch.runtime.models.llama_skinny import (disable_skinny_matmul,
+                                                      enable_skinny_matmul)
+
+    error = check_gemv_layers(model)
+    if error is None:
+        return True
+    logger.warning("skinny_gemv off, one-token steps on the %s layers: the start-up check of "
+                   "the gemv kernels failed: %s", "skinny" if skinny else "unfused", error)
+    paths.skinny_gemv_error = error
+    if skinny:
+        enable_skinny_matmul(model, pdl=pdl, gemv_rows=False, small_steps=True)
+    else:
+        disable_skinny_matmul(model)
+    return False
 
 
 def _enable_l2_prefetch(model, device: torch.device, paths: KernelPaths) -> None:
@@ -191,7 +217,7 @@ def _enable_l2_prefetch(model, device: torch.device, paths: KernelPaths) -> None
 
 
 PATH_STATS = ("fused_kernels_active", "skinny_matmul_active", "skinny_pdl_active",
-              "skinny_gemv_active",
+              "skinny_gemv_active", "skinny_gemv_error",
               "pdl_active", "l2_prefetch_weights", "int8_triton_layers", "int8_triton_error",
               "nf4_triton_layers", "nf4_triton_error")
 

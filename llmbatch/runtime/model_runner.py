@@ -110,6 +110,7 @@ class ModelRunner(CudaFastPathsMixin):
         self.skinny_matmul_active = paths.skinny_matmul
         self.skinny_pdl_active = paths.skinny_pdl
         self.skinny_gemv_active = paths.skinny_gemv
+        self.skinny_gemv_error = paths.skinny_gemv_error
         self.l2_prefetch_weights = paths.l2_prefetch_weights
         self.pdl_active = paths.pdl
         if self.device.type == "cuda":   # cos/sin rows gathered per step (layers/rotary.py)

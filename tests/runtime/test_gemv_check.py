@@ -1,0 +1,99 @@
+"""models/gemv_check.py: the start-up check of the default-on gemv layers passes on correct
+kernels (Llama, Qwen2 biases, Qwen3 q/k norms; the kernels run under the Triton interpreter),
+names the first launch that is wrong or fails, and kernel_paths turns the layers off then."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from llmbatch.runtime.config import EngineConfig  # noqa: E402
+from llmbatch.runtime.kernel_paths import enable_kernel_paths  # noqa: E402
+from llmbatch.runtime.layers import gemv  # noqa: E402
+from llmbatch.runtime.models import llama_skinny  # noqa: E402
+from llmbatch.runtime.models.gemv_check import check_gemv_layers  # noqa: E402
+from tests.runtime.test_models import load_ours, make_hf_model  # noqa: E402
+
+
+def gemv_model(name: str, tmp_path):
+    model = load_ours(make_hf_model(name, tmp_path), tmp_path)
+    assert llama_skinny.enable_skinny_matmul(model, gemv_rows=True, small_steps=False)
+    return model
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-hd32-tied-llama3", "qwen2-gqa-hd32-tied",
+                                  "qwen3-gqa-hd128-bias"])
+def test_correct_kernels_pass(name, tmp_path):
+    model = gemv_model(name, tmp_path)
+    assert check_gemv_layers(model) is None
+    assert int(model.model.skinny_gemv_counters.abs().sum()) == 0
+
+
+def test_no_gemv_layers_nothing_to_check(tmp_path):
+    model = load_ours(make_hf_model("llama-gqa-hd32-tied-llama3", tmp_path), tmp_path)
+    assert check_gemv_layers(model) is None
+
+
+def _dropping(kwarg: str):
+    """gemv_linear with one fusion silently left out: a wrong kernel flag."""
+    real = gemv.gemv_linear
+
+    def wrong(*args, **kwargs):
+        kwargs.pop(kwarg, None)
+        return real(*args, **kwargs)
+    return wrong
+
+
+@pytest.mark.parametrize("kwarg,first_wrong", [("norm_weight", "qkv"), ("residual", "o_proj")])
+def test_a_missing_fusion_is_named(kwarg, first_wrong, tmp_path, monkeypatch):
+    model = gemv_model("llama-gqa-hd32-tied-llama3", tmp_path)
+    monkeypatch.setattr(gemv, "gemv_linear", _dropping(kwarg))
+    reason = check_gemv_layers(model)
+    assert reason is not None and reason.startswith(f"{first_wrong}: max |gemv - torch| = ")
+
+
+def test_a_launch_failure_is_named(tmp_path, monkeypatch):
+    model = gemv_model("llama-gqa-hd32-tied-llama3", tmp_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image for this device")
+    monkeypatch.setattr(gemv, "gemv_linear", broken)
+    assert check_gemv_layers(model) == "qkv: RuntimeError: no kernel image for this device"
+
+
+def test_a_nan_output_fails(tmp_path, monkeypatch):
+    model = gemv_model("llama-gqa-hd32-tied-llama3", tmp_path)
+    real = gemv.gemv_linear
+    monkeypatch.setattr(gemv, "gemv_linear",
+                        lambda *a, **kw: torch.full_like(real(*a, **kw), float("nan")))
+    assert check_gemv_layers(model).startswith("qkv: max |gemv - torch| = nan exceeds ")
+
+
+@pytest.mark.parametrize("skinny", [False, True])
+def test_kernel_paths_turn_the_gemv_layers_off_when_the_check_fails(skinny, tmp_path,
+                                                                     monkeypatch, caplog):
+    """The CUDA branch on CPU tensors: a failing check leaves one-token steps on the unfused
+    layers (or the 16-row skinny tiles with skinny_matmul), says why, and reports it."""
+    model = load_ours(make_hf_model("llama-gqa-hd32-tied-llama3", tmp_path), tmp_path)
+    monkeypatch.setattr(gemv, "gemv_linear", _dropping("residual"))
+    config = EngineConfig(model="m", skinny_matmul=skinny)
+    with caplog.at_level("WARNING", logger="llmbatch.runtime.kernel_paths"):
+        paths = enable_kernel_paths(model, config, torch.device("cuda"), 1, "none")
+    assert (paths.skinny_gemv, paths.skinny_matmul) == (False, skinny)
+    assert paths.skinny_gemv_error.startswith("o_proj: max |gemv - torch| = ")
+    inner = model.model
+    assert (inner.use_skinny_matmul, inner.skinny_gemv_counters, inner.skinny_max_tokens) == \
+        (skinny, None, 16)
+    where = "skinny" if skinny else "unfused"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skinny_gemv off, one-token steps on the {where} layers: the start-up check of the "
+        f"gemv kernels failed: {paths.skinny_gemv_error}"]
+
+
+def test_engine_stats_report_no_gemv_error_on_cpu(llama_setup):
+    from tests.runtime.tiny_models import new_engine
+
+    stats = new_engine(llama_setup, kv_cache_blocks=16).stats()
+    assert (stats["skinny_gemv_active"], stats["skinny_gemv_error"]) == (False, None)
