@@ -2,6 +2,7 @@
 
     python -m bench.bench_batch1 --model-dir DIR [--out results_dir]       # GPU, the 1B shape
     python -m bench.bench_batch1 --dry-run --out /tmp/b     # CPU smoke run: tiny shape, 5 %
+    python -m bench.bench_batch1 --all ...    # + the options measured slower in stops 13 / 17
 
 bench.run measures the defaults (and an option per A/B row, ~20 s each); this sweep measures
 batch-1 decode under each option of OPTIONS for ~30 s of GPU time: the engine loads once, and
@@ -62,8 +63,13 @@ WIN_MARGIN = 0.01   # a winner's TPOT is at most (1 - WIN_MARGIN) x the first ro
 EXCLUSIVE_GROUPS = ("L2 prefetch", "attention splits", "attention key tile")
 
 
-def options():
-    """(label, apply(engine, device) -> str detail, undo(engine)) per row, in order."""
+def options(all_rows: bool = False):
+    """(label, apply(engine, device) -> str detail, undo(engine)) per row, in order. By default
+    the rows still open (gemv, its weight prefetch, PDL) between the two defaults rows; with
+    all_rows (--all) also those measured slower or equal on an H200 in stops 13 and 17 (L2
+    prefetch plans, split reduce fused, argmax in torch, rope table off, attention splits and
+    key tiles, sync scheduling): 16 rows did not fit the sweep's 90 s in stop 17, whose closing
+    defaults row (the noise check) was cut."""
     import torch
 
     from llmbatch.runtime.models.llama_prefetch import (PrefetchPlan, disable_l2_prefetch,
@@ -209,9 +215,12 @@ def options():
 
     nothing = (DEFAULTS, lambda engine, device: "", lambda engine: None)
     # The likeliest gains first: a run cut by its time limit keeps them (JSON after each row).
-    return [nothing, ("skinny gemv flipped", gemv_flip, restore_skinny),
-            ("gemv weights before the PDL wait", gemv_prefetch, gemv_prefetch_back),
-            ("PDL flipped", pdl_flip, pdl_back), prefetch(next_qkv=False), prefetch(),
+    open_rows = [("skinny gemv flipped", gemv_flip, restore_skinny),
+                 ("gemv weights before the PDL wait", gemv_prefetch, gemv_prefetch_back),
+                 ("PDL flipped", pdl_flip, pdl_back)]
+    if not all_rows:
+        return [nothing, *open_rows, nothing]
+    return [nothing, *open_rows, prefetch(next_qkv=False), prefetch(),
             ("split reduce fused", fused_reduce(True), fused_reduce(False)),
             ("argmax in torch", argmax_in_torch, argmax_back),
             ("rope table off", rope_off, rope_back),
@@ -266,6 +275,8 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, tiny shape, W-BATCH1 at 5 %%, kernels under the Triton "
                         "interpreter: a smoke test of this script, never a figure")
+    p.add_argument("--all", action="store_true",
+                   help="also the options measured slower or equal in stops 13 and 17")
     return p.parse_args(argv)
 
 
@@ -330,7 +341,7 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "bench_batch1.json"), "w") as f:
             json.dump(out, f, indent=1)
 
-    opts = options()
+    opts = options(all_rows=True) if args.all else options()
     # The closing defaults row (the noise check) comes after the combined winners.
     closing = [opts.pop()] if len(opts) > 1 and opts[-1][0] == DEFAULTS else []
 

@@ -48,7 +48,8 @@
 # call add BENCH_ARGS="--skip-peers". BENCH_BATCH1_SWEEP (default 1 on a GPU): W-BATCH1 under each
 # decode option of bench/bench_batch1.py (L2-prefetch plans, fused split reduce, argmax, rope
 # table, attention splits and tiles, PDL, sync scheduling; then the winners combined) on one
-# engine (16 rows, ~65 s; limit
+# engine (5 rows since stop 17: defaults, gemv flipped, gemv weight prefetch, PDL flipped,
+# defaults; BENCH_BATCH1_ARGS=--all adds the 11 options measured slower; 16 rows, ~65 s; limit
 # BENCH_BATCH1_TIMEOUT, default 90 s; OUT_DIR/bench_batch1.json, written after every row).
 # Whole check: GPU_CHECK_BUDGET s (default 575, under the device tool's 600 s per command);
 # each step's limit above is cut so the steps after it keep their share (pytest <= 230 s,
@@ -261,8 +262,9 @@ fi
 # per option of bench/bench_batch1.py, on the checkpoint bench.run just used.
 if [ "${BENCH_BATCH1_SWEEP:-$AB_DEFAULT}" = 1 ]; then
   echo "=== batch-1 options, W-BATCH1 ($(( $(date +%s) - T0 )) s so far)"
+  # shellcheck disable=SC2086
   timeout "$(limit "${BENCH_BATCH1_TIMEOUT:-90}" 0)" "$PY" -m bench.bench_batch1 --out "$OUT_DIR" \
-    --model-dir "$MODEL_DIR" 2>&1 | tee "$OUT_DIR/bench_batch1.log" | grep -E '^batch1|Error'
+    --model-dir "$MODEL_DIR" ${BENCH_BATCH1_ARGS:-} 2>&1 | tee "$OUT_DIR/bench_batch1.log" | grep -E '^batch1|Error'
 fi
 
 echo "=== gpu_check done in $(( $(date +%s) - T0 )) s: pytest rc=$PYTEST_RC, bench rc=$BENCH_RC, JSON in $OUT_DIR"

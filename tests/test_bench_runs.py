@@ -154,7 +154,7 @@ def test_async_scheduling_row_on_cpu(tmp_path):
 def test_batch1_sweep_dry_run_on_cpu(tmp_path):
     """bench/bench_batch1.py end to end on the tiny shape (kernels under the Triton
     interpreter): every option runs, in order, and none changes a token (float32 here)."""
-    proc = subprocess.run([sys.executable, "-m", "bench.bench_batch1", "--dry-run",
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_batch1", "--dry-run", "--all",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -184,6 +184,18 @@ def test_batch1_sweep_dry_run_on_cpu(tmp_path):
     assert [rows[i]["detail"] for i in (1, 2, 3)] == [
         "needs CUDA: not applied", "the gemv layers are off: no effect",
         "needs sm_90 CUDA: not applied"]
+
+
+def test_batch1_sweep_default_rows_are_the_open_options():
+    """Without --all the sweep runs only what is still undecided, between two defaults rows;
+    --all appends the options measured slower before the closing defaults row."""
+    from bench.bench_batch1 import options
+
+    short = [label for label, _, _ in options()]
+    assert short == ["defaults", "skinny gemv flipped", "gemv weights before the PDL wait",
+                     "PDL flipped", "defaults"]
+    every = [label for label, _, _ in options(all_rows=True)]
+    assert every[:4] == short[:4] and every[-1] == "defaults" and len(every) == 17
 
 
 def _row(option, tpot, **extra):
