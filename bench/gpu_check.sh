@@ -37,6 +37,9 @@
 # and W-BATCH1 once more with both off (llmbatch-old-defaults: the engine of stop 17's
 # "llmbatch" rows, the A/B of the change; ~20 s). BENCH_NO_GEMV_ROWS (same default): with
 # skinny_gemv off (llmbatch-no-gemv, PDL alone). BENCH_NO_PDL_ROWS=1 (opt-in): with pdl off.
+# BENCH_GEMV_PREFETCH_ROWS (default 1 on a GPU): engine.gemv_weight_prefetch on
+# (llmbatch-gemv-prefetch: first weight tile before the PDL wait; unmeasured, with a batch-1
+# profile).
 # BENCH_PDL_ROWS=1 (opt-in; repeats the default on sm_90+): llmbatch-pdl.
 # BENCH_SKINNY_PDL_ROWS=1 (opt-in): engine.skinny_matmul and engine.pdl (llmbatch-skinny-pdl).
 # BENCH_GEMV_ROWS=1 (opt-in since stop 17): skinny_matmul, skinny_gemv and pdl
@@ -235,6 +238,7 @@ fi
 [ "${BENCH_OLD_DEFAULTS_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--old-defaults)
 [ "${BENCH_NO_GEMV_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--no-gemv)
 [ "${BENCH_NO_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--no-pdl)
+[ "${BENCH_GEMV_PREFETCH_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--gemv-prefetch)
 [ "${BENCH_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--pdl)
 [ "${BENCH_SKINNY_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-pdl)
 [ "${BENCH_GEMV_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-gemv-pdl)

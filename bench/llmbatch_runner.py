@@ -157,12 +157,14 @@ def profile_slices(system: str, workloads: dict) -> list[tuple]:
     the default and unfused engines; batch-1 decode alone for llmbatch-l2prefetch (its change
     shows in the qkv_proj and o_proj kernel times), llmbatch-pdl (its change shows as the
     GPU-busy fraction: kernels overlap their neighbours' launch tails) and
-    llmbatch-skinny-gemv-pdl (the gemv kernels' times inside the decode graph)."""
+    llmbatch-skinny-gemv-pdl and llmbatch-gemv-prefetch (the gemv kernels' times inside the
+    decode graph)."""
     full = system in ("llmbatch", "llmbatch-unfused")
     out = []
     if full and "W-RANDOM" in workloads:
         out.append((f"{system}_profile", "W-RANDOM", 64, 48, f"profile_{system}.txt"))
-    batch1_only = ("llmbatch-l2prefetch", "llmbatch-pdl", "llmbatch-skinny-gemv-pdl")
+    batch1_only = ("llmbatch-l2prefetch", "llmbatch-pdl", "llmbatch-skinny-gemv-pdl",
+                   "llmbatch-gemv-prefetch")
     if (full or system in batch1_only) and "W-BATCH1" in workloads:
         out.append((f"{system}_profile_batch1", "W-BATCH1", 1, 128,
                     f"profile_{system}_batch1.txt"))

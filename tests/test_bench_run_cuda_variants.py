@@ -27,6 +27,8 @@ CASES = {
                      {"skinny_gemv": False, "pdl": False}),
     "no-gemv": ("--no-gemv", "no_gemv", "skinny gemv runs on CUDA only", {"skinny_gemv": False}),
     "no-pdl": ("--no-pdl", "no_pdl", "PDL runs on CUDA only", {"pdl": False}),
+    "gemv-prefetch": ("--gemv-prefetch", "gemv_prefetch", "the gemv layers run on CUDA only",
+                      {"gemv_weight_prefetch": True}),
 }
 
 
@@ -80,6 +82,9 @@ def test_l2_prefetch_and_pdl_rows_get_a_batch1_profile_only():
     assert profile_slices("llmbatch-skinny-gemv-pdl", workloads) == [
         ("llmbatch-skinny-gemv-pdl_profile_batch1", "W-BATCH1", 1, 128,
          "profile_llmbatch-skinny-gemv-pdl_batch1.txt")]
+    assert profile_slices("llmbatch-gemv-prefetch", workloads) == [
+        ("llmbatch-gemv-prefetch_profile_batch1", "W-BATCH1", 1, 128,
+         "profile_llmbatch-gemv-prefetch_batch1.txt")]
     assert profile_slices("llmbatch-sync", workloads) == []
     assert profile_slices("llmbatch-l2prefetch", {"W-RANDOM": None}) == []
 

@@ -61,6 +61,10 @@ class EngineConfig:
     # stream while the cheap kernels before them run (models/llama_prefetch.py); CUDA, fused
     # kernels, dense weights, not with skinny_matmul. Unmeasured: bench --l2-prefetch.
     l2_prefetch: bool = False
+    # Opt-in, with the gemv layers: each gemv program loads its first weight tile before its
+    # PDL wait, overlapping the previous kernel (layers/gemv.py set_weight_prefetch). Unmeasured:
+    # bench --gemv-prefetch and bench_batch1's "gemv weights before the PDL wait" row.
+    gemv_weight_prefetch: bool = False
     tensor_parallel_size: int = 1
     quantization: str = "none"
     # Also quantize the token embedding and LM head with the engine's quantization (nf4 only):

@@ -26,6 +26,7 @@ on the model's modules, set once after loading and before CUDA graphs are captur
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,6 +48,7 @@ class KernelPaths:
     skinny_pdl: bool = False
     skinny_gemv: bool = False
     skinny_gemv_error: Optional[str] = None   # why the start-up check turned the gemv layers off
+    gemv_weight_prefetch: bool = False
     l2_prefetch_weights: int = 0      # weights touched into L2 per small step (0: off)
     pdl: bool = False                 # our Triton kernels launch with PDL (runtime/pdl.py)
 
@@ -58,6 +60,9 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
 
     paths = KernelPaths()
     pdl_switch.set_enabled(False)   # process-wide: a previous engine's setting must not leak
+    gemv_module = sys.modules.get("llmbatch.runtime.layers.gemv")   # imported: triton is there
+    if gemv_module is not None:
+        gemv_module.set_weight_prefetch(False)   # the same for the gemv weight prefetch
     if not getattr(config, "fused_kernels", False):
         asked = [o for o in ("skinny_matmul", "skinny_gemv", "pdl", "l2_prefetch")
                  if getattr(config, o, False) is True]
@@ -103,6 +108,16 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
     if pdl_asked is True and not pdl:
         logger.info("pdl ignored: %s", pdl_unavailable)
     _enable_skinny_layers(model, config, tp_size, quantization, pdl, paths)
+    if getattr(config, "gemv_weight_prefetch", False):
+        if paths.skinny_gemv:
+            from llmbatch.runtime.layers import gemv as gemv_layers
+
+            gemv_layers.set_weight_prefetch(True)
+            paths.gemv_weight_prefetch = True
+            logger.info("gemv_weight_prefetch on: gemv programs load their first weight tile "
+                        "before the PDL wait")
+        else:
+            logger.info("gemv_weight_prefetch ignored: the gemv layers are off")
     if pdl:
         pdl_switch.set_enabled(True)
         paths.pdl = True
@@ -217,7 +232,7 @@ def _enable_l2_prefetch(model, device: torch.device, paths: KernelPaths) -> None
 
 
 PATH_STATS = ("fused_kernels_active", "skinny_matmul_active", "skinny_pdl_active",
-              "skinny_gemv_active", "skinny_gemv_error",
+              "skinny_gemv_active", "skinny_gemv_error", "gemv_weight_prefetch_active",
               "pdl_active", "l2_prefetch_weights", "int8_triton_layers", "int8_triton_error",
               "nf4_triton_layers", "nf4_triton_error")
 
