@@ -148,8 +148,12 @@ def options(all_rows: bool = False):
                      "skinny_gemv_counters")
 
     def save_skinny(engine):
+        from llmbatch.runtime.layers.embedding import ParallelLMHead
+
         saved["skinny"] = [(m, {f: getattr(m, f, None) for f in skinny_fields})
                            for m in llama_models(engine)]
+        saved["skinny"] += [(h, {"use_gemv": h.use_gemv}) for h in engine.runner.model.modules()
+                            if isinstance(h, ParallelLMHead)]
 
     def restore_skinny(engine):
         for m, fields in saved.pop("skinny", []):

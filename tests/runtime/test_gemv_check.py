@@ -97,3 +97,44 @@ def test_engine_stats_report_no_gemv_error_on_cpu(llama_setup):
 
     stats = new_engine(llama_setup, kv_cache_blocks=16).stats()
     assert (stats["skinny_gemv_active"], stats["skinny_gemv_error"]) == (False, None)
+
+
+def test_a_wrong_lm_head_gemv_is_named(tmp_path, monkeypatch):
+    model = gemv_model("llama-gqa-hd32-tied-llama3", tmp_path)
+    assert model.lm_head.use_gemv is True
+    head_weight = model.lm_head.weight
+    real = gemv.gemv_linear
+    monkeypatch.setattr(gemv, "gemv_linear", lambda x, w, *a, **kw: (
+        torch.zeros_like(real(x, w, *a, **kw)) if w is head_weight else real(x, w, *a, **kw)))
+    assert check_gemv_layers(model).startswith("lm_head: max |gemv - torch| = ")
+
+
+def test_lm_head_takes_gemv_for_one_row_only(tmp_path, monkeypatch):
+    """ParallelLMHead.use_gemv (set with the gemv layers, cleared by disable): one-row calls on
+    layers/gemv.py, equal to F.linear within float32 rounding; wider calls stay on F.linear."""
+    model = gemv_model("qwen2-gqa-hd32-tied", tmp_path)
+    head = model.lm_head
+    calls = []
+    real = gemv.gemv_linear
+    monkeypatch.setattr(gemv, "gemv_linear",
+                        lambda x, *a, **kw: calls.append(tuple(x.shape)) or real(x, *a, **kw))
+    hidden = torch.randn(3, head.weight.shape[1], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        one, three = head(hidden[:1]), head(hidden)
+        want = torch.nn.functional.linear(hidden, head.weight).float()
+    assert calls == [(1, head.weight.shape[1])]
+    torch.testing.assert_close(one, want[:1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(three, want)
+    llama_skinny.disable_skinny_matmul(model)
+    assert head.use_gemv is False
+
+
+@pytest.mark.parametrize("why", ["sharded", "quantized"])
+def test_lm_head_keeps_f_linear_when_sharded_or_quantized(why, tmp_path):
+    model = load_ours(make_hf_model("llama-gqa-hd32-tied-llama3", tmp_path), tmp_path)
+    if why == "sharded":
+        model.lm_head.tp_size = 2
+    else:
+        model.lm_head.quant_method = object()
+    assert llama_skinny.enable_skinny_matmul(model, gemv_rows=True, small_steps=False)
+    assert model.lm_head.use_gemv is False

@@ -242,7 +242,9 @@ def test_gemv_rows_run_one_token_steps_and_match_unfused(model, monkeypatch):
               (seqs[2], tables[2], 4, 5)],
              [(seqs[0], tables[0], 22, 23)]]
     off, on, _, _ = both_paths(model, steps)
-    assert gemv_calls == [1] * (2 * 4 * len(model.model.layers))  # the two 1-token steps
+    # The two 1-token steps' 4 matmuls a layer, and their LM head calls (lm_head.use_gemv is
+    # set with the gemv layers, so in both passes: both_paths flips only the layers).
+    assert gemv_calls == [1] * (2 * 4 * len(model.model.layers) + 2 * 2)
     for a, b in zip(off, on):
         torch.testing.assert_close(b, a, atol=ATOL, rtol=ATOL)
     assert int(counters.abs().sum()) == 0

@@ -11,6 +11,7 @@ float32 torch:
     o_proj  = linear(a, W_o) + b + residual            (residual epilogue)
     act     = silu(g) * u, [g; u] = linear(rmsnorm(x), W_gate_up) + b   (prologue + SiLU·mul)
     down    = linear(act, W_down) + b + residual       (residual epilogue)
+    logits  = linear(x, W_head)                         (the LM head, when it uses gemv)
 
 The tolerance admits the model dtype's rounding of the output (the kernel rounds step by step
 like the unfused layers), not a wrong row, column or flag (those are off by O(|y|)).
@@ -80,6 +81,10 @@ def check_gemv_layers(model) -> Optional[str]:
                                           residual=res, **launch),
          lambda: _linear(act_in.float(), mlp.down_proj) + res.float()),
     )
+    head = next((h for h in model.modules() if getattr(h, "use_gemv", False)), None)
+    if head is not None:   # ParallelLMHead with one-row calls on gemv (no prologue/epilogue)
+        cases += (("lm_head", lambda: gemv.gemv_linear(x, head.weight),
+                   lambda: F.linear(x.float(), head.weight.float())),)
     for name, run, reference in cases:
         try:
             got = run().float()

@@ -68,7 +68,18 @@ def enable_skinny_matmul(model, pdl: bool = False, gemv_rows: bool = False,
         module.skinny_pdl = ok and pdl
         module.skinny_gemv_counters = _gemv_counters(module) if ok and gemv_rows else None
         enabled = enabled or ok
+    _set_head_gemv(model, enabled and gemv_rows)
     return enabled
+
+
+def _set_head_gemv(model, on: bool) -> None:
+    """One-row LM head calls on layers/gemv.py (ParallelLMHead.use_gemv) with the gemv
+    layers, for unsharded, unquantized heads."""
+    from llmbatch.runtime.layers.embedding import ParallelLMHead
+
+    for head in model.modules():
+        if isinstance(head, ParallelLMHead):
+            head.use_gemv = on and head.tp_size == 1 and head.quant_method is None
 
 
 def disable_skinny_matmul(model) -> None:
@@ -80,6 +91,7 @@ def disable_skinny_matmul(model) -> None:
             module.use_skinny_matmul = module.skinny_pdl = False
             module.skinny_gemv_counters = None
             module.skinny_max_tokens = sm.MAX_M
+    _set_head_gemv(model, False)
 
 
 def _gemv_counters(module) -> torch.Tensor:
