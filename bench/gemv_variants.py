@@ -3,10 +3,16 @@ launchers produce (tests/test_compile_kernels_coverage.py records the launches o
 bench_gemv_layouts and tests/gpu/test_gemv_gpu.py and checks each is listed here).
 
 A specialisation is (dtype, prologue / epilogue flags, bias, tile config, PDL, weight prefetch
-before the PDL wait: PREFETCH_W, gemv.set_weight_prefetch / prefetch=). Split 1 passes
+before the PDL wait: PREFETCH_W, gemv.set_weight_prefetch / prefetch=; L2 prefetch of the
+weight slice before it: PREFETCH_L2, gemv.set_weight_prefetch_l2 / prefetch_l2=). Split 1 passes
 `out` as the unused workspace and counter pointers (so they take the output's dtype); split-K
 launches pass the float32 workspace and the int32 counters. Every pointer, N, K and
 k_per_split is divisible by 16 at every launch listed (model and test dims are multiples of 16).
+
+PREFETCH_L2 entries have no recorded launch: the coverage test records launches on CPU tensors,
+where gemv_linear never sets PREFETCH_L2 (inline PTX; the switch is ignored off CUDA). The test
+only requires launched <= listed, so they are listed from what the engine and tests/gpu would
+launch on CUDA, and compiling them here is the only check that the inline asm is valid PTX.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ KINDS = {"plain": {}, "norm": dict(NORM=True), "residual": dict(RESIDUAL=True),
          "gate_up": dict(NORM=True, GATE_UP=True)}
 # Engine decode layers (models/llama_skinny.py with skinny_gemv), (N_w, K, kind): the 1B shape
 # in bf16 (bench --skinny-gemv, with and without PDL; both again with the weight prefetch on,
-# bench_batch1's prefetch row) and tests/gpu's tiny float32 Llama (hidden 128, 4 x 64 q heads,
-# 2 kv heads, intermediate 256).
+# bench_batch1's prefetch row; with PDL, the L2 prefetch on with and without the weight
+# prefetch: gemv.set_weight_prefetch_l2 on CUDA) and tests/gpu's tiny float32 Llama (hidden
+# 128, 4 x 64 q heads, 2 kv heads, intermediate 256).
 ENGINE_LAYERS = {"bf16": [(3072, 2048, "norm"), (2048, 2048, "residual"),
                           (16384, 2048, "gate_up"), (2048, 8192, "residual")],
                  "fp32": [(512, 128, "norm"), (128, 256, "residual"), (512, 128, "gate_up"),
@@ -31,8 +38,8 @@ BENCH_SHAPES = [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256
 
 
 def launches():
-    """(dtype, kind, bias, GemvConfig, pdl, prefetch) of every launch the engine, the bench
-    and tests/gpu make, deduplicated."""
+    """(dtype, kind, bias, GemvConfig, pdl, prefetch, prefetch_l2) of every launch the engine,
+    the bench and tests/gpu make, deduplicated."""
     gv = importlib.import_module("llmbatch.runtime.layers.gemv")
     from bench.bench_gemv_layouts import GEMV_CONFIGS
 
@@ -41,29 +48,35 @@ def launches():
         on_off = (False, True) if dt == "bf16" else (False,)
         for (n_w, k, kind), pdl, prefetch in itertools.product(layers, on_off, on_off):
             out.append((dt, kind, False, gv.pick_config(n_w, k, kind == "gate_up"), pdl,
-                        prefetch))
+                        prefetch, False))
+            if dt == "bf16" and pdl:                            # PREFETCH_L2: CUDA only
+                out.append((dt, kind, False, gv.pick_config(n_w, k, kind == "gate_up"), pdl,
+                            prefetch, True))
     for (n_w, k), cfg in itertools.product(BENCH_SHAPES, GEMV_CONFIGS.values()):
         out.append(("bf16", "plain", False, gv.GemvConfig(*cfg) if cfg
-                    else gv.pick_config(n_w, k), False, False))
+                    else gv.pick_config(n_w, k), False, False, False))
     # tests/gpu/test_gemv_gpu.py (K 2048, N_w 1536; the chain's down weight is 2048 x 768).
     splits = [gv.GemvConfig(block_n=16, block_k=512, split_k=s) for s in (1, 2, 4, 8)]
     for cfg in [None] + splits:
         for kind, bias in (("plain", True), ("norm", False), ("residual", False),
                            ("plain", False), ("gate_up", True)):
             pick = gv.pick_config(1536, 2048, kind == "gate_up")
-            out.append(("bf16", kind, bias, cfg or pick, False, False))
+            out.append(("bf16", kind, bias, cfg or pick, False, False, False))
     for s in (2, 4, 8):
         cfg = gv.GemvConfig(block_n=16, block_k=256, split_k=s)
         for kind, bias in (("norm", True), ("residual", False), ("gate_up", True)):
-            out.append(("bf16", kind, bias, cfg, False, False))
-    # The layer chain in a CUDA graph: split 4 with PDL on and off; with prefetch and PDL on
-    # both at split 4 and at the table's pick (gate_up 1536 x 2048, down 2048 x 768, norm).
+            out.append(("bf16", kind, bias, cfg, False, False, False))
+    # The layer chain in a CUDA graph: split 4 with PDL on and off; with PDL on and prefetch,
+    # L2 prefetch or both, at split 4 and at the table's pick (gate_up 1536 x 2048, down
+    # 2048 x 768, norm).
     chain = gv.GemvConfig(block_n=16, block_k=512, split_k=4)
     for kind, bias in (("gate_up", True), ("residual", False), ("norm", False)):
         pick = gv.pick_config(1536, 2048, kind == "gate_up")
-        for cfg, pdl, prefetch in ((chain, False, False), (chain, True, False),
-                                   (chain, True, True), (pick, True, True)):
-            out.append(("bf16", kind, bias, cfg, pdl, prefetch))
+        out.append(("bf16", kind, bias, chain, False, False, False))
+        for cfg, (prefetch, prefetch_l2) in itertools.product(
+                (chain, pick), ((False, False), (True, False), (False, True), (True, True))):
+            if cfg is chain or prefetch or prefetch_l2:
+                out.append(("bf16", kind, bias, cfg, True, prefetch, prefetch_l2))
     return list(dict.fromkeys(out))
 
 
@@ -71,7 +84,7 @@ def gemv_variants():
     """compile_kernels entries (label, kernel, signature, constexprs, options, attrs)."""
     gv = importlib.import_module("llmbatch.runtime.layers.gemv")
     out = []
-    for dt, kind, bias, cfg, pdl, prefetch in launches():
+    for dt, kind, bias, cfg, pdl, prefetch, prefetch_l2 in launches():
         split = cfg.split_k > 1
         sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
                "norm_w_ptr": f"*{dt}", "res_ptr": f"*{dt}", "out_ptr": f"*{dt}",
@@ -79,15 +92,15 @@ def gemv_variants():
                "count_ptr": "*i32" if split else f"*{dt}", "N": "i32", "K": "i32",
                "k_per_split": "i32", "eps": "fp32"}
         for name in ("HAS_BIAS", "NORM", "RESIDUAL", "GATE_UP", "BLOCK_N", "BLOCK_K",
-                     "SPLIT_K", "NUM_STAGES", "USE_PDL", "PREFETCH_W"):
+                     "SPLIT_K", "NUM_STAGES", "USE_PDL", "PREFETCH_W", "PREFETCH_L2"):
             sig[name] = "constexpr"
         consts = dict(dict(NORM=False, RESIDUAL=False, GATE_UP=False), **KINDS[kind],
                       HAS_BIAS=bias, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                       SPLIT_K=cfg.split_k, NUM_STAGES=cfg.num_stages, USE_PDL=pdl,
-                      PREFETCH_W=prefetch)
+                      PREFETCH_W=prefetch, PREFETCH_L2=prefetch_l2)
         out.append((f"gemv {dt} {kind}{'+bias' if bias else ''} n{cfg.block_n} k{cfg.block_k} "
                     f"w{cfg.num_warps} split{cfg.split_k} p{cfg.num_stages}{' pdl' if pdl else ''}"
-                    f"{' prefetch' if prefetch else ''}",
+                    f"{' prefetch' if prefetch else ''}{' l2prefetch' if prefetch_l2 else ''}",
                     gv._gemv_kernel, sig, consts,
                     dict(num_warps=cfg.num_warps, **({"launch_pdl": True} if pdl else {})),
                     _aligned(sig, ("N", "K", "k_per_split"))))

@@ -3,10 +3,11 @@ interpreter): each fused option against the unfused torch path on a Llama-1B-lik
 only a GPU shows: with split-K the splits of a column tile run concurrently, so the program
 that arrives last changes from run to run; the result must still be bitwise identical across
 runs (fixed summation order), and the arrival counters zero afterwards, also in a CUDA graph
-with PDL, where the weight prefetch before the PDL wait must change no bit either. Then the
-engine end to end (tiny float32 Llama, decode graphs): greedy tokens with skinny_matmul +
-skinny_gemv equal to the default path's (one sequence, so every decode step is one token and
-runs on the gemv kernels)."""
+with PDL, where the weight prefetches before the PDL wait (the first tile, the L2 prefetch of
+the slice: inline PTX, tested only here) must change no bit either. Then the engine end to end
+(tiny float32 Llama, decode graphs): greedy tokens with skinny_matmul + skinny_gemv equal to the
+default path's (one sequence, so every decode step is one token and runs on the gemv
+kernels)."""
 
 from __future__ import annotations
 
@@ -95,19 +96,28 @@ def test_layer_chain_in_a_cuda_graph_replays_bitwise(pdl):
     assert_graph_replays_bitwise(chain, pdl, counters_zero)
 
 
+# (prefetch, prefetch_l2): the first weight tile, the L2 prefetch of the slice (inline PTX, so
+# only compiled here), both.
+PREFETCHES = {"tile": (True, False), "l2": (False, True), "tile+l2": (True, True)}
+
+
+@pytest.mark.parametrize("mode", list(PREFETCHES))
 @pytest.mark.parametrize("cfg", [None, SPLITS[2]],
                          ids=lambda c: f"split{c.split_k}" if c else "table")
-def test_weight_prefetch_chain_in_a_pdl_graph_equals_prefetch_off(cfg):
-    """The same layer chain with prefetch=True (first weight tile loaded before the PDL wait)
-    captured with PDL: every replay bitwise the eager chain with neither prefetch nor PDL."""
+def test_weight_prefetch_chain_in_a_pdl_graph_equals_prefetch_off(cfg, mode):
+    """The same layer chain with the weight prefetches before the PDL wait (the first tile
+    loaded, the program's weight slice prefetched into L2, or both) captured with PDL: every
+    replay bitwise the eager chain with neither prefetch nor PDL."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90+")
     x, w, b, nw = cuda_operands(1, 2 * I, seed=11)
     w_down = rand((K, I), torch.bfloat16, 12, I ** -0.5).cuda()
     c = counters()
+    prefetch, prefetch_l2 = PREFETCHES[mode]
 
     def chain(on):
-        kw = dict(config=cfg, counters=c, pdl=on, prefetch=on)
+        kw = dict(config=cfg, counters=c, pdl=on, prefetch=on and prefetch,
+                  prefetch_l2=on and prefetch_l2)
         act = gemv.gemv_linear(x, w, b, norm_weight=nw, eps=EPS, gate_up=True, **kw)
         res = gemv.gemv_linear(act, w_down, residual=x, **kw)
         return gemv.gemv_linear(res, w, norm_weight=nw, eps=EPS, **kw)

@@ -175,14 +175,16 @@ def test_weight_prefetch_is_bitwise_the_plain_loop(dtype, kind):
 
 
 class PrefetchRecorder:
-    """Stands in for _gemv_kernel: records each launch's PREFETCH_W, then runs the kernel."""
+    """Stands in for _gemv_kernel: records each launch's PREFETCH_W and PREFETCH_L2, then runs
+    the kernel."""
 
     def __init__(self, kernel):
-        self.kernel, self.prefetch = kernel, []
+        self.kernel, self.prefetch, self.prefetch_l2 = kernel, [], []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.prefetch.append(kwargs["PREFETCH_W"])
+            self.prefetch_l2.append(kwargs["PREFETCH_L2"])
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -214,8 +216,57 @@ def test_weight_prefetch_switch_and_keyword_reach_the_launch(monkeypatch):
 
 
 def test_weight_prefetch_is_off_by_default():
-    """In a fresh process (this one's tests may have turned the switch on and off)."""
-    code = "from llmbatch.runtime.layers import gemv; print(gemv.weight_prefetch_enabled())"
+    """In a fresh process (this one's tests may have turned the switches on and off): both the
+    tile prefetch and the L2 prefetch."""
+    code = ("from llmbatch.runtime.layers import gemv; "
+            "print(gemv.weight_prefetch_enabled(), gemv.weight_prefetch_l2_enabled())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
-    assert proc.stdout.strip() == "False", proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False False", proc.stderr[-2000:]
+
+
+# L2 prefetch of the weight slice (PREFETCH_L2): inline PTX, which the interpreter cannot run,
+# so on CPU tensors the launcher never sets it, whatever the switch or the keyword say.
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("kind", ["norm", "residual", "gate_up"])
+def test_l2_prefetch_is_ignored_on_cpu_tensors(monkeypatch, kind):
+    """Switch on, keyword True, with and without the tile prefetch: every launch has
+    PREFETCH_L2 False and the result equals the launch with both prefetches off, bitwise."""
+    monkeypatch.setattr(gemv, "_weight_prefetch_l2", gemv._weight_prefetch_l2)  # restored
+    rec = PrefetchRecorder(gemv._gemv_kernel)
+    monkeypatch.setattr(gemv, "_gemv_kernel", rec)
+    n, k = 48, 96
+    n_w = 2 * n if kind == "gate_up" else n
+    x, w, b, nw = operands(1, n_w, k, torch.float32, seed=70)
+    r = operands(1, n, k, torch.float32, seed=71)[0][:, :n].contiguous()
+    kwargs = PREFETCH_KINDS[kind](b, nw, r)
+    cfg = gemv.GemvConfig(block_n=16, block_k=32, split_k=3)
+    counters = zero_counters()
+
+    def call(**kw):
+        return gemv.gemv_linear(x, w, config=cfg, counters=counters, **kwargs, **kw)
+
+    gemv.set_weight_prefetch_l2(False)
+    want = call(prefetch=False, prefetch_l2=False)
+    gemv.set_weight_prefetch_l2(True)
+    assert gemv.weight_prefetch_l2_enabled() is True
+    results = [call(prefetch=False), call(prefetch=True), call(prefetch=False, prefetch_l2=True),
+               call(prefetch=True, prefetch_l2=True)]
+    assert rec.prefetch_l2 == [False] * 5
+    assert rec.prefetch == [False, False, True, False, True]  # the tile prefetch still applies
+    for got in results:
+        assert torch.equal(got, want)
+    assert int(counters.abs().sum()) == 0
+
+
+def test_l2_prefetch_switch_and_keyword_on_a_cuda_device(monkeypatch):
+    """What a CUDA launch would get (resolved without launching, so no GPU needed): the switch,
+    the keyword overriding it both ways; never on CPU."""
+    monkeypatch.setattr(gemv, "_weight_prefetch_l2", gemv._weight_prefetch_l2)  # restored
+    monkeypatch.setattr(torch.version, "hip", None)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    gemv.set_weight_prefetch_l2(False)
+    assert [gemv._l2_prefetch_on(cuda, kw) for kw in (None, False, True)] == [False, False, True]
+    gemv.set_weight_prefetch_l2(True)
+    assert [gemv._l2_prefetch_on(cuda, kw) for kw in (None, False, True)] == [True, False, True]
+    assert [gemv._l2_prefetch_on(cpu, kw) for kw in (None, False, True)] == [False] * 3

@@ -33,6 +33,13 @@ it: that tile's DRAM latency overlaps the previous kernel. Stop 17 measured the 
 some is bench_batch1's row to show. Same products added in the same order: bitwise equal to
 PREFETCH_W=False. Without PDL it only moves the first load ahead of the norm prologue's pass.
 
+L2 prefetch of the whole weight slice (opt-in, unmeasured; set_weight_prefetch_l2 or
+gemv_linear(prefetch_l2=True)): PREFETCH_W brings one tile a program; with PREFETCH_L2 the
+program also asks L2 for every 128-byte line of its slice (BLOCK_N rows -- and the up rows --
+x its K range) before the wait, so the rest of its stream may come from L2 instead of DRAM once
+the previous kernel is done. Inline PTX, so CUDA only: off CUDA (the interpreter) the launcher
+ignores it. A hint to the cache: it changes no value, with or without PREFETCH_W.
+
 Not batch invariant with skinny_matmul (another summation order): M = 1 steps through here and
 M > 1 steps through skinny_linear differ in float32 rounding, like any two GEMM kernels.
 
@@ -76,6 +83,26 @@ def set_weight_prefetch(on: bool) -> None:
 
 def weight_prefetch_enabled() -> bool:
     return _weight_prefetch
+
+
+# L2 prefetch of the program's whole weight slice before the PDL wait (PREFETCH_L2): process-
+# wide too, read at each launch (prefetch_l2= overrides it), default off. Opt-in and UNMEASURED
+# (written without a GPU). A hint: gemv_linear never sets it off CUDA (the Triton interpreter
+# cannot run inline PTX) nor on ROCm (no PTX), so CPU tests and engines see the switch ignored.
+# What to measure, as for PREFETCH_W: the decode TPOT and the four matmuls' kernel times with it
+# on, alone and with PREFETCH_W, against both off.
+_weight_prefetch_l2 = False
+
+
+def set_weight_prefetch_l2(on: bool) -> None:
+    """Turn the L2 prefetch of each program's weight slice on or off for later gemv_linear
+    launches (default off; opt-in, unmeasured: see above). Ignored off CUDA."""
+    global _weight_prefetch_l2
+    _weight_prefetch_l2 = bool(on)
+
+
+def weight_prefetch_l2_enabled() -> bool:
+    return _weight_prefetch_l2
 
 
 @dataclass(frozen=True)
@@ -157,13 +184,55 @@ def _x_chunk(x_ptr, norm_w_ptr, k, k_mask, rstd, NORM: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2_slice(w_ptr, N, K, k_lo, k_hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GATE_UP: tl.constexpr):
+    """Ask L2 for every 128-byte line of this program's weight slice: rows
+    [pid*BLOCK_N, (pid+1)*BLOCK_N) below N (with GATE_UP also those rows + N, the up half) x
+    columns [k_lo, k_hi). One prefetch a line: a row of K-contiguous elements is K * size / 128
+    lines (2048 bf16: 32). Rows that do not start on a line (K * size not a multiple of 128;
+    never at model sizes) may miss their last line: it stays a demand miss, no harm.
+
+    `prefetch.global.L2`, not `.L2::evict_last` (PTX 7.4, sm_80+; the plain form is PTX 2.0):
+    every weight is read exactly once a decode step and a step streams far more weight than L2
+    holds, so giving these lines the evict-last priority would only push the activations and
+    the KV cache out of L2 ahead of them; normal priority is what the demand load would set.
+
+    Layout: a 1-D tensor of ROWS * LINES (row, line) pairs a chunk, ROWS * LINES /
+    (32 * num_warps) a thread (16 x 512 bf16 at 4 warps, or gate_up's 2 x 16 rows at 8: one a
+    thread), so no two threads prefetch the same line (with fewer pairs than threads, as in
+    tiny test configs, Triton replicates pairs: duplicate requests, no harm). ptxas (sm_90)
+    unrolls the chunk loop 4x into CCTL.E.PF2, all before ACQBULK; registers unchanged
+    (1B qkv 128, 142 with PREFETCH_W; o_proj / down 122; gate_up 128). The asm has an unused
+    int32 output (the elementwise op needs one); is_pure=False marks it as having side effects,
+    so it is not dead code. Masked-off pairs skip the instruction under a predicate: no
+    address outside W."""
+    LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements a line
+    LINES: tl.constexpr = BLOCK_K // LINE if BLOCK_K >= LINE else 1         # a row, a chunk
+    CHUNK: tl.constexpr = LINES * LINE                                      # >= BLOCK_K
+    ROWS: tl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
+    pair = tl.arange(0, ROWS * LINES)                                       # (ROWS * LINES,)
+    r = pair // LINES
+    col = tl.program_id(0) * BLOCK_N + r % BLOCK_N
+    row_ok = col < N
+    w_row = col + (r >= BLOCK_N).to(tl.int32) * N                           # up rows: + N
+    line_ptrs = w_ptr + w_row.to(tl.int64) * K + (pair % LINES) * LINE      # (ROWS * LINES,)
+    for k0 in range(k_lo, k_hi, CHUNK):
+        on = row_ok & ((k0 + (pair % LINES) * LINE) < k_hi)
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; }\n"
+            "mov.u32 $0, 0;",
+            "=r,l,r", [line_ptrs + k0, on.to(tl.int32)], dtype=tl.int32, is_pure=False,
+            pack=1)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, norm_w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr,
     N, K, k_per_split, eps,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
     GATE_UP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH_W: tl.constexpr,
+    PREFETCH_W: tl.constexpr, PREFETCH_L2: tl.constexpr,
 ):
     # Program (n, s): output columns [n*BLOCK_N, (n+1)*BLOCK_N), K range
     # [s*k_per_split, (s+1)*k_per_split) (whole BLOCK_K chunks; the last may be short or empty).
@@ -191,6 +260,14 @@ def _gemv_kernel(
         w_up_first = w_first  # placeholder unless GATE_UP; both (BLOCK_N, BLOCK_K)
         if GATE_UP:
             w_up_first = tl.load(w_up_rows + k_first[None, :], mask=w_first_mask, other=0.0)
+    if PREFETCH_L2:
+        # The whole slice into L2 before the wait, after PREFETCH_W's demand loads (those are
+        # needed first; their lines are asked for again here, one redundant request a thread).
+        # Reads only W's addresses: nothing a previous kernel writes. Own names for the K range
+        # (the same pure arithmetic as below, merged by the compiler), so PREFETCH_L2=False
+        # leaves the rest of the kernel, and its PTX, as before.
+        l2_lo, l2_hi = _split_k_range(K, k_per_split, SPLIT_K)
+        _prefetch_l2_slice(w_ptr, N, K, l2_lo, l2_hi, BLOCK_N, BLOCK_K, GATE_UP)
     if USE_PDL:
         pdl_wait_then_release()
     rstd = 0.0  # placeholder unless NORM
@@ -262,18 +339,28 @@ def _gemv_kernel(
             tl.atomic_xchg(count_ptr + pid, 0)  # re-armed for the next call / graph replay
 
 
+def _l2_prefetch_on(device: torch.device, prefetch_l2: Optional[bool]) -> bool:
+    """PREFETCH_L2 of a launch: the keyword, else the switch, and only on CUDA (inline PTX: the
+    interpreter cannot run it, ROCm cannot compile it), whatever either says."""
+    want = weight_prefetch_l2_enabled() if prefetch_l2 is None else bool(prefetch_l2)
+    return want and device.type == "cuda" and torch.version.hip is None
+
+
 def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 *, norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
                 residual: Optional[torch.Tensor] = None, gate_up: bool = False,
                 counters: Optional[torch.Tensor] = None, config: Optional[GemvConfig] = None,
-                pdl: bool = False, prefetch: Optional[bool] = None) -> torch.Tensor:
+                pdl: bool = False, prefetch: Optional[bool] = None,
+                prefetch_l2: Optional[bool] = None) -> torch.Tensor:
     """skinny_linear's contract for one row: x (1, K) contiguous; weight (N_w, K) contiguous,
     same dtype; bias (N_w,); norm_weight (K,): RMSNorm prologue; residual (1, N): returns
     round(round(x @ W^T + bias) + residual); gate_up: N_w = 2I, returns silu(gate) * up (1, I).
     counters: int32 zeros, >= counter_tiles(...) long, left all zero (split-K calls; None: a
     fresh zeros tensor per call, one more launch). config overrides the tile table. prefetch:
     load the first weight tile before the PDL wait (PREFETCH_W; None: weight_prefetch_enabled()
-    at this launch); the result is bitwise the same either way."""
+    at this launch); the result is bitwise the same either way. prefetch_l2: prefetch the
+    program's whole weight slice into L2 before the PDL wait (PREFETCH_L2; None:
+    weight_prefetch_l2_enabled()); a hint, ignored off CUDA; bitwise the same either way."""
     n = check_inputs(x, weight, bias, norm_weight, residual, gate_up)
     if x.shape[0] != 1:
         raise ValueError(f"gemv_linear computes one row, got x of shape {tuple(x.shape)}")
@@ -302,7 +389,8 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), s) * cfg.block_k
     flags = dict(HAS_BIAS=bias is not None, NORM=norm_weight is not None,
                  RESIDUAL=residual is not None, GATE_UP=gate_up, USE_PDL=pdl,
-                 PREFETCH_W=weight_prefetch_enabled() if prefetch is None else bool(prefetch))
+                 PREFETCH_W=weight_prefetch_enabled() if prefetch is None else bool(prefetch),
+                 PREFETCH_L2=_l2_prefetch_on(x.device, prefetch_l2))
     if pdl:
         flags["launch_pdl"] = True
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), s)](
