@@ -27,6 +27,8 @@ Options (each row is the defaults plus one change):
     gemv weights before the PDL wait   layers/gemv.py's weight prefetch (set_weight_prefetch:
                          each gemv program loads its first weight tile before griddepcontrol.wait,
                          overlapping the previous kernel; opt-in, unmeasured)
+    gemv weights into L2 before the PDL wait   set_weight_prefetch_l2: its whole weight slice
+                         prefetched into L2 there instead (CUDA; opt-in, unmeasured)
     PDL flipped          programmatic dependent launch of our Triton kernels (runtime/pdl.py,
                          EngineConfig.pdl, auto-on for sm_90+ since stop 17) off, or on
     L2 prefetch plans    models/llama_prefetch.py PrefetchPlan: o_proj; o_proj + next qkv;
@@ -199,28 +201,34 @@ def options(all_rows: bool = False):
             return "not applicable (quantized, sharded or not Llama-family): not applied"
         return "on (engine default off)"
 
-    def gemv_prefetch(engine, device):
-        from llmbatch.runtime.layers import gemv
+    def gemv_prefetch(switch: str):
+        """A row with one of layers/gemv.py's weight-prefetch switches on (set_weight_prefetch:
+        the first tile into registers; set_weight_prefetch_l2: the slice into L2)."""
+        def apply(engine, device):
+            from llmbatch.runtime.layers import gemv
 
-        if not hasattr(gemv, "set_weight_prefetch"):
-            return "layers/gemv.py has no weight prefetch: not applied"
-        saved["gemv_prefetch"] = gemv.weight_prefetch_enabled()
-        gemv.set_weight_prefetch(True)
-        if not any(getattr(m, "skinny_gemv_counters", None) is not None
-                   for m in llama_models(engine)):
-            return "the gemv layers are off: no effect"
-        return ""
+            if not hasattr(gemv, f"set_{switch}"):
+                return f"layers/gemv.py has no {switch}: not applied"
+            saved[switch] = getattr(gemv, f"{switch}_enabled")()
+            getattr(gemv, f"set_{switch}")(True)
+            if not any(getattr(m, "skinny_gemv_counters", None) is not None
+                       for m in llama_models(engine)):
+                return "the gemv layers are off: no effect"
+            return ""
 
-    def gemv_prefetch_back(engine):
-        from llmbatch.runtime.layers import gemv
+        def undo(engine):
+            from llmbatch.runtime.layers import gemv
 
-        if "gemv_prefetch" in saved:
-            gemv.set_weight_prefetch(saved.pop("gemv_prefetch"))
+            if switch in saved:
+                getattr(gemv, f"set_{switch}")(saved.pop(switch))
+        return apply, undo
 
     nothing = (DEFAULTS, lambda engine, device: "", lambda engine: None)
     # The likeliest gains first: a run cut by its time limit keeps them (JSON after each row).
     open_rows = [("skinny gemv flipped", gemv_flip, restore_skinny),
-                 ("gemv weights before the PDL wait", gemv_prefetch, gemv_prefetch_back),
+                 ("gemv weights before the PDL wait", *gemv_prefetch("weight_prefetch")),
+                 ("gemv weights into L2 before the PDL wait",
+                  *gemv_prefetch("weight_prefetch_l2")),
                  ("PDL flipped", pdl_flip, pdl_back)]
     if not all_rows:
         return [nothing, *open_rows, nothing]

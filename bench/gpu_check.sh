@@ -16,7 +16,7 @@
 # Env: PYTHON (default python3), BENCH_ARGS (extra bench.run flags, e.g. "--skip-peers"),
 # PYTEST_TIMEOUT (s, default 230), PYTEST_PATHS (default: all of tests/gpu, core files first),
 # BENCH_RUN=0 (skip the bench: a tests-only call), BENCH_RESERVE (s the bench keeps from
-# pytest's limit; default 220, 90 with --skip-peers in BENCH_ARGS),
+# pytest's limit; default 220, 130 with --skip-peers in BENCH_ARGS),
 # BENCH_ATTENTION=1 (attention micro-benchmark), BENCH_TIMEOUT (s, default 300), BENCH_MODEL_DIR,
 # BENCH_QUANTIZATION (GPU runs only, default bf16), BENCH_PROFILE=0 (skip the
 # profiled slice), BENCH_UNFUSED=1 (opt-in: W-RANDOM, W-PREFIX and
@@ -37,9 +37,10 @@
 # and W-BATCH1 once more with both off (llmbatch-old-defaults: the engine of stop 17's
 # "llmbatch" rows, the A/B of the change; ~20 s). BENCH_NO_GEMV_ROWS (same default): with
 # skinny_gemv off (llmbatch-no-gemv, PDL alone). BENCH_NO_PDL_ROWS=1 (opt-in): with pdl off.
-# BENCH_GEMV_PREFETCH_ROWS (default 1 on a GPU): engine.gemv_weight_prefetch on
-# (llmbatch-gemv-prefetch: first weight tile before the PDL wait; unmeasured, with a batch-1
-# profile).
+# BENCH_GEMV_PREFETCH_ROWS and BENCH_GEMV_PREFETCH_L2_ROWS (default 1 on a GPU):
+# engine.gemv_weight_prefetch tile / l2 (llmbatch-gemv-prefetch: the first weight tile before
+# the PDL wait; llmbatch-gemv-prefetch-l2: the weight slice into L2 before it; unmeasured, each
+# with a batch-1 profile).
 # BENCH_PDL_ROWS=1 (opt-in; repeats the default on sm_90+): llmbatch-pdl.
 # BENCH_SKINNY_PDL_ROWS=1 (opt-in): engine.skinny_matmul and engine.pdl (llmbatch-skinny-pdl).
 # BENCH_GEMV_ROWS=1 (opt-in since stop 17): skinny_matmul, skinny_gemv and pdl
@@ -172,13 +173,13 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   # with coreutils timeout under `trap '' INT`).
   # shellcheck disable=SC2086
   # Skinny matmul (opt-in, measured slower) last: a cut run loses it first.
-  # What the later steps keep: the bench ~220 s with peers, ~90 s without (BENCH_RESERVE
+  # What the later steps keep: the bench ~220 s with peers, ~130 s without (BENCH_RESERVE
   # overrides; 0 with BENCH_RUN=0), the batch-1 sweep ~70 s when it runs. Stop 17's focused
   # call kept a fixed 290 s whatever ran after, and its pytest got 10 s of a 300 s budget.
   PYTEST_RESERVE=0
   if [ "${BENCH_RUN:-1}" = 1 ]; then
     case " ${BENCH_ARGS:-} " in
-      *" --skip-peers "*) PYTEST_RESERVE=${BENCH_RESERVE:-90} ;;
+      *" --skip-peers "*) PYTEST_RESERVE=${BENCH_RESERVE:-130} ;;
       *) PYTEST_RESERVE=${BENCH_RESERVE:-220} ;;
     esac
   fi
@@ -239,6 +240,7 @@ fi
 [ "${BENCH_NO_GEMV_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--no-gemv)
 [ "${BENCH_NO_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--no-pdl)
 [ "${BENCH_GEMV_PREFETCH_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--gemv-prefetch)
+[ "${BENCH_GEMV_PREFETCH_L2_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--gemv-prefetch-l2)
 [ "${BENCH_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--pdl)
 [ "${BENCH_SKINNY_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-pdl)
 [ "${BENCH_GEMV_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-gemv-pdl)

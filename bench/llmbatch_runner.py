@@ -164,7 +164,7 @@ def profile_slices(system: str, workloads: dict) -> list[tuple]:
     if full and "W-RANDOM" in workloads:
         out.append((f"{system}_profile", "W-RANDOM", 64, 48, f"profile_{system}.txt"))
     batch1_only = ("llmbatch-l2prefetch", "llmbatch-pdl", "llmbatch-skinny-gemv-pdl",
-                   "llmbatch-gemv-prefetch")
+                   "llmbatch-gemv-prefetch", "llmbatch-gemv-prefetch-l2")
     if (full or system in batch1_only) and "W-BATCH1" in workloads:
         out.append((f"{system}_profile_batch1", "W-BATCH1", 1, 128,
                     f"profile_{system}_batch1.txt"))

@@ -67,10 +67,14 @@ AB_VARIANTS = {
                        "the default)", "skinny gemv runs on CUDA only"),
     "no-pdl": Variant("--no-pdl", {"pdl": False},
                       "EngineConfig.pdl off (the gemv path alone)", "PDL runs on CUDA only"),
-    "gemv-prefetch": Variant("--gemv-prefetch", {"gemv_weight_prefetch": True},
-                             "EngineConfig.gemv_weight_prefetch on (gemv programs load their "
+    "gemv-prefetch": Variant("--gemv-prefetch", {"gemv_weight_prefetch": "tile"},
+                             "EngineConfig.gemv_weight_prefetch tile (gemv programs load their "
                              "first weight tile before the PDL wait; unmeasured)",
                              "the gemv layers run on CUDA only"),
+    "gemv-prefetch-l2": Variant("--gemv-prefetch-l2", {"gemv_weight_prefetch": "l2"},
+                                "EngineConfig.gemv_weight_prefetch l2 (gemv programs prefetch "
+                                "their weight slice into L2 before the PDL wait; unmeasured)",
+                                "the gemv layers run on CUDA only"),
     "l2prefetch": Variant("--l2-prefetch", {"l2_prefetch": True},
                           "EngineConfig.l2_prefetch on (steps of <= 16 tokens touch the qkv and "
                           "o_proj weights into L2 on a side stream ahead of use)",

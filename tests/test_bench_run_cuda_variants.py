@@ -28,7 +28,9 @@ CASES = {
     "no-gemv": ("--no-gemv", "no_gemv", "skinny gemv runs on CUDA only", {"skinny_gemv": False}),
     "no-pdl": ("--no-pdl", "no_pdl", "PDL runs on CUDA only", {"pdl": False}),
     "gemv-prefetch": ("--gemv-prefetch", "gemv_prefetch", "the gemv layers run on CUDA only",
-                      {"gemv_weight_prefetch": True}),
+                      {"gemv_weight_prefetch": "tile"}),
+    "gemv-prefetch-l2": ("--gemv-prefetch-l2", "gemv_prefetch_l2",
+                         "the gemv layers run on CUDA only", {"gemv_weight_prefetch": "l2"}),
 }
 
 

@@ -11,6 +11,7 @@ ORDERINGS = ("prefix", "input")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANTIZATION_METHODS = ("none", "int8", "nf4")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
+GEMV_WEIGHT_PREFETCH = ("off", "tile", "l2", "both")
 
 
 class EngineConfigError(ValueError):
@@ -61,10 +62,12 @@ class EngineConfig:
     # stream while the cheap kernels before them run (models/llama_prefetch.py); CUDA, fused
     # kernels, dense weights, not with skinny_matmul. Unmeasured: bench --l2-prefetch.
     l2_prefetch: bool = False
-    # Opt-in, with the gemv layers: each gemv program loads its first weight tile before its
-    # PDL wait, overlapping the previous kernel (layers/gemv.py set_weight_prefetch). Unmeasured:
-    # bench --gemv-prefetch and bench_batch1's "gemv weights before the PDL wait" row.
-    gemv_weight_prefetch: bool = False
+    # Opt-in, with the gemv layers: what each gemv program reads of its weights before its PDL
+    # wait, overlapping the previous kernel (the weights are written by no decode kernel):
+    # "tile" its first weight tile into registers (layers/gemv.py set_weight_prefetch), "l2"
+    # its whole slice into L2 (set_weight_prefetch_l2, CUDA), "both", or "off". Unmeasured:
+    # bench --gemv-prefetch / --gemv-prefetch-l2 and bench_batch1's rows.
+    gemv_weight_prefetch: str = "off"
     tensor_parallel_size: int = 1
     quantization: str = "none"
     # Also quantize the token embedding and LM head with the engine's quantization (nf4 only):
@@ -101,6 +104,7 @@ class EngineConfig:
         check_choice("dtype", DTYPES)
         check_choice("quantization", QUANTIZATION_METHODS)
         check_choice("speculative_method", SPECULATIVE_METHODS)
+        check_choice("gemv_weight_prefetch", GEMV_WEIGHT_PREFETCH)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "planner_window",

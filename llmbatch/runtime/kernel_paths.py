@@ -48,7 +48,7 @@ class KernelPaths:
     skinny_pdl: bool = False
     skinny_gemv: bool = False
     skinny_gemv_error: Optional[str] = None   # why the start-up check turned the gemv layers off
-    gemv_weight_prefetch: bool = False
+    gemv_weight_prefetch: str = "off"   # EngineConfig.gemv_weight_prefetch where it applied
     l2_prefetch_weights: int = 0      # weights touched into L2 per small step (0: off)
     pdl: bool = False                 # our Triton kernels launch with PDL (runtime/pdl.py)
 
@@ -62,7 +62,8 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
     pdl_switch.set_enabled(False)   # process-wide: a previous engine's setting must not leak
     gemv_module = sys.modules.get("llmbatch.runtime.layers.gemv")   # imported: triton is there
     if gemv_module is not None:
-        gemv_module.set_weight_prefetch(False)   # the same for the gemv weight prefetch
+        gemv_module.set_weight_prefetch(False)   # the same for the gemv weight prefetches
+        gemv_module.set_weight_prefetch_l2(False)
     if not getattr(config, "fused_kernels", False):
         asked = [o for o in ("skinny_matmul", "skinny_gemv", "pdl", "l2_prefetch")
                  if getattr(config, o, False) is True]
@@ -108,16 +109,7 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
     if pdl_asked is True and not pdl:
         logger.info("pdl ignored: %s", pdl_unavailable)
     _enable_skinny_layers(model, config, tp_size, quantization, pdl, paths)
-    if getattr(config, "gemv_weight_prefetch", False):
-        if paths.skinny_gemv:
-            from llmbatch.runtime.layers import gemv as gemv_layers
-
-            gemv_layers.set_weight_prefetch(True)
-            paths.gemv_weight_prefetch = True
-            logger.info("gemv_weight_prefetch on: gemv programs load their first weight tile "
-                        "before the PDL wait")
-        else:
-            logger.info("gemv_weight_prefetch ignored: the gemv layers are off")
+    _enable_gemv_weight_prefetch(getattr(config, "gemv_weight_prefetch", "off"), paths)
     if pdl:
         pdl_switch.set_enabled(True)
         paths.pdl = True
@@ -196,6 +188,25 @@ def _enable_skinny_layers(model, config, tp_size: int, quantization: str, pdl: b
                     "Llama-family model", " and ".join(asked))
 
 
+def _enable_gemv_weight_prefetch(mode: str, paths: KernelPaths) -> None:
+    """EngineConfig.gemv_weight_prefetch ("off", "tile", "l2", "both") onto layers/gemv.py's
+    process-wide switches, only where the gemv layers are on (enable_kernel_paths reset both
+    switches for this engine first)."""
+    if mode == "off":
+        return
+    if not paths.skinny_gemv:
+        logger.info("gemv_weight_prefetch ignored: the gemv layers are off")
+        return
+    from llmbatch.runtime.layers import gemv as gemv_layers
+
+    gemv_layers.set_weight_prefetch(mode in ("tile", "both"))
+    gemv_layers.set_weight_prefetch_l2(mode in ("l2", "both"))
+    paths.gemv_weight_prefetch = mode
+    logger.info("gemv_weight_prefetch %s: gemv programs read %s before their PDL wait", mode,
+                {"tile": "their first weight tile", "l2": "their weight slice into L2",
+                 "both": "their first weight tile and their slice into L2"}[mode])
+
+
 def _gemv_passes_start_up_check(model, skinny: bool, pdl: bool, paths: KernelPaths) -> bool:
     """models/gemv_check.py on the just-enabled gemv layers; where it fails, one-token steps go
     back to the 16-row skinny tiles (skinny_matmul on) or the unfused layers, with a warning
@@ -232,7 +243,7 @@ def _enable_l2_prefetch(model, device: torch.device, paths: KernelPaths) -> None
 
 
 PATH_STATS = ("fused_kernels_active", "skinny_matmul_active", "skinny_pdl_active",
-              "skinny_gemv_active", "skinny_gemv_error", "gemv_weight_prefetch_active",
+              "skinny_gemv_active", "skinny_gemv_error", "gemv_weight_prefetch",
               "pdl_active", "l2_prefetch_weights", "int8_triton_layers", "int8_triton_error",
               "nf4_triton_layers", "nf4_triton_error")
 

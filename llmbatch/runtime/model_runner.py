@@ -111,7 +111,7 @@ class ModelRunner(CudaFastPathsMixin):
         self.skinny_pdl_active = paths.skinny_pdl
         self.skinny_gemv_active = paths.skinny_gemv
         self.skinny_gemv_error = paths.skinny_gemv_error
-        self.gemv_weight_prefetch_active = paths.gemv_weight_prefetch
+        self.gemv_weight_prefetch = paths.gemv_weight_prefetch
         self.l2_prefetch_weights = paths.l2_prefetch_weights
         self.pdl_active = paths.pdl
         if self.device.type == "cuda":   # cos/sin rows gathered per step (layers/rotary.py)

@@ -140,30 +140,42 @@ def test_pdl_is_on_by_default_on_sm90_and_can_be_turned_off(monkeypatch, caplog)
         pdl.set_enabled(False)   # process-wide: never leak into other tests
 
 
-def test_gemv_weight_prefetch_rides_on_the_gemv_layers_and_never_leaks(tmp_path, caplog):
-    """The CUDA branch on CPU tensors: gemv_weight_prefetch sets gemv's process-wide switch
-    only where the gemv layers are on; the next engine (any config, any device) resets it."""
+@pytest.mark.parametrize("mode,tile,l2", [("tile", True, False), ("l2", False, True),
+                                           ("both", True, True)])
+def test_gemv_weight_prefetch_rides_on_the_gemv_layers_and_never_leaks(mode, tile, l2, tmp_path,
+                                                                       caplog):
+    """The CUDA branch on CPU tensors: gemv_weight_prefetch sets gemv's process-wide switches
+    only where the gemv layers are on; the next engine (any config, any device) resets them."""
     pytest.importorskip("triton")
     from llmbatch.runtime.layers import gemv
     from tests.runtime.test_models import load_ours, make_hf_model
 
+    def switches():
+        return gemv.weight_prefetch_enabled(), gemv.weight_prefetch_l2_enabled()
+
     model = load_ours(make_hf_model("llama-gqa-hd32-tied-llama3", tmp_path), tmp_path)
     cuda = torch.device("cuda")
     try:
-        on = enable_kernel_paths(model, EngineConfig(model="m", gemv_weight_prefetch=True),
+        on = enable_kernel_paths(model, EngineConfig(model="m", gemv_weight_prefetch=mode),
                                  cuda, 1, "none")
-        assert (on.skinny_gemv, on.gemv_weight_prefetch, gemv.weight_prefetch_enabled()) == \
-            (True, True, True)
+        assert (on.skinny_gemv, on.gemv_weight_prefetch, switches()) == (True, mode, (tile, l2))
         enable_kernel_paths(model, EngineConfig(model="m"), torch.device("cpu"), 1, "none")
-        assert gemv.weight_prefetch_enabled() is False
-        no_gemv = EngineConfig(model="m", skinny_gemv=False, gemv_weight_prefetch=True)
+        assert switches() == (False, False)
+        no_gemv = EngineConfig(model="m", skinny_gemv=False, gemv_weight_prefetch=mode)
         with caplog.at_level("INFO", logger="llmbatch.runtime.kernel_paths"):
             off = enable_kernel_paths(model, no_gemv, cuda, 1, "none")
-        assert (off.gemv_weight_prefetch, gemv.weight_prefetch_enabled()) == (False, False)
+        assert (off.gemv_weight_prefetch, switches()) == ("off", (False, False))
         assert "gemv_weight_prefetch ignored: the gemv layers are off" in [
             r.getMessage() for r in caplog.records]
     finally:
         gemv.set_weight_prefetch(False)
+        gemv.set_weight_prefetch_l2(False)
+
+
+def test_gemv_weight_prefetch_refuses_unknown_modes():
+    with pytest.raises(ValueError, match=r"gemv_weight_prefetch=True is not one of off, tile, "
+                                         r"l2, both"):
+        EngineConfig(model="m", gemv_weight_prefetch=True)
 
 
 def test_explicit_l2_prefetch_turns_the_auto_gemv_off(tmp_path, monkeypatch):
