@@ -108,8 +108,9 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
     pdl = pdl_asked is not False and pdl_unavailable is None
     if pdl_asked is True and not pdl:
         logger.info("pdl ignored: %s", pdl_unavailable)
-    _enable_skinny_layers(model, config, tp_size, quantization, pdl, paths)
-    _enable_gemv_weight_prefetch(getattr(config, "gemv_weight_prefetch", "off"), paths)
+    prefetch_mode = getattr(config, "gemv_weight_prefetch", "off")
+    _enable_skinny_layers(model, config, tp_size, quantization, pdl, prefetch_mode, paths)
+    _enable_gemv_weight_prefetch(prefetch_mode, paths)
     if pdl:
         pdl_switch.set_enabled(True)
         paths.pdl = True
@@ -152,7 +153,7 @@ def _triton_has_pdl() -> bool:
 
 
 def _enable_skinny_layers(model, config, tp_size: int, quantization: str, pdl: bool,
-                          paths: KernelPaths) -> None:
+                          prefetch_mode: str, paths: KernelPaths) -> None:
     """skinny_matmul: steps of <= 16 tokens on models/llama_skinny.py's fused layers;
     skinny_gemv (auto on): one-token steps on its one-row kernels, with or without
     skinny_matmul. An explicit l2_prefetch turns the auto gemv off (the prefetch hooks live in
@@ -169,7 +170,7 @@ def _enable_skinny_layers(model, config, tp_size: int, quantization: str, pdl: b
     dense = tp_size == 1 and quantization == "none"
     if dense and enable_skinny_matmul(model, pdl=pdl, gemv_rows=gemv, small_steps=skinny):
         if gemv:
-            gemv = _gemv_passes_start_up_check(model, skinny, pdl, paths)
+            gemv = _gemv_passes_start_up_check(model, skinny, pdl, prefetch_mode, paths)
             if not (skinny or gemv):
                 return
         paths.skinny_matmul, paths.skinny_gemv, paths.skinny_pdl = skinny, gemv, pdl
@@ -199,25 +200,40 @@ def _enable_gemv_weight_prefetch(mode: str, paths: KernelPaths) -> None:
         return
     from llmbatch.runtime.layers import gemv as gemv_layers
 
-    gemv_layers.set_weight_prefetch(mode in ("tile", "both"))
-    gemv_layers.set_weight_prefetch_l2(mode in ("l2", "both"))
+    _set_gemv_weight_prefetch(gemv_layers, mode)
     paths.gemv_weight_prefetch = mode
     logger.info("gemv_weight_prefetch %s: gemv programs read %s before their PDL wait", mode,
                 {"tile": "their first weight tile", "l2": "their weight slice into L2",
                  "both": "their first weight tile and their slice into L2"}[mode])
 
 
-def _gemv_passes_start_up_check(model, skinny: bool, pdl: bool, paths: KernelPaths) -> bool:
+def _set_gemv_weight_prefetch(gemv_layers, mode: str) -> None:
+    gemv_layers.set_weight_prefetch(mode in ("tile", "both"))
+    gemv_layers.set_weight_prefetch_l2(mode in ("l2", "both"))
+
+
+def _gemv_passes_start_up_check(model, skinny: bool, pdl: bool, prefetch_mode: str,
+                                paths: KernelPaths) -> bool:
     """models/gemv_check.py on the just-enabled gemv layers; where it fails, one-token steps go
     back to the 16-row skinny tiles (skinny_matmul on) or the unfused layers, with a warning
-    and the reason in stats()["skinny_gemv_error"]."""
+    and the reason in stats()["skinny_gemv_error"]. The check launches the kernels the engine
+    will: with gemv_weight_prefetch's switches set (PREFETCH_W / PREFETCH_L2 are their own
+    specialisations, the L2 one inline PTX), then cleared again (_enable_gemv_weight_prefetch
+    sets them for good where the layers stay on)."""
+    from llmbatch.runtime.layers import gemv as gemv_layers
     from llmbatch.runtime.models.gemv_check import check_gemv_layers
     from llmbatch.runtime.models.llama_skinny import (disable_skinny_matmul,
                                                       enable_skinny_matmul)
 
-    error = check_gemv_layers(model)
+    _set_gemv_weight_prefetch(gemv_layers, prefetch_mode)
+    try:
+        error = check_gemv_layers(model)
+    finally:
+        _set_gemv_weight_prefetch(gemv_layers, "off")
     if error is None:
         return True
+    if prefetch_mode != "off":
+        error += f" (gemv_weight_prefetch {prefetch_mode})"
     logger.warning("skinny_gemv off, one-token steps on the %s layers: the start-up check of "
                    "the gemv kernels failed: %s", "skinny" if skinny else "unfused", error)
     paths.skinny_gemv_error = error

@@ -37,8 +37,9 @@ L2 prefetch of the whole weight slice (opt-in, unmeasured; set_weight_prefetch_l
 gemv_linear(prefetch_l2=True)): PREFETCH_W brings one tile a program; with PREFETCH_L2 the
 program also asks L2 for every 128-byte line of its slice (BLOCK_N rows -- and the up rows --
 x its K range) before the wait, so the rest of its stream may come from L2 instead of DRAM once
-the previous kernel is done. Inline PTX, so CUDA only: off CUDA (the interpreter) the launcher
-ignores it. A hint to the cache: it changes no value, with or without PREFETCH_W.
+the previous kernel is done. Inline PTX, so CUDA only: off CUDA the launcher ignores it, and
+in the interpreter on CUDA tensors too. A hint to the cache: it changes no value, with or
+without PREFETCH_W.
 
 Not batch invariant with skinny_matmul (another summation order): M = 1 steps through here and
 M > 1 steps through skinny_linear differ in float32 rounding, like any two GEMM kernels.
@@ -55,6 +56,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from llmbatch.runtime.layers.skinny_checks import check_inputs
 from llmbatch.runtime.layers.skinny_matmul import _epilogue_store, _rms_normed, _split_k_range
@@ -339,6 +341,11 @@ def _gemv_kernel(
             tl.atomic_xchg(count_ptr + pid, 0)  # re-armed for the next call / graph replay
 
 
+# triton.jit made _gemv_kernel an interpreter function (TRITON_INTERPRET=1 at import): that
+# interpreter also takes CUDA tensors (it copies them to the host), but raises on inline asm.
+_INTERPRETED = isinstance(_gemv_kernel, InterpretedFunction)
+
+
 def _l2_prefetch_on(device: torch.device, prefetch_l2: Optional[bool]) -> bool:
     """PREFETCH_L2 of a launch: the keyword, else the switch, and only on CUDA (inline PTX: the
     interpreter cannot run it, ROCm cannot compile it), whatever either says."""
@@ -390,7 +397,8 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     flags = dict(HAS_BIAS=bias is not None, NORM=norm_weight is not None,
                  RESIDUAL=residual is not None, GATE_UP=gate_up, USE_PDL=pdl,
                  PREFETCH_W=weight_prefetch_enabled() if prefetch is None else bool(prefetch),
-                 PREFETCH_L2=_l2_prefetch_on(x.device, prefetch_l2))
+                 # Never in the interpreter, even on CUDA tensors: it raises on inline asm.
+                 PREFETCH_L2=_l2_prefetch_on(x.device, prefetch_l2) and not _INTERPRETED)
     if pdl:
         flags["launch_pdl"] = True
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), s)](
