@@ -222,6 +222,9 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
         getattr(engine, "runner", None), "fused_kernels_active", None)
     log(f"{system} loaded in {load_s:.1f} s, warmed up in {warm_s:.1f} s, weights "
         f"{llmbatch_runner.weight_bytes(engine) or 0:,} bytes")
+    gemv_error = rec.results[setup_key]["stats"].get("skinny_gemv_error")
+    if gemv_error:   # the default-on gemv layers failed their start-up check: rows without them
+        log(f"{system}: gemv layers OFF, their start-up check failed: {gemv_error}")
     # A clean prefix cache per workload when the engine offers it; otherwise the canonical order
     # keeps W-PREFIX clean (see parse_args) and later workloads' hits only shorten their TTFT.
     reset = getattr(engine, "reset_prefix_cache", None)
