@@ -10,12 +10,16 @@
     skinny_matmul   (opt-in)      steps of <= 16 tokens run 6-launch decoder layers
                                   (models/llama_skinny.py); tensor_parallel_size 1, dense
     skinny_gemv     (auto: on)    one-token steps run those layers on layers/gemv.py's
-                                  one-row kernels (7 launches); tensor_parallel_size 1, dense
+                                  one-row kernels (7 launches), one-row LM head calls too;
+                                  tensor_parallel_size 1, dense; checked against torch at
+                                  start-up (models/gemv_check.py), off where that fails
+    gemv_weight_prefetch (opt-in) off | tile | l2 | both: what a gemv program reads of its
+                                  weights before its PDL wait (layers/gemv.py's switches)
     pdl             (auto: sm_90) our Triton kernels (fused, attention, skinny, gemv) launch
                                   with programmatic dependent launch (runtime/pdl.py)
     l2_prefetch     (opt-in)      steps of <= 16 tokens touch the small matmuls' weights into
                                   L2 on a side stream ahead of use (models/llama_prefetch.py);
-                                  dense weights, not with skinny_matmul
+                                  dense weights, not with the skinny / gemv layers
 
 All of them need CUDA: on the CPU the Triton interpreter would be far slower than torch, so the
 options are ignored there, as they are when they cannot apply: logged when the config asked
