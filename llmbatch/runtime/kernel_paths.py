@@ -65,9 +65,8 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
     paths = KernelPaths()
     pdl_switch.set_enabled(False)   # process-wide: a previous engine's setting must not leak
     gemv_module = sys.modules.get("llmbatch.runtime.layers.gemv")   # imported: triton is there
-    if gemv_module is not None:
-        gemv_module.set_weight_prefetch(False)   # the same for the gemv weight prefetches
-        gemv_module.set_weight_prefetch_l2(False)
+    if gemv_module is not None:   # the same for the gemv weight prefetches
+        _set_gemv_weight_prefetch(gemv_module, "off")
     if not getattr(config, "fused_kernels", False):
         asked = [o for o in ("skinny_matmul", "skinny_gemv", "pdl", "l2_prefetch")
                  if getattr(config, o, False) is True]
