@@ -97,16 +97,22 @@ def options(all_rows: bool = False):
     skinny_fields = ("use_skinny_matmul", "skinny_max_tokens", "skinny_pdl",
                      "skinny_gemv_counters")
 
+    # A stack, not one slot: the gemv and PDL flips both save these fields, and the combined
+    # row applies both then undoes them in reverse; with one slot the second save overwrote the
+    # first, so the gemv undo found nothing and left the rows after it with the gemv flipped.
+    skinny_stack: list[list] = []
+
     def save_skinny(engine):
         from llmbatch.runtime.layers.embedding import ParallelLMHead
 
-        saved["skinny"] = [(m, {f: getattr(m, f, None) for f in skinny_fields})
-                           for m in llama_models(engine)]
-        saved["skinny"] += [(h, {"use_gemv": h.use_gemv}) for h in engine.runner.model.modules()
-                            if isinstance(h, ParallelLMHead)]
+        state = [(m, {f: getattr(m, f, None) for f in skinny_fields})
+                 for m in llama_models(engine)]
+        state += [(h, {"use_gemv": h.use_gemv}) for h in engine.runner.model.modules()
+                  if isinstance(h, ParallelLMHead)]
+        skinny_stack.append(state)
 
     def restore_skinny(engine):
-        for m, fields in saved.pop("skinny", []):
+        for m, fields in (skinny_stack.pop() if skinny_stack else []):
             for f, v in fields.items():
                 setattr(m, f, v)
 

@@ -1,0 +1,78 @@
+"""bench/batch1_options.py on a tiny Llama built on the CPU (no weights, no engine): the
+combined-winners row applies its options in order and undoes them in reverse, and the engine
+is then exactly as before, also when two of its options save the same state (the gemv and PDL
+flips both save the skinny/gemv fields)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+tf = pytest.importorskip("transformers")
+
+from bench.batch1_options import DEFAULTS, WINNERS, combine_winners, options  # noqa: E402
+from llmbatch.runtime import pdl  # noqa: E402
+from llmbatch.runtime.layers.embedding import ParallelLMHead  # noqa: E402
+from llmbatch.runtime.models import build_model  # noqa: E402
+from llmbatch.runtime.models.llama import LlamaModel  # noqa: E402
+from llmbatch.runtime.models.llama_skinny import enable_skinny_matmul  # noqa: E402
+
+FIELDS = ("use_skinny_matmul", "skinny_max_tokens", "skinny_pdl", "skinny_gemv_counters")
+
+
+def _engine():
+    config = tf.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=512)
+    model = build_model(config, torch.float32, "cpu")
+    # The gemv layers on, as kernel_paths sets them on a CUDA engine (CPU tensors here: the
+    # flip only reads and writes the module fields).
+    assert enable_skinny_matmul(model, gemv_rows=True, small_steps=False)
+    return SimpleNamespace(runner=SimpleNamespace(model=model))
+
+
+def _state(engine):
+    """Every field the flips touch, by identity for the counters tensor."""
+    modules = engine.runner.model.modules
+    state = [tuple(id(v) if isinstance(v, torch.Tensor) else v
+                   for v in (getattr(m, f) for f in FIELDS))
+             for m in modules() if isinstance(m, LlamaModel)]
+    state += [h.use_gemv for h in modules() if isinstance(h, ParallelLMHead)]
+    return state
+
+
+def _row(option, tpot):
+    return {"option": option, "tpot_s": tpot, "num_errors": 0, "num_wrong_lengths": 0}
+
+
+def test_winners_with_the_gemv_and_pdl_flips_restore_the_engine(monkeypatch):
+    monkeypatch.setattr(pdl, "_enabled", False)
+    engine = _engine()
+    before = _state(engine)
+    assert before[0][3] is not None and before[-1] is True     # gemv counters, head gemv
+    opts = options()
+    rows = [_row(DEFAULTS, 1.0), _row("skinny gemv flipped", 0.8), _row("PDL flipped", 0.9)]
+    label, apply, undo = combine_winners(rows, opts)
+    assert label == WINNERS
+    detail = apply(engine, torch.device("cpu"))
+    assert detail == ("skinny gemv flipped (off (engine default on)) + "
+                      "PDL flipped (needs sm_90 CUDA: not applied)")
+    assert _state(engine) != before                              # the gemv flip took effect
+    undo(engine)
+    assert _state(engine) == before
+    assert pdl.enabled() is False
+
+
+def test_each_flip_alone_restores_the_engine(monkeypatch):
+    monkeypatch.setattr(pdl, "_enabled", False)
+    engine = _engine()
+    before = _state(engine)
+    by_label = {o[0]: o for o in options()}
+    for label in ("skinny gemv flipped", "PDL flipped"):
+        _, apply, undo = by_label[label]
+        apply(engine, torch.device("cpu"))
+        undo(engine)
+        assert _state(engine) == before, label
