@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from llmbatch.runtime.config import EngineConfig
+from llmbatch.runtime.kernel_paths import inheriting_process_switches
 from llmbatch.runtime.kv_pool import kv_block_bytes
 from llmbatch.runtime.model_runner import ModelRunner, StepInputs
 from llmbatch.runtime.request import Request
@@ -88,7 +89,10 @@ class DraftModelProposer:
                              f"shorter than the target's {max_model_len}; set "
                              f"engine.max_model_len lower")
         # The draft never sizes its own pool: the target reserved room for it (same count).
-        self.runner = ModelRunner(dcfg, hf_config=draft_hf_config)
+        # Its runner keeps the process-wide PDL / gemv weight-prefetch switches the target's
+        # runner set (kernel_paths.inheriting_process_switches says why).
+        with inheriting_process_switches():
+            self.runner = ModelRunner(dcfg, hf_config=draft_hf_config)
         draft_vocab = self.runner.hf_config.vocab_size
         if draft_vocab != vocab_size:
             raise ValueError(f"draft model vocabulary ({draft_vocab}) differs from the target's "

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,16 +58,40 @@ class KernelPaths:
     pdl: bool = False                 # our Triton kernels launch with PDL (runtime/pdl.py)
 
 
+# The PDL switch (runtime/pdl.py) and the gemv weight-prefetch switches (layers/gemv.py) are
+# process-wide, so they belong to an engine, not to each of its runners. A speculative draft
+# model has a runner of its own (draft_proposer.py), built after the target's: had it reset and
+# set the switches from its own view, a draft that the gemv layers do not apply to would turn
+# the target's weight prefetch off while the target's stats still reported it. Runners built
+# inside inheriting_process_switches() leave them as they are and run with them.
+_inherit_switches = False
+
+
+@contextmanager
+def inheriting_process_switches():
+    """Runners built inside (a draft model's) neither reset nor set the process-wide switches:
+    their kernels launch with the ones the engine's own runner set, their PDL and weight
+    prefetch follow those switches, and their start-up checks run with them."""
+    global _inherit_switches
+    before, _inherit_switches = _inherit_switches, True
+    try:
+        yield
+    finally:
+        _inherit_switches = before
+
+
 def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
                         quantization: str) -> KernelPaths:
     """Switch the model's modules onto the Triton paths the config asks for and can use."""
     from llmbatch.runtime import pdl as pdl_switch
 
     paths = KernelPaths()
-    pdl_switch.set_enabled(False)   # process-wide: a previous engine's setting must not leak
-    gemv_module = sys.modules.get("llmbatch.runtime.layers.gemv")   # imported: triton is there
-    if gemv_module is not None:   # the same for the gemv weight prefetches
-        _set_gemv_weight_prefetch(gemv_module, "off")
+    inherit = _inherit_switches
+    if not inherit:   # process-wide: a previous engine's setting must not leak
+        pdl_switch.set_enabled(False)
+        gemv_module = sys.modules.get("llmbatch.runtime.layers.gemv")   # imported: triton is
+        if gemv_module is not None:   # there; the same for the gemv weight prefetches
+            _set_gemv_weight_prefetch(gemv_module, "off")
     if not getattr(config, "fused_kernels", False):
         asked = [o for o in ("skinny_matmul", "skinny_gemv", "pdl", "l2_prefetch")
                  if getattr(config, o, False) is True]
@@ -106,18 +131,28 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
         setattr(paths, f"{method}_triton_layers", layers)
         setattr(paths, f"{method}_triton_error", error)
 
-    pdl_asked = getattr(config, "pdl", None)   # None: auto, on where it can apply
-    pdl_unavailable = _pdl_unavailable(device) if pdl_asked is not False else None
-    pdl = pdl_asked is not False and pdl_unavailable is None
-    if pdl_asked is True and not pdl:
-        logger.info("pdl ignored: %s", pdl_unavailable)
-    prefetch_mode = getattr(config, "gemv_weight_prefetch", "off")
+    if inherit:   # what the engine's runner decided, whatever this config says
+        from llmbatch.runtime.layers import gemv as gemv_layers
+
+        pdl = pdl_switch.enabled()
+        prefetch_mode = _gemv_weight_prefetch_mode(gemv_layers)
+    else:
+        pdl_asked = getattr(config, "pdl", None)   # None: auto, on where it can apply
+        pdl_unavailable = _pdl_unavailable(device) if pdl_asked is not False else None
+        pdl = pdl_asked is not False and pdl_unavailable is None
+        if pdl_asked is True and not pdl:
+            logger.info("pdl ignored: %s", pdl_unavailable)
+        prefetch_mode = getattr(config, "gemv_weight_prefetch", "off")
     _enable_skinny_layers(model, config, tp_size, quantization, pdl, prefetch_mode, paths)
-    _enable_gemv_weight_prefetch(prefetch_mode, paths)
+    if inherit:
+        paths.gemv_weight_prefetch = prefetch_mode if paths.skinny_gemv else "off"
+    else:
+        _enable_gemv_weight_prefetch(prefetch_mode, paths)
     if pdl:
-        pdl_switch.set_enabled(True)
+        if not inherit:
+            pdl_switch.set_enabled(True)
+            logger.info("pdl on: our Triton kernels launch with programmatic dependent launch")
         paths.pdl = True
-        logger.info("pdl on: our Triton kernels launch with programmatic dependent launch")
     if getattr(config, "l2_prefetch", False):
         _enable_l2_prefetch(model, device, paths)
     return paths
@@ -215,24 +250,33 @@ def _set_gemv_weight_prefetch(gemv_layers, mode: str) -> None:
     gemv_layers.set_weight_prefetch_l2(mode in ("l2", "both"))
 
 
+def _gemv_weight_prefetch_mode(gemv_layers) -> str:
+    """The gemv_weight_prefetch mode layers/gemv.py's switches are in now."""
+    return {(False, False): "off", (True, False): "tile", (False, True): "l2",
+            (True, True): "both"}[(gemv_layers.weight_prefetch_enabled(),
+                                   gemv_layers.weight_prefetch_l2_enabled())]
+
+
 def _gemv_passes_start_up_check(model, skinny: bool, pdl: bool, prefetch_mode: str,
                                 paths: KernelPaths) -> bool:
     """models/gemv_check.py on the just-enabled gemv layers; where it fails, one-token steps go
     back to the 16-row skinny tiles (skinny_matmul on) or the unfused layers, with a warning
     and the reason in stats()["skinny_gemv_error"]. The check launches the kernels the engine
     will: with gemv_weight_prefetch's switches set (PREFETCH_W / PREFETCH_L2 are their own
-    specialisations, the L2 one inline PTX), then cleared again (_enable_gemv_weight_prefetch
-    sets them for good where the layers stay on)."""
+    specialisations, the L2 one inline PTX), then put back as they were: cleared for an
+    engine's runner (_enable_gemv_weight_prefetch sets them for good where the layers stay
+    on), the engine's for a draft's runner (inheriting_process_switches)."""
     from llmbatch.runtime.layers import gemv as gemv_layers
     from llmbatch.runtime.models.gemv_check import check_gemv_layers
     from llmbatch.runtime.models.llama_skinny import (disable_skinny_matmul,
                                                       enable_skinny_matmul)
 
+    before = _gemv_weight_prefetch_mode(gemv_layers)
     _set_gemv_weight_prefetch(gemv_layers, prefetch_mode)
     try:
         error = check_gemv_layers(model)
     finally:
-        _set_gemv_weight_prefetch(gemv_layers, "off")
+        _set_gemv_weight_prefetch(gemv_layers, before)
     if error is None:
         return True
     if prefetch_mode != "off":

@@ -77,3 +77,40 @@ def test_draft_with_a_shorter_context_is_refused_without_a_clamp_warning(models,
                                              f"engine.max_model_len lower$"):
             run(models, draft=tmp_path)
     assert [r for r in caplog.records if "max_model_len" in r.getMessage()] == []
+
+
+def test_the_draft_runner_keeps_the_target_engines_process_wide_switches(models):
+    """The PDL switch and the gemv weight-prefetch switches are process-wide and set by the
+    target's runner (kernel_paths); the draft's runner, built after it, must not reset them:
+    a draft the gemv layers do not apply to turned the target's prefetch off while the
+    target's stats still reported it. Here the switches are set as a CUDA target sets them,
+    then a (CPU) draft runner is built: its kernel_paths call used to reset them first."""
+    pytest.importorskip("triton")
+    from llmbatch.runtime import pdl
+    from llmbatch.runtime.draft_proposer import DraftModelProposer
+    from llmbatch.runtime.layers import gemv
+
+    target, draft, _ = models
+    config = EngineConfig(model=str(target), device="cpu", dtype="float32",
+                          speculative_method="draft", draft_model=str(draft),
+                          gemv_weight_prefetch="both")
+    try:
+        pdl.set_enabled(True)
+        gemv.set_weight_prefetch(True)
+        gemv.set_weight_prefetch_l2(True)
+        proposer = DraftModelProposer(config, 16, 512, _vocab_size(target))
+        assert (pdl.enabled(), gemv.weight_prefetch_enabled(),
+                gemv.weight_prefetch_l2_enabled()) == (True, True, True)
+        # The draft's own figures: on the CPU no path applied to it.
+        assert (proposer.runner.pdl_active, proposer.runner.gemv_weight_prefetch) == \
+            (False, "off")
+    finally:   # process-wide: never leak into other tests
+        pdl.set_enabled(False)
+        gemv.set_weight_prefetch(False)
+        gemv.set_weight_prefetch_l2(False)
+
+
+def _vocab_size(model_dir) -> int:
+    import json
+
+    return json.loads((model_dir / "config.json").read_text())["vocab_size"]

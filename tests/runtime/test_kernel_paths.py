@@ -172,6 +172,67 @@ def test_gemv_weight_prefetch_rides_on_the_gemv_layers_and_never_leaks(mode, til
         gemv.set_weight_prefetch_l2(False)
 
 
+def test_a_draft_runner_leaves_the_engines_gemv_prefetch_on(tmp_path):
+    """The CUDA branch on CPU tensors: the target's runner sets gemv_weight_prefetch's
+    process-wide switch; a draft runner (inheriting_process_switches, as draft_proposer.py
+    builds it) that the gemv layers do not apply to leaves it on, and reports it off for
+    itself. It used to reset the switches and turn the target's prefetch off."""
+    pytest.importorskip("triton")
+    from llmbatch.runtime.kernel_paths import inheriting_process_switches
+    from llmbatch.runtime.layers import gemv
+    from tests.runtime.test_models import load_ours, make_hf_model
+
+    target = load_ours(make_hf_model("llama-gqa-hd32-tied-llama3", tmp_path), tmp_path)
+    config = EngineConfig(model="m", gemv_weight_prefetch="tile")
+    cuda = torch.device("cuda")
+    try:
+        on = enable_kernel_paths(target, config, cuda, 1, "none")
+        assert (on.skinny_gemv, on.gemv_weight_prefetch) == (True, "tile")
+        with inheriting_process_switches():
+            draft = enable_kernel_paths(nn.Sequential(RMSNorm(8)), config, cuda, 1, "none")
+        assert (draft.fused_kernels, draft.skinny_gemv, draft.gemv_weight_prefetch) == \
+            (True, False, "off")
+        assert (gemv.weight_prefetch_enabled(), gemv.weight_prefetch_l2_enabled()) == \
+            (True, False)
+    finally:
+        gemv.set_weight_prefetch(False)
+        gemv.set_weight_prefetch_l2(False)
+
+
+def test_a_draft_runner_runs_with_the_engines_switches(tmp_path, monkeypatch):
+    """The CUDA branch on CPU tensors, sm_90 faked: a draft runner neither sets PDL nor its
+    config's weight prefetch; its gemv layers (and their start-up check) take the switches the
+    engine left (here: PDL off, the L2 prefetch on), and it reports those."""
+    pytest.importorskip("triton")
+    from llmbatch.runtime import kernel_paths, pdl
+    from llmbatch.runtime.layers import gemv
+    from llmbatch.runtime.models import gemv_check
+    from tests.runtime.test_models import load_ours, make_hf_model
+
+    def switches():
+        return pdl.enabled(), gemv.weight_prefetch_enabled(), gemv.weight_prefetch_l2_enabled()
+
+    checked = []
+    real_check = gemv_check.check_gemv_layers
+    monkeypatch.setattr(gemv_check, "check_gemv_layers",
+                        lambda model: checked.append(switches()) or real_check(model))
+    monkeypatch.setattr(kernel_paths.torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    draft = load_ours(make_hf_model("llama-gqa-hd32-tied-llama3", tmp_path), tmp_path)
+    config = EngineConfig(model="m", gemv_weight_prefetch="tile")   # pdl auto: on at sm_90
+    try:
+        gemv.set_weight_prefetch_l2(True)
+        with kernel_paths.inheriting_process_switches():
+            paths = enable_kernel_paths(draft, config, torch.device("cuda"), 1, "none")
+        assert (paths.skinny_gemv, paths.gemv_weight_prefetch, paths.pdl, paths.skinny_pdl) == \
+            (True, "l2", False, False)
+        assert draft.model.skinny_pdl is False
+        assert checked == [(False, False, True)] and switches() == (False, False, True)
+    finally:
+        pdl.set_enabled(False)
+        gemv.set_weight_prefetch(False)
+        gemv.set_weight_prefetch_l2(False)
+
+
 def test_gemv_weight_prefetch_refuses_unknown_modes():
     with pytest.raises(ValueError, match=r"gemv_weight_prefetch=True is not one of off, tile, "
                                          r"l2, both"):
