@@ -9,10 +9,11 @@ weight slice before it: PREFETCH_L2, gemv.set_weight_prefetch_l2 / prefetch_l2=)
 launches pass the float32 workspace and the int32 counters. Every pointer, N, K and
 k_per_split is divisible by 16 at every launch listed (model and test dims are multiples of 16).
 
-PREFETCH_L2 entries have no recorded launch: the coverage test records launches on CPU tensors,
-where gemv_linear never sets PREFETCH_L2 (inline PTX; the switch is ignored off CUDA). The test
-only requires launched <= listed, so they are listed from what the engine and tests/gpu would
-launch on CUDA, and compiling them here is the only check that the inline asm is valid PTX.
+PREFETCH_L2 entries of the decoder layers have no recorded launch: the coverage test records
+launches on CPU tensors, where gemv_linear never sets PREFETCH_L2 (inline PTX; the switch is
+ignored off CUDA), except the LM head's, which it records as on CUDA. The test only requires
+launched <= listed, so the layers' are listed from what the engine and tests/gpu would launch
+on CUDA, and compiling them here is the only check that the inline asm is valid PTX.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ ENGINE_LAYERS = {"bf16": [(3072, 2048, "norm"), (2048, 2048, "residual"),
                           (16384, 2048, "gate_up"), (2048, 8192, "residual")],
                  "fp32": [(512, 128, "norm"), (128, 256, "residual"), (512, 128, "gate_up"),
                           (128, 256, "residual")]}
+# The engines' LM heads (ParallelLMHead.use_gemv, set with the gemv layers), (vocab, hidden):
+# one-row plain calls (no norm / residual / bias, never PDL, the table's pick) with the weight
+# prefetch of each EngineConfig.gemv_weight_prefetch mode (off, tile: PREFETCH_W, l2:
+# PREFETCH_L2, both), since the head's launches read the same process-wide switches as the
+# layers': the 1B head in bf16 in every mode, the tiny float32 one with the prefetch off.
+ENGINE_HEADS = {"bf16": (128256, 2048), "fp32": (384, 128)}
 # bench_gemv_layouts' five shapes (plain matmuls; gate_up is the merged weight).
 BENCH_SHAPES = [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)]
 
@@ -52,6 +59,11 @@ def launches():
             if dt == "bf16" and pdl:                            # PREFETCH_L2: CUDA only
                 out.append((dt, kind, False, gv.pick_config(n_w, k, kind == "gate_up"), pdl,
                             prefetch, True))
+    for dt, (vocab, hidden) in ENGINE_HEADS.items():
+        on_off = (False, True) if dt == "bf16" else (False,)
+        for prefetch, prefetch_l2 in itertools.product(on_off, on_off):   # off/tile/l2/both
+            out.append((dt, "plain", False, gv.pick_config(vocab, hidden), False, prefetch,
+                        prefetch_l2))
     for (n_w, k), cfg in itertools.product(BENCH_SHAPES, GEMV_CONFIGS.values()):
         out.append(("bf16", "plain", False, gv.GemvConfig(*cfg) if cfg
                     else gv.pick_config(n_w, k), False, False, False))

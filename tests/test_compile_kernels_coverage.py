@@ -152,6 +152,30 @@ def _gemv_layer(dtype, hidden, q, kv, inter, bias=False):
     gv.gemv_linear(z(1, inter), z(hidden, inter), residual=z(1, hidden), counters=c)
 
 
+def _lm_head_launches() -> None:
+    """The LM head's one-row calls (ParallelLMHead.use_gemv: no norm, residual, PDL or
+    counters) with the switches of each gemv_weight_prefetch mode, as kernel_paths sets them:
+    the 1B head in bf16 in every mode (bench.run --gemv-prefetch / --gemv-prefetch-l2,
+    bench_batch1's prefetch rows and their combination), the tiny float32 head of tests/gpu's
+    engine test (vocab 384, hidden 128) with the prefetch off. gemv_linear sets PREFETCH_L2
+    only on CUDA tensors: here the launch takes the switch as on CUDA (the recorder never runs
+    the kernel), so the L2 entries are checked too."""
+    from llmbatch.runtime.kernel_paths import _set_gemv_weight_prefetch
+    from llmbatch.runtime.layers.embedding import ParallelLMHead
+
+    gv._l2_prefetch_on = lambda device, prefetch_l2: (gv.weight_prefetch_l2_enabled()
+                                                      if prefetch_l2 is None else prefetch_l2)
+    every = ("off", "tile", "l2", "both")
+    for vocab, hidden, dtype, modes in ((128256, 2048, torch.bfloat16, every),
+                                        (384, 128, torch.float32, ("off",))):
+        head = ParallelLMHead(vocab, hidden, params_dtype=dtype)
+        head.use_gemv = True
+        for mode in modes:
+            _set_gemv_weight_prefetch(gv, mode)
+            head(torch.zeros(1, hidden, dtype=dtype))
+    _set_gemv_weight_prefetch(gv, "off")
+
+
 def gemv_missing(recorded) -> str:
     from bench.bench_gemv_layouts import GEMV_CONFIGS, _gemv_call
 
@@ -197,6 +221,7 @@ def gemv_missing(recorded) -> str:
                        prefetch=True)
         gv.gemv_linear(x, w, norm_weight=nw, config=cfg, counters=c, prefetch=True)
     pdl[0] = False
+    _lm_head_launches()
     variants = {variant_key(v) for v in ck._variants() if v[0].startswith("gemv")}
     missing = {key for key in keys if key[0] == "_gemv_kernel"} - variants
     return (f"{len(missing)} launched gemv specialisations are not compiled by "
