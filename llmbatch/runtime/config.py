@@ -68,6 +68,12 @@ class EngineConfig:
     # its whole slice into L2 (set_weight_prefetch_l2, CUDA), "both", or "off". Unmeasured:
     # bench --gemv-prefetch / --gemv-prefetch-l2 and bench_batch1's rows.
     gemv_weight_prefetch: str = "off"
+    # Opt-in: decode steps (one token a sequence) rotate q and k, store K/V and attend in one
+    # launch (attention/triton_kernels/rotary_decode.py) instead of two (fused rotary + store,
+    # then attention): a launch fewer a layer. Needs the triton attention backend and
+    # fused_kernels on CUDA; ignored (logged) elsewhere. Unmeasured: bench
+    # --rotary-in-attention and bench_batch1's row say whether it should become the default.
+    rotary_in_attention: bool = False
     tensor_parallel_size: int = 1
     quantization: str = "none"
     # Also quantize the token embedding and LM head with the engine's quantization (nf4 only):
@@ -134,6 +140,9 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{name} must be true, false or null (auto), got {value!r}")
+        if not isinstance(self.rotary_in_attention, bool):
+            raise ValueError(f"rotary_in_attention must be true or false, got "
+                             f"{self.rotary_in_attention!r}")
         if self.async_scheduling and self.tensor_parallel_size > 1:
             raise ValueError("async_scheduling supports tensor_parallel_size 1 only")
         if self.speculative_method == "draft" and not self.draft_model:

@@ -270,6 +270,7 @@ class Engine(SpeculationMixin):
         # apply, e.g. on CPU): fused kernels, the skinny decode path, int8 / nf4 layers on Triton.
         for key in PATH_STATS:
             s[key] = getattr(self.runner, key, None)
+        s["rotary_in_attention"] = getattr(self.runner, "rotary_in_attention_active", False)
         s["prepare_s"] = getattr(self.runner, "prepare_s", None)  # part of execute_s
         # Steps that replayed a CUDA graph vs eager ones, and their forward + sampling seconds.
         for kind in ("graph", "eager"):

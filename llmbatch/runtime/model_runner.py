@@ -119,6 +119,7 @@ class ModelRunner(CudaFastPathsMixin):
 
             enable_rope_tables(self.model, self.max_model_len, self.dtype)
         self.attn_backend = get_attention_backend(config.attention_backend, self.device.type)
+        self.rotary_in_attention_active = self._enable_rotary_in_attention()
         self.sampler = Sampler()
         self.triton_argmax_error = self._check_triton_argmax()
 
@@ -136,6 +137,26 @@ class ModelRunner(CudaFastPathsMixin):
     @property
     def kv_bytes_per_block(self) -> int:
         return kv_block_bytes(self.model, self.block_size, self.dtype)
+
+    def _enable_rotary_in_attention(self) -> bool:
+        """EngineConfig.rotary_in_attention: decode steps rotate, store K/V and attend in one
+        launch (LlamaAttention.attend asks the backend). It rides on the fused rotary (set by
+        kernel_paths for fused_kernels on CUDA) and the triton backend; elsewhere it is
+        ignored, with a log line."""
+        if not getattr(self.config, "rotary_in_attention", False):
+            return False
+        from llmbatch.runtime.models.llama import LlamaAttention
+
+        fused_rotary = any(getattr(m, "use_fused_rotary", False) for m in self.model.modules()
+                           if isinstance(m, LlamaAttention))
+        if self.attn_backend.name != "triton" or not fused_rotary:
+            logger.info("rotary_in_attention ignored: needs the triton attention backend and "
+                        "fused_kernels on CUDA (a Llama-family model)")
+            return False
+        self.attn_backend.rotary_in_attention = True
+        logger.info("rotary_in_attention on: decode steps rotate, store K/V and attend in one "
+                    "launch")
+        return True
 
     def _decide_num_kv_blocks(self) -> int:
         return decide_num_kv_blocks(self)

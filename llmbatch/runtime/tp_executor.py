@@ -141,6 +141,7 @@ class TPExecutor:
         self.model = r.model                                # rank 0's shard
         for key in PATH_STATS:  # kernel paths, the same on every rank (agree_across_ranks)
             setattr(self, key, getattr(r, key))
+        self.rotary_in_attention_active = r.rotary_in_attention_active
 
     def prepare_inputs(self, out: SchedulerOutput):
         return self.runner.prepare_inputs(out)

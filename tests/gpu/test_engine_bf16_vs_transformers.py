@@ -46,6 +46,8 @@ SETTINGS = {
     "default": {},
     "graphs-off-no-prefix-cache": dict(cuda_graphs=False, prefix_caching=False),
     "chunked-prefill": dict(max_num_batched_tokens=48, max_num_seqs=8),
+    # Opt-in: decode steps rotate, store K/V and attend in one launch (rotary_decode.py).
+    "rotary-in-attention": dict(rotary_in_attention=True),
 }
 
 

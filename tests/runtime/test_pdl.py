@@ -86,6 +86,11 @@ def test_every_pdl_capable_launcher_asks_the_switch(monkeypatch, tmp_path):
     cos = sin = torch.ones(3, 1, 16)
     cache = torch.zeros(2, 16, 2, 32)
     fused_rotary_store_kv(q, kv, kv, cos, sin, cache, cache.clone(), torch.arange(3))
+    # The one-launch decode attention (rotary_in_attention) and its split reduce.
+    TritonAttentionBackend(num_kv_splits=2).forward_rotary_decode(
+        case.query, case.key, case.value, cos[:2], sin[:2], case.k_cache, case.v_cache,
+        case.meta, 0.1)
     assert [c for c, _ in callers] == ["fused_rms_norm", "fused_silu_and_mul", "paged_attention",
-                                       "paged_attention", "fused_rotary_store_kv"]
+                                       "reduce_splits", "fused_rotary_store_kv",
+                                       "rotary_decode_attention", "reduce_splits"]
     assert {d for _, d in callers} == {torch.device("cpu")}

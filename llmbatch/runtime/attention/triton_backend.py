@@ -64,14 +64,20 @@ class TritonAttentionBackend(AttentionBackend):
     tile_n:        keys per inner-loop step; None = _default_tile_n (64; 128 for wide decode
                    batches at head_dim <= 64; 32 for head_dim > 128).
     fused_split_reduce: split-KV partials merged inside the attention kernel by the last split
-                   to finish (triton_kernels/split_reduce.py), not by a second launch. Opt-in
-                   until measured (bench/bench_batch1.py); set before CUDA graphs are captured.
+                   to finish (triton_kernels/split_reduce.py), not by a second launch. Opt-in;
+                   measured 0.99x at batch 1 on an H200 (stops 13, 17). Set before CUDA graphs
+                   are captured.
+    rotary_in_attention: decode steps (spans of at most one token) rotate q and k, store K/V
+                   and attend in one launch (forward_rotary_decode; LlamaAttention.attend
+                   takes it when set). EngineConfig.rotary_in_attention; opt-in, unmeasured.
+                   Set before CUDA graphs are captured.
     """
 
     name = "triton"
 
     def __init__(self, num_kv_splits: int | None = None, max_block_m: int = 64,
-                 tile_n: int | None = None, fused_split_reduce: bool = False) -> None:
+                 tile_n: int | None = None, fused_split_reduce: bool = False,
+                 rotary_in_attention: bool = False) -> None:
         if num_kv_splits is not None and num_kv_splits < 1:
             raise ValueError(f"num_kv_splits must be >= 1 or None, got {num_kv_splits}")
         for name, value in (("max_block_m", max_block_m), ("tile_n", tile_n)):
@@ -81,6 +87,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.max_block_m = max_block_m
         self.tile_n = tile_n
         self.fused_split_reduce = fused_split_reduce
+        self.rotary_in_attention = rotary_in_attention
         # Zeroed int32 counters per device for the fused reduce (the kernel leaves them zero).
         # A larger launch gets a new, larger tensor; the old ones stay alive, since a captured
         # CUDA graph keeps using the one it was captured with.
@@ -111,6 +118,45 @@ class TritonAttentionBackend(AttentionBackend):
                 out: torch.Tensor | None = None):
         """As AttentionBackend.forward; `out` (optional, query's shape and dtype) is written in
         place and returned, for callers that keep persistent buffers (CUDA graphs)."""
+        query, out = self._checked_query(query, k_cache, v_cache, meta, out)
+        if query.shape[0] == 0 or meta.num_seqs == 0:
+            return out
+        paged_attention(
+            out, query, k_cache, v_cache,
+            meta.block_tables, meta.seq_lens.contiguous(), meta.query_start_loc.contiguous(),
+            scale, **self._launch_sizes(query, k_cache, meta))
+        return out
+
+    def forward_rotary_decode(self, query, key, value, cos, sin, k_cache, v_cache,
+                              meta: AttentionMetadata, scale: float,
+                              out: torch.Tensor | None = None):
+        """write_kv + forward for a step of one-token spans (meta.max_query_len <= 1) whose
+        query and key are NOT rotated yet, in one launch (triton_kernels/rotary_decode.py):
+        rotates them with cos/sin (RotaryEmbedding.cos_sin rows, as fused_rotary_store_kv
+        takes them), stores the rotated key and the value at meta.slot_mapping (negative slots
+        skipped), attends. Same result as fused_rotary_store_kv then forward (bitwise in the
+        interpreter). The path of rotary_in_attention (LlamaAttention.attend)."""
+        from llmbatch.runtime.attention.triton_kernels.rotary_decode import (
+            rotary_decode_attention)
+        from llmbatch.runtime.layers.fused_rotary import check_rotary_store_args
+
+        if meta.max_query_len > 1:
+            raise ValueError(f"forward_rotary_decode takes spans of at most one token, got "
+                             f"max_query_len={meta.max_query_len}")
+        check_rotary_store_args(query, key, value, cos, sin, k_cache, v_cache, meta.slot_mapping)
+        query, out = self._checked_query(query, k_cache, v_cache, meta, out)
+        if query.shape[0] == 0 or meta.num_seqs == 0:
+            return out
+        rotary_decode_attention(
+            out, query, key, value, cos, sin, meta.slot_mapping.contiguous(), k_cache, v_cache,
+            meta.block_tables, meta.seq_lens.contiguous(), meta.query_start_loc.contiguous(),
+            scale, **self._launch_sizes(query, k_cache, meta))
+        return out
+
+    def _checked_query(self, query, k_cache, v_cache, meta: AttentionMetadata, out):
+        """forward's input checks (one clear error each, from shapes and host ints only);
+        returns query with a contiguous last dim and the output buffer (`out` checked, or a
+        new one)."""
         _check_cache(k_cache, v_cache)
         _check_runnable(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                         meta.query_start_loc)
@@ -148,25 +194,25 @@ class TritonAttentionBackend(AttentionBackend):
             raise ValueError(f"out must match query {tuple(query.shape)} {query.dtype} on "
                              f"{query.device} with a contiguous last dim, got "
                              f"{tuple(out.shape)} {out.dtype} on {out.device}")
-        if num_tokens == 0 or num_seqs == 0:
-            return out
-        group = num_heads // num_kv_heads
-        block_q, block_m = self._query_tiling(meta.max_query_len, group)
-        tile_n = self.tile_n or _default_tile_n(head_dim, meta.max_query_len, num_seqs)
+        return query, out
+
+    def _launch_sizes(self, query, k_cache, meta: AttentionMetadata) -> dict:
+        """The tile sizes, split count, warps and split counters of a launch (keywords of
+        paged_attention / rotary_decode_attention), from host ints only."""
+        num_tokens, num_heads, head_dim = query.shape
+        num_kv_heads = k_cache.shape[2]
+        block_q, block_m = self._query_tiling(meta.max_query_len, num_heads // num_kv_heads)
         num_splits = self._num_splits(meta, num_kv_heads, query.device)
         counters = None
         if num_splits > 1 and self.fused_split_reduce:
             counters = self._counters(query.device, split_counter_slots(
-                num_tokens, num_seqs, num_kv_heads, block_q))
-        paged_attention(
-            out, query, k_cache, v_cache,
-            meta.block_tables, meta.seq_lens.contiguous(), meta.query_start_loc.contiguous(),
-            scale,
-            block_q=block_q, block_m=block_m, tile_n=tile_n, num_splits=num_splits,
-            num_warps=8 if block_m * head_dim >= 128 * 128 else 4,
-            split_counters=counters,
-        )
-        return out
+                num_tokens, meta.num_seqs, num_kv_heads, block_q))
+        return dict(block_q=block_q, block_m=block_m,
+                    tile_n=self.tile_n or _default_tile_n(head_dim, meta.max_query_len,
+                                                          meta.num_seqs),
+                    num_splits=num_splits,
+                    num_warps=8 if block_m * head_dim >= 128 * 128 else 4,
+                    split_counters=counters)
 
     def _counters(self, device: torch.device, slots: int) -> torch.Tensor:
         """A zeroed int32 tensor of at least `slots` entries (at least 4096) on `device`."""

@@ -152,6 +152,23 @@ def _check_rotary_args(query, key, cos, sin) -> None:
     _check_rotary_input("key", key, cos)
 
 
+def check_rotary_store_args(query, key, value, cos, sin, k_cache, v_cache,
+                            slot_mapping) -> None:
+    """The inputs of a rotary + K/V store (fused_rotary_store_kv, and the attention backend's
+    forward_rotary_decode): one clear error each."""
+    _check_rotary_args(query, key, cos, sin)
+    if value.shape != key.shape or value.stride(-1) != 1 or value.dtype != key.dtype:
+        raise ValueError(f"value must match key {tuple(key.shape)} {key.dtype} with a unit last "
+                         f"stride, got {tuple(value.shape)} {value.dtype}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape \
+            or tuple(k_cache.shape[2:]) != tuple(key.shape[1:]) \
+            or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError(f"k_cache/v_cache must be (num_blocks, block_size, {key.shape[1]}, "
+                         f"{key.shape[2]}) contiguous along head_dim, got {tuple(k_cache.shape)}")
+    if slot_mapping.shape != (key.shape[0],) or slot_mapping.is_floating_point():
+        raise ValueError(f"slot_mapping must be an integer tensor of shape ({key.shape[0]},)")
+
+
 def fused_rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """query (num_tokens, num_heads, head_dim), key (num_tokens, num_kv_heads, head_dim), rows
@@ -192,18 +209,8 @@ def fused_rotary_store_kv(query: torch.Tensor, key: torch.Tensor, value: torch.T
     value: (num_tokens, num_kv_heads, head_dim), rows may be strided; k_cache, v_cache:
     (num_blocks, block_size, num_kv_heads, head_dim), contiguous along head_dim (the layout of
     attention/backend.py); slot_mapping (num_tokens,) integer."""
-    _check_rotary_args(query, key, cos, sin)
+    check_rotary_store_args(query, key, value, cos, sin, k_cache, v_cache, slot_mapping)
     q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    if value.shape != key.shape or value.stride(-1) != 1 or value.dtype != key.dtype:
-        raise ValueError(f"value must match key {tuple(key.shape)} {key.dtype} with a unit last "
-                         f"stride, got {tuple(value.shape)} {value.dtype}")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape \
-            or tuple(k_cache.shape[2:]) != tuple(key.shape[1:]) \
-            or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError(f"k_cache/v_cache must be (num_blocks, block_size, {key.shape[1]}, "
-                         f"{key.shape[2]}) contiguous along head_dim, got {tuple(k_cache.shape)}")
-    if slot_mapping.shape != (key.shape[0],) or slot_mapping.is_floating_point():
-        raise ValueError(f"slot_mapping must be an integer tensor of shape ({key.shape[0]},)")
     num_tokens, num_q_heads, head_dim = query.shape
     num_k_heads = key.shape[1]
     if num_tokens:

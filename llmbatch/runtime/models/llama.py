@@ -169,6 +169,14 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
+        if (self.use_fused_rotary and attn_meta.max_query_len <= 1
+                and getattr(attn_backend, "rotary_in_attention", False)):
+            # Decode: rotary, the K/V store and attention in one launch
+            # (EngineConfig.rotary_in_attention; the backend is the triton one, which alone
+            # sets that flag).
+            out = attn_backend.forward_rotary_decode(q, k, v, cos, sin, k_cache, v_cache,
+                                                     attn_meta, self.scale)
+            return out.reshape(-1, self.num_heads * self.head_dim)
         if self.use_fused_rotary and attn_backend.name == "triton":
             # One launch rotates q and stores the rotated k and v into the paged cache (the
             # backend's write_kv, fused in: 16 fewer launches a decode step on the 1B shape).

@@ -43,96 +43,10 @@ import triton
 import triton.language as tl
 
 from llmbatch.runtime import pdl
-from llmbatch.runtime.attention.triton_kernels.split_reduce import (_reduce_splits_kernel,
-                                                                   merge_split_rows)
+from llmbatch.runtime.attention.triton_kernels.span_walk import (LOG2E, attend_rows,
+                                                                 program_span, tile_rows)
+from llmbatch.runtime.attention.triton_kernels.split_reduce import _reduce_splits_kernel
 from llmbatch.runtime.pdl import pdl_wait_then_release
-
-# Softmax runs in base 2: exp(x * scale) == exp2(x * scale * log2(e)).
-LOG2E = 1.4426950408889634
-# A finite stand-in for -inf as the initial running max: keeps exp2(m_old - m_new) finite for
-# rows that have seen no visible key yet (exp2(-inf - -inf) would be NaN).
-_NEG_BIG = tl.constexpr(-1.0e30)
-
-
-@triton.jit
-def _find_seq_idx(query_start_loc_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
-    """Largest i in [0, num_seqs) with query_start_loc[i] // BLOCK_Q + i <= pid."""
-    # Annotated so the loop-carried values are int32 tensors from the start (an int literal,
-    # or num_seqs == 1 specialised to a constant, would otherwise be a constexpr).
-    lo: tl.int32 = 0
-    hi: tl.int32 = num_seqs - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
-        go_right = first_tile <= pid
-        lo = tl.where(go_right, mid, lo)
-        hi = tl.where(go_right, hi, mid - 1)
-    return lo
-
-
-@triton.jit
-def _split_tiles(seq_tiles, NUM_SPLITS: tl.constexpr):
-    """Key tiles per split: the power of two >= cdiv(seq_tiles, NUM_SPLITS) (see the module
-    docstring; NUM_SPLITS * result >= seq_tiles, so the splits cover every tile)."""
-    need = tl.cdiv(seq_tiles, NUM_SPLITS)
-    per: tl.int32 = 1
-    while per < need:
-        per = per * 2
-    return per
-
-
-@triton.jit
-def _attend_tile(
-    q, q_pos, m_i, l_i, acc, t, kv_len, bt_row, k_head, v_head, offs_d, scale_log2,
-    stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, stride_bt_blk,
-    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr,
-    IEEE_DOT: tl.constexpr,
-):
-    """One online-softmax step over key tile t: keys t * TILE_N ... + TILE_N - 1.
-
-    MASKED=False is only legal when every key of the tile is < kv_len and <= every row's
-    position; then no load is masked and no score is hidden.
-    """
-    kpos = t * TILE_N + tl.arange(0, TILE_N)  # (TILE_N,) absolute key positions
-    k_valid = kpos < kv_len
-    # Gather each key's page through the block table; a tile may cover several pages.
-    if MASKED:
-        page = tl.load(bt_row + (kpos // BLOCK_SIZE) * stride_bt_blk, mask=k_valid, other=0)
-    else:
-        page = tl.load(bt_row + (kpos // BLOCK_SIZE) * stride_bt_blk)
-    page = page.to(tl.int64)
-    in_page = kpos % BLOCK_SIZE
-    # K is loaded transposed, (HEAD_DIM, TILE_N), so q @ k needs no tl.trans.
-    k_ptrs = k_head + (page * stride_k_blk + in_page * stride_k_slot)[None, :] + offs_d[:, None]
-    v_ptrs = v_head + (page * stride_v_blk + in_page * stride_v_slot)[:, None] + offs_d[None, :]
-    if MASKED:
-        k = tl.load(k_ptrs, mask=k_valid[None, :], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-    if IEEE_DOT:
-        s = tl.dot(q, k.to(q.dtype), input_precision="ieee")
-    else:
-        s = tl.dot(q, k.to(q.dtype))
-    s = s * scale_log2                                   # (BLOCK_M, TILE_N) fp32
-    if MASKED:
-        visible = (kpos[None, :] <= q_pos[:, None]) & k_valid[None, :]
-        s = tl.where(visible, s, float("-inf"))
-
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])                      # hidden keys -> exactly 0
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-
-    if MASKED:
-        v = tl.load(v_ptrs, mask=k_valid[:, None], other=0.0)  # (TILE_N, HEAD_DIM)
-    else:
-        v = tl.load(v_ptrs)
-    if IEEE_DOT:
-        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
-    acc = acc * alpha[:, None] + pv
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -172,84 +86,25 @@ def _paged_attention_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    seq_idx = _find_seq_idx(query_start_loc_ptr, pid_q, num_seqs, BLOCK_Q)
-    q_start = tl.load(query_start_loc_ptr + seq_idx)
-    query_len = tl.load(query_start_loc_ptr + seq_idx + 1) - q_start
-    q_tile_start = (pid_q - (q_start // BLOCK_Q + seq_idx)) * BLOCK_Q
+    seq_idx, q_start, query_len, q_tile_start = program_span(
+        query_start_loc_ptr, num_seqs, pid_q, BLOCK_Q)
     if q_tile_start >= query_len:
         return  # spare program past the end of its span (or an empty span)
     seq_len = tl.load(seq_lens_ptr + seq_idx)
     ctx_len = seq_len - query_len  # tokens before the span: cached prefix / earlier chunks
-
-    # Row m of the tile: token q_tile_start + m // GROUP of the span, query head
-    # kv_head * GROUP + m % GROUP.
-    offs_m = tl.arange(0, BLOCK_M)
+    head, row_valid, q_pos, tok = tile_rows(q_start, q_tile_start, query_len, ctx_len,
+                                            kv_head, GROUP, BLOCK_Q, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_off = q_tile_start + offs_m // GROUP
-    head = kv_head * GROUP + offs_m % GROUP
-    row_valid = (offs_m // GROUP < BLOCK_Q) & (q_off < query_len)
-    q_pos = ctx_len + q_off  # absolute position of each row's token
-    tok = (q_start + q_off).to(tl.int64)
-
     q = tl.load(q_ptr + tok[:, None] * stride_q_tok + head[:, None] * stride_q_head
                 + offs_d[None, :], mask=row_valid[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
-
-    # Keys this tile can see: 0 .. position of its last valid token.
-    kv_len = tl.minimum(seq_len, ctx_len + tl.minimum(q_tile_start + BLOCK_Q, query_len))
-    num_tiles = tl.cdiv(kv_len, TILE_N)
-    if NUM_SPLITS == 1:
-        tile_lo = 0
-        tile_hi = num_tiles
-    else:
-        tiles_per_split = _split_tiles(tl.cdiv(seq_len, TILE_N), NUM_SPLITS)
-        tile_lo = split * tiles_per_split
-        tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
-
-    m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)   # running max (base-2 logits)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)            # running sum of exp2
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # running sum of p @ V
-    bt_row = block_tables_ptr + seq_idx.to(tl.int64) * stride_bt_seq
-    k_head = k_cache_ptr + kv_head.to(tl.int64) * stride_k_head
-    v_head = v_cache_ptr + kv_head.to(tl.int64) * stride_v_head
-
-    # Tiles that end at or before the tile's FIRST query position are visible to every row and
-    # lie inside the sequence: walk those without masks, then the diagonal/tail tiles with them.
-    num_full = (ctx_len + q_tile_start + 1) // TILE_N
-    mid = tl.minimum(tl.maximum(tile_lo, num_full), tile_hi)
-    for t in range(tile_lo, mid):
-        m_i, l_i, acc = _attend_tile(
-            q, q_pos, m_i, l_i, acc, t, kv_len, bt_row, k_head, v_head, offs_d, scale_log2,
-            stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, stride_bt_blk,
-            BLOCK_SIZE, TILE_N, False, IEEE_DOT)
-    for t in range(mid, tile_hi):
-        m_i, l_i, acc = _attend_tile(
-            q, q_pos, m_i, l_i, acc, t, kv_len, bt_row, k_head, v_head, offs_d, scale_log2,
-            stride_k_blk, stride_k_slot, stride_v_blk, stride_v_slot, stride_bt_blk,
-            BLOCK_SIZE, TILE_N, True, IEEE_DOT)
-
-    # l_i == 0 only for a split that saw no visible key (or malformed metadata): emit zeros
-    # rather than NaN, and an lse of -inf so the reduction gives that split zero weight.
-    has_keys = l_i > 0.0
-    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    if NUM_SPLITS == 1:
-        tl.store(out_ptr + tok[:, None] * stride_o_tok + head[:, None] * stride_o_head
-                 + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
-    else:
-        part_row = (tok * num_heads + head) * NUM_SPLITS + split  # (BLOCK_M,) int64
-        tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], o,
-                 mask=row_valid[:, None])
-        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
-        if FUSED_REDUCE:
-            # Every thread's stores above precede (barrier) the release of the count; the
-            # program that brings it to NUM_SPLITS has acquired all the others' partials.
-            tl.debug_barrier()
-            slot = counter_ptr + pid_q * tl.num_programs(1) + kv_head
-            if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-                merge_split_rows(out_ptr, part_out_ptr, part_lse_ptr, tok, head, row_valid,
-                                 offs_d, num_heads, stride_o_tok, stride_o_head, NUM_SPLITS,
-                                 HEAD_DIM)
-                tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")   # ready for the next launch
+    attend_rows(q, q_pos, tok, head, row_valid, offs_d, seq_idx, seq_len, ctx_len,
+                q_tile_start, query_len, pid_q, kv_head, split,
+                out_ptr, part_out_ptr, part_lse_ptr, counter_ptr, k_cache_ptr, v_cache_ptr,
+                block_tables_ptr, num_heads, scale_log2, stride_o_tok, stride_o_head,
+                stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot,
+                stride_v_head, stride_bt_seq, stride_bt_blk,
+                BLOCK_Q, BLOCK_M, HEAD_DIM, BLOCK_SIZE, TILE_N, NUM_SPLITS, IEEE_DOT,
+                FUSED_REDUCE)
 
 
 def split_counter_slots(num_tokens: int, num_seqs: int, num_kv_heads: int, block_q: int) -> int:
@@ -286,21 +141,10 @@ def paged_attention(
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
     num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
     if num_tokens == 0 or num_seqs == 0:
         return
-    if num_splits > 1:
-        part_out = torch.empty((num_tokens, num_heads, num_splits, head_dim),
-                               dtype=torch.float32, device=query.device)
-        part_lse = torch.empty((num_tokens, num_heads, num_splits),
-                               dtype=torch.float32, device=query.device)
-    else:
-        part_out = part_lse = out  # unused by the NUM_SPLITS == 1 specialisation
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
-    fused = num_splits > 1 and split_counters is not None
-    if fused and split_counters.numel() < grid[0] * grid[1]:
-        raise ValueError(f"split_counters holds {split_counters.numel()} slots, the launch "
-                         f"needs {grid[0] * grid[1]}")
+    grid, part_out, part_lse, fused = launch_plan(out, query, k_cache, num_seqs, block_q,
+                                                  num_splits, split_counters)
     _paged_attention_kernel[grid](
         out, part_out, part_lse, split_counters if fused else seq_lens,
         query, k_cache, v_cache,
@@ -311,15 +155,42 @@ def paged_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), block_tables.stride(1),
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim,
+        GROUP=num_heads // num_kv_heads, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1], TILE_N=tile_n, NUM_SPLITS=num_splits,
         IEEE_DOT=query.dtype == torch.float32, FUSED_REDUCE=fused,
         num_warps=num_warps, num_stages=num_stages, **pdl.launch_kwargs(query.device),
     )
     if num_splits > 1 and not fused:
-        _reduce_splits_kernel[(num_tokens, num_heads)](
-            out, part_out, part_lse, num_heads, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
-            HEAD_DIM=head_dim, num_warps=1 if head_dim <= 64 else 2,
-            **pdl.launch_kwargs(query.device),
-        )
+        reduce_splits(out, part_out, part_lse)
+
+
+def launch_plan(out, query, k_cache, num_seqs: int, block_q: int, num_splits: int,
+                split_counters):
+    """(grid, part_out, part_lse, fused) of an attention launch over query's rows: the grid
+    (query tiles, KV heads, splits), the fp32 split partials (out itself, unused, when
+    unsplit), and whether the splits merge in the kernel (split_counters given, checked)."""
+    num_tokens, num_heads, head_dim = query.shape
+    if num_splits > 1:
+        part_out = torch.empty((num_tokens, num_heads, num_splits, head_dim),
+                               dtype=torch.float32, device=query.device)
+        part_lse = torch.empty((num_tokens, num_heads, num_splits),
+                               dtype=torch.float32, device=query.device)
+    else:
+        part_out = part_lse = out  # unused by the NUM_SPLITS == 1 specialisation
+    grid = (num_tokens // block_q + num_seqs, k_cache.shape[2], num_splits)
+    fused = num_splits > 1 and split_counters is not None
+    if fused and split_counters.numel() < grid[0] * grid[1]:
+        raise ValueError(f"split_counters holds {split_counters.numel()} slots, the launch "
+                         f"needs {grid[0] * grid[1]}")
+    return grid, part_out, part_lse, fused
+
+
+def reduce_splits(out, part_out, part_lse) -> None:
+    """The second launch of an unfused split: merge part_out / part_lse into out."""
+    num_tokens, num_heads, num_splits, head_dim = part_out.shape
+    _reduce_splits_kernel[(num_tokens, num_heads)](
+        out, part_out, part_lse, num_heads, out.stride(0), out.stride(1),
+        NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+        HEAD_DIM=head_dim, num_warps=1 if head_dim <= 64 else 2,
+        **pdl.launch_kwargs(out.device),
+    )

@@ -1,0 +1,200 @@
+"""Decode attention with the rotary embedding and the K/V store fused in: one launch a layer
+where the unfused decode path takes two (layers/fused_rotary.py's rotary + store, then
+paged_attention.py's kernel). Opt-in and UNMEASURED (written without a GPU):
+EngineConfig.rotary_in_attention, TritonAttentionBackend.rotary_in_attention.
+
+Why: at batch 1 the rotary + store launch is 2.3 us a layer of pure latency on an H200 (stop
+17's profile: 37 us of a ~1 ms token on the 1B shape), plus a kernel boundary. What to
+measure: W-BATCH1 TPOT and W-RANDOM with it on against off (bench --rotary-in-attention,
+bench_batch1's row).
+
+Only for steps whose spans are at most one token (decode; meta.max_query_len == 1): the grid,
+tiles and split-KV walk are paged_attention.py's (attend_rows), and each program first
+builds its q rows itself:
+
+* q: the program's GROUP query heads of its token, read from the unrotated q (a view of the
+  qkv output), rotated with the token's cos/sin (rotate-half), rounded to q's dtype step by
+  step as RotaryEmbedding.rotate / fused_rotary do.
+* K/V: the new token's key position, seq_len - 1, lies in exactly one split's key range, and
+  only that split's program of each KV head reads it. That program rotates the token's key
+  for its KV head and stores it, and the value, at the token's slot (a negative slot, CUDA
+  graph padding, stores nothing), then passes a barrier (bar.sync: every thread's global
+  stores are visible to the CTA's later loads) before it walks its keys, which read them back
+  like any cached key. No other program touches the slot: no race across programs.
+
+So the result equals fused_rotary_store_kv followed by paged_attention bit for bit wherever
+both round alike: always in the interpreter (the tests), and on a GPU up to the kernel's
+compile flag: it is compiled with enable_fp_fusion=False (the rotary's torch roundings need
+it, fused_rotary.py says why), so the softmax's multiply-adds are not contracted into FMAs
+as in paged_attention.py's kernel: float32 rounding differences in the attention, not in q,
+K or V.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmbatch.runtime import pdl
+from llmbatch.runtime.attention.triton_kernels.paged_attention import launch_plan, reduce_splits
+from llmbatch.runtime.attention.triton_kernels.span_walk import (
+    LOG2E, attend_rows, program_span, split_tiles, tile_rows)
+from llmbatch.runtime.pdl import pdl_wait_then_release
+
+
+@triton.jit
+def _rotate_half(x, x_partner, cos, sin, first_half):
+    """Rotate-half of head vectors element by element: x[d] and its partner x[d +- half],
+    cos/sin (float32) at d % half, first_half: d < half. Rounds like RotaryEmbedding.rotate:
+    each product to x's dtype, then the sum or difference (x1*cos - x2*sin for the first half,
+    x2*cos + x1*sin for the second)."""
+    dt = x.dtype
+    a = (x.to(tl.float32) * cos).to(dt).to(tl.float32)
+    b = (x_partner.to(tl.float32) * sin).to(dt).to(tl.float32)
+    return tl.where(first_half, a - b, a + b).to(dt)
+
+
+@triton.jit
+def _rotary_decode_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,   # as _paged_attention_kernel
+    q_ptr,              # (num_tokens, num_heads, HEAD_DIM), NOT yet rotated
+    k_new_ptr,          # (num_tokens, num_kv_heads, HEAD_DIM), this step's keys, not rotated
+    v_new_ptr,          # (num_tokens, num_kv_heads, HEAD_DIM), this step's values
+    cos_ptr, sin_ptr,   # (num_tokens, 1, HEAD_DIM // 2), rows cs_tok apart
+    slot_ptr,           # (num_tokens,) integer cache slots; negative: store nothing
+    k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    num_seqs, num_heads, scale_log2,
+    stride_q_tok, stride_q_head, stride_kn_tok, stride_kn_head, stride_vn_tok, stride_vn_head,
+    stride_cs_tok,
+    stride_o_tok, stride_o_head,
+    stride_k_blk, stride_k_slot, stride_k_head,
+    stride_v_blk, stride_v_slot, stride_v_head,
+    stride_bt_seq, stride_bt_blk,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, IEEE_DOT: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+    USE_PDL: tl.constexpr = False,   # programmatic dependent launch (runtime/pdl.py)
+):
+    if USE_PDL:
+        pdl_wait_then_release()   # q, k, v come from the previous kernel (the qkv matmul)
+    pid_q = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_idx, q_start, query_len, q_tile_start = program_span(
+        query_start_loc_ptr, num_seqs, pid_q, BLOCK_Q)
+    if q_tile_start >= query_len:
+        return  # spare program past the end of its span (or an empty span)
+    seq_len = tl.load(seq_lens_ptr + seq_idx)
+    ctx_len = seq_len - query_len
+    head, row_valid, q_pos, tok = tile_rows(q_start, q_tile_start, query_len, ctx_len,
+                                            kv_head, GROUP, BLOCK_Q, BLOCK_M)
+
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs_d = tl.arange(0, HEAD_DIM)
+    first_half = offs_d < HALF
+    partner = tl.where(first_half, offs_d + HALF, offs_d - HALF)
+    cs_col = offs_d % HALF
+
+    # q rows, rotated: (BLOCK_M, HEAD_DIM) in q's dtype, as fused_rotary would have stored them.
+    rows = q_ptr + tok[:, None] * stride_q_tok + head[:, None] * stride_q_head
+    row_mask = row_valid[:, None]
+    x = tl.load(rows + offs_d[None, :], mask=row_mask, other=0.0)
+    x_partner = tl.load(rows + partner[None, :], mask=row_mask, other=0.0)
+    cs = tok[:, None] * stride_cs_tok + cs_col[None, :]
+    cos = tl.load(cos_ptr + cs, mask=row_mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + cs, mask=row_mask, other=0.0).to(tl.float32)
+    q = _rotate_half(x, x_partner, cos, sin, first_half[None, :])
+
+    # The token's K/V, by the one split whose key range holds its position seq_len - 1.
+    if NUM_SPLITS == 1:
+        owner = True
+    else:
+        owner = split == ((seq_len - 1) // TILE_N) // split_tiles(tl.cdiv(seq_len, TILE_N),
+                                                                   NUM_SPLITS)
+    if owner:
+        t0 = (q_start + q_tile_start).to(tl.int64)   # the span's one token
+        slot = tl.load(slot_ptr + t0).to(tl.int64)
+        if slot >= 0:
+            k_row = k_new_ptr + t0 * stride_kn_tok + kv_head * stride_kn_head
+            cs0 = t0 * stride_cs_tok + cs_col
+            k = _rotate_half(tl.load(k_row + offs_d), tl.load(k_row + partner),
+                             tl.load(cos_ptr + cs0).to(tl.float32),
+                             tl.load(sin_ptr + cs0).to(tl.float32), first_half)
+            v = tl.load(v_new_ptr + t0 * stride_vn_tok + kv_head * stride_vn_head + offs_d)
+            blk = slot // BLOCK_SIZE
+            off = slot % BLOCK_SIZE
+            tl.store(k_cache_ptr + blk * stride_k_blk + off * stride_k_slot
+                     + kv_head * stride_k_head + offs_d, k.to(k_cache_ptr.dtype.element_ty))
+            tl.store(v_cache_ptr + blk * stride_v_blk + off * stride_v_slot
+                     + kv_head * stride_v_head + offs_d, v.to(v_cache_ptr.dtype.element_ty))
+    # The stores above reach the loads of the key walk below, made by other threads of this
+    # program: bar.sync orders them (CUDA: global writes before __syncthreads are visible to
+    # the block after it). Every program passes it, so no thread waits on a skipped barrier.
+    tl.debug_barrier()
+
+    attend_rows(q, q_pos, tok, head, row_valid, offs_d, seq_idx, seq_len, ctx_len,
+                q_tile_start, query_len, pid_q, kv_head, split,
+                out_ptr, part_out_ptr, part_lse_ptr, counter_ptr, k_cache_ptr, v_cache_ptr,
+                block_tables_ptr, num_heads, scale_log2, stride_o_tok, stride_o_head,
+                stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot,
+                stride_v_head, stride_bt_seq, stride_bt_blk,
+                BLOCK_Q, BLOCK_M, HEAD_DIM, BLOCK_SIZE, TILE_N, NUM_SPLITS, IEEE_DOT,
+                FUSED_REDUCE)
+
+
+def rotary_decode_attention(
+    out: torch.Tensor,          # (num_tokens, num_heads, head_dim), written in place
+    query: torch.Tensor,        # (num_tokens, num_heads, head_dim), not rotated; rows strided
+    key: torch.Tensor,          # (num_tokens, num_kv_heads, head_dim), not rotated
+    value: torch.Tensor,        # (num_tokens, num_kv_heads, head_dim)
+    cos: torch.Tensor,          # (num_tokens, 1, head_dim // 2), sin alike (one stride)
+    sin: torch.Tensor,
+    slot_mapping: torch.Tensor,  # (num_tokens,) integer
+    k_cache: torch.Tensor,      # (num_blocks, block_size, num_kv_heads, head_dim)
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    block_q: int,
+    block_m: int,
+    tile_n: int,
+    num_splits: int,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    split_counters: torch.Tensor | None = None,
+) -> None:
+    """paged_attention for spans of at most one token whose query and key are not rotated
+    yet: rotates them, stores the key and value into the caches at slot_mapping, attends. The
+    caller (TritonAttentionBackend.forward_rotary_decode) checked the shapes and that every
+    span has at most one token (the kernel assumes it). Launch sizes as paged_attention's."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return
+    grid, part_out, part_lse, fused = launch_plan(out, query, k_cache, num_seqs, block_q,
+                                                  num_splits, split_counters)
+    _rotary_decode_kernel[grid](
+        out, part_out, part_lse, split_counters if fused else seq_lens,
+        query, key, value, cos, sin, slot_mapping,
+        k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        num_seqs, num_heads, scale * LOG2E,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+        value.stride(0), value.stride(1), cos.stride(0),
+        out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), block_tables.stride(1),
+        GROUP=num_heads // k_cache.shape[2], BLOCK_Q=block_q, BLOCK_M=block_m,
+        HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], TILE_N=tile_n, NUM_SPLITS=num_splits,
+        IEEE_DOT=query.dtype == torch.float32, FUSED_REDUCE=fused,
+        num_warps=num_warps, num_stages=num_stages,
+        # The rotary's roundings are torch's only without FMA contraction (fused_rotary.py).
+        enable_fp_fusion=False, **pdl.launch_kwargs(query.device),
+    )
+    if num_splits > 1 and not fused:
+        reduce_splits(out, part_out, part_lse)
+
