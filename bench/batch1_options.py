@@ -15,11 +15,11 @@ EXCLUSIVE_GROUPS = ("L2 prefetch", "attention splits", "attention key tile")
 
 def options(all_rows: bool = False):
     """(label, apply(engine, device) -> str detail, undo(engine)) per row, in order. By default
-    the rows still open (gemv, its weight prefetch, PDL) between the two defaults rows; with
-    all_rows (--all) also those measured slower or equal on an H200 in stops 13 and 17 (L2
-    prefetch plans, split reduce fused, argmax in torch, rope table off, attention splits and
-    key tiles, sync scheduling): 16 rows did not fit the sweep's 90 s in stop 17, whose closing
-    defaults row (the noise check) was cut."""
+    the rows still open (gemv, its weight prefetch, PDL, rotary in attention) between the two
+    defaults rows; with all_rows (--all) also those measured slower or equal on an H200 in
+    stops 13 and 17 (L2 prefetch plans, split reduce fused, argmax in torch, rope table off,
+    attention splits and key tiles, sync scheduling): 16 rows did not fit the sweep's 90 s in
+    stop 17, whose closing defaults row (the noise check) was cut."""
     import torch
 
     from llmbatch.runtime.models.llama_prefetch import (PrefetchPlan, disable_l2_prefetch,
@@ -177,13 +177,33 @@ def options(all_rows: bool = False):
                 getattr(gemv, f"set_{switch}")(saved.pop(switch))
         return apply, undo
 
+    def rotary_attention_flip(engine, device):
+        """EngineConfig.rotary_in_attention (opt-in, unmeasured): decode steps rotate, store
+        K/V and attend in one launch. It rides on the fused rotary (CUDA) and the triton
+        backend; the row flips the backend's switch either way."""
+        from llmbatch.runtime.models.llama import LlamaAttention
+
+        backend = engine.runner.attn_backend
+        if not hasattr(backend, "rotary_in_attention") or not any(
+                getattr(m, "use_fused_rotary", False) for m in engine.runner.model.modules()
+                if isinstance(m, LlamaAttention)):
+            return "needs the triton backend and the fused rotary (CUDA): not applied"
+        saved["rotary_attn"] = backend.rotary_in_attention
+        backend.rotary_in_attention = not saved["rotary_attn"]
+        return "off (engine default on)" if saved["rotary_attn"] else "on (engine default off)"
+
+    def rotary_attention_back(engine):
+        if "rotary_attn" in saved:
+            engine.runner.attn_backend.rotary_in_attention = saved.pop("rotary_attn")
+
     nothing = (DEFAULTS, lambda engine, device: "", lambda engine: None)
     # The likeliest gains first: a run cut by its time limit keeps them (JSON after each row).
     open_rows = [("skinny gemv flipped", gemv_flip, restore_skinny),
                  ("gemv weights before the PDL wait", *gemv_prefetch("weight_prefetch")),
                  ("gemv weights into L2 before the PDL wait",
                   *gemv_prefetch("weight_prefetch_l2")),
-                 ("PDL flipped", pdl_flip, pdl_back)]
+                 ("PDL flipped", pdl_flip, pdl_back),
+                 ("rotary in attention flipped", rotary_attention_flip, rotary_attention_back)]
     if not all_rows:
         return [nothing, *open_rows, nothing]
     return [nothing, *open_rows, prefetch(next_qkv=False), prefetch(),

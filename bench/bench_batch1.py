@@ -31,6 +31,9 @@ Options (each row is the defaults plus one change):
                          prefetched into L2 there instead (CUDA; opt-in, unmeasured)
     PDL flipped          programmatic dependent launch of our Triton kernels (runtime/pdl.py,
                          EngineConfig.pdl, auto-on for sm_90+ since stop 17) off, or on
+    rotary in attention flipped   decode steps rotate q/k, store K/V and attend in one launch
+                         (EngineConfig.rotary_in_attention, opt-in, unmeasured): on, or off
+                         where the engine has it on
     L2 prefetch plans    models/llama_prefetch.py PrefetchPlan: o_proj; o_proj + next qkv;
                          + the first 8 / 16 MiB of gate_up
 

@@ -41,6 +41,8 @@
 # engine.gemv_weight_prefetch tile / l2 (llmbatch-gemv-prefetch: the first weight tile before
 # the PDL wait; llmbatch-gemv-prefetch-l2: the weight slice into L2 before it; unmeasured, each
 # with a batch-1 profile).
+# BENCH_ROTARY_ATTN_ROWS (default 1 on a GPU): engine.rotary_in_attention (llmbatch-rotary-attn:
+# decode steps rotate, store K/V and attend in one launch; unmeasured; a batch-1 profile).
 # BENCH_PDL_ROWS=1 (opt-in; repeats the default on sm_90+): llmbatch-pdl.
 # BENCH_SKINNY_PDL_ROWS=1 (opt-in): engine.skinny_matmul and engine.pdl (llmbatch-skinny-pdl).
 # BENCH_GEMV_ROWS=1 (opt-in since stop 17): skinny_matmul, skinny_gemv and pdl
@@ -52,9 +54,10 @@
 # call add BENCH_ARGS="--skip-peers". BENCH_BATCH1_SWEEP (default 1 on a GPU): W-BATCH1 under each
 # decode option of bench/bench_batch1.py (L2-prefetch plans, fused split reduce, argmax, rope
 # table, attention splits and tiles, PDL, sync scheduling; then the winners combined) on one
-# engine (5 rows since stop 17: defaults, gemv flipped, gemv weight prefetch, PDL flipped,
-# defaults; BENCH_BATCH1_ARGS=--all adds the 11 options measured slower; 16 rows, ~65 s; limit
-# BENCH_BATCH1_TIMEOUT, default 90 s; OUT_DIR/bench_batch1.json, written after every row).
+# engine (7 rows since stop 18: defaults, gemv flipped, the two gemv weight prefetches, PDL
+# flipped, rotary in attention flipped, defaults; BENCH_BATCH1_ARGS=--all adds the 11 options
+# measured slower; 18 rows, ~75 s; limit BENCH_BATCH1_TIMEOUT, default 90 s;
+# OUT_DIR/bench_batch1.json, written after every row).
 # Whole check: GPU_CHECK_BUDGET s (default 575, under the device tool's 600 s per command);
 # each step's limit above is cut so the steps after it keep their share (pytest <= 230 s,
 # bench <= 300 s, the batch-1 sweep <= 90 s, set-up ~20 s; stop 9 on an H200: tests/gpu
@@ -241,6 +244,7 @@ fi
 [ "${BENCH_NO_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--no-pdl)
 [ "${BENCH_GEMV_PREFETCH_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--gemv-prefetch)
 [ "${BENCH_GEMV_PREFETCH_L2_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--gemv-prefetch-l2)
+[ "${BENCH_ROTARY_ATTN_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--rotary-in-attention)
 [ "${BENCH_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--pdl)
 [ "${BENCH_SKINNY_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-pdl)
 [ "${BENCH_GEMV_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-gemv-pdl)

@@ -158,13 +158,14 @@ def profile_slices(system: str, workloads: dict) -> list[tuple]:
     shows in the qkv_proj and o_proj kernel times), llmbatch-pdl (its change shows as the
     GPU-busy fraction: kernels overlap their neighbours' launch tails) and
     llmbatch-skinny-gemv-pdl and llmbatch-gemv-prefetch (the gemv kernels' times inside the
-    decode graph)."""
+    decode graph), llmbatch-rotary-attn (the one-launch decode attention against the rotary +
+    attention pair)."""
     full = system in ("llmbatch", "llmbatch-unfused")
     out = []
     if full and "W-RANDOM" in workloads:
         out.append((f"{system}_profile", "W-RANDOM", 64, 48, f"profile_{system}.txt"))
     batch1_only = ("llmbatch-l2prefetch", "llmbatch-pdl", "llmbatch-skinny-gemv-pdl",
-                   "llmbatch-gemv-prefetch", "llmbatch-gemv-prefetch-l2")
+                   "llmbatch-gemv-prefetch", "llmbatch-gemv-prefetch-l2", "llmbatch-rotary-attn")
     if (full or system in batch1_only) and "W-BATCH1" in workloads:
         out.append((f"{system}_profile_batch1", "W-BATCH1", 1, 128,
                     f"profile_{system}_batch1.txt"))

@@ -75,6 +75,10 @@ AB_VARIANTS = {
                                 "EngineConfig.gemv_weight_prefetch l2 (gemv programs prefetch "
                                 "their weight slice into L2 before the PDL wait; unmeasured)",
                                 "the gemv layers run on CUDA only"),
+    "rotary-attn": Variant("--rotary-in-attention", {"rotary_in_attention": True},
+                           "EngineConfig.rotary_in_attention on (decode steps rotate q/k, store "
+                           "K/V and attend in one launch; unmeasured)",
+                           "the fused rotary runs on CUDA only"),
     "l2prefetch": Variant("--l2-prefetch", {"l2_prefetch": True},
                           "EngineConfig.l2_prefetch on (steps of <= 16 tokens touch the qkv and "
                           "o_proj weights into L2 on a side stream ahead of use)",

@@ -76,3 +76,25 @@ def test_each_flip_alone_restores_the_engine(monkeypatch):
         apply(engine, torch.device("cpu"))
         undo(engine)
         assert _state(engine) == before, label
+
+
+def test_rotary_in_attention_flip_turns_the_backend_switch_and_back():
+    """The row flips TritonAttentionBackend.rotary_in_attention where the model has the fused
+    rotary (CUDA; set by hand here) and puts it back; without it the row is not applied."""
+    from llmbatch.runtime.attention.triton_backend import TritonAttentionBackend
+    from llmbatch.runtime.models.llama import LlamaAttention
+
+    engine = _engine()
+    engine.runner.attn_backend = TritonAttentionBackend()
+    _, apply, undo = {o[0]: o for o in options()}["rotary in attention flipped"]
+    assert apply(engine, torch.device("cpu")) == (
+        "needs the triton backend and the fused rotary (CUDA): not applied")
+    undo(engine)
+    assert engine.runner.attn_backend.rotary_in_attention is False
+    for m in engine.runner.model.modules():
+        if isinstance(m, LlamaAttention):
+            m.use_fused_rotary = True
+    assert apply(engine, torch.device("cpu")) == "on (engine default off)"
+    assert engine.runner.attn_backend.rotary_in_attention is True
+    undo(engine)
+    assert engine.runner.attn_backend.rotary_in_attention is False

@@ -31,6 +31,8 @@ CASES = {
                       {"gemv_weight_prefetch": "tile"}),
     "gemv-prefetch-l2": ("--gemv-prefetch-l2", "gemv_prefetch_l2",
                          "the gemv layers run on CUDA only", {"gemv_weight_prefetch": "l2"}),
+    "rotary-attn": ("--rotary-in-attention", "rotary_in_attention",
+                    "the fused rotary runs on CUDA only", {"rotary_in_attention": True}),
 }
 
 
@@ -87,6 +89,9 @@ def test_l2_prefetch_and_pdl_rows_get_a_batch1_profile_only():
     assert profile_slices("llmbatch-gemv-prefetch", workloads) == [
         ("llmbatch-gemv-prefetch_profile_batch1", "W-BATCH1", 1, 128,
          "profile_llmbatch-gemv-prefetch_batch1.txt")]
+    assert profile_slices("llmbatch-rotary-attn", workloads) == [
+        ("llmbatch-rotary-attn_profile_batch1", "W-BATCH1", 1, 128,
+         "profile_llmbatch-rotary-attn_batch1.txt")]
     assert profile_slices("llmbatch-sync", workloads) == []
     assert profile_slices("llmbatch-l2prefetch", {"W-RANDOM": None}) == []
 

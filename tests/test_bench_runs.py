@@ -162,7 +162,9 @@ def test_batch1_sweep_dry_run_on_cpu(tmp_path):
     rows = out["rows"]
     singles = [
         "defaults", "skinny gemv flipped", "gemv weights before the PDL wait",
-        "gemv weights into L2 before the PDL wait", "PDL flipped", "L2 prefetch o_proj", "L2 prefetch o_proj+next_qkv", "split reduce fused",
+        "gemv weights into L2 before the PDL wait", "PDL flipped",
+        "rotary in attention flipped", "L2 prefetch o_proj", "L2 prefetch o_proj+next_qkv",
+        "split reduce fused",
         "argmax in torch", "rope table off", "L2 prefetch o_proj+next_qkv+gate_up 8 MiB",
         "L2 prefetch o_proj+next_qkv+gate_up 16 MiB", "attention splits 8",
         "attention splits 32", "attention key tile 32", "attention key tile 128",
@@ -174,16 +176,17 @@ def test_batch1_sweep_dry_run_on_cpu(tmp_path):
     assert combined in ([], ["winners combined"])
     assert ("batch1 winners combined" + " " * 24 + " none:" in proc.stdout) == (not combined)
     # The tiny shape's 2 layers: o_proj each, + qkv each, + a gate_up prefix each.
-    assert [rows[i]["detail"] for i in (5, 6, 10, 11)] == [
+    assert [rows[i]["detail"] for i in (6, 7, 11, 12)] == [
         f"{n} weights touched" for n in (2, 4, 6, 6)]
     assert all(r["same_tokens_as_first"] and r["num_errors"] == 0 for r in rows)
     assert out["smoke_test_only"] is True
-    assert proc.stdout.count("batch1 ") == 19
+    assert proc.stdout.count("batch1 ") == 20
     # On the CPU the engine has neither gemv layers nor PDL (CUDA only): the flips would turn
     # them on, which the CPU rows refuse; the weight prefetch has no gemv launch to change.
-    assert [rows[i]["detail"] for i in (1, 2, 3, 4)] == [
+    assert [rows[i]["detail"] for i in (1, 2, 3, 4, 5)] == [
         "needs CUDA: not applied", "the gemv layers are off: no effect",
-        "the gemv layers are off: no effect", "needs sm_90 CUDA: not applied"]
+        "the gemv layers are off: no effect", "needs sm_90 CUDA: not applied",
+        "needs the triton backend and the fused rotary (CUDA): not applied"]
 
 
 def test_batch1_sweep_default_rows_are_the_open_options():
@@ -193,9 +196,10 @@ def test_batch1_sweep_default_rows_are_the_open_options():
 
     short = [label for label, _, _ in options()]
     assert short == ["defaults", "skinny gemv flipped", "gemv weights before the PDL wait",
-                     "gemv weights into L2 before the PDL wait", "PDL flipped", "defaults"]
+                     "gemv weights into L2 before the PDL wait", "PDL flipped",
+                     "rotary in attention flipped", "defaults"]
     every = [label for label, _, _ in options(all_rows=True)]
-    assert every[:5] == short[:5] and every[-1] == "defaults" and len(every) == 18
+    assert every[:6] == short[:6] and every[-1] == "defaults" and len(every) == 19
 
 
 def _row(option, tpot, **extra):
