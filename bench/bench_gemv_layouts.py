@@ -46,8 +46,15 @@ TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}  # 
 # Tiles of layers/gemv.py besides its table's pick: (block_n, block_k, num_warps, split_k,
 # num_stages), named gemv_n{block_n}k{block_k}w{warps}s{split}p{stages}. Plain tuples: gemv
 # (Triton) is imported at the first call, after main() chose the interpreter for the dry run.
-_GEMV_TILES = [(16, 512, 4, 1, 3), (16, 512, 4, 2, 1), (16, 512, 4, 4, 3), (8, 1024, 4, 2, 2),
-               (32, 256, 8, 2, 3), (16, 256, 4, 8, 3)]
+# Since stop 18 they aim at what stop 17's run showed: without a split, the small shapes are
+# latency-bound (o_proj streams 64 KB a program, one program an SM, at 1.7 TB/s; qkv's 192
+# programs leave 60 SMs with two), and every split-K tile lost (they are gone from this list;
+# stop 17's rows are in RESULTS.md). So: more, smaller programs (8 and 4 rows: 2-4 programs an
+# SM on o_proj, qkv's 384 / 768 programs spread evenly), more bytes in flight a program (8
+# warps, a 4th stage), and the 16 x 512 pick itself as the reference. The 32 x 256 split tile
+# stays: tests name it (fewer, wider programs; slower in stop 17 everywhere).
+_GEMV_TILES = [(16, 512, 4, 1, 3), (8, 512, 4, 1, 3), (8, 1024, 4, 1, 3), (4, 1024, 4, 1, 3),
+               (16, 512, 8, 1, 3), (16, 512, 4, 1, 4), (32, 256, 8, 2, 3)]
 GEMV_CONFIGS = {"gemv": None, **{"gemv_n{}k{}w{}s{}p{}".format(*t): t for t in _GEMV_TILES}}
 
 
