@@ -23,8 +23,9 @@ import itertools
 
 from bench.compile_kernels import _aligned
 
+# "head": a plain call writing float32 logits (ParallelLMHead.gemv_logits: F32_OUT in bf16).
 KINDS = {"plain": {}, "norm": dict(NORM=True), "residual": dict(RESIDUAL=True),
-         "gate_up": dict(NORM=True, GATE_UP=True)}
+         "gate_up": dict(NORM=True, GATE_UP=True), "head": {}}
 # Engine decode layers (models/llama_skinny.py with skinny_gemv), (N_w, K, kind): the 1B shape
 # in bf16 (bench --skinny-gemv, with and without PDL; both again with the weight prefetch on,
 # bench_batch1's prefetch row; with PDL, the L2 prefetch on with and without the weight
@@ -35,8 +36,8 @@ ENGINE_LAYERS = {"bf16": [(3072, 2048, "norm"), (2048, 2048, "residual"),
                  "fp32": [(512, 128, "norm"), (128, 256, "residual"), (512, 128, "gate_up"),
                           (128, 256, "residual")]}
 # The engines' LM heads (ParallelLMHead.use_gemv, set with the gemv layers), (vocab, hidden):
-# one-row plain calls (no norm / residual / bias, never PDL, the table's pick) with the weight
-# prefetch of each EngineConfig.gemv_weight_prefetch mode (off, tile: PREFETCH_W, l2:
+# one-row plain calls writing float32 logits (no norm / residual / bias, never PDL, the
+# table's pick) with the weight prefetch of each EngineConfig.gemv_weight_prefetch mode (off, tile: PREFETCH_W, l2:
 # PREFETCH_L2, both), since the head's launches read the same process-wide switches as the
 # layers': the 1B head in bf16 in every mode, the tiny float32 one with the prefetch off.
 ENGINE_HEADS = {"bf16": (128256, 2048), "fp32": (384, 128)}
@@ -62,7 +63,7 @@ def launches():
     for dt, (vocab, hidden) in ENGINE_HEADS.items():
         on_off = (False, True) if dt == "bf16" else (False,)
         for prefetch, prefetch_l2 in itertools.product(on_off, on_off):   # off/tile/l2/both
-            out.append((dt, "plain", False, gv.pick_config(vocab, hidden), False, prefetch,
+            out.append((dt, "head", False, gv.pick_config(vocab, hidden), False, prefetch,
                         prefetch_l2))
     for (n_w, k), cfg in itertools.product(BENCH_SHAPES, GEMV_CONFIGS.values()):
         out.append(("bf16", "plain", False, gv.GemvConfig(*cfg) if cfg
@@ -104,12 +105,17 @@ def gemv_variants():
                "count_ptr": "*i32" if split else f"*{dt}", "N": "i32", "K": "i32",
                "k_per_split": "i32", "eps": "fp32"}
         for name in ("HAS_BIAS", "NORM", "RESIDUAL", "GATE_UP", "BLOCK_N", "BLOCK_K",
-                     "SPLIT_K", "NUM_STAGES", "USE_PDL", "PREFETCH_W", "PREFETCH_L2"):
+                     "SPLIT_K", "NUM_STAGES", "USE_PDL", "PREFETCH_W", "PREFETCH_L2",
+                     "F32_OUT"):
             sig[name] = "constexpr"
+        f32_out = kind == "head" and dt != "fp32"   # ParallelLMHead.gemv_logits
+        if f32_out:   # out, and the placeholders that point at it (res; ws / count unsplit)
+            sig.update(out_ptr="*fp32", res_ptr="*fp32",
+                       **({} if split else dict(ws_ptr="*fp32", count_ptr="*fp32")))
         consts = dict(dict(NORM=False, RESIDUAL=False, GATE_UP=False), **KINDS[kind],
                       HAS_BIAS=bias, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                       SPLIT_K=cfg.split_k, NUM_STAGES=cfg.num_stages, USE_PDL=pdl,
-                      PREFETCH_W=prefetch, PREFETCH_L2=prefetch_l2)
+                      PREFETCH_W=prefetch, PREFETCH_L2=prefetch_l2, F32_OUT=f32_out)
         out.append((f"gemv {dt} {kind}{'+bias' if bias else ''} n{cfg.block_n} k{cfg.block_k} "
                     f"w{cfg.num_warps} split{cfg.split_k} p{cfg.num_stages}{' pdl' if pdl else ''}"
                     f"{' prefetch' if prefetch else ''}{' l2prefetch' if prefetch_l2 else ''}",

@@ -270,3 +270,52 @@ def test_l2_prefetch_switch_and_keyword_on_a_cuda_device(monkeypatch):
     gemv.set_weight_prefetch_l2(True)
     assert [gemv._l2_prefetch_on(cuda, kw) for kw in (None, False, True)] == [True, False, True]
     assert [gemv._l2_prefetch_on(cpu, kw) for kw in (None, False, True)] == [False] * 3
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("config", [None, CONFIGS[1]], ids=["table", "split3"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_float32_out_is_the_rounded_output_upcast(config, with_bias):
+    """out_dtype=float32 (the LM head's logits): the model-dtype output's values, stored as
+    float32 in the same launch -- bitwise gemv_linear(...).float()."""
+    x, w, b, _ = operands(1, 48, 96, torch.float16)
+    bias = b if with_bias else None
+    counters = zero_counters()
+    want = gemv.gemv_linear(x, w, bias, config=config, counters=counters).float()
+    got = gemv.gemv_linear(x, w, bias, config=config, counters=counters,
+                           out_dtype=torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert not counters.any()
+
+
+def test_float32_out_only_for_plain_calls():
+    x, w, _, _ = operands(1, 32, 64, torch.float16)
+    with pytest.raises(ValueError, match="out_dtype=torch.float32 is float32 for a plain call"):
+        gemv.gemv_linear(x, w, residual=torch.zeros(1, 32, dtype=torch.float16),
+                         out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="got residual=False, gate_up=True"):
+        gemv.gemv_linear(x, w, norm_weight=torch.ones(64, dtype=torch.float16), gate_up=True,
+                         out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="out_dtype=torch.bfloat16"):
+        gemv.gemv_linear(x, w, out_dtype=torch.bfloat16)
+    same = gemv.gemv_linear(x, w, out_dtype=torch.float16)   # x's dtype: the usual output
+    assert same.dtype == torch.float16
+
+
+def test_lm_head_gemv_logits_are_float32_in_one_launch(monkeypatch):
+    """ParallelLMHead on gemv: float32 logits straight from the kernel, equal to the
+    model-dtype gemv output upcast (what forward returned before), no separate upcast."""
+    from llmbatch.runtime.layers.embedding import ParallelLMHead
+
+    head = ParallelLMHead(96, 64, params_dtype=torch.float16)
+    with torch.no_grad():
+        head.weight.normal_()
+    head.use_gemv = True
+    hidden = torch.randn(1, 64).half()
+    want = gemv.gemv_linear(hidden, head.weight).float()
+    launches = []
+    real = gemv.gemv_linear
+    monkeypatch.setattr(gemv, "gemv_linear", lambda *a, **k: launches.append(k) or real(*a, **k))
+    got = head(hidden)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert [k.get("out_dtype") for k in launches] == [torch.float32]

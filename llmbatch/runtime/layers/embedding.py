@@ -115,11 +115,18 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.quant_method is not None:  # nf4 table (quantize_embeddings)
             logits = self.quant_method.apply(self, hidden, None)  # (n, num_embeddings_per_rank)
         elif self.use_gemv and hidden.shape[0] == 1:
-            from llmbatch.runtime.layers import gemv
-
-            logits = gemv.gemv_linear(hidden.contiguous(), self.weight)  # (1, vocab)
+            return self.gemv_logits(hidden)
         else:
             logits = F.linear(hidden, self.weight)  # (n, num_embeddings_per_rank)
         if self.tp_size > 1:
             logits = self.all_gather(logits)[:, :self.num_embeddings]
         return logits.float()
+
+    def gemv_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (1, hidden_size) -> float32 logits (1, vocab) on layers/gemv.py, rounded to
+        the weights' dtype in the kernel and stored as float32: F.linear(...).float()'s
+        values without the upcast's launch (a 128256-wide copy, ~4 us a batch-1 token in
+        stop 17's profile). Also what the gemv start-up check launches (gemv_check)."""
+        from llmbatch.runtime.layers import gemv
+
+        return gemv.gemv_linear(hidden.contiguous(), self.weight, out_dtype=torch.float32)

@@ -60,7 +60,8 @@ from triton.runtime.interpreter import InterpretedFunction
 # GemvConfig, pick_config and counter_tiles live in gemv_config.py; callers use them as gemv.*.
 from llmbatch.runtime.layers.gemv_config import GemvConfig, counter_tiles, pick_config
 from llmbatch.runtime.layers.skinny_checks import check_inputs
-from llmbatch.runtime.layers.skinny_matmul import _epilogue_store, _rms_normed, _split_k_range
+from llmbatch.runtime.layers.gemv_parts import prefetch_l2_slice, store_out, x_chunk
+from llmbatch.runtime.layers.skinny_matmul import _split_k_range
 from llmbatch.runtime.pdl import pdl_wait_then_release
 
 # Weight prefetch before the PDL wait (PREFETCH_W), process-wide like runtime/pdl.py's switch:
@@ -108,76 +109,13 @@ def weight_prefetch_l2_enabled() -> bool:
 
 
 @triton.jit
-def _store_row(acc, acc_up, cols, col_mask, bias_ptr, res_ptr, out_ptr, N,
-               HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATE_UP: tl.constexpr):
-    """acc (BLOCK_N,) fp32 = x @ W^T for output columns `cols` (acc_up: the up half) through
-    skinny_matmul's epilogue as a one-row tile, so both kernels round step by step alike."""
-    row = tl.arange(0, 1)
-    _epilogue_store(acc[None, :], acc_up[None, :], row, cols, row < 1, col_mask, bias_ptr,
-                    res_ptr, out_ptr, N, 0, 0, HAS_BIAS, RESIDUAL, GATE_UP)
-
-
-@triton.jit
-def _x_chunk(x_ptr, norm_w_ptr, k, k_mask, rstd, NORM: tl.constexpr):
-    """x's chunk at columns k (BLOCK_K,), through the RMSNorm prologue with NORM, as a float32
-    (1, BLOCK_K) row to multiply a weight tile by. rstd: unused without NORM."""
-    x = tl.load(x_ptr + k, mask=k_mask, other=0.0)
-    if NORM:
-        nw = tl.load(norm_w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-        x = _rms_normed(x, rstd, nw)
-    return x.to(tl.float32)[None, :]
-
-
-@triton.jit
-def _prefetch_l2_slice(w_ptr, N, K, k_lo, k_hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GATE_UP: tl.constexpr):
-    """Ask L2 for every 128-byte line of this program's weight slice: rows
-    [pid*BLOCK_N, (pid+1)*BLOCK_N) below N (with GATE_UP also those rows + N, the up half) x
-    columns [k_lo, k_hi). One prefetch a line: a row of K-contiguous elements is K * size / 128
-    lines (2048 bf16: 32). Rows that do not start on a line (K * size not a multiple of 128;
-    never at model sizes) may miss their last line: it stays a demand miss, no harm.
-
-    `prefetch.global.L2`, not `.L2::evict_last` (PTX 7.4, sm_80+; the plain form is PTX 2.0):
-    every weight is read exactly once a decode step and a step streams far more weight than L2
-    holds, so giving these lines the evict-last priority would only push the activations and
-    the KV cache out of L2 ahead of them; normal priority is what the demand load would set.
-
-    Layout: a 1-D tensor of ROWS * LINES (row, line) pairs a chunk, ROWS * LINES /
-    (32 * num_warps) a thread (16 x 512 bf16 at 4 warps, or gate_up's 2 x 16 rows at 8: one a
-    thread), so no two threads prefetch the same line (with fewer pairs than threads, as in
-    tiny test configs, Triton replicates pairs: duplicate requests, no harm). ptxas (sm_90)
-    unrolls the chunk loop 4x into CCTL.E.PF2, all before ACQBULK; registers unchanged
-    (1B qkv 128, 142 with PREFETCH_W; o_proj / down 122; gate_up 128). The asm has an unused
-    int32 output (the elementwise op needs one); is_pure=False marks it as having side effects,
-    so it is not dead code. Masked-off pairs skip the instruction under a predicate: no
-    address outside W."""
-    LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements a line
-    LINES: tl.constexpr = BLOCK_K // LINE if BLOCK_K >= LINE else 1         # a row, a chunk
-    CHUNK: tl.constexpr = LINES * LINE                                      # >= BLOCK_K
-    ROWS: tl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
-    pair = tl.arange(0, ROWS * LINES)                                       # (ROWS * LINES,)
-    r = pair // LINES
-    col = tl.program_id(0) * BLOCK_N + r % BLOCK_N
-    row_ok = col < N
-    w_row = col + (r >= BLOCK_N).to(tl.int32) * N                           # up rows: + N
-    line_ptrs = w_ptr + w_row.to(tl.int64) * K + (pair % LINES) * LINE      # (ROWS * LINES,)
-    for k0 in range(k_lo, k_hi, CHUNK):
-        on = row_ok & ((k0 + (pair % LINES) * LINE) < k_hi)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; }\n"
-            "mov.u32 $0, 0;",
-            "=r,l,r", [line_ptrs + k0, on.to(tl.int32)], dtype=tl.int32, is_pure=False,
-            pack=1)
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, norm_w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr,
     N, K, k_per_split, eps,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
     GATE_UP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH_W: tl.constexpr, PREFETCH_L2: tl.constexpr,
+    PREFETCH_W: tl.constexpr, PREFETCH_L2: tl.constexpr, F32_OUT: tl.constexpr,
 ):
     # Program (n, s): output columns [n*BLOCK_N, (n+1)*BLOCK_N), K range
     # [s*k_per_split, (s+1)*k_per_split) (whole BLOCK_K chunks; the last may be short or empty).
@@ -212,7 +150,7 @@ def _gemv_kernel(
         # (the same pure arithmetic as below, merged by the compiler), so PREFETCH_L2=False
         # leaves the rest of the kernel, and its PTX, as before.
         l2_lo, l2_hi = _split_k_range(K, k_per_split, SPLIT_K)
-        _prefetch_l2_slice(w_ptr, N, K, l2_lo, l2_hi, BLOCK_N, BLOCK_K, GATE_UP)
+        prefetch_l2_slice(w_ptr, N, K, l2_lo, l2_hi, BLOCK_N, BLOCK_K, GATE_UP)
     if USE_PDL:
         pdl_wait_then_release()
     rstd = 0.0  # placeholder unless NORM
@@ -237,7 +175,7 @@ def _gemv_kernel(
         # The loop's first iteration, peeled onto the prefetched tile(s): the same products
         # added to the same zero accumulators first, so the result is bitwise PREFETCH_W=False's
         # (an empty range adds 0 * 0).
-        x_first = _x_chunk(x_ptr, norm_w_ptr, k_first, first_mask, rstd, NORM)
+        x_first = x_chunk(x_ptr, norm_w_ptr, k_first, first_mask, rstd, NORM)
         acc += w_first.to(tl.float32) * x_first
         if GATE_UP:
             acc_up += w_up_first.to(tl.float32) * x_first
@@ -245,7 +183,7 @@ def _gemv_kernel(
     for k0 in tl.range(k_start, k_hi, BLOCK_K, num_stages=NUM_STAGES):
         k = k0 + offs_k
         k_mask = k < K
-        xf = _x_chunk(x_ptr, norm_w_ptr, k, k_mask, rstd, NORM)
+        xf = x_chunk(x_ptr, norm_w_ptr, k, k_mask, rstd, NORM)
         w_mask = col_mask[:, None] & k_mask[None, :]
         w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)    # (BLOCK_N, BLOCK_K)
         acc += w.to(tl.float32) * xf
@@ -257,8 +195,8 @@ def _gemv_kernel(
     if GATE_UP:
         part_up = tl.sum(acc_up, axis=1)
     if SPLIT_K == 1:
-        _store_row(part, part_up, cols, col_mask, bias_ptr, res_ptr, out_ptr, N, HAS_BIAS,
-                   RESIDUAL, GATE_UP)
+        store_out(part, part_up, cols, col_mask, bias_ptr, res_ptr, out_ptr, w_ptr, N,
+                  HAS_BIAS, RESIDUAL, GATE_UP, F32_OUT)
     else:
         n_w = 2 * N if GATE_UP else N
         tl.store(ws_ptr + tl.program_id(1) * n_w + cols, part, mask=col_mask)
@@ -279,8 +217,8 @@ def _gemv_kernel(
                 if GATE_UP:
                     total_up += tl.load(ws_ptr + s * n_w + N + cols, mask=col_mask, other=0.0,
                                         cache_modifier=".cg")
-            _store_row(total, total_up, cols, col_mask, bias_ptr, res_ptr, out_ptr, N,
-                       HAS_BIAS, RESIDUAL, GATE_UP)
+            store_out(total, total_up, cols, col_mask, bias_ptr, res_ptr, out_ptr, w_ptr, N,
+                      HAS_BIAS, RESIDUAL, GATE_UP, F32_OUT)
             tl.atomic_xchg(count_ptr + pid, 0)  # re-armed for the next call / graph replay
 
 
@@ -301,7 +239,8 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 residual: Optional[torch.Tensor] = None, gate_up: bool = False,
                 counters: Optional[torch.Tensor] = None, config: Optional[GemvConfig] = None,
                 pdl: bool = False, prefetch: Optional[bool] = None,
-                prefetch_l2: Optional[bool] = None) -> torch.Tensor:
+                prefetch_l2: Optional[bool] = None,
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """skinny_linear's contract for one row: x (1, K) contiguous; weight (N_w, K) contiguous,
     same dtype; bias (N_w,); norm_weight (K,): RMSNorm prologue; residual (1, N): returns
     round(round(x @ W^T + bias) + residual); gate_up: N_w = 2I, returns silu(gate) * up (1, I).
@@ -310,17 +249,25 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     load the first weight tile before the PDL wait (PREFETCH_W; None: weight_prefetch_enabled()
     at this launch); the result is bitwise the same either way. prefetch_l2: prefetch the
     program's whole weight slice into L2 before the PDL wait (PREFETCH_L2; None:
-    weight_prefetch_l2_enabled()); a hint, ignored off CUDA; bitwise the same either way."""
+    weight_prefetch_l2_enabled()); a hint, ignored off CUDA; bitwise the same either way.
+    out_dtype: float32 for a plain call (no residual, no gate_up) returns the output rounded
+    to the weights' dtype and stored as float32, F.linear(...).float()'s values in one launch
+    (the LM head's logits); None or x's dtype: the model dtype, as always."""
     n = check_inputs(x, weight, bias, norm_weight, residual, gate_up)
     if x.shape[0] != 1:
         raise ValueError(f"gemv_linear computes one row, got x of shape {tuple(x.shape)}")
     if pdl and x.device.type != "cuda":
         raise ValueError(f"pdl=True needs CUDA tensors (programmatic dependent launch, sm_90+), "
                          f"got x on {x.device}")
+    f32_out = out_dtype is not None and out_dtype != x.dtype
+    if f32_out and (out_dtype != torch.float32 or residual is not None or gate_up):
+        raise ValueError(f"gemv_linear: out_dtype={out_dtype} is float32 for a plain call (no "
+                         f"residual, no gate_up) or x's dtype, got residual="
+                         f"{residual is not None}, gate_up={gate_up}")
     k = x.shape[1]
     cfg = config or pick_config(weight.shape[0], k, gate_up)
     s = cfg.split_k
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((1, n), dtype=torch.float32 if f32_out else x.dtype, device=x.device)
     ws = out  # placeholder pointer when s == 1
     if s > 1:
         tiles = counter_tiles(weight.shape[0], gate_up, cfg)
@@ -341,7 +288,8 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                  RESIDUAL=residual is not None, GATE_UP=gate_up, USE_PDL=pdl,
                  PREFETCH_W=weight_prefetch_enabled() if prefetch is None else bool(prefetch),
                  # Never in the interpreter, even on CUDA tensors: it raises on inline asm.
-                 PREFETCH_L2=_l2_prefetch_on(x.device, prefetch_l2) and not _INTERPRETED)
+                 PREFETCH_L2=_l2_prefetch_on(x.device, prefetch_l2) and not _INTERPRETED,
+                 F32_OUT=f32_out)
     if pdl:
         flags["launch_pdl"] = True
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), s)](

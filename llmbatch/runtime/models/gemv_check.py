@@ -176,7 +176,7 @@ def check_gemv_layers(model) -> Optional[str]:
         cases.append(("gate_up at the norm's eps", *gate_up_case(row(hidden, post_norm.eps))))
     head = next((h for h in model.modules() if getattr(h, "use_gemv", False)), None)
     if head is not None:   # ParallelLMHead with one-row calls on gemv (no prologue/epilogue)
-        cases.append(("lm_head", lambda: gemv.gemv_linear(x, head.weight),
+        cases.append(("lm_head", lambda: head.gemv_logits(x),
                       lambda: _plain(x.float(), head.weight, None)))
     for name, run, reference in cases:
         try:
