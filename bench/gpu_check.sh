@@ -16,7 +16,7 @@
 # Env: PYTHON (default python3), BENCH_ARGS (extra bench.run flags, e.g. "--skip-peers"),
 # PYTEST_TIMEOUT (s, default 230), PYTEST_PATHS (default: all of tests/gpu, core files first),
 # BENCH_RUN=0 (skip the bench: a tests-only call), BENCH_RESERVE (s the bench keeps from
-# pytest's limit; default 220, 130 with --skip-peers in BENCH_ARGS),
+# pytest's limit; default 220, 160 with --skip-peers in BENCH_ARGS),
 # BENCH_ATTENTION=1 (attention micro-benchmark), BENCH_TIMEOUT (s, default 300), BENCH_MODEL_DIR,
 # BENCH_QUANTIZATION (GPU runs only, default bf16), BENCH_PROFILE=0 (skip the
 # profiled slice), BENCH_UNFUSED=1 (opt-in: W-RANDOM, W-PREFIX and
@@ -55,9 +55,11 @@
 # decode option of bench/bench_batch1.py (L2-prefetch plans, fused split reduce, argmax, rope
 # table, attention splits and tiles, PDL, sync scheduling; then the winners combined) on one
 # engine (7 rows since stop 18: defaults, gemv flipped, the two gemv weight prefetches, PDL
-# flipped, rotary in attention flipped, defaults; BENCH_BATCH1_ARGS=--all adds the 11 options
-# measured slower; 18 rows, ~75 s; limit BENCH_BATCH1_TIMEOUT, default 90 s;
-# OUT_DIR/bench_batch1.json, written after every row).
+# flipped, rotary in attention flipped, defaults; and the winners row when an option wins;
+# BENCH_BATCH1_ARGS=--all adds the 12 options measured slower; 19 rows and the winners row,
+# ~90 s: more than the ~70 s a whole check keeps for the sweep, where stop 17's 16 rows were
+# cut; limit BENCH_BATCH1_TIMEOUT, default 90 s; OUT_DIR/bench_batch1.json, written after
+# every row).
 # Whole check: GPU_CHECK_BUDGET s (default 575, under the device tool's 600 s per command);
 # each step's limit above is cut so the steps after it keep their share (pytest <= 230 s,
 # bench <= 300 s, the batch-1 sweep <= 90 s, set-up ~20 s; stop 9 on an H200: tests/gpu
@@ -145,11 +147,12 @@ if command -v nvidia-smi >/dev/null; then
 fi
 
 # M=1 GEMM dispatch micro-benchmark (bench/bench_gemv_layouts.py, default on; ~20 s on a GPU
-# for the cuBLAS rows plus ~6 Triton compiles for the gemv rows, ~15 s in the dry run, which
+# for the cuBLAS rows plus ~7 Triton compiles for the gemv rows, ~15 s in the dry run, which
 # runs it on the CPU): the five decode matmul shapes through F.linear and other entry points /
 # weight layouts (mm with W^T stored, mv, M padded to 2/4/8, W as the A operand, zero bias,
-# cuBLASLt preferred, fp32 split-K reduce) and our one-row Triton GEMV (layers/gemv.py) at 6
-# tiles. First, before pytest, so a tight budget never cuts it; its table goes to the console.
+# cuBLASLt preferred, fp32 split-K reduce) and our one-row Triton GEMV (layers/gemv.py) at 7
+# tiles besides its table's pick (the first of them is the pick again). First, before pytest,
+# so a tight budget never cuts it; its table goes to the console.
 # Its limit is its own (BENCH_GEMV_LAYOUTS_TIMEOUT, default 60 s); the later steps' limits
 # shrink by what it used.
 if [ "${BENCH_GEMV_LAYOUTS:-1}" = 1 ]; then
@@ -176,13 +179,14 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   # with coreutils timeout under `trap '' INT`).
   # shellcheck disable=SC2086
   # Skinny matmul (opt-in, measured slower) last: a cut run loses it first.
-  # What the later steps keep: the bench ~220 s with peers, ~130 s without (BENCH_RESERVE
-  # overrides; 0 with BENCH_RUN=0), the batch-1 sweep ~70 s when it runs. Stop 17's focused
-  # call kept a fixed 290 s whatever ran after, and its pytest got 10 s of a 300 s budget.
+  # What the later steps keep: the bench ~220 s with peers, ~160 s without (6 engines: llmbatch
+  # and the 5 A/B variants on by default, ~26 s each; BENCH_RESERVE overrides; 0 with
+  # BENCH_RUN=0), the batch-1 sweep ~70 s when it runs. Stop 17's focused call kept a fixed
+  # 290 s whatever ran after, and its pytest got 10 s of a 300 s budget.
   PYTEST_RESERVE=0
   if [ "${BENCH_RUN:-1}" = 1 ]; then
     case " ${BENCH_ARGS:-} " in
-      *" --skip-peers "*) PYTEST_RESERVE=${BENCH_RESERVE:-130} ;;
+      *" --skip-peers "*) PYTEST_RESERVE=${BENCH_RESERVE:-160} ;;
       *) PYTEST_RESERVE=${BENCH_RESERVE:-220} ;;
     esac
   fi
@@ -268,7 +272,7 @@ else
   BENCH_RC=0
 fi
 
-# Batch-1 option sweep (GPU default, ~30 s; BENCH_BATCH1_SWEEP=0 skips): W-BATCH1 on one engine
+# Batch-1 option sweep (GPU default, ~50 s; BENCH_BATCH1_SWEEP=0 skips): W-BATCH1 on one engine
 # per option of bench/bench_batch1.py, on the checkpoint bench.run just used.
 if [ "${BENCH_BATCH1_SWEEP:-$AB_DEFAULT}" = 1 ]; then
   echo "=== batch-1 options, W-BATCH1 ($(( $(date +%s) - T0 )) s so far)"
