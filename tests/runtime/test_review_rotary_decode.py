@@ -9,7 +9,8 @@ passes, though on a GPU the reader races with the store. Here every comparison a
 the grid walked in reverse (the owner's readers then run first and read the NaN-poisoned slot),
 and one mutant (split 0 stores) shows the reversed walk fails it.
 
-Also: split counts that are not powers of two (3, 5, 6, 7), pages of 1 and 8 tokens, pages
+Also: split counts that are not powers of two (3, 7; 5 and 6 were checked once, cut for CI
+time), pages of 1 and 8 tokens, pages
 wider than the key tile, head_dim 16 and 256, groups of 6 and 16, and sequence lengths at tile
 and split boundaries; and CUDA-graph padding rows (seq_len 1, block-table row of zeros, slot
 -1) next to a real row that stores into block 0.
@@ -33,31 +34,44 @@ from tests.runtime.test_triton_attention import _INTERPRETED, make_case  # noqa:
 pytestmark = pytest.mark.skipif(not _INTERPRETED, reason="runs under TRITON_INTERPRET=1 on CPU")
 
 
+def _reverse_grid(monkeypatch) -> None:
+    """Make the interpreter walk each launch's grid with every axis reversed."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+
+    def reversed_idx(x, y, z):
+        gx, gy, gz = builder.grid_dim
+        builder.grid_idx = (gx - 1 - x, gy - 1 - y, gz - 1 - z)
+
+    monkeypatch.setattr(builder, "set_grid_idx", reversed_idx)
+
+
 @pytest.fixture(params=["forward", "reversed"])
 def grid_order(request, monkeypatch):
     """The interpreter's walk over each launch's grid: as it is, or every axis reversed."""
     if request.param == "reversed":
-        from triton.runtime import interpreter
-
-        builder = interpreter.interpreter_builder
-
-        def reversed_idx(x, y, z):
-            gx, gy, gz = builder.grid_dim
-            builder.grid_idx = (gx - 1 - x, gy - 1 - y, gz - 1 - z)
-
-        monkeypatch.setattr(builder, "set_grid_idx", reversed_idx)
+        _reverse_grid(monkeypatch)
     return request.param
 
 
-# Cached keys per span: a new key at the first / last position of a 16-key tile, at split
-# boundaries of 16-key tiles for 3..7 splits, a lone token, and a 1-key sequence.
-BOUNDARY_LENS = [0, 14, 15, 16, 31, 47, 63, 95, 111, 127, 191, 200]
+@pytest.fixture
+def reversed_grid(monkeypatch):
+    """The grid walked in reverse only: the forward walk is the interpreter's own order, which
+    test_rotary_decode_attention.py's cases run in (the sweep below costs ~10 s a case)."""
+    _reverse_grid(monkeypatch)
+
+
+# Cached keys per span: a new key at the last / first position of a 16-key tile (15, 16), at
+# the end of a run of tiles where the tiles per split double (47, 63, 127), past them (200),
+# and a 1-key sequence (0). (14, 31, 95, 111, 191 were checked once, cut for CI time.)
+BOUNDARY_LENS = [0, 15, 16, 47, 63, 127, 200]
 
 # (name, num_heads, num_kv_heads, head_dim, block_size, backend kwargs)
 SWEEP = [
     *[(f"splits{s}{'_fused' if f else ''}", 8, 2, 32, 16,
        dict(num_kv_splits=s, tile_n=16, fused_split_reduce=f))
-      for s in (3, 5, 6, 7) for f in (False, True)],
+      for s in (3, 7) for f in (False, True)],   # 5 and 6 behave as 3 and 7 (CI time)
     ("block1_splits3", 4, 2, 32, 1, dict(num_kv_splits=3, tile_n=16)),
     ("block8_splits4", 4, 2, 32, 8, dict(num_kv_splits=4, tile_n=16)),
     ("block64_tile16_splits5", 4, 2, 32, 64, dict(num_kv_splits=5, tile_n=16)),
@@ -78,8 +92,9 @@ def _check(case, backend, heads, dtype):
 
 @pytest.mark.parametrize("name,heads,kv_heads,head_dim,block_size,kwargs", SWEEP,
                          ids=[c[0] for c in SWEEP])
-def test_equals_two_launches_in_any_program_order(poisoned_empty, grid_order, name, heads,
-                                                  kv_heads, head_dim, block_size, kwargs):
+def test_equals_two_launches_in_reversed_program_order(poisoned_empty, reversed_grid, name,
+                                                       heads, kv_heads, head_dim, block_size,
+                                                       kwargs):
     from llmbatch.runtime.attention.triton_backend import TritonAttentionBackend
 
     dtype = torch.bfloat16 if name.startswith("splits3") else torch.float32
