@@ -25,6 +25,19 @@ from llmbatch.runtime.layers.fused_kernels import SUPPORTED_DTYPES
 
 
 @triton.jit
+def rotate_half(x, x_partner, cos, sin, first_half):
+    """Rotate-half element by element: x[d] and its partner x[d +- half] (same dtype), cos/sin
+    (float32) at d % half, first_half: d < half. Rounds like RotaryEmbedding.rotate, whose
+    every torch op rounds to the dtype: each product, then the difference (x1*cos - x2*sin,
+    first half) or sum (x2*cos + x1*sin, second half). Shared with the one-launch decode
+    attention (attention/triton_kernels/rotary_decode.py)."""
+    dt = x.dtype
+    a = (x.to(tl.float32) * cos).to(dt).to(tl.float32)
+    b = (x_partner.to(tl.float32) * sin).to(dt).to(tl.float32)
+    return tl.where(first_half, a - b, a + b).to(dt)
+
+
+@triton.jit
 def _rotate_heads(base, head_stride, obase, out_head_stride, num_heads, half, cos, sin,
                   HEADS: tl.constexpr, BLOCK: tl.constexpr):
     """Rotate-half of every head of one token: x = [x1 | x2] per head, each `half` long.
@@ -34,15 +47,10 @@ def _rotate_heads(base, head_stride, obase, out_head_stride, num_heads, half, co
     mask = (heads < num_heads)[:, None] & (cols < half)[None, :]
     ptrs = base + heads[:, None] * head_stride + cols[None, :]          # (HEADS, BLOCK)
     x1 = tl.load(ptrs, mask=mask, other=0.0)
-    x2 = tl.load(ptrs + half, mask=mask, other=0.0).to(tl.float32)
-    dt = x1.dtype
-    x1 = x1.to(tl.float32)
-    # Every torch op of RotaryEmbedding.rotate rounds to the dtype: products, then the sum.
-    lo = (x1 * cos).to(dt).to(tl.float32) - (x2 * sin).to(dt).to(tl.float32)
-    hi = (x2 * cos).to(dt).to(tl.float32) + (x1 * sin).to(dt).to(tl.float32)
+    x2 = tl.load(ptrs + half, mask=mask, other=0.0)
     optrs = obase + heads[:, None] * out_head_stride + cols[None, :]
-    tl.store(optrs, lo.to(dt), mask=mask)
-    tl.store(optrs + half, hi.to(dt), mask=mask)
+    tl.store(optrs, rotate_half(x1, x2, cos, sin, True), mask=mask)
+    tl.store(optrs + half, rotate_half(x2, x1, cos, sin, False), mask=mask)
 
 
 @triton.jit

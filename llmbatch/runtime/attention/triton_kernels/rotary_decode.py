@@ -40,19 +40,8 @@ from llmbatch.runtime import pdl
 from llmbatch.runtime.attention.triton_kernels.paged_attention import launch_plan, reduce_splits
 from llmbatch.runtime.attention.triton_kernels.span_walk import (
     LOG2E, attend_rows, program_span, split_tiles, tile_rows)
+from llmbatch.runtime.layers.fused_rotary import rotate_half
 from llmbatch.runtime.pdl import pdl_wait_then_release
-
-
-@triton.jit
-def _rotate_half(x, x_partner, cos, sin, first_half):
-    """Rotate-half of head vectors element by element: x[d] and its partner x[d +- half],
-    cos/sin (float32) at d % half, first_half: d < half. Rounds like RotaryEmbedding.rotate:
-    each product to x's dtype, then the sum or difference (x1*cos - x2*sin for the first half,
-    x2*cos + x1*sin for the second)."""
-    dt = x.dtype
-    a = (x.to(tl.float32) * cos).to(dt).to(tl.float32)
-    b = (x_partner.to(tl.float32) * sin).to(dt).to(tl.float32)
-    return tl.where(first_half, a - b, a + b).to(dt)
 
 
 @triton.jit
@@ -105,7 +94,7 @@ def _rotary_decode_kernel(
     cs = tok[:, None] * stride_cs_tok + cs_col[None, :]
     cos = tl.load(cos_ptr + cs, mask=row_mask, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + cs, mask=row_mask, other=0.0).to(tl.float32)
-    q = _rotate_half(x, x_partner, cos, sin, first_half[None, :])
+    q = rotate_half(x, x_partner, cos, sin, first_half[None, :])
 
     # The token's K/V, by the one split whose key range holds its position seq_len - 1.
     if NUM_SPLITS == 1:
@@ -119,7 +108,7 @@ def _rotary_decode_kernel(
         if slot >= 0:
             k_row = k_new_ptr + t0 * stride_kn_tok + kv_head * stride_kn_head
             cs0 = t0 * stride_cs_tok + cs_col
-            k = _rotate_half(tl.load(k_row + offs_d), tl.load(k_row + partner),
+            k = rotate_half(tl.load(k_row + offs_d), tl.load(k_row + partner),
                              tl.load(cos_ptr + cs0).to(tl.float32),
                              tl.load(sin_ptr + cs0).to(tl.float32), first_half)
             v = tl.load(v_new_ptr + t0 * stride_vn_tok + kv_head * stride_vn_head + offs_d)
