@@ -94,6 +94,11 @@ def options(all_rows: bool = False):
 
         return [m for m in engine.runner.model.modules() if isinstance(m, LlamaModel)]
 
+    def gemv_on(engine) -> bool:
+        """The engine's one-token steps run on the gemv layers (their counters are set)."""
+        return any(getattr(m, "skinny_gemv_counters", None) is not None
+                   for m in llama_models(engine))
+
     skinny_fields = ("use_skinny_matmul", "skinny_max_tokens", "skinny_pdl",
                      "skinny_gemv_counters")
 
@@ -144,8 +149,7 @@ def options(all_rows: bool = False):
                                                           enable_skinny_matmul)
 
         save_skinny(engine)
-        if any(getattr(m, "skinny_gemv_counters", None) is not None
-               for m in llama_models(engine)):
+        if gemv_on(engine):
             disable_skinny_matmul(engine.runner.model)
             return "off (engine default on)"
         if device.type != "cuda":   # the interpreter would run it on the CPU: not a figure
@@ -165,8 +169,7 @@ def options(all_rows: bool = False):
                 return f"layers/gemv.py has no {switch}: not applied"
             saved[switch] = getattr(gemv, f"{switch}_enabled")()
             getattr(gemv, f"set_{switch}")(True)
-            if not any(getattr(m, "skinny_gemv_counters", None) is not None
-                       for m in llama_models(engine)):
+            if not gemv_on(engine):
                 return "the gemv layers are off: no effect"
             return ""
 
@@ -181,12 +184,10 @@ def options(all_rows: bool = False):
         """EngineConfig.rotary_in_attention (opt-in, unmeasured): decode steps rotate, store
         K/V and attend in one launch. It rides on the fused rotary (CUDA) and the triton
         backend; the row flips the backend's switch either way."""
-        from llmbatch.runtime.models.llama import LlamaAttention
+        from llmbatch.runtime.models.llama import fused_rotary_on
 
         backend = engine.runner.attn_backend
-        if not hasattr(backend, "rotary_in_attention") or not any(
-                getattr(m, "use_fused_rotary", False) for m in engine.runner.model.modules()
-                if isinstance(m, LlamaAttention)):
+        if not (hasattr(backend, "rotary_in_attention") and fused_rotary_on(engine.runner.model)):
             return "needs the triton backend and the fused rotary (CUDA): not applied"
         saved["rotary_attn"] = backend.rotary_in_attention
         backend.rotary_in_attention = not saved["rotary_attn"]

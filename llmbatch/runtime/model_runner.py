@@ -145,11 +145,9 @@ class ModelRunner(CudaFastPathsMixin):
         ignored, with a log line."""
         if not getattr(self.config, "rotary_in_attention", False):
             return False
-        from llmbatch.runtime.models.llama import LlamaAttention
+        from llmbatch.runtime.models.llama import fused_rotary_on
 
-        fused_rotary = any(getattr(m, "use_fused_rotary", False) for m in self.model.modules()
-                           if isinstance(m, LlamaAttention))
-        if self.attn_backend.name != "triton" or not fused_rotary:
+        if self.attn_backend.name != "triton" or not fused_rotary_on(self.model):
             logger.info("rotary_in_attention ignored: needs the triton attention backend and "
                         "fused_kernels on CUDA (a Llama-family model)")
             return False

@@ -196,6 +196,12 @@ class LlamaAttention(nn.Module):
         return out.reshape(-1, self.num_heads * self.head_dim)
 
 
+
+def fused_rotary_on(model) -> bool:
+    """Whether the model's attention layers use the fused rotary (kernel_paths sets it for
+    fused_kernels on CUDA): what rotary_in_attention rides on (ModelRunner, bench_batch1)."""
+    return any(m.use_fused_rotary for m in model.modules() if isinstance(m, LlamaAttention))
+
 class LlamaMLP(nn.Module):
     # Set by models/llama_prefetch.py: touches the next layer's qkv weight into L2 while
     # SiLU·mul and down_proj run (small steps only).
