@@ -160,7 +160,6 @@ def _lm_head_launches() -> None:
     engine test (vocab 384, hidden 128) with the prefetch off. gemv_linear sets PREFETCH_L2
     only on CUDA tensors: here the launch takes the switch as on CUDA (the recorder never runs
     the kernel), so the L2 entries are checked too."""
-    from llmbatch.runtime.kernel_paths import _set_gemv_weight_prefetch
     from llmbatch.runtime.layers.embedding import ParallelLMHead
 
     gv._l2_prefetch_on = lambda device, prefetch_l2: (gv.weight_prefetch_l2_enabled()
@@ -171,9 +170,9 @@ def _lm_head_launches() -> None:
         head = ParallelLMHead(vocab, hidden, params_dtype=dtype)
         head.use_gemv = True
         for mode in modes:
-            _set_gemv_weight_prefetch(gv, mode)
+            gv.set_prefetch_mode(mode)
             head(torch.zeros(1, hidden, dtype=dtype))
-    _set_gemv_weight_prefetch(gv, "off")
+    gv.set_prefetch_mode("off")
 
 
 def gemv_missing(recorded) -> str:

@@ -91,7 +91,7 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
         pdl_switch.set_enabled(False)
         gemv_module = sys.modules.get("llmbatch.runtime.layers.gemv")   # imported: triton is
         if gemv_module is not None:   # there; the same for the gemv weight prefetches
-            _set_gemv_weight_prefetch(gemv_module, "off")
+            gemv_module.set_prefetch_mode("off")
     if not getattr(config, "fused_kernels", False):
         asked = [o for o in ("skinny_matmul", "skinny_gemv", "pdl", "l2_prefetch")
                  if getattr(config, o, False) is True]
@@ -135,10 +135,10 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
         from llmbatch.runtime.layers import gemv as gemv_layers
 
         pdl = pdl_switch.enabled()
-        prefetch_mode = _gemv_weight_prefetch_mode(gemv_layers)
+        prefetch_mode = gemv_layers.prefetch_mode()
     else:
         pdl_asked = getattr(config, "pdl", None)   # None: auto, on where it can apply
-        pdl_unavailable = _pdl_unavailable(device) if pdl_asked is not False else None
+        pdl_unavailable = pdl_switch.unavailable_reason(device) if pdl_asked is not False else None
         pdl = pdl_asked is not False and pdl_unavailable is None
         if pdl_asked is True and not pdl:
             logger.info("pdl ignored: %s", pdl_unavailable)
@@ -156,38 +156,6 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
     if getattr(config, "l2_prefetch", False):
         _enable_l2_prefetch(model, device, paths)
     return paths
-
-
-def _pdl_unavailable(device: torch.device) -> Optional[str]:
-    """Why our Triton kernels cannot launch with PDL here, or None when they can: it needs
-    sm_90+ (griddepcontrol) and a Triton with the launch_pdl option and gdc_wait /
-    gdc_launch_dependents: pyproject allows triton>=3.0, and a Triton without them refuses
-    the unknown launch_pdl keyword at every launch (a crash of the default config on an
-    H100). An unanswering CUDA counts as no sm_90 (the tests run the CUDA branch on CPU
-    tensors)."""
-    try:
-        major = torch.cuda.get_device_capability(device)[0]
-    except (AssertionError, RuntimeError):
-        major = 0
-    if major < 9:
-        return "programmatic dependent launch needs sm_90 or newer"
-    if not _triton_has_pdl():
-        return ("this Triton cannot launch with programmatic dependent launch (no launch_pdl "
-                "option or tl.extra.cuda.gdc_wait; a newer Triton has them)")
-    return None
-
-
-def _triton_has_pdl() -> bool:
-    """The installed Triton's CUDA backend takes launch_pdl and has the griddepcontrol
-    intrinsics runtime/pdl.py compiles in."""
-    try:
-        import triton.language as tl
-        from triton.backends.nvidia.compiler import CUDAOptions
-    except ImportError:
-        return False
-    cuda = getattr(getattr(tl, "extra", None), "cuda", None)
-    return (all(hasattr(cuda, f) for f in ("gdc_wait", "gdc_launch_dependents"))
-            and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}))
 
 
 def _enable_skinny_layers(model, config, tp_size: int, quantization: str, pdl: bool,
@@ -238,23 +206,11 @@ def _enable_gemv_weight_prefetch(mode: str, paths: KernelPaths) -> None:
         return
     from llmbatch.runtime.layers import gemv as gemv_layers
 
-    _set_gemv_weight_prefetch(gemv_layers, mode)
+    gemv_layers.set_prefetch_mode(mode)
     paths.gemv_weight_prefetch = mode
     logger.info("gemv_weight_prefetch %s: gemv programs read %s before their PDL wait", mode,
                 {"tile": "their first weight tile", "l2": "their weight slice into L2",
                  "both": "their first weight tile and their slice into L2"}[mode])
-
-
-def _set_gemv_weight_prefetch(gemv_layers, mode: str) -> None:
-    gemv_layers.set_weight_prefetch(mode in ("tile", "both"))
-    gemv_layers.set_weight_prefetch_l2(mode in ("l2", "both"))
-
-
-def _gemv_weight_prefetch_mode(gemv_layers) -> str:
-    """The gemv_weight_prefetch mode layers/gemv.py's switches are in now."""
-    return {(False, False): "off", (True, False): "tile", (False, True): "l2",
-            (True, True): "both"}[(gemv_layers.weight_prefetch_enabled(),
-                                   gemv_layers.weight_prefetch_l2_enabled())]
 
 
 def _gemv_passes_start_up_check(model, skinny: bool, pdl: bool, prefetch_mode: str,
@@ -271,12 +227,12 @@ def _gemv_passes_start_up_check(model, skinny: bool, pdl: bool, prefetch_mode: s
     from llmbatch.runtime.models.llama_skinny import (disable_skinny_matmul,
                                                       enable_skinny_matmul)
 
-    before = _gemv_weight_prefetch_mode(gemv_layers)
-    _set_gemv_weight_prefetch(gemv_layers, prefetch_mode)
+    before = gemv_layers.prefetch_mode()
+    gemv_layers.set_prefetch_mode(prefetch_mode)
     try:
         error = check_gemv_layers(model)
     finally:
-        _set_gemv_weight_prefetch(gemv_layers, before)
+        gemv_layers.set_prefetch_mode(before)
     if error is None:
         return True
     if prefetch_mode != "off":

@@ -13,6 +13,8 @@ keep what they captured. The Triton interpreter never sees it on (CPU engines tu
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -27,6 +29,37 @@ def set_enabled(on: bool) -> None:
 
 def enabled() -> bool:
     return _enabled
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why our Triton kernels cannot launch with PDL on `device`, or None when they can
+    (kernel_paths asks before turning the switch on): it needs sm_90+ (griddepcontrol) and a
+    Triton with the launch_pdl option and gdc_wait / gdc_launch_dependents: pyproject allows
+    triton>=3.0, and a Triton without them refuses the unknown launch_pdl keyword at every
+    launch (a crash of the default config on an H100). An unanswering CUDA counts as no sm_90
+    (the tests run kernel_paths' CUDA branch on CPU tensors)."""
+    try:
+        major = torch.cuda.get_device_capability(device)[0]
+    except (AssertionError, RuntimeError):
+        major = 0
+    if major < 9:
+        return "programmatic dependent launch needs sm_90 or newer"
+    if not _triton_has_pdl():
+        return ("this Triton cannot launch with programmatic dependent launch (no launch_pdl "
+                "option or tl.extra.cuda.gdc_wait; a newer Triton has them)")
+    return None
+
+
+def _triton_has_pdl() -> bool:
+    """The installed Triton's CUDA backend takes launch_pdl and has the griddepcontrol
+    intrinsics pdl_wait_then_release compiles in."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    cuda = getattr(getattr(tl, "extra", None), "cuda", None)
+    return (all(hasattr(cuda, f) for f in ("gdc_wait", "gdc_launch_dependents"))
+            and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}))
 
 
 def launch_kwargs(device: torch.device) -> dict:

@@ -139,7 +139,6 @@ def test_lm_head_float32_logits_bitwise_the_upcast_bf16(mode):
     """ParallelLMHead.gemv_logits (F32_OUT: float32 logits rounded to bf16 in the kernel) on
     the 1B head shape equals the bf16 gemv output upcast, bit for bit, in every weight
     prefetch mode (the head's launches read the same switches as the layers)."""
-    from llmbatch.runtime.kernel_paths import _set_gemv_weight_prefetch
     from llmbatch.runtime.layers.embedding import ParallelLMHead
 
     head = ParallelLMHead(128256, 2048, params_dtype=torch.bfloat16).cuda()
@@ -147,11 +146,11 @@ def test_lm_head_float32_logits_bitwise_the_upcast_bf16(mode):
         head.weight.normal_(std=0.02)
     head.use_gemv = True
     hidden = torch.randn(1, 2048, device="cuda").bfloat16()
-    _set_gemv_weight_prefetch(gemv, mode)
+    gemv.set_prefetch_mode(mode)
     try:
         got = head(hidden)
         want = gemv.gemv_linear(hidden, head.weight).float()
     finally:
-        _set_gemv_weight_prefetch(gemv, "off")
+        gemv.set_prefetch_mode("off")
     assert got.dtype == torch.float32 and torch.equal(got, want)
     torch.testing.assert_close(got, F.linear(hidden, head.weight).float(), **BF16_TOL)

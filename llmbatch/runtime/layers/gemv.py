@@ -108,6 +108,19 @@ def weight_prefetch_l2_enabled() -> bool:
     return _weight_prefetch_l2
 
 
+def set_prefetch_mode(mode: str) -> None:
+    """Both switches from an EngineConfig.gemv_weight_prefetch mode: "off", "tile" (first
+    tile), "l2" (slice into L2) or "both"."""
+    set_weight_prefetch(mode in ("tile", "both"))
+    set_weight_prefetch_l2(mode in ("l2", "both"))
+
+
+def prefetch_mode() -> str:
+    """The gemv_weight_prefetch mode the two switches are in now."""
+    return {(False, False): "off", (True, False): "tile", (False, True): "l2",
+            (True, True): "both"}[(_weight_prefetch, _weight_prefetch_l2)]
+
+
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, norm_w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr,
