@@ -37,12 +37,15 @@
 # and W-BATCH1 once more with both off (llmbatch-old-defaults: the engine of stop 17's
 # "llmbatch" rows, the A/B of the change; ~20 s). BENCH_NO_GEMV_ROWS (same default): with
 # skinny_gemv off (llmbatch-no-gemv, PDL alone). BENCH_NO_PDL_ROWS=1 (opt-in): with pdl off.
-# BENCH_GEMV_PREFETCH_ROWS and BENCH_GEMV_PREFETCH_L2_ROWS (default 1 on a GPU):
+# Since stop 19 the defaults also include rotary_in_attention and gemv_weight_prefetch "tile"
+# (auto). BENCH_PREV_DEFAULTS_ROWS (default 1 on a GPU): both off (llmbatch-prev-defaults: the
+# engine of stops 17-18, the A/B of that change; a batch-1 profile).
+# BENCH_GEMV_PREFETCH_ROWS=1, BENCH_GEMV_PREFETCH_L2_ROWS=1 (opt-in since stop 19):
 # engine.gemv_weight_prefetch tile / l2 (llmbatch-gemv-prefetch: the first weight tile before
-# the PDL wait; llmbatch-gemv-prefetch-l2: the weight slice into L2 before it; unmeasured, each
-# with a batch-1 profile).
-# BENCH_ROTARY_ATTN_ROWS (default 1 on a GPU): engine.rotary_in_attention (llmbatch-rotary-attn:
-# decode steps rotate, store K/V and attend in one launch; unmeasured; a batch-1 profile).
+# the PDL wait, now the default; llmbatch-gemv-prefetch-l2: the weight slice into L2 before it,
+# 0.90x at batch 1 in stop 19's sweep; each with a batch-1 profile).
+# BENCH_ROTARY_ATTN_ROWS=1 (opt-in since stop 19, the default now): engine.rotary_in_attention
+# (llmbatch-rotary-attn: decode steps rotate, store K/V and attend in one launch).
 # BENCH_PDL_ROWS=1 (opt-in; repeats the default on sm_90+): llmbatch-pdl.
 # BENCH_SKINNY_PDL_ROWS=1 (opt-in): engine.skinny_matmul and engine.pdl (llmbatch-skinny-pdl).
 # BENCH_GEMV_ROWS=1 (opt-in since stop 17): skinny_matmul, skinny_gemv and pdl
@@ -179,8 +182,8 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   # with coreutils timeout under `trap '' INT`).
   # shellcheck disable=SC2086
   # Skinny matmul (opt-in, measured slower) last: a cut run loses it first.
-  # What the later steps keep: the bench ~220 s with peers, ~160 s without (6 engines: llmbatch
-  # and the 5 A/B variants on by default, ~26 s each; BENCH_RESERVE overrides; 0 with
+  # What the later steps keep: the bench ~220 s with peers, ~160 s without (4 engines since stop
+  # 19: llmbatch and the 3 A/B variants on by default, ~26 s each; BENCH_RESERVE overrides; 0 with
   # BENCH_RUN=0), the batch-1 sweep ~70 s when it runs. Stop 17's focused call kept a fixed
   # 290 s whatever ran after, and its pytest got 10 s of a 300 s budget.
   PYTEST_RESERVE=0
@@ -246,9 +249,10 @@ fi
 [ "${BENCH_OLD_DEFAULTS_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--old-defaults)
 [ "${BENCH_NO_GEMV_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--no-gemv)
 [ "${BENCH_NO_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--no-pdl)
-[ "${BENCH_GEMV_PREFETCH_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--gemv-prefetch)
-[ "${BENCH_GEMV_PREFETCH_L2_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--gemv-prefetch-l2)
-[ "${BENCH_ROTARY_ATTN_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--rotary-in-attention)
+[ "${BENCH_PREV_DEFAULTS_ROWS:-$AB_DEFAULT}" = 1 ] && MODE_ARGS+=(--prev-defaults)
+[ "${BENCH_GEMV_PREFETCH_ROWS:-0}" = 1 ] && MODE_ARGS+=(--gemv-prefetch)
+[ "${BENCH_GEMV_PREFETCH_L2_ROWS:-0}" = 1 ] && MODE_ARGS+=(--gemv-prefetch-l2)
+[ "${BENCH_ROTARY_ATTN_ROWS:-0}" = 1 ] && MODE_ARGS+=(--rotary-in-attention)
 [ "${BENCH_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--pdl)
 [ "${BENCH_SKINNY_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-pdl)
 [ "${BENCH_GEMV_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-gemv-pdl)

@@ -54,7 +54,13 @@ def warm_up(engine, vocab: int, scale: float = 1.0) -> float:
     batches up to max_num_seqs, contexts past 1k) compile their Triton specializations and
     load their cuBLAS kernels here, not inside the first timed workload. On the H200 (stop 9)
     the first engine of a run, after a 16-request warm-up, made 22-23k tok/s on W-RANDOM
-    where the same configuration as a later engine of the run made 30-40k."""
+    where the same configuration as a later engine of the run made 30-40k.
+
+    Then one request alone (prompt 512, output 8, scaled): a prefill step of a single
+    sequence, which no batch step above (nor W-RANDOM's, nor W-PREFIX's) ever is. On a GPU it
+    launches new kernel variants (Triton turns the attention kernel's num_seqs == 1 into a
+    constant, so it compiles or loads another binary; cuBLAS its kernels for M = 512), which
+    otherwise landed inside the first W-BATCH1 request's TTFT."""
     from bench.workloads import BenchRequest, scaled
 
     rng = random.Random(WARMUP_SEED)
@@ -63,8 +69,11 @@ def warm_up(engine, vocab: int, scale: float = 1.0) -> float:
         il, ol = rng.randint(128, 1024), rng.randint(8, 32)
         prompt = [rng.randrange(MIN_TOKEN_ID, vocab) for _ in range(scaled(il, scale))]
         reqs.append(BenchRequest(prompt, scaled(ol, scale)))
+    lone = [rng.randrange(MIN_TOKEN_ID, vocab) for _ in range(scaled(512, scale))]
     t0 = time.perf_counter()
     for _ in engine.generate(_requests(reqs, "warmup-")):
+        pass
+    for _ in engine.generate(_requests([BenchRequest(lone, scaled(8, scale))], "warmup-lone-")):
         pass
     return time.perf_counter() - t0
 
@@ -158,14 +167,15 @@ def profile_slices(system: str, workloads: dict) -> list[tuple]:
     shows in the qkv_proj and o_proj kernel times), llmbatch-pdl (its change shows as the
     GPU-busy fraction: kernels overlap their neighbours' launch tails) and
     llmbatch-skinny-gemv-pdl and llmbatch-gemv-prefetch (the gemv kernels' times inside the
-    decode graph), llmbatch-rotary-attn (the one-launch decode attention against the rotary +
-    attention pair)."""
+    decode graph), llmbatch-rotary-attn and llmbatch-prev-defaults (the one-launch decode
+    attention against the rotary + attention pair)."""
     full = system in ("llmbatch", "llmbatch-unfused")
     out = []
     if full and "W-RANDOM" in workloads:
         out.append((f"{system}_profile", "W-RANDOM", 64, 48, f"profile_{system}.txt"))
     batch1_only = ("llmbatch-l2prefetch", "llmbatch-pdl", "llmbatch-skinny-gemv-pdl",
-                   "llmbatch-gemv-prefetch", "llmbatch-gemv-prefetch-l2", "llmbatch-rotary-attn")
+                   "llmbatch-gemv-prefetch", "llmbatch-gemv-prefetch-l2", "llmbatch-rotary-attn",
+                   "llmbatch-prev-defaults")
     if (full or system in batch1_only) and "W-BATCH1" in workloads:
         out.append((f"{system}_profile_batch1", "W-BATCH1", 1, 128,
                     f"profile_{system}_batch1.txt"))

@@ -10,7 +10,8 @@
     python -m bench.run --skinny-pdl ...   # + the same three as llmbatch-skinny-pdl (CUDA)
     python -m bench.run --l2-prefetch ...   # + the same three as llmbatch-l2prefetch (CUDA)
     python -m bench.run --skinny-gemv[-pdl] ...   # + llmbatch-skinny-gemv[-pdl] (CUDA)
-    python -m bench.run --old-defaults ...   # + llmbatch-old-defaults: gemv and PDL off (CUDA)
+    python -m bench.run --old-defaults ...   # + llmbatch-old-defaults: stop 17's engine (CUDA)
+    python -m bench.run --prev-defaults ...  # + llmbatch-prev-defaults: stop 18's (CUDA)
     python -m bench.run --no-gemv ... / --no-pdl ...   # + the default with one of them off
 
 Order: llmbatch first (its KV pool sizes itself from free memory), then it is freed and the

@@ -58,10 +58,20 @@ AB_VARIANTS = {
                                "our other Triton kernels with programmatic dependent launch, "
                                "sm_90+)", "skinny gemv with PDL runs on CUDA only"),
     # The A/B of stop 17's default change (skinny_gemv and pdl went from off to auto-on):
-    "old-defaults": Variant("--old-defaults", {"skinny_gemv": False, "pdl": False},
-                            "EngineConfig.skinny_gemv and pdl off (the defaults until stop 17: "
-                            "cuBLAS for one-token steps, no programmatic dependent launch)",
+    "old-defaults": Variant("--old-defaults", {"skinny_gemv": False, "pdl": False,
+                                               "rotary_in_attention": False,
+                                               "gemv_weight_prefetch": "off"},
+                            "EngineConfig.skinny_gemv, pdl, rotary_in_attention and "
+                            "gemv_weight_prefetch off (the defaults until stop 17: cuBLAS for "
+                            "one-token steps, no programmatic dependent launch)",
                             "skinny gemv and PDL run on CUDA only"),
+    # The A/B of stop 19's (rotary_in_attention and gemv_weight_prefetch went to auto-on):
+    "prev-defaults": Variant("--prev-defaults", {"rotary_in_attention": False,
+                                                 "gemv_weight_prefetch": "off"},
+                             "EngineConfig.rotary_in_attention and gemv_weight_prefetch off "
+                             "(the defaults of stops 17-18: rotary + K/V store and attention "
+                             "in two launches, no gemv weight read before the PDL wait)",
+                             "the fused rotary and the gemv layers run on CUDA only"),
     "no-gemv": Variant("--no-gemv", {"skinny_gemv": False},
                        "EngineConfig.skinny_gemv off (PDL alone: the gemv path's share of "
                        "the default)", "skinny gemv runs on CUDA only"),
@@ -69,15 +79,18 @@ AB_VARIANTS = {
                       "EngineConfig.pdl off (the gemv path alone)", "PDL runs on CUDA only"),
     "gemv-prefetch": Variant("--gemv-prefetch", {"gemv_weight_prefetch": "tile"},
                              "EngineConfig.gemv_weight_prefetch tile (gemv programs load their "
-                             "first weight tile before the PDL wait; unmeasured)",
+                             "first weight tile before the PDL wait; the default with PDL since "
+                             "stop 19, so these rows repeat llmbatch's there)",
                              "the gemv layers run on CUDA only"),
     "gemv-prefetch-l2": Variant("--gemv-prefetch-l2", {"gemv_weight_prefetch": "l2"},
                                 "EngineConfig.gemv_weight_prefetch l2 (gemv programs prefetch "
-                                "their weight slice into L2 before the PDL wait; unmeasured)",
+                                "their weight slice into L2 before the PDL wait; 0.90x at "
+                                "batch 1 in stop 19's sweep)",
                                 "the gemv layers run on CUDA only"),
     "rotary-attn": Variant("--rotary-in-attention", {"rotary_in_attention": True},
                            "EngineConfig.rotary_in_attention on (decode steps rotate q/k, store "
-                           "K/V and attend in one launch; unmeasured)",
+                           "K/V and attend in one launch; the default where it applies since "
+                           "stop 19, so these rows repeat llmbatch's there)",
                            "the fused rotary runs on CUDA only"),
     "l2prefetch": Variant("--l2-prefetch", {"l2_prefetch": True},
                           "EngineConfig.l2_prefetch on (steps of <= 16 tokens touch the qkv and "

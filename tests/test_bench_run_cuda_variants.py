@@ -1,7 +1,8 @@
 """bench/run.py's CUDA-only A/B variants (--pdl: llmbatch-pdl, EngineConfig.pdl; --skinny-pdl:
 llmbatch-skinny-pdl, EngineConfig.skinny_matmul + pdl; --l2-prefetch: llmbatch-l2prefetch,
 EngineConfig.l2_prefetch; --skinny-gemv[-pdl]: skinny_matmul + skinny_gemv [+ pdl];
---old-defaults / --no-gemv / --no-pdl: the auto-on skinny_gemv and pdl turned off): off by
+--old-defaults / --no-gemv / --no-pdl: the auto-on skinny_gemv and pdl turned off;
+--prev-defaults: stop 19's auto-on rotary_in_attention and gemv_weight_prefetch off): off by
 default, skipped with a reason on CPU, and built with their engine overrides on CUDA."""
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ CASES = {
                         "skinny gemv with PDL runs on CUDA only",
                         {"skinny_matmul": True, "skinny_gemv": True, "pdl": True}),
     "old-defaults": ("--old-defaults", "old_defaults", "skinny gemv and PDL run on CUDA only",
-                     {"skinny_gemv": False, "pdl": False}),
+                     {"skinny_gemv": False, "pdl": False, "rotary_in_attention": False,
+                      "gemv_weight_prefetch": "off"}),
+    "prev-defaults": ("--prev-defaults", "prev_defaults",
+                      "the fused rotary and the gemv layers run on CUDA only",
+                      {"rotary_in_attention": False, "gemv_weight_prefetch": "off"}),
     "no-gemv": ("--no-gemv", "no_gemv", "skinny gemv runs on CUDA only", {"skinny_gemv": False}),
     "no-pdl": ("--no-pdl", "no_pdl", "PDL runs on CUDA only", {"pdl": False}),
     "gemv-prefetch": ("--gemv-prefetch", "gemv_prefetch", "the gemv layers run on CUDA only",
@@ -92,6 +97,9 @@ def test_l2_prefetch_and_pdl_rows_get_a_batch1_profile_only():
     assert profile_slices("llmbatch-rotary-attn", workloads) == [
         ("llmbatch-rotary-attn_profile_batch1", "W-BATCH1", 1, 128,
          "profile_llmbatch-rotary-attn_batch1.txt")]
+    assert profile_slices("llmbatch-prev-defaults", workloads) == [
+        ("llmbatch-prev-defaults_profile_batch1", "W-BATCH1", 1, 128,
+         "profile_llmbatch-prev-defaults_batch1.txt")]
     assert profile_slices("llmbatch-sync", workloads) == []
     assert profile_slices("llmbatch-l2prefetch", {"W-RANDOM": None}) == []
 

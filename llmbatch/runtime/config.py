@@ -62,18 +62,22 @@ class EngineConfig:
     # stream while the cheap kernels before them run (models/llama_prefetch.py); CUDA, fused
     # kernels, dense weights, not with skinny_matmul. Unmeasured: bench --l2-prefetch.
     l2_prefetch: bool = False
-    # Opt-in, with the gemv layers: what each gemv program reads of its weights before its PDL
-    # wait, overlapping the previous kernel (the weights are written by no decode kernel):
-    # "tile" its first weight tile into registers (layers/gemv.py set_weight_prefetch), "l2"
-    # its whole slice into L2 (set_weight_prefetch_l2, CUDA), "both", or "off". Unmeasured:
-    # bench --gemv-prefetch / --gemv-prefetch-l2 and bench_batch1's rows.
-    gemv_weight_prefetch: str = "off"
-    # Opt-in: decode steps (one token a sequence) rotate q and k, store K/V and attend in one
-    # launch (attention/triton_kernels/rotary_decode.py) instead of two (fused rotary + store,
-    # then attention): a launch fewer a layer. Needs the triton attention backend and
-    # fused_kernels on CUDA; ignored (logged) elsewhere. Unmeasured: bench
-    # --rotary-in-attention and bench_batch1's row say whether it should become the default.
-    rotary_in_attention: bool = False
+    # With the gemv layers: what each gemv program reads of its weights before its PDL wait,
+    # overlapping the previous kernel (the weights are written by no decode kernel): "tile"
+    # its first weight tile into registers (layers/gemv.py set_weight_prefetch), "l2" its
+    # whole slice into L2 (set_weight_prefetch_l2, CUDA), "both", or "off". None (auto):
+    # "tile" where the gemv layers and PDL are on (without PDL there is no wait to overlap). Measured on an H200 in stop 19 (bench_batch1):
+    # "tile" 0.948 vs 0.972 ms at batch 1 (1.025x, the same tokens), "l2" 0.90x (slower).
+    gemv_weight_prefetch: Optional[str] = None
+    # Decode steps (one token a sequence) rotate q and k, store K/V and attend in one launch
+    # (attention/triton_kernels/rotary_decode.py) instead of two (fused rotary + store, then
+    # attention): a launch fewer a layer. Needs the triton attention backend and fused_kernels
+    # on CUDA. None (auto): on where it applies, silently off elsewhere; True: logged where it
+    # cannot apply; False: off. Measured on an H200 in stop 19: W-BATCH1 0.96 vs 0.97 ms
+    # (1.02x; bench_batch1 1.015x), W-RANDOM 1.07x, W-PREFIX 1.00x; greedy equal to
+    # transformers in tests/gpu (its bf16 roundings differ from the two launches': no FMA
+    # contraction in its attention, so tokens differ from the two-launch path's).
+    rotary_in_attention: Optional[bool] = None
     tensor_parallel_size: int = 1
     quantization: str = "none"
     # Also quantize the token embedding and LM head with the engine's quantization (nf4 only):
@@ -110,7 +114,8 @@ class EngineConfig:
         check_choice("dtype", DTYPES)
         check_choice("quantization", QUANTIZATION_METHODS)
         check_choice("speculative_method", SPECULATIVE_METHODS)
-        check_choice("gemv_weight_prefetch", GEMV_WEIGHT_PREFETCH)
+        if self.gemv_weight_prefetch is not None:   # None: auto
+            check_choice("gemv_weight_prefetch", GEMV_WEIGHT_PREFETCH)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "planner_window",
@@ -136,13 +141,10 @@ class EngineConfig:
                              f"{self.async_scheduling!r}")
         # The auto options: None means auto and only False turns them off, so a 0 or "false"
         # (falsy, yet not False) would turn the path on; refused like any other bad value.
-        for name in ("skinny_gemv", "pdl"):
+        for name in ("skinny_gemv", "pdl", "rotary_in_attention"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{name} must be true, false or null (auto), got {value!r}")
-        if not isinstance(self.rotary_in_attention, bool):
-            raise ValueError(f"rotary_in_attention must be true or false, got "
-                             f"{self.rotary_in_attention!r}")
         if self.async_scheduling and self.tensor_parallel_size > 1:
             raise ValueError("async_scheduling supports tensor_parallel_size 1 only")
         if self.speculative_method == "draft" and not self.draft_model:

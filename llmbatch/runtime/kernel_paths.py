@@ -13,8 +13,8 @@
                                   one-row kernels (7 launches), one-row LM head calls too;
                                   tensor_parallel_size 1, dense; checked against torch at
                                   start-up (models/gemv_check.py), off where that fails
-    gemv_weight_prefetch (opt-in) off | tile | l2 | both: what a gemv program reads of its
-                                  weights before its PDL wait (layers/gemv.py's switches)
+    gemv_weight_prefetch (auto: tile with pdl) off | tile | l2 | both: what a gemv program
+                                  reads of its weights before its PDL wait (layers/gemv.py)
     pdl             (auto: sm_90) our Triton kernels (fused, attention, skinny, gemv) launch
                                   with programmatic dependent launch (runtime/pdl.py)
     l2_prefetch     (opt-in)      steps of <= 16 tokens touch the small matmuls' weights into
@@ -142,12 +142,16 @@ def enable_kernel_paths(model, config, device: torch.device, tp_size: int,
         pdl = pdl_asked is not False and pdl_unavailable is None
         if pdl_asked is True and not pdl:
             logger.info("pdl ignored: %s", pdl_unavailable)
-        prefetch_mode = getattr(config, "gemv_weight_prefetch", "off")
+        # None (auto): "tile" with PDL (the overlap it buys is with the previous kernel's
+        # drain, which only PDL gives; measured so in stop 19), "off" without.
+        prefetch_asked = getattr(config, "gemv_weight_prefetch", None)
+        prefetch_mode = (("tile" if pdl else "off") if prefetch_asked is None
+                         else prefetch_asked)
     _enable_skinny_layers(model, config, tp_size, quantization, pdl, prefetch_mode, paths)
     if inherit:
         paths.gemv_weight_prefetch = prefetch_mode if paths.skinny_gemv else "off"
     else:
-        _enable_gemv_weight_prefetch(prefetch_mode, paths)
+        _enable_gemv_weight_prefetch(prefetch_mode, paths, asked=prefetch_asked is not None)
     if pdl:
         if not inherit:
             pdl_switch.set_enabled(True)
@@ -195,14 +199,16 @@ def _enable_skinny_layers(model, config, tp_size: int, quantization: str, pdl: b
                     "Llama-family model", " and ".join(asked))
 
 
-def _enable_gemv_weight_prefetch(mode: str, paths: KernelPaths) -> None:
-    """EngineConfig.gemv_weight_prefetch ("off", "tile", "l2", "both") onto layers/gemv.py's
-    process-wide switches, only where the gemv layers are on (enable_kernel_paths reset both
-    switches for this engine first)."""
+def _enable_gemv_weight_prefetch(mode: str, paths: KernelPaths, asked: bool) -> None:
+    """EngineConfig.gemv_weight_prefetch ("off", "tile", "l2", "both"; auto: "tile") onto
+    layers/gemv.py's process-wide switches, only where the gemv layers are on
+    (enable_kernel_paths reset both switches for this engine first). asked: the config named
+    the mode, so it is logged when it cannot apply; the auto default is not."""
     if mode == "off":
         return
     if not paths.skinny_gemv:
-        logger.info("gemv_weight_prefetch ignored: the gemv layers are off")
+        if asked:
+            logger.info("gemv_weight_prefetch ignored: the gemv layers are off")
         return
     from llmbatch.runtime.layers import gemv as gemv_layers
 

@@ -139,17 +139,19 @@ class ModelRunner(CudaFastPathsMixin):
         return kv_block_bytes(self.model, self.block_size, self.dtype)
 
     def _enable_rotary_in_attention(self) -> bool:
-        """EngineConfig.rotary_in_attention: decode steps rotate, store K/V and attend in one
-        launch (LlamaAttention.attend asks the backend). It rides on the fused rotary (set by
-        kernel_paths for fused_kernels on CUDA) and the triton backend; elsewhere it is
-        ignored, with a log line."""
-        if not getattr(self.config, "rotary_in_attention", False):
+        """EngineConfig.rotary_in_attention (None: auto, on where it applies): decode steps
+        rotate, store K/V and attend in one launch (LlamaAttention.attend asks the backend).
+        It rides on the fused rotary (set by kernel_paths for fused_kernels on CUDA) and the
+        triton backend; elsewhere it is off, with a log line when the config asked for it."""
+        asked = getattr(self.config, "rotary_in_attention", None)
+        if asked is False:
             return False
         from llmbatch.runtime.models.llama import fused_rotary_on
 
         if self.attn_backend.name != "triton" or not fused_rotary_on(self.model):
-            logger.info("rotary_in_attention ignored: needs the triton attention backend and "
-                        "fused_kernels on CUDA (a Llama-family model)")
+            if asked:
+                logger.info("rotary_in_attention ignored: needs the triton attention backend "
+                            "and fused_kernels on CUDA (a Llama-family model)")
             return False
         self.attn_backend.rotary_in_attention = True
         logger.info("rotary_in_attention on: decode steps rotate, store K/V and attend in one "

@@ -46,8 +46,10 @@ SETTINGS = {
     "default": {},
     "graphs-off-no-prefix-cache": dict(cuda_graphs=False, prefix_caching=False),
     "chunked-prefill": dict(max_num_batched_tokens=48, max_num_seqs=8),
-    # Opt-in: decode steps rotate, store K/V and attend in one launch (rotary_decode.py).
-    "rotary-in-attention": dict(rotary_in_attention=True),
+    # The default (auto) since stop 19 decodes with rotary + K/V store + attention in one
+    # launch (rotary_decode.py); the two-launch path (and no gemv weight prefetch) still runs
+    # where the one-launch path cannot, and as the engine of stops 17-18.
+    "prev-defaults": dict(rotary_in_attention=False, gemv_weight_prefetch="off"),
 }
 
 

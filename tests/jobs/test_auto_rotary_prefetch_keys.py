@@ -1,0 +1,39 @@
+"""The job keys engine.rotary_in_attention (true | false | null = auto) and
+engine.gemv_weight_prefetch (off | tile | l2 | both | null = auto), added in stop 19 when both
+became auto: they reach EngineConfig as written, refuse anything else in one line (exit 2)
+and stay out of the config hash (performance knobs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmbatch.jobs.errors import InvalidJobError
+from llmbatch.jobs.loader import load_job
+from tests.jobs.test_review_auto_gemv_pdl import job
+
+
+@pytest.mark.parametrize("rotary,prefetch", [(None, None), (True, "tile"), (False, "off"),
+                                             (None, "both")])
+def test_values_reach_the_engine_and_keep_the_hash(rotary, prefetch):
+    spec = load_job(job(rotary_in_attention=rotary, gemv_weight_prefetch=prefetch))
+    config = spec.engine_config()
+    assert (config.rotary_in_attention, config.gemv_weight_prefetch) == (rotary, prefetch)
+    assert spec.config_hash(1) == load_job(job()).config_hash(1)
+
+
+def test_set_overrides_take_null():
+    spec = load_job(job(rotary_in_attention=False, gemv_weight_prefetch="l2"),
+                    sets=["engine.rotary_in_attention=null", "engine.gemv_weight_prefetch=null"])
+    config = spec.engine_config()
+    assert (config.rotary_in_attention, config.gemv_weight_prefetch) == (None, None)
+
+
+@pytest.mark.parametrize("key,value", [("rotary_in_attention", "maybe"),
+                                       ("gemv_weight_prefetch", "fast"),
+                                       ("gemv_weight_prefetch", True)])
+def test_bad_values_are_one_line_errors(key, value):
+    with pytest.raises(InvalidJobError) as info:
+        load_job(job(**{key: value}))
+    message = str(info.value)
+    assert message.startswith(f"engine.{key}: ") and "\n" not in message
+    assert info.value.exit_code == 2
