@@ -72,6 +72,8 @@ set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# shellcheck source=bench/ordered_test_paths.sh
+source "$ROOT/bench/ordered_test_paths.sh"
 DRY="${BENCH_DRY_RUN:-0}"
 OUT_DIR=""
 for arg in "$@"; do
@@ -197,13 +199,17 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   # + 20 s: timeout's kill grace after the SIGINT, should pytest not stop at once.
   PYTEST_LIMIT=$(limit "${PYTEST_TIMEOUT:-230}" $(( PYTEST_RESERVE + 20 )))
   # -v: the log names every test that ran (stop 17's -q log of a cut run held only dots).
-  timeout -s INT -k 20 "$PYTEST_LIMIT" "$PY" -m pytest ${PYTEST_PATHS:-tests/gpu/test_device_gpu.py \
+  # The files in this order, then the rest of tests/gpu (ordered_test_paths: pytest alone
+  # would sort them all).
+  # shellcheck disable=SC2046
+  timeout -s INT -k 20 "$PYTEST_LIMIT" "$PY" -m pytest $(ordered_test_paths \
+    ${PYTEST_PATHS:-tests/gpu/test_device_gpu.py \
     tests/gpu/test_triton_attention_gpu.py \
     tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16_vs_transformers.py \
     tests/gpu/test_fused_kernels_gpu.py tests/gpu/test_triton_argmax_gpu.py \
     tests/gpu/test_l2_prefetch_gpu.py tests/gpu/test_pdl_gpu.py \
     tests/gpu/test_async_scheduling_gpu.py \
-    tests/gpu/test_int8_matmul_gpu.py tests/gpu/test_nf4_matmul_gpu.py tests/gpu} \
+    tests/gpu/test_int8_matmul_gpu.py tests/gpu/test_nf4_matmul_gpu.py tests/gpu}) \
     --maxfail=20 -v -rfE --durations=12 -p no:cacheprovider 2>&1 \
     | tee "$OUT_DIR/pytest_gpu.log" | tail -n 40
   PYTEST_RC=${PIPESTATUS[0]}
