@@ -123,20 +123,7 @@ def test_more_than_one_row_and_bad_configs_are_refused():
         gemv.gemv_linear(x[:1], w, pdl=True)
 
 
-def test_pick_config_covers_the_1b_decode_shapes():
-    """The table for the 1B shape (N_w x K), as measured in stop 17: no split on any shape;
-    gate_up's two accumulators get 8 warps; a K below the tile's shrinks the tile (the tiny
-    test models)."""
-    picks = {name: gemv.pick_config(n, k, name == "gate_up") for name, (n, k) in {
-        "qkv": (3072, 2048), "o_proj": (2048, 2048), "gate_up": (16384, 2048),
-        "down": (2048, 8192), "lm_head": (128256, 2048)}.items()}
-    assert {name: (c.block_n, c.block_k, c.num_warps, c.split_k, c.num_stages)
-            for name, c in picks.items()} == {
-        "qkv": (16, 512, 4, 1, 3), "o_proj": (16, 512, 4, 1, 3), "gate_up": (16, 512, 8, 1, 3),
-        "down": (16, 512, 4, 1, 3), "lm_head": (16, 512, 4, 1, 3)}
-    assert gemv.pick_config(512, 128, gate_up=True) == gemv.GemvConfig(
-        block_n=16, block_k=128, num_warps=8, split_k=1)
-    assert gemv.pick_config(128, 8) == gemv.GemvConfig(block_n=16, block_k=16, split_k=1)
+# pick_config's table (stop 19's per-shape rows): tests/runtime/test_gemv_tile_table.py.
 
 
 # Weight prefetch (PREFETCH_W): the first weight tile loaded before the PDL wait, the loop's
