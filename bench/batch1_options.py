@@ -15,11 +15,11 @@ EXCLUSIVE_GROUPS = ("L2 prefetch", "attention splits", "attention key tile")
 
 def options(all_rows: bool = False):
     """(label, apply(engine, device) -> str detail, undo(engine)) per row, in order. By default
-    the rows still open (gemv, its weight prefetch, PDL, rotary in attention) between the two
-    defaults rows; with all_rows (--all) also those measured slower or equal on an H200 in
-    stops 13 and 17 (L2 prefetch plans, split reduce fused, argmax in torch, rope table off,
-    attention splits and key tiles, sync scheduling): 16 rows did not fit the sweep's 90 s in
-    stop 17, whose closing defaults row (the noise check) was cut."""
+    the rows still open (gemv, its weight prefetch, stop 19's gemv tile table, PDL, rotary in
+    attention) between the two defaults rows; with all_rows (--all) also those measured slower
+    or equal on an H200 in stops 13 and 17 (L2 prefetch plans, split reduce fused, argmax in
+    torch, rope table off, attention splits and key tiles, sync scheduling): 16 rows did not
+    fit the sweep's 90 s in stop 17, whose closing defaults row (the noise check) was cut."""
     import torch
 
     from llmbatch.runtime.models.llama_prefetch import (PrefetchPlan, disable_l2_prefetch,
@@ -87,8 +87,10 @@ def options(all_rows: bool = False):
         engine.async_scheduling = saved.pop("async", engine.async_scheduling)
 
     # PDL and the gemv layers are on by default on sm_90+ since stop 17 (auto in EngineConfig),
-    # off elsewhere or when the engine was built with them off: their rows FLIP the engine's
-    # state (the detail says which way) and put it back exactly after.
+    # the gemv weight prefetch ("tile") and rotary in attention since stop 19 (measured on an
+    # H200 there: 0.948 vs 0.972 ms, 1.025x, same tokens; 0.958 ms, 1.015x), off elsewhere or
+    # when the engine was built with them off: their rows FLIP the engine's state (the detail
+    # says which way) and put it back exactly after.
     def llama_models(engine):
         from llmbatch.runtime.models.llama import LlamaModel
 
@@ -160,18 +162,20 @@ def options(all_rows: bool = False):
         return "on (engine default off)"
 
     def gemv_prefetch(switch: str):
-        """A row with one of layers/gemv.py's weight-prefetch switches on (set_weight_prefetch:
-        the first tile into registers; set_weight_prefetch_l2: the slice into L2)."""
+        """A row that flips one of layers/gemv.py's weight-prefetch switches
+        (set_weight_prefetch: the first tile into registers, on by default from stop 19 where
+        the gemv layers are on; set_weight_prefetch_l2: the slice into L2, off by default):
+        off where the engine has it on, else on; the detail says which way."""
         def apply(engine, device):
             from llmbatch.runtime.layers import gemv
 
             if not hasattr(gemv, f"set_{switch}"):
                 return f"layers/gemv.py has no {switch}: not applied"
             saved[switch] = getattr(gemv, f"{switch}_enabled")()
-            getattr(gemv, f"set_{switch}")(True)
+            getattr(gemv, f"set_{switch}")(not saved[switch])
             if not gemv_on(engine):
                 return "the gemv layers are off: no effect"
-            return ""
+            return "off (engine default on)" if saved[switch] else "on (engine default off)"
 
         def undo(engine):
             from llmbatch.runtime.layers import gemv
@@ -180,10 +184,28 @@ def options(all_rows: bool = False):
                 getattr(gemv, f"set_{switch}")(saved.pop(switch))
         return apply, undo
 
+    def gemv_tiles_stop17(engine, device):
+        """pick_config's table swapped for stop 17's single row (16 x 512, 4 warps, no split,
+        3 stages, every shape) against stop 19's per-shape rows. gemv_linear picks a config at
+        every launch, so the graphs bench_batch1 recaptures after this take it; the counters
+        the gemv layers sized at enable time are unused (split 1)."""
+        from llmbatch.runtime.layers import gemv_config
+
+        saved["gemv_table"] = gemv_config.set_config_table(gemv_config.STOP17_TABLE)
+        detail = "stop 17's table: 16x512 w4 p3 on every shape"
+        return detail if gemv_on(engine) else detail + "; the gemv layers are off: no effect"
+
+    def gemv_tiles_back(engine):
+        from llmbatch.runtime.layers import gemv_config
+
+        if "gemv_table" in saved:
+            gemv_config.set_config_table(saved.pop("gemv_table"))
+
     def rotary_attention_flip(engine, device):
-        """EngineConfig.rotary_in_attention (opt-in, unmeasured): decode steps rotate, store
-        K/V and attend in one launch. It rides on the fused rotary (CUDA) and the triton
-        backend; the row flips the backend's switch either way."""
+        """EngineConfig.rotary_in_attention (measured in stop 19, H200: 0.958 ms, 1.015x; an
+        engine default from stop 19): decode steps rotate, store K/V and attend in one launch.
+        It rides on the fused rotary (CUDA) and the triton backend; the row flips the
+        backend's switch either way (off on a default engine)."""
         from llmbatch.runtime.models.llama import fused_rotary_on
 
         backend = engine.runner.attn_backend
@@ -201,6 +223,7 @@ def options(all_rows: bool = False):
     # The likeliest gains first: a run cut by its time limit keeps them (JSON after each row).
     open_rows = [("skinny gemv flipped", gemv_flip, restore_skinny),
                  ("gemv weights before the PDL wait", *gemv_prefetch("weight_prefetch")),
+                 ("gemv tiles of stop 17", gemv_tiles_stop17, gemv_tiles_back),
                  ("gemv weights into L2 before the PDL wait",
                   *gemv_prefetch("weight_prefetch_l2")),
                  ("PDL flipped", pdl_flip, pdl_back),

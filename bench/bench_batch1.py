@@ -26,14 +26,23 @@ Options (each row is the defaults plus one change):
                          has them off; the row's detail says which
     gemv weights before the PDL wait   layers/gemv.py's weight prefetch (set_weight_prefetch:
                          each gemv program loads its first weight tile before griddepcontrol.wait,
-                         overlapping the previous kernel; opt-in, unmeasured)
-    gemv weights into L2 before the PDL wait   set_weight_prefetch_l2: its whole weight slice
-                         prefetched into L2 there instead (CUDA; opt-in, unmeasured)
+                         overlapping the previous kernel) flipped: measured in stop 19 (H200:
+                         0.948 vs 0.972 ms, 1.025x, same tokens), an engine default since
+                         (EngineConfig.gemv_weight_prefetch="tile"), so the row turns it off
+    gemv tiles of stop 17   layers/gemv_config.py's table swapped for stop 17's single row
+                         (16 x 512, 4 warps, no split, 3 stages on every shape) against stop
+                         19's per-shape rows (qkv 8 x 512, o_proj 4 stages, down 8 x 1024;
+                         measured per call only, ~35 us a token by their sum); down's 1024
+                         chunks sum in another order, so its tokens may differ
+    gemv weights into L2 before the PDL wait   set_weight_prefetch_l2: each program's whole
+                         weight slice prefetched into L2 there too (CUDA; on top of the
+                         default first-tile prefetch: "both"), flipped (default off)
     PDL flipped          programmatic dependent launch of our Triton kernels (runtime/pdl.py,
                          EngineConfig.pdl, auto-on for sm_90+ since stop 17) off, or on
     rotary in attention flipped   decode steps rotate q/k, store K/V and attend in one launch
-                         (EngineConfig.rotary_in_attention, opt-in, unmeasured): on, or off
-                         where the engine has it on
+                         (EngineConfig.rotary_in_attention): measured in stop 19 (H200: 0.958
+                         ms, 1.015x), an engine default since, so the row turns it off (on
+                         where the engine has it off)
     L2 prefetch plans    models/llama_prefetch.py PrefetchPlan: o_proj; o_proj + next qkv;
                          + the first 8 / 16 MiB of gate_up
 

@@ -98,3 +98,37 @@ def test_rotary_in_attention_flip_turns_the_backend_switch_and_back():
     assert engine.runner.attn_backend.rotary_in_attention is True
     undo(engine)
     assert engine.runner.attn_backend.rotary_in_attention is False
+
+
+def test_weight_prefetch_row_flips_the_switch_either_way(monkeypatch):
+    """Stop 19 made the first-tile prefetch an engine default: the row turns it off there,
+    on where it is off, and puts the switch back."""
+    from llmbatch.runtime.layers import gemv
+
+    engine = _engine()
+    _, apply, undo = {o[0]: o for o in options()}["gemv weights before the PDL wait"]
+    for default in (True, False):
+        monkeypatch.setattr(gemv, "_weight_prefetch", default)
+        assert apply(engine, torch.device("cpu")) == (
+            "off (engine default on)" if default else "on (engine default off)")
+        assert gemv.weight_prefetch_enabled() is not default
+        undo(engine)
+        assert gemv.weight_prefetch_enabled() is default
+
+
+def test_stop17_tiles_row_swaps_the_gemv_table_and_back():
+    """The row makes pick_config answer stop 17's single 16 x 512 p3 row for every 1B shape
+    (gemv_linear picks at each launch, so bench_batch1's recapture takes it) and undo puts
+    stop 19's per-shape rows back."""
+    from llmbatch.runtime.layers import gemv
+
+    shapes = [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)]
+    before = [gemv.pick_config(n_w, k) for n_w, k in shapes]
+    assert len(set(before)) > 1
+    engine = _engine()
+    _, apply, undo = {o[0]: o for o in options()}["gemv tiles of stop 17"]
+    assert apply(engine, torch.device("cpu")) == "stop 17's table: 16x512 w4 p3 on every shape"
+    assert {gemv.pick_config(n_w, k) for n_w, k in shapes} == {gemv.GemvConfig(
+        block_n=16, block_k=512, num_warps=4, split_k=1, num_stages=3)}
+    undo(engine)
+    assert [gemv.pick_config(n_w, k) for n_w, k in shapes] == before
