@@ -23,17 +23,18 @@ own reduce launch. Counters: an int32 tensor of at least cdiv(N, BLOCK_N) zeros 
 keeps (models/llama_skinny.py allocates one per model before capture); every call leaves it
 all zero again.
 
-Weight prefetch (opt-in, unmeasured; set_weight_prefetch or gemv_linear(prefetch=True)): with
+Weight prefetch (EngineConfig.gemv_weight_prefetch "tile", the default with PDL since stop 19;
+set_weight_prefetch or gemv_linear(prefetch=True)): with
 PDL (runtime/pdl.py) a kernel of ours may be resident while the previous one runs, since ours
 release their dependents at their start; but today its first load waits for griddepcontrol.wait.
 W is written by no kernel of a decode step, so with PREFETCH_W a program loads its first weight
 tile (both tiles for gate_up) before the wait, and the K loop's first iteration, peeled, uses
 it: that tile's DRAM latency overlaps the previous kernel. Stop 17 measured the small matmuls at
-~2 TB/s of the H200's 4.25 (qkv 12.6 MB in 5.7 us), much of it ramp-up; whether this recovers
-some is bench_batch1's row to show. Same products added in the same order: bitwise equal to
+~2 TB/s of the H200's 4.25 (qkv 12.6 MB in 5.7 us), much of it ramp-up; stop 19's bench_batch1
+measured the prefetch at 0.948 against 0.972 ms a batch-1 token (1.025x). Same products added in the same order: bitwise equal to
 PREFETCH_W=False. Without PDL it only moves the first load ahead of the norm prologue's pass.
 
-L2 prefetch of the whole weight slice (opt-in, unmeasured; set_weight_prefetch_l2 or
+L2 prefetch of the whole weight slice (opt-in; 0.90x at batch 1 in stop 19; set_weight_prefetch_l2 or
 gemv_linear(prefetch_l2=True)): PREFETCH_W brings one tile a program; with PREFETCH_L2 the
 program also asks L2 for every 128-byte line of its slice (BLOCK_N rows -- and the up rows --
 x its K range) before the wait, so the rest of its stream may come from L2 instead of DRAM once
@@ -67,19 +68,18 @@ from llmbatch.runtime.pdl import pdl_wait_then_release
 # Weight prefetch before the PDL wait (PREFETCH_W), process-wide like runtime/pdl.py's switch:
 # gemv_linear reads it at each launch (its prefetch= argument overrides it), so a CUDA graph
 # keeps what it captured; EngineConfig.gemv_weight_prefetch sets it per engine (kernel_paths),
-# bench_batch1's prefetch row flips it. Opt-in
-# and UNMEASURED (written without a GPU). What to measure, on sm_90+ with PDL in a batch-1
-# decode graph: the decode TPOT and the kernel times of qkv / o_proj / gate_up / down against
-# the switch off (stop 17: qkv 5.7 us, o_proj 4.9 us). Known from compiling for sm_90 here: the
-# SASS issues the tile's 8 LDG.128 a thread before ACQBULK (griddepcontrol.wait); the tile kept
-# in registers through the norm pass takes the 1B qkv kernel from 128 to 142 registers a thread
-# (4 -> 3 programs an SM by registers; no spills), o_proj/down 122 -> 128, gate_up stays 128.
+# bench_batch1's prefetch row flips it. Off here; kernel_paths turns it on per engine where
+# the gemv layers and PDL are (auto since stop 19, measured 1.025x at batch 1 on an H200). From
+# compiling for sm_90: the SASS issues the tile's LDG.128s before ACQBULK
+# (griddepcontrol.wait); with stop 19's tile table (gemv_config) the 1B kernels take 80
+# registers a thread (qkv, 8 x 512), 124-128 (o_proj, 4 stages), 96 (down, 8 x 1024) and 128
+# (gate_up) with the prefetch; no spills.
 _weight_prefetch = False
 
 
 def set_weight_prefetch(on: bool) -> None:
     """Turn the first-weight-tile prefetch on or off for later gemv_linear launches
-    (default off; opt-in, unmeasured: see above). Harmless without PDL, and on CPU."""
+    (off until kernel_paths sets it per engine: see above). Harmless without PDL, and on CPU."""
     global _weight_prefetch
     _weight_prefetch = bool(on)
 
@@ -89,17 +89,15 @@ def weight_prefetch_enabled() -> bool:
 
 
 # L2 prefetch of the program's whole weight slice before the PDL wait (PREFETCH_L2): process-
-# wide too, read at each launch (prefetch_l2= overrides it), default off. Opt-in and UNMEASURED
-# (written without a GPU). A hint: gemv_linear never sets it off CUDA (the Triton interpreter
+# wide too, read at each launch (prefetch_l2= overrides it), default off. Opt-in: stop 19's
+# bench_batch1 measured it 0.90x at batch 1 (1.077 against 0.972 ms) on an H200. A hint: gemv_linear never sets it off CUDA (the Triton interpreter
 # cannot run inline PTX) nor on ROCm (no PTX), so CPU tests and engines see the switch ignored.
-# What to measure, as for PREFETCH_W: the decode TPOT and the four matmuls' kernel times with it
-# on, alone and with PREFETCH_W, against both off.
 _weight_prefetch_l2 = False
 
 
 def set_weight_prefetch_l2(on: bool) -> None:
     """Turn the L2 prefetch of each program's weight slice on or off for later gemv_linear
-    launches (default off; opt-in, unmeasured: see above). Ignored off CUDA."""
+    launches (default off; opt-in, measured slower: see above). Ignored off CUDA."""
     global _weight_prefetch_l2
     _weight_prefetch_l2 = bool(on)
 

@@ -64,9 +64,10 @@ def prefetch_l2_slice(w_ptr, N, K, k_lo, k_hi, BLOCK_N: tl.constexpr, BLOCK_K: t
     Layout: a 1-D tensor of ROWS * LINES (row, line) pairs a chunk, ROWS * LINES /
     (32 * num_warps) a thread (16 x 512 bf16 at 4 warps, or gate_up's 2 x 16 rows at 8: one a
     thread), so no two threads prefetch the same line (with fewer pairs than threads, as in
-    tiny test configs, Triton replicates pairs: duplicate requests, no harm). ptxas (sm_90)
-    unrolls the chunk loop 4x into CCTL.E.PF2, all before ACQBULK; registers unchanged
-    (1B qkv 128, 142 with PREFETCH_W; o_proj / down 122; gate_up 128). The asm has an unused
+    tiny test configs and stop 19's 8 x 512 qkv tile, 64 pairs for 128 threads, Triton
+    replicates pairs: each line is requested twice, no harm). ptxas (sm_90) unrolls the chunk
+    loop 4x into CCTL.E.PF2, all before ACQBULK; registers as without it (stop 17's 16 x 512
+    table: 1B qkv 128, 142 with PREFETCH_W; o_proj / down 122; gate_up 128). The asm has an unused
     int32 output (the elementwise op needs one); is_pure=False marks it as having side effects,
     so it is not dead code. Masked-off pairs skip the instruction under a predicate: no
     address outside W."""
