@@ -40,6 +40,7 @@ class LaunchedStep:
             # tokens), split by whether the step replayed a CUDA graph (engine stats).
             runner = self.runner
             runner.step_time_s[self._kind] += self._launch_s + time.perf_counter() - t0
+            runner.step_launch_s[self._kind] += self._launch_s
             runner.step_count[self._kind] += 1
         return self._sampled
 

@@ -56,6 +56,9 @@ class ModelRunner(CudaFastPathsMixin):
         self.config = config
         self.prepare_s = 0.0  # host seconds in prepare_inputs, summed over steps
         self.step_time_s = {"graph": 0.0, "eager": 0.0}   # execute() minus prepare_inputs
+        # Of step_time_s, the host time to enqueue the forward and sampling: near step_time_s
+        # means the device waited on the host (eager prefills: ~150 Python launches a step).
+        self.step_launch_s = {"graph": 0.0, "eager": 0.0}
         self.step_count = {"graph": 0, "eager": 0}
         self.device = resolve_device(config.device)
         config.check_device(self.device.type)
