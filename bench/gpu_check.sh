@@ -36,7 +36,8 @@
 # (sm_90+). BENCH_OLD_DEFAULTS_ROWS (default 1 on a GPU, 0 in the dry run): W-RANDOM, W-PREFIX
 # and W-BATCH1 once more with both off (llmbatch-old-defaults: the engine of stop 17's
 # "llmbatch" rows, the A/B of the change; ~20 s). BENCH_NO_GEMV_ROWS (same default): with
-# skinny_gemv off (llmbatch-no-gemv, PDL alone). BENCH_NO_PDL_ROWS=1 (opt-in): with pdl off.
+# skinny_gemv off (llmbatch-no-gemv, PDL alone). BENCH_NO_PDL_ROWS=1 (opt-in): with pdl off
+# (llmbatch-no-pdl, with a batch-1 profile: kernel times without PDL's overlap).
 # Since stop 19 the defaults also include rotary_in_attention and gemv_weight_prefetch "tile"
 # (auto). BENCH_PREV_DEFAULTS_ROWS (default 1 on a GPU): both off (llmbatch-prev-defaults: the
 # engine of stops 17-18, the A/B of that change; a batch-1 profile).

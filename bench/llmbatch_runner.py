@@ -168,14 +168,16 @@ def profile_slices(system: str, workloads: dict) -> list[tuple]:
     GPU-busy fraction: kernels overlap their neighbours' launch tails) and
     llmbatch-skinny-gemv-pdl and llmbatch-gemv-prefetch (the gemv kernels' times inside the
     decode graph), llmbatch-rotary-attn and llmbatch-prev-defaults (the one-launch decode
-    attention against the rotary + attention pair)."""
+    attention against the rotary + attention pair), llmbatch-no-pdl (kernel times without
+    PDL's overlap: with it each kernel's time includes its wait on the previous one, stop 19's
+    gemv read 18 us a call)."""
     full = system in ("llmbatch", "llmbatch-unfused")
     out = []
     if full and "W-RANDOM" in workloads:
         out.append((f"{system}_profile", "W-RANDOM", 64, 48, f"profile_{system}.txt"))
     batch1_only = ("llmbatch-l2prefetch", "llmbatch-pdl", "llmbatch-skinny-gemv-pdl",
                    "llmbatch-gemv-prefetch", "llmbatch-gemv-prefetch-l2", "llmbatch-rotary-attn",
-                   "llmbatch-prev-defaults")
+                   "llmbatch-prev-defaults", "llmbatch-no-pdl")
     if (full or system in batch1_only) and "W-BATCH1" in workloads:
         out.append((f"{system}_profile_batch1", "W-BATCH1", 1, 128,
                     f"profile_{system}_batch1.txt"))

@@ -100,6 +100,9 @@ def test_l2_prefetch_and_pdl_rows_get_a_batch1_profile_only():
     assert profile_slices("llmbatch-prev-defaults", workloads) == [
         ("llmbatch-prev-defaults_profile_batch1", "W-BATCH1", 1, 128,
          "profile_llmbatch-prev-defaults_batch1.txt")]
+    assert profile_slices("llmbatch-no-pdl", workloads) == [
+        ("llmbatch-no-pdl_profile_batch1", "W-BATCH1", 1, 128,
+         "profile_llmbatch-no-pdl_batch1.txt")]
     assert profile_slices("llmbatch-sync", workloads) == []
     assert profile_slices("llmbatch-l2prefetch", {"W-RANDOM": None}) == []
 
