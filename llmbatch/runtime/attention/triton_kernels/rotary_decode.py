@@ -1,12 +1,12 @@
 """Decode attention with the rotary embedding and the K/V store fused in: one launch a layer
 where the unfused decode path takes two (layers/fused_rotary.py's rotary + store, then
-paged_attention.py's kernel). Opt-in and UNMEASURED (written without a GPU):
-EngineConfig.rotary_in_attention, TritonAttentionBackend.rotary_in_attention.
+paged_attention.py's kernel). EngineConfig.rotary_in_attention (auto, on where the triton
+backend and the fused rotary are, since stop 19), TritonAttentionBackend.rotary_in_attention.
 
 Why: at batch 1 the rotary + store launch is 2.3 us a layer of pure latency on an H200 (stop
-17's profile: 37 us of a ~1 ms token on the 1B shape), plus a kernel boundary. What to
-measure: W-BATCH1 TPOT and W-RANDOM with it on against off (bench --rotary-in-attention,
-bench_batch1's row).
+17's profile: 37 us of a ~1 ms token on the 1B shape), plus a kernel boundary. Measured in
+stop 19 on an H200: W-BATCH1 TPOT 0.96 vs 0.97 ms (1.02x), W-RANDOM 1.07x, W-PREFIX 1.00x
+(bench --prev-defaults is the A/B row now; bench_batch1's row turns it off).
 
 Only for steps whose spans are at most one token (decode; meta.max_query_len == 1): the grid,
 tiles and split-KV walk are paged_attention.py's (attend_rows), and each program first
