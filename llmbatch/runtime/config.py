@@ -66,8 +66,9 @@ class EngineConfig:
     # overlapping the previous kernel (the weights are written by no decode kernel): "tile"
     # its first weight tile into registers (layers/gemv.py set_weight_prefetch), "l2" its
     # whole slice into L2 (set_weight_prefetch_l2, CUDA), "both", or "off". None (auto):
-    # "tile" where the gemv layers and PDL are on (without PDL there is no wait to overlap). Measured on an H200 in stop 19 (bench_batch1):
-    # "tile" 0.948 vs 0.972 ms at batch 1 (1.025x, the same tokens), "l2" 0.90x (slower).
+    # "tile" where the gemv layers and PDL are on (without PDL there is no wait to overlap).
+    # Measured on an H200 in stop 19 (bench_batch1): "tile" 0.948 vs 0.972 ms at batch 1
+    # (1.025x, the same tokens), "l2" 0.90x (slower).
     gemv_weight_prefetch: Optional[str] = None
     # Decode steps (one token a sequence) rotate q and k, store K/V and attend in one launch
     # (attention/triton_kernels/rotary_decode.py) instead of two (fused rotary + store, then

@@ -30,17 +30,18 @@ release their dependents at their start; but today its first load waits for grid
 W is written by no kernel of a decode step, so with PREFETCH_W a program loads its first weight
 tile (both tiles for gate_up) before the wait, and the K loop's first iteration, peeled, uses
 it: that tile's DRAM latency overlaps the previous kernel. Stop 17 measured the small matmuls at
-~2 TB/s of the H200's 4.25 (qkv 12.6 MB in 5.7 us), much of it ramp-up; stop 19's bench_batch1
-measured the prefetch at 0.948 against 0.972 ms a batch-1 token (1.025x). Same products added in the same order: bitwise equal to
-PREFETCH_W=False. Without PDL it only moves the first load ahead of the norm prologue's pass.
+~2 TB/s of the H200's 4.25 (qkv 12.6 MB in 5.7 us), much of it ramp-up; stop 19's
+bench_batch1 measured the prefetch at 0.948 against 0.972 ms a batch-1 token (1.025x). Same
+products added in the same order: bitwise equal to PREFETCH_W=False. Without PDL it only moves
+the first load ahead of the norm prologue's pass.
 
-L2 prefetch of the whole weight slice (opt-in; 0.90x at batch 1 in stop 19; set_weight_prefetch_l2 or
-gemv_linear(prefetch_l2=True)): PREFETCH_W brings one tile a program; with PREFETCH_L2 the
-program also asks L2 for every 128-byte line of its slice (BLOCK_N rows -- and the up rows --
-x its K range) before the wait, so the rest of its stream may come from L2 instead of DRAM once
-the previous kernel is done. Inline PTX, so CUDA only: off CUDA the launcher ignores it, and
-in the interpreter on CUDA tensors too. A hint to the cache: it changes no value, with or
-without PREFETCH_W.
+L2 prefetch of the whole weight slice (opt-in; 0.90x at batch 1 in stop 19;
+set_weight_prefetch_l2 or gemv_linear(prefetch_l2=True)): PREFETCH_W brings one tile a program;
+with PREFETCH_L2 the program also asks L2 for every 128-byte line of its slice (BLOCK_N rows --
+and the up rows -- x its K range) before the wait, so the rest of its stream may come from L2
+instead of DRAM once the previous kernel is done. Inline PTX, so CUDA only: off CUDA the
+launcher ignores it, and in the interpreter on CUDA tensors too. A hint to the cache: it changes
+no value, with or without PREFETCH_W.
 
 Not batch invariant with skinny_matmul (another summation order): M = 1 steps through here and
 M > 1 steps through skinny_linear differ in float32 rounding, like any two GEMM kernels.
@@ -90,8 +91,9 @@ def weight_prefetch_enabled() -> bool:
 
 # L2 prefetch of the program's whole weight slice before the PDL wait (PREFETCH_L2): process-
 # wide too, read at each launch (prefetch_l2= overrides it), default off. Opt-in: stop 19's
-# bench_batch1 measured it 0.90x at batch 1 (1.077 against 0.972 ms) on an H200. A hint: gemv_linear never sets it off CUDA (the Triton interpreter
-# cannot run inline PTX) nor on ROCm (no PTX), so CPU tests and engines see the switch ignored.
+# bench_batch1 measured it 0.90x at batch 1 (1.077 against 0.972 ms) on an H200. A hint:
+# gemv_linear never sets it off CUDA (the Triton interpreter cannot run inline PTX) nor on
+# ROCm (no PTX), so CPU tests and engines see the switch ignored.
 _weight_prefetch_l2 = False
 
 
