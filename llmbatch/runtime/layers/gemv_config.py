@@ -98,7 +98,11 @@ def pick_config(n_w: int, k: int, gate_up: bool = False) -> GemvConfig:
         # accumulators take 244-255 at 4 warps (spilling in float32), 128 at 8. The 1B gate_up
         # is on the catch-all; an 8-row tile would not need 8 warps for registers, but gate_up
         # lands on those rows only in the tiny test models and small models (unmeasured).
-        cfg = replace(cfg, num_warps=max(cfg.num_warps, 8))
+        # At most 3 stages: gate_up streams two tiles a stage, and o_proj's 4-stage row would
+        # take 102 KB of shared memory in bf16 (204 KB in float32), above sm_86/89's 99 KB
+        # and the A100's 163 KB: the start-up check would then turn the gemv layers off.
+        cfg = replace(cfg, num_warps=max(cfg.num_warps, 8),
+                      num_stages=min(cfg.num_stages, 3))
     return cfg
 
 
