@@ -47,6 +47,9 @@
 # 0.90x at batch 1 in stop 19's sweep; each with a batch-1 profile).
 # BENCH_ROTARY_ATTN_ROWS=1 (opt-in since stop 19, the default now): engine.rotary_in_attention
 # (llmbatch-rotary-attn: decode steps rotate, store K/V and attend in one launch).
+# BENCH_SKINNY_SPEC_ROWS=1 (opt-in since stop 19): W-SPEC once more with engine.skinny_matmul
+# (llmbatch-skinny-spec: verify steps of k+1 tokens on the 16-row skinny kernels; ~15 s; needs
+# W-SPEC among the bench's workloads).
 # BENCH_PDL_ROWS=1 (opt-in; repeats the default on sm_90+): llmbatch-pdl.
 # BENCH_SKINNY_PDL_ROWS=1 (opt-in): engine.skinny_matmul and engine.pdl (llmbatch-skinny-pdl).
 # BENCH_GEMV_ROWS=1 (opt-in since stop 17): skinny_matmul, skinny_gemv and pdl
@@ -261,6 +264,7 @@ fi
 [ "${BENCH_GEMV_PREFETCH_ROWS:-0}" = 1 ] && MODE_ARGS+=(--gemv-prefetch)
 [ "${BENCH_GEMV_PREFETCH_L2_ROWS:-0}" = 1 ] && MODE_ARGS+=(--gemv-prefetch-l2)
 [ "${BENCH_ROTARY_ATTN_ROWS:-0}" = 1 ] && MODE_ARGS+=(--rotary-in-attention)
+[ "${BENCH_SKINNY_SPEC_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-spec)
 [ "${BENCH_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--pdl)
 [ "${BENCH_SKINNY_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-pdl)
 [ "${BENCH_GEMV_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-gemv-pdl)

@@ -13,6 +13,7 @@
     python -m bench.run --old-defaults ...   # + llmbatch-old-defaults: stop 17's engine (CUDA)
     python -m bench.run --prev-defaults ...  # + llmbatch-prev-defaults: stop 18's (CUDA)
     python -m bench.run --no-gemv ... / --no-pdl ...   # + the default with one of them off
+    python -m bench.run --skinny-spec ...   # + W-SPEC with skinny_matmul (verify steps; CUDA)
 
 Order: llmbatch first (its KV pool sizes itself from free memory), then it is freed and the
 peers load the same checkpoint. Every figure is written to OUT/results.json as soon as it
@@ -174,14 +175,14 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
                  device: str, vocab: int, quant: str = "bf16", variant: str = "") -> None:
     """One engine (quantization `quant`), warmed up, through its workloads, then freed.
     variant: "" (the defaults), or a name of bench/variants.py's AB_VARIANTS: one option of the
-    unquantized engine changed, on FUSED_WORKLOADS."""
+    unquantized engine changed, on FUSED_WORKLOADS or the variant's own workloads."""
     method = QUANT_METHODS[quant]
     system = "llmbatch" if method == "none" else f"llmbatch-{quant}"
     ab = AB_VARIANTS[variant] if variant else None
     if variant:
         system = f"llmbatch-{variant}"
     if method != "none" or variant:
-        keep = FUSED_WORKLOADS if variant else QUANT_WORKLOADS
+        keep = (ab.workloads or FUSED_WORKLOADS) if ab is not None else QUANT_WORKLOADS
         workloads = {n: w for n, w in workloads.items() if n in keep}
         if not workloads:
             return

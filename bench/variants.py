@@ -1,5 +1,6 @@
 """The A/B variants of bench.run: the unquantized engine once more with one option changed,
-run on FUSED_WORKLOADS (W-RANDOM, W-PREFIX, W-BATCH1) as system llmbatch-<name>.
+run on FUSED_WORKLOADS (W-RANDOM, W-PREFIX, W-BATCH1; a variant may name others) as system
+llmbatch-<name>.
 
 One table serves the command line (a flag each), the engine overrides and the CPU rows: a
 variant whose option only changes Triton kernel paths would repeat the llmbatch row on the CPU,
@@ -18,6 +19,7 @@ class Variant:
     overrides: dict = field(default_factory=dict)   # EngineConfig fields changed
     what: str = ""                  # help text: what the option does
     cpu_skip: Optional[str] = None  # reason the CPU rows are skipped; None: they run
+    workloads: Optional[tuple] = None  # the workloads it runs; None: FUSED_WORKLOADS
 
     @property
     def dest(self) -> str:
@@ -92,6 +94,14 @@ AB_VARIANTS = {
                            "K/V and attend in one launch; the default where it applies since "
                            "stop 19, so these rows repeat llmbatch's there)",
                            "the fused rotary runs on CUDA only"),
+    # Stop 19: a W-SPEC verify step (k + 1 = 5 tokens at batch 1) replays its graph in 1.39 ms
+    # against 0.89 ms for a decode step: the one-token paths (gemv, rotary in attention, the
+    # gemv LM head) do not take it, cuBLAS at M = 5 and the unfused launches do. Whether the
+    # 16-row skinny kernels serve it better is this row's question (W-SPEC only, ~15 s).
+    "skinny-spec": Variant("--skinny-spec", {"skinny_matmul": True},
+                           "EngineConfig.skinny_matmul on, W-SPEC only (speculative verify "
+                           "steps of k + 1 tokens on the 16-row skinny kernels, not cuBLAS)",
+                           "skinny matmul runs on CUDA only", workloads=("W-SPEC",)),
     "l2prefetch": Variant("--l2-prefetch", {"l2_prefetch": True},
                           "EngineConfig.l2_prefetch on (steps of <= 16 tokens touch the qkv and "
                           "o_proj weights into L2 on a side stream ahead of use)",
@@ -101,8 +111,9 @@ AB_VARIANTS = {
 
 def add_variant_flags(parser, workloads: str) -> None:
     for name, v in AB_VARIANTS.items():
+        runs = "/".join(v.workloads) if v.workloads else workloads
         parser.add_argument(v.flag, action="store_true",
-                            help=f"also run {workloads} with {v.what} as system llmbatch-{name}"
+                            help=f"also run {runs} with {v.what} as system llmbatch-{name}"
                                  + ("; CUDA only" if v.cpu_skip else ""))
 
 
