@@ -54,11 +54,9 @@ def test_rows_are_opt_in_and_skipped_on_cpu(tmp_path, variant):
     assert rec.results["runs"] == {w: skipped for w in WORKLOADS}
 
 
-@pytest.mark.parametrize("variant", CASES)
-def test_variant_asks_build_engine_for_its_overrides(tmp_path, monkeypatch, variant):
-    """On a CUDA device string the variant asks build_engine for its flags (the engine build
-    is stubbed to fail, which the variant's rows record as an error)."""
-    flag, _, _, overrides = CASES[variant]
+def stub_build_engine(monkeypatch) -> dict:
+    """build_engine stubbed to fail (the rows record the error); returns the dict its keyword
+    arguments (the engine overrides) land in."""
     seen = {}
 
     def fake_build(model_dir, dtype, device, **kwargs):
@@ -67,6 +65,15 @@ def test_variant_asks_build_engine_for_its_overrides(tmp_path, monkeypatch, vari
 
     monkeypatch.setattr(bench_run.llmbatch_runner, "engine_unavailable_reason", lambda: None)
     monkeypatch.setattr(bench_run.llmbatch_runner, "build_engine", fake_build)
+    return seen
+
+
+@pytest.mark.parametrize("variant", CASES)
+def test_variant_asks_build_engine_for_its_overrides(tmp_path, monkeypatch, variant):
+    """On a CUDA device string the variant asks build_engine for its flags (the engine build
+    is stubbed to fail, which the variant's rows record as an error)."""
+    flag, _, _, overrides = CASES[variant]
+    seen = stub_build_engine(monkeypatch)
     args = bench_run.parse_args([flag])
     rec = bench_run.Recorder(str(tmp_path), {"runs": {}})
     bench_run.run_llmbatch(args, rec, {w: object() for w in WORKLOADS}, "unused", "bfloat16",
@@ -151,14 +158,7 @@ def test_skinny_spec_runs_w_spec_only_with_skinny_matmul(tmp_path, monkeypatch):
                            variant="skinny-spec")
     assert rec.results["runs"] == {
         "W-SPEC": {"llmbatch-skinny-spec": {"skipped": "skinny matmul runs on CUDA only"}}}
-    seen = {}
-
-    def fake_build(model_dir, dtype, device, **kwargs):
-        seen.update(kwargs)
-        raise RuntimeError("stub engine")
-
-    monkeypatch.setattr(bench_run.llmbatch_runner, "engine_unavailable_reason", lambda: None)
-    monkeypatch.setattr(bench_run.llmbatch_runner, "build_engine", fake_build)
+    seen = stub_build_engine(monkeypatch)
     rec = bench_run.Recorder(str(tmp_path), {"runs": {}})
     bench_run.run_llmbatch(args, rec, everything, "unused", "bfloat16", "cuda", 100,
                            variant="skinny-spec")
