@@ -4,7 +4,10 @@ made constexprs --, ints and pointers divisible by 16, launch options). Here the
 layers/skinny_matmul.py and layers/int8_matmul.py run on CPU tensors with their kernels replaced
 by recorders that compute that key as Triton's own specialiser does; every recorded key must be
 one of compile_kernels' variants. The shapes are those tests/gpu, the engine and the bench
-launch (1B bf16, the tiny float32 / bfloat16 test models, the GPU tests' odd sizes).
+launch (1B bf16, the tiny float32 / bfloat16 test models, the GPU tests' odd sizes). The launch
+options in that key include enable_fp_fusion; for every other kernel, fp_fusion_mismatch checks
+each variant's enable_fp_fusion against what tests/runtime/test_fp_fusion.py requires of its
+launches (True; False for the rotary kernels) and that every kernel has a variant.
 No compilation (a few seconds); compile_kernels itself is run by tests/test_bench_runs.py.
 The check runs in a subprocess: the test session imports the kernels under TRITON_INTERPRET,
 which replaces the JIT objects this needs."""
@@ -252,6 +255,22 @@ def int8_missing(recorded) -> str:
             if missing else "")
 
 
+def fp_fusion_mismatch() -> str:
+    """Every variant compiles with the enable_fp_fusion its kernel's launches pass, and every
+    @triton.jit kernel of llmbatch has a variant."""
+    from tests.runtime.test_fp_fusion import UNFUSED, jit_kernels
+
+    variants = ck._variants()
+    wrong = [label for label, fn, _, _, opts, *_ in variants
+             if opts.get("enable_fp_fusion", "unset") is not (fn.fn.__name__ not in UNFUSED)]
+    uncompiled = jit_kernels() - {fn.fn.__name__ for _, fn, *_ in variants}
+    return "\n".join(
+        ([f"{len(wrong)} variants compile with another enable_fp_fusion than their launches "
+          f"pass (True; False for {sorted(UNFUSED)}), e.g. {wrong[:2]}"] if wrong else [])
+        + ([f"kernels without a variant in bench/compile_kernels.py: {sorted(uncompiled)}"]
+           if uncompiled else []))
+
+
 def test_every_launched_specialisation_is_compiled():
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -267,6 +286,7 @@ if __name__ == "__main__":
     from llmbatch.runtime.layers import skinny_matmul as sm
 
     rec = recorded()
-    problems = [p for p in (skinny_missing(rec), gemv_missing(rec), int8_missing(rec)) if p]
+    problems = [p for p in (skinny_missing(rec), gemv_missing(rec), int8_missing(rec),
+                            fp_fusion_mismatch()) if p]
     print("\n".join(problems) or f"all {len(rec[0])} launched specialisations covered")
     sys.exit(1 if problems else 0)

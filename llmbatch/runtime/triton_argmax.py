@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmbatch.runtime.fp_fusion import FP_FUSION
+
 CHUNK = 1024
 
 
@@ -79,9 +81,10 @@ def triton_argmax(logits: torch.Tensor) -> torch.Tensor:
     vals = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
     idxs = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
     _chunk_argmax_kernel[(rows, num_chunks)](logits, logits.stride(0), vocab, vals, idxs,
-                                             num_chunks, CHUNK=CHUNK, num_warps=4)
+                                             num_chunks, CHUNK=CHUNK, num_warps=4, **FP_FUSION)
     _pick_chunk_kernel[(rows,)](vals, idxs, num_chunks, out,
-                                CHUNKS_PAD=triton.next_power_of_2(num_chunks), num_warps=4)
+                                CHUNKS_PAD=triton.next_power_of_2(num_chunks), num_warps=4,
+                                **FP_FUSION)
     return out
 
 

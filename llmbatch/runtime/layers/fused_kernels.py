@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from llmbatch.runtime import pdl
+from llmbatch.runtime.fp_fusion import FP_FUSION
 from llmbatch.runtime.pdl import pdl_wait_then_release
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -150,7 +151,7 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
             x2.stride(0), res2.stride(0), out2.stride(0), res_out2.stride(0),
             hidden, float(eps),
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
-            **pdl.launch_kwargs(x.device))
+            **FP_FUSION, **pdl.launch_kwargs(x.device))
     if residual is None:
         return out
     return out, res_out
@@ -175,5 +176,5 @@ def fused_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         grid = (x2.shape[0], triton.cdiv(d, block))
         _silu_and_mul_kernel[grid](x2, out2, x2.stride(0), out2.stride(0), d,
                                    BLOCK=block, num_warps=4 if block >= 512 else 1,
-                                   **pdl.launch_kwargs(x.device))
+                                   **FP_FUSION, **pdl.launch_kwargs(x.device))
     return out

@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from llmbatch.runtime.fp_fusion import FP_FUSION
 # GemvConfig, pick_config and counter_tiles live in gemv_config.py; callers use them as gemv.*.
 from llmbatch.runtime.layers.gemv_config import GemvConfig, counter_tiles, pick_config
 from llmbatch.runtime.layers.skinny_checks import check_inputs
@@ -310,5 +311,5 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         norm_weight if norm_weight is not None else weight,
         residual if residual is not None else out, out, ws, count, n, k, k_per_split,
         float(eps), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=s,
-        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **flags)
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **FP_FUSION, **flags)
     return out

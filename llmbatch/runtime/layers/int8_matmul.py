@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmbatch.runtime.fp_fusion import FP_FUSION
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -207,6 +209,6 @@ def launch_gemm(kernel, tiles, x: torch.Tensor, n: int, k: int, weights: tuple,
         m, n, k, x2.stride(0), *weight_strides, out2.stride(0),
         HAS_BIAS=bias is not None, IEEE_DOT=x.dtype == torch.float32,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=GROUP_M,
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **FP_FUSION,
     )
     return out

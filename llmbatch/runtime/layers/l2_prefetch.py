@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmbatch.runtime.fp_fusion import FP_FUSION
+
 # Words one program loads per loop iteration (16 KiB); 4 warps -> 32 words (128 B) a thread.
 BLOCK_WORDS = 4096
 # At most this many programs (2 per SM on an H200's 132 SMs): enough loads in flight to pull
@@ -79,7 +81,7 @@ def l2_touch(words: torch.Tensor, flags: torch.Tensor) -> None:
     if flags.numel() < programs:
         raise ValueError(f"flags holds {flags.numel()} entries, the grid has {programs}")
     _l2_touch_kernel[(programs,)](words, n, flags, SENTINEL, iters, BLOCK=BLOCK_WORDS,
-                                  num_warps=4)
+                                  num_warps=4, **FP_FUSION)
 
 
 class L2Prefetcher:

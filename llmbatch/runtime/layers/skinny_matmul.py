@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmbatch.runtime.fp_fusion import FP_FUSION
 from llmbatch.runtime.pdl import pdl_wait_then_release
 from llmbatch.runtime.layers.skinny_checks import (MAX_M, SUPPORTED_DTYPES,  # noqa: F401
                                                    check_inputs, skinny_matmul_supported)
@@ -311,9 +312,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         m, n, k, x.stride(0), res.stride(0), out.stride(0), ws_row, ws_split, k_per_split,
         float(eps), NORM=norm_weight is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, DOT=cfg.dot, IEEE_DOT=x.dtype == torch.float32, SPLIT_K=s,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION, **flags)
     if s > 1:
         _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
             ws, bias_arg, res, out, m, n, ws_row, ws_split, res.stride(0), out.stride(0),
-            SPLIT_K=s, BLOCK_M=cfg.block_m, BLOCK_N=REDUCE_BLOCK_N, num_warps=4, **flags)
+            SPLIT_K=s, BLOCK_M=cfg.block_m, BLOCK_N=REDUCE_BLOCK_N, num_warps=4, **FP_FUSION,
+            **flags)
     return out

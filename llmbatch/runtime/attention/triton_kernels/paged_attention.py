@@ -46,6 +46,7 @@ from llmbatch.runtime import pdl
 from llmbatch.runtime.attention.triton_kernels.span_walk import (LOG2E, attend_rows,
                                                                  program_span, tile_rows)
 from llmbatch.runtime.attention.triton_kernels.split_reduce import _reduce_splits_kernel
+from llmbatch.runtime.fp_fusion import FP_FUSION
 from llmbatch.runtime.pdl import pdl_wait_then_release
 
 
@@ -158,7 +159,8 @@ def paged_attention(
         GROUP=num_heads // num_kv_heads, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1], TILE_N=tile_n, NUM_SPLITS=num_splits,
         IEEE_DOT=query.dtype == torch.float32, FUSED_REDUCE=fused,
-        num_warps=num_warps, num_stages=num_stages, **pdl.launch_kwargs(query.device),
+        num_warps=num_warps, num_stages=num_stages, **FP_FUSION,
+        **pdl.launch_kwargs(query.device),
     )
     if num_splits > 1 and not fused:
         reduce_splits(out, part_out, part_lse)
@@ -191,6 +193,6 @@ def reduce_splits(out, part_out, part_lse) -> None:
     _reduce_splits_kernel[(num_tokens, num_heads)](
         out, part_out, part_lse, num_heads, out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
-        HEAD_DIM=head_dim, num_warps=1 if head_dim <= 64 else 2,
+        HEAD_DIM=head_dim, num_warps=1 if head_dim <= 64 else 2, **FP_FUSION,
         **pdl.launch_kwargs(out.device),
     )

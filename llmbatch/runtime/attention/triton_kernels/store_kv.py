@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmbatch.runtime.fp_fusion import FP_FUSION
+
 
 @triton.jit
 def _store_kv_kernel(
@@ -75,5 +77,5 @@ def store_kv(
         BLOCK_SIZE=block_size,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim,
-        num_warps=1 if num_kv_heads * head_dim <= 512 else 4,
+        num_warps=1 if num_kv_heads * head_dim <= 512 else 4, **FP_FUSION,
     )
