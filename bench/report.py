@@ -66,26 +66,47 @@ def table_rows(results: dict) -> list[dict]:
 
 
 def _spec_rows(runs: dict) -> list[dict]:
+    """llmbatch's W-SPEC rows, then each A/B variant's (llmbatch-skinny-spec, bench/variants.py
+    Variant.workloads), the variant's against llmbatch's row of the same key."""
+    base = runs.get("llmbatch", {})
+    rows = _spec_system_rows("llmbatch", base, None)
+    for system, spec in runs.items():
+        if system != "llmbatch" and system.startswith("llmbatch"):
+            rows.extend(_spec_system_rows(system, spec, base))
+    return rows
+
+
+def _spec_system_rows(system: str, spec: dict, base: Optional[dict]) -> list[dict]:
+    """One system's W-SPEC rows; base: llmbatch's results, compared with (None: none)."""
     rows = []
-    spec = runs.get("llmbatch", {})
     if "batches" not in spec:
-        note = spec.get("skipped") or spec.get("error") or "not run"
-        return [{"workload": "W-SPEC", "system": "llmbatch", "note": note}]
+        note = spec.get("skipped") or (f"error: {spec['error']}" if "error" in spec
+                                       else "not run")
+        return [{"workload": "W-SPEC", "system": system, "note": note}]
+
+    def vs_base(section: str, key: str, run: dict) -> dict:
+        other = (base or {}).get(section, {}).get(key, {})
+        if other.get("out_tok_per_s") and run.get("out_tok_per_s"):
+            return {"llmbatch": run["out_tok_per_s"] / other["out_tok_per_s"]}
+        return {}
+
     for b, run in spec["batches"].items():
-        rows.append({"workload": f"W-SPEC b={b}", "system": "llmbatch spec-off",
-                     "out_tok_per_s": run.get("out_tok_per_s"), "ratios": {},
+        rows.append({"workload": f"W-SPEC b={b}", "system": f"{system} spec-off",
+                     "out_tok_per_s": run.get("out_tok_per_s"),
+                     "ratios": vs_base("batches", b, run),
                      "fraction_of_floor": None, "prefix_hit_rate": None})
     ideal = ", ".join(f"α={a}: {v:.2f}" for a, v in spec["ideal_tokens_per_step"].items())
     if spec.get("replay") != "measured":
-        rows.append({"workload": "W-SPEC replay", "system": "llmbatch",
+        rows.append({"workload": "W-SPEC replay", "system": system,
                      "note": f"{spec.get('replay')} (ideal tok/step {ideal})"})
     for key, run in spec.get("replay_runs", {}).items():
         speedup = run.get("speedup_vs_off")
         why = _spec_equality_note(run)
         note = f" ({why})" if why else ""
-        rows.append({"workload": f"W-SPEC {key}", "system": f"llmbatch replay k={spec['k']}",
+        rows.append({"workload": f"W-SPEC {key}", "system": f"{system} replay k={spec['k']}",
                      "out_tok_per_s": run.get("out_tok_per_s"),
-                     "ratios": {"spec-off" + note: speedup} if speedup else {},
+                     "ratios": ({"spec-off" + note: speedup} if speedup else {})
+                     | vs_base("replay_runs", key, run),
                      "fraction_of_floor": None, "prefix_hit_rate": None})
     return rows
 

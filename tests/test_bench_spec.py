@@ -249,3 +249,28 @@ def test_fraction_on_truth_counts_tokens_before_the_first_difference():
     # b: missing entirely.
     assert fraction_on_truth({"a": [1, 2, 9, 4]}, truth) == 2 / 8
     assert fraction_on_truth({}, {}) == 1.0
+
+
+def test_spec_rows_include_the_variant_rows_against_llmbatch():
+    """--skinny-spec records W-SPEC as llmbatch-skinny-spec (b724b1a): the report shows its
+    spec-off and replay rows too, each against llmbatch's row of the same key."""
+    def spec(off, replay):
+        return {"k": 4, "replay": "measured", "ideal_tokens_per_step": {"0.8": 3.36},
+                "batches": {"1": {"out_tok_per_s": off}},
+                "replay_runs": {"alpha=0.8,b=1": {"out_tok_per_s": replay,
+                                                  "speedup_vs_off": replay / off,
+                                                  "greedy_equal_to_spec_off": True}}}
+    results = {"workloads": {"W-SPEC": {}}, "runs": {"W-SPEC": {
+        "llmbatch": spec(100.0, 250.0), "llmbatch-skinny-spec": spec(110.0, 300.0)}}}
+    text = report.format_table(report.table_rows(results)).splitlines()
+    assert text[2:] == [
+        "W-SPEC b=1 | llmbatch spec-off | 100 | — | — | — | —",
+        "W-SPEC alpha=0.8,b=1 | llmbatch replay k=4 | 250 | 2.50x spec-off | — | — | —",
+        "W-SPEC b=1 | llmbatch-skinny-spec spec-off | 110 | 1.10x llmbatch | — | — | —",
+        "W-SPEC alpha=0.8,b=1 | llmbatch-skinny-spec replay k=4 | 300 | 2.73x spec-off, "
+        "1.20x llmbatch | — | — | —"]
+    # a variant that failed says so; llmbatch's rows are unchanged
+    results["runs"]["W-SPEC"]["llmbatch-skinny-spec"] = {"error": "RuntimeError: x"}
+    text = report.format_table(report.table_rows(results)).splitlines()
+    assert text[-1].startswith("W-SPEC | llmbatch-skinny-spec | ")
+    assert "error: RuntimeError: x" in text[-1]
