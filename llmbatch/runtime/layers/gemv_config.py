@@ -100,7 +100,9 @@ def pick_config(n_w: int, k: int, gate_up: bool = False) -> GemvConfig:
         # lands on those rows only in the tiny test models and small models (unmeasured).
         # At most 3 stages: gate_up streams two tiles a stage, and o_proj's 4-stage row would
         # take 102 KB of shared memory in bf16 (204 KB in float32), above sm_86/89's 99 KB
-        # and the A100's 163 KB: the start-up check would then turn the gemv layers off.
+        # and the A100's 163 KB: the start-up check would then turn the gemv layers off. At 3
+        # stages bf16 takes 68 KB; float32 still takes ~136 KB, over sm_86/89's limit, as on
+        # the catch-all row before (float32 models on those GPUs lose the gemv layers).
         cfg = replace(cfg, num_warps=max(cfg.num_warps, 8),
                       num_stages=min(cfg.num_stages, 3))
     return cfg
