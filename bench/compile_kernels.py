@@ -21,7 +21,6 @@ import sys
 import time
 import traceback
 
-# The launch option every non-rotary launch passes: each variant compiles as it runs.
 from llmbatch.runtime.fp_fusion import FP_FUSION
 
 
@@ -73,27 +72,27 @@ def _variants():
                     out.append((f"paged_attention {dt} hd{head_dim} g{group} bq{block_q} "
                                 f"bm{block_m} bs{block_size} splits{splits}",
                                 pa._paged_attention_kernel, sig, consts,
-                                {"num_warps": warps, "num_stages": 2, **FP_FUSION}))
+                                {"num_warps": warps, "num_stages": 2}))
                     if splits > 1:   # TritonAttentionBackend(fused_split_reduce=True)
                         out.append((f"paged_attention {dt} hd{head_dim} g{group} bq{block_q} "
                                     f"bm{block_m} bs{block_size} splits{splits} fused-reduce",
                                     pa._paged_attention_kernel, sig,
                                     dict(consts, FUSED_REDUCE=True),
-                                    {"num_warps": warps, "num_stages": 2, **FP_FUSION}))
+                                    {"num_warps": warps, "num_stages": 2}))
                     if head_dim == 64 and block_q * group == block_m or (group, block_q) == (4, 4):
                         # 128-key tiles: the default for wide decode batches at head_dim 64.
                         consts128 = dict(consts, TILE_N=128)
                         out.append((f"paged_attention {dt} hd{head_dim} g{group} bq{block_q} "
                                     f"bm{block_m} bs{block_size} splits{splits} tile128",
                                     pa._paged_attention_kernel, sig, consts128,
-                                    {"num_warps": warps, "num_stages": 2, **FP_FUSION}))
+                                    {"num_warps": warps, "num_stages": 2}))
         for splits in (2, 16):
             sig = {"out_ptr": f"*{dt}", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
                    "num_heads": "i32", "stride_o_tok": "i32", "stride_o_head": "i32",
                    "NUM_SPLITS": "constexpr", "SPLITS_PAD": "constexpr", "HEAD_DIM": "constexpr"}
             out.append((f"reduce_splits {dt} splits{splits}", pa._reduce_splits_kernel, sig,
                         {"NUM_SPLITS": splits, "SPLITS_PAD": splits, "HEAD_DIM": 64},
-                        {"num_warps": 1, **FP_FUSION}))
+                        {"num_warps": 1}))
         for slot_t in ("i32", "i64"):
             sig = {"key_ptr": f"*{dt}", "value_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}",
                    "v_cache_ptr": f"*{dt}", "slot_mapping_ptr": f"*{slot_t}",
@@ -104,20 +103,18 @@ def _variants():
                    "stride_vc_blk": "i32", "stride_vc_slot": "i32", "stride_vc_head": "i32",
                    "BLOCK_SIZE": "constexpr", "HEADS_PAD": "constexpr", "HEAD_DIM": "constexpr"}
             out.append((f"store_kv {dt} slots {slot_t}", sk._store_kv_kernel, sig,
-                        {"BLOCK_SIZE": 16, "HEADS_PAD": 8, "HEAD_DIM": 64},
-                        {"num_warps": 4, **FP_FUSION}))
+                        {"BLOCK_SIZE": 16, "HEADS_PAD": 8, "HEAD_DIM": 64}, {"num_warps": 4}))
         for has_res in (False, True):
             sig = {"x_ptr": f"*{dt}", "res_ptr": f"*{dt}", "w_ptr": f"*{dt}", "out_ptr": f"*{dt}",
                    "res_out_ptr": f"*{dt}", "x_row_stride": "i32", "res_row_stride": "i32",
                    "out_row_stride": "i32", "res_out_row_stride": "i32", "hidden": "i32",
                    "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK": "constexpr"}
             out.append((f"rms_norm {dt} residual={has_res}", fk._rms_norm_kernel, sig,
-                        {"HAS_RESIDUAL": has_res, "BLOCK": 2048},
-                        {"num_warps": 8, **FP_FUSION}))
+                        {"HAS_RESIDUAL": has_res, "BLOCK": 2048}, {"num_warps": 8}))
         sig = {"x_ptr": f"*{dt}", "out_ptr": f"*{dt}", "x_row_stride": "i32",
                "out_row_stride": "i32", "d": "i32", "BLOCK": "constexpr"}
         out.append((f"silu_and_mul {dt}", fk._silu_and_mul_kernel, sig, {"BLOCK": 1024},
-                    {"num_warps": 4, **FP_FUSION}))
+                    {"num_warps": 4}))
         sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "cos_ptr": f"*{dt}", "sin_ptr": f"*{dt}",
                "q_out_ptr": f"*{dt}", "k_out_ptr": f"*{dt}",
                "q_tok_stride": "i32", "q_head_stride": "i32", "k_tok_stride": "i32",
@@ -151,23 +148,28 @@ def _variants():
            "iters": "i32", "BLOCK": "constexpr"}
     # The 1B shape's qkv (768 blocks: 3 iterations) and o_proj (512: 2); both sizes % 16 == 0.
     out.append(("l2_touch", lp._l2_touch_kernel, sig, {"BLOCK": lp.BLOCK_WORDS},
-                {"num_warps": 4, **FP_FUSION}, _aligned(sig, ("n_words",))))
+                {"num_warps": 4}, _aligned(sig, ("n_words",))))
     ta = importlib.import_module("llmbatch.runtime.triton_argmax")
     # sampler.greedy_argmax on CUDA: float32 logits, Llama 3's 128256 columns (126 chunks).
     sig = {"logits_ptr": "*fp32", "row_stride": "i32", "vocab": "i32", "val_ptr": "*fp32",
            "idx_ptr": "*i32", "num_chunks": "i32", "CHUNK": "constexpr"}
     out.append(("argmax chunks", ta._chunk_argmax_kernel, sig, {"CHUNK": ta.CHUNK},
-                {"num_warps": 4, **FP_FUSION}, _aligned(sig, ("row_stride",))))
+                {"num_warps": 4}, _aligned(sig, ("row_stride",))))
     sig = {"val_ptr": "*fp32", "idx_ptr": "*i32", "num_chunks": "i32", "out_ptr": "*i64",
            "CHUNKS_PAD": "constexpr"}
     out.append(("argmax pick", ta._pick_chunk_kernel, sig, {"CHUNKS_PAD": 128},
-                {"num_warps": 4, **FP_FUSION}, _aligned(sig, ())))
+                {"num_warps": 4}, _aligned(sig, ())))
     out.extend(_rotary_decode_variants())
     out = _with_pdl_variants(out)
     out.extend(_skinny_matmul_variants(sm))
     out.extend(_gemv_variants())
     out.extend(_int8_matmul_variants())
     out.extend(_nf4_matmul_variants())
+    # Every launch names enable_fp_fusion (runtime/fp_fusion.py): **FP_FUSION, except the
+    # rotary kernels' False, which their variants say. Each variant compiles as it runs.
+    for variant in out:
+        for option, value in FP_FUSION.items():
+            variant[4].setdefault(option, value)
     return out
 
 
@@ -254,8 +256,7 @@ def _nf4_matmul_variants():
                                     dict(sig, M="constexpr") if m_kind == "m1" else sig,
                                     dict(consts, M=1) if m_kind == "m1" else consts,
                                     {"num_warps": tile.num_warps,
-                                     "num_stages": tile.num_stages, **FP_FUSION},
-                                    _aligned(sig, ints)))
+                                     "num_stages": tile.num_stages}, _aligned(sig, ints)))
     return out
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 
 from bench.compile_kernels import _aligned, _pdl_option
-from llmbatch.runtime.fp_fusion import FP_FUSION
 
 # The prologue / epilogue combinations skinny_linear is launched with (gate_up always with the
 # norm prologue, models/llama_skinny.py), each also with a bias (Qwen2 q/k/v, attention_bias).
@@ -69,7 +68,7 @@ def skinny_matmul_variants():
                         f"{'' if cfg.dot else ' fma'} split{cfg.split_k}{' pdl' if pdl else ''}",
                         sm._skinny_matmul_kernel,
                         dict(sig, ws_ptr="*fp32" if cfg.split_k > 1 else f"*{dt}"), consts,
-                        dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION,
+                        dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                              **_pdl_option(consts)),
                         _aligned(sig, ("N", "K", "k_per_split"))))
         # The reduce kernel: each epilogue (the norm is a prologue: same as plain), each split.
@@ -87,7 +86,7 @@ def skinny_matmul_variants():
                           BLOCK_N=sm.REDUCE_BLOCK_N, USE_PDL=pdl)
             out.append((f"skinny_split_k_reduce {dt} {kind}{'+bias' if bias else ''} "
                         f"splits{s}{' pdl' if pdl else ''}", sm._split_k_reduce_kernel,
-                        dict(sig), consts, dict(num_warps=4, **FP_FUSION, **_pdl_option(consts)),
+                        dict(sig), consts, dict(num_warps=4, **_pdl_option(consts)),
                         _aligned(sig, ("N",))))
     return out
 
@@ -119,8 +118,7 @@ def int8_matmul_variants():
                             im._int8_matmul_kernel,
                             dict(sig, M="constexpr") if m_kind == "m1" else sig,
                             dict(consts, M=1) if m_kind == "m1" else consts,
-                            {"num_warps": tile.num_warps, "num_stages": tile.num_stages,
-                             **FP_FUSION},
+                            {"num_warps": tile.num_warps, "num_stages": tile.num_stages},
                             _aligned(sig, ints)))
     return out
 

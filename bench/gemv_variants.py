@@ -22,7 +22,6 @@ import importlib
 import itertools
 
 from bench.compile_kernels import _aligned
-from llmbatch.runtime.fp_fusion import FP_FUSION
 
 # "head": a plain call writing float32 logits (ParallelLMHead.gemv_logits: F32_OUT in bf16).
 KINDS = {"plain": {}, "norm": dict(NORM=True), "residual": dict(RESIDUAL=True),
@@ -121,7 +120,6 @@ def gemv_variants():
                     f"w{cfg.num_warps} split{cfg.split_k} p{cfg.num_stages}{' pdl' if pdl else ''}"
                     f"{' prefetch' if prefetch else ''}{' l2prefetch' if prefetch_l2 else ''}",
                     gv._gemv_kernel, sig, consts,
-                    dict(num_warps=cfg.num_warps, **FP_FUSION,
-                         **({"launch_pdl": True} if pdl else {})),
+                    dict(num_warps=cfg.num_warps, **({"launch_pdl": True} if pdl else {})),
                     _aligned(sig, ("N", "K", "k_per_split"))))
     return out
