@@ -89,27 +89,13 @@ def test_l2_prefetch_and_pdl_rows_get_a_batch1_profile_only():
     workloads = dict.fromkeys(WORKLOADS)
     assert [s[0] for s in profile_slices("llmbatch", workloads)] == [
         "llmbatch_profile", "llmbatch_profile_batch1"]
-    assert profile_slices("llmbatch-l2prefetch", workloads) == [
-        ("llmbatch-l2prefetch_profile_batch1", "W-BATCH1", 1, 128,
-         "profile_llmbatch-l2prefetch_batch1.txt")]
-    assert profile_slices("llmbatch-pdl", workloads) == [
-        ("llmbatch-pdl_profile_batch1", "W-BATCH1", 1, 128, "profile_llmbatch-pdl_batch1.txt")]
+    # A/B rows whose change shows at batch 1: the batch-1 slice alone.
+    for system in ("llmbatch-l2prefetch", "llmbatch-pdl", "llmbatch-skinny-gemv-pdl",
+                   "llmbatch-gemv-prefetch", "llmbatch-rotary-attn", "llmbatch-prev-defaults",
+                   "llmbatch-no-pdl"):
+        assert profile_slices(system, workloads) == [
+            (f"{system}_profile_batch1", "W-BATCH1", 1, 128, f"profile_{system}_batch1.txt")]
     assert profile_slices("llmbatch-skinny-pdl", workloads) == []
-    assert profile_slices("llmbatch-skinny-gemv-pdl", workloads) == [
-        ("llmbatch-skinny-gemv-pdl_profile_batch1", "W-BATCH1", 1, 128,
-         "profile_llmbatch-skinny-gemv-pdl_batch1.txt")]
-    assert profile_slices("llmbatch-gemv-prefetch", workloads) == [
-        ("llmbatch-gemv-prefetch_profile_batch1", "W-BATCH1", 1, 128,
-         "profile_llmbatch-gemv-prefetch_batch1.txt")]
-    assert profile_slices("llmbatch-rotary-attn", workloads) == [
-        ("llmbatch-rotary-attn_profile_batch1", "W-BATCH1", 1, 128,
-         "profile_llmbatch-rotary-attn_batch1.txt")]
-    assert profile_slices("llmbatch-prev-defaults", workloads) == [
-        ("llmbatch-prev-defaults_profile_batch1", "W-BATCH1", 1, 128,
-         "profile_llmbatch-prev-defaults_batch1.txt")]
-    assert profile_slices("llmbatch-no-pdl", workloads) == [
-        ("llmbatch-no-pdl_profile_batch1", "W-BATCH1", 1, 128,
-         "profile_llmbatch-no-pdl_batch1.txt")]
     assert profile_slices("llmbatch-sync", workloads) == []
     assert profile_slices("llmbatch-l2prefetch", {"W-RANDOM": None}) == []
 
