@@ -52,6 +52,12 @@ the fastest of each group that cannot stack (one L2 prefetch plan, one split cou
 tile). Options may not add up (PDL and the prefetch side stream both touch launch timing), so
 the default-to-be is measured as a whole in the same run.
 
+First, on a CUDA device, W-BATCH1 on the defaults with CUDA events around every step
+(runtime/device_timing.py): device time a step of the forward and of the sampling, and the
+device's idle gap between steps, against the TPOT. A gap near TPOT minus the step's device
+time says the host is on the critical path (stop 20 saw ~70 us a token between TPOT and the
+host's step time, cause unknown). Not a row: the events cost a few us of host time a step.
+
 Writes OUT/bench_batch1.json after every row (a run cut by its time limit keeps what ran);
 prints one line per row: TPOT and the ratio to the first row.
 """
@@ -115,6 +121,32 @@ def run_row(engine, workload, label, apply, undo, device) -> dict:
             "_outputs": res["_outputs"]}
 
 
+def device_timing_pass(engine, workload, make_event=None) -> dict:
+    """W-BATCH1 on the engine as it is, with every step timed on the device; us a step.
+    make_event: the event factory (tests fake CUDA events; None: CUDA events)."""
+    from llmbatch.runtime import device_timing
+
+    recapture(engine)
+    llmbatch_runner.run_workload(engine, workload, workload.requests[:1])  # warm graphs
+    if make_event is None:
+        device_timing.enable(engine.runner)
+    else:
+        device_timing.enable(engine.runner, make_event)
+    try:
+        res = llmbatch_runner.run_workload(engine, workload)
+    finally:
+        device_timing.disable(engine.runner)
+    d = res["engine_stats_delta"]
+    out = {"tpot_s": res["tpot_s"], "device_timed_steps": d.get("device_timed_steps")}
+    for kind in device_timing.KINDS:
+        n = d.get(f"{kind}_steps") or 0
+        out[f"{kind}_steps"] = n
+        names = [f"{kind}_device_{part}" for part in device_timing.PARTS]
+        for name in names + [f"{kind}_launch", f"{kind}_step"]:   # device, then host
+            out[f"{name}_us_per_step"] = (d.get(f"{name}_s", 0.0) / n * 1e6) if n else None
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:   # before triton is first imported: kernels run on CPU tensors
@@ -161,6 +193,23 @@ def main(argv=None) -> int:
             yield winners
         yield from closing
 
+    if device == "cuda":
+        try:
+            t = out["device_timing"] = device_timing_pass(engine, workload)
+            save()
+            g = {part: t[f"graph_{part}_us_per_step"] for part in
+                 ("device_forward", "device_sample", "device_gap", "launch", "step")}
+            if t["graph_steps"]:
+                print(f"batch1 device time a graph step (CUDA events): forward "
+                      f"{g['device_forward']:.1f} us, sampling {g['device_sample']:.1f} us, "
+                      f"idle gap before it {g['device_gap']:.1f} us; host: launch "
+                      f"{g['launch']:.1f} us, step {g['step']:.1f} us; TPOT "
+                      f"{t['tpot_s'] * 1e6:.1f} us", flush=True)
+        except Exception as exc:   # a diagnostic: never costs the rows above
+            traceback.print_exc()
+            out["device_timing"] = {"error": f"{type(exc).__name__}: {exc}"}
+            save()
+            print(f"batch1 device timing ERROR {type(exc).__name__}: {exc}", flush=True)
     for label, apply, undo in schedule():
         try:
             row = run_row(engine, workload, label, apply, undo, torch.device(device))

@@ -277,6 +277,10 @@ class Engine(SpeculationMixin):
             s[f"{kind}_steps"] = getattr(self.runner, "step_count", {}).get(kind)
             s[f"{kind}_step_s"] = getattr(self.runner, "step_time_s", {}).get(kind)
             s[f"{kind}_launch_s"] = getattr(self.runner, "step_launch_s", {}).get(kind)
+        # Device seconds per step part and idle gaps, while runner.device_timer is on.
+        timer = getattr(self.runner, "device_timer", None)
+        if timer is not None:
+            s.update(timer.stats())
         # Bytes of the loaded weights on each TP rank (quantized buffers included), and the
         # quantization in effect (a pre-quantized checkpoint's method when config says none).
         per_rank = getattr(self.runner, "weight_bytes_per_rank", None)

@@ -26,9 +26,11 @@ class LaunchedStep:
     """A step enqueued on the device; result() waits for its sampled tokens (once)."""
 
     def __init__(self, runner: ModelRunner, s: StepInputs, pending, kind: str,
-                 launch_s: float) -> None:
+                 launch_s: float, device_marks=None) -> None:
         self.runner, self.inputs, self.pending = runner, s, pending
         self._kind, self._launch_s = kind, launch_s
+        # The step's CUDA events when runner.device_timer is on (runtime/device_timing.py).
+        self._device_marks = device_marks
         self._sampled: Optional[dict[Any, list[int]]] = None
 
     def result(self) -> dict[Any, list[int]]:
@@ -42,6 +44,8 @@ class LaunchedStep:
             runner.step_time_s[self._kind] += self._launch_s + time.perf_counter() - t0
             runner.step_launch_s[self._kind] += self._launch_s
             runner.step_count[self._kind] += 1
+            if self._device_marks is not None and runner.device_timer is not None:
+                runner.device_timer.account(self._kind, self._device_marks)
         return self._sampled
 
 

@@ -60,6 +60,8 @@ class ModelRunner(CudaFastPathsMixin):
         # means the device waited on the host (eager prefills: ~150 Python launches a step).
         self.step_launch_s = {"graph": 0.0, "eager": 0.0}
         self.step_count = {"graph": 0, "eager": 0}
+        # CUDA-event timing of each step on the device (runtime/device_timing.py; opt-in).
+        self.device_timer = None
         self.device = resolve_device(config.device)
         config.check_device(self.device.type)
         make_current(self.device)
@@ -234,16 +236,22 @@ class ModelRunner(CudaFastPathsMixin):
                 raise RuntimeError("a step with deferred input tokens needs the step in flight")
             prev_tokens = prev.pending.token_ids
         replays_before = self.graph_runner.num_replays if self.graph_runner is not None else 0
+        timer = self.device_timer
+        marks = timer.begin() if timer is not None else None
         logits = self.forward_logits(s, prev_tokens)
+        if marks is not None:
+            timer.after_forward(marks)
         pending = None
         if logits is not None:
             params = list(map(_sampling_params, s.sample_requests))
             default_seeds = list(map(_default_seed, s.sample_requests))
             pending = self.sampler.sample_async(logits, params, s.sample_output_index,
                                                 default_seeds, s.sample_requests)
+        if marks is not None:
+            timer.after_sampling(marks)
         graphed = self.graph_runner is not None and self.graph_runner.num_replays > replays_before
         return LaunchedStep(self, s, pending, "graph" if graphed else "eager",
-                            time.perf_counter() - t1)
+                            time.perf_counter() - t1, marks)
 
     @torch.inference_mode()
     def forward_logits(self, s: StepInputs,
