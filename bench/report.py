@@ -42,6 +42,7 @@ def table_rows(results: dict) -> list[dict]:
             row["tpot_s"] = run.get("tpot_s") if batch1 else None
             row["fraction_of_floor"] = _fraction(run, floor, batch1)
             row["prefix_hit_rate"] = run.get("prefix_hit_rate")
+            row.update(_repeat_spread(run, batch1))
             row["ratios"] = {}
             # llmbatch's loaded weights (all ranks); quantized systems (llmbatch-nf4, ...) are
             # also compared with the unquantized llmbatch run of the same workload.
@@ -63,6 +64,21 @@ def table_rows(results: dict) -> list[dict]:
                     row["ratios"][label] = row["ratios"].pop("llmbatch")
             rows.append(row)
     return rows
+
+
+def _repeat_spread(run: dict, batch1: bool) -> dict:
+    """{"num_runs", "spread"} of a repeated llmbatch run (bench.run --repeats), {} for one run:
+    spread is the largest distance of any run from the reported (median) run, relative to it,
+    in TPOT for W-BATCH1 (its figure) and out tok/s otherwise, so "±3.0%" says every
+    repetition lies within 3 % of the figure shown."""
+    rep = run.get("repeats") or {}
+    key = "tpot_s" if batch1 and run.get("tpot_s") else "out_tok_per_s"
+    values = [v for v in rep.get(key) or () if v is not None]
+    if rep.get("n", 1) < 2 or not values or not run.get(key):
+        return {}
+    figure = run[key]
+    return {"num_runs": rep["n"],
+            "spread": max(abs(v - figure) for v in values) / figure}
 
 
 def _spec_rows(runs: dict) -> list[dict]:
@@ -144,10 +160,13 @@ def format_table(rows: list[dict]) -> str:
         if "note" in r:
             lines.append(f"{r['workload']} | {r['system']} | {r['note']} | | | |")
             continue
+        # "38,178 (±3.0%, 3 runs)"; W-BATCH1: "1,048.5 (TPOT 0.92 ms, ±2.0%, 3 runs)".
+        repeats = (f"±{r['spread']:.1%}, {r['num_runs']} runs" if r.get("num_runs") else "")
         if r.get("tpot_s") is not None:
-            speed = f"{r['out_tok_per_s']:,.1f} (TPOT {r['tpot_s'] * 1e3:.2f} ms)"
+            detail = ", ".join(x for x in (f"TPOT {r['tpot_s'] * 1e3:.2f} ms", repeats) if x)
+            speed = f"{r['out_tok_per_s']:,.1f} ({detail})"
         else:
-            speed = _fmt(r.get("out_tok_per_s"), ",.0f")
+            speed = _fmt(r.get("out_tok_per_s"), ",.0f") + (f" ({repeats})" if repeats else "")
         ratios = ", ".join(f"{v:.2f}x {k}" for k, v in r.get("ratios", {}).items()) or "—"
         hit = r.get("prefix_hit_rate")
         weights = r.get("weight_bytes")

@@ -14,6 +14,7 @@
     python -m bench.run --prev-defaults ...  # + llmbatch-prev-defaults: stop 18's (CUDA)
     python -m bench.run --no-gemv ... / --no-pdl ...   # + the default with one of them off
     python -m bench.run --skinny-spec ...   # + W-SPEC with skinny_matmul (verify steps; CUDA)
+    python -m bench.run --repeats 5 ...   # each llmbatch workload 5 times, the median reported
 
 Order: llmbatch first (its KV pool sizes itself from free memory), then it is freed and the
 peers load the same checkpoint. Every figure is written to OUT/results.json as soon as it
@@ -24,6 +25,7 @@ or llmbatch generated a wrong number of tokens; the table is printed either way.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -77,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"every workload unquantized (bf16) and {'/'.join(QUANT_WORKLOADS)} "
                         f"once per quantized method (system llmbatch-nf4, llmbatch-int8)")
     add_variant_flags(p, '/'.join(FUSED_WORKLOADS))
+    p.add_argument("--repeats", type=int, default=None,
+                   help="run W-RANDOM, W-PREFIX and W-BATCH1 this many times on each llmbatch "
+                        "engine and report the median run, with every run and the spread in "
+                        "the JSON (default: 3 on CUDA, 1 on the CPU; not the peers or W-SPEC)")
     p.add_argument("--profile", action="store_true",
                    help="after llmbatch's bf16 workloads, profile a 64-request W-RANDOM slice "
                         "and batch-1 decode (OUT/profile_llmbatch*.txt; GPU busy fraction "
@@ -101,7 +107,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown quantization(s) {bad}; known: {', '.join(QUANT_METHODS)}")
     if not 0.0 < args.scale <= 1.0:
         p.error(f"--scale must be in (0, 1], got {args.scale}")
+    if args.repeats is not None and args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     return args
+
+
+def num_repeats(args: argparse.Namespace, device: str) -> int:
+    """--repeats, else 3 on CUDA (stop 20's H200 figures moved 4-10 % between engines and calls;
+    llmbatch's workloads take ~3 s an engine there) and 1 on the CPU (the dry run stays fast)."""
+    if args.repeats is not None:
+        return args.repeats
+    return 3 if device.startswith("cuda") else 1
 
 
 class Recorder:
@@ -143,8 +159,22 @@ def _attempt(rec: Recorder, workload: str, system: str, fn) -> None:
         value = {"error": f"{type(exc).__name__}: {exc}"}
     rec.put(workload, system, value)
     speed = value.get("out_tok_per_s")
-    log(f"{workload} / {system}: " + (f"{speed:,.1f} out tok/s" if speed else
+    spread = value.get("repeats", {}).get("spread")
+    runs = (f" (median of {value['repeats']['n']}, max-min {spread:.1%})"
+            if spread is not None and value["repeats"]["n"] > 1 else "")
+    log(f"{workload} / {system}: " + (f"{speed:,.1f} out tok/s{runs}" if speed else
                                       value.get("error", value.get("skipped", "done"))))
+
+
+def _run_repeated(engine, workload, repeats: int, reset) -> dict:
+    """`workload` `repeats` times on `engine`, summarized as its median run. The prefix cache is
+    reset before each run: a repeated W-PREFIX would otherwise hit the previous run's KV."""
+    runs = []
+    for _ in range(repeats):
+        if callable(reset):
+            reset()
+        runs.append(llmbatch_runner.run_workload(engine, workload))
+    return llmbatch_runner.summarize_repeats(runs)
 
 
 def _free_cuda() -> None:
@@ -231,13 +261,15 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
     # keeps W-PREFIX clean (see parse_args) and later workloads' hits only shorten their TTFT.
     reset = getattr(engine, "reset_prefix_cache", None)
     rec.results[setup_key]["prefix_cache_reset_per_workload"] = callable(reset)
+    repeats = num_repeats(args, device)
     for name, w in workloads.items():
-        if callable(reset):
-            reset()
-        if name == "W-SPEC":
+        if name == "W-SPEC":   # runs once: it repeats nothing the --repeats rows measure
+            if callable(reset):
+                reset()
             _attempt(rec, name, system, lambda: spec_run.run_spec(engine, w, vocab))
         else:
-            _attempt(rec, name, system, lambda: llmbatch_runner.run_workload(engine, w))
+            _attempt(rec, name, system, functools.partial(_run_repeated, engine, w, repeats,
+                                                          reset))
     if args.profile:
         _profile(args, rec, engine, system, workloads, reset)
     # reset is a bound method: it holds the engine too (it made cuda_bytes_after_free report
@@ -277,6 +309,14 @@ def run_peers(rec: Recorder, workloads: dict, model_dir: str, dtype: str, device
     _free_cuda()
 
 
+def failed_runs(results: dict) -> list[str]:
+    """"WORKLOAD/SYSTEM" of each run that failed, produced errors or wrong lengths, in its
+    reported (median) run or in any other repetition."""
+    return [f"{w}/{s}" for w, runs in results["runs"].items() for s, r in runs.items()
+            if "error" in r or r.get("num_errors") or r.get("num_wrong_lengths")
+            or (r.get("repeats") or {}).get("num_failed")]
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -292,7 +332,7 @@ def main(argv=None) -> int:
 
     results = {"env": environment(device), "shape": shape.name, "dtype": dtype,
                "scale": args.scale, "smoke_test_only": shape.name != "1b" or args.scale != 1.0,
-               "workloads": {}, "runs": {}}
+               "llmbatch_repeats": num_repeats(args, device), "workloads": {}, "runs": {}}
     rec = Recorder(args.out, results)
     t0 = time.perf_counter()
     make_checkpoint(shape, model_dir, dtype=dtype, device=device)
@@ -335,8 +375,7 @@ def main(argv=None) -> int:
     table = report.format_table(rows)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
-    failed = [f"{w}/{s}" for w, runs in results["runs"].items() for s, r in runs.items()
-              if "error" in r or r.get("num_errors") or r.get("num_wrong_lengths")]
+    failed = failed_runs(results)
     label = "SMOKE TEST (not a benchmark figure)" if results["smoke_test_only"] else "benchmark"
     print(f"\n{label}: shape {shape.name}, {dtype}, {results['env'].get('gpu', device)}, "
           f"scale {args.scale}; JSON in {rec.path}")

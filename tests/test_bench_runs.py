@@ -45,6 +45,10 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         run = results["runs"][name]["llmbatch"]
         assert run["output_tokens"] == results["workloads"][name]["num_output_tokens"]
         assert run["num_errors"] == 0 and run["num_wrong_lengths"] == 0
+        # One run a workload in the dry run (--repeats defaults to 1 off CUDA), kept as such.
+        assert run["repeats"]["n"] == 1 and run["repeats"]["num_failed"] == 0
+        assert run["repeats"]["out_tok_per_s"] == [run["out_tok_per_s"]]
+    assert results["llmbatch_repeats"] == 1
     # W-PREFIX scaled: 8 groups share a 51-token prefix (3 full blocks of 16) -> hits > 0
     assert results["runs"]["W-PREFIX"]["llmbatch"]["num_cached_prompt_tokens"] > 0
     # The profiled slice ran and wrote its kernel table; step phases are timed.
