@@ -13,7 +13,8 @@
 # BENCH_QUANTIZATION=bf16,nf4,int8 the bench runs W-RANDOM and W-BATCH1 again with nf4 and
 # int8 (default bf16 only since stop 10, for time: stop 9 measured both; tests/gpu still
 # checks their kernels). Without the wheel the quantized rows say bitsandbytes is missing.
-# Env: PYTHON (default python3), BENCH_ARGS (extra bench.run flags, e.g. "--skip-peers"),
+# Env: PYTHON (default python3), BENCH_ARGS (extra bench.run flags, e.g. "--skip-peers";
+# "--repeats 1": one run of each llmbatch workload an engine, not the median of 3 on a GPU),
 # PYTEST_TIMEOUT (s, default 230), PYTEST_PATHS (default: all of tests/gpu, core files first),
 # BENCH_RUN=0 (skip the bench: a tests-only call), BENCH_RESERVE (s the bench keeps from
 # pytest's limit; default 220, 160 with --skip-peers in BENCH_ARGS),
@@ -190,7 +191,8 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   # shellcheck disable=SC2086
   # Skinny matmul (opt-in, measured slower) last: a cut run loses it first.
   # What the later steps keep: the bench ~220 s with peers, ~160 s without (4 engines since stop
-  # 19: llmbatch and the 3 A/B variants on by default, ~26 s each; BENCH_RESERVE overrides; 0 with
+  # 19: llmbatch and the 3 A/B variants on by default, ~32 s each with bench.run's 3 repeats of
+  # W-RANDOM, W-PREFIX and W-BATCH1, ~6 s of it; BENCH_RESERVE overrides; 0 with
   # BENCH_RUN=0), the batch-1 sweep ~70 s when it runs. Stop 17's focused call kept a fixed
   # 290 s whatever ran after, and its pytest got 10 s of a 300 s budget.
   PYTEST_RESERVE=0

@@ -11,8 +11,9 @@ import re
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_CHECK = open(os.path.join(ROOT, "bench", "gpu_check.sh")).read()
 # 93823c5 sized the --skip-peers reserve for 5 engines at 130 s: 26 s an engine (load, warm-up,
-# W-RANDOM / W-PREFIX / W-BATCH1 and a batch-1 profile each).
-SECONDS_AN_ENGINE = 130 / 5
+# W-RANDOM / W-PREFIX / W-BATCH1 and a batch-1 profile each), + ~6 s since bench.run runs the
+# three workloads 3 times an engine on a GPU (--repeats; ~3 s a run on stop 20's H200).
+SECONDS_AN_ENGINE = 130 / 5 + 6
 
 
 def _comment() -> str:
