@@ -1,10 +1,12 @@
 """Micro-benchmark: the same batch-1 product y[1, N] = x[1, K] @ W[N, K]^T reached through
 different torch entry points and weight layouts, so cuBLAS picks different kernels at M = 1,
-and through our one-row Triton GEMV (layers/gemv.py) at several tiles (GPU only; not a test;
+and through our one-row Triton GEMV (layers/gemv.py) at several tiles; plus M = 5 cells (a
+batch-1 verify step of 4 draft tokens: gemv_linear's multi-row kernel against F.linear at
+M = 5, the ratio against the latter) (GPU only; not a test;
 W-BATCH1 tuning input: does another dispatch or our kernel stream the weight faster than
 F.linear's "nvjet ... TNT" kernels, 1.4-2.1 TB/s on qkv / o_proj in stop 13?). The dry run
-runs the gemv tile table's pick only (the interpreter takes ~10 s a tile); --variants names
-the others.
+runs the gemv tile table's picks only (M = 1 and M = 5; the interpreter takes ~10 s a tile);
+--variants names the others.
 
     python -m bench.bench_gemv_layouts [--out gemv.json] [--variants linear,mv] [--iters 64]
     python -m bench.bench_gemv_layouts --dry-run     # CPU smoke run: tiny shapes, float32
@@ -40,6 +42,7 @@ from bench import gpu_timing
 from bench.model_shapes import SHAPE_1B, SHAPE_TINY, ModelShape
 
 PER_LAYER = ("qkv", "o_proj", "gate_up", "down")   # summed, x num_hidden_layers
+VERIFY_ROWS = 5   # the multi-row cells: k + 1 tokens of a batch-1 speculative verify step
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}  # rtol = atol
 
 
@@ -79,6 +82,10 @@ class Variant:
     # Per weight copy, built once before timing: the operands after x.
     prep: Callable = lambda w: (w,)
     pad_m: int = 1           # x padded with zero rows to this many (decode pads batches too)
+    # x of this many random rows (> 1: a speculative verify step's k + 1 tokens at batch 1):
+    # every row checked against F.linear of the same rows, the ratio taken against the
+    # "linear" variant of the same row count, never a shape's best (the M = 1 question).
+    rows: int = 1
     setting: str = ""        # a global torch switch held while checking and capturing
 
 
@@ -106,6 +113,12 @@ VARIANTS = [
     # it also carries the norm prologue and residual / SiLU·mul epilogues.
     *[Variant(name, functools.partial(_gemv_call, cfg=cfg), prep=_gemv_prep)
       for name, cfg in GEMV_CONFIGS.items()],
+    # 10. M = 5 (k + 1 = 5 verify tokens): torch at M = 5 (the reference of the M = 5 cells),
+    # and gemv_linear's multi-row kernel (layers/gemv_rows.py: each weight tile loaded once
+    # for the 5 rows), its table's multi-row pick. Unmeasured until a GPU runs this.
+    Variant(f"linear_rows{VERIFY_ROWS}", lambda x, w: F.linear(x, w), rows=VERIFY_ROWS),
+    Variant(f"gemv_rows{VERIFY_ROWS}", functools.partial(_gemv_call, cfg=None), prep=_gemv_prep,
+            rows=VERIFY_ROWS),
 ]
 
 
@@ -149,26 +162,36 @@ def run_shape(case, variants, dtype, device, args, copy_gbs) -> list[dict]:
     x = ops["x"]                                # (1, K)
     tol = TOLERANCE[dtype]
     want, rows = None, []
+    # rows x: x's row first, then random ones (seeded), for the multi-row cells.
+    g = torch.Generator().manual_seed(1)
+    x_rows = {m: torch.cat([x, torch.randn(m - 1, k, generator=g).to(dtype).to(device)])
+              for m in {v.rows for v in variants if v.rows > 1}}
+    want_rows = {}            # rows -> F.linear of x_rows[rows], the multi-row reference
     for v in variants:
         row = {"case": case.name, "n": n, "k": k, "variant": v.name, "pad_m": v.pad_m,
-               "weight_bytes": w_bytes}
+               "rows": v.rows, "weight_bytes": w_bytes}
         rows.append(row)
         try:
             with torch_setting(v.setting, cuda):
-                xv = x
+                xv = x_rows.get(v.rows, x)
                 if v.pad_m > 1:                 # (pad_m, K): row 0 is x, the others zero
                     xv = torch.zeros(v.pad_m, k, dtype=dtype, device=device)
                     xv[0] = x[0]
                 operands = [v.prep(w) for w in ops["weights"]]
                 fns = [lambda o=o, v=v, xv=xv: v.call(xv, *o) for o in operands]
-                got = fns[0]()[:1].float()     # (1, N)
-                if tuple(got.shape) != (1, n):
-                    raise ValueError(f"result shape {tuple(got.shape)}, expected (1, {n})")
+                got = fns[0]()[:v.rows].float()     # (rows, N)
+                if tuple(got.shape) != (v.rows, n):
+                    raise ValueError(f"result shape {tuple(got.shape)}, expected ({v.rows}, {n})")
                 if want is None:
                     want = got
-                diff = (got - want).abs().max().item()
+                ref = want
+                if v.rows > 1:
+                    if v.rows not in want_rows:
+                        want_rows[v.rows] = F.linear(xv, ops["weights"][0]).float()
+                    ref = want_rows[v.rows]
+                diff = (got - ref).abs().max().item()
                 row["max_abs_diff"] = diff
-                row["equal"] = bool(torch.allclose(got, want, rtol=tol, atol=tol))
+                row["equal"] = bool(torch.allclose(got, ref, rtol=tol, atol=tol))
                 if not row["equal"]:
                     raise ValueError(f"result differs from {variants[0].name}: max abs diff "
                                      f"{diff:.3g} (tolerance {tol})")
@@ -182,8 +205,9 @@ def run_shape(case, variants, dtype, device, args, copy_gbs) -> list[dict]:
         gbs = w_bytes / us / 1e3
         row.update(us=round(us, 3), gbs=round(gbs, 1), frac_copy=round(gbs / copy_gbs, 3),
                    cuda_graph=in_graph)
-    base = rows[0].get("us")
-    for row in rows:
+    us = {r["variant"]: r.get("us") for r in rows}
+    for row in rows:   # against linear at the same row count
+        base = us.get("linear" if row["rows"] == 1 else f"linear_rows{row['rows']}")
         if base and "us" in row:
             row["ratio"] = round(row["us"] / base, 3)
     return rows
@@ -193,7 +217,7 @@ def best_per_case(rows: list[dict]) -> dict:
     """case -> (linear row, fastest timed row), for the cases that have both."""
     out = {}
     for name in dict.fromkeys(r["case"] for r in rows):
-        timed = [r for r in rows if r["case"] == name and "us" in r]
+        timed = [r for r in rows if r["case"] == name and "us" in r and r.get("rows", 1) == 1]
         base = next((r for r in timed if r["variant"] == "linear"), None)
         if base is not None:
             out[name] = (base, min(timed, key=lambda r: r["us"]))
@@ -270,7 +294,8 @@ def main(argv=None) -> int:
     variants = [v for v in VARIANTS if not wanted or v.name in wanted or v.name == "linear"]
     cuda = torch.cuda.is_available() and not args.dry_run
     if not cuda and not wanted:  # the interpreter takes ~10 s a gemv tile: the table's only
-        variants = [v for v in variants if not v.name.startswith("gemv_")]
+        # (its one-row and its multi-row pick)
+        variants = [v for v in variants if not v.name.startswith("gemv_") or v.rows > 1]
     if not cuda and not args.dry_run:
         print("bench_gemv_layouts: needs a CUDA device (--dry-run runs the CPU smoke test)",
               file=sys.stderr)

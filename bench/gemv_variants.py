@@ -93,33 +93,64 @@ def launches():
     return list(dict.fromkeys(out))
 
 
+def rows_launches():
+    """(dtype, kind, bias, GemvConfig, pdl, prefetch, prefetch_l2, ROWS) of the multi-row
+    kernel's launches (gemv_linear with 2..8 rows, layers/gemv_rows.py): ROWS = M padded to 2,
+    4 or 8. The engine's decoder layers of steps of 2..8 tokens (EngineConfig.gemv_max_rows)
+    in ENGINE_LAYERS' shapes and switches (bf16: PDL x the weight prefetch, the L2 prefetch
+    with PDL; the tiny float32 Llama plain), and bench_gemv_layouts' M = 5 cells (plain, the
+    multi-row pick, ROWS = 8)."""
+    gv = importlib.import_module("llmbatch.runtime.layers.gemv")
+    out = []
+    for rows, (dt, layers) in itertools.product((2, 4, 8), ENGINE_LAYERS.items()):
+        on_off = (False, True) if dt == "bf16" else (False,)
+        for (n_w, k, kind), pdl, prefetch in itertools.product(layers, on_off, on_off):
+            cfg = gv.pick_config(n_w, k, kind == "gate_up", rows)
+            out.append((dt, kind, False, cfg, pdl, prefetch, False, rows))
+            if dt == "bf16" and pdl:                            # PREFETCH_L2: CUDA only
+                out.append((dt, kind, False, cfg, pdl, prefetch, True, rows))
+    for n_w, k in BENCH_SHAPES:
+        out.append(("bf16", "plain", False, gv.pick_config(n_w, k, False, 5), False, False,
+                    False, 8))
+    return list(dict.fromkeys(out))
+
+
+def _variant(gv, dt, kind, bias, cfg, pdl, prefetch, prefetch_l2, rows):
+    """One compile_kernels entry: the one-row kernel (rows 1) or the multi-row one (ROWS)."""
+    split = cfg.split_k > 1
+    sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
+           "norm_w_ptr": f"*{dt}", "res_ptr": f"*{dt}", "out_ptr": f"*{dt}",
+           "ws_ptr": "*fp32" if split else f"*{dt}",
+           "count_ptr": "*i32" if split else f"*{dt}"}
+    if rows > 1:
+        sig.update(M="i32", N="i32", K="i32", x_row_stride="i32", res_row_stride="i32")
+    else:
+        sig.update(N="i32", K="i32")
+    sig.update(k_per_split="i32", eps="fp32")
+    for name in ("HAS_BIAS", "NORM", "RESIDUAL", "GATE_UP", *(("ROWS",) if rows > 1 else ()),
+                 "BLOCK_N", "BLOCK_K", "SPLIT_K", "NUM_STAGES", "USE_PDL", "PREFETCH_W",
+                 "PREFETCH_L2", "F32_OUT"):
+        sig[name] = "constexpr"
+    f32_out = kind == "head" and dt != "fp32"   # ParallelLMHead.gemv_logits
+    if f32_out:   # out, and the placeholders that point at it (res; ws / count unsplit)
+        sig.update(out_ptr="*fp32", res_ptr="*fp32",
+                   **({} if split else dict(ws_ptr="*fp32", count_ptr="*fp32")))
+    consts = dict(dict(NORM=False, RESIDUAL=False, GATE_UP=False), **KINDS[kind],
+                  HAS_BIAS=bias, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                  SPLIT_K=cfg.split_k, NUM_STAGES=cfg.num_stages, USE_PDL=pdl,
+                  PREFETCH_W=prefetch, PREFETCH_L2=prefetch_l2, F32_OUT=f32_out,
+                  **({"ROWS": rows} if rows > 1 else {}))
+    return (f"gemv{f' rows{rows}' if rows > 1 else ''} {dt} {kind}{'+bias' if bias else ''} "
+            f"n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} split{cfg.split_k} "
+            f"p{cfg.num_stages}{' pdl' if pdl else ''}{' prefetch' if prefetch else ''}"
+            f"{' l2prefetch' if prefetch_l2 else ''}",
+            gv._gemv_kernel if rows == 1 else gv._gemv_rows_kernel, sig, consts,
+            dict(num_warps=cfg.num_warps, **({"launch_pdl": True} if pdl else {})),
+            _aligned(sig, ("N", "K", "k_per_split")))
+
+
 def gemv_variants():
     """compile_kernels entries (label, kernel, signature, constexprs, options, attrs)."""
     gv = importlib.import_module("llmbatch.runtime.layers.gemv")
-    out = []
-    for dt, kind, bias, cfg, pdl, prefetch, prefetch_l2 in launches():
-        split = cfg.split_k > 1
-        sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
-               "norm_w_ptr": f"*{dt}", "res_ptr": f"*{dt}", "out_ptr": f"*{dt}",
-               "ws_ptr": "*fp32" if split else f"*{dt}",
-               "count_ptr": "*i32" if split else f"*{dt}", "N": "i32", "K": "i32",
-               "k_per_split": "i32", "eps": "fp32"}
-        for name in ("HAS_BIAS", "NORM", "RESIDUAL", "GATE_UP", "BLOCK_N", "BLOCK_K",
-                     "SPLIT_K", "NUM_STAGES", "USE_PDL", "PREFETCH_W", "PREFETCH_L2",
-                     "F32_OUT"):
-            sig[name] = "constexpr"
-        f32_out = kind == "head" and dt != "fp32"   # ParallelLMHead.gemv_logits
-        if f32_out:   # out, and the placeholders that point at it (res; ws / count unsplit)
-            sig.update(out_ptr="*fp32", res_ptr="*fp32",
-                       **({} if split else dict(ws_ptr="*fp32", count_ptr="*fp32")))
-        consts = dict(dict(NORM=False, RESIDUAL=False, GATE_UP=False), **KINDS[kind],
-                      HAS_BIAS=bias, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                      SPLIT_K=cfg.split_k, NUM_STAGES=cfg.num_stages, USE_PDL=pdl,
-                      PREFETCH_W=prefetch, PREFETCH_L2=prefetch_l2, F32_OUT=f32_out)
-        out.append((f"gemv {dt} {kind}{'+bias' if bias else ''} n{cfg.block_n} k{cfg.block_k} "
-                    f"w{cfg.num_warps} split{cfg.split_k} p{cfg.num_stages}{' pdl' if pdl else ''}"
-                    f"{' prefetch' if prefetch else ''}{' l2prefetch' if prefetch_l2 else ''}",
-                    gv._gemv_kernel, sig, consts,
-                    dict(num_warps=cfg.num_warps, **({"launch_pdl": True} if pdl else {})),
-                    _aligned(sig, ("N", "K", "k_per_split"))))
-    return out
+    return ([_variant(gv, *launch, 1) for launch in launches()]
+            + [_variant(gv, *launch) for launch in rows_launches()])

@@ -25,7 +25,10 @@ VARIANT_NAMES = ["linear", "mm_wt", "mv", "linear_m2", "linear_m4", "linear_m8",
                  "linear_zero_bias", "linear_cublaslt", "linear_fp32_reduce",
                  # layers/gemv.py (Triton, the interpreter in the dry run): the table's pick;
                  # its 5 other tiles run on a GPU or when named (the interpreter is slow)
-                 "gemv"]
+                 "gemv",
+                 # M = 5 cells: torch at M = 5 (their reference), the multi-row gemv's pick
+                 "linear_rows5", "gemv_rows5"]
+ROWS = {"linear_rows5": 5, "gemv_rows5": 5}
 
 
 def test_dry_run_times_every_shape_and_variant(tmp_path):
@@ -47,14 +50,17 @@ def test_dry_run_times_every_shape_and_variant(tmp_path):
         assert r["equal"] is True and r["max_abs_diff"] < 1e-4
         assert isinstance(r["us"], float) and r["us"] > 0
         assert r["gbs"] == pytest.approx(r["weight_bytes"] / r["us"] / 1e3, abs=0.06)
-        base = next(b for b in rows if (b["case"], b["variant"]) == (r["case"], "linear"))
+        assert r["rows"] == ROWS.get(r["variant"], 1)
+        ref = "linear_rows5" if r["rows"] == 5 else "linear"      # ratios at the same M
+        base = next(b for b in rows if (b["case"], b["variant"]) == (r["case"], ref))
         assert r["ratio"] == pytest.approx(r["us"] / base["us"], abs=1e-3)
         assert r["pad_m"] == {"linear_m2": 2, "linear_m4": 4, "linear_m8": 8}.get(r["variant"], 1)
-    assert all(r["ratio"] == 1.0 for r in rows if r["variant"] == "linear")
+    assert all(r["ratio"] == 1.0 for r in rows if r["variant"] in ("linear", "linear_rows5"))
     # The summary is the arithmetic of the rows: 2 layers of the four per-layer shapes + lm_head.
     s = data["summary"]
     lin = {r["case"]: r["us"] for r in rows if r["variant"] == "linear"}
-    best = {c: min(r["us"] for r in rows if r["case"] == c) for c in TINY_NK}
+    best = {c: min(r["us"] for r in rows if r["case"] == c and r["rows"] == 1)   # M = 1 only
+            for c in TINY_NK}
     per_layer = ("qkv", "o_proj", "gate_up", "down")
     assert s["num_layers"] == 2
     assert s["token_linear_us"] == pytest.approx(
@@ -68,7 +74,7 @@ def test_dry_run_times_every_shape_and_variant(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith("per layer (qkv+o_proj+gate_up+down): linear ")
     assert "a token would save" in lines[-1]
-    assert sum(line.split(" | ")[0].strip() in VARIANT_NAMES for line in lines) == 11
+    assert sum(line.split(" | ")[0].strip() in VARIANT_NAMES for line in lines) == 13
     assert "ERROR" not in proc.stdout
 
 

@@ -14,6 +14,7 @@ which replaces the JIT objects this needs."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -83,7 +84,8 @@ def recorded():
     """Replaces the kernels by Recorders (for good: this runs in its own process)."""
     keys, pdl = set(), [False]
     for mod, name in ((sm, "_skinny_matmul_kernel"), (sm, "_split_k_reduce_kernel"),
-                      (im, "_int8_matmul_kernel"), (gv, "_gemv_kernel")):
+                      (im, "_int8_matmul_kernel"), (gv, "_gemv_kernel"),
+                      (gv, "_gemv_rows_kernel")):
         setattr(mod, name, Recorder(getattr(mod, name), keys, pdl))
     return keys, pdl
 
@@ -143,16 +145,17 @@ def skinny_missing(recorded) -> str:
             if missing else "")
 
 
-def _gemv_layer(dtype, hidden, q, kv, inter, bias=False):
-    """Every gemv launch of a one-token decoder layer (llama_skinny with skinny_gemv)."""
+def _gemv_layer(dtype, hidden, q, kv, inter, bias=False, m=1):
+    """Every gemv launch of an m-token decoder layer (llama_skinny with skinny_gemv; m > 1:
+    EngineConfig.gemv_max_rows)."""
     z = lambda *s: torch.zeros(*s, dtype=dtype)  # noqa: E731
     c = torch.zeros(4096, dtype=torch.int32)
-    gv.gemv_linear(z(1, hidden), z(q + 2 * kv, hidden), z(q + 2 * kv) if bias else None,
+    gv.gemv_linear(z(m, hidden), z(q + 2 * kv, hidden), z(q + 2 * kv) if bias else None,
                    norm_weight=z(hidden), counters=c)
-    gv.gemv_linear(z(1, q), z(hidden, q), residual=z(1, hidden), counters=c)
-    gv.gemv_linear(z(1, hidden), z(2 * inter, hidden), norm_weight=z(hidden), gate_up=True,
+    gv.gemv_linear(z(m, q), z(hidden, q), residual=z(m, hidden), counters=c)
+    gv.gemv_linear(z(m, hidden), z(2 * inter, hidden), norm_weight=z(hidden), gate_up=True,
                    counters=c)
-    gv.gemv_linear(z(1, inter), z(hidden, inter), residual=z(1, hidden), counters=c)
+    gv.gemv_linear(z(m, inter), z(hidden, inter), residual=z(m, hidden), counters=c)
 
 
 def _lm_head_launches() -> None:
@@ -185,17 +188,21 @@ def gemv_missing(recorded) -> str:
     b16 = lambda *s: torch.zeros(*s, dtype=torch.bfloat16)  # noqa: E731
     for gv_prefetch in (False, True):                          # bench_batch1's prefetch row
         gv.set_weight_prefetch(gv_prefetch)
-        for pdl[0] in (False, True):
-            _gemv_layer(torch.bfloat16, 2048, 2048, 512, 8192)  # bench.run --skinny-gemv, 1B
+        for pdl[0], m in itertools.product((False, True), range(1, 9)):
+            # bench.run --skinny-gemv, 1B; m > 1: steps of m tokens (gemv_max_rows)
+            _gemv_layer(torch.bfloat16, 2048, 2048, 512, 8192, m=m)
     gv.set_weight_prefetch(False)
     pdl[0] = False
-    _gemv_layer(torch.float32, 128, 256, 128, 256)             # tests/gpu engine test
+    for m in range(1, 9):
+        _gemv_layer(torch.float32, 128, 256, 128, 256, m=m)    # tests/gpu engine test
     c = torch.zeros(1 << 15, dtype=torch.int32)
     for n_w in (3072, 2048, 16384, 128256):                    # bench_gemv_layouts
         for cfg in GEMV_CONFIGS.values():
             _gemv_call(b16(1, 2048), b16(n_w, 2048), c, cfg)
     for cfg in GEMV_CONFIGS.values():
         _gemv_call(b16(1, 8192), b16(2048, 8192), c, cfg)
+    for n_w, k in ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)):
+        _gemv_call(b16(5, k), b16(n_w, k), c, None)            # its M = 5 cells
     # tests/gpu/test_gemv_gpu.py: K 2048, N_w 1536, every option, its configs.
     x, w, b, nw, r = b16(1, 2048), b16(1536, 2048), b16(1536), b16(2048), b16(1, 1536)
     splits = [gv.GemvConfig(block_n=16, block_k=512, split_k=s) for s in (1, 2, 4, 8)]
@@ -225,7 +232,7 @@ def gemv_missing(recorded) -> str:
     pdl[0] = False
     _lm_head_launches()
     variants = {variant_key(v) for v in ck._variants() if v[0].startswith("gemv")}
-    missing = {key for key in keys if key[0] == "_gemv_kernel"} - variants
+    missing = {key for key in keys if key[0] in ("_gemv_kernel", "_gemv_rows_kernel")} - variants
     return (f"{len(missing)} launched gemv specialisations are not compiled by "
             f"bench/compile_kernels.py, e.g. {sorted(missing, key=str)[:2]}" if missing else "")
 

@@ -78,6 +78,7 @@ def _launch_everything() -> None:
     fused_kernels.fused_rms_norm(x, z(64), 1e-6)
     fused_kernels.fused_silu_and_mul(x)
     gemv.gemv_linear(x[:1], w, config=gemv.GemvConfig(block_n=16, block_k=16, split_k=2))
+    gemv.gemv_linear(x, w, config=gemv.GemvConfig(block_n=16, block_k=16, split_k=2))
     skinny_matmul.skinny_linear(x, w, config=skinny_matmul.SkinnyConfig(block_k=16, split_k=2))
     int8_matmul.int8_linear(x, z(32, 64, dtype=torch.int8), torch.ones(32))
     nf4_matmul.nf4_linear(x, z(32 * 32, dtype=torch.uint8), torch.ones(32), z(16), 32, 64)

@@ -111,9 +111,9 @@ def test_counters_none_allocates_and_short_counters_are_refused():
         gemv.gemv_linear(x, w, b, config=cfg, counters=torch.zeros(8, dtype=torch.int64))
 
 
-def test_more_than_one_row_and_bad_configs_are_refused():
-    x, w, _, _ = operands(2, 48, 96, torch.float32)
-    with pytest.raises(ValueError, match=r"gemv_linear computes one row, got x of shape \(2, 96\)"):
+def test_more_than_eight_rows_and_bad_configs_are_refused():
+    x, w, _, _ = operands(9, 48, 96, torch.float32)
+    with pytest.raises(ValueError, match=r"gemv_linear computes 1..8 rows, got x of shape \(9, 96\)"):
         gemv.gemv_linear(x, w)
     with pytest.raises(ValueError, match="must be a power of two, got 24"):
         gemv.GemvConfig(block_n=24)

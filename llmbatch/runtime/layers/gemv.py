@@ -46,6 +46,10 @@ no value, with or without PREFETCH_W.
 Not batch invariant with skinny_matmul (another summation order): M = 1 steps through here and
 M > 1 steps through skinny_linear differ in float32 rounding, like any two GEMM kernels.
 
+x of 2..GEMV_MAX_ROWS (8) rows (speculative verify steps): gemv_linear launches
+layers/gemv_rows.py's kernel instead, which loads each weight tile once for all rows, with the
+same prologue, epilogues, split-K, PDL and prefetches; M = 1 keeps the kernel below unchanged.
+
 Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (tests; programs run one after
 another there, so the last-arrival branch is exercised by the program of the last split).
 """
@@ -63,7 +67,9 @@ from llmbatch.runtime.fp_fusion import FP_FUSION
 # GemvConfig, pick_config and counter_tiles live in gemv_config.py; callers use them as gemv.*.
 from llmbatch.runtime.layers.gemv_config import GemvConfig, counter_tiles, pick_config
 from llmbatch.runtime.layers.skinny_checks import check_inputs
-from llmbatch.runtime.layers.gemv_parts import prefetch_l2_slice, store_out, x_chunk
+from llmbatch.runtime.layers.gemv_parts import (first_tiles, prefetch_l2_slice, store_out,
+                                                x_chunk)
+from llmbatch.runtime.layers.gemv_rows import GEMV_MAX_ROWS, _gemv_rows_kernel, rows_of
 from llmbatch.runtime.layers.skinny_matmul import _split_k_range
 from llmbatch.runtime.pdl import pdl_wait_then_release
 
@@ -151,12 +157,8 @@ def _gemv_kernel(
         k_lo, k_hi = _split_k_range(K, k_per_split, SPLIT_K)
         w_up_rows = w_ptr + (cols + N)[:, None].to(tl.int64) * K     # read only with GATE_UP
         k_first = k_lo + offs_k
-        first_mask = k_first < k_hi
-        w_first_mask = col_mask[:, None] & first_mask[None, :]
-        w_first = tl.load(w_rows + k_first[None, :], mask=w_first_mask, other=0.0)
-        w_up_first = w_first  # placeholder unless GATE_UP; both (BLOCK_N, BLOCK_K)
-        if GATE_UP:
-            w_up_first = tl.load(w_up_rows + k_first[None, :], mask=w_first_mask, other=0.0)
+        first_mask, w_first, w_up_first = first_tiles(w_rows, w_up_rows, col_mask, k_first,
+                                                      k_hi, GATE_UP)
     if PREFETCH_L2:
         # The whole slice into L2 before the wait, after PREFETCH_W's demand loads (those are
         # needed first; their lines are asked for again here, one redundant request a thread).
@@ -255,9 +257,12 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 pdl: bool = False, prefetch: Optional[bool] = None,
                 prefetch_l2: Optional[bool] = None,
                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """skinny_linear's contract for one row: x (1, K) contiguous; weight (N_w, K) contiguous,
-    same dtype; bias (N_w,); norm_weight (K,): RMSNorm prologue; residual (1, N): returns
-    round(round(x @ W^T + bias) + residual); gate_up: N_w = 2I, returns silu(gate) * up (1, I).
+    """skinny_linear's contract for M rows, 1 <= M <= GEMV_MAX_ROWS (8): x (M, K), rows
+    contiguous; weight (N_w, K) contiguous, same dtype; bias (N_w,); norm_weight (K,): RMSNorm
+    prologue (each row its own rstd); residual (M, N): returns round(round(x @ W^T + bias) +
+    residual); gate_up: N_w = 2I, returns silu(gate) * up (M, I). M = 1 runs the one-row
+    kernel above; M > 1 layers/gemv_rows.py's (each weight tile loaded once for all rows; a
+    row's result equals its one-row result to float32 rounding, not bitwise).
     counters: int32 zeros, >= counter_tiles(...) long, left all zero (split-K calls; None: a
     fresh zeros tensor per call, one more launch). config overrides the tile table. prefetch:
     load the first weight tile before the PDL wait (PREFETCH_W; None: weight_prefetch_enabled()
@@ -267,9 +272,11 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     out_dtype: float32 for a plain call (no residual, no gate_up) returns the output rounded
     to the weights' dtype and stored as float32, F.linear(...).float()'s values in one launch
     (the LM head's logits); None or x's dtype: the model dtype, as always."""
+    if isinstance(x, torch.Tensor) and x.dim() == 2 and not 1 <= x.shape[0] <= GEMV_MAX_ROWS:
+        raise ValueError(f"gemv_linear computes 1..{GEMV_MAX_ROWS} rows, got x of shape "
+                         f"{tuple(x.shape)}")
     n = check_inputs(x, weight, bias, norm_weight, residual, gate_up)
-    if x.shape[0] != 1:
-        raise ValueError(f"gemv_linear computes one row, got x of shape {tuple(x.shape)}")
+    m = x.shape[0]
     if pdl and x.device.type != "cuda":
         raise ValueError(f"pdl=True needs CUDA tensors (programmatic dependent launch, sm_90+), "
                          f"got x on {x.device}")
@@ -279,9 +286,9 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                          f"residual, no gate_up) or x's dtype, got residual="
                          f"{residual is not None}, gate_up={gate_up}")
     k = x.shape[1]
-    cfg = config or pick_config(weight.shape[0], k, gate_up)
+    cfg = config or pick_config(weight.shape[0], k, gate_up, m)
     s = cfg.split_k
-    out = torch.empty((1, n), dtype=torch.float32 if f32_out else x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=torch.float32 if f32_out else x.dtype, device=x.device)
     ws = out  # placeholder pointer when s == 1
     if s > 1:
         tiles = counter_tiles(weight.shape[0], gate_up, cfg)
@@ -294,7 +301,8 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                              f"{counters.device}")
         # Partial sums (s, N_w) fp32; inside a CUDA graph capture this comes from the graph's
         # private pool like every activation.
-        ws = torch.empty((s, weight.shape[0]), dtype=torch.float32, device=x.device)
+        ws = torch.empty((s, m, weight.shape[0]) if m > 1 else (s, weight.shape[0]),
+                         dtype=torch.float32, device=x.device)
     count = counters if s > 1 else out
     # K range per split: whole BLOCK_K chunks, so only the last split sees the K tail.
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), s) * cfg.block_k
@@ -306,10 +314,16 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                  F32_OUT=f32_out)
     if pdl:
         flags["launch_pdl"] = True
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n), s)](
-        x, weight, bias if bias is not None else weight,
-        norm_weight if norm_weight is not None else weight,
-        residual if residual is not None else out, out, ws, count, n, k, k_per_split,
-        float(eps), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=s,
-        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **FP_FUSION, **flags)
+    ptrs = (x, weight, bias if bias is not None else weight,
+            norm_weight if norm_weight is not None else weight,
+            residual if residual is not None else out, out, ws, count)
+    tiles = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=s, NUM_STAGES=cfg.num_stages,
+                 num_warps=cfg.num_warps)
+    grid = (triton.cdiv(n, cfg.block_n), s)
+    if m == 1:  # today's one-row kernel, arguments and specialisation as before M > 1 existed
+        _gemv_kernel[grid](*ptrs, n, k, k_per_split, float(eps), **tiles, **FP_FUSION, **flags)
+    else:
+        res_stride = residual.stride(0) if residual is not None else n
+        _gemv_rows_kernel[grid](*ptrs, m, n, k, x.stride(0), res_stride, k_per_split,
+                                float(eps), ROWS=rows_of(m), **tiles, **FP_FUSION, **flags)
     return out

@@ -88,9 +88,19 @@ def set_config_table(table: tuple[tuple[int, int, GemvConfig], ...]
     return previous
 
 
-def pick_config(n_w: int, k: int, gate_up: bool = False) -> GemvConfig:
-    """Tile config for n_w weight rows and reduction length k (gate_up: two tiles a program)."""
+def pick_config(n_w: int, k: int, gate_up: bool = False, rows: int = 1) -> GemvConfig:
+    """Tile config for n_w weight rows and reduction length k (gate_up: two tiles a program),
+    for x of `rows` rows (> 1: layers/gemv_rows.py's kernel; its tile below)."""
     cfg = next(c for max_n, max_k, c in _CONFIG_TABLE if n_w <= max_n and k <= max_k)
+    if rows > 1:
+        # The multi-row kernel keeps a (ROWS, BLOCK_N, BLOCK_K // 8) float32 accumulator and
+        # the rows' x chunk besides the tile. ptxas sm_90, ROWS = 8, bf16, 1B shapes: the
+        # table's 16 x 512 at 4 warps takes 233 registers (o_proj, LM head) and gate_up's
+        # 16 x 512 at 8 warps spills; 8 x 512 at 8 warps takes 64 (96 for gate_up), no
+        # spills. So at most 8 x 512 at 8 warps, whatever the one-row row says: UNMEASURED on
+        # a GPU (bench_gemv_layouts' M = 5 cells are there to measure it).
+        cfg = replace(cfg, block_n=min(cfg.block_n, 8), block_k=min(cfg.block_k, 512),
+                      num_warps=8)
     if k < cfg.block_k:  # small K (the tiny test models): one chunk, fewer masked lanes
         cfg = replace(cfg, block_k=max(16, triton.next_power_of_2(k)))
     if gate_up:

@@ -37,6 +37,20 @@ def store_out(acc, acc_up, cols, col_mask, bias_ptr, res_ptr, out_ptr, w_ptr, N,
 
 
 @triton.jit
+def first_tiles(w_rows, w_up_rows, col_mask, k_first, k_hi, GATE_UP: tl.constexpr):
+    """PREFETCH_W's loads: the weight tile at columns k_first (BLOCK_K,) of rows w_rows
+    (BLOCK_N, 1) -- with GATE_UP also the up rows' -- masked to k < k_hi (an empty last split:
+    all masked). Returns (k mask, tile, up tile: the tile again unless GATE_UP)."""
+    first_mask = k_first < k_hi
+    w_first_mask = col_mask[:, None] & first_mask[None, :]
+    w_first = tl.load(w_rows + k_first[None, :], mask=w_first_mask, other=0.0)
+    w_up_first = w_first  # placeholder unless GATE_UP; both (BLOCK_N, BLOCK_K)
+    if GATE_UP:
+        w_up_first = tl.load(w_up_rows + k_first[None, :], mask=w_first_mask, other=0.0)
+    return first_mask, w_first, w_up_first
+
+
+@triton.jit
 def x_chunk(x_ptr, norm_w_ptr, k, k_mask, rstd, NORM: tl.constexpr):
     """x's chunk at columns k (BLOCK_K,), through the RMSNorm prologue with NORM, as a float32
     (1, BLOCK_K) row to multiply a weight tile by. rstd: unused without NORM."""
