@@ -98,8 +98,9 @@ def rows_launches():
     kernel's launches (gemv_linear with 2..8 rows, layers/gemv_rows.py): ROWS = M padded to 2,
     4 or 8. The engine's decoder layers of steps of 2..8 tokens (EngineConfig.gemv_max_rows)
     in ENGINE_LAYERS' shapes and switches (bf16: PDL x the weight prefetch, the L2 prefetch
-    with PDL; the tiny float32 Llama plain), and bench_gemv_layouts' M = 5 cells (plain, the
-    multi-row pick, ROWS = 8)."""
+    with PDL; the tiny float32 Llama plain), their LM heads (ParallelLMHead.gemv_max_rows) as
+    ENGINE_HEADS' one-row calls, and bench_gemv_layouts' M = 5 cells (plain, the multi-row
+    pick, ROWS = 8)."""
     gv = importlib.import_module("llmbatch.runtime.layers.gemv")
     out = []
     for rows, (dt, layers) in itertools.product((2, 4, 8), ENGINE_LAYERS.items()):
@@ -109,6 +110,11 @@ def rows_launches():
             out.append((dt, kind, False, cfg, pdl, prefetch, False, rows))
             if dt == "bf16" and pdl:                            # PREFETCH_L2: CUDA only
                 out.append((dt, kind, False, cfg, pdl, prefetch, True, rows))
+    for rows, (dt, (vocab, hidden)) in itertools.product((2, 4, 8), ENGINE_HEADS.items()):
+        on_off = (False, True) if dt == "bf16" else (False,)     # the LM heads, as above
+        for prefetch, prefetch_l2 in itertools.product(on_off, on_off):
+            out.append((dt, "head", False, gv.pick_config(vocab, hidden, False, rows), False,
+                        prefetch, prefetch_l2, rows))
     for n_w, k in BENCH_SHAPES:
         out.append(("bf16", "plain", False, gv.pick_config(n_w, k, False, 5), False, False,
                     False, 8))

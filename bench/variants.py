@@ -102,6 +102,15 @@ AB_VARIANTS = {
                            "EngineConfig.skinny_matmul on, W-SPEC only (speculative verify "
                            "steps of k + 1 tokens on the 16-row skinny kernels, not cuBLAS)",
                            "skinny matmul runs on CUDA only", workloads=("W-SPEC",)),
+    # A verify step on the H200 took 1.25 ms against 0.876 ms a decode step (cuBLAS at M = 5)
+    # and 1.9 ms on the 16-row skinny kernels. This row puts steps of <= 8 tokens on the gemv
+    # kernels (gemv_linear's multi-row kernel: each weight tile loaded once for all rows):
+    # W-SPEC its question, W-BATCH1 its control (one-token steps: llmbatch's row again).
+    "gemv-rows8": Variant("--gemv-rows8", {"gemv_max_rows": 8},
+                          "EngineConfig.gemv_max_rows 8, W-SPEC and W-BATCH1 only (steps of "
+                          "<= 8 tokens, speculative verify steps, on the multi-row gemv "
+                          "kernel, not cuBLAS)", "the gemv layers run on CUDA only",
+                          workloads=("W-SPEC", "W-BATCH1")),
     "l2prefetch": Variant("--l2-prefetch", {"l2_prefetch": True},
                           "EngineConfig.l2_prefetch on (steps of <= 16 tokens touch the qkv and "
                           "o_proj weights into L2 on a side stream ahead of use)",

@@ -159,11 +159,12 @@ def _gemv_layer(dtype, hidden, q, kv, inter, bias=False, m=1):
 
 
 def _lm_head_launches() -> None:
-    """The LM head's one-row calls (ParallelLMHead.use_gemv: no norm, residual, PDL or
-    counters) with the switches of each gemv_weight_prefetch mode, as kernel_paths sets them:
-    the 1B head in bf16 in every mode (bench.run --gemv-prefetch / --gemv-prefetch-l2,
-    bench_batch1's prefetch rows and their combination), the tiny float32 head of tests/gpu's
-    engine test (vocab 384, hidden 128) with the prefetch off. gemv_linear sets PREFETCH_L2
+    """The LM head's calls of 1..8 rows (ParallelLMHead.use_gemv, gemv_max_rows: no norm,
+    residual, PDL or counters) with the switches of each gemv_weight_prefetch mode, as
+    kernel_paths sets them: the 1B head in bf16 in every mode (bench.run --gemv-prefetch /
+    --gemv-prefetch-l2, bench_batch1's prefetch rows and their combination), the tiny float32
+    head of tests/gpu's engine test (vocab 384, hidden 128) with the prefetch off; more than
+    one row with EngineConfig.gemv_max_rows (the multi-row kernel). gemv_linear sets PREFETCH_L2
     only on CUDA tensors: here the launch takes the switch as on CUDA (the recorder never runs
     the kernel), so the L2 entries are checked too."""
     from llmbatch.runtime.layers.embedding import ParallelLMHead
@@ -174,10 +175,10 @@ def _lm_head_launches() -> None:
     for vocab, hidden, dtype, modes in ((128256, 2048, torch.bfloat16, every),
                                         (384, 128, torch.float32, ("off",))):
         head = ParallelLMHead(vocab, hidden, params_dtype=dtype)
-        head.use_gemv = True
-        for mode in modes:
+        head.use_gemv, head.gemv_max_rows = True, 8            # EngineConfig.gemv_max_rows
+        for mode, m in itertools.product(modes, range(1, 9)):
             gv.set_prefetch_mode(mode)
-            head(torch.zeros(1, hidden, dtype=dtype))
+            head(torch.zeros(m, hidden, dtype=dtype))
     gv.set_prefetch_mode("off")
 
 

@@ -12,6 +12,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANTIZATION_METHODS = ("none", "int8", "nf4")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
 GEMV_WEIGHT_PREFETCH = ("off", "tile", "l2", "both")
+# layers/gemv_rows.py's GEMV_MAX_ROWS (that module imports triton; this one must not)
+GEMV_MAX_ROWS = 8
 
 
 class EngineConfigError(ValueError):
@@ -70,6 +72,12 @@ class EngineConfig:
     # Measured on an H200 in stop 19 (bench_batch1): "tile" 0.948 vs 0.972 ms at batch 1
     # (1.025x, the same tokens), "l2" 0.90x (slower).
     gemv_weight_prefetch: Optional[str] = None
+    # With the gemv layers: steps of up to this many tokens (1..8) run them on gemv_linear,
+    # the multi-row kernel above one (layers/gemv_rows.py: each weight tile loaded once for
+    # all rows; LM head calls too); a batch-1 speculative verify step is k + 1 tokens. 1 (the
+    # default): one-token steps only, as before. Opt-in: UNMEASURED on a GPU (bench
+    # --gemv-rows8), and the start-up check (models/gemv_check.py) checks one-row calls only.
+    gemv_max_rows: int = 1
     # Decode steps (one token a sequence) rotate q and k, store K/V and attend in one launch
     # (attention/triton_kernels/rotary_decode.py) instead of two (fused rotary + store, then
     # attention): a launch fewer a layer. Needs the triton attention backend and fused_kernels
@@ -117,6 +125,10 @@ class EngineConfig:
         check_choice("speculative_method", SPECULATIVE_METHODS)
         if self.gemv_weight_prefetch is not None:   # None: auto
             check_choice("gemv_weight_prefetch", GEMV_WEIGHT_PREFETCH)
+        if (not isinstance(self.gemv_max_rows, int) or isinstance(self.gemv_max_rows, bool)
+                or not 1 <= self.gemv_max_rows <= GEMV_MAX_ROWS):
+            raise ValueError(f"gemv_max_rows must be an integer in 1..{GEMV_MAX_ROWS}, got "
+                             f"{self.gemv_max_rows!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "planner_window",

@@ -13,6 +13,9 @@
                                   one-row kernels (7 launches), one-row LM head calls too;
                                   tensor_parallel_size 1, dense; checked against torch at
                                   start-up (models/gemv_check.py), off where that fails
+    gemv_max_rows   (1; opt-in up to 8) with skinny_gemv, steps of up to that many tokens
+                                  (batch-1 verify steps) on gemv_linear's multi-row kernel,
+                                  LM head calls too; unmeasured, one-row start-up check only
     gemv_weight_prefetch (auto: tile with pdl) off | tile | l2 | both: what a gemv program
                                   reads of its weights before its PDL wait (layers/gemv.py)
     pdl             (auto: sm_90) our Triton kernels (fused, attention, skinny, gemv) launch
@@ -52,6 +55,7 @@ class KernelPaths:
     skinny_matmul: bool = False
     skinny_pdl: bool = False
     skinny_gemv: bool = False
+    gemv_max_rows: int = 1            # steps of up to this many tokens on the gemv kernels
     skinny_gemv_error: Optional[str] = None   # why the start-up check turned the gemv layers off
     gemv_weight_prefetch: str = "off"   # EngineConfig.gemv_weight_prefetch where it applied
     l2_prefetch_weights: int = 0      # weights touched into L2 per small step (0: off)
@@ -178,19 +182,25 @@ def _enable_skinny_layers(model, config, tp_size: int, quantization: str, pdl: b
     from llmbatch.runtime.models.llama_skinny import enable_skinny_matmul
 
     dense = tp_size == 1 and quantization == "none"
-    if dense and enable_skinny_matmul(model, pdl=pdl, gemv_rows=gemv, small_steps=skinny):
+    # EngineConfig.gemv_max_rows (opt-in): steps of up to that many tokens on the gemv kernels.
+    max_rows = getattr(config, "gemv_max_rows", 1) if gemv else 1
+    steps = "one-token steps" if max_rows == 1 else f"steps of <= {max_rows} tokens"
+    if dense and enable_skinny_matmul(model, pdl=pdl, gemv_rows=gemv, small_steps=skinny,
+                                      gemv_max_rows=max_rows):
         if gemv:
             gemv = _gemv_passes_start_up_check(model, skinny, pdl, prefetch_mode, paths)
             if not (skinny or gemv):
                 return
         paths.skinny_matmul, paths.skinny_gemv, paths.skinny_pdl = skinny, gemv, pdl
+        paths.gemv_max_rows = max_rows if gemv else 1
         if skinny:
             logger.info("skinny_matmul on: fused decoder layers for steps of <= 16 tokens"
-                        + (", one-token steps on the gemv kernels" if gemv else "")
+                        + (f", {steps} on the gemv kernels" if gemv else "")
                         + (", programmatic dependent launch" if pdl else ""))
         else:
-            logger.info("skinny_gemv on: one-token steps on the one-row gemv kernels"
-                        + (", programmatic dependent launch" if pdl else ""))
+            logger.info("skinny_gemv on: %s on the %sgemv kernels%s", steps,
+                        "one-row " if max_rows == 1 else "",
+                        ", programmatic dependent launch" if pdl else "")
         return
     asked = [o for o, on in (("skinny_matmul", skinny), ("skinny_gemv", gemv_asked is True))
              if on]

@@ -222,6 +222,21 @@ def test_engine_greedy_tokens_equal_on_the_gemv_only_path(llama_setup, monkeypat
     assert calls == [1] * 8   # 4 decode steps a prompt, one token each; prefills unfused
 
 
+def record_gemv_rows(monkeypatch) -> list:
+    """The row count of every gemv_linear call from here on (the calls still run)."""
+    rows = []
+    real = llama_skinny.gemv.gemv_linear
+    monkeypatch.setattr(llama_skinny.gemv, "gemv_linear",
+                        lambda x, *a, **kw: rows.append(x.shape[0]) or real(x, *a, **kw))
+    return rows
+
+
+def three_sequences():
+    """(block tables, token ids) of three 24-token sequences for run_step spans."""
+    return (random_block_tables(3, 32, seed=5),
+            [[(3 * i + s) % 300 for i in range(24)] for s in range(3)])
+
+
 def test_gemv_rows_run_one_token_steps_and_match_unfused(model, monkeypatch):
     """EngineConfig.skinny_gemv: a one-token decode step runs every layer's 4 matmuls on
     layers/gemv.py (a 3-sequence step stays on skinny_linear); logits match the unfused path
@@ -229,12 +244,8 @@ def test_gemv_rows_run_one_token_steps_and_match_unfused(model, monkeypatch):
     assert llama_skinny.enable_skinny_matmul(model, gemv_rows=True) is True
     counters = model.model.skinny_gemv_counters
     assert counters.dtype == torch.int32 and int(counters.abs().sum()) == 0
-    gemv_calls = []
-    real = llama_skinny.gemv.gemv_linear
-    monkeypatch.setattr(llama_skinny.gemv, "gemv_linear",
-                        lambda x, *a, **kw: gemv_calls.append(x.shape[0]) or real(x, *a, **kw))
-    tables = random_block_tables(3, 32, seed=5)
-    seqs = [[(3 * i + s) % 300 for i in range(24)] for s in range(3)]
+    gemv_calls = record_gemv_rows(monkeypatch)
+    tables, seqs = three_sequences()
     steps = [[(seqs[0], tables[0], 0, 20)],
              [(seqs[1], tables[1], 0, 6), (seqs[2], tables[2], 0, 4)],
              [(seqs[0], tables[0], 20, 21)],

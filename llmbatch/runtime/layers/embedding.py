@@ -100,6 +100,9 @@ class ParallelLMHead(VocabParallelEmbedding):
     # skinny_gemv, tp_size 1, unquantized): one-row calls take layers/gemv.py, which measured
     # 118.4 us against cuBLAS's 125.8 on the 1B head (128256 x 2048 bf16, H200, stop 17).
     use_gemv: bool = False
+    # With use_gemv: calls of up to this many rows take gemv_linear (EngineConfig.gemv_max_rows;
+    # > 1: its multi-row kernel, unmeasured).
+    gemv_max_rows: int = 1
 
     def __init__(self, num_embeddings: int, embedding_dim: int,
                  params_dtype: Optional[torch.dtype] = None, tp_rank: int = 0, tp_size: int = 1,
@@ -114,7 +117,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         # Logits in the weights' dtype (as transformers does), upcast for the sampler.
         if self.quant_method is not None:  # nf4 table (quantize_embeddings)
             logits = self.quant_method.apply(self, hidden, None)  # (n, num_embeddings_per_rank)
-        elif self.use_gemv and hidden.shape[0] == 1:
+        elif self.use_gemv and 1 <= hidden.shape[0] <= self.gemv_max_rows:
             return self.gemv_logits(hidden)
         else:
             logits = F.linear(hidden, self.weight)  # (n, num_embeddings_per_rank)
@@ -123,7 +126,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         return logits.float()
 
     def gemv_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (1, hidden_size) -> float32 logits (1, vocab) on layers/gemv.py, rounded to
+        """hidden (M, hidden_size) -> float32 logits (M, vocab) on layers/gemv.py, rounded to
         the weights' dtype in the kernel and stored as float32: F.linear(...).float()'s
         values without the upcast's launch (a 128256-wide copy, ~4 us a batch-1 token in
         stop 17's profile). Also what the gemv start-up check launches (gemv_check)."""

@@ -27,6 +27,12 @@ allocated here before any graph capture and left all zero by every call. skinny_
 skinny_matmul (the default) sets model.skinny_max_tokens to 1: only one-token steps take this
 path; steps of 2+ tokens stay on the unfused layers (the 16-row skinny kernels measured slower
 than cuBLAS there: W-RANDOM 0.93x in stop 17).
+
+EngineConfig.gemv_max_rows = R > 1 (opt-in, unmeasured): steps of up to R tokens run on the
+gemv kernels (gemv_linear's multi-row kernel, each weight tile loaded once for all rows: a
+batch-1 verify step of k + 1 tokens), model.skinny_gemv_max_rows = R; without skinny_matmul
+skinny_max_tokens is R, so steps of R + 1.. tokens stay unfused. The LM head takes up to R
+rows on gemv too (ParallelLMHead.gemv_max_rows).
 """
 
 from __future__ import annotations
@@ -45,18 +51,23 @@ def _linears(layer):
 
 
 def enable_skinny_matmul(model, pdl: bool = False, gemv_rows: bool = False,
-                         small_steps: bool = True) -> bool:
+                         small_steps: bool = True, gemv_max_rows: int = 1) -> bool:
     """Switch the fused path on for every LlamaModel inside `model` whose linear layers are all
     dense and unsharded (tp_size 1, no quant_method); returns True when at least one was.
     pdl: its kernels launch with programmatic dependent launch (EngineConfig.pdl; the caller
     checked for CUDA sm_90+). gemv_rows: one-token steps use layers/gemv.py
     (EngineConfig.skinny_gemv). small_steps: steps of 2..16 tokens take the 16-row skinny
-    kernels too (EngineConfig.skinny_matmul); without it only one-token steps take this path
-    (gemv_rows must then be set)."""
+    kernels too (EngineConfig.skinny_matmul); without it only steps of up to gemv_max_rows
+    tokens take this path (gemv_rows must then be set). gemv_max_rows: with gemv_rows, steps
+    of up to this many tokens (1..gemv.GEMV_MAX_ROWS) run on the gemv kernels
+    (EngineConfig.gemv_max_rows)."""
     from llmbatch.runtime.models.llama import LlamaModel
 
     if not (small_steps or gemv_rows):
         raise ValueError("enable_skinny_matmul: small_steps=False needs gemv_rows=True")
+    if not 1 <= gemv_max_rows <= gemv.GEMV_MAX_ROWS:
+        raise ValueError(f"enable_skinny_matmul: gemv_max_rows must be in "
+                         f"1..{gemv.GEMV_MAX_ROWS}, got {gemv_max_rows}")
     enabled = False
     for module in model.modules():
         if not isinstance(module, LlamaModel):
@@ -64,22 +75,25 @@ def enable_skinny_matmul(model, pdl: bool = False, gemv_rows: bool = False,
         ok = all(lin.quant_method is None and lin.tp_size == 1
                  for layer in module.layers for lin in _linears(layer))
         module.use_skinny_matmul = ok
-        module.skinny_max_tokens = sm.MAX_M if small_steps else 1
+        module.skinny_max_tokens = sm.MAX_M if small_steps else gemv_max_rows
         module.skinny_pdl = ok and pdl
-        module.skinny_gemv_counters = _gemv_counters(module) if ok and gemv_rows else None
+        module.skinny_gemv_counters = (_gemv_counters(module, gemv_max_rows)
+                                       if ok and gemv_rows else None)
+        module.skinny_gemv_max_rows = gemv_max_rows
         enabled = enabled or ok
-    _set_head_gemv(model, enabled and gemv_rows)
+    _set_head_gemv(model, enabled and gemv_rows, gemv_max_rows)
     return enabled
 
 
-def _set_head_gemv(model, on: bool) -> None:
-    """One-row LM head calls on layers/gemv.py (ParallelLMHead.use_gemv) with the gemv
-    layers, for unsharded, unquantized heads."""
+def _set_head_gemv(model, on: bool, max_rows: int = 1) -> None:
+    """LM head calls of up to max_rows rows on layers/gemv.py (ParallelLMHead.use_gemv,
+    gemv_max_rows) with the gemv layers, for unsharded, unquantized heads."""
     from llmbatch.runtime.layers.embedding import ParallelLMHead
 
     for head in model.modules():
         if isinstance(head, ParallelLMHead):
             head.use_gemv = on and head.tp_size == 1 and head.quant_method is None
+            head.gemv_max_rows = max_rows
 
 
 def disable_skinny_matmul(model) -> None:
@@ -91,18 +105,21 @@ def disable_skinny_matmul(model) -> None:
             module.use_skinny_matmul = module.skinny_pdl = False
             module.skinny_gemv_counters = None
             module.skinny_max_tokens = sm.MAX_M
+            module.skinny_gemv_max_rows = 1
     _set_head_gemv(model, False)
 
 
-def _gemv_counters(module) -> torch.Tensor:
-    """One zeroed int32 counter per column tile of the widest gemv call of `module`: launches
-    run one after another on the stream and each leaves its counters zero, so all share it."""
+def _gemv_counters(module, max_rows: int = 1) -> torch.Tensor:
+    """One zeroed int32 counter per column tile of the widest gemv call of `module` (one row,
+    and with max_rows > 1 the multi-row tiles, all rows alike): launches run one after another
+    on the stream and each leaves its counters zero, so all share it."""
     tiles = 1
     for layer in module.layers:
         for lin, gate_up in zip(_linears(layer), (False, False, True, False)):
             w = lin.weight
-            cfg = gemv.pick_config(w.shape[0], w.shape[1], gate_up)
-            tiles = max(tiles, gemv.counter_tiles(w.shape[0], gate_up, cfg))
+            for rows in {1, max_rows}:
+                cfg = gemv.pick_config(w.shape[0], w.shape[1], gate_up, rows)
+                tiles = max(tiles, gemv.counter_tiles(w.shape[0], gate_up, cfg))
     device = module.layers[0].mlp.down_proj.weight.device
     return torch.zeros(tiles, dtype=torch.int32, device=device)
 
@@ -117,14 +134,16 @@ def skinny_applies(model, hidden: torch.Tensor) -> bool:
 
 def skinny_layer_forward(layer, rope, residual: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, attn_meta, attn_backend,
-                         pdl: bool = False, gemv_counters=None) -> torch.Tensor:
+                         pdl: bool = False, gemv_counters=None,
+                         gemv_max_rows: int = 1) -> torch.Tensor:
     """residual (num_tokens, hidden_size): the full residual stream entering the layer ->
     the stream leaving it (same shape). pdl: skinny launches use programmatic dependent
-    launch. gemv_counters (not None): a one-token step runs on layers/gemv.py."""
+    launch. gemv_counters (not None): a step of up to gemv_max_rows tokens runs on
+    layers/gemv.py."""
     attn, mlp = layer.self_attn, layer.mlp
     in_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
     linear = sm.skinny_linear
-    if gemv_counters is not None and residual.shape[0] == 1:
+    if gemv_counters is not None and residual.shape[0] <= gemv_max_rows:
         linear = functools.partial(gemv.gemv_linear, counters=gemv_counters)
     qkv = linear(residual, attn.qkv_proj.weight, attn.qkv_proj.bias,
                  norm_weight=in_norm.weight, eps=in_norm.eps, pdl=pdl)
@@ -142,7 +161,9 @@ def skinny_model_forward(model, hidden: torch.Tensor, rope, kv_caches, attn_meta
     residual = hidden
     pdl = getattr(model, "skinny_pdl", False)  # set by enable_skinny_matmul
     counters = getattr(model, "skinny_gemv_counters", None)
+    max_rows = getattr(model, "skinny_gemv_max_rows", 1)
     for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
         residual = skinny_layer_forward(layer, rope, residual, k_cache, v_cache, attn_meta,
-                                        attn_backend, pdl=pdl, gemv_counters=counters)
+                                        attn_backend, pdl=pdl, gemv_counters=counters,
+                                        gemv_max_rows=max_rows)
     return model.norm(residual)
