@@ -51,6 +51,9 @@
 # BENCH_SKINNY_SPEC_ROWS=1 (opt-in since stop 19): W-SPEC once more with engine.skinny_matmul
 # (llmbatch-skinny-spec: verify steps of k+1 tokens on the 16-row skinny kernels; ~15 s; needs
 # W-SPEC among the bench's workloads).
+# BENCH_GEMV_ROWS8_ROWS=1 (opt-in since stop 20): engine.gemv_max_rows 8 (llmbatch-gemv-rows8:
+# W-SPEC and W-BATCH1, verify steps of k+1 tokens on the multi-row gemv kernel; needs W-SPEC
+# among the bench's workloads for its question).
 # BENCH_PDL_ROWS=1 (opt-in; repeats the default on sm_90+): llmbatch-pdl.
 # BENCH_SKINNY_PDL_ROWS=1 (opt-in): engine.skinny_matmul and engine.pdl (llmbatch-skinny-pdl).
 # BENCH_GEMV_ROWS=1 (opt-in since stop 17): skinny_matmul, skinny_gemv and pdl
@@ -267,6 +270,7 @@ fi
 [ "${BENCH_GEMV_PREFETCH_L2_ROWS:-0}" = 1 ] && MODE_ARGS+=(--gemv-prefetch-l2)
 [ "${BENCH_ROTARY_ATTN_ROWS:-0}" = 1 ] && MODE_ARGS+=(--rotary-in-attention)
 [ "${BENCH_SKINNY_SPEC_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-spec)
+[ "${BENCH_GEMV_ROWS8_ROWS:-0}" = 1 ] && MODE_ARGS+=(--gemv-rows8)
 [ "${BENCH_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--pdl)
 [ "${BENCH_SKINNY_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-pdl)
 [ "${BENCH_GEMV_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-gemv-pdl)
