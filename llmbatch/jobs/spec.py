@@ -165,6 +165,10 @@ class EngineSection(_Section):
     # Decode steps rotate q/k, store K/V and attend in one launch. null (auto): on for the
     # triton backend with fused kernels on CUDA (H200: 1.02x at batch 1, stop 19).
     rotary_in_attention: Optional[bool] = None
+    # With the gemv layers: steps of up to this many tokens (2..8: speculative verify steps,
+    # small decode batches) on the multi-row gemv kernel, not cuBLAS. 1: one-token steps only.
+    # Opt-in: never measured on a GPU (stop 20).
+    gemv_max_rows: int = Field(default=1, ge=1, le=8)
     # null or 0: the model's max_position_embeddings; longer than that runs with the model's,
     # with a warning. 0 and longer values stay valid (and hashed as written): folders written
     # with them must resume.
@@ -252,7 +256,7 @@ class JobSpec(_Section):
             skinny_matmul=e.skinny_matmul, skinny_gemv=e.skinny_gemv, pdl=e.pdl,
             nf4_triton_gemm=e.nf4_triton_gemm,
             l2_prefetch=e.l2_prefetch, gemv_weight_prefetch=e.gemv_weight_prefetch,
-            rotary_in_attention=e.rotary_in_attention,
+            rotary_in_attention=e.rotary_in_attention, gemv_max_rows=e.gemv_max_rows,
             tensor_parallel_size=self.parallel.tensor_parallel_size,
             quantization=self.quantization.method,
             quantize_embeddings=self.quantization.embeddings,

@@ -37,3 +37,19 @@ def test_bad_values_are_one_line_errors(key, value):
     message = str(info.value)
     assert message.startswith(f"engine.{key}: ") and "\n" not in message
     assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8])
+def test_gemv_max_rows_reaches_the_engine_and_keeps_the_hash(rows):
+    spec = load_job(job(gemv_max_rows=rows))
+    assert spec.engine_config().gemv_max_rows == rows
+    assert spec.config_hash(1) == load_job(job()).config_hash(1)
+
+
+@pytest.mark.parametrize("value", [0, 9, "many"])
+def test_gemv_max_rows_out_of_range_is_a_one_line_error(value):
+    with pytest.raises(InvalidJobError) as info:
+        load_job(job(gemv_max_rows=value))
+    message = str(info.value)
+    assert message.startswith("engine.gemv_max_rows: ") and "\n" not in message
+    assert info.value.exit_code == 2
