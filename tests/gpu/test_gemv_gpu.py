@@ -116,16 +116,22 @@ def test_weight_prefetch_chain_in_a_pdl_graph_equals_prefetch_off(cfg, mode):
     prefetch, prefetch_l2 = PREFETCHES[mode]
 
     def chain(on):
-        kw = dict(config=cfg, counters=c, pdl=on, prefetch=on and prefetch,
-                  prefetch_l2=on and prefetch_l2)
-        act = gemv.gemv_linear(x, w, b, norm_weight=nw, eps=EPS, gate_up=True, **kw)
-        res = gemv.gemv_linear(act, w_down, residual=x, **kw)
-        return gemv.gemv_linear(res, w, norm_weight=nw, eps=EPS, **kw)
+        return norm_gate_up_down_norm(x, w, b, nw, w_down, config=cfg, counters=c, pdl=on,
+                                      prefetch=on and prefetch, prefetch_l2=on and prefetch_l2)
 
-    def counters_zero():
-        assert int(c.abs().sum()) == 0
+    assert_graph_replays_bitwise(chain, True, lambda: counters_are_zero(c))
 
-    assert_graph_replays_bitwise(chain, True, counters_zero)
+
+def norm_gate_up_down_norm(x, w, b, nw, w_down, **kw):
+    """A layer's gemv chain: norm + gate_up, down with x as the residual, then a norm
+    prologue reading that result; kw go to every gemv_linear call."""
+    act = gemv.gemv_linear(x, w, b, norm_weight=nw, eps=EPS, gate_up=True, **kw)
+    res = gemv.gemv_linear(act, w_down, residual=x, **kw)
+    return gemv.gemv_linear(res, w, norm_weight=nw, eps=EPS, **kw)
+
+
+def counters_are_zero(c: torch.Tensor) -> None:
+    assert int(c.abs().sum()) == 0
 
 
 def test_engine_greedy_equal_with_skinny_gemv(tmp_path_factory):

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from llmbatch.runtime.layers import gemv  # noqa: E402
+from tests.gpu.test_gemv_gpu import counters_are_zero, norm_gate_up_down_norm  # noqa: E402
 from llmbatch.runtime.layers.activation import SiluAndMul  # noqa: E402
 from tests.gpu.test_skinny_matmul_gpu import (BF16_TOL, I, K,  # noqa: E402
                                               assert_graph_replays_bitwise, cuda_operands,
@@ -74,15 +75,10 @@ def test_row_chain_in_a_pdl_graph_replays_bitwise(prefetch):
     c = counters()
 
     def chain(on):
-        kw = dict(counters=c, pdl=on, prefetch=on and prefetch)
-        act = gemv.gemv_linear(x, w, b, norm_weight=nw, eps=EPS, gate_up=True, **kw)
-        res = gemv.gemv_linear(act, w_down, residual=x, **kw)
-        return gemv.gemv_linear(res, w, norm_weight=nw, eps=EPS, **kw)
+        return norm_gate_up_down_norm(x, w, b, nw, w_down, counters=c, pdl=on,
+                                      prefetch=on and prefetch)
 
-    def counters_zero():
-        assert int(c.abs().sum()) == 0
-
-    assert_graph_replays_bitwise(chain, True, counters_zero)
+    assert_graph_replays_bitwise(chain, True, lambda: counters_are_zero(c))
 
 
 def test_engine_greedy_equal_with_gemv_max_rows_8(tmp_path_factory):
