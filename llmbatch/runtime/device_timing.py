@@ -13,6 +13,15 @@ on the compute stream can:
     gap_s      elapsed(previous end, start) the device idle between two steps: near zero when
                                            the host enqueues a step before the previous ends
 
+What the gap cannot see: idle time INSIDE a step. The events are enqueued by the host around
+its own launches, so while the host is still enqueueing a step (staging copies, then
+cudaGraphLaunch, then the LM head and the sampler's launches) a device that has run out of
+work idles within [start, end] and that time counts as forward or sampling. So gap_s is a
+lower bound on host-induced idle; bench_batch1 adds the decode graph replayed back to back (no
+host work between replays) as the device-only time of the graph for comparison. Other limits:
+a draft model's forward (draft_proposer, outside launch) between two target steps counts as
+the target's gap, and a tensor-parallel executor (no launch) times nothing.
+
 A step's three events are read in `account`, called once its result has been waited for
 (LaunchedStep.result), so elapsed_time never waits on the device except for `end`, which is
 recorded right after the token copy that result() waited on. Steps finish in launch order

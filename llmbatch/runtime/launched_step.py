@@ -8,6 +8,7 @@ synchronous step, one step later under async scheduling (docs/async_scheduling.m
 
 from __future__ import annotations
 
+import logging
 import time
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Optional
@@ -17,6 +18,8 @@ from llmbatch.runtime.step_inputs import StepInputs
 
 if TYPE_CHECKING:
     from llmbatch.runtime.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
 
 # Read for every sampled row every step (map() with it runs in C).
 _spec_token_ids = attrgetter("spec_token_ids")
@@ -45,7 +48,11 @@ class LaunchedStep:
             runner.step_launch_s[self._kind] += self._launch_s
             runner.step_count[self._kind] += 1
             if self._device_marks is not None and runner.device_timer is not None:
-                runner.device_timer.account(self._kind, self._device_marks)
+                try:
+                    runner.device_timer.account(self._kind, self._device_marks)
+                except Exception as exc:   # a diagnostic must never break a step
+                    logger.warning("device timing off: %s: %s", type(exc).__name__, exc)
+                    runner.device_timer = None
         return self._sampled
 
 

@@ -144,6 +144,8 @@ def greedy_outputs(tmp_path_factory, variants: list[dict], max_num_seqs: int = 8
         assert ((getattr(model, "skinny_gemv_counters", None) is not None)
                 is overrides["skinny_gemv"])
         assert getattr(model, "skinny_pdl", False) is overrides["pdl"]
+        # gemv_max_rows reached the model (else 2..8-token steps would silently run unfused)
+        assert getattr(model, "skinny_gemv_max_rows", 1) == overrides.get("gemv_max_rows", 1)
         assert engine.runner.cuda_graph_error is None  # the graphs were captured (and checked)
         params = SamplingParams(max_new_tokens=12, ignore_eos=True)
         done = {r.request_id: r for r in

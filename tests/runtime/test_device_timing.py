@@ -100,3 +100,27 @@ def test_bench_batch1_device_timing_pass_reports_us_per_graph_and_eager_step(lla
     assert t["graph_device_forward_us_per_step"] is None  # no graph step on the CPU
     assert 0.0 < t["eager_device_forward_us_per_step"] <= t["eager_step_us_per_step"]
     assert t["tpot_s"] > 0.0
+    assert t["graph_replay_back_to_back_us"] is None      # no captured graph on the CPU
+
+
+def test_a_failing_timer_turns_itself_off_and_the_step_completes(tmp_path):
+    from llmbatch.runtime.config import EngineConfig
+    from llmbatch.runtime.engine import Engine
+    from llmbatch.runtime.request import Request
+    from llmbatch.runtime.sampling_params import SamplingParams
+    from tests.runtime.tiny_models import make_model, make_prompts, make_tokenizer
+
+    class BrokenEvent(ScriptedEvent):
+        def elapsed_time(self, other):
+            raise RuntimeError("event not recorded")
+
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    make_model(tmp_path, arch="llama", num_heads=4, num_kv_heads=2, head_dim=16)
+    engine = Engine(EngineConfig(model=str(tmp_path), device="cpu", dtype="float32"),
+                    tokenizer=tokenizer)
+    host_ms = iter(lambda: time.perf_counter() * 1e3, None)
+    device_timing.enable(engine.runner, lambda: BrokenEvent(host_ms))
+    done = list(engine.generate([Request(0, make_prompts(1)[0],
+                                         SamplingParams(max_new_tokens=3))]))
+    assert len(done) == 1 and len(done[0].output_token_ids) == 3
+    assert engine.runner.device_timer is None
