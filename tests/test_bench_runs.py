@@ -61,8 +61,10 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     # The M=1 GEMM layouts step ran first (dry run on the CPU): every shape x variant timed and
     # equal to F.linear, its table and per-token line on the console before pytest's output.
     gemv = json.loads((out / "bench_gemv_layouts.json").read_text())
-    # 10 torch dispatches + the gemv tile table's pick (its other tiles run on a GPU only)
-    assert gemv["dry_run"] is True and len(gemv["rows"]) == 5 * len(gemv["variants"]) == 55
+    # 10 torch dispatches + the gemv tile table's pick (its other tiles run on a GPU only),
+    # then the M = 5 pair (torch at 5 rows, the multi-row gemv)
+    assert gemv["dry_run"] is True and len(gemv["rows"]) == 5 * len(gemv["variants"]) == 65
+    assert gemv["variants"][-2:] == ["linear_rows5", "gemv_rows5"]
     assert all(r["equal"] is True and r["us"] > 0 for r in gemv["rows"])
     assert gemv["summary"]["num_layers"] == 2
     assert "a token would save" in (out / "bench_gemv_layouts.log").read_text()
