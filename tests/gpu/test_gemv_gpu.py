@@ -33,12 +33,11 @@ def counters() -> torch.Tensor:
     return torch.zeros(1024, dtype=torch.int32, device="cuda")
 
 
-@pytest.mark.parametrize("cfg", [None] + SPLITS,
-                         ids=lambda c: f"split{c.split_k}" if c else "table")
-def test_fused_options_match_torch_bf16(cfg):
-    x, w, b, nw = cuda_operands(1, 2 * I, seed=1)
-    residual = rand((1, 2 * I), torch.bfloat16, 5).cuda()
-    c = counters()
+def assert_options_match_torch(x, w, b, nw, residual, cfg, c) -> None:
+    """The fused options of gemv_linear on x (M, K) against unfused torch: the plain linear,
+    the RMSNorm prologue (each row its own rstd), the residual epilogue (bitwise the plain
+    kernel's result + residual) and norm + SiLU·mul. Shared by the one-row and the multi-row
+    (test_gemv_rows_gpu) tests."""
     torch.testing.assert_close(gemv.gemv_linear(x, w, b, config=cfg, counters=c),
                                F.linear(x, w, b), **BF16_TOL)
     normed = torch_norm(x.cpu(), nw.cpu()).cuda()
@@ -49,6 +48,15 @@ def test_fused_options_match_torch_bf16(cfg):
     got = gemv.gemv_linear(x, w, b, norm_weight=nw, eps=EPS, gate_up=True, config=cfg,
                            counters=c)
     torch.testing.assert_close(got, SiluAndMul()(F.linear(normed, w, b)), **BF16_TOL)
+
+
+@pytest.mark.parametrize("cfg", [None] + SPLITS,
+                         ids=lambda c: f"split{c.split_k}" if c else "table")
+def test_fused_options_match_torch_bf16(cfg):
+    x, w, b, nw = cuda_operands(1, 2 * I, seed=1)
+    residual = rand((1, 2 * I), torch.bfloat16, 5).cuda()
+    c = counters()
+    assert_options_match_torch(x, w, b, nw, residual, cfg, c)
     assert int(c.abs().sum()) == 0
 
 

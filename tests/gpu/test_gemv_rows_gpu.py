@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
 from llmbatch.runtime.layers import gemv  # noqa: E402
-from tests.gpu.test_gemv_gpu import counters_are_zero, norm_gate_up_down_norm  # noqa: E402
-from llmbatch.runtime.layers.activation import SiluAndMul  # noqa: E402
+from tests.gpu.test_gemv_gpu import (assert_options_match_torch,  # noqa: E402
+                                     counters_are_zero, norm_gate_up_down_norm)
 from tests.gpu.test_skinny_matmul_gpu import (BF16_TOL, I, K,  # noqa: E402
                                               assert_graph_replays_bitwise, cuda_operands,
                                               greedy_outputs)
-from tests.runtime.test_skinny_matmul import EPS, rand, torch_norm  # noqa: E402
+from tests.runtime.test_skinny_matmul import EPS, rand  # noqa: E402
 
 SPLIT4 = gemv.GemvConfig(block_n=8, block_k=512, num_warps=8, split_k=4)
 
@@ -35,19 +34,11 @@ def test_rows_match_torch_and_the_one_row_kernel_bf16(m, cfg):
     x, w, b, nw = cuda_operands(m, 2 * I, seed=20 + m)
     residual = rand((m, 2 * I), torch.bfloat16, 30 + m).cuda()
     c = counters()
+    assert_options_match_torch(x, w, b, nw, residual, cfg, c)
     plain = gemv.gemv_linear(x, w, b, config=cfg, counters=c)
-    torch.testing.assert_close(plain, F.linear(x, w, b), **BF16_TOL)
     for r in range(m):   # another summation order than the one-row kernel: not bitwise
         torch.testing.assert_close(plain[r:r + 1], gemv.gemv_linear(x[r:r + 1], w, b,
                                                                     counters=c), **BF16_TOL)
-    normed = torch_norm(x.cpu(), nw.cpu()).cuda()   # each row its own rstd
-    torch.testing.assert_close(gemv.gemv_linear(x, w, norm_weight=nw, eps=EPS, config=cfg,
-                                                counters=c), F.linear(normed, w), **BF16_TOL)
-    got = gemv.gemv_linear(x, w, residual=residual, config=cfg, counters=c)
-    assert torch.equal(got, gemv.gemv_linear(x, w, config=cfg, counters=c) + residual)
-    got = gemv.gemv_linear(x, w, b, norm_weight=nw, eps=EPS, gate_up=True, config=cfg,
-                           counters=c)
-    torch.testing.assert_close(got, SiluAndMul()(F.linear(normed, w, b)), **BF16_TOL)
     torch.cuda.synchronize()
     assert int(c.abs().sum()) == 0
 
