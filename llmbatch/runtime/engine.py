@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Optional
 from llmbatch.runtime.block_manager import BlockManager
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.engine_speculation import SpeculationMixin, make_proposer
-from llmbatch.runtime.kernel_paths import PATH_STATS
+from llmbatch.runtime.engine_stats import runner_stats
 from llmbatch.runtime.outputs import GenerationResult, result_of
 from llmbatch.runtime.planner import Planner
 from llmbatch.runtime.request import FinishReason, Request, RequestStatus
@@ -260,34 +260,8 @@ class Engine(SpeculationMixin):
         s = dict(self._counters)
         s["prefix_hit_rate"] = (s["num_cached_prompt_tokens"] / s["num_prompt_tokens"]
                                 if s["num_prompt_tokens"] else 0.0)
-        s["num_kv_blocks"] = self.runner.num_kv_blocks
-        s["cuda_graphs_active"] = getattr(self.runner, "graph_runner", None) is not None
-        s["cuda_graph_error"] = getattr(self.runner, "cuda_graph_error", None)
-        s["triton_argmax_error"] = getattr(self.runner, "triton_argmax_error", None)
-        s["block_size"] = self.config.block_size
+        s.update(runner_stats(self.runner, self.config))
         s["async_scheduling"] = self.async_scheduling
-        # Which kernel paths the runner actually took (options are ignored where they cannot
-        # apply, e.g. on CPU): fused kernels, the skinny decode path, int8 / nf4 layers on Triton.
-        for key in PATH_STATS:
-            s[key] = getattr(self.runner, key, None)
-        s["rotary_in_attention"] = getattr(self.runner, "rotary_in_attention_active", False)
-        s["prepare_s"] = getattr(self.runner, "prepare_s", None)  # part of execute_s
-        # Steps that replayed a CUDA graph vs eager ones, and their forward + sampling seconds.
-        for kind in ("graph", "eager"):
-            s[f"{kind}_steps"] = getattr(self.runner, "step_count", {}).get(kind)
-            s[f"{kind}_step_s"] = getattr(self.runner, "step_time_s", {}).get(kind)
-            s[f"{kind}_launch_s"] = getattr(self.runner, "step_launch_s", {}).get(kind)
-        # Device seconds per step part and idle gaps, while runner.device_timer is on.
-        timer = getattr(self.runner, "device_timer", None)
-        if timer is not None:
-            s.update(timer.stats())
-        # Bytes of the loaded weights on each TP rank (quantized buffers included), and the
-        # quantization in effect (a pre-quantized checkpoint's method when config says none).
-        per_rank = getattr(self.runner, "weight_bytes_per_rank", None)
-        if per_rank is None and getattr(self.runner, "weight_bytes", None) is not None:
-            per_rank = [self.runner.weight_bytes]
-        s["weight_bytes_per_rank"] = [int(b) for b in per_rank] if per_rank is not None else None
-        s["quantization"] = getattr(self.runner, "quantization", None) or self.config.quantization
         return s
 
     # -- helpers ----------------------------------------------------------------------
