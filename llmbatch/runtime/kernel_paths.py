@@ -15,7 +15,7 @@
                                   start-up (models/gemv_check.py), off where that fails
     gemv_max_rows   (1; opt-in up to 8) with skinny_gemv, steps of up to that many tokens
                                   (batch-1 verify steps) on gemv_linear's multi-row kernel,
-                                  LM head calls too; unmeasured, one-row start-up check only
+                                  LM head calls too; unmeasured; start-up check at R rows too
     gemv_weight_prefetch (auto: tile with pdl) off | tile | l2 | both: what a gemv program
                                   reads of its weights before its PDL wait (layers/gemv.py)
     pdl             (auto: sm_90) our Triton kernels (fused, attention, skinny, gemv) launch
@@ -188,7 +188,8 @@ def _enable_skinny_layers(model, config, tp_size: int, quantization: str, pdl: b
     if dense and enable_skinny_matmul(model, pdl=pdl, gemv_rows=gemv, small_steps=skinny,
                                       gemv_max_rows=max_rows):
         if gemv:
-            gemv = _gemv_passes_start_up_check(model, skinny, pdl, prefetch_mode, paths)
+            gemv = _gemv_passes_start_up_check(model, skinny, pdl, prefetch_mode, paths,
+                                               max_rows, steps)
             if not (skinny or gemv):
                 return
         paths.skinny_matmul, paths.skinny_gemv, paths.skinny_pdl = skinny, gemv, pdl
@@ -230,14 +231,14 @@ def _enable_gemv_weight_prefetch(mode: str, paths: KernelPaths, asked: bool) -> 
 
 
 def _gemv_passes_start_up_check(model, skinny: bool, pdl: bool, prefetch_mode: str,
-                                paths: KernelPaths) -> bool:
-    """models/gemv_check.py on the just-enabled gemv layers; where it fails, one-token steps go
-    back to the 16-row skinny tiles (skinny_matmul on) or the unfused layers, with a warning
-    and the reason in stats()["skinny_gemv_error"]. The check launches the kernels the engine
-    will: with gemv_weight_prefetch's switches set (PREFETCH_W / PREFETCH_L2 are their own
-    specialisations, the L2 one inline PTX), then put back as they were: cleared for an
-    engine's runner (_enable_gemv_weight_prefetch sets them for good where the layers stay
-    on), the engine's for a draft's runner (inheriting_process_switches)."""
+                                paths: KernelPaths, max_rows: int, steps: str) -> bool:
+    """models/gemv_check.py on the just-enabled gemv layers, on max_rows rows too; where it
+    fails, the `steps` go back to the 16-row skinny tiles (skinny_matmul on) or the unfused
+    layers, with a warning and the reason in stats()["skinny_gemv_error"]. The check launches
+    the kernels the engine will: with gemv_weight_prefetch's switches set (PREFETCH_W /
+    PREFETCH_L2 are their own specialisations, the L2 one inline PTX), then put back as they
+    were: cleared for an engine's runner (_enable_gemv_weight_prefetch sets them for good where
+    the layers stay on), the engine's for a draft's runner (inheriting_process_switches)."""
     from llmbatch.runtime.layers import gemv as gemv_layers
     from llmbatch.runtime.models.gemv_check import check_gemv_layers
     from llmbatch.runtime.models.llama_skinny import (disable_skinny_matmul,
@@ -246,15 +247,15 @@ def _gemv_passes_start_up_check(model, skinny: bool, pdl: bool, prefetch_mode: s
     before = gemv_layers.prefetch_mode()
     gemv_layers.set_prefetch_mode(prefetch_mode)
     try:
-        error = check_gemv_layers(model)
+        error = check_gemv_layers(model, max_rows)
     finally:
         gemv_layers.set_prefetch_mode(before)
     if error is None:
         return True
     if prefetch_mode != "off":
         error += f" (gemv_weight_prefetch {prefetch_mode})"
-    logger.warning("skinny_gemv off, one-token steps on the %s layers: the start-up check of "
-                   "the gemv kernels failed: %s", "skinny" if skinny else "unfused", error)
+    logger.warning("skinny_gemv off, %s on the %s layers: the start-up check of the gemv "
+                   "kernels failed: %s", steps, "skinny" if skinny else "unfused", error)
     paths.skinny_gemv_error = error
     if skinny:
         enable_skinny_matmul(model, pdl=pdl, gemv_rows=False, small_steps=True)

@@ -1,6 +1,7 @@
 """models/gemv_check.py: the start-up check of the default-on gemv layers passes on correct
 kernels (Llama, Qwen2 biases, Qwen3 q/k norms; the kernels run under the Triton interpreter),
-names the first launch that is wrong or fails, and kernel_paths turns the layers off then."""
+names the first launch that is wrong or fails, and kernel_paths turns the layers off then.
+With gemv_max_rows > 1 it checks the multi-row launches too and names their row count."""
 
 from __future__ import annotations
 
@@ -138,3 +139,103 @@ def test_lm_head_keeps_f_linear_when_sharded_or_quantized(why, tmp_path):
         model.lm_head.quant_method = object()
     assert llama_skinny.enable_skinny_matmul(model, gemv_rows=True, small_steps=False)
     assert model.lm_head.use_gemv is False
+
+
+# gemv_max_rows = R > 1: the check also runs each launch on R distinct rows (the multi-row
+# kernel, layers/gemv_rows.py), the norms' eps-scale row among them, after the one-row ones.
+
+def rows_model(name: str, tmp_path, max_rows: int):
+    model = load_ours(make_hf_model(name, tmp_path), tmp_path)
+    assert llama_skinny.enable_skinny_matmul(model, gemv_rows=True, small_steps=False,
+                                             gemv_max_rows=max_rows)
+    return model
+
+
+def _launch_rows(monkeypatch):
+    """Spy on gemv_linear: the row count of every launch, in order."""
+    rows, real = [], gemv.gemv_linear
+    monkeypatch.setattr(gemv, "gemv_linear",
+                        lambda x, *a, **kw: rows.append(x.shape[0]) or real(x, *a, **kw))
+    return rows
+
+
+@pytest.mark.parametrize("name,max_rows", [("llama-gqa-hd32-tied-llama3", 2),
+                                           ("llama-gqa-hd32-tied-llama3", 5),
+                                           ("qwen2-gqa-hd32-tied", 5)])
+def test_correct_multi_row_kernels_pass(name, max_rows, tmp_path, monkeypatch):
+    """The seven one-row launches as before, then qkv, o_proj, gate_up, down and the LM head
+    on max_rows rows."""
+    model = rows_model(name, tmp_path, max_rows)
+    rows = _launch_rows(monkeypatch)
+    assert check_gemv_layers(model, max_rows=max_rows) is None
+    assert rows == [1] * 7 + [max_rows] * 5
+    assert int(model.model.skinny_gemv_counters.abs().sum()) == 0
+
+
+def test_one_row_check_launches_one_row_only(tmp_path, monkeypatch):
+    model = rows_model("llama-gqa-hd32-tied-llama3", tmp_path, 1)
+    rows = _launch_rows(monkeypatch)
+    assert check_gemv_layers(model) is None and check_gemv_layers(model, max_rows=1) is None
+    assert rows == [1] * 14
+
+
+_REAL_GEMV = gemv.gemv_linear
+
+
+def _wrong_from_row_2(*args, **kwargs):
+    """A multi-row kernel that reads row 1's input for every row >= 2 (a row-stride bug): its
+    rows 0 and 1 are right."""
+    out = _REAL_GEMV(*args, **kwargs)
+    if out.shape[0] > 2:
+        out[2:] = out[1]
+    return out
+
+
+def test_a_kernel_wrong_from_row_2_is_caught_with_3_rows_only(tmp_path, monkeypatch):
+    model = rows_model("llama-gqa-hd32-tied-llama3", tmp_path, 3)
+    monkeypatch.setattr(gemv, "gemv_linear", _wrong_from_row_2)
+    assert check_gemv_layers(model) is None   # gemv_max_rows 1: one-row launches only
+    reason = check_gemv_layers(model, max_rows=3)
+    assert reason is not None and reason.startswith("qkv (3 rows): max |gemv - torch| = ")
+    assert "(row 2, column " in reason
+
+
+def test_the_eps_row_is_among_the_multi_row_norm_launches(tmp_path, monkeypatch):
+    """Multi-row launches that drop the norm's eps: only the eps-scale row shows it."""
+    model = rows_model("llama-gqa-hd32-tied-llama3", tmp_path, 4)
+    monkeypatch.setattr(gemv, "gemv_linear", lambda x, *a, **kw: _REAL_GEMV(
+        x, *a, **dict(kw, eps=0.0) if x.shape[0] > 1 and "eps" in kw else kw))
+    reason = check_gemv_layers(model, max_rows=4)
+    assert reason is not None and reason.startswith("qkv (4 rows): max |gemv - torch| = ")
+
+
+def test_a_wrong_multi_row_lm_head_is_named(tmp_path, monkeypatch):
+    model = rows_model("llama-gqa-hd32-tied-llama3", tmp_path, 2)
+    head_weight = model.lm_head.weight
+    monkeypatch.setattr(gemv, "gemv_linear", lambda x, w, *a, **kw: (
+        _REAL_GEMV(x.flip(0), w, *a, **kw) if w is head_weight and x.shape[0] > 1
+        else _REAL_GEMV(x, w, *a, **kw)))   # rows swapped
+    assert check_gemv_layers(model, max_rows=2).startswith(
+        "lm_head (2 rows): max |gemv - torch| = ")
+
+
+@pytest.mark.parametrize("max_rows", [1, 3])
+def test_kernel_paths_check_the_engines_gemv_max_rows(max_rows, tmp_path, monkeypatch, caplog):
+    """The CUDA branch on CPU tensors with the row-2 bug: gemv_max_rows 1 never launches it
+    (the gemv layers stay on); 3 fails the check, which names the row count."""
+    model = load_ours(make_hf_model("llama-gqa-hd32-tied-llama3", tmp_path), tmp_path)
+    monkeypatch.setattr(gemv, "gemv_linear", _wrong_from_row_2)
+    config = EngineConfig(model="m", gemv_max_rows=max_rows)
+    with caplog.at_level("WARNING", logger="llmbatch.runtime.kernel_paths"):
+        paths = enable_kernel_paths(model, config, torch.device("cuda"), 1, "none")
+    if max_rows == 1:
+        assert (paths.skinny_gemv, paths.gemv_max_rows, paths.skinny_gemv_error) == \
+            (True, 1, None)
+        assert caplog.records == []
+        return
+    assert (paths.skinny_gemv, paths.gemv_max_rows) == (False, 1)
+    assert paths.skinny_gemv_error.startswith("qkv (3 rows): max |gemv - torch| = ")
+    assert (model.model.skinny_gemv_counters, model.model.skinny_max_tokens) == (None, 16)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skinny_gemv off, steps of <= 3 tokens on the unfused layers: the start-up check of "
+        f"the gemv kernels failed: {paths.skinny_gemv_error}"]

@@ -215,7 +215,7 @@ def test_a_draft_runner_runs_with_the_engines_switches(tmp_path, monkeypatch):
     checked = []
     real_check = gemv_check.check_gemv_layers
     monkeypatch.setattr(gemv_check, "check_gemv_layers",
-                        lambda model: checked.append(switches()) or real_check(model))
+                        lambda model, *a: checked.append(switches()) or real_check(model, *a))
     monkeypatch.setattr(kernel_paths.torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     draft = load_ours(make_hf_model("llama-gqa-hd32-tied-llama3", tmp_path), tmp_path)
     config = EngineConfig(model="m", gemv_weight_prefetch="tile")   # pdl auto: on at sm_90

@@ -1,4 +1,4 @@
-"""Start-up check of the one-token gemv layers (EngineConfig.skinny_gemv, on by default on CUDA).
+"""Start-up check of the gemv layers (EngineConfig.skinny_gemv, on by default on CUDA).
 
 layers/gemv.py was written and tested in the Triton interpreter and measured on one H200; on
 another GPU or Triton a wrong kernel must cost speed, never tokens (as kernel_paths'
@@ -17,6 +17,14 @@ The norm launches run twice: on a unit-scale row and on one whose mean square eq
 norm's eps, where a wrong or dropped eps moves rstd by 1.4x or more (at unit scale it moves it
 by ~eps, below any rounding). kernel_paths runs the check with the engine's gemv weight
 prefetch switches set, so it checks the specialisations the engine will launch.
+
+With EngineConfig.gemv_max_rows = R > 1 (steps of up to R tokens on gemv_linear's multi-row
+kernel, layers/gemv_rows.py, written without a GPU) the five launches then run once more on R
+distinct seeded rows (the norm launches with their eps-scale row last among unit-scale ones;
+the residual R rows too), checked row by row against the same reference and bound, and a
+failure is named with its row count ("qkv (5 rows): ..."). Only M = R is launched: a step of
+2..R-1 tokens may run another ROWS padding (the next power of two) and tile. R = 1 launches
+exactly the one-row cases above.
 
 Tolerance, per output element (_error_bound): what the kernel's rounding steps and float32
 summation in another order can move it by, with a 2-4x margin -- K * 2^-24 times the sum of
@@ -43,21 +51,24 @@ _CHUNK_ELEMENTS = 1 << 22   # weight elements a reference step widens to float32
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x (1, K) float32 -> RMSNorm(x) * weight, float32."""
+    """x (M, K) float32 -> RMSNorm(x) * weight (each row its own rstd), float32."""
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor,
             bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (1, K) float32, weight (N, K) -> (y, mag), both (1, N) float32: y = x @ W^T + b summed
-    as float32 products, and mag = |x| @ |W|^T + |b|, what y's rounding errors scale with."""
+    """x (M, K) float32, weight (N, K) -> (y, mag), both (M, N) float32: y = x @ W^T + b summed
+    as float32 products, and mag = |x| @ |W|^T + |b|, what y's rounding errors scale with.
+    Each row on its own, the one-row arithmetic."""
     step = max(1, _CHUNK_ELEMENTS // weight.shape[1])
-    ys, mags = [], []
+    y = torch.empty(x.shape[0], weight.shape[0], device=x.device)
+    mag = torch.empty_like(y)
     for lo in range(0, weight.shape[0], step):
-        prod = weight[lo:lo + step].float() * x          # (rows, K)
-        ys.append(prod.sum(dim=1))
-        mags.append(prod.abs_().sum(dim=1))
-    y, mag = torch.cat(ys)[None, :], torch.cat(mags)[None, :]
+        w = weight[lo:lo + step].float()                 # (rows, K)
+        for i in range(x.shape[0]):
+            prod = w * x[i]                              # (rows, K)
+            y[i, lo:lo + step] = prod.sum(dim=1)
+            mag[i, lo:lo + step] = prod.abs_().sum(dim=1)
     if bias is not None:
         y, mag = y + bias.float(), mag + bias.float().abs()
     return y, mag
@@ -75,7 +86,7 @@ def _error_bound(y: torch.Tensor, mag: torch.Tensor, dtype: torch.dtype, k: int,
 
 
 def _plain(x: torch.Tensor, weight: torch.Tensor, bias, residual=None, normed: bool = False):
-    """Reference and bound of a launch without SiLU·mul: (want, bound), (1, N) float32; with a
+    """Reference and bound of a launch without SiLU·mul: (want, bound), (M, N) float32; with a
     residual the sum's own rounding too."""
     y, mag = _linear(x, weight, bias)
     bound = _error_bound(y, mag, weight.dtype, weight.shape[1], normed)
@@ -101,8 +112,8 @@ def _silu_mul(x: torch.Tensor, weight: torch.Tensor, bias, normed: bool = True):
 
 def _mismatch(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor,
               dtype: torch.dtype) -> Optional[str]:
-    """got: the kernel's output (model dtype) as float32. None when every element is within its
-    bound (a NaN never is), else the worst one."""
+    """got: the kernel's output (model dtype) as float32, (M, N). None when every element is
+    within its bound (a NaN never is), else the worst one (its row too where M > 1)."""
     if got.shape != want.shape:
         return f"output shape {tuple(got.shape)}, expected {tuple(want.shape)}"
     err = (got - want).abs().flatten()
@@ -111,16 +122,18 @@ def _mismatch(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor,
     if not bool(bad.any()):
         return None
     ratio = torch.where(err.isnan(), torch.full_like(err, float("inf")), err / bound)
-    i = int(ratio.argmax())
+    i, (m, n) = int(ratio.argmax()), got.shape
+    where = f"column {i} of {n}" if m == 1 else f"row {i // n}, column {i % n} of {m} x {n}"
     return (f"max |gemv - torch| = {err[i].item():.3g} exceeds {bound[i].item():.3g} "
-            f"(column {i} of {err.numel()})")
+            f"({where})")
 
 
 @torch.inference_mode()
-def check_gemv_layers(model) -> Optional[str]:
+def check_gemv_layers(model, max_rows: int = 1) -> Optional[str]:
     """None when every gemv launch of the first LlamaModel with gemv layers matches torch on
     its layer 0, else a one-line reason (the first failing launch). model: the loaded model
-    after llama_skinny.enable_skinny_matmul(..., gemv_rows=True)."""
+    after llama_skinny.enable_skinny_matmul(..., gemv_rows=True, gemv_max_rows=max_rows);
+    max_rows > 1: the launches on that many rows too, after the one-row ones."""
     from llmbatch.runtime.layers import gemv
     from llmbatch.runtime.models.llama import LlamaModel
 
@@ -141,8 +154,13 @@ def check_gemv_layers(model) -> Optional[str]:
         r = r * (mean_square / r.pow(2).mean()).sqrt()
         return r.to(dtype=dtype, device=device)
 
-    hidden, inter = qkv.weight.shape[1], down.weight.shape[1]
-    x, a, act_in, res = row(hidden), row(o_proj.weight.shape[1]), row(inter), row(hidden)
+    def rows(m: int, width: int, last_mean_square: float = 1.0) -> torch.Tensor:
+        """(m, width): m seeded rows of mean square 1 but the last (an eps of 0: 1 too)."""
+        return torch.cat([row(width, (last_mean_square or 1.0) if i == m - 1 else 1.0)
+                          for i in range(m)])
+
+    hidden, o_in, inter = qkv.weight.shape[1], o_proj.weight.shape[1], down.weight.shape[1]
+    x, a, act_in, res = row(hidden), row(o_in), row(inter), row(hidden)
     launch = dict(counters=module.skinny_gemv_counters, pdl=getattr(module, "skinny_pdl", False))
 
     def normed(h: torch.Tensor, norm) -> torch.Tensor:
@@ -159,25 +177,39 @@ def check_gemv_layers(model) -> Optional[str]:
                                          gate_up=True, **launch),
                 lambda: _silu_mul(normed(h, post_norm), gate_up.weight, gate_up.bias))
 
-    cases = [
-        ("qkv", *qkv_case(x)),
-        ("o_proj", lambda: gemv.gemv_linear(a, o_proj.weight, o_proj.bias, residual=res,
-                                            **launch),
-         lambda: _plain(a.float(), o_proj.weight, o_proj.bias, res)),
-        ("gate_up", *gate_up_case(x)),
-        ("down", lambda: gemv.gemv_linear(act_in, down.weight, down.bias, residual=res,
-                                          **launch),
-         lambda: _plain(act_in.float(), down.weight, down.bias, res)),
-    ]
+    def layer_cases(x_in, x_post, a, act_in, res):
+        """The four launches of the layer: the norms on x_in / x_post, (M, hidden) each."""
+        return [
+            ("qkv", *qkv_case(x_in)),
+            ("o_proj", lambda: gemv.gemv_linear(a, o_proj.weight, o_proj.bias, residual=res,
+                                                **launch),
+             lambda: _plain(a.float(), o_proj.weight, o_proj.bias, res)),
+            ("gate_up", *gate_up_case(x_post)),
+            ("down", lambda: gemv.gemv_linear(act_in, down.weight, down.bias, residual=res,
+                                              **launch),
+             lambda: _plain(act_in.float(), down.weight, down.bias, res)),
+        ]
+
+    def head_case(h):   # ParallelLMHead's calls on gemv (no prologue/epilogue)
+        return ("lm_head", lambda: head.gemv_logits(h),
+                lambda: _plain(h.float(), head.weight, None))
+
+    cases = layer_cases(x, x, a, act_in, res)
     # The norms again on rows whose mean square is their eps: rstd = 1 / sqrt(2 eps) there.
     if in_norm.eps > 0:
         cases.append(("qkv at the norm's eps", *qkv_case(row(hidden, in_norm.eps))))
     if post_norm.eps > 0:
         cases.append(("gate_up at the norm's eps", *gate_up_case(row(hidden, post_norm.eps))))
     head = next((h for h in model.modules() if getattr(h, "use_gemv", False)), None)
-    if head is not None:   # ParallelLMHead with one-row calls on gemv (no prologue/epilogue)
-        cases.append(("lm_head", lambda: head.gemv_logits(x),
-                      lambda: _plain(x.float(), head.weight, None)))
+    if head is not None:
+        cases.append(head_case(x))
+    if max_rows > 1:   # distinct rows: a row that reads another's input or rstd shows
+        x_in = rows(max_rows, hidden, in_norm.eps)
+        more = layer_cases(x_in, rows(max_rows, hidden, post_norm.eps), rows(max_rows, o_in),
+                           rows(max_rows, inter), rows(max_rows, hidden))
+        if head is not None and getattr(head, "gemv_max_rows", 1) >= max_rows:
+            more.append(head_case(x_in))
+        cases += [(f"{name} ({max_rows} rows)", run, ref) for name, run, ref in more]
     for name, run, reference in cases:
         try:
             got = run().float()
