@@ -8,6 +8,7 @@ never as an internal error.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from typing import Callable, Optional
@@ -57,6 +58,46 @@ def model_input_errors() -> tuple:
     return tuple(errors)
 
 
+# What a tokenizer needs of a Hub repo (runtime/loader.py's patterns less the weights).
+_TOKENIZER_FILES = ["*.json", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def _local_tokenizer(name: str) -> str:
+    """`model.tokenizer` as a local folder: a Hub id is fetched (tokenizer files only) from the
+    local cache first, then once from the Hub. Left to transformers, an unreachable Hub cost
+    a minute of retries logged to stderr, and the failure was blamed on model.path."""
+    if os.path.isdir(os.path.expanduser(name)):
+        return name
+    try:
+        from huggingface_hub import snapshot_download
+        try:
+            return snapshot_download(name, allow_patterns=_TOKENIZER_FILES,
+                                     local_files_only=True)
+        except Exception:
+            return snapshot_download(name, allow_patterns=_TOKENIZER_FILES)
+    except Exception as exc:   # offline, unknown repo, gated repo, no huggingface_hub
+        raise InvalidJobError(f"model.tokenizer {name}: cannot load the tokenizer: not a local "
+                              f"directory and could not be fetched from the Hugging Face Hub "
+                              f"({type(exc).__name__}: {_one_line(exc, first_line=True)})") from None
+
+
+def _one_line(exc: BaseException, limit: int = 300, first_line: bool = False) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0] if first_line else str(exc)
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _raised_loading_tokenizer(exc: BaseException) -> bool:
+    """Whether `exc` comes from transformers' tokenizer loading (AutoTokenizer.from_pretrained
+    and the tokenizer classes it builds), not from the model's."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if "tokenization" in os.path.basename(tb.tb_frame.f_code.co_filename):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def make_engine(spec: JobSpec, engine_factory: Optional[Callable] = None):
     """Build the job's engine (loads the model). A model that cannot be loaded raises
     InvalidJobError naming model.path and the first line of the reason. Tensor-parallel ranks
@@ -72,7 +113,10 @@ def make_engine(spec: JobSpec, engine_factory: Optional[Callable] = None):
             from llmbatch.runtime.loader import resolve_model_path
             from llmbatch.runtime.lora_merge import read_adapter
             read_adapter(resolve_model_path(spec.model.lora))
-        return (factory or default_factory)(spec.engine_config())
+        config = spec.engine_config()
+        if spec.model.tokenizer:
+            config = dataclasses.replace(config, tokenizer=_local_tokenizer(spec.model.tokenizer))
+        return (factory or default_factory)(config)
     except JobError:
         raise
     except EngineConfigError as exc:   # a setting the model or device refuses, not the model
@@ -80,6 +124,12 @@ def make_engine(spec: JobSpec, engine_factory: Optional[Callable] = None):
     except model_input_errors() as exc:
         if getattr(exc, "job_key", None):   # names its own key (runtime/lora_merge.py)
             raise InvalidJobError(f"{exc.job_key}: {' '.join(str(exc).split())}") from None
+        if _raised_loading_tokenizer(exc):
+            # Its reason is whole: transformers' first line ends "from one of:".
+            key, name = (("model.tokenizer", spec.model.tokenizer) if spec.model.tokenizer
+                         else ("model.path", spec.model.path))
+            raise InvalidJobError(f"{key} {name}: cannot load the tokenizer: "
+                                  f"{_one_line(exc)}") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not isinstance(exc, (OSError, ValueError)):
             # A library's own type: named, and whole (a strict-config error puts the field
