@@ -76,7 +76,7 @@ class EngineConfig:
     # the multi-row kernel above one (layers/gemv_rows.py: each weight tile loaded once for
     # all rows; LM head calls too); a batch-1 speculative verify step is k + 1 tokens. 1 (the
     # default): one-token steps only, as before. Opt-in: UNMEASURED on a GPU (bench
-    # --gemv-rows8), and the start-up check (models/gemv_check.py) checks one-row calls only.
+    # --gemv-rows8); the start-up check (models/gemv_check.py) launches each row padding.
     gemv_max_rows: int = 1
     # Decode steps (one token a sequence) rotate q and k, store K/V and attend in one launch
     # (attention/triton_kernels/rotary_decode.py) instead of two (fused rotary + store, then

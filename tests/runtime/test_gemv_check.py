@@ -12,9 +12,9 @@ pytest.importorskip("triton")
 
 from llmbatch.runtime.config import EngineConfig  # noqa: E402
 from llmbatch.runtime.kernel_paths import enable_kernel_paths  # noqa: E402
-from llmbatch.runtime.layers import gemv  # noqa: E402
+from llmbatch.runtime.layers import gemv, gemv_rows  # noqa: E402
 from llmbatch.runtime.models import llama_skinny  # noqa: E402
-from llmbatch.runtime.models.gemv_check import check_gemv_layers  # noqa: E402
+from llmbatch.runtime.models.gemv_check import check_gemv_layers, multi_row_counts  # noqa: E402
 from tests.runtime.test_models import load_ours, make_hf_model  # noqa: E402
 
 
@@ -168,7 +168,7 @@ def test_correct_multi_row_kernels_pass(name, max_rows, tmp_path, monkeypatch):
     model = rows_model(name, tmp_path, max_rows)
     rows = _launch_rows(monkeypatch)
     assert check_gemv_layers(model, max_rows=max_rows) is None
-    assert rows == [1] * 7 + [max_rows] * 5
+    assert rows == [1] * 7 + [m for m in multi_row_counts(max_rows) for _ in range(5)]
     assert int(model.model.skinny_gemv_counters.abs().sum()) == 0
 
 
@@ -198,6 +198,27 @@ def test_a_kernel_wrong_from_row_2_is_caught_with_3_rows_only(tmp_path, monkeypa
     reason = check_gemv_layers(model, max_rows=3)
     assert reason is not None and reason.startswith("qkv (3 rows): max |gemv - torch| = ")
     assert "(row 2, column " in reason
+
+
+@pytest.mark.parametrize("max_rows,counts", [(1, []), (2, [2]), (3, [3, 2]), (4, [4, 2]),
+                                             (5, [5, 4, 2]), (8, [8, 4, 2])])
+def test_one_row_count_per_rows_padding(max_rows, counts):
+    assert multi_row_counts(max_rows) == counts
+    # every step size 2..R pads like one of the counts checked (gemv_rows.rows_of)
+    assert ({gemv_rows.rows_of(m) for m in range(2, max_rows + 1)}
+            == {gemv_rows.rows_of(m) for m in counts})
+
+
+def test_a_kernel_wrong_at_a_smaller_padding_is_caught(tmp_path, monkeypatch):
+    """Wrong only for calls of 3-4 rows (their ROWS = 4 variant): a step of 3 or 4 tokens at
+    gemv_max_rows 5 would run it, so the check must launch it, not only the 5-row one."""
+    model = rows_model("llama-gqa-hd32-tied-llama3", tmp_path, 5)
+
+    def wrong_at_rows_4(x, *a, **kw):
+        out = _REAL_GEMV(x, *a, **kw)
+        return out * 1.5 if x.shape[0] in (3, 4) else out
+    monkeypatch.setattr(gemv, "gemv_linear", wrong_at_rows_4)
+    assert check_gemv_layers(model, max_rows=5).startswith("qkv (4 rows): ")
 
 
 def test_the_eps_row_is_among_the_multi_row_norm_launches(tmp_path, monkeypatch):

@@ -22,9 +22,10 @@ With EngineConfig.gemv_max_rows = R > 1 (steps of up to R tokens on gemv_linear'
 kernel, layers/gemv_rows.py, written without a GPU) the five launches then run once more on R
 distinct seeded rows (the norm launches with their eps-scale row last among unit-scale ones;
 the residual R rows too), checked row by row against the same reference and bound, and a
-failure is named with its row count ("qkv (5 rows): ..."). Only M = R is launched: a step of
-2..R-1 tokens may run another ROWS padding (the next power of two) and tile. R = 1 launches
-exactly the one-row cases above.
+failure is named with its row count ("qkv (5 rows): ..."). A step of 2..R-1 tokens runs
+another compiled variant when it pads to fewer ROWS (the next power of two), so the launches
+also run once per smaller padding, at its largest row count (multi_row_counts: R = 5 checks
+5, 4 and 2 rows). R = 1 launches exactly the one-row cases above.
 
 Tolerance, per output element (_error_bound): what the kernel's rounding steps and float32
 summation in another order can move it by, with a 2-4x margin -- K * 2^-24 times the sum of
@@ -129,6 +130,14 @@ def _mismatch(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor,
 
 
 @torch.inference_mode()
+def multi_row_counts(max_rows: int) -> list[int]:
+    """Row counts the check launches for steps of 2..max_rows tokens: one per ROWS padding the
+    kernel compiles for them (the next power of two, gemv_rows.rows_of), the largest count of
+    each, max_rows first. E.g. 5 -> [5, 4, 2]; 8 -> [8, 4, 2]; 3 -> [3, 2]; 1 -> []."""
+    paddings = {1 << (m - 1).bit_length() for m in range(2, max_rows + 1)}
+    return sorted({min(max_rows, p) for p in paddings}, reverse=True)
+
+
 def check_gemv_layers(model, max_rows: int = 1) -> Optional[str]:
     """None when every gemv launch of the first LlamaModel with gemv layers matches torch on
     its layer 0, else a one-line reason (the first failing launch). model: the loaded model
@@ -203,13 +212,13 @@ def check_gemv_layers(model, max_rows: int = 1) -> Optional[str]:
     head = next((h for h in model.modules() if getattr(h, "use_gemv", False)), None)
     if head is not None:
         cases.append(head_case(x))
-    if max_rows > 1:   # distinct rows: a row that reads another's input or rstd shows
-        x_in = rows(max_rows, hidden, in_norm.eps)
-        more = layer_cases(x_in, rows(max_rows, hidden, post_norm.eps), rows(max_rows, o_in),
-                           rows(max_rows, inter), rows(max_rows, hidden))
-        if head is not None and getattr(head, "gemv_max_rows", 1) >= max_rows:
+    for m in multi_row_counts(max_rows):   # distinct rows: one that reads another's input
+        x_in = rows(m, hidden, in_norm.eps)  # or rstd shows
+        more = layer_cases(x_in, rows(m, hidden, post_norm.eps), rows(m, o_in), rows(m, inter),
+                           rows(m, hidden))
+        if head is not None and getattr(head, "gemv_max_rows", 1) >= m:
             more.append(head_case(x_in))
-        cases += [(f"{name} ({max_rows} rows)", run, ref) for name, run, ref in more]
+        cases += [(f"{name} ({m} rows)", run, ref) for name, run, ref in more]
     for name, run, reference in cases:
         try:
             got = run().float()
