@@ -20,41 +20,30 @@ Order: llmbatch first (its KV pool sizes itself from free memory), then it is fr
 peers load the same checkpoint. Every figure is written to OUT/results.json as soon as it
 exists, so a run cut short still leaves what it measured. Exit status 1 when any run failed
 or llmbatch generated a wrong number of tokens; the table is printed either way.
+
+Here: the CLI, the peers' rows, the run order and the table. llmbatch's rows (one engine per
+system, --repeats, --profile) are in bench/llmbatch_rows.py; the results file, the log line
+and the error-tolerant measurement both share are in bench/recorder.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import gc
-import json
 import os
 import sys
 import time
-import traceback
 
 from bench import floor as floor_mod
-from bench import llmbatch_runner, peers, report, spec_run
+from bench import peers, report
 from bench.environment import environment
-from bench.variants import AB_VARIANTS, add_variant_flags, wanted_variants
+from bench.llmbatch_rows import (FUSED_WORKLOADS, QUANT_METHODS, QUANT_WORKLOADS, num_repeats,
+                                 run_llmbatch)
+from bench.recorder import Recorder, attempt, free_cuda, log
+from bench.variants import add_variant_flags, wanted_variants
 from bench.model_shapes import get_shape, make_checkpoint
 from bench.workloads import WORKLOAD_NAMES, build
 
 PEER_NAMES = ("hf-static", "hf-generate", "hf-cb")
-# --quantization values -> the engine's quantization method; "bf16" is the unquantized model in
-# the run's dtype (bfloat16 on CUDA, float32 on the CPU dry run). nf4-triton: nf4 on our Triton
-# w4a16 GEMM (EngineConfig.nf4_triton_gemm, opt-in) instead of bitsandbytes.
-QUANT_METHODS = {"bf16": "none", "nf4": "nf4", "int8": "int8", "nf4-triton": "nf4"}
-# Quantized engines run only these (BENCH.md: memory and tok/s beside bf16).
-QUANT_WORKLOADS = ("W-RANDOM", "W-BATCH1")
-# The A/B engine without fused kernels (EngineConfig.fused_kernels=False) runs these: every
-# throughput workload gets a row beside the default (fused) one.
-FUSED_WORKLOADS = ("W-RANDOM", "W-PREFIX", "W-BATCH1")
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -112,180 +101,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def num_repeats(args: argparse.Namespace, device: str) -> int:
-    """--repeats, else 3 on CUDA (stop 20's H200 figures moved 4-10 % between engines and calls;
-    llmbatch's workloads take ~3 s an engine there) and 1 on the CPU (the dry run stays fast)."""
-    if args.repeats is not None:
-        return args.repeats
-    return 3 if device.startswith("cuda") else 1
-
-
-class Recorder:
-    """Holds the results dict and rewrites OUT/results.json after every figure."""
-
-    def __init__(self, out_dir: str, results: dict) -> None:
-        self.path = os.path.join(out_dir, "results.json")
-        self.results = results
-        self.default_outputs: dict[str, dict] = {}   # workload -> llmbatch's greedy outputs
-
-    def put(self, workload: str, system: str, value: dict) -> None:
-        outputs = value.get("_outputs")
-        if outputs is not None and system == "llmbatch":
-            self.default_outputs[workload] = outputs
-        elif outputs is not None and workload in self.default_outputs:
-            # Every other llmbatch row (an A/B variant, a quantized engine) says how much of
-            # the default's greedy output it reproduces before its first differing token:
-            # bf16 rounding flips random-weight models late; a broken kernel flips at once.
-            value["agreement_with_llmbatch"] = llmbatch_runner.fraction_on_truth(
-                outputs, self.default_outputs[workload])
-        value = {k: v for k, v in value.items() if not k.startswith("_")}
-        self.results["runs"].setdefault(workload, {})[system] = value
-        self.save()
-
-    def save(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.results, f, indent=1, default=str)
-        os.replace(tmp, self.path)
-
-
-def _attempt(rec: Recorder, workload: str, system: str, fn) -> None:
-    """Run one measurement; a failure is recorded (with its message) and the bench goes on."""
-    log(f"{workload} / {system} ...")
-    try:
-        value = fn()
-    except Exception as exc:
-        traceback.print_exc()
-        value = {"error": f"{type(exc).__name__}: {exc}"}
-    rec.put(workload, system, value)
-    speed = value.get("out_tok_per_s")
-    spread = value.get("repeats", {}).get("spread")
-    runs = (f" (median of {value['repeats']['n']}, max-min {spread:.1%})"
-            if spread is not None and value["repeats"]["n"] > 1 else "")
-    log(f"{workload} / {system}: " + (f"{speed:,.1f} out tok/s{runs}" if speed else
-                                      value.get("error", value.get("skipped", "done"))))
-
-
-def _run_repeated(engine, workload, repeats: int, reset) -> dict:
-    """`workload` `repeats` times on `engine`, summarized as its median run. The prefix cache is
-    reset before each run: a repeated W-PREFIX would otherwise hit the previous run's KV."""
-    runs = []
-    for _ in range(repeats):
-        if callable(reset):
-            reset()
-        runs.append(llmbatch_runner.run_workload(engine, workload))
-    return llmbatch_runner.summarize_repeats(runs)
-
-
-def _free_cuda() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _profile(args, rec, engine, system: str, workloads: dict, reset) -> None:
-    for key, name, num, max_new, fname in llmbatch_runner.profile_slices(system, workloads):
-        if callable(reset):
-            reset()
-        try:
-            rec.results[key] = llmbatch_runner.profile_steps(
-                engine, workloads[name], os.path.join(args.out, fname),
-                num_requests=num, max_new=max_new)
-            log(f"profile {name}: GPU busy {rec.results[key]['gpu_busy_fraction']:.2f} of "
-                f"the wall time ({fname})")
-        except Exception as exc:
-            traceback.print_exc()
-            rec.results[key] = {"error": f"{type(exc).__name__}: {exc}"}
-        rec.save()
-
-
-def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: str,
-                 device: str, vocab: int, quant: str = "bf16", variant: str = "") -> None:
-    """One engine (quantization `quant`), warmed up, through its workloads, then freed.
-    variant: "" (the defaults), or a name of bench/variants.py's AB_VARIANTS: one option of the
-    unquantized engine changed, on FUSED_WORKLOADS or the variant's own workloads."""
-    method = QUANT_METHODS[quant]
-    system = "llmbatch" if method == "none" else f"llmbatch-{quant}"
-    ab = AB_VARIANTS[variant] if variant else None
-    if variant:
-        system = f"llmbatch-{variant}"
-    if method != "none" or variant:
-        keep = (ab.workloads or FUSED_WORKLOADS) if ab is not None else QUANT_WORKLOADS
-        workloads = {n: w for n, w in workloads.items() if n in keep}
-        if not workloads:
-            return
-    if ab is not None and ab.cpu_skip and device == "cpu":
-        # The CPU path never runs Triton kernels: the row would repeat llmbatch.
-        for name in workloads:
-            rec.put(name, system, {"skipped": ab.cpu_skip})
-        return
-    reason = llmbatch_runner.engine_unavailable_reason()
-    if reason is not None:
-        if args.require_engine:
-            raise SystemExit(f"--require-engine: {reason}")
-        log(reason)
-        for name in workloads:
-            rec.put(name, system, {"skipped": reason})
-        return
-    overrides = {"gpu_memory_utilization": args.gpu_memory_utilization, "quantization": method}
-    if method == "nf4":  # the nf4 row measures BENCH.md's <= 0.30x: embedding + LM head in nf4 too
-        overrides["quantize_embeddings"] = True
-    if quant == "nf4-triton":
-        overrides["nf4_triton_gemm"] = True
-    if ab is not None:
-        overrides.update(ab.overrides)
-    if device == "cpu":
-        overrides["cpu_kv_cache_bytes"] = 64 << 20     # a small pool: the dry run is tiny
-    try:
-        engine, load_s = llmbatch_runner.build_engine(model_dir, dtype, device, **overrides)
-    except Exception as exc:  # e.g. bitsandbytes missing: the quantized rows say so
-        if method == "none" and not variant:
-            raise
-        traceback.print_exc()
-        for name in workloads:
-            rec.put(name, system, {"error": f"{type(exc).__name__}: {exc}"})
-        return
-    warm_s = llmbatch_runner.warm_up(engine, vocab, args.scale)
-    setup_key = "llmbatch_setup" if system == "llmbatch" else f"{system}_setup"
-    rec.results[setup_key] = {"load_s": load_s, "warmup_s": warm_s, "stats": engine.stats()}
-    rec.results[setup_key]["fused_kernels_active"] = getattr(
-        getattr(engine, "runner", None), "fused_kernels_active", None)
-    log(f"{system} loaded in {load_s:.1f} s, warmed up in {warm_s:.1f} s, weights "
-        f"{llmbatch_runner.weight_bytes(engine) or 0:,} bytes")
-    gemv_error = rec.results[setup_key]["stats"].get("skinny_gemv_error")
-    if gemv_error:   # the default-on gemv layers failed their start-up check: rows without them
-        log(f"{system}: gemv layers OFF, their start-up check failed: {gemv_error}")
-    # A clean prefix cache per workload when the engine offers it; otherwise the canonical order
-    # keeps W-PREFIX clean (see parse_args) and later workloads' hits only shorten their TTFT.
-    reset = getattr(engine, "reset_prefix_cache", None)
-    rec.results[setup_key]["prefix_cache_reset_per_workload"] = callable(reset)
-    repeats = num_repeats(args, device)
-    for name, w in workloads.items():
-        if name == "W-SPEC":   # runs once: it repeats nothing the --repeats rows measure
-            if callable(reset):
-                reset()
-            _attempt(rec, name, system, lambda: spec_run.run_spec(engine, w, vocab))
-        else:
-            _attempt(rec, name, system, functools.partial(_run_repeated, engine, w, repeats,
-                                                          reset))
-    if args.profile:
-        _profile(args, rec, engine, system, workloads, reset)
-    # reset is a bound method: it holds the engine too (it made cuda_bytes_after_free report
-    # the whole engine, ~36.9 GB on the H200, as still allocated in stops 9-13).
-    del engine, reset
-    _free_cuda()
-    rec.results[setup_key]["cuda_bytes_after_free"] = _cuda_allocated()
-    rec.save()
-
-
-def _cuda_allocated():
-    import torch
-
-    return torch.cuda.memory_allocated() if torch.cuda.is_available() else None
-
-
 def run_peers(rec: Recorder, workloads: dict, model_dir: str, dtype: str, device: str,
               wanted: list[str]) -> None:
     if not wanted:
@@ -296,17 +111,17 @@ def run_peers(rec: Recorder, workloads: dict, model_dir: str, dtype: str, device
     # continuous batching (transformers' best; its stop() restores the attention implementation,
     # so plain generate still works after it), then batch-1 generate (~30 s on an H200).
     if "W-RANDOM" in workloads and "hf-static" in wanted:
-        _attempt(rec, "W-RANDOM", "hf-static",
-                 lambda: peers.run_static_generate(model, workloads["W-RANDOM"], device))
+        attempt(rec, "W-RANDOM", "hf-static",
+                lambda: peers.run_static_generate(model, workloads["W-RANDOM"], device))
     for name in ("W-RANDOM", "W-PREFIX"):
         if name in workloads and "hf-cb" in wanted:
-            _attempt(rec, name, "hf-cb",
-                     lambda: peers.run_continuous_batching(model, workloads[name], device))
+            attempt(rec, name, "hf-cb",
+                    lambda: peers.run_continuous_batching(model, workloads[name], device))
     if "W-BATCH1" in workloads and "hf-generate" in wanted:
-        _attempt(rec, "W-BATCH1", "hf-generate",
-                 lambda: peers.run_batch1_generate(model, workloads["W-BATCH1"], device))
+        attempt(rec, "W-BATCH1", "hf-generate",
+                lambda: peers.run_batch1_generate(model, workloads["W-BATCH1"], device))
     del model
-    _free_cuda()
+    free_cuda()
 
 
 def failed_runs(results: dict) -> list[str]:

@@ -136,7 +136,7 @@ def test_each_workload_runs_n_times_on_one_engine_with_a_clean_cache(tmp_path, m
     monkeypatch.setattr(llmbatch_runner, "warm_up", lambda *a: 0.0)
     monkeypatch.setattr(llmbatch_runner, "weight_bytes", lambda e: 0)
     monkeypatch.setattr(llmbatch_runner, "run_workload", fake_run)
-    monkeypatch.setattr(bench_run, "_cuda_allocated", lambda: 0)
+    monkeypatch.setattr("bench.llmbatch_rows._cuda_allocated", lambda: 0)
     rec = bench_run.Recorder(str(tmp_path), {"runs": {}})
     bench_run.run_llmbatch(bench_run.parse_args(["--repeats", "3"]), rec,
                            {"W-RANDOM": "R", "W-BATCH1": "B"}, "unused", "bfloat16", "cuda", 100)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from bench import llmbatch_runner
 from bench import run as bench_run
 
 WORKLOADS = ("W-RANDOM", "W-PREFIX", "W-BATCH1")
@@ -63,8 +64,8 @@ def stub_build_engine(monkeypatch) -> dict:
         seen.update(kwargs)
         raise RuntimeError("stub engine")
 
-    monkeypatch.setattr(bench_run.llmbatch_runner, "engine_unavailable_reason", lambda: None)
-    monkeypatch.setattr(bench_run.llmbatch_runner, "build_engine", fake_build)
+    monkeypatch.setattr(llmbatch_runner, "engine_unavailable_reason", lambda: None)
+    monkeypatch.setattr(llmbatch_runner, "build_engine", fake_build)
     return seen
 
 
@@ -120,12 +121,13 @@ def test_engine_is_freed_before_cuda_bytes_after_free_is_read(tmp_path, monkeypa
         ref["engine"] = weakref.ref(engine)
         return engine, 0.0
 
-    monkeypatch.setattr(bench_run.llmbatch_runner, "engine_unavailable_reason", lambda: None)
-    monkeypatch.setattr(bench_run.llmbatch_runner, "build_engine", fake_build)
-    monkeypatch.setattr(bench_run.llmbatch_runner, "warm_up", lambda *a: 0.0)
-    monkeypatch.setattr(bench_run.llmbatch_runner, "weight_bytes", lambda e: 0)
-    monkeypatch.setattr(bench_run.llmbatch_runner, "run_workload", lambda e, w: {})
-    monkeypatch.setattr(bench_run, "_cuda_allocated", lambda: ref["engine"]() is not None)
+    monkeypatch.setattr(llmbatch_runner, "engine_unavailable_reason", lambda: None)
+    monkeypatch.setattr(llmbatch_runner, "build_engine", fake_build)
+    monkeypatch.setattr(llmbatch_runner, "warm_up", lambda *a: 0.0)
+    monkeypatch.setattr(llmbatch_runner, "weight_bytes", lambda e: 0)
+    monkeypatch.setattr(llmbatch_runner, "run_workload", lambda e, w: {})
+    monkeypatch.setattr("bench.llmbatch_rows._cuda_allocated",
+                        lambda: ref["engine"]() is not None)
     rec = bench_run.Recorder(str(tmp_path), {"runs": {}})
     bench_run.run_llmbatch(bench_run.parse_args([]), rec, {"W-RANDOM": object()}, "unused",
                            "bfloat16", "cuda", 100)
