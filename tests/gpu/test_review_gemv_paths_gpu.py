@@ -30,19 +30,39 @@ def checkpoint(tmp_path_factory):
     return hf, path
 
 
+@pytest.fixture(autouse=True)
+def process_switches_off():
+    """enable_kernel_paths sets the process-wide PDL and weight-prefetch switches: off after
+    each test, so the next one starts from the same state."""
+    yield
+    pdl.set_enabled(False)
+    gemv.set_weight_prefetch(False)
+    gemv.set_weight_prefetch_l2(False)
+
+
 @pytest.mark.parametrize("mode", ["off", "tile", "l2", "both"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_the_check_passes_correct_kernels_in_every_prefetch_mode(checkpoint, dtype, mode):
     hf, path = checkpoint
     model = load_ours(hf, path, dtype=dtype).to("cuda")
-    try:
-        paths = enable_kernel_paths(model, EngineConfig(model="m", gemv_weight_prefetch=mode),
-                                    torch.device("cuda"), 1, "none")
-        assert (paths.skinny_gemv, paths.skinny_gemv_error, paths.gemv_weight_prefetch) == \
-            (True, None, mode)
-        assert model.lm_head.use_gemv is True
-        assert int(model.model.skinny_gemv_counters.abs().sum()) == 0
-    finally:
-        pdl.set_enabled(False)
-        gemv.set_weight_prefetch(False)
-        gemv.set_weight_prefetch_l2(False)
+    paths = enable_kernel_paths(model, EngineConfig(model="m", gemv_weight_prefetch=mode),
+                                torch.device("cuda"), 1, "none")
+    assert (paths.skinny_gemv, paths.skinny_gemv_error, paths.gemv_weight_prefetch) == \
+        (True, None, mode)
+    assert model.lm_head.use_gemv is True
+    assert int(model.model.skinny_gemv_counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("mode", ["off", "tile"])
+@pytest.mark.parametrize("max_rows", [5, 8])
+def test_the_check_passes_the_multi_row_kernel_in_bf16(checkpoint, max_rows, mode):
+    """gemv_max_rows > 1: the check also launches each row padding up to max_rows
+    (gemv_check.multi_row_counts); none may be a false alarm in bf16 at these widths."""
+    hf, path = checkpoint
+    model = load_ours(hf, path, dtype=torch.bfloat16).to("cuda")
+    config = EngineConfig(model="m", gemv_weight_prefetch=mode, gemv_max_rows=max_rows)
+    paths = enable_kernel_paths(model, config, torch.device("cuda"), 1, "none")
+    assert (paths.skinny_gemv, paths.skinny_gemv_error, paths.gemv_max_rows) == \
+        (True, None, max_rows)
+    assert model.lm_head.gemv_max_rows == max_rows
+    assert int(model.model.skinny_gemv_counters.abs().sum()) == 0
