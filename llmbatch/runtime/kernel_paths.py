@@ -184,16 +184,18 @@ def _enable_skinny_layers(model, config, tp_size: int, quantization: str, pdl: b
     dense = tp_size == 1 and quantization == "none"
     # EngineConfig.gemv_max_rows (opt-in): steps of up to that many tokens on the gemv kernels.
     max_rows = getattr(config, "gemv_max_rows", 1) if gemv else 1
-    steps = "one-token steps" if max_rows == 1 else f"steps of <= {max_rows} tokens"
     if dense and enable_skinny_matmul(model, pdl=pdl, gemv_rows=gemv, small_steps=skinny,
                                       gemv_max_rows=max_rows):
         if gemv:
-            gemv = _gemv_passes_start_up_check(model, skinny, pdl, prefetch_mode, paths,
-                                               max_rows, steps)
+            from llmbatch.runtime.models.gemv_check import gemv_rows_after_check
+            max_rows, paths.skinny_gemv_error = gemv_rows_after_check(model, skinny, pdl,
+                                                                      prefetch_mode, max_rows)
+            gemv, max_rows = max_rows > 0, max(max_rows, 1)
             if not (skinny or gemv):
                 return
         paths.skinny_matmul, paths.skinny_gemv, paths.skinny_pdl = skinny, gemv, pdl
         paths.gemv_max_rows = max_rows if gemv else 1
+        steps = "one-token steps" if max_rows == 1 else f"steps of <= {max_rows} tokens"
         if skinny:
             logger.info("skinny_matmul on: fused decoder layers for steps of <= 16 tokens"
                         + (f", {steps} on the gemv kernels" if gemv else "")
@@ -228,40 +230,6 @@ def _enable_gemv_weight_prefetch(mode: str, paths: KernelPaths, asked: bool) -> 
     logger.info("gemv_weight_prefetch %s: gemv programs read %s before their PDL wait", mode,
                 {"tile": "their first weight tile", "l2": "their weight slice into L2",
                  "both": "their first weight tile and their slice into L2"}[mode])
-
-
-def _gemv_passes_start_up_check(model, skinny: bool, pdl: bool, prefetch_mode: str,
-                                paths: KernelPaths, max_rows: int, steps: str) -> bool:
-    """models/gemv_check.py on the just-enabled gemv layers, on max_rows rows too; where it
-    fails, the `steps` go back to the 16-row skinny tiles (skinny_matmul on) or the unfused
-    layers, with a warning and the reason in stats()["skinny_gemv_error"]. The check launches
-    the kernels the engine will: with gemv_weight_prefetch's switches set (PREFETCH_W /
-    PREFETCH_L2 are their own specialisations, the L2 one inline PTX), then put back as they
-    were: cleared for an engine's runner (_enable_gemv_weight_prefetch sets them for good where
-    the layers stay on), the engine's for a draft's runner (inheriting_process_switches)."""
-    from llmbatch.runtime.layers import gemv as gemv_layers
-    from llmbatch.runtime.models.gemv_check import check_gemv_layers
-    from llmbatch.runtime.models.llama_skinny import (disable_skinny_matmul,
-                                                      enable_skinny_matmul)
-
-    before = gemv_layers.prefetch_mode()
-    gemv_layers.set_prefetch_mode(prefetch_mode)
-    try:
-        error = check_gemv_layers(model, max_rows)
-    finally:
-        gemv_layers.set_prefetch_mode(before)
-    if error is None:
-        return True
-    if prefetch_mode != "off":
-        error += f" (gemv_weight_prefetch {prefetch_mode})"
-    logger.warning("skinny_gemv off, %s on the %s layers: the start-up check of the gemv "
-                   "kernels failed: %s", steps, "skinny" if skinny else "unfused", error)
-    paths.skinny_gemv_error = error
-    if skinny:
-        enable_skinny_matmul(model, pdl=pdl, gemv_rows=False, small_steps=True)
-    else:
-        disable_skinny_matmul(model)
-    return False
 
 
 def _enable_l2_prefetch(model, device: torch.device, paths: KernelPaths) -> None:

@@ -50,12 +50,14 @@ def test_gemv_weight_prefetch_auto_follows_pdl(tiny_llama, monkeypatch, caplog, 
     CPU tensors, passes: it records the prefetch mode it was asked to check)."""
     from llmbatch.runtime import kernel_paths, pdl
     from llmbatch.runtime.layers import gemv
+    from llmbatch.runtime.models import gemv_check
 
     monkeypatch.setattr(kernel_paths.torch.cuda, "get_device_capability",
                         lambda d=None: (9, 0) if sm90 else (8, 0))
     checked = []
-    monkeypatch.setattr(kernel_paths, "_gemv_passes_start_up_check",
-                        lambda model, skinny, pdl, mode, paths: checked.append(mode) or True)
+    monkeypatch.setattr(gemv_check, "gemv_rows_after_check",
+                        lambda model, skinny, pdl, mode, rows: (checked.append(mode) or rows,
+                                                                None))
     try:
         with caplog.at_level("INFO", logger="llmbatch.runtime.kernel_paths"):
             paths = kernel_paths.enable_kernel_paths(

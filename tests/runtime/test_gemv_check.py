@@ -243,19 +243,38 @@ def test_a_wrong_multi_row_lm_head_is_named(tmp_path, monkeypatch):
 @pytest.mark.parametrize("max_rows", [1, 3])
 def test_kernel_paths_check_the_engines_gemv_max_rows(max_rows, tmp_path, monkeypatch, caplog):
     """The CUDA branch on CPU tensors with the row-2 bug: gemv_max_rows 1 never launches it
-    (the gemv layers stay on); 3 fails the check, which names the row count."""
+    (the gemv layers stay on); 3 fails the check, which names the row count, and only the
+    multi-row steps leave the gemv kernels (one-token steps keep them: the one-row launches
+    pass)."""
     model = load_ours(make_hf_model("llama-gqa-hd32-tied-llama3", tmp_path), tmp_path)
     monkeypatch.setattr(gemv, "gemv_linear", _wrong_from_row_2)
     config = EngineConfig(model="m", gemv_max_rows=max_rows)
-    with caplog.at_level("WARNING", logger="llmbatch.runtime.kernel_paths"):
+    with caplog.at_level("WARNING"):
         paths = enable_kernel_paths(model, config, torch.device("cuda"), 1, "none")
     if max_rows == 1:
         assert (paths.skinny_gemv, paths.gemv_max_rows, paths.skinny_gemv_error) == \
             (True, 1, None)
         assert caplog.records == []
         return
-    assert (paths.skinny_gemv, paths.gemv_max_rows) == (False, 1)
+    assert (paths.skinny_gemv, paths.gemv_max_rows) == (True, 1)
     assert paths.skinny_gemv_error.startswith("qkv (3 rows): max |gemv - torch| = ")
+    assert model.model.skinny_gemv_max_rows == 1 and model.model.skinny_max_tokens == 1
+    assert model.lm_head.gemv_max_rows == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"gemv_max_rows 3 off, steps of 2-3 tokens on the unfused layers (one-token steps stay "
+        f"on the gemv kernels): the start-up check of the multi-row gemv kernel failed: "
+        f"{paths.skinny_gemv_error}"]
+
+
+def test_a_one_row_failure_at_gemv_max_rows_3_turns_the_gemv_layers_off(tmp_path, monkeypatch,
+                                                                        caplog):
+    model = load_ours(make_hf_model("llama-gqa-hd32-tied-llama3", tmp_path), tmp_path)
+    monkeypatch.setattr(gemv, "gemv_linear", lambda *a, **kw: _REAL_GEMV(*a, **kw) * 1.5)
+    with caplog.at_level("WARNING"):
+        paths = enable_kernel_paths(model, EngineConfig(model="m", gemv_max_rows=3),
+                                    torch.device("cuda"), 1, "none")
+    assert (paths.skinny_gemv, paths.gemv_max_rows) == (False, 1)
+    assert paths.skinny_gemv_error.startswith("qkv: max |gemv - torch| = ")
     assert (model.model.skinny_gemv_counters, model.model.skinny_max_tokens) == (None, 16)
     assert [r.getMessage() for r in caplog.records] == [
         f"skinny_gemv off, steps of <= 3 tokens on the unfused layers: the start-up check of "

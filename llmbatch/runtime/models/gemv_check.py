@@ -42,11 +42,14 @@ LM head).
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+
+logger = logging.getLogger(__name__)
 
 _CHUNK_ELEMENTS = 1 << 22   # weight elements a reference step widens to float32 (16 MB)
 
@@ -228,3 +231,49 @@ def check_gemv_layers(model, max_rows: int = 1) -> Optional[str]:
         if error is not None:
             return f"{name}: {error}"
     return None
+
+
+def gemv_rows_after_check(model, skinny: bool, pdl: bool, prefetch_mode: str,
+                          max_rows: int) -> tuple[int, Optional[str]]:
+    """kernel_paths' use of the check on the just-enabled gemv layers (on max_rows rows too):
+    (the gemv_max_rows that passed, the failure or None). Rows: max_rows; 1 where only the
+    multi-row launches failed (one-token steps keep the one-row kernels, so a multi-row false
+    alarm costs the verify steps' speed, not batch 1's); 0 where the one-row ones failed.
+    Steps that leave the gemv kernels go back to the 16-row skinny tiles (skinny_matmul on) or
+    the unfused layers, with a warning; the failure goes to stats()["skinny_gemv_error"].
+
+    The check launches the kernels the engine will: with gemv_weight_prefetch's switches set
+    (PREFETCH_W / PREFETCH_L2 are their own specialisations, the L2 one inline PTX), then put
+    back as they were: cleared for an engine's runner (kernel_paths sets them for good where
+    the layers stay on), the engine's for a draft's runner (inheriting_process_switches)."""
+    from llmbatch.runtime.layers import gemv as gemv_layers
+    from llmbatch.runtime.models.llama_skinny import (disable_skinny_matmul,
+                                                      enable_skinny_matmul)
+
+    before = gemv_layers.prefetch_mode()
+    gemv_layers.set_prefetch_mode(prefetch_mode)
+    try:
+        error = check_gemv_layers(model, max_rows)
+        one_row_ok = (error is not None and max_rows > 1
+                      and check_gemv_layers(model) is None)
+    finally:
+        gemv_layers.set_prefetch_mode(before)
+    if error is None:
+        return max_rows, None
+    if prefetch_mode != "off":
+        error += f" (gemv_weight_prefetch {prefetch_mode})"
+    layers = "skinny" if skinny else "unfused"
+    if one_row_ok:
+        logger.warning("gemv_max_rows %d off, steps of 2-%d tokens on the %s layers (one-token "
+                       "steps stay on the gemv kernels): the start-up check of the multi-row "
+                       "gemv kernel failed: %s", max_rows, max_rows, layers, error)
+        enable_skinny_matmul(model, pdl=pdl, gemv_rows=True, small_steps=skinny)
+        return 1, error
+    steps = "one-token steps" if max_rows == 1 else f"steps of <= {max_rows} tokens"
+    logger.warning("skinny_gemv off, %s on the %s layers: the start-up check of the gemv "
+                   "kernels failed: %s", steps, layers, error)
+    if skinny:
+        enable_skinny_matmul(model, pdl=pdl, gemv_rows=False, small_steps=True)
+    else:
+        disable_skinny_matmul(model)
+    return 0, error
