@@ -33,6 +33,15 @@ def _hidden(relpath: str) -> bool:
     return any(part.startswith(("_", ".")) for part in relpath.replace("\\", "/").split("/"))
 
 
+def _saved_by_datasets(walker, root: str) -> bool:
+    """A `save_to_disk` folder (Dataset: state.json and dataset_info.json; DatasetDict:
+    dataset_dict.json): its metadata .json files would otherwise be read as JSON Lines input."""
+    def has(name: str) -> bool:
+        return walker.isfile(root.rstrip("/") + "/" + name)
+
+    return has("dataset_dict.json") or (has("state.json") and has("dataset_info.json"))
+
+
 def _expand(path: str) -> tuple[object, list[str]]:
     """One input.path entry -> (filesystem or None for local, sorted list of files)."""
     if "://" in path:
@@ -54,6 +63,9 @@ def _expand(path: str) -> tuple[object, list[str]]:
             if not files:
                 raise InvalidInputError(f"input.path: no files match {path}")
         elif walker.isdir(root):
+            if _saved_by_datasets(walker, root):
+                raise InvalidInputError(f"input.path {path} is a `datasets` save_to_disk "
+                                        f"folder; name it as input.dataset instead")
             files = sorted(p for p in walker.find(root)
                            if not _hidden(os.path.relpath(p, root)) and _format_of(p))
             if not files:
