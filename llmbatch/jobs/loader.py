@@ -323,6 +323,8 @@ def _describe(errors: list[dict]) -> str:
     head, section = msg.split(" ", 1)[0].rstrip(":"), dotted.split(".")[0]
     if dotted == "job" or head == section or head.startswith(section + "."):
         return msg
+    if f"got {got!r}" in msg:       # the message quotes the value already
+        return f"{dotted}: {msg}"
     return f"{dotted}: {msg} (got {got!r})"
 
 
