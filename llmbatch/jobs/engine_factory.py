@@ -87,15 +87,22 @@ def _one_line(exc: BaseException, limit: int = 300, first_line: bool = False) ->
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _raised_loading_tokenizer(exc: BaseException) -> bool:
-    """Whether `exc` comes from transformers' tokenizer loading (AutoTokenizer.from_pretrained
-    and the tokenizer classes it builds), not from the model's."""
+def _failed_part(exc: BaseException, spec: JobSpec) -> tuple[str, str, str]:
+    """(key, its value, what) of the part whose loading raised `exc`: the draft model
+    (runtime/draft_proposer.py), the tokenizer (transformers' tokenization modules) or else
+    the model."""
+    files = []
     tb = exc.__traceback__
     while tb is not None:
-        if "tokenization" in os.path.basename(tb.tb_frame.f_code.co_filename):
-            return True
+        files.append(os.path.basename(tb.tb_frame.f_code.co_filename))
         tb = tb.tb_next
-    return False
+    if "draft_proposer.py" in files:
+        return "speculative.draft_model", spec.speculative.draft_model, "draft model"
+    if any("tokenization" in name for name in files):
+        if spec.model.tokenizer:
+            return "model.tokenizer", spec.model.tokenizer, "tokenizer"
+        return "model.path", spec.model.path, "tokenizer"
+    return "model.path", spec.model.path, "model"
 
 
 def make_engine(spec: JobSpec, engine_factory: Optional[Callable] = None):
@@ -124,11 +131,10 @@ def make_engine(spec: JobSpec, engine_factory: Optional[Callable] = None):
     except model_input_errors() as exc:
         if getattr(exc, "job_key", None):   # names its own key (runtime/lora_merge.py)
             raise InvalidJobError(f"{exc.job_key}: {' '.join(str(exc).split())}") from None
-        if _raised_loading_tokenizer(exc):
+        key, name, what = _failed_part(exc, spec)
+        if what != "model":
             # Its reason is whole: transformers' first line ends "from one of:".
-            key, name = (("model.tokenizer", spec.model.tokenizer) if spec.model.tokenizer
-                         else ("model.path", spec.model.path))
-            raise InvalidJobError(f"{key} {name}: cannot load the tokenizer: "
+            raise InvalidJobError(f"{key} {name}: cannot load the {what}: "
                                   f"{_one_line(exc)}") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not isinstance(exc, (OSError, ValueError)):

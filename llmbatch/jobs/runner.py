@@ -74,6 +74,8 @@ class JobRunner:
             check_local_path("model.tokenizer", spec.model.tokenizer)
         if spec.model.lora:
             check_local_path("model.lora", spec.model.lora)
+        if spec.speculative.method == "draft" and spec.speculative.draft_model:
+            check_local_path("speculative.draft_model", spec.speculative.draft_model)
         shard = resolve_shard(spec.shard.index, spec.shard.count)
         self._source = open_input(spec.input, progress_bars=self.progress_mode != "none",
                                   per_row=spec.sampling.per_row)
