@@ -36,15 +36,16 @@ def num_repeats(args: argparse.Namespace, device: str) -> int:
     return 3 if device.startswith("cuda") else 1
 
 
-def _run_repeated(engine, workload, repeats: int, reset) -> dict:
-    """`workload` `repeats` times on `engine`, summarized as its median run. The prefix cache is
-    reset before each run: a repeated W-PREFIX would otherwise hit the previous run's KV."""
+def _run_repeated(engine, workload, repeats: int, reset, by: str = "out_tok_per_s") -> dict:
+    """`workload` `repeats` times on `engine`, summarized as its median run by `by` (TPOT for
+    W-BATCH1). The prefix cache is reset before each run: a repeated W-PREFIX would otherwise
+    hit the previous run's KV."""
     runs = []
     for _ in range(repeats):
         if callable(reset):
             reset()
         runs.append(llmbatch_runner.run_workload(engine, workload))
-    return llmbatch_runner.summarize_repeats(runs)
+    return llmbatch_runner.summarize_repeats(runs, by=by)
 
 
 def _profile(args, rec, engine, system: str, workloads: dict, reset) -> None:
@@ -131,8 +132,9 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
                 reset()
             attempt(rec, name, system, lambda: spec_run.run_spec(engine, w, vocab))
         else:
+            by = "tpot_s" if name == "W-BATCH1" else "out_tok_per_s"
             attempt(rec, name, system, functools.partial(_run_repeated, engine, w, repeats,
-                                                         reset))
+                                                         reset, by))
     if args.profile:
         _profile(args, rec, engine, system, workloads, reset)
     # reset is a bound method: it holds the engine too (it made cuda_bytes_after_free report

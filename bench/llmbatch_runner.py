@@ -130,17 +130,27 @@ def run_workload(engine, workload: Workload, requests=None) -> dict:
     }
 
 
-def summarize_repeats(runs: list[dict]) -> dict:
-    """Repetitions of one workload on one engine -> the median run's dict (by out tok/s), whole,
-    so its TPOT, TTFT and outputs belong to the figure reported, plus "repeats": every run's
-    out tok/s and TPOT in run order, min/max, spread = (max - min) / median, and how many runs
-    failed or emitted other tokens than the median run. With an even count, the slower of the
-    two middle runs. Why: stop 20's H200 figures moved 4-10 % between engines and calls."""
+def summarize_repeats(runs: list[dict], by: str = "out_tok_per_s") -> dict:
+    """Repetitions of one workload on one engine -> the median run's dict, whole, so its TPOT,
+    TTFT and outputs belong to the figure reported, plus "repeats": every run's out tok/s and
+    TPOT in run order, min/max, spread = (max - min) / median of out tok/s, and how many runs
+    failed or emitted other tokens than the median run. The median is by `by`: out tok/s, or
+    "tpot_s" for W-BATCH1, whose figure is its TPOT (a run's tok/s there includes its TTFT).
+    With an even count, the slower of the two middle runs. Why: stop 20's H200 figures moved
+    4-10 % between engines and calls."""
     if not runs:
         raise ValueError("summarize_repeats needs at least one run")
+    if by not in ("out_tok_per_s", "tpot_s"):
+        raise ValueError(f"summarize_repeats: by must be out_tok_per_s or tpot_s, got {by!r}")
     speeds = [r.get("out_tok_per_s") for r in runs]
-    # A run without a speed (no tokens) sorts first; stable, so ties keep their run order.
-    order = sorted(range(len(runs)), key=lambda i: -1.0 if speeds[i] is None else speeds[i])
+    # Slowest first: the lowest tok/s or the highest TPOT; a run without the figure (no
+    # tokens) sorts first; stable, so ties keep their run order.
+    figures = [r.get(by) for r in runs]
+    if all(f is None for f in figures):   # no run measured a TPOT (no tokens after the first)
+        by, figures = "out_tok_per_s", speeds
+    sign = 1.0 if by == "out_tok_per_s" else -1.0
+    order = sorted(range(len(runs)),
+                   key=lambda i: float("-inf") if figures[i] is None else sign * figures[i])
     mid = order[(len(runs) - 1) // 2]
     median = dict(runs[mid])
     known = [s for s in speeds if s is not None]

@@ -37,6 +37,22 @@ def test_even_count_reports_the_slower_middle_run():
     assert out["out_tok_per_s"] == 20.0 and out["repeats"]["median_index"] == 2
 
 
+def test_batch1_median_is_by_tpot_its_figure():
+    """W-BATCH1's tok/s includes its TTFT: the run with the median tok/s need not have the
+    median TPOT. By TPOT, the slower middle of an even count is the higher TPOT."""
+    runs = [_run(1000.0, 0.00095), _run(990.0, 0.00090), _run(1010.0, 0.00092)]
+    assert llmbatch_runner.summarize_repeats(runs)["tpot_s"] == 0.00095        # by tok/s
+    out = llmbatch_runner.summarize_repeats(runs, by="tpot_s")
+    assert (out["tpot_s"], out["repeats"]["median_index"]) == (0.00092, 2)
+    runs = [_run(1.0, 0.3), _run(1.0, 0.1), _run(1.0, 0.4), _run(1.0, 0.2), _run(1.0, None)]
+    assert llmbatch_runner.summarize_repeats(runs, by="tpot_s")["tpot_s"] == 0.3
+    assert llmbatch_runner.summarize_repeats(runs[:4], by="tpot_s")["tpot_s"] == 0.3
+    no_tpot = [_run(3.0), _run(1.0), _run(2.0)]   # then by tok/s
+    assert llmbatch_runner.summarize_repeats(no_tpot, by="tpot_s")["out_tok_per_s"] == 2.0
+    with pytest.raises(ValueError, match="by must be"):
+        llmbatch_runner.summarize_repeats(runs, by="ttft_s")
+
+
 def test_one_run_is_itself_with_no_spread():
     out = llmbatch_runner.summarize_repeats([_run(5.0, 0.2)])
     assert out["out_tok_per_s"] == 5.0
