@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-from bench.compile_kernels import _aligned, _pdl_option
+from bench.kernel_variants import _aligned, _pdl_option
 
 # The prologue / epilogue combinations skinny_linear is launched with (gate_up always with the
 # norm prologue, models/llama_skinny.py), each also with a bias (Qwen2 q/k/v, attention_bias).

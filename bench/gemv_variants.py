@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import itertools
 
-from bench.compile_kernels import _aligned
+from bench.kernel_variants import _aligned
 
 # "head": a plain call writing float32 logits (ParallelLMHead.gemv_logits: F32_OUT in bf16).
 KINDS = {"plain": {}, "norm": dict(NORM=True), "residual": dict(RESIDUAL=True),
