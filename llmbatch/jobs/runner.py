@@ -115,7 +115,10 @@ class JobRunner:
         serves rank 0's steps and ends this process) before anything reads or writes the
         output folder, which rank 0 alone owns (cleanup, manifest, parts, stats)."""
         tp = self.spec.parallel.tensor_parallel_size
-        if tp < 2:
+        world = os.environ.get("WORLD_SIZE", "")
+        if tp < 2 and not ("RANK" in os.environ and world.isdigit() and int(world) > 1):
+            # (Under torchrun each rank would run the whole job and meet the others' lock.
+            # srun's variables are not judged here: a batch script's one process sees them.)
             return
         from llmbatch.runtime.dist import detect_rendezvous
 
