@@ -86,6 +86,10 @@ def resolve_chat_template(tokenizer, model_section, input_section) -> Optional[s
             check_template_compiles(template, "model.chat_template auto: the tokenizer's "
                                               "chat template")
     else:
+        if os.path.isdir(choice):
+            raise InvalidJobError(f"model.chat_template: {choice} is a directory, not a Jinja "
+                                  f"template file (use auto, none or a path to a Jinja "
+                                  f"template)")
         if not os.path.isfile(choice):
             raise InvalidJobError(f"model.chat_template: file not found: {choice} "
                                   f"(use auto, none or a path to a Jinja template)")
