@@ -229,15 +229,18 @@ def _open_datasets(section, progress_bars: bool) -> TableSource:
                                            progress_bars))
 
 
-def _file_format(fmt: str):
+def _file_format(fmt: str, text_columns: Sequence[str] = ()):
     """pyarrow's format for `fmt`. CSV text is taken without UTF-8 validation, as JSON Lines
     text is: a latin-1 value is then its row's error (io/column_values.py) instead of typing
-    the column binary (a job error) or, past the first block, failing the read mid-run."""
+    the column binary (a job error) or, past the first block, failing the read mid-run.
+    `text_columns` (the prompt column) are read as text: pyarrow typed a CSV prompt column of
+    digits ("123") int64, and the job was refused."""
     if fmt != "csv":
         return fmt
     import pyarrow.csv as pacsv
 
-    return ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(check_utf8=False))
+    return ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(
+        check_utf8=False, column_types={name: pa.string() for name in text_columns}))
 
 
 def read_columns(section, per_row: Sequence[str] = ()) -> list[str]:
@@ -279,7 +282,8 @@ def open_input(section, progress_bars: bool = False, per_row: Sequence[str] = ()
         fmt = formats.pop()
     description = files[0] if len(files) == 1 else f"{len(files)} {fmt} files"
     try:
-        dataset = ds.dataset(files, format=_file_format(fmt), filesystem=filesystem)
+        text = [] if section.messages_column else [section.prompt_column]
+        dataset = ds.dataset(files, format=_file_format(fmt, text), filesystem=filesystem)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise read_error(exc, fmt, files[0], filesystem) from None
     source = ArrowDatasetSource(dataset, description, fmt, filesystem)

@@ -22,3 +22,13 @@ def test_a_save_to_disk_folder_as_input_path_points_to_input_dataset(tmp_path, k
         open_input(InputSection(path=str(tmp_path / "saved")))
     assert str(info.value) == (f"input.path {tmp_path / 'saved'} is a `datasets` save_to_disk "
                                f"folder; name it as input.dataset instead")
+
+
+def test_a_csv_prompt_column_of_digits_is_text(tmp_path):
+    # pyarrow infers "123" as int64, and the job was refused: "input.prompt_column 'prompt'
+    # has type int64, expected string". A CSV cell is text; the prompt column reads as such.
+    (tmp_path / "p.csv").write_text("prompt,n\n123,1\n007,2\n")
+    source = open_input(InputSection(path=str(tmp_path / "p.csv")))
+    rows = [row for _, batch in source.iter_batches(0, 2, ["prompt", "n"], 8)
+            for row in batch.to_pylist()]
+    assert rows == [{"prompt": "123", "n": 1}, {"prompt": "007", "n": 2}]
