@@ -90,7 +90,7 @@ MALFORMED = [
      "model.path: ./no-model-here does not exist"),
     ("model dir without tokenizer", lambda e: (os.makedirs("empty-model"), e.write(with_(
         e.job, "model", path=os.path.abspath("empty-model"))))[1],
-     "cannot load the model"),
+     "cannot load the tokenizer"),   # the fake engine loads only the tokenizer
     ("shard out of range", lambda e: e.write(with_(e.job, "shard", index=3, count=2)),
      "shard.index must be in [0, 1] for shard.count=2, got 3"),
     ("invalid engine setting", lambda e: e.write(with_(e.job, "engine", block_size=12)),
