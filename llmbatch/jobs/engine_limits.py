@@ -4,7 +4,8 @@ vocabulary and its KV pool, known only once the model is loaded (no torch).
 The job's own values apply to every row (a row without a per-row override takes them), so one
 that no row could run with is a job error (InvalidJobError, exit 2, before any row runs and
 nothing written), not one error row per prompt. Per-row overrides stay row errors. The same
-holds for a KV pool too small for a sequence of max_model_len tokens (check_kv_pool).
+holds for a KV pool too small for a sequence of max_model_len tokens (check_kv_pool) and a
+job-wide structured_outputs spec the engine cannot compile (check_structured_outputs).
 """
 
 from __future__ import annotations
@@ -58,6 +59,20 @@ def check_sampling(sampling, max_model_len: int, vocab_size: Optional[int]) -> N
         if bad is not None:
             raise InvalidJobError(f"sampling.{key}: {bad} is outside the vocabulary "
                                   f"[0, {vocab_size})")
+
+
+def check_structured_outputs(engine, sampling) -> None:
+    """A job-wide sampling.structured_outputs the engine cannot run (xgrammar missing, a
+    schema / regex / grammar that does not compile) refuses the job (InvalidJobError): every
+    row without its own spec would be an error row. Engines without the check (a custom
+    factory's, the fake engine) are not judged; a per_row column stays per row."""
+    spec = sampling.structured_outputs
+    why = getattr(engine, "structured_outputs_error", None)
+    if spec is None or "structured_outputs" in sampling.per_row or not callable(why):
+        return
+    error = why(spec)
+    if error is not None:
+        raise InvalidJobError(f"sampling.structured_outputs: {error}")
 
 
 def kv_pool_tokens(engine) -> Optional[int]:

@@ -21,7 +21,8 @@ from llmbatch.io.writer import output_schema
 from llmbatch.jobs.column_types import check_input_columns
 from llmbatch.jobs.committer import InOrderCommitter
 from llmbatch.jobs.engine_factory import make_engine, usable_engine
-from llmbatch.jobs.engine_limits import (check_kv_pool, check_sampling, engine_vocab_size,
+from llmbatch.jobs.engine_limits import (check_kv_pool, check_sampling,
+                                         check_structured_outputs, engine_vocab_size,
                                          kept_prompt_tokens, row_error)
 from llmbatch.jobs.errors import (InternalError, InvalidJobError, JobError, ResumeError, RowError,
                                   output_write_failed)
@@ -155,6 +156,7 @@ class JobRunner:
                 self._vocab_size = engine_vocab_size(engine)
                 check_sampling(spec.sampling, self._max_model_len, self._vocab_size)
                 check_kv_pool(engine, self._max_model_len, spec.engine.kv_cache_blocks)
+                check_structured_outputs(engine, spec.sampling)
             except BaseException:
                 # Only the lock file (and the folders made for it) are ours so far: a job
                 # whose model cannot be loaded leaves output.path as it found it, like any

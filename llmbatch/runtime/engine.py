@@ -273,20 +273,33 @@ class Engine(SpeculationMixin):
                 req.default_seed = default_seed(self.config.seed, next(self._arrivals))
             yield req
 
-    def _attach_grammar(self, req: Request) -> Optional[str]:
-        """Give a structured request its grammar matcher (runtime/structured_outputs.py); the
-        reason it cannot have one, or None. The compiler is built on first use."""
+    def structured_outputs_error(self, spec: dict) -> Optional[str]:
+        """Why requests with structured_outputs `spec` (check_spec-valid) cannot run on this
+        engine (xgrammar missing, a schema / regex / grammar that does not compile), or None.
+        The job runner asks before any row runs when the spec is job-wide: every row would
+        fail alike. The compiled grammar is cached for the requests."""
+        return self._grammar_matcher(spec)[1]
+
+    def _grammar_matcher(self, spec: dict):
+        """(a fresh grammar matcher for `spec`, None) or (None, the reason there is none).
+        The compiler is built on first use (runtime/structured_outputs.py)."""
         if self._structured is None:
             self._structured, self._structured_error = load_structured_outputs(
                 self.tokenizer, self.vocab_size, self.eos_token_ids)
         if self._structured is None:
-            return self._structured_error
+            return None, self._structured_error
         try:
-            req.grammar = self._structured.matcher(req.sampling_params.structured_outputs)
+            return self._structured.matcher(spec), None
         except ValueError as exc:
-            return str(exc)
-        req.num_grammar_tokens = 0
-        return None
+            return None, str(exc)
+
+    def _attach_grammar(self, req: Request) -> Optional[str]:
+        """Give a structured request its grammar matcher; the reason it cannot have one, or
+        None."""
+        req.grammar, error = self._grammar_matcher(req.sampling_params.structured_outputs)
+        if error is None:
+            req.num_grammar_tokens = 0
+        return error
 
     def _admit(self, req: Request) -> Optional[GenerationResult]:
         """Queue the request, or return its error result when it can never run."""

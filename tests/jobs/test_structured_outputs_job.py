@@ -89,3 +89,58 @@ def test_job_wide_combinations_that_fight_the_grammar_are_refused(extra, message
     with pytest.raises(InvalidJobError) as info:
         load({**BASE, "sampling": {"structured_outputs": {"choice": ["a"]}, **extra}})
     assert info.value.message == message
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"regex": "[a-"}, "sampling.structured_outputs: structured_outputs.regex does not compile"),
+    ({"grammar": "root ::= nope"},
+     "sampling.structured_outputs: structured_outputs.grammar does not compile"),
+])
+def test_a_job_wide_spec_that_does_not_compile_refuses_the_job(tmp_path, tiny_llama_dir, jobkit,
+                                                               monkeypatch, spec, message):
+    """Every row would be an error row (exit 3) after the whole job ran: it is refused after
+    the model loads, before any row runs, and nothing is written (exit 2). As a per_row
+    column's fallback it stays a row matter: rows with their own spec run."""
+    pytest.importorskip("xgrammar")
+    monkeypatch.delenv("LLMBATCH_ENGINE_FACTORY", raising=False)
+    path = str(tmp_path / "in.parquet")
+    pq.write_table(pa.table({"prompt": ["a", "b"],
+                             "structured_outputs": [None, json.dumps({"choice": ["red"]})]}),
+                   path)
+    out = tmp_path / "out"
+    engine = {"kv_cache_blocks": 32, "device": "cpu"}
+    with pytest.raises(InvalidJobError) as info:
+        run_job(jobkit.make_job(tiny_llama_dir, path, str(out), engine=engine,
+                                sampling={"max_new_tokens": 4, "structured_outputs": spec}))
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert not any(p.suffix == ".parquet" for p in out.rglob("*")) if out.exists() else True
+    result = run_job(jobkit.make_job(
+        tiny_llama_dir, path, str(out), engine=engine,
+        sampling={"max_new_tokens": 4, "structured_outputs": spec,
+                  "per_row": ["structured_outputs"]}))
+    rows = ds.dataset(str(out)).to_table().to_pylist()
+    assert rows[0]["error"].startswith("structured_outputs.")   # the job's spec, this row's
+    assert rows[1]["output_text"] == "red"
+    assert (result.num_rows_ok, result.num_rows_error) == (1, 1)
+
+
+def test_check_structured_outputs_asks_the_engine_only_for_a_job_wide_spec():
+    """What the engine says (e.g. xgrammar missing) refuses the job; no spec, a per_row column
+    or an engine without the check is not judged."""
+    from types import SimpleNamespace
+
+    from llmbatch.jobs.engine_limits import check_structured_outputs
+
+    asked = []
+    engine = SimpleNamespace(structured_outputs_error=lambda spec: asked.append(spec) or
+                             "structured outputs need xgrammar (pip install xgrammar)")
+    job_wide = SimpleNamespace(structured_outputs={"json_object": True}, per_row=[])
+    with pytest.raises(InvalidJobError, match="^sampling.structured_outputs: structured "
+                                              "outputs need xgrammar"):
+        check_structured_outputs(engine, job_wide)
+    assert asked == [{"json_object": True}]
+    check_structured_outputs(engine, SimpleNamespace(structured_outputs=None, per_row=[]))
+    check_structured_outputs(engine, SimpleNamespace(structured_outputs={"json_object": True},
+                                                     per_row=["structured_outputs"]))
+    check_structured_outputs(object(), job_wide)
+    assert len(asked) == 1
