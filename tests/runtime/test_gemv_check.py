@@ -279,3 +279,14 @@ def test_a_one_row_failure_at_gemv_max_rows_3_turns_the_gemv_layers_off(tmp_path
     assert [r.getMessage() for r in caplog.records] == [
         f"skinny_gemv off, steps of <= 3 tokens on the unfused layers: the start-up check of "
         f"the gemv kernels failed: {paths.skinny_gemv_error}"]
+
+
+def test_the_check_runs_under_inference_mode(tmp_path, monkeypatch):
+    """Its reference math and launches build no autograd graph (9ecfb8e had moved the
+    decorator onto multi_row_counts)."""
+    model = rows_model("llama-gqa-hd32-tied-llama3", tmp_path, 2)
+    modes = []
+    monkeypatch.setattr(gemv, "gemv_linear", lambda *a, **kw: modes.append(
+        torch.is_inference_mode_enabled()) or _REAL_GEMV(*a, **kw))
+    assert check_gemv_layers(model, max_rows=2) is None
+    assert modes and all(modes)

@@ -132,7 +132,6 @@ def _mismatch(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor,
             f"({where})")
 
 
-@torch.inference_mode()
 def multi_row_counts(max_rows: int) -> list[int]:
     """Row counts the check launches for steps of 2..max_rows tokens: one per ROWS padding the
     kernel compiles for them (the next power of two, gemv_rows.rows_of), the largest count of
@@ -141,6 +140,7 @@ def multi_row_counts(max_rows: int) -> list[int]:
     return sorted({min(max_rows, p) for p in paddings}, reverse=True)
 
 
+@torch.inference_mode()
 def check_gemv_layers(model, max_rows: int = 1) -> Optional[str]:
     """None when every gemv launch of the first LlamaModel with gemv layers matches torch on
     its layer 0, else a one-line reason (the first failing launch). model: the loaded model
