@@ -117,8 +117,14 @@ def run_llmbatch(args, rec: Recorder, workloads: dict, model_dir: str, dtype: st
         getattr(engine, "runner", None), "fused_kernels_active", None)
     log(f"{system} loaded in {load_s:.1f} s, warmed up in {warm_s:.1f} s, weights "
         f"{llmbatch_runner.weight_bytes(engine) or 0:,} bytes")
-    gemv_error = rec.results[setup_key]["stats"].get("skinny_gemv_error")
-    if gemv_error:   # the default-on gemv layers failed their start-up check: rows without them
+    stats = rec.results[setup_key]["stats"]
+    gemv_error = stats.get("skinny_gemv_error")
+    if gemv_error and stats.get("skinny_gemv_active"):
+        # Only the multi-row launches failed (gemv_check.gemv_rows_after_check): one-token
+        # steps keep the gemv layers, steps of 2..gemv_max_rows tokens leave them.
+        log(f"{system}: multi-row gemv OFF (gemv_max_rows back to 1, one-token steps keep "
+            f"the gemv layers), its start-up check failed: {gemv_error}")
+    elif gemv_error:   # the default-on gemv layers failed their start-up check: rows without
         log(f"{system}: gemv layers OFF, their start-up check failed: {gemv_error}")
     # A clean prefix cache per workload when the engine offers it; otherwise the canonical order
     # keeps W-PREFIX clean (see bench.run's parse_args) and later workloads' hits only shorten

@@ -56,7 +56,9 @@ class KernelPaths:
     skinny_pdl: bool = False
     skinny_gemv: bool = False
     gemv_max_rows: int = 1            # steps of up to this many tokens on the gemv kernels
-    skinny_gemv_error: Optional[str] = None   # why the start-up check turned the gemv layers off
+    # Why the start-up check turned the gemv layers off, or (skinny_gemv still on) only
+    # the multi-row ones (gemv_max_rows back to 1; models/gemv_check.py).
+    skinny_gemv_error: Optional[str] = None
     gemv_weight_prefetch: str = "off"   # EngineConfig.gemv_weight_prefetch where it applied
     l2_prefetch_weights: int = 0      # weights touched into L2 per small step (0: off)
     pdl: bool = False                 # our Triton kernels launch with PDL (runtime/pdl.py)
