@@ -133,8 +133,9 @@ def run_workload(engine, workload: Workload, requests=None) -> dict:
 def summarize_repeats(runs: list[dict], by: str = "out_tok_per_s") -> dict:
     """Repetitions of one workload on one engine -> the median run's dict, whole, so its TPOT,
     TTFT and outputs belong to the figure reported, plus "repeats": every run's out tok/s and
-    TPOT in run order, min/max, spread = (max - min) / median of out tok/s, and how many runs
-    failed or emitted other tokens than the median run. The median is by `by`: out tok/s, or
+    TPOT in run order, min/max, spread = (max - min) of out tok/s / the median run's out tok/s
+    (the median tok/s unless by TPOT), and how many runs failed or emitted other tokens than
+    the median run. The median is by `by`: out tok/s, or
     "tpot_s" for W-BATCH1, whose figure is its TPOT (a run's tok/s there includes its TTFT).
     With an even count, the slower of the two middle runs. Why: stop 20's H200 figures moved
     4-10 % between engines and calls."""
