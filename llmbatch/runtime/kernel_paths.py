@@ -249,7 +249,8 @@ def _enable_l2_prefetch(model, device: torch.device, paths: KernelPaths) -> None
 
 
 PATH_STATS = ("fused_kernels_active", "skinny_matmul_active", "skinny_pdl_active",
-              "skinny_gemv_active", "skinny_gemv_error", "gemv_weight_prefetch",
+              "skinny_gemv_active", "skinny_gemv_error", "gemv_max_rows_active",
+              "gemv_weight_prefetch",
               "pdl_active", "l2_prefetch_weights", "int8_triton_layers", "int8_triton_error",
               "nf4_triton_layers", "nf4_triton_error")
 

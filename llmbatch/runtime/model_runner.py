@@ -116,6 +116,7 @@ class ModelRunner(CudaFastPathsMixin):
         self.skinny_pdl_active = paths.skinny_pdl
         self.skinny_gemv_active = paths.skinny_gemv
         self.skinny_gemv_error = paths.skinny_gemv_error
+        self.gemv_max_rows_active = paths.gemv_max_rows   # 1 after a multi-row check failure
         self.gemv_weight_prefetch = paths.gemv_weight_prefetch
         self.l2_prefetch_weights = paths.l2_prefetch_weights
         self.pdl_active = paths.pdl

@@ -98,6 +98,7 @@ def test_engine_stats_report_no_gemv_error_on_cpu(llama_setup):
 
     stats = new_engine(llama_setup, kv_cache_blocks=16).stats()
     assert (stats["skinny_gemv_active"], stats["skinny_gemv_error"]) == (False, None)
+    assert stats["gemv_max_rows_active"] == 1
 
 
 def test_a_wrong_lm_head_gemv_is_named(tmp_path, monkeypatch):
