@@ -188,8 +188,9 @@ def _enable_skinny_layers(model, config, tp_size: int, quantization: str, pdl: b
     max_rows = getattr(config, "gemv_max_rows", 1) if gemv else 1
     if dense and enable_skinny_matmul(model, pdl=pdl, gemv_rows=gemv, small_steps=skinny,
                                       gemv_max_rows=max_rows):
+        from llmbatch.runtime.models.gemv_check import gemv_rows_after_check, gemv_steps
+
         if gemv:
-            from llmbatch.runtime.models.gemv_check import gemv_rows_after_check
             max_rows, paths.skinny_gemv_error = gemv_rows_after_check(model, skinny, pdl,
                                                                       prefetch_mode, max_rows)
             gemv, max_rows = max_rows > 0, max(max_rows, 1)
@@ -197,7 +198,7 @@ def _enable_skinny_layers(model, config, tp_size: int, quantization: str, pdl: b
                 return
         paths.skinny_matmul, paths.skinny_gemv, paths.skinny_pdl = skinny, gemv, pdl
         paths.gemv_max_rows = max_rows if gemv else 1
-        steps = "one-token steps" if max_rows == 1 else f"steps of <= {max_rows} tokens"
+        steps = gemv_steps(max_rows)
         if skinny:
             logger.info("skinny_matmul on: fused decoder layers for steps of <= 16 tokens"
                         + (f", {steps} on the gemv kernels" if gemv else "")

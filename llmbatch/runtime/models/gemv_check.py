@@ -134,10 +134,17 @@ def _mismatch(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor,
 
 def multi_row_counts(max_rows: int) -> list[int]:
     """Row counts the check launches for steps of 2..max_rows tokens: one per ROWS padding the
-    kernel compiles for them (the next power of two, gemv_rows.rows_of), the largest count of
+    kernel compiles for them (gemv_rows.rows_of, the next power of two), the largest count of
     each, max_rows first. E.g. 5 -> [5, 4, 2]; 8 -> [8, 4, 2]; 3 -> [3, 2]; 1 -> []."""
-    paddings = {1 << (m - 1).bit_length() for m in range(2, max_rows + 1)}
+    from llmbatch.runtime.layers.gemv_rows import rows_of
+
+    paddings = {rows_of(m) for m in range(2, max_rows + 1)}
     return sorted({min(max_rows, p) for p in paddings}, reverse=True)
+
+
+def gemv_steps(max_rows: int) -> str:
+    """The steps that run on the gemv kernels at gemv_max_rows = max_rows, for log lines."""
+    return "one-token steps" if max_rows == 1 else f"steps of <= {max_rows} tokens"
 
 
 @torch.inference_mode()
@@ -269,9 +276,8 @@ def gemv_rows_after_check(model, skinny: bool, pdl: bool, prefetch_mode: str,
                        "gemv kernel failed: %s", max_rows, max_rows, layers, error)
         enable_skinny_matmul(model, pdl=pdl, gemv_rows=True, small_steps=skinny)
         return 1, error
-    steps = "one-token steps" if max_rows == 1 else f"steps of <= {max_rows} tokens"
     logger.warning("skinny_gemv off, %s on the %s layers: the start-up check of the gemv "
-                   "kernels failed: %s", steps, layers, error)
+                   "kernels failed: %s", gemv_steps(max_rows), layers, error)
     if skinny:
         enable_skinny_matmul(model, pdl=pdl, gemv_rows=False, small_steps=True)
     else:
