@@ -48,11 +48,18 @@ def test_int8_start_up_check_catches_a_wrong_kernel(llama_setup, monkeypatch, br
     runner = _int8_runner(llama_setup)
     enable_triton_int8(runner.model)
     monkeypatch.setattr(int8_matmul, "int8_linear", broken)
-    why = check_quant_kernel(runner.model, "int8")
+    assert_check_catches_and_disables(runner.model, "int8", reason)
+
+
+def assert_check_catches_and_disables(model, method: str, reason: str) -> None:
+    """check_quant_kernel names the (monkeypatched) wrong `method` kernel at its first row
+    count, and disable_triton, what kernel_paths does with a reason, leaves no layer on the
+    Triton GEMM. Shared with test_nf4_matmul."""
+    why = check_quant_kernel(model, method)
     assert why is not None and reason in why and why.startswith("1 rows:")
-    disable_triton(runner.model, "int8")
+    disable_triton(model, method)
     assert not any(getattr(getattr(m, "quant_method", None), "use_triton", False)
-                   for m in runner.model.modules())
+                   for m in model.modules())
 
 
 @pytest.mark.parametrize("per_rank,layers,error", [

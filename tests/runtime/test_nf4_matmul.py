@@ -258,15 +258,13 @@ def test_start_up_check_passes_the_real_kernel(llama_setup):
      "RuntimeError: no kernel image"),
 ])
 def test_start_up_check_catches_a_wrong_kernel(llama_setup, monkeypatch, broken, reason):
-    from llmbatch.runtime.kernel_paths import check_quant_kernel, disable_triton
     from llmbatch.runtime.layers.quantization import enable_triton_nf4, triton_gemm_modules
+    from tests.runtime.test_kernel_paths_quant import assert_check_catches_and_disables
 
     runner = _nf4_runner(llama_setup)
     enable_triton_nf4(runner.model)
     monkeypatch.setattr(nm, "nf4_linear", broken)
-    why = check_quant_kernel(runner.model, "nf4")
-    assert why is not None and reason in why and why.startswith("1 rows:")
-    disable_triton(runner.model, "nf4")  # what kernel_paths does with a reason
+    assert_check_catches_and_disables(runner.model, "nf4", reason)
     assert [q.use_triton for _, q in triton_gemm_modules(runner.model, "nf4")] == [False] * 8
 
 
