@@ -14,6 +14,10 @@ SPECULATIVE_METHODS = ("none", "ngram", "draft")
 GEMV_WEIGHT_PREFETCH = ("off", "tile", "l2", "both")
 # layers/gemv_rows.py's GEMV_MAX_ROWS (that module imports triton; this one must not)
 GEMV_MAX_ROWS = 8
+# prefill_graph_max_tokens: 0 or in this range (runtime/prefill_graphs.py's buckets start at 16,
+# the attention kernels' smallest query tile).
+MIN_PREFILL_GRAPH_TOKENS = 16
+MAX_PREFILL_GRAPH_TOKENS = 8192
 
 
 class EngineConfigError(ValueError):
@@ -87,6 +91,14 @@ class EngineConfig:
     # transformers in tests/gpu (its bf16 roundings differ from the two launches': no FMA
     # contraction in its attention, so tokens differ from the two-launch path's).
     rotary_in_attention: Optional[bool] = None
+    # Steps that prefill ONE sequence of up to this many tokens (a batch-1 prompt, a chunk,
+    # the rest after a prefix hit) replay a CUDA graph captured per token bucket (16, 24, 32,
+    # 48, ... up to this; runtime/prefill_graphs.py) instead of ~150 eager launches: on the
+    # H200 an eager 512-token prefill of the 1B shape was host-bound (9-15 ms to enqueue, ~3 ms
+    # of kernels). Needs cuda_graphs on CUDA with the triton backend at tp 1. 0: off.
+    # Opt-in: UNMEASURED on a GPU (bench --prefill-graphs); limited to the token budget and
+    # max_model_len at start-up.
+    prefill_graph_max_tokens: int = 0
     tensor_parallel_size: int = 1
     quantization: str = "none"
     # Also quantize the token embedding and LM head with the engine's quantization (nf4 only):
@@ -129,6 +141,11 @@ class EngineConfig:
                 or not 1 <= self.gemv_max_rows <= GEMV_MAX_ROWS):
             raise ValueError(f"gemv_max_rows must be an integer in 1..{GEMV_MAX_ROWS}, got "
                              f"{self.gemv_max_rows!r}")
+        n = self.prefill_graph_max_tokens
+        if (not isinstance(n, int) or isinstance(n, bool)
+                or not (n == 0 or MIN_PREFILL_GRAPH_TOKENS <= n <= MAX_PREFILL_GRAPH_TOKENS)):
+            raise ValueError(f"prefill_graph_max_tokens must be 0 (off) or an integer in "
+                             f"{MIN_PREFILL_GRAPH_TOKENS}..{MAX_PREFILL_GRAPH_TOKENS}, got {n!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "planner_window",

@@ -30,14 +30,15 @@ recorded right after the token copy that result() waited on. Steps finish in lau
 Off by default: three event records a step cost a few microseconds of host time, and a step
 that samples nothing makes `account` wait for its end (under async scheduling that turns such
 steps synchronous). Enable on a runner with `enable(runner)`; engine.stats() then reports
-`device_timed_steps` and `{graph,eager}_device_{forward,sample,gap}_s`.
+`device_timed_steps` and `{graph,prefill_graph,eager}_device_{forward,sample,gap}_s`.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-KINDS = ("graph", "eager")
+from llmbatch.runtime.launched_step import STEP_KINDS as KINDS
+
 PARTS = ("forward", "sample", "gap")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.kernel_paths import PATH_STATS
+from llmbatch.runtime.launched_step import STEP_KINDS
 
 
 def runner_stats(runner, config: EngineConfig) -> dict:
@@ -26,8 +27,11 @@ def runner_stats(runner, config: EngineConfig) -> dict:
         s[key] = getattr(runner, key, None)
     s["rotary_in_attention"] = getattr(runner, "rotary_in_attention_active", False)
     s["prepare_s"] = getattr(runner, "prepare_s", None)  # part of execute_s
-    # Steps that replayed a CUDA graph vs eager ones, and their forward + sampling seconds.
-    for kind in ("graph", "eager"):
+    s["prefill_graphs_active"] = getattr(runner, "prefill_graph_runner", None) is not None
+    s["prefill_graph_error"] = getattr(runner, "prefill_graph_error", None)
+    # Steps that replayed a decode / verify graph, a prefill graph, or ran eagerly, and their
+    # forward + sampling seconds.
+    for kind in STEP_KINDS:
         s[f"{kind}_steps"] = getattr(runner, "step_count", {}).get(kind)
         s[f"{kind}_step_s"] = getattr(runner, "step_time_s", {}).get(kind)
         s[f"{kind}_launch_s"] = getattr(runner, "step_launch_s", {}).get(kind)

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# How a step ran (LaunchedStep's kind): a decode / verify graph replay (cuda_graphs.py), a
+# one-sequence prefill graph replay (prefill_graphs.py) or an eager forward. The runner's
+# step-time stats and device timing keep one entry per kind.
+STEP_KINDS = ("graph", "prefill_graph", "eager")
+
 # Read for every sampled row every step (map() with it runs in C).
 _spec_token_ids = attrgetter("spec_token_ids")
 

@@ -26,7 +26,7 @@ from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.device import host_to_device, make_current, resolve_device, resolve_dtype
 from llmbatch.runtime.kernel_paths import enable_kernel_paths
 from llmbatch.runtime.kv_pool import allocate_kv_caches, decide_num_kv_blocks, kv_block_bytes
-from llmbatch.runtime.launched_step import LaunchedStep, collect_sampled
+from llmbatch.runtime.launched_step import STEP_KINDS, LaunchedStep, collect_sampled
 from llmbatch.runtime.model_runner_cuda import CudaFastPathsMixin
 from llmbatch.runtime.sampler import Sampler
 from llmbatch.runtime.scheduler_output import SchedulerOutput
@@ -39,6 +39,13 @@ logger = logging.getLogger(__name__)
 # Per-request fields read for every sampled row every step (map() with these runs in C).
 _sampling_params = attrgetter("sampling_params")
 _default_seed = attrgetter("default_seed")
+
+
+def _step_kind(before: tuple[int, int], after: tuple[int, int]) -> str:
+    """A step's kind from the (decode, prefill) graph replay counts around its launch."""
+    if after[0] > before[0]:
+        return "graph"
+    return "prefill_graph" if after[1] > before[1] else "eager"
 
 
 class ModelRunner(CudaFastPathsMixin):
@@ -55,11 +62,13 @@ class ModelRunner(CudaFastPathsMixin):
 
         self.config = config
         self.prepare_s = 0.0  # host seconds in prepare_inputs, summed over steps
-        self.step_time_s = {"graph": 0.0, "eager": 0.0}   # execute() minus prepare_inputs
+        # execute() minus prepare_inputs, by step kind: a decode / verify graph replay, a
+        # prefill graph replay (prefill_graphs.py) or an eager forward.
+        self.step_time_s = dict.fromkeys(STEP_KINDS, 0.0)
         # Of step_time_s, the host time to enqueue the forward and sampling: near step_time_s
         # means the device waited on the host (eager prefills: ~150 Python launches a step).
-        self.step_launch_s = {"graph": 0.0, "eager": 0.0}
-        self.step_count = {"graph": 0, "eager": 0}
+        self.step_launch_s = dict.fromkeys(STEP_KINDS, 0.0)
+        self.step_count = dict.fromkeys(STEP_KINDS, 0)
         # CUDA-event timing of each step on the device (runtime/device_timing.py; opt-in).
         self.device_timer = None
         self.device = resolve_device(config.device)
@@ -138,6 +147,8 @@ class ModelRunner(CudaFastPathsMixin):
         self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
         self.cuda_graph_error: Optional[str] = None
         self.graph_runner = self._maybe_capture_decode_graphs()
+        self.prefill_graph_error: Optional[str] = None
+        self.prefill_graph_runner = self._maybe_capture_prefill_graphs()
 
     # -- KV pool (runtime/kv_pool.py) ---------------------------------------------------
     @property
@@ -236,7 +247,7 @@ class ModelRunner(CudaFastPathsMixin):
             if prev is None or prev.pending is None:
                 raise RuntimeError("a step with deferred input tokens needs the step in flight")
             prev_tokens = prev.pending.token_ids
-        replays_before = self.graph_runner.num_replays if self.graph_runner is not None else 0
+        replays_before = self._graph_replays()
         timer = self.device_timer
         marks = timer.begin() if timer is not None else None
         logits = self.forward_logits(s, prev_tokens)
@@ -250,9 +261,14 @@ class ModelRunner(CudaFastPathsMixin):
                                                 default_seeds, s.sample_requests)
         if marks is not None:
             timer.after_sampling(marks)
-        graphed = self.graph_runner is not None and self.graph_runner.num_replays > replays_before
-        return LaunchedStep(self, s, pending, "graph" if graphed else "eager",
-                            time.perf_counter() - t1, marks)
+        kind = _step_kind(replays_before, self._graph_replays())
+        return LaunchedStep(self, s, pending, kind, time.perf_counter() - t1, marks)
+
+    def _graph_replays(self) -> tuple[int, int]:
+        """(decode / verify, prefill) graph replays so far: a step's kind is which one grew."""
+        decode, prefill = self.graph_runner, self.prefill_graph_runner
+        return (decode.num_replays if decode is not None else 0,
+                prefill.num_replays if prefill is not None else 0)
 
     @torch.inference_mode()
     def forward_logits(self, s: StepInputs,
@@ -267,10 +283,13 @@ class ModelRunner(CudaFastPathsMixin):
             idx = self._h2d(s.deferred_rows + s.deferred_src, torch.long)
             n = len(s.deferred_rows)
             deferred = (idx[:n], prev_tokens.index_select(0, idx[n:]))
-        # Pure-decode steps replay a CUDA graph (None: not captured for this step, run eagerly).
+        # Pure-decode and verify steps replay a CUDA graph, and so do steps prefilling one
+        # sequence where prefill graphs are on (None: no graph for this step, run eagerly).
         hidden = None
         if self.graph_runner is not None:
             hidden = self.graph_runner.run(s, deferred)
+        if hidden is None and self.prefill_graph_runner is not None:
+            hidden = self.prefill_graph_runner.run(s, deferred)
         if hidden is None:
             input_ids, positions, meta = self._to_device(s)
             if deferred is not None:

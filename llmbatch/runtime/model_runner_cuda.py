@@ -1,8 +1,9 @@
 """ModelRunner's CUDA-only fast paths that check themselves at start-up, mixed into ModelRunner:
-the Triton greedy argmax (its self-check against torch.argmax) and the decode/verify CUDA
-graphs (capture, each graph's first replay checked against the eager forward in
-cuda_graphs.py). Either one, failing, is turned off with its reason kept for the engine's
-stats (triton_argmax_error, cuda_graph_error) and logged; the job goes on without it.
+the Triton greedy argmax (its self-check against torch.argmax), the decode/verify CUDA graphs
+(capture, each graph's first replay checked against the eager forward in cuda_graphs.py) and
+the one-sequence prefill graphs (prefill_graphs.py, checked the same way). Each one, failing,
+is turned off with its reason kept for the engine's stats (triton_argmax_error,
+cuda_graph_error, prefill_graph_error) and logged; the job goes on without it.
 """
 
 from __future__ import annotations
@@ -63,5 +64,36 @@ class CudaFastPathsMixin:
             self.cuda_graph_error = f"{type(exc).__name__}: {exc}"
             logger.warning("CUDA graph capture failed, decoding eagerly: %s",
                            self.cuda_graph_error)
+            torch.cuda.synchronize(self.device)
+            return None
+
+    def _maybe_capture_prefill_graphs(self):
+        """Prefill CUDA graphs (runtime/prefill_graphs.py) where the decode graphs are, when
+        EngineConfig.prefill_graph_max_tokens asks for them; buckets up to that many tokens,
+        the token budget and max_model_len, whichever is least."""
+        cfg = self.config
+        want = getattr(cfg, "prefill_graph_max_tokens", 0)
+        if not want:
+            return None
+        if self.graph_runner is None:
+            logger.info("prefill_graph_max_tokens ignored: needs CUDA graphs (cuda_graphs on "
+                        "CUDA with the triton attention backend, tensor_parallel_size 1)")
+            return None
+        from llmbatch.runtime.config import MIN_PREFILL_GRAPH_TOKENS
+        from llmbatch.runtime.prefill_graphs import PrefillGraphRunner
+
+        max_tokens = min(want, cfg.max_num_batched_tokens, self.max_model_len)
+        if max_tokens < MIN_PREFILL_GRAPH_TOKENS:
+            logger.info("prefill_graph_max_tokens ignored: the token budget or max_model_len "
+                        "is under %d", MIN_PREFILL_GRAPH_TOKENS)
+            return None
+        try:
+            return PrefillGraphRunner(self.model, self.kv_caches, self.attn_backend,
+                                      max_tokens=max_tokens, max_model_len=self.max_model_len,
+                                      block_size=self.block_size, device=self.device)
+        except Exception as exc:  # as for the decode graphs: run these steps eagerly, loudly
+            self.prefill_graph_error = f"{type(exc).__name__}: {exc}"
+            logger.warning("prefill CUDA graph capture failed, prefilling eagerly: %s",
+                           self.prefill_graph_error)
             torch.cuda.synchronize(self.device)
             return None
