@@ -104,6 +104,11 @@ def recapture(engine) -> None:
     runner.graph_runner = None
     runner.cuda_graph_error = None
     runner.graph_runner = runner._maybe_capture_decode_graphs()
+    # The prefill graphs (engine.prefill_graph_max_tokens, off by default) bake the kernel
+    # paths in too: recaptured alike, so a row's TTFT is its options' as well.
+    runner.prefill_graph_runner = None
+    runner.prefill_graph_error = None
+    runner.prefill_graph_runner = runner._maybe_capture_prefill_graphs()
 
 
 def run_row(engine, workload, label, apply, undo, device) -> dict:

@@ -54,6 +54,9 @@
 # BENCH_GEMV_ROWS8_ROWS=1 (opt-in since stop 20): engine.gemv_max_rows 8 (llmbatch-gemv-rows8:
 # W-SPEC and W-BATCH1, verify steps of k+1 tokens on the multi-row gemv kernel; needs W-SPEC
 # among the bench's workloads for its question).
+# BENCH_PREFILL_GRAPH_ROWS=1 (opt-in since stop 22): engine.prefill_graph_max_tokens 512
+# (llmbatch-prefill-graphs: W-BATCH1 and W-SPEC with one-sequence prefills replayed from CUDA
+# graphs; read W-BATCH1's TTFT in the table and W-SPEC b=1's ratios).
 # BENCH_PDL_ROWS=1 (opt-in; repeats the default on sm_90+): llmbatch-pdl.
 # BENCH_SKINNY_PDL_ROWS=1 (opt-in): engine.skinny_matmul and engine.pdl (llmbatch-skinny-pdl).
 # BENCH_GEMV_ROWS=1 (opt-in since stop 17): skinny_matmul, skinny_gemv and pdl
@@ -271,6 +274,7 @@ fi
 [ "${BENCH_ROTARY_ATTN_ROWS:-0}" = 1 ] && MODE_ARGS+=(--rotary-in-attention)
 [ "${BENCH_SKINNY_SPEC_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-spec)
 [ "${BENCH_GEMV_ROWS8_ROWS:-0}" = 1 ] && MODE_ARGS+=(--gemv-rows8)
+[ "${BENCH_PREFILL_GRAPH_ROWS:-0}" = 1 ] && MODE_ARGS+=(--prefill-graphs)
 [ "${BENCH_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--pdl)
 [ "${BENCH_SKINNY_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-pdl)
 [ "${BENCH_GEMV_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-gemv-pdl)

@@ -40,6 +40,7 @@ def table_rows(results: dict) -> list[dict]:
                 continue
             row["out_tok_per_s"] = run.get("out_tok_per_s")
             row["tpot_s"] = run.get("tpot_s") if batch1 else None
+            row["ttft_s"] = run.get("ttft_s_mean") if batch1 else None
             row["fraction_of_floor"] = _fraction(run, floor, batch1)
             row["prefix_hit_rate"] = run.get("prefix_hit_rate")
             row.update(_repeat_spread(run, batch1))
@@ -160,10 +161,13 @@ def format_table(rows: list[dict]) -> str:
         if "note" in r:
             lines.append(f"{r['workload']} | {r['system']} | {r['note']} | | | |")
             continue
-        # "38,178 (±3.0%, 3 runs)"; W-BATCH1: "1,048.5 (TPOT 0.92 ms, ±2.0%, 3 runs)".
+        # "38,178 (±3.0%, 3 runs)"; W-BATCH1: "1,048.5 (TPOT 0.92 ms, TTFT 10.2 ms, ±2.0%,
+        # 3 runs)" (TTFT: the one prefill of the reported run, where the run recorded it).
         repeats = (f"±{r['spread']:.1%}, {r['num_runs']} runs" if r.get("num_runs") else "")
         if r.get("tpot_s") is not None:
-            detail = ", ".join(x for x in (f"TPOT {r['tpot_s'] * 1e3:.2f} ms", repeats) if x)
+            ttft = (f"TTFT {r['ttft_s'] * 1e3:.1f} ms" if r.get("ttft_s") is not None else "")
+            detail = ", ".join(x for x in (f"TPOT {r['tpot_s'] * 1e3:.2f} ms", ttft, repeats)
+                               if x)
             speed = f"{r['out_tok_per_s']:,.1f} ({detail})"
         else:
             speed = _fmt(r.get("out_tok_per_s"), ",.0f") + (f" ({repeats})" if repeats else "")

@@ -111,6 +111,15 @@ AB_VARIANTS = {
                           "<= 8 tokens, speculative verify steps, on the multi-row gemv "
                           "kernel, not cuBLAS)", "the gemv layers run on CUDA only",
                           workloads=("W-SPEC", "W-BATCH1")),
+    # Stop 20: a batch-1 512-token prefill was host-bound (eager_launch_s == eager_step_s,
+    # 9-15 ms to enqueue ~3 ms of kernels): TTFT, and ~8 % of W-SPEC b=1's wall. This row
+    # replays one-sequence prefills from CUDA graphs (runtime/prefill_graphs.py): W-BATCH1's
+    # TTFT its question (the table's cell shows it), W-SPEC the ratio it moves.
+    "prefill-graphs": Variant("--prefill-graphs", {"prefill_graph_max_tokens": 512},
+                              "EngineConfig.prefill_graph_max_tokens 512, W-BATCH1 and W-SPEC "
+                              "only (one-sequence prefills of <= 512 tokens replay CUDA graphs)",
+                              "CUDA graphs run on CUDA only",
+                              workloads=("W-BATCH1", "W-SPEC")),
     "l2prefetch": Variant("--l2-prefetch", {"l2_prefetch": True},
                           "EngineConfig.l2_prefetch on (steps of <= 16 tokens touch the qkv and "
                           "o_proj weights into L2 on a side stream ahead of use)",

@@ -105,6 +105,13 @@ def test_batch1_cell_gives_the_tpot_spread():
         "W-BATCH1 | llmbatch | 1,000.0 (TPOT 1.00 ms, ±2.0%, 3 runs) | — | 0.500 | — | —"
 
 
+def test_batch1_cell_gives_the_ttft_where_the_run_has_it():
+    # Prefill CUDA graphs (engine.prefill_graph_max_tokens) show in TTFT, not in TPOT.
+    run = {"out_tok_per_s": 1000.0, "tpot_s": 0.001, "ttft_s_mean": 0.0102}
+    assert _table({"llmbatch": run}, "W-BATCH1")[0] == \
+        "W-BATCH1 | llmbatch | 1,000.0 (TPOT 1.00 ms, TTFT 10.2 ms) | — | 0.500 | — | —"
+
+
 def test_single_run_cell_is_unchanged():
     one = {"out_tok_per_s": 38_000.0, "repeats": {"n": 1, "out_tok_per_s": [38_000.0]}}
     assert _table({"llmbatch": one})[0] == "W-RANDOM | llmbatch | 38,000 | — | 0.380 | — | —"

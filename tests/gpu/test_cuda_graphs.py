@@ -36,19 +36,10 @@ from llmbatch.runtime.request import Request  # noqa: E402
 from llmbatch.runtime.sampling_params import SamplingParams  # noqa: E402
 from llmbatch.runtime.scheduler_output import ScheduledRequest, SchedulerOutput  # noqa: E402
 from tests.runtime.test_engine_greedy import hf_greedy  # noqa: E402
-from tests.runtime.tiny_models import (  # noqa: E402
-    make_model, make_prompts, match_fraction,
-)
+from tests.runtime.tiny_models import make_prompts, match_fraction  # noqa: E402
 
 MAX_NEW = 12
 MAX_NUM_SEQS = 32  # captured sizes 1, 2, 4, 8, 16, 24, 32
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama-graphs")
-    hf = make_model(path, num_heads=4, num_kv_heads=2, head_dim=64, hidden=128)
-    return path, hf
 
 
 def config(path, dtype, cuda_graphs, **kw):
@@ -156,14 +147,20 @@ class _OracleProposer:
                 for j, tok in enumerate(ref[start:start + k])]
 
 
+@pytest.mark.parametrize("gemv_max_rows", [1, 5])
 @pytest.mark.parametrize("num_prompts", [1, 5])
-def test_verify_steps_replay_graphs_and_stay_lossless(tiny, tokenizer, num_prompts):
+def test_verify_steps_replay_graphs_and_stay_lossless(tiny, tokenizer, num_prompts,
+                                                      gemv_max_rows):
     """float32: speculation through verify-step graphs (k = 4, 5 tokens per sequence) gives
-    exactly the output without speculation, and the verify graphs were the ones replayed."""
+    exactly the output without speculation, and the verify graphs were the ones replayed.
+    gemv_max_rows 5: a batch-1 verify step runs on the multi-row gemv kernels inside its graph
+    (W-SPEC's candidate, bench --gemv-rows8); 5 sequences (25 tokens) stay on cuBLAS."""
     path, _ = tiny
     prompts = make_prompts(num_prompts, seed=40 + num_prompts)
     reference, _ = run_engine(path, tokenizer, prompts, "float32", cuda_graphs=False)
-    engine = Engine(config(path, "float32", True), tokenizer=tokenizer)
+    engine = Engine(config(path, "float32", True, gemv_max_rows=gemv_max_rows),
+                    tokenizer=tokenizer)
+    assert engine.stats()["gemv_max_rows_active"] == gemv_max_rows
     engine.set_proposer(_OracleProposer(dict(enumerate(reference))))
     params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
     results = {r.request_id: r for r in engine.generate(

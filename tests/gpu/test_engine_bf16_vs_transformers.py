@@ -51,6 +51,9 @@ SETTINGS = {
     # launch (rotary_decode.py); the two-launch path (and no gemv weight prefetch) still runs
     # where the one-launch path cannot, and as the engine of stops 17-18.
     "prev-defaults": dict(rotary_in_attention=False, gemv_weight_prefetch="off"),
+    # Opt-in since stop 22: one sequence at a time, so every prefill replays a prefill graph
+    # (runtime/prefill_graphs.py; prompts of 5-75 tokens, buckets up to 128).
+    "prefill-graphs-batch1": dict(prefill_graph_max_tokens=128, max_num_seqs=1),
 }
 
 
@@ -106,6 +109,10 @@ def test_bf16_greedy_matches_transformers(model, tokenizer, setting):
     assert not [r.error for r in results.values() if r.error]
     ours = [results[i].output_token_ids for i in range(len(prompts))]
     assert all(len(o) == MAX_NEW for o in ours)
+    if SETTINGS[setting].get("prefill_graph_max_tokens"):   # the path under test was taken
+        stats = engine.stats()
+        assert stats["prefill_graph_error"] is None
+        assert stats["prefill_graph_steps"] == len(prompts), stats
 
     gaps = teacher_forced_gaps(hf, prompts, ours)
     worst = max((g, i, t) for i, row in enumerate(gaps) for t, g in enumerate(row))

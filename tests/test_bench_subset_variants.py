@@ -1,31 +1,55 @@
-"""bench.run --gemv-rows8 (bench/variants.py): W-SPEC and W-BATCH1, and nothing else, on an
-engine with EngineConfig.gemv_max_rows 8; off by default, skipped with a reason on the CPU."""
+"""bench.run's variants that run a subset of the workloads (bench/variants.py), each off by
+default, skipped with a reason on the CPU, and built with its engine overrides on CUDA:
+--gemv-rows8 (EngineConfig.gemv_max_rows 8: W-SPEC and W-BATCH1) and --prefill-graphs
+(EngineConfig.prefill_graph_max_tokens 512: W-BATCH1 and W-SPEC). Also the setup log's line
+for the multi-row gemv's start-up check."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
 
 from bench import run as bench_run
 from tests.test_bench_run_cuda_variants import WORKLOADS, stub_build_engine
 
-SYSTEM = "llmbatch-gemv-rows8"
+# variant -> (argparse dest, CPU skip reason, EngineConfig overrides, gpu_check.sh env switch)
+SUBSET_VARIANTS = {
+    "gemv-rows8": ("gemv_rows8", "the gemv layers run on CUDA only", {"gemv_max_rows": 8},
+                   "BENCH_GEMV_ROWS8_ROWS"),
+    "prefill-graphs": ("prefill_graphs", "CUDA graphs run on CUDA only",
+                       {"prefill_graph_max_tokens": 512}, "BENCH_PREFILL_GRAPH_ROWS"),
+}
 
 
-def _rows(tmp_path, device: str) -> dict:
+def _rows(tmp_path, device: str, variant: str) -> dict:
     rec = bench_run.Recorder(str(tmp_path), {"runs": {}})
-    bench_run.run_llmbatch(bench_run.parse_args(["--gemv-rows8"]), rec,
+    bench_run.run_llmbatch(bench_run.parse_args([f"--{variant}"]), rec,
                            {w: object() for w in (*WORKLOADS, "W-SPEC")}, "unused",
                            "float32" if device == "cpu" else "bfloat16", device, 100,
-                           variant="gemv-rows8")
+                           variant=variant)
     return rec.results["runs"]
 
 
-def test_gemv_rows8_runs_w_spec_and_w_batch1_with_gemv_max_rows_8(tmp_path, monkeypatch):
-    assert bench_run.parse_args([]).gemv_rows8 is False
-    skipped = {SYSTEM: {"skipped": "the gemv layers run on CUDA only"}}
-    assert _rows(tmp_path, "cpu") == {"W-BATCH1": skipped, "W-SPEC": skipped}
+@pytest.mark.parametrize("variant", SUBSET_VARIANTS)
+def test_variant_runs_w_spec_and_w_batch1_only_with_its_overrides(tmp_path, monkeypatch,
+                                                                   variant):
+    dest, reason, overrides, _ = SUBSET_VARIANTS[variant]
+    system = f"llmbatch-{variant}"
+    assert getattr(bench_run.parse_args([]), dest) is False
+    skipped = {system: {"skipped": reason}}
+    assert _rows(tmp_path, "cpu", variant) == {"W-BATCH1": skipped, "W-SPEC": skipped}
     seen = stub_build_engine(monkeypatch)
-    failed = {SYSTEM: {"error": "RuntimeError: stub engine"}}
-    assert _rows(tmp_path, "cuda") == {"W-BATCH1": failed, "W-SPEC": failed}
-    assert seen == {"gemv_max_rows": 8, "quantization": "none", "gpu_memory_utilization": 0.5}
+    failed = {system: {"error": "RuntimeError: stub engine"}}
+    assert _rows(tmp_path, "cuda", variant) == {"W-BATCH1": failed, "W-SPEC": failed}
+    assert seen == {**overrides, "quantization": "none", "gpu_memory_utilization": 0.5}
+
+
+@pytest.mark.parametrize("variant", SUBSET_VARIANTS)
+def test_gpu_check_passes_the_flag_only_when_asked(variant):
+    env = SUBSET_VARIANTS[variant][3]
+    text = (Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh").read_text()
+    assert f'[ "${{{env}:-0}}" = 1 ] && MODE_ARGS+=(--{variant})' in text
 
 
 class _Engine:
