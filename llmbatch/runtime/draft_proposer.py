@@ -51,8 +51,8 @@ def draft_runner_config(config: EngineConfig, num_kv_blocks: Optional[int] = Non
     return dataclasses.replace(
         config, model=config.draft_model, tokenizer=None, kv_cache_blocks=num_kv_blocks,
         max_model_len=max_model_len, speculative_method="none", draft_model=None, lora=None,
-        cuda_graphs=False, tensor_parallel_size=1, quantization="none",
-        quantize_embeddings=False)
+        cuda_graphs=False, prefill_graph_max_tokens=0, tensor_parallel_size=1,
+        quantization="none", quantize_embeddings=False)
 
 
 def draft_memory_need(config: EngineConfig, dtype: torch.dtype) -> tuple[int, int]:

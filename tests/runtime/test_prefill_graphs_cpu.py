@@ -131,3 +131,13 @@ def test_padded_prefill_matches_eager_torch_backend(runner):
 def test_padded_prefill_matches_eager_triton_backend_interpreted(runner):
     # The backend the graphs replay on (CUDA); in the interpreter on CPU, float32.
     _check_padded_prefill_matches_eager(runner, get_attention_backend("triton", "cpu"), 1e-4)
+
+
+def test_a_draft_model_runner_takes_no_prefill_graphs():
+    # The draft runs eagerly (no decode graphs either); it must not log the setting as ignored.
+    from llmbatch.runtime.draft_proposer import draft_runner_config
+
+    cfg = EngineConfig(model="m", speculative_method="draft", draft_model="d",
+                       prefill_graph_max_tokens=64)
+    draft = draft_runner_config(cfg)
+    assert draft.cuda_graphs is False and draft.prefill_graph_max_tokens == 0
