@@ -44,7 +44,7 @@ def hashed_settings(spec: "JobSpec", shard_count: int) -> dict:
     performance knobs that leave greedy results unchanged (max_num_seqs, token budget,
     memory sizing, cuda_graphs, fused_kernels, async_scheduling, skinny_matmul, skinny_gemv,
     pdl, nf4_triton_gemm, l2_prefetch, gemv_weight_prefetch, rotary_in_attention,
-    gemv_max_rows,
+    gemv_max_rows, prefill_graph_max_tokens,
     attention backend, planner window, on_row_error,
     input.batch_size), and the sampling keys of config_diff.LEFT_OUT_AT at their neutral
     value (repetition_penalty 1.0, ...: added later, so every job written before them keeps

@@ -18,7 +18,8 @@ from llmbatch.jobs.sampling_section import PER_ROW_KEYS, SamplingSection  # noqa
 from llmbatch.jobs.sampling_values import row_value
 from llmbatch.jobs.section_base import Float, Int
 from llmbatch.jobs.section_base import Section as _Section
-from llmbatch.runtime.config import EngineConfig
+from llmbatch.runtime.config import (MAX_PREFILL_GRAPH_TOKENS, MIN_PREFILL_GRAPH_TOKENS,
+                                     EngineConfig)
 from llmbatch.runtime.sampling_params import SamplingParams
 from llmbatch.runtime.seed_mixing import derive_seed
 
@@ -169,6 +170,10 @@ class EngineSection(_Section):
     # small decode batches) on the multi-row gemv kernel, not cuBLAS. 1: one-token steps only.
     # Opt-in: never measured on a GPU (stop 20).
     gemv_max_rows: int = Field(default=1, ge=1, le=8)
+    # Steps that prefill exactly one sequence of up to this many tokens (batch-1 TTFT) replay
+    # a CUDA graph per token bucket (runtime/prefill_graphs.py). 0: off; else 16..8192.
+    # Opt-in: never measured on a GPU (stop 20).
+    prefill_graph_max_tokens: Int = 0
     # null or 0: the model's max_position_embeddings; longer than that runs with the model's,
     # with a warning. 0 and longer values stay valid (and hashed as written): folders written
     # with them must resume.
@@ -183,6 +188,15 @@ class EngineSection(_Section):
         # RuntimeError (an internal error) only once the model starts loading.
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("prefill_graph_max_tokens")
+    @classmethod
+    def _prefill_graph_tokens(cls, value: int) -> int:
+        # 1..15 too: the buckets start at 16 (the attention kernels' smallest query tile).
+        if value != 0 and not MIN_PREFILL_GRAPH_TOKENS <= value <= MAX_PREFILL_GRAPH_TOKENS:
+            raise ValueError(f"must be 0 (off) or {MIN_PREFILL_GRAPH_TOKENS}.."
+                             f"{MAX_PREFILL_GRAPH_TOKENS}, got {value}")
         return value
 
 
@@ -257,6 +271,7 @@ class JobSpec(_Section):
             nf4_triton_gemm=e.nf4_triton_gemm,
             l2_prefetch=e.l2_prefetch, gemv_weight_prefetch=e.gemv_weight_prefetch,
             rotary_in_attention=e.rotary_in_attention, gemv_max_rows=e.gemv_max_rows,
+            prefill_graph_max_tokens=e.prefill_graph_max_tokens,
             tensor_parallel_size=self.parallel.tensor_parallel_size,
             quantization=self.quantization.method,
             quantize_embeddings=self.quantization.embeddings,

@@ -28,9 +28,12 @@ def test_set_overrides_take_null():
     assert (config.rotary_in_attention, config.gemv_weight_prefetch) == (None, None)
 
 
+# prefill_graph_max_tokens: 0 (off) or 16..8192; 1..15 too are refused (the buckets start at 16).
 @pytest.mark.parametrize("key,value", [("rotary_in_attention", "maybe"),
                                        ("gemv_weight_prefetch", "fast"),
-                                       ("gemv_weight_prefetch", True)])
+                                       ("gemv_weight_prefetch", True)]
+                         + [("prefill_graph_max_tokens", value)
+                            for value in (1, 15, 8193, -16, "many", 16.5, True)])
 def test_bad_values_are_one_line_errors(key, value):
     with pytest.raises(InvalidJobError) as info:
         load_job(job(**{key: value}))
@@ -53,3 +56,10 @@ def test_gemv_max_rows_out_of_range_is_a_one_line_error(value):
     message = str(info.value)
     assert message.startswith("engine.gemv_max_rows: ") and "\n" not in message
     assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("tokens", [0, 16, 512])
+def test_prefill_graph_max_tokens_reaches_the_engine_and_keeps_the_hash(tokens):
+    spec = load_job(job(prefill_graph_max_tokens=tokens))
+    assert spec.engine_config().prefill_graph_max_tokens == tokens
+    assert spec.config_hash(1) == load_job(job()).config_hash(1)
