@@ -169,7 +169,7 @@ class EngineSection(_Section):
     # With the gemv layers: steps of up to this many tokens (2..8: speculative verify steps,
     # small decode batches) on the multi-row gemv kernel, not cuBLAS. 1: one-token steps only.
     # Opt-in: never measured on a GPU (stop 20).
-    gemv_max_rows: int = Field(default=1, ge=1, le=8)
+    gemv_max_rows: Int = Field(default=1, ge=1, le=8)
     # Steps that prefill exactly one sequence of up to this many tokens (batch-1 TTFT) replay
     # a CUDA graph per token bucket (runtime/prefill_graphs.py). 0: off; else 16..8192.
     # Opt-in: never measured on a GPU (stop 20).

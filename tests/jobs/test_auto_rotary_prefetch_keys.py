@@ -49,7 +49,7 @@ def test_gemv_max_rows_reaches_the_engine_and_keeps_the_hash(rows):
     assert spec.config_hash(1) == load_job(job()).config_hash(1)
 
 
-@pytest.mark.parametrize("value", [0, 9, "many"])
+@pytest.mark.parametrize("value", [0, 9, "many", True, 5.5])
 def test_gemv_max_rows_out_of_range_is_a_one_line_error(value):
     with pytest.raises(InvalidJobError) as info:
         load_job(job(gemv_max_rows=value))
