@@ -23,14 +23,21 @@ LOGPROB_TOL = 0.1
 MIN_CLOSE = 0.95
 
 
-def test_prompt_logprobs_bf16_close_to_transformers(tmp_path, tokenizer):
+# prefill graphs (engine.prefill_graph_max_tokens, opt-in since stop 22): one sequence at a
+# time, so every prompt chunk is scored from a prefill graph's padded hidden states.
+SETTINGS = {"default": {}, "prefill-graphs": dict(prefill_graph_max_tokens=64, max_num_seqs=1)}
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_prompt_logprobs_bf16_close_to_transformers(tmp_path, tokenizer, setting):
     import transformers as tf
 
     make_model(tmp_path, arch="llama", num_heads=8, num_kv_heads=2, head_dim=64, hidden=256)
     hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda().eval()
     prompts = make_prompts(16, seed=4)
     engine = Engine(EngineConfig(model=str(tmp_path), dtype="bfloat16",
-                                 max_num_batched_tokens=64), tokenizer=tokenizer)
+                                 max_num_batched_tokens=64, **SETTINGS[setting]),
+                    tokenizer=tokenizer)
     results = {r.request_id: r for r in engine.generate(
         [Request(i, p, SamplingParams(max_new_tokens=2, prompt_logprobs=1))
          for i, p in enumerate(prompts)])}
@@ -46,3 +53,7 @@ def test_prompt_logprobs_bf16_close_to_transformers(tmp_path, tokenizer):
         close += sum(d <= LOGPROB_TOL for d in diffs)
         total += len(diffs)
     assert close / total >= MIN_CLOSE, f"{close}/{total} within {LOGPROB_TOL}"
+    if SETTINGS[setting]:   # the path under test was taken: every prefill step a replay
+        stats = engine.stats()
+        assert stats["prefill_graph_error"] is None and stats["prefill_graph_steps"] > 0, stats
+        assert stats["eager_steps"] == 0, stats
