@@ -9,6 +9,9 @@ passes, though on a GPU the reader races with the store. Here every comparison a
 the grid walked in reverse (the owner's readers then run first and read the NaN-poisoned slot),
 and one mutant (split 0 stores) shows the reversed walk fails it.
 
+Verify-like steps (spans of 2..8 tokens, each one query tile) get the same reversed walk
+(SPAN_SWEEP) and the same mutant.
+
 Also: split counts that are not powers of two (3, 7; 5 and 6 were checked once, cut for CI
 time), pages of 1 and 8 tokens, pages
 wider than the key tile, head_dim 16 and 256, groups of 6 and 16, and sequence lengths at tile
@@ -103,13 +106,34 @@ def test_equals_two_launches_in_reversed_program_order(poisoned_empty, reversed_
     _check(case, TritonAttentionBackend(**kwargs), heads, dtype)
 
 
+# Verify-like steps: spans of 2..8 tokens, each one query tile whose programs store the keys
+# of their own splits. 5-token spans ending at the boundary lengths above (so their keys
+# straddle tiles and splits), beside ragged ones; float32 (no bfloat16 in new interpreter
+# tests). group6: 64 rows // 6 = a BLOCK_Q of 10 tokens, not a power of two.
+SPAN_SWEEP = [c for c in SWEEP if c[0] in (
+    "splits3", "splits7_fused", "block1_splits3", "block8_splits4", "group6_splits3",
+    "hd16_splits3", "unsplit")]
+SPAN_STEPS = [(max(c - 4, 0), 5) for c in BOUNDARY_LENS] + [(9, 2), (0, 0), (33, 8), (62, 3)]
+
+
+@pytest.mark.parametrize("name,heads,kv_heads,head_dim,block_size,kwargs", SPAN_SWEEP,
+                         ids=[c[0] for c in SPAN_SWEEP])
+def test_span_steps_equal_two_launches_in_reversed_program_order(
+        poisoned_empty, reversed_grid, name, heads, kv_heads, head_dim, block_size, kwargs):
+    from llmbatch.runtime.attention.triton_backend import TritonAttentionBackend
+
+    case = make_case(SPAN_STEPS, heads, kv_heads, head_dim, block_size, torch.float32)
+    _check(case, TritonAttentionBackend(**kwargs), heads, torch.float32)
+
+
 def _owner_split0_kernel(tmp_path: pathlib.Path):
-    """rotary_decode.py's kernel with the K/V store moved to split 0 (the mutant)."""
+    """rotary_decode.py's kernel with every K/V store moved to split 0 (the mutant)."""
     from llmbatch.runtime.attention.triton_kernels import rotary_decode
 
     src = pathlib.Path(rotary_decode.__file__).read_text()
-    src, n = re.subn(r"owner = split == \(\(seq_len - 1\) // TILE_N\) // split_tiles\("
-                     r"tl\.cdiv\(seq_len, TILE_N\),\s*NUM_SPLITS\)", "owner = split == 0", src)
+    src, n = re.subn(r"owner = split == \(key_pos // TILE_N\) // split_tiles\("
+                     r"tl\.cdiv\(seq_len, TILE_N\),\s*NUM_SPLITS\)",
+                     "owner = key_pos * 0 + split == 0", src)   # a vector, as the real one
     assert n == 1, "the owner expression moved: update the mutant"
     path = tmp_path / "rotary_decode_owner0.py"
     path.write_text(src)
@@ -119,16 +143,19 @@ def _owner_split0_kernel(tmp_path: pathlib.Path):
     return module._rotary_decode_kernel
 
 
+@pytest.mark.parametrize("spans", [[(300, 1), (17, 1)], [(300, 5), (30, 5)]],
+                         ids=["decode", "spans"])
 def test_reversed_walk_catches_a_wrong_owner_split(poisoned_empty, grid_order, monkeypatch,
-                                                   tmp_path):
-    """The mutant (split 0 stores the new key) passes in the interpreter's own order, where
-    split 0 runs before the split that reads the key; reversed, the reader runs first, reads
-    the poisoned slot, and the comparison fails. On a GPU the mutant is a race."""
+                                                   tmp_path, spans):
+    """The mutant (split 0 stores the new keys) passes in the interpreter's own order, where
+    split 0 runs before the splits that read the keys; reversed, the readers run first, read
+    the poisoned slots, and the comparison fails. On a GPU the mutant is a race. (Spans: 30 +
+    5 keys straddle splits 1 and 2.)"""
     from llmbatch.runtime.attention.triton_backend import TritonAttentionBackend
     from llmbatch.runtime.attention.triton_kernels import rotary_decode
 
     monkeypatch.setattr(rotary_decode, "_rotary_decode_kernel", _owner_split0_kernel(tmp_path))
-    case = make_case([(300, 1), (17, 1)], 8, 2, 64, 16, torch.float32)
+    case = make_case(spans, 8, 2, 64, 16, torch.float32)
     backend = TritonAttentionBackend(num_kv_splits=4, tile_n=16)
     if grid_order == "forward":
         _check(case, backend, 8, torch.float32)   # the blind spot

@@ -67,9 +67,10 @@ class TritonAttentionBackend(AttentionBackend):
                    to finish (triton_kernels/split_reduce.py), not by a second launch. Opt-in;
                    measured 0.99x at batch 1 on an H200 (stops 13, 17). Set before CUDA graphs
                    are captured.
-    rotary_in_attention: decode steps (spans of at most one token) rotate q and k, store K/V
+    rotary_in_attention: decode and speculative-verify-like steps (every span one query
+                   tile of <= 8 tokens: rotary_in_attention_fits) rotate q and k, store K/V
                    and attend in one launch (forward_rotary_decode; LlamaAttention.attend
-                   takes it when set). EngineConfig.rotary_in_attention (auto since stop
+                   takes it when set; spans > 1 token UNMEASURED on a GPU). EngineConfig.rotary_in_attention (auto since stop
                    19: ModelRunner sets it with the fused rotary; 1.02x at batch 1 on an
                    H200). Set before CUDA graphs are captured.
     """
@@ -131,8 +132,9 @@ class TritonAttentionBackend(AttentionBackend):
     def forward_rotary_decode(self, query, key, value, cos, sin, k_cache, v_cache,
                               meta: AttentionMetadata, scale: float,
                               out: torch.Tensor | None = None):
-        """write_kv + forward for a step of one-token spans (meta.max_query_len <= 1) whose
-        query and key are NOT rotated yet, in one launch (triton_kernels/rotary_decode.py):
+        """write_kv + forward in one launch (triton_kernels/rotary_decode.py) for a step whose
+        query and key are NOT rotated yet and whose every span is one query tile of at most
+        _SPLIT_MAX_QUERY_LEN tokens (decode, speculative verify; rotary_in_attention_fits):
         rotates them with cos/sin (RotaryEmbedding.cos_sin rows, as fused_rotary_store_kv
         takes them), stores the rotated key and the value at meta.slot_mapping (negative slots
         skipped), attends. Same result as fused_rotary_store_kv then forward (bitwise in the
@@ -141,11 +143,13 @@ class TritonAttentionBackend(AttentionBackend):
             rotary_decode_attention)
         from llmbatch.runtime.layers.fused_rotary import check_rotary_store_args
 
-        if meta.max_query_len > 1:
-            raise ValueError(f"forward_rotary_decode takes spans of at most one token, got "
-                             f"max_query_len={meta.max_query_len}")
         check_rotary_store_args(query, key, value, cos, sin, k_cache, v_cache, meta.slot_mapping)
         query, out = self._checked_query(query, k_cache, v_cache, meta, out)
+        limit = self._rotary_max_span(meta.max_query_len, query.shape[1] // k_cache.shape[2])
+        if meta.max_query_len > limit:
+            raise ValueError(f"forward_rotary_decode takes spans of at most {limit} tokens "
+                             f"(one query tile, <= {_SPLIT_MAX_QUERY_LEN}), got "
+                             f"max_query_len={meta.max_query_len}")
         if query.shape[0] == 0 or meta.num_seqs == 0:
             return out
         rotary_decode_attention(
@@ -153,6 +157,20 @@ class TritonAttentionBackend(AttentionBackend):
             meta.block_tables, meta.seq_lens.contiguous(), meta.query_start_loc.contiguous(),
             scale, **self._launch_sizes(query, k_cache, meta))
         return out
+
+    def rotary_in_attention_fits(self, meta: AttentionMetadata, num_heads: int,
+                                 num_kv_heads: int) -> bool:
+        """Whether LlamaAttention.attend takes forward_rotary_decode for this step:
+        rotary_in_attention is on and every span fits one query tile of the launch, of at
+        most _SPLIT_MAX_QUERY_LEN tokens. Host ints only (CUDA-graph capture)."""
+        return self.rotary_in_attention and meta.max_query_len <= self._rotary_max_span(
+            meta.max_query_len, num_heads // num_kv_heads)
+
+    def _rotary_max_span(self, max_query_len: int, group: int) -> int:
+        """The longest span forward_rotary_decode takes in a step of max_query_len: one query
+        tile (its programs store their own span's keys only, so a span may not have two
+        tiles: the second's rows read the first's keys), and verify-like spans only."""
+        return min(_SPLIT_MAX_QUERY_LEN, self._query_tiling(max_query_len, group)[0])
 
     def _checked_query(self, query, k_cache, v_cache, meta: AttentionMetadata, out):
         """forward's input checks (one clear error each, from shapes and host ints only);

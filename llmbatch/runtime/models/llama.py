@@ -169,11 +169,13 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
-        if (self.use_fused_rotary and attn_meta.max_query_len <= 1
-                and getattr(attn_backend, "rotary_in_attention", False)):
-            # Decode: rotary, the K/V store and attention in one launch
-            # (EngineConfig.rotary_in_attention; the backend is the triton one, which alone
-            # sets that flag).
+        fits = getattr(attn_backend, "rotary_in_attention_fits", None)
+        if self.use_fused_rotary and fits is not None and fits(attn_meta, self.num_heads,
+                                                               self.num_kv_heads):
+            # Decode and speculative verify (spans of <= 8 tokens, each one query tile):
+            # rotary, the K/V store and attention in one launch
+            # (EngineConfig.rotary_in_attention; only the triton backend has `fits`, and it
+            # says no unless that flag is set).
             out = attn_backend.forward_rotary_decode(q, k, v, cos, sin, k_cache, v_cache,
                                                      attn_meta, self.scale)
             return out.reshape(-1, self.num_heads * self.head_dim)

@@ -8,19 +8,31 @@ Why: at batch 1 the rotary + store launch is 2.3 us a layer of pure latency on a
 stop 19 on an H200: W-BATCH1 TPOT 0.96 vs 0.97 ms (1.02x), W-RANDOM 1.07x, W-PREFIX 1.00x
 (bench --prev-defaults is the A/B row now; bench_batch1's row turns it off).
 
-Only for steps whose spans are at most one token (decode; meta.max_query_len == 1): the grid,
-tiles and split-KV walk are paged_attention.py's (attend_rows), and each program first
-builds its q rows itself:
+For steps whose every span is ONE query tile of the launch (query_len <= BLOCK_Q) of at most
+8 tokens (TritonAttentionBackend.rotary_in_attention_fits: decode, and speculative verify's
+k + 1 tokens; spans > 1 token UNMEASURED on a GPU). The grid, tiles and split-KV walk are
+paged_attention.py's (attend_rows), and each program first builds its q rows itself:
 
-* q: the program's GROUP query heads of its token, read from the unrotated q (a view of the
-  qkv output), rotated with the token's cos/sin (rotate-half), rounded to q's dtype step by
-  step as RotaryEmbedding.rotate / fused_rotary do.
-* K/V: the new token's key position, seq_len - 1, lies in exactly one split's key range, and
-  only that split's program of each KV head reads it. That program rotates the token's key
-  for its KV head and stores it, and the value, at the token's slot (a negative slot, CUDA
-  graph padding, stores nothing), then passes a barrier (bar.sync: every thread's global
-  stores are visible to the CTA's later loads) before it walks its keys, which read them back
-  like any cached key. No other program touches the slot: no race across programs.
+* q: the program's rows (token x GROUP query heads), read from the unrotated q (a view of the
+  qkv output), each rotated with its token's cos/sin (rotate-half), rounded to q's dtype step
+  by step as RotaryEmbedding.rotate / fused_rotary do.
+* K/V: a span's program (query tile, KV head, split) rotates and stores the key, and the
+  value, of every token of its span whose key position ctx_len + i lies in ITS split's key
+  range (all of them unsplit), at the token's slot (a negative slot, CUDA-graph padding,
+  stores nothing), then passes a barrier (bar.sync: every thread's global stores are visible
+  to the CTA's later loads) before it walks its keys, which read them back like any cached
+  key; keys of later tokens of the span are hidden from earlier rows by position, as in
+  attend_rows for any span.
+
+No race across programs: a program reads only its own sequence's keys in its split's range,
+for its KV head. The new ones among them are its span's tokens in that range: it stored them
+itself. Each (token, KV head) is stored by exactly one program: the span has one tile with
+rows (spans start at tile boundaries: span i's tiles start at query_start_loc[i] // BLOCK_Q
++ i, and BLOCK_Q >= query_len, so a second tile of the span, where the offset makes one, is a
+spare program that returns at once), and one split's range holds each position. A span of
+two tiles would break this (the second tile's rows read keys the first tile's program
+stores), hence the one-tile limit. (CUDA-graph padding rows, slot -1 and a block-table row
+of zeros, may read block 0 while a real row stores there; their outputs are discarded.)
 
 So the result equals fused_rotary_store_kv followed by paged_attention bit for bit wherever
 both round alike: always in the interpreter (the tests), and on a GPU up to the kernel's
@@ -96,28 +108,44 @@ def _rotary_decode_kernel(
     sin = tl.load(sin_ptr + cs, mask=row_mask, other=0.0).to(tl.float32)
     q = rotate_half(x, x_partner, cos, sin, first_half[None, :])
 
-    # The token's K/V, by the one split whose key range holds its position seq_len - 1.
-    if NUM_SPLITS == 1:
-        owner = True
+    # This step's K/V: the span is this tile (the caller checked query_len <= BLOCK_Q), so
+    # its tokens are 0 .. query_len - 1 of the span. Each is rotated and stored by the one
+    # split whose key range holds its position (all of them unsplit), the split that reads
+    # it. Vectorized over BLOCK_Q lanes, lanes past the span masked; BLOCK_M lanes where
+    # BLOCK_Q is no power of two (64 rows // group 6 = 10), which tl.arange needs. Not BLOCK_M
+    # always: (BLOCK_M, HEAD_DIM) rotary operands spill at head_dim 128 (sm_90 ptxas, bf16,
+    # group 8, 64 rows: 7.2 KB spilled against 1 KB with BLOCK_Q lanes).
+    if (BLOCK_Q & (BLOCK_Q - 1)) == 0:
+        offs_t = tl.arange(0, BLOCK_Q)
     else:
-        owner = split == ((seq_len - 1) // TILE_N) // split_tiles(tl.cdiv(seq_len, TILE_N),
-                                                                   NUM_SPLITS)
-    if owner:
-        t0 = (q_start + q_tile_start).to(tl.int64)   # the span's one token
-        slot = tl.load(slot_ptr + t0).to(tl.int64)
-        if slot >= 0:
-            k_row = k_new_ptr + t0 * stride_kn_tok + kv_head * stride_kn_head
-            cs0 = t0 * stride_cs_tok + cs_col
-            k = rotate_half(tl.load(k_row + offs_d), tl.load(k_row + partner),
-                             tl.load(cos_ptr + cs0).to(tl.float32),
-                             tl.load(sin_ptr + cs0).to(tl.float32), first_half)
-            v = tl.load(v_new_ptr + t0 * stride_vn_tok + kv_head * stride_vn_head + offs_d)
-            blk = slot // BLOCK_SIZE
-            off = slot % BLOCK_SIZE
-            tl.store(k_cache_ptr + blk * stride_k_blk + off * stride_k_slot
-                     + kv_head * stride_k_head + offs_d, k.to(k_cache_ptr.dtype.element_ty))
-            tl.store(v_cache_ptr + blk * stride_v_blk + off * stride_v_slot
-                     + kv_head * stride_v_head + offs_d, v.to(v_cache_ptr.dtype.element_ty))
+        offs_t = tl.arange(0, BLOCK_M)
+    key_pos = ctx_len + offs_t                          # (lanes,) the tokens' key positions
+    if NUM_SPLITS == 1:
+        owner = offs_t < query_len
+    else:
+        owner = split == (key_pos // TILE_N) // split_tiles(tl.cdiv(seq_len, TILE_N),
+                                                             NUM_SPLITS)
+        owner = owner & (offs_t < query_len)
+    t = (q_start + offs_t).to(tl.int64)                 # (lanes,) the tokens' rows
+    slot = tl.load(slot_ptr + t, mask=owner, other=-1).to(tl.int64)
+    store = (owner & (slot >= 0))[:, None]              # negative slot: store nothing
+    k_rows = k_new_ptr + t[:, None] * stride_kn_tok + kv_head * stride_kn_head
+    cs_t = t[:, None] * stride_cs_tok + cs_col[None, :]
+    k = rotate_half(tl.load(k_rows + offs_d[None, :], mask=store, other=0.0),
+                    tl.load(k_rows + partner[None, :], mask=store, other=0.0),
+                    tl.load(cos_ptr + cs_t, mask=store, other=0.0).to(tl.float32),
+                    tl.load(sin_ptr + cs_t, mask=store, other=0.0).to(tl.float32),
+                    first_half[None, :])
+    v = tl.load(v_new_ptr + t[:, None] * stride_vn_tok + kv_head * stride_vn_head
+                + offs_d[None, :], mask=store, other=0.0)
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    tl.store(k_cache_ptr + (blk * stride_k_blk + off * stride_k_slot)[:, None]
+             + kv_head * stride_k_head + offs_d[None, :],
+             k.to(k_cache_ptr.dtype.element_ty), mask=store)
+    tl.store(v_cache_ptr + (blk * stride_v_blk + off * stride_v_slot)[:, None]
+             + kv_head * stride_v_head + offs_d[None, :],
+             v.to(v_cache_ptr.dtype.element_ty), mask=store)
     # The stores above reach the loads of the key walk below, made by other threads of this
     # program: bar.sync orders them (CUDA: global writes before __syncthreads are visible to
     # the block after it). Every program passes it, so no thread waits on a skipped barrier.
@@ -156,10 +184,11 @@ def rotary_decode_attention(
     num_stages: int = 2,
     split_counters: torch.Tensor | None = None,
 ) -> None:
-    """paged_attention for spans of at most one token whose query and key are not rotated
-    yet: rotates them, stores the key and value into the caches at slot_mapping, attends. The
-    caller (TritonAttentionBackend.forward_rotary_decode) checked the shapes and that every
-    span has at most one token (the kernel assumes it). Launch sizes as paged_attention's."""
+    """paged_attention for spans whose query and key are not rotated yet: rotates them,
+    stores the key and value into the caches at slot_mapping, attends. The caller
+    (TritonAttentionBackend.forward_rotary_decode) checked the shapes and that every span
+    fits one query tile, max_query_len <= block_q (the kernel assumes it). Launch sizes as
+    paged_attention's."""
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
