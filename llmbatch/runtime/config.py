@@ -82,9 +82,10 @@ class EngineConfig:
     # default): one-token steps only, as before. Opt-in: UNMEASURED on a GPU (bench
     # --gemv-rows8); the start-up check (models/gemv_check.py) launches each row padding.
     gemv_max_rows: int = 1
-    # Decode steps (one token a sequence) rotate q and k, store K/V and attend in one launch
+    # Decode and speculative-verify-like steps (spans of <= 8 tokens, each one query tile of
+    # the attention launch) rotate q and k, store K/V and attend in one launch
     # (attention/triton_kernels/rotary_decode.py) instead of two (fused rotary + store, then
-    # attention): a launch fewer a layer. Needs the triton attention backend and fused_kernels
+    # attention): a launch fewer a layer. Spans > 1 token (verify) UNMEASURED on a GPU. Needs the triton attention backend and fused_kernels
     # on CUDA. None (auto): on where it applies, silently off elsewhere; True: logged where it
     # cannot apply; False: off. Measured on an H200 in stop 19: W-BATCH1 0.96 vs 0.97 ms
     # (1.02x; bench_batch1 1.015x), W-RANDOM 1.07x, W-PREFIX 1.00x; greedy equal to
