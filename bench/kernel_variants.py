@@ -175,7 +175,9 @@ _PDL_LABELS = ("rms_norm bf16", "silu_and_mul bf16", "rotary_store_kv bf16 q32 k
                "paged_attention bf16 hd64 g4 bq4 bm16 bs16 splits1",
                "paged_attention bf16 hd64 g8 bq2 bm16 bs16 splits8",
                "paged_attention bf16 hd64 g4 bq8 bm32 bs16 splits16", "reduce_splits bf16",
-               "rotary_decode bf16 hd64 g4 bq4 bs16 splits")
+               "rotary_decode bf16 hd64 g4 bq4 bs16 splits",
+               # a batch-1 verify step (k + 1 = 5 tokens) on the one-launch path since stop 22
+               "rotary_decode bf16 hd64 g4 bq8 bm32 bs16 splits16")
 
 
 def _with_pdl_variants(variants: list) -> list:

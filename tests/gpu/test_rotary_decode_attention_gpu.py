@@ -47,16 +47,21 @@ def test_equals_two_launches_cuda(name, spans, heads, kv_heads, head_dim, block_
     check(case, TritonAttentionBackend(**kwargs), heads, dtype, table=name.startswith("split"))
 
 
+@pytest.mark.parametrize("span", [1, 5], ids=["decode", "verify-k4"])
 @pytest.mark.parametrize("fused_reduce", [False, True], ids=["reduce-launch", "fused-reduce"])
 @pytest.mark.parametrize("use_pdl", [False, True], ids=["no-pdl", "pdl"])
-def test_batch1_1b_shape_in_a_cuda_graph(fused_reduce, use_pdl):
+def test_batch1_1b_shape_in_a_cuda_graph(fused_reduce, use_pdl, span):
     """W-BATCH1's attention shape (32 heads, 8 KV heads, head_dim 64, 16-token pages) at 1000
     cached keys with the heuristic's splits, captured in a CUDA graph and replayed: equal to
-    the two eager launches. With PDL on sm_90+, as the engine launches it."""
+    the two eager launches. With PDL on sm_90+, as the engine launches it. span 5: a W-SPEC
+    verify step at batch 1 (k = 4; the one-launch path since stop 22) at positions 1022..1026,
+    across key 1024: with 64-key tiles and 2 tiles a split (17 tiles over 16 splits) its keys
+    fall in two splits, and each split's program must store its own."""
     if use_pdl and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("PDL needs sm_90")
     dtype = torch.bfloat16
-    case = make_case([(1000, 1)], 32, 8, 64, 16, dtype, device="cuda")
+    case = make_case([(1000 if span == 1 else 1022, span)], 32, 8, 64, 16, dtype,
+                     device="cuda")
     backend = TritonAttentionBackend(fused_split_reduce=fused_reduce)
     assert backend._num_splits(case.meta, 8, case.query.device) > 1
     q, k, v, cos, sin = rotary_inputs(case, 32, dtype)
