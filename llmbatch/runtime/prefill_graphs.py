@@ -6,6 +6,8 @@ on the H200 (stop 20) its ~150 launches took 9-15 ms to enqueue while its kernel
 (engine stats: eager_launch_s equal to eager_step_s). This runner captures the forward once per
 token bucket and replays it for any step that schedules exactly one sequence of n <= max tokens
 (EngineConfig.prefill_graph_max_tokens; opt-in until measured on a GPU).
+Steps of 1 or k + 1 tokens never get here: ModelRunner.forward_logits asks the decode / verify
+graphs (cuda_graphs.py) first, and they take them (graph_steps, not prefill_graph_steps).
 
 Padding is a second SEQUENCE, not extra tokens in the real span. The attention kernels place a
 span's queries at seq_len - query_len + i, so tokens appended to the real span would shift its

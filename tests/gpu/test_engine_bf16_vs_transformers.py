@@ -28,6 +28,7 @@ from llmbatch.runtime.config import EngineConfig  # noqa: E402
 from llmbatch.runtime.engine import Engine  # noqa: E402
 from llmbatch.runtime.request import Request  # noqa: E402
 from llmbatch.runtime.sampling_params import SamplingParams  # noqa: E402
+from tests.runtime.test_prefill_graphs_cpu import expected_prefill_graph_steps  # noqa: E402
 from tests.runtime.tiny_models import (  # noqa: E402
     make_model, make_prompts, match_fraction,
 )
@@ -112,7 +113,13 @@ def test_bf16_greedy_matches_transformers(model, tokenizer, setting):
     if SETTINGS[setting].get("prefill_graph_max_tokens"):   # the path under test was taken
         stats = engine.stats()
         assert stats["prefill_graph_error"] is None
-        assert stats["prefill_graph_steps"] == len(prompts), stats
+        # One step a prompt, a replay but where the decode / verify graphs take it (a
+        # 5-token prompt, a 1-token rest after a prefix hit: tests/runtime/
+        # test_prefill_graphs_cpu.py's expected_prefill_graph_steps).
+        cached = [results[i].num_cached_prompt_tokens for i in range(len(prompts))]
+        want = expected_prefill_graph_steps([len(p) for p in prompts], cached, None,
+                                            SETTINGS[setting]["prefill_graph_max_tokens"])
+        assert stats["prefill_graph_steps"] == want and stats["eager_steps"] == 0, stats
 
     gaps = teacher_forced_gaps(hf, prompts, ours)
     worst = max((g, i, t) for i, row in enumerate(gaps) for t, g in enumerate(row))

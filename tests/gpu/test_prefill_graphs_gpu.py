@@ -24,6 +24,7 @@ from llmbatch.runtime.request import Request  # noqa: E402
 from llmbatch.runtime.sampling_params import SamplingParams  # noqa: E402
 from llmbatch.runtime.scheduler_output import ScheduledRequest, SchedulerOutput  # noqa: E402
 from tests.runtime.test_engine_greedy import hf_greedy  # noqa: E402
+from tests.runtime.test_prefill_graphs_cpu import expected_prefill_graph_steps  # noqa: E402
 from tests.runtime.tiny_models import make_prompts, match_fraction  # noqa: E402
 
 MAX_NEW = 10
@@ -42,7 +43,8 @@ def run_engine(path, tokenizer, prompts, dtype, max_tokens, **kw):
     results = {r.request_id: r for r in engine.generate(
         [Request(i, p, params) for i, p in enumerate(prompts)])}
     assert sorted(results) == list(range(len(prompts)))
-    return [results[i].output_token_ids for i in range(len(prompts))], engine
+    cached = [results[i].num_cached_prompt_tokens for i in range(len(prompts))]
+    return [results[i].output_token_ids for i in range(len(prompts))], engine, cached
 
 
 @pytest.mark.parametrize("chunk", [None, 16])
@@ -50,13 +52,14 @@ def test_engine_fp32_prefill_graphs_equal_eager_and_transformers(tiny, tokenizer
     path, hf = tiny
     prompts = make_prompts(6, seed=21)
     kw = {} if chunk is None else dict(max_num_batched_tokens=chunk)
-    on, engine_on = run_engine(path, tokenizer, prompts, "float32", MAX_TOKENS, **kw)
-    off, engine_off = run_engine(path, tokenizer, prompts, "float32", 0, **kw)
+    on, engine_on, cached = run_engine(path, tokenizer, prompts, "float32", MAX_TOKENS, **kw)
+    off, engine_off, _ = run_engine(path, tokenizer, prompts, "float32", 0, **kw)
     stats = engine_on.stats()
     assert stats["prefill_graphs_active"] and stats["prefill_graph_error"] is None
-    # Every prefill step replayed a graph: one a prompt, or one a chunk.
-    want = (len(prompts) if chunk is None
-            else sum(-(-len(p) // chunk) for p in prompts))
+    # Every prefill step replayed a graph: a prefill graph, but for 1-token and 5-token
+    # (k + 1) steps, which the decode / verify graphs take (17 = 16 + a 1-token chunk here).
+    want = expected_prefill_graph_steps([len(p) for p in prompts], cached, chunk,
+                                        chunk or MAX_TOKENS)
     assert stats["prefill_graph_steps"] == want, stats
     assert stats["eager_steps"] == 0, stats
     assert engine_off.stats()["prefill_graph_steps"] == 0

@@ -141,3 +141,65 @@ def test_a_draft_model_runner_takes_no_prefill_graphs():
                        prefill_graph_max_tokens=64)
     draft = draft_runner_config(cfg)
     assert draft.cuda_graphs is False and draft.prefill_graph_max_tokens == 0
+
+
+def expected_prefill_graph_steps(prompt_lens, cached, chunk, max_tokens, verify_tokens=5):
+    """Steps that replay a prefill graph when each prompt is prefilled alone (max_num_seqs 1):
+    its uncached tokens (len - cached) in chunks of `chunk` tokens (None: one step), each a
+    replay when it holds 2..max_tokens tokens other than verify_tokens. ModelRunner.
+    forward_logits asks the decode graphs first, and they take any step whose spans are all 1
+    token (a 1-token chunk, the last token after a prefix hit) or all verify_tokens = k + 1
+    tokens (captured whether or not a proposer is set): those count as graph_steps. The GPU
+    tests' expected prefill_graph_steps (tests/gpu/test_prefill_graphs_gpu.py,
+    test_engine_bf16_vs_transformers.py)."""
+    count = 0
+    for length, hit in zip(prompt_lens, cached):
+        left = length - hit
+        step = chunk or left
+        sizes = [min(step, left - i) for i in range(0, left, step)]
+        count += sum(1 for n in sizes if 1 < n <= max_tokens and n != verify_tokens)
+    return count
+
+
+def _routed_kinds(runner, prompt_lens, chunk, max_tokens, verify_tokens=5):
+    """How ModelRunner.forward_logits routes each one-sequence prefill step of these prompts:
+    the decode / verify graphs first (graph_key_for), then the prefill graphs (bucket_for),
+    with buffer-only runners (capture=False) of the GPU tests' settings (max_num_seqs 1)."""
+    from llmbatch.runtime.cuda_graphs import DecodeGraphRunner
+
+    cpu = torch.device("cpu")
+    decode = DecodeGraphRunner(runner.model, runner.kv_caches, runner.attn_backend,
+                               max_num_seqs=1, max_model_len=256, block_size=16, device=cpu,
+                               verify_tokens=verify_tokens, verify_max_num_seqs=16,
+                               capture=False)
+    prefill = PrefillGraphRunner(runner.model, runner.kv_caches, runner.attn_backend,
+                                 max_tokens=max_tokens, max_model_len=256, block_size=16,
+                                 device=cpu, capture=False)
+    kinds = []
+    for i, length in enumerate(prompt_lens):
+        req = make_request(i, [3 + j % 50 for j in range(length)], 0, range(1, 17))
+        step = chunk or length
+        while req.num_computed_tokens < length:
+            n = min(step, length - req.num_computed_tokens)
+            s = prepare([(req, n)])
+            kinds.append("graph" if decode.graph_key_for(s) is not None
+                         else "prefill_graph" if prefill.bucket_for(s) is not None
+                         else "eager")
+            req.num_computed_tokens += n
+    return kinds
+
+
+@pytest.mark.parametrize("prompt_lens,chunk,max_tokens", [
+    ([17, 59, 28, 48, 43, 10], None, 96),   # test_prefill_graphs_gpu.py's prompts
+    ([17, 59, 28, 48, 43, 10], 16, 16),     # chunked: 17 = 16 + a 1-token chunk
+    (list(range(1, 41)), None, 128),        # bf16-vs-transformers' 5-token prompt among them
+    (list(range(1, 41)), 8, 16),
+])
+def test_expected_prefill_graph_steps_is_how_steps_route(runner, prompt_lens, chunk,
+                                                         max_tokens):
+    kinds = _routed_kinds(runner, prompt_lens, chunk, max_tokens)
+    assert "eager" not in kinds
+    assert kinds.count("prefill_graph") == expected_prefill_graph_steps(
+        prompt_lens, [0] * len(prompt_lens), chunk, max_tokens)
+    if chunk == 16:   # every chunk a replay, as the GPU test once counted, is one too many
+        assert kinds.count("prefill_graph") == sum(-(-n // 16) for n in prompt_lens) - 1
