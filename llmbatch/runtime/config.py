@@ -85,8 +85,8 @@ class EngineConfig:
     # Decode and speculative-verify-like steps (spans of <= 8 tokens, each one query tile of
     # the attention launch) rotate q and k, store K/V and attend in one launch
     # (attention/triton_kernels/rotary_decode.py) instead of two (fused rotary + store, then
-    # attention): a launch fewer a layer. Spans > 1 token (verify) UNMEASURED on a GPU. Needs the triton attention backend and fused_kernels
-    # on CUDA. None (auto): on where it applies, silently off elsewhere; True: logged where it
+    # attention): a launch fewer a layer. Spans > 1 token (verify) UNMEASURED on a GPU.
+    # Needs the triton attention backend and fused_kernels on CUDA. None (auto): on where it applies, silently off elsewhere; True: logged where it
     # cannot apply; False: off. Measured on an H200 in stop 19: W-BATCH1 0.96 vs 0.97 ms
     # (1.02x; bench_batch1 1.015x), W-RANDOM 1.07x, W-PREFIX 1.00x; greedy equal to
     # transformers in tests/gpu (its bf16 roundings differ from the two launches': no FMA

@@ -70,9 +70,10 @@ class TritonAttentionBackend(AttentionBackend):
     rotary_in_attention: decode and speculative-verify-like steps (every span one query
                    tile of <= 8 tokens: rotary_in_attention_fits) rotate q and k, store K/V
                    and attend in one launch (forward_rotary_decode; LlamaAttention.attend
-                   takes it when set; spans > 1 token UNMEASURED on a GPU). EngineConfig.rotary_in_attention (auto since stop
-                   19: ModelRunner sets it with the fused rotary; 1.02x at batch 1 on an
-                   H200). Set before CUDA graphs are captured.
+                   takes it when set; spans > 1 token UNMEASURED on a GPU).
+                   EngineConfig.rotary_in_attention (auto since stop 19: ModelRunner sets
+                   it with the fused rotary; 1.02x at batch 1 on an H200). Set before CUDA
+                   graphs are captured.
     """
 
     name = "triton"
