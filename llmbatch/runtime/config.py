@@ -98,7 +98,9 @@ class EngineConfig:
     # H200 an eager 512-token prefill of the 1B shape was host-bound (9-15 ms to enqueue, ~3 ms
     # of kernels). Needs cuda_graphs on CUDA with the triton backend at tp 1. 0: off.
     # Opt-in: UNMEASURED on a GPU (bench --prefill-graphs); limited to the token budget and
-    # max_model_len at start-up.
+    # max_model_len at start-up. The graphs' memory pool (the largest bucket's activations,
+    # ~40 MB at 512 tokens on the 1B shape) is not counted in the KV budget: it comes out of
+    # the 1 - gpu_memory_utilization headroom, like the decode graphs'.
     prefill_graph_max_tokens: int = 0
     tensor_parallel_size: int = 1
     quantization: str = "none"
