@@ -58,6 +58,57 @@ def _ints_len(bs: int, q: int) -> int:
     return 3 * bs * q + bs
 
 
+class StagingFence:
+    """Guards pinned host staging that non_blocking copies read: wait() before rewriting it
+    (the previous step's copies must have read it), copied() after enqueuing its copies.
+    No-op off CUDA. Shared by the decode and the prefill graphs (prefill_graphs.py)."""
+
+    def __init__(self, on_cuda: bool) -> None:
+        self._event = torch.cuda.Event() if on_cuda else None
+        self._pending = False
+
+    def wait(self) -> None:
+        if self._pending:
+            self._event.synchronize()   # normally long done: the last step synced on sampling
+
+    def copied(self) -> None:
+        if self._event is not None:
+            self._event.record()
+            self._pending = True
+
+
+def fill_token_fields(ints, fields, n: int, padded: int) -> None:
+    """Write per-token fields back to back into `ints` (a numpy view of the staging), each
+    `padded` long: a field's n real values, then its padding value. fields: (values, pad)."""
+    for i, (values, pad_value) in enumerate(fields):
+        ints[i * padded:i * padded + n] = values
+        ints[i * padded + n:(i + 1) * padded] = pad_value
+
+
+def capture_after_warm_up(forward, pool) -> tuple:
+    """(graph, its output, the eager output) of `forward()` (no arguments, over persistent
+    buffers already staged): one eager warm-up first (Triton compiles, cuBLAS picks; its
+    output is what the first replay is checked against), then the capture into `pool`."""
+    torch.cuda.synchronize()
+    eager = forward().clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: a monitor thread touching CUDA must not break the capture.
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        out = forward()
+    return graph, out, eager
+
+
+def check_replay_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """A graph's first replay against the eager forward on the same inputs: the tolerance
+    admits another kernel choice inside the graph, not garbage (NaN where eager has none, a
+    kernel that did not survive capture). Raises RuntimeError naming `what`."""
+    got, want = got.float(), want.float()
+    if not torch.allclose(got, want, atol=3e-2, rtol=3e-2, equal_nan=True):
+        diff = (got - want).abs().nan_to_num(float("inf")).max().item()
+        raise RuntimeError(f"{what} differs from the eager forward by {diff:.3g}")
+
+
 def capture_batch_sizes(max_num_seqs: int, cap: int = MAX_CAPTURE_SIZE) -> list[int]:
     """Ascending padded sizes: 1, 2, 4, then multiples of 8 up to 256, of 16 beyond, and the
     limit min(max_num_seqs, cap) itself so a full batch never falls back to eager.
@@ -123,10 +174,7 @@ def fill_decode_inputs(host_ints: torch.Tensor, host_block_tables: torch.Tensor,
     # from Python lists, which matters at a few hundred sequences per step.
     ints = host_ints[:_ints_len(bs, q)].numpy()
     nt, bt = n * q, bs * q   # real and padded token counts
-    for field, (values, pad_value) in enumerate(((input_ids, 0), (positions, 0),
-                                                 (slot_mapping, -1))):
-        ints[field * bt:field * bt + nt] = values
-        ints[field * bt + nt:(field + 1) * bt] = pad_value
+    fill_token_fields(ints, ((input_ids, 0), (positions, 0), (slot_mapping, -1)), nt, bt)
     ints[3 * bt:3 * bt + n] = seq_lens
     ints[3 * bt + n:3 * bt + bs] = q
     rows = host_block_tables[:bs * width].numpy().reshape(bs, width)
@@ -184,10 +232,8 @@ class DecodeGraphRunner:
         on_cuda = device.type == "cuda"
         self._host_ints = torch.zeros(n_ints, dtype=i64, pin_memory=on_cuda)
         self._host_bt = torch.zeros(mb * nb, dtype=i32, pin_memory=on_cuda)
-        # Recorded after each step's copies: the pinned staging is rewritten only once the
-        # previous step's non_blocking copies have read it.
-        self._copy_done = torch.cuda.Event() if on_cuda else None
-        self._copy_pending = False
+        # The pinned staging is rewritten only once the previous step's copies have read it.
+        self._fence = StagingFence(on_cuda)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}  # (bs*q, hidden), graph-owned
         if capture:
@@ -222,15 +268,8 @@ class DecodeGraphRunner:
             for bs, q in self.keys:
                 # All-padding inputs: the warm-up forward writes no K/V (slot -1 everywhere).
                 self._stage([], [], [], [], [], bs, q)
-                torch.cuda.synchronize()
-                # Warm-up outside the graph (Triton compiles, cuBLAS picks); its output is the
-                # reference the first replay is checked against.
-                eager = self._forward(bs, q).clone()
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: a monitor thread touching CUDA must not break the capture.
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    out = self._forward(bs, q)
+                graph, out, eager = capture_after_warm_up(
+                    lambda: self._forward(bs, q), pool)
                 self._graphs[(bs, q)] = graph
                 self._outputs[(bs, q)] = out
                 self._check_replay(bs, q, eager)
@@ -249,12 +288,8 @@ class DecodeGraphRunner:
         self._graphs[(bs, q)].replay()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        got = self._outputs[(bs, q)].float()
-        want = eager.float()
-        if not torch.allclose(got, want, atol=3e-2, rtol=3e-2, equal_nan=True):
-            diff = (got - want).abs().nan_to_num(float("inf")).max().item()
-            raise RuntimeError(f"CUDA graph replay (batch {bs}, {q} token(s) per sequence) "
-                               f"differs from the eager forward by {diff:.3g}")
+        check_replay_close(self._outputs[(bs, q)], eager,
+                           f"CUDA graph replay (batch {bs}, {q} token(s) per sequence)")
 
     # ------------------------------------------------------------------ replay
 
@@ -262,17 +297,14 @@ class DecodeGraphRunner:
                bs: int, q: int = 1) -> None:
         """Fill the pinned staging for a batch padded to bs sequences of q tokens and enqueue
         the device copies."""
-        if self._copy_pending and self._copy_done is not None:
-            self._copy_done.synchronize()  # normally long done: the last step synced on sampling
+        self._fence.wait()
         width = fill_decode_inputs(self._host_ints, self._host_bt, input_ids, positions,
                                    slot_mapping, seq_lens, block_tables, bs, q)
         n_ints = _ints_len(bs, q)
         self._ints[:n_ints].copy_(self._host_ints[:n_ints], non_blocking=True)
         self._bt_stage[:bs * width].copy_(self._host_bt[:bs * width], non_blocking=True)
         self._block_tables[:bs, :width].copy_(self._bt_stage[:bs * width].view(bs, width))
-        if self._copy_done is not None:
-            self._copy_done.record()
-            self._copy_pending = True
+        self._fence.copied()
 
     def graph_key_for(self, step) -> Optional[tuple[int, int]]:
         """(padded batch size, tokens per sequence) of the graph a step (StepInputs) would

@@ -101,6 +101,17 @@ def test_fill_decode_inputs_pads_harmlessly():
 
 # ---------------------------------------------------------------- the buffers, eagerly on CPU
 
+def assert_only_slots_written(kv_caches, keys_before, slots) -> None:
+    """Every key-cache slot outside `slots` (a step's slot_mapping) still holds what it held
+    in keys_before (the key caches cloned before the step): padding wrote nothing. Shared
+    with test_prefill_graphs_cpu.py."""
+    written = set(slots)
+    for (k, _), old in zip(kv_caches, keys_before):
+        flat_new, flat_old = k.flatten(0, 1), old.flatten(0, 1)
+        untouched = [i for i in range(flat_new.shape[0]) if i not in written]
+        assert torch.equal(flat_new[untouched], flat_old[untouched])
+
+
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
@@ -147,11 +158,7 @@ def test_padded_decode_through_buffers_matches_eager(runner):
         for (kg, vg), (ke, ve) in zip(graphs.kv_caches, eager_kv):
             torch.testing.assert_close(kg, ke, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(vg, ve, atol=1e-5, rtol=1e-5)
-        written = set(s.slot_mapping)
-        for (kg, _), old in zip(graphs.kv_caches, before):
-            flat_new, flat_old = kg.flatten(0, 1), old.flatten(0, 1)
-            untouched = [i for i in range(flat_new.shape[0]) if i not in written]
-            assert torch.equal(flat_new[untouched], flat_old[untouched])
+        assert_only_slots_written(graphs.kv_caches, before, s.slot_mapping)
         for r in step_reqs:
             r.num_computed_tokens += 1
             r.append_output_token(20)
@@ -252,12 +259,9 @@ def test_padded_verify_through_buffers_matches_eager(runner):
                           s.block_tables, padded, 3)
             got = graphs._forward(padded, 3)[:3 * len(step_reqs)]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        written = set(s.slot_mapping)
-        for (kg, _), (ke, _), old in zip(graphs.kv_caches, eager_kv, before):
+        for (kg, _), (ke, _) in zip(graphs.kv_caches, eager_kv):
             torch.testing.assert_close(kg, ke, atol=1e-5, rtol=1e-5)
-            flat_new, flat_old = kg.flatten(0, 1), old.flatten(0, 1)
-            untouched = [i for i in range(flat_new.shape[0]) if i not in written]
-            assert torch.equal(flat_new[untouched], flat_old[untouched])
+        assert_only_slots_written(graphs.kv_caches, before, s.slot_mapping)
     # Five sequences exceed the verify sizes (largest 4): eager.
     many = [make_request(f"m{i}", [3, 4, 5], 2, [1, 2], spec=[6, 7]) for i in range(5)]
     assert graphs.graph_key_for(prepare([(r, 3) for r in many])) is None

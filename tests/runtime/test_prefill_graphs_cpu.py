@@ -15,7 +15,8 @@ from llmbatch.runtime.attention import get_attention_backend
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.model_runner import ModelRunner
 from llmbatch.runtime.prefill_graphs import PrefillGraphRunner, prefill_buckets
-from tests.runtime.test_cuda_graphs_cpu import BLOCK, make_request, prepare
+from tests.runtime.test_cuda_graphs_cpu import (BLOCK, assert_only_slots_written,
+                                                 make_request, prepare)
 from tests.runtime.tiny_models import make_model
 
 
@@ -116,11 +117,7 @@ def _check_padded_prefill_matches_eager(runner, backend, dtype_atol):
         for (kg, vg), (ke, ve) in zip(graphs.kv_caches, eager_kv):
             torch.testing.assert_close(kg, ke, atol=dtype_atol, rtol=dtype_atol)
             torch.testing.assert_close(vg, ve, atol=dtype_atol, rtol=dtype_atol)
-        written = set(s.slot_mapping)
-        for (kg, _), old in zip(graphs.kv_caches, before):
-            flat_new, flat_old = kg.flatten(0, 1), old.flatten(0, 1)
-            untouched = [i for i in range(flat_new.shape[0]) if i not in written]
-            assert torch.equal(flat_new[untouched], flat_old[untouched])
+        assert_only_slots_written(graphs.kv_caches, before, s.slot_mapping)
         req.num_computed_tokens += n
 
 
