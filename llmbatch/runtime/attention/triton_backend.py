@@ -163,9 +163,11 @@ class TritonAttentionBackend(AttentionBackend):
                                  num_kv_heads: int) -> bool:
         """Whether LlamaAttention.attend takes forward_rotary_decode for this step:
         rotary_in_attention is on and every span fits one query tile of the launch, of at
-        most _SPLIT_MAX_QUERY_LEN tokens. Host ints only (CUDA-graph capture)."""
-        return self.rotary_in_attention and meta.max_query_len <= self._rotary_max_span(
-            meta.max_query_len, num_heads // num_kv_heads)
+        most _SPLIT_MAX_QUERY_LEN tokens. Host ints only (CUDA-graph capture). Asked by every
+        layer of every step: a prefill span (> 8 tokens) answers before the tiling is worked out."""
+        return (self.rotary_in_attention and meta.max_query_len <= _SPLIT_MAX_QUERY_LEN
+                and meta.max_query_len <= self._rotary_max_span(meta.max_query_len,
+                                                                num_heads // num_kv_heads))
 
     def _rotary_max_span(self, max_query_len: int, group: int) -> int:
         """The longest span forward_rotary_decode takes in a step of max_query_len: one query
