@@ -29,6 +29,7 @@ Buffer layout (device; the pinned host staging mirrors the first two):
     bt_stage:     (max_bs * max_blocks,) int32, the step's block tables as a compact (bs, width)
                   array; copied on the device into block_tables[:bs, :width] (width varies per
                   step, which a graph cannot express, so this copy is outside the graph).
+                  Both copies are skipped when the tables are the last step's (staged_tables.py).
     seq_lens:     (max_bs,) int32, cast from the int64 field inside the graph.
     query_start_loc: one per q, (max_bs + 1,) int32 = arange * q, never rewritten.
     block_tables: (max_bs, max_blocks) int32. Columns past a step's width keep stale block ids
@@ -46,6 +47,7 @@ from typing import Optional, Sequence
 import torch
 
 from llmbatch.runtime.attention.backend import AttentionMetadata
+from llmbatch.runtime.staged_tables import StagedTables
 from llmbatch.runtime.step_inputs import fill_block_tables
 
 logger = logging.getLogger(__name__)
@@ -234,6 +236,8 @@ class DecodeGraphRunner:
         self._host_bt = torch.zeros(mb * nb, dtype=i32, pin_memory=on_cuda)
         # The pinned staging is rewritten only once the previous step's copies have read it.
         self._fence = StagingFence(on_cuda)
+        # What block_tables[:bs, :width] holds, so unchanged tables are not copied again.
+        self._staged_tables = StagedTables()
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}  # (bs*q, hidden), graph-owned
         if capture:
@@ -302,9 +306,15 @@ class DecodeGraphRunner:
                                    slot_mapping, seq_lens, block_tables, bs, q)
         n_ints = _ints_len(bs, q)
         self._ints[:n_ints].copy_(self._host_ints[:n_ints], non_blocking=True)
-        self._bt_stage[:bs * width].copy_(self._host_bt[:bs * width], non_blocking=True)
-        self._block_tables[:bs, :width].copy_(self._bt_stage[:bs * width].view(bs, width))
+        if self._staged_tables.changed(self._host_bt[:bs * width].numpy(), bs):
+            self._bt_stage[:bs * width].copy_(self._host_bt[:bs * width], non_blocking=True)
+            self._block_tables[:bs, :width].copy_(self._bt_stage[:bs * width].view(bs, width))
         self._fence.copied()
+
+    @property
+    def block_table_uploads(self) -> int:
+        """Steps whose block tables were copied to the device (the others reused them)."""
+        return self._staged_tables.uploads
 
     def graph_key_for(self, step) -> Optional[tuple[int, int]]:
         """(padded batch size, tokens per sequence) of the graph a step (StepInputs) would
@@ -328,12 +338,11 @@ class DecodeGraphRunner:
         key = self.graph_key_for(step)
         return key[0] if key is not None else None
 
-    def run(self, step, deferred: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-            ) -> Optional[torch.Tensor]:
+    def run(self, step, deferred=None) -> Optional[torch.Tensor]:
         """Replay for a qualifying step: (num_tokens, hidden_size) hidden states of the real
         rows, a view into graph-owned memory valid until the next replay. None: run it eagerly.
-        deferred: (rows, token ids) on the device, written over the staged input ids of those
-        rows before the replay (async scheduling: tokens the host has not seen yet)."""
+        deferred: a DeferredTokens (deferred_tokens.py), written over the staged input ids
+        before the replay (async scheduling: tokens the host has not seen yet)."""
         key = self.graph_key_for(step)
         if key is None:
             return None
@@ -341,7 +350,7 @@ class DecodeGraphRunner:
         self._stage(step.input_ids, step.positions, step.slot_mapping, step.seq_lens,
                     step.block_tables, bs, q)
         if deferred is not None:
-            self._ints.index_copy_(0, *deferred)   # input ids are the first n int64 fields
+            deferred.write_into(self._ints)   # input ids are the first n int64 fields
         self._graphs[key].replay()
         self.num_replays += 1
         (self.replays_by_size if q == 1 else self.verify_replays_by_size)[bs] += 1

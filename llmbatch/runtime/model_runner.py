@@ -23,6 +23,7 @@ import torch
 
 from llmbatch.runtime.attention import AttentionMetadata, get_attention_backend
 from llmbatch.runtime.config import EngineConfig
+from llmbatch.runtime.deferred_tokens import DeferredTokens
 from llmbatch.runtime.device import host_to_device, make_current, resolve_device, resolve_dtype
 from llmbatch.runtime.kernel_paths import enable_kernel_paths
 from llmbatch.runtime.kv_pool import allocate_kv_caches, decide_num_kv_blocks, kv_block_bytes
@@ -279,10 +280,8 @@ class ModelRunner(CudaFastPathsMixin):
         s.deferred_rows (async scheduling)."""
         deferred = None
         if s.deferred_rows:
-            # One small copy holds both index lists: rows of this step, rows of prev_tokens.
-            idx = self._h2d(s.deferred_rows + s.deferred_src, torch.long)
-            n = len(s.deferred_rows)
-            deferred = (idx[:n], prev_tokens.index_select(0, idx[n:]))
+            deferred = DeferredTokens.build(s.deferred_rows, s.deferred_src, prev_tokens,
+                                            self._h2d)
         # Pure-decode and verify steps replay a CUDA graph, and so do steps prefilling one
         # sequence where prefill graphs are on (None: no graph for this step, run eagerly).
         hidden = None
@@ -293,7 +292,7 @@ class ModelRunner(CudaFastPathsMixin):
         if hidden is None:
             input_ids, positions, meta = self._to_device(s)
             if deferred is not None:
-                input_ids.index_copy_(0, *deferred)
+                deferred.write_into(input_ids)
             hidden = self.model(input_ids, positions, self.kv_caches, meta, self.attn_backend)
         if s.score_rows:   # prompt_logprobs: before the sample rows, on every rank alike
             score_prompt_rows(s, hidden, self.model.compute_logits, self._h2d,

@@ -164,6 +164,51 @@ def test_padded_decode_through_buffers_matches_eager(runner):
             r.append_output_token(20)
 
 
+def test_unchanged_block_tables_are_not_uploaded_again(runner):
+    """A decode step whose padded block tables equal the previous step's (batch size, width
+    and ids) skips their two copies (host -> staging -> block_tables); any change uploads.
+    Every step still computes what the eager step computes, so the device buffer holds the
+    step's tables whether or not they were copied."""
+    prompts = [[5, 9, 14, 3, 7, 22], [40, 41]]
+    tables = [[3, 5, 7], [0, 2]]
+    reqs = [make_request(i, p, 0, t) for i, (p, t) in enumerate(zip(prompts, tables))]
+    runner.forward_logits(prepare([(r, r.num_tokens) for r in reqs]))  # prefill, eager
+    for r in reqs:
+        r.num_computed_tokens = r.num_tokens
+        r.append_output_token(11)
+    graphs = DecodeGraphRunner(runner.model, copy.deepcopy(runner.kv_caches), runner.attn_backend,
+                               max_num_seqs=4, max_model_len=runner.max_model_len,
+                               block_size=BLOCK, device=torch.device("cpu"), capture=False)
+    eager_kv = copy.deepcopy(runner.kv_caches)
+    uploads = []
+
+    def step(step_reqs):
+        s = prepare([(r, 1) for r in step_reqs])
+        bs = graphs.padded_size_for(s)
+        with torch.inference_mode():
+            ids, pos, meta = runner._to_device(s)
+            want = runner.model(ids, pos, eager_kv, meta, runner.attn_backend)
+            before = graphs.block_table_uploads
+            graphs._stage(s.input_ids, s.positions, s.slot_mapping, s.seq_lens,
+                          s.block_tables, bs)
+            uploads.append(graphs.block_table_uploads - before)
+            got = graphs._forward(bs)[:len(step_reqs)]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for r in step_reqs:
+            r.num_computed_tokens += 1
+            r.append_output_token(20)
+
+    step(reqs)          # first step: uploaded
+    step(reqs)          # same tables, same batch: skipped
+    reqs[1].block_table = [0, 2, 4]   # request 1's table grows by a block
+    step(reqs)          # wider: uploaded
+    step(reqs)          # skipped
+    reqs[0].block_table[2] = 8        # same width, another block id (e.g. after a copy)
+    step(reqs)          # uploaded
+    step(reqs[:1])      # another batch size: uploaded
+    assert uploads == [1, 0, 1, 0, 1, 1]
+
+
 def test_padded_size_for_falls_back(runner):
     graphs = DecodeGraphRunner(runner.model, runner.kv_caches, runner.attn_backend,
                                max_num_seqs=2, max_model_len=8, block_size=BLOCK,
