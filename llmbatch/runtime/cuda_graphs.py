@@ -47,6 +47,8 @@ from typing import Optional, Sequence
 import torch
 
 from llmbatch.runtime.attention.backend import AttentionMetadata
+from llmbatch.runtime.graph_plumbing import (StagingFence, capture_after_warm_up,
+                                             check_replay_close, fill_token_fields)
 from llmbatch.runtime.staged_tables import StagedTables
 from llmbatch.runtime.step_inputs import fill_block_tables
 
@@ -58,57 +60,6 @@ MAX_CAPTURE_SIZE = 512
 def _ints_len(bs: int, q: int) -> int:
     """int64 elements of one (bs, q) step: three per-token fields and one per-sequence field."""
     return 3 * bs * q + bs
-
-
-class StagingFence:
-    """Guards pinned host staging that non_blocking copies read: wait() before rewriting it
-    (the previous step's copies must have read it), copied() after enqueuing its copies.
-    No-op off CUDA. Shared by the decode and the prefill graphs (prefill_graphs.py)."""
-
-    def __init__(self, on_cuda: bool) -> None:
-        self._event = torch.cuda.Event() if on_cuda else None
-        self._pending = False
-
-    def wait(self) -> None:
-        if self._pending:
-            self._event.synchronize()   # normally long done: the last step synced on sampling
-
-    def copied(self) -> None:
-        if self._event is not None:
-            self._event.record()
-            self._pending = True
-
-
-def fill_token_fields(ints, fields, n: int, padded: int) -> None:
-    """Write per-token fields back to back into `ints` (a numpy view of the staging), each
-    `padded` long: a field's n real values, then its padding value. fields: (values, pad)."""
-    for i, (values, pad_value) in enumerate(fields):
-        ints[i * padded:i * padded + n] = values
-        ints[i * padded + n:(i + 1) * padded] = pad_value
-
-
-def capture_after_warm_up(forward, pool) -> tuple:
-    """(graph, its output, the eager output) of `forward()` (no arguments, over persistent
-    buffers already staged): one eager warm-up first (Triton compiles, cuBLAS picks; its
-    output is what the first replay is checked against), then the capture into `pool`."""
-    torch.cuda.synchronize()
-    eager = forward().clone()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: a monitor thread touching CUDA must not break the capture.
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        out = forward()
-    return graph, out, eager
-
-
-def check_replay_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    """A graph's first replay against the eager forward on the same inputs: the tolerance
-    admits another kernel choice inside the graph, not garbage (NaN where eager has none, a
-    kernel that did not survive capture). Raises RuntimeError naming `what`."""
-    got, want = got.float(), want.float()
-    if not torch.allclose(got, want, atol=3e-2, rtol=3e-2, equal_nan=True):
-        diff = (got - want).abs().nan_to_num(float("inf")).max().item()
-        raise RuntimeError(f"{what} differs from the eager forward by {diff:.3g}")
 
 
 def capture_batch_sizes(max_num_seqs: int, cap: int = MAX_CAPTURE_SIZE) -> list[int]:

@@ -50,8 +50,8 @@ import torch
 
 from llmbatch.runtime.attention.backend import AttentionMetadata
 from llmbatch.runtime.config import MIN_PREFILL_GRAPH_TOKENS as MIN_BUCKET
-from llmbatch.runtime.cuda_graphs import (StagingFence, capture_after_warm_up,
-                                          check_replay_close, fill_token_fields)
+from llmbatch.runtime.graph_plumbing import (StagingFence, capture_after_warm_up,
+                                             check_replay_close, fill_token_fields)
 
 logger = logging.getLogger(__name__)
 
