@@ -42,7 +42,7 @@ def hashed_settings(spec: "JobSpec", shard_count: int) -> dict:
 
     Left out on purpose: output.path/mode, shard.index (every shard shares the hash) and
     performance knobs that leave greedy results unchanged (max_num_seqs, token budget,
-    memory sizing, cuda_graphs, fused_kernels, async_scheduling, skinny_matmul, skinny_gemv,
+    memory sizing, cuda_graphs, graph_logits, fused_kernels, async_scheduling, skinny_matmul, skinny_gemv,
     pdl, nf4_triton_gemm, l2_prefetch, gemv_weight_prefetch, rotary_in_attention,
     gemv_max_rows, prefill_graph_max_tokens,
     attention backend, planner window, on_row_error,

@@ -142,6 +142,9 @@ class EngineSection(_Section):
     ordering: Literal["prefix", "input"] = "prefix"
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     cuda_graphs: bool = True
+    # Decode / verify graphs of <= 16 tokens also run the LM head and greedy argmax
+    # (runtime/graph_logits.py); same tokens. Unmeasured on a GPU (stop 23).
+    graph_logits: bool = True
     fused_kernels: bool = True   # measured on an H200: 1.5x W-RANDOM (bench/RESULTS.md)
     # Plan step n+1 while step n runs on the GPU (docs/async_scheduling.md). null (auto): on
     # for CUDA at TP 1 (H200: 1.34x W-RANDOM, bench/RESULTS.md); steps that verify
@@ -266,6 +269,7 @@ class JobSpec(_Section):
             prefix_caching=e.prefix_caching, ordering=e.ordering,
             planner_window=e.planner_window * self.sampling.n,
             attention_backend=e.attention_backend, cuda_graphs=e.cuda_graphs,
+            graph_logits=e.graph_logits,
             fused_kernels=e.fused_kernels, async_scheduling=e.async_scheduling,
             skinny_matmul=e.skinny_matmul, skinny_gemv=e.skinny_gemv, pdl=e.pdl,
             nf4_triton_gemm=e.nf4_triton_gemm,

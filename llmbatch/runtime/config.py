@@ -45,6 +45,10 @@ class EngineConfig:
     planner_window: int = 4096                  # requests the planner reorders at a time
     attention_backend: str = "auto"             # auto: triton on CUDA, torch otherwise
     cuda_graphs: bool = True
+    # Decode / verify graphs of <= 16 tokens also run the LM head and the greedy argmax
+    # (runtime/graph_logits.py): 3 device operations fewer between replays, same tokens.
+    # ~24 MB of graph-owned logits outside the KV budget. False: the LM head runs eagerly.
+    graph_logits: bool = True
     fused_kernels: bool = True                  # Triton RMSNorm, SiLU·mul, rotary; CUDA only
     # Opt-in: decode steps of <= 16 tokens run each Llama-family layer as 6 launches
     # (layers/skinny_matmul.py: norm prologues, residual and SiLU·mul epilogues); needs

@@ -18,8 +18,9 @@ q = 1 (decode, or the last prompt token after a prefix hit: the forward is the s
 captured batch size, and q = k + 1 (a speculative verify step: the last sampled token plus k
 drafts per sequence) at the sizes up to the engine's speculative_max_num_seqs, when asked for.
 Anything else (prefill chunks, a verify step with fewer drafts for some sequence, a batch larger
-than the largest captured size) runs eagerly. Sampling stays eager: the graph returns hidden
-states, q rows per sequence.
+than the largest captured size) runs eagerly. The graph returns hidden states, q rows per
+sequence; graphs of at most logits_max_rows tokens also compute the logits and their greedy
+argmax (graph_logits.py). Sampling stays eager.
 
 Buffer layout (device; the pinned host staging mirrors the first two):
     ints:         int64, long enough for the largest graph. For a graph of (bs, q), n = bs * q
@@ -47,6 +48,7 @@ from typing import Optional, Sequence
 import torch
 
 from llmbatch.runtime.attention.backend import AttentionMetadata
+from llmbatch.runtime.graph_logits import GraphStep, check_tail, logits_tail
 from llmbatch.runtime.graph_plumbing import (StagingFence, capture_after_warm_up,
                                              check_replay_close, fill_token_fields)
 from llmbatch.runtime.staged_tables import StagedTables
@@ -148,10 +150,13 @@ class DecodeGraphRunner:
     def __init__(self, model, kv_caches, attn_backend, *, max_num_seqs: int, max_model_len: int,
                  block_size: int, device: torch.device,
                  batch_sizes: Optional[Sequence[int]] = None, verify_tokens: int = 0,
-                 verify_max_num_seqs: int = 0, capture: bool = True) -> None:
+                 verify_max_num_seqs: int = 0, logits_max_rows: int = 0,
+                 capture: bool = True) -> None:
         """verify_tokens = k + 1 > 1 also captures verify steps (k drafts per sequence) at the
-        sizes up to verify_max_num_seqs. capture=False builds the buffers only (on any device):
-        tests drive _stage and _forward eagerly on CPU to check the padding logic without CUDA."""
+        sizes up to verify_max_num_seqs. logits_max_rows: graphs of at most that many tokens
+        also compute the logits and their greedy argmax (graph_logits.py; 0: none).
+        capture=False builds the buffers only (on any device): tests drive _stage and _body
+        eagerly on CPU to check the padding logic without CUDA."""
         if capture and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         self.model = model
@@ -168,6 +173,7 @@ class DecodeGraphRunner:
                            + [(b, self.verify_tokens) for b in self.verify_sizes],
                            key=lambda key: (-key[0] * key[1], -key[1]))
         self.max_bs = self.sizes[-1]
+        self.logits_max_rows = logits_max_rows
         self.max_blocks = -(-max_model_len // block_size)
         self.num_replays = 0
         self.replays_by_size: collections.Counter[int] = collections.Counter()         # q == 1
@@ -191,6 +197,9 @@ class DecodeGraphRunner:
         self._staged_tables = StagedTables()
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}  # (bs*q, hidden), graph-owned
+        # (logits (bs*q, vocab) float32, greedy ids (bs*q,)), graph-owned, for the graphs
+        # with the LM head inside (graph_logits.py).
+        self._tails: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         if capture:
             self.capture()
 
@@ -213,6 +222,18 @@ class DecodeGraphRunner:
         )
         return self.model(ints[:n], ints[n:2 * n], self.kv_caches, meta, self.attn_backend)
 
+    def has_logits(self, bs: int, q: int = 1) -> bool:
+        """Whether the (bs, q) graph computes the logits and their argmax too."""
+        return bs * q <= self.logits_max_rows
+
+    def _body(self, bs: int, q: int = 1) -> tuple[torch.Tensor, ...]:
+        """What a graph captures: (hidden,) or, for a graph with the logits, (hidden, logits,
+        greedy ids), all bs * q rows."""
+        hidden = self._forward(bs, q)
+        if not self.has_logits(bs, q):
+            return (hidden,)
+        return (hidden, *logits_tail(self.model, hidden))
+
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every (size, q), most tokens first, into one shared memory pool (the smaller
@@ -223,10 +244,11 @@ class DecodeGraphRunner:
             for bs, q in self.keys:
                 # All-padding inputs: the warm-up forward writes no K/V (slot -1 everywhere).
                 self._stage([], [], [], [], [], bs, q)
-                graph, out, eager = capture_after_warm_up(
-                    lambda: self._forward(bs, q), pool)
+                graph, out, eager = capture_after_warm_up(lambda: self._body(bs, q), pool)
                 self._graphs[(bs, q)] = graph
-                self._outputs[(bs, q)] = out
+                self._outputs[(bs, q)] = out[0]
+                if len(out) > 1:
+                    self._tails[(bs, q)] = out[1:]
                 self._check_replay(bs, q, eager)
             torch.cuda.synchronize()
         logger.info("captured %d CUDA graphs (decode batch sizes %d..%d, verify %s) in %.1f s",
@@ -234,7 +256,7 @@ class DecodeGraphRunner:
                     f"{self.verify_tokens} tokens x {self.verify_sizes}" if self.verify_sizes
                     else "none", time.perf_counter() - start)
 
-    def _check_replay(self, bs: int, q: int, eager: torch.Tensor) -> None:
+    def _check_replay(self, bs: int, q: int, eager: tuple[torch.Tensor, ...]) -> None:
         """Replay the new graph once on the same all-padding inputs and compare with the eager
         forward: a kernel that does not survive capture (host-side state, a pointer to a
         temporary) shows up here at start-up, and the caller falls back to eager decoding,
@@ -243,8 +265,12 @@ class DecodeGraphRunner:
         self._graphs[(bs, q)].replay()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        check_replay_close(self._outputs[(bs, q)], eager,
-                           f"CUDA graph replay (batch {bs}, {q} token(s) per sequence)")
+        what = f"CUDA graph replay (batch {bs}, {q} token(s) per sequence)"
+        check_replay_close(self._outputs[(bs, q)], eager[0], what)
+        if (bs, q) in self._tails:
+            logits, greedy_ids = self._tails[(bs, q)]
+            check_replay_close(logits, eager[1], f"{what}, its logits")
+            check_tail(logits, greedy_ids, what)
 
     # ------------------------------------------------------------------ replay
 
@@ -290,10 +316,16 @@ class DecodeGraphRunner:
         return key[0] if key is not None else None
 
     def run(self, step, deferred=None) -> Optional[torch.Tensor]:
-        """Replay for a qualifying step: (num_tokens, hidden_size) hidden states of the real
-        rows, a view into graph-owned memory valid until the next replay. None: run it eagerly.
-        deferred: a DeferredTokens (deferred_tokens.py), written over the staged input ids
-        before the replay (async scheduling: tokens the host has not seen yet)."""
+        """replay()'s hidden states only (or None: run the step eagerly)."""
+        out = self.replay(step, deferred)
+        return None if out is None else out.hidden
+
+    def replay(self, step, deferred=None) -> Optional[GraphStep]:
+        """Replay for a qualifying step: its real rows' outputs (GraphStep: the hidden states,
+        and the logits and greedy ids where the graph computes them), views into graph-owned
+        memory valid until the next replay. None: run it eagerly. deferred: a DeferredTokens
+        (deferred_tokens.py), written over the staged input ids before the replay (async
+        scheduling: tokens the host has not seen yet)."""
         key = self.graph_key_for(step)
         if key is None:
             return None
@@ -305,4 +337,8 @@ class DecodeGraphRunner:
         self._graphs[key].replay()
         self.num_replays += 1
         (self.replays_by_size if q == 1 else self.verify_replays_by_size)[bs] += 1
-        return self._outputs[key][:len(step.input_ids)]
+        n = len(step.input_ids)
+        tail = self._tails.get(key)
+        if tail is None:
+            return GraphStep(self._outputs[key][:n], None, None)
+        return GraphStep(self._outputs[key][:n], tail[0][:n], tail[1][:n])

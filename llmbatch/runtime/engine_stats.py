@@ -19,6 +19,10 @@ def runner_stats(runner, config: EngineConfig) -> dict:
     s["num_kv_blocks"] = runner.num_kv_blocks
     s["cuda_graphs_active"] = getattr(runner, "graph_runner", None) is not None
     s["cuda_graph_error"] = getattr(runner, "cuda_graph_error", None)
+    # Graphs of up to this many tokens run the LM head and greedy argmax (graph_logits.py).
+    graphs = getattr(runner, "graph_runner", None)
+    s["graph_logits_max_rows"] = graphs.logits_max_rows if graphs is not None else 0
+    s["graph_logits_error"] = getattr(runner, "graph_logits_error", None)
     s["triton_argmax_error"] = getattr(runner, "triton_argmax_error", None)
     s["block_size"] = config.block_size
     # Which kernel paths the runner actually took (options are ignored where they cannot

@@ -38,9 +38,12 @@ def fill_token_fields(ints, fields, n: int, padded: int) -> None:
 def capture_after_warm_up(forward, pool) -> tuple:
     """(graph, its output, the eager output) of `forward()` (no arguments, over persistent
     buffers already staged): one eager warm-up first (Triton compiles, cuBLAS picks; its
-    output is what the first replay is checked against), then the capture into `pool`."""
+    output is what the first replay is checked against), then the capture into `pool`.
+    forward may return a tensor or a tuple of tensors (the eager output is then a tuple of
+    clones)."""
     torch.cuda.synchronize()
-    eager = forward().clone()
+    eager = forward()
+    eager = (tuple(t.clone() for t in eager) if isinstance(eager, tuple) else eager.clone())
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     # thread_local: a monitor thread touching CUDA must not break the capture.

@@ -147,6 +147,7 @@ class ModelRunner(CudaFastPathsMixin):
             self.num_kv_blocks = min_over_ranks(self.num_kv_blocks, tp_group)
         self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
         self.cuda_graph_error: Optional[str] = None
+        self.graph_logits_error: Optional[str] = None   # the graphs then run without the tail
         self.graph_runner = self._maybe_capture_decode_graphs()
         self.prefill_graph_error: Optional[str] = None
         self.prefill_graph_runner = self._maybe_capture_prefill_graphs()
@@ -251,7 +252,7 @@ class ModelRunner(CudaFastPathsMixin):
         replays_before = self._graph_replays()
         timer = self.device_timer
         marks = timer.begin() if timer is not None else None
-        logits = self.forward_logits(s, prev_tokens)
+        logits, greedy_ids = self.forward_step(s, prev_tokens)
         if marks is not None:
             timer.after_forward(marks)
         pending = None
@@ -259,7 +260,8 @@ class ModelRunner(CudaFastPathsMixin):
             params = list(map(_sampling_params, s.sample_requests))
             default_seeds = list(map(_default_seed, s.sample_requests))
             pending = self.sampler.sample_async(logits, params, s.sample_output_index,
-                                                default_seeds, s.sample_requests)
+                                                default_seeds, s.sample_requests,
+                                                greedy_ids=greedy_ids)
         if marks is not None:
             timer.after_sampling(marks)
         kind = _step_kind(replays_before, self._graph_replays())
@@ -278,15 +280,24 @@ class ModelRunner(CudaFastPathsMixin):
         None when nothing samples. Every TP rank calls it with the same `s` (collectives).
         prev_tokens: the previous step's sampled token ids on the device, the source of
         s.deferred_rows (async scheduling)."""
+        return self.forward_step(s, prev_tokens)[0]
+
+    @torch.inference_mode()
+    def forward_step(self, s: StepInputs, prev_tokens: Optional[torch.Tensor] = None
+                     ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """forward_logits, and the greedy argmax of those logits when a CUDA graph computed it
+        with them (graph_logits.py; else None: the sampler computes it). Both may be views
+        into graph-owned memory, valid until the next replay of that graph."""
         deferred = None
         if s.deferred_rows:
             deferred = DeferredTokens.build(s.deferred_rows, s.deferred_src, prev_tokens,
                                             self._h2d)
         # Pure-decode and verify steps replay a CUDA graph, and so do steps prefilling one
         # sequence where prefill graphs are on (None: no graph for this step, run eagerly).
-        hidden = None
+        hidden = graph_step = None
         if self.graph_runner is not None:
-            hidden = self.graph_runner.run(s, deferred)
+            graph_step = self.graph_runner.replay(s, deferred)
+            hidden = graph_step.hidden if graph_step is not None else None
         if hidden is None and self.prefill_graph_runner is not None:
             hidden = self.prefill_graph_runner.run(s, deferred)
         if hidden is None:
@@ -299,13 +310,17 @@ class ModelRunner(CudaFastPathsMixin):
                               record=self.tp_rank == 0)
         rows = s.sample_rows
         if not rows:
-            return None
+            return None, None
         if rows[0] == 0 and rows[-1] == len(rows) - 1:
             # Rows increase strictly (step_inputs), so these are 0..n-1: every token samples
             # (decode, verify). A view of the first n rows (graph steps pad past them) spares
             # a host-to-device copy and a gather each step.
-            return self.model.compute_logits(hidden[:len(rows)])
-        return self.model.compute_logits(hidden.index_select(0, self._h2d(rows, torch.long)))
+            n = len(rows)
+            if graph_step is not None and graph_step.logits is not None:
+                return graph_step.logits[:n], graph_step.greedy_ids[:n]
+            return self.model.compute_logits(hidden[:n]), None
+        return (self.model.compute_logits(hidden.index_select(0, self._h2d(rows, torch.long))),
+                None)
 
     @torch.inference_mode()
     def sample(self, s: StepInputs, logits: torch.Tensor) -> dict[Any, list[int]]:

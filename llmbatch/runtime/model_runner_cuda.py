@@ -49,23 +49,36 @@ class CudaFastPathsMixin:
                 "triton" and self.tp_size == 1):
             return None
         from llmbatch.runtime.cuda_graphs import DecodeGraphRunner
+        from llmbatch.runtime.graph_logits import LOGITS_MAX_ROWS
 
-        try:
-            # Verify steps (k drafts + 1 per sequence) get graphs too, at the sizes where the
-            # engine speculates at all: captured whether or not a proposer is configured, since
-            # one can be installed later (Engine.set_proposer); a few small graphs, ~0.3 s.
-            return DecodeGraphRunner(self.model, self.kv_caches, self.attn_backend,
-                                     max_num_seqs=cfg.max_num_seqs,
-                                     max_model_len=self.max_model_len,
-                                     block_size=self.block_size, device=self.device,
-                                     verify_tokens=cfg.num_speculative_tokens + 1,
-                                     verify_max_num_seqs=cfg.speculative_max_num_seqs)
-        except Exception as exc:  # a capture failure must not lose the job: run eagerly, loudly
-            self.cuda_graph_error = f"{type(exc).__name__}: {exc}"
-            logger.warning("CUDA graph capture failed, decoding eagerly: %s",
-                           self.cuda_graph_error)
-            torch.cuda.synchronize(self.device)
-            return None
+        # First with the LM head and greedy argmax in the small graphs (graph_logits.py); if
+        # that capture fails, once more without them, so a failing tail costs only itself.
+        rows = LOGITS_MAX_ROWS if getattr(cfg, "graph_logits", True) else 0
+        while True:
+            try:
+                # Verify steps (k drafts + 1 per sequence) get graphs too, at the sizes where
+                # the engine speculates at all: captured whether or not a proposer is
+                # configured, since one can be installed later (Engine.set_proposer); a few
+                # small graphs, ~0.3 s.
+                return DecodeGraphRunner(self.model, self.kv_caches, self.attn_backend,
+                                         max_num_seqs=cfg.max_num_seqs,
+                                         max_model_len=self.max_model_len,
+                                         block_size=self.block_size, device=self.device,
+                                         verify_tokens=cfg.num_speculative_tokens + 1,
+                                         verify_max_num_seqs=cfg.speculative_max_num_seqs,
+                                         logits_max_rows=rows)
+            except Exception as exc:  # a capture failure must not lose the job
+                error = f"{type(exc).__name__}: {exc}"
+                torch.cuda.synchronize(self.device)
+                if rows:
+                    self.graph_logits_error = error
+                    logger.warning("CUDA graphs with the LM head inside failed, capturing "
+                                   "them without it: %s", error)
+                    rows = 0
+                    continue
+                self.cuda_graph_error = error   # run eagerly, loudly
+                logger.warning("CUDA graph capture failed, decoding eagerly: %s", error)
+                return None
 
     def _maybe_capture_prefill_graphs(self):
         """Prefill CUDA graphs (runtime/prefill_graphs.py) where the decode graphs are, when

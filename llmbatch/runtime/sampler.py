@@ -232,16 +232,24 @@ class Sampler:
         output_indices: Sequence[int],
         default_seeds: Optional[Sequence[Optional[int]]] = None,
         requests: Optional[Sequence] = None,
+        greedy_ids: Optional[torch.Tensor] = None,
     ) -> "PendingSample":
         """`sample`, without waiting: enqueues the sampling and one non-blocking copy of its
         results to pinned host memory. `.token_ids` (device) can feed the next step's inputs at
-        once; `.result()` waits for the copy (async scheduling, docs/async_scheduling.md)."""
+        once; `.result()` waits for the copy (async scheduling, docs/async_scheduling.md).
+        greedy_ids: (num_rows,) int64, the argmax of each row of `logits` computed already
+        (a decode graph's, graph_logits.py); taken as the greedy tokens unless a row edits
+        its logits, where the argmax is taken after the edits as always."""
         num_rows, vocab_size = _validate_inputs(logits, params, output_indices, default_seeds)
+        if greedy_ids is not None and tuple(greedy_ids.shape) != (num_rows,):
+            raise ValueError(f"greedy_ids must have one id per row ({num_rows}), got shape "
+                             f"{tuple(greedy_ids.shape)}")
         logits = logits.float()
         device = logits.device
         raw = logits                                            # for logprobs
         # any(...) in C first: most steps have no row that edits its logits.
-        if any(map(_EDITS_LOGITS, params)):
+        edits = any(map(_EDITS_LOGITS, params))
+        if edits:
             # vLLM's order: the token rules (allowed ids, logit bias), then the penalties.
             ruled = [r for r, p in enumerate(params) if p.has_token_rules]
             if ruled:
@@ -267,7 +275,8 @@ class Sampler:
             if short:
                 logits = suppress_stop_tokens(logits, short, [requests[r] for r in short],
                                               [output_indices[r] for r in short])
-        token_ids = greedy_argmax(logits)                       # (num_rows,) greedy for all
+        # (num_rows,) greedy for all
+        token_ids = greedy_ids if greedy_ids is not None and not edits else greedy_argmax(logits)
 
         # any(temperatures) in C first: most steps are all greedy (temperature 0.0).
         sampled_rows = ([r for r, p in enumerate(params) if not p.greedy]

@@ -133,6 +133,45 @@ def test_replay_equals_padded_eager_forward_bitwise(tiny):
             r.append_output_token(9)
 
 
+@torch.inference_mode()
+def test_graph_logits_equal_the_eager_lm_head_and_argmax_bitwise(tiny):
+    """runtime/graph_logits.py: graphs of <= 16 tokens also compute the logits and the greedy
+    argmax; a replay's logits equal the eager LM head on the same padded hidden states bit for
+    bit and its ids their argmax; larger graphs and graph_logits=False have no tail."""
+    from llmbatch.runtime.sampler import greedy_argmax
+
+    path, _ = tiny
+    runner = ModelRunner(config(path, "bfloat16", cuda_graphs=True))
+    graphs = runner.graph_runner
+    assert graphs.logits_max_rows == 16
+    assert sorted(b for b, q in graphs._tails if q == 1) == [1, 2, 4, 8, 16]
+    prompts = make_prompts(3, seed=9)
+    reqs, next_block = [], 0
+    for i, p in enumerate(prompts):
+        req = Request(i, p, SamplingParams(max_new_tokens=4))
+        need = -(-(len(p) + 4) // runner.block_size)
+        req.block_table = list(range(next_block, next_block + need))
+        next_block += need
+        reqs.append(req)
+    runner.forward_logits(runner.prepare_inputs(
+        SchedulerOutput([ScheduledRequest(r, r.num_tokens) for r in reqs])))
+    for r in reqs:
+        r.num_computed_tokens = r.num_tokens
+        r.append_output_token(5 + r.request_id)
+    s = runner.prepare_inputs(SchedulerOutput([ScheduledRequest(r, 1) for r in reqs]))
+    graphs._stage(s.input_ids, s.positions, s.slot_mapping, s.seq_lens, s.block_tables, 4)
+    hidden = graphs._forward(4)
+    want_logits = runner.model.compute_logits(hidden).clone()
+    want_ids = greedy_argmax(want_logits)
+    out = graphs.replay(s)
+    assert out.logits.shape == (3, want_logits.shape[1]) and out.logits.dtype == torch.float32
+    assert torch.equal(out.logits, want_logits[:3]), \
+        (out.logits - want_logits[:3]).abs().max()
+    assert torch.equal(out.greedy_ids, want_ids[:3])
+    off = ModelRunner(config(path, "bfloat16", cuda_graphs=True, graph_logits=False))
+    assert off.graph_runner.logits_max_rows == 0 and off.graph_runner._tails == {}
+
+
 class _OracleProposer:
     """Drafts the reference continuation, every third draft position wrong (so verify steps
     both accept and reject), always the full k while the reference lasts."""

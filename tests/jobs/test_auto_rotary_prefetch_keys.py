@@ -33,7 +33,8 @@ def test_set_overrides_take_null():
                                        ("gemv_weight_prefetch", "fast"),
                                        ("gemv_weight_prefetch", True)]
                          + [("prefill_graph_max_tokens", value)
-                            for value in (1, 15, 8193, -16, "many", 16.5, True)])
+                            for value in (1, 15, 8193, -16, "many", 16.5, True)]
+                         + [("graph_logits", value) for value in ("sometimes", 3, None)])
 def test_bad_values_are_one_line_errors(key, value):
     with pytest.raises(InvalidJobError) as info:
         load_job(job(**{key: value}))
@@ -62,4 +63,11 @@ def test_gemv_max_rows_out_of_range_is_a_one_line_error(value):
 def test_prefill_graph_max_tokens_reaches_the_engine_and_keeps_the_hash(tokens):
     spec = load_job(job(prefill_graph_max_tokens=tokens))
     assert spec.engine_config().prefill_graph_max_tokens == tokens
+    assert spec.config_hash(1) == load_job(job()).config_hash(1)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_graph_logits_reaches_the_engine_and_keeps_the_hash(on):
+    spec = load_job(job(graph_logits=on))
+    assert spec.engine_config().graph_logits is on
     assert spec.config_hash(1) == load_job(job()).config_hash(1)

@@ -173,7 +173,7 @@ def test_async_step_survives_a_failed_launch_like_sync(setup):
     for async_scheduling in (False, True):
         engine = Engine(EngineConfig(model=str(path), device="cpu", dtype="float32",
                                      async_scheduling=async_scheduling), tokenizer=tokenizer)
-        forward = engine.runner.forward_logits
+        forward = engine.runner.forward_step   # launch()'s forward (logits, graph greedy ids)
         calls = []
 
         def failing_once(s, prev_tokens=None):
@@ -181,7 +181,7 @@ def test_async_step_survives_a_failed_launch_like_sync(setup):
             if len(calls) == 3:   # the third step: two steps committed before it
                 raise RuntimeError("injected device error")
             return forward(s, prev_tokens)
-        engine.runner.forward_logits = failing_once
+        engine.runner.forward_step = failing_once
         reqs = [Request(i, p, params[i]) for i, p in enumerate(prompts[:6])]
         got = {}
         with pytest.raises(RuntimeError, match="injected"):

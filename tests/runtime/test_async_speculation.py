@@ -217,7 +217,7 @@ def test_failed_drafting_step_leaves_no_drafts_for_the_async_steps_after_it(mode
                                  async_scheduling=True, num_speculative_tokens=3,
                                  speculative_max_num_seqs=4, max_num_seqs=8), tokenizer=tok)
     engine.set_proposer(EchoLast())
-    forward = engine.runner.forward_logits
+    forward = engine.runner.forward_step   # launch()'s forward (logits, graph greedy ids)
     failed = []
 
     def failing_once(s, prev_tokens=None):
@@ -225,7 +225,7 @@ def test_failed_drafting_step_leaves_no_drafts_for_the_async_steps_after_it(mode
             failed.append(1)
             raise RuntimeError("injected device error")
         return forward(s, prev_tokens)
-    engine.runner.forward_logits = failing_once
+    engine.runner.forward_step = failing_once
     got = {}
     with pytest.raises(RuntimeError, match="injected"):
         for r in engine.generate(Request(i, prompts[i], params[i]) for i in range(3)):

@@ -333,12 +333,12 @@ def test_replay_check_refuses_a_graph_that_computes_something_else(runner):
 
     graphs._outputs[(2, 1)] = torch.zeros(2, 8)
     graphs._graphs[(2, 1)] = FakeGraph(eager + 1e-3)
-    graphs._check_replay(2, 1, eager)                      # within tolerance: accepted
+    graphs._check_replay(2, 1, (eager,))                   # within tolerance: accepted
     graphs._graphs[(2, 1)] = FakeGraph(eager + 1.0)
     with pytest.raises(RuntimeError, match="differs from the eager forward"):
-        graphs._check_replay(2, 1, eager)
+        graphs._check_replay(2, 1, (eager,))
     nan = eager.clone()
     nan[0, 0] = float("nan")
     graphs._graphs[(2, 1)] = FakeGraph(nan)
     with pytest.raises(RuntimeError, match="differs"):
-        graphs._check_replay(2, 1, eager)
+        graphs._check_replay(2, 1, (eager,))
