@@ -219,9 +219,25 @@ def options(all_rows: bool = False):
         if "rotary_attn" in saved:
             engine.runner.attn_backend.rotary_in_attention = saved.pop("rotary_attn")
 
+    def graph_logits_flip(engine, device):
+        """EngineConfig.graph_logits (an engine default from stop 23, unmeasured then):
+        decode graphs of <= 16 tokens run the LM head and greedy argmax too (runtime/
+        graph_logits.py). The row flips the config field that the recapture reads."""
+        config = engine.runner.config
+        saved["graph_logits"] = getattr(config, "graph_logits", True)
+        config.graph_logits = not saved["graph_logits"]
+        if device.type != "cuda":
+            return "needs CUDA graphs: no effect"
+        return "off (engine default on)" if saved["graph_logits"] else "on (engine default off)"
+
+    def graph_logits_back(engine):
+        if "graph_logits" in saved:
+            engine.runner.config.graph_logits = saved.pop("graph_logits")
+
     nothing = (DEFAULTS, lambda engine, device: "", lambda engine: None)
     # The likeliest gains first: a run cut by its time limit keeps them (JSON after each row).
-    open_rows = [("skinny gemv flipped", gemv_flip, restore_skinny),
+    open_rows = [("graph logits flipped", graph_logits_flip, graph_logits_back),
+                 ("skinny gemv flipped", gemv_flip, restore_skinny),
                  ("gemv weights before the PDL wait", *gemv_prefetch("weight_prefetch")),
                  ("gemv tiles of stop 17", gemv_tiles_stop17, gemv_tiles_back),
                  ("gemv weights into L2 before the PDL wait",

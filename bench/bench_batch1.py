@@ -43,6 +43,10 @@ Options (each row is the defaults plus one change):
                          (EngineConfig.rotary_in_attention): measured in stop 19 (H200: 0.958
                          ms, 1.015x), an engine default since, so the row turns it off (on
                          where the engine has it off)
+    graph logits flipped   decode graphs of <= 16 tokens run the LM head and the greedy
+                         argmax too (EngineConfig.graph_logits, runtime/graph_logits.py; an
+                         engine default from stop 23, unmeasured then), so the row turns it
+                         off: the eager LM head and argmax after each replay, as before
     L2 prefetch plans    models/llama_prefetch.py PrefetchPlan: o_proj; o_proj + next qkv;
                          + the first 8 / 16 MiB of gate_up
 
@@ -103,6 +107,7 @@ def recapture(engine) -> None:
         return
     runner.graph_runner = None
     runner.cuda_graph_error = None
+    runner.graph_logits_error = None
     runner.graph_runner = runner._maybe_capture_decode_graphs()
     # The prefill graphs (engine.prefill_graph_max_tokens, off by default) bake the kernel
     # paths in too: recaptured alike, so a row's TTFT is its options' as well.
@@ -125,6 +130,7 @@ def run_row(engine, workload, label, apply, undo, device) -> dict:
             "tpot_s": res["tpot_s"], "wall_s": res["wall_s"], "num_errors": res["num_errors"],
             "num_wrong_lengths": res["num_wrong_lengths"],
             "cuda_graph_error": engine.stats().get("cuda_graph_error"),
+            "graph_logits_error": engine.stats().get("graph_logits_error"),
             "_outputs": res["_outputs"]}
 
 
@@ -233,7 +239,8 @@ def main(argv=None) -> int:
                       f"{g['device_forward']:.1f} us, sampling {g['device_sample']:.1f} us, "
                       f"idle gap before it {g['device_gap']:.1f} us; host: launch "
                       f"{g['launch']:.1f} us, step {g['step']:.1f} us; TPOT "
-                      f"{t['tpot_s'] * 1e6:.1f} us; decode graph alone, back to back: "
+                      f"{t['tpot_s'] * 1e6:.1f} us; decode graph alone (with the LM head "
+                      "and argmax where graph_logits is on), back to back: "
                       + (f"{t['graph_replay_back_to_back_us']:.1f} us"
                          if t["graph_replay_back_to_back_us"] is not None else "n/a")
                       + " (forward and sampling include device idle while the host "

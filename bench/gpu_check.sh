@@ -57,6 +57,10 @@
 # BENCH_PREFILL_GRAPH_ROWS=1 (opt-in since stop 22): engine.prefill_graph_max_tokens 512
 # (llmbatch-prefill-graphs: W-BATCH1 and W-SPEC with one-sequence prefills replayed from CUDA
 # graphs; read W-BATCH1's TTFT in the table and W-SPEC b=1's ratios).
+# BENCH_NO_GRAPH_LOGITS_ROWS=1 (opt-in since stop 23): engine.graph_logits off
+# (llmbatch-no-graph-logits: W-BATCH1 and W-SPEC with the LM head and greedy argmax outside
+# the decode graphs, the A/B of that new default; W-SPEC needs to be among the bench's
+# workloads). bench_batch1's "graph logits flipped" row is the same-engine A/B of W-BATCH1.
 # BENCH_PDL_ROWS=1 (opt-in; repeats the default on sm_90+): llmbatch-pdl.
 # BENCH_SKINNY_PDL_ROWS=1 (opt-in): engine.skinny_matmul and engine.pdl (llmbatch-skinny-pdl).
 # BENCH_GEMV_ROWS=1 (opt-in since stop 17): skinny_matmul, skinny_gemv and pdl
@@ -275,6 +279,7 @@ fi
 [ "${BENCH_SKINNY_SPEC_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-spec)
 [ "${BENCH_GEMV_ROWS8_ROWS:-0}" = 1 ] && MODE_ARGS+=(--gemv-rows8)
 [ "${BENCH_PREFILL_GRAPH_ROWS:-0}" = 1 ] && MODE_ARGS+=(--prefill-graphs)
+[ "${BENCH_NO_GRAPH_LOGITS_ROWS:-0}" = 1 ] && MODE_ARGS+=(--no-graph-logits)
 [ "${BENCH_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--pdl)
 [ "${BENCH_SKINNY_PDL_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-pdl)
 [ "${BENCH_GEMV_ROWS:-0}" = 1 ] && MODE_ARGS+=(--skinny-gemv-pdl)

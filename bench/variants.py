@@ -120,6 +120,15 @@ AB_VARIANTS = {
                               "only (one-sequence prefills of <= 512 tokens replay CUDA graphs)",
                               "CUDA graphs run on CUDA only",
                               workloads=("W-BATCH1", "W-SPEC")),
+    # Stop 23: decode / verify graphs of <= 16 tokens run the LM head and the greedy argmax
+    # too (runtime/graph_logits.py, EngineConfig.graph_logits, default on): three device
+    # operations fewer between two replays at batch 1. This row is the engine without it,
+    # the A/B of that default: W-BATCH1's TPOT and W-SPEC b=1's ratios its question.
+    "no-graph-logits": Variant("--no-graph-logits", {"graph_logits": False},
+                               "EngineConfig.graph_logits off, W-BATCH1 and W-SPEC only (the "
+                               "LM head and greedy argmax run eagerly after each decode graph "
+                               "replay, as before stop 23)", "CUDA graphs run on CUDA only",
+                               workloads=("W-BATCH1", "W-SPEC")),
     "l2prefetch": Variant("--l2-prefetch", {"l2_prefetch": True},
                           "EngineConfig.l2_prefetch on (steps of <= 16 tokens touch the qkv and "
                           "o_proj weights into L2 on a side stream ahead of use)",

@@ -167,7 +167,8 @@ def test_batch1_sweep_dry_run_on_cpu(tmp_path):
     out = json.loads((tmp_path / "bench_batch1.json").read_text())
     rows = out["rows"]
     singles = [
-        "defaults", "skinny gemv flipped", "gemv weights before the PDL wait",
+        "defaults", "graph logits flipped", "skinny gemv flipped",
+        "gemv weights before the PDL wait",
         "gemv tiles of stop 17", "gemv weights into L2 before the PDL wait", "PDL flipped",
         "rotary in attention flipped", "L2 prefetch o_proj", "L2 prefetch o_proj+next_qkv",
         "split reduce fused",
@@ -182,16 +183,17 @@ def test_batch1_sweep_dry_run_on_cpu(tmp_path):
     assert combined in ([], ["winners combined"])
     assert ("batch1 winners combined" + " " * 24 + " none:" in proc.stdout) == (not combined)
     # The tiny shape's 2 layers: o_proj each, + qkv each, + a gate_up prefix each.
-    assert [rows[i]["detail"] for i in (7, 8, 12, 13)] == [
+    assert [rows[i]["detail"] for i in (8, 9, 13, 14)] == [
         f"{n} weights touched" for n in (2, 4, 6, 6)]
     assert all(r["same_tokens_as_first"] and r["num_errors"] == 0 for r in rows)
     assert out["smoke_test_only"] is True
-    assert proc.stdout.count("batch1 ") == 21
+    assert proc.stdout.count("batch1 ") == 22
     # On the CPU the engine has neither gemv layers nor PDL (CUDA only): the flips would turn
     # them on, which the CPU rows refuse; the weight prefetch and the tile table have no gemv
     # launch to change.
-    assert [rows[i]["detail"] for i in (1, 2, 3, 4, 5, 6)] == [
-        "needs CUDA: not applied", "the gemv layers are off: no effect",
+    assert [rows[i]["detail"] for i in (1, 2, 3, 4, 5, 6, 7)] == [
+        "needs CUDA graphs: no effect", "needs CUDA: not applied",
+        "the gemv layers are off: no effect",
         "stop 17's table: 16x512 w4 p3 on every shape; the gemv layers are off: no effect",
         "the gemv layers are off: no effect", "needs sm_90 CUDA: not applied",
         "needs the triton backend and the fused rotary (CUDA): not applied"]
@@ -203,11 +205,12 @@ def test_batch1_sweep_default_rows_are_the_open_options():
     from bench.bench_batch1 import options
 
     short = [label for label, _, _ in options()]
-    assert short == ["defaults", "skinny gemv flipped", "gemv weights before the PDL wait",
-                     "gemv tiles of stop 17", "gemv weights into L2 before the PDL wait",
-                     "PDL flipped", "rotary in attention flipped", "defaults"]
+    assert short == ["defaults", "graph logits flipped", "skinny gemv flipped",
+                     "gemv weights before the PDL wait", "gemv tiles of stop 17",
+                     "gemv weights into L2 before the PDL wait", "PDL flipped",
+                     "rotary in attention flipped", "defaults"]
     every = [label for label, _, _ in options(all_rows=True)]
-    assert every[:7] == short[:7] and every[-1] == "defaults" and len(every) == 20
+    assert every[:8] == short[:8] and every[-1] == "defaults" and len(every) == 21
 
 
 def _row(option, tpot, **extra):

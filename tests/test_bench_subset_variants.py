@@ -1,7 +1,8 @@
 """bench.run's variants that run a subset of the workloads (bench/variants.py), each off by
 default, skipped with a reason on the CPU, and built with its engine overrides on CUDA:
---gemv-rows8 (EngineConfig.gemv_max_rows 8: W-SPEC and W-BATCH1) and --prefill-graphs
-(EngineConfig.prefill_graph_max_tokens 512: W-BATCH1 and W-SPEC). Also the setup log's line
+--gemv-rows8 (EngineConfig.gemv_max_rows 8: W-SPEC and W-BATCH1), --prefill-graphs
+(EngineConfig.prefill_graph_max_tokens 512: W-BATCH1 and W-SPEC) and --no-graph-logits
+(EngineConfig.graph_logits off: W-BATCH1 and W-SPEC). Also the setup log's line
 for the multi-row gemv's start-up check."""
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ SUBSET_VARIANTS = {
                    "BENCH_GEMV_ROWS8_ROWS"),
     "prefill-graphs": ("prefill_graphs", "CUDA graphs run on CUDA only",
                        {"prefill_graph_max_tokens": 512}, "BENCH_PREFILL_GRAPH_ROWS"),
+    "no-graph-logits": ("no_graph_logits", "CUDA graphs run on CUDA only",
+                        {"graph_logits": False}, "BENCH_NO_GRAPH_LOGITS_ROWS"),
 }
 
 
