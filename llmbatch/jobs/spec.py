@@ -143,7 +143,7 @@ class EngineSection(_Section):
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     cuda_graphs: bool = True
     # Decode / verify graphs of <= 16 tokens also run the LM head and greedy argmax
-    # (runtime/graph_logits.py); same tokens. Unmeasured on a GPU (stop 23).
+    # (runtime/graph_logits.py); the same tokens at batch 1. Unmeasured on a GPU (stop 23).
     graph_logits: bool = True
     fused_kernels: bool = True   # measured on an H200: 1.5x W-RANDOM (bench/RESULTS.md)
     # Plan step n+1 while step n runs on the GPU (docs/async_scheduling.md). null (auto): on

@@ -46,7 +46,8 @@ class EngineConfig:
     attention_backend: str = "auto"             # auto: triton on CUDA, torch otherwise
     cuda_graphs: bool = True
     # Decode / verify graphs of <= 16 tokens also run the LM head and the greedy argmax
-    # (runtime/graph_logits.py): 3 device operations fewer between replays, same tokens.
+    # (runtime/graph_logits.py): 3 device operations fewer between replays; at batch 1 the
+    # same tokens (a padded batch runs the LM head at the padded size, like its layers).
     # ~24 MB of graph-owned logits outside the KV budget. False: the LM head runs eagerly.
     graph_logits: bool = True
     fused_kernels: bool = True                  # Triton RMSNorm, SiLU·mul, rotary; CUDA only

@@ -323,7 +323,7 @@ class DecodeGraphRunner:
     def replay(self, step, deferred=None) -> Optional[GraphStep]:
         """Replay for a qualifying step: its real rows' outputs (GraphStep: the hidden states,
         and the logits and greedy ids where the graph computes them), views into graph-owned
-        memory valid until the next replay. None: run it eagerly. deferred: a DeferredTokens
+        memory valid until the next replay of any of these graphs. None: run it eagerly. deferred: a DeferredTokens
         (deferred_tokens.py), written over the staged input ids before the replay (async
         scheduling: tokens the host has not seen yet)."""
         key = self.graph_key_for(step)

@@ -51,6 +51,9 @@ class DeferredTokens:
         if len(rows) != len(src) or not rows:
             raise ValueError(f"deferred rows and their sources must pair up, got {len(rows)} "
                              f"rows and {len(src)} sources")
+        if min(src) < 0 or max(src) >= prev_tokens.shape[0]:   # min / max scan in C
+            raise ValueError(f"deferred sources {min(src)}..{max(src)} outside the step in "
+                             f"flight's {prev_tokens.shape[0]} sampled rows")
         first_row, first_src = _run_start(rows), _run_start(src)
         if first_row is not None and first_src is not None:
             return cls(None, prev_tokens[first_src:first_src + len(src)], first_row)

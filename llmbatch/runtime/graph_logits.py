@@ -9,8 +9,11 @@ and their argmax; the sampler takes that argmax as the greedy tokens unless a ro
 logits (penalties, token rules, a grammar, min_tokens), and every other use of the logits
 (temperature sampling, logprobs) reads the graph's logits.
 
-Same kernels, same inputs as the eager path (the graph's rows are the step's tokens, padded;
-the padding rows' logits are computed and never read), so the same tokens. Why a row limit:
+Same kernels and inputs as the eager LM head would see after the graph's layers: its rows are
+the step's tokens padded to the graph's size (the padding rows' logits are computed and never
+read). At batch 1 and for a batch-1 verify step nothing is padded, so the tokens are the eager
+LM head's exactly; a padded batch runs the LM head's matmul at the padded row count, as the
+graph's layers already do, so in bf16 a near-tie may round the other way. Why a row limit:
 the logits of each such graph stay allocated in the graph pool, outside the KV budget: at most
 LOGITS_MAX_ROWS x vocab x 4 bytes a graph (16 x 128256 x 4 = 8.2 MB), ~24 MB for the default
 decode sizes 1..16 and two verify sizes. Larger batches are where launch gaps matter least.
@@ -30,9 +33,11 @@ LOGITS_MAX_ROWS = 16
 
 
 class GraphStep(NamedTuple):
-    """A replayed step's outputs, views into graph-owned memory valid until the next replay of
-    the same graph: hidden (n, hidden_size); logits (n, vocab) float32 and greedy_ids (n,)
-    int64 when the graph computes them, else None."""
+    """A replayed step's outputs, views into graph-owned memory: read them (enqueue the
+    reads) before the next replay of ANY decode graph (they share one memory pool, so a
+    graph captured earlier may reuse this one's output memory for its temporaries). hidden
+    (n, hidden_size); logits (n, vocab) float32 and greedy_ids (n,) int64 when the graph
+    computes them, else None."""
 
     hidden: torch.Tensor
     logits: Optional[torch.Tensor]

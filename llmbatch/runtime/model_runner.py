@@ -287,7 +287,7 @@ class ModelRunner(CudaFastPathsMixin):
                      ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """forward_logits, and the greedy argmax of those logits when a CUDA graph computed it
         with them (graph_logits.py; else None: the sampler computes it). Both may be views
-        into graph-owned memory, valid until the next replay of that graph."""
+        into graph-owned memory, valid until the next decode graph replay."""
         deferred = None
         if s.deferred_rows:
             deferred = DeferredTokens.build(s.deferred_rows, s.deferred_src, prev_tokens,

@@ -8,6 +8,7 @@ cuda_graph_error, prefill_graph_error) and logged; the job goes on without it.
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Optional
 
@@ -69,8 +70,13 @@ class CudaFastPathsMixin:
                                          logits_max_rows=rows)
             except Exception as exc:  # a capture failure must not lose the job
                 error = f"{type(exc).__name__}: {exc}"
+                del exc   # its traceback holds the failed runner and its graphs' memory pool
                 torch.cuda.synchronize(self.device)
                 if rows:
+                    # The failed attempt's graphs (all sizes, captured largest first) are
+                    # garbage now: free their pool before the retry captures a second set.
+                    gc.collect()
+                    torch.cuda.empty_cache()
                     self.graph_logits_error = error
                     logger.warning("CUDA graphs with the LM head inside failed, capturing "
                                    "them without it: %s", error)

@@ -172,7 +172,9 @@ class PendingSample:
             self._ready = torch.cuda.Event()
             self._ready.record()
         else:
-            self._host = packed
+            # A copy, as on CUDA: packed may be a view of a CUDA graph's output (graph_logits.py;
+            # CPU tests replay graphs eagerly), which the next step rewrites before result().
+            self._host = packed.clone()
         self._output: Optional[SamplerOutput] = None
 
     def result(self) -> SamplerOutput:

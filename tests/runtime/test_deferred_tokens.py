@@ -72,3 +72,12 @@ def test_index_lists_are_uploaded_once_as_one_list():
 def test_mismatched_lists_are_refused():
     with pytest.raises(ValueError, match="rows"):
         DeferredTokens.build([0, 1], [0], PREV, _upload)
+
+
+@pytest.mark.parametrize("src", [[5, 6], [-1, 0], [6], [0, 9]])
+def test_sources_outside_the_previous_tokens_are_refused(src):
+    """A source row past the step in flight's sampled rows (or negative) is a bookkeeping bug:
+    refused on the host, never a short slice that leaves a placeholder id in place."""
+    rows = list(range(len(src)))
+    with pytest.raises(ValueError, match="sampled"):
+        DeferredTokens.build(rows, src, PREV, _upload)
