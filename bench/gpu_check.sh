@@ -72,10 +72,10 @@
 # call add BENCH_ARGS="--skip-peers". BENCH_BATCH1_SWEEP (default 1 on a GPU): W-BATCH1 under each
 # decode option of bench/bench_batch1.py (L2-prefetch plans, fused split reduce, argmax, rope
 # table, attention splits and tiles, PDL, sync scheduling; then the winners combined) on one
-# engine (8 rows since stop 19: defaults, gemv flipped, the two gemv weight prefetches
-# flipped, stop 17's gemv tiles, PDL flipped, rotary in attention flipped, defaults; and the
-# winners row when an option wins;
-# BENCH_BATCH1_ARGS=--all adds the 12 options measured slower; 20 rows and the winners row,
+# engine (9 rows since stop 23: defaults, graph logits flipped, gemv flipped, the two gemv
+# weight prefetches flipped, stop 17's gemv tiles, PDL flipped, rotary in attention flipped,
+# defaults; and the winners row when an option wins;
+# BENCH_BATCH1_ARGS=--all adds the 12 options measured slower; 21 rows and the winners row,
 # ~90 s: more than the ~70 s a whole check keeps for the sweep, where stop 17's 16 rows were
 # cut; limit BENCH_BATCH1_TIMEOUT, default 90 s; OUT_DIR/bench_batch1.json, written after
 # every row).
