@@ -198,3 +198,60 @@ def test_a_failing_tail_costs_only_itself(monkeypatch):
     fail_without_tail = False
     CudaFastPathsMixin._maybe_capture_decode_graphs(runner)
     assert tried == [0]
+
+
+# Ops that make the device work (a kernel or a copy) when their tensors are on a GPU; views,
+# host-side numpy views of the pinned staging and allocations are left out.
+WORK_OPS = {"copy_", "clone", "_to_copy", "index_select", "index_copy_", "index_copy", "linear",
+            "mm", "addmm", "argmax", "max", "gather", "cat", "embedding", "index_put_"}
+
+
+def test_a_steady_batch1_decode_step_is_three_operations_around_the_graph(llama_setup):
+    """What this feature and deferred_tokens.py / staged_tables.py are for, counted at the
+    torch dispatcher on CPU: a steady async batch-1 decode step launches, besides its graph
+    replay, only the ints upload, the deferred token's slice copy and the token copy to the
+    host (PendingSample's; on CUDA the pinned download) -- and the block-table copies on the
+    step whose table grew. stop 20's profile had ~10."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    engine = new_engine(llama_setup, max_num_seqs=4, async_scheduling=True, block_size=4)
+    graphs = install_eager_graphs(engine)
+    for graph in graphs._graphs.values():   # the replay's own ops are inside the graph
+        replay = graph.replay
+
+        def unrecorded(replay=replay):
+            with _disable_current_modes():
+                replay()
+        graph.replay = unrecorded
+    runner, steps = engine.runner, []
+    launch = runner.launch
+
+    def recorded_launch(out, prev=None):
+        with Record() as rec:
+            step = launch(out, prev)
+        work = sorted(op for op in rec.ops if op in WORK_OPS)
+        steps.append((step._kind, graphs.block_table_uploads, work))
+        return step
+    runner.launch = recorded_launch
+    prompt = make_prompts(1, seed=3)[0]
+    list(engine.generate([Request(0, prompt, SamplingParams(max_new_tokens=24,
+                                                            ignore_eos=True))]))
+    graph_steps = [(uploads, work) for kind, uploads, work in steps if kind == "graph"]
+    assert len(graph_steps) >= 20
+    steady = ["clone", "copy_", "copy_"]          # token copy; ints upload, slice copy
+    grew = sorted(steady + ["copy_", "copy_"])    # + staging -> block_tables
+    kinds = []
+    for (before, _), (uploads, work) in zip(graph_steps, graph_steps[1:]):
+        assert work == (grew if uploads > before else steady), (uploads, work)
+        kinds.append(uploads > before)
+    # 4-token blocks: the table grows every 4th token, and only then are tables copied.
+    assert 4 <= sum(kinds) <= len(kinds) // 3, kinds
