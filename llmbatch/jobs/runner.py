@@ -17,6 +17,7 @@ from llmbatch.io.manifest import Manifest
 from llmbatch.io.prompts import PromptRenderer
 from llmbatch.io.reader import InputSource, open_input, read_columns
 from llmbatch.io.sharding import resolve_shard
+from llmbatch.io.unique_ids import check_unique_ids
 from llmbatch.io.writer import output_schema
 from llmbatch.jobs.column_types import check_input_columns
 from llmbatch.jobs.committer import InOrderCommitter
@@ -81,6 +82,8 @@ class JobRunner:
         self._source = open_input(spec.input, progress_bars=self.progress_mode != "none",
                                   per_row=spec.sampling.per_row)
         check_input_columns(self._source.schema, spec)   # before the model loads
+        if spec.input.id_column:
+            check_unique_ids(self._source, spec.input.id_column)
         num_rows = self._source.num_rows
         start, end = shard.row_range(num_rows)
         settings = spec.hashed_settings(shard.count)
