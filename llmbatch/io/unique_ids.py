@@ -10,7 +10,8 @@ refuses a repeated custom_id. Null ids are not judged here: each is its own row 
 
 The check reads only the id column, of the WHOLE input, in every shard: each SLURM array task
 sees the same answer, and a duplicate across two shards is found too. Arrow hashes the column
-in C++ (count_distinct, value_counts), so ten million string ids take about a second.
+in C++ (count_distinct, value_counts): ten million 13-character string ids in one Parquet
+file took 4.3 s on this project's 2-core CPU machine (busy with a test run at the time).
 """
 
 from __future__ import annotations
