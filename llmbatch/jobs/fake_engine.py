@@ -65,7 +65,7 @@ class FakeEngine:
         sp = request.sampling_params
         natural = 2 + sum(prompt) % 7           # where this "model" would emit EOS
         n = sp.max_new_tokens if sp.ignore_eos else min(natural, sp.max_new_tokens)
-        if sp.temperature > 0:
+        if not sp.greedy:
             rng = random.Random(f"{sp.seed}:{len(prompt)}")
             out = [prompt[rng.randrange(len(prompt))] for _ in range(n)]
         else:

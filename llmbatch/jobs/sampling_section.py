@@ -12,6 +12,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from llmbatch.jobs.sampling_values import (check_allowed_token_ids, check_stop,
                                            check_stop_token_ids, check_top_k)
 from llmbatch.jobs.section_base import Float, Int, Section
+from llmbatch.runtime.sampling_params import GREEDY_BELOW_TEMPERATURE
 from llmbatch.runtime.structured_outputs import check_spec, schema_text
 
 
@@ -158,9 +159,9 @@ class SamplingSection(Section):
         # transformers refuses num_return_sequences > 1 with greedy search: n copies of one
         # output are almost surely a mistake. A per-row temperature column may still give a
         # row temperature 0; its samples are then equal (README).
-        if self.n > 1 and self.temperature == 0 and "temperature" not in self.per_row:
+        if self.n > 1 and self.temperature < GREEDY_BELOW_TEMPERATURE and "temperature" not in self.per_row:
             raise ValueError(f"sampling.n: {self.n} samples of a greedy job (temperature 0) "
-                             f"are all the same; set sampling.temperature > 0")
+                             f"are all the same; set sampling.temperature >= 1e-5")
         return self
 
     @field_validator("per_row")

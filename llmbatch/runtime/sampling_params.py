@@ -9,11 +9,19 @@ from typing import Optional
 from llmbatch.runtime.structured_outputs import check_spec
 
 
+# A temperature below this samples greedily, as vLLM's (_SAMPLING_EPS): the sampler divides
+# float32 logits by it, which overflowed to inf below ~1e-37 and sampled garbage ids (pad, bos).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# The largest temperature the sampler's float32 can hold: above it T became inf, and masked
+# (-inf) logits became NaN, which argmax picked (a disallowed token, EOS before min_tokens).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 @dataclass
 class SamplingParams:
     """How one request samples and when it stops.
 
-    temperature == 0 means greedy. top_k <= 0 (or -1) disables top-k; top_p == 1.0 disables
+    temperature == 0 (or below GREEDY_BELOW_TEMPERATURE) means greedy. top_k <= 0 (or -1) disables top-k; top_p == 1.0 disables
     top-p; min_p == 0 disables min-p (keep tokens whose probability is >= min_p times the most
     likely token's, after temperature; vLLM's min_p). `seed` makes sampling reproducible per
     request, independent of batch composition. `logprobs`: None for no logprobs, else the
@@ -79,8 +87,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0 or self.temperature == float("inf"):  # NaN fails >=
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= FLOAT32_MAX:  # NaN fails too
+            raise ValueError(f"temperature must be >= 0 and fit a float32 (<= 3.4e38), got "
+                             f"{self.temperature}")
         if not 0.0 < self.top_p <= 1.0:   # NaN fails too
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         for name in ("logprobs", "prompt_logprobs"):
@@ -139,4 +148,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
