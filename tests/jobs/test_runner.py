@@ -113,7 +113,8 @@ def test_per_row_overrides(tmp_path, tiny_tokenizer_dir, fake_engine_env):
                               sampling={"per_row": ["temperature"]}))
     rows = ds.dataset(str(tmp_path / "out2")).to_table().to_pylist()
     assert rows[0]["error"] is None
-    assert rows[1]["error"] == "invalid per-row sampling value: temperature must be >= 0, got -1.0"
+    assert rows[1]["error"] == ("invalid per-row sampling value: temperature must be >= 0 and fit a "
+                              "float32 (<= 3.4e38), got -1.0")
     assert result.exit_code == 3
 
 
@@ -252,9 +253,9 @@ def test_a_resume_reads_each_committed_part_footer_once(tmp_path, prompts, tiny_
     reads = []
     real = manifest.part_defect
 
-    def counting(path, num_rows):
+    def counting(path, num_rows, entry=None):
         reads.append(os.path.basename(path))
-        return real(path, num_rows)
+        return real(path, num_rows, entry)
 
     monkeypatch.setattr(manifest, "part_defect", counting)
     result = run_job(job)
