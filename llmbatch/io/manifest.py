@@ -101,7 +101,8 @@ class Manifest:
         for i, entry in enumerate(entries):
             # sampling.n > 1: n output rows per input row, recorded as num_output_rows.
             why = part_defect(os.path.join(self.out_dir, entry["part"]),
-                              entry.get("num_output_rows", entry["row_end"] - entry["row_start"]))
+                              entry.get("num_output_rows", entry["row_end"] - entry["row_start"]),
+                              entry)
             if why is not None:
                 return i, why
         return None

@@ -231,6 +231,13 @@ def _read_part(path: str, entry: dict) -> pa.Table:
             raise InvalidInputError(f"committed part {path} was written with {key} {meta[key]}, "
                                     f"its manifest entry records {entry[key]}; rerun the job "
                                     f"with output.mode: overwrite")
+    if "row_start" in entry and "row_end" in entry:
+        # sampling.n > 1: n output rows per input row, recorded as num_output_rows.
+        expected = entry.get("num_output_rows", entry["row_end"] - entry["row_start"])
+        if table.num_rows != expected:
+            raise InvalidInputError(f"committed part {path} holds {table.num_rows} rows, its "
+                                    f"manifest entry records {expected}; run the job again "
+                                    f"(output.mode: resume) to produce it again, then merge")
     return table.replace_schema_metadata(None)
 
 

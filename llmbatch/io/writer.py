@@ -16,6 +16,8 @@ import pyarrow.parquet as pq
 from llmbatch.jobs.errors import ResumeError
 
 METADATA_KEY = b"llmbatch"
+# A part's own metadata that its manifest entry records too (io/merge.py checks more keys).
+_ENTRY_KEYS = ("shard", "seq", "row_start", "row_end")
 MISSING = "missing"                # part_defect() of a part file that is not there at all
 
 
@@ -128,12 +130,15 @@ def part_metadata(schema: pa.Schema) -> dict:
     return json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}"))
 
 
-def part_defect(path: str, num_rows: int) -> Optional[str]:
+def part_defect(path: str, num_rows: int, entry: Optional[dict] = None) -> Optional[str]:
     """Why the part file at `path` cannot hold the `num_rows` rows its manifest entry records
     ("missing"; footer unreadable: truncated or overwritten; another row count), or None when
     it can. Reads only the footer, so checking every committed part on resume stays cheap.
     A file that cannot even be looked at (EACCES, a stale network handle) is not called
-    missing: recomputing would also redo every later part, so that refuses (ResumeError)."""
+    missing: recomputing would also redo every later part, so that refuses (ResumeError).
+    `entry` (the manifest entry): a footer whose llmbatch metadata names another shard, seq or
+    row range (a valid part copied over this one) is a defect too; keys a part lacks (an older
+    llmbatch's) are not judged."""
     try:
         os.stat(path)
     except FileNotFoundError:
@@ -142,8 +147,15 @@ def part_defect(path: str, num_rows: int) -> Optional[str]:
         raise ResumeError(f"cannot check committed part {path}: {exc}; rerun when it is "
                           f"reachable") from None
     try:
-        found = pq.ParquetFile(path).metadata.num_rows
+        footer = pq.ParquetFile(path)
+        found = footer.metadata.num_rows
+        meta = part_metadata(footer.schema_arrow) if entry else {}
     except (OSError, ValueError, pa.ArrowException) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"unreadable: {first}"
-    return None if found == num_rows else f"holds {found} rows, the manifest records {num_rows}"
+    if found != num_rows:
+        return f"holds {found} rows, the manifest records {num_rows}"
+    for key in _ENTRY_KEYS:
+        if key in meta and key in entry and meta[key] != entry[key]:
+            return f"was written with {key} {meta[key]}, the manifest records {entry[key]}"
+    return None

@@ -34,7 +34,7 @@ from llmbatch.jobs.path_checks import (check_input_output_overlap, check_local_p
 from llmbatch.jobs.progress import Progress, stderr_line
 from llmbatch.jobs.row_samples import DuplicateSample, RowSamples
 from llmbatch.jobs.rows import fill_error, fill_from_result
-from llmbatch.jobs.shard_lock import ShardLock
+from llmbatch.jobs.shard_lock import ShardLock, refuse_overwrite_of_running_shards
 from llmbatch.jobs.config_hash import folder_spelling, settings_hash
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.jobs.stats import ShardStats, next_run_index, write_stats
@@ -152,6 +152,8 @@ class JobRunner:
         engine = None
         try:
             try:
+                if spec.output.mode == "overwrite":   # before minutes of model loading
+                    refuse_overwrite_of_running_shards(self.out_dir, spec.output.path, plan.shard)
                 self._say(f"llmbatch: loading model {spec.model.path}")
                 engine = usable_engine(make_engine(spec, self.engine_factory))
                 renderer = PromptRenderer(engine.tokenizer, spec.model, spec.input)
@@ -180,6 +182,8 @@ class JobRunner:
         spec = self.spec
         shard = plan.shard
         if spec.output.mode == "overwrite":
+            # Again: one may have started while the model loaded.
+            refuse_overwrite_of_running_shards(self.out_dir, spec.output.path, shard)
             self.manifest.clear(shard.index, all_shards=shard.count == 1,
                                 shard_count=shard.count)
         self._shard, self._plan = shard, plan

@@ -85,6 +85,21 @@ def running_shards(out_dir: str) -> dict[int, Optional[str]]:
     return found
 
 
+def refuse_overwrite_of_running_shards(out_dir: str, key_value: str, shard) -> None:
+    """output.mode: overwrite deletes other shards' files too (all of them for a one-shard job,
+    those of indices >= shard.count otherwise: Manifest.clear). If a live run holds such a
+    shard's lock, refuse (InvalidJobError, exit 2): deleting its committed parts while it went
+    on committing the rest left a folder that read some rows twice and lacked others.
+    `key_value`: output.path as the job spells it; `shard`: an io.sharding.Shard."""
+    busy = {k: pid for k, pid in running_shards(out_dir).items()
+            if k != shard.index and (shard.count == 1 or k >= shard.count)}
+    if busy:
+        names = ", ".join(f"{k}" + (f" (pid {pid})" if pid else "") for k, pid in busy.items())
+        raise InvalidJobError(f"output.path {key_value}: output.mode: overwrite would delete the "
+                              f"files of shard{'s' if len(busy) > 1 else ''} {names}, which a "
+                              f"running llmbatch is writing; wait for it to end or stop it")
+
+
 class ShardLock:
     def __init__(self, out_dir: str, shard: int) -> None:
         self.path = os.path.join(out_dir, lock_name(shard))

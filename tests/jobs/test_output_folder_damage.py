@@ -1,0 +1,91 @@
+"""Damage to an output folder that a helper's review found slipping through (fake engine):
+- merge took a committed part holding another row count than its manifest entry records
+  (rows silently dropped, or doubled); now it refuses (exit 2), as run and plan already
+  noticed and redo such a part;
+- a resume took a committed part overwritten by a copy of another valid part of the same row
+  count (the folder read some rows twice); the footer's shard / seq / row range is now
+  checked against the manifest entry, and the part is produced again;
+- output.mode: overwrite of a one-shard job deleted the parts of a shard another run was
+  still writing; now it refuses while that shard's lock is held."""
+
+import fcntl
+import os
+import shutil
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import yaml
+
+from llmbatch.cli import main
+
+
+def _setup(tmp_path, jobkit, tokenizer_dir, **output) -> None:
+    pd.DataFrame({"prompt": [f"p {i} q" for i in range(20)]}).to_parquet(tmp_path / "inp.parquet")
+    job = jobkit.make_job(tokenizer_dir, "inp.parquet", "out",
+                          output={"rows_per_part": 7, **output})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+
+
+def _ids(folder) -> list:
+    return ds.dataset(str(folder), format="parquet").to_table().column("id").to_pylist()
+
+
+def test_merge_refuses_a_part_with_another_row_count(tmp_path, tiny_tokenizer_dir, jobkit,
+                                                     fake_engine_env, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _setup(tmp_path, jobkit, tiny_tokenizer_dir)
+    assert main(["run", "job.yaml", "--progress", "none"]) == 0
+    part = tmp_path / "out" / "part-00000-00001.parquet"
+    whole = pq.read_table(part)
+    for keep in (2, 14):          # rows 7..13 written as 2 rows, then as 14 (twice over)
+        table = whole.slice(0, 2) if keep == 2 else pa.concat_tables([whole, whole])
+        pq.write_table(table, part)
+        capsys.readouterr()
+        assert main(["merge", "out", "-o", "m.parquet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"llmbatch: error: committed part out/part-00000-00001.parquet holds {keep} rows, its "
+                              f"manifest entry records 7;"), err
+        assert err.count("\n") == 1
+        assert not (tmp_path / "m.parquet").exists()
+    # A resume produces the part again, and merge then takes every row once.
+    assert main(["run", "job.yaml", "--progress", "none", "--set", "output.mode=resume"]) == 0
+    assert main(["merge", "out", "-o", "m.parquet"]) == 0
+    assert pq.read_table(tmp_path / "m.parquet").column("id").to_pylist() == list(range(20))
+
+
+def test_resume_redoes_a_part_overwritten_by_another_valid_part(tmp_path, tiny_tokenizer_dir,
+                                                                jobkit, fake_engine_env,
+                                                                monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _setup(tmp_path, jobkit, tiny_tokenizer_dir, rows_per_part=5)
+    assert main(["run", "job.yaml", "--progress", "none"]) == 0
+    out = tmp_path / "out"
+    shutil.copy(out / "part-00000-00001.parquet", out / "part-00000-00002.parquet")
+    assert sorted(_ids(out)) != list(range(20))       # rows 5..9 twice, 10..14 gone
+    assert main(["run", "job.yaml", "--progress", "none", "--set", "output.mode=resume"]) == 0
+    assert _ids(out) == list(range(20))
+    assert "part-00000-00002.parquet" in capsys.readouterr().err   # said what was redone
+
+
+def test_overwrite_refuses_while_another_shard_runs(tmp_path, tiny_tokenizer_dir, jobkit,
+                                                    fake_engine_env, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _setup(tmp_path, jobkit, tiny_tokenizer_dir)
+    (tmp_path / "out").mkdir()
+    fd = os.open(tmp_path / "out" / "_lock-00001", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)     # shard 1 of an earlier 2-shard layout still runs
+        os.write(fd, b"4242")
+        assert main(["run", "job.yaml", "--progress", "none",
+                     "--set", "output.mode=overwrite"]) == 2
+        assert capsys.readouterr().err == (
+            "llmbatch: error: output.path out: output.mode: overwrite would delete the files "
+            "of shard 1 (pid 4242), which a running llmbatch is writing; wait for it to end "
+            "or stop it\n")
+        assert sorted(os.listdir(tmp_path / "out")) == ["_lock-00001"]
+    finally:
+        os.close(fd)                       # the run ended: overwrite goes ahead
+    assert main(["run", "job.yaml", "--progress", "none", "--set", "output.mode=overwrite"]) == 0
+    assert _ids(tmp_path / "out") == list(range(20))
