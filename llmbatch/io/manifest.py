@@ -33,6 +33,25 @@ from llmbatch.jobs.errors import ResumeError
 __all__ = ["Manifest", "MANIFEST_DIR", "STATS_DIR"]
 
 
+def _check_entry_shape(entry, name: str) -> None:
+    """ValueError unless `entry` (a manifest file's JSON) is what the committer writes: a dict
+    whose integer shard and seq match its file name `name`, integer row_start <= row_end,
+    and part naming the part file of that shard and seq. A hand-edited entry failed later as
+    an internal error (KeyError, TypeError), and a `part` of "../x" read, or had recovery
+    delete, a file outside the folder."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"a JSON {type(entry).__name__}, not an object")
+    for key in ("shard", "seq", "row_start", "row_end"):
+        if type(entry.get(key)) is not int:
+            raise ValueError(f"{key} is {entry.get(key)!r}, not an integer")
+    if not 0 <= entry["row_start"] <= entry["row_end"]:
+        raise ValueError(f"rows [{entry['row_start']}, {entry['row_end']}) are not a range")
+    if name != part_name(entry["shard"], entry["seq"]).replace(".parquet", ".json") \
+            or entry.get("part") != part_name(entry["shard"], entry["seq"]):
+        raise ValueError(f"part {entry.get('part')!r} with shard {entry['shard']} and seq "
+                         f"{entry['seq']} does not match the entry's name")
+
+
 class Manifest:
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
@@ -52,7 +71,9 @@ class Manifest:
                 continue
             try:
                 with open(os.path.join(self.dir, name), encoding="utf-8") as f:
-                    found.append(json.load(f))
+                    entry = json.load(f)
+                _check_entry_shape(entry, name)
+                found.append(entry)
             except FileNotFoundError:
                 continue   # removed since the listing (another shard un-committing its own)
             except (OSError, ValueError) as exc:

@@ -89,3 +89,45 @@ def test_overwrite_refuses_while_another_shard_runs(tmp_path, tiny_tokenizer_dir
         os.close(fd)                       # the run ended: overwrite goes ahead
     assert main(["run", "job.yaml", "--progress", "none", "--set", "output.mode=overwrite"]) == 0
     assert _ids(tmp_path / "out") == list(range(20))
+
+
+def test_a_hand_edited_manifest_entry_is_one_line_exit_2(tmp_path, tiny_tokenizer_dir, jobkit,
+                                                         fake_engine_env, monkeypatch, capsys):
+    """Valid JSON of the wrong shape in a manifest entry was an internal error (KeyError,
+    TypeError: exit 1) in run, plan and merge; a `part` of '../x' read a file outside the
+    folder. Now each is an unreadable entry (exit 2, one line), and nothing is deleted."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    _setup(tmp_path, jobkit, tiny_tokenizer_dir)
+    assert main(["run", "job.yaml", "--progress", "none"]) == 0
+    path = tmp_path / "out" / "_manifest" / "part-00000-00001.json"
+    good = json.loads(path.read_text())
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "x.json").write_text("{}")
+    edits = {"no row_start": lambda e: e.pop("row_start"),
+             "text shard": lambda e: e.update(shard="0"),
+             "bool seq": lambda e: e.update(seq=True),
+             "null part": lambda e: e.update(part=None),
+             "outside part": lambda e: e.update(part="../victim/x.parquet"),
+             "reversed rows": lambda e: e.update(row_start=9, row_end=3)}
+    for what, edit in [*edits.items(), ("a list", None)]:
+        entry = dict(good)
+        if edit is None:
+            path.write_text(json.dumps([entry]))
+        else:
+            edit(entry)
+            path.write_text(json.dumps(entry))
+        files = sorted(os.listdir(tmp_path / "out"))
+        for argv in (["run", "job.yaml", "--progress", "none", "--set", "output.mode=resume"],
+                     ["plan", "job.yaml", "--set", "output.mode=resume"],
+                     ["merge", "out", "-o", "m.parquet"]):
+            capsys.readouterr()
+            assert main(argv) == 2, (what, argv)
+            err = capsys.readouterr().err
+            assert "unreadable manifest entry part-00000-00001.json" in err and \
+                err.count("\n") == 1, (what, argv, err)
+        assert sorted(os.listdir(tmp_path / "out")) == files, what
+    assert (tmp_path / "victim" / "x.json").exists()
+    path.write_text(json.dumps(good))
+    assert main(["merge", "out", "-o", "m.parquet"]) == 0
