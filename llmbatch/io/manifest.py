@@ -115,6 +115,24 @@ class Manifest:
         parts, _ = self.shard_files(shard)
         return bool(parts) or bool(self.entries(shard))
 
+    def refuse_parts_beyond(self, shard_count: int, key_value: str) -> None:
+        """ResumeError (exit 2) when the folder holds part files of a shard index >= shard_count
+        (an earlier run with more shards, its manifest gone or ignored): no task of this job
+        writes or deletes them, so readers of the folder would take their rows as this job's
+        (rows read twice). output.mode: overwrite deletes them (clear); so may the user.
+        `key_value`: output.path as the job spells it."""
+        if not os.path.isdir(self.out_dir):
+            return
+        beyond = sorted(name for name in os.listdir(self.out_dir)
+                        if (m := PART_RE.match(name)) and int(m.group(1)) >= shard_count)
+        if beyond:
+            more = f" and {len(beyond) - 1} more" if len(beyond) > 1 else ""
+            raise ResumeError(f"output.path {key_value} holds {beyond[0]}{more}: parts of a shard "
+                              f"index >= {shard_count}, which a job of {shard_count} "
+                              f"shard{'s' if shard_count > 1 else ''} never writes, so readers "
+                              f"would take their rows as this job's; set output.mode: overwrite "
+                              f"(it deletes them) or remove them")
+
     # -- resuming --------------------------------------------------------------------------
     def first_damaged(self, entries: list[dict]) -> Optional[tuple[int, str]]:
         """(index in `entries`, why) of the first committed part whose file is damaged or

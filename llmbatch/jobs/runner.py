@@ -89,6 +89,8 @@ class JobRunner:
         settings = spec.hashed_settings(shard.count)
         config_hash = settings_hash(settings)
         rows_done = 0
+        if spec.output.mode != "overwrite":
+            self.manifest.refuse_parts_beyond(shard.count, spec.output.path)
         if spec.output.mode == "error" and self.manifest.has_results(shard.index):
             raise InvalidJobError(f"output.path {spec.output.path} already holds results of "
                                   f"shard {shard.index}; set output.mode: resume or overwrite")

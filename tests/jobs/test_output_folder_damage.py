@@ -131,3 +131,27 @@ def test_a_hand_edited_manifest_entry_is_one_line_exit_2(tmp_path, tiny_tokenize
     assert (tmp_path / "victim" / "x.json").exists()
     path.write_text(json.dumps(good))
     assert main(["merge", "out", "-o", "m.parquet"]) == 0
+
+
+def test_parts_of_shards_the_job_never_writes_are_refused(tmp_path, tiny_tokenizer_dir, jobkit,
+                                                          fake_engine_env, monkeypatch, capsys):
+    """A 4-shard run, its manifest deleted, resumed as one shard: shards 1-3's parts stayed
+    and the folder read 35 rows for 20. Now a run that would keep them refuses (exit 2);
+    overwrite deletes them."""
+    monkeypatch.chdir(tmp_path)
+    _setup(tmp_path, jobkit, tiny_tokenizer_dir, rows_per_part=3)
+    for index in range(4):
+        assert main(["run", "job.yaml", "--progress", "none", "--set", f"shard.index={index}",
+                     "--set", "shard.count=4"]) == 0
+    shutil.rmtree(tmp_path / "out" / "_manifest")
+    for mode in ("resume", "error"):
+        capsys.readouterr()
+        assert main(["run", "job.yaml", "--progress", "none", "--set",
+                     f"output.mode={mode}"]) == 2
+        assert capsys.readouterr().err == (
+            "llmbatch: error: output.path out holds part-00001-00000.parquet and 5 more: parts "
+            "of a shard index >= 1, which a job of 1 shard never writes, so readers would take "
+            "their rows as this job's; set output.mode: overwrite (it deletes them) or remove "
+            "them\n")
+    assert main(["run", "job.yaml", "--progress", "none", "--set", "output.mode=overwrite"]) == 0
+    assert _ids(tmp_path / "out") == list(range(20))
