@@ -13,6 +13,11 @@ from typing import Mapping, Optional, Union
 from llmbatch.jobs.errors import InvalidJobError
 
 
+# SLURM's largest MaxArraySize. Far larger counts overflowed the stats writer's int64 after
+# a part was committed (exit 1), and merge's set of shard indices took all memory.
+MAX_SHARDS = 4_000_001
+
+
 @dataclass(frozen=True)
 class Shard:
     index: int
@@ -63,8 +68,8 @@ def resolve_shard(index: Union[str, int], count: Union[str, int],
             index = (task_id - task_min) // task_step
         else:
             index = 0
-    if count < 1:
-        raise InvalidJobError(f"shard.count must be >= 1, got {count}")
+    if not 1 <= count <= MAX_SHARDS:
+        raise InvalidJobError(f"shard.count must be in [1, {MAX_SHARDS}], got {count}")
     if not 0 <= index < count:
         raise InvalidJobError(f"shard.index must be in [0, {count - 1}] for shard.count={count}, "
                               f"got {index}")

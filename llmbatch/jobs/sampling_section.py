@@ -68,7 +68,8 @@ class SamplingSection(Section):
     # vLLM's n: samples per row, each an output row of its own (`sample_index` 0..n-1, which
     # the output has only when n > 1). Job-wide, not per row, so every input row has exactly
     # n output rows. 1 is left out of the config hash.
-    n: Int = Field(default=1, ge=1)
+    # Samples per row; bounded so a typo (1e14) is a one-line error, not a MemoryError.
+    n: Int = Field(default=1, ge=1, le=100_000)
     # vLLM's truncate_prompt_tokens: keep only the last k prompt tokens (left truncation,
     # after the chat template), -1 the longest prompt that runs (max_model_len - 1); None
     # (off) leaves a too-long prompt an error row. Job-wide; None is left out of the hash.

@@ -110,7 +110,9 @@ class InputSection(_Section):
     messages_column: Optional[str] = None
     id_column: Optional[str] = None
     keep_columns: list[str] = Field(default_factory=list)
-    batch_size: Int = Field(default=1024, ge=1)      # rows read and tokenized at a time
+    # Rows read and tokenized at a time; the bound keeps it an int32 for Arrow's readers (a
+    # 20-digit value was an OverflowError, exit 1).
+    batch_size: Int = Field(default=1024, ge=1, le=2**31 - 1)
 
     @model_validator(mode="after")
     def _one_source(self) -> "InputSection":

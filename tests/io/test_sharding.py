@@ -38,7 +38,7 @@ def test_auto_from_slurm_array():
 def test_invalid_shards():
     with pytest.raises(InvalidJobError, match=r"shard.index must be in \[0, 1\]"):
         resolve_shard(2, 2, env={})
-    with pytest.raises(InvalidJobError, match="shard.count must be >= 1"):
+    with pytest.raises(InvalidJobError, match="shard.count must be in \\[1, 4000001\\]"):
         resolve_shard(0, 0, env={})
     with pytest.raises(InvalidJobError, match="SLURM_ARRAY_TASK_ID='x' is not an integer"):
         resolve_shard("auto", "auto", env={"SLURM_ARRAY_TASK_ID": "x",
