@@ -110,7 +110,9 @@ def parse_set(item: str) -> tuple[list[str], Any]:
         return keys, raw
     annotation = _annotation(keys)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else ""
+    except _DuplicateKey as exc:     # '{n: 2, n: 3}' took the last silently, as files did
+        raise InvalidJobError(f"--set {item!r}: {str(exc).split(' at line')[0]}") from None
     except yaml.YAMLError:
         value = raw          # not valid YAML: keep the text; the schema decides if that is ok
         if "${" in raw and raw.lstrip()[:1] in ("{", "[") and annotation not in _TEXT:
@@ -118,6 +120,10 @@ def parse_set(item: str) -> tuple[list[str], Any]:
             # expected a mapping, got '{path: /models/x}'".
             raise InvalidJobError(f"--set {item!r}: YAML reads a ${{...}} inside {{ }} or [ ] "
                                   f"only quoted: write \"${{NAME}}\"") from None
+        if raw.lstrip()[:1] in ("{", "[") and _takes_mapping_or_list(annotation):
+            # 'sampling.stop=[a, b' ran with the one stop string '[a, b'.
+            raise InvalidJobError(f"--set {item!r}: the value is not valid YAML (an unclosed "
+                                  f"[ or {{?)") from None
     if isinstance(value, dict) and not _takes_mapping(annotation):
         value = raw          # "Be brief: yes" is a sentence, not a mapping: keep the text
     elif isinstance(value, (bool, int, float, datetime.date)) and _is_text(annotation):
@@ -153,6 +159,15 @@ def _takes_mapping(annotation: Any) -> bool:
                    if member is not type(None))
     return (isinstance(annotation, type) and issubclass(annotation, BaseModel)) \
         or annotation is dict or typing.get_origin(annotation) is dict
+
+
+def _takes_mapping_or_list(annotation: Any) -> bool:
+    """Whether a field of this type may take a mapping or a list (also when it may take
+    text, as sampling.stop: str or a list of str)."""
+    members = typing.get_args(annotation) \
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return _takes_mapping(annotation) or any(
+        member is list or typing.get_origin(member) is list for member in members)
 
 
 def _is_text(annotation: Any) -> bool:
