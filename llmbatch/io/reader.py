@@ -266,6 +266,7 @@ def open_input(section, progress_bars: bool = False, per_row: Sequence[str] = ()
             raise InvalidInputError("input.path: cannot mix local paths and URLs")
         filesystem = fs
         files.extend(found)
+    _refuse_repeated_files(files, filesystem)
     # pyarrow's datasets decompress .gz and .bz2 by extension, not .zst: such a file was read
     # as its compressed bytes (an internal error for CSV, a parse error for JSON Lines).
     zstd = next((f for f in files if f.lower().endswith(".zst")), None)
@@ -289,6 +290,20 @@ def open_input(section, progress_bars: bool = False, per_row: Sequence[str] = ()
     source = ArrowDatasetSource(dataset, description, fmt, filesystem)
     source.check_readable(read_columns(section, per_row), _required_columns(section))
     return source
+
+
+def _refuse_repeated_files(files: list[str], filesystem) -> None:
+    """InvalidInputError when one file is read twice: listed twice in input.path, matched by
+    two of its entries, or reached again through a symlink (local paths are compared after
+    resolving links). Its rows ran twice and were written twice."""
+    seen: dict[str, str] = {}
+    for name in files:
+        key = name if filesystem is not None else os.path.realpath(name)
+        if key in seen:
+            also = "" if seen[key] == name else f" (also as {seen[key]})"
+            raise InvalidInputError(f"input.path reads {name}{also} twice: its rows would run "
+                                    f"twice; name each input file once")
+        seen[key] = name
 
 
 def _required_columns(section) -> dict[str, str]:
