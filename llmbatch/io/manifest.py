@@ -138,10 +138,7 @@ class Manifest:
         """(index in `entries`, why) of the first committed part whose file is damaged or
         missing (why == MISSING), or None. Reads part footers only; writes nothing."""
         for i, entry in enumerate(entries):
-            # sampling.n > 1: n output rows per input row, recorded as num_output_rows.
-            why = part_defect(os.path.join(self.out_dir, entry["part"]),
-                              entry.get("num_output_rows", entry["row_end"] - entry["row_start"]),
-                              entry)
+            why = part_defect(os.path.join(self.out_dir, entry["part"]), entry)
             if why is not None:
                 return i, why
         return None

@@ -25,14 +25,14 @@ import pyarrow.parquet as pq
 
 from llmbatch.io.config_diff import describe_differences
 from llmbatch.io.sharding import Shard
-from llmbatch.io.writer import part_metadata
+from llmbatch.io.writer import ENTRY_KEYS, entry_output_rows, first_mismatch, part_metadata
 from llmbatch.jobs.errors import InvalidInputError
 
 # What every part of one job shares (writer metadata and manifest entry alike): parts that
 # differ in any of these hold rows of different row ranges or different texts.
 JOB_KEYS = ("shard_count", "config_hash", "num_input_rows")
 # What a part's own metadata must agree on with its manifest entry.
-PART_KEYS = JOB_KEYS + ("shard", "seq", "row_start", "row_end")
+PART_KEYS = JOB_KEYS + ENTRY_KEYS
 OLDER_NOTE = "not checked: parts written by an older llmbatch"
 
 
@@ -226,18 +226,15 @@ def _read_part(path: str, entry: dict) -> pa.Table:
         raise InvalidInputError(f"cannot read committed part {path}: "
                                 f"{' '.join(str(exc).split())}") from None
     meta = part_metadata(table.schema)
-    for key in PART_KEYS:
-        if key in meta and key in entry and meta[key] != entry[key]:
-            raise InvalidInputError(f"committed part {path} was written with {key} {meta[key]}, "
-                                    f"its manifest entry records {entry[key]}; rerun the job "
-                                    f"with output.mode: overwrite")
-    if "row_start" in entry and "row_end" in entry:
-        # sampling.n > 1: n output rows per input row, recorded as num_output_rows.
-        expected = entry.get("num_output_rows", entry["row_end"] - entry["row_start"])
-        if table.num_rows != expected:
-            raise InvalidInputError(f"committed part {path} holds {table.num_rows} rows, its "
-                                    f"manifest entry records {expected}; run the job again "
-                                    f"(output.mode: resume) to produce it again, then merge")
+    key = first_mismatch(meta, entry, PART_KEYS)
+    if key is not None:
+        raise InvalidInputError(f"committed part {path} was written with {key} {meta[key]}, "
+                                f"its manifest entry records {entry[key]}; rerun the job "
+                                f"with output.mode: overwrite")
+    if table.num_rows != entry_output_rows(entry):   # entries are shape-checked (manifest.py)
+        raise InvalidInputError(f"committed part {path} holds {table.num_rows} rows, its "
+                                f"manifest entry records {entry_output_rows(entry)}; run the "
+                                f"job again (output.mode: resume) to produce it again, then merge")
     return table.replace_schema_metadata(None)
 
 

@@ -17,7 +17,7 @@ from llmbatch.jobs.errors import ResumeError
 
 METADATA_KEY = b"llmbatch"
 # A part's own metadata that its manifest entry records too (io/merge.py checks more keys).
-_ENTRY_KEYS = ("shard", "seq", "row_start", "row_end")
+ENTRY_KEYS = ("shard", "seq", "row_start", "row_end")
 MISSING = "missing"                # part_defect() of a part file that is not there at all
 
 
@@ -130,15 +130,27 @@ def part_metadata(schema: pa.Schema) -> dict:
     return json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}"))
 
 
-def part_defect(path: str, num_rows: int, entry: Optional[dict] = None) -> Optional[str]:
-    """Why the part file at `path` cannot hold the `num_rows` rows its manifest entry records
-    ("missing"; footer unreadable: truncated or overwritten; another row count), or None when
-    it can. Reads only the footer, so checking every committed part on resume stays cheap.
+def entry_output_rows(entry: dict) -> int:
+    """The rows a manifest entry's part holds: its input rows, or num_output_rows when each
+    input row has sampling.n > 1 output rows."""
+    return entry.get("num_output_rows", entry["row_end"] - entry["row_start"])
+
+
+def first_mismatch(meta: dict, entry: dict, keys) -> Optional[str]:
+    """The first of `keys` that a part's llmbatch metadata and its manifest entry both hold
+    with different values, or None. A key either lacks (an older llmbatch's part) is not
+    judged."""
+    return next((key for key in keys if key in meta and key in entry and meta[key] != entry[key]),
+                None)
+
+
+def part_defect(path: str, entry: dict) -> Optional[str]:
+    """Why the part file at `path` cannot be the part its manifest `entry` records ("missing";
+    footer unreadable: truncated or overwritten; another row count; footer metadata naming
+    another shard, seq or row range: a valid part copied over this one), or None when it can.
+    Reads only the footer, so checking every committed part on resume stays cheap.
     A file that cannot even be looked at (EACCES, a stale network handle) is not called
-    missing: recomputing would also redo every later part, so that refuses (ResumeError).
-    `entry` (the manifest entry): a footer whose llmbatch metadata names another shard, seq or
-    row range (a valid part copied over this one) is a defect too; keys a part lacks (an older
-    llmbatch's) are not judged."""
+    missing: recomputing would also redo every later part, so that refuses (ResumeError)."""
     try:
         os.stat(path)
     except FileNotFoundError:
@@ -149,13 +161,13 @@ def part_defect(path: str, num_rows: int, entry: Optional[dict] = None) -> Optio
     try:
         footer = pq.ParquetFile(path)
         found = footer.metadata.num_rows
-        meta = part_metadata(footer.schema_arrow) if entry else {}
+        meta = part_metadata(footer.schema_arrow)
     except (OSError, ValueError, pa.ArrowException) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"unreadable: {first}"
-    if found != num_rows:
-        return f"holds {found} rows, the manifest records {num_rows}"
-    for key in _ENTRY_KEYS:
-        if key in meta and key in entry and meta[key] != entry[key]:
-            return f"was written with {key} {meta[key]}, the manifest records {entry[key]}"
+    if found != entry_output_rows(entry):
+        return f"holds {found} rows, the manifest records {entry_output_rows(entry)}"
+    key = first_mismatch(meta, entry, ENTRY_KEYS)
+    if key is not None:
+        return f"was written with {key} {meta[key]}, the manifest records {entry[key]}"
     return None

@@ -160,7 +160,8 @@ class SamplingSection(Section):
         # transformers refuses num_return_sequences > 1 with greedy search: n copies of one
         # output are almost surely a mistake. A per-row temperature column may still give a
         # row temperature 0; its samples are then equal (README).
-        if self.n > 1 and self.temperature < GREEDY_BELOW_TEMPERATURE and "temperature" not in self.per_row:
+        greedy = self.temperature < GREEDY_BELOW_TEMPERATURE
+        if self.n > 1 and greedy and "temperature" not in self.per_row:
             raise ValueError(f"sampling.n: {self.n} samples of a greedy job (temperature 0) "
                              f"are all the same; set sampling.temperature >= 1e-5")
         return self

@@ -21,11 +21,12 @@ FLOAT32_MAX = 3.4028234663852886e38
 class SamplingParams:
     """How one request samples and when it stops.
 
-    temperature == 0 (or below GREEDY_BELOW_TEMPERATURE) means greedy. top_k <= 0 (or -1) disables top-k; top_p == 1.0 disables
-    top-p; min_p == 0 disables min-p (keep tokens whose probability is >= min_p times the most
-    likely token's, after temperature; vLLM's min_p). `seed` makes sampling reproducible per
-    request, independent of batch composition. `logprobs`: None for no logprobs, else the
-    number of top logprobs to return per token (0 returns only the sampled token's logprob).
+    temperature == 0 (or below GREEDY_BELOW_TEMPERATURE) means greedy. top_k <= 0 (or -1)
+    disables top-k; top_p == 1.0 disables top-p; min_p == 0 disables min-p (keep tokens whose
+    probability is >= min_p times the most likely token's, after temperature; vLLM's min_p).
+    `seed` makes sampling reproducible per request, independent of batch composition.
+    `logprobs`: None for no logprobs, else the number of top logprobs to return per token (0
+    returns only the sampled token's logprob).
 
     Penalties (runtime/penalties.py; they change greedy decoding too), as vLLM and transformers
     define them: repetition_penalty (1.0 off, > 0) divides the positive logits and multiplies
