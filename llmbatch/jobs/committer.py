@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Callable
+from typing import Callable, Optional
 
+from llmbatch.io.input_digest import ENTRY_KEY as INPUT_DIGEST_KEY, RowDigests
 from llmbatch.io.manifest import Manifest
 from llmbatch.io.writer import rows_to_table, write_part
 from llmbatch.jobs.errors import output_write_failed
@@ -32,10 +33,13 @@ def crash_hook(stage: str, seq: int) -> None:
 class InOrderCommitter:
     def __init__(self, out_dir: str, manifest: Manifest, entries: list[dict], row_start: int,
                  row_end: int, rows_per_part: int, schema, part_meta: Callable[[], dict],
-                 shard_index: int) -> None:
+                 shard_index: int, digests: Optional[RowDigests] = None) -> None:
         """`entries`: the manifest entries of parts already committed (resume), in order.
-        `part_meta()`: the job-level key-value metadata every part carries."""
+        `part_meta()`: the job-level key-value metadata every part carries. `digests`: the
+        input rows' digests (io/input_digest.py), fed as rows are read; each entry records
+        its part's."""
         self.out_dir, self.manifest, self.schema = out_dir, manifest, schema
+        self.digests = digests
         self.entries = entries
         self.row_end, self.rows_per_part = row_end, rows_per_part
         self.part_meta, self.shard_index = part_meta, shard_index
@@ -103,6 +107,9 @@ class InOrderCommitter:
                      ids=[per_input[0]["id"] for per_input in samples])
         if len(rows) != num_rows:
             entry["num_output_rows"] = len(rows)
+        digest = self.digests.take(lo, hi) if self.digests is not None else None
+        if digest is not None:
+            entry[INPUT_DIGEST_KEY] = digest
         self.manifest.commit(entry)
         crash_hook("after_commit", seq)
         self.entries.append({k: v for k, v in entry.items() if k != "ids"})

@@ -13,6 +13,7 @@ import os
 from typing import Callable, Iterator, Optional
 
 from llmbatch.io.column_values import columns_values
+from llmbatch.io.input_digest import RowDigests, check_resumed_input
 from llmbatch.io.manifest import Manifest
 from llmbatch.io.prompts import PromptRenderer
 from llmbatch.io.reader import InputSource, open_input, read_columns
@@ -25,7 +26,7 @@ from llmbatch.jobs.engine_factory import make_engine, usable_engine
 from llmbatch.jobs.engine_limits import (check_kv_pool, check_sampling,
                                          check_structured_outputs, engine_vocab_size,
                                          kept_prompt_tokens, row_error)
-from llmbatch.jobs.errors import (InternalError, InvalidJobError, JobError, ResumeError, RowError,
+from llmbatch.jobs.errors import (InternalError, InvalidJobError, JobError, RowError,
                                   output_write_failed)
 from llmbatch.jobs.gpu_monitor import GpuMonitor
 from llmbatch.jobs.job_plan import JobPlan, JobResult
@@ -103,11 +104,9 @@ class JobRunner:
             damaged = self.manifest.first_damaged(entries) if check_parts else None
             intact = entries[:damaged[0]] if damaged else entries
             rows_done = intact[-1]["row_end"] - start if intact else 0
-            written_for = entries[0].get("num_input_rows") if entries else None
-            if written_for is not None and written_for != num_rows:
-                raise ResumeError(f"output.path {spec.output.path} was written for an input of "
-                                  f"{written_for} rows, the input now has {num_rows}; set "
-                                  f"output.mode: overwrite to start over")
+            # The same input: its row count, and the rows the intact parts were written from.
+            check_resumed_input(self._source, read_columns(spec.input, spec.sampling.per_row),
+                                entries, intact, spec.input.batch_size, spec.output.path)
         return JobPlan(shard, num_rows, start, end, rows_done, config_hash,
                        self._source.description, settings)
 
@@ -206,7 +205,8 @@ class JobRunner:
                                "num_input_rows": plan.num_input_rows,
                                "config_hash": plan.config_hash, "model": spec.model.path,
                                "settings": plan.settings},
-            shard_index=shard.index)
+            shard_index=shard.index, digests=RowDigests(read_columns(spec.input,
+                                                                     spec.sampling.per_row)))
         resume_row = self._committer.resume_row
         self.stats = ShardStats()
         self._progress = Progress(self.progress_mode, plan.row_end - plan.row_start,
@@ -266,6 +266,7 @@ class JobRunner:
         columns = read_columns(inp, per_row)
         keep = kept_prompt_tokens(spec.sampling, self._max_model_len)
         for first, batch in self._input_batches(start, end, columns, inp.batch_size):
+            self._committer.digests.add(first, batch)
             rendered = renderer.render(batch)   # its errors include a prompt that is not UTF-8
             data, not_utf8 = columns_values(batch, row_columns)   # text not UTF-8: row errors
             for i, (token_ids, error) in enumerate(rendered):

@@ -1,0 +1,128 @@
+"""Digests of the input rows a part was written from, so a resume can tell a changed input.
+
+A resume skips the rows of committed parts. Before this check, only the input's row count was
+compared with the folder's: an input re-exported in another order, or with prompts edited,
+kept its row count, and the resumed folder mixed answers to the old rows with answers to the
+new ones (ids of one row beside the answer of another), exit 0.
+
+Each manifest entry now records `input_digest`: a digest of the values, in the columns the job
+reads (io/reader.read_columns), of the input rows [row_start, row_end) its part was written
+from. A resume recomputes it for every committed part of its shard and refuses on a
+difference (ResumeError, exit 2). Entries written before this have no digest and are not
+checked.
+
+The digest does not depend on how the input is cut into batches (input.batch_size, row groups,
+files): each row has its own digest (ROW_DIGEST_BYTES of blake2b over its values, each
+length-prefixed), and a part's digest is blake2b over its rows' digests in row order.
+Text and binary values are hashed as their bytes (CSV text is read without UTF-8 checks, so a
+value may not decode); any other value as its JSON (dict keys sorted; repr for what JSON
+cannot hold).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Iterable, Optional, Sequence
+
+import pyarrow as pa
+
+from llmbatch.jobs.errors import InternalError, ResumeError
+
+ENTRY_KEY = "input_digest"
+ROW_DIGEST_BYTES = 16
+_NULL = b"\xff" * 8          # a length prefix no value has: null differs from "" and b""
+
+
+def _value_bytes(column: pa.Array) -> list[Optional[bytes]]:
+    """Each value of `column` as bytes (None for a null)."""
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        column, kind = column.dictionary_decode(), kind.value_type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        column = column.cast(pa.large_binary())        # a view: no UTF-8 decoding
+        kind = column.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) \
+            or pa.types.is_fixed_size_binary(kind):
+        return column.to_pylist()
+    return [None if value is None else
+            json.dumps(value, sort_keys=True, default=repr, ensure_ascii=False)
+            .encode("utf-8", "surrogatepass")
+            for value in column.to_pylist()]
+
+
+def row_digests(batch, columns: Sequence[str]) -> list[bytes]:
+    """One ROW_DIGEST_BYTES digest per row of `batch` (a RecordBatch or Table holding
+    `columns`), over the row's values in `columns` order."""
+    encoded = []
+    for name in columns:
+        column = batch.column(name)
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        encoded.append([_NULL if v is None else len(v).to_bytes(8, "little") + v
+                        for v in _value_bytes(column)])
+    return [hashlib.blake2b(b"".join(values), digest_size=ROW_DIGEST_BYTES).digest()
+            for values in zip(*encoded)] if encoded else [b""] * batch.num_rows
+
+
+def part_digest(digests: Iterable[bytes]) -> str:
+    """The digest a manifest entry records for rows whose row_digests are `digests`, in
+    row order."""
+    combined = hashlib.blake2b(digest_size=ROW_DIGEST_BYTES)
+    for digest in digests:
+        combined.update(digest)
+    return combined.hexdigest()
+
+
+class RowDigests:
+    """Row digests of the rows read so far and not yet committed (the committer takes a part's
+    digests when it writes the part's entry)."""
+
+    def __init__(self, columns: Sequence[str]) -> None:
+        self.columns = list(columns)
+        self._digests: dict[int, bytes] = {}
+
+    def add(self, first_row: int, batch) -> None:
+        for i, digest in enumerate(row_digests(batch, self.columns)):
+            self._digests[first_row + i] = digest
+
+    def take(self, lo: int, hi: int) -> Optional[str]:
+        """The part digest of rows [lo, hi), forgetting them; None if a row was never added
+        (a custom source that yields no batches for it: nothing to record then)."""
+        if any(row not in self._digests for row in range(lo, hi)):
+            return None
+        return part_digest(self._digests.pop(row) for row in range(lo, hi))
+
+
+def check_resumed_input(source, columns: Sequence[str], entries: list[dict],
+                        intact: list[dict], batch_size: int, key_value: str) -> None:
+    """ResumeError unless `source` is the input the folder's parts were written from: the
+    same row count as `entries` (one shard's, in row order) record, and, for each part of
+    `intact` (those entries whose part files are sound), the same input rows. Reads those
+    rows once."""
+    written_for = entries[0].get("num_input_rows") if entries else None
+    if written_for is not None and written_for != source.num_rows:
+        raise ResumeError(f"output.path {key_value} was written for an input of {written_for} "
+                          f"rows, the input now has {source.num_rows}; set output.mode: "
+                          f"overwrite to start over")
+    checked = [e for e in intact if isinstance(e.get(ENTRY_KEY), str)]
+    if not checked:
+        return
+    lo, hi = checked[0]["row_start"], checked[-1]["row_end"]
+    digests, pending = RowDigests(columns), iter(checked)
+    entry = next(pending)
+    try:
+        for first, batch in source.iter_batches(lo, hi, columns, batch_size):
+            digests.add(first, batch)
+            # Entry by entry as its rows arrive: a shard of millions of committed rows never
+            # holds all their digests at once.
+            while entry is not None and first + batch.num_rows >= entry["row_end"]:
+                if digests.take(entry["row_start"], entry["row_end"]) != entry[ENTRY_KEY]:
+                    raise ResumeError(
+                        f"output.path {key_value}: input rows [{entry['row_start']}, "
+                        f"{entry['row_end']}) are not the rows {entry['part']} was written "
+                        f"from (the input changed since); restore the input, or set "
+                        f"output.mode: overwrite to start over")
+                entry = next(pending, None)
+    except (OSError, pa.ArrowException) as exc:
+        raise InternalError(f"reading the input failed: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,152 @@
+"""A resume after the input changed but kept its row count (fake engine).
+
+Only the row count was compared: an input re-exported in another order, or with a prompt or a
+kept column edited, resumed with exit 0 and the folder mixed rows answered from the old input
+with rows of the new one. Each manifest entry now records a digest of the input rows its part
+was written from (io/input_digest.py); a resume compares it and refuses (exit 2). The digest
+does not depend on how the input is cut into batches or files, so a resume of the same rows
+still runs."""
+
+import json
+import os
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from llmbatch.cli import main
+from llmbatch.io.input_digest import ENTRY_KEY, RowDigests, part_digest, row_digests
+
+PROMPTS = [f"p {i} q" for i in range(20)]
+
+
+def _write_input(tmp_path, prompts=PROMPTS, tags=None, files=1) -> None:
+    frame = pd.DataFrame({"prompt": prompts,
+                          "tag": tags if tags is not None else [f"t{i}" for i in range(20)]})
+    for old in tmp_path.glob("inp/*.parquet"):
+        old.unlink()
+    (tmp_path / "inp").mkdir(exist_ok=True)
+    cut = len(frame) // files
+    for f in range(files):
+        chunk = frame.iloc[f * cut: len(frame) if f == files - 1 else (f + 1) * cut]
+        chunk.to_parquet(tmp_path / "inp" / f"f{f}.parquet", index=False)
+
+
+def _run_then_lose_last_parts(tmp_path, jobkit, tokenizer_dir, monkeypatch, lose=2) -> None:
+    """A full run of 20 rows in parts of 7/7/6, then its last `lose` parts gone (as after a
+    crash before they were committed)."""
+    monkeypatch.chdir(tmp_path)
+    _write_input(tmp_path)
+    job = jobkit.make_job(tokenizer_dir, "inp", "out", output={"rows_per_part": 7},
+                          input={"keep_columns": ["tag"], "batch_size": 4})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["run", "job.yaml", "--progress", "none"]) == 0
+    for seq in range(3 - lose, 3):
+        os.remove(tmp_path / "out" / f"part-00000-{seq:05d}.parquet")
+        os.remove(tmp_path / "out" / "_manifest" / f"part-00000-{seq:05d}.json")
+
+
+def _resume(*sets) -> int:
+    args = ["run", "job.yaml", "--progress", "none", "--set", "output.mode=resume"]
+    for item in sets:
+        args += ["--set", item]
+    return main(args)
+
+
+def _out(tmp_path) -> pa.Table:
+    return ds.dataset(str(tmp_path / "out"), format="parquet").to_table().sort_by("id")
+
+
+@pytest.mark.parametrize("change", ["reordered", "prompt_edited", "kept_column_edited"])
+def test_resume_refuses_an_input_changed_with_its_row_count(change, tmp_path, tiny_tokenizer_dir,
+                                                            jobkit, fake_engine_env, monkeypatch,
+                                                            capsys):
+    _run_then_lose_last_parts(tmp_path, jobkit, tiny_tokenizer_dir, monkeypatch)
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    if change == "reordered":
+        _write_input(tmp_path, prompts=PROMPTS[::-1], tags=[f"t{i}" for i in range(20)][::-1])
+    elif change == "prompt_edited":
+        _write_input(tmp_path, prompts=PROMPTS[:3] + ["p 3 edited"] + PROMPTS[4:])
+    else:
+        _write_input(tmp_path, tags=[f"t{i}" for i in range(6)] + ["new"]
+                     + [f"t{i}" for i in range(7, 20)])
+    capsys.readouterr()
+    assert _resume() == 2
+    err = capsys.readouterr().err
+    assert err == ("llmbatch: error: output.path out: input rows [0, 7) are not the rows "
+                   "part-00000-00000.parquet was written from (the input changed since); "
+                   "restore the input, or set output.mode: overwrite to start over\n"), err
+    after = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    # Nothing written or deleted (the lock file of a refused run is not left either).
+    assert after == before
+    assert main(["plan", "job.yaml", "--set", "output.mode=resume"]) == 2
+    # As the error says: overwrite starts over, and every row answers the new input.
+    assert _resume("output.mode=overwrite") == 0
+    table = _out(tmp_path)
+    inp = ds.dataset(str(tmp_path / "inp"), format="parquet").to_table()
+    assert table.column("tag").to_pylist() == inp.column("tag").to_pylist()
+
+
+def test_an_edit_in_a_later_part_names_that_part(tmp_path, tiny_tokenizer_dir, jobkit,
+                                                 fake_engine_env, monkeypatch, capsys):
+    _run_then_lose_last_parts(tmp_path, jobkit, tiny_tokenizer_dir, monkeypatch, lose=1)
+    _write_input(tmp_path, prompts=PROMPTS[:13] + ["p 13 edited"] + PROMPTS[14:])
+    capsys.readouterr()
+    assert _resume() == 2
+    assert "input rows [7, 14) are not the rows part-00000-00001.parquet" in \
+        capsys.readouterr().err
+    # An edit in rows no part holds yet is simply read by the resume.
+    _write_input(tmp_path, prompts=PROMPTS[:16] + ["p 16 edited"] + PROMPTS[17:])
+    assert _resume() == 0
+
+
+def test_the_same_rows_cut_otherwise_resume(tmp_path, tiny_tokenizer_dir, jobkit,
+                                            fake_engine_env, monkeypatch):
+    """Other batch sizes and another split into files give the same digests."""
+    _run_then_lose_last_parts(tmp_path, jobkit, tiny_tokenizer_dir, monkeypatch)
+    want = _out(tmp_path).column("output_text").to_pylist()
+    _write_input(tmp_path, files=3)
+    assert _resume("input.batch_size=3") == 0
+    table = _out(tmp_path)
+    assert table.column("id").to_pylist() == list(range(20))
+    assert table.column("output_text").to_pylist()[:7] == want
+    entries = [json.loads(p.read_text()) for p in sorted((tmp_path / "out/_manifest").glob("*"))]
+    assert all(isinstance(e[ENTRY_KEY], str) for e in entries)
+
+
+def test_entries_written_before_digests_still_resume(tmp_path, tiny_tokenizer_dir, jobkit,
+                                                     fake_engine_env, monkeypatch):
+    _run_then_lose_last_parts(tmp_path, jobkit, tiny_tokenizer_dir, monkeypatch)
+    entry_path = tmp_path / "out" / "_manifest" / "part-00000-00000.json"
+    entry = json.loads(entry_path.read_text())
+    del entry[ENTRY_KEY]
+    entry_path.write_text(json.dumps(entry))
+    assert _resume() == 0
+    assert _out(tmp_path).column("id").to_pylist() == list(range(20))
+
+
+def test_row_digests_tell_values_apart():
+    table = pa.table({"a": pa.array(["x", "", None, "ab", "a"], pa.string()),
+                      "b": pa.array(["", "x", "", None, "b"], pa.string())})
+    digests = row_digests(table, ["a", "b"])
+    # ("x", "") vs ("", "x"), null vs "", ("ab", null) vs ("a", "b"): all differ.
+    assert len(set(digests)) == 5
+    # Batching and chunking do not matter; column order does.
+    chunked = pa.Table.from_batches(table.to_batches(max_chunksize=2))
+    assert row_digests(chunked, ["a", "b"]) == digests
+    assert row_digests(table, ["b", "a"]) != digests
+    # Text read without UTF-8 checks (CSV) is hashed as bytes, not decoded.
+    bad = pa.array([b"caf\xe9"], pa.binary()).view(pa.string())
+    assert row_digests(pa.table({"a": bad}), ["a"]) != row_digests(
+        pa.table({"a": pa.array(["caf\u00e9"])}), ["a"])
+    # Non-text values (messages lists of structs, numbers) by their JSON.
+    messages = pa.array([[{"role": "user", "content": "hi"}], [{"role": "user", "content": "ho"}]])
+    assert len(set(row_digests(pa.table({"m": messages}), ["m"]))) == 2
+    kept = RowDigests(["a", "b"])
+    kept.add(10, table)
+    assert kept.take(10, 12) == part_digest(digests[:2])
+    assert kept.take(10, 12) is None          # taken once
+    assert kept.take(12, 16) is None          # row 15 never added
