@@ -60,3 +60,23 @@ def foreign_entries(out_dir: str) -> list[str]:
     return sorted(name for name in os.listdir(out_dir)
                   if not name.startswith(_HIDDEN_PREFIXES)
                   and not (PART_RE.match(name) and not os.path.isdir(os.path.join(out_dir, name))))
+
+
+LOCK_RE = re.compile(r"^_lock-(\d{5,})$")
+
+
+def misshapen_entries(out_dir: str) -> list[str]:
+    """Names llmbatch writes in `out_dir` that are there as the other kind of thing: a file
+    named _manifest or _stats (llmbatch makes them folders), a folder named like a lock file.
+    Found before a run, not as an internal error when the first part commits or the stats are
+    written after all the work."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = []
+    for name in sorted(os.listdir(out_dir)):
+        path = os.path.join(out_dir, name)
+        if name in (MANIFEST_DIR, STATS_DIR) and not os.path.isdir(path):
+            found.append(f"{name} is not a folder")
+        elif LOCK_RE.match(name) and os.path.isdir(path):
+            found.append(f"{name} is a folder, not a lock file")
+    return found

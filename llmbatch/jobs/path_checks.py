@@ -12,7 +12,7 @@ import re
 from typing import Union
 
 from llmbatch.hub_names import is_missing_local_path
-from llmbatch.io.layout import foreign_entries
+from llmbatch.io.layout import foreign_entries, misshapen_entries
 from llmbatch.jobs.errors import InvalidInputError, InvalidJobError
 
 
@@ -53,6 +53,10 @@ def check_output_dir(key_value: str, out_dir: str) -> None:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise InvalidJobError(f"output.path {key_value} holds {foreign[0]}{more}, not written by "
                               f"llmbatch; readers of the folder would mix it with the results: "
+                              f"move it away or use another output.path")
+    misshapen = misshapen_entries(out_dir)
+    if misshapen:
+        raise InvalidJobError(f"output.path {key_value}: {misshapen[0]} (llmbatch writes it); "
                               f"move it away or use another output.path")
 
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import time
 from typing import Optional
 
+from llmbatch.io.layout import LOCK_RE
 from llmbatch.jobs.errors import InvalidJobError
 from llmbatch.jobs.path_checks import missing_dirs
 
@@ -51,7 +51,6 @@ _HELD: set[tuple[int, int]] = set()
 def _file_id(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
-LOCK_RE = re.compile(r"^_lock-(\d{5,})$")
 
 
 def lock_name(shard: int) -> str:
