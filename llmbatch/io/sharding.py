@@ -36,11 +36,11 @@ def _int_env(env: Mapping[str, str], name: str) -> Optional[int]:
     raw = env.get(name)
     if raw is None or raw == "":
         return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidJobError(f"shard: environment variable {name}={raw!r} is not an integer") \
-            from None
+    # ASCII digits only: int() also takes "1_000" and full-width digits, which SLURM never
+    # writes (a hand-set variable with them is a mistake to name, not a shard to guess).
+    if not (raw.isascii() and raw.lstrip("-").isdigit()):
+        raise InvalidJobError(f"shard: environment variable {name}={raw!r} is not an integer")
+    return int(raw)
 
 
 def resolve_shard(index: Union[str, int], count: Union[str, int],
@@ -49,18 +49,28 @@ def resolve_shard(index: Union[str, int], count: Union[str, int],
 
     auto: index = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP (MIN
     defaults to 0, so arrays numbered 1..N work; STEP to 1), count = SLURM_ARRAY_TASK_COUNT;
-    without SLURM array variables: 0 of 1.
+    without SLURM array variables: 0 of 1. A task id without a task count is refused when
+    shard.count is auto (SLURM sets both; running every task as shard 0 of 1 would run the
+    whole input in each); with shard.count set, the task id still gives the index.
     """
     env = os.environ if env is None else env
     task_id = _int_env(env, "SLURM_ARRAY_TASK_ID")
     task_count = _int_env(env, "SLURM_ARRAY_TASK_COUNT")
     task_min = _int_env(env, "SLURM_ARRAY_TASK_MIN") or 0
     # A stepped array (--array=0-10:2) numbers its tasks MIN, MIN+STEP, ...
-    task_step = _int_env(env, "SLURM_ARRAY_TASK_STEP") or 1
+    task_step = _int_env(env, "SLURM_ARRAY_TASK_STEP")
+    task_step = 1 if task_step is None else task_step
+    if task_step < 1:
+        raise InvalidJobError(f"shard: environment variable SLURM_ARRAY_TASK_STEP={task_step} "
+                              f"is not a positive step")
     if count == "auto":
-        count = task_count if (task_id is not None and task_count is not None) else 1
+        if task_id is not None and task_count is None:
+            raise InvalidJobError(
+                f"shard: SLURM_ARRAY_TASK_ID={task_id} is set but SLURM_ARRAY_TASK_COUNT is "
+                f"not; set shard.count (and shard.index) explicitly")
+        count = task_count if task_id is not None else 1
     if index == "auto":
-        if task_id is not None and task_count is not None:
+        if task_id is not None:
             if (task_id - task_min) % task_step:
                 raise InvalidJobError(
                     f"SLURM_ARRAY_TASK_ID={task_id} is not MIN + k*STEP ({task_min}, "

@@ -1,5 +1,7 @@
 """Shard k of n: contiguous, covering, deterministic; SLURM array variables."""
 
+import re
+
 import pytest
 
 from llmbatch.io.sharding import Shard, resolve_shard
@@ -43,3 +45,37 @@ def test_invalid_shards():
     with pytest.raises(InvalidJobError, match="SLURM_ARRAY_TASK_ID='x' is not an integer"):
         resolve_shard("auto", "auto", env={"SLURM_ARRAY_TASK_ID": "x",
                                            "SLURM_ARRAY_TASK_COUNT": "2"})
+
+
+def test_a_task_id_without_a_task_count():
+    """Every task of such an array ran as shard 0 of 1: the whole input in each (the second
+    met the first's lock, or ran it again after). Refused while shard.count is auto; with
+    shard.count set, the task id still gives the index."""
+    env = {"SLURM_ARRAY_TASK_ID": "3"}
+    with pytest.raises(InvalidJobError, match=r"^shard: SLURM_ARRAY_TASK_ID=3 is set but "
+                                              r"SLURM_ARRAY_TASK_COUNT is not; set shard.count"):
+        resolve_shard("auto", "auto", env=env)
+    assert resolve_shard("auto", 4, env=env) == Shard(3, 4)
+    assert resolve_shard("auto", 8, env=dict(env, SLURM_ARRAY_TASK_MIN="1")) == Shard(2, 8)
+    with pytest.raises(InvalidJobError, match=r"shard.index must be in \[0, 1\]"):
+        resolve_shard("auto", 2, env=env)
+    assert resolve_shard(0, 1, env=env) == Shard(0, 1)     # explicit values win
+
+
+@pytest.mark.parametrize("name,raw", [("SLURM_ARRAY_TASK_ID", "1_0"),
+                                      ("SLURM_ARRAY_TASK_COUNT", "\uff14"),   # full-width 4
+                                      ("SLURM_ARRAY_TASK_MIN", " 1"),
+                                      ("SLURM_ARRAY_TASK_STEP", "+2")])
+def test_slurm_numbers_are_plain_ascii_integers(name, raw):
+    env = dict({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}, **{name: raw})
+    with pytest.raises(InvalidJobError, match=re.escape(f"{name}={raw!r} is not an integer")):
+        resolve_shard("auto", "auto", env=env)
+
+
+@pytest.mark.parametrize("step", ["0", "-2"])
+def test_a_step_below_one_is_refused(step):
+    env = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4",
+           "SLURM_ARRAY_TASK_STEP": step}
+    with pytest.raises(InvalidJobError, match=f"SLURM_ARRAY_TASK_STEP={int(step)} is not a "
+                                              f"positive step"):
+        resolve_shard("auto", "auto", env=env)
