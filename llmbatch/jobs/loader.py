@@ -246,7 +246,17 @@ def expand_env(value: Any, where: str = "") -> Any:
             raise InvalidJobError(f"{where}: environment variable {name} is not set")
         return current
 
-    return _ENV_RE.sub(substitute, value)
+    text = _ENV_RE.sub(substitute, value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # A lone surrogate ("\ud800" in a double-quoted YAML string, or an environment value
+        # that was not UTF-8): the tokenizer, the chat template or the Parquet writer failed
+        # on it after the model loaded (exit 1).
+        raise InvalidJobError(f"{where or 'value'}: {exc.object[exc.start]!a} at position "
+                              f"{exc.start} is not valid Unicode text (a lone surrogate)") \
+            from None
+    return text
 
 
 def validate(data: dict) -> JobSpec:
