@@ -166,9 +166,12 @@ class EngineConfig:
         # Like vLLM: no "0 means default" (null is the default) and never a silent clamp.
         if self.max_model_len is not None and (isinstance(self.max_model_len, bool)
                                                or not isinstance(self.max_model_len, int)
-                                               or self.max_model_len < 1):
-            raise ValueError(f"max_model_len must be an integer >= 1 or null (the model's "
-                             f"max_position_embeddings), got {self.max_model_len!r}")
+                                               or self.max_model_len < 2):
+            # 1 would leave no room for an output token after the shortest prompt: every
+            # request an error.
+            raise ValueError(f"max_model_len must be an integer >= 2 (a prompt token and an "
+                             f"output token) or null (the model's max_position_embeddings), "
+                             f"got {self.max_model_len!r}")
         if self.kv_cache_blocks is not None and self.kv_cache_blocks < 1:
             raise ValueError(f"kv_cache_blocks must be >= 1 or null, got {self.kv_cache_blocks}")
         if self.quantize_embeddings and self.quantization != "nf4":

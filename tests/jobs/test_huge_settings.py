@@ -40,3 +40,18 @@ def test_a_huge_slurm_array_count_is_exit_2(tmp_path, tiny_tokenizer_dir, jobkit
     assert capsys.readouterr().err == ("llmbatch: error: shard.count must be in [1, 4000001], "
                                        "got 99999999999999999999\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_max_model_len_of_one_is_refused(tmp_path, monkeypatch, capsys):
+    """engine.max_model_len: 1 was accepted and every row became an error row (exit 3): no
+    prompt leaves room for an output token. 0 and null stay the model's own length."""
+    from llmbatch.api import load
+    from llmbatch.jobs.errors import InvalidJobError
+
+    job = {"model": {"path": "m"}, "input": {"path": "x.parquet"}, "output": {"path": "out"}}
+    with pytest.raises(InvalidJobError, match=r"^engine.max_model_len: must be 0 or null \(the "
+                                              r"model's own context length\) or >= 2: a row "
+                                              r"needs a prompt token and an output token"):
+        load(job, engine={"max_model_len": 1})
+    for value in (0, None, 2):
+        assert load(job, engine={"max_model_len": value}).engine.max_model_len == value

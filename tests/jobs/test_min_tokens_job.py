@@ -16,7 +16,7 @@ from llmbatch.jobs.column_types import check_per_row_types
 from llmbatch.jobs.errors import InvalidInputError, ResumeError
 from llmbatch.jobs.loader import load_job
 from llmbatch.jobs.sampling_values import row_value
-from llmbatch.jobs.spec import PER_ROW_KEYS
+from llmbatch.jobs.sampling_section import PER_ROW_KEYS
 from tests.jobs.test_penalty_hash import half_done_folder
 from tests.jobs.test_penalty_section import error_of, job
 from tests.jobs.test_review_findings_jobs import RecordingEngine

@@ -14,7 +14,7 @@ from llmbatch.jobs.column_types import check_per_row_types
 from llmbatch.jobs.errors import InvalidInputError
 from llmbatch.jobs.loader import load_job
 from llmbatch.jobs.sampling_values import row_value
-from llmbatch.jobs.spec import PER_ROW_KEYS
+from llmbatch.jobs.sampling_section import PER_ROW_KEYS
 from tests.jobs.test_review_findings_jobs import RecordingEngine
 
 KEYS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "min_p")

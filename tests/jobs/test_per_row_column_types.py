@@ -15,7 +15,7 @@ from llmbatch.cli import main
 from llmbatch.jobs.column_types import ACCEPTED, check_per_row_types
 from llmbatch.jobs.errors import InvalidInputError
 from llmbatch.jobs.sampling_values import row_value
-from llmbatch.jobs.spec import PER_ROW_KEYS
+from llmbatch.jobs.sampling_section import PER_ROW_KEYS
 
 NUMBER = "a number column (float or int)"
 INTEGER = "an integer column (int, or float holding whole numbers)"

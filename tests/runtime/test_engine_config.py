@@ -8,12 +8,15 @@ from llmbatch.runtime.config import EngineConfig, EngineConfigError
 from tests.runtime.tiny_models import new_engine
 
 
-@pytest.mark.parametrize("value", [0, -3, True, 2.5])
-def test_max_model_len_below_one_or_not_an_integer_is_refused(value):
+@pytest.mark.parametrize("value", [1, 0, -3, True, 2.5])
+def test_max_model_len_below_two_or_not_an_integer_is_refused(value):
+    # 1 too: no room for an output token after a one-token prompt (every request an error).
     with pytest.raises(ValueError) as info:
         EngineConfig(model="m", max_model_len=value)
-    assert str(info.value) == (f"max_model_len must be an integer >= 1 or null (the model's "
-                               f"max_position_embeddings), got {value!r}")
+    assert str(info.value) == (f"max_model_len must be an integer >= 2 (a prompt token and an "
+                               f"output token) or null (the model's max_position_embeddings), "
+                               f"got {value!r}")
+    assert EngineConfig(model="m", max_model_len=2).max_model_len == 2
 
 
 def test_resolve_max_model_len():
