@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from llmbatch.jobs.latency_sketch import LatencySketch
 from llmbatch.io.manifest import STATS_DIR
+from llmbatch.jobs.errors import InvalidInputError
 from llmbatch.io.writer import write_atomic_bytes
 
 STATS_METADATA_KEY = b"llmbatch.stats"
@@ -178,5 +179,14 @@ def read_stats(out_dir: str) -> pa.Table:
     directory = os.path.join(out_dir, STATS_DIR)
     files = sorted(n for n in os.listdir(directory) if n.endswith(".parquet")
                    and n.startswith("stats-")) if os.path.isdir(directory) else []
-    tables = [pq.read_table(os.path.join(directory, n), schema=STATS_SCHEMA) for n in files]
+    tables = []
+    for name in files:
+        path = os.path.join(directory, name)
+        try:   # (an older file lacking a newer column reads it as nulls)
+            tables.append(pq.read_table(path, schema=STATS_SCHEMA))
+        except (pa.ArrowException, OSError) as exc:
+            # A damaged or foreign file was a traceback (exit 1) of `llmbatch stats`.
+            raise InvalidInputError(f"{path}: not a stats file llmbatch can read "
+                                    f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") \
+                from None
     return pa.concat_tables(tables) if tables else STATS_SCHEMA.empty_table()
