@@ -38,6 +38,11 @@ def check_output_dir(key_value: str, out_dir: str) -> None:
     model loads: otherwise a typo costs a model load and ends as an internal error."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise InvalidJobError(f"output.path {key_value} exists and is not a directory")
+    if os.path.islink(out_dir) and not os.path.exists(out_dir):
+        # makedirs() cannot follow it: "File exists" (exit 1) after the model loaded.
+        raise InvalidJobError(f"output.path {key_value} is a symlink to "
+                              f"{os.readlink(out_dir)}, which does not exist; create it or use "
+                              f"another output.path")
     # The nearest existing ancestor is where os.makedirs will create the first new folder.
     missing = missing_dirs(out_dir)
     ancestor = os.path.dirname(missing[-1]) if missing else out_dir

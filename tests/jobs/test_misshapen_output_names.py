@@ -41,3 +41,20 @@ def test_misshapen_own_names_are_refused_up_front(name, kind, said, tmp_path, ti
     target = tmp_path / "out" / name
     target.unlink() if kind == "file" else target.rmdir()
     assert main(["run", "job.yaml", "--progress", "none"]) == 0
+
+
+def test_a_dangling_symlink_output_path(tmp_path, tiny_tokenizer_dir, jobkit, fake_engine_env,
+                                        monkeypatch, capsys):
+    """It was "File exists" (exit 1) from makedirs after the model loaded."""
+    monkeypatch.chdir(tmp_path)
+    pd.DataFrame({"prompt": ["a b"]}).to_parquet(tmp_path / "inp.parquet")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(
+        jobkit.make_job(tiny_tokenizer_dir, "inp.parquet", "out")))
+    os.symlink(tmp_path / "gone", tmp_path / "out")
+    assert main(["run", "job.yaml", "--progress", "none"]) == 2
+    assert capsys.readouterr().err == (f"llmbatch: error: output.path out is a symlink to "
+                                       f"{tmp_path / 'gone'}, which does not exist; create it "
+                                       f"or use another output.path\n")
+    os.mkdir(tmp_path / "gone")
+    assert main(["run", "job.yaml", "--progress", "none"]) == 0
+    assert any(name.startswith("part-") for name in os.listdir(tmp_path / "gone"))
