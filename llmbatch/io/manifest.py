@@ -143,16 +143,30 @@ class Manifest:
                 return i, why
         return None
 
+    def contiguous(self, entries: list[dict], shard: int, row_start: int) -> list[dict]:
+        """`shard`'s entries among `entries` (sorted by seq), checked to be seq 0, 1, ... with
+        rows following on from `row_start` (ResumeError otherwise). Run and plan check it
+        before the model loads."""
+        entries = [e for e in entries if e["shard"] == shard]
+        expected_row = row_start
+        for seq, entry in enumerate(entries):
+            if entry["seq"] != seq:      # named: it was "not contiguous at" the next part
+                gap = (f"the manifest entry of part {part_name(shard, seq)} is missing (the "
+                       f"next is {entry['part']})")
+            elif entry["row_start"] != expected_row:
+                gap = (f"part {entry['part']} starts at row {entry['row_start']}, where row "
+                       f"{expected_row} was due")
+            else:
+                expected_row = entry["row_end"]
+                continue
+            raise ResumeError(f"output.path {self.out_dir}: manifest of shard {shard} is not "
+                              f"contiguous: {gap}; set output.mode: overwrite")
+        return entries
+
     def recover(self, shard: int, row_start: int) -> list[dict]:
         """Drop uncommitted leftovers of `shard`; return its committed entries (checked to be
         contiguous from `row_start`), cut before the first damaged or missing part."""
-        entries = self.entries(shard)
-        expected_row = row_start
-        for seq, entry in enumerate(entries):
-            if entry["seq"] != seq or entry["row_start"] != expected_row:
-                raise ResumeError(f"output.path {self.out_dir}: manifest of shard {shard} is not "
-                                  f"contiguous at part {entry['part']}; set output.mode: overwrite")
-            expected_row = entry["row_end"]
+        entries = self.contiguous(self.entries(shard), shard, row_start)
         entries = self._uncommit_damaged(entries)
         committed = {e["part"] for e in entries}
         parts, temps = self.shard_files(shard)

@@ -99,7 +99,7 @@ class JobRunner:
             every = self.manifest.entries()    # read once: every shard's, sorted by shard
             config_hash, settings = folder_spelling(every, config_hash, settings)
             self.manifest.check_hash(config_hash, settings, shard.index, shard.count, every)
-            entries = [e for e in every if e["shard"] == shard.index]
+            entries = self.manifest.contiguous(every, shard.index, start)
             # A damaged or missing part and those after it are produced again (Manifest.recover).
             damaged = self.manifest.first_damaged(entries) if check_parts else None
             intact = entries[:damaged[0]] if damaged else entries

@@ -155,3 +155,32 @@ def test_parts_of_shards_the_job_never_writes_are_refused(tmp_path, tiny_tokeniz
             "them\n")
     assert main(["run", "job.yaml", "--progress", "none", "--set", "output.mode=overwrite"]) == 0
     assert _ids(tmp_path / "out") == list(range(20))
+
+
+def test_a_missing_middle_manifest_entry_is_named_before_the_model_loads(
+        tmp_path, tiny_tokenizer_dir, jobkit, fake_engine_env, monkeypatch, capsys):
+    """It named the part after the gap ('not contiguous at part part-00000-00002'), and only
+    after the model had loaded (Manifest.recover); plan said nothing."""
+    monkeypatch.chdir(tmp_path)
+    _setup(tmp_path, jobkit, tiny_tokenizer_dir)
+    assert main(["run", "job.yaml", "--progress", "none"]) == 0
+    middle = tmp_path / "out" / "_manifest" / "part-00000-00001.json"
+    kept = middle.read_text()
+    middle.unlink()
+    want = (f"llmbatch: error: output.path {tmp_path / 'out'}: manifest of shard 0 is not "
+            "contiguous: the "
+            "manifest entry of part part-00000-00001.parquet is missing (the next is "
+            "part-00000-00002.parquet); set output.mode: overwrite\n")
+    monkeypatch.setenv("LLMBATCH_ENGINE_FACTORY", "no_such_module:factory")   # never reached
+    for command in (["run", "job.yaml", "--progress", "none"], ["plan", "job.yaml"]):
+        capsys.readouterr()
+        assert main(command) == 2
+        assert capsys.readouterr().err == want
+    # An entry whose rows do not follow on from the one before it.
+    middle.write_text(kept)
+    last = tmp_path / "out" / "_manifest" / "part-00000-00002.json"
+    last.write_text(last.read_text().replace('"row_start": 14', '"row_start": 15'))
+    capsys.readouterr()
+    assert main(["plan", "job.yaml"]) == 2
+    assert "not contiguous: part part-00000-00002.parquet starts at row 15, where row 14 was " \
+           "due;" in capsys.readouterr().err
