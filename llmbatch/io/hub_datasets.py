@@ -170,6 +170,11 @@ def _load_dataset_table(name: str, split: str, split_set: bool):
     if is_missing_local_path(name):
         raise InvalidInputError(f"input.dataset {name}: no such local directory (a Hugging Face "
                                 f"Hub dataset id is 'name' or 'org/name')")
+    if os.path.isfile(local):
+        # datasets took the file's name for a Hub id: minutes of retries, then a ConnectionError.
+        raise InvalidInputError(f"input.dataset {name} is a file; input.dataset takes a dataset "
+                                f"folder or a Hub id: set input.path to read a Parquet, JSON "
+                                f"Lines or CSV file")
     try:
         # A save_to_disk folder (Dataset or DatasetDict); any other folder goes through
         # load_dataset (local data folders), as does a Hub id (downloaded or cached).

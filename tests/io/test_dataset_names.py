@@ -36,6 +36,19 @@ def test_a_missing_local_path_is_one_line_at_once(tmp_path, monkeypatch, no_load
     assert info.value.exit_code == EXIT_INVALID
 
 
+@pytest.mark.parametrize("name", ["in.parquet", "data/rows.jsonl"])
+def test_a_local_file_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, no_load, name):
+    """It went to datasets.load_dataset as a Hub id: retries, then a ConnectionError."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / name).write_text("x")
+    with pytest.raises(InvalidInputError) as info:
+        open_input(InputSection(dataset=name))
+    assert info.value.message == (f"input.dataset {name} is a file; input.dataset takes a "
+                                  f"dataset folder or a Hub id: set input.path to read a "
+                                  f"Parquet, JSON Lines or CSV file")
+
+
 @pytest.mark.parametrize("name, hub", [("squad", True), ("org/name", True), ("in/dss", True),
                                        ("./x", False), ("a/b/c", False), ("a\\b", False),
                                        ("org/", False), ("", False)])
