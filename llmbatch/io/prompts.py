@@ -37,6 +37,12 @@ def check_columns(schema: pa.Schema, input_section, per_row: Sequence[str],
         if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
             raise InvalidInputError(f"input.messages_column {input_section.messages_column!r} "
                                     f"has type {kind}, expected a list of {{role, content}}")
+        item = kind.value_type
+        if not (pa.types.is_struct(item) or pa.types.is_map(item) or pa.types.is_null(item)):
+            # list<string>: every row was its own error row ("message 0 is not a mapping").
+            raise InvalidInputError(f"input.messages_column {input_section.messages_column!r} "
+                                    f"has type {kind}, expected a list of {{role, content}} "
+                                    f"(for a column of prompt strings, use input.prompt_column)")
     else:
         need(input_section.prompt_column, "input.prompt_column")
         kind = schema.field(input_section.prompt_column).type

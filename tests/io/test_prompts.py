@@ -106,6 +106,23 @@ def test_check_columns():
         check_columns(schema, InputSection(path="x"), ["temperature"])
 
 
+@pytest.mark.parametrize("item", [pa.string(), pa.int64(), pa.list_(pa.string())])
+def test_a_messages_column_of_other_lists_is_refused_up_front(item):
+    """list<string> made every row its own error row; a list of structs or maps (or of nulls
+    only, as an empty JSON list reads) stays a row-by-row matter."""
+    kind = pa.list_(item)
+    schema = pa.schema([("m", kind)])
+    with pytest.raises(InvalidInputError) as info:
+        check_columns(schema, InputSection(path="x", messages_column="m"), [])
+    assert info.value.message == (f"input.messages_column 'm' has type {kind}, expected a list "
+                                  f"of {{role, content}} (for a column of prompt strings, use "
+                                  f"input.prompt_column)")
+    for fine in (pa.struct([("role", pa.string()), ("content", pa.string())]),
+                 pa.map_(pa.string(), pa.string()), pa.null()):
+        check_columns(pa.schema([("m", pa.large_list(fine))]),
+                      InputSection(path="x", messages_column="m"), [])
+
+
 BROKEN_TEMPLATE = "{% for m in messages %}{{ m.content }\n"
 
 
