@@ -57,15 +57,15 @@ def options(all_rows: bool = False):
         return switch
 
     def argmax_in_torch(engine, device):
-        from llmbatch.runtime import sampler
+        from llmbatch.runtime import greedy_argmax
 
-        saved["argmax"], sampler.TRITON_ARGMAX = sampler.TRITON_ARGMAX, False
+        saved["argmax"], greedy_argmax.TRITON_ARGMAX = greedy_argmax.TRITON_ARGMAX, False
         return ""
 
     def argmax_back(engine):
-        from llmbatch.runtime import sampler
+        from llmbatch.runtime import greedy_argmax
 
-        sampler.TRITON_ARGMAX = saved.pop("argmax", sampler.TRITON_ARGMAX)
+        greedy_argmax.TRITON_ARGMAX = saved.pop("argmax", greedy_argmax.TRITON_ARGMAX)
 
     def attention(field: str, value: int):
         def apply(engine, device=None):

@@ -17,7 +17,7 @@ Options (each row is the defaults plus one change):
     split reduce fused   split-KV partials merged by the attention kernel's last split, no
                          second launch (TritonAttentionBackend.fused_split_reduce; opt-in)
     argmax in torch      greedy argmax as ~5 torch launches, not the 2 Triton ones
-                         (sampler.TRITON_ARGMAX, on by default on CUDA)
+                         (greedy_argmax.TRITON_ARGMAX, on by default on CUDA)
     attention ...        the decode attention's split count forced to 8 or 32 (the heuristic
                          gives 16 at batch 1), or its key tile at 32 or 128 (default 64)
     sync scheduling      engine.async_scheduling off (the default is on for CUDA)

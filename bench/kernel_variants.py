@@ -140,7 +140,7 @@ def _variants():
     out.append(("l2_touch", lp._l2_touch_kernel, sig, {"BLOCK": lp.BLOCK_WORDS},
                 {"num_warps": 4}, _aligned(sig, ("n_words",))))
     ta = importlib.import_module("llmbatch.runtime.triton_argmax")
-    # sampler.greedy_argmax on CUDA: float32 logits, Llama 3's 128256 columns (126 chunks).
+    # greedy_argmax.greedy_argmax on CUDA: float32 logits, Llama 3's 128256 columns (126 chunks).
     sig = {"logits_ptr": "*fp32", "row_stride": "i32", "vocab": "i32", "val_ptr": "*fp32",
            "idx_ptr": "*i32", "num_chunks": "i32", "CHUNK": "constexpr"}
     out.append(("argmax chunks", ta._chunk_argmax_kernel, sig, {"CHUNK": ta.CHUNK},

@@ -132,3 +132,16 @@ def test_stop17_tiles_row_swaps_the_gemv_table_and_back():
         block_n=16, block_k=512, num_warps=4, split_k=1, num_stages=3)}
     undo(engine)
     assert [gemv.pick_config(n_w, k) for n_w, k in shapes] == before
+
+
+def test_argmax_in_torch_row_turns_the_triton_argmax_off_and_back(monkeypatch):
+    """The flag lives in runtime/greedy_argmax.py since it moved out of sampler.py; a row that
+    still set sampler.TRITON_ARGMAX would have measured the defaults twice."""
+    from llmbatch.runtime import greedy_argmax
+
+    monkeypatch.setattr(greedy_argmax, "TRITON_ARGMAX", True)
+    _, apply, undo = {o[0]: o for o in options(all_rows=True)}["argmax in torch"]
+    apply(None, torch.device("cpu"))
+    assert greedy_argmax.TRITON_ARGMAX is False
+    undo(None)
+    assert greedy_argmax.TRITON_ARGMAX is True

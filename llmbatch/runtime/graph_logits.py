@@ -25,10 +25,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from llmbatch.runtime.sampler import greedy_argmax
+from llmbatch.runtime.greedy_argmax import greedy_argmax
 
 # Graphs of at most this many tokens (batch size x tokens per sequence) compute the logits.
-# 16 is the greedy argmax's two-stage (Triton) limit, sampler._TWO_STAGE_MAX_ROWS.
+# 16 is the greedy argmax's two-stage (Triton) limit, greedy_argmax._TWO_STAGE_MAX_ROWS.
 LOGITS_MAX_ROWS = 16
 
 

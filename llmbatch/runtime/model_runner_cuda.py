@@ -22,12 +22,12 @@ class CudaFastPathsMixin:
     max_model_len and block_size (the graphs are captured after the KV pool is allocated)."""
 
     def _check_triton_argmax(self) -> Optional[str]:
-        """On CUDA, the greedy argmax's Triton path (sampler.TRITON_ARGMAX) must equal
+        """On CUDA, the greedy argmax's Triton path (greedy_argmax.TRITON_ARGMAX) must equal
         torch.argmax on this GPU (triton_argmax.self_check); if not, it is turned off for the
         process and the reason reported (stats()["triton_argmax_error"]), not the job failed."""
-        from llmbatch.runtime import sampler
+        from llmbatch.runtime import greedy_argmax
 
-        if self.device.type != "cuda" or not sampler.TRITON_ARGMAX:
+        if self.device.type != "cuda" or not greedy_argmax.TRITON_ARGMAX:
             return None
         try:
             from llmbatch.runtime.triton_argmax import self_check
@@ -36,7 +36,7 @@ class CudaFastPathsMixin:
         else:
             error = self_check(self.device)
         if error is not None:
-            sampler.TRITON_ARGMAX = False
+            greedy_argmax.TRITON_ARGMAX = False
             logger.warning("Triton greedy argmax turned off (torch.argmax instead): %s", error)
         return error
 

@@ -1,5 +1,5 @@
-"""Greedy argmax over a large vocabulary in two Triton launches (sampler.greedy_argmax's path
-for few rows on CUDA).
+"""Greedy argmax over a large vocabulary in two Triton launches (greedy_argmax.py's path for
+few rows on CUDA).
 
 torch.argmax over one row of 128k logits runs as a one-pass reduction that leaves the GPU
 idle (27 us on an H200); its two-stage torch form (chunk max, argmax of the maxima, gather,
@@ -94,7 +94,7 @@ def self_check(device: torch.device, vocab: int = 128256, dtype: torch.dtype = t
     rows, ties inside and across chunks, a NaN, a row of -inf), else why not. ModelRunner runs
     it once at start-up on CUDA, before any graph is captured: the kernel never ran on a GPU
     before it became the default there (stop 10), and a wrong argmax would silently change
-    every greedy token, so a failure turns the Triton path off (sampler.TRITON_ARGMAX) instead
+    every greedy token, so a failure turns the Triton path off (greedy_argmax.TRITON_ARGMAX) instead
     of failing the job."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     for rows in (1, 16):

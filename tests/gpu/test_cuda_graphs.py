@@ -138,7 +138,7 @@ def test_graph_logits_equal_the_eager_lm_head_and_argmax_bitwise(tiny):
     """runtime/graph_logits.py: graphs of <= 16 tokens also compute the logits and the greedy
     argmax; a replay's logits equal the eager LM head on the same padded hidden states bit for
     bit and its ids their argmax; larger graphs and graph_logits=False have no tail."""
-    from llmbatch.runtime.sampler import greedy_argmax
+    from llmbatch.runtime.greedy_argmax import greedy_argmax
 
     path, _ = tiny
     runner = ModelRunner(config(path, "bfloat16", cuda_graphs=True))

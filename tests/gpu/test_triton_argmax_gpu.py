@@ -1,6 +1,6 @@
 """triton_argmax.py compiled on CUDA: the CPU cases of tests/runtime/test_triton_argmax.py
 (ties across chunks, NaN, -inf rows, -0.0) for float32, bfloat16 and float16 logits, and
-sampler.greedy_argmax taking it for few rows over Llama 3's vocabulary (the tiny test models'
+greedy_argmax.greedy_argmax taking it for few rows over Llama 3's vocabulary (the tiny test models'
 vocabularies are too small to reach this path in the engine tests)."""
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ def test_equals_torch_argmax_cuda(vocab, dtype):
 
 
 def test_greedy_argmax_takes_the_triton_path_on_cuda(monkeypatch):
-    from llmbatch.runtime import sampler, triton_argmax as ta
+    from llmbatch.runtime import greedy_argmax as ga, triton_argmax as ta
 
     calls = []
     real = ta.triton_argmax
     monkeypatch.setattr(ta, "triton_argmax", lambda x: calls.append(x.shape) or real(x))
     x = torch.randn(4, 128256, device="cuda")
-    assert torch.equal(sampler.greedy_argmax(x), torch.argmax(x, dim=-1))
+    assert torch.equal(ga.greedy_argmax(x), torch.argmax(x, dim=-1))
     assert calls == [(4, 128256)]
-    monkeypatch.setattr(sampler, "TRITON_ARGMAX", False)
-    assert torch.equal(sampler.greedy_argmax(x), torch.argmax(x, dim=-1))
+    monkeypatch.setattr(ga, "TRITON_ARGMAX", False)
+    assert torch.equal(ga.greedy_argmax(x), torch.argmax(x, dim=-1))
     assert calls == [(4, 128256)]
 
 

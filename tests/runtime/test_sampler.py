@@ -263,7 +263,7 @@ def test_default_seed_rejects_negative_arrival_index():
 def test_two_stage_greedy_argmax_equals_torch_argmax(vocab):
     """The chunked argmax (used on CUDA for few rows) picks exactly torch.argmax's index:
     first maximum on ties, first NaN when there is one, 0 for a row of -inf."""
-    from llmbatch.runtime.sampler import greedy_argmax
+    from llmbatch.runtime.greedy_argmax import greedy_argmax
 
     g = torch.Generator().manual_seed(vocab)
     for trial in range(40):
@@ -287,7 +287,7 @@ def test_two_stage_greedy_argmax_takes_strided_and_empty_logits():
     """The LM head's TP gather slices off padding columns: float32 logits arrive non-contiguous
     (logits.float() is then a no-op). The chunked path must not need a contiguous tensor, nor
     rows (Sampler.sample accepts zero rows)."""
-    from llmbatch.runtime.sampler import greedy_argmax
+    from llmbatch.runtime.greedy_argmax import greedy_argmax
 
     full = torch.randn(2, 32768 + 7, generator=torch.Generator().manual_seed(3))
     x = full[:, :32768]                                  # 32768 = 32 chunks of 1024, no padding

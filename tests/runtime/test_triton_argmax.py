@@ -48,7 +48,7 @@ def test_equals_torch_argmax(vocab):
 
 
 def test_strided_rows_empty_batch_and_the_sampler_switch():
-    from llmbatch.runtime.sampler import greedy_argmax
+    from llmbatch.runtime.greedy_argmax import greedy_argmax
     from llmbatch.runtime.triton_argmax import triton_argmax
 
     full = torch.randn(2, 3000 + 9, generator=torch.Generator().manual_seed(1))
@@ -87,21 +87,21 @@ def test_self_check_passes_and_catches_a_wrong_or_failing_kernel(monkeypatch):
 def test_model_runner_turns_the_triton_argmax_off_when_its_check_fails(monkeypatch):
     from types import SimpleNamespace
 
-    from llmbatch.runtime import sampler, triton_argmax
+    from llmbatch.runtime import greedy_argmax, triton_argmax
     from llmbatch.runtime.model_runner import ModelRunner
 
-    monkeypatch.setattr(sampler, "TRITON_ARGMAX", True)
+    monkeypatch.setattr(greedy_argmax, "TRITON_ARGMAX", True)
     cpu_runner = SimpleNamespace(device=torch.device("cpu"))
     assert ModelRunner._check_triton_argmax(cpu_runner) is None      # CPU: no check
-    assert sampler.TRITON_ARGMAX is True
+    assert greedy_argmax.TRITON_ARGMAX is True
     seen = []
     monkeypatch.setattr(triton_argmax, "self_check",
                         lambda device: seen.append(device) or None)
     cuda_runner = SimpleNamespace(device=torch.device("cuda", 1))
     assert ModelRunner._check_triton_argmax(cuda_runner) is None
-    assert seen == [torch.device("cuda", 1)] and sampler.TRITON_ARGMAX is True
+    assert seen == [torch.device("cuda", 1)] and greedy_argmax.TRITON_ARGMAX is True
     monkeypatch.setattr(triton_argmax, "self_check", lambda device: "rows [0] differ")
     assert ModelRunner._check_triton_argmax(cuda_runner) == "rows [0] differ"
-    assert sampler.TRITON_ARGMAX is False
+    assert greedy_argmax.TRITON_ARGMAX is False
     # Once off, later engines in the process skip the check (and stay on torch.argmax).
     assert ModelRunner._check_triton_argmax(cuda_runner) is None
