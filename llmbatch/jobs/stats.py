@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmbatch.jobs.latency_sketch import LatencySketch
+from llmbatch.io.layout import STATS_RE
 from llmbatch.io.manifest import STATS_DIR
 from llmbatch.jobs.errors import InvalidInputError
 from llmbatch.io.writer import write_atomic_bytes
@@ -156,8 +157,11 @@ def next_run_index(out_dir: str, shard: int) -> int:
     path = os.path.join(out_dir, STATS_DIR)
     if not os.path.isdir(path):
         return 0
-    prefix = f"stats-{shard:05d}-"
-    return sum(1 for n in os.listdir(path) if n.startswith(prefix) and n.endswith(".parquet"))
+    # One past the highest run index of this shard, not the count of its files: with a run's
+    # file deleted by hand, the count named an existing file, and write_stats replaced it.
+    runs = [int(m.group(2)) for m in map(STATS_RE.match, os.listdir(path))
+            if m and int(m.group(1)) == shard]
+    return max(runs) + 1 if runs else 0
 
 
 def write_stats(out_dir: str, summary: dict) -> str:

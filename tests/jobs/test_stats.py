@@ -130,3 +130,16 @@ def test_stats_rows_count_their_own_run_the_result_counts_the_shard(tmp_path, jo
     rows = read_stats(out).to_pylist()
     assert [(r["run"], r["rows_total"], r["rows_skipped"], r["rows_ok"], r["rows_error"])
             for r in rows] == [(0, 4, 0, 4, 0), (1, 4, 4, 0, 0)]
+
+
+def test_the_next_run_index_follows_the_highest_not_the_count(tmp_path):
+    """With run 0's file deleted by hand, the count of files (2) named run 2's existing file,
+    and the next run's stats replaced it."""
+    stats = tmp_path / "_stats"
+    stats.mkdir()
+    for name in ("stats-00000-001.parquet", "stats-00000-002.parquet", "stats-00001-007.parquet",
+                 "_tmp-stats-00000-009.parquet.12", "stats-00000-notes.txt"):
+        (stats / name).write_text("x")
+    assert next_run_index(str(tmp_path), 0) == 3
+    assert next_run_index(str(tmp_path), 1) == 8
+    assert next_run_index(str(tmp_path), 2) == 0
