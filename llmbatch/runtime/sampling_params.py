@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -15,6 +16,11 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 # The largest temperature the sampler's float32 can hold: above it T became inf, and masked
 # (-inf) logits became NaN, which argmax picked (a disallowed token, EOS before min_tokens).
 FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _is_int(value) -> bool:
+    """An int, numpy's too (per-row values), never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass
@@ -86,6 +92,7 @@ class SamplingParams:
     edits_logits: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.temperature <= FLOAT32_MAX:  # NaN fails too
@@ -125,6 +132,44 @@ class SamplingParams:
                               or bool(self.bad_words))
         self.edits_logits = (self.needs_history or self.has_token_rules
                              or self.min_tokens > 0)
+
+    def _check_types(self) -> None:
+        """Values of the wrong type, refused here: each passed the range checks and then raised
+        TypeError inside an engine step, ending every request in flight (seed=1.5, logprobs=True,
+        stop_token_ids=5), or ran silently otherwise (top_k=2.5 as 2, max_new_tokens=3.5 as 4).
+        As vLLM's SamplingParams: a single stop string is a list of one (iterating the string
+        took each character for a stop string), and stop=None is no stop strings."""
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str)
+                                                               for s in self.stop):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        self.stop = list(self.stop)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+                _is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be a list of token ids >= 0, got "
+                             f"{self.stop_token_ids!r}")
+        self.stop_token_ids = list(self.stop_token_ids)
+        for name in ("max_new_tokens", "min_tokens", "top_k"):
+            if not _is_int(getattr(self, name)):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be >= -1 (-1 or 0: off), got {self.top_k}")
+        for name in ("seed", "logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+                raise ValueError(f"{name} must be an integer or null, got "
+                                 f"{getattr(self, name)!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
     def _check_token_rules(self) -> None:
         """allowed_token_ids: None or a non-empty list of ids >= 0 (an empty one would allow
