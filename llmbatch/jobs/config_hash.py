@@ -32,7 +32,11 @@ if TYPE_CHECKING:
 #      "\n", io/content_parts.py); they were error rows. Text that is not valid UTF-8 is its
 #      row's error; CSV is read without UTF-8 validation, so such a CSV column is text, not
 #      binary (a kept one was written as binary).
-OUTPUT_RULES_VERSION = 3
+#   4: min_tokens as vLLM v1: a stop string completed by the min_tokens-th token is ignored
+#      (it ended the output, one token of text shorter than EOS could), and EOS is banned
+#      below min_tokens with ignore_eos too; error rows the engine refused have null
+#      output_text / output_token_ids like every other error row (they were "" and []).
+OUTPUT_RULES_VERSION = 4
 
 
 def hashed_settings(spec: "JobSpec", shard_count: int) -> dict:

@@ -33,7 +33,11 @@ def prompt_logprobs_to_rows(entries: Optional[list]) -> Optional[list[Optional[d
 def fill_from_result(row: dict, result, extra_output: Sequence[str] = ()) -> dict:
     """extra_output: the job's optional columns (JobSpec.extra_output_columns); the logprobs
     ones among them are filled from the result."""
-    row.update(output_text=result.output_text, output_token_ids=list(result.output_token_ids),
+    # An error result (the engine refused the request) has no output, as a row refused before
+    # the engine (fill_error): null text and ids (they were "" and [] until output rules v4).
+    failed = result.finish_reason == "error"
+    row.update(output_text=None if failed else result.output_text,
+               output_token_ids=None if failed else list(result.output_token_ids),
                finish_reason=result.finish_reason, error=result.error,
                num_prompt_tokens=result.num_prompt_tokens,
                num_cached_prompt_tokens=result.num_cached_prompt_tokens,

@@ -81,13 +81,16 @@ def penalize(logits: torch.Tensor, rows: Sequence[int], params: Sequence, reques
 def suppress_stop_tokens(logits: torch.Tensor, rows: Sequence[int], requests: Sequence,
                          output_indices: Sequence[int]) -> torch.Tensor:
     """min_tokens (vLLM's): row rows[i] samples output token output_indices[i] of requests[i];
-    below its min_tokens, the ids that would stop it (req.stop_token_set: EOS unless
-    ignore_eos, and stop_token_ids; stop_rules.fold_stop_rules) get -inf. Needs only the output
-    index, so unlike the penalties it works with a token in flight and on verify rows."""
+    below its min_tokens, the ids that would stop it (req.min_tokens_banned: stop_token_ids and
+    EOS, with ignore_eos too, as vLLM's; stop_rules.fold_stop_rules) get -inf. Needs only the
+    output index, so unlike the penalties it works with a token in flight and on verify rows.
+    A stop id past the vocabulary can never be sampled: it is skipped (indexing with it
+    raised IndexError and ended every request of the batch)."""
     flat_rows, flat_ids = [], []
+    vocab = logits.shape[-1]
     for row, req, idx in zip(rows, requests, output_indices):
         if idx < req.sampling_params.min_tokens:
-            ids = req.stop_token_set
+            ids = [t for t in req.min_tokens_banned if t < vocab]
             flat_rows += [row] * len(ids)
             flat_ids += ids
     return ban_tokens(logits, flat_rows, flat_ids)

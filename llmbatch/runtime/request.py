@@ -89,6 +89,9 @@ class Request:
         # which it ends (max_new_tokens or the context limit, whichever comes first; 0 until
         # the engine admits the request, which keeps the fast check off);
         self.stop_token_set: frozenset = frozenset()
+        # the ids min_tokens bans until then: stop_token_ids and EOS, with ignore_eos too (as
+        # vLLM's min_tokens processor bans all stop ids);
+        self.min_tokens_banned: frozenset = frozenset()
         self.max_output_tokens = 0
         # structured outputs: the request's xgrammar GrammarMatcher (Engine._admit) and how
         # many output tokens it has accepted (append_output_token feeds it each one);

@@ -40,9 +40,9 @@ def why_never_runs(engine, req: Request) -> Optional[str]:
                     "decides which tokens may come)")
     if params.allowed_token_ids and params.min_tokens > 0:
         # min_tokens bans the stop ids before its count: if they are all the allowed ids,
-        # every logit is -inf and the sampler would emit an id that is not allowed.
-        stops = set(params.stop_token_ids) | (set() if params.ignore_eos
-                                              else set(engine.eos_token_ids))
+        # every logit is -inf and the sampler would emit an id that is not allowed. EOS counts
+        # with ignore_eos too: min_tokens bans it either way (stop_rules.fold_stop_rules).
+        stops = set(params.stop_token_ids) | set(engine.eos_token_ids)
         if set(params.allowed_token_ids) <= stops:
             return ("allowed_token_ids are all stop ids (EOS or stop_token_ids), which "
                     "min_tokens bans before its count: no token could be emitted")

@@ -18,13 +18,15 @@ def apply_stop_rules(req: Request, eos_token_ids: set[int],
     for i in range(req.num_stop_checked, len(req.output_token_ids)):
         token = req.output_token_ids[i]
         reason = None
-        if i + 1 < params.min_tokens:
-            # min_tokens: only the length rules end it before then (the sampler gave its stop
-            # ids -inf; a stop string that ends in this text is ignored, as vLLM's
-            # detokenizer does, but the text is still followed for later matches).
+        if i < params.min_tokens:
+            # min_tokens: only the length rules end it within its first min_tokens tokens (the
+            # sampler gave its stop ids -inf). A stop string that ends in this text is ignored,
+            # as vLLM v1's detokenizer checks stop strings only once len(output) > min_tokens,
+            # but the text is still followed for later matches. (Until output rules v4 the
+            # min_tokens-th token's stop string counted: the text could end a token short.)
             if req.stop_checker.active:
                 req.stop_checker.append(token, check=False)
-            if req.num_prompt_tokens + i + 1 >= max_model_len:
+            if i + 1 >= params.max_new_tokens or req.num_prompt_tokens + i + 1 >= max_model_len:
                 reason = FinishReason.LENGTH
         elif (not params.ignore_eos or req.grammar is not None) and token in eos_token_ids:
             # A grammar allows EOS only where it ends, and ends there: ignore_eos or not.
@@ -63,6 +65,7 @@ def fold_stop_rules(req: Request, eos_token_ids: set[int], max_model_len: int) -
     req.stop_token_set = frozenset(params.stop_token_ids).union(
         () if params.ignore_eos and req.grammar is None else eos_token_ids)
     req.max_output_tokens = min(params.max_new_tokens, max_model_len - req.num_prompt_tokens)
+    req.min_tokens_banned = frozenset(params.stop_token_ids).union(eos_token_ids)
 
 
 def output_text(req: Request, tokenizer) -> str:

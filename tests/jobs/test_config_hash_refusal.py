@@ -79,12 +79,12 @@ def test_entries_without_recorded_settings_are_an_earlier_version(folder):
 
 def test_another_output_rules_version_is_named(folder):
     out, job = folder
-    assert OUTPUT_RULES_VERSION == 3
+    assert OUTPUT_RULES_VERSION == 4
     edit_entries(out, lambda entry: {**entry, "config_hash": "0123456789abcdef",
-                                     "settings": {**entry["settings"], "output_rules": 2}})
+                                     "settings": {**entry["settings"], "output_rules": 3}})
     assert refusal(job(output={"rows_per_part": 20})) == (
-        f"output.path {out} was written by an earlier llmbatch version (output rules v2; this "
-        f"version writes v3); rerun it with the llmbatch version that wrote it, {HINT}")
+        f"output.path {out} was written by an earlier llmbatch version (output rules v3; this "
+        f"version writes v4); rerun it with the llmbatch version that wrote it, {HINT}")
 
 
 def test_a_shard_counts_only_the_rows_overwrite_would_delete(tmp_path, tiny_tokenizer_dir,

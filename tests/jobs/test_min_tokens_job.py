@@ -2,7 +2,7 @@
 (a one-line job error, unless max_new_tokens is read per row: then a row whose max_new_tokens is
 below it is that row's error, SamplingParams' own message); readable per row as the other int
 keys; known to the unknown-key hint; passed to SamplingParams; and at 0 left out of the config
-hash, so every existing job keeps its hash (d297b170443a6235 / 21972764e232a68d still hold)."""
+hash, so every existing job keeps its hash (test_top_k_hash.py pins them)."""
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -24,7 +24,7 @@ from tests.jobs.test_top_k_hash import HASH_TOP_K_40, HASH_TOP_K_OFF
 from tests.jobs.test_top_k_hash import job as hash_job
 
 # load_job(hash_job(sampling={"min_tokens": 3})).config_hash(1), at this change.
-HASH_MIN_TOKENS_3 = "cb4902502926cbec"
+HASH_MIN_TOKENS_3 = "2df5efa92ee4fc25"   # output rules v4 (v3: cb4902502926cbec)
 
 
 # -- the section -----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from tests.jobs.test_top_k_hash import HASH_TOP_K_40, HASH_TOP_K_OFF, job
 
 KEYS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "min_p")
 # load_job(job(sampling={"repetition_penalty": 1.2})).config_hash(1), at this change.
-HASH_REPETITION_1_2 = "1b2173229af87205"
+HASH_REPETITION_1_2 = "cc4efe6c4949d6d7"   # output rules v4 (v3: 1b2173229af87205)
 
 
 @pytest.mark.parametrize("neutral", [

@@ -53,9 +53,10 @@ def test_every_job_hash_changes_with_the_output_rules_version():
     before = {(): ("64bf29a9d049b198", "64bf29a9d049b198"),
               (("temperature", 0.7),): ("71b6c33eaa8eb94f", "b9448a43f43e67ac"),
               (("per_row", ("temperature",)),): ("9037e221e2315d75", "3677644b04b86ed8")}
-    # Under output rules v3 (v2: fc277b639e7a62d8, b3934413755780be, 20dd496dedf9e421).
-    now = {(): "72d03505ccb15fb9", (("temperature", 0.7),): "24059e341ef69ef5",
-           (("per_row", ("temperature",)),): "df9fe5db8f36addc"}
+    # Under output rules v4 (v3: 72d03505ccb15fb9, 24059e341ef69ef5, df9fe5db8f36addc;
+    # v2: fc277b639e7a62d8, b3934413755780be, 20dd496dedf9e421).
+    now = {(): "678dc987e780e0a3", (("temperature", 0.7),): "0869db6656dec45f",
+           (("per_row", ("temperature",)),): "db722c6ea3749661"}
     for key, old in before.items():
         sampling = {k: list(v) if isinstance(v, tuple) else v for k, v in key}
         assert spec(**sampling).config_hash(1) == now[key]

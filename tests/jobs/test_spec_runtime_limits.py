@@ -60,11 +60,11 @@ def test_negative_max_model_len_is_refused_at_load():
     assert info.value.message == "engine.max_model_len: must be greater than or equal to 0 (got -3)"
 
 
-@pytest.mark.parametrize("value, config_hash", [(0, "238582cf81a7574c"),
-                                                (4096, "ca31e2afb0689b46")])
+@pytest.mark.parametrize("value, config_hash", [(0, "6b770b5ca820cead"),
+                                                (4096, "b98526f39987741b")])
 def test_max_model_len_0_or_beyond_the_model_keeps_its_hash(value, config_hash):
-    # Pinned under output rules v3 (config_hash.OUTPUT_RULES_VERSION; under v2 they were
-    # 8857cd09d2b655e9 and 088f6b50e8ea485a): folders written with these values must resume. 0 is the model's own length, like null (it was until e2a439a). As
+    # Pinned under output rules v4 (config_hash.OUTPUT_RULES_VERSION; under v3 they were
+    # 238582cf81a7574c and ca31e2afb0689b46, under v2 8857cd09d2b655e9 and 088f6b50e8ea485a): folders written with these values must resume. 0 is the model's own length, like null (it was until e2a439a). As
     # 4b0690d computed them (rules v1) they were eaaa636720c098d2 and 65dbe9f427fec5ac; v1
     # folders now refuse with the rules-version line (test_config_hash_refusal.py).
     spec = load_job(job(engine={"max_model_len": value}))

@@ -14,8 +14,9 @@ from llmbatch.jobs.sampling_values import row_value
 
 # Computed at 9d0bba6 (before 0 was mapped onto -1) with load_job(job(...)).config_hash(1):
 # -1 (and the default) d297b170443a6235, 40 21972764e232a68d; 0 was 8f94dc7df64525b1.
-HASH_TOP_K_OFF = "d297b170443a6235"
-HASH_TOP_K_40 = "21972764e232a68d"
+# Under output rules v4 (config_hash.OUTPUT_RULES_VERSION); the v3 values above.
+HASH_TOP_K_OFF = "55baa8944f886328"
+HASH_TOP_K_40 = "a5028b14cfdbe85a"
 
 
 def job(**sections):

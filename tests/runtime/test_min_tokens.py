@@ -45,7 +45,7 @@ def test_suppress_stop_tokens_only_below_min_tokens():
     class Req:
         def __init__(self, m, stop_ids):
             self.sampling_params = SamplingParams(min_tokens=m)
-            self.stop_token_set = frozenset(stop_ids)
+            self.min_tokens_banned = frozenset(stop_ids)
     logits = torch.zeros(3, 8)
     got = suppress_stop_tokens(logits, [0, 2], [Req(3, {1, 5}), Req(3, {2})], [2, 3])
     assert torch.isinf(got[0, 1]) and torch.isinf(got[0, 5])

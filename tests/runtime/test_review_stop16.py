@@ -19,16 +19,18 @@ EOS = 2   # llama_setup's EOS id
 
 # -- FINDING 1: allowed_token_ids + min_tokens can emit an id outside the allowed set --------
 
+@pytest.mark.parametrize("ignore_eos", [False, True])   # min_tokens bans EOS either way (v4)
 @pytest.mark.parametrize("sampled", [False, True])
 def test_allowed_ids_that_are_all_stop_tokens_under_min_tokens_never_emit_another_id(
-        llama_setup, sampled):
+        llama_setup, sampled, ignore_eos):
     """allowed_token_ids=[EOS] with min_tokens=2: the whitelist -infs every other id, then
     min_tokens -infs EOS, so the row is all -inf and argmax (greedy and Gumbel alike) picks
     id 0, which the row does not allow (README: "lets a row emit only those ids"). Either the
     request is refused (an error result, no tokens) or it emits only allowed ids; it must not
     emit id 0."""
     extra = dict(temperature=1.0, seed=3, top_p=0.9) if sampled else {}
-    params = SamplingParams(max_new_tokens=4, allowed_token_ids=[EOS], min_tokens=2, **extra)
+    params = SamplingParams(max_new_tokens=4, allowed_token_ids=[EOS], min_tokens=2,
+                            ignore_eos=ignore_eos, **extra)
     result = generate(new_engine(llama_setup), [Request("a", make_prompts(1, seed=1)[0],
                                                         params)])["a"]
     assert [t for t in result.output_token_ids if t not in (EOS,)] == []
