@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
 
+from llmbatch.io.content_parts import text_messages
 from llmbatch.io.prompts import PromptRenderer
 from llmbatch.jobs.spec import InputSection, ModelSection
 
@@ -61,6 +62,37 @@ def test_image_part_and_empty_parts_are_row_errors(tok):
     assert out[0] == (None, "messages do not render: ValueError: a content part of type "
                             "'image_url' is not text; only text parts are supported")
     assert out[1] == (None, "msgs has only empty contents")
-    assert out[2] == (None, "messages do not render: ValueError: a text content part needs "
-                            "a string 'text'")
+    # A text part whose text is null is skipped (vLLM's rule), leaving no content here.
+    assert out[2] == (None, "msgs has only empty contents")
     assert out[3][1] is None
+
+
+def test_the_message_forms_vllm_takes():
+    """Each of these was an error row; vLLM's chat_utils takes them (helper review): string
+    parts, the Responses API's input_text / output_text parts, a refusal part, a null content
+    (an assistant message beside its tool_calls) and an empty list of parts."""
+    got = text_messages([
+        {"role": "user", "content": ["a", {"type": "input_text", "text": "b"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "c"}]},
+        {"role": "user", "content": []},
+        {"role": "assistant", "content": None, "tool_calls": []},
+        {"role": "user", "content": [{"type": "refusal", "refusal": "d", "text": None}]}])
+    assert [m["content"] for m in got] == ["a\nb", "c", "", "", "d"]
+    assert got[3]["tool_calls"] == []
+    with pytest.raises(ValueError, match="a content part must be a string or a mapping"):
+        text_messages([{"role": "user", "content": [3]}])
+    with pytest.raises(ValueError, match="a refusal content part needs a string 'refusal'"):
+        text_messages([{"role": "user", "content": [{"type": "refusal", "refusal": 3}]}])
+
+
+def test_messages_stored_as_maps_render_like_structs(tok):
+    """Spark writes Python dicts as MapType: list<map<string, string>> read as lists of
+    (key, value) pairs, and every row was an error row."""
+    rows = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "ho"}]]
+    as_maps = pa.array([[list(m.items()) for m in row] for row in rows],
+                       type=pa.list_(pa.map_(pa.string(), pa.string())))
+    renderer = PromptRenderer(tok, ModelSection(path="m"),
+                              InputSection(path="x", messages_column="msgs"))
+    got = renderer.render(pa.record_batch({"msgs": as_maps}))
+    assert got == renderer.render(pa.record_batch({"msgs": pa.array(rows)}))
+    assert all(ids and error is None for ids, error in got)
