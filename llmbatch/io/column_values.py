@@ -18,9 +18,9 @@ import pyarrow as pa
 def _replaced(array: pa.Array, i: int):
     """Row i of a string column decoded with U+FFFD for the bad bytes; None for other types."""
     kind = array.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        raw = array.view(pa.large_binary() if pa.types.is_large_string(kind)
-                         else pa.binary())[i].as_py()
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) \
+            or pa.types.is_string_view(kind):
+        raw = array.cast(pa.large_binary())[i].as_py()     # a view: bytes, not decoded
         return raw.decode("utf-8", errors="replace")
     return None
 

@@ -39,7 +39,8 @@ def _value_bytes(column: pa.Array) -> list[Optional[bytes]]:
     kind = column.type
     if pa.types.is_dictionary(kind):
         column, kind = column.dictionary_decode(), kind.value_type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) \
+            or pa.types.is_string_view(kind):
         column = column.cast(pa.large_binary())        # a view: no UTF-8 decoding
         kind = column.type
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) \

@@ -49,6 +49,7 @@ def check_columns(schema: pa.Schema, input_section, per_row: Sequence[str],
         if pa.types.is_dictionary(kind):   # e.g. a pandas categorical: judge by its values
             kind = kind.value_type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                or pa.types.is_string_view(kind)   # (Arrow 15+ writers, e.g. Polars)
                 or pa.types.is_null(kind)):
             # Text stored as bytes (encoded by its writer, or in an unknown encoding).
             why = (" (bytes, not text: store the prompts as UTF-8 strings)"
