@@ -155,10 +155,51 @@ def load_dataset_table(name: str, split: str, split_set: bool = True,
     """-> (pyarrow.Table, description); InvalidInputError with one line on any failure.
     `split_set`: input.split was given in the job, not left at its default. `progress_bars`:
     let datasets and the hub show theirs (off for --progress none)."""
-    if progress_bars:
-        return _load_dataset_table(name, split, split_set)
-    with _no_progress_bars():
-        return _load_dataset_table(name, split, split_set)
+    # One load at a time in this process: _no_progress_bars and _quiet_hub save and restore
+    # process-wide library settings, and two overlapping loads (jobs planned in threads)
+    # restored each other's changed state, leaving the hub's bars off (or offline mode on)
+    # for good.
+    with _LOAD_LOCK:
+        if progress_bars:
+            return _load_dataset_table(name, split, split_set)
+        with _no_progress_bars():
+            return _load_dataset_table(name, split, split_set)
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+def _is_saved_dict(root: str) -> bool:
+    """Whether `root` (a local path or an fsspec URL) is a DatasetDict saved with save_to_disk."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(root)
+    return fs.isfile(path.rstrip("/") + "/dataset_dict.json")
+
+
+def _saved_split(root: str, split: str, name: str):
+    """One split of a DatasetDict saved at `root` (a local path or an fsspec URL), loaded
+    alone: loading the whole dict failed on any empty split (datasets cannot reload an empty
+    saved Dataset: IndexError), the requested one included. An empty split is read from its
+    dataset_info.json as a 0-row table of its features."""
+    import json
+
+    import datasets
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(root)
+    path = path.rstrip("/")
+    with fs.open(f"{path}/dataset_dict.json", "r", encoding="utf-8") as f:
+        splits = json.load(f).get("splits", [])
+    if split not in splits:
+        raise InvalidInputError(f"input.split {split!r} not in dataset {name} "
+                                f"(splits: {', '.join(splits)})")
+    with fs.open(f"{path}/{split}/state.json", "r", encoding="utf-8") as f:
+        if not json.load(f).get("_data_files"):
+            with fs.open(f"{path}/{split}/dataset_info.json", "r", encoding="utf-8") as g:
+                features = datasets.Features.from_dict(json.load(g)["features"])
+            return features.arrow_schema.empty_table()
+    return datasets.load_from_disk(f"{root.rstrip('/')}/{split}").data.table
 
 
 def _load_dataset_table(name: str, split: str, split_set: bool):
@@ -167,6 +208,24 @@ def _load_dataset_table(name: str, split: str, split_set: bool):
     except ImportError:
         raise InvalidInputError("input.dataset needs the `datasets` package") from None
     local = os.path.expanduser(name)
+    url = "://" in name and not name.startswith("hf://")
+    try:
+        if (url or os.path.isdir(local)) and _is_saved_dict(name if url else local):
+            return _saved_split(name if url else local, split, name), f"{name}[{split}]"
+        if url:
+            # An fsspec URL (file://, memory://, s3:// with its package): a save_to_disk
+            # folder, which load_from_disk reads through fsspec (it was "no such local
+            # directory").
+            try:
+                loaded = datasets.load_from_disk(name)
+            except Exception as exc:
+                raise InvalidInputError(f"input.dataset {name}: not a dataset saved with "
+                                        f"save_to_disk ({_first_line(exc)})") from None
+            return _chosen_split(name, loaded, split, split_set, saved=True)
+    except InvalidInputError:
+        raise
+    except Exception as exc:
+        raise InvalidInputError(f"input.dataset {name}: {_first_line(exc)}") from None
     if is_missing_local_path(name):
         raise InvalidInputError(f"input.dataset {name}: no such local directory (a Hugging Face "
                                 f"Hub dataset id is 'name' or 'org/name')")
@@ -200,6 +259,13 @@ def _load_dataset_table(name: str, split: str, split_set: bool):
         raise
     except Exception as exc:
         raise InvalidInputError(f"input.dataset {name}: {_first_line(exc)}") from None
+    return _chosen_split(name, loaded, split, split_set, saved)
+
+
+def _chosen_split(name: str, loaded, split: str, split_set: bool, saved: bool):
+    """(table, description) of the split the job reads of a loaded Dataset or DatasetDict."""
+    import datasets
+
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise InvalidInputError(f"input.split {split!r} not in dataset {name} "
