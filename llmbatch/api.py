@@ -32,6 +32,10 @@ def _as_sets(sets) -> tuple:
     character for an override ('s': expected section.key=value)."""
     if isinstance(sets, str):
         return (sets,)
+    if isinstance(sets, dict):   # iterating it took each key for a whole override
+        raise InvalidJobError(f"sets takes 'section.key=value' strings, not a dict; pass "
+                              f"{[f'{k}={v}' for k, v in sets.items()]!r}, or the dict's sections "
+                              f"as keyword overrides")
     try:
         items = tuple(sets)
     except TypeError:

@@ -119,3 +119,27 @@ def test_run_job_leaves_no_engine_behind(tmp_path, tiny_llama_dir, jobkit, monke
         assert run_job(job, engine_factory=factory).exit_code == 0
         gc.collect()
         assert len(engines) == i + 1 and engines[i]() is None
+
+
+def test_the_package_run_job_takes_path_or_dict_by_name(tmp_path, tiny_tokenizer_dir, jobkit,
+                                                        fake_engine_env):
+    """llmbatch.run_job named its first argument spec_or_path, so run_job(path_or_dict=...)
+    as the README and llmbatch.api spell it was a TypeError."""
+    import llmbatch
+
+    inp = jobkit.write_prompts(str(tmp_path / "in.parquet"), 3)
+    result = llmbatch.run_job(path_or_dict=jobkit.make_job(tiny_tokenizer_dir, inp,
+                                                           str(tmp_path / "out")))
+    assert result.num_rows == 3
+
+
+def test_sets_given_as_a_dict_is_named():
+    from llmbatch.api import load
+    from llmbatch.jobs.errors import InvalidJobError
+
+    job = {"model": {"path": "m"}, "input": {"path": "x.parquet"}, "output": {"path": "out"}}
+    with pytest.raises(InvalidJobError) as info:
+        load(job, sets={"sampling.max_new_tokens": 3})
+    assert info.value.message == ("sets takes 'section.key=value' strings, not a dict; pass "
+                                  "['sampling.max_new_tokens=3'], or the dict's sections as "
+                                  "keyword overrides")
