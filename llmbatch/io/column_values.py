@@ -14,12 +14,13 @@ from typing import Sequence
 
 import pyarrow as pa
 
+from llmbatch.io.arrow_text import is_text
+
 
 def _replaced(array: pa.Array, i: int):
     """Row i of a string column decoded with U+FFFD for the bad bytes; None for other types."""
     kind = array.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) \
-            or pa.types.is_string_view(kind):
+    if is_text(kind):
         raw = array.cast(pa.large_binary())[i].as_py()     # a view: bytes, not decoded
         return raw.decode("utf-8", errors="replace")
     return None

@@ -27,6 +27,7 @@ from typing import Iterable, Optional, Sequence
 
 import pyarrow as pa
 
+from llmbatch.io.arrow_text import binary_leaves, is_text
 from llmbatch.jobs.errors import InternalError, ResumeError
 
 ENTRY_KEY = "input_digest"
@@ -35,21 +36,49 @@ _NULL = b"\xff" * 8          # a length prefix no value has: null differs from "
 
 
 def _value_bytes(column: pa.Array) -> list[Optional[bytes]]:
-    """Each value of `column` as bytes (None for a null)."""
+    """Each value of `column` as bytes (None for a null), never decoding text: a value that
+    is not valid UTF-8 is its row's error later (column_values.py), not this job's end."""
     kind = column.type
     if pa.types.is_dictionary(kind):
         column, kind = column.dictionary_decode(), kind.value_type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) \
-            or pa.types.is_string_view(kind):
+    if is_text(kind):
         column = column.cast(pa.large_binary())        # a view: no UTF-8 decoding
         kind = column.type
+    elif (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+          or pa.types.is_temporal(kind) or pa.types.is_decimal(kind)):
+        try:   # vectorized: json.dumps per value cost ~2 us a value
+            column, kind = column.cast(pa.large_string()).cast(pa.large_binary()), pa.large_binary()
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+            pass
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) \
             or pa.types.is_fixed_size_binary(kind):
         return column.to_pylist()
+    try:   # nested (messages, lists): text leaves as bytes, then JSON
+        values = column.cast(binary_leaves(kind)).to_pylist()
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+        values = _each_value(column)
     return [None if value is None else
             json.dumps(value, sort_keys=True, default=repr, ensure_ascii=False)
             .encode("utf-8", "surrogatepass")
-            for value in column.to_pylist()]
+            for value in values]
+
+
+def _each_value(column: pa.Array) -> list:
+    """Values of a type binary_leaves cannot cast, row by row; one whose text does not decode
+    as its Arrow IPC bytes (a fresh one-row array: no offset into shared buffers)."""
+    import pyarrow.ipc as ipc
+
+    values = []
+    for i in range(len(column)):
+        try:
+            values.append(column[i].as_py())
+        except UnicodeDecodeError:
+            one = pa.concat_arrays([column.slice(i, 1)])
+            sink = pa.BufferOutputStream()
+            with ipc.new_stream(sink, pa.schema([("v", one.type)])) as writer:
+                writer.write_batch(pa.record_batch([one], names=["v"]))
+            values.append(sink.getvalue().to_pybytes())
+    return values
 
 
 def row_digests(batch, columns: Sequence[str]) -> list[bytes]:
@@ -95,17 +124,22 @@ class RowDigests:
         return part_digest(self._digests.pop(row) for row in range(lo, hi))
 
 
-def check_resumed_input(source, columns: Sequence[str], entries: list[dict],
-                        intact: list[dict], batch_size: int, key_value: str) -> None:
-    """ResumeError unless `source` is the input the folder's parts were written from: the
-    same row count as `entries` (one shard's, in row order) record, and, for each part of
-    `intact` (those entries whose part files are sound), the same input rows. Reads those
-    rows once."""
-    written_for = entries[0].get("num_input_rows") if entries else None
-    if written_for is not None and written_for != source.num_rows:
+def check_input_rows(entries: list[dict], shard: int, num_rows: int, key_value: str) -> None:
+    """ResumeError unless the input has the row count `shard`'s entries (among `entries`, the
+    folder's) were written for. Checked before the manifest's own contiguity: another count
+    moves the shard's row range, which read as a damaged manifest."""
+    written_for = next((e.get("num_input_rows") for e in entries if e["shard"] == shard), None)
+    if written_for is not None and written_for != num_rows:
         raise ResumeError(f"output.path {key_value} was written for an input of {written_for} "
-                          f"rows, the input now has {source.num_rows}; set output.mode: "
-                          f"overwrite to start over")
+                          f"rows, the input now has {num_rows}; set output.mode: overwrite to "
+                          f"start over")
+
+
+def check_committed_inputs(source, columns: Sequence[str], intact: list[dict], batch_size: int,
+                           key_value: str) -> None:
+    """ResumeError unless each part of `intact` (one shard's entries whose part files are
+    sound, in row order) was written from the rows `source` holds now. Reads those rows
+    once."""
     checked = [e for e in intact if isinstance(e.get(ENTRY_KEY), str)]
     if not checked:
         return

@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 
 import pyarrow as pa
 
+from llmbatch.io.arrow_text import is_text
 from llmbatch.io.column_values import column_values
 from llmbatch.io.content_parts import text_messages
 from llmbatch.jobs.errors import InvalidInputError, InvalidJobError
@@ -48,9 +49,7 @@ def check_columns(schema: pa.Schema, input_section, per_row: Sequence[str],
         kind = schema.field(input_section.prompt_column).type
         if pa.types.is_dictionary(kind):   # e.g. a pandas categorical: judge by its values
             kind = kind.value_type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-                or pa.types.is_string_view(kind)   # (Arrow 15+ writers, e.g. Polars)
-                or pa.types.is_null(kind)):
+        if not (is_text(kind) or pa.types.is_null(kind)):   # string_view too (Polars)
             # Text stored as bytes (encoded by its writer, or in an unknown encoding).
             why = (" (bytes, not text: store the prompts as UTF-8 strings)"
                    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) else "")

@@ -14,6 +14,7 @@ from typing import Callable
 
 import pyarrow as pa
 
+from llmbatch.io.arrow_text import is_text
 from llmbatch.io.prompts import check_columns
 from llmbatch.jobs.errors import InvalidInputError
 from llmbatch.jobs.sampling_values import (BOOL_KEYS, FLOAT_KEYS, INT_KEYS, TEXTS_KEYS,
@@ -32,8 +33,7 @@ def _number(kind: pa.DataType) -> bool:
 
 
 def _text(kind: pa.DataType) -> bool:
-    return (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-            or pa.types.is_string_view(kind))
+    return is_text(kind)
 
 
 def _list_of(item: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:

@@ -13,7 +13,7 @@ import os
 from typing import Callable, Iterator, Optional
 
 from llmbatch.io.column_values import columns_values
-from llmbatch.io.input_digest import RowDigests, check_resumed_input
+from llmbatch.io.input_digest import RowDigests, check_committed_inputs, check_input_rows
 from llmbatch.io.manifest import Manifest
 from llmbatch.io.prompts import PromptRenderer
 from llmbatch.io.reader import InputSource, open_input, read_columns
@@ -99,14 +99,15 @@ class JobRunner:
             every = self.manifest.entries()    # read once: every shard's, sorted by shard
             config_hash, settings = folder_spelling(every, config_hash, settings)
             self.manifest.check_hash(config_hash, settings, shard.index, shard.count, every)
+            # The same input (its row count first), a manifest without gaps, and the input rows
+            # of intact parts; damaged ones and those after them are redone (Manifest.recover).
+            check_input_rows(every, shard.index, num_rows, spec.output.path)
             entries = self.manifest.contiguous(every, shard.index, start)
-            # A damaged or missing part and those after it are produced again (Manifest.recover).
             damaged = self.manifest.first_damaged(entries) if check_parts else None
             intact = entries[:damaged[0]] if damaged else entries
             rows_done = intact[-1]["row_end"] - start if intact else 0
-            # The same input: its row count, and the rows the intact parts were written from.
-            check_resumed_input(self._source, read_columns(spec.input, spec.sampling.per_row),
-                                entries, intact, spec.input.batch_size, spec.output.path)
+            check_committed_inputs(self._source, read_columns(spec.input, spec.sampling.per_row),
+                                   intact, spec.input.batch_size, spec.output.path)
         return JobPlan(shard, num_rows, start, end, rows_done, config_hash,
                        self._source.description, settings)
 
@@ -199,14 +200,13 @@ class JobRunner:
         if self.manifest.dropped:     # data was damaged or lost: say so whatever the progress mode
             stderr_line(f"llmbatch: output.path {spec.output.path}: {self.manifest.dropped}")
         self._committer = InOrderCommitter(
-            self.out_dir, self.manifest, committed,
-            plan.row_start, plan.row_end, spec.output.rows_per_part, schema,
+            self.out_dir, self.manifest, committed, plan.row_start, plan.row_end,
+            spec.output.rows_per_part, schema, shard_index=shard.index,
+            digests=RowDigests(read_columns(spec.input, spec.sampling.per_row)),
             part_meta=lambda: {"shard": shard.index, "shard_count": shard.count,
                                "num_input_rows": plan.num_input_rows,
                                "config_hash": plan.config_hash, "model": spec.model.path,
-                               "settings": plan.settings},
-            shard_index=shard.index, digests=RowDigests(read_columns(spec.input,
-                                                                     spec.sampling.per_row)))
+                               "settings": plan.settings})
         resume_row = self._committer.resume_row
         self.stats = ShardStats()
         self._progress = Progress(self.progress_mode, plan.row_end - plan.row_start,

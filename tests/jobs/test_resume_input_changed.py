@@ -150,3 +150,66 @@ def test_row_digests_tell_values_apart():
     assert kept.take(10, 12) == part_digest(digests[:2])
     assert kept.take(10, 12) is None          # taken once
     assert kept.take(12, 16) is None          # row 15 never added
+
+
+def _bad_utf8_messages(texts_as_bytes):
+    """A messages column whose contents are the given bytes (not all valid UTF-8)."""
+    content = pa.array(texts_as_bytes, pa.binary()).view(pa.string())
+    role = pa.array(["user"] * len(texts_as_bytes))
+    structs = pa.StructArray.from_arrays([role, content], names=["role", "content"])
+    return pa.ListArray.from_arrays(pa.array(range(len(texts_as_bytes) + 1), pa.int32()), structs)
+
+
+def test_text_that_is_not_utf8_inside_a_messages_column_stays_its_rows_error(
+        tmp_path, tiny_tokenizer_dir, jobkit, fake_engine_env, monkeypatch, capsys):
+    """The digest decoded nested text (to_pylist): a latin-1 byte in one message ended the job
+    (exit 1, 'engine failed: UnicodeDecodeError') where it is that row's error (exit 3)."""
+    monkeypatch.chdir(tmp_path)
+    texts = [f"p {i} q".encode() for i in range(10)]
+    texts[4] = b"caf\xe9"
+    pq.write_table(pa.table({"msgs": _bad_utf8_messages(texts)}), tmp_path / "in.parquet")
+    job = jobkit.make_job(tiny_tokenizer_dir, "in.parquet", "out", output={"rows_per_part": 3},
+                          input={"messages_column": "msgs"})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["run", "job.yaml", "--progress", "none"]) == 3
+    table = _out(tmp_path)
+    assert table.column("finish_reason").to_pylist().count("error") == 1
+    assert "not valid UTF-8" in table.column("error").to_pylist()[4]
+    # A resume of the same rows runs; one edited inside a committed part is refused (exit 2).
+    os.remove(tmp_path / "out" / "part-00000-00003.parquet")
+    os.remove(tmp_path / "out" / "_manifest" / "part-00000-00003.json")
+    assert _resume() == 3
+    texts[5] = b"caf\xe8"
+    pq.write_table(pa.table({"msgs": _bad_utf8_messages(texts)}), tmp_path / "in.parquet")
+    capsys.readouterr()
+    assert _resume() == 2
+    assert "input rows [3, 6) are not the rows part-00000-00001.parquet" in \
+        capsys.readouterr().err
+
+
+def test_another_row_count_is_named_before_the_manifest_gap_it_makes(
+        tmp_path, tiny_tokenizer_dir, jobkit, fake_engine_env, monkeypatch, capsys):
+    """Two shards; the input grew by 2 rows, which moves shard 1's range: the row count is
+    named, not 'manifest of shard 1 is not contiguous'."""
+    monkeypatch.chdir(tmp_path)
+    _write_input(tmp_path)
+    job = jobkit.make_job(tiny_tokenizer_dir, "inp", "out", shard={"index": 1, "count": 2})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["run", "job.yaml", "--progress", "none"]) == 0
+    _write_input(tmp_path, prompts=PROMPTS + ["x", "y"], tags=[f"t{i}" for i in range(22)])
+    capsys.readouterr()
+    assert _resume() == 2
+    assert capsys.readouterr().err == ("llmbatch: error: output.path out was written for an "
+                                       "input of 20 rows, the input now has 22; set "
+                                       "output.mode: overwrite to start over\n")
+
+
+def test_numbers_and_nested_values_digest_without_json_per_value():
+    table = pa.table({"n": pa.array([1, None, 3]), "f": pa.array([0.5, 2.0, None]),
+                      "l": pa.array([["a"], [], None])})
+    digests = row_digests(table, ["n", "f", "l"])
+    assert len(set(digests)) == 3
+    other = pa.table({"n": pa.array([1, None, 4]), "f": pa.array([0.5, 2.0, None]),
+                      "l": pa.array([["a"], [], None])})
+    assert row_digests(other, ["n", "f", "l"])[:2] == digests[:2]
+    assert row_digests(other, ["n", "f", "l"])[2] != digests[2]
