@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import urllib.parse
+from types import SimpleNamespace
 
 from llmbatch.hub_names import is_missing_local_path
 from llmbatch.jobs.errors import InvalidInputError
@@ -194,12 +195,27 @@ def _saved_split(root: str, split: str, name: str):
     if split not in splits:
         raise InvalidInputError(f"input.split {split!r} not in dataset {name} "
                                 f"(splits: {', '.join(splits)})")
-    with fs.open(f"{path}/{split}/state.json", "r", encoding="utf-8") as f:
-        if not json.load(f).get("_data_files"):
-            with fs.open(f"{path}/{split}/dataset_info.json", "r", encoding="utf-8") as g:
-                features = datasets.Features.from_dict(json.load(g)["features"])
-            return features.arrow_schema.empty_table()
+    empty = _empty_saved(fs, f"{path}/{split}")
+    if empty is not None:
+        return empty[0]
     return datasets.load_from_disk(f"{root.rstrip('/')}/{split}").data.table
+
+
+def _empty_saved(fs, path: str):
+    """(a 0-row table of its features, the split it was saved as) if the Dataset saved at
+    `path` has no rows (no data files: load_from_disk fails on it with IndexError), else
+    None."""
+    import json
+
+    import datasets
+
+    with fs.open(f"{path}/state.json", "r", encoding="utf-8") as f:
+        state = json.load(f)
+    if state.get("_data_files"):
+        return None
+    with fs.open(f"{path}/dataset_info.json", "r", encoding="utf-8") as f:
+        features = datasets.Features.from_dict(json.load(f)["features"])
+    return features.arrow_schema.empty_table(), state.get("_split")
 
 
 def _load_dataset_table(name: str, split: str, split_set: bool):
@@ -240,6 +256,12 @@ def _load_dataset_table(name: str, split: str, split_set: bool):
         saved = any(os.path.isfile(os.path.join(local, marker))
                     for marker in ("state.json", "dataset_dict.json"))
         if os.path.isdir(local) and saved:
+            import fsspec
+
+            empty = _empty_saved(fsspec.filesystem("file"), local)
+            if empty is not None:    # an empty single Dataset
+                table, own = empty
+                return table, _single_dataset(name, SimpleNamespace(split=own), split, split_set)
             loaded = datasets.load_from_disk(local)
         elif os.path.exists(local):
             loaded = datasets.load_dataset(local, split=split)

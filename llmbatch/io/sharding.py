@@ -7,6 +7,7 @@ input in order, and concatenating all shards gives the whole input in order.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Union
 
@@ -38,7 +39,7 @@ def _int_env(env: Mapping[str, str], name: str) -> Optional[int]:
         return None
     # ASCII digits only: int() also takes "1_000" and full-width digits, which SLURM never
     # writes (a hand-set variable with them is a mistake to name, not a shard to guess).
-    if not (raw.isascii() and raw.lstrip("-").isdigit()):
+    if not re.fullmatch(r"-?[0-9]+", raw):
         raise InvalidJobError(f"shard: environment variable {name}={raw!r} is not an integer")
     return int(raw)
 
@@ -60,9 +61,6 @@ def resolve_shard(index: Union[str, int], count: Union[str, int],
     # A stepped array (--array=0-10:2) numbers its tasks MIN, MIN+STEP, ...
     task_step = _int_env(env, "SLURM_ARRAY_TASK_STEP")
     task_step = 1 if task_step is None else task_step
-    if task_step < 1:
-        raise InvalidJobError(f"shard: environment variable SLURM_ARRAY_TASK_STEP={task_step} "
-                              f"is not a positive step")
     if count == "auto":
         if task_id is not None and task_count is None:
             raise InvalidJobError(
@@ -71,6 +69,9 @@ def resolve_shard(index: Union[str, int], count: Union[str, int],
         count = task_count if task_id is not None else 1
     if index == "auto":
         if task_id is not None:
+            if task_step < 1:   # only when it picks the index: unused, it is not judged
+                raise InvalidJobError(f"shard: environment variable SLURM_ARRAY_TASK_STEP="
+                                      f"{task_step} is not a positive step")
             if (task_id - task_min) % task_step:
                 raise InvalidJobError(
                     f"SLURM_ARRAY_TASK_ID={task_id} is not MIN + k*STEP ({task_min}, "

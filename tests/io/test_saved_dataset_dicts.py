@@ -89,3 +89,15 @@ def test_loads_in_threads_take_turns(monkeypatch, folder):
     for t in threads:
         t.join()
     assert overlap == [False, False, False]
+
+
+def test_an_empty_saved_single_dataset_is_a_zero_row_input(tmp_path):
+    import datasets
+
+    empty = datasets.Dataset.from_dict({"prompt": ["a"], "n": [1]}).select([])
+    empty.save_to_disk(str(tmp_path / "empty"))
+    rows, description, schema = _read(tmp_path / "empty")
+    assert rows == [] and description == str(tmp_path / "empty")
+    assert schema.names == ["prompt", "n"]
+    with pytest.raises(InvalidInputError, match="is a single saved Dataset without splits"):
+        _read(tmp_path / "empty", split="test")

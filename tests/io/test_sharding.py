@@ -79,3 +79,15 @@ def test_a_step_below_one_is_refused(step):
     with pytest.raises(InvalidJobError, match=f"SLURM_ARRAY_TASK_STEP={int(step)} is not a "
                                               f"positive step"):
         resolve_shard("auto", "auto", env=env)
+
+
+def test_review_of_the_slurm_checks():
+    """'--1' passed the digit check and then int() raised (exit 1); a bad STEP was refused
+    even when shard.index and shard.count were set and the variables unused."""
+    env = {"SLURM_ARRAY_TASK_ID": "--1", "SLURM_ARRAY_TASK_COUNT": "4"}
+    with pytest.raises(InvalidJobError, match=re.escape("SLURM_ARRAY_TASK_ID='--1' is not an "
+                                                        "integer")):
+        resolve_shard("auto", "auto", env=env)
+    env = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4",
+           "SLURM_ARRAY_TASK_STEP": "0"}
+    assert resolve_shard(1, 3, env=env) == Shard(1, 3)
