@@ -32,10 +32,6 @@ def _number(kind: pa.DataType) -> bool:
     return pa.types.is_integer(kind) or pa.types.is_floating(kind)
 
 
-def _text(kind: pa.DataType) -> bool:
-    return is_text(kind)
-
-
 def _list_of(item: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
     def check(kind: pa.DataType) -> bool:
         if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)
@@ -55,9 +51,9 @@ ACCEPTED: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
     **{key: _INT for key in INT_KEYS},
     **{key: _FLOAT for key in FLOAT_KEYS},
     **{key: (pa.types.is_boolean, "a bool column") for key in BOOL_KEYS},
-    **{key: (lambda kind: _text(kind) or _list_of(_text)(kind),
+    **{key: (lambda kind: is_text(kind) or _list_of(is_text)(kind),
              "a string column or a list of strings") for key in TEXTS_KEYS},
-    "structured_outputs": (_text, "a string column (the JSON text of a structured_outputs "
+    "structured_outputs": (is_text, "a string column (the JSON text of a structured_outputs "
                                   "mapping)"),
     **{key: (_list_of(pa.types.is_integer), "a list of integers (list<int64>)")
        for key in TOKEN_IDS_KEYS},
