@@ -15,8 +15,9 @@ The digest does not depend on how the input is cut into batches (input.batch_siz
 files): each row has its own digest (ROW_DIGEST_BYTES of blake2b over its values, each
 length-prefixed), and a part's digest is blake2b over its rows' digests in row order.
 Text and binary values are hashed as their bytes (CSV text is read without UTF-8 checks, so a
-value may not decode); any other value as its JSON (dict keys sorted; repr for what JSON
-cannot hold).
+value may not decode); numbers and times as Arrow's text of them, tagged with their kind (int,
+float, ...); nested values as JSON with their text as bytes (dict keys sorted; repr for what
+JSON cannot hold).
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ def _value_bytes(column: pa.Array) -> list[Optional[bytes]]:
     if is_text(kind):
         column = column.cast(pa.large_binary())        # a view: no UTF-8 decoding
         kind = column.type
-    elif (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
-          or pa.types.is_temporal(kind) or pa.types.is_decimal(kind)):
-        try:   # vectorized: json.dumps per value cost ~2 us a value
-            column, kind = column.cast(pa.large_string()).cast(pa.large_binary()), pa.large_binary()
+    elif _number_kind(kind) is not None:
+        try:   # vectorized (json.dumps per value cost ~2 us a value), tagged with the kind:
+            # Arrow writes 2.0 as "2", which would read the same as the integer 2.
+            tag = _number_kind(kind)
+            text = column.cast(pa.large_string()).cast(pa.large_binary()).to_pylist()
+            return [None if value is None else tag + value for value in text]
         except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
             pass
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) \
@@ -55,30 +58,22 @@ def _value_bytes(column: pa.Array) -> list[Optional[bytes]]:
         return column.to_pylist()
     try:   # nested (messages, lists): text leaves as bytes, then JSON
         values = column.cast(binary_leaves(kind)).to_pylist()
-    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
-        values = _each_value(column)
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):   # none found that cannot cast
+        values = column.to_pylist()
     return [None if value is None else
             json.dumps(value, sort_keys=True, default=repr, ensure_ascii=False)
             .encode("utf-8", "surrogatepass")
             for value in values]
 
 
-def _each_value(column: pa.Array) -> list:
-    """Values of a type binary_leaves cannot cast, row by row; one whose text does not decode
-    as its Arrow IPC bytes (a fresh one-row array: no offset into shared buffers)."""
-    import pyarrow.ipc as ipc
-
-    values = []
-    for i in range(len(column)):
-        try:
-            values.append(column[i].as_py())
-        except UnicodeDecodeError:
-            one = pa.concat_arrays([column.slice(i, 1)])
-            sink = pa.BufferOutputStream()
-            with ipc.new_stream(sink, pa.schema([("v", one.type)])) as writer:
-                writer.write_batch(pa.record_batch([one], names=["v"]))
-            values.append(sink.getvalue().to_pybytes())
-    return values
+def _number_kind(kind: pa.DataType) -> Optional[bytes]:
+    """The tag of a number-like type whose values are digested as text, else None."""
+    for test, tag in ((pa.types.is_integer, b"i:"), (pa.types.is_floating, b"f:"),
+                      (pa.types.is_boolean, b"b:"), (pa.types.is_decimal, b"d:"),
+                      (pa.types.is_temporal, b"t:")):
+        if test(kind):
+            return tag
+    return None
 
 
 def row_digests(batch, columns: Sequence[str]) -> list[bytes]:
@@ -124,11 +119,14 @@ class RowDigests:
         return part_digest(self._digests.pop(row) for row in range(lo, hi))
 
 
-def check_input_rows(entries: list[dict], shard: int, num_rows: int, key_value: str) -> None:
-    """ResumeError unless the input has the row count `shard`'s entries (among `entries`, the
-    folder's) were written for. Checked before the manifest's own contiguity: another count
-    moves the shard's row range, which read as a damaged manifest."""
-    written_for = next((e.get("num_input_rows") for e in entries if e["shard"] == shard), None)
+def check_input_rows(entries: list[dict], num_rows: int, key_value: str) -> None:
+    """ResumeError unless the input has the row count the folder's `entries` (any shard's:
+    each records the whole input's count) were written for. Only this shard's were compared,
+    so shard 1 resumed on a grown input after shard 0 finished, and a row fell between their
+    ranges. Checked before the manifest's own contiguity: another count moves the shard's
+    row range, which read as a damaged manifest."""
+    written_for = next((e.get("num_input_rows") for e in entries
+                        if e.get("num_input_rows") is not None), None)
     if written_for is not None and written_for != num_rows:
         raise ResumeError(f"output.path {key_value} was written for an input of {written_for} "
                           f"rows, the input now has {num_rows}; set output.mode: overwrite to "

@@ -101,7 +101,7 @@ class JobRunner:
             self.manifest.check_hash(config_hash, settings, shard.index, shard.count, every)
             # The same input (its row count first), a manifest without gaps, and the input rows
             # of intact parts; damaged ones and those after them are redone (Manifest.recover).
-            check_input_rows(every, shard.index, num_rows, spec.output.path)
+            check_input_rows(every, num_rows, spec.output.path)
             entries = self.manifest.contiguous(every, shard.index, start)
             damaged = self.manifest.first_damaged(entries) if check_parts else None
             intact = entries[:damaged[0]] if damaged else entries

@@ -187,23 +187,6 @@ def test_text_that_is_not_utf8_inside_a_messages_column_stays_its_rows_error(
         capsys.readouterr().err
 
 
-def test_another_row_count_is_named_before_the_manifest_gap_it_makes(
-        tmp_path, tiny_tokenizer_dir, jobkit, fake_engine_env, monkeypatch, capsys):
-    """Two shards; the input grew by 2 rows, which moves shard 1's range: the row count is
-    named, not 'manifest of shard 1 is not contiguous'."""
-    monkeypatch.chdir(tmp_path)
-    _write_input(tmp_path)
-    job = jobkit.make_job(tiny_tokenizer_dir, "inp", "out", shard={"index": 1, "count": 2})
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    assert main(["run", "job.yaml", "--progress", "none"]) == 0
-    _write_input(tmp_path, prompts=PROMPTS + ["x", "y"], tags=[f"t{i}" for i in range(22)])
-    capsys.readouterr()
-    assert _resume() == 2
-    assert capsys.readouterr().err == ("llmbatch: error: output.path out was written for an "
-                                       "input of 20 rows, the input now has 22; set "
-                                       "output.mode: overwrite to start over\n")
-
-
 def test_numbers_and_nested_values_digest_without_json_per_value():
     table = pa.table({"n": pa.array([1, None, 3]), "f": pa.array([0.5, 2.0, None]),
                       "l": pa.array([["a"], [], None])})
@@ -213,3 +196,38 @@ def test_numbers_and_nested_values_digest_without_json_per_value():
                       "l": pa.array([["a"], [], None])})
     assert row_digests(other, ["n", "f", "l"])[:2] == digests[:2]
     assert row_digests(other, ["n", "f", "l"])[2] != digests[2]
+
+
+def test_review_ints_and_floats_differ_and_more_containers_do_not_decode():
+    """2.0 and 2 digested alike once numbers were cast to text (a kept int column re-exported
+    as float resumed, and the parts mixed column types); fixed-size lists, list views and
+    dictionaries inside lists were decoded by to_pylist (UnicodeDecodeError, exit 1)."""
+    assert row_digests(pa.table({"n": pa.array([2])}), ["n"]) != \
+        row_digests(pa.table({"n": pa.array([2.0])}), ["n"])
+    bad = pa.array([b"caf\xe9", b"x"], pa.binary()).view(pa.string())
+    for column in (pa.FixedSizeListArray.from_arrays(bad, 1),
+                   pa.ListViewArray.from_arrays(pa.array([0, 1], pa.int32()),
+                                                pa.array([1, 1], pa.int32()), bad),
+                   pa.ListArray.from_arrays(pa.array([0, 1, 2], pa.int32()),
+                                            bad.dictionary_encode())):
+        assert len(set(row_digests(pa.table({"c": column}), ["c"]))) == 2
+
+
+@pytest.mark.parametrize("ran", [1, 0])
+def test_another_row_count_is_named(ran, tmp_path, tiny_tokenizer_dir, jobkit, fake_engine_env,
+                                    monkeypatch, capsys):
+    """Two shards; shard `ran` finished on 20 rows, the input grew by 2 and shard 1 resumes.
+    ran=1: its range moved, which read as 'manifest of shard 1 is not contiguous'; ran=0:
+    shard 1 had no entries and resumed with exit 0, row 10 falling between the ranges (only
+    this shard's entries were compared)."""
+    monkeypatch.chdir(tmp_path)
+    _write_input(tmp_path)
+    job = jobkit.make_job(tiny_tokenizer_dir, "inp", "out", shard={"index": ran, "count": 2})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["run", "job.yaml", "--progress", "none"]) == 0
+    _write_input(tmp_path, prompts=PROMPTS + ["x", "y"], tags=[f"t{i}" for i in range(22)])
+    capsys.readouterr()
+    assert _resume("shard.index=1") == 2
+    assert capsys.readouterr().err == ("llmbatch: error: output.path out was written for an "
+                                       "input of 20 rows, the input now has 22; set "
+                                       "output.mode: overwrite to start over\n")
