@@ -218,6 +218,21 @@ def _empty_saved(fs, path: str):
     return features.arrow_schema.empty_table(), state.get("_split")
 
 
+def _saved_single(root: str, name: str, split: str, split_set: bool):
+    """(table, description) of a single Dataset saved at `root` (a local path or an fsspec
+    URL); an empty one as a 0-row table, which load_from_disk cannot read (for a URL too)."""
+    import datasets
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(root)
+    path = path.rstrip("/")
+    empty = _empty_saved(fs, path) if fs.isfile(f"{path}/state.json") else None
+    if empty is not None:
+        table, own = empty
+        return table, _single_dataset(name, SimpleNamespace(split=own), split, split_set)
+    return _chosen_split(name, datasets.load_from_disk(root), split, split_set, saved=True)
+
+
 def _load_dataset_table(name: str, split: str, split_set: bool):
     try:
         import datasets
@@ -233,11 +248,12 @@ def _load_dataset_table(name: str, split: str, split_set: bool):
             # folder, which load_from_disk reads through fsspec (it was "no such local
             # directory").
             try:
-                loaded = datasets.load_from_disk(name)
+                return _saved_single(name, name, split, split_set)
+            except InvalidInputError:
+                raise
             except Exception as exc:
                 raise InvalidInputError(f"input.dataset {name}: not a dataset saved with "
                                         f"save_to_disk ({_first_line(exc)})") from None
-            return _chosen_split(name, loaded, split, split_set, saved=True)
     except InvalidInputError:
         raise
     except Exception as exc:
@@ -251,19 +267,12 @@ def _load_dataset_table(name: str, split: str, split_set: bool):
                                 f"folder or a Hub id: set input.path to read a Parquet, JSON "
                                 f"Lines or CSV file")
     try:
-        # A save_to_disk folder (Dataset or DatasetDict); any other folder goes through
-        # load_dataset (local data folders), as does a Hub id (downloaded or cached).
-        saved = any(os.path.isfile(os.path.join(local, marker))
-                    for marker in ("state.json", "dataset_dict.json"))
-        if os.path.isdir(local) and saved:
-            import fsspec
-
-            empty = _empty_saved(fsspec.filesystem("file"), local)
-            if empty is not None:    # an empty single Dataset
-                table, own = empty
-                return table, _single_dataset(name, SimpleNamespace(split=own), split, split_set)
-            loaded = datasets.load_from_disk(local)
-        elif os.path.exists(local):
+        # A save_to_disk folder of a single Dataset (a saved DatasetDict was read above); any
+        # other folder goes through load_dataset (local data folders), as does a Hub id
+        # (downloaded or cached).
+        if os.path.isfile(os.path.join(local, "state.json")):
+            return _saved_single(local, name, split, split_set)
+        if os.path.exists(local):
             loaded = datasets.load_dataset(local, split=split)
         else:
             offline = _offline_requested() or not hub_reachable()
@@ -281,7 +290,7 @@ def _load_dataset_table(name: str, split: str, split_set: bool):
         raise
     except Exception as exc:
         raise InvalidInputError(f"input.dataset {name}: {_first_line(exc)}") from None
-    return _chosen_split(name, loaded, split, split_set, saved)
+    return _chosen_split(name, loaded, split, split_set, saved=False)
 
 
 def _chosen_split(name: str, loaded, split: str, split_set: bool, saved: bool):

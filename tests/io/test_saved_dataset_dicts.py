@@ -101,3 +101,13 @@ def test_an_empty_saved_single_dataset_is_a_zero_row_input(tmp_path):
     assert schema.names == ["prompt", "n"]
     with pytest.raises(InvalidInputError, match="is a single saved Dataset without splits"):
         _read(tmp_path / "empty", split="test")
+
+
+def test_an_empty_saved_single_dataset_by_url(tmp_path):
+    """Only the local-path branch read an empty saved Dataset; by file:// URL it was
+    'not a dataset saved with save_to_disk (IndexError...)'."""
+    import datasets
+
+    datasets.Dataset.from_dict({"prompt": ["a"]}).select([]).save_to_disk(str(tmp_path / "e"))
+    rows, _, schema = _read(f"file://{tmp_path / 'e'}")
+    assert rows == [] and schema.names == ["prompt"]
