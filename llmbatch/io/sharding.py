@@ -55,30 +55,38 @@ def resolve_shard(index: Union[str, int], count: Union[str, int],
     whole input in each); with shard.count set, the task id still gives the index.
     """
     env = os.environ if env is None else env
+    if count != "auto" and index != "auto":
+        # Both explicit: SLURM's variables pick nothing, so a malformed one is not judged.
+        return _checked(index, count)
     task_id = _int_env(env, "SLURM_ARRAY_TASK_ID")
-    task_count = _int_env(env, "SLURM_ARRAY_TASK_COUNT")
-    task_min = _int_env(env, "SLURM_ARRAY_TASK_MIN") or 0
-    # A stepped array (--array=0-10:2) numbers its tasks MIN, MIN+STEP, ...
-    task_step = _int_env(env, "SLURM_ARRAY_TASK_STEP")
-    task_step = 1 if task_step is None else task_step
     if count == "auto":
+        task_count = _int_env(env, "SLURM_ARRAY_TASK_COUNT")
         if task_id is not None and task_count is None:
             raise InvalidJobError(
                 f"shard: SLURM_ARRAY_TASK_ID={task_id} is set but SLURM_ARRAY_TASK_COUNT is "
                 f"not; set shard.count (and shard.index) explicitly")
         count = task_count if task_id is not None else 1
     if index == "auto":
-        if task_id is not None:
-            if task_step < 1:   # only when it picks the index: unused, it is not judged
-                raise InvalidJobError(f"shard: environment variable SLURM_ARRAY_TASK_STEP="
-                                      f"{task_step} is not a positive step")
-            if (task_id - task_min) % task_step:
-                raise InvalidJobError(
-                    f"SLURM_ARRAY_TASK_ID={task_id} is not MIN + k*STEP ({task_min}, "
-                    f"{task_step}); set shard.index and shard.count explicitly")
-            index = (task_id - task_min) // task_step
-        else:
-            index = 0
+        index = _index_from_task_id(task_id, env) if task_id is not None else 0
+    return _checked(index, count)
+
+
+def _index_from_task_id(task_id: int, env: Mapping[str, str]) -> int:
+    task_min = _int_env(env, "SLURM_ARRAY_TASK_MIN") or 0
+    # A stepped array (--array=0-10:2) numbers its tasks MIN, MIN+STEP, ...
+    task_step = _int_env(env, "SLURM_ARRAY_TASK_STEP")
+    task_step = 1 if task_step is None else task_step
+    if task_step < 1:
+        raise InvalidJobError(f"shard: environment variable SLURM_ARRAY_TASK_STEP="
+                              f"{task_step} is not a positive step")
+    if (task_id - task_min) % task_step:
+        raise InvalidJobError(
+            f"SLURM_ARRAY_TASK_ID={task_id} is not MIN + k*STEP ({task_min}, "
+            f"{task_step}); set shard.index and shard.count explicitly")
+    return (task_id - task_min) // task_step
+
+
+def _checked(index: int, count: int) -> Shard:
     if not 1 <= count <= MAX_SHARDS:
         raise InvalidJobError(f"shard.count must be in [1, {MAX_SHARDS}], got {count}")
     if not 0 <= index < count:

@@ -91,3 +91,21 @@ def test_review_of_the_slurm_checks():
     env = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4",
            "SLURM_ARRAY_TASK_STEP": "0"}
     assert resolve_shard(1, 3, env=env) == Shard(1, 3)
+
+
+@pytest.mark.parametrize("name", ["SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
+                                  "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"])
+def test_variables_that_pick_nothing_are_not_judged(name):
+    """With shard.index and shard.count explicit no SLURM variable is read, so a malformed
+    one (here 'x') no longer stops the run; one that does pick a value is still checked."""
+    env = dict({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}, **{name: "x"})
+    assert resolve_shard(1, 3, env=env) == Shard(1, 3)
+    if name in ("SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"):
+        # index explicit, count auto: only ID and COUNT are read
+        assert resolve_shard(1, "auto", env=env) == Shard(1, 4)
+    if name == "SLURM_ARRAY_TASK_COUNT":
+        # count explicit, index auto: COUNT is not read
+        assert resolve_shard("auto", 4, env=env) == Shard(2, 4)
+    else:
+        with pytest.raises(InvalidJobError, match=re.escape(f"{name}='x' is not an integer")):
+            resolve_shard("auto", 4, env=env)
