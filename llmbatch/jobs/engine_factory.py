@@ -16,6 +16,7 @@ from typing import Callable, Optional
 from llmbatch.jobs.errors import InternalError, InvalidJobError, JobError
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.lazy_imports import preload_engine_imports
+from llmbatch.one_line import one_line
 from llmbatch.runtime.config import EngineConfigError
 
 ENGINE_FACTORY_ENV = "LLMBATCH_ENGINE_FACTORY"     # "module:callable", test-only
@@ -78,13 +79,7 @@ def _local_tokenizer(name: str) -> str:
     except Exception as exc:   # offline, unknown repo, gated repo, no huggingface_hub
         raise InvalidJobError(f"model.tokenizer {name}: cannot load the tokenizer: not a local "
                               f"directory and could not be fetched from the Hugging Face Hub "
-                              f"({type(exc).__name__}: {_one_line(exc, first_line=True)})") from None
-
-
-def _one_line(exc: BaseException, limit: int = 300, first_line: bool = False) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0] if first_line else str(exc)
-    text = " ".join(text.split()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+                              f"({type(exc).__name__}: {one_line(exc, first_line=True)})") from None
 
 
 def _failed_part(exc: BaseException, spec: JobSpec) -> tuple[str, str, str]:
@@ -135,7 +130,7 @@ def make_engine(spec: JobSpec, engine_factory: Optional[Callable] = None):
         if what != "model":
             # Its reason is whole: transformers' first line ends "from one of:".
             raise InvalidJobError(f"{key} {name}: cannot load the {what}: "
-                                  f"{_one_line(exc)}") from None
+                                  f"{one_line(exc)}") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not isinstance(exc, (OSError, ValueError)):
             # A library's own type: named, and whole (a strict-config error puts the field

@@ -19,6 +19,7 @@ from llmbatch.jobs.latency_sketch import LatencySketch
 from llmbatch.io.layout import STATS_RE
 from llmbatch.io.manifest import STATS_DIR
 from llmbatch.jobs.errors import InvalidInputError
+from llmbatch.one_line import one_line
 from llmbatch.io.writer import write_atomic_bytes
 
 STATS_METADATA_KEY = b"llmbatch.stats"
@@ -191,6 +192,6 @@ def read_stats(out_dir: str) -> pa.Table:
         except (pa.ArrowException, OSError) as exc:
             # A damaged or foreign file was a traceback (exit 1) of `llmbatch stats`.
             raise InvalidInputError(f"{path}: not a stats file llmbatch can read "
-                                    f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") \
+                                    f"({one_line(exc, with_type=True)})") \
                 from None
     return pa.concat_tables(tables) if tables else STATS_SCHEMA.empty_table()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from llmbatch.hub_names import looks_like_hub_id
+from llmbatch.one_line import one_line
 from llmbatch.runtime.layers.weight_utils import LazyTensor, LoadedWeight, default_weight_loader
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -54,10 +55,9 @@ def resolve_model_path(model: str) -> str:
         if not glob.glob(os.path.join(local, "*.safetensors")):
             local = snapshot_download(model, allow_patterns=patterns + ["*.bin"])
     except Exception as e:  # offline, unknown repo, gated repo, ...
-        reason = (str(e).strip().splitlines() or [""])[0]
         raise ModelNotFoundError(f"model {model!r} is not a local directory and could not be "
-                                 f"fetched from the Hugging Face Hub ({type(e).__name__}: "
-                                 f"{reason})") from None
+                                 f"fetched from the Hugging Face Hub "
+                                 f"({one_line(e, first_line=True, with_type=True)})") from None
     return local
 
 

@@ -36,6 +36,7 @@ from llmbatch.runtime.dist import (DEFAULT_TIMEOUT_S, Rendezvous, cpu_threads_pe
                                    exit_process, host_store, init_group, join_workers,
                                    spawn_workers, startup_timeout_s, wait_for_workers)
 from llmbatch.runtime.kernel_paths import PATH_STATS
+from llmbatch.one_line import one_line
 from llmbatch.runtime.scheduler_output import SchedulerOutput
 from llmbatch.runtime.tp_worker import (build_runner, rank_config, serve, step_message,
                                         worker_main)
@@ -59,7 +60,7 @@ def make_model_runner(config: EngineConfig):
         try:
             run_launched_worker(config, rdv, DEFAULT_TIMEOUT_S)
         except BaseException as e:  # one line, like a spawned worker
-            print(f"llmbatch tensor-parallel rank {rdv.rank}: {_one_line(e)}", file=sys.stderr)
+            print(f"llmbatch tensor-parallel rank {rdv.rank}: {one_line(e, first_line=True, with_type=True)}", file=sys.stderr)
             exit_process(1)
         exit_process(0)
     return TPExecutor(config, rdv=rdv)
@@ -86,10 +87,6 @@ def check_shardable(config: EngineConfig) -> None:
     hf_config = load_hf_config(resolve_model_path(config.model), config.trust_remote_code)
     model = build_model(hf_config, "float32", "meta", 0, config.tensor_parallel_size)
     attach_quantization(model, config.quantization, hf_config)
-
-
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
 class TPExecutor:
@@ -184,7 +181,7 @@ class TPExecutor:
         # The frames of the failed call (the rendezvous store among their locals) would live
         # as long as the caller keeps the error, which chains to `e`.
         traceback.clear_frames(e.__traceback__)
-        reason = _one_line(e) if deadline == 0.0 else (dead or _one_line(e))
+        reason = one_line(e, first_line=True, with_type=True) if deadline == 0.0 else (dead or one_line(e, first_line=True, with_type=True))
         # Start-up ran under the longer start-up timeout (dist.init_group), steps under ours.
         timeout_s = startup_timeout_s(self.timeout_s) if when == "starting" else self.timeout_s
         suffix = f"(collective timeout {timeout_s:g}s)"

@@ -28,6 +28,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from llmbatch.one_line import one_line
 from llmbatch.runtime.config import EngineConfig
 from llmbatch.runtime.dist import (Rendezvous, cpu_threads_per_rank, destroy_group, exit_process,
                                    gather_ints, init_group, join_store, set_step_timeout,
@@ -100,8 +101,8 @@ def worker_main(rank: int, rdv: Rendezvous, config: EngineConfig, timeout_s: flo
     except KeyboardInterrupt:
         code = 130
     except BaseException as e:  # one line; rank 0 reports the job failure
-        first = (str(e).strip().splitlines() or [""])[0]
-        print(f"llmbatch tensor-parallel rank {rank}: {type(e).__name__}: {first}",
+        print(f"llmbatch tensor-parallel rank {rank}: "
+              f"{one_line(e, first_line=True, with_type=True)}",
               file=sys.stderr, flush=True)
         code = 1
     finally:
