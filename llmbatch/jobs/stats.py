@@ -182,8 +182,12 @@ def write_stats(out_dir: str, summary: dict) -> str:
 def read_stats(out_dir: str) -> pa.Table:
     """All stats rows of an output folder, ordered by (shard, run)."""
     directory = os.path.join(out_dir, STATS_DIR)
-    files = sorted(n for n in os.listdir(directory) if n.endswith(".parquet")
-                   and n.startswith("stats-")) if os.path.isdir(directory) else []
+    # Ordered by the numbers, not the names: past shard 99999 the index has six digits, and
+    # "stats-100000-000" sorts before "stats-99999-000".
+    matches = [m for m in map(STATS_RE.match, os.listdir(directory)) if m] \
+        if os.path.isdir(directory) else []
+    files = [m.group(0) for m in sorted(matches, key=lambda m: (int(m.group(1)),
+                                                                 int(m.group(2))))]
     tables = []
     for name in files:
         path = os.path.join(directory, name)
