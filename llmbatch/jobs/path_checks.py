@@ -167,3 +167,20 @@ def check_merge_dest(output_dir: str, dest: str, parts: list[str], overwrite: bo
                                     f"merge; write it elsewhere")
     if os.path.lexists(dest) and not overwrite:
         raise InvalidInputError(f"--out {dest}: already exists; pass --overwrite to replace it")
+
+
+# Part names carry the sequence number zero-padded to 5 digits, and readers of the folder
+# (pyarrow.dataset, Spark, DuckDB) take the files in name order: part 100000 would sort
+# before part 99999 and its rows would read out of input order.
+MAX_PARTS_PER_SHARD = 100_000
+
+
+def check_part_count(parts_done: int, rows_left: int, rows_per_part: int) -> None:
+    """InvalidJobError (before the model loads) when finishing the shard would need more than
+    MAX_PARTS_PER_SHARD parts: `parts_done` committed, `rows_left` rows still to commit."""
+    parts = parts_done + -(-rows_left // rows_per_part)
+    if parts > MAX_PARTS_PER_SHARD:
+        raise InvalidJobError(
+            f"output.rows_per_part: {rows_per_part} would split this shard into {parts} parts, "
+            f"more than {MAX_PARTS_PER_SHARD} (part names sort out of input order past that); "
+            f"raise output.rows_per_part or shard.count")

@@ -31,7 +31,7 @@ from llmbatch.jobs.errors import (InternalError, InvalidJobError, JobError, RowE
 from llmbatch.jobs.gpu_monitor import GpuMonitor
 from llmbatch.jobs.job_plan import JobPlan, JobResult
 from llmbatch.jobs.path_checks import (check_input_output_overlap, check_local_path,
-                                       check_output_dir)
+                                       check_output_dir, check_part_count)
 from llmbatch.jobs.progress import Progress, stderr_line
 from llmbatch.jobs.row_samples import DuplicateSample, RowSamples
 from llmbatch.jobs.rows import fill_error, fill_from_result
@@ -89,7 +89,7 @@ class JobRunner:
         start, end = shard.row_range(num_rows)
         settings = spec.hashed_settings(shard.count)
         config_hash = settings_hash(settings)
-        rows_done = 0
+        rows_done, intact = 0, []
         if spec.output.mode != "overwrite":
             self.manifest.refuse_parts_beyond(shard.count, spec.output.path)
         if spec.output.mode == "error" and self.manifest.has_results(shard.index):
@@ -108,6 +108,7 @@ class JobRunner:
             rows_done = intact[-1]["row_end"] - start if intact else 0
             check_committed_inputs(self._source, read_columns(spec.input, spec.sampling.per_row),
                                    intact, spec.input.batch_size, spec.output.path)
+        check_part_count(len(intact), end - start - rows_done, spec.output.rows_per_part)
         return JobPlan(shard, num_rows, start, end, rows_done, config_hash,
                        self._source.description, settings)
 
@@ -256,8 +257,7 @@ class JobRunner:
         """Lazily: input batches -> Requests; bad rows become error rows on the spot."""
         from llmbatch.runtime.request import Request
 
-        spec = self.spec
-        inp = spec.input
+        spec, inp = self.spec, self.spec.input
         per_row = spec.sampling.per_row
         # The columns a row takes values from; the prompt (messages) column is decoded once,
         # by the renderer, unless a row also keeps it.
