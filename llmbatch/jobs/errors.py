@@ -3,7 +3,8 @@
 Exit codes are part of the user-facing contract:
   0  every row finished without error
   1  internal error (a bug, or an unexpected failure of the runtime)
-  2  invalid job file or input; nothing was written (also `on_row_error: fail` on the first bad row)
+  2  invalid job file or input; nothing was written (also `on_row_error: fail` on the first bad row
+     and input failing to read part-way, which keep the parts committed before it)
   3  the job finished but some rows recorded errors (finish_reason == "error")
   130, 143  the CLI was stopped by SIGINT (Ctrl-C) / SIGTERM (cli.py; committed parts are kept)
 """
