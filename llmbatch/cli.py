@@ -73,7 +73,8 @@ def _echo(text: str) -> None:
 @click.argument("job", type=click.Path(dir_okay=False))
 @_SET
 def validate(job: str, sets: tuple) -> None:
-    """Check a job file and print the effective config (defaults filled, overrides applied)."""
+    """Check a job file and print the effective config (defaults filled, overrides applied;
+    a few optional keys at their defaults, e.g. model.lora, are left out)."""
     import yaml
 
     from llmbatch.api import load
