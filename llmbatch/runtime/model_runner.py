@@ -54,7 +54,8 @@ class ModelRunner(CudaFastPathsMixin):
                  tp_size: int = 1, tp_group=None) -> None:
         """tp_rank/tp_size: this process's tensor-parallel slice (tp_executor starts the
         ranks); tp_group: a gloo group over all ranks for host-side agreement (KV blocks)."""
-        from llmbatch.runtime.layers.quantization import attach_quantization, model_weight_bytes
+        from llmbatch.runtime.layers.quantization import (attach_quantization, model_weight_bytes,
+                                                          stage_in_float32)
         from llmbatch.runtime.layers.bnb_checkpoint import dequantized_tensors, resolve_method
         from llmbatch.runtime.loader import (iterate_checkpoint, load_hf_config, load_weights,
                                              max_positions, resolve_model_path)
@@ -102,6 +103,7 @@ class ModelRunner(CudaFastPathsMixin):
                             embeddings=config.quantize_embeddings)
         tensors = None
         if prequantized:
+            stage_in_float32(self.model, self.dtype)
             tensors = dequantized_tensors(iterate_checkpoint(self.model_path), self.quantization)
         if config.lora:
             # The adapter's deltas merged into the stream, before slicing and quantization.

@@ -97,6 +97,7 @@ def dequantize_nf4(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     # whose rows are not whole blocks.
     flat = copy.copy(state)
     flat.shape = torch.Size([state.shape.numel()])
+    flat.dtype = torch.float32   # exact (code x absmax); the loader casts (stage_in_float32)
     return bf.dequantize_4bit(parts[""], flat).view(state.shape)
 
 
@@ -149,7 +150,8 @@ class QuantizedSlices(LazyTensor):
         packed = narrow(self._weight, 0, lo // 2, (hi - lo) // 2)  # two codes per byte
         absmax = self._flat_absmax()[lo // st.blocksize: -(-hi // st.blocksize)]
         flat = bf.QuantState(absmax=absmax, shape=torch.Size([hi - lo]), code=st.code,
-                             blocksize=st.blocksize, quant_type=st.quant_type, dtype=st.dtype)
+                             blocksize=st.blocksize, quant_type=st.quant_type,
+                             dtype=torch.float32)   # exact, as dequantize_nf4
         return bf.dequantize_4bit(packed, flat).view(size, cols)
 
     def load(self) -> torch.Tensor:
