@@ -181,18 +181,21 @@ class TPExecutor:
         # The frames of the failed call (the rendezvous store among their locals) would live
         # as long as the caller keeps the error, which chains to `e`.
         traceback.clear_frames(e.__traceback__)
-        reason = one_line(e, first_line=True, with_type=True) if deadline == 0.0 else (dead or one_line(e, first_line=True, with_type=True))
+        own = one_line(e, first_line=True, with_type=True)
+        reason = own if deadline == 0.0 else (dead or own)
         # Start-up ran under the longer start-up timeout (dist.init_group), steps under ours.
         timeout_s = startup_timeout_s(self.timeout_s) if when == "starting" else self.timeout_s
-        suffix = f"(collective timeout {timeout_s:g}s)"
-        if dead and not joined and not self.rdv.launched:
+        suffix = f" (collective timeout {timeout_s:g}s)"
+        if reason == dead and "killed by signal" in dead:
+            suffix = ""   # killed from outside: no timeout was involved
+        elif dead and not joined and not self.rdv.launched:
             # Spawned, died before joining: no timeout was involved. The commonest cause is a
             # script whose run_job call the spawn start method runs again in the worker.
-            suffix = ("before joining the group (its own error is printed above; a script "
+            suffix = (" before joining the group (its own error is printed above; a script "
                       "running a tensor-parallel job needs its run_job call under "
                       "`if __name__ == \"__main__\":`, since each rank imports it again)")
-        raise TensorParallelError(f"tensor-parallel job failed {when}: {reason} "
-                                  f"{suffix}") from None
+        raise TensorParallelError(f"tensor-parallel job failed {when}: {reason}{suffix}") \
+            from None
 
     def shutdown(self, broken: bool = False) -> None:
         """Stop the workers and leave the group. Idempotent; also runs at exit."""

@@ -39,9 +39,16 @@ def check_tp(tp_rank: int, tp_size: int) -> None:
         raise ValueError(f"invalid tensor-parallel rank {tp_rank} of size {tp_size}")
 
 
+class TensorParallelSplitError(ValueError):
+    """The model's shape does not split over the ranks: the job layer blames the job's
+    tensor-parallel size (jobs/engine_factory.py reads job_key), not the model."""
+    job_key = "parallel.tensor_parallel_size"
+
+
 def divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator:
-        raise ValueError(f"{what}={numerator} is not divisible by tensor_parallel_size={denominator}")
+        raise TensorParallelSplitError(f"{what}={numerator} is not divisible by "
+                                       f"tensor_parallel_size={denominator}")
     return numerator // denominator
 
 
@@ -174,8 +181,9 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.kv_head_start = tp_rank * self.num_kv_heads
         else:
             if tp_size % total_num_kv_heads:
-                raise ValueError(f"tensor_parallel_size={tp_size} is neither a divisor nor a "
-                                 f"multiple of num_key_value_heads={total_num_kv_heads}")
+                raise TensorParallelSplitError(
+                    f"tensor_parallel_size={tp_size} is neither a divisor nor a multiple of "
+                    f"num_key_value_heads={total_num_kv_heads}")
             self.num_kv_heads = 1
             self.kv_head_start = tp_rank // (tp_size // total_num_kv_heads)
         self.q_size = self.num_heads * head_dim

@@ -25,7 +25,7 @@ from llmbatch.runtime.attention.backend import AttentionBackend, AttentionMetada
 from llmbatch.runtime.layers.activation import SiluAndMul
 from llmbatch.runtime.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from llmbatch.runtime.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
-                                            RowParallelLinear)
+                                            RowParallelLinear, divide)
 from llmbatch.runtime.layers.norm import RMSNorm
 from llmbatch.runtime.layers.rotary import RotaryEmbedding, rope_params_from_config
 
@@ -212,6 +212,7 @@ class LlamaMLP(nn.Module):
     def __init__(self, spec: LlamaSpec, params_dtype: torch.dtype, tp_rank: int,
                  tp_size: int) -> None:
         super().__init__()
+        divide(spec.intermediate_size, tp_size, "intermediate_size")   # (named before a layer's)
         self.gate_up_proj = MergedColumnParallelLinear(
             spec.hidden_size, [spec.intermediate_size] * 2, bias=spec.mlp_bias,
             params_dtype=params_dtype, tp_rank=tp_rank, tp_size=tp_size)
