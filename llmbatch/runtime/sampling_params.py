@@ -16,6 +16,9 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 # The largest temperature the sampler's float32 can hold: above it T became inf, and masked
 # (-inf) logits became NaN, which argmax picked (a disallowed token, EOS before min_tokens).
 FLOAT32_MAX = 3.4028234663852886e38
+# The smallest normal float32. A repetition penalty below it became 0 (or a subnormal) in the
+# sampler's float32: -inf (masked) logits times 0 became NaN, which argmax picked.
+FLOAT32_TINY = 1.1754943508222875e-38
 
 
 def _is_int(value) -> bool:
@@ -103,9 +106,9 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 or null, got {getattr(self, name)}")
-        if not 0.0 < self.repetition_penalty < float("inf"):   # NaN fails too
-            raise ValueError(f"repetition_penalty must be > 0 (1.0 is off), got "
-                             f"{self.repetition_penalty}")
+        if not FLOAT32_TINY <= self.repetition_penalty <= FLOAT32_MAX:   # NaN fails too
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 is off) and a normal "
+                             f"float32 (1.2e-38 to 3.4e38), got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2] (0.0 is off), got "

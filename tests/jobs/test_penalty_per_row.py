@@ -60,7 +60,13 @@ def test_a_row_overrides_the_job_and_null_keeps_it():
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0 (1.0 is off), got 0.0"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0 (1.0 is off) and a normal "
+                                  "float32 (1.2e-38 to 3.4e38), got 0.0"),
+    # 0 and inf in the sampler's float32: masked logits became NaN and argmax picked them
+    ({"repetition_penalty": 1e-50}, "repetition_penalty must be > 0 (1.0 is off) and a normal "
+                                    "float32 (1.2e-38 to 3.4e38), got 1e-50"),
+    ({"repetition_penalty": 1e39}, "repetition_penalty must be > 0 (1.0 is off) and a normal "
+                                   "float32 (1.2e-38 to 3.4e38), got 1e+39"),
     ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2] (0.0 is off), got 2.5"),
     ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2] (0.0 is off), got -3.0"),
     ({"min_p": 1.5}, "min_p must be in [0, 1] (0.0 is off), got 1.5"),
@@ -86,7 +92,8 @@ def test_a_job_with_per_row_columns_runs_and_a_bad_row_is_its_error(
     rows = ds.dataset(out).to_table().to_pylist()
     assert [r["error"] for r in rows] == [
         None, None,
-        "invalid per-row sampling value: repetition_penalty must be > 0 (1.0 is off), got 0.0",
+        "invalid per-row sampling value: repetition_penalty must be > 0 (1.0 is off) and a "
+        "normal float32 (1.2e-38 to 3.4e38), got 0.0",
         "invalid per-row sampling value: frequency_penalty must be in [-2, 2] (0.0 is off), "
         "got 3.0"]
     assert result.exit_code == 3
