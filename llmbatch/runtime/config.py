@@ -14,6 +14,8 @@ SPECULATIVE_METHODS = ("none", "ngram", "draft")
 GEMV_WEIGHT_PREFETCH = ("off", "tile", "l2", "both")
 # layers/gemv_rows.py's GEMV_MAX_ROWS (that module imports triton; this one must not)
 GEMV_MAX_ROWS = 8
+# The largest count setting (max_num_seqs, planner_window, ...): int32, far past any real use.
+MAX_COUNT = 2**31 - 1
 # prefill_graph_max_tokens: 0 or in this range (runtime/prefill_graphs.py's buckets start at 16,
 # the attention kernels' smallest query tile).
 MIN_PREFILL_GRAPH_TOKENS = 16
@@ -160,6 +162,10 @@ class EngineConfig:
                      "tensor_parallel_size", "num_speculative_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            # Far larger values reached islice() (planner_window >= 2**63: exit 1 after
+            # output.mode: overwrite had deleted the old output) or torch's int64 sizes.
+            if getattr(self, name) > MAX_COUNT:
+                raise ValueError(f"{name} must be <= {MAX_COUNT}, got {getattr(self, name)}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -15,6 +15,7 @@ num_kv_heads_per_rank, head_dim) in the model dtype.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -41,10 +42,31 @@ def allocate_kv_caches(model, num_blocks: int, block_size: int, dtype: torch.dty
     ]
 
 
+def _device_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_fixed_pool_fits(runner, num_blocks: int) -> None:
+    """EngineConfigError (a job's exit 2) for a kv_cache_blocks larger than the device's whole
+    memory: torch raised an overflow TypeError (~1e20 blocks) or an allocation error naming
+    C++ frames (exit 1, a 1,500-character line), or the host began swapping. A pool that fits
+    the memory but not what is free is still the allocator's to refuse."""
+    need = num_blocks * runner.kv_bytes_per_block
+    total = _device_memory_bytes(runner.device)
+    if need > total:
+        raise EngineConfigError(
+            f"kv_cache_blocks={num_blocks} needs {need / 2**30:.1f} GiB of KV cache, more than "
+            f"the {runner.device.type} device's {total / 2**30:.1f} GiB of memory; lower it or "
+            f"set it to null (sized from the memory budget)")
+
+
 def decide_num_kv_blocks(runner) -> int:
     """Blocks for `runner` (a ModelRunner with its model loaded, before its pool exists)."""
     cfg = runner.config
     if cfg.kv_cache_blocks is not None:
+        _check_fixed_pool_fits(runner, cfg.kv_cache_blocks)
         return cfg.kv_cache_blocks
     # Never more than every running sequence at full length could use.
     blocks_per_seq = -(-runner.max_model_len // runner.block_size)
