@@ -20,7 +20,7 @@ import click
 
 from llmbatch import __version__
 from llmbatch.jobs.errors import EXIT_INTERNAL, EXIT_INVALID, InvalidJobError, JobError
-from llmbatch.jobs.progress import QuietOnBrokenPipe
+from llmbatch.jobs.progress import QuietOnBrokenPipe, stderr_line
 
 _SET = click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
                     help="Override one job key (value parsed as YAML); repeatable.")
@@ -45,7 +45,8 @@ def run(job: str, sets: tuple, progress: Optional[str], log_every: float) -> Non
     from llmbatch.api import run_job
 
     if progress is None:
-        progress = "bar" if sys.stderr.isatty() else "log"
+        # (sys.stderr is None when Python started with descriptor 2 closed: `2>&-`)
+        progress = "bar" if sys.stderr is not None and sys.stderr.isatty() else "log"
     with _warnings_to_stderr():
         result = run_job(job, sets=sets, progress=progress, log_every_s=log_every)
     s = result.stats
@@ -225,34 +226,34 @@ def main(argv: Optional[list[str]] = None) -> int:
         with _sigterm_raises():
             cli.main(args=argv, prog_name="llmbatch", standalone_mode=False)
     except Terminated:
-        click.echo("llmbatch: terminated", err=True)
+        stderr_line("llmbatch: terminated")
         return 143
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
     except click.exceptions.Abort:
-        click.echo("llmbatch: aborted", err=True)
+        stderr_line("llmbatch: aborted")
         return 130
     except click.UsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:
             click.echo(exc.ctx.get_help())       # bare `llmbatch`: the help, not an error
             return 0
-        click.echo(f"llmbatch: error: {exc.format_message()}", err=True)
+        stderr_line(f"llmbatch: error: {exc.format_message()}")
         return EXIT_INVALID
     except click.ClickException as exc:         # other click errors: one line, exit 2
-        click.echo(f"llmbatch: error: {exc.format_message()}", err=True)
+        stderr_line(f"llmbatch: error: {exc.format_message()}")
         return EXIT_INVALID
     except JobError as exc:
-        click.echo(f"llmbatch: error: {exc.message}", err=True)
+        stderr_line(f"llmbatch: error: {exc.message}")
         return exc.exit_code
     except KeyboardInterrupt:
-        click.echo("llmbatch: interrupted", err=True)
+        stderr_line("llmbatch: interrupted")
         return 130
     except Exception as exc:  # a bug: still one line unless asked for the traceback
         if os.environ.get("LLMBATCH_DEBUG"):
             raise
         msg = " ".join(str(exc).split())
-        click.echo(f"llmbatch: internal error: {type(exc).__name__}: {msg} "
-                   f"(set LLMBATCH_DEBUG=1 for a traceback)", err=True)
+        stderr_line(f"llmbatch: internal error: {type(exc).__name__}: {msg} "
+                   f"(set LLMBATCH_DEBUG=1 for a traceback)")
         return EXIT_INTERNAL
     return 0
 

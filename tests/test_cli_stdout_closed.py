@@ -98,3 +98,13 @@ def test_merge_writes_and_exits_0_when_stdout_is_gone(finished_job, tmp_path, cl
     proc = _cli_with_stream_gone("stdout", "merge", finished_job, "-o", dest, closed=closed)
     assert (proc.returncode, proc.stderr) == (0, "")
     assert pq.read_table(dest).column("id").to_pylist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("closed", [False, True])
+@pytest.mark.parametrize("argv, code", [(["run", "/nonexistent/job.yaml"], 2),
+                                        (["bogus"], 2), (["validate", os.devnull], 2)])
+def test_the_error_line_on_a_gone_stderr_keeps_the_exit_code(argv, code, closed):
+    """The closing error line itself was written with click.echo: on a closed stderr it
+    raised inside the handler and every code (2, 130, 143) became 1."""
+    proc = _cli_with_stream_gone("stderr", *argv, closed=closed)
+    assert proc.returncode == code, proc.stdout
