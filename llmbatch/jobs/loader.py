@@ -22,6 +22,7 @@ from llmbatch.jobs.errors import InvalidJobError
 from llmbatch.jobs.spec import JobSpec
 from llmbatch.jobs.table_values import refuse_tables
 from llmbatch.jobs.validation_message import describe_validation_errors
+from llmbatch.jobs.yaml_shape import check_yaml_shape
 
 # "$${" (a literal "${"), or "${" and, where it has one of our forms, ${NAME},
 # ${NAME:-default} or ${NAME-default}. A "${" without one (unclosed, nested, ${A:=x}) is an
@@ -67,6 +68,8 @@ def read_job_file(path: str) -> dict:
             data = yaml.load(f, Loader=_UniqueKeyLoader)
     except _DuplicateKey as exc:
         raise InvalidJobError(f"job file {path}: {exc}") from None
+    except RecursionError:    # PyYAML's composer recurses per nesting level
+        raise InvalidJobError(f"job file {path}: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -74,6 +77,7 @@ def read_job_file(path: str) -> dict:
         raise InvalidJobError(f"job file {path}: invalid YAML{where}: {problem}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidJobError(f"job file {path}: cannot read: {exc}") from None
+    check_yaml_shape(data, f"job file {path}")
     if data is None:
         raise InvalidJobError(f"job file {path} is empty")
     if not isinstance(data, dict):
@@ -111,8 +115,11 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     annotation = _annotation(keys)
     try:
         value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else ""
+        check_yaml_shape(value, f"--set {dotted.strip()}")
     except _DuplicateKey as exc:     # '{n: 2, n: 3}' took the last silently, as files did
         raise InvalidJobError(f"--set {item!r}: {str(exc).split(' at line')[0]}") from None
+    except RecursionError:
+        raise InvalidJobError(f"--set {dotted.strip()}: nested too deeply") from None
     except yaml.YAMLError:
         value = raw          # not valid YAML: keep the text; the schema decides if that is ok
         if "${" in raw and raw.lstrip()[:1] in ("{", "[") and annotation not in _TEXT:
