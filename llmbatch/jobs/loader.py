@@ -263,7 +263,20 @@ def expand_env(value: Any, where: str = "") -> Any:
         raise InvalidJobError(f"{where or 'value'}: {exc.object[exc.start]!a} at position "
                               f"{exc.start} is not valid Unicode text (a lone surrogate)") \
             from None
+    if "\0" in text and _names_a_path(where):
+        # os.path calls raised "embedded null byte" (exit 1), or the error line carried it.
+        raise InvalidJobError(f"{where}: a path cannot hold a NUL character ('\\0' at "
+                              f"position {text.index(chr(0))})")
     return text
+
+
+# Keys whose strings name files or folders (input.path may be a list: 'input.path[0]').
+_PATH_KEYS = ("input.path", "input.dataset", "output.path", "model.path", "model.tokenizer",
+              "model.lora", "model.chat_template", "speculative.draft_model")
+
+
+def _names_a_path(where: str) -> bool:
+    return where.split("[")[0] in _PATH_KEYS
 
 
 def validate(data: dict) -> JobSpec:
