@@ -137,8 +137,14 @@ class ShardLock:
                                   f"{os.path.basename(self.path)} keeps being replaced; is "
                                   f"another run of shard {self.shard} starting?")
         if writable:   # for the message of a run that finds the lock taken (the lock is flock)
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+            except OSError:
+                # A full disk (or quota): the pid is only for that message. This raised an
+                # internal error (exit 1) with the folders and the lock file left behind; the
+                # run now goes on, and a part it cannot write is its one-line write error.
+                pass
         self._fd, self.created = fd, created
         _HELD.add(_file_id(fd))
         return self

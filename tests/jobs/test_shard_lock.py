@@ -283,3 +283,20 @@ def test_a_merge_probe_does_not_make_a_starting_run_refuse(tmp_path):
                                   f"run in this process (pid {os.getpid()}, another thread or "
                                   f"engine); wait for it to end or stop it")
     assert 0.15 < waited < 1.0
+
+
+def test_a_full_disk_at_the_pid_write_still_locks(tmp_path, monkeypatch):
+    """ENOSPC writing the holder's pid was an internal error (exit 1) leaving the folder and
+    an empty lock file behind; the pid is only for another run's message, so the lock holds."""
+    from llmbatch.jobs import shard_lock
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shard_lock.os, "write", full)
+    lock = ShardLock(str(tmp_path), 0).acquire()
+    try:
+        with pytest.raises(InvalidJobError, match="is being written by another run"):
+            ShardLock(str(tmp_path), 0).acquire()
+    finally:
+        lock.release()
