@@ -126,6 +126,26 @@ class SamplingSection(Section):
             value = schema_text(value)      # the schema's key order kept, and hashed
         return value
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias_keys_once(cls, value):
+        # {1: 2, "1": 3} are two YAML keys but one token id: the bias 2 was dropped silently.
+        if isinstance(value, dict):
+            seen: dict[int, object] = {}
+            for key in value:
+                try:
+                    token = int(key) if not isinstance(key, bool) and float(key) == int(key) \
+                        else None
+                except (TypeError, ValueError, OverflowError):
+                    token = None
+                if token is None:
+                    continue                       # the field's own check names it
+                if token in seen:
+                    raise ValueError(f"token id {token} is given twice ({seen[token]!r} and "
+                                     f"{key!r})")
+                seen[token] = key
+        return value
+
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, value: Optional[dict[int, float]]) -> Optional[dict[int, float]]:

@@ -135,3 +135,14 @@ def test_runtime_engine_follows_the_rules_like_transformers(tmp_path, tiny_llama
         if ids_allowed:
             assert set(row["output_token_ids"]) <= set(ids_allowed)
     assert any(t in bias for t in rows[1]["output_token_ids"])     # the bias binds
+
+
+@pytest.mark.parametrize("bias", [{1: 2, "1": 3}, {"7": 1, 7.0: 2}])
+def test_one_token_id_spelled_twice_in_logit_bias_is_refused(bias):
+    """YAML sees two keys, pydantic made both the id: one bias was dropped silently."""
+    first, second = list(bias)
+    with pytest.raises(InvalidJobError, match=f"^sampling.logit_bias: token id {int(first)} is "
+                                              f"given twice \\({first!r} and {second!r}\\)"):
+        load(dict(BASE, sampling={"logit_bias": bias}))
+    assert load(dict(BASE, sampling={"logit_bias": {1: 2, "2": 3}})).sampling.logit_bias == \
+        {1: 2.0, 2: 3.0}
